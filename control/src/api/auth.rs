@@ -1,0 +1,245 @@
+//! Authentication and authorization: RS256 JWTs whose `kid` names a credential
+//! (`<project>:<credential ID>`), and the cluster-admin / project admin / viewer rules.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use super::error::{ApiError, ApiResult};
+use super::App;
+
+/// The claims evstor reads and writes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    #[serde(default)]
+    pub iss: String,
+    #[serde(default)]
+    pub aud: String,
+    pub roles: Vec<String>,
+    pub iat: u64,
+    #[serde(default)]
+    pub nbf: u64,
+    pub exp: u64,
+    #[serde(default)]
+    pub jti: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    ClusterAdmin,
+    Admin,
+    Viewer,
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub subject: String,
+    /// `(scope, role)`: scope is a project name or `system`.
+    pub roles: Vec<(String, Role)>,
+}
+
+/// Read or change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+impl Principal {
+    pub fn is_cluster_admin(&self) -> bool {
+        self.roles
+            .iter()
+            .any(|(s, r)| s == "system" && *r == Role::ClusterAdmin)
+    }
+
+    pub fn require_cluster_admin(&self) -> ApiResult<()> {
+        if self.is_cluster_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden("this operation needs the system:cluster-admin role"))
+        }
+    }
+
+    /// May the caller read (or change) resources of `project`?
+    pub fn require_project(&self, project: &str, access: Access) -> ApiResult<()> {
+        if self.is_cluster_admin() {
+            return Ok(());
+        }
+        let allowed = self.roles.iter().any(|(scope, role)| {
+            scope == project
+                && match access {
+                    Access::Read => matches!(role, Role::Admin | Role::Viewer),
+                    Access::Write => *role == Role::Admin,
+                }
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "permission denied: no {} role on project {project}",
+                if access == Access::Read { "viewer or admin" } else { "admin" }
+            )))
+        }
+    }
+
+    /// Projects the caller may read, `None` meaning all of them.
+    pub fn readable_projects(&self) -> Option<Vec<String>> {
+        if self.is_cluster_admin() {
+            return None;
+        }
+        Some(self.roles.iter().map(|(s, _)| s.clone()).collect())
+    }
+}
+
+fn parse_role(entry: &str) -> Option<(String, Role)> {
+    let (scope, role) = entry.rsplit_once(':')?;
+    let role = match role {
+        "cluster-admin" => Role::ClusterAdmin,
+        "admin" => Role::Admin,
+        "viewer" => Role::Viewer,
+        _ => return None,
+    };
+    Some((scope.to_string(), role))
+}
+
+/// Decoding keys by kid, parsed once per credential PEM.
+#[derive(Default)]
+pub struct KeyCache {
+    keys: Mutex<HashMap<String, (String, DecodingKey)>>,
+}
+
+impl KeyCache {
+    fn key(&self, kid: &str, pem: &str) -> ApiResult<DecodingKey> {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((cached_pem, key)) = keys.get(kid) {
+            if cached_pem == pem {
+                return Ok(key.clone());
+            }
+        }
+        let key = DecodingKey::from_rsa_pem(pem.as_bytes())
+            .map_err(|e| ApiError::unauthenticated(format!("credential {kid} is unusable: {e}")))?;
+        keys.insert(kid.to_string(), (pem.to_string(), key.clone()));
+        Ok(key)
+    }
+}
+
+/// Verifies a bearer token against the credentials in the cluster state.
+pub fn authenticate(app: &App, token: &str) -> ApiResult<Principal> {
+    let header = decode_header(token)
+        .map_err(|e| ApiError::unauthenticated(format!("malformed token: {e}")))?;
+    if header.alg != Algorithm::RS256 {
+        return Err(ApiError::unauthenticated("tokens must be signed RS256"));
+    }
+    let kid = header
+        .kid
+        .ok_or_else(|| ApiError::unauthenticated("token has no kid header"))?;
+    let pem = {
+        let state = app.bus.state();
+        let cred = state
+            .credentials
+            .by_kid(&kid)
+            .ok_or_else(|| ApiError::unauthenticated(format!("unknown credential {kid}")))?;
+        cred.payload_pem.clone()
+    };
+    let key = app.keys.key(&kid, &pem)?;
+    let mut validation = Validation::new(Algorithm::RS256);
+    validation.validate_aud = false;
+    validation.validate_nbf = true;
+    let claims = decode::<Claims>(token, &key, &validation)
+        .map_err(|e| ApiError::unauthenticated(format!("invalid token: {e}")))?
+        .claims;
+    // A project's key may only vouch for roles in that project; only `system` keys may grant
+    // cluster-wide or other projects' roles.
+    let issuer_project = kid.split(':').next().unwrap_or_default();
+    let roles = claims
+        .roles
+        .iter()
+        .filter_map(|r| parse_role(r))
+        .filter(|(scope, _)| issuer_project == "system" || scope == issuer_project)
+        .filter(|(scope, role)| *role != Role::ClusterAdmin || scope == "system")
+        .collect();
+    Ok(Principal {
+        subject: claims.sub,
+        roles,
+    })
+}
+
+impl FromRequestParts<App> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthenticated("missing Authorization: Bearer <JWT>"))?;
+        let value = header
+            .to_str()
+            .map_err(|_| ApiError::unauthenticated("Authorization header is not text"))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or_else(|| ApiError::unauthenticated("Authorization must be a Bearer token"))?;
+        authenticate(app, token.trim())
+    }
+}
+
+/// Signs a token with a private key (PKCS#8 or PKCS#1 PEM) for the credential `kid`.
+pub fn mint(
+    private_pem: &str,
+    kid: &str,
+    subject: &str,
+    roles: &[String],
+    lifetime_secs: u64,
+) -> anyhow::Result<String> {
+    let now = crate::store::bus::now_unix_ns() / 1_000_000_000;
+    let claims = Claims {
+        sub: subject.to_string(),
+        iss: "evstor".into(),
+        aud: "LightOS".into(),
+        roles: roles.to_vec(),
+        iat: now,
+        nbf: now.saturating_sub(60),
+        exp: now + lifetime_secs,
+        jti: uuid::Uuid::new_v4().simple().to_string(),
+    };
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.to_string());
+    header.typ = Some("JWT".into());
+    let key = EncodingKey::from_rsa_pem(private_pem.as_bytes())?;
+    Ok(jsonwebtoken::encode(&header, &claims, &key)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_parse() {
+        assert_eq!(
+            parse_role("system:cluster-admin"),
+            Some(("system".into(), Role::ClusterAdmin))
+        );
+        assert_eq!(parse_role("p-1:viewer"), Some(("p-1".into(), Role::Viewer)));
+        assert_eq!(parse_role("p:root"), None);
+        assert_eq!(parse_role("admin"), None);
+    }
+
+    #[test]
+    fn project_rules() {
+        let p = Principal {
+            subject: "s".into(),
+            roles: vec![("a".into(), Role::Admin), ("b".into(), Role::Viewer)],
+        };
+        assert!(p.require_project("a", Access::Write).is_ok());
+        assert!(p.require_project("b", Access::Read).is_ok());
+        assert!(p.require_project("b", Access::Write).is_err());
+        assert!(p.require_project("c", Access::Read).is_err());
+        assert!(p.require_cluster_admin().is_err());
+    }
+}

@@ -1,0 +1,183 @@
+//! The LightOS REST API v2 over axum. One file per resource; each exposes `routes()`.
+//! Handlers parse JSON into domain commands, submit them through the [`Bus`], and answer from
+//! the projections. Every route but `version` needs a bearer token ([`auth::Principal`]).
+
+pub mod auth;
+pub mod cluster;
+pub mod error;
+pub mod json;
+pub mod projects;
+pub mod volumes;
+
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+use axum::Router;
+
+use crate::store::{Bus, RequestMeta};
+use auth::{KeyCache, Principal};
+use error::ApiError;
+
+/// What the data path reports to the API (live sessions); implemented by the server wiring.
+pub trait DataPathView: Send + Sync {
+    /// Host NQNs connected to the namespace `nsid`.
+    fn hosts_of(&self, nsid: u32) -> Vec<String>;
+}
+
+/// No data path attached (tests of the control plane alone).
+pub struct NoDataPath;
+
+impl DataPathView for NoDataPath {
+    fn hosts_of(&self, _nsid: u32) -> Vec<String> {
+        vec![]
+    }
+}
+
+/// Facts about this server the API reports.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    pub version: String,
+    pub api_endpoint: String,
+    pub nvme_endpoint: String,
+    pub discovery_endpoint: String,
+}
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct App {
+    pub bus: Bus,
+    pub keys: Arc<KeyCache>,
+    pub info: Arc<ServerInfo>,
+    pub datapath: Arc<dyn DataPathView>,
+}
+
+impl App {
+    /// Submits a command on behalf of `who`, tagging it with the request id.
+    pub async fn submit(
+        &self,
+        who: &Principal,
+        headers: &HeaderMap,
+        command: crate::domain::Command,
+    ) -> Result<crate::store::Committed, ApiError> {
+        let request_id = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let meta = RequestMeta {
+            actor: who.subject.clone(),
+            request_id,
+        };
+        Ok(self.bus.submit(meta, command).await?)
+    }
+}
+
+/// The `If-Match` header, if any.
+pub fn if_match(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(axum::http::header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().trim_matches('"').to_string())
+        .filter(|s| !s.is_empty() && s != "*")
+}
+
+/// Query parameters in order, repeated keys kept (`?severity=High&severity=Critical`).
+#[derive(Debug, Clone, Default)]
+pub struct Query(pub Vec<(String, String)>);
+
+impl Query {
+    pub fn parse(raw: Option<&str>) -> Query {
+        let pairs = raw
+            .map(|q| {
+                q.split('&')
+                    .filter(|kv| !kv.is_empty())
+                    .map(|kv| {
+                        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                        (percent_decode(k), percent_decode(v))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Query(pairs)
+    }
+
+    /// The first value of `key` (exact case), empty values treated as absent.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, v)| k == key && !v.is_empty())
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn all(&self, key: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// A Go `strconv.ParseBool` flag.
+    pub fn flag(&self, key: &str) -> Result<bool, ApiError> {
+        match self.get(key) {
+            None => Ok(false),
+            Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(true),
+            Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(false),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "query {key}={other} is not a boolean"
+            ))),
+        }
+    }
+
+    pub fn u64(&self, key: &str) -> Result<Option<u64>, ApiError> {
+        self.get(key)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| ApiError::bad_request(format!("query {key}={v} is not a number")))
+            })
+            .transpose()
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Query {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Query::parse(parts.uri.query()))
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Every route of the API.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .merge(cluster::routes())
+        .merge(projects::routes())
+        .merge(volumes::routes())
+        .fallback(|| async { ApiError::not_found("no such API route") })
+        .with_state(app)
+}

@@ -1,0 +1,164 @@
+//! Servers, nodes and NVMe devices: the hardware the cluster runs on. On one machine that is
+//! one server with one node whose devices are backing files in the data directory.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{Applied, Ctx, DomainError, Event as AnyEvent, RowKey, State};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerState {
+    #[default]
+    Unknown,
+    Creating,
+    Enabled,
+    Disabled,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Server {
+    pub uuid: Uuid,
+    pub name: String,
+    pub state: ServerState,
+    pub api_endpoint: String,
+    pub etag: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub uuid: Uuid,
+    pub server_uuid: Uuid,
+    pub name: String,
+    pub nvme_endpoint: String,
+    pub etag: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    pub serial: String,
+    pub model: String,
+    pub path: String,
+    pub size_bytes: u64,
+    pub node_uuid: Uuid,
+    pub server_uuid: Uuid,
+    pub etag: u64,
+}
+
+impl Device {
+    /// A sparse backing file standing in for an NVMe drive.
+    pub fn backing_file(serial: &str, path: &str, size_bytes: u64) -> Device {
+        Device {
+            serial: serial.into(),
+            model: "evstor backing file".into(),
+            path: path.into(),
+            size_bytes,
+            node_uuid: Uuid::nil(),
+            server_uuid: Uuid::nil(),
+            etag: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub servers: BTreeMap<Uuid, Server>,
+    pub nodes: BTreeMap<Uuid, Node>,
+    pub devices: BTreeMap<String, Device>,
+}
+
+impl Inventory {
+    /// The node volumes are placed on (the first; one node per server on one machine).
+    pub fn first_node(&self) -> Option<&Node> {
+        self.nodes.values().next()
+    }
+
+    /// Raw capacity of all devices.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.devices.values().map(|d| d.size_bytes).sum()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    ServerRegistered {
+        uuid: Uuid,
+        name: String,
+        api_endpoint: String,
+    },
+    NodeRegistered {
+        uuid: Uuid,
+        server_uuid: Uuid,
+        name: String,
+        nvme_endpoint: String,
+    },
+    DeviceAdded {
+        device: Device,
+    },
+}
+
+impl Event {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::ServerRegistered { .. } => "ServerRegistered",
+            Event::NodeRegistered { .. } => "NodeRegistered",
+            Event::DeviceAdded { .. } => "DeviceAdded",
+        }
+    }
+}
+
+pub fn decide(_: &State, _: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, DomainError> {
+    match *cmd {}
+}
+
+pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
+    let inv = &mut state.inventory;
+    match event {
+        Event::ServerRegistered {
+            uuid,
+            name,
+            api_endpoint,
+        } => {
+            inv.servers.insert(
+                *uuid,
+                Server {
+                    uuid: *uuid,
+                    name: name.clone(),
+                    state: ServerState::Enabled,
+                    api_endpoint: api_endpoint.clone(),
+                    etag: at.seq,
+                },
+            );
+            vec![RowKey::Server(*uuid)]
+        }
+        Event::NodeRegistered {
+            uuid,
+            server_uuid,
+            name,
+            nvme_endpoint,
+        } => {
+            inv.nodes.insert(
+                *uuid,
+                Node {
+                    uuid: *uuid,
+                    server_uuid: *server_uuid,
+                    name: name.clone(),
+                    nvme_endpoint: nvme_endpoint.clone(),
+                    etag: at.seq,
+                },
+            );
+            vec![RowKey::Node(*uuid)]
+        }
+        Event::DeviceAdded { device } => {
+            let mut device = device.clone();
+            device.etag = at.seq;
+            let key = RowKey::Device(device.serial.clone());
+            inv.devices.insert(device.serial.clone(), device);
+            vec![key]
+        }
+    }
+}

@@ -1,0 +1,757 @@
+//! Volumes: thin block devices served as NVMe namespaces of the cluster subsystem.
+//!
+//! Lifecycle: `CreateVolume` appends `VolumeCreationRequested` (state `Creating`); the
+//! reconciler prepares the data path and appends `VolumeBecameAvailable`. `DeleteVolume`
+//! appends `VolumeDeletionRequested` (state `Deleting`); the reconciler tears the namespace
+//! down and appends `VolumeDeleted`, after which the volume is gone.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::names::check_name;
+use super::policy::PolicyRef;
+use super::snapshot::{SnapshotRef, SnapshotState};
+use super::{Applied, Ctx, DomainError, Event as AnyEvent, RowKey, State};
+use crate::limits::{ACL_ENTRIES_MAX, LABELS_MAX, VOLUMES_MAX, VOLUME_BYTES_MAX};
+
+pub const ALLOW_ANY: &str = "ALLOW_ANY";
+pub const ALLOW_NONE: &str = "ALLOW_NONE";
+/// Longest NQN the NVMe base specification allows.
+const NQN_BYTES_MAX: usize = 223;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumeState {
+    #[default]
+    Unknown,
+    Creating,
+    Available,
+    Deleting,
+    Deleted,
+    Failed,
+    Updating,
+    Rollback,
+    Migrating,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProtectionState {
+    #[default]
+    Unknown,
+    FullyProtected,
+    Degraded,
+    ReadOnly,
+    NotAvailable,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Label {
+    pub key: String,
+    pub value: String,
+}
+
+/// How a command names a volume: by id, or by name within its project.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeRef {
+    Uuid(Uuid),
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Volume {
+    pub uuid: Uuid,
+    pub name: String,
+    pub project: String,
+    pub state: VolumeState,
+    pub protection: ProtectionState,
+    pub replica_count: u32,
+    pub nsid: u32,
+    /// Host NQNs, or one of `ALLOW_ANY` / `ALLOW_NONE`.
+    pub acl: Vec<String>,
+    /// IP addresses, or one of `ALLOW_ANY` / `ALLOW_NONE`.
+    pub ip_acl: Vec<String>,
+    pub compression: bool,
+    pub size_bytes: u64,
+    pub sector_size: u32,
+    pub source_snapshot: Option<Uuid>,
+    pub source_snapshot_name: String,
+    pub qos_policy: Option<Uuid>,
+    pub labels: Vec<Label>,
+    pub node_uuid: Uuid,
+    pub creation_unix_ns: u64,
+    /// Seq of the last event that changed this volume; its ETag.
+    pub etag: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Volumes {
+    pub by_uuid: BTreeMap<Uuid, Volume>,
+    /// `(project, name)` → uuid; derived from `by_uuid`, rebuilt by [`Volumes::insert`].
+    #[serde(skip)]
+    by_name: BTreeMap<(String, String), Uuid>,
+}
+
+impl Volumes {
+    /// Adds or replaces a volume, keeping the name index true.
+    pub fn insert(&mut self, v: Volume) {
+        if let Some(old) = self.by_uuid.get(&v.uuid) {
+            self.by_name.remove(&(old.project.clone(), old.name.clone()));
+        }
+        self.by_name.insert((v.project.clone(), v.name.clone()), v.uuid);
+        self.by_uuid.insert(v.uuid, v);
+    }
+
+    fn remove(&mut self, uuid: Uuid) {
+        if let Some(old) = self.by_uuid.remove(&uuid) {
+            self.by_name.remove(&(old.project, old.name));
+        }
+    }
+
+    pub fn get(&self, uuid: Uuid) -> Option<&Volume> {
+        self.by_uuid.get(&uuid)
+    }
+
+    pub fn by_name(&self, project: &str, name: &str) -> Option<&Volume> {
+        let uuid = self.by_name.get(&(project.to_string(), name.to_string()))?;
+        self.by_uuid.get(uuid)
+    }
+
+    /// Resolves a reference within `project`, or 404.
+    pub fn resolve(&self, project: &str, r: &VolumeRef) -> Result<&Volume, DomainError> {
+        let found = match r {
+            VolumeRef::Uuid(u) => self.get(*u).filter(|v| v.project == project),
+            VolumeRef::Name(n) => self.by_name(project, n),
+        };
+        found.ok_or_else(|| match r {
+            VolumeRef::Uuid(u) => DomainError::not_found("volume", u),
+            VolumeRef::Name(n) => DomainError::not_found("volume", n),
+        })
+    }
+
+    pub fn in_project<'a>(&'a self, project: &'a str) -> impl Iterator<Item = &'a Volume> {
+        self.by_uuid.values().filter(move |v| v.project == project)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_uuid.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_uuid.is_empty()
+    }
+
+    /// Lowest namespace id not held by a volume.
+    fn free_nsid(&self) -> u32 {
+        let mut used: Vec<u32> = self.by_uuid.values().map(|v| v.nsid).collect();
+        used.sort_unstable();
+        let mut nsid = 1;
+        for n in used {
+            if n == nsid {
+                nsid += 1;
+            } else if n > nsid {
+                break;
+            }
+        }
+        nsid
+    }
+}
+
+/// Everything a new volume needs; the API has already parsed sizes and flags.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewVolume {
+    pub project: String,
+    pub name: String,
+    /// 0 means "as large as the source snapshot" for clones.
+    pub size_bytes: u64,
+    pub acl: Vec<String>,
+    /// `None` means the default, `ALLOW_ANY`.
+    pub ip_acl: Option<Vec<String>>,
+    pub compression: bool,
+    pub replica_count: u32,
+    /// 0 means the default, 4096.
+    pub sector_size: u32,
+    pub source_snapshot: Option<SnapshotRef>,
+    pub qos: Option<PolicyRef>,
+    pub labels: Vec<Label>,
+}
+
+/// A change to an existing volume; `None` leaves a field alone.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct VolumeChange {
+    pub acl: Option<Vec<String>>,
+    pub ip_acl: Option<Vec<String>>,
+    pub size_bytes: Option<u64>,
+    pub force: bool,
+    pub compression: Option<bool>,
+    pub qos: Option<PolicyRef>,
+    pub labels: Option<Vec<Label>>,
+    pub new_name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    CreateVolume(NewVolume),
+    UpdateVolume {
+        project: String,
+        target: VolumeRef,
+        if_match: Option<String>,
+        change: VolumeChange,
+    },
+    DeleteVolume {
+        project: String,
+        target: VolumeRef,
+        if_match: Option<String>,
+    },
+    /// Reconciler: the data path serves the volume now.
+    MarkVolumeAvailable { uuid: Uuid },
+    /// Reconciler: the data path released the volume.
+    FinishVolumeDeletion { uuid: Uuid },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    VolumeCreationRequested { volume: Volume },
+    VolumeBecameAvailable { uuid: Uuid },
+    VolumeUpdated { uuid: Uuid, change: VolumeDelta },
+    VolumeDeletionRequested { uuid: Uuid },
+    VolumeDeleted { uuid: Uuid },
+}
+
+/// The resolved form of a [`VolumeChange`] as stored in the journal.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct VolumeDelta {
+    pub acl: Option<Vec<String>>,
+    pub ip_acl: Option<Vec<String>>,
+    pub size_bytes: Option<u64>,
+    pub compression: Option<bool>,
+    pub qos_policy: Option<Option<Uuid>>,
+    pub labels: Option<Vec<Label>>,
+    pub name: Option<String>,
+}
+
+impl Event {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::VolumeCreationRequested { .. } => "VolumeCreationRequested",
+            Event::VolumeBecameAvailable { .. } => "VolumeBecameAvailable",
+            Event::VolumeUpdated { .. } => "VolumeUpdated",
+            Event::VolumeDeletionRequested { .. } => "VolumeDeletionRequested",
+            Event::VolumeDeleted { .. } => "VolumeDeleted",
+        }
+    }
+
+    pub fn uuid(&self) -> Uuid {
+        match self {
+            Event::VolumeCreationRequested { volume } => volume.uuid,
+            Event::VolumeBecameAvailable { uuid }
+            | Event::VolumeUpdated { uuid, .. }
+            | Event::VolumeDeletionRequested { uuid }
+            | Event::VolumeDeleted { uuid } => *uuid,
+        }
+    }
+
+    pub fn project<'a>(&'a self, state: &'a State) -> &'a str {
+        match self {
+            Event::VolumeCreationRequested { volume } => &volume.project,
+            other => state
+                .volumes
+                .get(other.uuid())
+                .map(|v| v.project.as_str())
+                .unwrap_or(""),
+        }
+    }
+}
+
+/// Checks a host or IP access list.
+pub fn check_acl(what: &str, entries: &[String], ip: bool) -> Result<(), DomainError> {
+    let bad = |why: String| Err(DomainError::InvalidArgument(format!("invalid {what}: {why}")));
+    if entries.is_empty() {
+        return bad(format!("empty; use [\"{ALLOW_NONE}\"] to deny all hosts"));
+    }
+    if entries.len() > ACL_ENTRIES_MAX {
+        return bad(format!("more than {ACL_ENTRIES_MAX} entries"));
+    }
+    let special = entries.iter().any(|e| e == ALLOW_ANY || e == ALLOW_NONE);
+    if special && entries.len() > 1 {
+        return bad(format!("{ALLOW_ANY} and {ALLOW_NONE} must stand alone"));
+    }
+    for e in entries.iter().filter(|e| *e != ALLOW_ANY && *e != ALLOW_NONE) {
+        if ip {
+            if e.parse::<IpAddr>().is_err() {
+                return bad(format!("{e:?} is not an IP address"));
+            }
+        } else if !e.starts_with("nqn.") || e.len() > NQN_BYTES_MAX {
+            return bad(format!("{e:?} is not an NVMe qualified name"));
+        }
+    }
+    Ok(())
+}
+
+fn check_labels(labels: &[Label]) -> Result<(), DomainError> {
+    if labels.len() > LABELS_MAX {
+        return Err(DomainError::InvalidArgument(format!(
+            "at most {LABELS_MAX} labels"
+        )));
+    }
+    for l in labels {
+        check_name("label key", &l.key)?;
+        check_name("label value", &l.value)?;
+    }
+    Ok(())
+}
+
+fn check_size(size_bytes: u64, sector_size: u32) -> Result<u64, DomainError> {
+    if size_bytes == 0 || size_bytes > VOLUME_BYTES_MAX {
+        return Err(DomainError::InvalidArgument(format!(
+            "size must be a positive byte count of at most {VOLUME_BYTES_MAX}"
+        )));
+    }
+    // Whole blocks only: a host addresses the namespace in sectors.
+    Ok(size_bytes.div_ceil(u64::from(sector_size)) * u64::from(sector_size))
+}
+
+fn check_etag(v: &Volume, if_match: &Option<String>) -> Result<(), DomainError> {
+    match if_match {
+        Some(tag) if *tag != v.etag.to_string() => Err(DomainError::EtagMismatch(format!(
+            "volume {} is at ETag {}, not {tag}",
+            v.uuid, v.etag
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, DomainError> {
+    state.projects.require(&n.project)?;
+    check_name("volume", &n.name)?;
+    if state.volumes.by_name(&n.project, &n.name).is_some() {
+        return Err(DomainError::exists("volume", &n.name));
+    }
+    if state.volumes.len() >= VOLUMES_MAX {
+        return Err(DomainError::ResourceExhausted(format!("at most {VOLUMES_MAX} volumes")));
+    }
+    let servers = state.inventory.servers.len() as u32;
+    if !(1..=3).contains(&n.replica_count) || n.replica_count > servers.max(1) {
+        return Err(DomainError::InvalidArgument(format!(
+            "replicaCount {} must be between 1 and 3 and at most the number of servers ({servers})",
+            n.replica_count
+        )));
+    }
+    let sector_size = match n.sector_size {
+        0 | 4096 => 4096,
+        512 => 512,
+        other => {
+            return Err(DomainError::InvalidArgument(format!(
+                "sectorSize {other} is not 512 or 4096"
+            )))
+        }
+    };
+    check_acl("acl", &n.acl, false)?;
+    let ip_acl = n.ip_acl.clone().unwrap_or_else(|| vec![ALLOW_ANY.to_string()]);
+    check_acl("IPAcl", &ip_acl, true)?;
+    let mut labels = n.labels.clone();
+    check_labels(&labels)?;
+    let mut size = n.size_bytes;
+    let mut source = None;
+    if let Some(r) = &n.source_snapshot {
+        let snap = state.snapshots.resolve(&n.project, r)?;
+        if snap.state != SnapshotState::Available {
+            return Err(DomainError::Unavailable(format!(
+                "snapshot {} is {:?}, not Available",
+                snap.uuid, snap.state
+            )));
+        }
+        if size == 0 {
+            size = snap.size_bytes;
+        } else if size < snap.size_bytes {
+            return Err(DomainError::InvalidArgument(format!(
+                "a clone cannot be smaller than its snapshot ({} bytes)",
+                snap.size_bytes
+            )));
+        }
+        if labels.is_empty() {
+            labels = snap.labels.clone();
+        }
+        source = Some((snap.uuid, snap.name.clone()));
+    }
+    let size_bytes = check_size(size, sector_size)?;
+    let qos_policy = match &n.qos {
+        Some(r) => Some(state.policies.resolve_for(&n.project, r)?.uuid),
+        None => state.projects.default_qos(&n.project),
+    };
+    let node = state
+        .inventory
+        .first_node()
+        .ok_or_else(|| DomainError::Unavailable("the cluster has no node yet".into()))?;
+    let volume = Volume {
+        uuid: ctx.new_id(0),
+        name: n.name.clone(),
+        project: n.project.clone(),
+        state: VolumeState::Creating,
+        protection: ProtectionState::FullyProtected,
+        replica_count: n.replica_count,
+        nsid: state.volumes.free_nsid(),
+        acl: n.acl.clone(),
+        ip_acl,
+        compression: n.compression,
+        size_bytes,
+        sector_size,
+        source_snapshot: source.as_ref().map(|s| s.0),
+        source_snapshot_name: source.map(|s| s.1).unwrap_or_default(),
+        qos_policy,
+        labels,
+        node_uuid: node.uuid,
+        creation_unix_ns: ctx.now_unix_ns,
+        etag: 0,
+    };
+    Ok(vec![AnyEvent::Volume(Event::VolumeCreationRequested { volume })])
+}
+
+fn require_settled(v: &Volume) -> Result<(), DomainError> {
+    match v.state {
+        VolumeState::Available => Ok(()),
+        VolumeState::Deleting | VolumeState::Deleted | VolumeState::Failed => {
+            Err(DomainError::InvalidArgument(format!(
+                "volume {} is {:?}",
+                v.uuid, v.state
+            )))
+        }
+        _ => Err(DomainError::Unavailable(format!(
+            "volume {} is {:?}; retry when it is Available",
+            v.uuid, v.state
+        ))),
+    }
+}
+
+fn update(
+    state: &State,
+    v: &Volume,
+    if_match: &Option<String>,
+    c: &VolumeChange,
+) -> Result<Vec<AnyEvent>, DomainError> {
+    check_etag(v, if_match)?;
+    require_settled(v)?;
+    let mut d = VolumeDelta::default();
+    if let Some(acl) = &c.acl {
+        check_acl("acl", acl, false)?;
+        d.acl = Some(acl.clone());
+    }
+    if let Some(acl) = &c.ip_acl {
+        check_acl("IPAcl", acl, true)?;
+        d.ip_acl = Some(acl.clone());
+    }
+    if let Some(size) = c.size_bytes {
+        let size = check_size(size, v.sector_size)?;
+        if size < v.size_bytes && !c.force {
+            return Err(DomainError::InvalidArgument(format!(
+                "shrinking volume {} from {} to {size} bytes needs Force",
+                v.uuid, v.size_bytes
+            )));
+        }
+        d.size_bytes = (size != v.size_bytes).then_some(size);
+    }
+    d.compression = c.compression;
+    if let Some(r) = &c.qos {
+        d.qos_policy = Some(Some(state.policies.resolve_for(&v.project, r)?.uuid));
+    }
+    if let Some(labels) = &c.labels {
+        check_labels(labels)?;
+        d.labels = Some(labels.clone());
+    }
+    if let Some(name) = &c.new_name {
+        check_name("volume", name)?;
+        if *name != v.name && state.volumes.by_name(&v.project, name).is_some() {
+            return Err(DomainError::exists("volume", name));
+        }
+        d.name = Some(name.clone());
+    }
+    if d == VolumeDelta::default() {
+        return Ok(vec![]);
+    }
+    Ok(vec![AnyEvent::Volume(Event::VolumeUpdated {
+        uuid: v.uuid,
+        change: d,
+    })])
+}
+
+fn delete(v: &Volume, if_match: &Option<String>) -> Result<Vec<AnyEvent>, DomainError> {
+    check_etag(v, if_match)?;
+    require_settled(v)?;
+    Ok(vec![AnyEvent::Volume(Event::VolumeDeletionRequested {
+        uuid: v.uuid,
+    })])
+}
+
+pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, DomainError> {
+    match cmd {
+        Command::CreateVolume(n) => create(state, ctx, n),
+        Command::UpdateVolume {
+            project,
+            target,
+            if_match,
+            change,
+        } => update(state, state.volumes.resolve(project, target)?, if_match, change),
+        Command::DeleteVolume {
+            project,
+            target,
+            if_match,
+        } => delete(state.volumes.resolve(project, target)?, if_match),
+        Command::MarkVolumeAvailable { uuid } => match state.volumes.get(*uuid) {
+            Some(v) if v.state == VolumeState::Creating => {
+                Ok(vec![AnyEvent::Volume(Event::VolumeBecameAvailable { uuid: *uuid })])
+            }
+            // Already settled (a reconciler retry after a crash): nothing to do.
+            _ => Ok(vec![]),
+        },
+        Command::FinishVolumeDeletion { uuid } => match state.volumes.get(*uuid) {
+            Some(v) if v.state == VolumeState::Deleting => {
+                Ok(vec![AnyEvent::Volume(Event::VolumeDeleted { uuid: *uuid })])
+            }
+            _ => Ok(vec![]),
+        },
+    }
+}
+
+pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
+    let uuid = event.uuid();
+    if let Event::VolumeCreationRequested { volume } = event {
+        let mut v = volume.clone();
+        v.etag = at.seq;
+        state.volumes.insert(v);
+        return vec![RowKey::Volume(uuid)];
+    }
+    if let Event::VolumeDeleted { .. } = event {
+        state.volumes.remove(uuid);
+        return vec![RowKey::Volume(uuid)];
+    }
+    let mut v = state
+        .volumes
+        .get(uuid)
+        .cloned()
+        .expect("invariant: volume events after creation name an existing volume");
+    v.etag = at.seq;
+    match event {
+        Event::VolumeBecameAvailable { .. } => v.state = VolumeState::Available,
+        Event::VolumeDeletionRequested { .. } => v.state = VolumeState::Deleting,
+        Event::VolumeUpdated { change: d, .. } => apply_delta(&mut v, d),
+        Event::VolumeCreationRequested { .. } | Event::VolumeDeleted { .. } => {
+            unreachable!("handled above")
+        }
+    }
+    state.volumes.insert(v);
+    vec![RowKey::Volume(uuid)]
+}
+
+fn apply_delta(v: &mut Volume, d: &VolumeDelta) {
+    if let Some(acl) = &d.acl {
+        v.acl = acl.clone();
+    }
+    if let Some(acl) = &d.ip_acl {
+        v.ip_acl = acl.clone();
+    }
+    if let Some(size) = d.size_bytes {
+        v.size_bytes = size;
+    }
+    if let Some(c) = d.compression {
+        v.compression = c;
+    }
+    if let Some(q) = d.qos_policy {
+        v.qos_policy = q;
+    }
+    if let Some(labels) = &d.labels {
+        v.labels = labels.clone();
+    }
+    if let Some(name) = &d.name {
+        v.name = name.clone();
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::domain::cluster::tests::bootstrap_events;
+    use crate::domain::{given_when, test_ctx, Command as AnyCommand};
+
+    pub(crate) fn new_volume(name: &str) -> NewVolume {
+        NewVolume {
+            project: "default".into(),
+            name: name.into(),
+            size_bytes: 1 << 30,
+            acl: vec![ALLOW_ANY.into()],
+            ip_acl: None,
+            compression: false,
+            replica_count: 1,
+            sector_size: 0,
+            source_snapshot: None,
+            qos: None,
+            labels: vec![],
+        }
+    }
+
+    fn create_cmd(n: NewVolume) -> AnyCommand {
+        AnyCommand::Volume(Command::CreateVolume(n))
+    }
+
+    /// Bootstrap plus an available volume `v1` (its uuid is `test_ctx().new_id(0)`).
+    pub(crate) fn with_volume() -> Vec<AnyEvent> {
+        let mut given = bootstrap_events();
+        given.extend(given_when(&given, create_cmd(new_volume("v1"))).unwrap());
+        given.push(AnyEvent::Volume(Event::VolumeBecameAvailable {
+            uuid: test_ctx().new_id(0),
+        }));
+        given
+    }
+
+    fn err_of(given: &[AnyEvent], cmd: AnyCommand) -> DomainError {
+        given_when(given, cmd).unwrap_err()
+    }
+
+    #[test]
+    fn given_bootstrap_when_create_then_creating_with_nsid_1() {
+        let events = given_when(&bootstrap_events(), create_cmd(new_volume("v1"))).unwrap();
+        let [AnyEvent::Volume(Event::VolumeCreationRequested { volume })] = &events[..] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(volume.state, VolumeState::Creating);
+        assert_eq!(volume.nsid, 1);
+        assert_eq!(volume.ip_acl, [ALLOW_ANY]);
+        assert_eq!(volume.sector_size, 4096);
+    }
+
+    #[test]
+    fn given_volume_when_create_same_name_then_409() {
+        let err = err_of(&with_volume(), create_cmd(new_volume("v1")));
+        assert!(matches!(err, DomainError::AlreadyExists(_)));
+    }
+
+    #[test]
+    fn bad_inputs_are_400() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut NewVolume)>)> = vec![
+            ("bad name", Box::new(|n| n.name = "a b".into())),
+            ("zero size", Box::new(|n| n.size_bytes = 0)),
+            ("too big", Box::new(|n| n.size_bytes = VOLUME_BYTES_MAX + 1)),
+            ("replicas 0", Box::new(|n| n.replica_count = 0)),
+            ("replicas 2 on one server", Box::new(|n| n.replica_count = 2)),
+            ("replicas 4", Box::new(|n| n.replica_count = 4)),
+            ("empty acl", Box::new(|n| n.acl = vec![])),
+            ("acl not nqn", Box::new(|n| n.acl = vec!["host1".into()])),
+            (
+                "ALLOW_ANY not alone",
+                Box::new(|n| n.acl = vec![ALLOW_ANY.into(), "nqn.x".into()]),
+            ),
+            ("ip acl not ip", Box::new(|n| n.ip_acl = Some(vec!["nope".into()]))),
+            ("sector size", Box::new(|n| n.sector_size = 1000)),
+            (
+                "label",
+                Box::new(|n| {
+                    n.labels = vec![Label {
+                        key: "a b".into(),
+                        value: "v".into(),
+                    }]
+                }),
+            ),
+        ];
+        for (what, mutate) in cases {
+            let mut n = new_volume("v2");
+            mutate(&mut n);
+            let err = err_of(&bootstrap_events(), create_cmd(n));
+            assert!(matches!(err, DomainError::InvalidArgument(_)), "{what}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn missing_project_is_404_and_size_rounds_up_to_sectors() {
+        let mut n = new_volume("v");
+        n.project = "nope".into();
+        assert!(matches!(
+            err_of(&bootstrap_events(), create_cmd(n)),
+            DomainError::NotFound(_)
+        ));
+        let mut n = new_volume("v");
+        n.size_bytes = 5000;
+        let events = given_when(&bootstrap_events(), create_cmd(n)).unwrap();
+        let AnyEvent::Volume(Event::VolumeCreationRequested { volume }) = &events[0] else {
+            panic!()
+        };
+        assert_eq!(volume.size_bytes, 8192);
+    }
+
+    #[test]
+    fn update_checks_etag_and_shrink_needs_force() {
+        let given = with_volume();
+        let uuid = test_ctx().new_id(0);
+        let upd = |if_match: Option<&str>, change: VolumeChange| {
+            AnyCommand::Volume(Command::UpdateVolume {
+                project: "default".into(),
+                target: VolumeRef::Uuid(uuid),
+                if_match: if_match.map(str::to_string),
+                change,
+            })
+        };
+        let grow = VolumeChange {
+            size_bytes: Some(2 << 30),
+            ..Default::default()
+        };
+        assert!(matches!(
+            err_of(&given, upd(Some("1"), grow.clone())),
+            DomainError::EtagMismatch(_)
+        ));
+        let etag = given.len().to_string();
+        assert_eq!(given_when(&given, upd(Some(&etag), grow)).unwrap().len(), 1);
+        let shrink = VolumeChange {
+            size_bytes: Some(1 << 20),
+            ..Default::default()
+        };
+        assert!(matches!(
+            err_of(&given, upd(None, shrink.clone())),
+            DomainError::InvalidArgument(_)
+        ));
+        let forced = VolumeChange {
+            force: true,
+            ..shrink
+        };
+        assert!(given_when(&given, upd(None, forced)).is_ok());
+    }
+
+    #[test]
+    fn delete_lifecycle_and_states() {
+        let given = with_volume();
+        let uuid = test_ctx().new_id(0);
+        let del = AnyCommand::Volume(Command::DeleteVolume {
+            project: "default".into(),
+            target: VolumeRef::Name("v1".into()),
+            if_match: None,
+        });
+        let events = given_when(&given, del.clone()).unwrap();
+        assert_eq!(events[0].type_name(), "VolumeDeletionRequested");
+        let mut deleting = given.clone();
+        deleting.extend(events);
+        assert!(matches!(err_of(&deleting, del.clone()), DomainError::InvalidArgument(_)));
+        // A volume still being created answers 503.
+        let mut creating = bootstrap_events();
+        creating.extend(given_when(&creating, create_cmd(new_volume("v1"))).unwrap());
+        assert!(matches!(err_of(&creating, del), DomainError::Unavailable(_)));
+        let finish = AnyCommand::Volume(Command::FinishVolumeDeletion { uuid });
+        let done = given_when(&deleting, finish).unwrap();
+        assert_eq!(done[0].type_name(), "VolumeDeleted");
+    }
+
+    #[test]
+    fn nsids_are_reused_lowest_first() {
+        let mut v = Volumes::default();
+        for (i, nsid) in [1u32, 2, 4].into_iter().enumerate() {
+            let mut vol = match &given_when(&bootstrap_events(), create_cmd(new_volume("x")))
+                .unwrap()[0]
+            {
+                AnyEvent::Volume(Event::VolumeCreationRequested { volume }) => volume.clone(),
+                _ => unreachable!(),
+            };
+            vol.uuid = Uuid::from_u128(i as u128);
+            vol.name = format!("v{i}");
+            vol.nsid = nsid;
+            v.insert(vol);
+        }
+        assert_eq!(v.free_nsid(), 3);
+    }
+}

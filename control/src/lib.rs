@@ -1,0 +1,19 @@
+//! The evstor control plane.
+//!
+//! - [`domain`]: pure commands, events, `decide`/`evolve` per resource, and the aggregate state.
+//! - [`store`]: the edge to the journal: event codec, projection rows, the single writer with
+//!   group commit ([`store::Bus`]), replay and projection verification.
+//! - [`api`]: the LightOS REST API v2 over axum, one file per resource, plus authentication.
+//! - [`reconcile`]: followers of the journal that drive long operations (volume creation and
+//!   deletion) to completion and resume after a crash.
+//! - [`server`]: wiring for `evstor serve`: data directory, bootstrap, TLS, listeners.
+
+pub mod api;
+pub mod domain;
+pub mod error;
+pub mod limits;
+pub mod reconcile;
+pub mod server;
+pub mod store;
+
+pub use error::ControlError;

@@ -1,0 +1,30 @@
+//! Named bounds of the control plane: every queue, body, list and name has a maximum.
+
+/// Commands waiting for the journal writer; requests beyond this wait for room (back-pressure).
+pub const COMMAND_QUEUE_MAX: usize = 4096;
+/// Commands folded into one group commit (one fsync).
+pub const GROUP_COMMIT_COMMANDS_MAX: usize = 512;
+/// Largest request body the API reads.
+pub const REQUEST_BODY_BYTES_MAX: usize = 1024 * 1024;
+/// Default and largest page of volumes, snapshots and events.
+pub const LIST_PAGE_MAX: usize = 1000;
+/// Longest resource name (`^[a-zA-Z0-9-_.]{1,253}$`).
+pub const NAME_BYTES_MAX: usize = 253;
+/// Longest free-text description.
+pub const DESCRIPTION_BYTES_MAX: usize = 256;
+/// Most labels on one volume.
+pub const LABELS_MAX: usize = 16;
+/// Most entries in one host or IP ACL.
+pub const ACL_ENTRIES_MAX: usize = 1024;
+/// Most volumes in the cluster (also bounds namespace ids).
+pub const VOLUMES_MAX: usize = 65_536;
+/// Most snapshots in the cluster.
+pub const SNAPSHOTS_MAX: usize = 262_144;
+/// Most projects, policies and credentials each.
+pub const PROJECTS_MAX: usize = 4096;
+/// Largest volume: 1 PiB.
+pub const VOLUME_BYTES_MAX: u64 = 1 << 50;
+/// Most events the reconciler takes from the journal at once.
+pub const RECONCILE_BATCH_MAX: usize = 256;
+/// Most concurrent API connections.
+pub const API_CONNECTIONS_MAX: usize = 1024;

@@ -1,0 +1,264 @@
+//! `evstor serve`: opens (or creates) the data directory, bootstraps a one-server cluster on
+//! first start (keys, admin token, TLS certificate, backing devices), then runs the API, the
+//! reconciler and the data path until told to stop.
+//!
+//! Data directory layout: `journal/` (RocksDB), `keys/root.pem` (private, 0600),
+//! `admin.jwt`, `tls/{cert,key}.pem`, `devices/*.img` (sparse backing files), `volumes/`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use evstor_journal::{OpenMode, RocksJournal};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::api::{self, App, DataPathView, ServerInfo};
+use crate::domain::cluster::{Bootstrap, Command as ClusterCommand};
+use crate::domain::inventory::Device;
+use crate::domain::volume::Volume;
+use crate::domain::{Command, State};
+use crate::reconcile::{self, DataPlane};
+use crate::store::{Bus, RequestMeta};
+
+/// Size of the default sparse backing device created on first start.
+pub const DEFAULT_DEVICE_BYTES: u64 = 1 << 40;
+/// Lifetime of the admin token written on first start.
+pub const ADMIN_TOKEN_LIFETIME_SECS: u64 = 365 * 24 * 3600;
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub api_addr: SocketAddr,
+    pub nvme_addr: SocketAddr,
+    pub discovery_addr: SocketAddr,
+}
+
+pub fn journal_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("journal")
+}
+
+pub fn root_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys").join("root.pem")
+}
+
+/// Opens the journal for the CLI's read-only verbs.
+pub fn open_journal_read_only(data_dir: &Path) -> anyhow::Result<RocksJournal> {
+    RocksJournal::open(&journal_dir(data_dir), OpenMode::ReadOnly)
+        .with_context(|| format!("opening the journal in {}", data_dir.display()))
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Generates the root RSA key pair; returns (private PKCS#8 PEM, public SPKI PEM).
+fn generate_root_key() -> anyhow::Result<(String, String)> {
+    use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+    let private = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048)?;
+    let public = private.to_public_key();
+    Ok((
+        private.to_pkcs8_pem(LineEnding::LF)?.to_string(),
+        public.to_public_key_pem(LineEnding::LF)?,
+    ))
+}
+
+fn ensure_tls(data_dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let cert = data_dir.join("tls").join("cert.pem");
+    let key = data_dir.join("tls").join("key.pem");
+    if !cert.exists() || !key.exists() {
+        let host = hostname();
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string(), host];
+        let certified = rcgen::generate_simple_self_signed(names)?;
+        write_private(&key, &certified.key_pair.serialize_pem())?;
+        write_private(&cert, &certified.cert.pem())?;
+        println!("evstor: generated a self-signed TLS certificate at {}", cert.display());
+    }
+    Ok((cert, key))
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn ensure_device(data_dir: &Path) -> anyhow::Result<Device> {
+    let dir = data_dir.join("devices");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("dev0.img");
+    let f = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&path)?;
+    if f.metadata()?.len() < DEFAULT_DEVICE_BYTES {
+        f.set_len(DEFAULT_DEVICE_BYTES)?;
+    }
+    let serial = format!("EVS{}", &Uuid::new_v4().simple().to_string()[..12].to_uppercase());
+    Ok(Device::backing_file(&serial, &path.to_string_lossy(), DEFAULT_DEVICE_BYTES))
+}
+
+/// First start: keys, admin token, device, and the bootstrap command.
+async fn bootstrap(bus: &Bus, cfg: &ServeConfig) -> anyhow::Result<()> {
+    if bus.state().cluster.initialized {
+        return Ok(());
+    }
+    let key_path = root_key_path(&cfg.data_dir);
+    let (private_pem, public_pem) = generate_root_key()?;
+    write_private(&key_path, &private_pem)?;
+    let device = ensure_device(&cfg.data_dir)?;
+    let b = Bootstrap {
+        hostname: hostname(),
+        api_endpoint: cfg.api_addr.to_string(),
+        nvme_endpoint: cfg.nvme_addr.to_string(),
+        devices: vec![device],
+        root_public_key_pem: public_pem,
+    };
+    bus.submit(RequestMeta::system("bootstrap"), Command::Cluster(ClusterCommand::Bootstrap(b)))
+        .await?;
+    let token = api::auth::mint(
+        &private_pem,
+        "system:root",
+        "admin",
+        &["system:cluster-admin".to_string()],
+        ADMIN_TOKEN_LIFETIME_SECS,
+    )?;
+    let token_path = cfg.data_dir.join("admin.jwt");
+    write_private(&token_path, &token)?;
+    println!(
+        "evstor: initialized a new cluster; root key at {}, admin token (system:cluster-admin) at {}",
+        key_path.display(),
+        token_path.display()
+    );
+    Ok(())
+}
+
+/// Backing files per volume until the extent-mapped block store lands.
+pub struct FileDataPlane {
+    dir: PathBuf,
+}
+
+impl FileDataPlane {
+    pub fn new(data_dir: &Path) -> std::io::Result<FileDataPlane> {
+        let dir = data_dir.join("volumes");
+        std::fs::create_dir_all(&dir)?;
+        Ok(FileDataPlane { dir })
+    }
+
+    pub fn path_of(&self, uuid: Uuid) -> PathBuf {
+        self.dir.join(format!("{uuid}.img"))
+    }
+}
+
+impl DataPlane for FileDataPlane {
+    fn prepare(&self, v: &Volume) -> std::io::Result<()> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(self.path_of(v.uuid))?;
+        f.set_len(v.size_bytes)?;
+        f.sync_all()
+    }
+
+    fn release(&self, uuid: Uuid) -> std::io::Result<()> {
+        match std::fs::remove_file(self.path_of(uuid)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn publish(&self, _state: &State) {}
+}
+
+impl DataPathView for FileDataPlane {
+    fn hosts_of(&self, _nsid: u32) -> Vec<String> {
+        vec![]
+    }
+}
+
+/// Runs evstor until `shutdown` turns true (or SIGINT/SIGTERM when `None`).
+pub async fn serve(cfg: ServeConfig, shutdown: Option<watch::Receiver<bool>>) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let journal = Arc::new(
+        RocksJournal::open(&journal_dir(&cfg.data_dir), OpenMode::ReadWrite)
+            .context("opening the journal (is another evstor using this data directory?)")?,
+    );
+    let bus = Bus::start(journal)?;
+    bootstrap(&bus, &cfg).await?;
+    let (cert, key) = ensure_tls(&cfg.data_dir)?;
+    let data = Arc::new(FileDataPlane::new(&cfg.data_dir)?);
+    let app = App {
+        bus: bus.clone(),
+        keys: Default::default(),
+        info: Arc::new(ServerInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            api_endpoint: cfg.api_addr.to_string(),
+            nvme_endpoint: cfg.nvme_addr.to_string(),
+            discovery_endpoint: cfg.discovery_addr.to_string(),
+        }),
+        datapath: data.clone(),
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let reconciler = tokio::spawn(reconcile::run(bus.clone(), data, stop_rx.clone()));
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
+        .await
+        .context("loading the TLS certificate")?;
+    let handle = axum_server::Handle::new();
+    let server = axum_server::bind_rustls(cfg.api_addr, tls)
+        .handle(handle.clone())
+        .serve(api::router(app).into_make_service());
+    println!(
+        "evstor: serving the LightOS API v2 on https://{} (data in {})",
+        cfg.api_addr,
+        cfg.data_dir.display()
+    );
+    let stopper = tokio::spawn(async move {
+        match shutdown {
+            Some(mut rx) => {
+                while !*rx.borrow() {
+                    if rx.changed().await.is_err() {
+                        break;
+                    }
+                }
+            }
+            None => wait_for_signal().await,
+        }
+        handle.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
+    });
+    server.await.context("API server")?;
+    let _ = stop_tx.send(true);
+    let _ = reconciler.await;
+    stopper.abort();
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    println!("evstor: shutting down");
+}

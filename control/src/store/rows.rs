@@ -1,0 +1,128 @@
+//! Projection rows: how each piece of [`State`] is keyed and stored in the `projections`
+//! column family, and how the state is loaded back from those rows on start.
+
+use std::collections::BTreeMap;
+
+use evstor_journal::RocksJournal;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::domain::inventory::{Node, Server};
+use crate::domain::policy::Policy;
+use crate::domain::snapshot::Snapshot;
+use crate::domain::{RowKey, State};
+use crate::error::ControlError;
+
+/// The storage key of a row: `<kind>/<id>`.
+pub fn key_bytes(key: &RowKey) -> Vec<u8> {
+    match key {
+        RowKey::Cluster => b"cluster/".to_vec(),
+        RowKey::Project(n) => format!("project/{n}").into_bytes(),
+        RowKey::Volume(u) => format!("volume/{u}").into_bytes(),
+        RowKey::Snapshot(u) => format!("snapshot/{u}").into_bytes(),
+        RowKey::Policy(u) => format!("policy/{u}").into_bytes(),
+        RowKey::Credential(p, id) => format!("credential/{p}:{id}").into_bytes(),
+        RowKey::ConfigParam(n) => format!("config/{n}").into_bytes(),
+        RowKey::Flag(n) => format!("flag/{n}").into_bytes(),
+        RowKey::Server(u) => format!("server/{u}").into_bytes(),
+        RowKey::Node(u) => format!("node/{u}").into_bytes(),
+        RowKey::Device(s) => format!("device/{s}").into_bytes(),
+    }
+}
+
+fn enc<T: Serialize>(value: &T) -> Vec<u8> {
+    bincode::serialize(value).expect("invariant: projections always serialize")
+}
+
+/// The stored value of a row, `None` when the object no longer exists.
+pub fn value(state: &State, key: &RowKey) -> Option<Vec<u8>> {
+    match key {
+        RowKey::Cluster => Some(enc(&state.cluster)),
+        RowKey::Project(n) => state.projects.get(n).map(enc),
+        RowKey::Volume(u) => state.volumes.get(*u).map(enc),
+        RowKey::Snapshot(u) => state.snapshots.get(*u).map(enc),
+        RowKey::Policy(u) => state.policies.get(*u).map(enc),
+        RowKey::Credential(p, id) => state.credentials.get(p, id).map(enc),
+        RowKey::ConfigParam(n) => state.config.values.get(n).map(enc),
+        RowKey::Flag(n) => state.flags.values.get(n).map(enc),
+        RowKey::Server(u) => state.inventory.servers.get(u).map(enc),
+        RowKey::Node(u) => state.inventory.nodes.get(u).map(enc),
+        RowKey::Device(s) => state.inventory.devices.get(s).map(enc),
+    }
+}
+
+/// Every row of a state, keyed by storage key: what the projections column family must hold.
+pub fn all(state: &State) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut keys = vec![RowKey::Cluster];
+    keys.extend(state.projects.by_name.keys().cloned().map(RowKey::Project));
+    keys.extend(state.volumes.by_uuid.keys().map(|u| RowKey::Volume(*u)));
+    keys.extend(state.snapshots.by_uuid.keys().map(|u| RowKey::Snapshot(*u)));
+    keys.extend(state.policies.by_uuid.keys().map(|u| RowKey::Policy(*u)));
+    keys.extend(
+        state
+            .credentials
+            .by_kid
+            .values()
+            .map(|c| RowKey::Credential(c.project.clone(), c.id.clone())),
+    );
+    keys.extend(state.config.values.keys().cloned().map(RowKey::ConfigParam));
+    keys.extend(state.flags.values.keys().cloned().map(RowKey::Flag));
+    keys.extend(state.inventory.servers.keys().map(|u| RowKey::Server(*u)));
+    keys.extend(state.inventory.nodes.keys().map(|u| RowKey::Node(*u)));
+    keys.extend(state.inventory.devices.keys().cloned().map(RowKey::Device));
+    keys.iter()
+        .filter_map(|k| value(state, k).map(|v| (key_bytes(k), v)))
+        .collect()
+}
+
+/// Loads every row under `prefix`, handing each its id (the key after the prefix).
+fn load_kind<T: DeserializeOwned>(
+    journal: &RocksJournal,
+    prefix: &str,
+    mut insert: impl FnMut(String, T),
+) -> Result<(), ControlError> {
+    for (k, v) in journal.scan_projections(prefix.as_bytes())? {
+        let key = String::from_utf8_lossy(&k).into_owned();
+        let row = bincode::deserialize(&v).map_err(|e| ControlError::Projection {
+            key: key.clone(),
+            reason: e.to_string(),
+        })?;
+        insert(key[prefix.len()..].to_string(), row);
+    }
+    Ok(())
+}
+
+/// Rebuilds the state from the stored projection rows (no event is read).
+pub fn load(journal: &RocksJournal) -> Result<State, ControlError> {
+    let mut s = State::default();
+    load_kind(journal, "cluster/", |_, c| s.cluster = c)?;
+    load_kind(journal, "project/", |id, p| {
+        s.projects.by_name.insert(id, p);
+    })?;
+    load_kind(journal, "volume/", |_, v| s.volumes.insert(v))?;
+    load_kind(journal, "snapshot/", |_, x: Snapshot| {
+        s.snapshots.by_uuid.insert(x.uuid, x);
+    })?;
+    load_kind(journal, "policy/", |_, p: Policy| {
+        s.policies.by_uuid.insert(p.uuid, p);
+    })?;
+    load_kind(journal, "credential/", |id, c| {
+        s.credentials.by_kid.insert(id, c);
+    })?;
+    load_kind(journal, "config/", |id, v| {
+        s.config.values.insert(id, v);
+    })?;
+    load_kind(journal, "flag/", |id, v| {
+        s.flags.values.insert(id, v);
+    })?;
+    load_kind(journal, "server/", |_, x: Server| {
+        s.inventory.servers.insert(x.uuid, x);
+    })?;
+    load_kind(journal, "node/", |_, x: Node| {
+        s.inventory.nodes.insert(x.uuid, x);
+    })?;
+    load_kind(journal, "device/", |id, x| {
+        s.inventory.devices.insert(id, x);
+    })?;
+    Ok(s)
+}

@@ -1,0 +1,402 @@
+//! Storage behind a namespace: the [`Backend`] trait and its file implementation.
+//!
+//! A connection owns one [`IoQueue`] (an io_uring, or a synchronous stand-in
+//! where io_uring is unavailable) and asks a namespace's backend to queue
+//! operations on it; completions come back tagged. A later extent-mapped block
+//! store implements the same trait by queueing its own operations on the ring.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use crate::buffer::SlotBuf;
+use crate::limits::RING_ENTRIES;
+
+/// What to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    /// Read `len` bytes at `offset` into `buf`.
+    Read,
+    /// Write `len` bytes from `buf` at `offset`; `fua` forces it to stable media first.
+    Write {
+        /// Force Unit Access.
+        fua: bool,
+    },
+    /// Make all completed writes durable.
+    Flush,
+    /// Discard the range; later reads return zeroes.
+    Deallocate,
+    /// Make the range read as zeroes.
+    WriteZeroes,
+}
+
+/// One storage operation.
+#[derive(Debug, Clone, Copy)]
+pub struct IoRequest {
+    /// Operation.
+    pub kind: IoKind,
+    /// Byte offset in the namespace.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Data buffer for Read/Write (null otherwise).
+    pub buf: *mut u8,
+    /// Returned with the completion.
+    pub tag: u64,
+}
+
+/// Storage for one namespace, shared by all connections that see it.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Capacity in bytes.
+    fn size_bytes(&self) -> u64;
+
+    /// Queues `req` on `q`; its completion is reported by [`IoQueue::reap`] with `req.tag`.
+    ///
+    /// # Safety
+    /// For Read and Write, `req.buf` must point to `req.len` bytes that stay valid, and
+    /// are neither read nor written by anyone else, until that completion has been reaped.
+    unsafe fn submit(&self, q: &mut IoQueue, req: &IoRequest) -> io::Result<()>;
+}
+
+/// A connection's submission context.
+pub struct IoQueue {
+    kind: QueueKind,
+}
+
+enum QueueKind {
+    Uring { ring: Box<IoUring>, efd: OwnedFd },
+    Sync { done: VecDeque<(u64, i32)> },
+}
+
+impl IoQueue {
+    /// An io_uring with a completion eventfd, or the synchronous fallback if the kernel refuses.
+    pub fn new() -> IoQueue {
+        match Self::new_uring() {
+            Ok(q) => q,
+            Err(_) => Self::new_sync(),
+        }
+    }
+
+    /// The synchronous fallback (operations complete inside `submit`).
+    pub fn new_sync() -> IoQueue {
+        IoQueue {
+            kind: QueueKind::Sync {
+                done: VecDeque::with_capacity(2 * RING_ENTRIES as usize),
+            },
+        }
+    }
+
+    fn new_uring() -> io::Result<IoQueue> {
+        let ring = Box::new(IoUring::new(RING_ENTRIES)?);
+        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh eventfd that nothing else owns.
+        let efd = unsafe { OwnedFd::from_raw_fd(fd) };
+        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        Ok(IoQueue {
+            kind: QueueKind::Uring { ring, efd },
+        })
+    }
+
+    /// Whether this queue is an io_uring.
+    pub fn is_uring(&self) -> bool {
+        matches!(self.kind, QueueKind::Uring { .. })
+    }
+
+    /// File descriptor that becomes readable when completions are ready (io_uring only).
+    pub fn event_fd(&self) -> Option<RawFd> {
+        match &self.kind {
+            QueueKind::Uring { efd, .. } => Some(efd.as_raw_fd()),
+            QueueKind::Sync { .. } => None,
+        }
+    }
+
+    /// Whether completions are already waiting (the loop must not sleep).
+    pub fn has_ready(&mut self) -> bool {
+        match &mut self.kind {
+            QueueKind::Uring { ring, .. } => !ring.completion().is_empty(),
+            QueueKind::Sync { done } => !done.is_empty(),
+        }
+    }
+
+    /// Pushes a prepared SQE, flushing the ring if its submission queue is full.
+    ///
+    /// # Safety
+    /// Every buffer and file descriptor the entry references must stay valid until its
+    /// completion is reaped. Sync queues reject entries with `Unsupported`.
+    pub unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        let QueueKind::Uring { ring, .. } = &mut self.kind else {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        };
+        // SAFETY: the caller guarantees the entry's resources outlive its completion.
+        if unsafe { ring.submission().push(entry) }.is_ok() {
+            return Ok(());
+        }
+        ring.submit()?;
+        // SAFETY: as above.
+        unsafe { ring.submission().push(entry) }
+            .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))
+    }
+
+    /// Records a completion produced synchronously (sync queues).
+    pub fn complete_now(&mut self, tag: u64, result: i32) {
+        if let QueueKind::Sync { done } = &mut self.kind {
+            done.push_back((tag, result));
+        }
+    }
+
+    /// Hands queued SQEs to the kernel.
+    pub fn submit(&mut self) -> io::Result<()> {
+        if let QueueKind::Uring { ring, .. } = &mut self.kind {
+            if !ring.submission().is_empty() {
+                ring.submit()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f(tag, result)` for every finished operation (result: bytes or -errno).
+    pub fn reap(&mut self, mut f: impl FnMut(u64, i32)) {
+        match &mut self.kind {
+            QueueKind::Uring { ring, efd } => {
+                let mut counter = [0u8; 8];
+                // SAFETY: reading 8 bytes into a local array from an owned nonblocking eventfd.
+                let _ = unsafe {
+                    libc::read(efd.as_raw_fd(), counter.as_mut_ptr().cast(), counter.len())
+                };
+                for cqe in ring.completion() {
+                    f(cqe.user_data(), cqe.result());
+                }
+            }
+            QueueKind::Sync { done } => {
+                while let Some((tag, res)) = done.pop_front() {
+                    f(tag, res);
+                }
+            }
+        }
+    }
+}
+
+impl Default for IoQueue {
+    fn default() -> Self {
+        IoQueue::new()
+    }
+}
+
+/// A namespace stored in one regular file (or block device) through io_uring.
+#[derive(Debug)]
+pub struct FileBackend {
+    file: File,
+    path: PathBuf,
+    size_bytes: u64,
+    direct: bool,
+}
+
+impl FileBackend {
+    /// Opens `path`, creating it sparse with `size_bytes` if missing and extending it if short.
+    ///
+    /// Uses O_DIRECT when the filesystem accepts it, buffered I/O otherwise.
+    pub fn open(path: &Path, size_bytes: u64) -> io::Result<FileBackend> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).create(true).truncate(false);
+        let plain = opts.open(path)?;
+        if plain.metadata()?.len() < size_bytes && plain.metadata()?.is_file() {
+            plain.set_len(size_bytes)?;
+        }
+        let direct = Self::open_direct(path);
+        let (file, direct) = match direct {
+            Some(f) => (f, true),
+            None => (plain, false),
+        };
+        Ok(FileBackend {
+            file,
+            path: path.to_path_buf(),
+            size_bytes,
+            direct,
+        })
+    }
+
+    /// Opens with O_DIRECT and proves an aligned read works; None if the filesystem refuses.
+    fn open_direct(path: &Path) -> Option<File> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok()?;
+        let mut probe = SlotBuf::new(1, 4096)?;
+        f.read_at(probe.slot_mut(0, 4096), 0).ok()?;
+        Some(f)
+    }
+
+    /// Whether I/O bypasses the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// The backing file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn entry(&self, req: &IoRequest) -> squeue::Entry {
+        let fd = types::Fd(self.file.as_raw_fd());
+        let e = match req.kind {
+            IoKind::Read => opcode::Read::new(fd, req.buf, req.len)
+                .offset(req.offset)
+                .build(),
+            IoKind::Write { fua } => opcode::Write::new(fd, req.buf, req.len)
+                .offset(req.offset)
+                .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
+                .build(),
+            IoKind::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            IoKind::Deallocate | IoKind::WriteZeroes => opcode::Fallocate::new(fd, req.len as u64)
+                .offset(req.offset)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+        };
+        e.user_data(req.tag)
+    }
+
+    /// Runs the request on the calling thread; returns bytes done or -errno.
+    ///
+    /// # Safety
+    /// As [`Backend::submit`]: `req.buf` valid for `req.len` bytes for Read/Write.
+    unsafe fn run_sync(&self, req: &IoRequest) -> i32 {
+        let len = req.len as usize;
+        let res = match req.kind {
+            IoKind::Read => {
+                // SAFETY: the caller guarantees buf is valid for len bytes and unaliased.
+                let b = unsafe { std::slice::from_raw_parts_mut(req.buf, len) };
+                self.file.read_exact_at(b, req.offset)
+            }
+            IoKind::Write { fua } => {
+                // SAFETY: the caller guarantees buf is valid for len bytes.
+                let b = unsafe { std::slice::from_raw_parts(req.buf, len) };
+                let r = self.file.write_all_at(b, req.offset);
+                if fua {
+                    r.and_then(|_| self.file.sync_data())
+                } else {
+                    r
+                }
+            }
+            IoKind::Flush => self.file.sync_data(),
+            IoKind::Deallocate | IoKind::WriteZeroes => self.punch(req.offset, req.len as u64),
+        };
+        match res {
+            Ok(()) => req.len as i32,
+            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on an owned fd with plain integer arguments.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+impl Backend for FileBackend {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    unsafe fn submit(&self, q: &mut IoQueue, req: &IoRequest) -> io::Result<()> {
+        if q.is_uring() {
+            let e = self.entry(req);
+            // SAFETY: the caller upholds the buffer contract; the fd lives as long as self,
+            // and the connection holds an Arc to this backend until the completion is reaped.
+            return unsafe { q.push(&e) };
+        }
+        // SAFETY: forwarded caller contract.
+        let res = unsafe { self.run_sync(req) };
+        q.complete_now(req.tag, res);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(mut q: IoQueue) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ns1");
+        let be = FileBackend::open(&path, 1 << 20).expect("open backing file");
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 1 << 20);
+        let mut buf = SlotBuf::new(2, 8192).expect("alloc");
+        buf.slot_mut(0, 8192).fill(0xab);
+        let ops = [
+            (IoKind::Write { fua: true }, 0usize, 8192u32, 4096u64),
+            (IoKind::Flush, 0, 0, 0),
+            (IoKind::Read, 1, 8192, 4096),
+        ];
+        for (tag, (kind, slot, len, off)) in ops.into_iter().enumerate() {
+            let req = IoRequest {
+                kind,
+                offset: off,
+                len,
+                buf: buf.slot_ptr(slot),
+                tag: tag as u64,
+            };
+            // SAFETY: buf outlives the queue's completions, which are reaped below.
+            unsafe { be.submit(&mut q, &req) }.expect("submit");
+            q.submit().expect("submit ring");
+            let mut got = None;
+            while got.is_none() {
+                q.reap(|t, r| got = Some((t, r)));
+            }
+            let (t, r) = got.expect("completion");
+            assert_eq!(t, tag as u64);
+            assert!(r >= 0, "op {kind:?} failed: {r}");
+        }
+        assert!(buf.slot(1, 8192).iter().all(|&b| b == 0xab));
+        let punch = IoRequest {
+            kind: IoKind::Deallocate,
+            offset: 4096,
+            len: 4096,
+            buf: std::ptr::null_mut(),
+            tag: 9,
+        };
+        // SAFETY: no buffer involved.
+        unsafe { be.submit(&mut q, &punch) }.expect("punch");
+        q.submit().expect("submit ring");
+        let mut done = false;
+        while !done {
+            q.reap(|_, r| {
+                assert!(r >= 0, "punch failed: {r}");
+                done = true;
+            });
+        }
+        let mut back = SlotBuf::new(1, 8192).expect("alloc");
+        let check = back.slot_mut(0, 8192);
+        be.file.read_exact_at(check, 4096).expect("read back");
+        assert!(check[..4096].iter().all(|&b| b == 0));
+        assert!(check[4096..].iter().all(|&b| b == 0xab));
+    }
+
+    #[test]
+    fn io_uring_queue_round_trip() {
+        roundtrip(IoQueue::new());
+    }
+
+    #[test]
+    fn sync_queue_round_trip() {
+        roundtrip(IoQueue::new_sync());
+    }
+}

@@ -1,0 +1,143 @@
+//! The control plane's view of the target: listener configuration, namespaces and ACLs.
+//!
+//! These types are the seam the control plane calls through; they carry no behaviour
+//! beyond ACL matching, so the control plane can build them without knowing NVMe.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use crate::limits::DEFAULT_MAX_CONNECTIONS;
+
+/// Listener and subsystem configuration for [`crate::start`].
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    /// I/O listener (also serves the discovery controller). Port 0 picks a free port.
+    pub nvme_addr: SocketAddr,
+    /// Dedicated discovery listener (conventionally port 8009), if any.
+    pub discovery_addr: Option<SocketAddr>,
+    /// NQN of the one NVM subsystem the target exposes.
+    pub subsystem_nqn: String,
+    /// TCP connections (queue pairs) served at once; more are refused at accept.
+    pub max_connections: usize,
+}
+
+impl TargetConfig {
+    /// A configuration with default limits and identity strings.
+    pub fn new(nvme_addr: SocketAddr, subsystem_nqn: impl Into<String>) -> TargetConfig {
+        TargetConfig {
+            nvme_addr,
+            discovery_addr: None,
+            subsystem_nqn: subsystem_nqn.into(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+
+    /// Identify Controller serial number: stable per subsystem NQN (20 ASCII bytes max).
+    pub fn serial(&self) -> String {
+        format!("EVS{:08X}", crc32c::crc32c(self.subsystem_nqn.as_bytes()))
+    }
+}
+
+/// Identify Controller model number.
+pub const MODEL: &str = "evstor NVMe/TCP";
+
+impl Default for TargetConfig {
+    /// All interfaces on the well-known ports: I/O on 4420, discovery on 8009.
+    fn default() -> TargetConfig {
+        let any = std::net::Ipv4Addr::UNSPECIFIED;
+        TargetConfig {
+            discovery_addr: Some(SocketAddr::from((any, 8009))),
+            ..TargetConfig::new(
+                SocketAddr::from((any, 4420)),
+                "nqn.2024-01.io.evstor:subsystem",
+            )
+        }
+    }
+}
+
+/// Who may see a namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acl {
+    /// Everyone.
+    AllowAny,
+    /// No one.
+    AllowNone,
+    /// Exactly these host NQNs (host ACL) or IP address strings (IP ACL).
+    List(Vec<String>),
+}
+
+impl Acl {
+    /// Whether the host NQN is admitted.
+    pub fn admits_host(&self, host_nqn: &str) -> bool {
+        match self {
+            Acl::AllowAny => true,
+            Acl::AllowNone => false,
+            Acl::List(l) => l.iter().any(|h| h == host_nqn),
+        }
+    }
+
+    /// Whether the source address is admitted (entries that do not parse never match).
+    pub fn admits_ip(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        match self {
+            Acl::AllowAny => true,
+            Acl::AllowNone => false,
+            Acl::List(l) => l
+                .iter()
+                .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+                .any(|a| canonical_ip(a) == ip),
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses compare equal to their IPv4 form.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// One namespace (volume) as the control plane publishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceSpec {
+    /// Namespace ID, 1..=limits::MAX_NAMESPACES.
+    pub nsid: u32,
+    /// Volume UUID; also the namespace UUID, and the source of its NGUID.
+    pub uuid: [u8; 16],
+    /// Capacity in bytes (rounded down to whole 4 KiB blocks).
+    pub size_bytes: u64,
+    /// Backing file; created sparse with `size_bytes` if missing.
+    pub backing_path: PathBuf,
+    /// Host NQNs admitted.
+    pub host_acl: Acl,
+    /// Source IPs admitted.
+    pub ip_acl: Acl,
+}
+
+impl NamespaceSpec {
+    /// Whether a host with this NQN connecting from `ip` sees the namespace.
+    pub fn visible_to(&self, host_nqn: &str, ip: IpAddr) -> bool {
+        self.host_acl.admits_host(host_nqn) && self.ip_acl.admits_ip(ip)
+    }
+}
+
+/// A live controller session, for the connectedHosts API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectedHost {
+    /// Host NQN from Connect.
+    pub host_nqn: String,
+    /// Host identifier from Connect.
+    pub host_id: [u8; 16],
+    /// Remote address of the admin queue's connection.
+    pub remote_addr: SocketAddr,
+    /// Controller ID the target assigned.
+    pub cntlid: u16,
+    /// I/O queues currently connected.
+    pub io_queues: usize,
+    /// Namespaces this host currently sees.
+    pub nsids: Vec<u32>,
+}

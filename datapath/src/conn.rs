@@ -1,0 +1,926 @@
+//! One TCP connection = one NVMe queue pair, served by one thread.
+//!
+//! The thread does the ICReq/Connect handshake with blocking reads, then runs a
+//! poll loop over three descriptors: the socket (PDUs in), the queue's io_uring
+//! eventfd (storage completions) and a notifier (AENs, teardown). Responses are
+//! written with blocking `writev` straight from the slot buffers. Everything a
+//! queue needs (slots, data buffers, ring) is allocated once, at Connect.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::backend::IoQueue;
+use crate::buffer::SlotBuf;
+use crate::ctrl::Controller;
+use crate::error::DatapathError;
+use crate::fabrics::{self, Accepted, ConnectOutcome};
+use crate::limits::{
+    HANDSHAKE_TIMEOUT_MS, KATO_GRACE_MS, MAX_DATA_BYTES, MAX_H2C_DATA_BYTES, MAX_HDR_BYTES,
+    MAX_NAMESPACES, MAX_OUTSTANDING_AERS, POLL_INTERVAL_MS_MAX, RX_BUF_BYTES, SEND_TIMEOUT_MS,
+};
+use crate::notify::Notifier;
+use crate::ns::{Namespace, NsTable};
+use crate::nvme::{self, Dir, Sqe, Status, SGL_DATA_OFFSET};
+use crate::pdu::{
+    self, Check, DataHdr, HdrFields, IcResp, Pdu, PduError, PduType, RxContext, TxContext, CH_LEN,
+    CQE_LEN, FLAG_LAST_PDU, FLAG_SUCCESS, IC_DDGST_ENABLE, IC_HDGST_ENABLE, SQE_LEN,
+};
+use crate::target::Shared;
+
+/// Which listener accepted the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortKind {
+    /// The I/O port: serves the NVM subsystem and the discovery controller.
+    Io,
+    /// The discovery port: serves only the discovery controller.
+    Discovery,
+}
+
+/// Lifecycle of a command slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    /// Unused.
+    Free,
+    /// Waiting for H2CData after an R2T.
+    AwaitData,
+    /// Storage operations in flight.
+    Executing,
+}
+
+/// Per-command bookkeeping; one per submission queue entry.
+#[derive(Debug)]
+pub struct Slot {
+    /// State.
+    pub state: SlotState,
+    /// The command.
+    pub sqe: [u8; SQE_LEN],
+    /// Bytes the command transfers (SGL length).
+    pub xfer: u32,
+    /// H2C bytes received so far.
+    pub got: u32,
+    /// Storage operations outstanding.
+    pub pending: u32,
+    /// Status to report (first error wins).
+    pub status: Status,
+    /// Bytes to return to the host on success.
+    pub c2h_len: u32,
+    /// Namespace kept alive while I/O is in flight.
+    pub ns: Option<Arc<Namespace>>,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            state: SlotState::Free,
+            sqe: [0; SQE_LEN],
+            xfer: 0,
+            got: 0,
+            pending: 0,
+            status: Status::SUCCESS,
+            c2h_len: 0,
+            ns: None,
+        }
+    }
+
+    /// The command as a parsed view.
+    pub fn cmd(&self) -> Sqe<'_> {
+        Sqe(&self.sqe)
+    }
+}
+
+/// How a command ended (or did not, yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Respond now; `c2h_len` bytes of the slot buffer go to the host first.
+    Done {
+        /// Completion status.
+        status: Status,
+        /// CQE dwords 0-1.
+        result: u64,
+        /// Data bytes to send.
+        c2h_len: u32,
+    },
+    /// Storage operations are in flight; the reaper responds.
+    Pending,
+    /// Parked without a slot (an AER); answered later.
+    Parked,
+}
+
+impl Outcome {
+    /// A completion with no data and no result.
+    pub fn status(status: Status) -> Outcome {
+        Outcome::Done {
+            status,
+            result: 0,
+            c2h_len: 0,
+        }
+    }
+
+    /// A successful completion returning `c2h_len` bytes.
+    pub fn data(c2h_len: u32) -> Outcome {
+        Outcome::Done {
+            status: Status::SUCCESS,
+            result: 0,
+            c2h_len,
+        }
+    }
+}
+
+/// The receive buffer: bytes from the socket not yet consumed as PDUs.
+struct RxBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl RxBuf {
+    fn new() -> RxBuf {
+        RxBuf {
+            buf: vec![0; RX_BUF_BYTES],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Reads what the socket has (without blocking if `nonblocking`); Ok(0) is EOF.
+    fn fill(&mut self, sock: &TcpStream, nonblocking: bool) -> io::Result<usize> {
+        if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        let spare = &mut self.buf[self.end..];
+        if spare.is_empty() {
+            // Unreachable while limits hold (a PDU always fits); never mistake it for EOF.
+            return Err(io::Error::other("receive buffer full"));
+        }
+        // SAFETY: recv writes at most spare.len() bytes into a live, exclusively borrowed slice.
+        let n = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                flags,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.end += n as usize;
+        Ok(n as usize)
+    }
+}
+
+/// Everything a connected queue owns except its receive buffer.
+pub struct Queue {
+    /// Target-wide state.
+    pub shared: Arc<Shared>,
+    /// The controller this queue belongs to.
+    pub ctrl: Arc<Controller>,
+    /// Queue ID (0 = admin).
+    pub qid: u16,
+    /// Submission queue depth (SQSIZE + 1).
+    pub depth: u16,
+    sqhd: u16,
+    sqflow_off: bool,
+    sock: TcpStream,
+    /// Local address of the socket (for the discovery log).
+    pub local: SocketAddr,
+    /// The host's address on this connection (for the IP ACL).
+    peer: SocketAddr,
+    rxc: RxContext,
+    tx: TxContext,
+    hdr: [[u8; MAX_HDR_BYTES]; 2],
+    /// Command slots.
+    pub slots: Vec<Slot>,
+    free: Vec<u16>,
+    ready: Vec<u16>,
+    /// Data buffers, one slot each.
+    pub buf: SlotBuf,
+    /// Storage submission ring.
+    pub ioq: IoQueue,
+    notify: Arc<Notifier>,
+    table: Arc<NsTable>,
+    visible: Vec<Option<Arc<Namespace>>>,
+    /// Outstanding AER command IDs (admin queue).
+    pub aers: Vec<u16>,
+    in_capsule_max: usize,
+}
+
+/// Entry point of a connection thread.
+pub fn serve(stream: TcpStream, shared: Arc<Shared>, port: PortKind) {
+    let peer = stream.peer_addr().ok();
+    if let Err(e) = serve_inner(stream, shared, port) {
+        tracing::debug!(?peer, "connection ended: {e}");
+    }
+}
+
+fn serve_inner(
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    port: PortKind,
+) -> Result<(), DatapathError> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_millis(HANDSHAKE_TIMEOUT_MS)))?;
+    stream.set_write_timeout(Some(Duration::from_millis(SEND_TIMEOUT_MS)))?;
+    let (rxc, tx) = ic_handshake(&stream)?;
+    let mut rx = RxBuf::new();
+    let plen = loop {
+        match pdu::check(rx.data(), &rxc) {
+            Ok(Check::Complete(n)) if rx.data().len() >= n => break n,
+            Ok(_) => {}
+            Err(e) => return Err(terminate(&stream, e, rx.data())),
+        }
+        if rx.fill(&stream, false)? == 0 {
+            return Err(DatapathError::Closed("eof before connect"));
+        }
+    };
+    let (sqe, data) = match pdu::parse(&rx.data()[..plen], &rxc) {
+        Ok(Pdu::CapsuleCmd { sqe, data }) => (*sqe, data.to_vec()),
+        Ok(p) => {
+            let e = PduError::Unexpected(rx.data()[0]);
+            tracing::debug!("expected Connect, got {p:?}");
+            return Err(terminate(&stream, e, rx.data()));
+        }
+        Err(e) => return Err(terminate(&stream, e, rx.data())),
+    };
+    rx.consume(plen);
+    let cid = Sqe(&sqe).cid();
+    match fabrics::connect(&shared, &stream, port, &Sqe(&sqe), &data)? {
+        ConnectOutcome::Refused { status, result } => {
+            send_plain_resp(&stream, &tx, cid, 0, status, result)?;
+            Err(DatapathError::Closed("connect refused"))
+        }
+        ConnectOutcome::Accepted(c) => {
+            let (ctrl, qid) = (c.ctrl.clone(), c.qid);
+            match Queue::new(shared.clone(), c, stream, rxc, tx) {
+                Ok(mut q) => q.accept_connect(cid).and_then(|()| q.run(&mut rx)),
+                Err(e) => {
+                    fabrics::disconnect(&shared, &ctrl, qid);
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+/// Reads the ICReq, answers with an ICResp, and returns the negotiated contexts.
+fn ic_handshake(stream: &TcpStream) -> Result<(RxContext, TxContext), DatapathError> {
+    let mut b = [0u8; 128];
+    let mut s = stream;
+    s.read_exact(&mut b[..CH_LEN])?;
+    let rx0 = RxContext::controller_initial();
+    if let Err(e) = pdu::check(&b[..CH_LEN], &rx0) {
+        return Err(terminate(stream, e, &b[..CH_LEN]));
+    }
+    s.read_exact(&mut b[CH_LEN..])?;
+    let req = match pdu::parse(&b, &rx0) {
+        Ok(Pdu::IcReq(r)) => r,
+        Ok(_) => return Err(terminate(stream, PduError::Unexpected(b[0]), &b)),
+        Err(e) => return Err(terminate(stream, e, &b)),
+    };
+    let bad = if req.pfv != 0 {
+        Some(8)
+    } else if req.hpda > 31 {
+        Some(10)
+    } else if req.digest & !(IC_HDGST_ENABLE | IC_DDGST_ENABLE) != 0 {
+        Some(11)
+    } else {
+        None
+    };
+    if let Some(offset) = bad {
+        return Err(terminate(stream, PduError::Unsupported { offset }, &b));
+    }
+    let hdgst = req.digest & IC_HDGST_ENABLE != 0;
+    let ddgst = req.digest & IC_DDGST_ENABLE != 0;
+    let resp = IcResp {
+        pfv: 0,
+        cpda: 0,
+        digest: req.digest,
+        maxh2cdata: MAX_H2C_DATA_BYTES,
+    };
+    let out = pdu::encode(
+        &TxContext::plain(),
+        PduType::IcResp,
+        0,
+        &HdrFields::IcResp(resp),
+        &[],
+    );
+    s.write_all(&out)?;
+    let rxc = RxContext {
+        from_controller: false,
+        hdgst,
+        ddgst,
+        data_align: 4,
+        max_data: MAX_H2C_DATA_BYTES,
+    };
+    let tx = TxContext {
+        hdgst,
+        ddgst,
+        data_align: (req.hpda as usize + 1) * 4,
+    };
+    Ok((rxc, tx))
+}
+
+/// Sends a C2HTermReq for `e` (best effort) and returns the error to end the connection.
+fn terminate(stream: &TcpStream, e: PduError, offending: &[u8]) -> DatapathError {
+    let n = offending.len().min(MAX_HDR_BYTES);
+    let term = pdu::encode_term(&e, &offending[..n]);
+    let mut s = stream;
+    let _ = s.write_all(&term);
+    DatapathError::Pdu(e)
+}
+
+fn send_plain_resp(
+    stream: &TcpStream,
+    tx: &TxContext,
+    cid: u16,
+    qid: u16,
+    status: Status,
+    result: u64,
+) -> io::Result<()> {
+    let cqe = nvme::cqe(result, 1, qid, cid, status);
+    let out = pdu::encode(tx, PduType::CapsuleResp, 0, &HdrFields::Resp(&cqe), &[]);
+    let mut s = stream;
+    s.write_all(&out)
+}
+
+/// Writes every byte of `parts`, retrying partial writes.
+fn writev_all(sock: &TcpStream, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
+    let mut s = sock;
+    let mut parts = parts;
+    while !parts.is_empty() {
+        let n = s.write_vectored(parts)?;
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        IoSlice::advance_slices(&mut parts, n);
+    }
+    Ok(())
+}
+
+impl Queue {
+    /// Allocates everything the queue will ever need (its only allocation point).
+    fn new(
+        shared: Arc<Shared>,
+        c: Accepted,
+        sock: TcpStream,
+        rxc: RxContext,
+        tx: TxContext,
+    ) -> Result<Queue, DatapathError> {
+        sock.set_read_timeout(None)?;
+        let Accepted {
+            ctrl,
+            qid,
+            depth,
+            sqflow_off,
+            notify,
+            ..
+        } = c;
+        let n = depth as usize;
+        let buf = SlotBuf::new(n, MAX_DATA_BYTES)
+            .ok_or(DatapathError::Closed("cannot allocate queue buffers"))?;
+        let local = sock.local_addr()?;
+        let peer = sock.peer_addr()?;
+        let table = shared.table();
+        let mut q = Queue {
+            shared,
+            ctrl,
+            qid,
+            depth,
+            sqhd: 0,
+            sqflow_off,
+            sock,
+            local,
+            peer,
+            rxc,
+            tx,
+            hdr: [[0; MAX_HDR_BYTES]; 2],
+            slots: (0..n).map(|_| Slot::new()).collect(),
+            free: (0..depth).rev().collect(),
+            ready: Vec::with_capacity(n),
+            buf,
+            ioq: IoQueue::new(),
+            notify,
+            table,
+            visible: vec![None; MAX_NAMESPACES as usize + 1],
+            aers: Vec::with_capacity(MAX_OUTSTANDING_AERS),
+            in_capsule_max: if qid == 0 {
+                crate::limits::ADMIN_IN_CAPSULE_DATA_BYTES
+            } else {
+                crate::limits::IN_CAPSULE_DATA_BYTES
+            },
+        };
+        q.refresh_visible();
+        Ok(q)
+    }
+
+    /// Answers the Connect that created this queue.
+    fn accept_connect(&mut self, cid: u16) -> Result<(), DatapathError> {
+        self.sqhd = 1 % self.depth;
+        let cntlid = self.ctrl.cntlid as u64;
+        Ok(self.send_resp(cid, Status::SUCCESS, cntlid)?)
+    }
+
+    /// Re-reads the namespace table if a new one was published.
+    pub fn refresh_table(&mut self) {
+        if self.shared.generation.load(Ordering::Acquire) != self.table.generation {
+            self.table = self.shared.table();
+            self.refresh_visible();
+        }
+    }
+
+    fn refresh_visible(&mut self) {
+        for v in self.visible.iter_mut() {
+            *v = None;
+        }
+        if self.ctrl.discovery {
+            return;
+        }
+        let ip = self.peer.ip();
+        for ns in self.table.visible(&self.ctrl.host_nqn, ip) {
+            if let Some(v) = self.visible.get_mut(ns.spec.nsid as usize) {
+                *v = Some(ns.clone());
+            }
+        }
+    }
+
+    /// The namespace `nsid` if this host may see it.
+    pub fn visible_ns(&self, nsid: u32) -> Option<&Arc<Namespace>> {
+        self.visible.get(nsid as usize).and_then(|v| v.as_ref())
+    }
+
+    /// Visible namespace IDs, ascending.
+    pub fn visible_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.visible
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_some())
+            .map(|(i, _)| i as u32)
+    }
+
+    fn run(&mut self, rx: &mut RxBuf) -> Result<(), DatapathError> {
+        loop {
+            if self.shared.shutdown.load(Ordering::Acquire) || self.ctrl.is_dead() {
+                return Ok(());
+            }
+            self.drain_rx(rx)?;
+            self.ioq.submit()?;
+            self.reap()?;
+            if self.qid == 0 {
+                self.admin_tick()?;
+            }
+            let timeout = if self.ioq.has_ready() {
+                0
+            } else {
+                self.poll_timeout_ms()
+            };
+            let (sock_ready, _) = self.wait(timeout)?;
+            if sock_ready {
+                match rx.fill(&self.sock, true) {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+
+    /// Polls the socket, the notifier and the ring; returns (socket readable, notified).
+    fn wait(&mut self, timeout_ms: u64) -> io::Result<(bool, bool)> {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.notify.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.ioq.event_fd().unwrap_or(-1),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: fds is a live array of initialised pollfd structs; its length is passed.
+        let r = unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                timeout_ms as i32,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok((false, false))
+            } else {
+                Err(e)
+            };
+        }
+        let notified = fds[1].revents != 0;
+        if notified {
+            self.notify.drain();
+        }
+        Ok((fds[0].revents != 0, notified))
+    }
+
+    fn poll_timeout_ms(&self) -> u64 {
+        if self.qid != 0 {
+            return POLL_INTERVAL_MS_MAX;
+        }
+        let st = self.ctrl.state();
+        if st.kato_ms == 0 {
+            return POLL_INTERVAL_MS_MAX;
+        }
+        let deadline = st.last_keepalive + Duration::from_millis(st.kato_ms as u64 + KATO_GRACE_MS);
+        let left = deadline.saturating_duration_since(Instant::now());
+        (left.as_millis() as u64).clamp(1, POLL_INTERVAL_MS_MAX)
+    }
+
+    /// Delivers queued AENs and enforces KATO (admin queue only).
+    fn admin_tick(&mut self) -> Result<(), DatapathError> {
+        let expired = {
+            let st = self.ctrl.state();
+            st.kato_ms != 0
+                && st.last_keepalive.elapsed()
+                    > Duration::from_millis(st.kato_ms as u64 + KATO_GRACE_MS)
+        };
+        if expired {
+            tracing::info!(
+                cntlid = self.ctrl.cntlid,
+                "keep-alive timeout: tearing down controller"
+            );
+            return Err(DatapathError::Closed("keep alive timeout"));
+        }
+        while !self.aers.is_empty() {
+            let Some(ev) = self.ctrl.state().events.pop_front() else {
+                break;
+            };
+            let cid = self.aers.remove(0);
+            self.send_resp(cid, Status::SUCCESS, ev as u64)?;
+        }
+        Ok(())
+    }
+
+    fn drain_rx(&mut self, rx: &mut RxBuf) -> Result<(), DatapathError> {
+        loop {
+            let avail = rx.data();
+            let plen = match pdu::check(avail, &self.rxc) {
+                Ok(Check::Complete(n)) if avail.len() >= n => n,
+                Ok(_) => return Ok(()),
+                Err(e) => return Err(terminate(&self.sock, e, avail)),
+            };
+            let parsed = match pdu::parse(&avail[..plen], &self.rxc) {
+                Err(PduError::DataDigest) => {
+                    pdu::parse_with(&avail[..plen], &self.rxc, false).map(|p| (p, false))
+                }
+                other => other.map(|p| (p, true)),
+            };
+            match parsed {
+                Ok((p, digest_ok)) => {
+                    if let Err(e) = self.handle(p, digest_ok) {
+                        let hdr = &rx.data()[..plen.min(MAX_HDR_BYTES)];
+                        return Err(match e {
+                            DatapathError::Pdu(pe) => terminate(&self.sock, pe, hdr),
+                            other => other,
+                        });
+                    }
+                }
+                Err(e) => return Err(terminate(&self.sock, e, avail)),
+            }
+            rx.consume(plen);
+        }
+    }
+
+    /// Acts on one PDU. `digest_ok` false means its data failed the data digest: the
+    /// command it belongs to fails with Transient Transport Error; the connection lives.
+    fn handle(&mut self, p: Pdu<'_>, digest_ok: bool) -> Result<(), DatapathError> {
+        match p {
+            Pdu::CapsuleCmd { sqe, data } => self.on_capsule(sqe, data, digest_ok),
+            Pdu::H2cData { hdr, last, data } => self.on_h2c_data(hdr, last, data, digest_ok),
+            Pdu::H2cTermReq { fes, .. } => {
+                tracing::debug!(fes, "host terminated the connection");
+                Err(DatapathError::Closed("host sent H2CTermReq"))
+            }
+            Pdu::IcReq(_) => Err(PduError::Unexpected(PduType::IcReq as u8).into()),
+            _ => Err(PduError::Unexpected(0xff).into()),
+        }
+    }
+
+    fn on_capsule(
+        &mut self,
+        sqe: &[u8; SQE_LEN],
+        data: &[u8],
+        digest_ok: bool,
+    ) -> Result<(), DatapathError> {
+        let Some(slot) = self.free.pop() else {
+            // The host exceeded the queue depth it connected with.
+            return Err(PduError::Unexpected(PduType::CapsuleCmd as u8).into());
+        };
+        let i = slot as usize;
+        self.sqhd = (self.sqhd + 1) % self.depth;
+        let s = &mut self.slots[i];
+        s.sqe = *sqe;
+        s.got = 0;
+        s.pending = 0;
+        s.status = Status::SUCCESS;
+        s.c2h_len = 0;
+        let cmd = Sqe(sqe);
+        let sgl = cmd.sgl();
+        s.xfer = sgl.length;
+        let cid = cmd.cid();
+        let dir = nvme::data_dir(&cmd);
+        if !digest_ok {
+            return self.finish(i, Outcome::status(Status::TRANSIENT_TRANSPORT));
+        }
+        if !data.is_empty() && dir != Dir::H2c {
+            return self.finish(i, Outcome::status(Status::INVALID_FIELD));
+        }
+        if sgl.length as usize > MAX_DATA_BYTES || dir == Dir::Both {
+            return self.finish(i, Outcome::status(Status::INVALID_FIELD));
+        }
+        if dir != Dir::H2c || sgl.length == 0 {
+            return self.execute(i);
+        }
+        if !data.is_empty() {
+            if data.len() != sgl.length as usize
+                || data.len() > self.in_capsule_max
+                || sgl.sgl_type != SGL_DATA_OFFSET
+                || sgl.addr != 0
+            {
+                return self.finish(i, Outcome::status(Status::SGL_LENGTH_INVALID));
+            }
+            self.buf.slot_mut(i, data.len()).copy_from_slice(data);
+            return self.execute(i);
+        }
+        self.slots[i].state = SlotState::AwaitData;
+        self.send_r2t(cid, slot, sgl.length)?;
+        Ok(())
+    }
+
+    fn on_h2c_data(
+        &mut self,
+        hdr: DataHdr,
+        last: bool,
+        data: &[u8],
+        digest_ok: bool,
+    ) -> Result<(), DatapathError> {
+        let i = hdr.ttag as usize;
+        let ok_tag = self
+            .slots
+            .get(i)
+            .is_some_and(|s| s.state == SlotState::AwaitData && s.cmd().cid() == hdr.cccid);
+        if !ok_tag {
+            return Err(PduError::BadTransferTag {
+                ttag: hdr.ttag,
+                cccid: hdr.cccid,
+            }
+            .into());
+        }
+        let s = &self.slots[i];
+        let end = hdr.offset as u64 + data.len() as u64;
+        if hdr.offset != s.got || end > s.xfer as u64 {
+            return Err(PduError::DataLength {
+                len: end.min(u32::MAX as u64) as u32,
+                max: s.xfer,
+            }
+            .into());
+        }
+        let off = hdr.offset as usize;
+        self.buf.slot_mut(i, end as usize)[off..].copy_from_slice(data);
+        self.slots[i].got = end as u32;
+        if !digest_ok {
+            self.slots[i].status = Status::TRANSIENT_TRANSPORT;
+        }
+        if end as u32 == self.slots[i].xfer {
+            self.slots[i].state = SlotState::Executing;
+            let failed = self.slots[i].status;
+            if !failed.is_success() {
+                // Whole transfer received; fail the command without executing it.
+                return self.finish(i, Outcome::status(failed));
+            }
+            return self.execute(i);
+        }
+        if last {
+            return Err(PduError::DataLength {
+                len: end as u32,
+                max: self.slots[i].xfer,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    fn execute(&mut self, i: usize) -> Result<(), DatapathError> {
+        self.slots[i].state = SlotState::Executing;
+        self.refresh_table();
+        let out = if self.qid == 0 {
+            self.exec_admin(i)
+        } else {
+            self.exec_io(i)
+        };
+        self.finish(i, out)
+    }
+
+    /// Acts on an outcome: respond and free the slot, or leave it in flight.
+    fn finish(&mut self, i: usize, out: Outcome) -> Result<(), DatapathError> {
+        match out {
+            Outcome::Pending => Ok(()),
+            Outcome::Parked => {
+                self.release(i);
+                Ok(())
+            }
+            Outcome::Done {
+                status,
+                result,
+                c2h_len,
+            } => {
+                let cid = self.slots[i].cmd().cid();
+                let r = if status.is_success() && c2h_len > 0 {
+                    self.send_data_resp(i, cid, c2h_len, result)
+                } else {
+                    self.send_resp(cid, status, result)
+                };
+                self.release(i);
+                r.map_err(DatapathError::from)
+            }
+        }
+    }
+
+    fn release(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        s.state = SlotState::Free;
+        s.ns = None;
+        self.free.push(i as u16);
+    }
+
+    /// Collects storage completions and answers finished commands.
+    fn reap(&mut self) -> Result<(), DatapathError> {
+        let slots = &mut self.slots;
+        let ready = &mut self.ready;
+        self.ioq.reap(|tag, res| {
+            let Some(s) = slots.get_mut(tag as usize) else {
+                return;
+            };
+            if s.state != SlotState::Executing || s.pending == 0 {
+                // Not ours to finish (cannot happen unless the ring misreports a tag).
+                tracing::warn!(tag, "completion for an idle slot ignored");
+                return;
+            }
+            crate::io::account_completion(s, res);
+            if s.pending == 0 {
+                ready.push(tag as u16);
+            }
+        });
+        while let Some(i) = self.ready.pop() {
+            let i = i as usize;
+            let s = &self.slots[i];
+            let out = Outcome::Done {
+                status: s.status,
+                result: 0,
+                c2h_len: s.c2h_len,
+            };
+            self.account_stats(i);
+            self.finish(i, out)?;
+        }
+        Ok(())
+    }
+
+    fn send_resp(&mut self, cid: u16, status: Status, result: u64) -> io::Result<()> {
+        let cqe: [u8; CQE_LEN] = nvme::cqe(result, self.sqhd, self.qid, cid, status);
+        let n = pdu::encode_header(
+            &mut self.hdr[0],
+            &self.tx,
+            PduType::CapsuleResp,
+            0,
+            &HdrFields::Resp(&cqe),
+            0,
+        );
+        writev_all(&self.sock, &mut [IoSlice::new(&self.hdr[0][..n])])
+    }
+
+    fn send_r2t(&mut self, cid: u16, ttag: u16, len: u32) -> io::Result<()> {
+        let r2t = pdu::R2t {
+            cccid: cid,
+            ttag,
+            offset: 0,
+            length: len,
+        };
+        let n = pdu::encode_header(
+            &mut self.hdr[0],
+            &self.tx,
+            PduType::R2t,
+            0,
+            &HdrFields::R2t(r2t),
+            0,
+        );
+        writev_all(&self.sock, &mut [IoSlice::new(&self.hdr[0][..n])])
+    }
+
+    /// C2HData with the slot's first `len` bytes, then the response capsule.
+    fn send_data_resp(&mut self, i: usize, cid: u16, len: u32, result: u64) -> io::Result<()> {
+        let success_flag = self.sqflow_off && result == 0;
+        let flags = FLAG_LAST_PDU | if success_flag { FLAG_SUCCESS } else { 0 };
+        let dh = DataHdr {
+            cccid: cid,
+            ttag: 0,
+            offset: 0,
+            length: len,
+        };
+        let [h0, h1] = &mut self.hdr;
+        let n0 = pdu::encode_header(
+            h0,
+            &self.tx,
+            PduType::C2hData,
+            flags,
+            &HdrFields::Data(dh),
+            len as usize,
+        );
+        let data = self.buf.slot(i, len as usize);
+        let dd = if self.tx.ddgst {
+            pdu::data_digest(data)
+        } else {
+            [0; 4]
+        };
+        let ddl = if self.tx.ddgst { 4 } else { 0 };
+        let n1 = if success_flag {
+            0
+        } else {
+            let cqe = nvme::cqe(result, self.sqhd, self.qid, cid, Status::SUCCESS);
+            pdu::encode_header(
+                h1,
+                &self.tx,
+                PduType::CapsuleResp,
+                0,
+                &HdrFields::Resp(&cqe),
+                0,
+            )
+        };
+        let mut parts = [
+            IoSlice::new(&h0[..n0]),
+            IoSlice::new(data),
+            IoSlice::new(&dd[..ddl]),
+            IoSlice::new(&h1[..n1]),
+        ];
+        writev_all(&self.sock, &mut parts)
+    }
+}
+
+/// Teardown runs on every exit path, unwinding included, so a controller never outlives
+/// its admin queue and no buffer is freed while the kernel may still write into it.
+impl Drop for Queue {
+    fn drop(&mut self) {
+        // Drain in-flight storage I/O so no buffer is freed under the kernel.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self
+            .slots
+            .iter()
+            .any(|s| s.state == SlotState::Executing && s.pending > 0)
+            && Instant::now() < deadline
+        {
+            let _ = self.ioq.submit();
+            let slots = &mut self.slots;
+            self.ioq.reap(|tag, res| {
+                if let Some(s) = slots.get_mut(tag as usize) {
+                    crate::io::account_completion(s, res);
+                }
+            });
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if self
+            .slots
+            .iter()
+            .any(|s| s.state == SlotState::Executing && s.pending > 0)
+        {
+            // The kernel may still write into these buffers: leaking beats a use-after-free.
+            let placeholder = SlotBuf::new(1, 1);
+            if let Some(p) = placeholder {
+                std::mem::forget(std::mem::replace(&mut self.buf, p));
+            }
+        }
+        fabrics::disconnect(&self.shared, &self.ctrl, self.qid);
+    }
+}

@@ -1,0 +1,228 @@
+//! NVM I/O commands: Read, Write, Flush, Write Zeroes, Dataset Management.
+//!
+//! Commands are validated here and handed to the namespace's backend; the
+//! connection's reaper calls [`account_completion`] as operations finish.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::backend::{IoKind, IoRequest};
+use crate::conn::{Outcome, Queue, Slot};
+use crate::limits::{LBA_SHIFT, MAX_DATA_BYTES, MAX_DSM_RANGES};
+use crate::ns::Namespace;
+use crate::nvme::{io, Status, FABRICS};
+
+/// CDW12 bit: Force Unit Access.
+const FUA: u32 = 1 << 30;
+/// DSM CDW11 bit: deallocate.
+const DSM_AD: u32 = 1 << 2;
+
+impl Queue {
+    /// Dispatches one I/O command held in slot `i`.
+    pub fn exec_io(&mut self, i: usize) -> Outcome {
+        let cmd = self.slots[i].cmd();
+        let op = cmd.opcode();
+        if op == FABRICS {
+            return self.exec_fabrics(i);
+        }
+        if !matches!(
+            op,
+            io::READ | io::WRITE | io::FLUSH | io::WRITE_ZEROES | io::DSM
+        ) {
+            return Outcome::status(Status::INVALID_OPCODE);
+        }
+        let Some(ns) = self.visible_ns(cmd.nsid()).cloned() else {
+            return Outcome::status(Status::INVALID_NS);
+        };
+        match op {
+            io::READ | io::WRITE => self.read_write(i, ns, op == io::READ),
+            io::FLUSH => self.submit_one(i, ns, IoKind::Flush, 0, 0),
+            io::WRITE_ZEROES => self.write_zeroes(i, ns),
+            _ => self.dsm(i, ns),
+        }
+    }
+
+    /// Checks SLBA/NLB against the namespace; returns (byte offset, byte length).
+    fn lba_range(&self, i: usize, ns: &Namespace) -> Result<(u64, u64), Status> {
+        let cmd = self.slots[i].cmd();
+        let slba = cmd.cdw10_11();
+        let nlb = (cmd.cdw(12) & 0xffff) as u64 + 1;
+        match slba.checked_add(nlb) {
+            Some(end) if end <= ns.blocks => Ok((slba << LBA_SHIFT, nlb << LBA_SHIFT)),
+            _ => Err(Status::LBA_RANGE),
+        }
+    }
+
+    fn read_write(&mut self, i: usize, ns: Arc<Namespace>, read: bool) -> Outcome {
+        let (off, len) = match self.lba_range(i, &ns) {
+            Ok(r) => r,
+            Err(s) => return Outcome::status(s),
+        };
+        if len as usize > MAX_DATA_BYTES {
+            return Outcome::status(Status::INVALID_FIELD);
+        }
+        if len != self.slots[i].xfer as u64 {
+            return Outcome::status(Status::SGL_LENGTH_INVALID);
+        }
+        let kind = if read {
+            self.slots[i].c2h_len = len as u32;
+            IoKind::Read
+        } else {
+            IoKind::Write {
+                fua: self.slots[i].cmd().cdw(12) & FUA != 0,
+            }
+        };
+        self.submit_one(i, ns, kind, off, len as u32)
+    }
+
+    fn write_zeroes(&mut self, i: usize, ns: Arc<Namespace>) -> Outcome {
+        match self.lba_range(i, &ns) {
+            Ok((off, len)) => self.submit_one(i, ns, IoKind::WriteZeroes, off, len as u32),
+            Err(s) => Outcome::status(s),
+        }
+    }
+
+    fn dsm(&mut self, i: usize, ns: Arc<Namespace>) -> Outcome {
+        let cmd = self.slots[i].cmd();
+        let nr = (cmd.cdw(10) & 0xff) as usize + 1;
+        if cmd.cdw(11) & DSM_AD == 0 {
+            return Outcome::status(Status::SUCCESS); // hints only: nothing to do
+        }
+        if nr > MAX_DSM_RANGES || (self.slots[i].xfer as usize) < nr * 16 {
+            return Outcome::status(Status::SGL_LENGTH_INVALID);
+        }
+        let mut ranges = [(0u64, 0u64); MAX_DSM_RANGES];
+        let data = self.buf.slot(i, nr * 16);
+        for (r, d) in ranges.iter_mut().zip(data.chunks_exact(16)) {
+            let nlb = u32::from_le_bytes([d[4], d[5], d[6], d[7]]) as u64;
+            let mut slba = [0u8; 8];
+            slba.copy_from_slice(&d[8..16]);
+            let slba = u64::from_le_bytes(slba);
+            match slba.checked_add(nlb) {
+                Some(end) if end <= ns.blocks => *r = (slba << LBA_SHIFT, nlb << LBA_SHIFT),
+                _ => return Outcome::status(Status::LBA_RANGE),
+            }
+        }
+        self.slots[i].ns = Some(ns.clone());
+        for &(off, len) in ranges[..nr].iter().filter(|r| r.1 > 0) {
+            // Ranges can exceed u32 bytes; split into chunks the request type can carry.
+            let mut done = 0u64;
+            while done < len {
+                let chunk = (len - done).min(1 << 30);
+                if let Err(s) = self.submit(i, &ns, IoKind::Deallocate, off + done, chunk as u32) {
+                    return self.fail_partial(i, s);
+                }
+                done += chunk;
+            }
+        }
+        self.settle(i)
+    }
+
+    fn submit_one(
+        &mut self,
+        i: usize,
+        ns: Arc<Namespace>,
+        kind: IoKind,
+        off: u64,
+        len: u32,
+    ) -> Outcome {
+        if let Err(s) = self.submit(i, &ns, kind, off, len) {
+            return Outcome::status(s);
+        }
+        self.slots[i].ns = Some(ns);
+        self.settle(i)
+    }
+
+    /// Queues one backend operation for slot `i` (its completion is tagged with `i`).
+    fn submit(
+        &mut self,
+        i: usize,
+        ns: &Namespace,
+        kind: IoKind,
+        off: u64,
+        len: u32,
+    ) -> Result<(), Status> {
+        let buf = match kind {
+            IoKind::Read | IoKind::Write { .. } => self.buf.slot_ptr(i),
+            _ => std::ptr::null_mut(),
+        };
+        let req = IoRequest {
+            kind,
+            offset: off,
+            len,
+            buf,
+            tag: i as u64,
+        };
+        self.slots[i].pending += 1;
+        // SAFETY: slot i's buffer is reserved for this command until the slot is released,
+        // which happens only after its last completion is reaped (or the buffer is leaked in
+        // teardown); the slot holds an Arc to the namespace so the backend outlives the I/O.
+        match unsafe { ns.backend.submit(&mut self.ioq, &req) } {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!("backend submit failed: {e}");
+                self.slots[i].pending -= 1;
+                Err(Status::INTERNAL)
+            }
+        }
+    }
+
+    /// After submitting: wait for the reaper, or finish now if everything completed inline.
+    fn settle(&mut self, i: usize) -> Outcome {
+        if self.slots[i].pending > 0 {
+            Outcome::Pending
+        } else {
+            let s = &self.slots[i];
+            Outcome::Done {
+                status: s.status,
+                result: 0,
+                c2h_len: s.c2h_len,
+            }
+        }
+    }
+
+    fn fail_partial(&mut self, i: usize, s: Status) -> Outcome {
+        let slot = &mut self.slots[i];
+        if slot.status.is_success() {
+            slot.status = s;
+        }
+        self.settle(i)
+    }
+
+    /// Adds a finished command to the SMART counters.
+    pub fn account_stats(&self, i: usize) {
+        let s = &self.slots[i];
+        if !s.status.is_success() || self.qid == 0 {
+            return;
+        }
+        let st = &self.ctrl.stats;
+        match s.cmd().opcode() {
+            io::READ => {
+                st.read_cmds.fetch_add(1, Ordering::Relaxed);
+                st.read_bytes.fetch_add(s.xfer as u64, Ordering::Relaxed);
+            }
+            io::WRITE => {
+                st.write_cmds.fetch_add(1, Ordering::Relaxed);
+                st.write_bytes.fetch_add(s.xfer as u64, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Records one backend completion (`res`: bytes or -errno) against its slot.
+pub fn account_completion(s: &mut Slot, res: i32) {
+    s.pending = s.pending.saturating_sub(1);
+    let op = s.cmd().opcode();
+    let rw = matches!(op, io::READ | io::WRITE);
+    let failed = res < 0 || (rw && res as u32 != s.xfer);
+    if failed && s.status.is_success() {
+        tracing::warn!(op, res, "storage operation failed");
+        s.status = match op {
+            io::READ => Status::READ_ERROR,
+            io::WRITE => Status::WRITE_FAULT,
+            _ => Status::INTERNAL,
+        };
+        s.c2h_len = 0;
+    }
+}

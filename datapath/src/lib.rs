@@ -1,0 +1,90 @@
+//! evstor's NVMe/TCP target: the data path that Linux hosts reach with the stock
+//! kernel initiator, `nvme-cli` and fio.
+//!
+//! # Layout
+//!
+//! | module | role |
+//! |---|---|
+//! | [`limits`] | every bound (connections, queue depth, PDU and data sizes, timeouts) |
+//! | [`pdu`] | NVMe/TCP PDU codec: cheap `check`, full `parse`, header/data digests (CRC32C) |
+//! | [`nvme`] | NVMe vocabulary: opcodes, status codes, SQE accessors, CQE encoding |
+//! | [`pages`] | Identify structures and log pages (pure builders) |
+//! | `conn` | one connection = one queue pair = one thread: handshake, poll loop, R2T, C2HData |
+//! | `fabrics` | Connect, Property Get/Set, controller attach/detach |
+//! | `admin` / `io` | admin and NVM command handlers |
+//! | `ctrl` | controller state, keep-alive, AEN queueing, registry |
+//! | `ns` | published namespace table (ACL-filtered per host) |
+//! | [`backend`] | the [`Backend`] trait and the io_uring file backend |
+//! | `target` | listeners, `start`, [`TargetHandle`] |
+//!
+//! # Threading model (and its limits)
+//!
+//! Each TCP connection is served by its own OS thread with a blocking socket and
+//! its own io_uring (falling back to synchronous `pread`/`pwrite` where io_uring
+//! is unavailable). The thread polls the socket, the ring's eventfd and a notifier
+//! eventfd; storage I/O for all of a queue's commands is in flight concurrently,
+//! so queue depth is honoured per queue. This is simple and isolates connections
+//! (a bad PDU ends only its own thread), at the price of one thread per queue pair:
+//! `max_connections` bounds the thread count, and throughput per queue is bounded
+//! by one core. Sends are blocking `writev`s bounded by `SEND_TIMEOUT_MS`.
+//!
+//! Memory per connection is one receive buffer (`RX_BUF_BYTES`) and one
+//! `MAX_DATA_BYTES` buffer per queue slot (queue depth from Connect), allocated at
+//! Connect and touched lazily. H2C data is copied once from the receive buffer into
+//! the slot buffer; C2H data is sent straight from the slot buffer.
+//!
+//! The control plane only calls [`TargetHandle`] methods; it publishes whole
+//! namespace tables and the data path never calls back or waits on it.
+//!
+//! Architecture invariant: this crate knows nothing about volumes, the journal or
+//! HTTP; it sees namespaces, host NQNs and IP addresses.
+//!
+//! # Example
+//!
+//! ```
+//! use evstor_datapath::{start, Acl, NamespaceSpec, TargetConfig};
+//!
+//! let dir = std::env::temp_dir().join(format!("evstor-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir)?;
+//! let mut cfg = TargetConfig::new("127.0.0.1:0".parse()?, "nqn.2024-01.io.evstor:doc");
+//! cfg.discovery_addr = Some("127.0.0.1:0".parse()?);
+//! let volume = NamespaceSpec {
+//!     nsid: 1,
+//!     uuid: [0x11; 16],
+//!     size_bytes: 64 << 20,
+//!     backing_path: dir.join("vol1.img"), // created sparse if missing
+//!     host_acl: Acl::List(vec!["nqn.2014-08.org.nvmexpress:uuid:host-a".into()]),
+//!     ip_acl: Acl::AllowAny,
+//! };
+//! let target = start(cfg, vec![volume.clone()])?;
+//! println!("I/O on {}, discovery on {:?}", target.local_addr(), target.discovery_addr());
+//! // Later: publish a new table; live controllers get an AEN and a changed-namespace log.
+//! target.set_namespaces(vec![NamespaceSpec { host_acl: Acl::AllowAny, ..volume }]);
+//! assert!(target.connected_hosts().is_empty());
+//! target.shutdown();
+//! std::fs::remove_dir_all(&dir)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod backend;
+pub mod buffer;
+pub mod config;
+pub mod error;
+pub mod limits;
+pub mod nvme;
+pub mod pages;
+pub mod pdu;
+
+mod admin;
+mod conn;
+mod ctrl;
+mod fabrics;
+mod io;
+mod notify;
+mod ns;
+mod target;
+
+pub use backend::{Backend, FileBackend, IoKind, IoQueue, IoRequest};
+pub use config::{Acl, ConnectedHost, NamespaceSpec, TargetConfig};
+pub use error::DatapathError;
+pub use target::{start, TargetHandle};

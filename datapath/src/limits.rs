@@ -1,0 +1,105 @@
+//! Named bounds for everything the target sizes, queues or waits on.
+//!
+//! Every buffer, queue and timeout in the crate derives from a constant here, so
+//! the worst-case memory and thread footprint can be read off this one file:
+//! per connection one thread, one receive buffer of [`RX_BUF_BYTES`] and
+//! `queue depth * MAX_DATA_BYTES` of slot buffers (lazily faulted anonymous memory).
+
+/// Default number of TCP connections (queue pairs) the target serves at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+
+/// Hard ceiling on `TargetConfig::max_connections` (each one is a thread).
+pub const MAX_CONNECTIONS_CEILING: usize = 4096;
+
+/// I/O queues one controller may create (the answer to Set Features "number of queues").
+pub const MAX_IO_QUEUES_PER_CTRL: u16 = 16;
+
+/// Deepest submission queue the target accepts on any queue (CAP.MQES + 1 and MAXCMD).
+pub const MAX_QUEUE_DEPTH: u16 = 128;
+
+/// Smallest queue a Connect may ask for (SQSIZE is 0-based; the spec minimum is 2 entries).
+pub const MIN_QUEUE_DEPTH: u16 = 2;
+
+/// Logical block size exposed for every namespace: 4 KiB keeps O_DIRECT aligned on any device.
+pub const LBA_SHIFT: u8 = 12;
+
+/// Logical block size in bytes.
+pub const LBA_BYTES: u64 = 1 << LBA_SHIFT;
+
+/// Maximum data transfer size exponent (Identify Controller MDTS, units of 4 KiB pages).
+pub const MDTS: u8 = 5;
+
+/// Largest data transfer of one command, in bytes (derived from [`MDTS`]).
+pub const MAX_DATA_BYTES: usize = 4096 << MDTS;
+
+/// Largest H2CData PDU payload the target accepts (advertised as MAXH2CDATA in ICResp).
+pub const MAX_H2C_DATA_BYTES: u32 = 128 * 1024;
+
+/// In-capsule data the target accepts on I/O queues (IOCCSZ = (64 + this) / 16).
+pub const IN_CAPSULE_DATA_BYTES: usize = 8192;
+
+/// In-capsule data the Linux host may send on the admin queue (its fixed 8 KiB admin capsule).
+pub const ADMIN_IN_CAPSULE_DATA_BYTES: usize = 8192;
+
+/// Largest header any PDU type carries (ICReq/ICResp are 128 bytes).
+pub const MAX_HLEN: usize = 128;
+
+/// Largest header plus header digest plus alignment padding the target emits or accepts.
+pub const MAX_HDR_BYTES: usize = 256;
+
+/// Largest PDU the target accepts from a host (header area + biggest payload + data digest).
+pub const MAX_RX_PDU_BYTES: usize = MAX_HDR_BYTES + MAX_H2C_DATA_BYTES as usize + 4;
+
+/// Per-connection receive buffer: one maximal PDU plus slack for the next header.
+pub const RX_BUF_BYTES: usize = MAX_RX_PDU_BYTES + 64 * 1024;
+
+/// Bytes of the offending PDU header echoed in a terminate request.
+pub const MAX_TERM_DATA_BYTES: usize = 128;
+
+/// Namespaces a subsystem may hold (Identify Controller NN and MNAN).
+pub const MAX_NAMESPACES: u32 = 1024;
+
+/// Entries in the changed namespace list log page before it overflows to 0xFFFFFFFF.
+pub const MAX_CHANGED_NS: usize = 1024;
+
+/// Asynchronous Event Requests outstanding per controller (AERL + 1).
+pub const MAX_OUTSTANDING_AERS: usize = 4;
+
+/// Events queued for a controller while no AER is outstanding.
+pub const MAX_PENDING_EVENTS: usize = 16;
+
+/// Dataset Management ranges in one command (NR is 8 bits, 0-based).
+pub const MAX_DSM_RANGES: usize = 256;
+
+/// Seconds a new connection may take to send its ICReq and Connect.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+/// Longest a blocking send to a host may stall before the connection is dropped.
+pub const SEND_TIMEOUT_MS: u64 = 30_000;
+
+/// Upper bound on the connection loop's sleep, so shutdown and KATO are noticed promptly.
+pub const POLL_INTERVAL_MS_MAX: u64 = 500;
+
+/// Keep Alive Timeout the target accepts from a host (60 minutes, in milliseconds).
+pub const MAX_KATO_MS: u32 = 3_600_000;
+
+/// Extra time beyond KATO before a silent controller is torn down (network jitter allowance).
+pub const KATO_GRACE_MS: u64 = 1_000;
+
+/// Submission ring entries per connection for storage I/O (a power of two).
+pub const RING_ENTRIES: u32 = 256;
+
+/// Maximum length of an NQN (including the terminating NUL in the wire field).
+pub const NQN_BYTES: usize = 256;
+
+/// Entries listed in the discovery log page (one per I/O listener).
+pub const MAX_DISCOVERY_ENTRIES: usize = 16;
+
+// The relations the code relies on, checked at compile time.
+const _: () = assert!(IN_CAPSULE_DATA_BYTES <= MAX_H2C_DATA_BYTES as usize);
+const _: () = assert!(ADMIN_IN_CAPSULE_DATA_BYTES <= MAX_H2C_DATA_BYTES as usize);
+const _: () = assert!(IN_CAPSULE_DATA_BYTES <= MAX_DATA_BYTES);
+const _: () = assert!(MAX_H2C_DATA_BYTES as usize >= 4096 && MAX_H2C_DATA_BYTES.is_multiple_of(4));
+const _: () = assert!(RX_BUF_BYTES > MAX_RX_PDU_BYTES);
+const _: () = assert!(MAX_QUEUE_DEPTH as u32 <= RING_ENTRIES);
+const _: () = assert!(MAX_DATA_BYTES <= u32::MAX as usize);
