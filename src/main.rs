@@ -12,7 +12,11 @@ use evstor_control::store::{codec, replay};
 use evstor_journal::EventLog;
 
 #[derive(Parser)]
-#[command(name = "evstor", version, about = "Event-sourced storage orchestrator with an NVMe/TCP data path (LightOS API v2)")]
+#[command(
+    name = "evstor",
+    version,
+    about = "Event-sourced storage orchestrator with an NVMe/TCP data path (LightOS API v2)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -202,7 +206,10 @@ fn verify(data_dir: &Path) -> anyhow::Result<ExitCode> {
         println!("CORRUPT seq {}: {}", p.seq, p.what);
     }
     if !report.is_ok() {
-        println!("journal verify: FAILED ({} events checked)", report.events_checked);
+        println!(
+            "journal verify: FAILED ({} events checked)",
+            report.events_checked
+        );
         return Ok(ExitCode::FAILURE);
     }
     let diff = replay::compare_projections(&journal)?;

@@ -6,9 +6,11 @@
 //! - [`api`]: the LightOS REST API v2 over axum, one file per resource, plus authentication.
 //! - [`reconcile`]: followers of the journal that drive long operations (volume creation and
 //!   deletion) to completion and resume after a crash.
+//! - [`dataplane`]: volume backing files and the NVMe/TCP target behind the reconciler.
 //! - [`server`]: wiring for `evstor serve`: data directory, bootstrap, TLS, listeners.
 
 pub mod api;
+pub mod dataplane;
 pub mod domain;
 pub mod error;
 pub mod limits;

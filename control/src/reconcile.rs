@@ -43,7 +43,10 @@ pub async fn run(bus: Bus, data: Arc<dyn DataPlane>, mut shutdown: watch::Receiv
                     .cloned()
                     .collect()
             };
-            (pending(VolumeState::Creating), pending(VolumeState::Deleting))
+            (
+                pending(VolumeState::Creating),
+                pending(VolumeState::Deleting),
+            )
         };
         let mut failed = false;
         for v in creating {

@@ -14,12 +14,12 @@ use evstor_journal::{OpenMode, RocksJournal};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::api::{self, App, DataPathView, ServerInfo};
+use crate::api::{self, App, ServerInfo};
+use crate::dataplane::VolumeStore;
 use crate::domain::cluster::{Bootstrap, Command as ClusterCommand};
 use crate::domain::inventory::Device;
-use crate::domain::volume::Volume;
-use crate::domain::{Command, State};
-use crate::reconcile::{self, DataPlane};
+use crate::domain::Command;
+use crate::reconcile;
 use crate::store::{Bus, RequestMeta};
 
 /// Size of the default sparse backing device created on first start.
@@ -84,11 +84,19 @@ fn ensure_tls(data_dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let key = data_dir.join("tls").join("key.pem");
     if !cert.exists() || !key.exists() {
         let host = hostname();
-        let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string(), host];
+        let names = vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+            host,
+        ];
         let certified = rcgen::generate_simple_self_signed(names)?;
         write_private(&key, &certified.key_pair.serialize_pem())?;
         write_private(&cert, &certified.cert.pem())?;
-        println!("evstor: generated a self-signed TLS certificate at {}", cert.display());
+        println!(
+            "evstor: generated a self-signed TLS certificate at {}",
+            cert.display()
+        );
     }
     Ok((cert, key))
 }
@@ -105,12 +113,23 @@ fn ensure_device(data_dir: &Path) -> anyhow::Result<Device> {
     let dir = data_dir.join("devices");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("dev0.img");
-    let f = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&path)?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&path)?;
     if f.metadata()?.len() < DEFAULT_DEVICE_BYTES {
         f.set_len(DEFAULT_DEVICE_BYTES)?;
     }
-    let serial = format!("EVS{}", &Uuid::new_v4().simple().to_string()[..12].to_uppercase());
-    Ok(Device::backing_file(&serial, &path.to_string_lossy(), DEFAULT_DEVICE_BYTES))
+    let serial = format!(
+        "EVS{}",
+        &Uuid::new_v4().simple().to_string()[..12].to_uppercase()
+    );
+    Ok(Device::backing_file(
+        &serial,
+        &path.to_string_lossy(),
+        DEFAULT_DEVICE_BYTES,
+    ))
 }
 
 /// First start: keys, admin token, device, and the bootstrap command.
@@ -129,8 +148,11 @@ async fn bootstrap(bus: &Bus, cfg: &ServeConfig) -> anyhow::Result<()> {
         devices: vec![device],
         root_public_key_pem: public_pem,
     };
-    bus.submit(RequestMeta::system("bootstrap"), Command::Cluster(ClusterCommand::Bootstrap(b)))
-        .await?;
+    bus.submit(
+        RequestMeta::system("bootstrap"),
+        Command::Cluster(ClusterCommand::Bootstrap(b)),
+    )
+    .await?;
     let token = api::auth::mint(
         &private_pem,
         "system:root",
@@ -148,52 +170,11 @@ async fn bootstrap(bus: &Bus, cfg: &ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Backing files per volume until the extent-mapped block store lands.
-pub struct FileDataPlane {
-    dir: PathBuf,
-}
-
-impl FileDataPlane {
-    pub fn new(data_dir: &Path) -> std::io::Result<FileDataPlane> {
-        let dir = data_dir.join("volumes");
-        std::fs::create_dir_all(&dir)?;
-        Ok(FileDataPlane { dir })
-    }
-
-    pub fn path_of(&self, uuid: Uuid) -> PathBuf {
-        self.dir.join(format!("{uuid}.img"))
-    }
-}
-
-impl DataPlane for FileDataPlane {
-    fn prepare(&self, v: &Volume) -> std::io::Result<()> {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(self.path_of(v.uuid))?;
-        f.set_len(v.size_bytes)?;
-        f.sync_all()
-    }
-
-    fn release(&self, uuid: Uuid) -> std::io::Result<()> {
-        match std::fs::remove_file(self.path_of(uuid)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    }
-
-    fn publish(&self, _state: &State) {}
-}
-
-impl DataPathView for FileDataPlane {
-    fn hosts_of(&self, _nsid: u32) -> Vec<String> {
-        vec![]
-    }
-}
-
 /// Runs evstor until `shutdown` turns true (or SIGINT/SIGTERM when `None`).
-pub async fn serve(cfg: ServeConfig, shutdown: Option<watch::Receiver<bool>>) -> anyhow::Result<()> {
+pub async fn serve(
+    cfg: ServeConfig,
+    shutdown: Option<watch::Receiver<bool>>,
+) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
@@ -204,20 +185,32 @@ pub async fn serve(cfg: ServeConfig, shutdown: Option<watch::Receiver<bool>>) ->
     let bus = Bus::start(journal)?;
     bootstrap(&bus, &cfg).await?;
     let (cert, key) = ensure_tls(&cfg.data_dir)?;
-    let data = Arc::new(FileDataPlane::new(&cfg.data_dir)?);
+    let mut target_cfg = evstor_datapath::TargetConfig::new(
+        cfg.nvme_addr,
+        bus.state().cluster.subsystem_nqn.clone(),
+    );
+    target_cfg.discovery_addr = Some(cfg.discovery_addr);
+    let target = evstor_datapath::start(target_cfg, Vec::new())
+        .with_context(|| format!("starting the NVMe/TCP target on {}", cfg.nvme_addr))?;
+    let (nvme_addr, discovery_addr) = (target.local_addr(), target.discovery_addr());
+    let data = Arc::new(VolumeStore::with_target(&cfg.data_dir, target)?);
+    println!(
+        "evstor: NVMe/TCP target on {nvme_addr}, discovery on {}",
+        discovery_addr.map(|a| a.to_string()).unwrap_or_default()
+    );
     let app = App {
         bus: bus.clone(),
         keys: Default::default(),
         info: Arc::new(ServerInfo {
             version: env!("CARGO_PKG_VERSION").to_string(),
             api_endpoint: cfg.api_addr.to_string(),
-            nvme_endpoint: cfg.nvme_addr.to_string(),
-            discovery_endpoint: cfg.discovery_addr.to_string(),
+            nvme_endpoint: nvme_addr.to_string(),
+            discovery_endpoint: discovery_addr.unwrap_or(cfg.discovery_addr).to_string(),
         }),
         datapath: data.clone(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let reconciler = tokio::spawn(reconcile::run(bus.clone(), data, stop_rx.clone()));
+    let reconciler = tokio::spawn(reconcile::run(bus.clone(), data.clone(), stop_rx.clone()));
     let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
         .await
         .context("loading the TLS certificate")?;

@@ -111,7 +111,10 @@ impl Envelope {
         if stored.len() < 4 {
             return Err(JournalError::Decode {
                 seq,
-                reason: format!("value of {} bytes is shorter than its checksum", stored.len()),
+                reason: format!(
+                    "value of {} bytes is shorter than its checksum",
+                    stored.len()
+                ),
             });
         }
         let (crc, body) = stored.split_at(4);
@@ -172,7 +175,10 @@ mod tests {
         for i in 0..stored.len() {
             let mut bad = stored.clone();
             bad[i] ^= 0x40;
-            assert!(Envelope::decode(1, &bad).is_err(), "flip at byte {i} went unnoticed");
+            assert!(
+                Envelope::decode(1, &bad).is_err(),
+                "flip at byte {i} went unnoticed"
+            );
         }
     }
 

@@ -29,7 +29,11 @@ pub enum JournalError {
     #[error("rocksdb: {0}")]
     Rocks(#[from] rocksdb::Error),
     #[error("event {seq}: checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
-    Checksum { seq: u64, stored: u32, computed: u32 },
+    Checksum {
+        seq: u64,
+        stored: u32,
+        computed: u32,
+    },
     #[error("event {seq}: cannot decode envelope: {reason}")]
     Decode { seq: u64, reason: String },
     #[error("append expected first seq {expected} but the log is at {actual}")]

@@ -99,8 +99,9 @@ impl RocksJournal {
             OpenMode::ReadOnly => DB::open_cf_for_read_only(&opts, path, cfs, false)?,
         };
         let head = match db.get_cf(cf(&db, CF_META)?, META_HEAD)? {
-            Some(raw) => bincode::deserialize(&raw)
-                .map_err(|e| JournalError::Meta(format!("head: {e}")))?,
+            Some(raw) => {
+                bincode::deserialize(&raw).map_err(|e| JournalError::Meta(format!("head: {e}")))?
+            }
             None => Head::EMPTY,
         };
         Ok(RocksJournal {
@@ -239,8 +240,7 @@ impl EventLog for RocksJournal {
                 ProjectionOp::Delete { key } => write.delete_cf(projections_cf, key),
             }
         }
-        let head_bytes =
-            bincode::serialize(&next).expect("invariant: Head always serializes");
+        let head_bytes = bincode::serialize(&next).expect("invariant: Head always serializes");
         write.put_cf(self.cf(CF_META)?, META_HEAD, head_bytes);
         let mut wo = WriteOptions::default();
         wo.set_sync(true);

@@ -70,7 +70,11 @@ impl RocksJournal {
         if head.next_seq != expected_seq {
             report.problem(
                 head.next_seq,
-                format!("head says next seq {} but the log ends at {}", head.next_seq, expected_seq - 1),
+                format!(
+                    "head says next seq {} but the log ends at {}",
+                    head.next_seq,
+                    expected_seq - 1
+                ),
             );
         } else if head.last_hash != prev_hash {
             report.problem(

@@ -6,7 +6,9 @@ use std::sync::Mutex;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{
+    decode, decode_header, Algorithm, DecodingKey, EncodingKey, Header, Validation,
+};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ApiResult};
@@ -62,7 +64,9 @@ impl Principal {
         if self.is_cluster_admin() {
             Ok(())
         } else {
-            Err(ApiError::forbidden("this operation needs the system:cluster-admin role"))
+            Err(ApiError::forbidden(
+                "this operation needs the system:cluster-admin role",
+            ))
         }
     }
 
@@ -83,7 +87,11 @@ impl Principal {
         } else {
             Err(ApiError::forbidden(format!(
                 "permission denied: no {} role on project {project}",
-                if access == Access::Read { "viewer or admin" } else { "admin" }
+                if access == Access::Read {
+                    "viewer or admin"
+                } else {
+                    "admin"
+                }
             )))
         }
     }

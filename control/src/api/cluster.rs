@@ -33,19 +33,17 @@ fn max_replicas(state: &DomainState) -> u64 {
 /// Capacity counters: devices are the physical storage, volumes the logical.
 pub fn cluster_statistics(state: &DomainState) -> Value {
     let physical = state.inventory.capacity_bytes();
-    let logical: u64 = state
-        .volumes
-        .by_uuid
-        .values()
-        .map(|v| v.size_bytes)
-        .sum();
+    let logical: u64 = state.volumes.by_uuid.values().map(|v| v.size_bytes).sum();
     Obj::new()
         .u64s("installedPhysicalStorage", physical)
         .u64s("managedPhysicalStorage", physical)
         .u64s("effectivePhysicalStorage", physical)
         .u64s("logicalStorage", logical)
         .u64s("freePhysicalStorage", physical)
-        .u64s("estimatedFreeLogicalStorage", physical.saturating_sub(logical))
+        .u64s(
+            "estimatedFreeLogicalStorage",
+            physical.saturating_sub(logical),
+        )
         .u64s("estimatedLogicalStorage", physical)
         .float("compressionRatio", 1.0)
         .build()
@@ -64,7 +62,10 @@ fn health(state: &DomainState) -> Value {
         .str("state", "OK")
         .num("numDegradedVolumes", count(ProtectionState::Degraded))
         .num("numReadOnlyVolumes", count(ProtectionState::ReadOnly))
-        .num("numNotAvailableVolumes", count(ProtectionState::NotAvailable))
+        .num(
+            "numNotAvailableVolumes",
+            count(ProtectionState::NotAvailable),
+        )
         .num("numHealthyVolumes", count(ProtectionState::FullyProtected))
         .build()
 }
@@ -110,7 +111,10 @@ async fn cluster_info(State(app): State<App>, _who: Principal) -> ApiResult<Json
                 "discoveryEndpoints",
                 std::slice::from_ref(&app.info.discovery_endpoint),
             )
-            .strs("nvmeEndpoints", std::slice::from_ref(&app.info.nvme_endpoint))
+            .strs(
+                "nvmeEndpoints",
+                std::slice::from_ref(&app.info.nvme_endpoint),
+            )
             .str("clusterName", &c.name)
             .val("encryptionStatus", json!({"encryptionState": "Disabled"}))
             .str("inBandAuthMode", "Disabled")

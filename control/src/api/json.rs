@@ -75,11 +75,11 @@ impl Body {
             Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
                 type_error(key, "a non-negative integer", &Value::Number(n.clone()))
             }),
-            Some(Value::String(s)) => s
-                .trim()
-                .parse()
-                .map(Some)
-                .map_err(|_| type_error(key, "a non-negative integer", &Value::String(s.clone()))),
+            Some(Value::String(s)) => {
+                s.trim().parse().map(Some).map_err(|_| {
+                    type_error(key, "a non-negative integer", &Value::String(s.clone()))
+                })
+            }
             Some(other) => Err(type_error(key, "a number", other)),
         }
     }
@@ -362,7 +362,14 @@ mod tests {
 
     #[test]
     fn go_durations_parse() {
-        for (text, secs) in [("86400s", 86400), ("24h", 86400), ("120m", 7200), ("1h30m", 5400), ("1.5h", 5400), ("0", 0)] {
+        for (text, secs) in [
+            ("86400s", 86400),
+            ("24h", 86400),
+            ("120m", 7200),
+            ("1h30m", 5400),
+            ("1.5h", 5400),
+            ("0", 0),
+        ] {
             assert_eq!(parse_duration_secs(text), Ok(secs), "{text}");
         }
         for bad in ["", "10", "5 days", "h"] {
@@ -385,7 +392,12 @@ mod tests {
 
     #[test]
     fn output_omits_zero_values_and_stringifies_u64() {
-        let v = Obj::new().str("a", "").u64s("size", 5).num("n", 0).bool("b", false).build();
+        let v = Obj::new()
+            .str("a", "")
+            .u64s("size", 5)
+            .num("n", 0)
+            .bool("b", false)
+            .build();
         assert_eq!(v, serde_json::json!({"size": "5"}));
     }
 }

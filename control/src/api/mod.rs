@@ -22,15 +22,8 @@ use error::ApiError;
 pub trait DataPathView: Send + Sync {
     /// Host NQNs connected to the namespace `nsid`.
     fn hosts_of(&self, nsid: u32) -> Vec<String>;
-}
-
-/// No data path attached (tests of the control plane alone).
-pub struct NoDataPath;
-
-impl DataPathView for NoDataPath {
-    fn hosts_of(&self, _nsid: u32) -> Vec<String> {
-        vec![]
-    }
+    /// Every live host session (I/O controllers).
+    fn connected_hosts(&self) -> Vec<evstor_datapath::ConnectedHost>;
 }
 
 /// Facts about this server the API reports.

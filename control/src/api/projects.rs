@@ -88,13 +88,22 @@ async fn list(State(app): State<App>, who: Principal) -> ApiResult<Json<Value>> 
     Ok(Json(json!({ "projects": projects })))
 }
 
-async fn get_one(State(app): State<App>, who: Principal, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+async fn get_one(
+    State(app): State<App>,
+    who: Principal,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
     who.require_project(&name, Access::Read)?;
     let state = app.bus.state();
     Ok(Json(project_json(state.projects.require(&name)?)))
 }
 
-async fn create(State(app): State<App>, who: Principal, headers: HeaderMap, b: Body) -> ApiResult<Json<Value>> {
+async fn create(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    b: Body,
+) -> ApiResult<Json<Value>> {
     who.require_cluster_admin()?;
     let name = b.required_str("name")?;
     let cmd = ProjectCommand::CreateProject {
@@ -107,7 +116,13 @@ async fn create(State(app): State<App>, who: Principal, headers: HeaderMap, b: B
     Ok(Json(project_json(state.projects.require(&name)?)))
 }
 
-async fn update(State(app): State<App>, who: Principal, headers: HeaderMap, Path(name): Path<String>, b: Body) -> ApiResult<Json<Value>> {
+async fn update(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    b: Body,
+) -> ApiResult<Json<Value>> {
     who.require_project(&name, Access::Write)?;
     let cmd = ProjectCommand::UpdateProject {
         name,
@@ -117,9 +132,18 @@ async fn update(State(app): State<App>, who: Principal, headers: HeaderMap, Path
     Ok(Json(json!({})))
 }
 
-async fn delete(State(app): State<App>, who: Principal, headers: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+async fn delete(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
     who.require_cluster_admin()?;
-    app.submit(&who, &headers, Command::Project(ProjectCommand::DeleteProject { name }))
-        .await?;
+    app.submit(
+        &who,
+        &headers,
+        Command::Project(ProjectCommand::DeleteProject { name }),
+    )
+    .await?;
     Ok(Json(json!({})))
 }

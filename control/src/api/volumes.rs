@@ -45,7 +45,9 @@ pub fn routes() -> Router<App> {
         )
         .route(
             "/api/v2/volumes/{UUID}",
-            get(get_unscoped).delete(delete_unscoped).put(update_unscoped),
+            get(get_unscoped)
+                .delete(delete_unscoped)
+                .put(update_unscoped),
         )
 }
 
@@ -122,7 +124,9 @@ fn target(uuid: &str, name: Option<String>) -> ApiResult<VolumeRef> {
     }
     match name {
         Some(n) if !n.is_empty() => Ok(VolumeRef::Name(n)),
-        _ => Err(ApiError::bad_request("either UUID or name must identify the volume")),
+        _ => Err(ApiError::bad_request(
+            "either UUID or name must identify the volume",
+        )),
     }
 }
 
@@ -150,7 +154,12 @@ fn project_of(
     Ok(project)
 }
 
-fn get_one(app: &App, who: &Principal, project: Option<String>, r: VolumeRef) -> ApiResult<Json<Value>> {
+fn get_one(
+    app: &App,
+    who: &Principal,
+    project: Option<String>,
+    r: VolumeRef,
+) -> ApiResult<Json<Value>> {
     let project = project_of(app, who, project, Some(&r), Access::Read)?;
     let state = app.bus.state();
     let v = state.volumes.resolve(&project, &r)?;
@@ -162,7 +171,9 @@ fn list(app: &App, who: &Principal, project: Option<String>, q: &Query) -> ApiRe
         who.require_project(p, Access::Read)?;
         app.bus.state().projects.require(p)?;
     } else if !who.is_cluster_admin() {
-        return Err(ApiError::bad_request("projectName is mandatory unless you are the cluster admin"));
+        return Err(ApiError::bad_request(
+            "projectName is mandatory unless you are the cluster admin",
+        ));
     }
     let limit = match q.u64("limit")? {
         None | Some(0) => LIST_PAGE_MAX,
@@ -262,11 +273,21 @@ fn policy_ref(b: &Body) -> ApiResult<Option<PolicyRef>> {
     }
 }
 
-async fn create(app: App, who: Principal, headers: HeaderMap, project: Option<String>, b: Body) -> ApiResult<Json<Value>> {
+async fn create(
+    app: App,
+    who: Principal,
+    headers: HeaderMap,
+    project: Option<String>,
+    b: Body,
+) -> ApiResult<Json<Value>> {
     let project = project_of(&app, &who, project, None, Access::Write)?;
     let n = new_volume(project, &b)?;
     let committed = app
-        .submit(&who, &headers, Command::Volume(VolumeCommand::CreateVolume(n)))
+        .submit(
+            &who,
+            &headers,
+            Command::Volume(VolumeCommand::CreateVolume(n)),
+        )
         .await?;
     let uuid = committed
         .events
@@ -290,14 +311,24 @@ fn change(b: &Body) -> ApiResult<VolumeChange> {
         ip_acl: b.string_list("IPAcl")?,
         size_bytes: b.size("size")?,
         force: b.bool("Force")?.unwrap_or(false),
-        compression: b.str("compression")?.map(|c| parse_compression(&c)).transpose()?,
+        compression: b
+            .str("compression")?
+            .map(|c| parse_compression(&c))
+            .transpose()?,
         qos: policy_ref(b)?,
         labels: b.labels("labels")?,
         new_name: b.str("newName")?.filter(|n| !n.is_empty()),
     })
 }
 
-async fn update(app: App, who: Principal, headers: HeaderMap, project: Option<String>, uuid: String, b: Body) -> ApiResult<Json<Value>> {
+async fn update(
+    app: App,
+    who: Principal,
+    headers: HeaderMap,
+    project: Option<String>,
+    uuid: String,
+    b: Body,
+) -> ApiResult<Json<Value>> {
     let r = target(&uuid, b.str("name")?)?;
     let project = project_of(&app, &who, project, Some(&r), Access::Write)?;
     let cmd = VolumeCommand::UpdateVolume {
@@ -310,7 +341,14 @@ async fn update(app: App, who: Principal, headers: HeaderMap, project: Option<St
     Ok(Json(serde_json::json!({})))
 }
 
-async fn delete(app: App, who: Principal, headers: HeaderMap, project: Option<String>, uuid: String, q: Query) -> ApiResult<Json<Value>> {
+async fn delete(
+    app: App,
+    who: Principal,
+    headers: HeaderMap,
+    project: Option<String>,
+    uuid: String,
+    q: Query,
+) -> ApiResult<Json<Value>> {
     let r = target(&uuid, q.get("name").map(str::to_string))?;
     let project = project_of(&app, &who, project, Some(&r), Access::Write)?;
     let cmd = VolumeCommand::DeleteVolume {
@@ -324,7 +362,12 @@ async fn delete(app: App, who: Principal, headers: HeaderMap, project: Option<St
 
 // Route adapters: path shapes differ, the work above does not.
 
-async fn list_scoped(State(app): State<App>, who: Principal, Path(p): Path<String>, q: Query) -> ApiResult<Json<Value>> {
+async fn list_scoped(
+    State(app): State<App>,
+    who: Principal,
+    Path(p): Path<String>,
+    q: Query,
+) -> ApiResult<Json<Value>> {
     list(&app, &who, Some(p), &q)
 }
 
@@ -332,66 +375,152 @@ async fn list_unscoped(State(app): State<App>, who: Principal, q: Query) -> ApiR
     list(&app, &who, q.get("projectName").map(str::to_string), &q)
 }
 
-async fn create_scoped(State(app): State<App>, who: Principal, headers: HeaderMap, Path(p): Path<String>, b: Body) -> ApiResult<Json<Value>> {
+async fn create_scoped(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    Path(p): Path<String>,
+    b: Body,
+) -> ApiResult<Json<Value>> {
     create(app, who, headers, Some(p), b).await
 }
 
-async fn create_unscoped(State(app): State<App>, who: Principal, headers: HeaderMap, b: Body) -> ApiResult<Json<Value>> {
+async fn create_unscoped(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    b: Body,
+) -> ApiResult<Json<Value>> {
     let project = b.str("projectName")?.filter(|p| !p.is_empty());
     create(app, who, headers, project, b).await
 }
 
-async fn get_scoped(State(app): State<App>, who: Principal, Path((p, u)): Path<(String, String)>, q: Query) -> ApiResult<Json<Value>> {
-    get_one(&app, &who, Some(p), target(&u, q.get("name").map(str::to_string))?)
+async fn get_scoped(
+    State(app): State<App>,
+    who: Principal,
+    Path((p, u)): Path<(String, String)>,
+    q: Query,
+) -> ApiResult<Json<Value>> {
+    get_one(
+        &app,
+        &who,
+        Some(p),
+        target(&u, q.get("name").map(str::to_string))?,
+    )
 }
 
-async fn get_scoped_by_name(State(app): State<App>, who: Principal, Path(p): Path<String>, q: Query) -> ApiResult<Json<Value>> {
-    get_one(&app, &who, Some(p), target("", q.get("name").map(str::to_string))?)
+async fn get_scoped_by_name(
+    State(app): State<App>,
+    who: Principal,
+    Path(p): Path<String>,
+    q: Query,
+) -> ApiResult<Json<Value>> {
+    get_one(
+        &app,
+        &who,
+        Some(p),
+        target("", q.get("name").map(str::to_string))?,
+    )
 }
 
-async fn get_unscoped(State(app): State<App>, who: Principal, Path(u): Path<String>, q: Query) -> ApiResult<Json<Value>> {
+async fn get_unscoped(
+    State(app): State<App>,
+    who: Principal,
+    Path(u): Path<String>,
+    q: Query,
+) -> ApiResult<Json<Value>> {
     let r = target(&u, q.get("name").map(str::to_string))?;
     get_one(&app, &who, q.get("projectName").map(str::to_string), r)
 }
 
-async fn get_unscoped_by_name(State(app): State<App>, who: Principal, q: Query) -> ApiResult<Json<Value>> {
+async fn get_unscoped_by_name(
+    State(app): State<App>,
+    who: Principal,
+    q: Query,
+) -> ApiResult<Json<Value>> {
     let r = target("", q.get("name").map(str::to_string))?;
     get_one(&app, &who, q.get("projectName").map(str::to_string), r)
 }
 
-async fn delete_scoped(State(app): State<App>, who: Principal, headers: HeaderMap, Path((p, u)): Path<(String, String)>, q: Query) -> ApiResult<Json<Value>> {
+async fn delete_scoped(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    Path((p, u)): Path<(String, String)>,
+    q: Query,
+) -> ApiResult<Json<Value>> {
     delete(app, who, headers, Some(p), u, q).await
 }
 
-async fn delete_scoped_by_name(State(app): State<App>, who: Principal, headers: HeaderMap, Path(p): Path<String>, q: Query) -> ApiResult<Json<Value>> {
+async fn delete_scoped_by_name(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    Path(p): Path<String>,
+    q: Query,
+) -> ApiResult<Json<Value>> {
     delete(app, who, headers, Some(p), String::new(), q).await
 }
 
-async fn delete_unscoped(State(app): State<App>, who: Principal, headers: HeaderMap, Path(u): Path<String>, q: Query) -> ApiResult<Json<Value>> {
+async fn delete_unscoped(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    Path(u): Path<String>,
+    q: Query,
+) -> ApiResult<Json<Value>> {
     let project = q.get("projectName").map(str::to_string);
     delete(app, who, headers, project, u, q).await
 }
 
-async fn delete_unscoped_by_name(State(app): State<App>, who: Principal, headers: HeaderMap, q: Query) -> ApiResult<Json<Value>> {
+async fn delete_unscoped_by_name(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    q: Query,
+) -> ApiResult<Json<Value>> {
     let project = q.get("projectName").map(str::to_string);
     delete(app, who, headers, project, String::new(), q).await
 }
 
-async fn update_scoped(State(app): State<App>, who: Principal, headers: HeaderMap, Path((p, u)): Path<(String, String)>, b: Body) -> ApiResult<Json<Value>> {
+async fn update_scoped(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    Path((p, u)): Path<(String, String)>,
+    b: Body,
+) -> ApiResult<Json<Value>> {
     update(app, who, headers, Some(p), u, b).await
 }
 
-async fn update_scoped_by_name(State(app): State<App>, who: Principal, headers: HeaderMap, Path(p): Path<String>, b: Body) -> ApiResult<Json<Value>> {
+async fn update_scoped_by_name(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    Path(p): Path<String>,
+    b: Body,
+) -> ApiResult<Json<Value>> {
     update(app, who, headers, Some(p), String::new(), b).await
 }
 
-async fn update_unscoped(State(app): State<App>, who: Principal, headers: HeaderMap, Path(u): Path<String>, b: Body) -> ApiResult<Json<Value>> {
+async fn update_unscoped(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    Path(u): Path<String>,
+    b: Body,
+) -> ApiResult<Json<Value>> {
     // On a body route the query is ignored: only the body's projectName counts (SCHEMAS.md 4.6).
     let project = b.str("projectName")?.filter(|p| !p.is_empty());
     update(app, who, headers, project, u, b).await
 }
 
-async fn update_unscoped_by_name(State(app): State<App>, who: Principal, headers: HeaderMap, b: Body) -> ApiResult<Json<Value>> {
+async fn update_unscoped_by_name(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    b: Body,
+) -> ApiResult<Json<Value>> {
     let project = b.str("projectName")?.filter(|p| !p.is_empty());
     update(app, who, headers, project, String::new(), b).await
 }

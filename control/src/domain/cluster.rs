@@ -59,7 +59,9 @@ pub fn subsystem_nqn(uuid: Uuid) -> String {
 pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, DomainError> {
     let Command::Bootstrap(b) = cmd;
     if state.cluster.initialized {
-        return Err(DomainError::AlreadyExists("the cluster is already initialized".into()));
+        return Err(DomainError::AlreadyExists(
+            "the cluster is already initialized".into(),
+        ));
     }
     let uuid = ctx.new_id(0);
     let server_uuid = ctx.new_id(1);
@@ -84,7 +86,9 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
         let mut device = device.clone();
         device.node_uuid = node_uuid;
         device.server_uuid = server_uuid;
-        events.push(AnyEvent::Inventory(inventory::Event::DeviceAdded { device }));
+        events.push(AnyEvent::Inventory(inventory::Event::DeviceAdded {
+            device,
+        }));
     }
     for (n, name, description) in [
         (3, "system", "cluster administration project"),
@@ -174,7 +178,10 @@ pub(crate) mod tests {
             ]
         );
         let s = bootstrapped();
-        assert!(s.cluster.subsystem_nqn.starts_with("nqn.2016-01.com.lightbitslabs:uuid:"));
+        assert!(s
+            .cluster
+            .subsystem_nqn
+            .starts_with("nqn.2016-01.com.lightbitslabs:uuid:"));
         assert!(s.projects.get("system").is_some() && s.projects.get("default").is_some());
         assert_eq!(s.inventory.servers.len(), 1);
     }

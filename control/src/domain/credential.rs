@@ -116,7 +116,9 @@ pub fn decide(state: &State, _ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>,
                 return Err(DomainError::exists("credential", kid(project, id)));
             }
             if state.credentials.by_kid.len() >= PROJECTS_MAX * 4 {
-                return Err(DomainError::ResourceExhausted("too many credentials".into()));
+                return Err(DomainError::ResourceExhausted(
+                    "too many credentials".into(),
+                ));
             }
             Event::CredentialCreated {
                 project: project.clone(),

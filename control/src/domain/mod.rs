@@ -40,7 +40,15 @@ impl Ctx {
     /// see the same ids.
     pub fn new_id(&self, n: u8) -> Uuid {
         let mut bytes = self.seed;
-        bytes[15] ^= n;
+        if n != 0 {
+            // Spread `n` over every byte so sibling ids do not share a prefix.
+            let mut x = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            for b in bytes.iter_mut() {
+                x ^= x >> 29;
+                x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                *b ^= (x >> 56) as u8;
+            }
+        }
         uuid::Builder::from_random_bytes(bytes).into_uuid()
     }
 }

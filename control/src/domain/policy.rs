@@ -43,7 +43,8 @@ pub struct Policy {
 
 impl Policy {
     pub fn visible_to(&self, project: &str) -> bool {
-        self.visibility == PolicyVisibility::Global || self.projects_scope.iter().any(|p| p == project)
+        self.visibility == PolicyVisibility::Global
+            || self.projects_scope.iter().any(|p| p == project)
     }
 }
 
@@ -73,10 +74,12 @@ impl Policies {
             PolicyRef::Uuid(u) => self.get(*u),
             PolicyRef::Name(n) => self.by_name(n),
         };
-        found.filter(|p| p.visible_to(project)).ok_or_else(|| match r {
-            PolicyRef::Uuid(u) => DomainError::not_found("policy", u),
-            PolicyRef::Name(n) => DomainError::not_found("policy", n),
-        })
+        found
+            .filter(|p| p.visible_to(project))
+            .ok_or_else(|| match r {
+                PolicyRef::Uuid(u) => DomainError::not_found("policy", u),
+                PolicyRef::Name(n) => DomainError::not_found("policy", n),
+            })
     }
 }
 

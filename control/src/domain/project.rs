@@ -252,7 +252,9 @@ mod tests {
     #[test]
     fn given_bootstrap_when_create_project_then_created() {
         let events = given_when(&bootstrap_events(), create("p1")).unwrap();
-        assert!(matches!(&events[..], [AnyEvent::Project(Event::ProjectCreated { name, .. })] if name == "p1"));
+        assert!(
+            matches!(&events[..], [AnyEvent::Project(Event::ProjectCreated { name, .. })] if name == "p1")
+        );
     }
 
     #[test]

@@ -97,9 +97,11 @@ impl Volumes {
     /// Adds or replaces a volume, keeping the name index true.
     pub fn insert(&mut self, v: Volume) {
         if let Some(old) = self.by_uuid.get(&v.uuid) {
-            self.by_name.remove(&(old.project.clone(), old.name.clone()));
+            self.by_name
+                .remove(&(old.project.clone(), old.name.clone()));
         }
-        self.by_name.insert((v.project.clone(), v.name.clone()), v.uuid);
+        self.by_name
+            .insert((v.project.clone(), v.name.clone()), v.uuid);
         self.by_uuid.insert(v.uuid, v);
     }
 
@@ -205,9 +207,13 @@ pub enum Command {
         if_match: Option<String>,
     },
     /// Reconciler: the data path serves the volume now.
-    MarkVolumeAvailable { uuid: Uuid },
+    MarkVolumeAvailable {
+        uuid: Uuid,
+    },
     /// Reconciler: the data path released the volume.
-    FinishVolumeDeletion { uuid: Uuid },
+    FinishVolumeDeletion {
+        uuid: Uuid,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -266,7 +272,11 @@ impl Event {
 
 /// Checks a host or IP access list.
 pub fn check_acl(what: &str, entries: &[String], ip: bool) -> Result<(), DomainError> {
-    let bad = |why: String| Err(DomainError::InvalidArgument(format!("invalid {what}: {why}")));
+    let bad = |why: String| {
+        Err(DomainError::InvalidArgument(format!(
+            "invalid {what}: {why}"
+        )))
+    };
     if entries.is_empty() {
         return bad(format!("empty; use [\"{ALLOW_NONE}\"] to deny all hosts"));
     }
@@ -277,7 +287,10 @@ pub fn check_acl(what: &str, entries: &[String], ip: bool) -> Result<(), DomainE
     if special && entries.len() > 1 {
         return bad(format!("{ALLOW_ANY} and {ALLOW_NONE} must stand alone"));
     }
-    for e in entries.iter().filter(|e| *e != ALLOW_ANY && *e != ALLOW_NONE) {
+    for e in entries
+        .iter()
+        .filter(|e| *e != ALLOW_ANY && *e != ALLOW_NONE)
+    {
         if ip {
             if e.parse::<IpAddr>().is_err() {
                 return bad(format!("{e:?} is not an IP address"));
@@ -329,7 +342,9 @@ fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, Doma
         return Err(DomainError::exists("volume", &n.name));
     }
     if state.volumes.len() >= VOLUMES_MAX {
-        return Err(DomainError::ResourceExhausted(format!("at most {VOLUMES_MAX} volumes")));
+        return Err(DomainError::ResourceExhausted(format!(
+            "at most {VOLUMES_MAX} volumes"
+        )));
     }
     let servers = state.inventory.servers.len() as u32;
     if !(1..=3).contains(&n.replica_count) || n.replica_count > servers.max(1) {
@@ -348,7 +363,10 @@ fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, Doma
         }
     };
     check_acl("acl", &n.acl, false)?;
-    let ip_acl = n.ip_acl.clone().unwrap_or_else(|| vec![ALLOW_ANY.to_string()]);
+    let ip_acl = n
+        .ip_acl
+        .clone()
+        .unwrap_or_else(|| vec![ALLOW_ANY.to_string()]);
     check_acl("IPAcl", &ip_acl, true)?;
     let mut labels = n.labels.clone();
     check_labels(&labels)?;
@@ -405,18 +423,17 @@ fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, Doma
         creation_unix_ns: ctx.now_unix_ns,
         etag: 0,
     };
-    Ok(vec![AnyEvent::Volume(Event::VolumeCreationRequested { volume })])
+    Ok(vec![AnyEvent::Volume(Event::VolumeCreationRequested {
+        volume,
+    })])
 }
 
 fn require_settled(v: &Volume) -> Result<(), DomainError> {
     match v.state {
         VolumeState::Available => Ok(()),
-        VolumeState::Deleting | VolumeState::Deleted | VolumeState::Failed => {
-            Err(DomainError::InvalidArgument(format!(
-                "volume {} is {:?}",
-                v.uuid, v.state
-            )))
-        }
+        VolumeState::Deleting | VolumeState::Deleted | VolumeState::Failed => Err(
+            DomainError::InvalidArgument(format!("volume {} is {:?}", v.uuid, v.state)),
+        ),
         _ => Err(DomainError::Unavailable(format!(
             "volume {} is {:?}; retry when it is Available",
             v.uuid, v.state
@@ -491,7 +508,12 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             target,
             if_match,
             change,
-        } => update(state, state.volumes.resolve(project, target)?, if_match, change),
+        } => update(
+            state,
+            state.volumes.resolve(project, target)?,
+            if_match,
+            change,
+        ),
         Command::DeleteVolume {
             project,
             target,
@@ -499,7 +521,9 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
         } => delete(state.volumes.resolve(project, target)?, if_match),
         Command::MarkVolumeAvailable { uuid } => match state.volumes.get(*uuid) {
             Some(v) if v.state == VolumeState::Creating => {
-                Ok(vec![AnyEvent::Volume(Event::VolumeBecameAvailable { uuid: *uuid })])
+                Ok(vec![AnyEvent::Volume(Event::VolumeBecameAvailable {
+                    uuid: *uuid,
+                })])
             }
             // Already settled (a reconciler retry after a crash): nothing to do.
             _ => Ok(vec![]),
@@ -632,7 +656,10 @@ pub(crate) mod tests {
             ("zero size", Box::new(|n| n.size_bytes = 0)),
             ("too big", Box::new(|n| n.size_bytes = VOLUME_BYTES_MAX + 1)),
             ("replicas 0", Box::new(|n| n.replica_count = 0)),
-            ("replicas 2 on one server", Box::new(|n| n.replica_count = 2)),
+            (
+                "replicas 2 on one server",
+                Box::new(|n| n.replica_count = 2),
+            ),
             ("replicas 4", Box::new(|n| n.replica_count = 4)),
             ("empty acl", Box::new(|n| n.acl = vec![])),
             ("acl not nqn", Box::new(|n| n.acl = vec!["host1".into()])),
@@ -640,7 +667,10 @@ pub(crate) mod tests {
                 "ALLOW_ANY not alone",
                 Box::new(|n| n.acl = vec![ALLOW_ANY.into(), "nqn.x".into()]),
             ),
-            ("ip acl not ip", Box::new(|n| n.ip_acl = Some(vec!["nope".into()]))),
+            (
+                "ip acl not ip",
+                Box::new(|n| n.ip_acl = Some(vec!["nope".into()])),
+            ),
             ("sector size", Box::new(|n| n.sector_size = 1000)),
             (
                 "label",
@@ -656,7 +686,10 @@ pub(crate) mod tests {
             let mut n = new_volume("v2");
             mutate(&mut n);
             let err = err_of(&bootstrap_events(), create_cmd(n));
-            assert!(matches!(err, DomainError::InvalidArgument(_)), "{what}: {err:?}");
+            assert!(
+                matches!(err, DomainError::InvalidArgument(_)),
+                "{what}: {err:?}"
+            );
         }
     }
 
@@ -727,11 +760,17 @@ pub(crate) mod tests {
         assert_eq!(events[0].type_name(), "VolumeDeletionRequested");
         let mut deleting = given.clone();
         deleting.extend(events);
-        assert!(matches!(err_of(&deleting, del.clone()), DomainError::InvalidArgument(_)));
+        assert!(matches!(
+            err_of(&deleting, del.clone()),
+            DomainError::InvalidArgument(_)
+        ));
         // A volume still being created answers 503.
         let mut creating = bootstrap_events();
         creating.extend(given_when(&creating, create_cmd(new_volume("v1"))).unwrap());
-        assert!(matches!(err_of(&creating, del), DomainError::Unavailable(_)));
+        assert!(matches!(
+            err_of(&creating, del),
+            DomainError::Unavailable(_)
+        ));
         let finish = AnyCommand::Volume(Command::FinishVolumeDeletion { uuid });
         let done = given_when(&deleting, finish).unwrap();
         assert_eq!(done[0].type_name(), "VolumeDeleted");
@@ -741,12 +780,11 @@ pub(crate) mod tests {
     fn nsids_are_reused_lowest_first() {
         let mut v = Volumes::default();
         for (i, nsid) in [1u32, 2, 4].into_iter().enumerate() {
-            let mut vol = match &given_when(&bootstrap_events(), create_cmd(new_volume("x")))
-                .unwrap()[0]
-            {
-                AnyEvent::Volume(Event::VolumeCreationRequested { volume }) => volume.clone(),
-                _ => unreachable!(),
-            };
+            let mut vol =
+                match &given_when(&bootstrap_events(), create_cmd(new_volume("x"))).unwrap()[0] {
+                    AnyEvent::Volume(Event::VolumeCreationRequested { volume }) => volume.clone(),
+                    _ => unreachable!(),
+                };
             vol.uuid = Uuid::from_u128(i as u128);
             vol.name = format!("v{i}");
             vol.nsid = nsid;

@@ -81,7 +81,11 @@ impl Bus {
 
     /// Decides and durably commits one command. Returns once the events are on disk and
     /// visible to readers.
-    pub async fn submit(&self, meta: RequestMeta, command: Command) -> Result<Committed, ControlError> {
+    pub async fn submit(
+        &self,
+        meta: RequestMeta,
+        command: Command,
+    ) -> Result<Committed, ControlError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job {
@@ -175,12 +179,21 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!("journal append failed, batch of {} requests refused: {e}", jobs.len());
-                self.working = self.readers.read().unwrap_or_else(|p| p.into_inner()).clone();
+                tracing::error!(
+                    "journal append failed, batch of {} requests refused: {e}",
+                    jobs.len()
+                );
+                self.working = self
+                    .readers
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
                 let msg = e.to_string();
                 for (job, outcome) in jobs.drain(..).zip(outcomes) {
                     let answer = match outcome {
-                        Ok(_) => Err(ControlError::Internal(format!("journal append failed: {msg}"))),
+                        Ok(_) => Err(ControlError::Internal(format!(
+                            "journal append failed: {msg}"
+                        ))),
                         Err(d) => Err(ControlError::Domain(d)),
                     };
                     let _ = job.reply.send(answer);
