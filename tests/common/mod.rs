@@ -1,0 +1,330 @@
+//! Test harness: runs the real `evstor` binary on free loopback ports in a temporary data
+//! directory and talks to it over HTTPS with a real token.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Longest a server may take to answer after start (RSA key generation included).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+pub fn evstor_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_evstor"))
+}
+
+/// A running `evstor serve`.
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub api_port: u16,
+    pub nvme_port: u16,
+    pub discovery_port: u16,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// Starts a fresh cluster and waits until its API answers.
+    pub fn start() -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = Server {
+            dir,
+            api_port: free_port(),
+            nvme_port: free_port(),
+            discovery_port: free_port(),
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .expect("log file");
+        let child = Command::new(evstor_bin())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .arg("--api-addr")
+            .arg(format!("127.0.0.1:{}", self.api_port))
+            .arg("--nvme-addr")
+            .arg(format!("127.0.0.1:{}", self.nvme_port))
+            .arg("--discovery-addr")
+            .arg(format!("127.0.0.1:{}", self.discovery_port))
+            .env("EVSTOR_LOG", "warn")
+            .stdout(Stdio::from(log.try_clone().expect("log fd")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn evstor serve");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let anon = Client::new(self.api_port, None);
+        loop {
+            if self.dir.path().join("admin.jwt").exists() {
+                if let Ok((200, _)) = anon.try_get("/api/v2/version") {
+                    return;
+                }
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("evstor exited with {status}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "evstor did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid has no memory effects.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the binary again on the same data directory and ports.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn restart_after_kill9(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("admin.jwt")).expect("admin.jwt")
+    }
+
+    /// A client with the cluster-admin token.
+    pub fn admin(&self) -> Client {
+        Client::new(self.api_port, Some(self.admin_token()))
+    }
+
+    pub fn anonymous(&self) -> Client {
+        Client::new(self.api_port, None)
+    }
+
+    /// A client whose token (minted by `evstor token create`) carries `roles`.
+    pub fn client_with_roles(&self, roles: &[&str]) -> Client {
+        Client::new(self.api_port, Some(self.token(roles)))
+    }
+
+    pub fn token(&self, roles: &[&str]) -> String {
+        let mut cmd = Command::new(evstor_bin());
+        cmd.args(["token", "create", "--data-dir"])
+            .arg(self.dir.path());
+        for r in roles {
+            cmd.args(["--role", r]);
+        }
+        let out = cmd.output().expect("evstor token create");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf8")
+            .trim()
+            .to_string()
+    }
+
+    /// Runs `evstor <args…>` against this data directory; returns (exit ok, stdout).
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(evstor_bin())
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .output()
+            .expect("run evstor");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    /// Polls GET `path` until `done(json)` or the timeout.
+    pub fn wait_for(&self, path: &str, done: impl Fn(u16, &Value) -> bool) -> Value {
+        let c = self.admin();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, body) = c.get(path);
+            if done(status, &body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out on {path}: {status} {body}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A blocking HTTPS client for the API (TLS verification off: the cert is self-signed).
+#[derive(Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn new(port: u16, token: Option<String>) -> Client {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .disable_verification(true)
+                    .build(),
+            )
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        Client {
+            agent,
+            base: format!("https://127.0.0.1:{port}"),
+            token,
+        }
+    }
+
+    pub fn with_token(&self, token: &str) -> Client {
+        Client {
+            token: Some(token.to_string()),
+            ..self.clone()
+        }
+    }
+
+    fn auth(&self) -> Option<String> {
+        self.token.as_ref().map(|t| format!("Bearer {t}"))
+    }
+
+    fn finish(
+        resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<(u16, Value), String> {
+        let mut resp = resp.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| e.to_string())?;
+        let json = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Ok((status, json))
+    }
+
+    pub fn try_get(&self, path: &str) -> Result<(u16, Value), String> {
+        let mut req = self.agent.get(format!("{}{path}", self.base));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        Self::finish(req.call())
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        self.try_get(path)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    pub fn delete(&self, path: &str) -> (u16, Value) {
+        self.delete_if_match(path, None)
+    }
+
+    pub fn delete_if_match(&self, path: &str, etag: Option<&str>) -> (u16, Value) {
+        let mut req = self.agent.delete(format!("{}{path}", self.base));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        if let Some(e) = etag {
+            req = req.header("If-Match", e);
+        }
+        Self::finish(req.call()).unwrap_or_else(|e| panic!("DELETE {path}: {e}"))
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.send("POST", path, body, None)
+    }
+
+    pub fn put(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.send("PUT", path, body, None)
+    }
+
+    pub fn put_if_match(&self, path: &str, body: &Value, etag: &str) -> (u16, Value) {
+        self.send("PUT", path, body, Some(etag))
+    }
+
+    /// Sends raw text as the body (for malformed-JSON tests).
+    pub fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
+        let mut req = self.agent.post(format!("{}{path}", self.base));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        Self::finish(req.content_type("application/json").send(body))
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    fn send(&self, method: &str, path: &str, body: &Value, etag: Option<&str>) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let mut req = match method {
+            "POST" => self.agent.post(url),
+            _ => self.agent.put(url),
+        };
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        if let Some(e) = etag {
+            req = req.header("If-Match", e);
+        }
+        Self::finish(req.content_type("application/json").send(body.to_string()))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+}
