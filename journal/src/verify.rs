@@ -51,10 +51,18 @@ impl RocksJournal {
                     report.problem(expected_seq, format!("gap: next stored event is {seq}"));
                 }
                 match Envelope::decode(seq, &stored) {
-                    Ok(env) if env.prev_hash != prev_hash => report.problem(
-                        seq,
-                        "hash chain broken: previous event was changed, or this one".into(),
-                    ),
+                    // The link this event recorded no longer matches its predecessor's bytes:
+                    // the predecessor was rewritten (with a valid checksum), so blame it.
+                    Ok(env) if env.prev_hash != prev_hash => {
+                        let blamed = seq.saturating_sub(1).max(1);
+                        report.problem(
+                            blamed,
+                            format!(
+                                "hash chain broken: event {blamed} was rewritten \
+                                 (event {seq} recorded a different hash for it)"
+                            ),
+                        )
+                    }
                     Ok(_) => {}
                     Err(JournalError::Checksum { .. }) => {
                         report.problem(seq, "checksum mismatch: stored bytes changed".into())
@@ -140,7 +148,7 @@ mod tests {
         env.actor = "mallory".into();
         j.overwrite_raw_for_tamper_test(6, &env.encode()).unwrap();
         let report = j.verify().unwrap();
-        assert_eq!(report.problems[0].seq, 7, "{report:?}");
+        assert_eq!(report.problems[0].seq, 6, "{report:?}");
     }
 
     #[test]
