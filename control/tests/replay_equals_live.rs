@@ -151,6 +151,11 @@ fn run_case(commands: Vec<Command>, settle_every: usize) {
         let live = bus.state().clone();
         live
     });
+    let mut nsids: Vec<u32> = live.volumes.by_uuid.values().map(|v| v.nsid).collect();
+    let count = nsids.len();
+    nsids.sort_unstable();
+    nsids.dedup();
+    assert_eq!(nsids.len(), count, "two live volumes share a namespace id");
     let (replayed, _) = replay(&journal, Until::All).unwrap();
     assert_eq!(replayed, live, "replay differs from the live state");
     let loaded = rows::load(&journal).unwrap();

@@ -5,7 +5,7 @@
 //! appends `VolumeDeletionRequested` (state `Deleting`); the reconciler tears the namespace
 //! down and appends `VolumeDeleted`, after which the volume is gone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -91,23 +91,29 @@ pub struct Volumes {
     /// `(project, name)` → uuid; derived from `by_uuid`, rebuilt by [`Volumes::insert`].
     #[serde(skip)]
     by_name: BTreeMap<(String, String), Uuid>,
+    /// Namespace ids in use; derived from `by_uuid` like `by_name`.
+    #[serde(skip)]
+    nsids: BTreeSet<u32>,
 }
 
 impl Volumes {
-    /// Adds or replaces a volume, keeping the name index true.
+    /// Adds or replaces a volume, keeping the name and nsid indexes true.
     pub fn insert(&mut self, v: Volume) {
         if let Some(old) = self.by_uuid.get(&v.uuid) {
             self.by_name
                 .remove(&(old.project.clone(), old.name.clone()));
+            self.nsids.remove(&old.nsid);
         }
         self.by_name
             .insert((v.project.clone(), v.name.clone()), v.uuid);
+        self.nsids.insert(v.nsid);
         self.by_uuid.insert(v.uuid, v);
     }
 
     fn remove(&mut self, uuid: Uuid) {
         if let Some(old) = self.by_uuid.remove(&uuid) {
             self.by_name.remove(&(old.project, old.name));
+            self.nsids.remove(&old.nsid);
         }
     }
 
@@ -146,15 +152,12 @@ impl Volumes {
 
     /// Lowest namespace id not held by a volume.
     fn free_nsid(&self) -> u32 {
-        let mut used: Vec<u32> = self.by_uuid.values().map(|v| v.nsid).collect();
-        used.sort_unstable();
         let mut nsid = 1;
-        for n in used {
-            if n == nsid {
-                nsid += 1;
-            } else if n > nsid {
+        for &n in &self.nsids {
+            if n != nsid {
                 break;
             }
+            nsid += 1;
         }
         nsid
     }
@@ -774,6 +777,39 @@ pub(crate) mod tests {
         let finish = AnyCommand::Volume(Command::FinishVolumeDeletion { uuid });
         let done = given_when(&deleting, finish).unwrap();
         assert_eq!(done[0].type_name(), "VolumeDeleted");
+    }
+
+    #[test]
+    fn given_two_volumes_when_third_created_then_nsids_are_distinct() {
+        let mut given = bootstrap_events();
+        for name in ["a", "b"] {
+            let mut ctx_events = given_when(&given, create_cmd(new_volume(name))).unwrap();
+            // Distinct uuids: the test ctx seed is fixed, so vary it through the name.
+            if let AnyEvent::Volume(Event::VolumeCreationRequested { volume }) = &mut ctx_events[0]
+            {
+                volume.uuid = Uuid::from_u128(name.as_bytes()[0] as u128);
+            }
+            given.extend(ctx_events);
+        }
+        let events = given_when(&given, create_cmd(new_volume("c"))).unwrap();
+        let AnyEvent::Volume(Event::VolumeCreationRequested { volume }) = &events[0] else {
+            panic!("{events:?}")
+        };
+        let mut state = State::default();
+        for (i, e) in given.iter().enumerate() {
+            state.evolve(
+                Applied {
+                    seq: i as u64 + 1,
+                    time_unix_ns: 0,
+                },
+                e,
+            );
+        }
+        let mut nsids: Vec<u32> = state.volumes.by_uuid.values().map(|v| v.nsid).collect();
+        nsids.push(volume.nsid);
+        assert_eq!(nsids.len(), 3);
+        nsids.sort_unstable();
+        assert_eq!(nsids, [1, 2, 3]);
     }
 
     #[test]
