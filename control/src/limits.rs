@@ -26,5 +26,5 @@ pub const PROJECTS_MAX: usize = 4096;
 pub const VOLUME_BYTES_MAX: u64 = 1 << 50;
 /// Most events the reconciler takes from the journal at once.
 pub const RECONCILE_BATCH_MAX: usize = 256;
-/// Most concurrent API connections.
-pub const API_CONNECTIONS_MAX: usize = 1024;
+/// Most API requests served at once; more are answered 503 rather than queued.
+pub const API_REQUESTS_IN_FLIGHT_MAX: usize = 1024;

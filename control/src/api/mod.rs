@@ -165,6 +165,27 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Requests being served at once; past this the API answers 503 instead of queueing
+/// without bound.
+static IN_FLIGHT: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(crate::limits::API_REQUESTS_IN_FLIGHT_MAX);
+
+async fn limit_in_flight(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match IN_FLIGHT.try_acquire() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            14,
+            "too many requests in flight; retry",
+        )
+        .into_response(),
+    }
+}
+
 /// Every route of the API.
 pub fn router(app: App) -> Router {
     Router::new()
@@ -172,5 +193,9 @@ pub fn router(app: App) -> Router {
         .merge(projects::routes())
         .merge(volumes::routes())
         .fallback(|| async { ApiError::not_found("no such API route") })
+        .layer(axum::extract::DefaultBodyLimit::max(
+            crate::limits::REQUEST_BODY_BYTES_MAX,
+        ))
+        .layer(axum::middleware::from_fn(limit_in_flight))
         .with_state(app)
 }
