@@ -80,6 +80,11 @@ fn quirky_clients_are_understood() {
     let (status, v) = c.post("/api/v2/volumes", &body);
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["projectName"], "default");
+    // Unknown routes and wrong methods answer JSON errors too.
+    let (status, err) = c.get("/api/v2/nope");
+    assert_eq!((status, &err["code"]), (404, &json!(5)));
+    let (status, err) = c.put("/api/v2/projects/default/volumes", &json!({}));
+    assert_eq!((status, &err["code"]), (405, &json!(12)));
     // Malformed JSON is a JSON 400.
     let (status, err) = c.post_raw("/api/v2/projects/default/volumes", "{");
     assert_eq!(status, 400);

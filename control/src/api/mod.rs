@@ -193,6 +193,13 @@ pub fn router(app: App) -> Router {
         .merge(projects::routes())
         .merge(volumes::routes())
         .fallback(|| async { ApiError::not_found("no such API route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                12,
+                "method not allowed on this route",
+            )
+        })
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::limits::REQUEST_BODY_BYTES_MAX,
         ))
