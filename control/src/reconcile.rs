@@ -50,7 +50,7 @@ pub async fn run(bus: Bus, data: Arc<dyn DataPlane>, mut shutdown: watch::Receiv
         };
         let mut failed = false;
         for v in creating {
-            failed |= !step(&bus, &data, Work::Create(v)).await;
+            failed |= !step(&bus, &data, Work::Create(Box::new(v))).await;
         }
         for v in deleting {
             failed |= !step(&bus, &data, Work::Delete(v.uuid)).await;
@@ -73,7 +73,7 @@ pub async fn run(bus: Bus, data: Arc<dyn DataPlane>, mut shutdown: watch::Receiv
 }
 
 enum Work {
-    Create(Volume),
+    Create(Box<Volume>),
     Delete(Uuid),
 }
 
