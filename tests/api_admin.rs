@@ -749,3 +749,76 @@ fn connected_hosts_come_from_live_nvme_sessions() {
         401
     );
 }
+
+#[test]
+fn authentication_and_authorization_matrix_for_admin_routes() {
+    let s = Server::start();
+    let admin = s.admin();
+    let server = admin.get("/api/v2/servers").1["servers"][0]["UUID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let garbage = admin.with_token("not-a-jwt");
+    let p_admin = s.client_with_roles(&["default:admin"]);
+    let p_viewer = s.client_with_roles(&["default:viewer"]);
+    // (path, may a project admin/viewer of `default` read it?)
+    let reads = [
+        ("/api/v2/clusterConfig".to_string(), false),
+        ("/api/v2/clusterConfig/EnableTrim".to_string(), false),
+        ("/api/v2/featureFlags".to_string(), false),
+        ("/api/v2/featureFlags/event-log".to_string(), false),
+        ("/api/v2/events".to_string(), false),
+        ("/api/v2/servers".to_string(), false),
+        (format!("/api/v2/servers/{server}"), false),
+        ("/api/v2/nvmeDevices".to_string(), false),
+        ("/api/v2/connectedHosts".to_string(), false),
+        ("/api/v2/nodes".to_string(), true),
+        ("/api/v2/projects/default/events".to_string(), true),
+        ("/api/v2/projects/default/credentials".to_string(), true),
+        ("/api/v2/projects/default/roles".to_string(), true),
+        ("/api/v2/projects/default/roles/admin".to_string(), true),
+    ];
+    for (path, project_may_read) in &reads {
+        let (status, err) = s.anonymous().get(path);
+        assert_json_error(status, &err, 401, 16);
+        assert_eq!(garbage.get(path).0, 401, "{path}");
+        assert_eq!(admin.get(path).0, 200, "{path}");
+        let want = if *project_may_read { 200 } else { 403 };
+        for c in [&p_admin, &p_viewer] {
+            let (status, body) = c.get(path);
+            assert_eq!(status, want, "{path}: {body}");
+        }
+    }
+    // Writes: cluster-wide ones need cluster-admin; a viewer never writes.
+    let writes = [
+        (
+            "PUT",
+            "/api/v2/clusterConfig/EnableTrim",
+            json!({"configParam": {"value": "true"}}),
+        ),
+        ("POST", "/api/v2/featureFlags/evict-data/enable", json!({})),
+        ("POST", "/api/v2/servers", json!({})),
+    ];
+    for (method, path, body) in &writes {
+        for c in [&p_admin, &p_viewer] {
+            let status = if *method == "PUT" {
+                c.put(path, body).0
+            } else {
+                c.post(path, body).0
+            };
+            assert_eq!(status, 403, "{method} {path}");
+        }
+        let status = if *method == "PUT" {
+            s.anonymous().put(path, body).0
+        } else {
+            s.anonymous().post(path, body).0
+        };
+        assert_eq!(status, 401, "{method} {path}");
+    }
+    assert_eq!(
+        p_viewer
+            .delete("/api/v2/projects/default/credentials/whatever")
+            .0,
+        403
+    );
+}

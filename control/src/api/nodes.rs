@@ -231,3 +231,25 @@ async fn restart(
 ) -> ApiResult<Json<Value>> {
     unimplemented(&app, &who, &uuid, "restarting a node instance").await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_bind_addresses_become_the_host_the_client_used() {
+        let mut h = HeaderMap::new();
+        assert_eq!(dialable_endpoint("10.0.0.5:4420", &h), "10.0.0.5:4420");
+        assert_eq!(dialable_endpoint("0.0.0.0:4420", &h), "0.0.0.0:4420");
+        h.insert(
+            axum::http::header::HOST,
+            "storage.example:8443".parse().unwrap(),
+        );
+        assert_eq!(
+            dialable_endpoint("0.0.0.0:4420", &h),
+            "storage.example:4420"
+        );
+        h.insert(axum::http::header::HOST, "[fd00::1]:8443".parse().unwrap());
+        assert_eq!(dialable_endpoint("[::]:4420", &h), "[fd00::1]:4420");
+    }
+}
