@@ -28,3 +28,8 @@ pub const VOLUME_BYTES_MAX: u64 = 1 << 50;
 pub const RECONCILE_BATCH_MAX: usize = 256;
 /// Most API requests served at once; more are answered 503 rather than queued.
 pub const API_REQUESTS_IN_FLIGHT_MAX: usize = 1024;
+/// Most journal envelopes one events request examines; a page cut short by this bound still
+/// carries a `nextToken`, so a filter that matches rarely pages on instead of scanning forever.
+pub const EVENTS_SCAN_MAX: usize = 64 * 1024;
+/// Envelopes read from the journal at once while serving events.
+pub const EVENTS_READ_CHUNK: usize = 1024;

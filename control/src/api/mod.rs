@@ -4,9 +4,18 @@
 
 pub mod auth;
 pub mod cluster;
+pub mod cluster_config;
+pub mod connected_hosts;
+pub mod credentials;
 pub mod error;
+pub mod events;
+pub mod feature_flags;
 pub mod json;
+pub mod nodes;
+pub mod nvme_devices;
 pub mod projects;
+pub mod roles;
+pub mod servers;
 pub mod volumes;
 
 use std::sync::Arc;
@@ -192,6 +201,15 @@ pub fn router(app: App) -> Router {
         .merge(cluster::routes())
         .merge(projects::routes())
         .merge(volumes::routes())
+        .merge(credentials::routes())
+        .merge(roles::routes())
+        .merge(cluster_config::routes())
+        .merge(feature_flags::routes())
+        .merge(events::routes())
+        .merge(servers::routes())
+        .merge(nodes::routes())
+        .merge(nvme_devices::routes())
+        .merge(connected_hosts::routes())
         .fallback(|| async { ApiError::not_found("no such API route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

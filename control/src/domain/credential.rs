@@ -211,4 +211,28 @@ mod tests {
             Err(DomainError::FailedPrecondition(_))
         ));
     }
+
+    #[test]
+    fn given_credential_when_deleted_then_gone_and_second_delete_is_404() {
+        let mut g = bootstrap_events();
+        let created = given_when(&g, create("default", "k1")).unwrap();
+        g.extend(created);
+        let del = || {
+            AnyCommand::Credential(Command::DeleteCredential {
+                project: "default".into(),
+                id: "k1".into(),
+            })
+        };
+        let deleted = given_when(&g, del()).unwrap();
+        assert_eq!(deleted[0].type_name(), "CredentialDeleted");
+        g.extend(deleted);
+        assert!(matches!(
+            given_when(&g, del()),
+            Err(DomainError::NotFound(_))
+        ));
+        assert!(matches!(
+            given_when(&g, create("default", "bad id")),
+            Err(DomainError::InvalidArgument(_))
+        ));
+    }
 }

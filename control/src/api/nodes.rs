@@ -1,0 +1,255 @@
+//! `/api/v2/nodes…`: the data-path instances (one per server here). Any caller with a role may
+//! read them, because clients find the NVMe/TCP endpoint (`nvmeEndpoint`) here; replacing,
+//! starting, stopping and restarting nodes answer 501 (a one-node cluster has no spare).
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::auth::Principal;
+use super::error::{ApiError, ApiResult};
+use super::json::{Body, Obj};
+use super::{App, Query};
+use crate::domain::inventory::Node;
+use crate::domain::volume::VolumeState;
+use crate::domain::State as DomainState;
+
+/// Most NVMe devices one node manages (reported as `maxNvmeDevices`).
+pub const NODE_DEVICES_MAX: u64 = 32;
+
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route("/api/v2/nodes", get(list))
+        .route("/api/v2/nodes/{UUID}", get(get_one))
+        .route("/api/v2/nodes/{UUID}/replace", post(replace))
+        .route("/api/v2/nodes/{UUID}/start", post(start))
+        .route("/api/v2/nodes/{UUID}/stop", post(stop))
+        .route("/api/v2/nodes/{UUID}/restart", post(restart))
+}
+
+/// Reading nodes needs any role at all: cluster admin, or admin/viewer of some project.
+fn require_any_role(who: &Principal) -> ApiResult<()> {
+    if who.roles.is_empty() {
+        return Err(ApiError::forbidden(
+            "permission denied: the token carries no role",
+        ));
+    }
+    Ok(())
+}
+
+/// The endpoint hosts should dial. A target bound to the unspecified address (`0.0.0.0`,
+/// `::`) is reachable at whatever host the client used for the API, so that host is used.
+pub fn dialable_endpoint(endpoint: &str, headers: &HeaderMap) -> String {
+    let Ok(addr) = endpoint.parse::<std::net::SocketAddr>() else {
+        return endpoint.to_string();
+    };
+    if !addr.ip().is_unspecified() {
+        return endpoint.to_string();
+    }
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<axum::http::uri::Authority>().ok())
+        .map(|a| a.host().to_string());
+    match host {
+        Some(h) => format!("{h}:{}", addr.port()),
+        None => endpoint.to_string(),
+    }
+}
+
+/// `NodeStatisticsApi`: the node's devices are its physical storage, the volumes placed on it
+/// its logical storage. Usage is not tracked yet and reads as zero (omitted).
+pub fn node_statistics(state: &DomainState, node: Uuid) -> Value {
+    let physical: u64 = state
+        .inventory
+        .devices
+        .values()
+        .filter(|d| d.node_uuid == node)
+        .map(|d| d.size_bytes)
+        .sum();
+    let logical: u64 = state
+        .volumes
+        .by_uuid
+        .values()
+        .filter(|v| v.node_uuid == node && v.state != VolumeState::Deleted)
+        .map(|v| v.size_bytes)
+        .sum();
+    Obj::new()
+        .u64s("managedPhysicalStorage", physical)
+        .u64s("effectivePhysicalStorage", physical)
+        .u64s("logicalStorage", logical)
+        .u64s("freePhysicalStorage", physical)
+        .u64s(
+            "estimatedFreeLogicalStorage",
+            physical.saturating_sub(logical),
+        )
+        .u64s("estimatedLogicalStorage", physical)
+        .float("compressionRatio", 1.0)
+        .build()
+}
+
+/// The failure domain of a node: its server (one failure domain per server, as LightOS does
+/// by default).
+fn failure_domains(state: &DomainState, n: &Node) -> Vec<String> {
+    state
+        .inventory
+        .servers
+        .get(&n.server_uuid)
+        .map(|s| vec![s.name.clone()])
+        .unwrap_or_default()
+}
+
+/// The `DurosNodeInfo` message.
+pub fn node_json(app: &App, state: &DomainState, n: &Node, headers: &HeaderMap) -> Value {
+    let devices = state
+        .inventory
+        .devices
+        .values()
+        .filter(|d| d.node_uuid == n.uuid)
+        .count() as u64;
+    let hostname = state
+        .inventory
+        .servers
+        .get(&n.server_uuid)
+        .map(|s| s.name.clone())
+        .unwrap_or_default();
+    // The live listener, not the address recorded at bootstrap: flags may have moved it.
+    let endpoint = dialable_endpoint(&app.info.nvme_endpoint, headers);
+    Obj::new()
+        .str("name", &n.name)
+        .str("UUID", &n.uuid.to_string())
+        .str("state", "Active")
+        .str("status", "ConnectivityOK")
+        .str("nvmeEndpoint", &endpoint)
+        .strs("failureDomains", &failure_domains(state, n))
+        .str("hostname", &hostname)
+        .num("numManagedDevices", devices)
+        .num("maxNvmeDevices", NODE_DEVICES_MAX)
+        .val("statistics", node_statistics(state, n.uuid))
+        .str("serverUUID", &n.server_uuid.to_string())
+        .str("ETag", &n.etag.to_string())
+        .build()
+}
+
+fn find<'a>(state: &'a DomainState, uuid: &str) -> ApiResult<&'a Node> {
+    Uuid::parse_str(uuid)
+        .ok()
+        .and_then(|u| state.inventory.nodes.get(&u))
+        .ok_or_else(|| ApiError::not_found(format!("node {uuid} not found")))
+}
+
+async fn list(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    q: Query,
+) -> ApiResult<Json<Value>> {
+    require_any_role(&who)?;
+    let (name, uuid, domain) = (q.get("name"), q.get("UUID"), q.get("failureDomain"));
+    if [name, uuid, domain].iter().filter(|f| f.is_some()).count() > 1 {
+        return Err(ApiError::bad_request(
+            "give at most one filter: name, UUID or failureDomain",
+        ));
+    }
+    let state = app.bus.state();
+    let nodes: Vec<Value> = state
+        .inventory
+        .nodes
+        .values()
+        .filter(|n| name.is_none_or(|x| n.name == x))
+        .filter(|n| uuid.is_none_or(|x| n.uuid.to_string() == x))
+        .filter(|n| domain.is_none_or(|x| failure_domains(&state, n).iter().any(|d| d == x)))
+        .map(|n| node_json(&app, &state, n, &headers))
+        .collect();
+    Ok(Json(json!({ "nodes": nodes })))
+}
+
+async fn get_one(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    Path(uuid): Path<String>,
+) -> ApiResult<Json<Value>> {
+    require_any_role(&who)?;
+    let state = app.bus.state();
+    Ok(Json(node_json(
+        &app,
+        &state,
+        find(&state, &uuid)?,
+        &headers,
+    )))
+}
+
+async fn unimplemented(
+    app: &App,
+    who: &Principal,
+    uuid: &str,
+    what: &str,
+) -> ApiResult<Json<Value>> {
+    who.require_cluster_admin()?;
+    find(&app.bus.state(), uuid)?;
+    Err(ApiError::unimplemented(format!(
+        "{what} is not implemented: evstor runs one node per server on a single server"
+    )))
+}
+
+async fn replace(
+    State(app): State<App>,
+    who: Principal,
+    Path(uuid): Path<String>,
+    _b: Body,
+) -> ApiResult<Json<Value>> {
+    unimplemented(&app, &who, &uuid, "replacing a node").await
+}
+
+async fn start(
+    State(app): State<App>,
+    who: Principal,
+    Path(uuid): Path<String>,
+    _b: Body,
+) -> ApiResult<Json<Value>> {
+    unimplemented(&app, &who, &uuid, "starting a node instance").await
+}
+
+async fn stop(
+    State(app): State<App>,
+    who: Principal,
+    Path(uuid): Path<String>,
+    _b: Body,
+) -> ApiResult<Json<Value>> {
+    unimplemented(&app, &who, &uuid, "stopping a node instance").await
+}
+
+async fn restart(
+    State(app): State<App>,
+    who: Principal,
+    Path(uuid): Path<String>,
+    _b: Body,
+) -> ApiResult<Json<Value>> {
+    unimplemented(&app, &who, &uuid, "restarting a node instance").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_bind_addresses_become_the_host_the_client_used() {
+        let mut h = HeaderMap::new();
+        assert_eq!(dialable_endpoint("10.0.0.5:4420", &h), "10.0.0.5:4420");
+        assert_eq!(dialable_endpoint("0.0.0.0:4420", &h), "0.0.0.0:4420");
+        h.insert(
+            axum::http::header::HOST,
+            "storage.example:8443".parse().unwrap(),
+        );
+        assert_eq!(
+            dialable_endpoint("0.0.0.0:4420", &h),
+            "storage.example:4420"
+        );
+        h.insert(axum::http::header::HOST, "[fd00::1]:8443".parse().unwrap());
+        assert_eq!(dialable_endpoint("[::]:4420", &h), "[fd00::1]:4420");
+    }
+}
