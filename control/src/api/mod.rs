@@ -6,7 +6,9 @@ pub mod auth;
 pub mod cluster;
 pub mod error;
 pub mod json;
+pub mod policies;
 pub mod projects;
+pub mod snapshots;
 pub mod volumes;
 
 use std::sync::Arc;
@@ -171,6 +173,8 @@ pub fn router(app: App) -> Router {
         .merge(cluster::routes())
         .merge(projects::routes())
         .merge(volumes::routes())
+        .merge(snapshots::routes())
+        .merge(policies::routes())
         .fallback(|| async { ApiError::not_found("no such API route") })
         .with_state(app)
 }

@@ -185,8 +185,9 @@ pub enum Command {
 /// Append only: bincode stores the variant's position.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
+    /// Boxed to keep the enum small; bincode encodes a box as its contents.
     SnapshotCreationRequested {
-        snapshot: Snapshot,
+        snapshot: Box<Snapshot>,
     },
     SnapshotBecameAvailable {
         uuid: Uuid,
@@ -268,7 +269,7 @@ fn create(state: &State, ctx: &Ctx, n: &NewSnapshot) -> Result<Vec<AnyEvent>, Do
     snapshot.description = n.description.clone();
     snapshot.retention_secs = n.retention_secs;
     Ok(vec![AnyEvent::Snapshot(Event::SnapshotCreationRequested {
-        snapshot,
+        snapshot: Box::new(snapshot),
     })])
 }
 
@@ -371,7 +372,7 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
     let snapshots = &mut state.snapshots;
     match event {
         Event::SnapshotCreationRequested { snapshot } => {
-            let mut s = snapshot.clone();
+            let mut s = Snapshot::clone(snapshot);
             s.etag = at.seq;
             snapshots.by_uuid.insert(uuid, s);
         }

@@ -774,7 +774,8 @@ pub(crate) mod tests {
 
     #[test]
     fn bad_inputs_are_400() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut NewVolume)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut NewVolume)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("bad name", Box::new(|n| n.name = "a b".into())),
             ("zero size", Box::new(|n| n.size_bytes = 0)),
             ("too big", Box::new(|n| n.size_bytes = VOLUME_BYTES_MAX + 1)),
