@@ -202,3 +202,79 @@ async fn step(bus: &Bus, data: &Arc<dyn DataPlane>, work: Work) -> bool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::snapshot::tests::{with_creating_snapshot, with_snapshot, SNAP};
+    use crate::domain::snapshot::Event as SnapshotEvent;
+    use crate::domain::volume::Event as VolumeEvent;
+    use crate::domain::{test_ctx, Applied, Event};
+
+    fn state_of(given: &[Event]) -> State {
+        let mut state = State::default();
+        for (i, e) in given.iter().enumerate() {
+            let at = Applied {
+                seq: i as u64 + 1,
+                time_unix_ns: 1,
+            };
+            state.evolve(at, e);
+        }
+        state
+    }
+
+    fn kinds(work: &[Work]) -> Vec<&'static str> {
+        work.iter()
+            .map(|w| match w {
+                Work::CreateVolume(_) => "create",
+                Work::CloneVolume(..) => "clone",
+                Work::DeleteVolume(_) => "delete-volume",
+                Work::TakeSnapshot(_) => "snapshot",
+                Work::DeleteSnapshot(_) => "delete-snapshot",
+                Work::Rollback(..) => "rollback",
+                Work::Expire(_) => "expire",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn snapshots_are_taken_first_and_settled_state_needs_nothing() {
+        let state = state_of(&with_creating_snapshot());
+        let (work, next) = pending(&state, 0);
+        assert_eq!(kinds(&work), ["snapshot"]);
+        assert_eq!(next, None);
+        let (work, _) = pending(&state_of(&with_snapshot()), 0);
+        assert!(work.is_empty());
+    }
+
+    #[test]
+    fn rollback_and_deletions_are_found_with_their_snapshot() {
+        let mut given = with_snapshot();
+        let vol = test_ctx().new_id(0);
+        given.push(Event::Volume(VolumeEvent::VolumeRollbackRequested {
+            uuid: vol,
+            snapshot: SNAP,
+        }));
+        let (work, _) = pending(&state_of(&given), 0);
+        assert!(matches!(&work[..], [Work::Rollback(v, s)] if v.uuid == vol && *s == SNAP));
+        given.push(Event::Volume(VolumeEvent::VolumeRolledBack { uuid: vol }));
+        given.push(Event::Volume(VolumeEvent::VolumeDeletionRequested {
+            uuid: vol,
+        }));
+        given.push(Event::Snapshot(SnapshotEvent::SnapshotDeletionRequested {
+            uuid: SNAP,
+        }));
+        let (work, _) = pending(&state_of(&given), 0);
+        assert_eq!(kinds(&work), ["delete-volume", "delete-snapshot"]);
+    }
+
+    #[test]
+    fn retention_is_due_or_scheduled() {
+        let mut state = state_of(&with_snapshot());
+        let s = state.snapshots.by_uuid.get_mut(&SNAP).unwrap();
+        s.retention_secs = 2;
+        let expiry = s.expiry_unix_ns().unwrap();
+        assert_eq!(pending(&state, expiry - 1), (vec![], Some(expiry)));
+        assert_eq!(kinds(&pending(&state, expiry).0), ["expire"]);
+    }
+}

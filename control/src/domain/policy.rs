@@ -529,6 +529,39 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_scoped_policy_cannot_be_the_default_of_a_project_outside_its_scope() {
+        let mut given = with_policy();
+        let mut ev = given_when(
+            &given,
+            create_cmd(
+                "p1only",
+                QosSpec {
+                    visibility: PolicyVisibility::Scoped,
+                    projects_scope: vec!["p1".into()],
+                    limit: QosLimit::Iops { read: 0, write: 0 },
+                },
+            ),
+        )
+        .unwrap();
+        if let AnyEvent::Policy(Event::PolicyCreated { policy }) = &mut ev[0] {
+            policy.uuid = Uuid::from_u128(0x78);
+        }
+        given.extend(ev);
+        let set_default = |project: &str| {
+            AnyCommand::Project(ProjectCommand::UpdateProject {
+                name: project.into(),
+                default_policies: vec![DefaultPolicy {
+                    policy_type: PolicyType::QosRateLimit,
+                    policy_uuid: Uuid::from_u128(0x78),
+                }],
+            })
+        };
+        assert!(given_when(&given, set_default("p1")).is_ok());
+        let err = err_of(&given, set_default("default"));
+        assert!(matches!(err, DomainError::NotFound(_)), "{err:?}");
+    }
+
+    #[test]
     fn a_new_volume_gets_the_project_default_and_scoped_policies_stay_private() {
         let mut given = with_policy();
         given.extend(
