@@ -3,8 +3,17 @@
 //! the API reads live sessions through [`DataPathView`].
 //!
 //! Volumes are files `volumes/<uuid>.img` in the data directory (sparse, sized to the volume)
-//! until the extent-mapped block store lands.
+//! until the extent-mapped block store lands. Snapshots are files `snapshots/<uuid>.img`:
+//! a reflink or hole-preserving copy of the volume file ([`evstor_datapath::filecopy`]).
+//!
+//! Crash consistency of these copies is weak: a snapshot copies the file while the namespace
+//! is still published, so a host writing during the copy can leave a snapshot that mixes
+//! blocks from before and after (torn across blocks, never inside one the host completed
+//! before the snapshot was requested). Rollback withdraws the namespace before it copies,
+//! but I/O already in flight in the target may still land. The extent-mapped block store,
+//! where a snapshot freezes a write epoch, fixes both.
 
+use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -13,6 +22,7 @@ use evstor_datapath::{Acl, ConnectedHost, NamespaceSpec, TargetHandle};
 use uuid::Uuid;
 
 use crate::api::DataPathView;
+use crate::domain::snapshot::Snapshot;
 use crate::domain::volume::{Volume, VolumeState, ALLOW_ANY, ALLOW_NONE};
 use crate::domain::State;
 use crate::reconcile::DataPlane;
@@ -20,6 +30,7 @@ use crate::reconcile::DataPlane;
 /// Backing files plus (when serving) the NVMe/TCP target.
 pub struct VolumeStore {
     dir: PathBuf,
+    snapshot_dir: PathBuf,
     target: Option<TargetHandle>,
     /// The last table handed to the target; publishing is skipped when nothing changed.
     published: Mutex<Vec<NamespaceSpec>>,
@@ -29,9 +40,12 @@ impl VolumeStore {
     /// Backing files only, no target (control-plane tests).
     pub fn files_only(data_dir: &Path) -> std::io::Result<VolumeStore> {
         let dir = data_dir.join("volumes");
+        let snapshot_dir = data_dir.join("snapshots");
         std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&snapshot_dir)?;
         Ok(VolumeStore {
             dir,
+            snapshot_dir,
             target: None,
             published: Mutex::new(Vec::new()),
         })
@@ -46,6 +60,10 @@ impl VolumeStore {
 
     pub fn path_of(&self, uuid: Uuid) -> PathBuf {
         self.dir.join(format!("{uuid}.img"))
+    }
+
+    pub fn snapshot_path_of(&self, uuid: Uuid) -> PathBuf {
+        self.snapshot_dir.join(format!("{uuid}.img"))
     }
 
     /// Where the target listens (I/O, discovery), when serving.
@@ -74,6 +92,44 @@ impl VolumeStore {
     }
 }
 
+/// Writes `final_path` as a copy of `src` resized to `len`, through a temporary file renamed
+/// into place: the rename is the commit point, so a crash leaves either nothing or a whole
+/// copy, and a retry that finds `final_path` has nothing left to do.
+fn copy_into_place(src: &Path, final_path: &Path, len: u64) -> std::io::Result<()> {
+    if final_path.exists() {
+        return Ok(());
+    }
+    let tmp = final_path.with_extension("img.tmp");
+    let from = File::open(src)?;
+    let to = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?;
+    let how = evstor_datapath::filecopy::copy_sparse(&from, &to)?;
+    to.set_len(len)?;
+    to.sync_all()?;
+    std::fs::rename(&tmp, final_path)?;
+    sync_dir(final_path)?;
+    tracing::debug!("{} -> {}: {how:?}", src.display(), final_path.display());
+    Ok(())
+}
+
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// A volume ACL in the data path's terms.
 pub fn acl(entries: &[String]) -> Acl {
     match entries {
@@ -95,11 +151,46 @@ impl DataPlane for VolumeStore {
         f.sync_all()
     }
 
+    fn prepare_clone(&self, v: &Volume, snapshot: Uuid) -> std::io::Result<()> {
+        copy_into_place(
+            &self.snapshot_path_of(snapshot),
+            &self.path_of(v.uuid),
+            v.size_bytes,
+        )
+    }
+
     fn release(&self, uuid: Uuid) -> std::io::Result<()> {
-        match std::fs::remove_file(self.path_of(uuid)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        remove_if_present(&self.path_of(uuid))?;
+        remove_if_present(&self.path_of(uuid).with_extension("img.tmp"))
+    }
+
+    fn take_snapshot(&self, s: &Snapshot) -> std::io::Result<()> {
+        copy_into_place(
+            &self.path_of(s.source_volume),
+            &self.snapshot_path_of(s.uuid),
+            s.size_bytes,
+        )
+    }
+
+    fn release_snapshot(&self, uuid: Uuid) -> std::io::Result<()> {
+        let path = self.snapshot_path_of(uuid);
+        remove_if_present(&path)?;
+        remove_if_present(&path.with_extension("img.tmp"))
+    }
+
+    /// Copies in place (same inode), so a backend the target still holds open sees the
+    /// restored data; repeating it after a crash repeats the same copy.
+    fn rollback(&self, v: &Volume, snapshot: Uuid) -> std::io::Result<()> {
+        let from = File::open(self.snapshot_path_of(snapshot))?;
+        let to = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.path_of(v.uuid))?;
+        evstor_datapath::filecopy::copy_sparse(&from, &to)?;
+        to.set_len(v.size_bytes)?;
+        to.sync_all()
     }
 
     fn publish(&self, state: &State) {

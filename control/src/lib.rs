@@ -4,9 +4,11 @@
 //! - [`store`]: the edge to the journal: event codec, projection rows, the single writer with
 //!   group commit ([`store::Bus`]), replay and projection verification.
 //! - [`api`]: the LightOS REST API v2 over axum, one file per resource, plus authentication.
-//! - [`reconcile`]: followers of the journal that drive long operations (volume creation and
-//!   deletion) to completion and resume after a crash.
-//! - [`dataplane`]: volume backing files and the NVMe/TCP target behind the reconciler.
+//! - [`reconcile`]: followers of the journal that drive long operations (volume and snapshot
+//!   creation and deletion, clones, rollback, retention expiry) to completion and resume after
+//!   a crash.
+//! - [`dataplane`]: volume and snapshot backing files and the NVMe/TCP target behind the
+//!   reconciler.
 //! - [`server`]: wiring for `evstor serve`: data directory, bootstrap, TLS, listeners.
 
 pub mod api;

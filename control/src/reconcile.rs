@@ -1,7 +1,8 @@
 //! Reconcilers: long operations are an intent event plus a completion event. The reconciler
-//! wakes on every commit, looks for volumes whose intent is not yet done (`Creating`,
-//! `Deleting`), drives the data path, and appends the completion. It is level-triggered, so
-//! after a crash it simply finds the unfinished work in the projections and resumes.
+//! wakes on every commit (and when a snapshot's retention runs out), looks for volumes and
+//! snapshots whose intent is not yet done (`Creating`, `Deleting`, `Rollback`, expired),
+//! drives the data path, and appends the completion. It is level-triggered, so after a crash
+//! it simply finds the unfinished work in the projections and resumes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::domain::snapshot::{Command as SnapshotCommand, Snapshot, SnapshotState};
 use crate::domain::volume::{Command as VolumeCommand, Volume, VolumeState};
 use crate::domain::{Command, State};
 use crate::store::{Bus, RequestMeta};
@@ -18,48 +20,110 @@ use crate::store::{Bus, RequestMeta};
 pub trait DataPlane: Send + Sync + 'static {
     /// Makes the volume servable (backing storage exists with the volume's size).
     fn prepare(&self, volume: &Volume) -> std::io::Result<()>;
+    /// As `prepare`, for a clone: its storage starts as a copy of the snapshot's.
+    fn prepare_clone(&self, volume: &Volume, snapshot: Uuid) -> std::io::Result<()>;
     /// Releases the volume's storage for good.
     fn release(&self, uuid: Uuid) -> std::io::Result<()>;
+    /// Captures the source volume's data as the snapshot's (idempotent once done).
+    fn take_snapshot(&self, snapshot: &Snapshot) -> std::io::Result<()>;
+    /// Releases the snapshot's storage for good.
+    fn release_snapshot(&self, uuid: Uuid) -> std::io::Result<()>;
+    /// Replaces the volume's data with the snapshot's.
+    fn rollback(&self, volume: &Volume, snapshot: Uuid) -> std::io::Result<()>;
     /// Hands the data path the namespace table implied by `state` (volumes, sizes, ACLs).
     fn publish(&self, state: &State);
 }
 
 /// Pause before retrying data-path work that failed.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Longest sleep between looks at the state when nothing is due (a bound, not a timer).
+const IDLE_WAKE_MAX: Duration = Duration::from_secs(60);
+
+/// One piece of unfinished work, with what to copy or free.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Work {
+    CreateVolume(Volume),
+    CloneVolume(Volume, Uuid),
+    DeleteVolume(Uuid),
+    TakeSnapshot(Snapshot),
+    DeleteSnapshot(Uuid),
+    Rollback(Volume, Uuid),
+    /// No data work: ask the domain to expire the snapshot.
+    Expire(Uuid),
+}
+
+/// Everything unfinished in `state` at `now_unix_ns`, in the order it must run (snapshots are
+/// taken before anything rewrites or frees a volume), and when the next retention expiry is
+/// due. Pure, so crash resumption is just calling it again.
+pub fn pending(state: &State, now_unix_ns: u64) -> (Vec<Work>, Option<u64>) {
+    let mut work = Vec::new();
+    let mut next_expiry = None::<u64>;
+    for s in state.snapshots.by_uuid.values() {
+        match s.state {
+            SnapshotState::Creating => work.push(Work::TakeSnapshot(s.clone())),
+            SnapshotState::Available => match s.expiry_unix_ns() {
+                Some(t) if t <= now_unix_ns => work.push(Work::Expire(s.uuid)),
+                Some(t) => next_expiry = Some(next_expiry.map_or(t, |n| n.min(t))),
+                None => {}
+            },
+            _ => {}
+        }
+    }
+    for v in state.volumes.by_uuid.values() {
+        match v.state {
+            VolumeState::Creating => work.push(match v.source_snapshot {
+                Some(s) => Work::CloneVolume(v.clone(), s),
+                None => Work::CreateVolume(v.clone()),
+            }),
+            VolumeState::Rollback => {
+                let from = state
+                    .snapshots
+                    .by_uuid
+                    .values()
+                    .find(|s| s.restoring.contains(&v.uuid));
+                if let Some(s) = from {
+                    work.push(Work::Rollback(v.clone(), s.uuid));
+                }
+            }
+            _ => {}
+        }
+    }
+    for v in state.volumes.by_uuid.values() {
+        if v.state == VolumeState::Deleting {
+            work.push(Work::DeleteVolume(v.uuid));
+        }
+    }
+    for s in state.snapshots.by_uuid.values() {
+        if s.state == SnapshotState::Deleting {
+            work.push(Work::DeleteSnapshot(s.uuid));
+        }
+    }
+    (work, next_expiry)
+}
 
 /// Runs until `shutdown` turns true.
 pub async fn run(bus: Bus, data: Arc<dyn DataPlane>, mut shutdown: watch::Receiver<bool>) {
     let mut seq = bus.last_seq();
     loop {
-        let (creating, deleting) = {
+        let now = crate::store::bus::now_unix_ns();
+        let (work, next_expiry) = {
             let state = bus.state();
             data.publish(&state);
-            let pending = |s: VolumeState| -> Vec<Volume> {
-                state
-                    .volumes
-                    .by_uuid
-                    .values()
-                    .filter(|v| v.state == s)
-                    .cloned()
-                    .collect()
-            };
-            (
-                pending(VolumeState::Creating),
-                pending(VolumeState::Deleting),
-            )
+            pending(&state, now)
         };
         let mut failed = false;
-        for v in creating {
-            failed |= !step(&bus, &data, Work::Create(Box::new(v))).await;
+        for w in work {
+            failed |= !step(&bus, &data, w).await;
         }
-        for v in deleting {
-            failed |= !step(&bus, &data, Work::Delete(v.uuid)).await;
-        }
+        let idle = match next_expiry {
+            Some(t) => Duration::from_nanos(t.saturating_sub(now)).min(IDLE_WAKE_MAX),
+            None => IDLE_WAKE_MAX,
+        };
         let wait = async {
             if failed {
                 tokio::time::sleep(RETRY_DELAY).await;
             } else {
-                let _ = seq.changed().await;
+                let _ = tokio::time::timeout(idle, seq.changed()).await;
             }
         };
         tokio::select! {
@@ -72,42 +136,145 @@ pub async fn run(bus: Bus, data: Arc<dyn DataPlane>, mut shutdown: watch::Receiv
     }
 }
 
-enum Work {
-    Create(Box<Volume>),
-    Delete(Uuid),
+/// The completion command for `w`, and a name for logs.
+fn completion(w: &Work) -> (Command, String) {
+    match w {
+        Work::CreateVolume(v) | Work::CloneVolume(v, _) => (
+            Command::Volume(VolumeCommand::MarkVolumeAvailable { uuid: v.uuid }),
+            format!("volume {}", v.uuid),
+        ),
+        Work::DeleteVolume(u) => (
+            Command::Volume(VolumeCommand::FinishVolumeDeletion { uuid: *u }),
+            format!("volume {u}"),
+        ),
+        Work::Rollback(v, _) => (
+            Command::Volume(VolumeCommand::FinishVolumeRollback { uuid: v.uuid }),
+            format!("volume {}", v.uuid),
+        ),
+        Work::TakeSnapshot(s) => (
+            Command::Snapshot(SnapshotCommand::MarkSnapshotAvailable { uuid: s.uuid }),
+            format!("snapshot {}", s.uuid),
+        ),
+        Work::DeleteSnapshot(u) => (
+            Command::Snapshot(SnapshotCommand::FinishSnapshotDeletion { uuid: *u }),
+            format!("snapshot {u}"),
+        ),
+        Work::Expire(u) => (
+            Command::Snapshot(SnapshotCommand::ExpireSnapshot { uuid: *u }),
+            format!("snapshot {u}"),
+        ),
+    }
+}
+
+fn execute(data: &dyn DataPlane, work: Work) -> std::io::Result<()> {
+    match work {
+        Work::CreateVolume(v) => data.prepare(&v),
+        Work::CloneVolume(v, s) => data.prepare_clone(&v, s),
+        Work::DeleteVolume(u) => data.release(u),
+        Work::TakeSnapshot(s) => data.take_snapshot(&s),
+        Work::DeleteSnapshot(u) => data.release_snapshot(u),
+        Work::Rollback(v, s) => data.rollback(&v, s),
+        Work::Expire(_) => Ok(()),
+    }
 }
 
 /// Does one piece of data-path work and records its completion; false if it must be retried.
 async fn step(bus: &Bus, data: &Arc<dyn DataPlane>, work: Work) -> bool {
     let data = data.clone();
-    let (uuid, command) = match &work {
-        Work::Create(v) => (v.uuid, VolumeCommand::MarkVolumeAvailable { uuid: v.uuid }),
-        Work::Delete(u) => (*u, VolumeCommand::FinishVolumeDeletion { uuid: *u }),
-    };
-    let done = tokio::task::spawn_blocking(move || match work {
-        Work::Create(v) => data.prepare(&v),
-        Work::Delete(u) => data.release(u),
-    })
-    .await;
+    let (command, what) = completion(&work);
+    let done = tokio::task::spawn_blocking(move || execute(data.as_ref(), work)).await;
     match done {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            tracing::warn!("data path work for volume {uuid} failed, will retry: {e}");
+            tracing::warn!("data path work for {what} failed, will retry: {e}");
             return false;
         }
         Err(e) => {
-            tracing::error!("data path task for volume {uuid} panicked: {e}");
+            tracing::error!("data path task for {what} panicked: {e}");
             return false;
         }
     }
-    match bus
-        .submit(RequestMeta::system("reconciler"), Command::Volume(command))
-        .await
-    {
+    match bus.submit(RequestMeta::system("reconciler"), command).await {
         Ok(_) => true,
         Err(e) => {
-            tracing::warn!("recording completion for volume {uuid} failed, will retry: {e}");
+            tracing::warn!("recording completion for {what} failed, will retry: {e}");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::snapshot::tests::{with_creating_snapshot, with_snapshot, SNAP};
+    use crate::domain::snapshot::Event as SnapshotEvent;
+    use crate::domain::volume::Event as VolumeEvent;
+    use crate::domain::{test_ctx, Applied, Event};
+
+    fn state_of(given: &[Event]) -> State {
+        let mut state = State::default();
+        for (i, e) in given.iter().enumerate() {
+            let at = Applied {
+                seq: i as u64 + 1,
+                time_unix_ns: 1,
+            };
+            state.evolve(at, e);
+        }
+        state
+    }
+
+    fn kinds(work: &[Work]) -> Vec<&'static str> {
+        work.iter()
+            .map(|w| match w {
+                Work::CreateVolume(_) => "create",
+                Work::CloneVolume(..) => "clone",
+                Work::DeleteVolume(_) => "delete-volume",
+                Work::TakeSnapshot(_) => "snapshot",
+                Work::DeleteSnapshot(_) => "delete-snapshot",
+                Work::Rollback(..) => "rollback",
+                Work::Expire(_) => "expire",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn snapshots_are_taken_first_and_settled_state_needs_nothing() {
+        let state = state_of(&with_creating_snapshot());
+        let (work, next) = pending(&state, 0);
+        assert_eq!(kinds(&work), ["snapshot"]);
+        assert_eq!(next, None);
+        let (work, _) = pending(&state_of(&with_snapshot()), 0);
+        assert!(work.is_empty());
+    }
+
+    #[test]
+    fn rollback_and_deletions_are_found_with_their_snapshot() {
+        let mut given = with_snapshot();
+        let vol = test_ctx().new_id(0);
+        given.push(Event::Volume(VolumeEvent::VolumeRollbackRequested {
+            uuid: vol,
+            snapshot: SNAP,
+        }));
+        let (work, _) = pending(&state_of(&given), 0);
+        assert!(matches!(&work[..], [Work::Rollback(v, s)] if v.uuid == vol && *s == SNAP));
+        given.push(Event::Volume(VolumeEvent::VolumeRolledBack { uuid: vol }));
+        given.push(Event::Volume(VolumeEvent::VolumeDeletionRequested {
+            uuid: vol,
+        }));
+        given.push(Event::Snapshot(SnapshotEvent::SnapshotDeletionRequested {
+            uuid: SNAP,
+        }));
+        let (work, _) = pending(&state_of(&given), 0);
+        assert_eq!(kinds(&work), ["delete-volume", "delete-snapshot"]);
+    }
+
+    #[test]
+    fn retention_is_due_or_scheduled() {
+        let mut state = state_of(&with_snapshot());
+        let s = state.snapshots.by_uuid.get_mut(&SNAP).unwrap();
+        s.retention_secs = 2;
+        let expiry = s.expiry_unix_ns().unwrap();
+        assert_eq!(pending(&state, expiry - 1), (vec![], Some(expiry)));
+        assert_eq!(kinds(&pending(&state, expiry).0), ["expire"]);
     }
 }

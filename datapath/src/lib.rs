@@ -15,6 +15,7 @@
 //! | `ctrl` | controller state, keep-alive, AEN queueing, registry |
 //! | `ns` | published namespace table (ACL-filtered per host) |
 //! | [`backend`] | the [`Backend`] trait and the io_uring file backend |
+//! | [`filecopy`] | whole-file reflink or sparse copies (snapshots, clones, rollback of file volumes) |
 //! | `target` | listeners, `start`, [`TargetHandle`] |
 //!
 //! # Threading model (and its limits)
@@ -70,6 +71,7 @@ pub mod backend;
 pub mod buffer;
 pub mod config;
 pub mod error;
+pub mod filecopy;
 pub mod limits;
 pub mod nvme;
 pub mod pages;

@@ -13,9 +13,11 @@ pub mod feature_flags;
 pub mod json;
 pub mod nodes;
 pub mod nvme_devices;
+pub mod policies;
 pub mod projects;
 pub mod roles;
 pub mod servers;
+pub mod snapshots;
 pub mod volumes;
 
 use std::sync::Arc;
@@ -210,6 +212,8 @@ pub fn router(app: App) -> Router {
         .merge(nodes::routes())
         .merge(nvme_devices::routes())
         .merge(connected_hosts::routes())
+        .merge(snapshots::routes())
+        .merge(policies::routes())
         .fallback(|| async { ApiError::not_found("no such API route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::names::{check_description, check_name};
+use super::policy::PolicyRef;
 use super::{Applied, Ctx, DomainError, Event as AnyEvent, RowKey, State};
 use crate::limits::PROJECTS_MAX;
 
@@ -110,11 +111,19 @@ impl Event {
     }
 }
 
-fn check_default_policies(state: &State, policies: &[DefaultPolicy]) -> Result<(), DomainError> {
+/// A QoS default must be a policy the project may use (a policy scoped to other projects
+/// does not exist as far as this one is concerned: 404).
+fn check_default_policies(
+    state: &State,
+    project: &str,
+    policies: &[DefaultPolicy],
+) -> Result<(), DomainError> {
     for p in policies {
         match p.policy_type {
             PolicyType::QosRateLimit => {
-                state.policies.require(p.policy_uuid)?;
+                state
+                    .policies
+                    .resolve_for(project, &PolicyRef::Uuid(p.policy_uuid))?;
             }
             PolicyType::Snapshot => {}
             PolicyType::Unknown => {
@@ -153,7 +162,7 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
                     "at most {PROJECTS_MAX} projects"
                 )));
             }
-            check_default_policies(state, default_policies)?;
+            check_default_policies(state, name, default_policies)?;
             Event::ProjectCreated {
                 uuid: ctx.new_id(0),
                 name: name.clone(),
@@ -166,7 +175,7 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             default_policies,
         } => {
             state.projects.require(name)?;
-            check_default_policies(state, default_policies)?;
+            check_default_policies(state, name, default_policies)?;
             Event::ProjectDefaultPoliciesUpdated {
                 name: name.clone(),
                 default_policies: default_policies.clone(),

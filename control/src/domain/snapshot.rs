@@ -1,12 +1,22 @@
 //! Snapshots: point-in-time, read-only images of a volume; the source of clones and rollback.
+//!
+//! Lifecycle, like volumes: `CreateSnapshot` appends `SnapshotCreationRequested` (state
+//! `Creating`); the reconciler copies the volume's data and appends `SnapshotBecameAvailable`.
+//! `DeleteSnapshot` (or retention expiry, `SnapshotExpired`) moves it to `Deleting`; the
+//! reconciler frees the data and appends `SnapshotDeleted`, after which it is gone.
+//!
+//! A snapshot outlives its volume: deleting a volume leaves its snapshots (and their clones)
+//! alone, since the reference documents no refusal and a snapshot holds its own data.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::volume::{Label, Volume};
+use super::names::{check_description, check_name};
+use super::volume::{Label, Volume, VolumeRef, VolumeState};
 use super::{Applied, Ctx, DomainError, Event as AnyEvent, RowKey, State};
+use crate::limits::SNAPSHOTS_MAX;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SnapshotState {
@@ -48,6 +58,10 @@ pub struct Snapshot {
     pub retention_secs: u64,
     pub creation_unix_ns: u64,
     pub etag: u64,
+    /// Volumes being rolled back to this snapshot right now (state `Rollback`). Kept here, not
+    /// on the volume, so the volume's stored shape does not change; it also makes "is this
+    /// snapshot in use" a local question.
+    pub restoring: Vec<Uuid>,
 }
 
 impl Snapshot {
@@ -72,7 +86,16 @@ impl Snapshot {
             retention_secs: 0,
             creation_unix_ns: now_unix_ns,
             etag: 0,
+            restoring: Vec::new(),
         }
+    }
+
+    /// When retention runs out, if the snapshot has a retention time.
+    pub fn expiry_unix_ns(&self) -> Option<u64> {
+        (self.retention_secs > 0).then(|| {
+            self.creation_unix_ns
+                .saturating_add(self.retention_secs.saturating_mul(1_000_000_000))
+        })
     }
 }
 
@@ -90,6 +113,19 @@ impl Snapshots {
         self.by_uuid.values().filter(move |s| s.project == project)
     }
 
+    pub fn by_name(&self, project: &str, name: &str) -> Option<&Snapshot> {
+        self.by_uuid
+            .values()
+            .find(|s| s.project == project && s.name == name)
+    }
+
+    /// Snapshots taken of `volume` (by id; they keep the id after the volume is gone).
+    pub fn of_volume(&self, volume: Uuid) -> impl Iterator<Item = &Snapshot> {
+        self.by_uuid
+            .values()
+            .filter(move |s| s.source_volume == volume)
+    }
+
     /// Resolves a reference within `project`, or 404.
     pub fn resolve(&self, project: &str, r: &SnapshotRef) -> Result<&Snapshot, DomainError> {
         match r {
@@ -98,34 +134,653 @@ impl Snapshots {
                 .filter(|s| s.project == project)
                 .ok_or_else(|| DomainError::not_found("snapshot", u)),
             SnapshotRef::Name(n) => self
-                .by_uuid
-                .values()
-                .find(|s| s.project == project && s.name == *n)
+                .by_name(project, n)
                 .ok_or_else(|| DomainError::not_found("snapshot", n)),
+        }
+    }
+
+    fn update(&mut self, uuid: Uuid, at: Applied, change: impl FnOnce(&mut Snapshot)) {
+        let s = self
+            .by_uuid
+            .get_mut(&uuid)
+            .expect("invariant: snapshot events after creation name an existing snapshot");
+        change(s);
+        s.etag = at.seq;
+    }
+}
+
+/// Everything a new snapshot needs; the API has parsed the retention time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSnapshot {
+    pub project: String,
+    pub name: String,
+    pub source: VolumeRef,
+    pub description: String,
+    /// 0 keeps the snapshot until it is deleted.
+    pub retention_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    CreateSnapshot(NewSnapshot),
+    DeleteSnapshot {
+        project: String,
+        target: SnapshotRef,
+        if_match: Option<String>,
+    },
+    /// Reconciler: the snapshot's data is captured.
+    MarkSnapshotAvailable {
+        uuid: Uuid,
+    },
+    /// Reconciler: the snapshot's data is freed.
+    FinishSnapshotDeletion {
+        uuid: Uuid,
+    },
+    /// Reconciler: the retention time may have run out; deletes the snapshot if it has.
+    ExpireSnapshot {
+        uuid: Uuid,
+    },
+}
+
+/// Append only: bincode stores the variant's position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    /// Boxed to keep the enum small; bincode encodes a box as its contents.
+    SnapshotCreationRequested {
+        snapshot: Box<Snapshot>,
+    },
+    SnapshotBecameAvailable {
+        uuid: Uuid,
+    },
+    SnapshotDeletionRequested {
+        uuid: Uuid,
+    },
+    SnapshotDeleted {
+        uuid: Uuid,
+    },
+    /// Retention ran out; the snapshot is `Deleting` from here on.
+    SnapshotExpired {
+        uuid: Uuid,
+    },
+}
+
+impl Event {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::SnapshotCreationRequested { .. } => "SnapshotCreationRequested",
+            Event::SnapshotBecameAvailable { .. } => "SnapshotBecameAvailable",
+            Event::SnapshotDeletionRequested { .. } => "SnapshotDeletionRequested",
+            Event::SnapshotDeleted { .. } => "SnapshotDeleted",
+            Event::SnapshotExpired { .. } => "SnapshotExpired",
+        }
+    }
+
+    pub fn uuid(&self) -> Uuid {
+        match self {
+            Event::SnapshotCreationRequested { snapshot } => snapshot.uuid,
+            Event::SnapshotBecameAvailable { uuid }
+            | Event::SnapshotDeletionRequested { uuid }
+            | Event::SnapshotDeleted { uuid }
+            | Event::SnapshotExpired { uuid } => *uuid,
+        }
+    }
+
+    pub fn project<'a>(&'a self, state: &'a State) -> &'a str {
+        match self {
+            Event::SnapshotCreationRequested { snapshot } => &snapshot.project,
+            other => state
+                .snapshots
+                .get(other.uuid())
+                .map(|s| s.project.as_str())
+                .unwrap_or(""),
         }
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Command {}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum Event {}
-
-impl Event {
-    pub fn type_name(&self) -> &'static str {
-        match *self {}
+fn create(state: &State, ctx: &Ctx, n: &NewSnapshot) -> Result<Vec<AnyEvent>, DomainError> {
+    state.projects.require(&n.project)?;
+    check_name("snapshot", &n.name)?;
+    check_description(&n.description)?;
+    let volume = state.volumes.resolve(&n.project, &n.source)?;
+    if state.snapshots.by_name(&n.project, &n.name).is_some() {
+        return Err(DomainError::exists("snapshot", &n.name));
     }
+    if state.snapshots.by_uuid.len() >= SNAPSHOTS_MAX {
+        return Err(DomainError::ResourceExhausted(format!(
+            "at most {SNAPSHOTS_MAX} snapshots"
+        )));
+    }
+    match volume.state {
+        VolumeState::Available => {}
+        VolumeState::Deleting | VolumeState::Deleted | VolumeState::Failed => {
+            return Err(DomainError::InvalidArgument(format!(
+                "volume {} is {:?}",
+                volume.uuid, volume.state
+            )))
+        }
+        other => {
+            return Err(DomainError::Unavailable(format!(
+                "volume {} is {other:?}; retry when it is Available",
+                volume.uuid
+            )))
+        }
+    }
+    let mut snapshot = Snapshot::of(volume, ctx.new_id(0), &n.name, ctx.now_unix_ns);
+    snapshot.description = n.description.clone();
+    snapshot.retention_secs = n.retention_secs;
+    Ok(vec![AnyEvent::Snapshot(Event::SnapshotCreationRequested {
+        snapshot: Box::new(snapshot),
+    })])
+}
 
-    pub fn project<'a>(&'a self, _state: &'a State) -> &'a str {
-        match *self {}
+/// Why `s` cannot go away right now, if something is still reading its data.
+fn in_use(state: &State, s: &Snapshot) -> Option<String> {
+    if let Some(v) = s.restoring.first() {
+        return Some(format!(
+            "volume {v} is being rolled back to snapshot {}",
+            s.uuid
+        ));
+    }
+    state
+        .volumes
+        .by_uuid
+        .values()
+        .find(|v| v.state == VolumeState::Creating && v.source_snapshot == Some(s.uuid))
+        .map(|v| format!("clone {} of snapshot {} is being created", v.uuid, s.uuid))
+}
+
+fn delete(
+    state: &State,
+    s: &Snapshot,
+    if_match: &Option<String>,
+) -> Result<Vec<AnyEvent>, DomainError> {
+    if let Some(tag) = if_match {
+        if *tag != s.etag.to_string() {
+            return Err(DomainError::EtagMismatch(format!(
+                "snapshot {} is at ETag {}, not {tag}",
+                s.uuid, s.etag
+            )));
+        }
+    }
+    match s.state {
+        SnapshotState::Available => {}
+        SnapshotState::Deleting | SnapshotState::Deleted | SnapshotState::Failed => {
+            return Err(DomainError::InvalidArgument(format!(
+                "snapshot {} is {:?}",
+                s.uuid, s.state
+            )))
+        }
+        other => {
+            return Err(DomainError::Unavailable(format!(
+                "snapshot {} is {other:?}; retry when it is Available",
+                s.uuid
+            )))
+        }
+    }
+    if let Some(why) = in_use(state, s) {
+        return Err(DomainError::Unavailable(format!("{why}; retry later")));
+    }
+    Ok(vec![AnyEvent::Snapshot(Event::SnapshotDeletionRequested {
+        uuid: s.uuid,
+    })])
+}
+
+/// Expires `uuid` if its retention ran out by `now`; otherwise (not yet, already going, or
+/// still read by a clone or rollback) nothing happens and the reconciler asks again later.
+fn expire(state: &State, now_unix_ns: u64, uuid: Uuid) -> Vec<AnyEvent> {
+    match state.snapshots.get(uuid) {
+        Some(s)
+            if s.state == SnapshotState::Available
+                && s.expiry_unix_ns().is_some_and(|t| t <= now_unix_ns)
+                && in_use(state, s).is_none() =>
+        {
+            vec![AnyEvent::Snapshot(Event::SnapshotExpired { uuid })]
+        }
+        _ => vec![],
     }
 }
 
-pub fn decide(_: &State, _: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, DomainError> {
-    match *cmd {}
+pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, DomainError> {
+    let settle = |from: SnapshotState, event: Event, uuid: &Uuid| match state.snapshots.get(*uuid) {
+        Some(s) if s.state == from => vec![AnyEvent::Snapshot(event)],
+        // Already settled (a reconciler retry after a crash): nothing to do.
+        _ => vec![],
+    };
+    match cmd {
+        Command::CreateSnapshot(n) => create(state, ctx, n),
+        Command::DeleteSnapshot {
+            project,
+            target,
+            if_match,
+        } => delete(state, state.snapshots.resolve(project, target)?, if_match),
+        Command::MarkSnapshotAvailable { uuid } => Ok(settle(
+            SnapshotState::Creating,
+            Event::SnapshotBecameAvailable { uuid: *uuid },
+            uuid,
+        )),
+        Command::FinishSnapshotDeletion { uuid } => Ok(settle(
+            SnapshotState::Deleting,
+            Event::SnapshotDeleted { uuid: *uuid },
+            uuid,
+        )),
+        Command::ExpireSnapshot { uuid } => Ok(expire(state, ctx.now_unix_ns, *uuid)),
+    }
 }
 
-pub fn evolve(_: &mut State, _: Applied, event: &Event) -> Vec<RowKey> {
-    match *event {}
+pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
+    let uuid = event.uuid();
+    let snapshots = &mut state.snapshots;
+    match event {
+        Event::SnapshotCreationRequested { snapshot } => {
+            let mut s = Snapshot::clone(snapshot);
+            s.etag = at.seq;
+            snapshots.by_uuid.insert(uuid, s);
+        }
+        Event::SnapshotBecameAvailable { .. } => {
+            snapshots.update(uuid, at, |s| s.state = SnapshotState::Available)
+        }
+        Event::SnapshotDeletionRequested { .. } | Event::SnapshotExpired { .. } => {
+            snapshots.update(uuid, at, |s| s.state = SnapshotState::Deleting)
+        }
+        Event::SnapshotDeleted { .. } => {
+            snapshots.by_uuid.remove(&uuid);
+        }
+    }
+    vec![RowKey::Snapshot(uuid)]
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::domain::volume::tests::{new_volume, with_volume};
+    use crate::domain::volume::{Command as VolumeCommand, Event as VolumeEvent};
+    use crate::domain::{given_when, test_ctx, Command as AnyCommand};
+
+    /// The uuid [`with_snapshot`] gives its snapshot (distinct from the volume's).
+    pub(crate) const SNAP: Uuid = Uuid::from_u128(0x5a);
+
+    pub(crate) fn new_snapshot(name: &str) -> NewSnapshot {
+        NewSnapshot {
+            project: "default".into(),
+            name: name.into(),
+            source: VolumeRef::Name("v1".into()),
+            description: String::new(),
+            retention_secs: 0,
+        }
+    }
+
+    fn create_cmd(n: NewSnapshot) -> AnyCommand {
+        AnyCommand::Snapshot(Command::CreateSnapshot(n))
+    }
+
+    fn del(target: SnapshotRef, if_match: Option<&str>) -> AnyCommand {
+        AnyCommand::Snapshot(Command::DeleteSnapshot {
+            project: "default".into(),
+            target,
+            if_match: if_match.map(str::to_string),
+        })
+    }
+
+    /// The snapshot-creation event `n` yields on `given`, re-keyed to `uuid`.
+    fn requested(given: &[AnyEvent], n: NewSnapshot, uuid: Uuid) -> AnyEvent {
+        let mut events = given_when(given, create_cmd(n)).unwrap();
+        let AnyEvent::Snapshot(Event::SnapshotCreationRequested { mut snapshot }) =
+            events.remove(0)
+        else {
+            panic!("not a snapshot creation")
+        };
+        snapshot.uuid = uuid;
+        AnyEvent::Snapshot(Event::SnapshotCreationRequested { snapshot })
+    }
+
+    /// [`with_volume`] plus snapshot `s1` (uuid [`SNAP`]) of `v1`, still `Creating`.
+    pub(crate) fn with_creating_snapshot() -> Vec<AnyEvent> {
+        let mut given = with_volume();
+        given.push(requested(&given, new_snapshot("s1"), SNAP));
+        given
+    }
+
+    /// [`with_volume`] plus an available snapshot `s1` (uuid [`SNAP`]) of `v1`.
+    pub(crate) fn with_snapshot() -> Vec<AnyEvent> {
+        let mut given = with_creating_snapshot();
+        given.push(AnyEvent::Snapshot(Event::SnapshotBecameAvailable {
+            uuid: SNAP,
+        }));
+        given
+    }
+
+    fn err_of(given: &[AnyEvent], cmd: AnyCommand) -> DomainError {
+        given_when(given, cmd).unwrap_err()
+    }
+
+    #[test]
+    fn given_volume_when_create_snapshot_then_creating_copy_of_the_volume() {
+        let mut n = new_snapshot("s1");
+        n.description = "before upgrade".into();
+        n.retention_secs = 3600;
+        let events = given_when(&with_volume(), create_cmd(n)).unwrap();
+        let [AnyEvent::Snapshot(Event::SnapshotCreationRequested { snapshot })] = &events[..]
+        else {
+            panic!("{events:?}")
+        };
+        assert_eq!(snapshot.state, SnapshotState::Creating);
+        assert_eq!(snapshot.source_volume, test_ctx().new_id(0));
+        assert_eq!(snapshot.source_volume_name, "v1");
+        assert_eq!(snapshot.size_bytes, 1 << 30);
+        assert_eq!(snapshot.description, "before upgrade");
+        assert_eq!(
+            snapshot.expiry_unix_ns(),
+            Some(test_ctx().now_unix_ns + 3600 * 1_000_000_000)
+        );
+    }
+
+    #[test]
+    fn by_uuid_works_and_missing_volume_or_project_is_404() {
+        let mut n = new_snapshot("s1");
+        n.source = VolumeRef::Uuid(test_ctx().new_id(0));
+        assert!(given_when(&with_volume(), create_cmd(n.clone())).is_ok());
+        n.source = VolumeRef::Uuid(Uuid::nil());
+        assert!(matches!(
+            err_of(&with_volume(), create_cmd(n)),
+            DomainError::NotFound(_)
+        ));
+        let mut n = new_snapshot("s1");
+        n.source = VolumeRef::Name("nope".into());
+        assert!(matches!(
+            err_of(&with_volume(), create_cmd(n)),
+            DomainError::NotFound(_)
+        ));
+        let mut n = new_snapshot("s1");
+        n.project = "nope".into();
+        assert!(matches!(
+            err_of(&with_volume(), create_cmd(n)),
+            DomainError::NotFound(_)
+        ));
+    }
+
+    #[test]
+    fn given_snapshot_when_create_same_name_then_409() {
+        let err = err_of(&with_snapshot(), create_cmd(new_snapshot("s1")));
+        assert!(matches!(err, DomainError::AlreadyExists(_)), "{err:?}");
+    }
+
+    #[test]
+    fn bad_name_or_long_description_is_400() {
+        let err = err_of(&with_volume(), create_cmd(new_snapshot("a b")));
+        assert!(matches!(err, DomainError::InvalidArgument(_)));
+        let mut n = new_snapshot("s1");
+        n.description = "x".repeat(257);
+        let err = err_of(&with_volume(), create_cmd(n));
+        assert!(matches!(err, DomainError::InvalidArgument(_)));
+    }
+
+    #[test]
+    fn volume_not_available_is_503_while_transient_and_400_when_deleting() {
+        let mut creating = crate::domain::cluster::tests::bootstrap_events();
+        creating.extend(
+            given_when(
+                &creating,
+                AnyCommand::Volume(VolumeCommand::CreateVolume(new_volume("v1"))),
+            )
+            .unwrap(),
+        );
+        let err = err_of(&creating, create_cmd(new_snapshot("s1")));
+        assert!(matches!(err, DomainError::Unavailable(_)), "{err:?}");
+        let mut deleting = with_volume();
+        deleting.push(AnyEvent::Volume(VolumeEvent::VolumeDeletionRequested {
+            uuid: test_ctx().new_id(0),
+        }));
+        let err = err_of(&deleting, create_cmd(new_snapshot("s1")));
+        assert!(matches!(err, DomainError::InvalidArgument(_)), "{err:?}");
+    }
+
+    #[test]
+    fn lifecycle_creating_available_deleting_gone() {
+        let given = with_creating_snapshot();
+        let mark = AnyCommand::Snapshot(Command::MarkSnapshotAvailable { uuid: SNAP });
+        let events = given_when(&given, mark.clone()).unwrap();
+        assert_eq!(events[0].type_name(), "SnapshotBecameAvailable");
+        // A retry after the fact is a no-op.
+        assert!(given_when(&with_snapshot(), mark).unwrap().is_empty());
+
+        let events =
+            given_when(&with_snapshot(), del(SnapshotRef::Name("s1".into()), None)).unwrap();
+        assert_eq!(events[0].type_name(), "SnapshotDeletionRequested");
+        let mut deleting = with_snapshot();
+        deleting.extend(events);
+        let finish = AnyCommand::Snapshot(Command::FinishSnapshotDeletion { uuid: SNAP });
+        let events = given_when(&deleting, finish.clone()).unwrap();
+        assert_eq!(events[0].type_name(), "SnapshotDeleted");
+        let mut gone = deleting.clone();
+        gone.extend(events);
+        assert!(given_when(&gone, finish).unwrap().is_empty());
+        let err = err_of(&gone, del(SnapshotRef::Uuid(SNAP), None));
+        assert!(matches!(err, DomainError::NotFound(_)));
+    }
+
+    #[test]
+    fn delete_state_rules_and_etag() {
+        // Creating → 503; Deleting → 400; wrong ETag → 412; right ETag → ok.
+        let err = err_of(
+            &with_creating_snapshot(),
+            del(SnapshotRef::Uuid(SNAP), None),
+        );
+        assert!(matches!(err, DomainError::Unavailable(_)), "{err:?}");
+        let mut deleting = with_snapshot();
+        deleting.push(AnyEvent::Snapshot(Event::SnapshotDeletionRequested {
+            uuid: SNAP,
+        }));
+        let err = err_of(&deleting, del(SnapshotRef::Uuid(SNAP), None));
+        assert!(matches!(err, DomainError::InvalidArgument(_)), "{err:?}");
+        let given = with_snapshot();
+        let err = err_of(&given, del(SnapshotRef::Uuid(SNAP), Some("1")));
+        assert!(matches!(err, DomainError::EtagMismatch(_)), "{err:?}");
+        let etag = given.len().to_string();
+        assert!(given_when(&given, del(SnapshotRef::Uuid(SNAP), Some(&etag))).is_ok());
+        let err = err_of(&given, del(SnapshotRef::Name("nope".into()), None));
+        assert!(matches!(err, DomainError::NotFound(_)));
+    }
+
+    #[test]
+    fn a_snapshot_being_cloned_cannot_be_deleted_or_expire_yet() {
+        let mut given = with_snapshot();
+        let mut clone = new_volume("c1");
+        clone.size_bytes = 0;
+        clone.source_snapshot = Some(SnapshotRef::Name("s1".into()));
+        let events = given_when(
+            &given,
+            AnyCommand::Volume(VolumeCommand::CreateVolume(clone)),
+        )
+        .unwrap();
+        let AnyEvent::Volume(VolumeEvent::VolumeCreationRequested { volume }) = &events[0] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(volume.source_snapshot, Some(SNAP));
+        assert_eq!(volume.source_snapshot_name, "s1");
+        assert_eq!(volume.size_bytes, 1 << 30);
+        given.push(AnyEvent::Volume(VolumeEvent::VolumeCreationRequested {
+            volume: Volume {
+                uuid: Uuid::from_u128(0xc1),
+                ..volume.clone()
+            },
+        }));
+        let err = err_of(&given, del(SnapshotRef::Uuid(SNAP), None));
+        assert!(matches!(err, DomainError::Unavailable(_)), "{err:?}");
+    }
+
+    #[test]
+    fn expiry_happens_only_after_the_retention_time() {
+        let now = test_ctx().now_unix_ns;
+        let at = |secs_ago: u64, retention: u64| {
+            let mut given = with_volume();
+            let mut n = new_snapshot("s1");
+            n.retention_secs = retention;
+            let AnyEvent::Snapshot(Event::SnapshotCreationRequested { mut snapshot }) =
+                requested(&given, n, SNAP)
+            else {
+                unreachable!()
+            };
+            snapshot.creation_unix_ns = now - secs_ago * 1_000_000_000;
+            given.push(AnyEvent::Snapshot(Event::SnapshotCreationRequested {
+                snapshot,
+            }));
+            given.push(AnyEvent::Snapshot(Event::SnapshotBecameAvailable {
+                uuid: SNAP,
+            }));
+            given_when(
+                &given,
+                AnyCommand::Snapshot(Command::ExpireSnapshot { uuid: SNAP }),
+            )
+            .unwrap()
+        };
+        assert_eq!(at(10, 5)[0].type_name(), "SnapshotExpired");
+        assert_eq!(at(5, 5)[0].type_name(), "SnapshotExpired");
+        assert!(at(4, 5).is_empty(), "not yet");
+        assert!(at(10_000, 0).is_empty(), "no retention: kept forever");
+    }
+
+    #[test]
+    fn deleting_a_volume_keeps_its_snapshots_but_waits_for_one_being_taken() {
+        let del_volume = AnyCommand::Volume(VolumeCommand::DeleteVolume {
+            project: "default".into(),
+            target: VolumeRef::Name("v1".into()),
+            if_match: None,
+        });
+        let err = err_of(&with_creating_snapshot(), del_volume.clone());
+        assert!(matches!(err, DomainError::Unavailable(_)), "{err:?}");
+        let mut given = with_snapshot();
+        given.extend(given_when(&given, del_volume).unwrap());
+        given.push(AnyEvent::Volume(VolumeEvent::VolumeDeleted {
+            uuid: test_ctx().new_id(0),
+        }));
+        let mut state = State::default();
+        for (i, e) in given.iter().enumerate() {
+            state.evolve(
+                Applied {
+                    seq: i as u64 + 1,
+                    time_unix_ns: 1,
+                },
+                e,
+            );
+        }
+        assert!(state.volumes.is_empty());
+        assert_eq!(
+            state.snapshots.get(SNAP).map(|s| s.state),
+            Some(SnapshotState::Available)
+        );
+    }
+}
+
+/// Rollback is a volume command, but all its rules are about snapshots.
+#[cfg(test)]
+mod rollback_tests {
+    use super::tests::{with_creating_snapshot, with_snapshot, SNAP};
+    use super::*;
+    use crate::domain::volume::tests::{new_volume, with_volume};
+    use crate::domain::volume::{Command as VolumeCommand, Event as VolumeEvent};
+    use crate::domain::{given_when, test_ctx, Command as AnyCommand};
+
+    fn rollback(volume: &str, snapshot: SnapshotRef) -> AnyCommand {
+        AnyCommand::Volume(VolumeCommand::RollbackVolume {
+            project: "default".into(),
+            target: VolumeRef::Name(volume.into()),
+            snapshot,
+        })
+    }
+
+    fn state_of(given: &[AnyEvent]) -> State {
+        let mut state = State::default();
+        for (i, e) in given.iter().enumerate() {
+            state.evolve(
+                Applied {
+                    seq: i as u64 + 1,
+                    time_unix_ns: 1,
+                },
+                e,
+            );
+        }
+        state
+    }
+
+    #[test]
+    fn given_snapshot_when_rollback_then_rollback_state_until_the_reconciler_finishes() {
+        let mut given = with_snapshot();
+        let events = given_when(&given, rollback("v1", SnapshotRef::Name("s1".into()))).unwrap();
+        assert_eq!(events[0].type_name(), "VolumeRollbackRequested");
+        given.extend(events);
+        let vol = test_ctx().new_id(0);
+        let s = state_of(&given);
+        assert_eq!(s.volumes.get(vol).unwrap().state, VolumeState::Rollback);
+        assert_eq!(s.snapshots.get(SNAP).unwrap().restoring, [vol]);
+        // While it runs: no second rollback, no snapshot deletion.
+        let err = given_when(&given, rollback("v1", SnapshotRef::Uuid(SNAP))).unwrap_err();
+        assert!(matches!(err, DomainError::Unavailable(_)), "{err:?}");
+        let del = AnyCommand::Snapshot(Command::DeleteSnapshot {
+            project: "default".into(),
+            target: SnapshotRef::Uuid(SNAP),
+            if_match: None,
+        });
+        let err = given_when(&given, del.clone()).unwrap_err();
+        assert!(matches!(err, DomainError::Unavailable(_)), "{err:?}");
+
+        let finish = AnyCommand::Volume(VolumeCommand::FinishVolumeRollback { uuid: vol });
+        let events = given_when(&given, finish.clone()).unwrap();
+        assert_eq!(events[0].type_name(), "VolumeRolledBack");
+        given.extend(events);
+        let s = state_of(&given);
+        assert_eq!(s.volumes.get(vol).unwrap().state, VolumeState::Available);
+        assert!(s.snapshots.get(SNAP).unwrap().restoring.is_empty());
+        assert!(given_when(&given, finish).unwrap().is_empty());
+        assert!(given_when(&given, del).is_ok());
+    }
+
+    #[test]
+    fn rollback_errors() {
+        // Missing volume or snapshot: 404.
+        let err = given_when(&with_snapshot(), rollback("nope", SnapshotRef::Uuid(SNAP)));
+        assert!(matches!(err, Err(DomainError::NotFound(_))), "{err:?}");
+        let err = given_when(
+            &with_snapshot(),
+            rollback("v1", SnapshotRef::Name("x".into())),
+        );
+        assert!(matches!(err, Err(DomainError::NotFound(_))), "{err:?}");
+        // Snapshot still being taken: 503.
+        let err = given_when(
+            &with_creating_snapshot(),
+            rollback("v1", SnapshotRef::Uuid(SNAP)),
+        );
+        assert!(matches!(err, Err(DomainError::Unavailable(_))), "{err:?}");
+        // Snapshot of another volume: 400.
+        let mut given = with_snapshot();
+        let mut other = given_when(
+            &given,
+            AnyCommand::Volume(VolumeCommand::CreateVolume(new_volume("v2"))),
+        )
+        .unwrap();
+        if let AnyEvent::Volume(VolumeEvent::VolumeCreationRequested { volume }) = &mut other[0] {
+            volume.uuid = Uuid::from_u128(0x2);
+        }
+        given.extend(other);
+        given.push(AnyEvent::Volume(VolumeEvent::VolumeBecameAvailable {
+            uuid: Uuid::from_u128(0x2),
+        }));
+        let err = given_when(&given, rollback("v2", SnapshotRef::Uuid(SNAP)));
+        assert!(
+            matches!(err, Err(DomainError::InvalidArgument(_))),
+            "{err:?}"
+        );
+        // Volume being deleted: 503, as the reference documents.
+        let mut deleting = with_snapshot();
+        deleting.push(AnyEvent::Volume(VolumeEvent::VolumeDeletionRequested {
+            uuid: test_ctx().new_id(0),
+        }));
+        let err = given_when(&deleting, rollback("v1", SnapshotRef::Uuid(SNAP)));
+        assert!(matches!(err, Err(DomainError::Unavailable(_))), "{err:?}");
+        // No snapshot at all by that name in the project.
+        let err = given_when(
+            &with_volume(),
+            rollback("v1", SnapshotRef::Name("s1".into())),
+        );
+        assert!(matches!(err, Err(DomainError::NotFound(_))), "{err:?}");
+    }
 }

@@ -3,7 +3,9 @@
 //! Lifecycle: `CreateVolume` appends `VolumeCreationRequested` (state `Creating`); the
 //! reconciler prepares the data path and appends `VolumeBecameAvailable`. `DeleteVolume`
 //! appends `VolumeDeletionRequested` (state `Deleting`); the reconciler tears the namespace
-//! down and appends `VolumeDeleted`, after which the volume is gone.
+//! down and appends `VolumeDeleted`, after which the volume is gone. `RollbackVolume` appends
+//! `VolumeRollbackRequested` (state `Rollback`, the namespace is withdrawn); the reconciler
+//! copies the snapshot's data back and appends `VolumeRolledBack` (state `Available`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -217,8 +219,19 @@ pub enum Command {
     FinishVolumeDeletion {
         uuid: Uuid,
     },
+    /// Restores the volume's data from one of its own snapshots.
+    RollbackVolume {
+        project: String,
+        target: VolumeRef,
+        snapshot: SnapshotRef,
+    },
+    /// Reconciler: the snapshot's data is back in the volume.
+    FinishVolumeRollback {
+        uuid: Uuid,
+    },
 }
 
+/// Append only: bincode stores the variant's position.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
     VolumeCreationRequested { volume: Volume },
@@ -226,6 +239,8 @@ pub enum Event {
     VolumeUpdated { uuid: Uuid, change: VolumeDelta },
     VolumeDeletionRequested { uuid: Uuid },
     VolumeDeleted { uuid: Uuid },
+    VolumeRollbackRequested { uuid: Uuid, snapshot: Uuid },
+    VolumeRolledBack { uuid: Uuid },
 }
 
 /// The resolved form of a [`VolumeChange`] as stored in the journal.
@@ -248,6 +263,8 @@ impl Event {
             Event::VolumeUpdated { .. } => "VolumeUpdated",
             Event::VolumeDeletionRequested { .. } => "VolumeDeletionRequested",
             Event::VolumeDeleted { .. } => "VolumeDeleted",
+            Event::VolumeRollbackRequested { .. } => "VolumeRollbackRequested",
+            Event::VolumeRolledBack { .. } => "VolumeRolledBack",
         }
     }
 
@@ -257,7 +274,9 @@ impl Event {
             Event::VolumeBecameAvailable { uuid }
             | Event::VolumeUpdated { uuid, .. }
             | Event::VolumeDeletionRequested { uuid }
-            | Event::VolumeDeleted { uuid } => *uuid,
+            | Event::VolumeDeleted { uuid }
+            | Event::VolumeRollbackRequested { uuid, .. }
+            | Event::VolumeRolledBack { uuid } => *uuid,
         }
     }
 
@@ -495,9 +514,24 @@ fn update(
     })])
 }
 
-fn delete(v: &Volume, if_match: &Option<String>) -> Result<Vec<AnyEvent>, DomainError> {
+fn delete(
+    state: &State,
+    v: &Volume,
+    if_match: &Option<String>,
+) -> Result<Vec<AnyEvent>, DomainError> {
     check_etag(v, if_match)?;
     require_settled(v)?;
+    // Snapshots outlive their volume, but one being taken still reads the volume's data.
+    if let Some(s) = state
+        .snapshots
+        .of_volume(v.uuid)
+        .find(|s| s.state == SnapshotState::Creating)
+    {
+        return Err(DomainError::Unavailable(format!(
+            "snapshot {} of volume {} is being taken; retry when it is Available",
+            s.uuid, v.uuid
+        )));
+    }
     Ok(vec![AnyEvent::Volume(Event::VolumeDeletionRequested {
         uuid: v.uuid,
     })])
@@ -521,7 +555,12 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             project,
             target,
             if_match,
-        } => delete(state.volumes.resolve(project, target)?, if_match),
+        } => delete(state, state.volumes.resolve(project, target)?, if_match),
+        Command::RollbackVolume {
+            project,
+            target,
+            snapshot,
+        } => rollback(state, state.volumes.resolve(project, target)?, snapshot),
         Command::MarkVolumeAvailable { uuid } => match state.volumes.get(*uuid) {
             Some(v) if v.state == VolumeState::Creating => {
                 Ok(vec![AnyEvent::Volume(Event::VolumeBecameAvailable {
@@ -537,7 +576,71 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             }
             _ => Ok(vec![]),
         },
+        Command::FinishVolumeRollback { uuid } => match state.volumes.get(*uuid) {
+            Some(v) if v.state == VolumeState::Rollback => {
+                Ok(vec![AnyEvent::Volume(Event::VolumeRolledBack {
+                    uuid: *uuid,
+                })])
+            }
+            _ => Ok(vec![]),
+        },
     }
+}
+
+/// The snapshot must be an available snapshot of this very volume, and nothing else may be
+/// happening to the volume (the reference answers 503 for a volume being deleted).
+fn rollback(state: &State, v: &Volume, r: &SnapshotRef) -> Result<Vec<AnyEvent>, DomainError> {
+    let snap = state.snapshots.resolve(&v.project, r)?;
+    if snap.source_volume != v.uuid {
+        return Err(DomainError::InvalidArgument(format!(
+            "snapshot {} was taken of volume {}, not of {}",
+            snap.uuid, snap.source_volume_name, v.name
+        )));
+    }
+    match snap.state {
+        SnapshotState::Available => {}
+        SnapshotState::Creating => {
+            return Err(DomainError::Unavailable(format!(
+                "snapshot {} is still being taken; retry when it is Available",
+                snap.uuid
+            )))
+        }
+        other => {
+            return Err(DomainError::InvalidArgument(format!(
+                "snapshot {} is {other:?}",
+                snap.uuid
+            )))
+        }
+    }
+    match v.state {
+        VolumeState::Available => {}
+        VolumeState::Failed => {
+            return Err(DomainError::InvalidArgument(format!(
+                "volume {} is Failed",
+                v.uuid
+            )))
+        }
+        other => {
+            return Err(DomainError::Unavailable(format!(
+                "volume {} is {other:?}; cannot roll it back now",
+                v.uuid
+            )))
+        }
+    }
+    if let Some(s) = state
+        .snapshots
+        .of_volume(v.uuid)
+        .find(|s| s.state == SnapshotState::Creating)
+    {
+        return Err(DomainError::Unavailable(format!(
+            "snapshot {} of volume {} is being taken; retry when it is Available",
+            s.uuid, v.uuid
+        )));
+    }
+    Ok(vec![AnyEvent::Volume(Event::VolumeRollbackRequested {
+        uuid: v.uuid,
+        snapshot: snap.uuid,
+    })])
 }
 
 pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
@@ -558,16 +661,36 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
         .cloned()
         .expect("invariant: volume events after creation name an existing volume");
     v.etag = at.seq;
+    let mut rows = vec![RowKey::Volume(uuid)];
     match event {
         Event::VolumeBecameAvailable { .. } => v.state = VolumeState::Available,
         Event::VolumeDeletionRequested { .. } => v.state = VolumeState::Deleting,
         Event::VolumeUpdated { change: d, .. } => apply_delta(&mut v, d),
+        Event::VolumeRollbackRequested { snapshot, .. } => {
+            v.state = VolumeState::Rollback;
+            let s = state
+                .snapshots
+                .by_uuid
+                .get_mut(snapshot)
+                .expect("invariant: a rollback names an existing snapshot");
+            s.restoring.push(uuid);
+            rows.push(RowKey::Snapshot(*snapshot));
+        }
+        Event::VolumeRolledBack { .. } => {
+            v.state = VolumeState::Available;
+            for s in state.snapshots.by_uuid.values_mut() {
+                if s.restoring.contains(&uuid) {
+                    s.restoring.retain(|r| *r != uuid);
+                    rows.push(RowKey::Snapshot(s.uuid));
+                }
+            }
+        }
         Event::VolumeCreationRequested { .. } | Event::VolumeDeleted { .. } => {
             unreachable!("handled above")
         }
     }
     state.volumes.insert(v);
-    vec![RowKey::Volume(uuid)]
+    rows
 }
 
 fn apply_delta(v: &mut Volume, d: &VolumeDelta) {
