@@ -980,10 +980,11 @@ fn pin(pid: u32, cpu: usize) -> anyhow::Result<()> {
     for tid in tids {
         // SAFETY: passes a valid cpu_set_t of the size given; the kernel only reads it.
         let r = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
+        let e = std::io::Error::last_os_error();
+        // ESRCH: the thread exited after the directory was read; there is nothing to pin.
         ensure!(
-            r == 0,
-            "sched_setaffinity({tid}): {}",
-            std::io::Error::last_os_error()
+            r == 0 || e.raw_os_error() == Some(libc::ESRCH),
+            "sched_setaffinity({tid}): {e}"
         );
     }
     Ok(())
