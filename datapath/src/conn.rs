@@ -2,9 +2,11 @@
 //!
 //! The thread does the ICReq/Connect handshake with blocking reads, then runs a
 //! poll loop over three descriptors: the socket (PDUs in), the queue's io_uring
-//! eventfd (storage completions) and a notifier (AENs, teardown). Responses are
-//! written with blocking `writev` straight from the slot buffers. Everything a
-//! queue needs (slots, data buffers, ring) is allocated once, at Connect.
+//! (storage completions) and a notifier (AENs, teardown). Responses produced in
+//! one pass of the loop are staged in a [`TxBatch`] and written with one blocking
+//! `writev` before the thread sleeps, data straight from the slot buffers.
+//! Everything a queue needs (slots, data buffers, ring, send batch) is allocated
+//! once, at Connect.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -21,6 +23,7 @@ use crate::fabrics::{self, Accepted, ConnectOutcome};
 use crate::limits::{
     HANDSHAKE_TIMEOUT_MS, KATO_GRACE_MS, MAX_DATA_BYTES, MAX_H2C_DATA_BYTES, MAX_HDR_BYTES,
     MAX_NAMESPACES, MAX_OUTSTANDING_AERS, POLL_INTERVAL_MS_MAX, RX_BUF_BYTES, SEND_TIMEOUT_MS,
+    TX_BATCH_HDR_BYTES, TX_BATCH_SEGS,
 };
 use crate::notify::Notifier;
 use crate::ns::{Namespace, NsTable};
@@ -49,6 +52,8 @@ pub enum SlotState {
     AwaitData,
     /// Storage operations in flight.
     Executing,
+    /// Finished; its data is staged in the send batch, so the buffer stays reserved.
+    Sending,
 }
 
 /// Per-command bookkeeping; one per submission queue entry.
@@ -188,6 +193,55 @@ impl RxBuf {
     }
 }
 
+/// One piece of a batched send.
+#[derive(Debug, Clone, Copy)]
+enum Seg {
+    /// Bytes `start..end` of the batch's header area.
+    Hdr { start: usize, end: usize },
+    /// The first `len` bytes of slot `i`'s data buffer.
+    Slot { i: u16, len: u32 },
+}
+
+/// PDUs staged during one pass of the loop, sent with one `writev` before the thread
+/// sleeps (or earlier when full): one syscall for many completions instead of one each.
+///
+/// Slots whose data is staged are held in [`SlotState::Sending`] until the send, so a
+/// new command cannot take (and overwrite) a buffer the kernel has not copied yet.
+struct TxBatch {
+    hdrs: Vec<u8>,
+    used: usize,
+    segs: Vec<Seg>,
+    held: Vec<u16>,
+}
+
+impl TxBatch {
+    fn new(depth: usize) -> TxBatch {
+        TxBatch {
+            hdrs: vec![0; TX_BATCH_HDR_BYTES],
+            used: 0,
+            segs: Vec::with_capacity(TX_BATCH_SEGS),
+            held: Vec::with_capacity(depth),
+        }
+    }
+
+    /// Whether `bytes` of headers in up to `segs` pieces still fit.
+    fn has_room(&self, bytes: usize, segs: usize) -> bool {
+        self.used + bytes <= self.hdrs.len() && self.segs.len() + segs <= TX_BATCH_SEGS
+    }
+
+    /// Appends header bytes, merging with the previous piece when they are contiguous.
+    /// The caller checked [`TxBatch::has_room`].
+    fn push_hdr(&mut self, bytes: &[u8]) {
+        let (start, end) = (self.used, self.used + bytes.len());
+        self.hdrs[start..end].copy_from_slice(bytes);
+        self.used = end;
+        match self.segs.last_mut() {
+            Some(Seg::Hdr { end: e, .. }) if *e == start => *e = end,
+            _ => self.segs.push(Seg::Hdr { start, end }),
+        }
+    }
+}
+
 /// Everything a connected queue owns except its receive buffer.
 pub struct Queue {
     /// Target-wide state.
@@ -207,7 +261,8 @@ pub struct Queue {
     peer: SocketAddr,
     rxc: RxContext,
     tx: TxContext,
-    hdr: [[u8; MAX_HDR_BYTES]; 2],
+    hdr: [u8; MAX_HDR_BYTES],
+    txb: TxBatch,
     /// Command slots.
     pub slots: Vec<Slot>,
     free: Vec<u16>,
@@ -412,7 +467,8 @@ impl Queue {
             peer,
             rxc,
             tx,
-            hdr: [[0; MAX_HDR_BYTES]; 2],
+            hdr: [0; MAX_HDR_BYTES],
+            txb: TxBatch::new(n),
             slots: (0..n).map(|_| Slot::new()).collect(),
             free: (0..depth).rev().collect(),
             ready: Vec::with_capacity(n),
@@ -436,7 +492,8 @@ impl Queue {
     fn accept_connect(&mut self, cid: u16) -> Result<(), DatapathError> {
         self.sqhd = 1 % self.depth;
         let cntlid = self.ctrl.cntlid as u64;
-        Ok(self.send_resp(cid, Status::SUCCESS, cntlid)?)
+        self.send_resp(cid, Status::SUCCESS, cntlid)?;
+        Ok(self.flush()?)
     }
 
     /// Re-reads the namespace table if a new one was published.
@@ -492,6 +549,7 @@ impl Queue {
             } else {
                 self.poll_timeout_ms()
             };
+            self.flush()?;
             let (sock_ready, _) = self.wait(timeout)?;
             if sock_ready {
                 match rx.fill(&self.sock, true) {
@@ -519,7 +577,7 @@ impl Queue {
                 revents: 0,
             },
             libc::pollfd {
-                fd: self.ioq.event_fd().unwrap_or(-1),
+                fd: self.ioq.poll_fd().unwrap_or(-1),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -591,7 +649,7 @@ impl Queue {
             let plen = match pdu::check(avail, &self.rxc) {
                 Ok(Check::Complete(n)) if avail.len() >= n => n,
                 Ok(_) => return Ok(()),
-                Err(e) => return Err(terminate(&self.sock, e, avail)),
+                Err(e) => return Err(self.fail(e, avail)),
             };
             let parsed = match pdu::parse(&avail[..plen], &self.rxc) {
                 Err(PduError::DataDigest) => {
@@ -604,15 +662,21 @@ impl Queue {
                     if let Err(e) = self.handle(p, digest_ok) {
                         let hdr = &rx.data()[..plen.min(MAX_HDR_BYTES)];
                         return Err(match e {
-                            DatapathError::Pdu(pe) => terminate(&self.sock, pe, hdr),
+                            DatapathError::Pdu(pe) => self.fail(pe, hdr),
                             other => other,
                         });
                     }
                 }
-                Err(e) => return Err(terminate(&self.sock, e, avail)),
+                Err(e) => return Err(self.fail(e, avail)),
             }
             rx.consume(plen);
         }
+    }
+
+    /// Sends what is staged (best effort), then a terminate request; ends the connection.
+    fn fail(&mut self, e: PduError, offending: &[u8]) -> DatapathError {
+        let _ = self.flush();
+        terminate(&self.sock, e, offending)
     }
 
     /// Acts on one PDU. `digest_ok` false means its data failed the data digest: the
@@ -759,13 +823,16 @@ impl Queue {
                 c2h_len,
             } => {
                 let cid = self.slots[i].cmd().cid();
-                let r = if status.is_success() && c2h_len > 0 {
-                    self.send_data_resp(i, cid, c2h_len, result)
-                } else {
-                    self.send_resp(cid, status, result)
-                };
+                if status.is_success() && c2h_len > 0 {
+                    // Held, not released: the batch still points at this slot's buffer.
+                    self.send_data_resp(i, cid, c2h_len, result)?;
+                    self.slots[i].state = SlotState::Sending;
+                    self.txb.held.push(i as u16);
+                    return Ok(());
+                }
+                self.send_resp(cid, status, result)?;
                 self.release(i);
-                r.map_err(DatapathError::from)
+                Ok(())
             }
         }
     }
@@ -809,17 +876,47 @@ impl Queue {
         Ok(())
     }
 
+    /// Makes room for a PDU of `bytes` header bytes in `segs` pieces, sending early if full.
+    fn reserve(&mut self, bytes: usize, segs: usize) -> io::Result<()> {
+        if !self.txb.has_room(bytes, segs) {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Sends everything staged with one `writev`, then frees the slots it held.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.txb.segs.is_empty() {
+            return Ok(());
+        }
+        let mut iov = [IoSlice::new(&[]); TX_BATCH_SEGS];
+        let n = self.txb.segs.len();
+        for (v, seg) in iov.iter_mut().zip(&self.txb.segs) {
+            *v = match *seg {
+                Seg::Hdr { start, end } => IoSlice::new(&self.txb.hdrs[start..end]),
+                Seg::Slot { i, len } => IoSlice::new(self.buf.slot(i as usize, len as usize)),
+            };
+        }
+        let r = writev_all(&self.sock, &mut iov[..n]);
+        self.txb.segs.clear();
+        self.txb.used = 0;
+        while let Some(i) = self.txb.held.pop() {
+            self.release(i as usize);
+        }
+        r
+    }
+
+    /// Stages a header-only PDU (capsule response, R2T).
+    fn stage_hdr_only(&mut self, t: PduType, fields: &HdrFields<'_>) -> io::Result<()> {
+        self.reserve(MAX_HDR_BYTES, 1)?;
+        let n = pdu::encode_header(&mut self.hdr, &self.tx, t, 0, fields, 0);
+        self.txb.push_hdr(&self.hdr[..n]);
+        Ok(())
+    }
+
     fn send_resp(&mut self, cid: u16, status: Status, result: u64) -> io::Result<()> {
         let cqe: [u8; CQE_LEN] = nvme::cqe(result, self.sqhd, self.qid, cid, status);
-        let n = pdu::encode_header(
-            &mut self.hdr[0],
-            &self.tx,
-            PduType::CapsuleResp,
-            0,
-            &HdrFields::Resp(&cqe),
-            0,
-        );
-        writev_all(&self.sock, &mut [IoSlice::new(&self.hdr[0][..n])])
+        self.stage_hdr_only(PduType::CapsuleResp, &HdrFields::Resp(&cqe))
     }
 
     fn send_r2t(&mut self, cid: u16, ttag: u16, len: u32) -> io::Result<()> {
@@ -829,19 +926,13 @@ impl Queue {
             offset: 0,
             length: len,
         };
-        let n = pdu::encode_header(
-            &mut self.hdr[0],
-            &self.tx,
-            PduType::R2t,
-            0,
-            &HdrFields::R2t(r2t),
-            0,
-        );
-        writev_all(&self.sock, &mut [IoSlice::new(&self.hdr[0][..n])])
+        self.stage_hdr_only(PduType::R2t, &HdrFields::R2t(r2t))
     }
 
-    /// C2HData with the slot's first `len` bytes, then the response capsule.
+    /// Stages C2HData with the slot's first `len` bytes, then the response capsule
+    /// (unless SQ flow control is off and the SUCCESS flag stands in for it).
     fn send_data_resp(&mut self, i: usize, cid: u16, len: u32, result: u64) -> io::Result<()> {
+        self.reserve(2 * MAX_HDR_BYTES + pdu::DIGEST_LEN, 3)?;
         let success_flag = self.sqflow_off && result == 0;
         let flags = FLAG_LAST_PDU | if success_flag { FLAG_SUCCESS } else { 0 };
         let dh = DataHdr {
@@ -850,42 +941,28 @@ impl Queue {
             offset: 0,
             length: len,
         };
-        let [h0, h1] = &mut self.hdr;
-        let n0 = pdu::encode_header(
-            h0,
+        let t = PduType::C2hData;
+        let n = pdu::encode_header(
+            &mut self.hdr,
             &self.tx,
-            PduType::C2hData,
+            t,
             flags,
             &HdrFields::Data(dh),
             len as usize,
         );
-        let data = self.buf.slot(i, len as usize);
-        let dd = if self.tx.ddgst {
-            pdu::data_digest(data)
-        } else {
-            [0; 4]
-        };
-        let ddl = if self.tx.ddgst { 4 } else { 0 };
-        let n1 = if success_flag {
-            0
-        } else {
+        self.txb.push_hdr(&self.hdr[..n]);
+        self.txb.segs.push(Seg::Slot { i: i as u16, len });
+        if self.tx.ddgst {
+            let dd = pdu::data_digest(self.buf.slot(i, len as usize));
+            self.txb.push_hdr(&dd);
+        }
+        if !success_flag {
             let cqe = nvme::cqe(result, self.sqhd, self.qid, cid, Status::SUCCESS);
-            pdu::encode_header(
-                h1,
-                &self.tx,
-                PduType::CapsuleResp,
-                0,
-                &HdrFields::Resp(&cqe),
-                0,
-            )
-        };
-        let mut parts = [
-            IoSlice::new(&h0[..n0]),
-            IoSlice::new(data),
-            IoSlice::new(&dd[..ddl]),
-            IoSlice::new(&h1[..n1]),
-        ];
-        writev_all(&self.sock, &mut parts)
+            let f = HdrFields::Resp(&cqe);
+            let n = pdu::encode_header(&mut self.hdr, &self.tx, PduType::CapsuleResp, 0, &f, 0);
+            self.txb.push_hdr(&self.hdr[..n]);
+        }
+        Ok(())
     }
 }
 

@@ -22,14 +22,17 @@
 //!
 //! Each TCP connection is served by its own OS thread with a blocking socket and
 //! its own io_uring (falling back to synchronous `pread`/`pwrite` where io_uring
-//! is unavailable). The thread polls the socket, the ring's eventfd and a notifier
-//! eventfd; storage I/O for all of a queue's commands is in flight concurrently,
-//! so queue depth is honoured per queue. This is simple and isolates connections
+//! is unavailable, and running inline for memory-backed files, where io_uring would
+//! only bounce each operation through a worker thread). The thread polls the socket,
+//! the ring itself and a notifier eventfd; storage I/O for all of a queue's commands
+//! is in flight concurrently, so queue depth is honoured per queue. This is simple and isolates connections
 //! (a bad PDU ends only its own thread), at the price of one thread per queue pair:
 //! `max_connections` bounds the thread count, and throughput per queue is bounded
-//! by one core. Sends are blocking `writev`s bounded by `SEND_TIMEOUT_MS`.
+//! by one core. The PDUs one pass of the loop produces are sent together with one
+//! blocking `writev` (bounded by `SEND_TIMEOUT_MS`) before the thread sleeps.
 //!
-//! Memory per connection is one receive buffer (`RX_BUF_BYTES`) and one
+//! Memory per connection is one receive buffer (`RX_BUF_BYTES`), one send batch
+//! (`TX_BATCH_HDR_BYTES`) and one
 //! `MAX_DATA_BYTES` buffer per queue slot (queue depth from Connect), allocated at
 //! Connect and touched lazily. H2C data is copied once from the receive buffer into
 //! the slot buffer; C2H data is sent straight from the slot buffer.

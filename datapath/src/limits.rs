@@ -2,7 +2,8 @@
 //!
 //! Every buffer, queue and timeout in the crate derives from a constant here, so
 //! the worst-case memory and thread footprint can be read off this one file:
-//! per connection one thread, one receive buffer of [`RX_BUF_BYTES`] and
+//! per connection one thread, one receive buffer of [`RX_BUF_BYTES`], one send batch of
+//! [`TX_BATCH_HDR_BYTES`] plus [`TX_BATCH_SEGS`] descriptors, and
 //! `queue depth * MAX_DATA_BYTES` of slot buffers (lazily faulted anonymous memory).
 
 /// Default number of TCP connections (queue pairs) the target serves at once.
@@ -86,6 +87,13 @@ pub const MAX_KATO_MS: u32 = 3_600_000;
 /// Extra time beyond KATO before a silent controller is torn down (network jitter allowance).
 pub const KATO_GRACE_MS: u64 = 1_000;
 
+/// Pieces (iovecs) one batched send may carry: a response is at most three (header, slot
+/// data, digest plus response capsule). Kept well under the kernel's IOV_MAX of 1024.
+pub const TX_BATCH_SEGS: usize = 512;
+
+/// Bytes of PDU headers and digests staged for one batched send; a full batch is sent early.
+pub const TX_BATCH_HDR_BYTES: usize = 64 * 1024;
+
 /// Submission ring entries per connection for storage I/O (a power of two).
 pub const RING_ENTRIES: u32 = 256;
 
@@ -103,3 +111,5 @@ const _: () = assert!(MAX_H2C_DATA_BYTES as usize >= 4096 && MAX_H2C_DATA_BYTES.
 const _: () = assert!(RX_BUF_BYTES > MAX_RX_PDU_BYTES);
 const _: () = assert!(MAX_QUEUE_DEPTH as u32 <= RING_ENTRIES);
 const _: () = assert!(MAX_DATA_BYTES <= u32::MAX as usize);
+const _: () = assert!(TX_BATCH_SEGS >= 3 && TX_BATCH_SEGS <= 1024);
+const _: () = assert!(TX_BATCH_HDR_BYTES >= 2 * MAX_HDR_BYTES + 4);
