@@ -3,7 +3,8 @@
 //! reconciler and the data path until told to stop.
 //!
 //! Data directory layout: `journal/` (RocksDB), `keys/root.pem` (private, 0600),
-//! `admin.jwt`, `tls/{cert,key}.pem`, `devices/*.img` (sparse backing files), `volumes/`.
+//! `admin.jwt`, `tls/{cert,key}.pem`, `devices/*.img` (sparse backing files), `volumes/` and
+//! `snapshots/` (one sparse file per volume and per snapshot).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
