@@ -173,6 +173,12 @@ impl Body {
     }
 }
 
+/// A UUID from a path segment, query or body field, or a 400 naming it.
+pub fn parse_uuid(text: &str) -> ApiResult<uuid::Uuid> {
+    uuid::Uuid::parse_str(text)
+        .map_err(|_| ApiError::bad_request(format!("{text:?} is not a UUID")))
+}
+
 /// Parses a byte count with an optional unit: `b`, decimal `kb mb gb tb pb`, binary
 /// `k m g t p` and `kib mib gib tib pib`, any case, optional space.
 pub fn parse_size(text: &str) -> Result<u64, String> {

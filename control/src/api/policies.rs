@@ -8,11 +8,10 @@ use axum::http::HeaderMap;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
-use uuid::Uuid;
 
 use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
-use super::json::{Body, Obj};
+use super::json::{parse_uuid, Body, Obj};
 use super::{App, Query};
 use crate::domain::policy::{
     Command as PolicyCommand, Policy, PolicyRef, PolicyVisibility, QosLimit, QosSpec,
@@ -79,10 +78,6 @@ pub fn policy_json(p: &Policy, detailed: bool) -> Value {
         .str("state", "Active")
         .val("QoSRateLimitPolicy", Value::Object(qos))
         .build()
-}
-
-fn parse_uuid(text: &str) -> ApiResult<Uuid> {
-    Uuid::parse_str(text).map_err(|_| ApiError::bad_request(format!("{text:?} is not a UUID")))
 }
 
 fn target(uuid: &str, name: Option<&str>) -> ApiResult<PolicyRef> {

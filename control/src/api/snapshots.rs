@@ -8,11 +8,10 @@ use axum::http::HeaderMap;
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use uuid::Uuid;
 
 use super::auth::{Access, Principal};
 use super::error::{ApiError, ApiResult};
-use super::json::{labels_json, parse_duration_secs, Body, Obj};
+use super::json::{labels_json, parse_duration_secs, parse_uuid, Body, Obj};
 use super::{if_match, App, Query};
 use crate::domain::snapshot::{
     Command as SnapshotCommand, NewSnapshot, Snapshot, SnapshotRef, SnapshotState,
@@ -85,10 +84,6 @@ pub fn snapshot_json(s: &Snapshot) -> Value {
         .str("primaryNodeUUID", &node)
         .val("labels", labels_json(&s.labels))
         .build()
-}
-
-fn parse_uuid(text: &str) -> ApiResult<Uuid> {
-    Uuid::parse_str(text).map_err(|_| ApiError::bad_request(format!("{text:?} is not a UUID")))
 }
 
 /// `{UUID}` if given, else the name.

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::auth::{Access, Principal};
 use super::error::{ApiError, ApiResult};
-use super::json::{labels_json, Body, Obj};
+use super::json::{labels_json, parse_uuid, Body, Obj};
 use super::{if_match, App, Query};
 use crate::domain::policy::PolicyRef;
 use crate::domain::snapshot::SnapshotRef;
@@ -111,10 +111,6 @@ pub fn volume_json(app: &App, state: &DomainState, v: &Volume) -> Value {
 /// (omitted), with a ratio of 1.
 fn volume_statistics(_v: &Volume) -> Value {
     serde_json::json!({ "compressionRatio": 1.0, "totalCompressionRatio": 1.0 })
-}
-
-fn parse_uuid(text: &str) -> ApiResult<Uuid> {
-    Uuid::parse_str(text).map_err(|_| ApiError::bad_request(format!("{text:?} is not a UUID")))
 }
 
 /// `{UUID}` if given, else the `name` query/body field.
