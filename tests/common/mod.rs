@@ -12,6 +12,8 @@ use serde_json::Value;
 
 /// Longest a server may take to answer after start (RSA key generation included).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Starts tried before giving up on finding free ports.
+const START_ATTEMPTS: usize = 5;
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -35,17 +37,25 @@ pub struct Server {
 
 impl Server {
     /// Starts a fresh cluster and waits until its API answers.
+    /// Ports come from `free_port`, so another test may take one before the server binds it;
+    /// such a start is retried on fresh ports.
     pub fn start() -> Server {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut s = Server {
-            dir,
-            api_port: free_port(),
-            nvme_port: free_port(),
-            discovery_port: free_port(),
-            child: None,
-        };
-        s.spawn();
-        s
+        let mut last_error = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let mut s = Server {
+                dir: tempfile::tempdir().expect("temp dir"),
+                api_port: free_port(),
+                nvme_port: free_port(),
+                discovery_port: free_port(),
+                child: None,
+            };
+            match s.try_spawn() {
+                Ok(()) => return s,
+                Err(e) if e.contains("Address already in use") => last_error = e,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("evstor could not bind free ports in {START_ATTEMPTS} attempts: {last_error}")
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -53,6 +63,12 @@ impl Server {
     }
 
     fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -74,26 +90,25 @@ impl Server {
             .spawn()
             .expect("spawn evstor serve");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
         let anon = Client::new(self.api_port, None);
         loop {
             if self.dir.path().join("admin.jwt").exists() {
                 if let Ok((200, _)) = anon.try_get("/api/v2/version") {
-                    return;
+                    return Ok(());
                 }
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("evstor exited with {status}: {}", self.log());
+                self.child = None;
+                return Err(format!("evstor exited with {status}: {}", self.log()));
             }
-            assert!(
-                Instant::now() < deadline,
-                "evstor did not start: {}",
-                self.log()
-            );
+            if Instant::now() >= deadline {
+                return Err(format!("evstor did not start: {}", self.log()));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -6,7 +6,6 @@ use axum::http::HeaderMap;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::Value;
-use uuid::Uuid;
 
 use super::auth::{Access, Principal};
 use super::error::{ApiError, ApiResult};
@@ -287,10 +286,10 @@ async fn create(
         .await?;
     let uuid = committed
         .events
-        .first()
-        .map(|(_, e)| match e {
-            crate::domain::Event::Volume(v) => v.uuid(),
-            _ => Uuid::nil(),
+        .iter()
+        .find_map(|(_, e)| match e {
+            crate::domain::Event::Volume(v) => Some(v.uuid()),
+            _ => None,
         })
         .ok_or_else(|| ApiError::internal("volume creation produced no event"))?;
     let state = app.bus.state();
