@@ -15,6 +15,7 @@
 //! | `ctrl` | controller state, keep-alive, AEN queueing, registry |
 //! | `ns` | published namespace table (ACL-filtered per host) |
 //! | [`backend`] | the [`Backend`] trait and the io_uring file backend |
+//! | [`device`] | what a backing path is: file, block device or NVMe controller; size and identity |
 //! | [`filecopy`] | whole-file reflink or sparse copies (snapshots, clones, rollback of file volumes) |
 //! | `target` | listeners, `start`, [`TargetHandle`] |
 //!
@@ -73,6 +74,7 @@
 pub mod backend;
 pub mod buffer;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod filecopy;
 pub mod limits;
@@ -91,5 +93,6 @@ mod target;
 
 pub use backend::{Backend, FileBackend, IoKind, IoQueue, IoRequest};
 pub use config::{Acl, ConnectedHost, NamespaceSpec, TargetConfig};
+pub use device::{probe, DeviceInfo, DeviceKind};
 pub use error::DatapathError;
 pub use target::{start, TargetHandle};
