@@ -150,6 +150,45 @@ impl IoQueue {
         self.done.push_back((tag, result));
     }
 
+    /// Runs `entries` to completion on the ring and stores each one's result (bytes or
+    /// -errno) in `results`, in order. Completions of other operations that arrive meanwhile
+    /// are kept for the next [`IoQueue::reap`]. Batches are tagged above every slot tag.
+    ///
+    /// # Safety
+    /// As [`IoQueue::push`] for every entry, until this returns.
+    pub unsafe fn run_batch(
+        &mut self,
+        entries: impl Iterator<Item = squeue::Entry>,
+        results: &mut [i32],
+    ) -> io::Result<()> {
+        const BATCH_TAG: u64 = 1 << 63;
+        let QueueKind::Uring { ring } = &mut self.kind else {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        };
+        let mut waiting = 0usize;
+        for (i, e) in entries.enumerate().take(results.len()) {
+            let e = e.user_data(BATCH_TAG | i as u64);
+            // SAFETY: the caller guarantees the entry's resources outlive its completion.
+            while unsafe { ring.submission().push(&e) }.is_err() {
+                ring.submit()?;
+            }
+            waiting += 1;
+        }
+        while waiting > 0 {
+            ring.submit_and_wait(1)?;
+            for cqe in ring.completion() {
+                let tag = cqe.user_data();
+                if tag & BATCH_TAG != 0 {
+                    results[(tag & !BATCH_TAG) as usize] = cqe.result();
+                    waiting -= 1;
+                } else {
+                    self.done.push_back((tag, cqe.result()));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Hands queued SQEs to the kernel.
     pub fn submit(&mut self) -> io::Result<()> {
         if let QueueKind::Uring { ring, .. } = &mut self.kind {
@@ -179,6 +218,23 @@ impl Default for IoQueue {
     }
 }
 
+/// Whether the file lives in memory (tmpfs, ramfs). Such files have no non-blocking
+/// read/write path (RWF_NOWAIT is EOPNOTSUPP), so io_uring hands every operation to a
+/// worker thread: two context switches and a wake-up per I/O for what is a memcpy.
+/// Running them inline on the connection thread is several times cheaper, and never
+/// waits on a device (only, rarely, on memory reclaim).
+pub(crate) fn memory_backed(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // SAFETY: statfs is plain data, zeroed is a valid value; fstatfs writes into it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid owned fd and a live, exclusively borrowed statfs struct.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    matches!(st.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
+}
+
 /// A namespace stored in one regular file (or block device) through io_uring.
 #[derive(Debug)]
 pub struct FileBackend {
@@ -205,7 +261,7 @@ impl FileBackend {
             Some(f) => (f, true),
             None => (plain, false),
         };
-        let inline = Self::memory_backed(&file);
+        let inline = memory_backed(&file);
         Ok(FileBackend {
             file,
             path: path.to_path_buf(),
@@ -213,23 +269,6 @@ impl FileBackend {
             direct,
             inline,
         })
-    }
-
-    /// Whether the file lives in memory (tmpfs, ramfs). Such files have no non-blocking
-    /// read/write path (RWF_NOWAIT is EOPNOTSUPP), so io_uring hands every operation to a
-    /// worker thread: two context switches and a wake-up per I/O for what is a memcpy.
-    /// Running them inline on the connection thread is several times cheaper, and never
-    /// waits on a device (only, rarely, on memory reclaim).
-    fn memory_backed(file: &File) -> bool {
-        const TMPFS_MAGIC: i64 = 0x0102_1994;
-        const RAMFS_MAGIC: i64 = 0x8584_58f6;
-        // SAFETY: statfs is plain data, zeroed is a valid value; fstatfs writes into it.
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid owned fd and a live, exclusively borrowed statfs struct.
-        if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
-            return false;
-        }
-        matches!(st.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
     }
 
     /// Whether operations run inline on the submitting thread instead of through io_uring.

@@ -16,6 +16,7 @@
 //! | `ns` | published namespace table (ACL-filtered per host) |
 //! | [`backend`] | the [`Backend`] trait and the io_uring file backend |
 //! | [`device`] | what a backing path is: file, block device or NVMe controller; size and identity |
+//! | [`blockstore`] | extent-mapped thin volumes: snapshots, clones, rollback, diff, lz4, per-block CRC32C |
 //! | [`filecopy`] | whole-file reflink or sparse copies (snapshots, clones, rollback of file volumes) |
 //! | `target` | listeners, `start`, [`TargetHandle`] |
 //!
@@ -72,6 +73,7 @@
 //! ```
 
 pub mod backend;
+pub mod blockstore;
 pub mod buffer;
 pub mod config;
 pub mod device;

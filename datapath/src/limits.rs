@@ -113,3 +113,19 @@ const _: () = assert!(MAX_QUEUE_DEPTH as u32 <= RING_ENTRIES);
 const _: () = assert!(MAX_DATA_BYTES <= u32::MAX as usize);
 const _: () = assert!(TX_BATCH_SEGS >= 3 && TX_BATCH_SEGS <= 1024);
 const _: () = assert!(TX_BATCH_HDR_BYTES >= 2 * MAX_HDR_BYTES + 4);
+
+/// Block store allocation and mapping unit (one logical block).
+pub const BLOCK_BYTES: u64 = LBA_BYTES;
+
+/// Blocks one command can touch (the scratch arrays of the block store are this long).
+pub const MAX_BLOCKS_PER_IO: usize = MAX_DATA_BYTES / BLOCK_BYTES as usize;
+
+/// A compressed block is kept only if it saves at least one 512-byte sector.
+pub const MAX_COMPRESSED_BYTES: usize = BLOCK_BYTES as usize - 512;
+
+/// Freed extents held back until the metadata that freed them is durable; past this many
+/// the writer that crosses it makes it durable and releases them itself.
+pub const MAX_PENDING_FREES: usize = 16 * 1024;
+
+/// Media (checksum) errors remembered for the control plane to report.
+pub const MAX_MEDIA_ERRORS_KEPT: usize = 1024;

@@ -1,0 +1,173 @@
+//! Free space of the pool in 512-byte sectors, grouped in 4 KiB pages.
+//!
+//! An extent never crosses a page, so every page can be read whole (O_DIRECT-aligned) and a
+//! compressed block sliced out of it. Raw blocks take a whole page; compressed ones share
+//! pages, filled by a separate cursor so they pack together. The map is one byte per page
+//! (bit i: sector i used), in chunks allocated on first use, so memory follows the used part
+//! of the pool, not its size. Nothing here is persisted: the allocator is rebuilt from the
+//! extent map on open, so a crash can never leak or double-book space.
+
+use crate::blockstore::tree::Extent;
+
+/// Pages per chunk of the map (1 GiB of pool per 256 KiB of map).
+const CHUNK_PAGES: u64 = 1 << 18;
+
+/// Sector allocator over `pages` 4 KiB pages.
+#[derive(Debug)]
+pub struct Allocator {
+    pages: u64,
+    chunks: Vec<Option<Box<[u8]>>>,
+    used_sectors: u64,
+    full_cursor: u64,
+    part_cursor: u64,
+}
+
+impl Allocator {
+    /// Everything free.
+    pub fn new(pages: u64) -> Allocator {
+        Allocator {
+            pages,
+            chunks: (0..pages.div_ceil(CHUNK_PAGES)).map(|_| None).collect(),
+            used_sectors: 0,
+            full_cursor: 0,
+            part_cursor: 0,
+        }
+    }
+
+    /// Capacity in sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.pages * 8
+    }
+
+    /// Sectors in use.
+    pub fn used_sectors(&self) -> u64 {
+        self.used_sectors
+    }
+
+    fn page(&self, p: u64) -> u8 {
+        match &self.chunks[(p / CHUNK_PAGES) as usize] {
+            Some(c) => c[(p % CHUNK_PAGES) as usize],
+            None => 0,
+        }
+    }
+
+    fn page_mut(&mut self, p: u64) -> &mut u8 {
+        let c = self.chunks[(p / CHUNK_PAGES) as usize]
+            .get_or_insert_with(|| vec![0u8; CHUNK_PAGES as usize].into_boxed_slice());
+        &mut c[(p % CHUNK_PAGES) as usize]
+    }
+
+    fn mask(n: u32, at: u32) -> u8 {
+        (((1u16 << n) - 1) << at) as u8
+    }
+
+    /// First position in a page's bitmap with `n` free sectors in a row.
+    fn fit(bits: u8, n: u32) -> Option<u32> {
+        (0..=8 - n).find(|&at| bits & Self::mask(n, at) == 0)
+    }
+
+    /// Reserves `n` (1..=8) sectors inside one page; returns the first sector.
+    pub fn alloc(&mut self, n: u32) -> Option<u64> {
+        debug_assert!((1..=8).contains(&n));
+        if self.pages == 0 {
+            return None;
+        }
+        let full = n == 8;
+        let start = if full {
+            self.full_cursor
+        } else {
+            self.part_cursor
+        };
+        for i in 0..self.pages {
+            let p = (start + i) % self.pages;
+            let bits = self.page(p);
+            if let Some(at) = Self::fit(bits, n) {
+                *self.page_mut(p) |= Self::mask(n, at);
+                self.used_sectors += n as u64;
+                if full {
+                    self.full_cursor = (p + 1) % self.pages;
+                } else {
+                    self.part_cursor = p;
+                }
+                return Some(p * 8 + at as u64);
+            }
+        }
+        None
+    }
+
+    /// Marks an extent's sectors used (loading); false if any was already used.
+    pub fn claim(&mut self, e: &Extent) -> bool {
+        let (p, at, n) = Self::split(e);
+        if p >= self.pages {
+            return false;
+        }
+        let m = Self::mask(n, at);
+        let b = self.page_mut(p);
+        let clash = *b & m != 0;
+        *b |= m;
+        if !clash {
+            self.used_sectors += n as u64;
+        }
+        !clash
+    }
+
+    /// Returns an extent's sectors.
+    pub fn free(&mut self, e: &Extent) {
+        let (p, at, n) = Self::split(e);
+        let m = Self::mask(n, at);
+        let b = self.page_mut(p);
+        debug_assert_eq!(*b & m, m, "freeing sectors that are not in use");
+        *b &= !m;
+        self.used_sectors -= n as u64;
+        if n < 8 && p < self.part_cursor {
+            self.part_cursor = p;
+        }
+    }
+
+    fn split(e: &Extent) -> (u64, u32, u32) {
+        (e.sector / 8, (e.sector % 8) as u32, e.sectors())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(sector: u64, len: u16) -> Extent {
+        Extent {
+            sector,
+            len,
+            compressed: len < 4096,
+            crc: 0,
+        }
+    }
+
+    #[test]
+    fn whole_pages_and_packed_fragments_never_overlap() {
+        let mut a = Allocator::new(4);
+        let p0 = a.alloc(8).expect("page");
+        assert_eq!(p0 % 8, 0);
+        let s1 = a.alloc(3).expect("3 sectors");
+        let s2 = a.alloc(5).expect("5 sectors");
+        assert_eq!(s1 / 8, s2 / 8, "fragments pack into one page");
+        assert_ne!(s1 / 8, p0 / 8);
+        assert_eq!(a.used_sectors(), 16);
+        a.alloc(8).expect("third page");
+        a.alloc(8).expect("fourth page");
+        assert_eq!(a.alloc(1), None, "pool full");
+        a.free(&ext(s1, 3 * 512));
+        assert_eq!(a.alloc(2), Some(s1), "freed space is reused");
+        assert_eq!(a.alloc(8), None);
+    }
+
+    #[test]
+    fn claim_rebuilds_and_detects_double_booking() {
+        let mut a = Allocator::new(1 << 20);
+        assert!(a.claim(&ext(800, 4096)));
+        assert!(a.claim(&ext(9, 1000)));
+        assert!(!a.claim(&ext(808 - 8, 512)), "sector 800 is taken");
+        assert_eq!(a.used_sectors(), 8 + 2);
+        let next = a.alloc(8).expect("page");
+        assert_ne!(next / 8, 100);
+    }
+}

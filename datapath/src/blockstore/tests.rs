@@ -1,0 +1,427 @@
+//! The block store against a model: every image is a vector of block versions, and after
+//! every operation every block of every image must read back as the model says, through the
+//! same `Backend` path the target uses, across reopen (crash-free restart) too.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use proptest::prelude::*;
+
+use super::*;
+
+const BLOCKS: u64 = 48;
+
+/// Block content for a version: compressible for even versions, noisy for odd ones.
+fn content(version: u64, block: u64) -> Vec<u8> {
+    let mut v = vec![0u8; BLOCK];
+    if version.is_multiple_of(2) {
+        for (i, c) in v.chunks_mut(64).enumerate() {
+            c.fill((version as u8).wrapping_add(i as u8 % 3) | 1);
+        }
+        v[..8].copy_from_slice(&block.to_le_bytes());
+    } else {
+        let mut x = version.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ block;
+        for c in v.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+    }
+    v
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { vol: usize, block: u64, n: u64 },
+    Zero { vol: usize, block: u64, n: u64 },
+    Trim { vol: usize, block: u64, n: u64 },
+    Snapshot { vol: usize },
+    Clone { snap: usize },
+    Rollback { vol: usize, snap: usize },
+    DeleteVolume { vol: usize },
+    DeleteSnapshot { snap: usize },
+    Flush,
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let range = (0..BLOCKS, 1..9u64).prop_map(|(b, n)| (b, n.min(BLOCKS - b)));
+    prop_oneof![
+        6 => (0..4usize, range.clone()).prop_map(|(vol, (block, n))| Op::Write { vol, block, n }),
+        1 => (0..4usize, range.clone()).prop_map(|(vol, (block, n))| Op::Zero { vol, block, n }),
+        2 => (0..4usize, range).prop_map(|(vol, (block, n))| Op::Trim { vol, block, n }),
+        2 => (0..4usize).prop_map(|vol| Op::Snapshot { vol }),
+        1 => (0..8usize).prop_map(|snap| Op::Clone { snap }),
+        1 => (0..4usize, 0..8usize).prop_map(|(vol, snap)| Op::Rollback { vol, snap }),
+        1 => (0..4usize).prop_map(|vol| Op::DeleteVolume { vol }),
+        1 => (0..8usize).prop_map(|snap| Op::DeleteSnapshot { snap }),
+        1 => Just(Op::Flush),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// Model: image → per-block version (0 = zeroes), and which images are volumes.
+#[derive(Default)]
+struct Model {
+    images: BTreeMap<Uuid, (bool, Vec<u64>)>,
+    next_version: u64,
+}
+
+impl Model {
+    fn pick(&self, volume: bool, i: usize) -> Option<Uuid> {
+        let ids: Vec<Uuid> = self
+            .images
+            .iter()
+            .filter(|(_, (v, _))| *v == volume)
+            .map(|(u, _)| *u)
+            .collect();
+        (!ids.is_empty()).then(|| ids[i % ids.len()])
+    }
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    store: Option<Arc<BlockStore>>,
+    q: IoQueue,
+    buf: SlotBuf,
+}
+
+fn open(dir: &Path) -> Arc<BlockStore> {
+    BlockStore::open(
+        &dir.join("meta"),
+        &[DeviceSpec {
+            path: dir.join("dev0"),
+            size_bytes: 4 << 20,
+        }],
+    )
+    .expect("open store")
+}
+
+impl Harness {
+    fn new(q: IoQueue) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        Harness {
+            dir,
+            store: Some(store),
+            q,
+            buf: SlotBuf::new(1, MAX_BLOCKS_PER_IO * BLOCK).expect("buf"),
+        }
+    }
+
+    fn st(&self) -> &Arc<BlockStore> {
+        self.store.as_ref().expect("open")
+    }
+
+    fn io(&mut self, image: Uuid, kind: IoKind, block: u64, n: u64, compress: bool) -> i32 {
+        let img = self.st().image(image, BLOCKS * BLOCK_BYTES, compress);
+        let req = IoRequest {
+            kind,
+            offset: block * BLOCK_BYTES,
+            len: (n * BLOCK_BYTES) as u32,
+            buf: self.buf.slot_ptr(0),
+            tag: 7,
+        };
+        // SAFETY: the buffer outlives the completion, reaped right here.
+        unsafe { img.submit(&mut self.q, &req) }.expect("submit");
+        self.q.submit().expect("ring");
+        let mut got = None;
+        while got.is_none() {
+            self.q.reap(|t, r| {
+                assert_eq!(t, 7);
+                got = Some(r)
+            });
+        }
+        got.expect("completion")
+    }
+
+    fn check(&mut self, m: &Model) -> Result<(), TestCaseError> {
+        for (&id, (_, blocks)) in &m.images {
+            let r = self.io(id, IoKind::Read, 0, 32, false);
+            prop_assert_eq!(r, (32 * BLOCK) as i32, "read of {}", id);
+            for b in 0..32u64 {
+                let got = &self.buf.slot(0, 32 * BLOCK)[b as usize * BLOCK..][..BLOCK];
+                let want = match blocks[b as usize] {
+                    0 => vec![0u8; BLOCK],
+                    v => content(v, b),
+                };
+                prop_assert!(
+                    got == &want[..],
+                    "image {} block {} != version {}",
+                    id,
+                    b,
+                    blocks[b as usize]
+                );
+            }
+            let r = self.io(id, IoKind::Read, 32, BLOCKS - 32, false);
+            prop_assert!(r > 0);
+            for b in 32..BLOCKS {
+                let got = &self.buf.slot(0, 32 * BLOCK)[(b - 32) as usize * BLOCK..][..BLOCK];
+                let want = match blocks[b as usize] {
+                    0 => vec![0u8; BLOCK],
+                    v => content(v, b),
+                };
+                prop_assert!(
+                    got == &want[..],
+                    "image {} block {} != version {}",
+                    id,
+                    b,
+                    blocks[b as usize]
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn run(ops: Vec<Op>, q: IoQueue) -> Result<(), TestCaseError> {
+    let mut h = Harness::new(q);
+    let mut m = Model::default();
+    for _ in 0..2 {
+        let v = Uuid::new_v4();
+        h.st().create_volume(v).expect("create");
+        m.images.insert(v, (true, vec![0; BLOCKS as usize]));
+    }
+    for op in ops {
+        match op {
+            Op::Write { vol, block, n } | Op::Zero { vol, block, n } => {
+                let Some(v) = m.pick(true, vol) else { continue };
+                let zero = matches!(op, Op::Zero { .. });
+                m.next_version += 1;
+                let ver = m.next_version;
+                for i in 0..n {
+                    let data = if zero {
+                        vec![0; BLOCK]
+                    } else {
+                        content(ver, block + i)
+                    };
+                    h.buf.slot_mut(0, MAX_BLOCKS_PER_IO * BLOCK)[i as usize * BLOCK..][..BLOCK]
+                        .copy_from_slice(&data);
+                }
+                let r = h.io(
+                    v,
+                    IoKind::Write { fua: ver % 5 == 0 },
+                    block,
+                    n,
+                    vol % 2 == 0,
+                );
+                prop_assert_eq!(r, (n * BLOCK_BYTES) as i32);
+                let blocks = &mut m.images.get_mut(&v).expect("vol").1;
+                for i in 0..n {
+                    blocks[(block + i) as usize] = if zero { 0 } else { ver };
+                }
+            }
+            Op::Trim { vol, block, n } => {
+                let Some(v) = m.pick(true, vol) else { continue };
+                let kind = if block % 2 == 0 {
+                    IoKind::Deallocate
+                } else {
+                    IoKind::WriteZeroes
+                };
+                prop_assert!(h.io(v, kind, block, n, false) >= 0);
+                let blocks = &mut m.images.get_mut(&v).expect("vol").1;
+                for i in 0..n {
+                    blocks[(block + i) as usize] = 0;
+                }
+            }
+            Op::Snapshot { vol } => {
+                let Some(v) = m.pick(true, vol) else { continue };
+                let s = Uuid::new_v4();
+                h.st().snapshot(v, s).expect("snapshot");
+                let data = m.images[&v].1.clone();
+                m.images.insert(s, (false, data));
+            }
+            Op::Clone { snap } => {
+                let Some(s) = m.pick(false, snap) else {
+                    continue;
+                };
+                let v = Uuid::new_v4();
+                h.st().clone_volume(s, v).expect("clone");
+                let data = m.images[&s].1.clone();
+                m.images.insert(v, (true, data));
+            }
+            Op::Rollback { vol, snap } => {
+                let (Some(v), Some(s)) = (m.pick(true, vol), m.pick(false, snap)) else {
+                    continue;
+                };
+                h.st().rollback(v, s).expect("rollback");
+                let data = m.images[&s].1.clone();
+                m.images.get_mut(&v).expect("vol").1 = data;
+            }
+            Op::DeleteVolume { vol } => {
+                let Some(v) = m.pick(true, vol) else { continue };
+                h.st().delete(v).expect("delete");
+                m.images.remove(&v);
+            }
+            Op::DeleteSnapshot { snap } => {
+                let Some(s) = m.pick(false, snap) else {
+                    continue;
+                };
+                h.st().delete(s).expect("delete");
+                m.images.remove(&s);
+            }
+            Op::Flush => {
+                h.st().flush().expect("flush");
+            }
+            Op::Reopen => {
+                let before = h.st().tree().clone();
+                drop(h.store.take());
+                h.store = Some(open(h.dir.path()));
+                let after = h.st().tree().clone();
+                prop_assert!(before.layers == after.layers, "reopened layers differ");
+                prop_assert!(before.images == after.images, "reopened images differ");
+            }
+        }
+        h.check(&m)?;
+    }
+    // No space leaks: once frees are released, allocated bytes are exactly what layers hold.
+    h.st().flush().expect("flush");
+    let stored: u64 = h.st().tree().layers.values().map(|l| l.stored_bytes).sum();
+    prop_assert_eq!(h.st().stats().used_bytes, stored);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn extent_map_matches_the_model_through_io_uring(ops in proptest::collection::vec(op(), 1..40)) {
+        run(ops, IoQueue::new())?;
+    }
+
+    #[test]
+    fn extent_map_matches_the_model_on_the_sync_path(ops in proptest::collection::vec(op(), 1..40)) {
+        run(ops, IoQueue::new_sync())?;
+    }
+}
+
+#[test]
+fn a_flipped_bit_on_the_device_is_a_media_error_not_bad_data() {
+    let mut h = Harness::new(IoQueue::new());
+    let v = Uuid::new_v4();
+    h.st().create_volume(v).expect("create");
+    h.buf.slot_mut(0, BLOCK).copy_from_slice(&content(1, 3));
+    assert_eq!(
+        h.io(v, IoKind::Write { fua: true }, 3, 1, false),
+        BLOCK as i32
+    );
+    let e = h
+        .st()
+        .tree()
+        .resolve(h.st().tree().layer_of(v).expect("layer"), 3)
+        .expect("mapped");
+    let dev = std::fs::OpenOptions::new()
+        .write(true)
+        .open(h.dir.path().join("dev0"))
+        .expect("device");
+    use std::os::unix::fs::FileExt;
+    dev.write_all_at(b"X", e.sector * 512 + 100)
+        .expect("corrupt");
+    assert_eq!(h.io(v, IoKind::Read, 3, 1, false), -libc::EIO);
+    assert_eq!(h.st().media_errors_of(v), 1);
+    let seen = h.st().take_media_errors();
+    assert_eq!(
+        seen,
+        vec![MediaError {
+            image: v,
+            block: 3,
+            sector: e.sector
+        }]
+    );
+    // Other blocks still read (as zeroes: never written).
+    assert_eq!(h.io(v, IoKind::Read, 4, 1, false), BLOCK as i32);
+}
+
+#[test]
+fn compressible_data_takes_less_space_and_reads_back() {
+    let mut h = Harness::new(IoQueue::new());
+    let v = Uuid::new_v4();
+    h.st().create_volume(v).expect("create");
+    for b in 0..16u64 {
+        h.buf.slot_mut(0, BLOCK).copy_from_slice(&content(2, b));
+        assert_eq!(
+            h.io(v, IoKind::Write { fua: false }, b, 1, true),
+            BLOCK as i32
+        );
+    }
+    let u = h.st().usage(v).expect("usage");
+    assert_eq!(u.visible_blocks, 16);
+    assert!(
+        u.owned_bytes * 4 <= u.owned_logical_bytes,
+        "ratio > 4 for repetitive data: {u:?}"
+    );
+    assert!(h.st().stats().compression_ratio() > 4.0);
+    let r = h.io(v, IoKind::Read, 0, 16, false);
+    assert_eq!(r, 16 * BLOCK as i32);
+    for b in 0..16usize {
+        assert_eq!(
+            &h.buf.slot(0, 16 * BLOCK)[b * BLOCK..][..BLOCK],
+            &content(2, b as u64)[..]
+        );
+    }
+}
+
+#[test]
+fn a_full_pool_answers_enospc_and_frees_on_delete() {
+    let mut h = Harness::new(IoQueue::new_sync());
+    let v = Uuid::new_v4();
+    h.st().create_volume(v).expect("create");
+    let pages = (4u64 << 20) / BLOCK_BYTES;
+    let mut written = 0;
+    for b in 0..pages + 8 {
+        h.buf.slot_mut(0, BLOCK).copy_from_slice(&content(3, b));
+        let r = h.io(v, IoKind::Write { fua: false }, b, 1, false);
+        if r == -libc::ENOSPC {
+            break;
+        }
+        assert_eq!(r, BLOCK as i32);
+        written += 1;
+    }
+    assert_eq!(written, pages, "every page is usable, then ENOSPC");
+    h.st().delete(v).expect("delete");
+    h.st().flush().expect("flush");
+    assert_eq!(h.st().stats().used_bytes, 0);
+}
+
+#[test]
+fn diff_lists_blocks_written_between_snapshots() {
+    let mut h = Harness::new(IoQueue::new_sync());
+    let v = Uuid::new_v4();
+    let (s1, s2) = (Uuid::new_v4(), Uuid::new_v4());
+    h.st().create_volume(v).expect("create");
+    for b in [1u64, 2, 40] {
+        h.buf.slot_mut(0, BLOCK).copy_from_slice(&content(5, b));
+        h.io(v, IoKind::Write { fua: false }, b, 1, false);
+    }
+    h.st().snapshot(v, s1).expect("s1");
+    for b in [2u64, 7] {
+        h.buf.slot_mut(0, BLOCK).copy_from_slice(&content(7, b));
+        h.io(v, IoKind::Write { fua: false }, b, 1, false);
+    }
+    h.io(v, IoKind::Deallocate, 40, 1, false);
+    h.st().snapshot(v, s2).expect("s2");
+    let st = h.st();
+    assert_eq!(
+        st.changed_blocks(s2, Some(s1), 0, BLOCKS, 100)
+            .expect("diff"),
+        vec![2, 7, 40]
+    );
+    assert_eq!(
+        st.changed_blocks(s2, None, 0, BLOCKS, 100).expect("full"),
+        vec![1, 2, 7]
+    );
+    assert_eq!(
+        st.changed_blocks(s1, None, 0, BLOCKS, 100).expect("full"),
+        vec![1, 2, 40]
+    );
+    assert_eq!(
+        st.changed_blocks(s2, Some(s1), 3, BLOCKS, 1)
+            .expect("paged"),
+        vec![7]
+    );
+    assert!(matches!(
+        st.changed_blocks(s1, Some(s2), 0, BLOCKS, 100),
+        Err(StoreError::Tree(TreeError::NotSameChain { .. }))
+    ));
+}
