@@ -34,6 +34,11 @@ enum Cmd {
         nvme_addr: SocketAddr,
         #[arg(long, env = "EVSTOR_DISCOVERY_ADDR", default_value = "0.0.0.0:8009")]
         discovery_addr: SocketAddr,
+        /// A file or block device for the storage pool (repeat for several; files are
+        /// created sparse if missing). Default: `<data-dir>/devices/dev0.img`. Devices may be
+        /// appended between starts, never removed or reordered.
+        #[arg(long = "device", env = "EVSTOR_DEVICES", value_delimiter = ',')]
+        devices: Vec<PathBuf>,
     },
     /// Inspect the event journal (read-only; safe beside a running server).
     Journal {
@@ -123,11 +128,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             api_addr,
             nvme_addr,
             discovery_addr,
+            devices,
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(server::serve(
                 ServeConfig {
                     data_dir,
+                    devices,
                     api_addr,
                     nvme_addr,
                     discovery_addr,

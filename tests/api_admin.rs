@@ -493,10 +493,14 @@ fn servers_nodes_and_devices_describe_the_one_machine() {
     assert_eq!(node["nvmeEndpoint"], format!("127.0.0.1:{}", s.nvme_port));
     assert_eq!(node["serverUUID"], server_uuid);
     assert_eq!(node["state"], "Active");
+    // The pool is the sparse device file made on first start, sized to the free space.
+    let dev_file = s.data_dir().join("devices").join("dev0.img");
+    let dev_len = std::fs::metadata(&dev_file).unwrap().len().to_string();
     assert_eq!(
         node["statistics"]["managedPhysicalStorage"],
-        "1099511627776"
+        dev_len.as_str()
     );
+    assert_eq!(node["statistics"]["freePhysicalStorage"], dev_len.as_str());
     assert_eq!(admin.get(&format!("/api/v2/nodes/{node_uuid}")).1, node);
     let q = format!("/api/v2/nodes?UUID={node_uuid}&name=x");
     assert_json_error(admin.get(&q).0, &admin.get(&q).1, 400, 3);
@@ -525,7 +529,8 @@ fn servers_nodes_and_devices_describe_the_one_machine() {
     let (status, devices) = admin.get("/api/v2/nvmeDevices");
     assert_eq!(status, 200, "{devices}");
     let dev = devices["NvmeDevices"][0].clone();
-    assert_eq!(dev["size"], "1099511627776");
+    assert_eq!(dev["size"], dev_len.as_str());
+    assert_eq!(dev["name"], dev_file.to_str().unwrap());
     assert_eq!(
         (&dev["nodeUUID"], &dev["serverUUID"]),
         (&json!(node_uuid), &json!(server_uuid))

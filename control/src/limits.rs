@@ -33,3 +33,6 @@ pub const API_REQUESTS_IN_FLIGHT_MAX: usize = 1024;
 pub const EVENTS_SCAN_MAX: usize = 64 * 1024;
 /// Envelopes read from the journal at once while serving events.
 pub const EVENTS_READ_CHUNK: usize = 1024;
+
+/// 64-block windows one snapshot diff page lists at most.
+pub const DIFF_WINDOWS_MAX: usize = 1024;

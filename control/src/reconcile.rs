@@ -32,12 +32,15 @@ pub trait DataPlane: Send + Sync + 'static {
     fn rollback(&self, volume: &Volume, snapshot: Uuid) -> std::io::Result<()>;
     /// Hands the data path the namespace table implied by `state` (volumes, sizes, ACLs).
     fn publish(&self, state: &State);
+    /// Checksum mismatches the data path saw since the last call, to record as events.
+    fn take_media_errors(&self) -> Vec<evstor_datapath::blockstore::MediaError>;
 }
 
 /// Pause before retrying data-path work that failed.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
-/// Longest sleep between looks at the state when nothing is due (a bound, not a timer).
-const IDLE_WAKE_MAX: Duration = Duration::from_secs(60);
+/// Longest sleep between looks at the state when nothing is due (a bound, not a timer); also
+/// how late a media error the data path saw may reach the journal.
+const IDLE_WAKE_MAX: Duration = Duration::from_secs(5);
 
 /// One piece of unfinished work, with what to copy or free.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,6 +115,15 @@ pub async fn run(bus: Bus, data: Arc<dyn DataPlane>, mut shutdown: watch::Receiv
             pending(&state, now)
         };
         let mut failed = false;
+        for e in data.take_media_errors() {
+            let cmd = Command::Volume(VolumeCommand::RecordDataIntegrityError {
+                uuid: e.image,
+                block: e.block,
+            });
+            if let Err(err) = bus.submit(RequestMeta::system("datapath"), cmd).await {
+                tracing::warn!("recording a media error of {} failed: {err}", e.image);
+            }
+        }
         for w in work {
             failed |= !step(&bus, &data, w).await;
         }

@@ -3,8 +3,8 @@
 //! reconciler and the data path until told to stop.
 //!
 //! Data directory layout: `journal/` (RocksDB), `keys/root.pem` (private, 0600),
-//! `admin.jwt`, `tls/{cert,key}.pem`, `devices/*.img` (sparse backing files), `volumes/` and
-//! `snapshots/` (one sparse file per volume and per snapshot).
+//! `admin.jwt`, `tls/{cert,key}.pem`, `devices/dev0.img` (the default sparse pool device) and
+//! `blockstore/` (RocksDB: the extent map of every volume and snapshot).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,6 +31,9 @@ pub const ADMIN_TOKEN_LIFETIME_SECS: u64 = 365 * 24 * 3600;
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
+    /// Files or block devices for the pool (empty: one sparse file in the data directory).
+    /// Devices may be appended between starts, never removed or reordered.
+    pub devices: Vec<PathBuf>,
     pub api_addr: SocketAddr,
     pub nvme_addr: SocketAddr,
     pub discovery_addr: SocketAddr,
@@ -110,27 +113,71 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-fn ensure_device(data_dir: &Path) -> anyhow::Result<Device> {
-    let dir = data_dir.join("devices");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("dev0.img");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .open(&path)?;
-    if f.metadata()?.len() < DEFAULT_DEVICE_BYTES {
-        f.set_len(DEFAULT_DEVICE_BYTES)?;
+/// Size of the sparse device file made on first start: what the data directory's filesystem
+/// has free (a pool cannot store more than that), between 1 GiB and [`DEFAULT_DEVICE_BYTES`].
+fn default_device_bytes(dir: &Path) -> u64 {
+    let free = nix_free_bytes(dir).unwrap_or(DEFAULT_DEVICE_BYTES);
+    (free & !((1 << 30) - 1)).clamp(1 << 30, DEFAULT_DEVICE_BYTES)
+}
+
+fn nix_free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain data, zeroed is valid; the path is a live NUL-terminated string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; statvfs only writes into `st`.
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
+        .then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// The device paths this start uses: the configured ones (files are created sparse if
+/// missing), or `devices/dev0.img` in the data directory.
+fn prepare_devices(cfg: &ServeConfig) -> anyhow::Result<Vec<PathBuf>> {
+    let paths = if cfg.devices.is_empty() {
+        vec![cfg.data_dir.join("devices").join("dev0.img")]
+    } else {
+        cfg.devices.clone()
+    };
+    for p in &paths {
+        if p.exists() {
+            continue;
+        }
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let size = default_device_bytes(p.parent().unwrap_or(Path::new(".")));
+        std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(p)
+            .and_then(|f| f.set_len(size))
+            .with_context(|| format!("creating the device file {}", p.display()))?;
     }
-    let serial = format!(
-        "EVS{}",
-        &Uuid::new_v4().simple().to_string()[..12].to_uppercase()
-    );
-    Ok(Device::backing_file(
-        &serial,
-        &path.to_string_lossy(),
-        DEFAULT_DEVICE_BYTES,
-    ))
+    Ok(paths)
+}
+
+/// What the cluster records about a device: identity from the drive itself when it is NVMe.
+fn device_record(path: &Path) -> anyhow::Result<Device> {
+    use evstor_datapath::device::{probe, DeviceKind};
+    let info = probe(path).with_context(|| format!("probing the device {}", path.display()))?;
+    let serial = info.serial.clone().unwrap_or_else(|| {
+        format!(
+            "EVS{}",
+            &Uuid::new_v4().simple().to_string()[..12].to_uppercase()
+        )
+    });
+    let model = info.model.clone().unwrap_or_else(|| {
+        match info.kind {
+            DeviceKind::File => "evstor backing file",
+            DeviceKind::BlockDevice => "block device",
+            DeviceKind::Nvme => "NVMe controller",
+        }
+        .to_string()
+    });
+    let mut d = Device::backing_file(&serial, &path.to_string_lossy(), info.size_bytes);
+    d.model = model;
+    Ok(d)
 }
 
 /// First start: keys, admin token, device, and the bootstrap command.
@@ -141,12 +188,15 @@ async fn bootstrap(bus: &Bus, cfg: &ServeConfig) -> anyhow::Result<()> {
     let key_path = root_key_path(&cfg.data_dir);
     let (private_pem, public_pem) = generate_root_key()?;
     write_private(&key_path, &private_pem)?;
-    let device = ensure_device(&cfg.data_dir)?;
+    let devices = prepare_devices(cfg)?
+        .iter()
+        .map(|p| device_record(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let b = Bootstrap {
         hostname: hostname(),
         api_endpoint: cfg.api_addr.to_string(),
         nvme_endpoint: cfg.nvme_addr.to_string(),
-        devices: vec![device],
+        devices,
         root_public_key_pem: public_pem,
     };
     bus.submit(
@@ -171,6 +221,27 @@ async fn bootstrap(bus: &Bus, cfg: &ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Devices named in the configuration that the pool does not have yet join it (appended).
+async fn add_new_devices(bus: &Bus, cfg: &ServeConfig) -> anyhow::Result<()> {
+    for p in prepare_devices(cfg)? {
+        let known = bus
+            .state()
+            .inventory
+            .devices
+            .values()
+            .any(|d| Path::new(&d.path) == p);
+        if !known {
+            let device = device_record(&p)?;
+            bus.submit(
+                RequestMeta::system("startup"),
+                Command::Inventory(crate::domain::inventory::Command::AddDevice { device }),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs evstor until `shutdown` turns true (or SIGINT/SIGTERM when `None`).
 pub async fn serve(
     cfg: ServeConfig,
@@ -185,6 +256,7 @@ pub async fn serve(
     );
     let bus = Bus::start(journal)?;
     bootstrap(&bus, &cfg).await?;
+    add_new_devices(&bus, &cfg).await?;
     let (cert, key) = ensure_tls(&cfg.data_dir)?;
     let mut target_cfg = evstor_datapath::TargetConfig::new(
         cfg.nvme_addr,
@@ -194,7 +266,10 @@ pub async fn serve(
     let target = evstor_datapath::start(target_cfg, Vec::new())
         .with_context(|| format!("starting the NVMe/TCP target on {}", cfg.nvme_addr))?;
     let (nvme_addr, discovery_addr) = (target.local_addr(), target.discovery_addr());
-    let data = Arc::new(VolumeStore::with_target(&cfg.data_dir, target)?);
+    let data = Arc::new(
+        VolumeStore::with_target(&cfg.data_dir, &bus.state(), target)
+            .context("opening the block store")?,
+    );
     println!(
         "evstor: NVMe/TCP target on {nvme_addr}, discovery on {}",
         discovery_addr.map(|a| a.to_string()).unwrap_or_default()

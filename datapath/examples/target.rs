@@ -69,7 +69,7 @@ fn spec(a: &Args, nsid: u32) -> NamespaceSpec {
         nsid,
         uuid,
         size_bytes: a.size_mib << 20,
-        backing_path: a.dir.join(format!("ns{nsid}.img")),
+        backing: evstor_datapath::Backing::File(a.dir.join(format!("ns{nsid}.img"))),
         host_acl: a.acl.clone(),
         ip_acl: Acl::AllowAny,
     }

@@ -5,6 +5,9 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::blockstore::BlockStore;
 
 use crate::limits::DEFAULT_MAX_CONNECTIONS;
 
@@ -110,8 +113,8 @@ pub struct NamespaceSpec {
     pub uuid: [u8; 16],
     /// Capacity in bytes (rounded down to whole 4 KiB blocks).
     pub size_bytes: u64,
-    /// Backing file; created sparse with `size_bytes` if missing.
-    pub backing_path: PathBuf,
+    /// Where the blocks live.
+    pub backing: Backing,
     /// Host NQNs admitted.
     pub host_acl: Acl,
     /// Source IPs admitted.
@@ -124,6 +127,38 @@ impl NamespaceSpec {
         self.host_acl.admits_host(host_nqn) && self.ip_acl.admits_ip(ip)
     }
 }
+
+/// Storage behind a namespace.
+#[derive(Debug, Clone)]
+pub enum Backing {
+    /// One file (or block device) per namespace; created sparse with the size if missing.
+    File(PathBuf),
+    /// The image of the same UUID in a block store.
+    Image {
+        /// The node's block store.
+        store: Arc<BlockStore>,
+        /// Whether new writes are lz4-compressed.
+        compress: bool,
+    },
+}
+
+impl PartialEq for Backing {
+    fn eq(&self, other: &Backing) -> bool {
+        match (self, other) {
+            (Backing::File(a), Backing::File(b)) => a == b,
+            (
+                Backing::Image { store, compress },
+                Backing::Image {
+                    store: s2,
+                    compress: c2,
+                },
+            ) => Arc::ptr_eq(store, s2) && compress == c2,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Backing {}
 
 /// A live controller session, for the connectedHosts API.
 #[derive(Debug, Clone, PartialEq, Eq)]

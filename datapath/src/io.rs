@@ -219,6 +219,8 @@ pub fn account_completion(s: &mut Slot, res: i32) {
     if failed && s.status.is_success() {
         tracing::warn!(op, res, "storage operation failed");
         s.status = match op {
+            _ if res == -libc::ENOSPC => Status::CAPACITY_EXCEEDED,
+            _ if res == -libc::ENXIO => Status::NS_NOT_READY,
             io::READ => Status::READ_ERROR,
             io::WRITE => Status::WRITE_FAULT,
             _ => Status::INTERNAL,

@@ -48,7 +48,7 @@
 //! # Example
 //!
 //! ```
-//! use evstor_datapath::{start, Acl, NamespaceSpec, TargetConfig};
+//! use evstor_datapath::{start, Acl, Backing, NamespaceSpec, TargetConfig};
 //!
 //! let dir = std::env::temp_dir().join(format!("evstor-doc-{}", std::process::id()));
 //! std::fs::create_dir_all(&dir)?;
@@ -58,7 +58,7 @@
 //!     nsid: 1,
 //!     uuid: [0x11; 16],
 //!     size_bytes: 64 << 20,
-//!     backing_path: dir.join("vol1.img"), // created sparse if missing
+//!     backing: Backing::File(dir.join("vol1.img")), // created sparse if missing
 //!     host_acl: Acl::List(vec!["nqn.2014-08.org.nvmexpress:uuid:host-a".into()]),
 //!     ip_acl: Acl::AllowAny,
 //! };
@@ -94,7 +94,7 @@ mod ns;
 mod target;
 
 pub use backend::{Backend, FileBackend, IoKind, IoQueue, IoRequest};
-pub use config::{Acl, ConnectedHost, NamespaceSpec, TargetConfig};
+pub use config::{Acl, Backing, ConnectedHost, NamespaceSpec, TargetConfig};
 pub use device::{probe, DeviceInfo, DeviceKind};
 pub use error::DatapathError;
 pub use target::{start, TargetHandle};

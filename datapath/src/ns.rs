@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::backend::{Backend, FileBackend};
-use crate::config::NamespaceSpec;
+use crate::config::{Backing, NamespaceSpec};
 use crate::error::DatapathError;
 use crate::limits::{LBA_SHIFT, MAX_NAMESPACES};
 use crate::pages::NsIdentity;
@@ -121,20 +121,30 @@ fn open_one(spec: NamespaceSpec, old: &NsTable) -> Result<Namespace, DatapathErr
             spec.nsid
         )));
     }
-    let reuse = old.get(spec.nsid).filter(|o| {
-        o.spec.backing_path == spec.backing_path && o.spec.size_bytes == spec.size_bytes
-    });
-    let backend: Arc<dyn Backend> = match reuse {
-        Some(o) => o.backend.clone(),
-        None => Arc::new(
-            FileBackend::open(&spec.backing_path, spec.size_bytes).map_err(|source| {
+    let reuse = old
+        .get(spec.nsid)
+        .filter(|o| o.spec.backing == spec.backing && o.spec.size_bytes == spec.size_bytes);
+    let backend: Arc<dyn Backend> = match (reuse, &spec.backing) {
+        (Some(o), _) => o.backend.clone(),
+        (None, Backing::File(path)) => {
+            Arc::new(FileBackend::open(path, spec.size_bytes).map_err(|source| {
                 DatapathError::Backing {
                     nsid: spec.nsid,
-                    path: spec.backing_path.clone(),
+                    path: path.clone(),
                     source,
                 }
-            })?,
-        ),
+            })?)
+        }
+        (None, Backing::Image { store, compress }) => {
+            let uuid = uuid::Uuid::from_bytes(spec.uuid);
+            if !store.contains(uuid) {
+                return Err(DatapathError::Config(format!(
+                    "nsid {}: the block store has no image {uuid}",
+                    spec.nsid
+                )));
+            }
+            Arc::new(store.image(uuid, spec.size_bytes, *compress))
+        }
     };
     Ok(Namespace {
         spec,

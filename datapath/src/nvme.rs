@@ -88,6 +88,8 @@ impl Status {
     pub const TRANSIENT_TRANSPORT: Status = Status::generic(0x22, false);
     /// LBA Out of Range.
     pub const LBA_RANGE: Status = Status::generic(0x80, true);
+    /// Capacity Exceeded (the pool under a thin namespace is full).
+    pub const CAPACITY_EXCEEDED: Status = Status::generic(0x81, true);
     /// Namespace Not Ready.
     pub const NS_NOT_READY: Status = Status::generic(0x82, false);
     /// Invalid Queue Identifier.

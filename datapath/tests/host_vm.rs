@@ -83,7 +83,7 @@ fn ns(dir: &Path, nsid: u32, mib: u64, ip_acl: Acl) -> NamespaceSpec {
         nsid,
         uuid,
         size_bytes: mib << 20,
-        backing_path: dir.join(format!("ns{nsid}.img")),
+        backing: evstor_datapath::Backing::File(dir.join(format!("ns{nsid}.img"))),
         host_acl: Acl::List(vec![HOSTNQN.to_string()]),
         ip_acl,
     }

@@ -315,7 +315,7 @@ fn ns(dir: &Path, nsid: u32, host_acl: Acl) -> NamespaceSpec {
         nsid,
         uuid: [nsid as u8; 16],
         size_bytes: 16 << 20,
-        backing_path: dir.join(format!("ns{nsid}")),
+        backing: evstor_datapath::Backing::File(dir.join(format!("ns{nsid}"))),
         host_acl,
         ip_acl: Acl::AllowAny,
     }

@@ -3,6 +3,7 @@
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
+use evstor_datapath::blockstore::PoolStats;
 use serde_json::{json, Value};
 
 use super::auth::Principal;
@@ -30,23 +31,36 @@ fn max_replicas(state: &DomainState) -> u64 {
     (state.inventory.servers.len() as u64).clamp(1, 3)
 }
 
-/// Capacity counters: devices are the physical storage, volumes the logical.
-pub fn cluster_statistics(state: &DomainState) -> Value {
-    let physical = state.inventory.capacity_bytes();
-    let logical: u64 = state.volumes.by_uuid.values().map(|v| v.size_bytes).sum();
-    Obj::new()
-        .u64s("installedPhysicalStorage", physical)
-        .u64s("managedPhysicalStorage", physical)
-        .u64s("effectivePhysicalStorage", physical)
-        .u64s("logicalStorage", logical)
-        .u64s("freePhysicalStorage", physical)
+/// Capacity counters (`ClusterStatisticsApi`, and `NodeStatisticsApi` on one node): the
+/// pool's devices are the physical storage, provisioned volumes the logical; estimates scale
+/// physical space by the compression ratio achieved so far.
+pub fn capacity_statistics(pool: &PoolStats, provisioned: u64, installed: bool) -> Value {
+    let free = pool.capacity_bytes.saturating_sub(pool.used_bytes);
+    let ratio = pool.compression_ratio();
+    let mut o = Obj::new();
+    if installed {
+        o = o.u64s("installedPhysicalStorage", pool.capacity_bytes);
+    }
+    o.u64s("managedPhysicalStorage", pool.capacity_bytes)
+        .u64s("effectivePhysicalStorage", pool.capacity_bytes)
+        .u64s("logicalStorage", provisioned)
+        .u64s("logicalUsedStorage", pool.logical_bytes)
+        .u64s("physicalUsedStorage", pool.used_bytes)
+        .u64s("physicalUsedStorageIncludingParity", pool.used_bytes)
+        .u64s("freePhysicalStorage", free)
+        .u64s("estimatedFreeLogicalStorage", (free as f64 * ratio) as u64)
         .u64s(
-            "estimatedFreeLogicalStorage",
-            physical.saturating_sub(logical),
+            "estimatedLogicalStorage",
+            (pool.capacity_bytes as f64 * ratio) as u64,
         )
-        .u64s("estimatedLogicalStorage", physical)
-        .float("compressionRatio", 1.0)
+        .float("compressionRatio", ratio)
         .build()
+}
+
+/// The cluster's counters.
+pub fn cluster_statistics(app: &App, state: &DomainState) -> Value {
+    let provisioned: u64 = state.volumes.by_uuid.values().map(|v| v.size_bytes).sum();
+    capacity_statistics(&app.datapath.pool(), provisioned, true)
 }
 
 fn health(state: &DomainState) -> Value {
@@ -79,7 +93,7 @@ async fn cluster(State(app): State<App>, _who: Principal) -> ApiResult<Json<Valu
             .str("subsystemNQN", &c.subsystem_nqn)
             .num("currentMaxReplicas", max_replicas(&s))
             .num("supportedMaxReplicas", 3)
-            .val("statistics", cluster_statistics(&s))
+            .val("statistics", cluster_statistics(&app, &s))
             .str("ETag", &c.etag.to_string())
             .val("health", health(&s))
             .str("MinVersionInCluster", &app.info.version)

@@ -61,6 +61,7 @@ const SERVER: usize = 5;
 const INFO: usize = 1;
 const LOW: usize = 2;
 const MEDIUM: usize = 3;
+const HIGH: usize = 4;
 
 /// What the filters of one request ask for.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -183,6 +184,7 @@ fn severity_of(type_name: &str) -> (usize, &'static str) {
         "ServerRegistered" => (INFO, "Enabled"),
         "NodeRegistered" => (INFO, "Active"),
         "DeviceAdded" => (INFO, "Healthy"),
+        "VolumeDataIntegrityError" => (HIGH, "Available"),
         t if t.ends_with("Deleted") || t.ends_with("DeletionRequested") => (MEDIUM, ""),
         t if t.ends_with("Updated") || t.ends_with("Enabled") || t.ends_with("Disabled") => {
             (LOW, "")

@@ -17,6 +17,7 @@ pub mod policies;
 pub mod projects;
 pub mod roles;
 pub mod servers;
+pub mod snapshot_diff;
 pub mod snapshots;
 pub mod volumes;
 
@@ -35,6 +36,23 @@ pub trait DataPathView: Send + Sync {
     fn hosts_of(&self, nsid: u32) -> Vec<String>;
     /// Every live host session (I/O controllers).
     fn connected_hosts(&self) -> Vec<evstor_datapath::ConnectedHost>;
+    /// Space accounting of a volume or snapshot; None if the block store has no such image
+    /// (not created yet, or already gone).
+    fn usage(&self, image: uuid::Uuid) -> Option<evstor_datapath::blockstore::Usage>;
+    /// Checksum mismatches seen reading the image since the server started.
+    fn integrity_errors(&self, image: uuid::Uuid) -> u32;
+    /// Pool-wide accounting.
+    fn pool(&self) -> evstor_datapath::blockstore::PoolStats;
+    /// Blocks of `target` in `[from, to)` that differ from `base` (or hold data), ascending,
+    /// at most `max`.
+    fn changed_blocks(
+        &self,
+        target: uuid::Uuid,
+        base: Option<uuid::Uuid>,
+        from: u64,
+        to: u64,
+        max: usize,
+    ) -> Result<Vec<u64>, evstor_datapath::blockstore::StoreError>;
 }
 
 /// Facts about this server the API reports.
@@ -213,6 +231,7 @@ pub fn router(app: App) -> Router {
         .merge(nvme_devices::routes())
         .merge(connected_hosts::routes())
         .merge(snapshots::routes())
+        .merge(snapshot_diff::routes())
         .merge(policies::routes())
         .fallback(|| async { ApiError::not_found("no such API route") })
         .method_not_allowed_fallback(|| async {

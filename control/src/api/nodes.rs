@@ -60,35 +60,22 @@ pub fn dialable_endpoint(endpoint: &str, headers: &HeaderMap) -> String {
     }
 }
 
-/// `NodeStatisticsApi`: the node's devices are its physical storage, the volumes placed on it
-/// its logical storage. Usage is not tracked yet and reads as zero (omitted).
-pub fn node_statistics(state: &DomainState, node: Uuid) -> Value {
-    let physical: u64 = state
-        .inventory
-        .devices
-        .values()
-        .filter(|d| d.node_uuid == node)
-        .map(|d| d.size_bytes)
-        .sum();
-    let logical: u64 = state
+/// `NodeStatisticsApi`: the node's pool (one node per server here, so the cluster's pool),
+/// with the volumes placed on it as its logical storage.
+pub fn node_statistics(app: &App, state: &DomainState, node: Uuid) -> Value {
+    let provisioned: u64 = state
         .volumes
         .by_uuid
         .values()
         .filter(|v| v.node_uuid == node && v.state != VolumeState::Deleted)
         .map(|v| v.size_bytes)
         .sum();
-    Obj::new()
-        .u64s("managedPhysicalStorage", physical)
-        .u64s("effectivePhysicalStorage", physical)
-        .u64s("logicalStorage", logical)
-        .u64s("freePhysicalStorage", physical)
-        .u64s(
-            "estimatedFreeLogicalStorage",
-            physical.saturating_sub(logical),
-        )
-        .u64s("estimatedLogicalStorage", physical)
-        .float("compressionRatio", 1.0)
-        .build()
+    let pool = app.datapath.pool();
+    let mut stats = super::cluster::capacity_statistics(&pool, provisioned, false);
+    if pool.media_errors > 0 {
+        stats["UnrecoverableDataIntegrityErrors"] = pool.media_errors.into();
+    }
+    stats
 }
 
 /// The failure domain of a node: its server (one failure domain per server, as LightOS does
@@ -128,7 +115,7 @@ pub fn node_json(app: &App, state: &DomainState, n: &Node, headers: &HeaderMap) 
         .str("hostname", &hostname)
         .num("numManagedDevices", devices)
         .num("maxNvmeDevices", NODE_DEVICES_MAX)
-        .val("statistics", node_statistics(state, n.uuid))
+        .val("statistics", node_statistics(app, state, n.uuid))
         .str("serverUUID", &n.server_uuid.to_string())
         .str("ETag", &n.etag.to_string())
         .build()

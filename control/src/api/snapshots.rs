@@ -56,7 +56,7 @@ fn state_name(s: SnapshotState) -> &'static str {
 }
 
 /// The `Snapshot` message, keys in declaration order.
-pub fn snapshot_json(s: &Snapshot) -> Value {
+pub fn snapshot_json(app: &App, s: &Snapshot) -> Value {
     let node = s.node_uuid.to_string();
     let retention = if s.retention_secs == 0 {
         String::new()
@@ -83,7 +83,19 @@ pub fn snapshot_json(s: &Snapshot) -> Value {
         .str("projectName", &s.project)
         .str("primaryNodeUUID", &node)
         .val("labels", labels_json(&s.labels))
+        .val("statistics", snapshot_statistics(app, s))
         .build()
+}
+
+/// `SnapshotStatisticsApi`: the blocks its frozen layer holds, and all it reads through.
+fn snapshot_statistics(app: &App, s: &Snapshot) -> Value {
+    match app.datapath.usage(s.uuid) {
+        Some(u) => Obj::new()
+            .u64s("physicalCapacity", u.referenced_bytes)
+            .u64s("physicalOwnedCapacity", u.owned_bytes)
+            .build(),
+        None => Obj::new().build(),
+    }
 }
 
 /// `{UUID}` if given, else the name.
@@ -103,7 +115,10 @@ fn show(app: &App, who: &Principal, project: &str, r: SnapshotRef) -> ApiResult<
     who.require_project(project, Access::Read)?;
     let state = app.bus.state();
     state.projects.require(project)?;
-    Ok(Json(snapshot_json(state.snapshots.resolve(project, &r)?)))
+    Ok(Json(snapshot_json(
+        app,
+        state.snapshots.resolve(project, &r)?,
+    )))
 }
 
 async fn get_one(
@@ -153,7 +168,7 @@ async fn list(
         .filter(|s| q.get("Name").is_none_or(|n| s.name == n))
         .filter(|s| show_all || s.state != SnapshotState::Deleting)
         .take(limit)
-        .map(snapshot_json)
+        .map(|s| snapshot_json(&app, s))
         .collect();
     Ok(Json(json!({ "snapshots": snapshots })))
 }
@@ -212,7 +227,7 @@ async fn create(
         .snapshots
         .get(uuid)
         .ok_or_else(|| ApiError::internal("created snapshot is not in the projection"))?;
-    Ok(Json(snapshot_json(s)))
+    Ok(Json(snapshot_json(&app, s)))
 }
 
 async fn remove(

@@ -7,6 +7,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::Value;
 
+use evstor_datapath::blockstore::ratio;
+use evstor_datapath::limits::BLOCK_BYTES;
+
 use super::auth::{Access, Principal};
 use super::error::{ApiError, ApiResult};
 use super::json::{labels_json, parse_uuid, Body, Obj};
@@ -84,7 +87,7 @@ pub fn volume_json(app: &App, state: &DomainState, v: &Volume) -> Value {
         .str("compression", if v.compression { "true" } else { "false" })
         .u64s("size", v.size_bytes)
         .str("name", &v.name)
-        .val("statistics", volume_statistics(v))
+        .val("statistics", volume_statistics(app, v))
         .list("IPAcl", &v.ip_acl)
         .str("ETag", &v.etag.to_string())
         .strs("connectedHosts", &app.datapath.hosts_of(v.nsid))
@@ -106,10 +109,30 @@ pub fn volume_json(app: &App, state: &DomainState, v: &Volume) -> Value {
         .build()
 }
 
-/// Usage counters; the file-per-volume store does not track them yet, so they read as zero
-/// (omitted), with a ratio of 1.
-fn volume_statistics(_v: &Volume) -> Value {
-    serde_json::json!({ "compressionRatio": 1.0, "totalCompressionRatio": 1.0 })
+/// `VolumeStatisticsApi` from the block store: what the host wrote (logical), what its own
+/// layer stores (owned), and what it reads through including its snapshots' blocks.
+fn volume_statistics(app: &App, v: &Volume) -> Value {
+    let Some(u) = app.datapath.usage(v.uuid) else {
+        return serde_json::json!({ "compressionRatio": 1.0, "totalCompressionRatio": 1.0 });
+    };
+    Obj::new()
+        .u64s("logicalUsedStorage", u.visible_blocks * BLOCK_BYTES)
+        .u64s("physicalUsedStorage", u.owned_bytes)
+        .float(
+            "compressionRatio",
+            ratio(u.owned_logical_bytes, u.owned_bytes),
+        )
+        .float(
+            "totalCompressionRatio",
+            ratio(u.referenced_logical_bytes, u.referenced_bytes),
+        )
+        .u64s("physicalCapacity", u.referenced_bytes)
+        .u64s("physicalOwnedCapacity", u.owned_bytes)
+        .num(
+            "unrecoverableDataIntegrityErrors",
+            u64::from(app.datapath.integrity_errors(v.uuid)),
+        )
+        .build()
 }
 
 /// `{UUID}` if given, else the `name` query/body field.

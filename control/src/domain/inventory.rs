@@ -81,7 +81,10 @@ impl Inventory {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Command {}
+pub enum Command {
+    /// Server start-up: a device named in the configuration joins the node's pool.
+    AddDevice { device: Device },
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
@@ -111,8 +114,27 @@ impl Event {
     }
 }
 
-pub fn decide(_: &State, _: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, DomainError> {
-    match *cmd {}
+pub fn decide(state: &State, _: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, DomainError> {
+    match cmd {
+        Command::AddDevice { device } => {
+            let inv = &state.inventory;
+            if inv.devices.values().any(|d| d.path == device.path) {
+                return Ok(vec![]); // already in the pool: a restart with the same config
+            }
+            if inv.devices.contains_key(&device.serial) {
+                return Err(DomainError::AlreadyExists(format!(
+                    "an NVMe device with serial {} is already in the pool",
+                    device.serial
+                )));
+            }
+            let mut device = device.clone();
+            if let Some(n) = inv.first_node() {
+                device.node_uuid = n.uuid;
+                device.server_uuid = n.server_uuid;
+            }
+            Ok(vec![AnyEvent::Inventory(Event::DeviceAdded { device })])
+        }
+    }
 }
 
 pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {

@@ -229,6 +229,11 @@ pub enum Command {
     FinishVolumeRollback {
         uuid: Uuid,
     },
+    /// Data path: a block of the volume failed its checksum on read.
+    RecordDataIntegrityError {
+        uuid: Uuid,
+        block: u64,
+    },
 }
 
 /// Append only: bincode stores the variant's position.
@@ -241,6 +246,7 @@ pub enum Event {
     VolumeDeleted { uuid: Uuid },
     VolumeRollbackRequested { uuid: Uuid, snapshot: Uuid },
     VolumeRolledBack { uuid: Uuid },
+    VolumeDataIntegrityError { uuid: Uuid, block: u64 },
 }
 
 /// The resolved form of a [`VolumeChange`] as stored in the journal.
@@ -265,6 +271,7 @@ impl Event {
             Event::VolumeDeleted { .. } => "VolumeDeleted",
             Event::VolumeRollbackRequested { .. } => "VolumeRollbackRequested",
             Event::VolumeRolledBack { .. } => "VolumeRolledBack",
+            Event::VolumeDataIntegrityError { .. } => "VolumeDataIntegrityError",
         }
     }
 
@@ -276,7 +283,8 @@ impl Event {
             | Event::VolumeDeletionRequested { uuid }
             | Event::VolumeDeleted { uuid }
             | Event::VolumeRollbackRequested { uuid, .. }
-            | Event::VolumeRolledBack { uuid } => *uuid,
+            | Event::VolumeRolledBack { uuid }
+            | Event::VolumeDataIntegrityError { uuid, .. } => *uuid,
         }
     }
 
@@ -584,6 +592,14 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             }
             _ => Ok(vec![]),
         },
+        Command::RecordDataIntegrityError { uuid, block } => match state.volumes.get(*uuid) {
+            Some(_) => Ok(vec![AnyEvent::Volume(Event::VolumeDataIntegrityError {
+                uuid: *uuid,
+                block: *block,
+            })]),
+            // A volume deleted meanwhile: nothing left to report on.
+            None => Ok(vec![]),
+        },
     }
 }
 
@@ -685,6 +701,7 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
                 }
             }
         }
+        Event::VolumeDataIntegrityError { .. } => {}
         Event::VolumeCreationRequested { .. } | Event::VolumeDeleted { .. } => {
             unreachable!("handled above")
         }
