@@ -88,6 +88,7 @@ impl VolumeStore {
             backing_path: self.path_of(v.uuid),
             host_acl: acl(&v.acl),
             ip_acl: acl(&v.ip_acl),
+            qos: Default::default(),
         }
     }
 }

@@ -14,6 +14,7 @@
 //! | `admin` / `io` | admin and NVM command handlers |
 //! | `ctrl` | controller state, keep-alive, AEN queueing, registry |
 //! | `ns` | published namespace table (ACL-filtered per host) |
+//! | [`qos`] | per-namespace token buckets (IOPS and bytes per second, read and write) |
 //! | [`backend`] | the [`Backend`] trait and the io_uring file backend |
 //! | [`filecopy`] | whole-file reflink or sparse copies (snapshots, clones, rollback of file volumes) |
 //! | `target` | listeners, `start`, [`TargetHandle`] |
@@ -46,7 +47,7 @@
 //! # Example
 //!
 //! ```
-//! use evstor_datapath::{start, Acl, NamespaceSpec, TargetConfig};
+//! use evstor_datapath::{start, Acl, NamespaceSpec, QosLimits, TargetConfig};
 //!
 //! let dir = std::env::temp_dir().join(format!("evstor-doc-{}", std::process::id()));
 //! std::fs::create_dir_all(&dir)?;
@@ -59,6 +60,7 @@
 //!     backing_path: dir.join("vol1.img"), // created sparse if missing
 //!     host_acl: Acl::List(vec!["nqn.2014-08.org.nvmexpress:uuid:host-a".into()]),
 //!     ip_acl: Acl::AllowAny,
+//!     qos: QosLimits::default(), // unlimited
 //! };
 //! let target = start(cfg, vec![volume.clone()])?;
 //! println!("I/O on {}, discovery on {:?}", target.local_addr(), target.discovery_addr());
@@ -79,6 +81,7 @@ pub mod limits;
 pub mod nvme;
 pub mod pages;
 pub mod pdu;
+pub mod qos;
 
 mod admin;
 mod conn;
@@ -92,4 +95,5 @@ mod target;
 pub use backend::{Backend, FileBackend, IoKind, IoQueue, IoRequest};
 pub use config::{Acl, ConnectedHost, NamespaceSpec, TargetConfig};
 pub use error::DatapathError;
+pub use qos::QosLimits;
 pub use target::{start, TargetHandle};
