@@ -4,7 +4,11 @@
 //! itself is tested in simulated time in `qos.rs`).
 //!
 //! The tests of this binary run one at a time ([`serial`]), so they do not compete for
-//! the CPU with each other and skew the figures.
+//! the CPU with each other and skew the figures. Other work on the machine still can: a
+//! host or target thread starved of CPU falls short of any limit, so a shortfall is
+//! measured again (up to [`ATTEMPTS`] times); exceeding a limit fails at once. On a
+//! machine kept fully busy by other work (two busy loops on two cores) the mixed-namespace
+//! phase falls to about two thirds of the limit and fails: these figures need a CPU.
 
 mod common;
 
@@ -25,6 +29,8 @@ const MEASURE: Duration = Duration::from_secs(3);
 const WARMUP: Duration = Duration::from_millis(300);
 /// The accepted deviation from a limit.
 const TOLERANCE: f64 = 0.05;
+/// Measurements of one phase before a shortfall fails the test.
+const ATTEMPTS: u32 = 3;
 
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
@@ -130,14 +136,24 @@ fn drive(q: &mut Host, streams: &[Stream], measure: Duration) -> Vec<Rate> {
     result.expect("measured")
 }
 
-fn assert_near(what: &str, got: f64, want: f64) {
-    let dev = (got - want) / want;
-    eprintln!("{what}: {got:.1} (limit {want}, {:+.2}%)", dev * 100.0);
-    assert!(
-        dev.abs() <= TOLERANCE,
-        "{what}: measured {got:.1}, limit {want} (off by {:+.2}%)",
-        dev * 100.0
-    );
+/// Runs `phase` until it measures within [`TOLERANCE`] of `want` with its other checks
+/// passing (the `bool`), at most [`ATTEMPTS`] times. Only a shortfall is measured again.
+fn assert_near(what: &str, want: f64, mut phase: impl FnMut() -> (f64, bool)) {
+    for attempt in 1..=ATTEMPTS {
+        let (got, others_ok) = phase();
+        let dev = (got - want) / want;
+        eprintln!("{what}: {got:.1} (limit {want}, {:+.2}%)", dev * 100.0);
+        assert!(
+            dev <= TOLERANCE,
+            "{what}: measured {got:.1}, above the limit {want} by {:+.2}%",
+            dev * 100.0
+        );
+        if dev >= -TOLERANCE && others_ok {
+            return;
+        }
+        eprintln!("{what}: attempt {attempt} fell short (CPU taken by other work?)");
+    }
+    panic!("{what}: short of the limit {want} in {ATTEMPTS} attempts");
 }
 
 #[test]
@@ -153,14 +169,12 @@ fn iops_limit_holds_per_namespace_and_changes_on_a_live_connection() {
     let s2 = Stream { nsid: 2, blocks: 1 };
 
     // Both namespaces share one queue: the parked reads of nsid 1 do not hold up nsid 2.
-    let r = drive(&mut q, &[s1, s2], MEASURE);
-    eprintln!("nsid 2 read IOPS (unlimited): {:.0}", r[1].cmds_per_sec);
-    assert_near("nsid 1 read IOPS", r[0].cmds_per_sec, 2000.0);
-    assert!(
-        r[1].cmds_per_sec >= 4.0 * 2000.0,
-        "the unlimited namespace ran at {:.0} IOPS",
-        r[1].cmds_per_sec
-    );
+    assert_near("nsid 1 read IOPS", 2000.0, || {
+        let r = drive(&mut q, &[s1, s2], MEASURE);
+        let fast = r[1].cmds_per_sec;
+        eprintln!("nsid 2 read IOPS (unlimited): {fast:.0}, want at least 4x the limit");
+        (r[0].cmds_per_sec, fast >= 4.0 * 2000.0)
+    });
 
     // A new policy applies to the live connection.
     t.set_namespaces(vec![
@@ -170,12 +184,9 @@ fn iops_limit_holds_per_namespace_and_changes_on_a_live_connection() {
         },
         fast.clone(),
     ]);
-    let r = drive(&mut q, &[s1], MEASURE);
-    assert_near(
-        "nsid 1 read IOPS after the change",
-        r[0].cmds_per_sec,
-        700.0,
-    );
+    assert_near("nsid 1 read IOPS after the change", 700.0, || {
+        (drive(&mut q, &[s1], MEASURE)[0].cmds_per_sec, true)
+    });
 
     // And so does a bandwidth limit (the IOPS limit lifted at the same time).
     let bps = 4 << 20;
@@ -193,12 +204,9 @@ fn iops_limit_holds_per_namespace_and_changes_on_a_live_connection() {
         nsid: 1,
         blocks: 16,
     };
-    let r = drive(&mut q, &[big], MEASURE);
-    assert_near(
-        "nsid 1 read bytes/s with 64 KiB reads",
-        r[0].bytes_per_sec,
-        bps as f64,
-    );
+    assert_near("nsid 1 read bytes/s with 64 KiB reads", bps as f64, || {
+        (drive(&mut q, &[big], MEASURE)[0].bytes_per_sec, true)
+    });
     t.shutdown();
 }
 
@@ -210,20 +218,25 @@ fn every_queue_of_a_namespace_shares_its_limit() {
     let (_a, cntlid) = Host::admin(t.local_addr(), HOST, false, 0);
     let addr = t.local_addr();
     let s = Stream { nsid: 1, blocks: 1 };
-    let queues: Vec<_> = (1..=2)
-        .map(|qid| {
-            thread::spawn(move || {
-                let mut q = Host::tcp(addr, false);
-                assert_eq!(q.connect(NQN, HOST, cntlid, qid, 0).0, OK, "io connect");
-                drive(&mut q, &[s], MEASURE)[0].cmds_per_sec
+    let mut next_qid = 1;
+    assert_near("nsid 1 read IOPS over two queues", 1500.0, || {
+        // Fresh queue IDs each attempt: the previous ones may not be torn down yet.
+        let queues: Vec<_> = (next_qid..next_qid + 2)
+            .map(|qid| {
+                thread::spawn(move || {
+                    let mut q = Host::tcp(addr, false);
+                    assert_eq!(q.connect(NQN, HOST, cntlid, qid, 0).0, OK, "io connect");
+                    drive(&mut q, &[s], MEASURE)[0].cmds_per_sec
+                })
             })
-        })
-        .collect();
-    let total: f64 = queues
-        .into_iter()
-        .map(|h| h.join().expect("driver thread"))
-        .sum();
-    assert_near("nsid 1 read IOPS over two queues", total, 1500.0);
+            .collect();
+        next_qid += 2;
+        let total = queues
+            .into_iter()
+            .map(|h| h.join().expect("driver thread"))
+            .sum();
+        (total, true)
+    });
     t.shutdown();
 }
 
@@ -244,6 +257,7 @@ fn writes_wait_for_tokens_but_flush_write_zeroes_and_dsm_do_not() {
         OK,
         "the one-write burst"
     );
+    let token_taken = Instant::now(); // at the latest
 
     let began = Instant::now();
     for _ in 0..20 {
@@ -267,15 +281,15 @@ fn writes_wait_for_tokens_but_flush_write_zeroes_and_dsm_do_not() {
     // Throttled like writes, these 60 commands would take a minute.
     assert!(unthrottled < Duration::from_secs(5), "{unthrottled:?}");
 
-    // The bucket was empty: this write (data via R2T) waits for the next token.
-    let began = Instant::now();
+    // The bucket was empty: this write (data via R2T) waits for the next token, one
+    // second after the first write took the last one.
     let (st, _) = q.rw(true, 1, 8, &data, 8, false);
     assert_eq!(st, OK);
-    let waited = began.elapsed();
-    eprintln!("unthrottled commands: {unthrottled:?}; throttled write waited {waited:?}");
+    let gap = token_taken.elapsed();
+    eprintln!("unthrottled commands: {unthrottled:?}; second write {gap:?} after the first");
     assert!(
-        waited >= Duration::from_millis(500),
-        "a 1 IOPS write waited only {waited:?}"
+        gap >= Duration::from_millis(900),
+        "a 1 IOPS write followed the previous one after {gap:?}"
     );
     let (st, back) = q.rw(false, 1, 8, &[], 8, false);
     assert_eq!((st, back), (OK, data), "the throttled write landed");
