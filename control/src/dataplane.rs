@@ -13,11 +13,12 @@ use std::sync::{Arc, Mutex};
 use evstor_datapath::blockstore::{
     BlockStore, DeviceSpec, MediaError, PoolStats, StoreError, Usage,
 };
-use evstor_datapath::{Acl, Backing, ConnectedHost, NamespaceSpec, TargetHandle};
+use evstor_datapath::{Acl, Backing, ConnectedHost, NamespaceSpec, QosLimits, TargetHandle};
 use uuid::Uuid;
 
 use crate::api::DataPathView;
 use crate::domain::inventory::Device;
+use crate::domain::policy::QosLimit;
 use crate::domain::snapshot::Snapshot;
 use crate::domain::volume::{Volume, VolumeState, ALLOW_ANY, ALLOW_NONE};
 use crate::domain::State;
@@ -90,7 +91,7 @@ impl VolumeStore {
         }
     }
 
-    fn namespace_of(&self, v: &Volume) -> NamespaceSpec {
+    fn namespace_of(&self, state: &State, v: &Volume) -> NamespaceSpec {
         NamespaceSpec {
             nsid: v.nsid,
             uuid: *v.uuid.as_bytes(),
@@ -101,7 +102,37 @@ impl VolumeStore {
             },
             host_acl: acl(&v.acl),
             ip_acl: acl(&v.ip_acl),
+            qos: qos_of(state, v),
         }
+    }
+}
+
+/// A volume's QoS policy in the data path's absolute terms: MB/s are 10^6 bytes per second,
+/// IOPS per GB scale with the volume's size in GiB (at least 1 IOPS when the policy sets any).
+pub fn qos_of(state: &State, v: &Volume) -> QosLimits {
+    let Some(p) = v.qos_policy.and_then(|u| state.policies.get(u)) else {
+        return QosLimits::default();
+    };
+    let per_gb = |rate: u32| match rate {
+        0 => 0,
+        r => (u64::from(r) * v.size_bytes / (1 << 30)).max(1),
+    };
+    match p.limit {
+        QosLimit::Iops { read, write } => QosLimits {
+            read_iops: read.into(),
+            write_iops: write.into(),
+            ..QosLimits::default()
+        },
+        QosLimit::BandwidthMbps { read, write } => QosLimits {
+            read_bytes_per_sec: u64::from(read) * 1_000_000,
+            write_bytes_per_sec: u64::from(write) * 1_000_000,
+            ..QosLimits::default()
+        },
+        QosLimit::IopsPerGb { read, write } => QosLimits {
+            read_iops: per_gb(read),
+            write_iops: per_gb(write),
+            ..QosLimits::default()
+        },
     }
 }
 
@@ -159,7 +190,7 @@ impl DataPlane for VolumeStore {
             .by_uuid
             .values()
             .filter(|v| v.state == VolumeState::Available && self.store.contains(v.uuid))
-            .map(|v| self.namespace_of(v))
+            .map(|v| self.namespace_of(state, v))
             .collect();
         let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
         if *published == table {

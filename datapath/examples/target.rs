@@ -72,6 +72,7 @@ fn spec(a: &Args, nsid: u32) -> NamespaceSpec {
         backing: evstor_datapath::Backing::File(a.dir.join(format!("ns{nsid}.img"))),
         host_acl: a.acl.clone(),
         ip_acl: Acl::AllowAny,
+        qos: Default::default(),
     }
 }
 

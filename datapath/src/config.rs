@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::blockstore::BlockStore;
 
 use crate::limits::DEFAULT_MAX_CONNECTIONS;
+use crate::qos::QosLimits;
 
 /// Listener and subsystem configuration for [`crate::start`].
 #[derive(Debug, Clone)]
@@ -119,6 +120,9 @@ pub struct NamespaceSpec {
     pub host_acl: Acl,
     /// Source IPs admitted.
     pub ip_acl: Acl,
+    /// Absolute I/O limits (`QosLimits::default()` is unlimited). A new value for a live
+    /// namespace applies to its connections at once, without reconnecting.
+    pub qos: QosLimits,
 }
 
 impl NamespaceSpec {

@@ -5,9 +5,17 @@
 //! (storage completions) and a notifier (AENs, teardown). Responses produced in
 //! one pass of the loop are staged in a [`TxBatch`] and written with one blocking
 //! `writev` before the thread sleeps, data straight from the slot buffers.
-//! Everything a queue needs (slots, data buffers, ring, send batch) is allocated
-//! once, at Connect.
+//! Everything a queue needs (slots, data buffers, ring, send batch, the QoS parking
+//! FIFO) is allocated once, at Connect.
+//!
+//! Reads and writes of a QoS-limited namespace take tokens right before they reach the
+//! backend (writes once their data has arrived). A command that finds none is parked
+//! in a FIFO bounded by the queue depth; the loop then sleeps at most one refill period
+//! and, once per refill period (tokens accrue no faster), retries parked commands in
+//! order before reading new ones. Commands of one namespace never overtake each other;
+//! other namespaces on the queue are not held up.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -22,8 +30,8 @@ use crate::error::DatapathError;
 use crate::fabrics::{self, Accepted, ConnectOutcome};
 use crate::limits::{
     HANDSHAKE_TIMEOUT_MS, KATO_GRACE_MS, MAX_DATA_BYTES, MAX_H2C_DATA_BYTES, MAX_HDR_BYTES,
-    MAX_NAMESPACES, MAX_OUTSTANDING_AERS, POLL_INTERVAL_MS_MAX, RX_BUF_BYTES, SEND_TIMEOUT_MS,
-    TX_BATCH_HDR_BYTES, TX_BATCH_SEGS,
+    MAX_NAMESPACES, MAX_OUTSTANDING_AERS, POLL_INTERVAL_MS_MAX, QOS_REFILL_MS, RX_BUF_BYTES,
+    SEND_TIMEOUT_MS, TX_BATCH_HDR_BYTES, TX_BATCH_SEGS,
 };
 use crate::notify::Notifier;
 use crate::ns::{Namespace, NsTable};
@@ -32,6 +40,7 @@ use crate::pdu::{
     self, Check, DataHdr, HdrFields, IcResp, Pdu, PduError, PduType, RxContext, TxContext, CH_LEN,
     CQE_LEN, FLAG_LAST_PDU, FLAG_SUCCESS, IC_DDGST_ENABLE, IC_HDGST_ENABLE, SQE_LEN,
 };
+use crate::qos::QosDir;
 use crate::target::Shared;
 
 /// Which listener accepted the connection.
@@ -52,6 +61,8 @@ pub enum SlotState {
     AwaitData,
     /// Storage operations in flight.
     Executing,
+    /// Waiting in the QoS FIFO for its namespace's tokens (its data, if any, has arrived).
+    Throttled,
     /// Finished; its data is staged in the send batch, so the buffer stays reserved.
     Sending,
 }
@@ -113,6 +124,9 @@ pub enum Outcome {
     Pending,
     /// Parked without a slot (an AER); answered later.
     Parked,
+    /// The namespace's QoS tokens ran out: the slot waits in the QoS FIFO and the
+    /// command is executed again when its turn comes.
+    Throttled,
 }
 
 impl Outcome {
@@ -242,6 +256,46 @@ impl TxBatch {
     }
 }
 
+/// Commands waiting for QoS tokens, oldest first, and the namespaces they hold back.
+///
+/// Both hold at most one entry per slot, and are allocated with the queue depth as
+/// capacity, so parking never allocates.
+struct QosFifo {
+    slots: VecDeque<u16>,
+    /// Namespaces with a command parked (during a retry pass: re-parked in this pass).
+    /// A new command of one of these waits behind them instead of taking tokens.
+    blocked: Vec<u32>,
+    /// Earliest next retry pass: tokens accrue once per refill period, so a pass sooner
+    /// after one that left commands parked would only spend the CPU the other namespaces
+    /// of the queue need.
+    retry_at: Instant,
+}
+
+impl QosFifo {
+    fn new(depth: usize) -> QosFifo {
+        QosFifo {
+            slots: VecDeque::with_capacity(depth),
+            blocked: Vec::with_capacity(depth),
+            retry_at: Instant::now(),
+        }
+    }
+
+    fn holds_back(&self, nsid: u32) -> bool {
+        self.blocked.contains(&nsid)
+    }
+
+    fn park(&mut self, slot: u16, nsid: u32) {
+        debug_assert!(
+            self.slots.len() < self.slots.capacity(),
+            "one entry per slot"
+        );
+        self.slots.push_back(slot);
+        if !self.holds_back(nsid) {
+            self.blocked.push(nsid);
+        }
+    }
+}
+
 /// Everything a connected queue owns except its receive buffer.
 pub struct Queue {
     /// Target-wide state.
@@ -277,6 +331,7 @@ pub struct Queue {
     /// Outstanding AER command IDs (admin queue).
     pub aers: Vec<u16>,
     in_capsule_max: usize,
+    qos: QosFifo,
 }
 
 /// Entry point of a connection thread.
@@ -483,6 +538,7 @@ impl Queue {
             } else {
                 crate::limits::IN_CAPSULE_DATA_BYTES
             },
+            qos: QosFifo::new(n),
         };
         q.refresh_visible();
         Ok(q)
@@ -538,6 +594,7 @@ impl Queue {
             if self.shared.shutdown.load(Ordering::Acquire) || self.ctrl.is_dead() {
                 return Ok(());
             }
+            self.retry_throttled()?;
             self.drain_rx(rx)?;
             self.ioq.submit()?;
             self.reap()?;
@@ -546,6 +603,8 @@ impl Queue {
             }
             let timeout = if self.ioq.has_ready() {
                 0
+            } else if !self.qos.slots.is_empty() {
+                self.poll_timeout_ms().min(QOS_REFILL_MS)
             } else {
                 self.poll_timeout_ms()
             };
@@ -561,6 +620,40 @@ impl Queue {
                 }
             }
         }
+    }
+
+    /// Executes parked commands again, oldest first, at most once per refill period. One
+    /// that still finds no tokens goes back in line and holds back the rest of its
+    /// namespace for this pass.
+    fn retry_throttled(&mut self) -> Result<(), DatapathError> {
+        let n = self.qos.slots.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now < self.qos.retry_at {
+            return Ok(());
+        }
+        self.qos.retry_at = now + Duration::from_millis(QOS_REFILL_MS);
+        self.qos.blocked.clear();
+        for _ in 0..n {
+            let Some(i) = self.qos.slots.pop_front() else {
+                break;
+            };
+            let nsid = self.slots[i as usize].cmd().nsid();
+            if self.qos.holds_back(nsid) {
+                self.qos.park(i, nsid);
+                continue;
+            }
+            self.execute(i as usize)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a read or write of `bytes` on `ns` may go to the backend now: nothing of
+    /// its namespace is parked ahead of it, and the namespace's buckets hold the tokens.
+    pub fn qos_admit(&self, ns: &Namespace, dir: QosDir, bytes: u32) -> bool {
+        !self.qos.holds_back(ns.spec.nsid) && ns.qos.try_take(dir, bytes)
     }
 
     /// Polls the socket, the notifier and the ring; returns (socket readable, notified).
@@ -817,6 +910,12 @@ impl Queue {
                 self.release(i);
                 Ok(())
             }
+            Outcome::Throttled => {
+                self.slots[i].state = SlotState::Throttled;
+                let nsid = self.slots[i].cmd().nsid();
+                self.qos.park(i as u16, nsid);
+                Ok(())
+            }
             Outcome::Done {
                 status,
                 result,
@@ -970,6 +1069,10 @@ impl Queue {
 /// its admin queue and no buffer is freed while the kernel may still write into it.
 impl Drop for Queue {
     fn drop(&mut self) {
+        // Throttled slots never reached the backend: they hold no I/O and no namespace,
+        // and vanish with the queue (the host gets no completion for them, as for any
+        // command outstanding when its connection ends).
+        //
         // Drain in-flight storage I/O so no buffer is freed under the kernel.
         let deadline = Instant::now() + Duration::from_secs(30);
         while self

@@ -1,7 +1,9 @@
 //! NVM I/O commands: Read, Write, Flush, Write Zeroes, Dataset Management.
 //!
 //! Commands are validated here and handed to the namespace's backend; the
-//! connection's reaper calls [`account_completion`] as operations finish.
+//! connection's reaper calls [`account_completion`] as operations finish. Reads and
+//! writes pass the namespace's QoS buckets first; Flush, Write Zeroes and Dataset
+//! Management are not throttled.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use crate::conn::{Outcome, Queue, Slot};
 use crate::limits::{LBA_SHIFT, MAX_DATA_BYTES, MAX_DSM_RANGES};
 use crate::ns::Namespace;
 use crate::nvme::{io, Status, FABRICS};
+use crate::qos::QosDir;
 
 /// CDW12 bit: Force Unit Access.
 const FUA: u32 = 1 << 30;
@@ -63,6 +66,10 @@ impl Queue {
         }
         if len != self.slots[i].xfer as u64 {
             return Outcome::status(Status::SGL_LENGTH_INVALID);
+        }
+        let dir = if read { QosDir::Read } else { QosDir::Write };
+        if !self.qos_admit(&ns, dir, len as u32) {
+            return Outcome::Throttled;
         }
         let kind = if read {
             self.slots[i].c2h_len = len as u32;

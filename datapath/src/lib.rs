@@ -14,6 +14,7 @@
 //! | `admin` / `io` | admin and NVM command handlers |
 //! | `ctrl` | controller state, keep-alive, AEN queueing, registry |
 //! | `ns` | published namespace table (ACL-filtered per host) |
+//! | [`qos`] | per-namespace token buckets (IOPS and bytes per second, read and write) |
 //! | [`backend`] | the [`Backend`] trait and the io_uring file backend |
 //! | [`device`] | what a backing path is: file, block device or NVMe controller; size and identity |
 //! | [`blockstore`] | extent-mapped thin volumes: snapshots, clones, rollback, diff, lz4, per-block CRC32C |
@@ -48,7 +49,7 @@
 //! # Example
 //!
 //! ```
-//! use evstor_datapath::{start, Acl, Backing, NamespaceSpec, TargetConfig};
+//! use evstor_datapath::{start, Acl, Backing, NamespaceSpec, QosLimits, TargetConfig};
 //!
 //! let dir = std::env::temp_dir().join(format!("evstor-doc-{}", std::process::id()));
 //! std::fs::create_dir_all(&dir)?;
@@ -61,6 +62,7 @@
 //!     backing: Backing::File(dir.join("vol1.img")), // created sparse if missing
 //!     host_acl: Acl::List(vec!["nqn.2014-08.org.nvmexpress:uuid:host-a".into()]),
 //!     ip_acl: Acl::AllowAny,
+//!     qos: QosLimits::default(), // unlimited
 //! };
 //! let target = start(cfg, vec![volume.clone()])?;
 //! println!("I/O on {}, discovery on {:?}", target.local_addr(), target.discovery_addr());
@@ -83,6 +85,7 @@ pub mod limits;
 pub mod nvme;
 pub mod pages;
 pub mod pdu;
+pub mod qos;
 
 mod admin;
 mod conn;
@@ -97,4 +100,5 @@ pub use backend::{Backend, FileBackend, IoKind, IoQueue, IoRequest};
 pub use config::{Acl, Backing, ConnectedHost, NamespaceSpec, TargetConfig};
 pub use device::{probe, DeviceInfo, DeviceKind};
 pub use error::DatapathError;
+pub use qos::QosLimits;
 pub use target::{start, TargetHandle};

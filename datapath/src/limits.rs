@@ -81,6 +81,17 @@ pub const SEND_TIMEOUT_MS: u64 = 30_000;
 /// Upper bound on the connection loop's sleep, so shutdown and KATO are noticed promptly.
 pub const POLL_INTERVAL_MS_MAX: u64 = 500;
 
+/// QoS token buckets refill in steps of this many milliseconds (`rate / 1000` tokens per
+/// millisecond, in fixed point). It is also the longest a connection sleeps while a
+/// command waits for tokens, so a throttled namespace is served every millisecond.
+pub const QOS_REFILL_MS: u64 = 1;
+
+/// A QoS bucket holds at most this many milliseconds of tokens (but never less than one
+/// command: one op, or `MAX_DATA_BYTES` for a byte bucket). Small, so an idle namespace
+/// cannot burst far above its limit; large enough that a connection thread woken a few
+/// milliseconds late (a loaded host) loses no tokens, so sustained load meets the limit.
+pub const QOS_BURST_MS: u64 = 5;
+
 /// Keep Alive Timeout the target accepts from a host (60 minutes, in milliseconds).
 pub const MAX_KATO_MS: u32 = 3_600_000;
 
@@ -113,6 +124,7 @@ const _: () = assert!(MAX_QUEUE_DEPTH as u32 <= RING_ENTRIES);
 const _: () = assert!(MAX_DATA_BYTES <= u32::MAX as usize);
 const _: () = assert!(TX_BATCH_SEGS >= 3 && TX_BATCH_SEGS <= 1024);
 const _: () = assert!(TX_BATCH_HDR_BYTES >= 2 * MAX_HDR_BYTES + 4);
+const _: () = assert!(QOS_REFILL_MS <= POLL_INTERVAL_MS_MAX && QOS_BURST_MS >= QOS_REFILL_MS);
 
 /// Block store allocation and mapping unit (one logical block).
 pub const BLOCK_BYTES: u64 = LBA_BYTES;

@@ -13,6 +13,7 @@ use crate::config::{Backing, NamespaceSpec};
 use crate::error::DatapathError;
 use crate::limits::{LBA_SHIFT, MAX_NAMESPACES};
 use crate::pages::NsIdentity;
+use crate::qos::QosState;
 
 /// One live namespace.
 #[derive(Debug)]
@@ -23,6 +24,8 @@ pub struct Namespace {
     pub backend: Arc<dyn Backend>,
     /// Capacity in logical blocks.
     pub blocks: u64,
+    /// Token buckets, carried over from table to table for the same nsid.
+    pub qos: Arc<QosState>,
 }
 
 impl Namespace {
@@ -146,9 +149,11 @@ fn open_one(spec: NamespaceSpec, old: &NsTable) -> Result<Namespace, DatapathErr
             Arc::new(store.image(uuid, spec.size_bytes, *compress))
         }
     };
+    let qos = QosState::carry_over(old.get(spec.nsid).map(|o| &o.qos), spec.qos);
     Ok(Namespace {
         spec,
         backend,
         blocks,
+        qos,
     })
 }

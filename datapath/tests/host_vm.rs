@@ -86,6 +86,7 @@ fn ns(dir: &Path, nsid: u32, mib: u64, ip_acl: Acl) -> NamespaceSpec {
         backing: evstor_datapath::Backing::File(dir.join(format!("ns{nsid}.img"))),
         host_acl: Acl::List(vec![HOSTNQN.to_string()]),
         ip_acl,
+        qos: Default::default(),
     }
 }
 
