@@ -1,5 +1,5 @@
 #!/bin/sh
-# guest.sh - end-to-end host scenario for `evstor serve`, run inside the nvme-host-vm guest by
+# e2e.sh - end-to-end host scenario for `evstor serve`, run inside the nvme-host-vm guest by
 # tests/host_vm_e2e.rs. Volumes are created through the REST API by the test on the host;
 # the guest asks it to act through files in /mnt/host (REQ-<name> → DONE-<name>).
 # Every passed check prints "CHECK-OK <name>"; the first failure exits non-zero.
@@ -7,41 +7,7 @@
 # Environment: NQN (cluster subsystem NQN from GET /clusterinfo), TARGET_PORT, DISC_PORT.
 set -eu
 
-T=10.0.2.2
-SH=/mnt/host
-fail() { echo "FAIL: $*"; dmesg | tail -n 30; exit 1; }
-ok() { echo "CHECK-OK $*"; }
-ask_host() {
-    : > "$SH/REQ-$1"
-    n=0
-    until [ -e "$SH/DONE-$1" ]; do
-        n=$((n + 1)); [ $n -le 900 ] || fail "host did not answer $1"
-        sleep 0.1
-    done
-}
-blockdev() {    # blockdev NSID: block device of namespace NSID in the cluster subsystem
-    for d in /sys/block/nvme*n*; do
-        [ -e "$d" ] || continue
-        case "$(basename "$d")" in *c*) continue ;; esac
-        [ "$(cat "$d/device/subsysnqn" 2>/dev/null)" = "$NQN" ] || continue
-        [ "$(cat "$d/nsid" 2>/dev/null)" = "$1" ] && { echo "/dev/$(basename "$d")"; return 0; }
-    done
-    return 1
-}
-wait_ns() {     # wait_ns NSID TENTHS
-    n=0
-    until blockdev "$1" >/dev/null; do
-        n=$((n + 1)); [ $n -le "$2" ] || return 1
-        sleep 0.1
-    done
-}
-wait_gone() {   # wait_gone NSID TENTHS
-    n=0
-    while blockdev "$1" >/dev/null; do
-        n=$((n + 1)); [ $n -le "$2" ] || return 1
-        sleep 0.1
-    done
-}
+. /mnt/host/lib.sh
 
 nvme discover -t tcp -a $T -s "$DISC_PORT" -o json >/tmp/disc.json || fail "discover"
 jq -e --arg n "$NQN" '[.records[] | select(.subnqn == $n)] | length == 1' /tmp/disc.json \
@@ -53,7 +19,6 @@ nvme connect -t tcp -n "$NQN" -a $T -s "$TARGET_PORT" --nr-io-queues 2 \
 wait_ns 1 100 || fail "volume v1 (nsid 1) did not appear"
 DEV=$(blockdev 1)
 [ "$(blockdev 2 || true)" = "" ] || fail "volume v2 (acl names another host) is visible"
-SIZE=$(blockdev --getsize64 "$DEV" 2>/dev/null || cat /sys/block/"$(basename "$DEV")"/size)
 ok "connect-sees-only-its-volumes $DEV"
 
 fio --name=rw --filename="$DEV" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
