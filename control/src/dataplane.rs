@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use evstor_datapath::blockstore::{
     BlockStore, DeviceSpec, MediaError, PoolStats, StoreError, Usage,
 };
+use evstor_datapath::limits::BLOCK_BYTES;
 use evstor_datapath::{Acl, Backing, ConnectedHost, NamespaceSpec, QosLimits, TargetHandle};
 use uuid::Uuid;
 
@@ -182,6 +183,15 @@ impl DataPlane for VolumeStore {
             .value(state, "EnableTrim")
             .is_none_or(|v| v == "true");
         self.store.set_trim(trim);
+        // A volume shrunk with Force loses the blocks past its end (a crash between the
+        // shrink and this pass is covered: the check runs on every pass).
+        for v in state.volumes.by_uuid.values() {
+            if v.state == VolumeState::Available {
+                if let Err(e) = self.store.truncate(v.uuid, v.size_bytes / BLOCK_BYTES) {
+                    tracing::warn!("truncating volume {} failed: {e}", v.uuid);
+                }
+            }
+        }
         let Some(target) = &self.target else {
             return;
         };

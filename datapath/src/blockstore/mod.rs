@@ -286,6 +286,15 @@ impl BlockStore {
         self.mutate(|t| t.trim(v, start, end))
     }
 
+    /// Cuts volume `v` to `blocks`: everything past it reads as zeroes and its space is freed,
+    /// so a later grow never shows old data. Nothing is written when nothing is mapped there.
+    pub fn truncate(&self, v: Uuid, blocks: u64) -> Result<(), StoreError> {
+        if !self.tree().maps_beyond(v, blocks) {
+            return Ok(());
+        }
+        self.trim(v, blocks, u64::MAX)
+    }
+
     /// Space accounting of an image.
     pub fn usage(&self, image: Uuid) -> Result<Usage, StoreError> {
         Ok(self.tree().usage(image)?)

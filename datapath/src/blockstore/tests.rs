@@ -425,3 +425,42 @@ fn diff_lists_blocks_written_between_snapshots() {
         Err(StoreError::Tree(TreeError::NotSameChain { .. }))
     ));
 }
+
+#[test]
+fn truncate_frees_blocks_past_the_end_and_a_grow_reads_zeroes() {
+    let mut h = Harness::new(IoQueue::new_sync());
+    let v = Uuid::new_v4();
+    let s = Uuid::new_v4();
+    h.st().create_volume(v).expect("create");
+    for b in [2u64, 30, 40] {
+        h.buf.slot_mut(0, BLOCK).copy_from_slice(&content(9, b));
+        assert_eq!(
+            h.io(v, IoKind::Write { fua: false }, b, 1, false),
+            BLOCK as i32
+        );
+    }
+    h.st().snapshot(v, s).expect("snapshot");
+    h.buf.slot_mut(0, BLOCK).copy_from_slice(&content(11, 35));
+    h.io(v, IoKind::Write { fua: false }, 35, 1, false);
+    h.st().truncate(v, 32).expect("truncate");
+    assert_eq!(
+        h.st().changed_blocks(v, None, 0, BLOCKS, 100).expect("map"),
+        vec![2, 30]
+    );
+    for b in [35u64, 40] {
+        assert_eq!(h.io(v, IoKind::Read, b, 1, false), BLOCK as i32);
+        assert!(
+            h.buf.slot(0, BLOCK).iter().all(|&x| x == 0),
+            "block {b} after the cut"
+        );
+    }
+    // The snapshot keeps its blocks; truncating again writes nothing.
+    assert_eq!(
+        h.st().changed_blocks(s, None, 0, BLOCKS, 100).expect("map"),
+        vec![2, 30, 40]
+    );
+    assert!(
+        !h.st().tree().maps_beyond(v, 32),
+        "nothing left to cut: the next pass writes nothing"
+    );
+}

@@ -436,6 +436,25 @@ impl Tree {
         Ok(d)
     }
 
+    /// Whether volume `v` reads data (not zeroes) at any block at or past `end`.
+    pub fn maps_beyond(&self, v: Uuid, end: u64) -> bool {
+        let Some(&head) = self.images.get(&v) else {
+            return false;
+        };
+        let mut at = Some(head);
+        while let Some(id) = at {
+            let l = &self.layers[&id];
+            if l.map
+                .range(end..)
+                .any(|(&b, _)| self.resolve(head, b).is_some())
+            {
+                return true;
+            }
+            at = l.parent;
+        }
+        false
+    }
+
     /// Blocks in `[from, to)` that differ between snapshot `base` and image `target` (every
     /// block written in the layers between them), or, without a base, every block `target`
     /// maps to data. Ascending; at most `max` of them.
