@@ -1,13 +1,17 @@
 //! End-to-end: snapshots, clones, rollback and retention through the real binary, checking
-//! the data in the backing files.
+//! the data a host reads over NVMe/TCP (the crate's small initiator) and the space the
+//! cluster reports.
 
 mod common;
 
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::net::SocketAddr;
 
 use common::Server;
+use evstor_datapath::initiator::Session;
 use serde_json::{json, Value};
+
+const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:a5a5a5a5-0000-4000-8000-00000000a5a5";
+const BLOCK: u64 = 4096;
 
 const P: &str = "/api/v2/projects/default";
 
@@ -35,21 +39,45 @@ fn create_snapshot(s: &Server, body: Value) -> Value {
     })
 }
 
-fn volume_file(s: &Server, uuid: &str) -> PathBuf {
-    s.data_dir().join("volumes").join(format!("{uuid}.img"))
+/// An NVMe/TCP session to the server's subsystem.
+fn host(s: &Server) -> Session {
+    let (_, info) = s.admin().get("/api/v2/clusterinfo");
+    let nqn = info["subsystemNQN"].as_str().unwrap().to_string();
+    let addr = SocketAddr::from(([127, 0, 0, 1], s.nvme_port));
+    Session::connect(addr, &nqn, HOSTNQN).expect("NVMe/TCP connect")
 }
 
-fn write_at(path: &PathBuf, offset: u64, bytes: &[u8]) {
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(bytes, offset).unwrap();
-    f.sync_all().unwrap();
+fn nsid(s: &Server, uuid: &str) -> u32 {
+    let (_, v) = s.admin().get(&format!("{P}/volumes/{uuid}"));
+    v["nsid"].as_u64().expect("nsid") as u32
 }
 
-fn read_at(path: &PathBuf, offset: u64, len: usize) -> Vec<u8> {
-    let f = std::fs::File::open(path).unwrap();
-    let mut buf = vec![0; len];
-    f.read_exact_at(&mut buf, offset).unwrap();
-    buf
+/// Writes `bytes` at byte `offset` of a volume (read-modify-write of the blocks it touches).
+fn write_at(h: &mut Session, ns: u32, offset: u64, bytes: &[u8]) {
+    let first = offset / BLOCK;
+    let blocks = (offset + bytes.len() as u64).div_ceil(BLOCK) - first;
+    let mut buf = h.read(ns, first, blocks as u32).expect("read");
+    let at = (offset - first * BLOCK) as usize;
+    buf[at..at + bytes.len()].copy_from_slice(bytes);
+    h.write(ns, first, &buf).expect("write");
+}
+
+fn read_at(h: &mut Session, ns: u32, offset: u64, len: usize) -> Vec<u8> {
+    let first = offset / BLOCK;
+    let blocks = (offset + len as u64).div_ceil(BLOCK) - first;
+    let buf = h.read(ns, first, blocks as u32).expect("read");
+    let at = (offset - first * BLOCK) as usize;
+    buf[at..at + len].to_vec()
+}
+
+/// Physical bytes the cluster reports in use.
+fn used(s: &Server) -> u64 {
+    let (_, c) = s.admin().get("/api/v2/cluster");
+    c["statistics"]["physicalUsedStorage"]
+        .as_str()
+        .unwrap_or("0")
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -74,11 +102,9 @@ fn snapshot_lifecycle_by_uuid_and_name() {
     assert_eq!(snap["retentionTime"], "86400s");
     assert_eq!(snap["description"], "first");
     assert_eq!(snap["projectName"], "default");
-    assert!(s
-        .data_dir()
-        .join("snapshots")
-        .join(format!("{uuid}.img"))
-        .exists());
+    // The block store holds it: the full map of an empty volume's snapshot is empty.
+    let (status, diff) = c.get(&format!("{P}/snapshots/diff/{uuid}"));
+    assert_eq!((status, &diff["lbaRanges"]), (200, &Value::Null), "{diff}");
 
     // By name: GetSnapshot takes `Name`, ListSnapshots too.
     let (status, by_name) = c.get(&format!("{P}/snapshots/?Name=snap1"));
@@ -107,11 +133,7 @@ fn snapshot_lifecycle_by_uuid_and_name() {
     let (status, body) = c.delete(&format!("{P}/snapshots/?name=snap1"));
     assert_eq!((status, body), (200, json!({})));
     s.wait_for(&path, |status, _| status == 404);
-    assert!(!s
-        .data_dir()
-        .join("snapshots")
-        .join(format!("{uuid}.img"))
-        .exists());
+    assert_eq!(c.get(&format!("{P}/snapshots/diff/{uuid}")).0, 404);
     let (_, list) = c.get(&format!("{P}/snapshots?showAll=true"));
     assert_eq!(list["snapshots"], json!([]));
 }
@@ -120,15 +142,23 @@ fn snapshot_lifecycle_by_uuid_and_name() {
 fn a_clone_holds_the_snapshot_data_and_rollback_restores_it() {
     let s = Server::start();
     let c = s.admin();
+    let empty = used(&s);
     let vol = create_volume(&s, "vol1", json!({}));
-    let vol_file = volume_file(&s, &vol);
-    write_at(&vol_file, 4096, b"before snapshot");
-    write_at(&vol_file, 40 << 20, b"deep block");
+    let mut h = host(&s);
+    let vn = nsid(&s, &vol);
+    write_at(&mut h, vn, 4096, b"before snapshot");
+    write_at(&mut h, vn, 40 << 20, b"deep block");
     let snap = create_snapshot(&s, json!({"name": "snap1", "sourceVolumeUUID": vol}));
     let snap_uuid = snap["UUID"].as_str().unwrap().to_string();
-    write_at(&vol_file, 4096, b"AFTER  SNAPSHOT");
+    write_at(&mut h, vn, 4096, b"AFTER  SNAPSHOT");
+    // Thin and shared: two data blocks plus the one rewritten since the snapshot.
+    assert_eq!(used(&s) - empty, 3 * BLOCK);
+    let (_, v) = c.get(&format!("{P}/volumes/{vol}"));
+    assert_eq!(v["statistics"]["logicalUsedStorage"], "8192", "{v}");
+    assert_eq!(v["statistics"]["physicalOwnedCapacity"], "4096", "{v}");
+    assert_eq!(v["statistics"]["physicalCapacity"], "12288", "{v}");
 
-    // Clone by snapshot name: same size, the snapshot's bytes.
+    // Clone by snapshot name: same size, the snapshot's bytes, no space of its own yet.
     let clone = create_volume(
         &s,
         "clone1",
@@ -138,10 +168,14 @@ fn a_clone_holds_the_snapshot_data_and_rollback_restores_it() {
     assert_eq!(cv["sourceSnapshotUUID"], snap_uuid.as_str());
     assert_eq!(cv["sourceSnapshotName"], "snap1");
     assert_eq!(cv["size"], "67108864");
-    let clone_file = volume_file(&s, &clone);
-    assert_eq!(read_at(&clone_file, 4096, 15), b"before snapshot");
-    assert_eq!(read_at(&clone_file, 40 << 20, 10), b"deep block");
-    assert_eq!(read_at(&vol_file, 4096, 15), b"AFTER  SNAPSHOT");
+    assert_eq!(cv["statistics"]["logicalUsedStorage"], "8192", "{cv}");
+    assert!(cv["statistics"]["physicalOwnedCapacity"].is_null(), "{cv}");
+    let cn = nsid(&s, &clone);
+    assert_eq!(read_at(&mut h, cn, 4096, 15), b"before snapshot");
+    assert_eq!(read_at(&mut h, cn, 40 << 20, 10), b"deep block");
+    assert_eq!(read_at(&mut h, vn, 4096, 15), b"AFTER  SNAPSHOT");
+    write_at(&mut h, cn, 40 << 20, b"clone's own");
+    assert_eq!(read_at(&mut h, vn, 40 << 20, 10), b"deep block");
     let (_, clones) = c.get(&format!("{P}/volumes?snapshotUUID={snap_uuid}"));
     assert_eq!(clones["volumes"].as_array().unwrap().len(), 1);
 
@@ -167,9 +201,9 @@ fn a_clone_holds_the_snapshot_data_and_rollback_restores_it() {
     s.wait_for(&format!("{P}/volumes/{vol}"), |_, v| {
         v["state"] == "Available"
     });
-    assert_eq!(read_at(&vol_file, 4096, 15), b"before snapshot");
+    assert_eq!(read_at(&mut h, vn, 4096, 15), b"before snapshot");
     // Rollback by UUIDs, after another overwrite.
-    write_at(&vol_file, 40 << 20, b"DEEP BLOCK");
+    write_at(&mut h, vn, 40 << 20, b"DEEP BLOCK");
     let (status, _) = c.put(
         &format!("{P}/volumes/{vol}/rollback"),
         &json!({"srcSnapshotUUID": snap_uuid}),
@@ -178,7 +212,7 @@ fn a_clone_holds_the_snapshot_data_and_rollback_restores_it() {
     s.wait_for(&format!("{P}/volumes/{vol}"), |_, v| {
         v["state"] == "Available"
     });
-    assert_eq!(read_at(&vol_file, 40 << 20, 10), b"deep block");
+    assert_eq!(read_at(&mut h, vn, 40 << 20, 10), b"deep block");
 
     // The volume can go; its snapshot stays usable.
     assert_eq!(c.delete(&format!("{P}/volumes/{vol}")).0, 200);
@@ -186,10 +220,17 @@ fn a_clone_holds_the_snapshot_data_and_rollback_restores_it() {
     let (status, snap) = c.get(&format!("{P}/snapshots/{snap_uuid}"));
     assert_eq!((status, &snap["state"]), (200, &json!("Available")));
     let clone2 = create_volume(&s, "clone2", json!({"sourceSnapshotUUID": snap_uuid}));
-    assert_eq!(
-        read_at(&volume_file(&s, &clone2), 4096, 15),
-        b"before snapshot"
-    );
+    let c2 = nsid(&s, &clone2);
+    assert_eq!(read_at(&mut h, c2, 4096, 15), b"before snapshot");
+
+    // Everything gone: the space is back.
+    for v in [&clone, &clone2, &other] {
+        assert_eq!(c.delete(&format!("{P}/volumes/{v}")).0, 200);
+        s.wait_for(&format!("{P}/volumes/{v}"), |status, _| status == 404);
+    }
+    assert_eq!(c.delete(&format!("{P}/snapshots/{snap_uuid}")).0, 200);
+    s.wait_for(&format!("{P}/snapshots/{snap_uuid}"), |status, _| status == 404);
+    assert_eq!(used(&s), empty, "freed extents are released (after the next flush)");
 }
 
 #[test]
@@ -203,11 +244,7 @@ fn retention_expiry_deletes_the_snapshot() {
     assert_eq!(snap["retentionTime"], "2s");
     let uuid = snap["UUID"].as_str().unwrap();
     s.wait_for(&format!("{P}/snapshots/{uuid}"), |status, _| status == 404);
-    assert!(!s
-        .data_dir()
-        .join("snapshots")
-        .join(format!("{uuid}.img"))
-        .exists());
+    assert_eq!(s.admin().get(&format!("{P}/snapshots/diff/{uuid}")).0, 404);
 }
 
 #[test]

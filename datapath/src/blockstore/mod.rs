@@ -313,13 +313,18 @@ impl BlockStore {
         Ok(self.tree().changed_blocks(target, base, from, to, max)?)
     }
 
-    /// Pool-wide accounting.
+    /// Pool-wide accounting. Extents freed but not yet reusable (waiting for the next
+    /// metadata sync) count as free: no image holds them any more.
     pub fn stats(&self) -> PoolStats {
         let logical_blocks: u64 = self.tree().layers.values().map(|l| l.data_blocks).sum();
+        let pending: u64 = lock(&self.pending)
+            .iter()
+            .map(|e| u64::from(e.sectors()))
+            .sum();
         let a = lock(&self.alloc);
         PoolStats {
             capacity_bytes: a.capacity_sectors() * 512,
-            used_bytes: a.used_sectors() * 512,
+            used_bytes: a.used_sectors().saturating_sub(pending) * 512,
             logical_bytes: logical_blocks * BLOCK_BYTES,
             media_errors: self.media_errors.load(Ordering::Relaxed),
         }
