@@ -229,8 +229,14 @@ fn a_clone_holds_the_snapshot_data_and_rollback_restores_it() {
         s.wait_for(&format!("{P}/volumes/{v}"), |status, _| status == 404);
     }
     assert_eq!(c.delete(&format!("{P}/snapshots/{snap_uuid}")).0, 200);
-    s.wait_for(&format!("{P}/snapshots/{snap_uuid}"), |status, _| status == 404);
-    assert_eq!(used(&s), empty, "freed extents are released (after the next flush)");
+    s.wait_for(&format!("{P}/snapshots/{snap_uuid}"), |status, _| {
+        status == 404
+    });
+    assert_eq!(
+        used(&s),
+        empty,
+        "freed extents are released (after the next flush)"
+    );
 }
 
 #[test]

@@ -50,12 +50,18 @@ fn a_corrupted_block_is_a_media_error_an_event_and_a_statistic() {
     );
     assert_eq!(status, 200, "{v}");
     let uuid = v["UUID"].as_str().unwrap().to_string();
-    let v = s.wait_for(&format!("{P}/volumes/{uuid}"), |_, v| v["state"] == "Available");
+    let v = s.wait_for(&format!("{P}/volumes/{uuid}"), |_, v| {
+        v["state"] == "Available"
+    });
     let ns = v["nsid"].as_u64().unwrap() as u32;
     let (_, info) = c.get("/api/v2/clusterinfo");
     let nqn = info["subsystemNQN"].as_str().unwrap();
-    let mut h = Session::connect(SocketAddr::from(([127, 0, 0, 1], s.nvme_port)), nqn, HOSTNQN)
-        .expect("connect");
+    let mut h = Session::connect(
+        SocketAddr::from(([127, 0, 0, 1], s.nvme_port)),
+        nqn,
+        HOSTNQN,
+    )
+    .expect("connect");
 
     let dev = std::fs::OpenOptions::new()
         .read(true)
@@ -75,7 +81,9 @@ fn a_corrupted_block_is_a_media_error_an_event_and_a_statistic() {
     assert_eq!(h.read(ns, 5, 1).expect("clean read"), block);
 
     dev.write_all_at(&[got[100] ^ 0x01], page + 100).unwrap();
-    let err = h.read(ns, 5, 1).expect_err("a corrupted block must not read");
+    let err = h
+        .read(ns, 5, 1)
+        .expect_err("a corrupted block must not read");
     assert_eq!(err.status(), Some(Status::READ_ERROR), "{err}");
     // The rest of the volume is fine; a rewrite of the bad block heals it.
     assert_eq!(h.read(ns, 6, 1).expect("neighbour"), vec![0u8; 4096]);
@@ -90,9 +98,10 @@ fn a_corrupted_block_is_a_media_error_an_event_and_a_statistic() {
         1
     );
     let events = s.wait_for("/api/v2/events?limit=1000", |_, e| {
-        e["events"]
-            .as_array()
-            .is_some_and(|l| l.iter().any(|e| e["EventName"] == "VolumeDataIntegrityError"))
+        e["events"].as_array().is_some_and(|l| {
+            l.iter()
+                .any(|e| e["EventName"] == "VolumeDataIntegrityError")
+        })
     });
     let e = events["events"]
         .as_array()

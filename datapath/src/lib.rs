@@ -20,6 +20,7 @@
 //! | [`blockstore`] | extent-mapped thin volumes: snapshots, clones, rollback, diff, lz4, per-block CRC32C |
 //! | [`filecopy`] | whole-file reflink or sparse copies (snapshots, clones, rollback of file volumes) |
 //! | `target` | listeners, `start`, [`TargetHandle`] |
+//! | [`initiator`] | a minimal synchronous host for tests, benches and tools; not a production initiator |
 //!
 //! # Threading model (and its limits)
 //!
@@ -81,6 +82,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod filecopy;
+pub mod initiator;
 pub mod limits;
 pub mod nvme;
 pub mod pages;

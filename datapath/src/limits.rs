@@ -143,3 +143,21 @@ pub const MAX_PENDING_FREES: usize = 16 * 1024;
 
 /// Media (checksum) errors remembered for the control plane to report.
 pub const MAX_MEDIA_ERRORS_KEPT: usize = 1024;
+
+/// Initiator ([`crate::initiator`]): longest a socket read or write may block before the
+/// command fails, so a test against a stuck target fails instead of hanging.
+pub const INITIATOR_TIMEOUT_MS: u64 = 30_000;
+
+/// Initiator: submission queue entries asked for at Connect (commands are issued one at a
+/// time; the depth only has to be legal).
+pub const INITIATOR_QUEUE_DEPTH: u16 = 8;
+
+/// Initiator: largest data transfer of one command, whatever the target's MDTS allows; also
+/// the largest C2HData payload it accepts (its receive buffer is sized from this).
+pub const INITIATOR_MAX_DATA_BYTES: u32 = 1 << 20;
+
+/// Initiator: largest number of polls of CSTS while waiting for CSTS.RDY after CC.EN.
+pub const INITIATOR_READY_POLLS_MAX: u32 = 1_000;
+
+const _: () =
+    assert!(INITIATOR_QUEUE_DEPTH >= MIN_QUEUE_DEPTH && INITIATOR_QUEUE_DEPTH <= MAX_QUEUE_DEPTH);

@@ -143,9 +143,28 @@ impl Status {
         (sf << 1) | if self.dnr { 0x8000 } else { 0 }
     }
 
+    /// Decodes a CQE status field (the inverse of [`Status::field`]; phase bit ignored).
+    pub fn from_field(field: u16) -> Status {
+        Status {
+            sct: ((field >> 9) & 0x7) as u8,
+            sc: (field >> 1) as u8,
+            dnr: field & 0x8000 != 0,
+        }
+    }
+
     /// Whether this is a successful completion.
     pub fn is_success(self) -> bool {
         self.sct == 0 && self.sc == 0
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SCT {:#x} SC {:#04x}", self.sct, self.sc)?;
+        if self.dnr {
+            f.write_str(" (DNR)")?;
+        }
+        Ok(())
     }
 }
 
@@ -368,3 +387,23 @@ pub mod aen {
 
 /// Well-known NQN of discovery controllers.
 pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
+
+#[cfg(test)]
+mod tests {
+    use super::Status;
+
+    #[test]
+    fn status_field_round_trips() {
+        for s in [
+            Status::SUCCESS,
+            Status::LBA_RANGE,
+            Status::INVALID_NS,
+            Status::CONNECT_INVALID_PARAM,
+            Status::READ_ERROR,
+            Status::WRITE_FAULT,
+        ] {
+            assert_eq!(Status::from_field(s.field()), s);
+            assert_eq!(Status::from_field(s.field() | 1), s, "phase bit ignored");
+        }
+    }
+}

@@ -441,7 +441,9 @@ impl BlockStore {
                             let last_end = last.sector + last.len as u64 / 512;
                             // SAFETY: pointer arithmetic within the caller's buffer.
                             let contiguous = unsafe { last.buf.add(last.len as usize) } == dst;
-                            if contiguous && last_end == e.sector && last.len as usize % BLOCK == 0
+                            if contiguous
+                                && last_end == e.sector
+                                && (last.len as usize).is_multiple_of(BLOCK)
                             {
                                 last.len += BLOCK as u32;
                                 continue;
@@ -560,7 +562,7 @@ impl BlockStore {
                     let contiguous =
                         !last.buf.is_null() && unsafe { last.buf.add(last.len as usize) } == src;
                     if contiguous
-                        && last.len as usize % BLOCK == 0
+                        && (last.len as usize).is_multiple_of(BLOCK)
                         && last.sector + last.len as u64 / 512 == e.sector
                         && last.sector % 8 == 0
                     {
