@@ -330,8 +330,8 @@ mod tests {
         });
         let io = 64 * 1024;
         let passed = run(&q, QosDir::Read, io, 30, 1, 0);
-        // The floor of the cap is one maximal command, so the first burst is that big.
-        let burst = MAX_COMMAND_BYTES / io as u64;
+        // The cap is the burst window's worth, at least one maximal command.
+        let burst = (bps * QOS_BURST_MS / SCALE).max(MAX_COMMAND_BYTES) / io as u64;
         within(passed, bps * 30 / io as u64, burst);
     }
 
@@ -364,8 +364,9 @@ mod tests {
             n += 1;
         }
         assert_eq!(
-            n, 1,
-            "at least one command, even when a few ms are worth less"
+            n,
+            (50 * QOS_BURST_MS / SCALE).max(1),
+            "the burst window's worth, and at least one command"
         );
     }
 
@@ -375,7 +376,11 @@ mod tests {
             read_iops: 1000,
             ..QosLimits::UNLIMITED
         });
-        within(run(&q, QosDir::Read, READ_4K, 5, 1, 0), 5000, 5);
+        within(
+            run(&q, QosDir::Read, READ_4K, 5, 1, 0),
+            5000,
+            1000 * QOS_BURST_MS / SCALE,
+        );
         q.update_at(
             QosLimits {
                 read_iops: 300,
@@ -395,8 +400,12 @@ mod tests {
             },
             10_000,
         );
-        // Back to limited: starts with a full (one-command) bucket.
-        within(run(&q, QosDir::Read, READ_4K, 10, 1, 10_000), 100, 1);
+        // Back to limited: starts with a full bucket (the burst window's worth, at least one).
+        within(
+            run(&q, QosDir::Read, READ_4K, 10, 1, 10_000),
+            100,
+            (10 * QOS_BURST_MS / SCALE).max(1),
+        );
     }
 
     #[test]
