@@ -464,3 +464,46 @@ fn truncate_frees_blocks_past_the_end_and_a_grow_reads_zeroes() {
         "nothing left to cut: the next pass writes nothing"
     );
 }
+
+#[test]
+fn devices_may_be_appended_but_not_reordered_or_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = |n: &str| DeviceSpec {
+        path: dir.path().join(n),
+        size_bytes: 1 << 20,
+    };
+    let meta = dir.path().join("meta");
+    let v = Uuid::new_v4();
+    {
+        let st = BlockStore::open(&meta, &[dev("a")]).expect("open");
+        st.create_volume(v).expect("create");
+        assert_eq!(st.stats().capacity_bytes, 1 << 20);
+    }
+    let st = BlockStore::open(&meta, &[dev("a"), dev("b")]).expect("append");
+    assert_eq!(st.stats().capacity_bytes, 2 << 20);
+    assert!(st.contains(v));
+    drop(st);
+    let err = BlockStore::open(&meta, &[dev("b"), dev("a")]).expect_err("reordered");
+    assert!(err.to_string().contains("appended"), "{err}");
+    BlockStore::open(&meta, &[dev("a")]).expect_err("dropped");
+}
+
+#[test]
+fn deallocate_is_ignored_when_trim_is_disabled_but_write_zeroes_is_not() {
+    let mut h = Harness::new(IoQueue::new_sync());
+    let v = Uuid::new_v4();
+    h.st().create_volume(v).expect("create");
+    h.buf.slot_mut(0, 2 * BLOCK)[..BLOCK].copy_from_slice(&content(1, 0));
+    h.buf.slot_mut(0, 2 * BLOCK)[BLOCK..].copy_from_slice(&content(1, 1));
+    assert_eq!(h.io(v, IoKind::Write { fua: false }, 0, 2, false), 2 * BLOCK as i32);
+    h.st().set_trim(false);
+    assert_eq!(h.io(v, IoKind::Deallocate, 0, 1, false), BLOCK as i32);
+    assert_eq!(h.st().usage(v).expect("usage").visible_blocks, 2, "nothing released");
+    assert_eq!(h.io(v, IoKind::WriteZeroes, 1, 1, false), BLOCK as i32);
+    assert_eq!(h.io(v, IoKind::Read, 0, 2, false), 2 * BLOCK as i32);
+    assert_eq!(&h.buf.slot(0, BLOCK)[..], &content(1, 0)[..]);
+    assert!(h.buf.slot(0, 2 * BLOCK)[BLOCK..].iter().all(|&b| b == 0));
+    h.st().set_trim(true);
+    assert_eq!(h.io(v, IoKind::Deallocate, 0, 1, false), BLOCK as i32);
+    assert_eq!(h.st().usage(v).expect("usage").visible_blocks, 0);
+}
