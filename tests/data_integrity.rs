@@ -97,6 +97,11 @@ fn a_corrupted_block_is_a_media_error_an_event_and_a_statistic() {
         node["nodes"][0]["statistics"]["UnrecoverableDataIntegrityErrors"],
         1
     );
+    let (_, devices) = c.get("/api/v2/nvmeDevices");
+    assert_eq!(
+        devices["NvmeDevices"][0]["statistics"]["UnrecoverableDataIntegrityErrors"], 1,
+        "{devices}"
+    );
     let events = s.wait_for("/api/v2/events?limit=1000", |_, e| {
         e["events"].as_array().is_some_and(|l| {
             l.iter()

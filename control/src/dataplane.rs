@@ -243,6 +243,10 @@ impl DataPathView for VolumeStore {
         self.store.media_errors_of(image)
     }
 
+    fn device_integrity_errors(&self, path: &Path) -> u32 {
+        self.store.media_errors_on(path)
+    }
+
     fn pool(&self) -> PoolStats {
         self.store.stats()
     }

@@ -41,6 +41,8 @@ pub trait DataPathView: Send + Sync {
     fn usage(&self, image: uuid::Uuid) -> Option<evstor_datapath::blockstore::Usage>;
     /// Checksum mismatches seen reading the image since the server started.
     fn integrity_errors(&self, image: uuid::Uuid) -> u32;
+    /// Checksum mismatches seen on a pool device (by path) since the server started.
+    fn device_integrity_errors(&self, path: &std::path::Path) -> u32;
     /// Pool-wide accounting.
     fn pool(&self) -> evstor_datapath::blockstore::PoolStats;
     /// Blocks of `target` in `[from, to)` that differ from `base` (or hold data), ascending,

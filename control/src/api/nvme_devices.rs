@@ -27,7 +27,7 @@ const USAGES: [&str; 5] = ["Unknown", "Data", "Journal", "OS", "UnManaged"];
 const DATA: &str = "Data";
 
 /// The `UserNvmeDevicesResponse` message.
-pub fn device_json(d: &Device) -> Value {
+pub fn device_json(app: &App, d: &Device) -> Value {
     Obj::new()
         .u64s("size", d.size_bytes)
         .str("model", &d.model)
@@ -38,6 +38,18 @@ pub fn device_json(d: &Device) -> Value {
         .str("nodeUUID", &d.node_uuid.to_string())
         .str("ETag", &d.etag.to_string())
         .str("deviceUsage", DATA)
+        .val(
+            "statistics",
+            Obj::new()
+                .num(
+                    "UnrecoverableDataIntegrityErrors",
+                    u64::from(
+                        app.datapath
+                            .device_integrity_errors(std::path::Path::new(&d.path)),
+                    ),
+                )
+                .build(),
+        )
         .build()
 }
 
@@ -83,7 +95,7 @@ async fn list(State(app): State<App>, who: Principal, q: Query) -> ApiResult<Jso
                 .is_none_or(|s| d.server_uuid.to_string() == s)
         })
         .filter(|_| wanted.is_empty() || wanted.contains(&DATA))
-        .map(device_json)
+        .map(|d| device_json(&app, d))
         .collect();
     Ok(Json(json!({ "NvmeDevices": devices })))
 }
@@ -95,7 +107,7 @@ async fn get_one(
 ) -> ApiResult<Json<Value>> {
     who.require_cluster_admin()?;
     let state = app.bus.state();
-    Ok(Json(device_json(find(&state, &serial)?)))
+    Ok(Json(device_json(&app, find(&state, &serial)?)))
 }
 
 async fn add(State(_): State<App>, who: Principal, b: Body) -> ApiResult<Json<Value>> {

@@ -153,6 +153,7 @@ pub struct BlockStore {
     media_errors: AtomicU64,
     recent_errors: Mutex<VecDeque<MediaError>>,
     errors_by_image: Mutex<HashMap<Uuid, u32>>,
+    errors_by_device: Mutex<HashMap<std::path::PathBuf, u32>>,
 }
 
 impl std::fmt::Debug for BlockStore {
@@ -211,6 +212,7 @@ impl BlockStore {
             media_errors: AtomicU64::new(0),
             recent_errors: Mutex::new(VecDeque::with_capacity(MAX_MEDIA_ERRORS_KEPT)),
             errors_by_image: Mutex::new(HashMap::new()),
+            errors_by_device: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -338,6 +340,14 @@ impl BlockStore {
             .unwrap_or(0)
     }
 
+    /// Checksum mismatches seen on a device since start.
+    pub fn media_errors_on(&self, device: &Path) -> u32 {
+        lock(&self.errors_by_device)
+            .get(device)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Media errors since the last call (bounded; the oldest are dropped first).
     pub fn take_media_errors(&self) -> Vec<MediaError> {
         lock(&self.recent_errors).drain(..).collect()
@@ -398,6 +408,9 @@ impl BlockStore {
     fn media_error(&self, image: Uuid, block: u64, sector: u64) {
         self.media_errors.fetch_add(1, Ordering::Relaxed);
         *lock(&self.errors_by_image).entry(image).or_insert(0) += 1;
+        *lock(&self.errors_by_device)
+            .entry(self.pool.device_of(sector).to_path_buf())
+            .or_insert(0) += 1;
         let mut r = lock(&self.recent_errors);
         if r.len() >= MAX_MEDIA_ERRORS_KEPT {
             r.pop_front();

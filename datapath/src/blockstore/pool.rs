@@ -102,6 +102,11 @@ impl Pool {
             .map(|d| (d.path.as_path(), d.pages * BLOCK_BYTES))
     }
 
+    /// The device holding `sector`.
+    pub fn device_of(&self, sector: u64) -> &Path {
+        &self.locate(sector).0.path
+    }
+
     fn locate(&self, sector: u64) -> (&Dev, u64) {
         let page = sector / 8;
         let i = self

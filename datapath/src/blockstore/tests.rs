@@ -495,10 +495,17 @@ fn deallocate_is_ignored_when_trim_is_disabled_but_write_zeroes_is_not() {
     h.st().create_volume(v).expect("create");
     h.buf.slot_mut(0, 2 * BLOCK)[..BLOCK].copy_from_slice(&content(1, 0));
     h.buf.slot_mut(0, 2 * BLOCK)[BLOCK..].copy_from_slice(&content(1, 1));
-    assert_eq!(h.io(v, IoKind::Write { fua: false }, 0, 2, false), 2 * BLOCK as i32);
+    assert_eq!(
+        h.io(v, IoKind::Write { fua: false }, 0, 2, false),
+        2 * BLOCK as i32
+    );
     h.st().set_trim(false);
     assert_eq!(h.io(v, IoKind::Deallocate, 0, 1, false), BLOCK as i32);
-    assert_eq!(h.st().usage(v).expect("usage").visible_blocks, 2, "nothing released");
+    assert_eq!(
+        h.st().usage(v).expect("usage").visible_blocks,
+        2,
+        "nothing released"
+    );
     assert_eq!(h.io(v, IoKind::WriteZeroes, 1, 1, false), BLOCK as i32);
     assert_eq!(h.io(v, IoKind::Read, 0, 2, false), 2 * BLOCK as i32);
     assert_eq!(&h.buf.slot(0, BLOCK)[..], &content(1, 0)[..]);
