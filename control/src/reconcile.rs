@@ -56,20 +56,28 @@ pub enum Work {
 }
 
 /// Everything unfinished in `state` at `now_unix_ns`, in the order it must run (snapshots are
-/// taken before anything rewrites or frees a volume), and when the next retention expiry is
-/// due. Pure, so crash resumption is just calling it again.
+/// taken before anything rewrites or frees a volume, oldest request first, so one requested
+/// after another never holds an earlier state of the volume), and when the next retention
+/// expiry is due. Pure, so crash resumption is just calling it again.
 pub fn pending(state: &State, now_unix_ns: u64) -> (Vec<Work>, Option<u64>) {
     let mut work = Vec::new();
     let mut next_expiry = None::<u64>;
+    let mut creating: Vec<&Snapshot> = state
+        .snapshots
+        .by_uuid
+        .values()
+        .filter(|s| s.state == SnapshotState::Creating)
+        .collect();
+    creating.sort_by_key(|s| (s.creation_unix_ns, s.uuid));
+    work.extend(creating.into_iter().cloned().map(Work::TakeSnapshot));
     for s in state.snapshots.by_uuid.values() {
-        match s.state {
-            SnapshotState::Creating => work.push(Work::TakeSnapshot(s.clone())),
-            SnapshotState::Available => match s.expiry_unix_ns() {
-                Some(t) if t <= now_unix_ns => work.push(Work::Expire(s.uuid)),
-                Some(t) => next_expiry = Some(next_expiry.map_or(t, |n| n.min(t))),
-                None => {}
-            },
-            _ => {}
+        if s.state != SnapshotState::Available {
+            continue;
+        }
+        match s.expiry_unix_ns() {
+            Some(t) if t <= now_unix_ns => work.push(Work::Expire(s.uuid)),
+            Some(t) => next_expiry = Some(next_expiry.map_or(t, |n| n.min(t))),
+            None => {}
         }
     }
     for v in state.volumes.by_uuid.values() {
@@ -278,6 +286,28 @@ mod tests {
         }));
         let (work, _) = pending(&state_of(&given), 0);
         assert_eq!(kinds(&work), ["delete-volume", "delete-snapshot"]);
+    }
+
+    #[test]
+    fn snapshots_are_taken_in_the_order_they_were_requested() {
+        let mut state = state_of(&with_creating_snapshot());
+        let first = state.snapshots.by_uuid[&SNAP].clone();
+        // Two more requests, the later ones with smaller ids: the id order is not the order.
+        for (n, uuid) in [(1, Uuid::from_u128(2)), (2, Uuid::from_u128(1))] {
+            let mut s = first.clone();
+            s.uuid = uuid;
+            s.creation_unix_ns = first.creation_unix_ns + n;
+            state.snapshots.by_uuid.insert(uuid, s);
+        }
+        let taken: Vec<Uuid> = pending(&state, 0)
+            .0
+            .iter()
+            .map(|w| match w {
+                Work::TakeSnapshot(s) => s.uuid,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(taken, [SNAP, Uuid::from_u128(2), Uuid::from_u128(1)]);
     }
 
     #[test]

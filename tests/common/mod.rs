@@ -311,6 +311,15 @@ impl Client {
         self.send("POST", path, body, None)
     }
 
+    /// As `post`, with a transport failure (server gone) as an error instead of a panic.
+    pub fn try_post(&self, path: &str, body: &Value) -> Result<(u16, Value), String> {
+        let mut req = self.agent.post(format!("{}{path}", self.base));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        Self::finish(req.content_type("application/json").send(body.to_string()))
+    }
+
     pub fn put(&self, path: &str, body: &Value) -> (u16, Value) {
         self.send("PUT", path, body, None)
     }
