@@ -275,6 +275,24 @@ fn run(ops: Vec<Op>, q: IoQueue) -> Result<(), TestCaseError> {
         }
         h.check(&m)?;
     }
+    // The full map of every image, paged three blocks at a time, lists exactly its data.
+    for (&id, (_, blocks)) in &m.images {
+        let want: Vec<u64> = (0..BLOCKS).filter(|&b| blocks[b as usize] != 0).collect();
+        let mut got: Vec<u64> = Vec::new();
+        let mut from = 0;
+        loop {
+            let page = h
+                .st()
+                .changed_blocks(id, None, from, BLOCKS, 3)
+                .expect("map");
+            got.extend(&page);
+            match page.last() {
+                Some(&last) if page.len() == 3 => from = last + 1,
+                _ => break,
+            }
+        }
+        prop_assert_eq!(got, want, "full map of {}", id);
+    }
     // No space leaks: once frees are released, allocated bytes are exactly what layers hold.
     h.st().flush().expect("flush");
     let stored: u64 = h.st().tree().layers.values().map(|l| l.stored_bytes).sum();

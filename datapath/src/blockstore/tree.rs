@@ -477,24 +477,44 @@ impl Tree {
             }
             None => None,
         };
-        let mut set = BTreeSet::new();
-        let mut at = Some(top);
-        while let Some(id) = at {
-            if Some(id) == stop {
-                break;
-            }
-            let l = &self.layers[&id];
-            for (&b, _) in l.map.range(from..to) {
-                set.insert(b);
-            }
-            at = l.parent;
-        }
+        // Page through the chain: each layer gives at most `max` keys per round, so a round
+        // costs O(layers × max) whatever the volume's size; keys up to the smallest last key
+        // of a cut-off layer are complete, the rest wait for the next round.
         let keep_zero = stop.is_some();
-        Ok(set
-            .into_iter()
-            .filter(|&b| keep_zero || self.resolve(top, b).is_some())
-            .take(max)
-            .collect())
+        let mut out = Vec::new();
+        let mut cursor = from;
+        while cursor < to {
+            let mut set = BTreeSet::new();
+            let mut complete_to = u64::MAX;
+            let mut at = Some(top);
+            while let Some(id) = at {
+                if Some(id) == stop {
+                    break;
+                }
+                let l = &self.layers[&id];
+                for (n, (&b, _)) in l.map.range(cursor..to).enumerate() {
+                    set.insert(b);
+                    if n + 1 == max {
+                        complete_to = complete_to.min(b);
+                        break;
+                    }
+                }
+                at = l.parent;
+            }
+            for &b in set.range(..=complete_to) {
+                if keep_zero || self.resolve(top, b).is_some() {
+                    out.push(b);
+                    if out.len() == max {
+                        return Ok(out);
+                    }
+                }
+            }
+            match complete_to {
+                u64::MAX => break,
+                last => cursor = last + 1,
+            }
+        }
+        Ok(out)
     }
 
     /// Whether `a` is a strict ancestor of `b`.
