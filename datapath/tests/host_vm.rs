@@ -181,6 +181,9 @@ fn linux_host_in_vm_runs_every_scenario() {
     ensure_setup(&vm);
     let data = tempfile::tempdir().expect("tempdir");
     let share = tempfile::tempdir().expect("tempdir");
+    // The guest helpers shared with the workspace's own host-VM tests.
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/host_vm/lib.sh");
+    std::fs::copy(&lib, share.path().join("lib.sh")).expect("copy lib.sh");
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let first = start_target(any, any, data.path(), Stage::Initial);
     let addrs = (

@@ -7,43 +7,15 @@
 # Environment: NQN, TARGET_PORT, DISC_PORT, OTHER_HOSTNQN (an NQN outside the ACL).
 set -eu
 
-T=10.0.2.2
-SH=/mnt/host
+. /mnt/host/lib.sh    # T, SH, fail, ok, ask_host, blockdev, wait_ns (tests/host_vm/lib.sh)
+
 step() { echo; echo "=== $*"; }
-fail() { echo "FAIL: $*"; echo "--- dmesg (tail)"; dmesg | tail -n 40; exit 1; }
-ok() { echo "CHECK-OK $*"; }
-
-ask_host() {    # ask_host NAME: ask the host test to act, wait until it has
-    : > "$SH/REQ-$1"
-    n=0
-    until [ -e "$SH/DONE-$1" ]; do
-        n=$((n + 1)); [ $n -le 600 ] || fail "host did not answer $1"
-        sleep 0.1
-    done
-}
-
-blockdev() {    # blockdev NSID: block device of namespace NSID in our subsystem
-    for d in /sys/block/nvme*n*; do
-        [ -e "$d" ] || continue
-        case "$(basename "$d")" in *c*) continue ;; esac
-        [ "$(cat "$d/device/subsysnqn" 2>/dev/null)" = "$NQN" ] || continue
-        [ "$(cat "$d/nsid" 2>/dev/null)" = "$1" ] && { echo "/dev/$(basename "$d")"; return 0; }
-    done
-    return 1
-}
 ctrldev() {
     for c in /sys/class/nvme/nvme*; do
         [ -e "$c" ] || continue
         [ "$(cat "$c/subsysnqn" 2>/dev/null)" = "$NQN" ] && { echo "/dev/$(basename "$c")"; return 0; }
     done
     return 1
-}
-wait_ns() {     # wait_ns NSID TENTHS
-    n=0
-    until blockdev "$1" >/dev/null; do
-        n=$((n + 1)); [ $n -le "$2" ] || return 1
-        sleep 0.1
-    done
 }
 zeroes() {      # zeroes DEV SKIP_4K COUNT_4K: succeed if that range reads as zeroes
     nz=$(dd if="$1" bs=4k skip="$2" count="$3" iflag=direct 2>/dev/null | tr -d '\000' | wc -c)
