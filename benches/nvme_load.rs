@@ -1,17 +1,43 @@
-//! `nvme_load`: a closed-loop NVMe/TCP load generator against the real `evstor serve`.
+//! `nvme_load`: a closed-loop NVMe/TCP load generator, per kind of volume, against the
+//! file-per-volume baseline.
 //!
-//! It starts the release binary on free loopback ports with a data directory on tmpfs,
-//! creates a 1 GiB volume over the REST API, pins the server to CPU 0 and itself to
-//! CPU 1, then drives the target with its own initiator (built on the crate's PDU
-//! codec): ICReq, Fabrics Connect (admin + one TCP connection and one thread per I/O
-//! queue), Identify, then I/O at a fixed queue depth. It prints IOPS, MiB/s, latency
-//! percentiles and the server's CPU seconds per million I/Os (from /proc/<pid>/stat).
+//! Each volume kind gets a fresh target with a 1 GiB volume whose storage is on tmpfs:
+//!
+//! | kind | target | volume |
+//! |---|---|---|
+//! | `file` | in this process | `Backing::File`: the pre-block-store file per volume (baseline) |
+//! | `store` | in this process | `Backing::Image` in a `BlockStore`, no compression |
+//! | `store-lz4` | in this process | as `store`, lz4 on |
+//! | `store-snap` | in this process | as `store`, snapshotted after the prefill |
+//! | `plain` | release `evstor serve` | volume created over the REST API |
+//! | `compressed` | release `evstor serve` | created with `"compression": "true"` |
+//! | `snapshotted` | release `evstor serve` | snapshot `s1` taken over the API after the prefill |
+//!
+//! The in-process kinds isolate the data path (same target code, only the backend differs);
+//! the `evstor serve` kinds are the product as shipped. The target runs on CPU 0 (the server
+//! process, or the in-process target's threads, which inherit it from the thread that started
+//! them) and the initiator on CPU 1. Every volume is written once, sequentially in 128 KiB
+//! commands, before its first job, so reads hit allocated blocks rather than holes (a thin
+//! volume answers a never-written block with zeroes without touching the device).
+//!
+//! Write data, for every kind: each 4 KiB block is 2 KiB of pseudo-random bytes then 2 KiB of
+//! a 256-byte repeating pattern, so lz4 stores it in 5 of 8 sectors (ratio 1.6) and no block
+//! is all zeroes (the block store keeps those as holes).
+//!
+//! The initiator is built on the crate's PDU codec: ICReq, Fabrics Connect (admin + one TCP
+//! connection and one thread per I/O queue), Identify, then I/O at a fixed queue depth. It
+//! prints IOPS, MiB/s, latency percentiles and the target's CPU seconds per million I/Os, then
+//! a summary with each kind's median IOPS, and IOPS per second of target CPU, as multiples of
+//! `file`'s (the goal is 0.8x).
 //!
 //! ```text
-//! cargo bench --bench nvme_load                    # the default scenario suite
+//! cargo bench --bench nvme_load                    # all kinds x {4k randread, randwrite} QD32
 //! cargo bench --bench nvme_load -- --quick         # ~1 s per scenario (smoke)
+//! cargo bench --bench nvme_load -- --kinds plain,file
+//! cargo bench --bench nvme_load -- --rounds 3      # median of 3 passes (noisy machines)
+//! cargo bench --bench nvme_load -- --full          # + QD1 and 128k sequential jobs
 //! cargo bench --bench nvme_load -- --digests       # header and data digests on
-//! cargo bench --bench nvme_load -- --rw randread --bs 4096 --qd 32 --queues 2 --secs 10
+//! cargo bench --bench nvme_load -- --kinds plain --rw randread --bs 4096 --qd 32 --queues 2
 //! ```
 //!
 //! The initiator allocates nothing per I/O: receive and send buffers, command slots
@@ -25,14 +51,24 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
+use evstor_datapath::blockstore::{BlockStore, DeviceSpec};
 use evstor_datapath::limits::MAX_HDR_BYTES;
 use evstor_datapath::pdu::{
     self, Check, DataHdr, HdrFields, IcReq, Pdu, PduType, RxContext, TxContext, FLAG_LAST_PDU,
     IC_DDGST_ENABLE, IC_HDGST_ENABLE,
 };
+use evstor_datapath::{Acl, Backing, NamespaceSpec, QosLimits, TargetConfig, TargetHandle};
 use serde_json::{json, Value};
+use uuid::Uuid;
 
 const HOST_NQN: &str = "nqn.2014-08.org.nvmexpress:uuid:6e766d65-6c6f-6164-0000-62656e636821";
+/// Subsystem NQN of the in-process target.
+const IN_PROCESS_NQN: &str = "nqn.2024-01.io.evstor:nvme-load";
+/// Size of the volume under test, for every kind.
+const VOLUME_BYTES: u64 = 1 << 30;
+/// Pool device of the in-process block store (a sparse tmpfs file): room for the prefill
+/// and the overwrites whose space is reclaimed only after a metadata sync.
+const STORE_DEVICE_BYTES: u64 = 4 << 30;
 /// Receive buffer per connection: many responses plus a maximal data PDU.
 const RX_BUF_BYTES: usize = 4 << 20;
 /// Largest data PDU the initiator accepts.
@@ -45,6 +81,12 @@ const LBA_BYTES: u64 = 4096;
 /// Connect refused because the queue ID is in use (SCT 1, SC 1).
 const STATUS_INVALID_QID: u16 = 0x101;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Name prefix of the initiator's queue threads (CPU accounting tells them from the target's).
+const QUEUE_THREAD_PREFIX: &str = "nvme-load-q";
+/// Most passes over the kinds one run makes.
+const MAX_ROUNDS: usize = 20;
+/// The goal: every kind reaches this multiple of the file baseline's IOPS.
+const GOAL_RATIO: f64 = 0.8;
 
 // ---------------------------------------------------------------------------------------------
 // Options and scenarios
@@ -79,41 +121,122 @@ impl Job {
     }
 }
 
+/// What backs the volume under test, and who serves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    File,
+    Store,
+    StoreLz4,
+    StoreSnap,
+    Plain,
+    Compressed,
+    Snapshotted,
+}
+
+impl Kind {
+    const ALL: [Kind; 7] = [
+        Kind::File,
+        Kind::Store,
+        Kind::StoreLz4,
+        Kind::StoreSnap,
+        Kind::Plain,
+        Kind::Compressed,
+        Kind::Snapshotted,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::File => "file",
+            Kind::Store => "store",
+            Kind::StoreLz4 => "store-lz4",
+            Kind::StoreSnap => "store-snap",
+            Kind::Plain => "plain",
+            Kind::Compressed => "compressed",
+            Kind::Snapshotted => "snapshotted",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// Served by `evstor serve` rather than by a target in this process.
+    fn served(self) -> bool {
+        matches!(self, Kind::Plain | Kind::Compressed | Kind::Snapshotted)
+    }
+
+    fn compress(self) -> bool {
+        matches!(self, Kind::StoreLz4 | Kind::Compressed)
+    }
+
+    fn snapshot(self) -> bool {
+        matches!(self, Kind::StoreSnap | Kind::Snapshotted)
+    }
+}
+
 struct Opts {
     secs: f64,
     warmup_secs: f64,
     digests: bool,
     jobs: Vec<Job>,
+    kinds: Vec<Kind>,
+    /// Passes over all kinds (the summary takes the median).
+    rounds: usize,
     bin: PathBuf,
+    /// Target on CPU 0, initiator on CPU 1 (needs 2 CPUs).
+    pinned: bool,
 }
 
 fn default_suite(queues: usize) -> Vec<Job> {
-    let j = |bs, qd, read_pct, random| Job {
+    vec![
+        job(4096, 32, 100, true, queues),
+        job(4096, 32, 0, true, queues),
+    ]
+}
+
+fn full_suite(queues: usize) -> Vec<Job> {
+    vec![
+        job(4096, 1, 100, true, queues),
+        job(4096, 32, 100, true, queues),
+        job(4096, 1, 0, true, queues),
+        job(4096, 32, 0, true, queues),
+        job(128 * 1024, 32, 100, false, queues),
+        job(128 * 1024, 32, 0, false, queues),
+    ]
+}
+
+fn job(bs: usize, qd: usize, read_pct: u32, random: bool, queues: usize) -> Job {
+    Job {
         bs,
         qd,
         read_pct,
         random,
         queues,
-    };
-    vec![
-        j(4096, 1, 100, true),
-        j(4096, 32, 100, true),
-        j(4096, 1, 0, true),
-        j(4096, 32, 0, true),
-        j(128 * 1024, 32, 100, false),
-        j(128 * 1024, 32, 0, false),
-    ]
+    }
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: nvme_load [--quick] [--digests] [--secs S] [--warmup S] [--queues N]\n\
+        "usage: nvme_load [--quick] [--full] [--digests] [--secs S] [--warmup S] [--queues N]\n\
+         \x20                [--kinds all|K,K,...] [--rounds N] [--bin PATH]\n\
          \x20                [--rw randread|randwrite|read|write|randrw|rw] [--rwmixread PCT]\n\
-         \x20                [--bs BYTES] [--qd N] [--bin PATH]\n\
-         any of --rw/--bs/--qd runs one custom job instead of the default suite;\n\
+         \x20                [--bs BYTES] [--qd N]\n\
+         kinds: file store store-lz4 store-snap (in-process target), plain compressed\n\
+         snapshotted (evstor serve); default all. Jobs: 4k randread and randwrite QD32;\n\
+         --full adds QD1 and 128k sequential; any of --rw/--bs/--qd runs one custom job.\n\
+         --rounds N repeats all kinds N times (odd rounds backwards); the summary takes medians.\n\
          NVME_LOAD_SECS sets the default duration."
     );
     std::process::exit(2)
+}
+
+fn parse_kinds(list: &str) -> Vec<Kind> {
+    if list == "all" {
+        return Kind::ALL.to_vec();
+    }
+    list.split(',')
+        .map(|k| Kind::parse(k.trim()).unwrap_or_else(|| usage()))
+        .collect()
 }
 
 fn parse_opts() -> anyhow::Result<Opts> {
@@ -122,19 +245,24 @@ fn parse_opts() -> anyhow::Result<Opts> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(6.0);
     let mut warmup = None;
-    let (mut digests, mut quick, mut queues) = (false, false, 1usize);
+    let (mut digests, mut quick, mut full, mut queues) = (false, false, false, 1usize);
     let (mut rw, mut bs, mut qd, mut mix) = (None::<String>, None::<usize>, None::<usize>, 50u32);
+    let mut kinds = Kind::ALL.to_vec();
+    let mut rounds = 1usize;
     let mut bin = PathBuf::from(env!("CARGO_BIN_EXE_evstor"));
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
         match a.as_str() {
             "--quick" => quick = true,
+            "--full" => full = true,
             "--digests" => digests = true,
             "--bench" => {} // cargo bench passes this to harness = false targets
             "--secs" => secs = val().parse()?,
             "--warmup" => warmup = Some(val().parse()?),
             "--queues" => queues = val().parse()?,
+            "--kinds" => kinds = parse_kinds(&val()),
+            "--rounds" => rounds = val().parse()?,
             "--rw" => rw = Some(val()),
             "--rwmixread" => mix = val().parse()?,
             "--bs" => bs = Some(val().parse()?),
@@ -148,9 +276,12 @@ fn parse_opts() -> anyhow::Result<Opts> {
     }
     let warmup_secs = warmup.unwrap_or((secs / 10.0).min(1.0));
     ensure!((1..=16).contains(&queues), "--queues must be 1..=16");
-    let jobs = if rw.is_none() && bs.is_none() && qd.is_none() {
-        default_suite(queues)
-    } else {
+    ensure!(!kinds.is_empty(), "--kinds names no kind");
+    ensure!(
+        (1..=MAX_ROUNDS).contains(&rounds),
+        "--rounds must be 1..={MAX_ROUNDS}"
+    );
+    let jobs = if rw.is_some() || bs.is_some() || qd.is_some() {
         let (read_pct, random) = match rw.as_deref().unwrap_or("randread") {
             "randread" => (100, true),
             "randwrite" => (0, true),
@@ -160,13 +291,12 @@ fn parse_opts() -> anyhow::Result<Opts> {
             "rw" => (mix.min(100), false),
             _ => usage(),
         };
-        vec![Job {
-            bs: bs.unwrap_or(4096),
-            qd: qd.unwrap_or(1),
-            read_pct,
-            random,
-            queues,
-        }]
+        let (bs, qd) = (bs.unwrap_or(4096), qd.unwrap_or(1));
+        vec![job(bs, qd, read_pct, random, queues)]
+    } else if full {
+        full_suite(queues)
+    } else {
+        default_suite(queues)
     };
     for j in &jobs {
         ensure!(
@@ -180,7 +310,10 @@ fn parse_opts() -> anyhow::Result<Opts> {
         warmup_secs,
         digests,
         jobs,
+        kinds,
+        rounds,
         bin,
+        pinned: std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
     })
 }
 
@@ -606,11 +739,7 @@ impl Generator {
     }
 
     fn rand(&mut self) -> u64 {
-        // xorshift64*
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        xorshift(&mut self.rng)
     }
 
     /// (is_write, slba) of the next command.
@@ -632,6 +761,32 @@ impl Generator {
         };
         (write, lba)
     }
+}
+
+/// xorshift64*: the next pseudo-random number from `state` (never zero).
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+/// Write data: per 4 KiB block, 2 KiB of pseudo-random bytes then 2 KiB of a 256-byte
+/// pattern. lz4 stores such a block in 5 of 8 sectors, and none is all zeroes (the block
+/// store would keep it as a hole).
+fn payload(bytes: usize, seed: u64) -> Vec<u8> {
+    let mut rng = seed | 1;
+    let mut out = vec![0u8; bytes];
+    for block in out.chunks_mut(LBA_BYTES as usize) {
+        let (noise, pattern) = block.split_at_mut(block.len() / 2);
+        for b in noise.iter_mut() {
+            *b = (xorshift(&mut rng) >> 56) as u8;
+        }
+        for (i, b) in pattern.iter_mut().enumerate() {
+            *b = (i * 31 + 7) as u8;
+        }
+    }
+    out
 }
 
 struct IoQueue {
@@ -676,7 +831,7 @@ impl IoQueue {
                 };
                 job.qd
             ],
-            payload: (0..job.bs).map(|i| (i * 31 + 7) as u8).collect(),
+            payload: payload(job.bs, spec.seed),
             outstanding: 0,
             budget: u64::MAX,
             spec,
@@ -824,16 +979,21 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A fresh directory on tmpfs (where there is one) for a target's data.
+fn bench_dir() -> anyhow::Result<tempfile::TempDir> {
+    let shm = Path::new("/dev/shm");
+    let mut b = tempfile::Builder::new();
+    b.prefix("evstor-bench-");
+    Ok(if shm.is_dir() {
+        b.tempdir_in(shm)?
+    } else {
+        b.tempdir()?
+    })
+}
+
 impl Server {
     fn start(bin: &Path) -> anyhow::Result<Server> {
-        let shm = Path::new("/dev/shm");
-        let dir = if shm.is_dir() {
-            tempfile::Builder::new()
-                .prefix("evstor-bench-")
-                .tempdir_in(shm)?
-        } else {
-            tempfile::Builder::new().prefix("evstor-bench-").tempdir()?
-        };
+        let dir = bench_dir()?;
         let (api_port, nvme_port, disc_port) = (free_port()?, free_port()?, free_port()?);
         let log = std::fs::File::create(dir.path().join("server.log"))?;
         let child = Command::new(bin)
@@ -925,28 +1085,54 @@ impl Server {
         Self::finish(req.send(body.to_string()))
     }
 
-    /// Creates the bench volume and waits until it is served; returns the subsystem NQN.
-    fn create_volume(&self) -> anyhow::Result<String> {
-        let body = json!({"name": "bench", "size": "1 GiB", "acl": {"values": ["ALLOW_ANY"]}, "replicaCount": 1});
+    /// Creates the bench volume and waits until it is served; returns its UUID and the
+    /// subsystem NQN.
+    fn create_volume(&self, compress: bool) -> anyhow::Result<(String, String)> {
+        let body = json!({
+            "name": "bench",
+            "size": "1 GiB",
+            "acl": {"values": ["ALLOW_ANY"]},
+            "replicaCount": 1,
+            "compression": if compress { "true" } else { "false" },
+        });
         let (st, v) = self.post("/api/v2/projects/default/volumes", &body)?;
         ensure!(st == 200, "create volume: {st} {v}");
         let uuid = v["UUID"].as_str().context("volume UUID")?.to_string();
-        let path = format!("/api/v2/projects/default/volumes/{uuid}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (st, v) = self.get(&path)?;
-            if st == 200 && v["state"] == "Available" {
-                break;
-            }
-            ensure!(Instant::now() < deadline, "volume not Available: {st} {v}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_available(&format!("/api/v2/projects/default/volumes/{uuid}"))?;
         let (st, ci) = self.get("/api/v2/clusterinfo")?;
         ensure!(st == 200, "clusterinfo: {st} {ci}");
-        Ok(ci["subsystemNQN"]
-            .as_str()
-            .context("subsystemNQN")?
-            .to_string())
+        let nqn = ci["subsystemNQN"].as_str().context("subsystemNQN")?;
+        Ok((uuid, nqn.to_string()))
+    }
+
+    /// Snapshots the volume over the API and waits until the snapshot is Available.
+    fn snapshot(&self, volume: &str) -> anyhow::Result<()> {
+        let body = json!({"name": "s1", "sourceVolumeUUID": volume});
+        let (st, v) = self.post("/api/v2/projects/default/snapshots", &body)?;
+        ensure!(st == 200, "create snapshot: {st} {v}");
+        let uuid = v["UUID"].as_str().context("snapshot UUID")?;
+        self.wait_available(&format!("/api/v2/projects/default/snapshots/{uuid}"))
+    }
+
+    fn wait_available(&self, path: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (st, v) = self.get(path)?;
+            if st == 200 && v["state"] == "Available" {
+                return Ok(());
+            }
+            ensure!(Instant::now() < deadline, "{path} not Available: {st} {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The volume's logical / stored bytes, as the API reports it.
+    fn compression_ratio(&self, volume: &str) -> anyhow::Result<f64> {
+        let (st, v) = self.get(&format!("/api/v2/projects/default/volumes/{volume}"))?;
+        ensure!(st == 200, "get volume: {st} {v}");
+        v["statistics"]["compressionRatio"]
+            .as_f64()
+            .context("statistics.compressionRatio")
     }
 
     fn pid(&self) -> u32 {
@@ -962,7 +1148,176 @@ impl Drop for Server {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The in-process target: the data path alone, for the file baseline and the bare block store.
+
+struct InProcess {
+    // Fields drop in order: the target stops before the store closes and the directory goes.
+    target: TargetHandle,
+    store: Option<Arc<BlockStore>>,
+    volume: Uuid,
+    _dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    /// Starts the target from a thread on `cpu` (when given): the target's listener and
+    /// connection threads, and RocksDB's, inherit that thread's affinity.
+    fn start(kind: Kind, cpu: Option<usize>) -> anyhow::Result<InProcess> {
+        let dir = bench_dir()?;
+        std::thread::spawn(move || {
+            if let Some(cpu) = cpu {
+                pin(0, cpu)?;
+            }
+            Self::serve(kind, dir)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("starting the in-process target panicked"))?
+    }
+
+    fn serve(kind: Kind, dir: tempfile::TempDir) -> anyhow::Result<InProcess> {
+        let root = dir.path();
+        let volume = Uuid::new_v4();
+        let (backing, store) = if kind == Kind::File {
+            (Backing::File(root.join("volume.img")), None)
+        } else {
+            let dev = DeviceSpec {
+                path: root.join("dev0.img"),
+                size_bytes: STORE_DEVICE_BYTES,
+            };
+            let store = BlockStore::open(&root.join("meta"), &[dev])?;
+            store.create_volume(volume)?;
+            let compress = kind.compress();
+            let backing = Backing::Image {
+                store: store.clone(),
+                compress,
+            };
+            (backing, Some(store))
+        };
+        let ns = NamespaceSpec {
+            nsid: 1,
+            uuid: *volume.as_bytes(),
+            size_bytes: VOLUME_BYTES,
+            backing,
+            host_acl: Acl::AllowAny,
+            ip_acl: Acl::AllowAny,
+            qos: QosLimits::default(),
+        };
+        let cfg = TargetConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), IN_PROCESS_NQN);
+        Ok(InProcess {
+            target: evstor_datapath::start(cfg, vec![ns])?,
+            store,
+            volume,
+            _dir: dir,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A target under test, whichever serves it.
+
+enum Target {
+    Serve {
+        srv: Server,
+        volume: String,
+        subnqn: String,
+    },
+    InProcess(InProcess),
+}
+
+impl Target {
+    fn start(kind: Kind, opts: &Opts) -> anyhow::Result<Target> {
+        let cpu = opts.pinned.then_some(0);
+        if !kind.served() {
+            return Ok(Target::InProcess(InProcess::start(kind, cpu)?));
+        }
+        let srv = Server::start(&opts.bin)?;
+        let (volume, subnqn) = srv.create_volume(kind.compress())?;
+        if let Some(cpu) = cpu {
+            pin(srv.pid(), cpu)?;
+        }
+        Ok(Target::Serve {
+            srv,
+            volume,
+            subnqn,
+        })
+    }
+
+    fn nvme(&self) -> SocketAddr {
+        match self {
+            Target::Serve { srv, .. } => srv.nvme,
+            Target::InProcess(t) => t.target.local_addr(),
+        }
+    }
+
+    fn subnqn(&self) -> &str {
+        match self {
+            Target::Serve { subnqn, .. } => subnqn,
+            Target::InProcess(_) => IN_PROCESS_NQN,
+        }
+    }
+
+    /// Pins the server's threads to CPU 0 again: its connection threads are new and inherit
+    /// CPU 0, but be sure. An in-process target's threads all inherit it.
+    fn repin(&self) -> anyhow::Result<()> {
+        match self {
+            Target::Serve { srv, .. } => pin(srv.pid(), 0),
+            Target::InProcess(_) => Ok(()),
+        }
+    }
+
+    fn snapshot(&self) -> anyhow::Result<()> {
+        match self {
+            Target::Serve { srv, volume, .. } => srv.snapshot(volume),
+            Target::InProcess(t) => {
+                let store = t.store.as_ref().context("a file volume has no snapshots")?;
+                Ok(store.snapshot(t.volume, Uuid::new_v4())?)
+            }
+        }
+    }
+
+    /// The volume's logical / stored bytes (None for a file volume).
+    fn compression_ratio(&self) -> anyhow::Result<Option<f64>> {
+        match self {
+            Target::Serve { srv, volume, .. } => Ok(Some(srv.compression_ratio(volume)?)),
+            Target::InProcess(t) => {
+                let Some(store) = &t.store else {
+                    return Ok(None);
+                };
+                let u = store.usage(t.volume)?;
+                let r = evstor_datapath::blockstore::ratio(u.owned_logical_bytes, u.owned_bytes);
+                Ok(Some(r))
+            }
+        }
+    }
+
+    /// CPU seconds used so far by (the target, the initiator).
+    fn cpu_secs(&self) -> anyhow::Result<(f64, f64)> {
+        let host = initiator_cpu_secs()?;
+        let target = match self {
+            Target::Serve { srv, .. } => stat_cpu_secs(&format!("/proc/{}/stat", srv.pid()))?,
+            // Exited threads stay in the process total; the initiator's threads outlive the
+            // measured window, so the difference is the target's (and nothing else runs).
+            Target::InProcess(_) => stat_cpu_secs("/proc/self/stat")? - host,
+        };
+        Ok((target, host))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // CPU placement and accounting.
+
+/// The calling thread's CPU set.
+fn affinity() -> anyhow::Result<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the kernel writes at most size_of_val(&set) bytes into the local set.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    ensure!(
+        r == 0,
+        "sched_getaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(set)
+}
 
 /// Pins every thread of `pid` (0: the calling thread) to `cpu`; later threads inherit it.
 fn pin(pid: u32, cpu: usize) -> anyhow::Result<()> {
@@ -970,6 +1325,11 @@ fn pin(pid: u32, cpu: usize) -> anyhow::Result<()> {
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: CPU_SET writes one bit of the local set; cpu < CPU_SETSIZE.
     unsafe { libc::CPU_SET(cpu, &mut set) };
+    set_affinity(pid, &set)
+}
+
+/// Sets the CPU set of every thread of `pid` (0: the calling thread).
+fn set_affinity(pid: u32, set: &libc::cpu_set_t) -> anyhow::Result<()> {
     let tids: Vec<i32> = if pid == 0 {
         vec![0]
     } else {
@@ -979,7 +1339,7 @@ fn pin(pid: u32, cpu: usize) -> anyhow::Result<()> {
     };
     for tid in tids {
         // SAFETY: passes a valid cpu_set_t of the size given; the kernel only reads it.
-        let r = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
+        let r = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(set), set) };
         let e = std::io::Error::last_os_error();
         // ESRCH: the thread exited after the directory was read; there is nothing to pin.
         ensure!(
@@ -990,9 +1350,9 @@ fn pin(pid: u32, cpu: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// utime + stime of a whole process, in seconds.
-fn cpu_secs(pid: &str) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+/// utime + stime from a `/proc/.../stat` file (a process's or one thread's), in seconds.
+fn stat_cpu_secs(path: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(path)?;
     let rest = &stat[stat.rfind(')').context("stat format")? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
@@ -1001,10 +1361,31 @@ fn cpu_secs(pid: &str) -> anyhow::Result<f64> {
     Ok(ticks as f64 / hz)
 }
 
+/// CPU seconds of the initiator: this process's main thread and its queue threads.
+fn initiator_cpu_secs() -> anyhow::Result<f64> {
+    let main_tid = std::process::id();
+    let mut secs = 0.0;
+    for e in std::fs::read_dir("/proc/self/task")? {
+        let Some(tid) = e?.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+            continue;
+        };
+        // A thread that exits between the listing and these reads counts for nothing.
+        let dir = format!("/proc/self/task/{tid}");
+        let Ok(comm) = std::fs::read_to_string(format!("{dir}/comm")) else {
+            continue;
+        };
+        if tid == main_tid || comm.starts_with(QUEUE_THREAD_PREFIX) {
+            secs += stat_cpu_secs(&format!("{dir}/stat")).unwrap_or(0.0);
+        }
+    }
+    Ok(secs)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Running a job.
 
 struct Report {
+    kind: Kind,
     name: String,
     iops: f64,
     mib_s: f64,
@@ -1014,48 +1395,58 @@ struct Report {
     secs: f64,
 }
 
+fn queue_spec(ctrl: &Controller, target: &Target, digests: bool, job: Job, qid: u16) -> QueueSpec {
+    QueueSpec {
+        addr: target.nvme(),
+        subnqn: target.subnqn().to_string(),
+        digests,
+        cntlid: ctrl.cntlid,
+        qid,
+        nsid: ctrl.nsid,
+        blocks: ctrl.blocks,
+        in_capsule_bytes: ctrl.in_capsule_bytes,
+        job,
+        seed: 0x9e37_79b9_7f4a_7c15 ^ ((qid as u64) << 32),
+    }
+}
+
 fn run_job(
     ctrl: &Controller,
-    srv: &Server,
-    subnqn: &str,
+    target: &Target,
     opts: &Opts,
+    kind: Kind,
     job: Job,
 ) -> anyhow::Result<Report> {
     let now = Instant::now();
     let start = now + Duration::from_secs_f64(opts.warmup_secs + 0.2);
     let end = start + Duration::from_secs_f64(opts.secs);
     let ready = Arc::new(Barrier::new(job.queues + 1));
+    // Queue threads outlive the last CPU sample: a thread that has exited no longer shows
+    // in /proc/self/task, and the initiator's CPU time is summed from there.
+    let sampled = Arc::new(Barrier::new(job.queues + 1));
     let mut handles = Vec::new();
     for q in 0..job.queues {
-        let spec = QueueSpec {
-            addr: srv.nvme,
-            subnqn: subnqn.to_string(),
-            digests: opts.digests,
-            cntlid: ctrl.cntlid,
-            qid: q as u16 + 1,
-            nsid: ctrl.nsid,
-            blocks: ctrl.blocks,
-            in_capsule_bytes: ctrl.in_capsule_bytes,
-            job,
-            seed: 0x9e37_79b9_7f4a_7c15 ^ ((q as u64 + 1) << 32),
-        };
-        let ready = ready.clone();
-        handles.push(std::thread::spawn(
-            move || -> anyhow::Result<QueueResult> {
-                let queue = IoQueue::connect(spec);
-                ready.wait();
-                let mut queue = queue?;
-                queue.run(&Window { start, end })
-            },
-        ));
+        let spec = queue_spec(ctrl, target, opts.digests, job, q as u16 + 1);
+        let (ready, sampled) = (ready.clone(), sampled.clone());
+        let thread = std::thread::Builder::new().name(format!("{QUEUE_THREAD_PREFIX}{}", q + 1));
+        handles.push(thread.spawn(move || -> anyhow::Result<QueueResult> {
+            let queue = IoQueue::connect(spec);
+            ready.wait();
+            let r = queue.and_then(|mut q| q.run(&Window { start, end }));
+            sampled.wait();
+            r
+        })?);
     }
     ready.wait();
-    pin(srv.pid(), 0)?; // connection threads are new; they inherited CPU 0, but be sure
-    let pid = srv.pid().to_string();
+    if opts.pinned {
+        target.repin()?;
+    }
     std::thread::sleep(start.saturating_duration_since(Instant::now()));
-    let (t0, h0) = (cpu_secs(&pid)?, cpu_secs("self")?);
+    let (t0, h0) = target.cpu_secs()?;
     std::thread::sleep(end.saturating_duration_since(Instant::now()));
-    let (t1, h1) = (cpu_secs(&pid)?, cpu_secs("self")?);
+    let t1h1 = target.cpu_secs();
+    sampled.wait();
+    let (t1, h1) = t1h1?;
     let mut hist = Histogram::new();
     let mut bytes = 0;
     for h in handles {
@@ -1067,6 +1458,7 @@ fn run_job(
         bytes += r.bytes;
     }
     Ok(Report {
+        kind,
         name: job.name(),
         iops: hist.total as f64 / opts.secs,
         mib_s: bytes as f64 / opts.secs / (1 << 20) as f64,
@@ -1077,33 +1469,11 @@ fn run_job(
     })
 }
 
-/// Writes the whole namespace once so reads hit allocated blocks, not holes.
-fn precondition(
-    ctrl: &Controller,
-    srv: &Server,
-    subnqn: &str,
-    digests: bool,
-) -> anyhow::Result<()> {
-    let job = Job {
-        bs: MAX_BS_BYTES,
-        qd: 16,
-        read_pct: 0,
-        random: false,
-        queues: 1,
-    };
-    let spec = QueueSpec {
-        addr: srv.nvme,
-        subnqn: subnqn.to_string(),
-        digests,
-        cntlid: ctrl.cntlid,
-        qid: 1,
-        nsid: ctrl.nsid,
-        blocks: ctrl.blocks,
-        in_capsule_bytes: ctrl.in_capsule_bytes,
-        job,
-        seed: 1,
-    };
-    let mut q = IoQueue::connect(spec)?;
+/// Writes the whole namespace once, sequentially in 128 KiB commands, so reads hit
+/// allocated blocks, not holes.
+fn precondition(ctrl: &Controller, target: &Target, digests: bool) -> anyhow::Result<()> {
+    let job = job(MAX_BS_BYTES, 16, 0, false, 1);
+    let mut q = IoQueue::connect(queue_spec(ctrl, target, digests, job, 1))?;
     q.budget = ctrl.blocks / (MAX_BS_BYTES as u64 / LBA_BYTES);
     let far = Instant::now() + Duration::from_secs(3600);
     q.run(&Window {
@@ -1113,15 +1483,56 @@ fn precondition(
     Ok(())
 }
 
+/// One kind: a fresh target and volume, the prefill (and snapshot), then every job.
+fn run_kind(kind: Kind, opts: &Opts) -> anyhow::Result<Vec<Report>> {
+    let target = Target::start(kind, opts)?;
+    if opts.pinned {
+        pin(0, 1)?;
+    }
+    let ctrl = admin_connect(target.nvme(), target.subnqn(), opts.digests)?;
+    let t = Instant::now();
+    precondition(&ctrl, &target, opts.digests)?;
+    let mut note = format!(
+        "{}: 1 GiB prefilled in {:.1} s",
+        kind.name(),
+        t.elapsed().as_secs_f64()
+    );
+    if let Some(r) = target.compression_ratio()? {
+        note += &format!(", stored ratio {r:.2}");
+    }
+    if kind.snapshot() {
+        let t = Instant::now();
+        target.snapshot()?;
+        note += &format!(", snapshot in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+    }
+    println!("{note}");
+    let mut reports = Vec::new();
+    for &job in &opts.jobs {
+        let r = run_job(&ctrl, &target, opts, kind, job)?;
+        print_report(&r);
+        reports.push(r);
+    }
+    Ok(reports)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output.
+
 fn print_header(opts: &Opts) {
     println!(
-        "nvme_load: {} s per job (+{:.1} s warm-up), digests {}, target pinned to CPU 0, initiator to CPU 1",
+        "nvme_load: {} s per job (+{:.1} s warm-up), digests {}, {}",
         opts.secs,
         opts.warmup_secs,
-        if opts.digests { "on" } else { "off" }
+        if opts.digests { "on" } else { "off" },
+        if opts.pinned {
+            "target pinned to CPU 0, initiator to CPU 1"
+        } else {
+            "not pinned (fewer than 2 CPUs)"
+        }
     );
     println!(
-        "{:<26} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>7} {:>9} {:>10} {:>7}",
+        "{:<12} {:<22} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>7} {:>9} {:>10} {:>7}",
+        "kind",
         "job",
         "IOPS",
         "MiB/s",
@@ -1151,7 +1562,8 @@ fn print_report(r: &Report) {
         0.0
     };
     println!(
-        "{:<26} {:>9.0} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>7.0} {:>9.2} {:>10.0} {:>7.0}",
+        "{:<12} {:<22} {:>9.0} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>7.0} {:>9.2} {:>10.0} {:>7.0}",
+        r.kind.name(),
         r.name,
         r.iops,
         r.mib_s,
@@ -1166,25 +1578,143 @@ fn print_report(r: &Report) {
     );
 }
 
+/// One kind x job over all rounds: IOPS and IOPS per target core of each round, latencies
+/// of all.
+struct Cell {
+    kind: Kind,
+    name: String,
+    iops: Vec<f64>,
+    per_core: Vec<f64>,
+    hist: Histogram,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn cells(reports: &[Report]) -> Vec<Cell> {
+    let mut cells: Vec<Cell> = Vec::new();
+    for r in reports {
+        let at = cells
+            .iter()
+            .position(|c| c.kind == r.kind && c.name == r.name);
+        let c = match at {
+            Some(i) => &mut cells[i],
+            None => {
+                cells.push(Cell {
+                    kind: r.kind,
+                    name: r.name.clone(),
+                    iops: Vec::new(),
+                    per_core: Vec::new(),
+                    hist: Histogram::new(),
+                });
+                cells.last_mut().expect("just pushed")
+            }
+        };
+        c.iops.push(r.iops);
+        if r.target_cpu_s > 0.0 {
+            c.per_core.push(r.hist.total as f64 / r.target_cpu_s);
+        }
+        c.hist.merge(&r.hist);
+    }
+    cells
+}
+
+/// `value / file's value` for the same job, and whether it meets the goal.
+fn versus(cells: &[Cell], c: &Cell, value: impl Fn(&Cell) -> f64) -> (String, &'static str) {
+    let base = cells
+        .iter()
+        .find(|b| b.kind == Kind::File && b.name == c.name)
+        .map(&value)
+        .filter(|&b| b > 0.0);
+    match base {
+        Some(_) if c.kind == Kind::File => ("1.000x".to_string(), "-"),
+        Some(b) => {
+            let x = value(c) / b;
+            (
+                format!("{x:.3}x"),
+                if x >= GOAL_RATIO { "met" } else { "MISS" },
+            )
+        }
+        None => ("-".to_string(), "-"),
+    }
+}
+
+/// Each kind x job beside `file`'s for the same job: median IOPS over the rounds (and the
+/// range), latency percentiles over all rounds' I/Os, the ratio of medians and the goal; then
+/// the median IOPS per second of target CPU and its ratio, which depends far less on how much
+/// CPU other work leaves the target.
+fn print_summary(reports: &[Report], rounds: usize) {
+    println!(
+        "\nsummary over {rounds} round(s): median IOPS, and IOPS per target core, as multiples \
+         of the file-per-volume baseline's (goal >= {GOAL_RATIO}x)"
+    );
+    println!(
+        "{:<12} {:<11} {:<22} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8} {:>4} {:>9} {:>8} {:>4}",
+        "kind",
+        "target",
+        "job",
+        "IOPS",
+        "min",
+        "max",
+        "p50 us",
+        "p99 us",
+        "vs file",
+        "goal",
+        "IOPS/core",
+        "vs file",
+        "goal"
+    );
+    let cells = cells(reports);
+    for c in &cells {
+        let iops = median(&c.iops);
+        let per_core = median(&c.per_core);
+        let (ratio, goal) = versus(&cells, c, |c| median(&c.iops));
+        let (core_ratio, core_goal) = versus(&cells, c, |c| median(&c.per_core));
+        let min = c.iops.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = c.iops.iter().copied().fold(0.0, f64::max);
+        println!(
+            "{:<12} {:<11} {:<22} {:>8.0} {:>8.0} {:>8.0} {:>7.1} {:>7.1} {:>8} {:>4} {:>9.0} {:>8} {:>4}",
+            c.kind.name(),
+            if c.kind.served() { "serve" } else { "in-process" },
+            c.name,
+            iops,
+            min,
+            max,
+            c.hist.percentile_ns(50.0) as f64 / 1000.0,
+            c.hist.percentile_ns(99.0) as f64 / 1000.0,
+            ratio,
+            goal,
+            per_core,
+            core_ratio,
+            core_goal
+        );
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let opts = parse_opts()?;
-    let two_cpus = std::thread::available_parallelism()
-        .map(|n| n.get() >= 2)
-        .unwrap_or(false);
-    let srv = Server::start(&opts.bin)?;
-    let subnqn = srv.create_volume()?;
-    if two_cpus {
-        pin(srv.pid(), 0)?;
-        pin(0, 1)?;
-    } else {
-        eprintln!("nvme_load: fewer than 2 CPUs; not pinning");
-    }
-    let ctrl = admin_connect(srv.nvme, &subnqn, opts.digests)?;
-    precondition(&ctrl, &srv, &subnqn, opts.digests)?;
+    let all_cpus = affinity()?;
     print_header(&opts);
-    for job in opts.jobs.clone() {
-        let r = run_job(&ctrl, &srv, &subnqn, &opts, job)?;
-        print_report(&r);
+    let mut reports = Vec::new();
+    for round in 0..opts.rounds {
+        // Odd rounds go backwards, so drift in the background load favours no kind.
+        let mut kinds = opts.kinds.clone();
+        if round % 2 == 1 {
+            kinds.reverse();
+        }
+        for kind in kinds {
+            // Start-up (server, RocksDB) may use every CPU; run_kind pins once it is done.
+            set_affinity(0, &all_cpus)?;
+            reports.extend(run_kind(kind, &opts)?);
+        }
     }
+    print_summary(&reports, opts.rounds);
     Ok(())
 }
