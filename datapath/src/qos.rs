@@ -401,10 +401,11 @@ mod tests {
             10_000,
         );
         // Back to limited: starts with a full bucket (the burst window's worth, at least one).
+        let burst = 10 * QOS_BURST_MS;
         within(
             run(&q, QosDir::Read, READ_4K, 10, 1, 10_000),
             100,
-            (10 * QOS_BURST_MS / SCALE).max(1),
+            (burst / SCALE).max(1),
         );
     }
 

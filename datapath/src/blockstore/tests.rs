@@ -517,7 +517,7 @@ fn deallocate_is_ignored_when_trim_is_disabled_but_write_zeroes_is_not() {
     );
     assert_eq!(h.io(v, IoKind::WriteZeroes, 1, 1, false), BLOCK as i32);
     assert_eq!(h.io(v, IoKind::Read, 0, 2, false), 2 * BLOCK as i32);
-    assert_eq!(&h.buf.slot(0, BLOCK)[..], &content(1, 0)[..]);
+    assert_eq!(h.buf.slot(0, BLOCK), &content(1, 0)[..]);
     assert!(h.buf.slot(0, 2 * BLOCK)[BLOCK..].iter().all(|&b| b == 0));
     h.st().set_trim(true);
     assert_eq!(h.io(v, IoKind::Deallocate, 0, 1, false), BLOCK as i32);
