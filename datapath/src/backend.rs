@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
@@ -63,11 +64,20 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     unsafe fn submit(&self, q: &mut IoQueue, req: &IoRequest) -> io::Result<()>;
 }
 
+/// Work a backend postponed to the end of the connection's loop pass, such as one metadata
+/// commit for every write of the pass. It completes the postponed requests on the queue.
+pub trait Deferred: Send + Sync {
+    /// Finishes the postponed work and reports its completions with `q.complete_now`.
+    fn run_deferred(&self, q: &mut IoQueue);
+}
+
 /// A connection's submission context.
 pub struct IoQueue {
     kind: QueueKind,
     /// Completions of operations a backend ran inline (sync queues, memory-backed files).
     done: VecDeque<(u64, i32)>,
+    /// Postponed work, run by the next [`IoQueue::submit`].
+    deferred: Option<Arc<dyn Deferred>>,
 }
 
 enum QueueKind {
@@ -89,6 +99,7 @@ impl IoQueue {
         IoQueue {
             kind: QueueKind::Sync,
             done: VecDeque::with_capacity(2 * RING_ENTRIES as usize),
+            deferred: None,
         }
     }
 
@@ -97,6 +108,7 @@ impl IoQueue {
         Ok(IoQueue {
             kind: QueueKind::Uring { ring },
             done: VecDeque::with_capacity(2 * RING_ENTRIES as usize),
+            deferred: None,
         })
     }
 
@@ -117,7 +129,7 @@ impl IoQueue {
 
     /// Whether completions are already waiting (the loop must not sleep).
     pub fn has_ready(&mut self) -> bool {
-        if !self.done.is_empty() {
+        if !self.done.is_empty() || self.deferred.is_some() {
             return true;
         }
         match &mut self.kind {
@@ -189,8 +201,28 @@ impl IoQueue {
         Ok(())
     }
 
-    /// Hands queued SQEs to the kernel.
+    /// Asks for `d` to run at the next [`IoQueue::submit`] (once, however often it is asked
+    /// for; work postponed by another backend runs first).
+    pub fn defer(&mut self, d: &Arc<dyn Deferred>) {
+        match &self.deferred {
+            Some(cur) if Arc::ptr_eq(cur, d) => {}
+            Some(_) => {
+                self.run_deferred();
+                self.deferred = Some(d.clone());
+            }
+            None => self.deferred = Some(d.clone()),
+        }
+    }
+
+    fn run_deferred(&mut self) {
+        if let Some(d) = self.deferred.take() {
+            d.run_deferred(self);
+        }
+    }
+
+    /// Runs postponed work, then hands queued SQEs to the kernel.
     pub fn submit(&mut self) -> io::Result<()> {
+        self.run_deferred();
         if let QueueKind::Uring { ring, .. } = &mut self.kind {
             if !ring.submission().is_empty() {
                 ring.submit()?;
@@ -209,6 +241,13 @@ impl IoQueue {
                 f(cqe.user_data(), cqe.result());
             }
         }
+    }
+}
+
+impl Drop for IoQueue {
+    /// Postponed work still runs (a connection that dies mid-pass leaves no space reserved).
+    fn drop(&mut self) {
+        self.run_deferred();
     }
 }
 

@@ -20,7 +20,13 @@ pub struct Allocator {
     used_sectors: u64,
     full_cursor: u64,
     part_cursor: u64,
+    /// Whole pages freed most recently, reused first (LIFO, bounded): an overwrite then lands
+    /// on a page the device (or tmpfs) already holds instead of marching through the pool.
+    recent: Vec<u64>,
 }
+
+/// Freed whole pages remembered for reuse.
+const RECENT_PAGES_MAX: usize = 1 << 16;
 
 impl Allocator {
     /// Everything free.
@@ -31,6 +37,7 @@ impl Allocator {
             used_sectors: 0,
             full_cursor: 0,
             part_cursor: 0,
+            recent: Vec::new(),
         }
     }
 
@@ -73,6 +80,15 @@ impl Allocator {
             return None;
         }
         let full = n == 8;
+        if full {
+            while let Some(p) = self.recent.pop() {
+                if self.page(p) == 0 {
+                    *self.page_mut(p) = 0xff;
+                    self.used_sectors += 8;
+                    return Some(p * 8);
+                }
+            }
+        }
         let start = if full {
             self.full_cursor
         } else {
@@ -118,7 +134,11 @@ impl Allocator {
         let b = self.page_mut(p);
         debug_assert_eq!(*b & m, m, "freeing sectors that are not in use");
         *b &= !m;
+        let now_free = *b == 0;
         self.used_sectors -= n as u64;
+        if now_free && self.recent.len() < RECENT_PAGES_MAX {
+            self.recent.push(p);
+        }
         if n < 8 && p < self.part_cursor {
             self.part_cursor = p;
         }

@@ -114,9 +114,19 @@ impl Meta {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
-        let cfs = [CF_LAYERS, CF_EXTENTS, CF_META]
-            .into_iter()
-            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        // Every write already happens under the block store's tree lock, and the vector
+        // memtable below needs single-writer inserts.
+        opts.set_allow_concurrent_memtable_write(false);
+        // Extent rows are written one per host write and only ever read back whole (at open):
+        // an append-only vector memtable makes the insert O(1) instead of a skip-list insert
+        // (measured: half of the write path's CPU went to RocksDB, most of it there).
+        let mut extents = Options::default();
+        extents.set_memtable_factory(rocksdb::MemtableFactory::Vector);
+        let cfs = [
+            ColumnFamilyDescriptor::new(CF_LAYERS, Options::default()),
+            ColumnFamilyDescriptor::new(CF_EXTENTS, extents),
+            ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ];
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
         let mut sync = WriteOptions::default();
         sync.set_sync(true);

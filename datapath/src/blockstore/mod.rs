@@ -29,10 +29,11 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 
 use uuid::Uuid;
 
-use crate::backend::{Backend, IoKind, IoQueue, IoRequest};
+use crate::backend::{Backend, Deferred, IoKind, IoQueue, IoRequest};
 use crate::buffer::SlotBuf;
 use crate::limits::{
     BLOCK_BYTES, MAX_BLOCKS_PER_IO, MAX_COMPRESSED_BYTES, MAX_MEDIA_ERRORS_KEPT, MAX_PENDING_FREES,
+    MAX_QUEUE_DEPTH,
 };
 
 use alloc::Allocator;
@@ -108,7 +109,26 @@ struct Scratch {
     ext: [Option<Extent>; MAX_BLOCKS_PER_IO],
     ops: [RawOp; MAX_BLOCKS_PER_IO],
     res: [i32; MAX_BLOCKS_PER_IO],
+    /// Writes whose data is on the device, waiting for the pass's one metadata commit.
+    pending: PendingWrites,
 }
+
+/// The writes of one loop pass of a connection, committed together ([`Deferred`]).
+struct PendingWrites {
+    /// (image, block, extent, index into `cmds`).
+    blocks: Vec<(Uuid, u64, Extent, usize)>,
+    /// (tag, bytes, result): one per command.
+    cmds: Vec<(u64, u32, i32)>,
+    /// Some command asked for FUA: the commit syncs the WAL.
+    durable: bool,
+    /// Extents the commit replaced (freed after it) or could not map (freed at once).
+    replaced: Vec<Extent>,
+    unmapped: Vec<Extent>,
+}
+
+/// Commands one connection can have outstanding, so one pass can postpone at most this many.
+const PENDING_CMDS_MAX: usize = MAX_QUEUE_DEPTH as usize;
+const PENDING_BLOCKS_MAX: usize = PENDING_CMDS_MAX * MAX_BLOCKS_PER_IO;
 
 /// Bytes per scratch slot: lz4's worst case for one block, rounded up to a page multiple.
 const SCRATCH_SLOT: usize = 2 * BLOCK;
@@ -125,6 +145,13 @@ impl Scratch {
                 buf: std::ptr::null_mut(),
             }; MAX_BLOCKS_PER_IO],
             res: [0; MAX_BLOCKS_PER_IO],
+            pending: PendingWrites {
+                blocks: Vec::with_capacity(PENDING_BLOCKS_MAX),
+                cmds: Vec::with_capacity(PENDING_CMDS_MAX),
+                durable: false,
+                replaced: Vec::with_capacity(PENDING_BLOCKS_MAX),
+                unmapped: Vec::with_capacity(PENDING_BLOCKS_MAX),
+            },
         }
     }
 }
@@ -357,6 +384,7 @@ impl BlockStore {
     pub fn image(self: &Arc<Self>, uuid: Uuid, size_bytes: u64, compress: bool) -> Image {
         Image {
             store: self.clone(),
+            deferred: self.clone(),
             uuid,
             size_bytes,
             compress,
@@ -507,7 +535,9 @@ impl BlockStore {
         })
     }
 
-    /// Writes `n` blocks at `first` from `buf`; 0 or -errno.
+    /// Writes `n` blocks at `first` from `buf`. The data goes to the device now; the mapping
+    /// joins the pass's pending commit, which completes `tag` (None). An error before that
+    /// is returned at once (Some(-errno)).
     ///
     /// # Safety
     /// `buf` is valid for `n` blocks and not written by anyone until this returns.
@@ -521,7 +551,8 @@ impl BlockStore {
         buf: *mut u8,
         fua: bool,
         compress: bool,
-    ) -> i32 {
+        tag: u64,
+    ) -> Option<i32> {
         with_scratch(|s| {
             // Shape each block: zeroes (no space), compressed, or raw.
             for i in 0..n {
@@ -555,7 +586,7 @@ impl BlockStore {
                 s.ext[i] = Some(e);
             }
             if let Err(r) = self.allocate(&mut s.ext[..n]) {
-                return r;
+                return Some(r);
             }
             let mut nops = 0usize;
             for i in 0..n {
@@ -600,9 +631,20 @@ impl BlockStore {
             }
             if r < 0 {
                 self.release_unmapped(&s.ext[..n]);
-                return r;
+                return Some(r);
             }
-            self.commit(image, first, &s.ext[..n], fua)
+            let p = &mut s.pending;
+            if p.cmds.len() == PENDING_CMDS_MAX {
+                self.commit_pending(q, p); // more than a queue's worth: cannot happen, but bounded
+            }
+            let cmd = p.cmds.len();
+            p.cmds.push((tag, (n * BLOCK) as u32, (n * BLOCK) as i32));
+            for (i, e) in s.ext[..n].iter().enumerate() {
+                p.blocks
+                    .push((image, first + i as u64, e.expect("shaped"), cmd));
+            }
+            p.durable |= fua;
+            None
         })
     }
 
@@ -643,36 +685,68 @@ impl BlockStore {
         }
     }
 
-    /// Maps written blocks into the image's head layer; the replaced extents are freed later.
-    fn commit(&self, image: Uuid, first: u64, ext: &[Option<Extent>], fua: bool) -> i32 {
+    /// Maps the pass's written blocks into their images' head layers with one metadata write,
+    /// then completes their commands. Replaced extents are freed later (deferred frees).
+    fn commit_pending(&self, q: &mut IoQueue, p: &mut PendingWrites) {
+        if p.cmds.is_empty() {
+            return;
+        }
         let mut batch = rocksdb::WriteBatch::default();
-        let mut replaced = [Extent::ZERO; MAX_BLOCKS_PER_IO];
-        let mut nrep = 0;
         let mut t = self.tree_mut();
-        let Some(&head) = t.images.get(&image) else {
-            drop(t);
-            self.release_unmapped(ext);
-            return -libc::ENXIO;
-        };
-        for (i, e) in ext.iter().enumerate() {
-            let e = e.expect("shaped");
-            let b = first + i as u64;
-            self.meta.put_extent(&mut batch, head, b, &e);
-            if let Some(old) = t.write(head, b, e) {
-                replaced[nrep] = old;
-                nrep += 1;
+        let mut last: Option<(Uuid, Option<u64>)> = None;
+        for &(image, block, e, cmd) in &p.blocks {
+            let head = match last {
+                Some((i, h)) if i == image => h,
+                _ => {
+                    let h = t.images.get(&image).copied();
+                    last = Some((image, h));
+                    h
+                }
+            };
+            let Some(head) = head else {
+                // Deleted while its data was being written.
+                p.cmds[cmd].2 = -libc::ENXIO;
+                if !e.is_zero() {
+                    p.unmapped.push(e);
+                }
+                continue;
+            };
+            self.meta.put_extent(&mut batch, head, block, &e);
+            if let Some(old) = t.write(head, block, e) {
+                p.replaced.push(old);
             }
         }
-        let r = self.meta.write(batch, fua);
+        let r = self.meta.write(batch, p.durable);
         drop(t);
         if let Err(e) = r {
-            // The in-memory map is ahead of the disk now; writes after this would be lost on
-            // restart, so refuse them loudly rather than acknowledge.
+            // The in-memory map is ahead of the disk now; refuse these writes loudly rather
+            // than acknowledge what a restart would lose.
             tracing::error!("block store: metadata write failed: {e}");
-            return -libc::EIO;
+            for c in p.cmds.iter_mut() {
+                c.2 = -libc::EIO;
+            }
         }
-        self.defer_free(&replaced[..nrep]);
-        0
+        if !p.unmapped.is_empty() {
+            let mut a = lock(&self.alloc);
+            for e in &p.unmapped {
+                a.free(e);
+            }
+        }
+        self.defer_free(&p.replaced);
+        for &(tag, _, res) in &p.cmds {
+            q.complete_now(tag, res);
+        }
+        p.blocks.clear();
+        p.cmds.clear();
+        p.replaced.clear();
+        p.unmapped.clear();
+        p.durable = false;
+    }
+}
+
+impl Deferred for BlockStore {
+    fn run_deferred(&self, q: &mut IoQueue) {
+        with_scratch(|s| self.commit_pending(q, &mut s.pending));
     }
 }
 
@@ -684,12 +758,24 @@ fn idempotent(r: Result<Delta, TreeError>) -> Result<Delta, TreeError> {
 }
 
 /// One image served as a namespace.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Image {
     store: Arc<BlockStore>,
+    /// The same store, as the queue's postponed work.
+    deferred: Arc<dyn Deferred>,
     uuid: Uuid,
     size_bytes: u64,
     compress: bool,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("uuid", &self.uuid)
+            .field("size_bytes", &self.size_bytes)
+            .field("compress", &self.compress)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Image {
@@ -703,11 +789,12 @@ impl Image {
         self.compress
     }
 
-    fn run(&self, q: &mut IoQueue, req: &IoRequest) -> i32 {
+    /// Runs a request; None when its completion was postponed to the pass's commit.
+    fn run(&self, q: &mut IoQueue, req: &IoRequest) -> Option<i32> {
         let first = req.offset / BLOCK_BYTES;
         let blocks = (req.len as u64).div_ceil(BLOCK_BYTES);
         let s = &self.store;
-        match req.kind {
+        Some(match req.kind {
             IoKind::Read | IoKind::Write { .. } if blocks as usize > MAX_BLOCKS_PER_IO => {
                 -libc::EINVAL
             }
@@ -715,7 +802,7 @@ impl Image {
             IoKind::Read => unsafe { s.read(q, self.uuid, first, blocks as usize, req.buf) },
             IoKind::Write { fua } => {
                 // SAFETY: as above.
-                unsafe {
+                let r = unsafe {
                     s.write(
                         q,
                         self.uuid,
@@ -724,15 +811,26 @@ impl Image {
                         req.buf,
                         fua,
                         self.compress,
+                        req.tag,
                     )
+                };
+                if r.is_none() {
+                    q.defer(&self.deferred);
                 }
+                return r;
             }
-            IoKind::Flush => errno(s.flush()),
+            // Flush covers every completed write; this pass's writes are committed first so
+            // the flush also covers them. Trims are ordered after them the same way.
+            IoKind::Flush => {
+                s.run_deferred(q);
+                errno(s.flush())
+            }
             IoKind::Deallocate if !s.trim.load(Ordering::Relaxed) => 0,
             IoKind::Deallocate | IoKind::WriteZeroes => {
+                s.run_deferred(q);
                 errno(s.trim(self.uuid, first, first + blocks))
             }
-        }
+        })
     }
 }
 
@@ -754,8 +852,9 @@ impl Backend for Image {
     }
 
     unsafe fn submit(&self, q: &mut IoQueue, req: &IoRequest) -> std::io::Result<()> {
-        let r = self.run(q, req);
-        q.complete_now(req.tag, if r < 0 { r } else { req.len as i32 });
+        if let Some(r) = self.run(q, req) {
+            q.complete_now(req.tag, if r < 0 { r } else { req.len as i32 });
+        }
         Ok(())
     }
 }
