@@ -5,13 +5,12 @@
 //! Writes of host data go with the WAL unsynced (an NVMe write without FUA is volatile until
 //! Flush); FUA, Flush and every tree operation (snapshot, clone, rollback, delete) sync it.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 use uuid::Uuid;
 
-use crate::blockstore::tree::{Extent, Layer, LayerId, Owner, Row, Tree};
+use crate::blockstore::tree::{Extent, HashMap, Layer, LayerId, Owner, Row, Tree};
 
 const CF_LAYERS: &str = "layers";
 const CF_EXTENTS: &str = "extents";
@@ -172,7 +171,7 @@ impl Meta {
 
     /// Every layer with its extents.
     pub fn load(&self) -> Result<HashMap<LayerId, Layer>, MetaError> {
-        let mut layers = HashMap::new();
+        let mut layers = HashMap::default();
         for kv in self
             .db
             .iterator_cf(self.cf(CF_LAYERS), rocksdb::IteratorMode::Start)
