@@ -7,8 +7,8 @@
 //! - [`reconcile`]: followers of the journal that drive long operations (volume and snapshot
 //!   creation and deletion, clones, rollback, retention expiry) to completion and resume after
 //!   a crash.
-//! - [`dataplane`]: volume and snapshot backing files and the NVMe/TCP target behind the
-//!   reconciler.
+//! - [`dataplane`]: volumes and snapshots in the node's block store, and the NVMe/TCP target,
+//!   behind the reconciler.
 //! - [`server`]: wiring for `evstor serve`: data directory, bootstrap, TLS, listeners.
 
 pub mod api;

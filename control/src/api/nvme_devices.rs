@@ -1,6 +1,7 @@
-//! `/api/v2/nvmeDevices…`: the devices nodes store data on; here the sparse backing files made
-//! at bootstrap. Adding devices and setting LED patterns answer 501: a backing file has no
-//! LEDs, and devices are only added at bootstrap for now.
+//! `/api/v2/nvmeDevices…`: the devices of the node's storage pool (`evstor serve --device`, or
+//! the sparse file made at bootstrap), with the integrity errors seen on each. Adding devices
+//! through the API and setting LED patterns answer 501: devices join the pool at server start,
+//! and neither files nor devices behind the block layer expose LEDs.
 
 use axum::extract::{Path, State};
 use axum::routing::get;
@@ -23,7 +24,7 @@ pub fn routes() -> Router<App> {
 
 /// `UserNvmeDevicesResponse.DeviceUsageEnum`, by number.
 const USAGES: [&str; 5] = ["Unknown", "Data", "Journal", "OS", "UnManaged"];
-/// Every managed backing file holds data.
+/// Every pool device holds data.
 const DATA: &str = "Data";
 
 /// The `UserNvmeDevicesResponse` message.
@@ -128,6 +129,6 @@ async fn update(
     who.require_cluster_admin()?;
     find(&app.bus.state(), &serial)?;
     Err(ApiError::unimplemented(
-        "LED patterns are not implemented: evstor devices are backing files",
+        "LED patterns are not implemented for evstor pool devices",
     ))
 }

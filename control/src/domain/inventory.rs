@@ -1,5 +1,5 @@
 //! Servers, nodes and NVMe devices: the hardware the cluster runs on. On one machine that is
-//! one server with one node whose devices are backing files in the data directory.
+//! one server with one node whose devices (files or block devices) make its storage pool.
 
 use std::collections::BTreeMap;
 
@@ -47,7 +47,7 @@ pub struct Device {
 }
 
 impl Device {
-    /// A sparse backing file standing in for an NVMe drive.
+    /// A pool device; `evstor serve` fills in the model it probed.
     pub fn backing_file(serial: &str, path: &str, size_bytes: u64) -> Device {
         Device {
             serial: serial.into(),
