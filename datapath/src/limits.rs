@@ -141,6 +141,10 @@ pub const MAX_COMPRESSED_BYTES: usize = BLOCK_BYTES as usize - 512;
 /// the writer that crosses it makes it durable and releases them itself.
 pub const MAX_PENDING_FREES: usize = 16 * 1024;
 
+/// Extent entries one step of a layer merge moves (one RocksDB batch, one tree-lock hold):
+/// deleting a snapshot with millions of blocks never stalls I/O for long.
+pub const MERGE_STEP_ENTRIES: usize = 4096;
+
 /// Media (checksum) errors remembered for the control plane to report.
 pub const MAX_MEDIA_ERRORS_KEPT: usize = 1024;
 

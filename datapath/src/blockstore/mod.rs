@@ -33,7 +33,7 @@ use crate::backend::{Backend, Deferred, IoKind, IoQueue, IoRequest};
 use crate::buffer::SlotBuf;
 use crate::limits::{
     BLOCK_BYTES, MAX_BLOCKS_PER_IO, MAX_COMPRESSED_BYTES, MAX_MEDIA_ERRORS_KEPT, MAX_PENDING_FREES,
-    MAX_QUEUE_DEPTH,
+    MAX_QUEUE_DEPTH, MERGE_STEP_ENTRIES,
 };
 
 use alloc::Allocator;
@@ -44,6 +44,9 @@ use tree::{Delta, Tree};
 pub use tree::{Extent, TreeError, Usage};
 
 const BLOCK: usize = BLOCK_BYTES as usize;
+
+/// Entries per merge step; tiny under test, so the model test crosses many step boundaries.
+const MERGE_STEP: usize = if cfg!(test) { 3 } else { MERGE_STEP_ENTRIES };
 
 /// Why a block store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -228,7 +231,7 @@ impl BlockStore {
             used_bytes = alloc.used_sectors() * 512,
             "block store opened"
         );
-        Ok(Arc::new(BlockStore {
+        let store = Arc::new(BlockStore {
             meta,
             pool,
             tree: RwLock::new(tree),
@@ -240,7 +243,9 @@ impl BlockStore {
             recent_errors: Mutex::new(VecDeque::with_capacity(MAX_MEDIA_ERRORS_KEPT)),
             errors_by_image: Mutex::new(HashMap::new()),
             errors_by_device: Mutex::new(HashMap::new()),
-        }))
+        });
+        store.compact()?;
+        Ok(store)
     }
 
     fn tree(&self) -> RwLockReadGuard<'_, Tree> {
@@ -299,7 +304,8 @@ impl BlockStore {
 
     /// Returns volume `v`'s content to snapshot `s`'s.
     pub fn rollback(&self, v: Uuid, s: Uuid) -> Result<(), StoreError> {
-        self.mutate(|t| t.rollback(v, s))
+        self.mutate(|t| t.rollback(v, s))?;
+        self.compact()
     }
 
     /// Deletes a volume or snapshot (nothing to do if it is gone).
@@ -307,7 +313,36 @@ impl BlockStore {
         self.mutate(|t| match t.delete(image) {
             Err(TreeError::NoImage(_)) => Ok(Delta::default()),
             r => r,
-        })
+        })?;
+        self.compact()
+    }
+
+    /// Folds shared layers with a single child into it, [`MERGE_STEP_ENTRIES`] entries per
+    /// atomic step; the tree lock is free between steps, so I/O goes on. Also run at open, to
+    /// finish merges a crash interrupted.
+    fn compact(&self) -> Result<(), StoreError> {
+        let mut moved = 0u64;
+        loop {
+            // (A `while let` would hold the read guard through the body, and mutate deadlock.)
+            let next = self.tree().next_merge();
+            let Some(id) = next else { break };
+            let mut stuck = false;
+            self.mutate(|t| {
+                let d = t.merge_step(id, MERGE_STEP);
+                stuck = d.rows.is_empty();
+                Ok(d)
+            })?;
+            if stuck {
+                return Err(StoreError::Inconsistent(format!(
+                    "shared layer {id} has no child to merge into"
+                )));
+            }
+            moved += MERGE_STEP as u64;
+            if moved.is_multiple_of(64 * MERGE_STEP as u64) {
+                tracing::info!(layer = id, moved, "block store: merging a freed layer");
+            }
+        }
+        Ok(())
     }
 
     /// Makes blocks `[start, end)` of volume `v` read as zeroes and frees their space.

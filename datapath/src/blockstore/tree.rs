@@ -381,8 +381,10 @@ impl Tree {
                         None => return,
                     }
                 }
+                // Still correct as it stands (reads look through it); `merge_step` folds it
+                // into its child in bounded batches.
                 1 => {
-                    self.merge_into_child(id, d);
+                    d.rows.push(Row::Layer(id));
                     return;
                 }
                 _ => {
@@ -393,17 +395,34 @@ impl Tree {
         }
     }
 
-    /// Moves a shared layer's entries that its only child does not override into the child.
-    fn merge_into_child(&mut self, id: LayerId, d: &mut Delta) {
-        let child = *self
+    /// A shared layer with a single child: the next merge to do, if any.
+    pub fn next_merge(&self) -> Option<LayerId> {
+        self.layers
+            .iter()
+            .find(|(_, l)| l.owner == Owner::Shared && l.children == 1)
+            .map(|(&id, _)| id)
+    }
+
+    /// Moves up to `max` entries of shared layer `id` into its only child (freeing those the
+    /// child overrides); once it is empty the child takes its parent and it goes. Every step
+    /// leaves a correct tree, so a crash or a write between steps changes nothing visible.
+    pub fn merge_step(&mut self, id: LayerId, max: usize) -> Delta {
+        let mut d = Delta::default();
+        let Some(child) = self
             .layers
             .iter()
             .find(|(_, l)| l.parent == Some(id))
-            .expect("a layer with one child has a child")
-            .0;
-        let l = self.layers.remove(&id).expect("layer");
+            .map(|(&c, _)| c)
+        else {
+            debug_assert!(false, "shared layer {id} counts one child but has none");
+            return d;
+        };
+        let mut l = self.layers.remove(&id).expect("layer");
         let c = self.layers.get_mut(&child).expect("child");
-        for (&b, &e) in &l.map {
+        let keys: Vec<u64> = l.map.keys().take(max).copied().collect();
+        for b in keys {
+            let e = l.remove(b).expect("key just listed");
+            d.rows.push(Row::Unmap(id, b));
             if c.map.contains_key(&b) {
                 d.free(e);
             } else {
@@ -411,9 +430,14 @@ impl Tree {
                 d.rows.push(Row::Extent(child, b, e));
             }
         }
-        c.parent = l.parent;
-        d.rows.push(Row::DropLayer(id));
-        d.rows.push(Row::Layer(child));
+        if l.map.is_empty() {
+            c.parent = l.parent;
+            d.rows.push(Row::DropLayer(id));
+            d.rows.push(Row::Layer(child));
+        } else {
+            self.layers.insert(id, l);
+        }
+        d
     }
 
     /// What block `b` of the layer reads as: `None` when never written (zeroes).
