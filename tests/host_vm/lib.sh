@@ -10,7 +10,13 @@ ok() { echo "CHECK-OK $*"; }
 # ask_host NAME: asks the test on the host to act (REQ-NAME) and waits for DONE-NAME.
 # A reply, if the host has one, is in $SH/VAL-NAME.
 ask_host() {
-    : > "$SH/REQ-$1"
+    # Creating a file in the 9p share has failed once with "nonexistent directory" right
+    # after the host removed the previous request file: retry briefly before giving up.
+    n=0
+    until : 2>/dev/null > "$SH/REQ-$1"; do
+        n=$((n + 1)); [ $n -le 50 ] || fail "cannot create $SH/REQ-$1"
+        sleep 0.1
+    done
     n=0
     until [ -e "$SH/DONE-$1" ]; do
         n=$((n + 1)); [ $n -le 1800 ] || fail "host did not answer $1"
