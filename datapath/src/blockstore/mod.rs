@@ -517,10 +517,7 @@ impl BlockStore {
                             let last_end = last.sector + last.len as u64 / 512;
                             // SAFETY: pointer arithmetic within the caller's buffer.
                             let contiguous = unsafe { last.buf.add(last.len as usize) } == dst;
-                            if contiguous
-                                && last_end == e.sector
-                                && (last.len as usize).is_multiple_of(BLOCK)
-                            {
+                            if contiguous && last_end == e.sector {
                                 last.len += BLOCK as u32;
                                 continue;
                             }
@@ -637,14 +634,12 @@ impl BlockStore {
                 };
                 if nops > 0 && !e.compressed {
                     let last = &mut s.ops[nops - 1];
-                    // SAFETY: pointer arithmetic within the caller's buffer.
-                    let contiguous =
-                        !last.buf.is_null() && unsafe { last.buf.add(last.len as usize) } == src;
-                    if contiguous
-                        && (last.len as usize).is_multiple_of(BLOCK)
-                        && last.sector + last.len as u64 / 512 == e.sector
-                        && last.sector % 8 == 0
-                    {
+                    // Raw ops are whole pages; a compressed op's buffer is scratch, never
+                    // contiguous with the caller's.
+                    // SAFETY: one past the end of the op's own buffer (caller's or a scratch
+                    // slot), which is in bounds.
+                    let contiguous = unsafe { last.buf.add(last.len as usize) } == src;
+                    if contiguous && last.sector + last.len as u64 / 512 == e.sector {
                         last.len += BLOCK as u32;
                         continue;
                     }

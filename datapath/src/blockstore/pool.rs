@@ -71,7 +71,7 @@ impl Pool {
                 }
                 md.len().max(s.size_bytes)
             } else {
-                size_of_block_device(&file)?
+                evstor_ffi::block_device_size(&s.path)?
             };
             let pages = bytes / BLOCK_BYTES;
             inline &= crate::backend::memory_backed(&file);
@@ -189,11 +189,4 @@ fn is_block_device(path: &Path) -> bool {
     std::fs::metadata(path)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false)
-}
-
-/// Size of a block device (seek to its end: no ioctl needed).
-fn size_of_block_device(f: &File) -> io::Result<u64> {
-    use std::io::{Seek, SeekFrom};
-    let mut f = f.try_clone()?;
-    f.seek(SeekFrom::End(0))
 }
