@@ -89,6 +89,23 @@ fn quirky_clients_are_understood() {
     let (status, err) = c.post_raw("/api/v2/projects/default/volumes", "{");
     assert_eq!(status, 400);
     assert_eq!(err["code"], 3);
+    // Volumes are served with 4 KiB sectors only: 512-byte sectors and partial sectors are
+    // refused, never silently changed.
+    for (name, extra) in [
+        ("s512", json!({"sectorSize": "sectorSize_512B"})),
+        ("n512", json!({"sectorSize": 512, "size": "1 MiB"})),
+        ("partial", json!({"size": "6144"})),
+        ("decimal", json!({"size": "1 GB"})),
+    ] {
+        let mut body = create_body(name);
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, err) = c.post("/api/v2/projects/default/volumes", &body);
+        assert_eq!((status, &err["code"]), (400, &json!(3)), "{name}: {err}");
+    }
+    let (_, list) = c.get("/api/v2/projects/default/volumes");
+    assert_eq!(list["volumes"].as_array().map(Vec::len), Some(2), "{list}");
 }
 
 #[test]
@@ -172,4 +189,63 @@ fn authentication_and_authorization_matrix() {
     let (status, list) = admin.get("/api/v2/volumes");
     assert_eq!(status, 200);
     assert_eq!(list["volumes"].as_array().unwrap().len(), 1);
+}
+
+/// The cluster's volume limit is the data path's namespace limit: volumes numbered past the
+/// old 1024-namespace table are served like the first, and `Available` means a host can
+/// reach the volume at that moment.
+#[test]
+fn every_available_volume_is_served_past_a_thousand() {
+    use evstor_datapath::initiator::Session;
+    const VOLUMES: usize = 1030;
+    const WRITERS: usize = 8;
+    let s = Server::start();
+    std::thread::scope(|scope| {
+        for w in 0..WRITERS {
+            let c = s.admin();
+            scope.spawn(move || {
+                for i in (w..VOLUMES).step_by(WRITERS) {
+                    let mut body = create_body(&format!("v{i}"));
+                    body["size"] = json!("4 MiB");
+                    let (status, v) = c.post("/api/v2/projects/default/volumes", &body);
+                    assert_eq!(status, 200, "{v}");
+                }
+            });
+        }
+    });
+    let (_, info) = s.admin().get("/api/v2/clusterinfo");
+    let nqn = info["subsystemNQN"].as_str().expect("subsystem NQN");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], s.nvme_port));
+    let host = "nqn.2014-08.org.nvmexpress:uuid:0c0c0c0c-0000-4000-8000-000000000c0c";
+    let mut h = Session::connect(addr, nqn, host).expect("NVMe/TCP connect");
+    for i in 0..VOLUMES {
+        s.wait_for(
+            &format!("/api/v2/projects/default/volumes/?name=v{i}"),
+            |_, v| v["state"] == "Available",
+        );
+    }
+    let served = h.active_namespaces().expect("active namespace list");
+    assert_eq!(served, (1..=VOLUMES as u32).collect::<Vec<_>>());
+    let last = VOLUMES as u32;
+    h.write(last, 1, &[0x5a; 4096])
+        .expect("write the last volume");
+    assert_eq!(h.read(last, 1, 1).expect("read it back"), vec![0x5a; 4096]);
+    // From here on, each new volume is reachable the moment the API says Available.
+    for i in 0..5 {
+        let mut body = create_body(&format!("late{i}"));
+        body["size"] = json!("4 MiB");
+        let (status, v) = s.admin().post("/api/v2/projects/default/volumes", &body);
+        assert_eq!(status, 200, "{v}");
+        let path = format!(
+            "/api/v2/projects/default/volumes/{}",
+            v["UUID"].as_str().unwrap()
+        );
+        let v = s.wait_for(&path, |_, v| v["state"] == "Available");
+        let nsid = v["nsid"].as_u64().expect("nsid") as u32;
+        let served = h.active_namespaces().expect("active namespace list");
+        assert!(
+            served.contains(&nsid),
+            "volume {nsid} Available but not served"
+        );
+    }
 }

@@ -177,7 +177,7 @@ impl DataPlane for VolumeStore {
         self.store.rollback(v.uuid, snapshot).map_err(io_err)
     }
 
-    fn publish(&self, state: &State) {
+    fn publish(&self, state: &State) -> std::io::Result<()> {
         let trim = state
             .config
             .value(state, "EnableTrim")
@@ -193,21 +193,34 @@ impl DataPlane for VolumeStore {
             }
         }
         let Some(target) = &self.target else {
-            return;
+            return Ok(());
         };
         let table: Vec<NamespaceSpec> = state
             .volumes
             .by_uuid
             .values()
-            .filter(|v| v.state == VolumeState::Available && self.store.contains(v.uuid))
+            .filter(|v| match v.state {
+                VolumeState::Available => true,
+                VolumeState::Creating => self.store.contains(v.uuid),
+                _ => false,
+            })
             .map(|v| self.namespace_of(state, v))
             .collect();
         let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
         if *published == table {
-            return;
+            return Ok(());
         }
-        target.set_namespaces(table.clone());
+        // Remembered only when the whole table was taken, so a failure is retried next pass.
+        published.clear();
+        target.try_set_namespaces(table.clone()).map_err(io_err)?;
         *published = table;
+        Ok(())
+    }
+
+    fn serves(&self, v: &Volume) -> bool {
+        self.target
+            .as_ref()
+            .is_none_or(|t| t.serves(v.nsid, *v.uuid.as_bytes()))
     }
 
     fn take_media_errors(&self) -> Vec<MediaError> {

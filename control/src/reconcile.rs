@@ -30,8 +30,13 @@ pub trait DataPlane: Send + Sync + 'static {
     fn release_snapshot(&self, uuid: Uuid) -> std::io::Result<()>;
     /// Replaces the volume's data with the snapshot's.
     fn rollback(&self, volume: &Volume, snapshot: Uuid) -> std::io::Result<()>;
-    /// Hands the data path the namespace table implied by `state` (volumes, sizes, ACLs).
-    fn publish(&self, state: &State);
+    /// Hands the data path the namespace table implied by `state` (volumes, sizes, ACLs):
+    /// every `Available` volume, and every `Creating` one whose storage is ready. An error
+    /// names a namespace the target could not serve; the rest are served, and the next call
+    /// publishes again even if `state` did not change.
+    fn publish(&self, state: &State) -> std::io::Result<()>;
+    /// Whether hosts can reach the volume now (always true without a target).
+    fn serves(&self, volume: &Volume) -> bool;
     /// Checksum mismatches the data path saw since the last call, to record as events.
     fn take_media_errors(&self) -> Vec<evstor_datapath::blockstore::MediaError>;
 }
@@ -117,12 +122,15 @@ pub async fn run(bus: Bus, data: Arc<dyn DataPlane>, mut shutdown: watch::Receiv
     let mut seq = bus.last_seq();
     loop {
         let now = crate::store::bus::now_unix_ns();
-        let (work, next_expiry) = {
+        let (work, next_expiry, mut failed) = {
             let state = bus.state();
-            data.publish(&state);
-            pending(&state, now)
+            let published = data.publish(&state);
+            if let Err(e) = &published {
+                tracing::warn!("namespace publication incomplete, will retry: {e}");
+            }
+            let (work, next_expiry) = pending(&state, now);
+            (work, next_expiry, published.is_err())
         };
-        let mut failed = false;
         for e in data.take_media_errors() {
             let cmd = Command::Volume(VolumeCommand::RecordDataIntegrityError {
                 uuid: e.image,
@@ -198,11 +206,29 @@ fn execute(data: &dyn DataPlane, work: Work) -> std::io::Result<()> {
     }
 }
 
+/// A volume is `Available` only once hosts can reach it: its storage is ready (the caller
+/// saw to that) and the target serves its namespace.
+fn serve_now(bus: &Bus, data: &dyn DataPlane, v: &Volume) -> std::io::Result<()> {
+    data.publish(&bus.state())?;
+    if data.serves(v) {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "the target does not serve namespace {}",
+            v.nsid
+        )))
+    }
+}
+
 /// Does one piece of data-path work and records its completion; false if it must be retried.
 async fn step(bus: &Bus, data: &Arc<dyn DataPlane>, work: Work) -> bool {
-    let data = data.clone();
     let (command, what) = completion(&work);
-    let done = tokio::task::spawn_blocking(move || execute(data.as_ref(), work)).await;
+    let servable = match &work {
+        Work::CreateVolume(v) | Work::CloneVolume(v, _) => Some(v.clone()),
+        _ => None,
+    };
+    let worker = data.clone();
+    let done = tokio::task::spawn_blocking(move || execute(worker.as_ref(), work)).await;
     match done {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
@@ -211,6 +237,12 @@ async fn step(bus: &Bus, data: &Arc<dyn DataPlane>, work: Work) -> bool {
         }
         Err(e) => {
             tracing::error!("data path task for {what} panicked: {e}");
+            return false;
+        }
+    }
+    if let Some(v) = servable {
+        if let Err(e) = serve_now(bus, data.as_ref(), &v) {
+            tracing::warn!("{what} is ready but not served, will retry: {e}");
             return false;
         }
     }

@@ -30,8 +30,8 @@ use crate::error::DatapathError;
 use crate::fabrics::{self, Accepted, ConnectOutcome};
 use crate::limits::{
     HANDSHAKE_TIMEOUT_MS, KATO_GRACE_MS, MAX_DATA_BYTES, MAX_H2C_DATA_BYTES, MAX_HDR_BYTES,
-    MAX_NAMESPACES, MAX_OUTSTANDING_AERS, POLL_INTERVAL_MS_MAX, QOS_REFILL_MS, RX_BUF_BYTES,
-    SEND_TIMEOUT_MS, TX_BATCH_HDR_BYTES, TX_BATCH_SEGS,
+    MAX_OUTSTANDING_AERS, POLL_INTERVAL_MS_MAX, QOS_REFILL_MS, RX_BUF_BYTES, SEND_TIMEOUT_MS,
+    TX_BATCH_HDR_BYTES, TX_BATCH_SEGS,
 };
 use crate::notify::Notifier;
 use crate::ns::{Namespace, NsTable};
@@ -327,7 +327,8 @@ pub struct Queue {
     pub ioq: IoQueue,
     notify: Arc<Notifier>,
     table: Arc<NsTable>,
-    visible: Vec<Option<Arc<Namespace>>>,
+    /// Namespaces this host may see, ascending by nsid (rebuilt when a table is published).
+    visible: Vec<Arc<Namespace>>,
     /// Outstanding AER command IDs (admin queue).
     pub aers: Vec<u16>,
     in_capsule_max: usize,
@@ -531,7 +532,7 @@ impl Queue {
             ioq: IoQueue::new(),
             notify,
             table,
-            visible: vec![None; MAX_NAMESPACES as usize + 1],
+            visible: Vec::new(),
             aers: Vec::with_capacity(MAX_OUTSTANDING_AERS),
             in_capsule_max: if qid == 0 {
                 crate::limits::ADMIN_IN_CAPSULE_DATA_BYTES
@@ -561,32 +562,26 @@ impl Queue {
     }
 
     fn refresh_visible(&mut self) {
-        for v in self.visible.iter_mut() {
-            *v = None;
-        }
+        self.visible.clear();
         if self.ctrl.discovery {
             return;
         }
         let ip = self.peer.ip();
-        for ns in self.table.visible(&self.ctrl.host_nqn, ip) {
-            if let Some(v) = self.visible.get_mut(ns.spec.nsid as usize) {
-                *v = Some(ns.clone());
-            }
-        }
+        let visible = self.table.visible(&self.ctrl.host_nqn, ip).cloned();
+        self.visible.extend(visible);
     }
 
     /// The namespace `nsid` if this host may see it.
     pub fn visible_ns(&self, nsid: u32) -> Option<&Arc<Namespace>> {
-        self.visible.get(nsid as usize).and_then(|v| v.as_ref())
+        self.visible
+            .binary_search_by_key(&nsid, |n| n.spec.nsid)
+            .ok()
+            .map(|i| &self.visible[i])
     }
 
     /// Visible namespace IDs, ascending.
     pub fn visible_ids(&self) -> impl Iterator<Item = u32> + '_ {
-        self.visible
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.is_some())
-            .map(|(i, _)| i as u32)
+        self.visible.iter().map(|n| n.spec.nsid)
     }
 
     fn run(&mut self, rx: &mut RxBuf) -> Result<(), DatapathError> {

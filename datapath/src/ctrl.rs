@@ -240,22 +240,35 @@ fn seen_in(table: &NsTable, host_nqn: &str, remote: SocketAddr) -> Vec<SeenNs> {
         .collect()
 }
 
-/// Namespace IDs that appeared, disappeared or changed between two sorted lists.
+/// Namespace IDs that appeared, disappeared or changed between two lists sorted by nsid
+/// (one merge pass: a table may hold tens of thousands of namespaces).
 fn diff(old: &[SeenNs], new: &[SeenNs]) -> Vec<u32> {
     let mut out = Vec::new();
-    for o in old {
-        match new.iter().find(|n| n.nsid == o.nsid) {
-            Some(n) if n == o => {}
-            _ => out.push(o.nsid),
+    let (mut o, mut n) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (o.peek(), n.peek()) {
+            (None, None) => return out,
+            (Some(x), Some(y)) if x.nsid == y.nsid => {
+                if x != y {
+                    out.push(x.nsid);
+                }
+                o.next();
+                n.next();
+            }
+            (Some(x), Some(y)) if x.nsid < y.nsid => {
+                out.push(x.nsid);
+                o.next();
+            }
+            (Some(x), None) => {
+                out.push(x.nsid);
+                o.next();
+            }
+            (_, Some(y)) => {
+                out.push(y.nsid);
+                n.next();
+            }
         }
     }
-    for n in new {
-        if !old.iter().any(|o| o.nsid == n.nsid) {
-            out.push(n.nsid);
-        }
-    }
-    out.sort_unstable();
-    out
 }
 
 /// All live controllers, by ID.

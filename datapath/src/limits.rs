@@ -57,8 +57,11 @@ pub const RX_BUF_BYTES: usize = MAX_RX_PDU_BYTES + 64 * 1024;
 /// Bytes of the offending PDU header echoed in a terminate request.
 pub const MAX_TERM_DATA_BYTES: usize = 128;
 
-/// Namespaces a subsystem may hold (Identify Controller NN and MNAN).
-pub const MAX_NAMESPACES: u32 = 1024;
+/// Namespaces a subsystem may hold (Identify Controller NN and MNAN), and so the highest
+/// nsid. Every volume of the cluster is one namespace of its one subsystem, so this is also
+/// the cluster's volume limit: the control plane takes `VOLUMES_MAX` from here (one limit,
+/// owned here, where it is enforced). Connections keep only the namespaces their host sees.
+pub const MAX_NAMESPACES: u32 = 65_536;
 
 /// Entries in the changed namespace list log page before it overflows to 0xFFFFFFFF.
 pub const MAX_CHANGED_NS: usize = 1024;

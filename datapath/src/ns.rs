@@ -4,12 +4,12 @@
 //! table they last saw and refresh it when the generation counter moves, so the
 //! I/O path never takes a lock that the control plane holds.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::backend::{Backend, FileBackend};
-use crate::config::{Backing, NamespaceSpec};
+use crate::config::{Acl, Backing, NamespaceSpec};
 use crate::error::DatapathError;
 use crate::limits::{LBA_SHIFT, MAX_NAMESPACES};
 use crate::pages::NsIdentity;
@@ -38,13 +38,18 @@ impl Namespace {
     }
 }
 
-/// An immutable namespace table, sorted by nsid.
+/// An immutable namespace table, sorted by nsid, with an index by host NQN: with up to
+/// [`MAX_NAMESPACES`] namespaces, finding what one host sees must not scan them all.
 #[derive(Debug, Default)]
 pub struct NsTable {
     /// Monotonic generation (changes on every publish).
     pub generation: u64,
     /// Namespaces by ascending nsid.
     pub list: Vec<Arc<Namespace>>,
+    /// Positions in `list` (ascending) of namespaces whose host ACL is `AllowAny`.
+    open: Vec<u32>,
+    /// Positions in `list` (ascending) of the namespaces whose host ACL names the NQN.
+    by_host: HashMap<String, Vec<u32>>,
 }
 
 impl NsTable {
@@ -56,15 +61,45 @@ impl NsTable {
             .map(|i| &self.list[i])
     }
 
-    /// Namespaces visible to a host, ascending.
+    /// Namespaces visible to a host, ascending: the open ones merged with the ones whose
+    /// ACL names the host, filtered by the IP ACL. Costs what the host may see, not the table.
     pub fn visible<'a>(
         &'a self,
         host_nqn: &'a str,
         ip: IpAddr,
     ) -> impl Iterator<Item = &'a Arc<Namespace>> + 'a {
-        self.list
-            .iter()
-            .filter(move |n| n.spec.visible_to(host_nqn, ip))
+        let named: &[u32] = self.by_host.get(host_nqn).map_or(&[], Vec::as_slice);
+        MergeAscending::new(&self.open, named)
+            .map(|i| &self.list[i as usize])
+            .filter(move |n| n.spec.ip_acl.admits_ip(ip))
+    }
+
+    fn index(generation: u64, list: Vec<Arc<Namespace>>) -> NsTable {
+        let mut open = Vec::new();
+        let mut by_host: HashMap<String, Vec<u32>> = HashMap::new();
+        for (i, n) in list.iter().enumerate() {
+            // MAX_NAMESPACES bounds the list, so a position fits in u32.
+            let i = i as u32;
+            match &n.spec.host_acl {
+                Acl::AllowAny => open.push(i),
+                Acl::AllowNone => {}
+                Acl::List(hosts) => {
+                    for h in hosts {
+                        let at = by_host.entry(h.clone()).or_default();
+                        // A host named twice in one ACL is indexed once.
+                        if at.last() != Some(&i) {
+                            at.push(i);
+                        }
+                    }
+                }
+            }
+        }
+        NsTable {
+            generation,
+            list,
+            open,
+            by_host,
+        }
     }
 
     /// Builds the next table, reusing open backends whose path and size are unchanged.
@@ -106,7 +141,39 @@ impl NsTable {
             }
         }
         list.sort_by_key(|n| n.spec.nsid);
-        (NsTable { generation, list }, first_err)
+        (Self::index(generation, list), first_err)
+    }
+}
+
+/// Two ascending position lists merged into one ascending sequence without repeats.
+struct MergeAscending<'a> {
+    a: &'a [u32],
+    b: &'a [u32],
+}
+
+impl<'a> MergeAscending<'a> {
+    fn new(a: &'a [u32], b: &'a [u32]) -> Self {
+        MergeAscending { a, b }
+    }
+}
+
+impl Iterator for MergeAscending<'_> {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        let next = match (self.a.first(), self.b.first()) {
+            (None, None) => return None,
+            (Some(&x), None) => x,
+            (None, Some(&y)) => y,
+            (Some(&x), Some(&y)) => x.min(y),
+        };
+        if self.a.first() == Some(&next) {
+            self.a = &self.a[1..];
+        }
+        if self.b.first() == Some(&next) {
+            self.b = &self.b[1..];
+        }
+        Some(next)
     }
 }
 
@@ -156,4 +223,66 @@ fn open_one(spec: NamespaceSpec, old: &NsTable) -> Result<Namespace, DatapathErr
         blocks,
         qos,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qos::QosLimits;
+
+    fn spec(dir: &std::path::Path, nsid: u32, host_acl: Acl, ip_acl: Acl) -> NamespaceSpec {
+        NamespaceSpec {
+            nsid,
+            uuid: [nsid as u8; 16],
+            size_bytes: 1 << 20,
+            backing: Backing::File(dir.join(format!("ns{nsid}.img"))),
+            host_acl,
+            ip_acl,
+            qos: QosLimits::default(),
+        }
+    }
+
+    fn list(hosts: &[&str]) -> Acl {
+        Acl::List(hosts.iter().map(|h| h.to_string()).collect())
+    }
+
+    #[test]
+    fn the_host_index_sees_exactly_what_the_acls_admit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = ("nqn.2014-08.org.example:a", "nqn.2014-08.org.example:b");
+        let lo: IpAddr = "127.0.0.1".parse().expect("ip");
+        let other: IpAddr = "10.0.0.9".parse().expect("ip");
+        let specs = vec![
+            spec(dir.path(), 7, list(&[a, a, b]), Acl::AllowAny),
+            spec(dir.path(), 1, Acl::AllowAny, Acl::AllowAny),
+            spec(dir.path(), 3, list(&[b]), Acl::AllowAny),
+            spec(dir.path(), 4, Acl::AllowNone, Acl::AllowAny),
+            spec(dir.path(), 9, Acl::AllowAny, list(&["127.0.0.1"])),
+            spec(dir.path(), 65_536, list(&[a]), Acl::AllowAny),
+        ];
+        let table = NsTable::build(specs, &NsTable::default(), 1).expect("table");
+        let seen = |host: &str, ip: IpAddr| -> Vec<u32> {
+            table.visible(host, ip).map(|n| n.spec.nsid).collect()
+        };
+        for host in [a, b, "nqn.2014-08.org.example:c"] {
+            for ip in [lo, other] {
+                let brute: Vec<u32> = table
+                    .list
+                    .iter()
+                    .filter(|n| n.spec.visible_to(host, ip))
+                    .map(|n| n.spec.nsid)
+                    .collect();
+                assert_eq!(seen(host, ip), brute, "{host} from {ip}");
+            }
+        }
+        assert_eq!(seen(a, lo), [1, 7, 9, 65_536]);
+        assert_eq!(seen(b, other), [1, 3, 7]);
+    }
+
+    #[test]
+    fn nsids_past_the_limit_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let past = spec(dir.path(), MAX_NAMESPACES + 1, Acl::AllowAny, Acl::AllowAny);
+        assert!(NsTable::build(vec![past], &NsTable::default(), 1).is_err());
+    }
 }

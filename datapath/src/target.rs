@@ -272,6 +272,14 @@ impl TargetHandle {
         self.shared.publish(namespaces)
     }
 
+    /// Whether the published table serves namespace `nsid` as the image `uuid`.
+    pub fn serves(&self, nsid: u32, uuid: [u8; 16]) -> bool {
+        self.shared
+            .table()
+            .get(nsid)
+            .is_some_and(|n| n.spec.uuid == uuid)
+    }
+
     /// Live host sessions (I/O controllers; discovery sessions are not listed).
     pub fn connected_hosts(&self) -> Vec<ConnectedHost> {
         let reg = self.shared.registry();

@@ -351,8 +351,14 @@ fn check_size(size_bytes: u64, sector_size: u32) -> Result<u64, DomainError> {
             "size must be a positive byte count of at most {VOLUME_BYTES_MAX}"
         )));
     }
-    // Whole blocks only: a host addresses the namespace in sectors.
-    Ok(size_bytes.div_ceil(u64::from(sector_size)) * u64::from(sector_size))
+    // Whole blocks only: a host addresses the namespace in sectors, and a partial last
+    // sector would be either invisible or larger than asked for.
+    if !size_bytes.is_multiple_of(u64::from(sector_size)) {
+        return Err(DomainError::InvalidArgument(format!(
+            "size {size_bytes} is not a multiple of the sector size {sector_size}"
+        )));
+    }
+    Ok(size_bytes)
 }
 
 fn check_etag(v: &Volume, if_match: &Option<String>) -> Result<(), DomainError> {
@@ -385,7 +391,13 @@ fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, Doma
     }
     let sector_size = match n.sector_size {
         0 | 4096 => 4096,
-        512 => 512,
+        // The data path exposes 4 KiB logical blocks only; accepting 512 would hand the host
+        // a namespace whose block size differs from what the volume says.
+        512 => {
+            return Err(DomainError::InvalidArgument(
+                "sectorSize 512 is not supported: evstor volumes have 4096-byte sectors".into(),
+            ))
+        }
         other => {
             return Err(DomainError::InvalidArgument(format!(
                 "sectorSize {other} is not 512 or 4096"
@@ -816,6 +828,9 @@ pub(crate) mod tests {
                 Box::new(|n| n.ip_acl = Some(vec!["nope".into()])),
             ),
             ("sector size", Box::new(|n| n.sector_size = 1000)),
+            ("512-byte sectors", Box::new(|n| n.sector_size = 512)),
+            ("partial sector", Box::new(|n| n.size_bytes = 6144)),
+            ("under one sector", Box::new(|n| n.size_bytes = 512)),
             (
                 "label",
                 Box::new(|n| {
@@ -838,7 +853,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn missing_project_is_404_and_size_rounds_up_to_sectors() {
+    fn missing_project_is_404_and_size_must_be_whole_sectors() {
         let mut n = new_volume("v");
         n.project = "nope".into();
         assert!(matches!(
@@ -847,6 +862,12 @@ pub(crate) mod tests {
         ));
         let mut n = new_volume("v");
         n.size_bytes = 5000;
+        assert!(matches!(
+            err_of(&bootstrap_events(), create_cmd(n)),
+            DomainError::InvalidArgument(_)
+        ));
+        let mut n = new_volume("v");
+        n.size_bytes = 8192;
         let events = given_when(&bootstrap_events(), create_cmd(n)).unwrap();
         let AnyEvent::Volume(Event::VolumeCreationRequested { volume }) = &events[0] else {
             panic!()
