@@ -169,6 +169,7 @@ impl Harness {
 fn run(ops: Vec<Op>, q: IoQueue) -> Result<(), TestCaseError> {
     let mut h = Harness::new(q);
     let mut m = Model::default();
+    let mut wrote_data = false;
     for _ in 0..2 {
         let v = Uuid::new_v4();
         h.st().create_volume(v).expect("create");
@@ -179,6 +180,7 @@ fn run(ops: Vec<Op>, q: IoQueue) -> Result<(), TestCaseError> {
             Op::Write { vol, block, n } | Op::Zero { vol, block, n } => {
                 let Some(v) = m.pick(true, vol) else { continue };
                 let zero = matches!(op, Op::Zero { .. });
+                wrote_data |= !zero;
                 m.next_version += 1;
                 let ver = m.next_version;
                 for i in 0..n {
@@ -288,6 +290,12 @@ fn run(ops: Vec<Op>, q: IoQueue) -> Result<(), TestCaseError> {
     h.st().flush().expect("flush");
     let stored: u64 = h.st().tree().layers.values().map(|l| l.stored_bytes).sum();
     prop_assert_eq!(h.st().stats().used_bytes, stored);
+    // On an io_uring queue the reads above went through the ring, not the inline path (a
+    // memory-backed TMPDIR would quietly test that instead).
+    prop_assert!(
+        !(h.q.is_uring() && wrote_data) || h.q.ring_ops() > 0,
+        "data was written but no I/O reached the ring"
+    );
     Ok(())
 }
 
@@ -296,7 +304,9 @@ proptest! {
 
     #[test]
     fn extent_map_matches_the_model_through_io_uring(ops in proptest::collection::vec(op(), 1..40)) {
-        run(ops, IoQueue::new())?;
+        let q = IoQueue::new();
+        prop_assert!(q.is_uring(), "io_uring is unavailable: this would test the fallback");
+        run(ops, q)?;
     }
 
     #[test]
