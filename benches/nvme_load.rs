@@ -112,7 +112,7 @@ impl Job {
             (0, false) => "seqwrite".to_string(),
             (p, r) => format!("{}rw{p}", if r { "rand" } else { "seq" }),
         };
-        let bs = if self.bs % 1024 == 0 {
+        let bs = if self.bs.is_multiple_of(1024) {
             format!("{}k", self.bs / 1024)
         } else {
             format!("{}", self.bs)

@@ -472,10 +472,9 @@ fn random_commands_always_complete_and_never_panic() {
                 prop_assert_eq!(st, INVALID_OPCODE, "opcode {:#04x}", c[0]);
             }
             let broadcast_flush = c[0] == 0 && nsid == u32::MAX;
-            if plain && !admin && c[0] != 0x7f && supported.contains(&c[0]) {
-                if nsid != 1 && !broadcast_flush {
-                    prop_assert_eq!(st, INVALID_NS, "opcode {:#04x} on nsid {}", c[0], nsid);
-                }
+            let io_command = !admin && c[0] != 0x7f && supported.contains(&c[0]);
+            if plain && io_command && nsid != 1 && !broadcast_flush {
+                prop_assert_eq!(st, INVALID_NS, "opcode {:#04x} on nsid {}", c[0], nsid);
             }
             Ok(())
         })

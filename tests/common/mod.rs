@@ -296,6 +296,15 @@ impl Client {
         self.delete_if_match(path, None)
     }
 
+    /// As `delete`, with a transport failure (server gone) as an error instead of a panic.
+    pub fn try_delete(&self, path: &str) -> Result<(u16, Value), String> {
+        let mut req = self.agent.delete(format!("{}{path}", self.base));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        Self::finish(req.call())
+    }
+
     pub fn delete_if_match(&self, path: &str, etag: Option<&str>) -> (u16, Value) {
         let mut req = self.agent.delete(format!("{}{path}", self.base));
         if let Some(a) = self.auth() {
