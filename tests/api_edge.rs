@@ -437,9 +437,9 @@ fn a_low_open_files_limit_leaves_room_for_nvme_and_the_admin() {
     let s = Server::start_with(Options {
         args: [
             "--api-tls-handshake-timeout-ms",
-            "1000",
+            "3000",
             "--api-idle-timeout-ms",
-            "1000",
+            "3000",
         ]
         .map(String::from)
         .to_vec(),
@@ -509,7 +509,7 @@ fn serve_raises_the_soft_open_files_limit_to_the_hard_one() {
     assert_eq!(figures, ["1024", "1024"], "{line}");
     assert!(
         s.log()
-            .contains("open files limit 1024 (raised from 256, hard limit 1024)"),
+            .contains("open files limit raised from 256 to 1024 (hard limit 1024)"),
         "{}",
         s.log()
     );

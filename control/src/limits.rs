@@ -52,12 +52,14 @@ pub const API_CONNECTIONS_PER_ADDR_MAX: usize = 256;
 pub const API_CONNECTIONS_MAX: usize = 4096;
 /// Floor on open API connections, however small the descriptor budget is.
 pub const API_CONNECTIONS_MIN: usize = 16;
-/// The descriptor split: the API may hold one descriptor in this many of the process's
-/// `RLIMIT_NOFILE` (one per connection), within [`API_CONNECTIONS_MIN`] and
-/// [`API_CONNECTIONS_MAX`]. The other three quarters are the data path's (per NVMe/TCP queue
-/// a socket and an io_uring, up to its own connection cap), RocksDB's (the journal and the
-/// block store, SST files, WALs, manifests) and the fixed rest (pool devices, listeners,
-/// the runtime). At the usual soft limit of 1024 the API gets 256.
+/// The descriptor split (`evstor serve` first raises the soft `RLIMIT_NOFILE` to the hard
+/// limit): the API may hold one descriptor in this many of the limit (one per connection),
+/// within [`API_CONNECTIONS_MIN`] and [`API_CONNECTIONS_MAX`]; `--api-connections-max`
+/// overrides. The other three quarters are reserved for the data path (per NVMe/TCP queue a
+/// socket, an io_uring and an eventfd: 384 at its default 128 connections), RocksDB (the
+/// journal and the block store: SST files, WALs, manifests, logs) and the fixed rest (pool
+/// devices, listeners, the runtime, about 35 at start). At a limit of 1024 the API gets 256
+/// and the rest 768; at 256 (a cramped test) the API gets 64.
 pub const API_FD_SHARE_DIVISOR: u64 = 4;
 /// Pause of the API accept loop after accept(2) failed for want of descriptors (EMFILE,
 /// ENFILE) or memory, so a full table does not spin a core.

@@ -265,10 +265,17 @@ fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfi
 /// Raises the open files limit and returns the API's connection cap.
 fn descriptor_budget(cfg: &EdgeConfig) -> usize {
     let open_files = match edge::fds::raise_open_files_limit() {
+        Ok(f) if f.soft > f.soft_before => {
+            println!(
+                "evstor: open files limit raised from {} to {} (hard limit {})",
+                f.soft_before, f.soft, f.hard
+            );
+            f.soft
+        }
         Ok(f) => {
             println!(
-                "evstor: open files limit {} (raised from {}, hard limit {})",
-                f.soft, f.soft_before, f.hard
+                "evstor: open files limit {} (hard limit {})",
+                f.soft, f.hard
             );
             f.soft
         }
@@ -344,16 +351,7 @@ pub async fn serve(
     );
     let (api_stop_tx, api_stop_rx) = watch::channel(false);
     let stopper = tokio::spawn(async move {
-        match shutdown {
-            Some(mut rx) => {
-                while !*rx.borrow() {
-                    if rx.changed().await.is_err() {
-                        break;
-                    }
-                }
-            }
-            None => wait_for_signal().await,
-        }
+        stop_requested(shutdown).await;
         let _ = api_stop_tx.send(true);
     });
     let router = api::router(app, cfg.api.requests);
@@ -370,6 +368,16 @@ pub async fn serve(
     let _ = reconciler.await;
     stopper.abort();
     Ok(())
+}
+
+/// Resolves when `shutdown` turns true (or its sender is gone), or on SIGINT/SIGTERM if `None`.
+async fn stop_requested(shutdown: Option<watch::Receiver<bool>>) {
+    match shutdown {
+        Some(mut rx) => {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+        None => wait_for_signal().await,
+    }
 }
 
 async fn wait_for_signal() {

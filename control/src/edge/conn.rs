@@ -235,10 +235,14 @@ pub(super) async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(d.handshake, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return tracing::debug!("API TLS handshake failed: {e}"),
-        Err(_) => return tracing::debug!("API TLS handshake deadline passed"),
+    let handshake = tokio::time::timeout(d.handshake, acceptor.accept(tcp));
+    let tls = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return tracing::debug!("API TLS handshake failed: {e}"),
+            Err(_) => return tracing::debug!("API TLS handshake deadline passed"),
+        },
+        _ = stopped(&mut stop) => return,
     };
     let clock = Arc::new(Clock::new());
     let io = TokioIo::new(Watched {
