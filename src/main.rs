@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use evstor_control::api::admission::RequestCaps;
+use evstor_control::edge::EdgeConfig;
+use evstor_control::limits;
 use evstor_control::server::{self, ServeConfig};
 use evstor_control::store::{codec, replay};
 use evstor_journal::EventLog;
@@ -39,6 +42,8 @@ enum Cmd {
         /// appended between starts, never removed or reordered.
         #[arg(long = "device", env = "EVSTOR_DEVICES", value_delimiter = ',')]
         devices: Vec<PathBuf>,
+        #[command(flatten)]
+        edge: EdgeArgs,
     },
     /// Inspect the event journal (read-only; safe beside a running server).
     Journal {
@@ -50,6 +55,67 @@ enum Cmd {
         #[command(subcommand)]
         verb: TokenVerb,
     },
+}
+
+/// Deadlines and caps of the API's connections (defaults from `control/src/limits.rs`).
+#[derive(Args)]
+struct EdgeArgs {
+    /// Longest from accepting an API connection to the end of its TLS handshake.
+    #[arg(long, env = "EVSTOR_API_TLS_HANDSHAKE_TIMEOUT_MS", value_parser = positive::<u64>,
+          default_value_t = limits::API_TLS_HANDSHAKE_MS)]
+    api_tls_handshake_timeout_ms: u64,
+    /// Longest from the first byte of a request to the end of its headers.
+    #[arg(long, env = "EVSTOR_API_HEADER_TIMEOUT_MS", value_parser = positive::<u64>,
+          default_value_t = limits::API_HEADER_READ_MS)]
+    api_header_timeout_ms: u64,
+    /// Longest from the end of a request's headers to the end of its body.
+    #[arg(long, env = "EVSTOR_API_BODY_TIMEOUT_MS", value_parser = positive::<u64>,
+          default_value_t = limits::API_BODY_READ_MS)]
+    api_body_timeout_ms: u64,
+    /// Longest an API connection stays open with no request in progress.
+    #[arg(long, env = "EVSTOR_API_IDLE_TIMEOUT_MS", value_parser = positive::<u64>,
+          default_value_t = limits::API_IDLE_MS)]
+    api_idle_timeout_ms: u64,
+    /// Open API connections in total (default: a quarter of the open files limit, 16..4096).
+    #[arg(long, env = "EVSTOR_API_CONNECTIONS_MAX", value_parser = positive::<usize>)]
+    api_connections_max: Option<usize>,
+    /// Open API connections per client IP address.
+    #[arg(long, env = "EVSTOR_API_CONNECTIONS_PER_ADDR_MAX", value_parser = positive::<usize>,
+          default_value_t = limits::API_CONNECTIONS_PER_ADDR_MAX)]
+    api_connections_per_addr_max: usize,
+    /// API requests in flight at once (more: 503).
+    #[arg(long, env = "EVSTOR_API_REQUESTS_IN_FLIGHT_MAX", value_parser = positive::<usize>,
+          default_value_t = limits::API_REQUESTS_IN_FLIGHT_MAX)]
+    api_requests_in_flight_max: usize,
+    /// API requests in flight at once per token subject (more: 429).
+    #[arg(long, env = "EVSTOR_API_REQUESTS_PER_SUBJECT_MAX", value_parser = positive::<usize>,
+          default_value_t = limits::API_REQUESTS_PER_SUBJECT_MAX)]
+    api_requests_per_subject_max: usize,
+}
+
+impl EdgeArgs {
+    fn config(&self) -> EdgeConfig {
+        EdgeConfig {
+            tls_handshake_ms: self.api_tls_handshake_timeout_ms,
+            header_read_ms: self.api_header_timeout_ms,
+            body_read_ms: self.api_body_timeout_ms,
+            idle_ms: self.api_idle_timeout_ms,
+            connections_max: self.api_connections_max,
+            connections_per_addr_max: self.api_connections_per_addr_max,
+            requests: RequestCaps {
+                in_flight_max: self.api_requests_in_flight_max,
+                per_subject_max: self.api_requests_per_subject_max,
+            },
+        }
+    }
+}
+
+/// A number above zero (a zero deadline or cap would refuse everything).
+fn positive<T: std::str::FromStr + PartialOrd + From<u8>>(s: &str) -> Result<T, String> {
+    match s.parse::<T>() {
+        Ok(n) if n > T::from(0) => Ok(n),
+        _ => Err(format!("{s:?} is not a positive integer")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -129,6 +195,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             nvme_addr,
             discovery_addr,
             devices,
+            edge,
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(server::serve(
@@ -138,6 +205,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     api_addr,
                     nvme_addr,
                     discovery_addr,
+                    api: edge.config(),
                 },
                 None,
             ))?;

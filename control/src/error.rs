@@ -16,4 +16,6 @@ pub enum ControlError {
     ShuttingDown,
     #[error("{0}")]
     Internal(String),
+    #[error("request body not received within its deadline")]
+    RequestBodyDeadline,
 }

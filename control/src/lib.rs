@@ -9,11 +9,14 @@
 //!   a crash.
 //! - [`dataplane`]: volumes and snapshots in the node's block store, and the NVMe/TCP target,
 //!   behind the reconciler.
+//! - [`edge`]: the API's network edge: accept loop, connection caps, TLS and HTTP deadlines,
+//!   the descriptor budget.
 //! - [`server`]: wiring for `evstor serve`: data directory, bootstrap, TLS, listeners.
 
 pub mod api;
 pub mod dataplane;
 pub mod domain;
+pub mod edge;
 pub mod error;
 pub mod limits;
 pub mod reconcile;

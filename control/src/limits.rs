@@ -27,8 +27,46 @@ pub const PROJECTS_MAX: usize = 4096;
 pub const VOLUME_BYTES_MAX: u64 = 1 << 50;
 /// Most events the reconciler takes from the journal at once.
 pub const RECONCILE_BATCH_MAX: usize = 256;
-/// Most API requests served at once; more are answered 503 rather than queued.
+/// Most API requests served at once; more are answered 503 rather than queued. A request
+/// takes one of these only after it is authenticated and its role may use the route.
 pub const API_REQUESTS_IN_FLIGHT_MAX: usize = 1024;
+/// Most API requests one token subject has in flight at once; more are answered 429, so one
+/// authenticated client cannot take every in-flight permit.
+pub const API_REQUESTS_PER_SUBJECT_MAX: usize = 256;
+
+// The API's network edge (`crate::edge`). Every deadline closes the connection when it passes;
+// the `_MS` values are defaults that `evstor serve` flags override (tests use short ones).
+
+/// Longest from accepting a TCP connection to the end of its TLS handshake.
+pub const API_TLS_HANDSHAKE_MS: u64 = 10_000;
+/// Longest from the first byte of a request to the end of its headers (slowloris).
+pub const API_HEADER_READ_MS: u64 = 10_000;
+/// Longest from the end of a request's headers to the end of its body. With
+/// [`REQUEST_BODY_BYTES_MAX`] this asks about 35 KB/s of a client sending the largest body.
+pub const API_BODY_READ_MS: u64 = 30_000;
+/// Longest a connection may stay open with no request in progress (after the handshake,
+/// between keep-alive requests).
+pub const API_IDLE_MS: u64 = 60_000;
+/// Most open API connections from one client IP address.
+pub const API_CONNECTIONS_PER_ADDR_MAX: usize = 256;
+/// Ceiling on open API connections, whatever the descriptor budget allows.
+pub const API_CONNECTIONS_MAX: usize = 4096;
+/// Floor on open API connections, however small the descriptor budget is.
+pub const API_CONNECTIONS_MIN: usize = 16;
+/// The descriptor split (`evstor serve` first raises the soft `RLIMIT_NOFILE` to the hard
+/// limit): the API may hold one descriptor in this many of the limit (one per connection),
+/// within [`API_CONNECTIONS_MIN`] and [`API_CONNECTIONS_MAX`]; `--api-connections-max`
+/// overrides. The other three quarters are reserved for the data path (per NVMe/TCP queue a
+/// socket, an io_uring and an eventfd: 384 at its default 128 connections), RocksDB (the
+/// journal and the block store: SST files, WALs, manifests, logs) and the fixed rest (pool
+/// devices, listeners, the runtime, about 35 at start). At a limit of 1024 the API gets 256
+/// and the rest 768; at 256 (a cramped test) the API gets 64.
+pub const API_FD_SHARE_DIVISOR: u64 = 4;
+/// Pause of the API accept loop after accept(2) failed for want of descriptors (EMFILE,
+/// ENFILE) or memory, so a full table does not spin a core.
+pub const API_ACCEPT_BACKOFF_MS: u64 = 100;
+/// Longest a graceful shutdown waits for open API requests before dropping them.
+pub const API_SHUTDOWN_GRACE_MS: u64 = 5_000;
 /// Most journal envelopes one events request examines; a page cut short by this bound still
 /// carries a `nextToken`, so a filter that matches rarely pages on instead of scanning forever.
 pub const EVENTS_SCAN_MAX: usize = 64 * 1024;

@@ -20,6 +20,7 @@ use crate::dataplane::VolumeStore;
 use crate::domain::cluster::{Bootstrap, Command as ClusterCommand};
 use crate::domain::inventory::Device;
 use crate::domain::Command;
+use crate::edge::{self, EdgeConfig};
 use crate::reconcile;
 use crate::store::{Bus, RequestMeta};
 
@@ -37,6 +38,8 @@ pub struct ServeConfig {
     pub api_addr: SocketAddr,
     pub nvme_addr: SocketAddr,
     pub discovery_addr: SocketAddr,
+    /// Deadlines and caps of the API's connections and requests.
+    pub api: EdgeConfig,
 }
 
 pub fn journal_dir(data_dir: &Path) -> PathBuf {
@@ -242,12 +245,62 @@ async fn add_new_devices(bus: &Bus, cfg: &ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The server's TLS configuration from PEM files (HTTP/1.1 only: the edge's deadlines are
+/// per HTTP/1.1 connection).
+fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("reading {}", cert.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading {}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Raises the open files limit and returns the API's connection cap.
+fn descriptor_budget(cfg: &EdgeConfig) -> usize {
+    let open_files = match edge::fds::raise_open_files_limit() {
+        Ok(f) if f.soft > f.soft_before => {
+            println!(
+                "evstor: open files limit raised from {} to {} (hard limit {})",
+                f.soft_before, f.soft, f.hard
+            );
+            f.soft
+        }
+        Ok(f) => {
+            println!(
+                "evstor: open files limit {} (hard limit {})",
+                f.soft, f.hard
+            );
+            f.soft
+        }
+        Err(e) => {
+            tracing::warn!("cannot raise the open files limit: {e}");
+            1024
+        }
+    };
+    let total = cfg
+        .connections_max
+        .unwrap_or_else(|| edge::fds::api_connections_max(open_files));
+    println!(
+        "evstor: API connections at most {total} ({} per client address)",
+        cfg.connections_per_addr_max
+    );
+    total
+}
+
 /// Runs evstor until `shutdown` turns true (or SIGINT/SIGTERM when `None`).
 pub async fn serve(
     cfg: ServeConfig,
     shutdown: Option<watch::Receiver<bool>>,
 ) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let api_connections_max = descriptor_budget(&cfg.api);
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let journal = Arc::new(
@@ -287,36 +340,44 @@ pub async fn serve(
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let reconciler = tokio::spawn(reconcile::run(bus.clone(), data.clone(), stop_rx.clone()));
-    let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
+    let tls = tls_config(&cert, &key).context("loading the TLS certificate")?;
+    let listener = tokio::net::TcpListener::bind(cfg.api_addr)
         .await
-        .context("loading the TLS certificate")?;
-    let handle = axum_server::Handle::new();
-    let server = axum_server::bind_rustls(cfg.api_addr, tls)
-        .handle(handle.clone())
-        .serve(api::router(app).into_make_service());
+        .with_context(|| format!("binding the API to {}", cfg.api_addr))?;
     println!(
         "evstor: serving the LightOS API v2 on https://{} (data in {})",
         cfg.api_addr,
         cfg.data_dir.display()
     );
+    let (api_stop_tx, api_stop_rx) = watch::channel(false);
     let stopper = tokio::spawn(async move {
-        match shutdown {
-            Some(mut rx) => {
-                while !*rx.borrow() {
-                    if rx.changed().await.is_err() {
-                        break;
-                    }
-                }
-            }
-            None => wait_for_signal().await,
-        }
-        handle.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
+        stop_requested(shutdown).await;
+        let _ = api_stop_tx.send(true);
     });
-    server.await.context("API server")?;
+    let router = api::router(app, cfg.api.requests);
+    edge::serve(
+        listener,
+        tls,
+        router,
+        &cfg.api,
+        api_connections_max,
+        api_stop_rx,
+    )
+    .await;
     let _ = stop_tx.send(true);
     let _ = reconciler.await;
     stopper.abort();
     Ok(())
+}
+
+/// Resolves when `shutdown` turns true (or its sender is gone), or on SIGINT/SIGTERM if `None`.
+async fn stop_requested(shutdown: Option<watch::Receiver<bool>>) {
+    match shutdown {
+        Some(mut rx) => {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+        None => wait_for_signal().await,
+    }
 }
 
 async fn wait_for_signal() {

@@ -28,12 +28,32 @@ pub fn evstor_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_evstor"))
 }
 
+/// How to start a server, beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// More `evstor serve` arguments (e.g. `--api-idle-timeout-ms 500`).
+    pub args: Vec<String>,
+    /// The server process's `RLIMIT_NOFILE` as (soft, hard).
+    pub open_files: Option<(u64, u64)>,
+}
+
+impl Options {
+    /// Options with these extra arguments.
+    pub fn args(args: &[&str]) -> Options {
+        Options {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            open_files: None,
+        }
+    }
+}
+
 /// A running `evstor serve`.
 pub struct Server {
     pub dir: tempfile::TempDir,
     pub api_port: u16,
     pub nvme_port: u16,
     pub discovery_port: u16,
+    options: Options,
     child: Option<Child>,
 }
 
@@ -42,6 +62,11 @@ impl Server {
     /// Ports come from `free_port`, so another test may take one before the server binds it;
     /// such a start is retried on fresh ports.
     pub fn start() -> Server {
+        Server::start_with(Options::default())
+    }
+
+    /// As [`Server::start`], with extra arguments or limits.
+    pub fn start_with(options: Options) -> Server {
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
             let mut s = Server {
@@ -49,6 +74,7 @@ impl Server {
                 api_port: free_port(),
                 nvme_port: free_port(),
                 discovery_port: free_port(),
+                options: options.clone(),
                 child: None,
             };
             match s.try_spawn() {
@@ -76,7 +102,25 @@ impl Server {
             .append(true)
             .open(self.dir.path().join("server.log"))
             .expect("log file");
-        let child = Command::new(evstor_bin())
+        let mut cmd = Command::new(evstor_bin());
+        if let Some((soft, hard)) = self.options.open_files {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: the closure runs in the forked child before exec; setrlimit is
+            // async-signal-safe and the closure allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("serve")
             .arg("--data-dir")
             .arg(self.dir.path())
@@ -86,6 +130,7 @@ impl Server {
             .arg(format!("127.0.0.1:{}", self.nvme_port))
             .arg("--discovery-addr")
             .arg(format!("127.0.0.1:{}", self.discovery_port))
+            .args(&self.options.args)
             .env("EVSTOR_LOG", "warn")
             .stdout(Stdio::from(log.try_clone().expect("log fd")))
             .stderr(Stdio::from(log))
@@ -113,6 +158,11 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The server process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     pub fn log(&self) -> String {

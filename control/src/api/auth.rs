@@ -182,6 +182,10 @@ impl FromRequestParts<App> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        // Admission (`super::admission`) verified the token already; don't verify it twice.
+        if let Some(who) = parts.extensions.get::<Principal>() {
+            return Ok(who.clone());
+        }
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)

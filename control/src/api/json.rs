@@ -20,7 +20,7 @@ impl<S: Send + Sync> FromRequest<S> for Body {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = Bytes::from_request(req, state)
             .await
-            .map_err(|e| ApiError::bad_request(format!("cannot read body: {e}")))?;
+            .map_err(super::admission::body_error)?;
         Body::parse(&bytes)
     }
 }

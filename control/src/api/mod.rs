@@ -1,7 +1,9 @@
 //! The LightOS REST API v2 over axum. One file per resource; each exposes `routes()`.
 //! Handlers parse JSON into domain commands, submit them through the [`Bus`], and answer from
-//! the projections. Every route but `version` needs a bearer token ([`auth::Principal`]).
+//! the projections. Every route but `version` needs a bearer token ([`auth::Principal`]),
+//! verified by [`admission`] before the request takes any capacity or its body is read.
 
+pub mod admission;
 pub mod auth;
 pub mod cluster;
 pub mod cluster_config;
@@ -196,29 +198,9 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Requests being served at once; past this the API answers 503 instead of queueing
-/// without bound.
-static IN_FLIGHT: tokio::sync::Semaphore =
-    tokio::sync::Semaphore::const_new(crate::limits::API_REQUESTS_IN_FLIGHT_MAX);
-
-async fn limit_in_flight(
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    match IN_FLIGHT.try_acquire() {
-        Ok(_permit) => next.run(req).await,
-        Err(_) => ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            14,
-            "too many requests in flight; retry",
-        )
-        .into_response(),
-    }
-}
-
-/// Every route of the API.
-pub fn router(app: App) -> Router {
+/// Every route of the API, behind [`admission::admit`] with the given caps.
+pub fn router(app: App, caps: admission::RequestCaps) -> Router {
+    let gate = Arc::new(admission::Admission::new(app.clone(), caps));
     Router::new()
         .merge(cluster::routes())
         .merge(projects::routes())
@@ -246,6 +228,6 @@ pub fn router(app: App) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::limits::REQUEST_BODY_BYTES_MAX,
         ))
-        .layer(axum::middleware::from_fn(limit_in_flight))
+        .layer(axum::middleware::from_fn_with_state(gate, admission::admit))
         .with_state(app)
 }
