@@ -7,7 +7,7 @@ pub mod vm;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -35,6 +35,8 @@ pub struct Server {
     pub nvme_port: u16,
     pub discovery_port: u16,
     child: Option<Child>,
+    /// Extra environment for the next starts (e.g. `EVSTOR_FAILPOINT`).
+    env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -50,6 +52,7 @@ impl Server {
                 nvme_port: free_port(),
                 discovery_port: free_port(),
                 child: None,
+                env: Vec::new(),
             };
             match s.try_spawn() {
                 Ok(()) => return s,
@@ -87,6 +90,7 @@ impl Server {
             .arg("--discovery-addr")
             .arg(format!("127.0.0.1:{}", self.discovery_port))
             .env("EVSTOR_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().expect("log fd")))
             .stderr(Stdio::from(log))
             .spawn()
@@ -147,6 +151,35 @@ impl Server {
     pub fn restart_after_kill9(&mut self) {
         self.kill9();
         self.spawn();
+    }
+
+    /// Stops the server and starts it again with `env` added to its environment (an empty
+    /// list starts it with the plain environment again).
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.stop();
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.spawn();
+    }
+
+    /// Waits for the server process to end on its own, at most `within` (a bound so a
+    /// server that never exits fails the test instead of hanging it); `None` if it is still
+    /// running then.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn admin_token(&self) -> String {
