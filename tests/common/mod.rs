@@ -371,6 +371,47 @@ impl Client {
             .unwrap_or_else(|e| panic!("POST {path}: {e}"))
     }
 
+    /// `method` on `path` with a JSON body (POST and PUT) and extra headers given as raw
+    /// bytes (to send what a well-behaved client would not).
+    pub fn send_with_headers(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &[u8])],
+    ) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let finish = |resp| Self::finish(resp).unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        macro_rules! with_headers {
+            ($req:expr) => {{
+                let mut req = $req;
+                if let Some(a) = self.auth() {
+                    req = req.header("Authorization", a);
+                }
+                for (k, v) in headers {
+                    req = req.header(*k, *v);
+                }
+                req
+            }};
+        }
+        match method {
+            "GET" => finish(with_headers!(self.agent.get(url)).call()),
+            "DELETE" => finish(with_headers!(self.agent.delete(url)).call()),
+            _ => {
+                let req = match method {
+                    "POST" => self.agent.post(url),
+                    _ => self.agent.put(url),
+                };
+                let text = body.map(Value::to_string).unwrap_or_default();
+                finish(
+                    with_headers!(req)
+                        .content_type("application/json")
+                        .send(text),
+                )
+            }
+        }
+    }
+
     fn send(&self, method: &str, path: &str, body: &Value, etag: Option<&str>) -> (u16, Value) {
         let url = format!("{}{path}", self.base);
         let mut req = match method {
