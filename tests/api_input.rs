@@ -70,7 +70,6 @@ fn an_oversized_request_id_fails_alone_among_concurrent_requests() {
         Some(&json!({"name": "bad"})),
         &[("x-request-id", long_id.as_bytes())],
     );
-    assert_json_error(status, &err, 400, 3);
     for t in good {
         for (status, body) in t.join().unwrap() {
             assert_eq!(
@@ -79,6 +78,7 @@ fn an_oversized_request_id_fails_alone_among_concurrent_requests() {
             );
         }
     }
+    assert_json_error(status, &err, 400, 3);
     assert_eq!(admin.get("/api/v2/projects/bad").0, 404);
     let (_, list) = admin.get("/api/v2/projects");
     assert_eq!(
