@@ -259,27 +259,30 @@ impl Writer {
             Err(e) if !refused_before_write(&e) => die(&format!(
                 "journal append failed with an unknown outcome: {e}"
             )),
-            Err(e) => {
-                tracing::error!(
-                    "journal append refused, batch of {} requests failed: {e}",
-                    jobs.len()
-                );
-                self.working = self
-                    .readers
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
-                let msg = e.to_string();
-                for (job, outcome) in jobs.drain(..).zip(outcomes) {
-                    let answer = match outcome {
-                        Ok(_) => Err(ControlError::Internal(format!(
-                            "journal append failed: {msg}"
-                        ))),
-                        Err(d) => Err(ControlError::Domain(d)),
-                    };
-                    let _ = job.reply.send(answer);
-                }
-            }
+            Err(e) => self.fail_batch(jobs, outcomes, &e),
+        }
+    }
+
+    /// The journal refused the append before writing anything: every request that would have
+    /// succeeded gets the error, and the working copy returns to the readers' state.
+    fn fail_batch(&mut self, jobs: &mut Vec<Job>, outcomes: Vec<Outcome>, e: &JournalError) {
+        tracing::error!(
+            "journal append refused, batch of {} requests failed: {e}",
+            jobs.len()
+        );
+        self.working = self
+            .readers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (job, outcome) in jobs.drain(..).zip(outcomes) {
+            let answer = match outcome {
+                Ok(_) => Err(ControlError::Internal(format!(
+                    "journal append failed: {e}"
+                ))),
+                Err(d) => Err(ControlError::Domain(d)),
+            };
+            let _ = job.reply.send(answer);
         }
     }
 
