@@ -328,6 +328,49 @@ mod tests {
         assert_eq!(parse_role("admin"), None);
     }
 
+    fn claims(iat: u64, project_uuids: &[(&str, uuid::Uuid)]) -> Claims {
+        Claims {
+            sub: "s".into(),
+            iss: String::new(),
+            aud: String::new(),
+            roles: vec![],
+            iat,
+            nbf: 0,
+            exp: u64::MAX,
+            jti: String::new(),
+            project_uuids: project_uuids
+                .iter()
+                .map(|(p, u)| (p.to_string(), u.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_project_role_holds_for_the_incarnation_it_was_granted_for() {
+        use crate::domain::project::{Project, Projects};
+        let now = uuid::Uuid::from_u128(2);
+        let mut projects = Projects::default();
+        projects.by_name.insert(
+            "p".into(),
+            Project {
+                uuid: now,
+                name: "p".into(),
+                description: String::new(),
+                default_policies: vec![],
+                created_unix_ns: 1_000_500_000_000,
+            },
+        );
+        let before = uuid::Uuid::from_u128(1);
+        assert!(holds(&projects, &claims(0, &[]), "system"));
+        assert!(!holds(&projects, &claims(u64::MAX, &[]), "gone"));
+        assert!(holds(&projects, &claims(0, &[("p", now)]), "p"));
+        assert!(!holds(&projects, &claims(u64::MAX, &[("p", before)]), "p"));
+        assert!(holds(&projects, &claims(1_000, &[]), "p"), "same second");
+        assert!(!holds(&projects, &claims(999, &[]), "p"));
+        let json = serde_json::to_value(claims(1, &[("p", now)])).unwrap();
+        assert!(json.get(PROJECT_UUIDS_CLAIM).is_some(), "{json}");
+    }
+
     #[test]
     fn project_rules() {
         let p = Principal {
