@@ -79,7 +79,21 @@ impl Server {
             .append(true)
             .open(self.dir.path().join("server.log"))
             .expect("log file");
-        let child = Command::new(evstor_bin())
+        let mut cmd = Command::new(evstor_bin());
+        // The crash-only tests make the server abort on purpose: no core file in the cwd.
+        // SAFETY: setrlimit is async-signal-safe and changes only the child's own limits.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                let none = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::setrlimit(libc::RLIMIT_CORE, &none);
+                Ok(())
+            });
+        }
+        let child = cmd
             .arg("serve")
             .arg("--data-dir")
             .arg(self.dir.path())
