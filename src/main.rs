@@ -224,8 +224,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let key_path = server::root_key_path(&data_dir);
             let pem = std::fs::read_to_string(&key_path)
                 .with_context(|| format!("reading the root key {}", key_path.display()))?;
-            let token =
-                evstor_control::api::auth::mint(&pem, "system:root", &subject, &role, lifetime)?;
+            // Project roles are bound to the projects as they are now (see api::auth).
+            let journal = server::open_journal_read_only(&data_dir)?;
+            let state = evstor_control::store::rows::load(&journal)?;
+            let projects = evstor_control::api::auth::project_uuids_for(&state, &role)
+                .map_err(anyhow::Error::msg)?;
+            let token = evstor_control::api::auth::mint(
+                &pem,
+                "system:root",
+                &subject,
+                &role,
+                projects,
+                lifetime,
+            )?;
             println!("{token}");
             Ok(ExitCode::SUCCESS)
         }

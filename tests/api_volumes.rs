@@ -76,7 +76,7 @@ fn quirky_clients_are_understood() {
     assert_eq!(v["size"], "10737418240");
     // client C: unscoped create with projectName in the body, bytes as a string.
     let body = json!({"name": "qc", "size": "4096", "replicaCount": 1, "projectName": "default",
-                      "acl": {"values": ["nqn.2014-08.org.nvmexpress:uuid:host"]}});
+                      "acl": {"values": ["nqn.2014-08.org.nvmexpress:uuid:0b1e0b1e-0000-4000-8000-00000000c11c"]}});
     let (status, v) = c.post("/api/v2/volumes", &body);
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["projectName"], "default");

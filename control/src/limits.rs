@@ -6,6 +6,13 @@ pub const COMMAND_QUEUE_MAX: usize = 4096;
 pub const GROUP_COMMIT_COMMANDS_MAX: usize = 512;
 /// Largest request body the API reads.
 pub const REQUEST_BODY_BYTES_MAX: usize = 1024 * 1024;
+/// Longest `x-request-id`; it is recorded in every event the request causes.
+pub const REQUEST_ID_BYTES_MAX: usize = 256;
+/// Longest token subject (`sub`); it is recorded as the actor of every event.
+pub const SUBJECT_BYTES_MAX: usize = 256;
+/// Longest duration the API accepts: the range of protobuf's `Duration` (10,000 years), which
+/// the clients' generated code decodes durations into.
+pub const API_DURATION_SECS_MAX: u64 = 315_576_000_000;
 /// Default and largest page of volumes, snapshots and events.
 pub const LIST_PAGE_MAX: usize = 1000;
 /// Longest resource name (`^[a-zA-Z0-9-_.]{1,253}$`).
@@ -16,9 +23,20 @@ pub const DESCRIPTION_BYTES_MAX: usize = 256;
 pub const LABELS_MAX: usize = 16;
 /// Most entries in one host or IP ACL.
 pub const ACL_ENTRIES_MAX: usize = 1024;
+<<<<<<< HEAD
 /// Most volumes in the cluster: each is a namespace of the cluster's subsystem, numbered
 /// 1..=this, so the data path's namespace limit is the volume limit.
 pub const VOLUMES_MAX: usize = evstor_datapath::limits::MAX_NAMESPACES as usize;
+=======
+/// Most default policies on one project.
+pub const DEFAULT_POLICIES_MAX: usize = 16;
+/// Largest credential (an RSA public key PEM; 4096-bit keys take under 1 KiB).
+pub const CREDENTIAL_PEM_BYTES_MAX: usize = 16 * 1024;
+/// Shortest RSA modulus a credential may have.
+pub const RSA_KEY_BITS_MIN: usize = 2048;
+/// Most volumes in the cluster (also bounds namespace ids).
+pub const VOLUMES_MAX: usize = 65_536;
+>>>>>>> h-ctl
 /// Most snapshots in the cluster.
 pub const SNAPSHOTS_MAX: usize = 262_144;
 /// Most projects, policies and credentials each.

@@ -212,6 +212,7 @@ async fn bootstrap(bus: &Bus, cfg: &ServeConfig) -> anyhow::Result<()> {
         "system:root",
         "admin",
         &["system:cluster-admin".to_string()],
+        Default::default(),
         ADMIN_TOKEN_LIFETIME_SECS,
     )?;
     let token_path = cfg.data_dir.join("admin.jwt");

@@ -7,7 +7,7 @@ pub mod vm;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -55,6 +55,8 @@ pub struct Server {
     pub discovery_port: u16,
     options: Options,
     child: Option<Child>,
+    /// Extra environment for the next starts (e.g. `EVSTOR_FAILPOINT`).
+    env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -76,6 +78,7 @@ impl Server {
                 discovery_port: free_port(),
                 options: options.clone(),
                 child: None,
+                env: Vec::new(),
             };
             match s.try_spawn() {
                 Ok(()) => return s,
@@ -103,22 +106,29 @@ impl Server {
             .open(self.dir.path().join("server.log"))
             .expect("log file");
         let mut cmd = Command::new(evstor_bin());
-        if let Some((soft, hard)) = self.options.open_files {
+        let open_files = self.options.open_files;
+        // SAFETY: the closure runs in the forked child before exec; setrlimit is
+        // async-signal-safe and the closure allocates nothing. No core file: the crash-only
+        // tests make the server abort on purpose.
+        unsafe {
             use std::os::unix::process::CommandExt;
-            let lim = libc::rlimit {
-                rlim_cur: soft,
-                rlim_max: hard,
-            };
-            // SAFETY: the closure runs in the forked child before exec; setrlimit is
-            // async-signal-safe and the closure allocates nothing.
-            unsafe {
-                cmd.pre_exec(move || {
+            cmd.pre_exec(move || {
+                let none = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::setrlimit(libc::RLIMIT_CORE, &none);
+                if let Some((soft, hard)) = open_files {
+                    let lim = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
                     if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                    Ok(())
-                });
-            }
+                }
+                Ok(())
+            });
         }
         let child = cmd
             .arg("serve")
@@ -132,6 +142,7 @@ impl Server {
             .arg(format!("127.0.0.1:{}", self.discovery_port))
             .args(&self.options.args)
             .env("EVSTOR_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().expect("log fd")))
             .stderr(Stdio::from(log))
             .spawn()
@@ -197,6 +208,35 @@ impl Server {
     pub fn restart_after_kill9(&mut self) {
         self.kill9();
         self.spawn();
+    }
+
+    /// Stops the server and starts it again with `env` added to its environment (an empty
+    /// list starts it with the plain environment again).
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.stop();
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.spawn();
+    }
+
+    /// Waits for the server process to end on its own, at most `within` (a bound so a
+    /// server that never exits fails the test instead of hanging it); `None` if it is still
+    /// running then.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn admin_token(&self) -> String {
@@ -395,6 +435,47 @@ impl Client {
         }
         Self::finish(req.content_type("application/json").send(body))
             .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    /// `method` on `path` with a JSON body (POST and PUT) and extra headers given as raw
+    /// bytes (to send what a well-behaved client would not).
+    pub fn send_with_headers(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &[u8])],
+    ) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let finish = |resp| Self::finish(resp).unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        macro_rules! with_headers {
+            ($req:expr) => {{
+                let mut req = $req;
+                if let Some(a) = self.auth() {
+                    req = req.header("Authorization", a);
+                }
+                for (k, v) in headers {
+                    req = req.header(*k, *v);
+                }
+                req
+            }};
+        }
+        match method {
+            "GET" => finish(with_headers!(self.agent.get(url)).call()),
+            "DELETE" => finish(with_headers!(self.agent.delete(url)).call()),
+            _ => {
+                let req = match method {
+                    "POST" => self.agent.post(url),
+                    _ => self.agent.put(url),
+                };
+                let text = body.map(Value::to_string).unwrap_or_default();
+                finish(
+                    with_headers!(req)
+                        .content_type("application/json")
+                        .send(text),
+                )
+            }
+        }
     }
 
     fn send(&self, method: &str, path: &str, body: &Value, etag: Option<&str>) -> (u16, Value) {

@@ -14,6 +14,7 @@ use super::json::{Body, Obj};
 use super::App;
 use crate::domain::credential::{Command as CredentialCommand, Credential, CredentialType};
 use crate::domain::Command;
+use crate::limits::RSA_KEY_BITS_MIN;
 
 pub fn routes() -> Router<App> {
     Router::new()
@@ -73,18 +74,25 @@ fn decode_payload(text: &str) -> ApiResult<Vec<u8>> {
         .ok_or_else(|| ApiError::bad_request("field payload is not base64"))
 }
 
-/// Checks that `pem` is an RSA public key (SPKI `PUBLIC KEY` or PKCS#1 `RSA PUBLIC KEY`).
+/// Checks that `pem` is an RSA public key (SPKI `PUBLIC KEY` or PKCS#1 `RSA PUBLIC KEY`) of
+/// at least [`RSA_KEY_BITS_MIN`] bits: a shorter modulus can be factored, and then anyone
+/// could sign tokens this credential vouches for.
 pub fn check_rsa_public_pem(pem: &str) -> ApiResult<()> {
     use rsa::pkcs1::DecodeRsaPublicKey;
     use rsa::pkcs8::DecodePublicKey;
+    use rsa::traits::PublicKeyParts;
     let spki = rsa::RsaPublicKey::from_public_key_pem(pem);
     let pkcs1 = || rsa::RsaPublicKey::from_pkcs1_pem(pem);
-    match spki.or_else(|_| pkcs1()) {
-        Ok(_) => Ok(()),
-        Err(e) => Err(ApiError::bad_request(format!(
-            "payload is not a PEM RSA public key: {e}"
-        ))),
+    let key = spki
+        .or_else(|_| pkcs1())
+        .map_err(|e| ApiError::bad_request(format!("payload is not a PEM RSA public key: {e}")))?;
+    let bits = key.n().bits();
+    if bits < RSA_KEY_BITS_MIN {
+        return Err(ApiError::bad_request(format!(
+            "the RSA key has {bits} bits; at least {RSA_KEY_BITS_MIN} are required"
+        )));
     }
+    Ok(())
 }
 
 async fn list(
@@ -163,14 +171,26 @@ async fn delete(
 mod tests {
     use super::*;
 
+    fn public_pem(bits: usize) -> String {
+        use rsa::pkcs8::{EncodePublicKey, LineEnding};
+        let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), bits).unwrap();
+        key.to_public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap()
+    }
+
+    #[test]
+    fn keys_under_2048_bits_are_refused() {
+        for bits in [512, 1024, 2040] {
+            let err = check_rsa_public_pem(&public_pem(bits)).unwrap_err();
+            assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST);
+            assert!(err.message.contains("2048"), "{}", err.message);
+        }
+    }
+
     #[test]
     fn payload_forms_and_key_check() {
-        use rsa::pkcs8::{EncodePublicKey, LineEnding};
-        let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 1024).unwrap();
-        let pem = key
-            .to_public_key()
-            .to_public_key_pem(LineEnding::LF)
-            .unwrap();
+        let pem = public_pem(2048);
         let b64 = base64::engine::general_purpose::STANDARD.encode(pem.as_bytes());
         assert_eq!(decode_payload(&b64).unwrap(), pem.as_bytes());
         assert_eq!(

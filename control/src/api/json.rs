@@ -7,8 +7,9 @@ use axum::extract::{FromRequest, Request};
 use serde_json::{Map, Value};
 
 use super::error::{ApiError, ApiResult};
+use crate::domain::duration::{parse_go_duration_ns, DurationError};
 use crate::domain::volume::Label;
-use crate::limits::REQUEST_BODY_BYTES_MAX;
+use crate::limits::{API_DURATION_SECS_MAX, REQUEST_BODY_BYTES_MAX};
 
 /// A request body as a JSON object; an empty body is an empty object.
 #[derive(Debug, Clone, Default)]
@@ -207,39 +208,19 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// Parses a Go `time.ParseDuration` string (`"86400s"`, `"24h"`, `"1h30m"`, `"1.5h"`) into
-/// whole seconds.
+/// whole seconds, rounding a fraction up (so a short but non-zero duration never becomes 0),
+/// within the protobuf `Duration` range clients decode.
 pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
-    let bad = || format!("duration {text:?} is not like \"86400s\" or \"24h\"");
-    let mut rest = text.trim();
-    if rest.is_empty() {
-        return Err(bad());
+    match parse_go_duration_ns(text.trim()) {
+        Ok(ns) => u64::try_from(ns.div_ceil(1_000_000_000))
+            .map_err(|_| format!("duration {text:?} is too long")),
+        Err(DurationError::Malformed) => Err(format!(
+            "duration {text:?} is not like \"86400s\" or \"24h\""
+        )),
+        Err(DurationError::TooLong) => Err(format!(
+            "duration {text:?} is longer than {API_DURATION_SECS_MAX}s"
+        )),
     }
-    if rest == "0" {
-        return Ok(0);
-    }
-    let mut total = 0f64;
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        let value: f64 = rest[..num_end].parse().map_err(|_| bad())?;
-        rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let secs = match &rest[..unit_end] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(bad()),
-        };
-        total += value * secs;
-        rest = &rest[unit_end..];
-    }
-    Ok(total.round() as u64)
 }
 
 /// A JSON object under construction that leaves out zero values, as the LightOS gateway does.
@@ -378,7 +359,21 @@ mod tests {
         ] {
             assert_eq!(parse_duration_secs(text), Ok(secs), "{text}");
         }
-        for bad in ["", "10", "5 days", "h"] {
+        assert_eq!(
+            parse_duration_secs("100ms"),
+            Ok(1),
+            "never 0 (kept forever)"
+        );
+        assert_eq!(parse_duration_secs("315576000000s"), Ok(315_576_000_000));
+        for bad in [
+            "",
+            "10",
+            "5 days",
+            "h",
+            "-1h",
+            "99999999999999999999h",
+            "315576000001s",
+        ] {
             assert!(parse_duration_secs(bad).is_err(), "{bad}");
         }
     }

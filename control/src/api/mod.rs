@@ -28,6 +28,7 @@ use std::sync::Arc;
 use axum::http::HeaderMap;
 use axum::Router;
 
+use crate::limits::{REQUEST_ID_BYTES_MAX, SUBJECT_BYTES_MAX};
 use crate::store::{Bus, RequestMeta};
 use auth::{KeyCache, Principal};
 use error::ApiError;
@@ -85,11 +86,13 @@ impl App {
         headers: &HeaderMap,
         command: crate::domain::Command,
     ) -> Result<crate::store::Committed, ApiError> {
-        let request_id = headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let request_id = request_id(headers)?;
+        if who.subject.len() > SUBJECT_BYTES_MAX {
+            return Err(ApiError::bad_request(format!(
+                "the token's subject is {} bytes long; at most {SUBJECT_BYTES_MAX} are recorded",
+                who.subject.len()
+            )));
+        }
         let meta = RequestMeta {
             actor: who.subject.clone(),
             request_id,
@@ -98,13 +101,56 @@ impl App {
     }
 }
 
-/// The `If-Match` header, if any.
-pub fn if_match(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(axum::http::header::IF_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.trim().trim_matches('"').to_string())
-        .filter(|s| !s.is_empty() && s != "*")
+/// The `x-request-id` header, recorded in every event the request causes: bounded, and a
+/// fresh id when absent, empty or not text.
+fn request_id(headers: &HeaderMap) -> Result<String, ApiError> {
+    let Some(value) = headers.get("x-request-id") else {
+        return Ok(uuid::Uuid::new_v4().to_string());
+    };
+    if value.len() > REQUEST_ID_BYTES_MAX {
+        return Err(ApiError::bad_request(format!(
+            "x-request-id is {} bytes long; at most {REQUEST_ID_BYTES_MAX} are allowed",
+            value.len()
+        )));
+    }
+    Ok(value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string))
+}
+
+/// The `If-Match` header: `None` when absent, empty or `*`; otherwise one of the ETags this
+/// server hands out (a number, quoted or not), in canonical form. Anything else is a 400:
+/// a condition the server cannot read must not be ignored and the change applied anyway.
+pub fn if_match(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all(axum::http::header::IF_MATCH).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(
+            "give one If-Match header, not several",
+        ));
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::bad_request("If-Match is not visible ASCII"))?
+        .trim();
+    let tag = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(text);
+    if tag.is_empty() || tag == "*" {
+        return Ok(None);
+    }
+    match tag.parse::<u64>() {
+        Ok(n) if tag.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(n.to_string())),
+        _ => Err(ApiError::bad_request(format!(
+            "If-Match {text:?} is not an ETag of this server (a number)"
+        ))),
+    }
 }
 
 /// Query parameters in order, repeated keys kept (`?severity=High&severity=Critical`).

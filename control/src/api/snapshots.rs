@@ -241,7 +241,7 @@ async fn remove(
     let cmd = SnapshotCommand::DeleteSnapshot {
         project,
         target: r,
-        if_match: if_match(&headers),
+        if_match: if_match(&headers)?,
     };
     app.submit(&who, &headers, Command::Snapshot(cmd)).await?;
     Ok(Json(json!({})))

@@ -352,7 +352,7 @@ async fn update(
     let cmd = VolumeCommand::UpdateVolume {
         project,
         target: r,
-        if_match: if_match(&headers),
+        if_match: if_match(&headers)?,
         change: change(&b)?,
     };
     app.submit(&who, &headers, Command::Volume(cmd)).await?;
@@ -372,7 +372,7 @@ async fn delete(
     let cmd = VolumeCommand::DeleteVolume {
         project,
         target: r,
-        if_match: if_match(&headers),
+        if_match: if_match(&headers)?,
     };
     app.submit(&who, &headers, Command::Volume(cmd)).await?;
     Ok(Json(serde_json::json!({})))

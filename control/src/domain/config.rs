@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::duration::parse_go_duration_ns;
 use super::names::check_name;
 use super::policy::PolicyVisibility;
 use super::{Applied, Ctx, DomainError, Event as AnyEvent, RowKey, State};
@@ -176,37 +177,12 @@ pub fn canonical(state: &State, spec: &ParamSpec, value: &str) -> Result<String,
     }
 }
 
-/// Parses a Go `time.ParseDuration` string into whole seconds (rounded); `None` if malformed
-/// or negative. `"0"` alone is allowed, as in Go.
+/// Parses a Go `time.ParseDuration` string into whole seconds (rounded to the nearest);
+/// `None` if malformed, negative or beyond the API's duration range. `"0"` alone is allowed,
+/// as in Go.
 pub fn parse_go_duration_secs(text: &str) -> Option<u64> {
-    let mut rest = text.strip_prefix('+').unwrap_or(text);
-    if rest == "0" {
-        return Some(0);
-    }
-    if rest.is_empty() {
-        return None;
-    }
-    let mut total = 0f64;
-    while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-        let value: f64 = rest[..num_end].parse().ok()?;
-        rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let unit_secs = match &rest[..unit_end] {
-            "ns" => 1e-9,
-            "us" | "µs" | "μs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        total += value * unit_secs;
-        rest = &rest[unit_end..];
-    }
-    (total.is_finite() && total < u64::MAX as f64).then_some(total.round() as u64)
+    let ns = parse_go_duration_ns(text).ok()?;
+    u64::try_from((ns + 500_000_000) / 1_000_000_000).ok()
 }
 
 pub fn decide(state: &State, _: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, DomainError> {

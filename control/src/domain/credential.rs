@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::names::check_name;
 use super::{Applied, Ctx, DomainError, Event as AnyEvent, RowKey, State};
-use crate::limits::PROJECTS_MAX;
+use crate::limits::{CREDENTIAL_PEM_BYTES_MAX, PROJECTS_MAX};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CredentialType {
@@ -112,6 +112,12 @@ pub fn decide(state: &State, _ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>,
         } => {
             state.projects.require(project)?;
             check_name("credential", id)?;
+            if payload_pem.len() > CREDENTIAL_PEM_BYTES_MAX {
+                return Err(DomainError::InvalidArgument(format!(
+                    "credential payload of {} bytes is larger than {CREDENTIAL_PEM_BYTES_MAX}",
+                    payload_pem.len()
+                )));
+            }
             if state.credentials.get(project, id).is_some() {
                 return Err(DomainError::exists("credential", kid(project, id)));
             }
@@ -232,6 +238,20 @@ mod tests {
         ));
         assert!(matches!(
             given_when(&g, create("default", "bad id")),
+            Err(DomainError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn an_oversized_key_is_400() {
+        let cmd = AnyCommand::Credential(Command::CreateCredential {
+            project: "default".into(),
+            id: "k".into(),
+            kind: CredentialType::Rs256PubKey,
+            payload_pem: "x".repeat(CREDENTIAL_PEM_BYTES_MAX + 1),
+        });
+        assert!(matches!(
+            given_when(&bootstrap_events(), cmd),
             Err(DomainError::InvalidArgument(_))
         ));
     }

@@ -11,6 +11,7 @@
 pub mod cluster;
 pub mod config;
 pub mod credential;
+pub mod duration;
 mod error;
 pub mod flag;
 pub mod inventory;

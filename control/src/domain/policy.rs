@@ -178,8 +178,19 @@ fn check_spec(state: &State, q: &QosSpec) -> Result<(), DomainError> {
             ))
         }
         PolicyVisibility::Scoped => {
+            if q.projects_scope.len() > PROJECTS_MAX {
+                return Err(DomainError::InvalidArgument(format!(
+                    "projectsNamesScope lists more than {PROJECTS_MAX} projects"
+                )));
+            }
+            let mut seen = std::collections::BTreeSet::new();
             for p in &q.projects_scope {
                 state.projects.require(p)?;
+                if !seen.insert(p) {
+                    return Err(DomainError::InvalidArgument(format!(
+                        "projectsNamesScope lists project {p} twice"
+                    )));
+                }
             }
             Ok(())
         }
@@ -407,6 +418,12 @@ pub(crate) mod tests {
         let err = err_of(&given, create_cmd("q2", global_with_scope));
         assert!(matches!(err, DomainError::InvalidArgument(_)), "{err:?}");
         assert!(given_when(&given, create_cmd("q2", scoped(&["p1"]))).is_ok());
+        // A scope is a set: a project listed twice (or a hundred thousand times) is refused.
+        let err = err_of(&given, create_cmd("q2", scoped(&["p1", "default", "p1"])));
+        assert!(matches!(err, DomainError::InvalidArgument(_)), "{err:?}");
+        let many = vec!["p1"; 100_000];
+        let err = err_of(&given, create_cmd("q2", scoped(&many)));
+        assert!(matches!(err, DomainError::InvalidArgument(_)), "{err:?}");
         let mut long = AnyCommand::Policy(Command::CreatePolicy {
             name: "q3".into(),
             description: "x".repeat(257),

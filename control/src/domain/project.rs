@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::names::{check_description, check_name};
 use super::policy::PolicyRef;
 use super::{Applied, Ctx, DomainError, Event as AnyEvent, RowKey, State};
-use crate::limits::PROJECTS_MAX;
+use crate::limits::{DEFAULT_POLICIES_MAX, PROJECTS_MAX};
 
 /// Projects that exist from bootstrap on and can never be deleted.
 pub const BUILTIN_PROJECTS: [&str; 2] = ["system", "default"];
@@ -28,10 +28,14 @@ pub struct DefaultPolicy {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Project {
+    /// Fresh for every incarnation: a project deleted and created again gets a new one.
     pub uuid: Uuid,
     pub name: String,
     pub description: String,
     pub default_policies: Vec<DefaultPolicy>,
+    /// When this incarnation was created (the time of its `ProjectCreated`): tokens issued
+    /// before it carry no role in it (see `api::auth`).
+    pub created_unix_ns: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -118,7 +122,18 @@ fn check_default_policies(
     project: &str,
     policies: &[DefaultPolicy],
 ) -> Result<(), DomainError> {
-    for p in policies {
+    if policies.len() > DEFAULT_POLICIES_MAX {
+        return Err(DomainError::InvalidArgument(format!(
+            "at most {DEFAULT_POLICIES_MAX} default policies per project"
+        )));
+    }
+    for (i, p) in policies.iter().enumerate() {
+        if policies[..i].contains(p) {
+            return Err(DomainError::InvalidArgument(format!(
+                "default policy {} is listed twice",
+                p.policy_uuid
+            )));
+        }
         match p.policy_type {
             PolicyType::QosRateLimit => {
                 state
@@ -204,7 +219,7 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
     Ok(vec![AnyEvent::Project(event)])
 }
 
-pub fn evolve(state: &mut State, _at: Applied, event: &Event) -> Vec<RowKey> {
+pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
     let projects = &mut state.projects.by_name;
     match event {
         Event::ProjectCreated {
@@ -220,6 +235,7 @@ pub fn evolve(state: &mut State, _at: Applied, event: &Event) -> Vec<RowKey> {
                     name: name.clone(),
                     description: description.clone(),
                     default_policies: default_policies.clone(),
+                    created_unix_ns: at.time_unix_ns,
                 },
             );
         }
@@ -289,6 +305,35 @@ mod tests {
             given_when(&bootstrap_events(), del("nope")),
             Err(DomainError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn default_policies_are_distinct_and_bounded() {
+        let snapshot_policy = |n: u128| DefaultPolicy {
+            policy_type: PolicyType::Snapshot,
+            policy_uuid: Uuid::from_u128(n),
+        };
+        let cmd = |default_policies: Vec<DefaultPolicy>| {
+            AnyCommand::Project(Command::CreateProject {
+                name: "p".into(),
+                description: String::new(),
+                default_policies,
+            })
+        };
+        let twice = vec![snapshot_policy(1), snapshot_policy(1)];
+        assert!(matches!(
+            given_when(&bootstrap_events(), cmd(twice)),
+            Err(DomainError::InvalidArgument(_))
+        ));
+        let many = (0..=DEFAULT_POLICIES_MAX as u128)
+            .map(snapshot_policy)
+            .collect();
+        assert!(matches!(
+            given_when(&bootstrap_events(), cmd(many)),
+            Err(DomainError::InvalidArgument(_))
+        ));
+        let distinct = vec![snapshot_policy(1), snapshot_policy(2)];
+        assert!(given_when(&bootstrap_events(), cmd(distinct)).is_ok());
     }
 
     #[test]

@@ -13,10 +13,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::names::{check_description, check_name};
+use super::names::{check_description, check_etag, check_name};
 use super::volume::{Label, Volume, VolumeRef, VolumeState};
 use super::{Applied, Ctx, DomainError, Event as AnyEvent, RowKey, State};
-use crate::limits::SNAPSHOTS_MAX;
+use crate::limits::{API_DURATION_SECS_MAX, SNAPSHOTS_MAX};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SnapshotState {
@@ -241,6 +241,12 @@ fn create(state: &State, ctx: &Ctx, n: &NewSnapshot) -> Result<Vec<AnyEvent>, Do
     state.projects.require(&n.project)?;
     check_name("snapshot", &n.name)?;
     check_description(&n.description)?;
+    if n.retention_secs > API_DURATION_SECS_MAX {
+        return Err(DomainError::InvalidArgument(format!(
+            "retentionTime of {}s is longer than {API_DURATION_SECS_MAX}s",
+            n.retention_secs
+        )));
+    }
     let volume = state.volumes.resolve(&n.project, &n.source)?;
     if state.snapshots.by_name(&n.project, &n.name).is_some() {
         return Err(DomainError::exists("snapshot", &n.name));
@@ -294,14 +300,7 @@ fn delete(
     s: &Snapshot,
     if_match: &Option<String>,
 ) -> Result<Vec<AnyEvent>, DomainError> {
-    if let Some(tag) = if_match {
-        if *tag != s.etag.to_string() {
-            return Err(DomainError::EtagMismatch(format!(
-                "snapshot {} is at ETag {}, not {tag}",
-                s.uuid, s.etag
-            )));
-        }
-    }
+    check_etag("snapshot", s.uuid, s.etag, if_match)?;
     match s.state {
         SnapshotState::Available => {}
         SnapshotState::Deleting | SnapshotState::Deleted | SnapshotState::Failed => {
@@ -472,6 +471,27 @@ pub(crate) mod tests {
             snapshot.expiry_unix_ns(),
             Some(test_ctx().now_unix_ns + 3600 * 1_000_000_000)
         );
+    }
+
+    #[test]
+    fn given_volume_when_retention_beyond_the_duration_range_then_400() {
+        let mut n = new_snapshot("s1");
+        n.retention_secs = u64::MAX;
+        assert!(matches!(
+            err_of(&with_volume(), create_cmd(n.clone())),
+            DomainError::InvalidArgument(_)
+        ));
+        n.retention_secs = API_DURATION_SECS_MAX;
+        assert!(given_when(&with_volume(), create_cmd(n)).is_ok());
+    }
+
+    #[test]
+    fn given_snapshot_when_delete_with_garbage_etag_then_400() {
+        let err = err_of(
+            &with_snapshot(),
+            del(SnapshotRef::Uuid(SNAP), Some("not-a-number")),
+        );
+        assert!(matches!(err, DomainError::InvalidArgument(_)), "{err:?}");
     }
 
     #[test]

@@ -7,13 +7,13 @@
 //! `VolumeRollbackRequested` (state `Rollback`, the namespace is withdrawn); the reconciler
 //! copies the snapshot's data back and appends `VolumeRolledBack` (state `Available`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::names::check_name;
+use super::names::{check_etag, check_name, check_nqn};
 use super::policy::PolicyRef;
 use super::snapshot::{SnapshotRef, SnapshotState};
 use super::{Applied, Ctx, DomainError, Event as AnyEvent, RowKey, State};
@@ -21,8 +21,6 @@ use crate::limits::{ACL_ENTRIES_MAX, LABELS_MAX, VOLUMES_MAX, VOLUME_BYTES_MAX};
 
 pub const ALLOW_ANY: &str = "ALLOW_ANY";
 pub const ALLOW_NONE: &str = "ALLOW_NONE";
-/// Longest NQN the NVMe base specification allows.
-const NQN_BYTES_MAX: usize = 223;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VolumeState {
@@ -300,7 +298,9 @@ impl Event {
     }
 }
 
-/// Checks a host or IP access list.
+/// Checks a host or IP access list: `ALLOW_ANY` or `ALLOW_NONE` alone, or distinct host NQNs
+/// (see [`check_nqn`]) or distinct IP addresses. The data path matches addresses exactly, so
+/// a CIDR range is refused rather than stored as an entry that never matches.
 pub fn check_acl(what: &str, entries: &[String], ip: bool) -> Result<(), DomainError> {
     let bad = |why: String| {
         Err(DomainError::InvalidArgument(format!(
@@ -317,16 +317,30 @@ pub fn check_acl(what: &str, entries: &[String], ip: bool) -> Result<(), DomainE
     if special && entries.len() > 1 {
         return bad(format!("{ALLOW_ANY} and {ALLOW_NONE} must stand alone"));
     }
+    let mut seen = HashSet::with_capacity(entries.len());
     for e in entries
         .iter()
         .filter(|e| *e != ALLOW_ANY && *e != ALLOW_NONE)
     {
-        if ip {
-            if e.parse::<IpAddr>().is_err() {
-                return bad(format!("{e:?} is not an IP address"));
+        let key = if ip {
+            match e.parse::<IpAddr>() {
+                // IPv4-mapped IPv6 is the same host to the data path.
+                Ok(a) => a.to_canonical().to_string(),
+                Err(_) if e.contains('/') => {
+                    return bad(format!(
+                        "{e:?} is a range; list IP addresses (ranges are not supported)"
+                    ))
+                }
+                Err(_) => return bad(format!("{e:?} is not an IP address")),
             }
-        } else if !e.starts_with("nqn.") || e.len() > NQN_BYTES_MAX {
-            return bad(format!("{e:?} is not an NVMe qualified name"));
+        } else {
+            if let Err(why) = check_nqn(e) {
+                return bad(format!("{e:?} is not an NVMe qualified name: {why}"));
+            }
+            e.clone()
+        };
+        if !seen.insert(key) {
+            return bad(format!("{e:?} is listed twice"));
         }
     }
     Ok(())
@@ -338,9 +352,16 @@ fn check_labels(labels: &[Label]) -> Result<(), DomainError> {
             "at most {LABELS_MAX} labels"
         )));
     }
+    let mut keys = HashSet::with_capacity(labels.len());
     for l in labels {
         check_name("label key", &l.key)?;
         check_name("label value", &l.value)?;
+        if !keys.insert(&l.key) {
+            return Err(DomainError::InvalidArgument(format!(
+                "label key {:?} is given twice",
+                l.key
+            )));
+        }
     }
     Ok(())
 }
@@ -359,16 +380,6 @@ fn check_size(size_bytes: u64, sector_size: u32) -> Result<u64, DomainError> {
         )));
     }
     Ok(size_bytes)
-}
-
-fn check_etag(v: &Volume, if_match: &Option<String>) -> Result<(), DomainError> {
-    match if_match {
-        Some(tag) if *tag != v.etag.to_string() => Err(DomainError::EtagMismatch(format!(
-            "volume {} is at ETag {}, not {tag}",
-            v.uuid, v.etag
-        ))),
-        _ => Ok(()),
-    }
 }
 
 fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, DomainError> {
@@ -489,7 +500,7 @@ fn update(
     if_match: &Option<String>,
     c: &VolumeChange,
 ) -> Result<Vec<AnyEvent>, DomainError> {
-    check_etag(v, if_match)?;
+    check_etag("volume", v.uuid, v.etag, if_match)?;
     require_settled(v)?;
     let mut d = VolumeDelta::default();
     if let Some(acl) = &c.acl {
@@ -539,7 +550,7 @@ fn delete(
     v: &Volume,
     if_match: &Option<String>,
 ) -> Result<Vec<AnyEvent>, DomainError> {
-    check_etag(v, if_match)?;
+    check_etag("volume", v.uuid, v.etag, if_match)?;
     require_settled(v)?;
     // Snapshots outlive their volume, but one being taken still reads the volume's data.
     if let Some(s) = state
@@ -832,6 +843,54 @@ pub(crate) mod tests {
             ("partial sector", Box::new(|n| n.size_bytes = 6144)),
             ("under one sector", Box::new(|n| n.size_bytes = 512)),
             (
+                "nqn with NUL",
+                Box::new(|n| n.acl = vec![format!("{HOST_A}\0")]),
+            ),
+            (
+                "nqn with a non-UUID",
+                Box::new(|n| n.acl = vec!["nqn.2014-08.org.nvmexpress:uuid:host".into()]),
+            ),
+            (
+                "nqn without a date",
+                Box::new(|n| n.acl = vec!["nqn.com.example:a".into()]),
+            ),
+            (
+                "nqn too long",
+                Box::new(|n| n.acl = vec![format!("nqn.2014-08.com.example:{}", "x".repeat(200))]),
+            ),
+            (
+                "nqn twice",
+                Box::new(|n| n.acl = vec![HOST_A.into(), HOST_B.into(), HOST_A.into()]),
+            ),
+            (
+                "ip twice",
+                Box::new(|n| n.ip_acl = Some(vec!["10.0.0.1".into(), "10.0.0.1".into()])),
+            ),
+            (
+                "ip twice, once IPv4-mapped",
+                Box::new(|n| n.ip_acl = Some(vec!["10.0.0.1".into(), "::ffff:10.0.0.1".into()])),
+            ),
+            (
+                "ip range",
+                Box::new(|n| n.ip_acl = Some(vec!["10.0.0.0/8".into()])),
+            ),
+            (
+                "ip with NUL",
+                Box::new(|n| n.ip_acl = Some(vec!["10.0.0.1\0".into()])),
+            ),
+            (
+                "label key twice",
+                Box::new(|n| {
+                    n.labels = ["a", "a"]
+                        .iter()
+                        .map(|k| Label {
+                            key: (*k).into(),
+                            value: "v".into(),
+                        })
+                        .collect()
+                }),
+            ),
+            (
                 "label",
                 Box::new(|n| {
                     n.labels = vec![Label {
@@ -850,6 +909,58 @@ pub(crate) mod tests {
                 "{what}: {err:?}"
             );
         }
+    }
+
+    const HOST_A: &str = "nqn.2014-08.org.nvmexpress:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6";
+    const HOST_B: &str = "nqn.2014-08.com.example:host-b";
+
+    #[test]
+    fn given_bootstrap_when_create_with_distinct_valid_acls_then_created() {
+        let mut n = new_volume("v2");
+        n.acl = vec![HOST_A.into(), HOST_B.into()];
+        n.ip_acl = Some(vec!["10.0.0.1".into(), "fe80::1".into()]);
+        let events = given_when(&bootstrap_events(), create_cmd(n)).unwrap();
+        let [AnyEvent::Volume(Event::VolumeCreationRequested { volume })] = &events[..] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(volume.acl, [HOST_A, HOST_B]);
+    }
+
+    #[test]
+    fn given_volume_when_update_acl_with_duplicates_or_garbage_etag_then_400() {
+        let given = with_volume();
+        let upd = |if_match: Option<&str>, acl: Vec<String>| {
+            AnyCommand::Volume(Command::UpdateVolume {
+                project: "default".into(),
+                target: VolumeRef::Name("v1".into()),
+                if_match: if_match.map(str::to_string),
+                change: VolumeChange {
+                    acl: Some(acl),
+                    ..Default::default()
+                },
+            })
+        };
+        let dup = vec![HOST_B.to_string(), HOST_B.to_string()];
+        assert!(matches!(
+            err_of(&given, upd(None, dup)),
+            DomainError::InvalidArgument(_)
+        ));
+        for garbage in ["abc", "", "1.5", "\u{7f}"] {
+            assert!(
+                matches!(
+                    err_of(&given, upd(Some(garbage), vec![HOST_A.into()])),
+                    DomainError::InvalidArgument(_)
+                ),
+                "{garbage:?}"
+            );
+        }
+        let etag = given.len().to_string();
+        assert_eq!(
+            given_when(&given, upd(Some(&etag), vec![HOST_A.into()]))
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]

@@ -4,12 +4,21 @@
 //! earlier ones, appends all their events and projection rows in ONE synced write batch
 //! (group commit: one fsync for many requests), then applies the events to the readers' state
 //! and only then answers. An answer therefore means "durable and visible".
+//!
+//! No input fails a batch: each command, its metadata and its framed events are checked
+//! against the journal's limits before they join the batch, and a command that does not fit
+//! is refused alone. A writer that can no longer trust its state (it panicked, or an append
+//! failed in a way that may have left the log ahead of it) ends the process: a supervisor
+//! restarts evstor and replay recovers, instead of a server that refuses every write while
+//! serving a frozen state.
 
 use std::collections::BTreeSet;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use evstor_journal::{AppendBatch, EventLog, ProjectionOp, RocksJournal};
+use evstor_journal::limits::{APPEND_EVENTS_MAX, FIELD_BYTES_MAX};
+use evstor_journal::{AppendBatch, EventLog, JournalError, NewEvent, ProjectionOp, RocksJournal};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{codec, rows};
@@ -66,10 +75,18 @@ impl Bus {
             working: loaded,
             readers: state.clone(),
             last_seq: seq_tx,
+            failpoint: Failpoint::from_env()?,
+            appends: 0,
         };
         std::thread::Builder::new()
             .name("journal-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                // A panic anywhere in the writer (decide, evolve, the journal) leaves a working
+                // copy and a readers' state nobody can vouch for.
+                if std::panic::catch_unwind(AssertUnwindSafe(|| writer.run(rx))).is_err() {
+                    die("the journal writer panicked");
+                }
+            })
             .map_err(|e| ControlError::Internal(format!("spawn journal writer: {e}")))?;
         Ok(Bus {
             tx,
@@ -115,12 +132,70 @@ impl Bus {
     }
 }
 
+/// Fault injection for the crash-only tests, from `EVSTOR_FAILPOINT` (read once at start;
+/// unset in production): `writer-panic-after:<n>` panics the writer right after its `n`th
+/// append landed (durable, not yet answered); `writer-append-error-after:<n>` makes the
+/// append after the `n`th fail as an I/O error with an unknown outcome would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failpoint {
+    None,
+    PanicAfter(u64),
+    AppendErrorAfter(u64),
+}
+
+impl Failpoint {
+    fn from_env() -> Result<Failpoint, ControlError> {
+        let Ok(text) = std::env::var("EVSTOR_FAILPOINT") else {
+            return Ok(Failpoint::None);
+        };
+        let parsed = match text.split_once(':') {
+            Some(("writer-panic-after", n)) => n.parse().ok().map(Failpoint::PanicAfter),
+            Some(("writer-append-error-after", n)) => {
+                n.parse().ok().map(Failpoint::AppendErrorAfter)
+            }
+            _ => None,
+        };
+        let fp = parsed.ok_or_else(|| {
+            ControlError::Internal(format!(
+                "EVSTOR_FAILPOINT={text:?} is not a known failpoint"
+            ))
+        })?;
+        tracing::warn!("failpoint armed: {fp:?}");
+        Ok(fp)
+    }
+}
+
+/// Ends the process at once: what the writer holds in memory can no longer be trusted, and
+/// a restart rebuilds it from the journal. `abort` rather than `exit`: no destructor or
+/// atexit handler runs against a RocksDB whose writer is in an unknown state.
+fn die(why: &str) -> ! {
+    tracing::error!(
+        "FATAL: {why}; evstor exits so that a restart recovers every acknowledged change from \
+         the journal"
+    );
+    std::process::abort()
+}
+
+/// Whether a failed append was refused before anything was written, with the writer's idea
+/// of the log still right: then only that batch fails. Anything else (a RocksDB write error,
+/// whose outcome is unknown, or a seq conflict, which means the writer is not the log's only
+/// writer or lost track of it) leaves the writer unable to trust its state.
+fn refused_before_write(e: &JournalError) -> bool {
+    matches!(
+        e,
+        JournalError::FieldTooLong { .. } | JournalError::BatchTooLarge { .. }
+    )
+}
+
 struct Writer {
     journal: Arc<RocksJournal>,
     /// The state with the current batch's events applied, ahead of the readers.
     working: State,
     readers: Arc<RwLock<State>>,
     last_seq: watch::Sender<u64>,
+    failpoint: Failpoint,
+    /// Appends made since start (for the failpoint).
+    appends: u64,
 }
 
 type Outcome = Result<Committed, DomainError>;
@@ -169,37 +244,57 @@ impl Writer {
                     },
                 })
                 .collect();
-            self.journal.append(batch).map(|_| ())
+            self.append(batch)
         };
         match result {
             Ok(()) => {
+                if self.failpoint == Failpoint::PanicAfter(self.appends) {
+                    panic!("failpoint writer-panic-after:{}", self.appends);
+                }
                 self.publish(&applied);
                 for (job, outcome) in jobs.drain(..).zip(outcomes) {
                     let _ = job.reply.send(outcome.map_err(ControlError::Domain));
                 }
             }
-            Err(e) => {
-                tracing::error!(
-                    "journal append failed, batch of {} requests refused: {e}",
-                    jobs.len()
-                );
-                self.working = self
-                    .readers
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
-                let msg = e.to_string();
-                for (job, outcome) in jobs.drain(..).zip(outcomes) {
-                    let answer = match outcome {
-                        Ok(_) => Err(ControlError::Internal(format!(
-                            "journal append failed: {msg}"
-                        ))),
-                        Err(d) => Err(ControlError::Domain(d)),
-                    };
-                    let _ = job.reply.send(answer);
-                }
-            }
+            Err(e) if !refused_before_write(&e) => die(&format!(
+                "journal append failed with an unknown outcome: {e}"
+            )),
+            Err(e) => self.fail_batch(jobs, outcomes, &e),
         }
+    }
+
+    /// The journal refused the append before writing anything: every request that would have
+    /// succeeded gets the error, and the working copy returns to the readers' state.
+    fn fail_batch(&mut self, jobs: &mut Vec<Job>, outcomes: Vec<Outcome>, e: &JournalError) {
+        tracing::error!(
+            "journal append refused, batch of {} requests failed: {e}",
+            jobs.len()
+        );
+        self.working = self
+            .readers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (job, outcome) in jobs.drain(..).zip(outcomes) {
+            let answer = match outcome {
+                Ok(_) => Err(ControlError::Internal(format!(
+                    "journal append failed: {e}"
+                ))),
+                Err(d) => Err(ControlError::Domain(d)),
+            };
+            let _ = job.reply.send(answer);
+        }
+    }
+
+    fn append(&mut self, batch: AppendBatch) -> Result<(), JournalError> {
+        self.appends += 1;
+        if self.failpoint == Failpoint::AppendErrorAfter(self.appends - 1) {
+            return Err(JournalError::Meta(format!(
+                "failpoint writer-append-error-after:{}",
+                self.appends - 1
+            )));
+        }
+        self.journal.append(batch).map(|_| ())
     }
 
     /// Decides one job against the working state and stages its events.
@@ -211,31 +306,56 @@ impl Writer {
         touched: &mut BTreeSet<RowKey>,
         applied: &mut Vec<(Applied, Event)>,
     ) -> Outcome {
+        admit_meta(&job.meta)?;
         let ctx = Ctx {
             now_unix_ns: now,
             actor: job.meta.actor.clone(),
             seed: *uuid::Uuid::new_v4().as_bytes(),
         };
         let events = decide(&self.working, &ctx, &job.command)?;
+        if batch.events.len() + events.len() > APPEND_EVENTS_MAX {
+            return Err(DomainError::Unavailable(format!(
+                "{} events do not fit in this journal append; retry",
+                events.len()
+            )));
+        }
+        let framed = self.frame(job, &events, now)?;
         let mut committed = Committed::default();
-        for event in events {
+        for (event, mut new) in events.into_iter().zip(framed) {
             let at = Applied {
                 seq: batch.first_seq + batch.events.len() as u64,
                 time_unix_ns: now,
             };
-            let project = event.project(&self.working).to_string();
-            batch.events.push(codec::encode(
-                &event,
-                &project,
-                &job.meta.actor,
-                &job.meta.request_id,
-                now,
-            ));
+            // Read again now the command's earlier events are applied (an event may belong to
+            // an object an earlier one created); a project name is bounded by the event that
+            // recorded it, which was checked in turn.
+            let project = event.project(&self.working);
+            if new.project != project {
+                new.project = project.to_string();
+            }
+            batch.events.push(new);
             touched.extend(self.working.evolve(at, &event));
             committed.events.push((at.seq, event.clone()));
             applied.push((at, event));
         }
         Ok(committed)
+    }
+
+    /// Frames every event of one command and checks it against the journal's limits before
+    /// any of them touches the working copy, so a command the journal would refuse is refused
+    /// alone instead of failing the append of its whole batch.
+    fn frame(&self, job: &Job, events: &[Event], now: u64) -> Result<Vec<NewEvent>, DomainError> {
+        events
+            .iter()
+            .map(|event| {
+                let project = event.project(&self.working);
+                let new = codec::encode(event, project, &job.meta.actor, &job.meta.request_id, now);
+                new.check().map_err(|e| {
+                    DomainError::InvalidArgument(format!("the journal cannot record this: {e}"))
+                })?;
+                Ok(new)
+            })
+            .collect()
     }
 
     fn publish(&self, applied: &[(Applied, Event)]) {
@@ -252,9 +372,102 @@ impl Writer {
     }
 }
 
+/// The request's actor and id go into every envelope it produces; refuse them before the
+/// command is decided if the journal could not record them.
+fn admit_meta(meta: &RequestMeta) -> Result<(), DomainError> {
+    for (what, value) in [("actor", &meta.actor), ("request id", &meta.request_id)] {
+        if value.len() > FIELD_BYTES_MAX {
+            return Err(DomainError::InvalidArgument(format!(
+                "{what} of {} bytes is longer than the journal's {FIELD_BYTES_MAX}",
+                value.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn now_unix_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::project::Command as ProjectCommand;
+    use evstor_journal::OpenMode;
+
+    fn job(
+        name: &str,
+        request_id: &str,
+    ) -> (Job, oneshot::Receiver<Result<Committed, ControlError>>) {
+        let (reply, rx) = oneshot::channel();
+        let command = Command::Project(ProjectCommand::CreateProject {
+            name: name.into(),
+            description: String::new(),
+            default_policies: vec![],
+        });
+        let meta = RequestMeta {
+            actor: "tester".into(),
+            request_id: request_id.into(),
+        };
+        (
+            Job {
+                meta,
+                command,
+                reply,
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn a_command_the_journal_cannot_record_fails_alone_not_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Arc::new(RocksJournal::open(dir.path(), OpenMode::ReadWrite).unwrap());
+        let (seq_tx, _seq_rx) = watch::channel(0);
+        let mut writer = Writer {
+            journal: journal.clone(),
+            working: State::default(),
+            readers: Arc::default(),
+            last_seq: seq_tx,
+            failpoint: Failpoint::None,
+            appends: 0,
+        };
+        let mut jobs = Vec::new();
+        let mut replies = Vec::new();
+        for i in 0..100 {
+            let (j, rx) = if i == 50 {
+                job("bad", &"r".repeat(2048))
+            } else {
+                job(&format!("p{i}"), &format!("r{i}"))
+            };
+            jobs.push(j);
+            replies.push(rx);
+        }
+        writer.commit(&mut jobs);
+        for (i, mut rx) in replies.into_iter().enumerate() {
+            let answer = rx.try_recv().expect("every job is answered");
+            if i == 50 {
+                assert!(
+                    matches!(
+                        answer,
+                        Err(ControlError::Domain(DomainError::InvalidArgument(_)))
+                    ),
+                    "{answer:?}"
+                );
+            } else {
+                assert!(answer.is_ok(), "job {i}: {answer:?}");
+            }
+        }
+        assert_eq!(journal.head().last_seq(), 99);
+        let readers = writer.readers.read().unwrap();
+        assert_eq!(readers.projects.by_name.len(), 99);
+        assert!(readers.projects.get("bad").is_none());
+        assert!(journal.verify().unwrap().is_ok());
+        let diff = super::super::replay::compare_projections(&journal).unwrap();
+        assert!(diff.differing_keys.is_empty(), "{:?}", diff.differing_keys);
+    }
 }
