@@ -23,20 +23,15 @@ pub const DESCRIPTION_BYTES_MAX: usize = 256;
 pub const LABELS_MAX: usize = 16;
 /// Most entries in one host or IP ACL.
 pub const ACL_ENTRIES_MAX: usize = 1024;
-<<<<<<< HEAD
-/// Most volumes in the cluster: each is a namespace of the cluster's subsystem, numbered
-/// 1..=this, so the data path's namespace limit is the volume limit.
-pub const VOLUMES_MAX: usize = evstor_datapath::limits::MAX_NAMESPACES as usize;
-=======
 /// Most default policies on one project.
 pub const DEFAULT_POLICIES_MAX: usize = 16;
 /// Largest credential (an RSA public key PEM; 4096-bit keys take under 1 KiB).
 pub const CREDENTIAL_PEM_BYTES_MAX: usize = 16 * 1024;
 /// Shortest RSA modulus a credential may have.
 pub const RSA_KEY_BITS_MIN: usize = 2048;
-/// Most volumes in the cluster (also bounds namespace ids).
-pub const VOLUMES_MAX: usize = 65_536;
->>>>>>> h-ctl
+/// Most volumes in the cluster: each is a namespace of the cluster's subsystem, numbered
+/// 1..=this, so the data path's namespace limit is the volume limit.
+pub const VOLUMES_MAX: usize = evstor_datapath::limits::MAX_NAMESPACES as usize;
 /// Most snapshots in the cluster.
 pub const SNAPSHOTS_MAX: usize = 262_144;
 /// Most projects, policies and credentials each.
