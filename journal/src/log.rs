@@ -144,6 +144,28 @@ impl RocksJournal {
         Ok(rows)
     }
 
+    /// Replaces projection rows in one synced batch without appending an event, for a caller
+    /// that rebuilds its rows from the events (a changed row format). The head stays put: the
+    /// rows must still be what the events up to it imply, which only the caller can know.
+    pub fn rewrite_projections(&self, ops: Vec<ProjectionOp>) -> Result<()> {
+        if self.mode == OpenMode::ReadOnly {
+            return Err(JournalError::ReadOnly);
+        }
+        let _head = self.lock_head();
+        let projections_cf = self.cf(CF_PROJECTIONS)?;
+        let mut write = WriteBatch::default();
+        for op in ops {
+            match op {
+                ProjectionOp::Put { key, value } => write.put_cf(projections_cf, key, value),
+                ProjectionOp::Delete { key } => write.delete_cf(projections_cf, key),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(write, &wo)?;
+        Ok(())
+    }
+
     /// The stored bytes of one event, unverified: for forensics and tamper tests.
     pub fn read_raw(&self, seq: u64) -> Result<Option<Vec<u8>>> {
         Ok(self.db.get_cf(self.cf(CF_EVENTS)?, seq.to_be_bytes())?)

@@ -301,6 +301,7 @@ mod tests {
         Principal {
             subject: "s".into(),
             roles: roles.iter().map(|(s, r)| (s.to_string(), *r)).collect(),
+            stale: Vec::new(),
         }
     }
 

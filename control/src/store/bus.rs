@@ -66,7 +66,7 @@ pub struct Bus {
 impl Bus {
     /// Loads the state from the projections and starts the writer thread.
     pub fn start(journal: Arc<RocksJournal>) -> Result<Bus, ControlError> {
-        let loaded = rows::load(&journal)?;
+        let loaded = rows::load_or_rebuild(&journal)?;
         let state = Arc::new(RwLock::new(loaded.clone()));
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE_MAX);
         let (seq_tx, seq_rx) = watch::channel(journal.head().last_seq());
@@ -394,12 +394,29 @@ pub(crate) fn now_unix_ns() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests_support {
     use super::*;
     use crate::domain::project::Command as ProjectCommand;
-    use evstor_journal::OpenMode;
 
-    fn job(
+    /// A writer over `journal` with an empty state, as `Bus::start` builds one.
+    pub fn writer_on(journal: &Arc<RocksJournal>) -> Writer {
+        let (seq_tx, _seq_rx) = watch::channel(0);
+        Writer {
+            journal: journal.clone(),
+            working: State::default(),
+            readers: Arc::default(),
+            last_seq: seq_tx,
+            failpoint: Failpoint::None,
+            appends: 0,
+        }
+    }
+
+    /// A job creating project `name`.
+    pub fn project_job(name: &str) -> (Job, oneshot::Receiver<Result<Committed, ControlError>>) {
+        job(name, &format!("create-{name}"))
+    }
+
+    pub fn job(
         name: &str,
         request_id: &str,
     ) -> (Job, oneshot::Receiver<Result<Committed, ControlError>>) {
@@ -422,20 +439,19 @@ mod tests {
             rx,
         )
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::*;
+    use super::*;
+    use evstor_journal::OpenMode;
 
     #[test]
     fn a_command_the_journal_cannot_record_fails_alone_not_its_batch() {
         let dir = tempfile::tempdir().unwrap();
         let journal = Arc::new(RocksJournal::open(dir.path(), OpenMode::ReadWrite).unwrap());
-        let (seq_tx, _seq_rx) = watch::channel(0);
-        let mut writer = Writer {
-            journal: journal.clone(),
-            working: State::default(),
-            readers: Arc::default(),
-            last_seq: seq_tx,
-            failpoint: Failpoint::None,
-            appends: 0,
-        };
+        let mut writer = writer_on(&journal);
         let mut jobs = Vec::new();
         let mut replies = Vec::new();
         for i in 0..100 {
@@ -469,5 +485,65 @@ mod tests {
         assert!(journal.verify().unwrap().is_ok());
         let diff = super::super::replay::compare_projections(&journal).unwrap();
         assert!(diff.differing_keys.is_empty(), "{:?}", diff.differing_keys);
+    }
+}
+
+#[cfg(test)]
+mod rows_version_tests {
+    use super::tests_support::*;
+    use super::*;
+    use crate::store::{replay, rows};
+    use evstor_journal::{OpenMode, ProjectionOp};
+
+    /// A project row as version 1 stored it (before projects recorded their creation time).
+    #[derive(serde::Serialize)]
+    struct ProjectV1 {
+        uuid: uuid::Uuid,
+        name: String,
+        description: String,
+        default_policies: Vec<crate::domain::project::DefaultPolicy>,
+    }
+
+    #[test]
+    fn rows_of_an_older_shape_are_rebuilt_from_the_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Arc::new(RocksJournal::open(dir.path(), OpenMode::ReadWrite).unwrap());
+        rows::load_or_rebuild(&journal).unwrap(); // as `Bus::start` does: stamps the version
+        let mut writer = writer_on(&journal);
+        let mut jobs: Vec<Job> = (0..5).map(|i| project_job(&format!("p{i}")).0).collect();
+        writer.commit(&mut jobs);
+        assert!(rows::current(&journal).unwrap());
+        // Make the data directory look like one written by version 1: old project rows, no
+        // version row.
+        let mut ops = vec![ProjectionOp::Delete {
+            key: b"meta:rows-version".to_vec(),
+        }];
+        for p in writer.working.projects.by_name.values() {
+            let old = ProjectV1 {
+                uuid: p.uuid,
+                name: p.name.clone(),
+                description: p.description.clone(),
+                default_policies: p.default_policies.clone(),
+            };
+            ops.push(ProjectionOp::Put {
+                key: format!("project/{}", p.name).into_bytes(),
+                value: bincode::serialize(&old).unwrap(),
+            });
+        }
+        journal.rewrite_projections(ops).unwrap();
+        assert!(!rows::current(&journal).unwrap());
+        assert!(
+            rows::load(&journal).is_err(),
+            "old rows do not decode as new ones"
+        );
+        assert!(replay::compare_projections(&journal).unwrap().outdated);
+
+        let loaded = rows::load_or_rebuild(&journal).unwrap();
+        let (replayed, _) = replay::replay(&journal, replay::Until::All).unwrap();
+        assert_eq!(rows::all(&loaded), rows::all(&replayed));
+        assert_eq!(loaded.projects.by_name.len(), 5);
+        assert!(rows::current(&journal).unwrap());
+        let diff = replay::compare_projections(&journal).unwrap();
+        assert!(!diff.outdated && diff.differing_keys.is_empty(), "{diff:?}");
     }
 }

@@ -63,10 +63,19 @@ pub fn replay(journal: &RocksJournal, until: Until) -> Result<(State, u64), Cont
 #[derive(Debug, Default)]
 pub struct ProjectionDiff {
     pub differing_keys: Vec<String>,
+    /// The rows are in an older shape (rebuilt from the events at the next start), so
+    /// they were not compared.
+    pub outdated: bool,
 }
 
 /// Replays everything and compares, row by row, with the stored projections.
 pub fn compare_projections(journal: &RocksJournal) -> Result<ProjectionDiff, ControlError> {
+    if !rows::current(journal)? {
+        return Ok(ProjectionDiff {
+            outdated: true,
+            ..ProjectionDiff::default()
+        });
+    }
     let (replayed, _) = replay(journal, Until::All)?;
     let stored = rows::load(journal)?;
     let a = rows::all(&replayed);

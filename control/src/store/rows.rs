@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use evstor_journal::RocksJournal;
+use evstor_journal::{EventLog, ProjectionOp, RocksJournal};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -12,6 +12,15 @@ use crate::domain::policy::Policy;
 use crate::domain::snapshot::Snapshot;
 use crate::domain::{RowKey, State};
 use crate::error::ControlError;
+
+/// Version of the rows' stored shape (bincode of the read-model structs). Rows are derived
+/// data: when the code's version differs from the stored one, the rows are rebuilt from the
+/// events at start ([`load_or_rebuild`]) rather than decoded. Bump it whenever a struct that
+/// `value` encodes changes shape. 1: until projects recorded their creation time.
+pub const ROWS_VERSION: u32 = 2;
+
+/// The row holding the stored [`ROWS_VERSION`]; outside every `<kind>/` prefix.
+const ROWS_VERSION_KEY: &[u8] = b"meta:rows-version";
 
 /// The storage key of a row: `<kind>/<id>`.
 pub fn key_bytes(key: &RowKey) -> Vec<u8> {
@@ -90,6 +99,58 @@ fn load_kind<T: DeserializeOwned>(
         insert(key[prefix.len()..].to_string(), row);
     }
     Ok(())
+}
+
+/// Whether the stored rows have the shape this code reads. A journal without events and
+/// rows (a new one) has; rows without a version are version 1.
+pub fn current(journal: &RocksJournal) -> Result<bool, ControlError> {
+    let stored = journal.get_projection(ROWS_VERSION_KEY)?;
+    let version =
+        match stored.as_deref() {
+            Some(raw) => u32::from_le_bytes(raw.try_into().map_err(|_| {
+                ControlError::Internal(format!("rows version of {} bytes", raw.len()))
+            })?),
+            None if journal.head().last_seq() == 0 => ROWS_VERSION,
+            None => 1,
+        };
+    Ok(version == ROWS_VERSION)
+}
+
+/// The state from the rows, after rebuilding them from the events if their stored shape is
+/// older than this code's ([`ROWS_VERSION`]); stamps the version on a new journal.
+pub fn load_or_rebuild(journal: &RocksJournal) -> Result<State, ControlError> {
+    if current(journal)? {
+        if journal.get_projection(ROWS_VERSION_KEY)?.is_none() {
+            journal.rewrite_projections(vec![version_row()])?;
+        }
+        return load(journal);
+    }
+    tracing::warn!(
+        "projection rows are in an older format; rebuilding them from the journal (rows version {ROWS_VERSION})"
+    );
+    let (state, _) = super::replay::replay(journal, super::replay::Until::All)?;
+    let fresh = all(&state);
+    let mut ops: Vec<ProjectionOp> = journal
+        .scan_projections(b"")?
+        .into_iter()
+        .filter(|(k, _)| !fresh.contains_key(k))
+        .map(|(key, _)| ProjectionOp::Delete { key })
+        .collect();
+    ops.extend(
+        fresh
+            .into_iter()
+            .map(|(key, value)| ProjectionOp::Put { key, value }),
+    );
+    ops.push(version_row());
+    journal.rewrite_projections(ops)?;
+    load(journal)
+}
+
+fn version_row() -> ProjectionOp {
+    ProjectionOp::Put {
+        key: ROWS_VERSION_KEY.to_vec(),
+        value: ROWS_VERSION.to_le_bytes().to_vec(),
+    }
 }
 
 /// Rebuilds the state from the stored projection rows (no event is read).
