@@ -51,7 +51,7 @@ ok "connect-2-queues $CTRL $DEV"
 step "nvme list / id-ctrl / id-ns / smart-log / ana-log / error-log / fw-log"
 nvme list
 nvme id-ctrl "$CTRL" -o json >/tmp/idc.json || fail "id-ctrl"
-jq -e --arg n "$NQN" '.subnqn == $n and .nn == 1024 and .mdts == 5' /tmp/idc.json >/dev/null ||
+jq -e --arg n "$NQN" '.subnqn == $n and .nn == 65536 and .mdts == 5' /tmp/idc.json >/dev/null ||
     { cat /tmp/idc.json; fail "id-ctrl fields"; }
 ok id-ctrl
 nvme id-ns "$DEV" -o json >/tmp/idn.json || fail "id-ns"
