@@ -75,7 +75,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod admission;
 pub mod backend;
+pub mod backoff;
 pub mod blockstore;
 pub mod buffer;
 pub mod config;
@@ -84,9 +86,11 @@ pub mod error;
 pub mod filecopy;
 pub mod initiator;
 pub mod limits;
+pub mod nqn;
 pub mod nvme;
 pub mod pages;
 pub mod pdu;
+pub mod pool;
 pub mod qos;
 
 mod admin;
