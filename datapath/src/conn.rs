@@ -17,7 +17,10 @@
 //! is busy too, the capsule stays in the receive buffer until the reserve comes back
 //! (its holder is executing or sending, so it always does). Admin commands complete
 //! synchronously, so the admin queue's reserve (one maximal buffer) is free again after a
-//! flush: Identify and log pages never wait for the pool.
+//! flush: Identify and log pages never wait for the pool. Data asked for by R2T is held
+//! until the host sends it, so a queue may have only its share of it outstanding
+//! ([`R2T_POOL_SHARE_DIVISOR`]); further writes wait in the queue's own FIFO, holding
+//! nothing. A write to a namespace the host cannot see fails before any R2T.
 //!
 //! Reads and writes of a QoS-limited namespace take tokens right before they reach the
 //! backend (writes once their data has arrived). A command that finds none is parked
@@ -45,7 +48,8 @@ use crate::fabrics::{self, Accepted, ConnectOutcome};
 use crate::limits::{
     ADMIN_QUEUE_RESERVE_BYTES, IO_QUEUE_RESERVE_BYTES, KATO_GRACE_MS, MAX_DATA_BYTES,
     MAX_H2C_DATA_BYTES, MAX_HDR_BYTES, MAX_NAMESPACES, MAX_OUTSTANDING_AERS, POLL_INTERVAL_MS_MAX,
-    QOS_REFILL_MS, RX_BUF_BYTES, SEND_TIMEOUT_MS, TX_BATCH_HDR_BYTES, TX_BATCH_SEGS,
+    QOS_REFILL_MS, R2T_POOL_SHARE_DIVISOR, RX_BUF_BYTES, SEND_TIMEOUT_MS, TX_BATCH_HDR_BYTES,
+    TX_BATCH_SEGS,
 };
 use crate::notify::Notifier;
 use crate::ns::{Namespace, NsTable};
@@ -370,6 +374,11 @@ pub struct Queue {
     reserve_free: bool,
     /// A capsule with in-capsule data waits in the receive buffer for a data buffer.
     rx_stalled: bool,
+    /// R2T data this queue may have outstanding, and has (bytes).
+    r2t_budget: usize,
+    r2t_held: usize,
+    /// Writes waiting for room in the R2T budget, oldest first (they hold nothing).
+    r2t_wait: VecDeque<u16>,
     /// Storage submission ring.
     pub ioq: IoQueue,
     notify: Arc<Notifier>,
@@ -605,6 +614,9 @@ impl Queue {
             "cannot map the queue's reserve buffer",
         ))?;
         let pool = shared.pool.client(Waker::from(notify.clone()), n);
+        let conns = shared.cfg.max_connections + shared.cfg.max_discovery_connections;
+        let r2t_budget = (shared.pool.capacity_bytes() / (R2T_POOL_SHARE_DIVISOR * conns.max(1)))
+            .max(MAX_DATA_BYTES);
         let local = sock.local_addr()?;
         let peer = sock.peer_addr()?;
         let table = shared.table();
@@ -631,6 +643,9 @@ impl Queue {
             reserve,
             reserve_free: true,
             rx_stalled: false,
+            r2t_budget,
+            r2t_held: 0,
+            r2t_wait: VecDeque::with_capacity(n),
             ioq: IoQueue::new(),
             notify,
             table,
@@ -934,7 +949,6 @@ impl Queue {
         let cmd = Sqe(sqe);
         let sgl = cmd.sgl();
         s.xfer = sgl.length;
-        let cid = cmd.cid();
         let dir = nvme::data_dir(&cmd);
         let bad = if !digest_ok {
             Some(Status::TRANSIENT_TRANSPORT)
@@ -967,11 +981,52 @@ impl Queue {
             self.execute(i)?;
         } else if dir != Dir::H2c || sgl.length == 0 {
             self.execute(i)?;
-        } else if self.take_or_wait(i, sgl.length as usize, AfterGrant::R2t) {
-            self.slots[i].state = SlotState::AwaitData;
-            self.send_r2t(cid, slot, sgl.length)?;
+        } else if self.qid != 0 && !self.sees_nsid(cmd.nsid()) {
+            // Nothing to write to: fail before any buffer is taken or data asked for.
+            self.finish(i, Outcome::status(Status::INVALID_NS))?;
+        } else if self.r2t_wait.is_empty() && self.r2t_fits(sgl.length as usize) {
+            self.start_r2t(i)?;
+        } else {
+            self.slots[i].state = SlotState::AwaitBuf;
+            self.r2t_wait.push_back(slot);
         }
         Ok(true)
+    }
+
+    fn sees_nsid(&mut self, nsid: u32) -> bool {
+        self.refresh_table();
+        self.visible_ns(nsid).is_some()
+    }
+
+    /// Whether `bytes` more R2T data fit the queue's budget (one transfer always does).
+    fn r2t_fits(&self, bytes: usize) -> bool {
+        self.r2t_held == 0 || self.r2t_held + bytes <= self.r2t_budget
+    }
+
+    /// Counts slot `i`'s data against the R2T budget and asks the host for it as soon
+    /// as it has a buffer.
+    fn start_r2t(&mut self, i: usize) -> Result<(), DatapathError> {
+        let xfer = self.slots[i].xfer;
+        self.r2t_held += xfer as usize;
+        if self.take_or_wait(i, xfer as usize, AfterGrant::R2t) {
+            self.slots[i].state = SlotState::AwaitData;
+            let cid = self.slots[i].cmd().cid();
+            self.send_r2t(cid, i as u16, xfer)?;
+        }
+        Ok(())
+    }
+
+    /// Slot `i`'s R2T data all arrived: its budget goes to the writes waiting for it.
+    fn r2t_done(&mut self, i: usize) -> Result<(), DatapathError> {
+        self.r2t_held = self.r2t_held.saturating_sub(self.slots[i].xfer as usize);
+        while let Some(&j) = self.r2t_wait.front() {
+            if !self.r2t_fits(self.slots[j as usize].xfer as usize) {
+                break;
+            }
+            self.r2t_wait.pop_front();
+            self.start_r2t(j as usize)?;
+        }
+        Ok(())
     }
 
     fn on_h2c_data(
@@ -1012,6 +1067,7 @@ impl Queue {
         }
         if end as u32 == self.slots[i].xfer {
             self.slots[i].state = SlotState::Executing;
+            self.r2t_done(i)?;
             let failed = self.slots[i].status;
             if !failed.is_success() {
                 // Whole transfer received; fail the command without executing it.

@@ -63,6 +63,14 @@ pub const MIN_BUFFER_POOL_BYTES: usize = MAX_DATA_BYTES;
 /// Largest pool `TargetConfig::buffer_pool_bytes` may ask for.
 pub const MAX_BUFFER_POOL_BYTES: usize = 64 << 30;
 
+/// Share of the buffer pool that data requested by R2T (held until the host sends it) may
+/// take across all connections: each queue may have at most
+/// `buffer_pool_bytes / (R2T_POOL_SHARE_DIVISOR * connections)` of R2T data outstanding
+/// (never less than one maximal transfer), where connections is `max_connections +
+/// max_discovery_connections`. A host that never answers its R2Ts can then pin at most
+/// that much, so the rest of the pool keeps serving everyone else.
+pub const R2T_POOL_SHARE_DIVISOR: usize = 2;
+
 /// Private buffer of each I/O queue for in-capsule data that arrives while the pool is
 /// exhausted (the data is already in the receive buffer and cannot wait in line).
 pub const IO_QUEUE_RESERVE_BYTES: usize = IN_CAPSULE_DATA_BYTES;
