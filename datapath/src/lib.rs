@@ -51,7 +51,9 @@
 //! command that finds the pool exhausted waits in the pool's FIFO holding nothing and is
 //! resumed, in arrival order, when a buffer is granted to it. In-capsule data, which has
 //! already arrived, falls back on the queue's reserve; the admin queue's reserve is one
-//! maximal buffer, so Identify and log pages always progress. H2C data is copied once
+//! maximal buffer, so Identify and log pages always progress. A queue may have only its
+//! share of R2T data outstanding (`limits::R2T_POOL_SHARE_DIVISOR`), so hosts that never
+//! send the data they were asked for cannot drain the pool. H2C data is copied once
 //! from the receive buffer into the data buffer; C2H data is sent straight from it.
 //!
 //! # Admission (and why)
