@@ -147,12 +147,17 @@ struct Ticket {
 struct ClientSlot {
     waker: Option<Waker>,
     granted: Vec<Grant>,
+    /// Tickets it may have at once (its share of the FIFO's reserved capacity).
+    max_waiting: usize,
 }
 
 #[derive(Debug)]
 struct Inner {
     buddy: Buddy,
     waiters: VecDeque<Ticket>,
+    /// Sum of the registered clients' `max_waiting`: the FIFO never holds more, and its
+    /// capacity is kept at least this, so queueing a ticket never allocates.
+    tickets_max: usize,
     clients: Vec<ClientSlot>,
     vacant: Vec<u32>,
 }
@@ -197,6 +202,7 @@ impl BufPool {
             inner: Mutex::new(Inner {
                 buddy: Buddy::new(pages),
                 waiters: VecDeque::new(),
+                tickets_max: 0,
                 clients: Vec::new(),
                 vacant: Vec::new(),
             }),
@@ -240,10 +246,13 @@ impl BufPool {
     /// through `waker` when a grant arrives. Reserves the capacity its waiting needs.
     pub fn client(self: &Arc<Self>, waker: Waker, max_waiting: usize) -> PoolClient {
         let mut g = self.lock();
-        g.waiters.reserve(max_waiting);
+        g.tickets_max += max_waiting;
+        let room = g.tickets_max.saturating_sub(g.waiters.len());
+        g.waiters.reserve(room);
         let slot = ClientSlot {
             waker: Some(waker),
             granted: Vec::with_capacity(max_waiting),
+            max_waiting,
         };
         let id = match g.vacant.pop() {
             Some(id) => {
@@ -300,6 +309,7 @@ impl PoolClient {
                 });
             }
         }
+        debug_assert!(g.waiters.len() < g.waiters.capacity(), "capacity reserved");
         g.waiters.push_back(Ticket {
             client: self.id,
             tag,
@@ -335,6 +345,7 @@ impl Drop for PoolClient {
         for t in &granted {
             g.buddy.free(t.page, t.order);
         }
+        g.tickets_max -= g.clients[id as usize].max_waiting;
         g.clients[id as usize] = ClientSlot::default();
         g.vacant.push(id);
         g.grant();
@@ -508,6 +519,23 @@ mod tests {
             "B's grant was dropped with the closure"
         );
         assert_eq!(pool.waiting(), 0);
+    }
+
+    #[test]
+    fn the_fifo_has_room_for_every_ticket_its_clients_may_hold() {
+        let pool = BufPool::new(TOP_BYTES).expect("pool");
+        let clients: Vec<_> = (0..3).map(|_| pool.client(counter().1, 100)).collect();
+        assert!(
+            pool.lock().waiters.capacity() >= 300,
+            "no allocation when queueing"
+        );
+        let _all = pool.try_take(TOP_BYTES).expect("free");
+        for c in &clients {
+            for tag in 0..100 {
+                assert!(c.take_or_wait(tag, K4).is_none());
+            }
+        }
+        assert_eq!(pool.waiting(), 300);
     }
 
     #[test]
