@@ -18,10 +18,12 @@
 //!   not "never". Linux hosts send keep-alives (every KATO/2, 5 s KATO for I/O controllers)
 //!   and persistent discovery controllers do too, so they are unaffected. A controller
 //!   that sees a namespace keeps the KATO it asked for, 0 included: an ACL admitted it.
-//! - **Reclaim under pressure.** When a port is full, a new connection reclaims the oldest
-//!   controller on that port that sees no namespace (it is torn down and its connections
-//!   stop counting at once) instead of being refused. Controllers that see a namespace
-//!   are never reclaimed.
+//! - **Reclaim under pressure.** When a port is full, a new connection is not refused
+//!   while something on that port is reclaimable: first the oldest connection still in
+//!   its handshake (it has not even said who it is; it is closed), then the oldest
+//!   controller that sees no namespace (it is torn down with its queues). What is
+//!   reclaimed stops counting at once. Controllers that see a namespace are never
+//!   reclaimed, so a port full of admitted hosts refuses newcomers.
 //! - **Descriptor reserve.** A connection is admitted only while the process keeps
 //!   `fd_reserve` descriptors free beyond what the connection itself needs
 //!   ([`FDS_PER_CONNECTION`]), so existing connections can still open files and rings.
@@ -82,13 +84,22 @@ pub struct ConnKey(u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct CtrlKey(u64);
 
+/// What a reclaim takes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Victim {
+    /// A connection still in its handshake (no Connect yet): close it.
+    Handshake(ConnKey),
+    /// A controller that sees no namespace: tear it down, with its queues.
+    Controller(CtrlKey),
+}
+
 /// What to do with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// Go ahead.
     Admit,
-    /// Go ahead after tearing this controller down ([`Ledger::reclaim`] it first).
-    Reclaim(CtrlKey),
+    /// Go ahead after taking this back ([`Ledger::reclaim`] it, then close or kill it).
+    Reclaim(Victim),
     /// No.
     Refuse(Refusal),
 }
@@ -115,6 +126,8 @@ struct Conn {
     port: PortClass,
     ip: IpAddr,
     ctrl: Option<CtrlKey>,
+    /// Closed by a reclaim during its handshake: it counts for nothing any more.
+    reclaimed: bool,
 }
 
 #[derive(Debug)]
@@ -155,11 +168,12 @@ impl Ledger {
         self.next_key
     }
 
-    /// Whether a connection still counts (its controller was not reclaimed).
+    /// Whether a connection still counts (neither it nor its controller was reclaimed).
     fn counts(&self, c: &Conn) -> bool {
-        c.ctrl
-            .and_then(|k| self.ctrls.get(&k))
-            .is_none_or(|k| !k.reclaimed)
+        !c.reclaimed
+            && c.ctrl
+                .and_then(|k| self.ctrls.get(&k))
+                .is_none_or(|k| !k.reclaimed)
     }
 
     fn held_conns(&self) -> impl Iterator<Item = &Conn> {
@@ -199,11 +213,22 @@ impl Ledger {
         if self.port_connections(port) < cap {
             return Decision::Admit;
         }
-        self.held_ctrls()
-            .find(|(_, c)| c.port == port && !c.sees_ns)
-            .map_or(Decision::Refuse(Refusal::PortFull), |(k, _)| {
-                Decision::Reclaim(*k)
-            })
+        self.reclaimable(port)
+            .map_or(Decision::Refuse(Refusal::PortFull), Decision::Reclaim)
+    }
+
+    /// The oldest handshake on `port`, else its oldest controller without a namespace.
+    fn reclaimable(&self, port: PortClass) -> Option<Victim> {
+        let handshake = self
+            .conns
+            .iter()
+            .find(|(_, c)| c.port == port && c.ctrl.is_none() && !c.reclaimed)
+            .map(|(k, _)| Victim::Handshake(*k));
+        handshake.or_else(|| {
+            self.held_ctrls()
+                .find(|(_, c)| c.port == port && !c.sees_ns)
+                .map(|(k, _)| Victim::Controller(*k))
+        })
     }
 
     /// Records an admitted connection.
@@ -216,6 +241,7 @@ impl Ledger {
                 port,
                 ip,
                 ctrl: None,
+                reclaimed: false,
             },
         );
         key
@@ -240,8 +266,8 @@ impl Ledger {
 
     /// Whether connection `conn` (an admin Connect) may create a controller for `host`.
     pub fn decide_controller(&self, caps: &Caps, conn: ConnKey, host: &str) -> Decision {
-        let Some(c) = self.conns.get(&conn) else {
-            return Decision::Refuse(Refusal::PortFull);
+        let Some(c) = self.conns.get(&conn).filter(|c| !c.reclaimed) else {
+            return Decision::Refuse(Refusal::PortFull); // reclaimed meanwhile
         };
         let ctrls = || self.held_ctrls().map(|(_, e)| e);
         if ctrls().filter(|e| e.host == host).count() >= caps.controllers_per_host {
@@ -300,10 +326,20 @@ impl Ledger {
         }
     }
 
-    /// Marks a controller torn down: from now on it and its connections count for nothing.
-    pub fn reclaim(&mut self, ctrl: CtrlKey) {
-        if let Some(e) = self.ctrls.get_mut(&ctrl) {
-            e.reclaimed = true;
+    /// Marks a victim taken back: from now on it (a controller: with its connections)
+    /// counts for nothing. The caller closes or kills it.
+    pub fn reclaim(&mut self, victim: Victim) {
+        match victim {
+            Victim::Handshake(k) => {
+                if let Some(c) = self.conns.get_mut(&k) {
+                    c.reclaimed = true;
+                }
+            }
+            Victim::Controller(k) => {
+                if let Some(e) = self.ctrls.get_mut(&k) {
+                    e.reclaimed = true;
+                }
+            }
         }
     }
 
@@ -373,7 +409,7 @@ mod tests {
         }
         assert_eq!(
             l.decide_accept(&CAPS, PortClass::Discovery, ip(9), ROOMY),
-            Decision::Reclaim(CtrlKey(2)),
+            Decision::Reclaim(Victim::Controller(CtrlKey(2))),
             "a full discovery port reclaims its oldest controller"
         );
         assert_eq!(
@@ -393,7 +429,7 @@ mod tests {
     }
 
     #[test]
-    fn reclaim_takes_the_oldest_controller_without_namespaces_and_frees_its_share() {
+    fn reclaim_takes_handshakes_then_the_oldest_controller_without_namespaces() {
         let mut l = Ledger::default();
         let legit = ctrl(&mut l, PortClass::Io, 1, "legit", true);
         let idle_old = ctrl(&mut l, PortClass::Io, 2, "idle", false);
@@ -403,8 +439,8 @@ mod tests {
         l.join(q, idle_old);
         assert!(legit < idle_old && idle_old < idle_new);
         let d = l.decide_accept(&CAPS, PortClass::Io, ip(4), ROOMY);
-        assert_eq!(d, Decision::Reclaim(idle_old));
-        l.reclaim(idle_old);
+        assert_eq!(d, Decision::Reclaim(Victim::Controller(idle_old)));
+        l.reclaim(Victim::Controller(idle_old));
         assert_eq!(
             l.port_connections(PortClass::Io),
             2,
@@ -415,19 +451,39 @@ mod tests {
             Decision::Refuse(Refusal::HostControllers),
             "a reclaimed controller takes no more queues"
         );
-        l.open_conn(PortClass::Io, ip(4));
-        l.open_conn(PortClass::Io, ip(4));
+        let h1 = l.open_conn(PortClass::Io, ip(4));
+        let h2 = l.open_conn(PortClass::Io, ip(5));
+        let d = l.decide_accept(&CAPS, PortClass::Io, ip(6), ROOMY);
         assert_eq!(
-            l.decide_accept(&CAPS, PortClass::Io, ip(4), ROOMY),
-            Decision::Reclaim(idle_new)
+            d,
+            Decision::Reclaim(Victim::Handshake(h1)),
+            "handshakes go first"
+        );
+        l.reclaim(Victim::Handshake(h1));
+        assert_eq!(
+            l.decide_controller(&CAPS, h1, "late"),
+            Decision::Refuse(Refusal::PortFull),
+            "a reclaimed handshake creates nothing"
+        );
+        assert_eq!(
+            l.decide_accept(&CAPS, PortClass::Io, ip(6), ROOMY),
+            Decision::Admit
+        );
+        let h3 = l.open_conn(PortClass::Io, ip(6));
+        l.add_controller(h2, "h2", true);
+        l.add_controller(h3, "h3", true);
+        assert_eq!(
+            l.decide_accept(&CAPS, PortClass::Io, ip(7), ROOMY),
+            Decision::Reclaim(Victim::Controller(idle_new))
         );
         l.set_sees_ns(idle_new, true);
         assert_eq!(
-            l.decide_accept(&CAPS, PortClass::Io, ip(4), ROOMY),
+            l.decide_accept(&CAPS, PortClass::Io, ip(7), ROOMY),
             Decision::Refuse(Refusal::PortFull),
             "an ACL change that admits it protects it"
         );
         l.close_conn(q);
+        l.close_conn(h1);
         assert_eq!(l.port_connections(PortClass::Io), 4);
     }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::admission::{Caps, ConnKey, CtrlKey, Decision, Fds, Ledger, PortClass};
+use crate::admission::{Caps, ConnKey, Decision, Fds, Ledger, PortClass, Victim};
 use crate::backoff::{Backoff, LogLimiter};
 use crate::config::{ConnectedHost, NamespaceSpec, TargetConfig};
 use crate::conn;
@@ -52,9 +52,9 @@ pub struct Shared {
     pub pool: Arc<BufPool>,
     /// Set once by shutdown; every loop checks it.
     pub shutdown: AtomicBool,
-    /// Duplicates of live connection sockets, so shutdown can wake blocked threads.
-    sockets: Mutex<Vec<(u64, TcpStream)>>,
-    next_socket_id: AtomicU64,
+    /// Duplicates of live connection sockets, so shutdown (and a reclaim) can wake
+    /// blocked threads.
+    sockets: Mutex<Vec<(ConnKey, TcpStream)>>,
     /// When the target started (SMART power-on hours).
     pub started: Instant,
     publish: Mutex<()>,
@@ -76,13 +76,24 @@ impl Shared {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Tears down a controller the ledger chose to reclaim.
-    fn reclaim(&self, key: CtrlKey) {
-        let victim = self.registry().all().find(|c| c.ledger_key == key).cloned();
-        if let Some(c) = victim {
-            tracing::info!(cntlid = c.cntlid, host = %c.host_nqn, remote = %c.remote, discovery = c.discovery,
-                "reclaiming a controller that sees no namespace: its port is full");
-            c.kill();
+    /// Closes the handshake or tears down the controller the ledger chose to reclaim.
+    fn reclaim(&self, victim: Victim) {
+        match victim {
+            Victim::Handshake(key) => {
+                if let Some((_, s)) = self.sockets().iter().find(|(k, _)| *k == key) {
+                    tracing::info!(peer = ?s.peer_addr().ok(),
+                        "reclaiming a connection still in its handshake: its port is full");
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            Victim::Controller(key) => {
+                let c = self.registry().all().find(|c| c.ledger_key == key).cloned();
+                if let Some(c) = c {
+                    tracing::info!(cntlid = c.cntlid, host = %c.host_nqn, remote = %c.remote, discovery = c.discovery,
+                        "reclaiming a controller that sees no namespace: its port is full");
+                    c.kill();
+                }
+            }
         }
     }
 
@@ -147,7 +158,6 @@ pub fn start(
         pool,
         shutdown: AtomicBool::new(false),
         sockets: Mutex::new(Vec::new()),
-        next_socket_id: AtomicU64::new(0),
         started: Instant::now(),
         publish: Mutex::new(()),
     });
@@ -311,20 +321,18 @@ fn fd_usage() -> Fds {
 struct ConnSlot {
     shared: Arc<Shared>,
     conn: ConnKey,
-    socket_id: Option<u64>,
 }
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        if let Some(id) = self.socket_id {
-            self.shared.sockets().retain(|(i, _)| *i != id);
-        }
-        self.shared.ledger().close_conn(self.conn);
+        let conn = self.conn;
+        self.shared.sockets().retain(|(k, _)| *k != conn);
+        self.shared.ledger().close_conn(conn);
     }
 }
 
 impl Shared {
-    fn sockets(&self) -> MutexGuard<'_, Vec<(u64, TcpStream)>> {
+    fn sockets(&self) -> MutexGuard<'_, Vec<(ConnKey, TcpStream)>> {
         self.sockets.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -365,18 +373,15 @@ fn admit(
             return; // dropping the socket closes it: the peer sees EOF at once
         }
     };
-    let mut guard = ConnSlot {
+    let guard = ConnSlot {
         shared: shared.clone(),
         conn,
-        socket_id: None,
     };
     if s.set_nonblocking(false).is_err() {
         return;
     }
     if let Ok(dup) = s.try_clone() {
-        let id = shared.next_socket_id.fetch_add(1, Ordering::Relaxed);
-        shared.sockets().push((id, dup));
-        guard.socket_id = Some(id);
+        shared.sockets().push((conn, dup));
     }
     if shared.shutdown.load(Ordering::Acquire) {
         return; // raced with shutdown's socket sweep

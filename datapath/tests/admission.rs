@@ -274,6 +274,33 @@ fn idle_controllers_without_namespaces_are_reclaimed_for_admitted_hosts() {
     t.shutdown();
 }
 
+/// Connections that never finish their handshake cannot pin a port either: when it is
+/// full, a newcomer takes the place of the oldest of them.
+#[test]
+fn stalled_handshakes_are_reclaimed_for_newcomers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config();
+    cfg.max_connections = 2;
+    let t = target_with(dir.path(), cfg);
+    let addr = t.local_addr();
+    let mut silent1 = tcp_from(ip("127.0.0.2"), addr);
+    let mut silent2 = tcp_from(ip("127.0.0.3"), addr);
+    let (mut legit, _) = Host::admin(addr, HOST, false, 0);
+    assert!(
+        closed_within(&mut silent1, CLOSE_WAIT),
+        "the oldest stalled handshake made room"
+    );
+    let (_legit2, _) = Host::admin(addr, HOST, false, 0);
+    assert!(closed_within(&mut silent2, CLOSE_WAIT), "then the next one");
+    let mut refused = TcpStream::connect(addr).expect("tcp");
+    assert!(
+        closed_within(&mut refused, CLOSE_WAIT),
+        "a port full of admitted hosts refuses"
+    );
+    assert_eq!(legit.identify(1, 0).0, OK);
+    t.shutdown();
+}
+
 fn short_kato_target(dir: &Path) -> TargetHandle {
     let mut cfg = config();
     cfg.discovery_addr = Some("127.0.0.1:0".parse().expect("addr"));
