@@ -32,7 +32,8 @@ pub struct TargetConfig {
     /// NQN of the one NVM subsystem the target exposes.
     pub subsystem_nqn: String,
     /// Connections (queue pairs) the I/O port serves at once; when full, a new one
-    /// reclaims the oldest controller that sees no namespace, or is refused at accept.
+    /// reclaims the oldest handshake or controller that sees no namespace on it, or is
+    /// refused at accept.
     pub max_connections: usize,
     /// Connections the discovery port serves at once (a separate budget).
     pub max_discovery_connections: usize,

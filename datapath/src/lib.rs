@@ -65,8 +65,8 @@
 //! within one deadline from accept (`TargetConfig::handshake_timeout`); a controller that
 //! sees no namespace (every discovery controller, any host no ACL admits) is held to a
 //! keep-alive timeout of at most `no_namespace_kato_ms` (120 s), KATO 0 included, however
-//! it was set; when a port is full, a new connection reclaims the oldest such controller
-//! on it; and a connection is admitted only while `fd_reserve` descriptors stay free below
+//! it was set; when a port is full, a new connection reclaims the oldest connection on it
+//! still in its handshake, else its oldest such controller; and a connection is admitted only while `fd_reserve` descriptors stay free below
 //! RLIMIT_NOFILE. A controller that sees a namespace keeps the KATO it asked for (0 = no
 //! timer) and is never reclaimed. The accept loop backs off exponentially when accept
 //! fails (EMFILE, ENFILE...) and logs at most once per second.

@@ -5,7 +5,8 @@
 //! so the control plane (tokio) is never blocked by the data path and vice versa.
 //!
 //! Every accepted connection goes through the admission ledger ([`crate::admission`])
-//! first: a refused one is closed at once, a reclaim tears the victim controller down.
+//! first: a refused one is closed at once; a reclaim closes the victim handshake or tears
+//! the victim controller down.
 //! An accept that fails (out of descriptors, say) is retried with exponential backoff
 //! and logged at most once per [`ACCEPT_LOG_INTERVAL_MS`], so the loop neither spins nor
 //! floods the log, and serves again as soon as descriptors are free.
