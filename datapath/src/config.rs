@@ -15,7 +15,8 @@ use crate::limits::{
     DEFAULT_BUFFER_POOL_BYTES, DEFAULT_FD_RESERVE, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_ADDR, DEFAULT_MAX_CONNECTIONS_PER_HOST,
     DEFAULT_MAX_CONTROLLERS_PER_ADDR, DEFAULT_MAX_CONTROLLERS_PER_HOST,
-    DEFAULT_MAX_DISCOVERY_CONNECTIONS, HANDSHAKE_TIMEOUT_MS, NO_NAMESPACE_KATO_MS,
+    DEFAULT_MAX_DISCOVERY_CONNECTIONS, FDS_PER_CONNECTION, HANDSHAKE_TIMEOUT_MS,
+    NO_NAMESPACE_KATO_MS,
 };
 use crate::qos::QosLimits;
 
@@ -74,6 +75,14 @@ impl TargetConfig {
             fd_reserve: DEFAULT_FD_RESERVE,
             buffer_pool_bytes: DEFAULT_BUFFER_POOL_BYTES,
         }
+    }
+
+    /// File descriptors the data path may need at its limits: every connection of both
+    /// ports plus the reserve it keeps free. A process sharing the descriptor table (the
+    /// API server of `evstor serve`) can size its own limits from what RLIMIT_NOFILE leaves.
+    pub fn fd_budget(&self) -> usize {
+        (self.max_connections + self.max_discovery_connections) * FDS_PER_CONNECTION
+            + self.fd_reserve
     }
 
     /// The admission limits, as the policy takes them.
