@@ -19,6 +19,17 @@ use crate::pages::{self, CtrlIdentity, DiscoveryEntry, SmartCounters, IDENTIFY_B
 /// NSID meaning "all namespaces".
 const NSID_ALL: u32 = 0xffff_ffff;
 
+/// The command's data buffer (`Queue::execute` gives every admin command that moves data
+/// a maximal one), or an Internal Error completion should that ever not hold.
+macro_rules! out {
+    ($q:expr, $i:expr, $len:expr) => {
+        match $q.data_mut($i, $len) {
+            Some(b) => b,
+            None => return Outcome::status(Status::INTERNAL),
+        }
+    };
+}
+
 impl Queue {
     /// Dispatches one admin command held in slot `i`.
     pub fn exec_admin(&mut self, i: usize) -> Outcome {
@@ -79,10 +90,11 @@ impl Queue {
                     return Outcome::status(Status::INVALID_NS);
                 }
                 let id = self.visible_ns(nsid).map(|n| n.identity());
-                pages::identify_ns(self.buf.slot_mut(i, out_len), id.as_ref());
+                pages::identify_ns(out!(self, i, out_len), id.as_ref());
             }
             0x01 => {
-                let cfg = &self.shared.cfg;
+                let shared = self.shared.clone();
+                let cfg = &shared.cfg;
                 let serial = cfg.serial();
                 let id = CtrlIdentity {
                     cntlid: self.ctrl.cntlid,
@@ -95,26 +107,26 @@ impl Queue {
                     model: crate::config::MODEL,
                     discovery: self.ctrl.discovery,
                 };
-                pages::identify_ctrl(self.buf.slot_mut(i, out_len), &id);
+                pages::identify_ctrl(out!(self, i, out_len), &id);
             }
             0x02 => {
                 if nsid >= NSID_ALL - 1 {
                     return Outcome::status(Status::INVALID_NS);
                 }
                 let ids: Vec<u32> = self.visible_ids().collect();
-                pages::ns_list(self.buf.slot_mut(i, out_len), ids.into_iter(), nsid);
+                pages::ns_list(out!(self, i, out_len), ids.into_iter(), nsid);
             }
             0x03 => {
                 let Some(uuid) = self.visible_ns(nsid).map(|n| n.spec.uuid) else {
                     return Outcome::status(Status::INVALID_NS);
                 };
-                pages::ns_descs(self.buf.slot_mut(i, out_len), &uuid);
+                pages::ns_descs(out!(self, i, out_len), &uuid);
             }
             0x05 | 0x06 if csi == 0 => {
                 if cns == 0x05 && self.visible_ns(nsid).is_none() {
                     return Outcome::status(Status::INVALID_NS);
                 }
-                self.buf.slot_mut(i, out_len).fill(0);
+                out!(self, i, out_len).fill(0);
             }
             _ => return Outcome::status(Status::INVALID_FIELD),
         }
@@ -144,7 +156,7 @@ impl Queue {
             return Outcome::status(Status::INVALID_FIELD);
         }
         let avail = (page_len - offset).min(len);
-        let b = self.buf.slot_mut(i, MAX_DATA_BYTES);
+        let b = out!(self, i, MAX_DATA_BYTES);
         b.copy_within(offset..offset + avail, 0);
         b[avail..len].fill(0);
         Outcome::data(len as u32)
@@ -154,22 +166,30 @@ impl Queue {
     fn build_log(&mut self, i: usize, lid: u8, lsp: u8, rae: bool) -> Result<usize, Status> {
         let disc = self.ctrl.discovery;
         match lid {
-            log::DISCOVERY if disc => Ok(self.discovery_log(i)),
+            log::DISCOVERY if disc => self.discovery_log(i).ok_or(Status::INTERNAL),
             _ if disc => Err(Status::INVALID_LOG_PAGE),
             log::ERROR => {
-                self.buf.slot_mut(i, 64).fill(0);
+                self.data_mut(i, 64).ok_or(Status::INTERNAL)?.fill(0);
                 Ok(64)
             }
             log::SMART => {
                 let c = self.smart_counters();
-                Ok(pages::smart_log(self.buf.slot_mut(i, 512), &c))
+                Ok(pages::smart_log(
+                    self.data_mut(i, 512).ok_or(Status::INTERNAL)?,
+                    &c,
+                ))
             }
-            log::FW_SLOT => Ok(pages::fw_slot_log(self.buf.slot_mut(i, 512))),
-            log::CMD_EFFECTS => Ok(pages::effects_log(self.buf.slot_mut(i, 4096))),
+            log::FW_SLOT => Ok(pages::fw_slot_log(
+                self.data_mut(i, 512).ok_or(Status::INTERNAL)?,
+            )),
+            log::CMD_EFFECTS => Ok(pages::effects_log(
+                self.data_mut(i, 4096).ok_or(Status::INTERNAL)?,
+            )),
             log::CHANGED_NS => {
-                let mut st = self.ctrl.state();
+                let ctrl = self.ctrl.clone();
+                let mut st = ctrl.state();
                 let n = pages::changed_ns_log(
-                    self.buf.slot_mut(i, 4096),
+                    self.data_mut(i, 4096).ok_or(Status::INTERNAL)?,
                     &st.changed_ns,
                     st.changed_overflow,
                 );
@@ -190,7 +210,7 @@ impl Queue {
                 drop(st);
                 let need = 48 + 4 * ids.len();
                 Ok(pages::ana_log(
-                    self.buf.slot_mut(i, need),
+                    self.data_mut(i, need).ok_or(Status::INTERNAL)?,
                     chg,
                     &ids,
                     lsp & 1 != 0,
@@ -211,8 +231,9 @@ impl Queue {
         }
     }
 
-    fn discovery_log(&mut self, i: usize) -> usize {
-        let io = self.shared.io_addr;
+    fn discovery_log(&mut self, i: usize) -> Option<usize> {
+        let shared = self.shared.clone();
+        let io = shared.io_addr;
         let ip: IpAddr = if io.ip().is_unspecified() {
             self.local.ip()
         } else {
@@ -222,13 +243,14 @@ impl Queue {
             portid: 1,
             traddr: ip.to_string(),
             trsvcid: io.port().to_string(),
-            subnqn: &self.shared.cfg.subsystem_nqn,
+            subnqn: &shared.cfg.subsystem_nqn,
             ipv6: ip.is_ipv6(),
         };
         let entries = [entry];
         let n = entries.len().min(MAX_DISCOVERY_ENTRIES);
-        let gen = self.shared.generation.load(Ordering::Acquire);
-        pages::discovery_log(self.buf.slot_mut(i, 1024 * (1 + n)), gen, &entries[..n])
+        let gen = shared.generation.load(Ordering::Acquire);
+        let b = self.data_mut(i, 1024 * (1 + n))?;
+        Some(pages::discovery_log(b, gen, &entries[..n]))
     }
 
     fn get_features(&mut self, i: usize) -> Outcome {
@@ -239,6 +261,9 @@ impl Queue {
             // Supported capabilities: nothing is saveable, everything is per-controller.
             return ok_result(0x4);
         }
+        let kato_ms = self
+            .ctrl
+            .effective_kato_ms(self.shared.cfg.no_namespace_kato_ms);
         let st = self.ctrl.state();
         let v = match fid {
             feat::ARBITRATION | feat::POWER_MGMT | feat::ERR_RECOVERY => 0,
@@ -250,7 +275,8 @@ impl Queue {
                 n | (n << 16)
             }
             feat::ASYNC_EVENT => st.aec as u64,
-            feat::KATO => st.kato_ms as u64,
+            // What is enforced, which a host that sees no namespace cannot turn off.
+            feat::KATO => kato_ms as u64,
             _ => return Outcome::status(Status::INVALID_FIELD),
         };
         ok_result(v)

@@ -1,40 +1,99 @@
-//! Page-aligned slot memory for one queue, allocated once at Connect.
+//! Page-aligned memory that is faulted in lazily: [`Region`] (one anonymous mapping) and
+//! [`SlotBuf`] (a region split into fixed-size slots).
 //!
-//! O_DIRECT needs aligned buffers, and the hot path must not allocate, so each
-//! queue owns one allocation split into fixed-size slots (one per command slot).
-//! Storage I/O in flight writes through raw pointers into a slot, so the buffer
-//! hands out raw pointers and short-lived slices, never long-lived references.
+//! O_DIRECT needs aligned buffers, and the hot path must not allocate, so buffers are
+//! mapped once and reused. An anonymous mapping reads as zeroes and costs no resident
+//! memory until a page is first written, so a buffer that is never used costs address
+//! space only (`alloc_zeroed` with page alignment writes every page up front, which is
+//! what made idle queues expensive). Storage I/O in flight writes through raw pointers,
+//! so these types hand out raw pointers and short-lived slices, never long-lived
+//! references.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::io;
 use std::ptr::NonNull;
 
 /// Alignment of every slot (a page: satisfies O_DIRECT on any logical block size up to 4 KiB).
 pub const SLOT_ALIGN: usize = 4096;
 
-/// One aligned allocation of `slots * slot_bytes`.
-pub struct SlotBuf {
+/// One private anonymous mapping: page-aligned, zero-filled, faulted in on first touch.
+#[derive(Debug)]
+pub struct Region {
     ptr: NonNull<u8>,
-    layout: Layout,
+    len: usize,
+}
+
+// SAFETY: a Region exclusively owns its mapping; the pointer is never aliased by another
+// Region. Who may touch which bytes is decided by the owner (SlotBuf, the buffer pool),
+// whose own types enforce exclusive access to each range.
+unsafe impl Send for Region {}
+// SAFETY: as above; &Region only hands out the base pointer and length.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// Maps `len` bytes (rounded up to [`SLOT_ALIGN`]; at least one page).
+    pub fn new(len: usize) -> io::Result<Region> {
+        let len = len
+            .max(1)
+            .checked_next_multiple_of(SLOT_ALIGN)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        // SAFETY: an anonymous private mapping at an address of the kernel's choosing has
+        // no preconditions; the result is checked against MAP_FAILED below.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(raw.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
+        Ok(Region { ptr, len })
+    }
+
+    /// Base address (page-aligned).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a region has at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len describe exactly the mapping created in `new`, unmapped once here.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// One aligned region of `slots * slot_bytes`.
+pub struct SlotBuf {
+    region: Region,
     slot_bytes: usize,
     slots: usize,
 }
 
-// SAFETY: SlotBuf exclusively owns its allocation; moving it between threads moves
-// that ownership. Shared access is mediated by &/&mut self like any Vec<u8>.
-unsafe impl Send for SlotBuf {}
-
 impl SlotBuf {
-    /// Allocates zeroed memory for `slots` slots of `slot_bytes` (rounded up to the alignment).
+    /// Maps zeroed memory for `slots` slots of `slot_bytes` (rounded up to the alignment).
+    /// Pages are faulted in when first written, not here.
     pub fn new(slots: usize, slot_bytes: usize) -> Option<SlotBuf> {
         let slot_bytes = slot_bytes.max(1).next_multiple_of(SLOT_ALIGN);
         let total = slots.max(1).checked_mul(slot_bytes)?;
-        let layout = Layout::from_size_align(total, SLOT_ALIGN).ok()?;
-        // SAFETY: the layout has a non-zero size (slots and slot_bytes are at least 1).
-        let raw = unsafe { alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw)?;
+        let region = Region::new(total).ok()?;
         Some(SlotBuf {
-            ptr,
-            layout,
+            region,
             slot_bytes,
             slots: slots.max(1),
         })
@@ -48,8 +107,8 @@ impl SlotBuf {
     /// Raw pointer to the start of slot `i` (for storage I/O that completes later).
     pub fn slot_ptr(&mut self, i: usize) -> *mut u8 {
         assert!(i < self.slots, "slot index {i} out of range");
-        // SAFETY: i < slots, so the offset stays inside the allocation.
-        unsafe { self.ptr.as_ptr().add(i * self.slot_bytes) }
+        // SAFETY: i < slots, so the offset stays inside the mapping.
+        unsafe { self.region.as_ptr().add(i * self.slot_bytes) }
     }
 
     /// The first `len` bytes of slot `i`.
@@ -58,9 +117,9 @@ impl SlotBuf {
             i < self.slots && len <= self.slot_bytes,
             "slot access out of range"
         );
-        // SAFETY: bounds checked above; the memory was zero-initialised at allocation and
+        // SAFETY: bounds checked above; anonymous memory reads as zeroes until written, and
         // the caller holds no in-flight I/O on this slot (callers only read idle slots).
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(i * self.slot_bytes), len) }
+        unsafe { std::slice::from_raw_parts(self.region.as_ptr().add(i * self.slot_bytes), len) }
     }
 
     /// The first `len` bytes of slot `i`, mutably.
@@ -70,14 +129,9 @@ impl SlotBuf {
             "slot access out of range"
         );
         // SAFETY: as in `slot`, and &mut self guarantees no other slice of this buffer lives.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(i * self.slot_bytes), len) }
-    }
-}
-
-impl Drop for SlotBuf {
-    fn drop(&mut self) {
-        // SAFETY: ptr was returned by alloc_zeroed with exactly this layout.
-        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
+        unsafe {
+            std::slice::from_raw_parts_mut(self.region.as_ptr().add(i * self.slot_bytes), len)
+        }
     }
 }
 
@@ -95,5 +149,15 @@ mod tests {
         b.slot_mut(1, 4).copy_from_slice(&[1, 2, 3, 4]);
         assert_eq!(b.slot(0, 4), &[0, 0, 0, 0]);
         assert_eq!(b.slot(1, 4), &[1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_region_is_page_aligned_and_reads_as_zeroes() {
+        let r = Region::new(3 * SLOT_ALIGN + 1).expect("map");
+        assert_eq!(r.len(), 4 * SLOT_ALIGN);
+        assert_eq!(r.as_ptr() as usize % SLOT_ALIGN, 0);
+        // SAFETY: the region is live, 4 pages long and nobody else touches it.
+        let all = unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len()) };
+        assert!(all.iter().all(|&b| b == 0));
     }
 }

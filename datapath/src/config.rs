@@ -6,13 +6,24 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::blockstore::BlockStore;
 
-use crate::limits::DEFAULT_MAX_CONNECTIONS;
+use crate::admission::Caps;
+use crate::limits::{
+    DEFAULT_BUFFER_POOL_BYTES, DEFAULT_FD_RESERVE, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_ADDR, DEFAULT_MAX_CONNECTIONS_PER_HOST,
+    DEFAULT_MAX_CONTROLLERS_PER_ADDR, DEFAULT_MAX_CONTROLLERS_PER_HOST,
+    DEFAULT_MAX_DISCOVERY_CONNECTIONS, FDS_PER_CONNECTION, HANDSHAKE_TIMEOUT_MS,
+    NO_NAMESPACE_KATO_MS,
+};
 use crate::qos::QosLimits;
 
 /// Listener and subsystem configuration for [`crate::start`].
+///
+/// The admission fields bound what one peer can hold; `datapath/src/admission.rs`
+/// explains the policy they feed.
 #[derive(Debug, Clone)]
 pub struct TargetConfig {
     /// I/O listener (also serves the discovery controller). Port 0 picks a free port.
@@ -21,8 +32,29 @@ pub struct TargetConfig {
     pub discovery_addr: Option<SocketAddr>,
     /// NQN of the one NVM subsystem the target exposes.
     pub subsystem_nqn: String,
-    /// TCP connections (queue pairs) served at once; more are refused at accept.
+    /// Connections (queue pairs) the I/O port serves at once; when full, a new one
+    /// reclaims the oldest handshake or controller that sees no namespace on it, or is
+    /// refused at accept.
     pub max_connections: usize,
+    /// Connections the discovery port serves at once (a separate budget).
+    pub max_discovery_connections: usize,
+    /// Connections one host NQN may hold.
+    pub max_connections_per_host: usize,
+    /// Controllers one host NQN may hold.
+    pub max_controllers_per_host: usize,
+    /// Connections one source address may hold (handshakes included).
+    pub max_connections_per_addr: usize,
+    /// Controllers one source address may hold.
+    pub max_controllers_per_addr: usize,
+    /// Time from accept by which ICReq and Connect must both have arrived.
+    pub handshake_timeout: Duration,
+    /// Ceiling on the keep-alive timeout (ms) of controllers that see no namespace; their
+    /// KATO 0 means this.
+    pub no_namespace_kato_ms: u32,
+    /// Descriptors kept free below RLIMIT_NOFILE when admitting a connection.
+    pub fd_reserve: usize,
+    /// Total bytes of the shared data buffer pool.
+    pub buffer_pool_bytes: usize,
 }
 
 impl TargetConfig {
@@ -33,6 +65,36 @@ impl TargetConfig {
             discovery_addr: None,
             subsystem_nqn: subsystem_nqn.into(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_discovery_connections: DEFAULT_MAX_DISCOVERY_CONNECTIONS,
+            max_connections_per_host: DEFAULT_MAX_CONNECTIONS_PER_HOST,
+            max_controllers_per_host: DEFAULT_MAX_CONTROLLERS_PER_HOST,
+            max_connections_per_addr: DEFAULT_MAX_CONNECTIONS_PER_ADDR,
+            max_controllers_per_addr: DEFAULT_MAX_CONTROLLERS_PER_ADDR,
+            handshake_timeout: Duration::from_millis(HANDSHAKE_TIMEOUT_MS),
+            no_namespace_kato_ms: NO_NAMESPACE_KATO_MS,
+            fd_reserve: DEFAULT_FD_RESERVE,
+            buffer_pool_bytes: DEFAULT_BUFFER_POOL_BYTES,
+        }
+    }
+
+    /// File descriptors the data path may need at its limits: every connection of both
+    /// ports plus the reserve it keeps free. A process sharing the descriptor table (the
+    /// API server of `evstor serve`) can size its own limits from what RLIMIT_NOFILE leaves.
+    pub fn fd_budget(&self) -> usize {
+        (self.max_connections + self.max_discovery_connections) * FDS_PER_CONNECTION
+            + self.fd_reserve
+    }
+
+    /// The admission limits, as the policy takes them.
+    pub fn caps(&self) -> Caps {
+        Caps {
+            io_connections: self.max_connections,
+            discovery_connections: self.max_discovery_connections,
+            connections_per_host: self.max_connections_per_host,
+            controllers_per_host: self.max_controllers_per_host,
+            connections_per_addr: self.max_connections_per_addr,
+            controllers_per_addr: self.max_controllers_per_addr,
+            fd_reserve: self.fd_reserve,
         }
     }
 
@@ -95,7 +157,7 @@ impl Acl {
 }
 
 /// IPv4-mapped IPv6 addresses compare equal to their IPv4 form.
-fn canonical_ip(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()

@@ -5,8 +5,22 @@
 //! (storage completions) and a notifier (AENs, teardown). Responses produced in
 //! one pass of the loop are staged in a [`TxBatch`] and written with one blocking
 //! `writev` before the thread sleeps, data straight from the slot buffers.
-//! Everything a queue needs (slots, data buffers, ring, send batch, the QoS parking
-//! FIFO) is allocated once, at Connect.
+//! Everything a queue needs (slots, ring, send batch, the QoS parking FIFO, a small
+//! reserve data buffer) is allocated once, at Connect; data buffers are borrowed from the
+//! target's shared pool ([`crate::pool`]) only while a command moves data.
+//!
+//! Data buffers: a write takes one when its R2T is due, a read when it reaches the
+//! backend, and both give it back once their completion is sent. A command that finds
+//! the pool exhausted waits in the pool's FIFO holding nothing (state `AwaitBuf`) and goes
+//! on when its buffer is granted. In-capsule data has already arrived and cannot wait in
+//! line: it takes a pool buffer if one is free, else the queue's private reserve; if that
+//! is busy too, the capsule stays in the receive buffer until the reserve comes back
+//! (its holder is executing or sending, so it always does). Admin commands complete
+//! synchronously, so the admin queue's reserve (one maximal buffer) is free again after a
+//! flush: Identify and log pages never wait for the pool. Data asked for by R2T is held
+//! until the host sends it, so a queue may have only its share of it outstanding
+//! ([`R2T_POOL_SHARE_DIVISOR`]); further writes wait in the queue's own FIFO, holding
+//! nothing. A write to a namespace the host cannot see fails before any R2T.
 //!
 //! Reads and writes of a QoS-limited namespace take tokens right before they reach the
 //! backend (writes once their data has arrived). A command that finds none is parked
@@ -21,17 +35,21 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
+use crate::admission::ConnKey;
+pub use crate::admission::PortClass;
 use crate::backend::IoQueue;
 use crate::buffer::SlotBuf;
 use crate::ctrl::Controller;
 use crate::error::DatapathError;
 use crate::fabrics::{self, Accepted, ConnectOutcome};
 use crate::limits::{
-    HANDSHAKE_TIMEOUT_MS, KATO_GRACE_MS, MAX_DATA_BYTES, MAX_H2C_DATA_BYTES, MAX_HDR_BYTES,
-    MAX_OUTSTANDING_AERS, POLL_INTERVAL_MS_MAX, QOS_REFILL_MS, RX_BUF_BYTES, SEND_TIMEOUT_MS,
-    TX_BATCH_HDR_BYTES, TX_BATCH_SEGS,
+    ADMIN_QUEUE_RESERVE_BYTES, IO_QUEUE_RESERVE_BYTES, KATO_GRACE_MS, MAX_DATA_BYTES,
+    MAX_H2C_DATA_BYTES, MAX_HDR_BYTES, MAX_OUTSTANDING_AERS, POLL_INTERVAL_MS_MAX,
+    QOS_REFILL_MS, R2T_POOL_SHARE_DIVISOR, RX_BUF_BYTES, SEND_TIMEOUT_MS, TX_BATCH_HDR_BYTES,
+    TX_BATCH_SEGS,
 };
 use crate::notify::Notifier;
 use crate::ns::{Namespace, NsTable};
@@ -40,17 +58,9 @@ use crate::pdu::{
     self, Check, DataHdr, HdrFields, IcResp, Pdu, PduError, PduType, RxContext, TxContext, CH_LEN,
     CQE_LEN, FLAG_LAST_PDU, FLAG_SUCCESS, IC_DDGST_ENABLE, IC_HDGST_ENABLE, SQE_LEN,
 };
+use crate::pool::{Buf, PoolClient};
 use crate::qos::QosDir;
 use crate::target::Shared;
-
-/// Which listener accepted the connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PortKind {
-    /// The I/O port: serves the NVM subsystem and the discovery controller.
-    Io,
-    /// The discovery port: serves only the discovery controller.
-    Discovery,
-}
 
 /// Lifecycle of a command slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +73,8 @@ pub enum SlotState {
     Executing,
     /// Waiting in the QoS FIFO for its namespace's tokens (its data, if any, has arrived).
     Throttled,
+    /// Waiting in the buffer pool's FIFO for a data buffer; holds nothing.
+    AwaitBuf,
     /// Finished; its data is staged in the send batch, so the buffer stays reserved.
     Sending,
 }
@@ -86,6 +98,30 @@ pub struct Slot {
     pub c2h_len: u32,
     /// Namespace kept alive while I/O is in flight.
     pub ns: Option<Arc<Namespace>>,
+    /// The command's data buffer, if it holds one.
+    data: SlotData,
+    /// What to do once a waited-for buffer is granted.
+    after_grant: AfterGrant,
+    /// Its QoS tokens were taken (a read waiting for a buffer is not charged twice).
+    pub tokens_paid: bool,
+}
+
+/// Where a slot's data buffer comes from.
+#[derive(Debug)]
+enum SlotData {
+    None,
+    Pool(Buf),
+    /// The queue's private reserve (at most one slot holds it).
+    Reserve,
+}
+
+/// The step a command waiting for a buffer resumes at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterGrant {
+    /// Ask the host for the data.
+    R2t,
+    /// Run the command.
+    Execute,
 }
 
 impl Slot {
@@ -99,6 +135,9 @@ impl Slot {
             status: Status::SUCCESS,
             c2h_len: 0,
             ns: None,
+            data: SlotData::None,
+            after_grant: AfterGrant::Execute,
+            tokens_paid: false,
         }
     }
 
@@ -127,6 +166,9 @@ pub enum Outcome {
     /// The namespace's QoS tokens ran out: the slot waits in the QoS FIFO and the
     /// command is executed again when its turn comes.
     Throttled,
+    /// No data buffer yet: the slot waits in the pool's FIFO and the command is executed
+    /// again when its buffer is granted.
+    AwaitBuf,
 }
 
 impl Outcome {
@@ -321,8 +363,22 @@ pub struct Queue {
     pub slots: Vec<Slot>,
     free: Vec<u16>,
     ready: Vec<u16>,
-    /// Data buffers, one slot each.
-    pub buf: SlotBuf,
+    /// This queue's place in the target's buffer pool.
+    pool: PoolClient,
+    /// Slots waiting for a pool grant.
+    awaiting_buf: usize,
+    /// Slots whose grant arrived, in grant order (capacity: the depth).
+    granted: Vec<u16>,
+    /// Private buffer for data that cannot wait for the pool.
+    reserve: SlotBuf,
+    reserve_free: bool,
+    /// A capsule with in-capsule data waits in the receive buffer for a data buffer.
+    rx_stalled: bool,
+    /// R2T data this queue may have outstanding, and has (bytes).
+    r2t_budget: usize,
+    r2t_held: usize,
+    /// Writes waiting for room in the R2T budget, oldest first (they hold nothing).
+    r2t_wait: VecDeque<u16>,
     /// Storage submission ring.
     pub ioq: IoQueue,
     notify: Arc<Notifier>,
@@ -335,10 +391,16 @@ pub struct Queue {
     qos: QosFifo,
 }
 
-/// Entry point of a connection thread.
-pub fn serve(stream: TcpStream, shared: Arc<Shared>, port: PortKind) {
+/// Entry point of a connection thread; `accepted` starts the handshake deadline.
+pub fn serve(
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    port: PortClass,
+    conn: ConnKey,
+    accepted: Instant,
+) {
     let peer = stream.peer_addr().ok();
-    if let Err(e) = serve_inner(stream, shared, port) {
+    if let Err(e) = serve_inner(stream, shared, port, conn, accepted) {
         tracing::debug!(?peer, "connection ended: {e}");
     }
 }
@@ -346,12 +408,16 @@ pub fn serve(stream: TcpStream, shared: Arc<Shared>, port: PortKind) {
 fn serve_inner(
     stream: TcpStream,
     shared: Arc<Shared>,
-    port: PortKind,
+    port: PortClass,
+    conn: ConnKey,
+    accepted: Instant,
 ) -> Result<(), DatapathError> {
+    // One deadline for ICReq and Connect together: a peer trickling bytes cannot stretch
+    // it, as it could a timeout per read.
+    let deadline = accepted + shared.cfg.handshake_timeout;
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_millis(HANDSHAKE_TIMEOUT_MS)))?;
     stream.set_write_timeout(Some(Duration::from_millis(SEND_TIMEOUT_MS)))?;
-    let (rxc, tx) = ic_handshake(&stream)?;
+    let (rxc, tx) = ic_handshake(&stream, deadline)?;
     let mut rx = RxBuf::new();
     let plen = loop {
         match pdu::check(rx.data(), &rxc) {
@@ -359,6 +425,7 @@ fn serve_inner(
             Ok(_) => {}
             Err(e) => return Err(terminate(&stream, e, rx.data())),
         }
+        arm(&stream, deadline)?;
         if rx.fill(&stream, false)? == 0 {
             return Err(DatapathError::Closed("eof before connect"));
         }
@@ -374,7 +441,7 @@ fn serve_inner(
     };
     rx.consume(plen);
     let cid = Sqe(&sqe).cid();
-    match fabrics::connect(&shared, &stream, port, &Sqe(&sqe), &data)? {
+    match fabrics::connect(&shared, &stream, port, conn, &Sqe(&sqe), &data)? {
         ConnectOutcome::Refused { status, result } => {
             send_plain_resp(&stream, &tx, cid, 0, status, result)?;
             Err(DatapathError::Closed("connect refused"))
@@ -392,16 +459,49 @@ fn serve_inner(
     }
 }
 
+/// Arms the socket's read timeout with what is left until `deadline`.
+fn arm(stream: &TcpStream, deadline: Instant) -> Result<(), DatapathError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(DatapathError::Closed("handshake deadline passed"));
+    }
+    stream.set_read_timeout(Some(left))?;
+    Ok(())
+}
+
+/// Fills `buf` from the socket before `deadline`.
+fn read_exact_by(
+    stream: &TcpStream,
+    buf: &mut [u8],
+    deadline: Instant,
+) -> Result<(), DatapathError> {
+    let mut s = stream;
+    let mut got = 0;
+    while got < buf.len() {
+        arm(stream, deadline)?;
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(DatapathError::Closed("eof during the handshake")),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Reads the ICReq, answers with an ICResp, and returns the negotiated contexts.
-fn ic_handshake(stream: &TcpStream) -> Result<(RxContext, TxContext), DatapathError> {
+fn ic_handshake(
+    stream: &TcpStream,
+    deadline: Instant,
+) -> Result<(RxContext, TxContext), DatapathError> {
     let mut b = [0u8; 128];
     let mut s = stream;
-    s.read_exact(&mut b[..CH_LEN])?;
+    read_exact_by(stream, &mut b[..CH_LEN], deadline)?;
     let rx0 = RxContext::controller_initial();
     if let Err(e) = pdu::check(&b[..CH_LEN], &rx0) {
         return Err(terminate(stream, e, &b[..CH_LEN]));
     }
-    s.read_exact(&mut b[CH_LEN..])?;
+    read_exact_by(stream, &mut b[CH_LEN..], deadline)?;
     let req = match pdu::parse(&b, &rx0) {
         Ok(Pdu::IcReq(r)) => r,
         Ok(_) => return Err(terminate(stream, PduError::Unexpected(b[0]), &b)),
@@ -506,8 +606,18 @@ impl Queue {
             ..
         } = c;
         let n = depth as usize;
-        let buf = SlotBuf::new(n, MAX_DATA_BYTES)
-            .ok_or(DatapathError::Closed("cannot allocate queue buffers"))?;
+        let reserve_bytes = if qid == 0 {
+            ADMIN_QUEUE_RESERVE_BYTES
+        } else {
+            IO_QUEUE_RESERVE_BYTES
+        };
+        let reserve = SlotBuf::new(1, reserve_bytes).ok_or(DatapathError::Closed(
+            "cannot map the queue's reserve buffer",
+        ))?;
+        let pool = shared.pool.client(Waker::from(notify.clone()), n);
+        let conns = shared.cfg.max_connections + shared.cfg.max_discovery_connections;
+        let r2t_budget = (shared.pool.capacity_bytes() / (R2T_POOL_SHARE_DIVISOR * conns.max(1)))
+            .max(MAX_DATA_BYTES);
         let local = sock.local_addr()?;
         let peer = sock.peer_addr()?;
         let table = shared.table();
@@ -528,7 +638,15 @@ impl Queue {
             slots: (0..n).map(|_| Slot::new()).collect(),
             free: (0..depth).rev().collect(),
             ready: Vec::with_capacity(n),
-            buf,
+            pool,
+            awaiting_buf: 0,
+            granted: Vec::with_capacity(n),
+            reserve,
+            reserve_free: true,
+            rx_stalled: false,
+            r2t_budget,
+            r2t_held: 0,
+            r2t_wait: VecDeque::with_capacity(n),
             ioq: IoQueue::new(),
             notify,
             table,
@@ -590,15 +708,17 @@ impl Queue {
                 return Ok(());
             }
             self.retry_throttled()?;
+            self.take_grants()?;
             self.drain_rx(rx)?;
             self.ioq.submit()?;
             self.reap()?;
             if self.qid == 0 {
                 self.admin_tick()?;
             }
-            let timeout = if self.ioq.has_ready() {
+            let timeout = if self.ioq.has_ready() || (self.rx_stalled && self.reserve_free) {
                 0
-            } else if !self.qos.slots.is_empty() {
+            } else if !self.qos.slots.is_empty() || self.rx_stalled {
+                // A stalled capsule also retries the pool, which other queues refill.
                 self.poll_timeout_ms().min(QOS_REFILL_MS)
             } else {
                 self.poll_timeout_ms()
@@ -653,10 +773,12 @@ impl Queue {
 
     /// Polls the socket, the notifier and the ring; returns (socket readable, notified).
     fn wait(&mut self, timeout_ms: u64) -> io::Result<(bool, bool)> {
+        // While a capsule is stalled in the receive buffer, more bytes could not be taken.
+        let sock_events = if self.rx_stalled { 0 } else { libc::POLLIN };
         let mut fds = [
             libc::pollfd {
                 fd: self.sock.as_raw_fd(),
-                events: libc::POLLIN,
+                events: sock_events,
                 revents: 0,
             },
             libc::pollfd {
@@ -693,28 +815,36 @@ impl Queue {
         Ok((fds[0].revents != 0, notified))
     }
 
+    /// When the controller's keep-alive timer runs out (None: no timer).
+    fn keepalive_deadline(&self) -> Option<Instant> {
+        let kato_ms = self
+            .ctrl
+            .effective_kato_ms(self.shared.cfg.no_namespace_kato_ms);
+        if kato_ms == 0 {
+            return None;
+        }
+        let last = self.ctrl.state().last_keepalive;
+        Some(last + Duration::from_millis(kato_ms as u64 + KATO_GRACE_MS))
+    }
+
     fn poll_timeout_ms(&self) -> u64 {
         if self.qid != 0 {
             return POLL_INTERVAL_MS_MAX;
         }
-        let st = self.ctrl.state();
-        if st.kato_ms == 0 {
+        let Some(deadline) = self.keepalive_deadline() else {
             return POLL_INTERVAL_MS_MAX;
-        }
-        let deadline = st.last_keepalive + Duration::from_millis(st.kato_ms as u64 + KATO_GRACE_MS);
+        };
         let left = deadline.saturating_duration_since(Instant::now());
         (left.as_millis() as u64).clamp(1, POLL_INTERVAL_MS_MAX)
     }
 
-    /// Delivers queued AENs and enforces KATO (admin queue only).
+    /// Delivers queued AENs and enforces KATO (admin queue only). The KATO enforced is
+    /// the effective one: a controller that sees no namespace cannot opt out with 0.
     fn admin_tick(&mut self) -> Result<(), DatapathError> {
-        let expired = {
-            let st = self.ctrl.state();
-            st.kato_ms != 0
-                && st.last_keepalive.elapsed()
-                    > Duration::from_millis(st.kato_ms as u64 + KATO_GRACE_MS)
-        };
-        if expired {
+        if self
+            .keepalive_deadline()
+            .is_some_and(|d| Instant::now() > d)
+        {
             tracing::info!(
                 cntlid = self.ctrl.cntlid,
                 "keep-alive timeout: tearing down controller"
@@ -732,6 +862,7 @@ impl Queue {
     }
 
     fn drain_rx(&mut self, rx: &mut RxBuf) -> Result<(), DatapathError> {
+        self.rx_stalled = false;
         loop {
             let avail = rx.data();
             let plen = match pdu::check(avail, &self.rxc) {
@@ -746,15 +877,21 @@ impl Queue {
                 other => other.map(|p| (p, true)),
             };
             match parsed {
-                Ok((p, digest_ok)) => {
-                    if let Err(e) = self.handle(p, digest_ok) {
+                Ok((p, digest_ok)) => match self.handle(p, digest_ok) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // In-capsule data and no buffer: keep the PDU for the next pass.
+                        self.rx_stalled = true;
+                        return Ok(());
+                    }
+                    Err(e) => {
                         let hdr = &rx.data()[..plen.min(MAX_HDR_BYTES)];
                         return Err(match e {
                             DatapathError::Pdu(pe) => self.fail(pe, hdr),
                             other => other,
                         });
                     }
-                }
+                },
                 Err(e) => return Err(self.fail(e, avail)),
             }
             rx.consume(plen);
@@ -767,12 +904,15 @@ impl Queue {
         terminate(&self.sock, e, offending)
     }
 
-    /// Acts on one PDU. `digest_ok` false means its data failed the data digest: the
-    /// command it belongs to fails with Transient Transport Error; the connection lives.
-    fn handle(&mut self, p: Pdu<'_>, digest_ok: bool) -> Result<(), DatapathError> {
+    /// Acts on one PDU; false means it could not be taken yet and must be offered again.
+    /// `digest_ok` false means its data failed the data digest: the command it belongs to
+    /// fails with Transient Transport Error; the connection lives.
+    fn handle(&mut self, p: Pdu<'_>, digest_ok: bool) -> Result<bool, DatapathError> {
         match p {
             Pdu::CapsuleCmd { sqe, data } => self.on_capsule(sqe, data, digest_ok),
-            Pdu::H2cData { hdr, last, data } => self.on_h2c_data(hdr, last, data, digest_ok),
+            Pdu::H2cData { hdr, last, data } => {
+                self.on_h2c_data(hdr, last, data, digest_ok).map(|()| true)
+            }
             Pdu::H2cTermReq { fes, .. } => {
                 tracing::debug!(fes, "host terminated the connection");
                 Err(DatapathError::Closed("host sent H2CTermReq"))
@@ -782,54 +922,105 @@ impl Queue {
         }
     }
 
+    /// A new command; false if its in-capsule data found no buffer (nothing was taken).
     fn on_capsule(
         &mut self,
         sqe: &[u8; SQE_LEN],
         data: &[u8],
         digest_ok: bool,
-    ) -> Result<(), DatapathError> {
+    ) -> Result<bool, DatapathError> {
         let Some(slot) = self.free.pop() else {
             // The host exceeded the queue depth it connected with.
             return Err(PduError::Unexpected(PduType::CapsuleCmd as u8).into());
         };
         let i = slot as usize;
-        self.sqhd = (self.sqhd + 1) % self.depth;
         let s = &mut self.slots[i];
         s.sqe = *sqe;
         s.got = 0;
         s.pending = 0;
         s.status = Status::SUCCESS;
         s.c2h_len = 0;
+        s.tokens_paid = false;
         let cmd = Sqe(sqe);
         let sgl = cmd.sgl();
         s.xfer = sgl.length;
-        let cid = cmd.cid();
         let dir = nvme::data_dir(&cmd);
-        if !digest_ok {
-            return self.finish(i, Outcome::status(Status::TRANSIENT_TRANSPORT));
-        }
-        if !data.is_empty() && dir != Dir::H2c {
-            return self.finish(i, Outcome::status(Status::INVALID_FIELD));
-        }
-        if sgl.length as usize > MAX_DATA_BYTES || dir == Dir::Both {
-            return self.finish(i, Outcome::status(Status::INVALID_FIELD));
-        }
-        if dir != Dir::H2c || sgl.length == 0 {
-            return self.execute(i);
-        }
-        if !data.is_empty() {
-            if data.len() != sgl.length as usize
+        let bad = if !digest_ok {
+            Some(Status::TRANSIENT_TRANSPORT)
+        } else if (!data.is_empty() && dir != Dir::H2c)
+            || sgl.length as usize > MAX_DATA_BYTES
+            || dir == Dir::Both
+        {
+            Some(Status::INVALID_FIELD)
+        } else if !data.is_empty()
+            && (data.len() != sgl.length as usize
                 || data.len() > self.in_capsule_max
                 || sgl.sgl_type != SGL_DATA_OFFSET
-                || sgl.addr != 0
-            {
-                return self.finish(i, Outcome::status(Status::SGL_LENGTH_INVALID));
-            }
-            self.buf.slot_mut(i, data.len()).copy_from_slice(data);
-            return self.execute(i);
+                || sgl.addr != 0)
+        {
+            Some(Status::SGL_LENGTH_INVALID)
+        } else {
+            None
+        };
+        if !data.is_empty() && bad.is_none() && !self.take_now(i, data.len())? {
+            self.free.push(slot); // offered again once a buffer is back
+            return Ok(false);
         }
-        self.slots[i].state = SlotState::AwaitData;
-        self.send_r2t(cid, slot, sgl.length)?;
+        self.sqhd = (self.sqhd + 1) % self.depth;
+        if let Some(status) = bad {
+            self.finish(i, Outcome::status(status))?;
+        } else if !data.is_empty() {
+            if let Some(b) = self.data_mut(i, data.len()) {
+                b.copy_from_slice(data);
+            }
+            self.execute(i)?;
+        } else if dir != Dir::H2c || sgl.length == 0 {
+            self.execute(i)?;
+        } else if self.qid != 0 && !self.sees_nsid(cmd.nsid()) {
+            // Nothing to write to: fail before any buffer is taken or data asked for.
+            self.finish(i, Outcome::status(Status::INVALID_NS))?;
+        } else if self.r2t_wait.is_empty() && self.r2t_fits(sgl.length as usize) {
+            self.start_r2t(i)?;
+        } else {
+            self.slots[i].state = SlotState::AwaitBuf;
+            self.r2t_wait.push_back(slot);
+        }
+        Ok(true)
+    }
+
+    fn sees_nsid(&mut self, nsid: u32) -> bool {
+        self.refresh_table();
+        self.visible_ns(nsid).is_some()
+    }
+
+    /// Whether `bytes` more R2T data fit the queue's budget (one transfer always does).
+    fn r2t_fits(&self, bytes: usize) -> bool {
+        self.r2t_held == 0 || self.r2t_held + bytes <= self.r2t_budget
+    }
+
+    /// Counts slot `i`'s data against the R2T budget and asks the host for it as soon
+    /// as it has a buffer.
+    fn start_r2t(&mut self, i: usize) -> Result<(), DatapathError> {
+        let xfer = self.slots[i].xfer;
+        self.r2t_held += xfer as usize;
+        if self.take_or_wait(i, xfer as usize, AfterGrant::R2t) {
+            self.slots[i].state = SlotState::AwaitData;
+            let cid = self.slots[i].cmd().cid();
+            self.send_r2t(cid, i as u16, xfer)?;
+        }
+        Ok(())
+    }
+
+    /// Slot `i`'s R2T data all arrived: its budget goes to the writes waiting for it.
+    fn r2t_done(&mut self, i: usize) -> Result<(), DatapathError> {
+        self.r2t_held = self.r2t_held.saturating_sub(self.slots[i].xfer as usize);
+        while let Some(&j) = self.r2t_wait.front() {
+            if !self.r2t_fits(self.slots[j as usize].xfer as usize) {
+                break;
+            }
+            self.r2t_wait.pop_front();
+            self.start_r2t(j as usize)?;
+        }
         Ok(())
     }
 
@@ -862,13 +1053,16 @@ impl Queue {
             .into());
         }
         let off = hdr.offset as usize;
-        self.buf.slot_mut(i, end as usize)[off..].copy_from_slice(data);
+        if let Some(b) = self.data_mut(i, end as usize) {
+            b[off..].copy_from_slice(data);
+        }
         self.slots[i].got = end as u32;
         if !digest_ok {
             self.slots[i].status = Status::TRANSIENT_TRANSPORT;
         }
         if end as u32 == self.slots[i].xfer {
             self.slots[i].state = SlotState::Executing;
+            self.r2t_done(i)?;
             let failed = self.slots[i].status;
             if !failed.is_success() {
                 // Whole transfer received; fail the command without executing it.
@@ -890,6 +1084,9 @@ impl Queue {
         self.slots[i].state = SlotState::Executing;
         self.refresh_table();
         let out = if self.qid == 0 {
+            if !self.admin_buffer(i)? {
+                return Ok(()); // waits for a grant
+            }
             self.exec_admin(i)
         } else {
             self.exec_io(i)
@@ -897,10 +1094,138 @@ impl Queue {
         self.finish(i, out)
     }
 
+    /// Gives an admin command that moves data a maximal buffer (its handlers build pages
+    /// of up to MAX_DATA_BYTES in it). False if it has to wait for a grant.
+    fn admin_buffer(&mut self, i: usize) -> Result<bool, DatapathError> {
+        let dir = nvme::data_dir(&self.slots[i].cmd());
+        if dir == Dir::None || !matches!(self.slots[i].data, SlotData::None) {
+            return Ok(true);
+        }
+        if self.take_now(i, MAX_DATA_BYTES)? {
+            return Ok(true);
+        }
+        Ok(self.take_or_wait(i, MAX_DATA_BYTES, AfterGrant::Execute))
+    }
+
+    /// A buffer for slot `i` without waiting in line: from the pool if one is free, else
+    /// the reserve (flushing the send batch first if a sent command still holds it).
+    fn take_now(&mut self, i: usize, len: usize) -> Result<bool, DatapathError> {
+        if let Some(b) = self.shared.pool.try_take(len) {
+            self.slots[i].data = SlotData::Pool(b);
+            return Ok(true);
+        }
+        if len > self.reserve.slot_bytes() {
+            return Ok(false);
+        }
+        if !self.reserve_free && !self.txb.held.is_empty() {
+            self.flush()?;
+        }
+        if !self.reserve_free {
+            return Ok(false);
+        }
+        self.reserve_free = false;
+        self.slots[i].data = SlotData::Reserve;
+        Ok(true)
+    }
+
+    /// A pool buffer for slot `i` now, or a place in the pool's FIFO (false: the slot
+    /// waits, holding nothing, and is executed again when its buffer is granted).
+    pub fn take_or_wait_buf(&mut self, i: usize, len: usize) -> bool {
+        self.take_or_wait(i, len, AfterGrant::Execute)
+    }
+
+    fn take_or_wait(&mut self, i: usize, len: usize, then: AfterGrant) -> bool {
+        match self.pool.take_or_wait(i as u32, len) {
+            Some(b) => {
+                self.slots[i].data = SlotData::Pool(b);
+                true
+            }
+            None => {
+                self.slots[i].state = SlotState::AwaitBuf;
+                self.slots[i].after_grant = then;
+                self.awaiting_buf += 1;
+                false
+            }
+        }
+    }
+
+    /// Resumes the commands whose buffers the pool granted, in grant order.
+    fn take_grants(&mut self) -> Result<(), DatapathError> {
+        if self.awaiting_buf == 0 {
+            return Ok(());
+        }
+        let mut granted = std::mem::take(&mut self.granted);
+        let slots = &mut self.slots;
+        self.pool.take_granted(|tag, buf| {
+            if let Some(s) = slots.get_mut(tag as usize) {
+                if s.state == SlotState::AwaitBuf && matches!(s.data, SlotData::None) {
+                    s.data = SlotData::Pool(buf);
+                    granted.push(tag as u16);
+                }
+            }
+        });
+        self.awaiting_buf -= granted.len().min(self.awaiting_buf);
+        let mut r = Ok(());
+        for &i in &granted {
+            let i = i as usize;
+            r = match self.slots[i].after_grant {
+                AfterGrant::R2t => {
+                    self.slots[i].state = SlotState::AwaitData;
+                    let (cid, xfer) = (self.slots[i].cmd().cid(), self.slots[i].xfer);
+                    self.send_r2t(cid, i as u16, xfer)
+                        .map_err(DatapathError::from)
+                }
+                AfterGrant::Execute => self.execute(i),
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+        granted.clear();
+        self.granted = granted;
+        r
+    }
+
+    /// The first `len` bytes of slot `i`'s data buffer (None if it holds none that long).
+    pub fn data(&self, i: usize, len: usize) -> Option<&[u8]> {
+        match &self.slots.get(i)?.data {
+            SlotData::Pool(b) if len <= b.len() => Some(b.as_slice(len)),
+            SlotData::Reserve if len <= self.reserve.slot_bytes() => {
+                Some(self.reserve.slot(0, len))
+            }
+            _ => None,
+        }
+    }
+
+    /// The first `len` bytes of slot `i`'s data buffer, mutably.
+    pub fn data_mut(&mut self, i: usize, len: usize) -> Option<&mut [u8]> {
+        match &mut self.slots.get_mut(i)?.data {
+            SlotData::Pool(b) if len <= b.len() => Some(b.as_mut_slice(len)),
+            SlotData::Reserve if len <= self.reserve.slot_bytes() => {
+                Some(self.reserve.slot_mut(0, len))
+            }
+            _ => None,
+        }
+    }
+
+    /// Start of slot `i`'s data buffer, for storage I/O, if it holds `len` bytes.
+    pub fn data_ptr(&mut self, i: usize, len: usize) -> Option<*mut u8> {
+        match &mut self.slots.get_mut(i)?.data {
+            SlotData::Pool(b) if len <= b.len() => Some(b.as_mut_ptr()),
+            SlotData::Reserve if len <= self.reserve.slot_bytes() => Some(self.reserve.slot_ptr(0)),
+            _ => None,
+        }
+    }
+
+    /// Whether slot `i` holds a data buffer.
+    pub fn has_data(&self, i: usize) -> bool {
+        !matches!(self.slots[i].data, SlotData::None)
+    }
+
     /// Acts on an outcome: respond and free the slot, or leave it in flight.
     fn finish(&mut self, i: usize, out: Outcome) -> Result<(), DatapathError> {
         match out {
-            Outcome::Pending => Ok(()),
+            Outcome::Pending | Outcome::AwaitBuf => Ok(()),
             Outcome::Parked => {
                 self.release(i);
                 Ok(())
@@ -918,6 +1243,13 @@ impl Queue {
             } => {
                 let cid = self.slots[i].cmd().cid();
                 if status.is_success() && c2h_len > 0 {
+                    if self.data(i, c2h_len as usize).is_none() {
+                        // A handler reported data it had nowhere to put: a bug, not input.
+                        tracing::error!(cid, c2h_len, "completion with data but no buffer");
+                        self.send_resp(cid, Status::INTERNAL, 0)?;
+                        self.release(i);
+                        return Ok(());
+                    }
                     // Held, not released: the batch still points at this slot's buffer.
                     self.send_data_resp(i, cid, c2h_len, result)?;
                     self.slots[i].state = SlotState::Sending;
@@ -931,10 +1263,16 @@ impl Queue {
         }
     }
 
+    /// Frees slot `i` and gives its data buffer back (to the pool, or the reserve).
     fn release(&mut self, i: usize) {
         let s = &mut self.slots[i];
         s.state = SlotState::Free;
         s.ns = None;
+        match std::mem::replace(&mut s.data, SlotData::None) {
+            SlotData::Pool(b) => drop(b),
+            SlotData::Reserve => self.reserve_free = true,
+            SlotData::None => {}
+        }
         self.free.push(i as u16);
     }
 
@@ -988,7 +1326,9 @@ impl Queue {
         for (v, seg) in iov.iter_mut().zip(&self.txb.segs) {
             *v = match *seg {
                 Seg::Hdr { start, end } => IoSlice::new(&self.txb.hdrs[start..end]),
-                Seg::Slot { i, len } => IoSlice::new(self.buf.slot(i as usize, len as usize)),
+                Seg::Slot { i, len } => {
+                    IoSlice::new(self.data(i as usize, len as usize).unwrap_or_default())
+                }
             };
         }
         let r = writev_all(&self.sock, &mut iov[..n]);
@@ -1047,7 +1387,7 @@ impl Queue {
         self.txb.push_hdr(&self.hdr[..n]);
         self.txb.segs.push(Seg::Slot { i: i as u16, len });
         if self.tx.ddgst {
-            let dd = pdu::data_digest(self.buf.slot(i, len as usize));
+            let dd = pdu::data_digest(self.data(i, len as usize).unwrap_or_default());
             self.txb.push_hdr(&dd);
         }
         if !success_flag {
@@ -1085,15 +1425,23 @@ impl Drop for Queue {
             });
             std::thread::sleep(Duration::from_millis(1));
         }
-        if self
+        // The kernel may still write into the buffers of what did not drain: leaking them
+        // (and keeping the pool mapped, which a leaked `Buf` does) beats a use-after-free.
+        let mut leak_reserve = false;
+        for s in self
             .slots
-            .iter()
-            .any(|s| s.state == SlotState::Executing && s.pending > 0)
+            .iter_mut()
+            .filter(|s| s.state == SlotState::Executing && s.pending > 0)
         {
-            // The kernel may still write into these buffers: leaking beats a use-after-free.
-            let placeholder = SlotBuf::new(1, 1);
-            if let Some(p) = placeholder {
-                std::mem::forget(std::mem::replace(&mut self.buf, p));
+            match std::mem::replace(&mut s.data, SlotData::None) {
+                SlotData::Pool(b) => std::mem::forget(b),
+                SlotData::Reserve => leak_reserve = true,
+                SlotData::None => {}
+            }
+        }
+        if leak_reserve {
+            if let Some(p) = SlotBuf::new(1, 1) {
+                std::mem::forget(std::mem::replace(&mut self.reserve, p));
             }
         }
         fabrics::disconnect(&self.shared, &self.ctrl, self.qid);

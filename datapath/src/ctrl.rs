@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use crate::admission::{self, CtrlKey};
 use crate::limits::{MAX_CHANGED_NS, MAX_IO_QUEUES_PER_CTRL, MAX_PENDING_EVENTS};
 use crate::notify::Notifier;
 use crate::ns::NsTable;
@@ -52,7 +53,8 @@ pub struct CtrlState {
     pub cc: u32,
     /// Controller Status property.
     pub csts: u32,
-    /// Keep Alive Timeout in ms (0 = disabled).
+    /// Keep Alive Timeout in ms the host asked for (0 = disabled); what is enforced is
+    /// [`Controller::effective_kato_ms`].
     pub kato_ms: u32,
     /// Last Keep Alive (or Connect).
     pub last_keepalive: Instant,
@@ -93,6 +95,8 @@ pub struct ControllerInit {
     pub kato_ms: u32,
     /// Wakes the admin queue.
     pub admin_notify: Arc<Notifier>,
+    /// Its entry in the admission ledger.
+    pub ledger_key: CtrlKey,
 }
 
 /// One controller.
@@ -114,6 +118,8 @@ pub struct Controller {
     pub admin_notify: Arc<Notifier>,
     /// Counters.
     pub stats: Stats,
+    /// Its entry in the admission ledger.
+    pub ledger_key: CtrlKey,
     state: Mutex<CtrlState>,
 }
 
@@ -128,6 +134,7 @@ impl Controller {
             discovery,
             kato_ms,
             admin_notify,
+            ledger_key,
         } = init;
         let seen = if discovery {
             Vec::new()
@@ -143,6 +150,7 @@ impl Controller {
             dead: AtomicBool::new(false),
             admin_notify,
             stats: Stats::default(),
+            ledger_key,
             state: Mutex::new(CtrlState {
                 cc: 0,
                 csts: 0,
@@ -165,6 +173,19 @@ impl Controller {
     /// holding it; the state is plain data, so continuing with it is sound.
     pub fn state(&self) -> MutexGuard<'_, CtrlState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether any namespace is visible to this controller now.
+    pub fn sees_namespaces(&self) -> bool {
+        !self.discovery && !self.state().seen.is_empty()
+    }
+
+    /// The keep-alive timeout enforced on this controller (ms, 0 = none): what the host
+    /// asked for, bounded by `no_namespace_kato_ms` while it sees no namespace.
+    pub fn effective_kato_ms(&self, no_namespace_kato_ms: u32) -> u32 {
+        let st = self.state();
+        let sees = !self.discovery && !st.seen.is_empty();
+        admission::effective_kato_ms(st.kato_ms, sees, no_namespace_kato_ms)
     }
 
     /// Whether the controller is being torn down.

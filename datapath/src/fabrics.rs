@@ -1,9 +1,16 @@
 //! Fabrics commands: Connect (creating or joining a controller), Property Get/Set, disconnect.
+//!
+//! Connect is where a connection meets the admission ledger a second time (the first is
+//! accept): an admin Connect needs the host NQN's and the address's controller share, an
+//! I/O queue Connect the host NQN's connection share. A refusal for capacity is Controller
+//! Busy without DNR, so hosts retry; a malformed Connect is Connect Invalid Parameters
+//! pointing at the offending field (byte offset, SQE or data).
 
 use std::net::TcpStream;
 use std::sync::Arc;
 
-use crate::conn::{Outcome, PortKind, Queue};
+use crate::admission::{ConnKey, Decision};
+use crate::conn::{Outcome, PortClass, Queue};
 use crate::ctrl::{Controller, ControllerInit};
 use crate::error::DatapathError;
 use crate::limits::{MAX_KATO_MS, MAX_QUEUE_DEPTH, MIN_QUEUE_DEPTH, NQN_BYTES};
@@ -17,6 +24,22 @@ const CONNECT_DATA_BYTES: usize = 1024;
 const CNTLID_DYNAMIC: u16 = 0xffff;
 /// Connect attribute: host disables SQ flow control.
 const CATTR_DISABLE_SQFLOW: u8 = 0x04;
+
+/// Byte offsets of Connect fields, for Invalid Parameters results.
+mod at {
+    /// SQE: queue ID.
+    pub const QID: u64 = 42;
+    /// SQE: submission queue size.
+    pub const SQSIZE: u64 = 44;
+    /// SQE: keep alive timeout.
+    pub const KATO: u64 = 48;
+    /// Data: controller ID.
+    pub const CNTLID: u64 = 16;
+    /// Data: subsystem NQN.
+    pub const SUBNQN: usize = 256;
+    /// Data: host NQN.
+    pub const HOSTNQN: usize = 512;
+}
 
 /// A successful Connect.
 pub struct Accepted {
@@ -45,136 +68,201 @@ pub enum ConnectOutcome {
     },
 }
 
-fn refuse(status: Status, result: u64) -> Result<ConnectOutcome, DatapathError> {
-    Ok(ConnectOutcome::Refused { status, result })
+/// A refusal: completion status and CQE DW0.
+type Refusal = (Status, u64);
+
+/// Invalid Parameters pointing at a Connect data byte (IATTR = 1).
+fn bad_data_field(offset: u64) -> Refusal {
+    (Status::CONNECT_INVALID_PARAM, (1 << 16) | offset)
 }
 
-/// Invalid Parameters pointing at a Connect data byte.
-fn bad_data_field(offset: u64) -> Result<ConnectOutcome, DatapathError> {
-    refuse(Status::CONNECT_INVALID_PARAM, (1 << 16) | offset)
+/// Invalid Parameters pointing at an SQE byte (IATTR = 0).
+fn bad_sqe_field(offset: u64) -> Refusal {
+    (Status::CONNECT_INVALID_PARAM, offset)
 }
 
-/// Invalid Parameters pointing at an SQE byte.
-fn bad_sqe_field(offset: u64) -> Result<ConnectOutcome, DatapathError> {
-    refuse(Status::CONNECT_INVALID_PARAM, offset)
+/// A capacity limit: the host may retry later.
+const BUSY: Refusal = (Status::CONNECT_CTRL_BUSY_RETRY, 0);
+
+/// The fields of a Connect that passed validation.
+struct ConnectReq<'a> {
+    qid: u16,
+    depth: u16,
+    sqflow_off: bool,
+    kato_ms: u32,
+    host_id: [u8; 16],
+    cntlid: u16,
+    hostnqn: &'a str,
+    discovery: bool,
 }
 
-fn cstr(b: &[u8]) -> String {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
-}
-
-/// Handles the first capsule of a connection, which must be a Connect.
-pub fn connect(
-    shared: &Arc<Shared>,
-    stream: &TcpStream,
-    port: PortKind,
+/// Validates a Connect capsule against the port it arrived on.
+fn parse<'a>(
+    shared: &Shared,
+    port: PortClass,
     sqe: &Sqe<'_>,
-    data: &[u8],
-) -> Result<ConnectOutcome, DatapathError> {
+    data: &'a [u8],
+) -> Result<ConnectReq<'a>, Refusal> {
     if sqe.opcode() != FABRICS || sqe.fctype() != fctype::CONNECT {
-        return refuse(Status::CMD_SEQ_ERROR, 0);
+        return Err((Status::CMD_SEQ_ERROR, 0));
     }
     if data.len() < CONNECT_DATA_BYTES {
-        return refuse(Status::SGL_LENGTH_INVALID, 0);
+        return Err((Status::SGL_LENGTH_INVALID, 0));
     }
     if sqe.connect_recfmt() != 0 {
-        return refuse(Status::CONNECT_INCOMPATIBLE, 0);
+        return Err((Status::CONNECT_INCOMPATIBLE, 0));
     }
     let sqsize = sqe.connect_sqsize();
     if !(MIN_QUEUE_DEPTH - 1..MAX_QUEUE_DEPTH).contains(&sqsize) {
-        return bad_sqe_field(44);
+        return Err(bad_sqe_field(at::SQSIZE));
     }
-    let host_id: [u8; 16] = match data[0..16].try_into() {
-        Ok(a) => a,
-        Err(_) => return bad_data_field(0),
-    };
-    let cntlid = u16::from_le_bytes([data[16], data[17]]);
-    let subnqn = cstr(&data[256..256 + NQN_BYTES]);
-    let hostnqn = cstr(&data[512..512 + NQN_BYTES]);
+    let field = |off: usize| &data[off..off + NQN_BYTES];
+    let subnqn = crate::nqn::validate_field(field(at::SUBNQN))
+        .map_err(|_| bad_data_field(at::SUBNQN as u64))?;
+    let hostnqn = crate::nqn::validate_field(field(at::HOSTNQN))
+        .map_err(|_| bad_data_field(at::HOSTNQN as u64))?;
     let discovery = subnqn == DISCOVERY_NQN;
-    if !discovery && (subnqn != shared.cfg.subsystem_nqn || port == PortKind::Discovery) {
-        return bad_data_field(256);
+    if !discovery && (subnqn != shared.cfg.subsystem_nqn || port == PortClass::Discovery) {
+        return Err(bad_data_field(at::SUBNQN as u64));
     }
-    if hostnqn.is_empty() {
-        return bad_data_field(512);
-    }
-    let notify = Arc::new(Notifier::new()?);
-    let qid = sqe.connect_qid();
-    let depth = sqsize + 1;
-    let sqflow_off = sqe.connect_cattr() & CATTR_DISABLE_SQFLOW != 0;
-    let ctrl = if qid == 0 {
-        if cntlid != CNTLID_DYNAMIC {
-            return bad_data_field(16);
-        }
-        let kato_ms = sqe.connect_kato();
-        if kato_ms > MAX_KATO_MS {
-            return bad_sqe_field(48);
-        }
-        let init = ControllerInit {
-            cntlid: 0,
-            host_nqn: hostnqn,
-            host_id,
-            remote: stream.peer_addr()?,
-            discovery,
-            kato_ms,
-            admin_notify: notify.clone(),
-        };
-        match create_controller(shared, init) {
-            Some(c) => c,
-            None => return refuse(Status::CONNECT_CTRL_BUSY, 0),
-        }
-    } else {
-        match join_io_queue(shared, cntlid, qid, &hostnqn, &host_id, discovery, &notify) {
-            Ok(c) => c,
-            Err((status, result)) => return refuse(status, result),
-        }
-    };
-    Ok(ConnectOutcome::Accepted(Accepted {
-        ctrl,
-        qid,
-        depth,
-        sqflow_off,
-        notify,
-    }))
+    let mut host_id = [0u8; 16];
+    host_id.copy_from_slice(&data[0..16]);
+    Ok(ConnectReq {
+        qid: sqe.connect_qid(),
+        depth: sqsize + 1,
+        sqflow_off: sqe.connect_cattr() & CATTR_DISABLE_SQFLOW != 0,
+        kato_ms: sqe.connect_kato(),
+        host_id,
+        cntlid: u16::from_le_bytes([data[16], data[17]]),
+        hostnqn,
+        discovery,
+    })
 }
 
-/// Registers a new controller under a fresh ID (None when every ID is taken).
-fn create_controller(shared: &Shared, mut init: ControllerInit) -> Option<Arc<Controller>> {
+/// Handles the first capsule of connection `conn`, which must be a Connect.
+pub fn connect(
+    shared: &Arc<Shared>,
+    stream: &TcpStream,
+    port: PortClass,
+    conn: ConnKey,
+    sqe: &Sqe<'_>,
+    data: &[u8],
+) -> Result<ConnectOutcome, DatapathError> {
+    let req = match parse(shared, port, sqe, data) {
+        Ok(r) => r,
+        Err((status, result)) => return Ok(ConnectOutcome::Refused { status, result }),
+    };
+    let notify = Arc::new(Notifier::new()?);
+    let ctrl = if req.qid == 0 {
+        create_controller(shared, stream, conn, &req, &notify)?
+    } else {
+        join_io_queue(shared, conn, &req, &notify)
+    };
+    Ok(match ctrl {
+        Ok(ctrl) => ConnectOutcome::Accepted(Accepted {
+            ctrl,
+            qid: req.qid,
+            depth: req.depth,
+            sqflow_off: req.sqflow_off,
+            notify,
+        }),
+        Err((status, result)) => ConnectOutcome::Refused { status, result },
+    })
+}
+
+/// Creates and registers a controller for an admin Connect, within the admission limits.
+fn create_controller(
+    shared: &Shared,
+    stream: &TcpStream,
+    conn: ConnKey,
+    req: &ConnectReq<'_>,
+    notify: &Arc<Notifier>,
+) -> Result<Result<Arc<Controller>, Refusal>, DatapathError> {
+    if req.cntlid != CNTLID_DYNAMIC {
+        return Ok(Err(bad_data_field(at::CNTLID)));
+    }
+    if req.kato_ms > MAX_KATO_MS {
+        return Ok(Err(bad_sqe_field(at::KATO)));
+    }
+    let remote = stream.peer_addr()?;
     // The table is read under the registry lock; see Shared::publish.
     let mut reg = shared.registry();
-    init.cntlid = reg.allocate_id()?;
-    let c = Arc::new(Controller::new(init, &shared.table()));
+    let table = shared.table();
+    let sees_ns = !req.discovery && table.visible(req.hostnqn, remote.ip()).next().is_some();
+    let Some(cntlid) = reg.allocate_id() else {
+        return Ok(Err(BUSY));
+    };
+    let ledger_key = {
+        let mut ledger = shared.ledger();
+        match ledger.decide_controller(&shared.caps, conn, req.hostnqn) {
+            Decision::Admit => ledger.add_controller(conn, req.hostnqn, sees_ns),
+            d => {
+                tracing::info!(host = %req.hostnqn, %remote, decision = ?d, "controller refused");
+                return Ok(Err(BUSY));
+            }
+        }
+    };
+    let init = ControllerInit {
+        cntlid,
+        host_nqn: req.hostnqn.to_owned(),
+        host_id: req.host_id,
+        remote,
+        discovery: req.discovery,
+        kato_ms: req.kato_ms,
+        admin_notify: notify.clone(),
+        ledger_key,
+    };
+    let c = Arc::new(Controller::new(init, &table));
     reg.insert(c.clone());
     tracing::info!(cntlid = c.cntlid, host = %c.host_nqn, remote = %c.remote, discovery = c.discovery, "controller created");
-    Some(c)
+    Ok(Ok(c))
 }
 
+/// Attaches an I/O queue to the controller its Connect names.
+///
+/// The queue is matched by controller ID and host NQN, as Linux nvmet and SPDK do; the
+/// Host Identifier is not compared, since some initiators send a fresh one per Connect.
 fn join_io_queue(
     shared: &Shared,
-    cntlid: u16,
-    qid: u16,
-    hostnqn: &str,
-    host_id: &[u8; 16],
-    discovery: bool,
+    conn: ConnKey,
+    req: &ConnectReq<'_>,
     notify: &Arc<Notifier>,
-) -> Result<Arc<Controller>, (Status, u64)> {
-    if discovery {
-        return Err((Status::CONNECT_INVALID_PARAM, 42));
+) -> Result<Arc<Controller>, Refusal> {
+    if req.discovery {
+        return Err(bad_sqe_field(at::QID)); // discovery controllers have no I/O queues
     }
-    let invalid_cntlid = (Status::CONNECT_INVALID_PARAM, (1 << 16) | 16);
-    let c = shared.registry().get(cntlid).ok_or(invalid_cntlid)?;
-    if c.discovery || c.is_dead() || c.host_nqn != hostnqn || &c.host_id != host_id {
-        return Err(invalid_cntlid);
+    let c = shared
+        .registry()
+        .get(req.cntlid)
+        .filter(|c| !c.discovery && !c.is_dead())
+        .ok_or(bad_data_field(at::CNTLID))?;
+    if c.host_nqn != req.hostnqn {
+        return Err(bad_data_field(at::HOSTNQN as u64));
+    }
+    if c.host_id != req.host_id {
+        tracing::debug!(
+            cntlid = c.cntlid,
+            "I/O queue Connect with a different Host Identifier"
+        );
     }
     let mut st = c.state();
     if st.cc & 1 == 0 || st.csts & 1 == 0 {
         return Err((Status::CMD_SEQ_ERROR, 0));
     }
-    if qid > st.io_queues_granted || st.io_queues.iter().any(|(q, _)| *q == qid) {
+    if req.qid > st.io_queues_granted || st.io_queues.iter().any(|(q, _)| *q == req.qid) {
         return Err((Status::INVALID_QID, 0));
     }
-    st.io_queues.push((qid, notify.clone()));
+    {
+        let mut ledger = shared.ledger();
+        match ledger.decide_join(&shared.caps, c.ledger_key) {
+            Decision::Admit => ledger.join(conn, c.ledger_key),
+            d => {
+                tracing::info!(cntlid = c.cntlid, decision = ?d, "I/O queue refused");
+                return Err(BUSY);
+            }
+        }
+    }
+    st.io_queues.push((req.qid, notify.clone()));
     drop(st);
     Ok(c)
 }

@@ -68,8 +68,15 @@ impl Queue {
             return Outcome::status(Status::SGL_LENGTH_INVALID);
         }
         let dir = if read { QosDir::Read } else { QosDir::Write };
-        if !self.qos_admit(&ns, dir, len as u32) {
-            return Outcome::Throttled;
+        if !self.slots[i].tokens_paid {
+            if !self.qos_admit(&ns, dir, len as u32) {
+                return Outcome::Throttled;
+            }
+            self.slots[i].tokens_paid = true;
+        }
+        // A read takes its buffer only now, after QoS: a throttled read holds no memory.
+        if read && !self.has_data(i) && !self.take_or_wait_buf(i, len as usize) {
+            return Outcome::AwaitBuf;
         }
         let kind = if read {
             self.slots[i].c2h_len = len as u32;
@@ -99,7 +106,9 @@ impl Queue {
             return Outcome::status(Status::SGL_LENGTH_INVALID);
         }
         let mut ranges = [(0u64, 0u64); MAX_DSM_RANGES];
-        let data = self.buf.slot(i, nr * 16);
+        let Some(data) = self.data(i, nr * 16) else {
+            return Outcome::status(Status::INTERNAL);
+        };
         for (r, d) in ranges.iter_mut().zip(data.chunks_exact(16)) {
             let nlb = u32::from_le_bytes([d[4], d[5], d[6], d[7]]) as u64;
             let mut slba = [0u8; 8];
@@ -150,7 +159,9 @@ impl Queue {
         len: u32,
     ) -> Result<(), Status> {
         let buf = match kind {
-            IoKind::Read | IoKind::Write { .. } => self.buf.slot_ptr(i),
+            IoKind::Read | IoKind::Write { .. } => {
+                self.data_ptr(i, len as usize).ok_or(Status::INTERNAL)?
+            }
             _ => std::ptr::null_mut(),
         };
         let req = IoRequest {
@@ -161,9 +172,10 @@ impl Queue {
             tag: i as u64,
         };
         self.slots[i].pending += 1;
-        // SAFETY: slot i's buffer is reserved for this command until the slot is released,
-        // which happens only after its last completion is reaped (or the buffer is leaked in
-        // teardown); the slot holds an Arc to the namespace so the backend outlives the I/O.
+        // SAFETY: slot i's data buffer (len bytes, checked by data_ptr) belongs to this
+        // command until the slot is released, which happens only after its last completion
+        // is reaped (or the buffer is leaked in teardown); the slot holds an Arc to the
+        // namespace so the backend outlives the I/O.
         match unsafe { ns.backend.submit(&mut self.ioq, &req) } {
             Ok(()) => Ok(()),
             Err(e) => {

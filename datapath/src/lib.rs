@@ -5,7 +5,12 @@
 //!
 //! | module | role |
 //! |---|---|
-//! | [`limits`] | every bound (connections, queue depth, PDU and data sizes, timeouts) |
+//! | [`limits`] | every bound (connections, queue depth, PDU and data sizes, timeouts, pool bytes) |
+//! | [`admission`] | who may hold what: the pure admission and capacity policy over a ledger |
+//! | [`pool`] | the shared, bounded pool of page-aligned data buffers and its FIFO of waiters |
+//! | [`buffer`] | lazily faulted page-aligned memory ([`buffer::Region`], [`buffer::SlotBuf`]) |
+//! | [`nqn`] | the NQN validator (Connect fields, configuration, ACL entries) |
+//! | [`backoff`] | exponential backoff and a rate-limited log line for failing loops |
 //! | [`pdu`] | NVMe/TCP PDU codec: cheap `check`, full `parse`, header/data digests (CRC32C) |
 //! | [`nvme`] | NVMe vocabulary: opcodes, status codes, SQE accessors, CQE encoding |
 //! | [`pages`] | Identify structures and log pages (pure builders) |
@@ -31,15 +36,40 @@
 //! the ring itself and a notifier eventfd; storage I/O for all of a queue's commands
 //! is in flight concurrently, so queue depth is honoured per queue. This is simple and isolates connections
 //! (a bad PDU ends only its own thread), at the price of one thread per queue pair:
-//! `max_connections` bounds the thread count, and throughput per queue is bounded
-//! by one core. The PDUs one pass of the loop produces are sent together with one
+//! `max_connections` plus `max_discovery_connections` bound the thread count, and
+//! throughput per queue is bounded by one core. The admission policy ([`admission`])
+//! and the buffer pool ([`pool`]) know nothing of this threading model: a reactor
+//! engine owning many connections per thread would use them unchanged. The PDUs one pass of the loop produces are sent together with one
 //! blocking `writev` (bounded by `SEND_TIMEOUT_MS`) before the thread sleeps.
 //!
 //! Memory per connection is one receive buffer (`RX_BUF_BYTES`), one send batch
-//! (`TX_BATCH_HDR_BYTES`) and one
-//! `MAX_DATA_BYTES` buffer per queue slot (queue depth from Connect), allocated at
-//! Connect and touched lazily. H2C data is copied once from the receive buffer into
-//! the slot buffer; C2H data is sent straight from the slot buffer.
+//! (`TX_BATCH_HDR_BYTES`) and a small reserve data buffer, allocated at Connect. Data
+//! buffers come from one pool per target ([`pool`], `TargetConfig::buffer_pool_bytes`):
+//! a command borrows a page-aligned buffer sized to its transfer while it moves data (a
+//! write from its R2T, a read from the moment it reaches the backend) and gives it back
+//! once its completion is sent, so memory follows what is in flight, not queue depth. A
+//! command that finds the pool exhausted waits in the pool's FIFO holding nothing and is
+//! resumed, in arrival order, when a buffer is granted to it. In-capsule data, which has
+//! already arrived, falls back on the queue's reserve; the admin queue's reserve is one
+//! maximal buffer, so Identify and log pages always progress. A queue may have only its
+//! share of R2T data outstanding (`limits::R2T_POOL_SHARE_DIVISOR`), so hosts that never
+//! send the data they were asked for cannot drain the pool. H2C data is copied once
+//! from the receive buffer into the data buffer; C2H data is sent straight from it.
+//!
+//! # Admission (and why)
+//!
+//! Any peer that reaches a port can connect and create controllers, so what one peer may
+//! hold is bounded ([`admission`] has the policy and its reasons): the I/O and discovery
+//! ports have separate connection budgets; one source address and one host NQN each hold
+//! a bounded share of connections and controllers; the ICReq and the Connect must arrive
+//! within one deadline from accept (`TargetConfig::handshake_timeout`); a controller that
+//! sees no namespace (every discovery controller, any host no ACL admits) is held to a
+//! keep-alive timeout of at most `no_namespace_kato_ms` (120 s), KATO 0 included, however
+//! it was set; when a port is full, a new connection reclaims the oldest connection on it
+//! still in its handshake, else its oldest such controller; and a connection is admitted only while `fd_reserve` descriptors stay free below
+//! RLIMIT_NOFILE. A controller that sees a namespace keeps the KATO it asked for (0 = no
+//! timer) and is never reclaimed. The accept loop backs off exponentially when accept
+//! fails (EMFILE, ENFILE...) and logs at most once per second.
 //!
 //! The control plane only calls [`TargetHandle`] methods; it publishes whole
 //! namespace tables and the data path never calls back or waits on it.
@@ -75,7 +105,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod admission;
 pub mod backend;
+pub mod backoff;
 pub mod blockstore;
 pub mod buffer;
 pub mod config;
@@ -84,9 +116,11 @@ pub mod error;
 pub mod filecopy;
 pub mod initiator;
 pub mod limits;
+pub mod nqn;
 pub mod nvme;
 pub mod pages;
 pub mod pdu;
+pub mod pool;
 pub mod qos;
 
 mod admin;

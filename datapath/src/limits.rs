@@ -3,14 +3,80 @@
 //! Every buffer, queue and timeout in the crate derives from a constant here, so
 //! the worst-case memory and thread footprint can be read off this one file:
 //! per connection one thread, one receive buffer of [`RX_BUF_BYTES`], one send batch of
-//! [`TX_BATCH_HDR_BYTES`] plus [`TX_BATCH_SEGS`] descriptors, and
-//! `queue depth * MAX_DATA_BYTES` of slot buffers (lazily faulted anonymous memory).
+//! [`TX_BATCH_HDR_BYTES`] plus [`TX_BATCH_SEGS`] descriptors, and a reserve data buffer
+//! ([`IO_QUEUE_RESERVE_BYTES`], or [`ADMIN_QUEUE_RESERVE_BYTES`] for an admin queue);
+//! per target one shared data buffer pool of `TargetConfig::buffer_pool_bytes`
+//! ([`DEFAULT_BUFFER_POOL_BYTES`]) from which commands borrow while they move data.
+//! Reserves and pool are anonymous mappings: they cost resident memory only for the pages
+//! data has passed through, so an idle queue costs next to nothing and all data buffers
+//! together stay below `buffer_pool_bytes + connections * reserve` whatever the hosts do.
 
-/// Default number of TCP connections (queue pairs) the target serves at once.
+/// Default number of TCP connections (queue pairs) the I/O port serves at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
 
-/// Hard ceiling on `TargetConfig::max_connections` (each one is a thread).
+/// Default number of connections the discovery port serves at once (its own budget:
+/// filling it never refuses an I/O connection, nor the other way round).
+pub const DEFAULT_MAX_DISCOVERY_CONNECTIONS: usize = 32;
+
+/// Hard ceiling on `TargetConfig::max_connections` and `max_discovery_connections`
+/// (each connection is a thread).
 pub const MAX_CONNECTIONS_CEILING: usize = 4096;
+
+/// Default connections one host NQN may hold: two controllers with every I/O queue
+/// (room for a reconnect while the old controller is still timing out).
+pub const DEFAULT_MAX_CONNECTIONS_PER_HOST: usize = 2 * (1 + MAX_IO_QUEUES_PER_CTRL as usize);
+
+/// Default controllers one host NQN may hold (I/O and discovery controllers together).
+pub const DEFAULT_MAX_CONTROLLERS_PER_HOST: usize = 8;
+
+/// Default connections one source address may hold, handshakes included.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDR: usize = 64;
+
+/// Default controllers one source address may hold.
+pub const DEFAULT_MAX_CONTROLLERS_PER_ADDR: usize = 16;
+
+/// Descriptors one connection needs: its socket, the duplicate shutdown uses to wake it,
+/// its notifier eventfd and its io_uring.
+pub const FDS_PER_CONNECTION: usize = 4;
+
+/// Default descriptors kept free for the data path: a connection is admitted only while
+/// the process stays this far below RLIMIT_NOFILE after it, so existing connections can
+/// still open rings and namespace files.
+pub const DEFAULT_FD_RESERVE: usize = 64;
+
+/// First pause after a failed accept (EMFILE, ENFILE, ENOBUFS...); doubles per failure.
+pub const ACCEPT_BACKOFF_MS_MIN: u64 = 10;
+
+/// Longest pause between accept attempts while they keep failing.
+pub const ACCEPT_BACKOFF_MS_MAX: u64 = 1_000;
+
+/// A repeated accept failure or refusal is logged at most once per this period, with the
+/// number of occurrences suppressed since the last line.
+pub const ACCEPT_LOG_INTERVAL_MS: u64 = 1_000;
+
+/// Default total bytes of the shared data buffer pool (see the module docs).
+pub const DEFAULT_BUFFER_POOL_BYTES: usize = 256 << 20;
+
+/// Smallest pool: one maximal transfer must fit.
+pub const MIN_BUFFER_POOL_BYTES: usize = MAX_DATA_BYTES;
+
+/// Largest pool `TargetConfig::buffer_pool_bytes` may ask for.
+pub const MAX_BUFFER_POOL_BYTES: usize = 64 << 30;
+
+/// Share of the buffer pool that data requested by R2T (held until the host sends it) may
+/// take across all connections: each queue may have at most
+/// `buffer_pool_bytes / (R2T_POOL_SHARE_DIVISOR * connections)` of R2T data outstanding
+/// (never less than one maximal transfer), where connections is `max_connections +
+/// max_discovery_connections`. A host that never answers its R2Ts can then pin at most
+/// that much, so the rest of the pool keeps serving everyone else.
+pub const R2T_POOL_SHARE_DIVISOR: usize = 2;
+
+/// Private buffer of each I/O queue for in-capsule data that arrives while the pool is
+/// exhausted (the data is already in the receive buffer and cannot wait in line).
+pub const IO_QUEUE_RESERVE_BYTES: usize = IN_CAPSULE_DATA_BYTES;
+
+/// Private buffer of each admin queue, so Identify and log pages always progress.
+pub const ADMIN_QUEUE_RESERVE_BYTES: usize = MAX_DATA_BYTES;
 
 /// I/O queues one controller may create (the answer to Set Features "number of queues").
 pub const MAX_IO_QUEUES_PER_CTRL: u16 = 16;
@@ -75,7 +141,8 @@ pub const MAX_PENDING_EVENTS: usize = 16;
 /// Dataset Management ranges in one command (NR is 8 bits, 0-based).
 pub const MAX_DSM_RANGES: usize = 256;
 
-/// Seconds a new connection may take to send its ICReq and Connect.
+/// Default time from accept by which a new connection must have sent both its ICReq and
+/// its Connect (one deadline for the whole handshake, not per read).
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
 /// Longest a blocking send to a host may stall before the connection is dropped.
@@ -99,6 +166,11 @@ pub const QOS_BURST_MS: u64 = 50;
 
 /// Keep Alive Timeout the target accepts from a host (60 minutes, in milliseconds).
 pub const MAX_KATO_MS: u32 = 3_600_000;
+
+/// Default ceiling on the effective keep-alive timeout of a controller that sees no
+/// namespace (discovery controllers, hosts no ACL admits); KATO 0 means this for them.
+/// Linux nvmet gives discovery controllers the same 120 s.
+pub const NO_NAMESPACE_KATO_MS: u32 = 120_000;
 
 /// Extra time beyond KATO before a silent controller is torn down (network jitter allowance).
 pub const KATO_GRACE_MS: u64 = 1_000;
@@ -130,6 +202,9 @@ const _: () = assert!(MAX_DATA_BYTES <= u32::MAX as usize);
 const _: () = assert!(TX_BATCH_SEGS >= 3 && TX_BATCH_SEGS <= 1024);
 const _: () = assert!(TX_BATCH_HDR_BYTES >= 2 * MAX_HDR_BYTES + 4);
 const _: () = assert!(QOS_REFILL_MS <= POLL_INTERVAL_MS_MAX && QOS_BURST_MS >= QOS_REFILL_MS);
+const _: () = assert!(MIN_BUFFER_POOL_BYTES >= MAX_DATA_BYTES);
+const _: () = assert!(ACCEPT_BACKOFF_MS_MIN <= ACCEPT_BACKOFF_MS_MAX);
+const _: () = assert!(NO_NAMESPACE_KATO_MS <= MAX_KATO_MS);
 
 /// Block store allocation and mapping unit (one logical block).
 pub const BLOCK_BYTES: u64 = LBA_BYTES;

@@ -43,3 +43,14 @@ impl Notifier {
         self.fd.as_raw_fd()
     }
 }
+
+/// Lets the buffer pool (or any waker-based API) wake the connection's poll loop.
+impl std::task::Wake for Notifier {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.notify();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.notify();
+    }
+}

@@ -108,6 +108,13 @@ impl Status {
     pub const CONNECT_INCOMPATIBLE: Status = Status::specific(0x80);
     /// Fabrics: Controller Busy.
     pub const CONNECT_CTRL_BUSY: Status = Status::specific(0x81);
+    /// Fabrics: Controller Busy without DNR: a capacity limit that may clear, so the host
+    /// retries (Linux stops reconnecting after a DNR status).
+    pub const CONNECT_CTRL_BUSY_RETRY: Status = Status {
+        sct: 1,
+        sc: 0x81,
+        dnr: false,
+    };
     /// Fabrics: Connect Invalid Parameters.
     pub const CONNECT_INVALID_PARAM: Status = Status::specific(0x82);
     /// Fabrics: Connect Invalid Host.

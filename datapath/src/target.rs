@@ -3,20 +3,33 @@
 //! `start` binds the listeners and returns at once; accept loops and
 //! connections run on their own threads and never call back into the caller,
 //! so the control plane (tokio) is never blocked by the data path and vice versa.
+//!
+//! Every accepted connection goes through the admission ledger ([`crate::admission`])
+//! first: a refused one is closed at once; a reclaim closes the victim handshake or tears
+//! the victim controller down.
+//! An accept that fails (out of descriptors, say) is retried with exponential backoff
+//! and logged at most once per [`ACCEPT_LOG_INTERVAL_MS`], so the loop neither spins nor
+//! floods the log, and serves again as soon as descriptors are free.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::admission::{Caps, ConnKey, Decision, Fds, Ledger, PortClass, Victim};
+use crate::backoff::{Backoff, LogLimiter};
 use crate::config::{ConnectedHost, NamespaceSpec, TargetConfig};
-use crate::conn::{self, PortKind};
+use crate::conn;
 use crate::ctrl::Registry;
 use crate::error::DatapathError;
-use crate::limits::{MAX_CONNECTIONS_CEILING, NQN_BYTES, POLL_INTERVAL_MS_MAX};
+use crate::limits::{
+    ACCEPT_BACKOFF_MS_MAX, ACCEPT_BACKOFF_MS_MIN, ACCEPT_LOG_INTERVAL_MS, MAX_BUFFER_POOL_BYTES,
+    MAX_CONNECTIONS_CEILING, MAX_KATO_MS, MIN_BUFFER_POOL_BYTES, POLL_INTERVAL_MS_MAX,
+};
 use crate::ns::NsTable;
+use crate::pool::BufPool;
 
 /// State shared by every thread of one target.
 #[derive(Debug)]
@@ -31,12 +44,18 @@ pub struct Shared {
     /// Generation of the published table (connections compare against their copy).
     pub generation: AtomicU64,
     registry: Mutex<Registry>,
+    /// What every connection and controller holds (lock order: registry, controller state,
+    /// ledger; nothing is locked while the ledger is held).
+    ledger: Mutex<Ledger>,
+    /// The admission limits (from `cfg`).
+    pub caps: Caps,
+    /// The data buffers every queue borrows from.
+    pub pool: Arc<BufPool>,
     /// Set once by shutdown; every loop checks it.
     pub shutdown: AtomicBool,
-    live_conns: AtomicUsize,
-    /// Duplicates of live connection sockets, so shutdown can wake blocked threads.
-    sockets: Mutex<Vec<(u64, TcpStream)>>,
-    next_socket_id: AtomicU64,
+    /// Duplicates of live connection sockets, so shutdown (and a reclaim) can wake
+    /// blocked threads.
+    sockets: Mutex<Vec<(ConnKey, TcpStream)>>,
     /// When the target started (SMART power-on hours).
     pub started: Instant,
     publish: Mutex<()>,
@@ -53,6 +72,32 @@ impl Shared {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The admission ledger (always the innermost lock).
+    pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes the handshake or tears down the controller the ledger chose to reclaim.
+    fn reclaim(&self, victim: Victim) {
+        match victim {
+            Victim::Handshake(key) => {
+                if let Some((_, s)) = self.sockets().iter().find(|(k, _)| *k == key) {
+                    tracing::info!(peer = ?s.peer_addr().ok(),
+                        "reclaiming a connection still in its handshake: its port is full");
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            Victim::Controller(key) => {
+                let c = self.registry().all().find(|c| c.ledger_key == key).cloned();
+                if let Some(c) = c {
+                    tracing::info!(cntlid = c.cntlid, host = %c.host_nqn, remote = %c.remote, discovery = c.discovery,
+                        "reclaiming a controller that sees no namespace: its port is full");
+                    c.kill();
+                }
+            }
+        }
+    }
+
     fn publish(&self, specs: Vec<NamespaceSpec>) -> Result<(), DatapathError> {
         let _serial = self.publish.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.table();
@@ -67,9 +112,19 @@ impl Shared {
             self.generation.store(gen, Ordering::Release);
             reg.all().cloned().collect()
         };
-        for c in ctrls {
+        for c in &ctrls {
             c.namespaces_published(&table);
         }
+        // Ledger last: it is always the innermost lock.
+        let sees: Vec<_> = ctrls
+            .iter()
+            .map(|c| (c.ledger_key, c.sees_namespaces()))
+            .collect();
+        let mut ledger = self.ledger();
+        for (key, sees_ns) in sees {
+            ledger.set_sees_ns(key, sees_ns);
+        }
+        drop(ledger);
         err.map_or(Ok(()), Err)
     }
 }
@@ -91,17 +146,19 @@ pub fn start(
     let table = NsTable::build(namespaces, &NsTable::default(), 1)?;
     let io_l = bind(cfg.nvme_addr)?;
     let disc_l = cfg.discovery_addr.map(bind).transpose()?;
+    let pool = BufPool::new(cfg.buffer_pool_bytes)?;
     let shared = Arc::new(Shared {
         io_addr: io_l.local_addr()?,
         disc_addr: disc_l.as_ref().map(|l| l.local_addr()).transpose()?,
+        caps: cfg.caps(),
         cfg,
         table: RwLock::new(Arc::new(table)),
         generation: AtomicU64::new(1),
         registry: Mutex::new(Registry::default()),
+        ledger: Mutex::new(Ledger::default()),
+        pool,
         shutdown: AtomicBool::new(false),
-        live_conns: AtomicUsize::new(0),
         sockets: Mutex::new(Vec::new()),
-        next_socket_id: AtomicU64::new(0),
         started: Instant::now(),
         publish: Mutex::new(()),
     });
@@ -109,14 +166,14 @@ pub fn start(
     let mut listeners = vec![spawn_acceptor(
         io_l,
         shared.clone(),
-        PortKind::Io,
+        PortClass::Io,
         conns.clone(),
     )?];
     if let Some(l) = disc_l {
         listeners.push(spawn_acceptor(
             l,
             shared.clone(),
-            PortKind::Discovery,
+            PortClass::Discovery,
             conns.clone(),
         )?);
     }
@@ -129,15 +186,38 @@ pub fn start(
 }
 
 fn validate(cfg: &TargetConfig) -> Result<(), DatapathError> {
-    if cfg.subsystem_nqn.is_empty() || cfg.subsystem_nqn.len() >= NQN_BYTES {
-        return Err(DatapathError::Config(
-            "subsystem NQN must be 1..=255 bytes".into(),
+    let bad = |what: String| Err(DatapathError::Config(what));
+    if let Err(e) = crate::nqn::validate(&cfg.subsystem_nqn) {
+        return bad(format!("subsystem NQN {:?}: {e}", cfg.subsystem_nqn));
+    }
+    for (name, v) in [
+        ("max_connections", cfg.max_connections),
+        ("max_discovery_connections", cfg.max_discovery_connections),
+    ] {
+        if v == 0 || v > MAX_CONNECTIONS_CEILING {
+            return bad(format!("{name} must be 1..={MAX_CONNECTIONS_CEILING}"));
+        }
+    }
+    for (name, v) in [
+        ("max_connections_per_host", cfg.max_connections_per_host),
+        ("max_controllers_per_host", cfg.max_controllers_per_host),
+        ("max_connections_per_addr", cfg.max_connections_per_addr),
+        ("max_controllers_per_addr", cfg.max_controllers_per_addr),
+    ] {
+        if v == 0 {
+            return bad(format!("{name} must be at least 1"));
+        }
+    }
+    if !(MIN_BUFFER_POOL_BYTES..=MAX_BUFFER_POOL_BYTES).contains(&cfg.buffer_pool_bytes) {
+        return bad(format!(
+            "buffer_pool_bytes must be {MIN_BUFFER_POOL_BYTES}..={MAX_BUFFER_POOL_BYTES}"
         ));
     }
-    if cfg.max_connections == 0 || cfg.max_connections > MAX_CONNECTIONS_CEILING {
-        return Err(DatapathError::Config(format!(
-            "max_connections must be 1..={MAX_CONNECTIONS_CEILING}"
-        )));
+    if cfg.handshake_timeout.is_zero() {
+        return bad("handshake_timeout must be positive".into());
+    }
+    if cfg.no_namespace_kato_ms == 0 || cfg.no_namespace_kato_ms > MAX_KATO_MS {
+        return bad(format!("no_namespace_kato_ms must be 1..={MAX_KATO_MS}"));
     }
     Ok(())
 }
@@ -151,7 +231,7 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, DatapathError> {
 fn spawn_acceptor(
     l: TcpListener,
     shared: Arc<Shared>,
-    port: PortKind,
+    port: PortClass,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
 ) -> Result<JoinHandle<()>, DatapathError> {
     let name = format!("nvmf-accept-{port:?}").to_lowercase();
@@ -160,12 +240,27 @@ fn spawn_acceptor(
         .spawn(move || accept_loop(l, shared, port, conns))?)
 }
 
+/// Log limiters of one accept loop.
+struct AcceptLogs {
+    failed: LogLimiter,
+    refused: LogLimiter,
+}
+
 fn accept_loop(
     l: TcpListener,
     shared: Arc<Shared>,
-    port: PortKind,
+    port: PortClass,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
 ) {
+    let period = Duration::from_millis(ACCEPT_LOG_INTERVAL_MS);
+    let mut logs = AcceptLogs {
+        failed: LogLimiter::new(period),
+        refused: LogLimiter::new(period),
+    };
+    let mut backoff = Backoff::new(
+        Duration::from_millis(ACCEPT_BACKOFF_MS_MIN),
+        Duration::from_millis(ACCEPT_BACKOFF_MS_MAX),
+    );
     while !shared.shutdown.load(Ordering::Acquire) {
         let mut pfd = libc::pollfd {
             fd: l.as_raw_fd(),
@@ -175,34 +270,89 @@ fn accept_loop(
         // SAFETY: one initialised pollfd on the stack, count 1.
         unsafe { libc::poll(&mut pfd, 1, POLL_INTERVAL_MS_MAX as i32) };
         match l.accept() {
-            Ok((s, peer)) => admit(s, peer, &shared, port, &conns),
+            Ok((s, peer)) => {
+                backoff.succeeded();
+                admit(s, peer, &shared, port, &conns, &mut logs);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(10));
+                // EMFILE/ENFILE leave the connection in the backlog, so the listener stays
+                // readable: without a pause this would spin and log at full speed.
+                if let Some(suppressed) = logs.failed.allow(Instant::now()) {
+                    tracing::warn!(?port, suppressed, "accept failed: {e}; backing off");
+                }
+                pause(&shared, backoff.failed());
             }
         }
     }
 }
 
-/// A counted connection: decrements the live count and forgets its socket on drop.
+/// Sleeps for `d`, waking early for shutdown.
+fn pause(shared: &Shared, d: Duration) {
+    let until = Instant::now() + d;
+    while !shared.shutdown.load(Ordering::Acquire) {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(POLL_INTERVAL_MS_MAX)));
+    }
+}
+
+/// Descriptors the process has open and may have (RLIMIT_NOFILE, soft).
+fn fd_usage() -> Fds {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct we own.
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
+    let limit = if r != 0 || rl.rlim_cur == libc::RLIM_INFINITY {
+        usize::MAX
+    } else {
+        usize::try_from(rl.rlim_cur).unwrap_or(usize::MAX)
+    };
+    // Not being able to open the directory means no descriptor is free.
+    let open = std::fs::read_dir("/proc/self/fd").map_or(limit, |d| d.count());
+    Fds { open, limit }
+}
+
+/// A counted connection: leaves the ledger and forgets its socket on drop.
 struct ConnSlot {
     shared: Arc<Shared>,
-    socket_id: Option<u64>,
+    conn: ConnKey,
 }
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        if let Some(id) = self.socket_id {
-            self.shared.sockets().retain(|(i, _)| *i != id);
-        }
-        self.shared.live_conns.fetch_sub(1, Ordering::AcqRel);
+        let conn = self.conn;
+        self.shared.sockets().retain(|(k, _)| *k != conn);
+        self.shared.ledger().close_conn(conn);
     }
 }
 
 impl Shared {
-    fn sockets(&self) -> MutexGuard<'_, Vec<(u64, TcpStream)>> {
+    fn sockets(&self) -> MutexGuard<'_, Vec<(ConnKey, TcpStream)>> {
         self.sockets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Asks the ledger about a new connection; records it if admitted.
+fn decide(shared: &Shared, peer: SocketAddr, port: PortClass) -> Result<ConnKey, Decision> {
+    let fds = fd_usage();
+    let mut ledger = shared.ledger();
+    let d = ledger.decide_accept(&shared.caps, port, peer.ip(), fds);
+    match d {
+        Decision::Admit => Ok(ledger.open_conn(port, peer.ip())),
+        Decision::Reclaim(victim) => {
+            ledger.reclaim(victim);
+            let conn = ledger.open_conn(port, peer.ip());
+            drop(ledger);
+            shared.reclaim(victim);
+            Ok(conn)
+        }
+        Decision::Refuse(_) => Err(d),
     }
 }
 
@@ -210,25 +360,29 @@ fn admit(
     s: TcpStream,
     peer: SocketAddr,
     shared: &Arc<Shared>,
-    port: PortKind,
+    port: PortClass,
     conns: &Mutex<Vec<JoinHandle<()>>>,
+    logs: &mut AcceptLogs,
 ) {
-    let live = shared.live_conns.fetch_add(1, Ordering::AcqRel);
-    let mut guard = ConnSlot {
-        shared: shared.clone(),
-        socket_id: None,
+    let accepted = Instant::now();
+    let conn = match decide(shared, peer, port) {
+        Ok(conn) => conn,
+        Err(d) => {
+            if let Some(suppressed) = logs.refused.allow(accepted) {
+                tracing::warn!(%peer, ?port, decision = ?d, suppressed, "connection refused");
+            }
+            return; // dropping the socket closes it: the peer sees EOF at once
+        }
     };
-    if live >= shared.cfg.max_connections {
-        tracing::warn!(%peer, "connection limit reached; refusing");
-        return;
-    }
+    let guard = ConnSlot {
+        shared: shared.clone(),
+        conn,
+    };
     if s.set_nonblocking(false).is_err() {
         return;
     }
     if let Ok(dup) = s.try_clone() {
-        let id = shared.next_socket_id.fetch_add(1, Ordering::Relaxed);
-        shared.sockets().push((id, dup));
-        guard.socket_id = Some(id);
+        shared.sockets().push((conn, dup));
     }
     if shared.shutdown.load(Ordering::Acquire) {
         return; // raced with shutdown's socket sweep
@@ -238,7 +392,7 @@ fn admit(
         .name(format!("nvmf-conn-{peer}"))
         .spawn(move || {
             let _guard = guard;
-            conn::serve(s, sh, port);
+            conn::serve(s, sh, port, conn, accepted);
         });
     let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
     list.retain(|h| !h.is_finished());

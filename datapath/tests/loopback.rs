@@ -80,8 +80,9 @@ fn io_connect_must_match_an_existing_controller_and_host() {
     let (_a, cntlid) = Host::admin(t.local_addr(), HOST, false, 0);
     let mut q = Host::tcp(t.local_addr(), false);
     assert_eq!(
-        q.connect(NQN, "nqn.other", cntlid, 1, 0).0,
-        CONNECT_INVALID_PARAM
+        q.connect(NQN, "nqn.2014-08.org.nvmexpress:uuid:other", cntlid, 1, 0),
+        (CONNECT_INVALID_PARAM, in_data(512)),
+        "another host's controller: the host NQN is what does not match"
     );
     let mut q = Host::tcp(t.local_addr(), false);
     assert_eq!(
@@ -199,20 +200,198 @@ fn malformed_pdu_ends_only_its_own_connection() {
     t.shutdown();
 }
 
+/// The connection over the limit is closed at once (EOF or reset, not a silent socket),
+/// and one within the limit is served, also once a slot is freed.
 #[test]
 fn connection_limit_is_enforced() {
     let dir = tempfile::tempdir().expect("tempdir");
     let t = target(dir.path(), 2);
     let (_a, _) = Host::admin(t.local_addr(), HOST, false, 0);
-    let (_b, _) = Host::admin(t.local_addr(), HOST, false, 0);
+    let (b, _) = Host::admin(t.local_addr(), HOST, false, 0);
     let mut s = TcpStream::connect(t.local_addr()).expect("tcp");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    let mut one = [0u8; 1];
     assert!(
-        matches!(s.read(&mut one), Ok(0) | Err(_)),
+        closed_within(&mut s, CLOSE_WAIT),
         "third connection refused"
     );
+    drop(b);
+    // The target notices the close on its own time: try until it has.
+    let served = (0..100).any(|_| {
+        let s = TcpStream::connect(t.local_addr()).expect("tcp");
+        let ok = Host::try_over(s, false)
+            .and_then(|mut h| h.try_connect(&ConnectArgs::admin(HOST)))
+            .is_some_and(|(st, _)| st == OK);
+        if !ok {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ok
+    });
+    assert!(served, "a connection within the limit is served");
+    t.shutdown();
+}
+
+/// A userspace initiator may send a fresh Host Identifier on every Connect: I/O queues
+/// are matched to their controller by controller ID and host NQN only.
+#[test]
+fn io_queue_connect_with_another_host_id_is_accepted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = target(dir.path(), 16);
+    let (_a, cntlid) = Host::admin(t.local_addr(), HOST, false, 0);
+    let mut q = Host::tcp(t.local_addr(), false);
+    let io = ConnectArgs {
+        host_id: [0x42; 16],
+        ..ConnectArgs::io(HOST, cntlid, 1)
+    };
+    assert_eq!(q.connect_with(&io), (OK, cntlid as u64));
+    assert_eq!(
+        q.rw(false, 1, 0, &[], 1, false).0,
+        OK,
+        "the queue serves I/O"
+    );
+    t.shutdown();
+}
+
+/// Every Connect Invalid Parameters result names the offending field: byte offset, and
+/// bit 16 set when it is in the Connect data rather than the command.
+#[test]
+fn connect_errors_point_at_the_offending_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = TargetConfig::new("127.0.0.1:0".parse().expect("addr"), NQN);
+    cfg.max_connections = 64;
+    cfg.max_connections_per_addr = 64;
+    cfg.max_controllers_per_addr = 64;
+    cfg.max_controllers_per_host = 64;
+    let t = start(cfg, vec![ns(dir.path(), 1, Acl::AllowAny)]).expect("start");
+    let (_a, cntlid) = Host::admin(t.local_addr(), HOST, false, 0);
+    let over_255 = |prefix: &str| {
+        let mut v = prefix.as_bytes().to_vec();
+        v.resize(256, b'a');
+        v
+    };
+    let long = format!("nqn.{}", "a".repeat(220)); // 224 bytes, terminated
+    let cases: Vec<(&str, ConnectArgs, u64)> = vec![
+        (
+            "host NQN without terminator",
+            ConnectArgs {
+                hostnqn: over_255("nqn.2014-08.x:"),
+                ..ConnectArgs::admin(HOST)
+            },
+            in_data(512),
+        ),
+        (
+            "host NQN not UTF-8",
+            ConnectArgs {
+                hostnqn: b"nqn.2014-08.x:\xff\xfe".to_vec(),
+                ..ConnectArgs::admin(HOST)
+            },
+            in_data(512),
+        ),
+        (
+            "host NQN without nqn.",
+            ConnectArgs {
+                hostnqn: b"host-a".to_vec(),
+                ..ConnectArgs::admin(HOST)
+            },
+            in_data(512),
+        ),
+        (
+            "host NQN of 224 bytes",
+            ConnectArgs {
+                hostnqn: long.as_bytes().to_vec(),
+                ..ConnectArgs::admin(HOST)
+            },
+            in_data(512),
+        ),
+        (
+            "empty host NQN",
+            ConnectArgs {
+                hostnqn: Vec::new(),
+                ..ConnectArgs::admin(HOST)
+            },
+            in_data(512),
+        ),
+        (
+            "subsystem NQN without terminator",
+            ConnectArgs {
+                subnqn: over_255(NQN),
+                ..ConnectArgs::admin(HOST)
+            },
+            in_data(256),
+        ),
+        (
+            "subsystem NQN not UTF-8",
+            ConnectArgs {
+                subnqn: b"nqn.2024-01.io.evstor:\xff".to_vec(),
+                ..ConnectArgs::admin(HOST)
+            },
+            in_data(256),
+        ),
+        (
+            "unknown subsystem",
+            ConnectArgs {
+                subnqn: b"nqn.2024-01.io.evstor:other".to_vec(),
+                ..ConnectArgs::admin(HOST)
+            },
+            in_data(256),
+        ),
+        (
+            "admin Connect with a static CNTLID",
+            ConnectArgs {
+                cntlid: 5,
+                ..ConnectArgs::admin(HOST)
+            },
+            in_data(16),
+        ),
+        (
+            "unknown controller",
+            ConnectArgs::io(HOST, cntlid.wrapping_add(100), 1),
+            in_data(16),
+        ),
+        (
+            "another host's controller",
+            ConnectArgs::io("nqn.2014-08.org.nvmexpress:uuid:other", cntlid, 1),
+            in_data(512),
+        ),
+        (
+            "SQSIZE 0",
+            ConnectArgs {
+                sqsize: 0,
+                ..ConnectArgs::admin(HOST)
+            },
+            44,
+        ),
+        (
+            "SQSIZE beyond MQES",
+            ConnectArgs {
+                sqsize: 4096,
+                ..ConnectArgs::admin(HOST)
+            },
+            44,
+        ),
+        (
+            "KATO beyond the maximum",
+            ConnectArgs {
+                kato_ms: u32::MAX,
+                ..ConnectArgs::admin(HOST)
+            },
+            48,
+        ),
+        (
+            "I/O queue of a discovery controller",
+            ConnectArgs {
+                subnqn: DISC.as_bytes().to_vec(),
+                ..ConnectArgs::io(HOST, cntlid, 1)
+            },
+            42,
+        ),
+    ];
+    for (what, args, want) in cases {
+        let mut h = Host::tcp(t.local_addr(), false);
+        assert_eq!(
+            h.connect_with(&args),
+            (CONNECT_INVALID_PARAM, want),
+            "{what}"
+        );
+    }
     t.shutdown();
 }
 

@@ -13,7 +13,8 @@ ask_host() {
     # Creating a file in the 9p share has failed once with "nonexistent directory" right
     # after the host removed the previous request file: retry briefly before giving up.
     n=0
-    until : 2>/dev/null > "$SH/REQ-$1"; do
+    # `true`, not `:`: a failed redirection on a special builtin exits the whole shell.
+    until true 2>/dev/null > "$SH/REQ-$1"; do
         n=$((n + 1)); [ $n -le 50 ] || fail "cannot create $SH/REQ-$1"
         sleep 0.1
     done

@@ -4,8 +4,9 @@
 // Each test binary uses its own subset of these helpers.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::fd::FromRawFd;
 use std::path::Path;
 use std::time::Duration;
 
@@ -26,6 +27,100 @@ pub const INVALID_OPCODE: Sc = 0x001;
 pub const INVALID_NS: Sc = 0x00b;
 pub const LBA_RANGE: Sc = 0x080;
 pub const CONNECT_INVALID_PARAM: Sc = 0x182;
+pub const CONNECT_CTRL_BUSY: Sc = 0x181;
+
+/// Connect Invalid Parameters result pointing at a byte of the Connect data.
+pub const fn in_data(offset: u64) -> u64 {
+    (1 << 16) | offset
+}
+
+/// Every field of a Connect, for tests that get one wrong on purpose.
+#[derive(Debug, Clone)]
+pub struct ConnectArgs {
+    pub subnqn: Vec<u8>,
+    pub hostnqn: Vec<u8>,
+    pub host_id: [u8; 16],
+    pub cntlid: u16,
+    pub qid: u16,
+    pub sqsize: u16,
+    pub kato_ms: u32,
+}
+
+impl ConnectArgs {
+    /// An admin Connect to the loopback subsystem as `hostnqn`.
+    pub fn admin(hostnqn: &str) -> ConnectArgs {
+        ConnectArgs {
+            subnqn: NQN.as_bytes().to_vec(),
+            hostnqn: hostnqn.as_bytes().to_vec(),
+            host_id: [7; 16],
+            cntlid: 0xffff,
+            qid: 0,
+            sqsize: 31,
+            kato_ms: 0,
+        }
+    }
+
+    /// An I/O queue Connect to controller `cntlid`.
+    pub fn io(hostnqn: &str, cntlid: u16, qid: u16) -> ConnectArgs {
+        ConnectArgs {
+            cntlid,
+            qid,
+            ..ConnectArgs::admin(hostnqn)
+        }
+    }
+}
+
+/// A TCP connection to `addr` from source address `from` (any 127.0.0.0/8 address works
+/// over loopback), so tests can play several peers.
+pub fn tcp_from(from: IpAddr, addr: SocketAddr) -> TcpStream {
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (from, addr.ip()) else {
+        panic!("IPv4 only");
+    };
+    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns until it is wrapped;
+    // the sockaddr structs live on the stack for the duration of each call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let s = TcpStream::from_raw_fd(fd);
+        let a = sin(src, 0);
+        let r = libc::bind(fd, (&a as *const libc::sockaddr_in).cast(), len);
+        assert_eq!(r, 0, "bind {src}: {}", std::io::Error::last_os_error());
+        let b = sin(dst, addr.port());
+        let r = libc::connect(fd, (&b as *const libc::sockaddr_in).cast(), len);
+        assert_eq!(r, 0, "connect: {}", std::io::Error::last_os_error());
+        s
+    }
+}
+
+/// Whether the peer closed `s` (EOF or reset) within `wait`; false if it stayed open.
+pub fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).expect("timeout");
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // a response or terminate request before the close
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return false
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// How long a test waits for the target to close a connection it must close. Generous:
+/// the tests assert that the close happens, never how fast.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub enum Got {
@@ -61,12 +156,20 @@ pub fn set64(s: &mut [u8; 64], at: usize, v: u64) {
 
 impl Host {
     pub fn tcp(addr: SocketAddr, digests: bool) -> Host {
-        let s = TcpStream::connect(addr).expect("tcp connect");
+        Host::over(TcpStream::connect(addr).expect("tcp connect"), digests)
+    }
+
+    /// ICReq/ICResp over an already connected socket.
+    pub fn over(s: TcpStream, digests: bool) -> Host {
+        Host::try_over(s, digests).expect("ICReq/ICResp exchange")
+    }
+
+    /// ICReq/ICResp over an already connected socket; None if the target closed it.
+    pub fn try_over(s: TcpStream, digests: bool) -> Option<Host> {
         // As the kernel host does: a capsule sent behind an unacknowledged one must not
         // wait for a delayed ACK (it did, and throttled reads then slowed other streams).
-        s.set_nodelay(true).expect("nodelay");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
+        s.set_nodelay(true).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
         let digest = if digests {
             IC_HDGST_ENABLE | IC_DDGST_ENABLE
         } else {
@@ -103,9 +206,9 @@ impl Host {
             next_cid: 1,
             maxh2c: 0,
         };
-        h.s.write_all(&b).expect("send icreq");
+        h.s.write_all(&b).ok()?;
         let mut r = [0u8; 128];
-        h.s.read_exact(&mut r).expect("icresp");
+        h.s.read_exact(&mut r).ok()?;
         match pdu::parse(&r, &h.rx) {
             Ok(Pdu::IcResp(resp)) => {
                 assert_eq!(resp.digest, digest);
@@ -115,7 +218,7 @@ impl Host {
         }
         h.rx.hdgst = digests;
         h.rx.ddgst = digests;
-        h
+        Some(h)
     }
 
     /// Reads one PDU; None on EOF.
@@ -236,17 +339,68 @@ impl Host {
         qid: u16,
         kato_ms: u32,
     ) -> (Sc, u64) {
+        self.connect_with(&ConnectArgs {
+            subnqn: subnqn.as_bytes().to_vec(),
+            cntlid,
+            qid,
+            kato_ms,
+            ..ConnectArgs::admin(hostnqn)
+        })
+    }
+
+    /// Connect with every field given (NQN fields are copied raw, up to 256 bytes).
+    pub fn connect_with(&mut self, a: &ConnectArgs) -> (Sc, u64) {
         let mut c = sqe(0x7f, 0);
         c[4] = 0x01;
-        c[42..44].copy_from_slice(&qid.to_le_bytes());
-        c[44..46].copy_from_slice(&31u16.to_le_bytes());
-        set32(&mut c, 48, kato_ms);
+        c[42..44].copy_from_slice(&a.qid.to_le_bytes());
+        c[44..46].copy_from_slice(&a.sqsize.to_le_bytes());
+        set32(&mut c, 48, a.kato_ms);
         let mut data = vec![0u8; 1024];
-        data[0..16].copy_from_slice(&[7; 16]);
-        data[16..18].copy_from_slice(&cntlid.to_le_bytes());
-        data[256..256 + subnqn.len()].copy_from_slice(subnqn.as_bytes());
-        data[512..512 + hostnqn.len()].copy_from_slice(hostnqn.as_bytes());
+        data[0..16].copy_from_slice(&a.host_id);
+        data[16..18].copy_from_slice(&a.cntlid.to_le_bytes());
+        data[256..256 + a.subnqn.len()].copy_from_slice(&a.subnqn);
+        data[512..512 + a.hostnqn.len()].copy_from_slice(&a.hostnqn);
         let (st, dw0, _) = self.exec(c, &data, 0, true);
+        (st, dw0)
+    }
+
+    /// Connect, or None if the target closed the connection instead of answering.
+    pub fn try_connect(&mut self, a: &ConnectArgs) -> Option<(Sc, u64)> {
+        let mut c = sqe(0x7f, 0);
+        c[4] = 0x01;
+        c[1] = 0x40;
+        c[2..4].copy_from_slice(&0xc0c0u16.to_le_bytes());
+        c[42..44].copy_from_slice(&a.qid.to_le_bytes());
+        c[44..46].copy_from_slice(&a.sqsize.to_le_bytes());
+        set32(&mut c, 48, a.kato_ms);
+        let mut data = vec![0u8; 1024];
+        data[0..16].copy_from_slice(&a.host_id);
+        data[16..18].copy_from_slice(&a.cntlid.to_le_bytes());
+        data[256..256 + a.subnqn.len()].copy_from_slice(&a.subnqn);
+        data[512..512 + a.hostnqn.len()].copy_from_slice(&a.hostnqn);
+        set32(&mut c, 32, 1024);
+        c[39] = 0x01;
+        let b = pdu::encode(&self.tx, PduType::CapsuleCmd, 0, &HdrFields::Cmd(&c), &data);
+        self.s.write_all(&b).ok()?;
+        match self.recv()? {
+            Got::Resp { status, dw0, .. } => Some((status, dw0)),
+            _ => None,
+        }
+    }
+
+    /// Set Features `fid` to `value` (CDW11).
+    pub fn set_feature(&mut self, fid: u8, value: u32) -> Sc {
+        let mut c = sqe(0x09, 0);
+        set32(&mut c, 40, fid as u32);
+        set32(&mut c, 44, value);
+        self.exec(c, &[], 0, true).0
+    }
+
+    /// Get Features `fid`: (status, DW0).
+    pub fn get_feature(&mut self, fid: u8) -> (Sc, u64) {
+        let mut c = sqe(0x0a, 0);
+        set32(&mut c, 40, fid as u32);
+        let (st, dw0, _) = self.exec(c, &[], 0, true);
         (st, dw0)
     }
 
