@@ -237,10 +237,13 @@ fn linux_host_sees_snapshots_clones_rollback_compression_and_qos() {
     eprintln!(
         "qos: limit {QOS_IOPS} IOPS -> measured {limited:.1}; unlimited alone {alone:.0}, beside it {beside:.0}"
     );
-    let err = (limited - QOS_IOPS as f64).abs() / QOS_IOPS as f64;
+    // Exceeding the limit is a QoS failure at any load. Falling short is also what a guest
+    // starved of CPU on a busy host does (the emulated guest is slow), so the floor is loose
+    // here; `datapath/tests/qos.rs` holds the limits to 1 % over loopback, with retries.
+    let limit = QOS_IOPS as f64;
     assert!(
-        err <= 0.05,
-        "limited volume ran {limited:.1} IOPS, not {QOS_IOPS} ±5%"
+        (0.8 * limit..=1.05 * limit).contains(&limited),
+        "limited volume ran {limited:.1} IOPS, not {QOS_IOPS} (at most +5%, at least -20%)"
     );
     // Under software emulation the guest's CPU bounds the unlimited volume, and the limited
     // job beside it takes some of that CPU, as do other processes on a busy host: how much
