@@ -204,55 +204,17 @@ mod tests {
         eprintln!("checked {checked} block devices with data");
     }
 
-    /// A loop device over a sparse temporary file of `size_bytes`, detached on drop; None
-    /// (after saying why) where loop devices cannot be set up, which EVSTOR_REQUIRE_ALL
-    /// (CI: root, util-linux) turns into a failure.
-    struct LoopDevice {
-        path: PathBuf,
-        _backing: tempfile::NamedTempFile,
-    }
-
-    impl LoopDevice {
-        fn new(size_bytes: u64) -> Option<LoopDevice> {
-            let backing = tempfile::NamedTempFile::new().expect("tempfile");
-            backing.as_file().set_len(size_bytes).expect("set_len");
-            let out = std::process::Command::new("losetup")
-                .args(["--find", "--show"])
-                .arg(backing.path())
-                .output();
-            match out {
-                Ok(o) if o.status.success() => Some(LoopDevice {
-                    path: PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()),
-                    _backing: backing,
-                }),
-                other => {
-                    let why = format!("cannot set up a loop device: {other:?}");
-                    assert!(std::env::var_os("EVSTOR_REQUIRE_ALL").is_none(), "{why}");
-                    eprintln!("SKIPPED: {why}");
-                    None
-                }
-            }
-        }
-    }
-
-    impl Drop for LoopDevice {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("losetup")
-                .arg("-d")
-                .arg(&self.path)
-                .status();
-        }
-    }
-
     #[test]
     fn a_loop_device_is_a_block_device_of_its_size() {
-        let Some(dev) = LoopDevice::new(40 << 20) else {
+        let backing = tempfile::NamedTempFile::new().expect("tempfile");
+        backing.as_file().set_len(40 << 20).expect("set_len");
+        let Some(dev) = evstor_ffi::testing::LoopDevice::attach_or_skip(backing.path()) else {
             return;
         };
-        let info = probe(&dev.path).expect("probe");
+        let info = probe(dev.path()).expect("probe");
         assert_eq!(
             info,
-            DeviceInfo::new(&dev.path, 40 << 20, DeviceKind::BlockDevice)
+            DeviceInfo::new(dev.path(), 40 << 20, DeviceKind::BlockDevice)
         );
     }
 

@@ -344,56 +344,18 @@ mod tests {
         assert!(controllers_in(&root.path().join("absent"), &dev).is_empty());
     }
 
-    /// A loop device over a sparse temporary file of `size_bytes`, detached on drop; None
-    /// (after saying why) where loop devices cannot be set up, which EVSTOR_REQUIRE_ALL
-    /// (CI: root, util-linux) turns into a failure.
-    struct LoopDevice {
-        path: PathBuf,
-        _backing: tempfile::NamedTempFile,
-    }
-
-    impl LoopDevice {
-        fn new(size_bytes: u64) -> Option<LoopDevice> {
-            let backing = tempfile::NamedTempFile::new().expect("tempfile");
-            backing.as_file().set_len(size_bytes).expect("set_len");
-            let out = std::process::Command::new("losetup")
-                .args(["--find", "--show"])
-                .arg(backing.path())
-                .output();
-            match out {
-                Ok(o) if o.status.success() => Some(LoopDevice {
-                    path: PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()),
-                    _backing: backing,
-                }),
-                other => {
-                    let why = format!("cannot set up a loop device: {other:?}");
-                    assert!(std::env::var_os("EVSTOR_REQUIRE_ALL").is_none(), "{why}");
-                    eprintln!("SKIPPED: {why}");
-                    None
-                }
-            }
-        }
-    }
-
-    impl Drop for LoopDevice {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("losetup")
-                .arg("-d")
-                .arg(&self.path)
-                .status();
-        }
-    }
-
     #[test]
     fn a_loop_device_is_as_large_as_its_backing_file() {
-        let Some(dev) = LoopDevice::new(24 << 20) else {
+        let backing = tempfile::NamedTempFile::new().expect("tempfile");
+        backing.as_file().set_len(24 << 20).expect("set_len");
+        let Some(dev) = crate::testing::LoopDevice::attach_or_skip(backing.path()) else {
             return;
         };
         assert_eq!(
-            block_device_size(&dev.path).expect("BLKGETSIZE64"),
+            block_device_size(dev.path()).expect("BLKGETSIZE64"),
             24 << 20
         );
-        let err = identify_controller(&dev.path).expect_err("a loop device is not NVMe");
+        let err = identify_controller(dev.path()).expect_err("a loop device is not NVMe");
         assert_not_nvme(&err);
     }
 
