@@ -201,6 +201,8 @@ async fn bootstrap(bus: &Bus, cfg: &ServeConfig) -> anyhow::Result<()> {
         nvme_endpoint: cfg.nvme_addr.to_string(),
         devices,
         root_public_key_pem: public_pem,
+        server_uuid: None,
+        failure_domain: String::new(),
     };
     bus.submit(
         RequestMeta::system("bootstrap"),

@@ -63,6 +63,7 @@ impl From<DomainError> for ApiError {
             DomainError::FailedPrecondition(_) => (StatusCode::BAD_REQUEST, 9),
             DomainError::Unimplemented(_) => (StatusCode::NOT_IMPLEMENTED, 12),
             DomainError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, 14),
+            DomainError::Conflict(_) => (StatusCode::CONFLICT, 10),
         };
         ApiError::new(status, code, e.to_string())
     }

@@ -24,6 +24,9 @@ pub enum DomainError {
     Unimplemented(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The request conflicts with what the resource holds or does now (409).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl DomainError {
