@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use evstor_control::api::admission::RequestCaps;
+use evstor_control::cluster::etcd::parse_endpoints;
+use evstor_control::cluster::ClusterConfig;
 use evstor_control::edge::EdgeConfig;
 use evstor_control::limits;
 use evstor_control::server::{self, ServeConfig};
@@ -27,7 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start (first time: create) a one-server cluster in the data directory.
+    /// Start (first time: create) a one-server cluster in the data directory, or with
+    /// `--etcd` a member of a multi-server cluster.
     Serve {
         #[arg(long, env = "EVSTOR_DATA_DIR", default_value = "evstor-data")]
         data_dir: PathBuf,
@@ -44,6 +47,8 @@ enum Cmd {
         devices: Vec<PathBuf>,
         #[command(flatten)]
         edge: EdgeArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Inspect the event journal (read-only; safe beside a running server).
     Journal {
@@ -107,6 +112,53 @@ impl EdgeArgs {
                 per_subject_max: self.api_requests_per_subject_max,
             },
         }
+    }
+}
+
+/// Cluster mode: join (or, on an empty etcd prefix, bootstrap) a cluster ordered by etcd.
+#[derive(Args)]
+struct ClusterArgs {
+    /// etcd client endpoints, comma-separated (`http://host:2379,…`). Without it, evstor
+    /// runs the embedded single-server cluster.
+    #[arg(long, env = "EVSTOR_ETCD")]
+    etcd: Option<String>,
+    /// This server's name in the cluster (unique; kept in the data directory).
+    #[arg(long, env = "EVSTOR_NAME", requires = "etcd")]
+    name: Option<String>,
+    /// The failure domain replicas are kept apart by (default: the server itself).
+    #[arg(
+        long,
+        env = "EVSTOR_FAILURE_DOMAIN",
+        requires = "etcd",
+        default_value = ""
+    )]
+    failure_domain: String,
+    /// Where in etcd the cluster keeps its keys.
+    #[arg(long, env = "EVSTOR_ETCD_PREFIX", default_value = "/evstor/default/")]
+    etcd_prefix: String,
+    /// Log batches kept in etcd behind the head (older ones are trimmed by the leader; a
+    /// server further behind catches up from a peer's checkpoint).
+    #[arg(long, env = "EVSTOR_ETCD_LOG_TAIL_BATCHES", value_parser = positive::<u64>,
+          default_value_t = limits::LOG_TAIL_BATCHES)]
+    etcd_log_tail_batches: u64,
+}
+
+impl ClusterArgs {
+    fn config(&self) -> anyhow::Result<Option<ClusterConfig>> {
+        let Some(etcd) = &self.etcd else {
+            return Ok(None);
+        };
+        let name = self
+            .name
+            .clone()
+            .context("--etcd needs --name: this server's name in the cluster")?;
+        Ok(Some(ClusterConfig {
+            endpoints: parse_endpoints(etcd)?,
+            prefix: self.etcd_prefix.clone(),
+            name,
+            failure_domain: self.failure_domain.clone(),
+            tail_batches: self.etcd_log_tail_batches,
+        }))
     }
 }
 
@@ -196,7 +248,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             discovery_addr,
             devices,
             edge,
+            cluster,
         } => {
+            let cluster = cluster.config()?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(server::serve(
                 ServeConfig {
@@ -206,6 +260,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     nvme_addr,
                     discovery_addr,
                     api: edge.config(),
+                    cluster,
                 },
                 None,
             ))?;
@@ -288,6 +343,10 @@ fn journal(verb: JournalVerb) -> anyhow::Result<ExitCode> {
 fn verify(data_dir: &Path) -> anyhow::Result<ExitCode> {
     let journal = server::open_journal_read_only(data_dir)?;
     let report = journal.verify()?;
+    // Every server of a cluster reaches the same head: compare these lines across servers.
+    let head = journal.head();
+    let hash: String = head.last_hash.iter().map(|b| format!("{b:02x}")).collect();
+    println!("head: seq {} hash {hash}", head.last_seq());
     for p in &report.problems {
         println!("CORRUPT seq {}: {}", p.seq, p.what);
     }

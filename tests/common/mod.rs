@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod cluster;
 pub mod vm;
 
 use std::net::TcpListener;
@@ -178,6 +179,21 @@ impl Server {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Sends `signal` to the server process (e.g. SIGSTOP, SIGCONT).
+    pub fn signal(&self, signal: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on our own child's pid has no memory effects.
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+    }
+
+    /// Starts the server again (same data directory and ports) after it was killed.
+    pub fn start_again(&mut self) {
+        self.spawn();
     }
 
     /// SIGKILL: no shutdown path runs.

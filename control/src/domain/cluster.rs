@@ -73,7 +73,7 @@ impl Event {
 /// deposed leader, a newer one has not recorded its election yet.
 pub fn check_epoch(state: &State, epoch: u64) -> Result<(), DomainError> {
     if epoch != state.cluster.leader_epoch {
-        return Err(DomainError::FailedPrecondition(format!(
+        return Err(DomainError::StaleEpoch(format!(
             "stale leader: epoch {epoch} is not the recorded leader's epoch {}",
             state.cluster.leader_epoch
         )));
@@ -96,7 +96,7 @@ fn record_leader(
         return Ok(vec![]);
     }
     if epoch <= c.leader_epoch {
-        return Err(DomainError::FailedPrecondition(format!(
+        return Err(DomainError::StaleEpoch(format!(
             "stale leader: epoch {epoch} is not newer than the recorded {}",
             c.leader_epoch
         )));

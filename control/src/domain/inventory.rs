@@ -744,14 +744,14 @@ mod tests {
         // No leader recorded yet: no epoch is good.
         assert!(matches!(
             run(&mut s, failed(5)),
-            Err(DomainError::FailedPrecondition(_))
+            Err(DomainError::StaleEpoch(_))
         ));
         leader(&mut s, 5);
         leader(&mut s, 9);
         // A deposed leader (epoch 5) is refused; the current one is heard.
         assert!(matches!(
             run(&mut s, failed(5)),
-            Err(DomainError::FailedPrecondition(_))
+            Err(DomainError::StaleEpoch(_))
         ));
         assert_eq!(run(&mut s, failed(9)).unwrap().len(), 1);
         assert!(s.inventory.servers[&Uuid::from_u128(3)].failed);
@@ -764,10 +764,7 @@ mod tests {
             server_uuid: Uuid::from_u128(3),
             epoch: 6,
         });
-        assert!(matches!(
-            run(&mut s, old),
-            Err(DomainError::FailedPrecondition(_))
-        ));
+        assert!(matches!(run(&mut s, old), Err(DomainError::StaleEpoch(_))));
     }
 
     #[test]
