@@ -227,3 +227,368 @@ fn a_killed_server_fails_then_catches_up_after_restart() {
         "{projects}"
     );
 }
+
+/// The volume updates that make `count` events fast: concurrent relabels of one volume,
+/// spread over `servers`; returns how many were acknowledged.
+fn relabel_many(servers: &[&Server], volume: &str, count: usize, writers: usize) -> usize {
+    let path = format!("/api/v2/projects/default/volumes/{volume}");
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for w in 0..writers {
+            let c = servers[w % servers.len()].admin();
+            let (path, done) = (&path, &done);
+            scope.spawn(move || {
+                for i in (w..count).step_by(writers) {
+                    let body = json!({"labels": [{"key": "n", "value": format!("v{i}")}]});
+                    let (status, v) = c.put(path, &body);
+                    assert_eq!(status, 200, "{v}");
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    done.into_inner()
+}
+
+fn create_volume(s: &Server, name: &str, replicas: u32) -> String {
+    let (status, v) = s.admin().post(
+        "/api/v2/projects/default/volumes",
+        &volume_body(name, replicas),
+    );
+    assert_eq!(status, 200, "{v}");
+    let uuid = v["UUID"].as_str().expect("UUID").to_string();
+    eventually(
+        s,
+        &format!("/api/v2/projects/default/volumes/{uuid}"),
+        |_, v| v["state"] == "Available",
+    );
+    uuid
+}
+
+/// 10 000 events while a server is down; it catches up on restart from the etcd log.
+#[test]
+fn a_server_down_while_ten_thousand_events_are_appended_catches_up() {
+    const EVENTS: usize = 10_000;
+    let etcd = Etcd::start(3);
+    let mut servers = three(&etcd);
+    let volume = create_volume(&servers[0], "busy", 1);
+    servers[2].kill9();
+    let before = common::cluster::verified_head(&servers[0]).0;
+    let live: Vec<&Server> = servers[..2].iter().collect();
+    let acknowledged = relabel_many(&live, &volume, EVENTS, 32);
+    assert_eq!(acknowledged, EVENTS);
+    servers[2].start_again();
+    let refs: Vec<&Server> = servers.iter().collect();
+    let (seq, _) = same_head(&refs, Duration::from_secs(120));
+    assert!(seq >= before + EVENTS as u64, "{seq} < {before} + {EVENTS}");
+    let v = servers[2]
+        .admin()
+        .get(&format!("/api/v2/projects/default/volumes/{volume}"))
+        .1;
+    assert_eq!(v["state"], "Available", "{v}");
+}
+
+/// With a tiny etcd tail, a restarted server and a new one are behind it: both catch up
+/// from a peer's checkpoint and reach the same head.
+#[test]
+fn servers_behind_the_etcd_tail_catch_up_from_a_peer_checkpoint() {
+    let etcd = Etcd::start(3);
+    let tail = ["--etcd-log-tail-batches", "3"];
+    let mut servers = vec![
+        member(&etcd, "s1", &tail),
+        member(&etcd, "s2", &tail),
+        member(&etcd, "s3", &tail),
+    ];
+    for s in &servers {
+        eventually(s, "/api/v2/servers", |_, _| {
+            states(s) == all_enabled(&["s1", "s2", "s3"])
+        });
+    }
+    let volume = create_volume(&servers[0], "tail", 1);
+    servers[2].kill9();
+    // One request at a time: every change is a batch of its own.
+    relabel_many(&[&servers[0]], &volume, 40, 1);
+    let deadline = Instant::now() + CONVERGE;
+    while etcd.log_batches() > 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the leader never trimmed the log"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    servers[2].start_again();
+    servers.push(member(&etcd, "s4", &tail));
+    for s in &servers[2..] {
+        assert!(
+            s.log().contains("installed a journal checkpoint"),
+            "{}",
+            s.log()
+        );
+    }
+    relabel_many(&[&servers[0]], &volume, 5, 1);
+    let refs: Vec<&Server> = servers.iter().collect();
+    same_head(&refs, CONVERGE);
+    for s in &servers {
+        eventually(s, "/api/v2/servers", |_, _| {
+            states(s) == all_enabled(&["s1", "s2", "s3", "s4"])
+        });
+    }
+}
+
+/// Two servers started at once on an empty prefix: one bootstraps, the other joins.
+#[test]
+fn servers_racing_to_bootstrap_make_one_cluster() {
+    let etcd = Etcd::start(1);
+    let (a, b) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| member(&etcd, "a", &[]));
+        let b = scope.spawn(|| member(&etcd, "b", &[]));
+        (a.join().expect("a"), b.join().expect("b"))
+    });
+    for s in [&a, &b] {
+        eventually(s, "/api/v2/servers", |_, _| {
+            states(s) == all_enabled(&["a", "b"])
+        });
+    }
+    let (seq, _) = same_head(&[&a, &b], CONVERGE);
+    assert!(seq > 0);
+    let inits = common::cluster::events(&a)
+        .iter()
+        .filter(|e| e["type"] == "ClusterInitialized")
+        .count();
+    assert_eq!(inits, 1, "exactly one bootstrap");
+}
+
+/// Orchestrator events (leader records and health) in journal order, with their epochs.
+fn orchestrator_epochs(s: &Server) -> Vec<(String, u64)> {
+    common::cluster::events(s)
+        .iter()
+        .filter_map(|e| {
+            let inner = e["event"]
+                .as_object()?
+                .values()
+                .next()?
+                .as_object()?
+                .values()
+                .next()?;
+            let epoch = inner.get("epoch")?.as_u64()?;
+            Some((e["type"].as_str().unwrap_or_default().to_string(), epoch))
+        })
+        .collect()
+}
+
+/// No orchestrator event of an epoch appears after the first event of a newer epoch.
+fn epochs_never_go_back(s: &Server) -> Vec<(String, u64)> {
+    let seen = orchestrator_epochs(s);
+    let mut newest = 0;
+    for (kind, epoch) in &seen {
+        assert!(
+            *epoch >= newest,
+            "{kind} of epoch {epoch} after epoch {newest}: {seen:?}"
+        );
+        newest = newest.max(*epoch);
+    }
+    seen
+}
+
+/// Index of the server holding the leader key, once one does (and it is not `not`).
+fn leader_index(etcd: &Etcd, servers: &[Server], not: Option<usize>) -> usize {
+    let ids: Vec<String> = servers.iter().map(server_id).collect();
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        if let Some(i) =
+            common::cluster::leader_id(etcd).and_then(|l| ids.iter().position(|i| *i == l))
+        {
+            if Some(i) != not {
+                return i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no new leader");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The newest epoch recorded in `s`'s journal, waiting until it is newer than `than`.
+fn recorded_epoch_above(s: &Server, than: u64) -> u64 {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let newest = orchestrator_epochs(s)
+            .iter()
+            .filter(|(k, _)| k == "LeaderElected")
+            .map(|(_, e)| *e)
+            .max()
+            .unwrap_or(0);
+        if newest > than {
+            return newest;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no LeaderElected above epoch {than}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A stopped leader (SIGSTOP past its lease) is replaced; when it resumes it does not act
+/// on its old epoch. `ignore_lease` arms the failpoint that makes it try anyway: then its
+/// appends must be refused by fencing.
+fn stopped_leader_is_fenced(ignore_lease: bool) {
+    let etcd = Etcd::start(3);
+    let env: &[(&str, &str)] = if ignore_lease {
+        &[("EVSTOR_FAILPOINT", "orchestrator-ignore-lease")]
+    } else {
+        &[]
+    };
+    // The first server campaigns first and leads.
+    let servers = vec![
+        common::cluster::member_with_env(&etcd, "s1", &[], env),
+        member(&etcd, "s2", &[]),
+        member(&etcd, "s3", &[]),
+    ];
+    let old = leader_index(&etcd, &servers, None);
+    assert_eq!(old, 0, "the first server leads");
+    let old_epoch = recorded_epoch_above(&servers[1], 0);
+    servers[old].signal(libc::SIGSTOP);
+    let new = leader_index(&etcd, &servers, Some(old));
+    let observer = &servers[3 - old - new];
+    let new_epoch = recorded_epoch_above(observer, old_epoch);
+    servers[old].signal(libc::SIGCONT);
+    // The resumed server catches up and steps down (after a refused append, with the
+    // failpoint); every server stays up.
+    let deadline = Instant::now() + CONVERGE;
+    let wanted = if ignore_lease {
+        "append refused"
+    } else {
+        "stepping down"
+    };
+    while !servers[old].log().contains(wanted) {
+        assert!(Instant::now() < deadline, "{}", servers[old].log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for s in &servers {
+        eventually(s, "/api/v2/servers", |_, _| {
+            states(s) == all_enabled(&["s1", "s2", "s3"])
+        });
+    }
+    let refs: Vec<&Server> = servers.iter().collect();
+    same_head(&refs, CONVERGE);
+    let seen = epochs_never_go_back(&servers[old]);
+    assert!(
+        seen.iter()
+            .any(|(k, e)| k == "LeaderElected" && *e == new_epoch),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn a_stopped_leader_steps_down_when_it_resumes() {
+    stopped_leader_is_fenced(false);
+}
+
+#[test]
+fn a_stopped_leader_that_ignores_its_lease_is_fenced() {
+    stopped_leader_is_fenced(true);
+}
+
+#[test]
+fn a_killed_leader_is_replaced() {
+    let etcd = Etcd::start(3);
+    let mut servers = three(&etcd);
+    let old = leader_index(&etcd, &servers, None);
+    let observer = (old + 1) % 3;
+    let old_epoch = recorded_epoch_above(&servers[observer], 0);
+    servers[old].kill9();
+    let new = leader_index(&etcd, &servers, Some(old));
+    assert_ne!(new, old);
+    recorded_epoch_above(&servers[observer], old_epoch);
+    // The new leader records the old one's failure.
+    let name = format!("s{}", old + 1);
+    eventually(&servers[observer], "/api/v2/servers", |_, _| {
+        states(&servers[observer]).contains(&(name.clone(), "Failed".to_string()))
+    });
+    epochs_never_go_back(&servers[observer]);
+}
+
+/// etcd loses one member: nothing changes. It loses quorum: mutations get 503 with the
+/// JSON error body, reads and NVMe/TCP I/O go on. Quorum back: mutations work, and every
+/// acknowledged one is on every server.
+#[test]
+fn etcd_quorum_loss_stops_mutations_only() {
+    let mut etcd = Etcd::start(3);
+    let servers = three(&etcd);
+    let volume = create_volume(&servers[0], "io", 1);
+    let path = format!("/api/v2/projects/default/volumes/{volume}");
+    let v = servers[0].admin().get(&path).1;
+    let owners = node_owner(&servers[0], &servers);
+    let primary = &servers[owners[v["primaryNodeUUID"].as_str().expect("primary")]];
+    let nqn = primary.admin().get("/api/v2/clusterinfo").1["subsystemNQN"]
+        .as_str()
+        .expect("NQN")
+        .to_string();
+    let nsid = v["nsid"].as_u64().expect("nsid") as u32;
+    let mut host = Session::connect(
+        SocketAddr::from(([127, 0, 0, 1], primary.nvme_port)),
+        &nqn,
+        HOSTNQN,
+    )
+    .expect("NVMe/TCP connect");
+    let mut acknowledged = Vec::new();
+    let mut project = |s: &Server, name: &str| {
+        let r = s
+            .admin()
+            .try_post("/api/v2/projects", &json!({"name": name}))
+            .expect("an answer");
+        if r.0 == 200 {
+            acknowledged.push(name.to_string());
+        }
+        r
+    };
+    etcd.kill(0);
+    for (i, s) in servers.iter().enumerate() {
+        let (status, body) = project(s, &format!("one-down-{i}"));
+        assert_eq!(status, 200, "{body}");
+    }
+    etcd.kill(1);
+    for (i, s) in servers.iter().enumerate() {
+        let (status, body) = project(s, &format!("no-quorum-{i}"));
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["code"], 14, "{body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| m.contains("etcd")),
+            "{body}"
+        );
+        let (status, body) = s.admin().get(&path);
+        assert_eq!(
+            (status, &body["state"]),
+            (200, &json!("Available")),
+            "{body}"
+        );
+    }
+    host.write(nsid, 7, &[0x7e; 4096])
+        .expect("write without quorum");
+    assert_eq!(host.read(nsid, 7, 1).expect("read"), vec![0x7e; 4096]);
+    etcd.restart(0);
+    etcd.restart(1);
+    etcd.wait_ready();
+    let deadline = Instant::now() + CONVERGE;
+    for (i, s) in servers.iter().enumerate() {
+        loop {
+            let (status, body) = project(s, &format!("back-{i}"));
+            if status == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{status} {body}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let refs: Vec<&Server> = servers.iter().collect();
+    same_head(&refs, CONVERGE);
+    for s in &servers {
+        let listed = s.admin().get("/api/v2/projects?limit=1000").1.to_string();
+        for name in &acknowledged {
+            assert!(
+                listed.contains(&format!("\"{name}\"")),
+                "{name} missing: {listed}"
+            );
+        }
+    }
+}

@@ -115,8 +115,10 @@ pub const LOG_TAIL_BATCHES: u64 = 2_048;
 pub const LOG_FETCH_BATCHES_MAX: i64 = 256;
 /// How often an idle writer asks etcd whether the log moved (a safety net under the watch).
 pub const LOG_POLL_MS: u64 = 1_000;
-/// Times a writer re-decides a batch after losing the race for the head before answering 503.
-pub const LOG_APPEND_RACES_MAX: usize = 32;
+/// Longest a writer keeps re-deciding a batch after losing the race for the head to other
+/// servers (each loss applies their batches first) before answering 503. Under heavy
+/// concurrent writes through several servers a loser may lose a dozen times in a row.
+pub const LOG_APPEND_RACE_MS: u64 = 10_000;
 /// TTL of a server's etcd lease: its liveness key and, on the leader, the leader key. A
 /// server that stops renewing is `Failed` (and loses leadership) this long after.
 pub const LEASE_TTL_SECS: i64 = 5;

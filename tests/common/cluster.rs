@@ -164,10 +164,35 @@ impl Drop for Etcd {
 
 /// Starts `evstor serve` as member `name` of the cluster on `etcd`, with more `args`.
 pub fn member(etcd: &Etcd, name: &str, args: &[&str]) -> Server {
+    member_with_env(etcd, name, args, &[])
+}
+
+/// As [`member`], with extra environment.
+pub fn member_with_env(etcd: &Etcd, name: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
     let endpoints = etcd.endpoints();
     let mut all = vec!["--etcd", &endpoints, "--name", name];
     all.extend_from_slice(args);
-    Server::start_with(Options::args(&all))
+    let mut options = Options::args(&all);
+    options.env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Server::start_with(options)
+}
+
+/// Every event of a server's journal as JSON (`evstor journal export`).
+pub fn events(s: &Server) -> Vec<serde_json::Value> {
+    let (ok, out) = s.cli(&["journal", "export"]);
+    assert!(ok, "journal export failed: {out}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("an event as JSON"))
+        .collect()
+}
+
+/// The server (by id) whose leader key etcd holds now.
+pub fn leader_id(etcd: &Etcd) -> Option<String> {
+    etcd.get("leader")
+        .map(|v| String::from_utf8(v).expect("a server id"))
 }
 
 /// The server id a member keeps in its data directory.

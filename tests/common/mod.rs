@@ -36,6 +36,8 @@ pub struct Options {
     pub args: Vec<String>,
     /// The server process's `RLIMIT_NOFILE` as (soft, hard).
     pub open_files: Option<(u64, u64)>,
+    /// Extra environment of the server process (e.g. `EVSTOR_FAILPOINT`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Options {
@@ -43,7 +45,7 @@ impl Options {
     pub fn args(args: &[&str]) -> Options {
         Options {
             args: args.iter().map(|a| a.to_string()).collect(),
-            open_files: None,
+            ..Options::default()
         }
     }
 }
@@ -79,7 +81,7 @@ impl Server {
                 discovery_port: free_port(),
                 options: options.clone(),
                 child: None,
-                env: Vec::new(),
+                env: options.env.clone(),
             };
             match s.try_spawn() {
                 Ok(()) => return s,

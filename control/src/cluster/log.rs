@@ -88,12 +88,15 @@ pub fn decode_batch(keys: &Keys, kv: &Kv) -> Result<LogBatch, ControlError> {
 }
 
 /// What became of an append.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Appended {
     /// In the log, at this revision.
     Done { revision: i64 },
-    /// Another server appended first: catch up and decide again.
-    Behind,
+    /// Another server appended first: catch up and decide again. Carries the batches the
+    /// failed transaction read back (from the seq we tried), so the loser of a race needs no
+    /// extra round trip before it tries again (without it, a server that keeps winning
+    /// starves the others).
+    Behind(Vec<LogBatch>),
     /// The fence epoch no longer holds the leader key.
     Fenced,
 }
@@ -184,7 +187,7 @@ impl ClusterLog {
         fence: Option<u64>,
     ) -> Result<Appended, EtcdError> {
         let Some(rev) = self.known_rev else {
-            return Ok(Appended::Behind);
+            return Ok(Appended::Behind(vec![]));
         };
         let first = envelopes.first().map_or(0, |e| e.seq);
         let value = encode_batch(envelopes);
@@ -207,9 +210,15 @@ impl ClusterLog {
                 lease: 0,
             },
         ];
+        let newer = Range {
+            key: log_key.clone(),
+            range_end: prefix_end(&self.keys.log_prefix()),
+            limit: LOG_FETCH_BATCHES_MAX,
+            ..Range::default()
+        };
         let failure = [
             Op::Range(Range::key(&head_key)),
-            Op::Range(Range::key(&log_key)),
+            Op::Range(newer),
             Op::Range(Range::key(&leader_key)),
         ];
         let t = self.etcd.txn(&compare, &success, &failure)?;
@@ -221,14 +230,25 @@ impl ClusterLog {
         }
         let head_rev = range_result(t.responses.first()).map_or(0, |kv| kv.mod_revision);
         if head_rev != rev {
+            let ours = range_result(t.responses.get(1))
+                .filter(|kv| kv.key == log_key && kv.value == value);
             // A retry (inside the client, after a timeout) of a transaction that had landed.
-            if let Some(kv) = range_result(t.responses.get(1)).filter(|kv| kv.value == value) {
+            if let Some(kv) = ours {
                 self.known_rev = Some(kv.mod_revision);
                 return Ok(Appended::Done {
                     revision: kv.mod_revision,
                 });
             }
-            return Ok(Appended::Behind);
+            let newer = match t.responses.get(1) {
+                Some(OpResult::Range(r)) => r
+                    .kvs
+                    .iter()
+                    .map(|kv| decode_batch(&self.keys, kv))
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap_or_default(),
+                _ => vec![],
+            };
+            return Ok(Appended::Behind(newer));
         }
         Ok(Appended::Fenced)
     }

@@ -26,7 +26,7 @@
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use evstor_journal::limits::{APPEND_EVENTS_MAX, FIELD_BYTES_MAX};
 use evstor_journal::{
@@ -40,7 +40,7 @@ use crate::cluster::log::{Appended, ClusterLog, Fetched, LogBatch};
 use crate::domain::{decide, Applied, Command, Ctx, DomainError, Event, RowKey, State};
 use crate::error::ControlError;
 use crate::limits::{
-    COMMAND_QUEUE_MAX, GROUP_COMMIT_COMMANDS_MAX, LOG_APPEND_RACES_MAX, LOG_BATCH_BYTES_MAX,
+    COMMAND_QUEUE_MAX, GROUP_COMMIT_COMMANDS_MAX, LOG_APPEND_RACE_MS, LOG_BATCH_BYTES_MAX,
     LOG_POLL_MS,
 };
 
@@ -226,7 +226,8 @@ impl Bus {
 /// Fault injection for the crash-only tests, from `EVSTOR_FAILPOINT` (read once at start;
 /// unset in production): `writer-panic-after:<n>` panics the writer right after its `n`th
 /// append landed (durable, not yet answered); `writer-append-error-after:<n>` makes the
-/// append after the `n`th fail as an I/O error with an unknown outcome would.
+/// append after the `n`th fail as an I/O error with an unknown outcome would
+/// (`orchestrator-ignore-lease` belongs to the cluster orchestrator).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Failpoint {
     None,
@@ -244,6 +245,8 @@ impl Failpoint {
             Some(("writer-append-error-after", n)) => {
                 n.parse().ok().map(Failpoint::AppendErrorAfter)
             }
+            // The cluster orchestrator's failpoint (see `cluster::member`); none for the writer.
+            None if text == "orchestrator-ignore-lease" => return Ok(Failpoint::None),
             _ => None,
         };
         let fp = parsed.ok_or_else(|| {
@@ -602,7 +605,7 @@ impl Writer {
     /// Commits `jobs` (all with the same fence) through the cluster log, as many batches as
     /// they need; every job is answered.
     fn commit_cluster(&mut self, mut jobs: Vec<Job>, fence: Option<u64>) {
-        let mut races = 0;
+        let race_deadline = Instant::now() + Duration::from_millis(LOG_APPEND_RACE_MS);
         while !jobs.is_empty() {
             let head = self.journal.head();
             let now = now_unix_ns().max(head.last_time_unix_ns);
@@ -620,17 +623,19 @@ impl Writer {
                     self.land(&placed, projections, &staged.applied);
                     answer(jobs.drain(..taken), staged.outcomes);
                 }
-                Ok(Appended::Behind) if races < LOG_APPEND_RACES_MAX => {
-                    races += 1;
+                Ok(Appended::Behind(newer)) if Instant::now() < race_deadline => {
                     self.reset_working();
-                    if let Err(e) = self.catch_up() {
-                        let why = e.to_string();
-                        answer_failed(jobs.drain(..).zip(std::iter::repeat_with(ok)), || {
-                            ControlError::ClusterUnavailable(why.clone())
-                        });
+                    let caught_up = newer.iter().all(|b| self.apply_batch(b));
+                    if newer.is_empty() || !caught_up {
+                        if let Err(e) = self.catch_up() {
+                            let why = e.to_string();
+                            answer_failed(jobs.drain(..).zip(std::iter::repeat_with(ok)), || {
+                                ControlError::ClusterUnavailable(why.clone())
+                            });
+                        }
                     }
                 }
-                Ok(Appended::Behind) => {
+                Ok(Appended::Behind(_)) => {
                     self.reset_working();
                     answer_failed(jobs.drain(..).zip(std::iter::repeat_with(ok)), || {
                         ControlError::ClusterUnavailable(
