@@ -1,12 +1,16 @@
-//! The etcd gateway client against a real etcd (`/usr/bin/etcd`, Debian's `etcd-server`):
-//! compare-and-swap transactions, leases, watches, compaction, and failover between
-//! endpoints. Each test starts its own one-member etcd on free loopback ports.
+//! The etcd gateway client and the cluster log against a real etcd (`/usr/bin/etcd`,
+//! Debian's `etcd-server`): compare-and-swap transactions, leases, watches, compaction,
+//! failover between endpoints; appends that race, retry and are fenced by the leader key.
+//! Each test starts its own one-member etcd on free loopback ports.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use evstor_control::cluster::etcd::{Compare, EtcdClient, EtcdError, Op, OpResult, Range};
+use evstor_control::cluster::log::{Appended, ClusterLog, Fetched};
+use evstor_control::cluster::Keys;
+use evstor_journal::{place, Head, NewEvent};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -260,4 +264,100 @@ fn calls_fail_over_to_a_live_member_and_report_unavailable_when_none_answers() {
     let nobody = EtcdClient::new(vec![dead]).with_deadline(Duration::from_millis(500));
     let err = nobody.get(b"/x").unwrap_err();
     assert!(matches!(err, EtcdError::Unavailable(_)), "{err:?}");
+}
+
+fn new_events(tag: &str, n: usize) -> Vec<NewEvent> {
+    (0..n)
+        .map(|i| NewEvent {
+            time_unix_ns: 1,
+            actor: tag.into(),
+            project: String::new(),
+            request_id: format!("{tag}{i}"),
+            event_type: "E".into(),
+            schema_version: 1,
+            payload: vec![i as u8],
+        })
+        .collect()
+}
+
+const EMPTY: Head = Head {
+    next_seq: 1,
+    last_time_unix_ns: 0,
+    last_hash: [0; 32],
+};
+
+#[test]
+fn cluster_log_appends_race_retry_and_are_fenced_by_the_leader_key() {
+    let etcd = Etcd::start();
+    let keys = Keys::new("/c/");
+    let mut a = ClusterLog::new(etcd.client(), keys.clone());
+    let mut b = ClusterLog::new(etcd.client(), keys.clone());
+    a.sync(&EMPTY).unwrap();
+    b.sync(&EMPTY).unwrap();
+    // Both decided against the empty log; one wins, the other reads the winner's batch back.
+    let (xa, after_a) = place(&EMPTY, new_events("a", 2));
+    let (xb, after_b) = place(&EMPTY, new_events("b", 1));
+    assert!(matches!(
+        a.append(&xa, &after_a, None).unwrap(),
+        Appended::Done { .. }
+    ));
+    let Appended::Behind(newer) = b.append(&xb, &after_b, None).unwrap() else {
+        panic!("b must lose")
+    };
+    assert_eq!(newer.len(), 1);
+    assert_eq!(newer[0].envelopes, xa);
+    b.note_applied(newer[0].revision);
+    // The same batch again with the old revision (a retry after a timeout): already there.
+    let mut retry = ClusterLog::new(etcd.client(), keys.clone());
+    retry.sync(&EMPTY).unwrap_or_default();
+    retry.note_applied(0);
+    assert!(matches!(
+        retry.append(&xa, &after_a, None).unwrap(),
+        Appended::Done { .. }
+    ));
+    // A leader's append is fenced by its epoch: the leader key's create revision.
+    let c = etcd.client();
+    let elect = |value: &[u8]| {
+        let t = c
+            .txn(
+                &[Compare::CreateRevision(keys.leader(), 0)],
+                &[Op::Put {
+                    key: keys.leader(),
+                    value: value.to_vec(),
+                    lease: 0,
+                }],
+                &[],
+            )
+            .unwrap();
+        assert!(t.succeeded);
+        t.revision as u64
+    };
+    let old_epoch = elect(b"one");
+    let (xb, after_b) = place(&after_a, new_events("b", 1));
+    assert!(matches!(
+        b.append(&xb, &after_b, Some(old_epoch)).unwrap(),
+        Appended::Done { .. }
+    ));
+    c.delete_range(&keys.leader(), &[]).unwrap();
+    let new_epoch = elect(b"two");
+    assert!(new_epoch > old_epoch);
+    let (xc, after_c) = place(&after_b, new_events("c", 1));
+    assert_eq!(
+        b.append(&xc, &after_c, Some(old_epoch)).unwrap(),
+        Appended::Fenced,
+        "a deposed epoch cannot append"
+    );
+    assert!(matches!(
+        b.append(&xc, &after_c, Some(new_epoch)).unwrap(),
+        Appended::Done { .. }
+    ));
+    // Everything in order, read back from the start.
+    let Fetched::Batches(all) = a.fetch(1).unwrap() else {
+        panic!("nothing trimmed")
+    };
+    let seqs: Vec<(u64, u64)> = all.iter().map(|b| (b.first_seq(), b.last_seq())).collect();
+    assert_eq!(seqs, [(1, 2), (3, 3), (4, 4)]);
+    // With the oldest batch deleted, a reader at seq 1 is behind the tail.
+    c.delete_range(&keys.log(1), &[]).unwrap();
+    assert!(matches!(a.fetch(1).unwrap(), Fetched::TailPassed { .. }));
 }
