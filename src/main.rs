@@ -31,25 +31,7 @@ struct Cli {
 enum Cmd {
     /// Start (first time: create) a one-server cluster in the data directory, or with
     /// `--etcd` a member of a multi-server cluster.
-    Serve {
-        #[arg(long, env = "EVSTOR_DATA_DIR", default_value = "evstor-data")]
-        data_dir: PathBuf,
-        #[arg(long, env = "EVSTOR_API_ADDR", default_value = "0.0.0.0:8443")]
-        api_addr: SocketAddr,
-        #[arg(long, env = "EVSTOR_NVME_ADDR", default_value = "0.0.0.0:4420")]
-        nvme_addr: SocketAddr,
-        #[arg(long, env = "EVSTOR_DISCOVERY_ADDR", default_value = "0.0.0.0:8009")]
-        discovery_addr: SocketAddr,
-        /// A file or block device for the storage pool (repeat for several; files are
-        /// created sparse if missing). Default: `<data-dir>/devices/dev0.img`. Devices may be
-        /// appended between starts, never removed or reordered.
-        #[arg(long = "device", env = "EVSTOR_DEVICES", value_delimiter = ',')]
-        devices: Vec<PathBuf>,
-        #[command(flatten)]
-        edge: EdgeArgs,
-        #[command(flatten)]
-        cluster: ClusterArgs,
-    },
+    Serve(Box<ServeArgs>),
     /// Inspect the event journal (read-only; safe beside a running server).
     Journal {
         #[command(subcommand)]
@@ -60,6 +42,27 @@ enum Cmd {
         #[command(subcommand)]
         verb: TokenVerb,
     },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long, env = "EVSTOR_DATA_DIR", default_value = "evstor-data")]
+    data_dir: PathBuf,
+    #[arg(long, env = "EVSTOR_API_ADDR", default_value = "0.0.0.0:8443")]
+    api_addr: SocketAddr,
+    #[arg(long, env = "EVSTOR_NVME_ADDR", default_value = "0.0.0.0:4420")]
+    nvme_addr: SocketAddr,
+    #[arg(long, env = "EVSTOR_DISCOVERY_ADDR", default_value = "0.0.0.0:8009")]
+    discovery_addr: SocketAddr,
+    /// A file or block device for the storage pool (repeat for several; files are
+    /// created sparse if missing). Default: `<data-dir>/devices/dev0.img`. Devices may be
+    /// appended between starts, never removed or reordered.
+    #[arg(long = "device", env = "EVSTOR_DEVICES", value_delimiter = ',')]
+    devices: Vec<PathBuf>,
+    #[command(flatten)]
+    edge: EdgeArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 /// Deadlines and caps of the API's connections (defaults from `control/src/limits.rs`).
@@ -241,15 +244,16 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Cmd::Serve {
-            data_dir,
-            api_addr,
-            nvme_addr,
-            discovery_addr,
-            devices,
-            edge,
-            cluster,
-        } => {
+        Cmd::Serve(args) => {
+            let ServeArgs {
+                data_dir,
+                api_addr,
+                nvme_addr,
+                discovery_addr,
+                devices,
+                edge,
+                cluster,
+            } = *args;
             let cluster = cluster.config()?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(server::serve(

@@ -181,6 +181,26 @@ fn three_servers_one_journal_volumes_everywhere() {
     let nsid = v["nsid"].as_u64().expect("nsid") as u32;
     host.write(nsid, 3, &[0xc1; 4096]).expect("write");
     assert_eq!(host.read(nsid, 3, 1).expect("read"), vec![0xc1; 4096]);
+    // A disabled server takes no new volume (three copies need it); enabled, it does again.
+    let s3 = format!("/api/v2/servers/{}", server_id(&servers[2]));
+    let (status, body) = servers[0]
+        .admin()
+        .post(&format!("{s3}/disable"), &json!({}));
+    assert_eq!(
+        (status, &body["state"]),
+        (200, &json!("Disabled")),
+        "{body}"
+    );
+    eventually(&servers[1], &s3, |_, v| v["state"] == "Disabled");
+    let (status, body) = servers[1]
+        .admin()
+        .post("/api/v2/projects/default/volumes", &volume_body("v3b", 3));
+    assert_eq!((status, &body["code"]), (400, &json!(3)), "{body}");
+    let (status, body) = servers[1].admin().post(&format!("{s3}/enable"), &json!({}));
+    assert_eq!((status, &body["state"]), (200, &json!("Enabled")), "{body}");
+    // A running server holding volumes is not deleted.
+    let (status, body) = servers[0].admin().delete(&s3);
+    assert_eq!((status, &body["code"]), (409, &json!(10)), "{body}");
     // One journal: every server verifies and stands on the same head.
     let refs: Vec<&Server> = servers.iter().collect();
     let (seq, _) = same_head(&refs, CONVERGE);
@@ -196,6 +216,15 @@ fn a_killed_server_fails_then_catches_up_after_restart() {
         eventually(s, "/api/v2/servers", |_, _| {
             states(s).contains(&("s3".to_string(), "Failed".to_string()))
         });
+        let nodes = s.admin().get("/api/v2/nodes").1;
+        let s3_node = nodes["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["serverUUID"] == json!(server_id(&servers[2])))
+            .cloned()
+            .expect("s3's node");
+        assert_eq!(s3_node["state"], "Inactive", "{s3_node}");
     }
     // Changes while it is down, through both live servers.
     std::thread::scope(|scope| {

@@ -76,7 +76,8 @@ struct Job {
 
 /// What the writer thread is asked to do.
 enum Msg {
-    Job(Job),
+    /// Boxed: a job is large and the other messages are small.
+    Job(Box<Job>),
     /// Batches other servers appended to the cluster log (from the follower).
     Remote(Vec<LogBatch>),
     /// The log may have moved: look (the follower lost its watch).
@@ -188,12 +189,12 @@ impl Bus {
     ) -> Result<Committed, ControlError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Msg::Job(Job {
+            .send(Msg::Job(Box::new(Job {
                 meta,
                 command,
                 reply,
                 fence,
-            }))
+            })))
             .await
             .map_err(|_| ControlError::ShuttingDown)?;
         rx.await.map_err(|_| ControlError::ShuttingDown)?
@@ -353,10 +354,10 @@ impl Writer {
                 Some(Msg::Remote(batches)) => self.apply_remote(batches),
                 Some(Msg::Poke) => self.catch_up_logged(),
                 Some(Msg::Job(first)) => {
-                    jobs.push(first);
+                    jobs.push(*first);
                     while jobs.len() < GROUP_COMMIT_COMMANDS_MAX {
                         match rx.try_recv() {
-                            Ok(Msg::Job(job)) => jobs.push(job),
+                            Ok(Msg::Job(job)) => jobs.push(*job),
                             // Apply before deciding: the batch then builds on it.
                             Ok(Msg::Remote(batches)) => self.apply_remote(batches),
                             Ok(Msg::Poke) => {}
@@ -625,19 +626,15 @@ impl Writer {
                 }
                 Ok(Appended::Behind(newer)) if Instant::now() < race_deadline => {
                     self.reset_working();
-                    let caught_up = newer.iter().all(|b| self.apply_batch(b));
-                    if newer.is_empty() || !caught_up {
-                        if let Err(e) = self.catch_up() {
-                            let why = e.to_string();
-                            answer_failed(jobs.drain(..).zip(std::iter::repeat_with(ok)), || {
-                                ControlError::ClusterUnavailable(why.clone())
-                            });
-                        }
+                    if let Err(e) = self.after_lost_race(&newer) {
+                        fail_all(&mut jobs, vec![], || {
+                            ControlError::ClusterUnavailable(e.to_string())
+                        });
                     }
                 }
                 Ok(Appended::Behind(_)) => {
                     self.reset_working();
-                    answer_failed(jobs.drain(..).zip(std::iter::repeat_with(ok)), || {
+                    fail_all(&mut jobs, vec![], || {
                         ControlError::ClusterUnavailable(
                             "other servers kept appending first; retry".into(),
                         )
@@ -650,7 +647,8 @@ impl Writer {
                         "orchestrator append refused by etcd: epoch {epoch} no longer holds the \
                          leader key (fenced)"
                     );
-                    answer_failed(jobs.drain(..taken).zip(staged.outcomes), || {
+                    let fenced: Vec<Job> = jobs.drain(..taken).collect();
+                    answer_failed(fenced.into_iter().zip(staged.outcomes), || {
                         ControlError::Fenced(format!(
                             "epoch {epoch} no longer holds the leader key"
                         ))
@@ -660,15 +658,22 @@ impl Writer {
                     // Not acknowledged; it may still land, and then arrives like anyone's.
                     self.reset_working();
                     tracing::warn!("cluster log append failed: {e}");
-                    let why = e.to_string();
-                    let mut outcomes = staged.outcomes.into_iter();
-                    let all = jobs
-                        .drain(..)
-                        .map(|j| (j, outcomes.next().unwrap_or_else(ok)));
-                    answer_failed(all, || ControlError::ClusterUnavailable(why.clone()));
+                    fail_all(&mut jobs, staged.outcomes, || {
+                        ControlError::ClusterUnavailable(e.to_string())
+                    });
                 }
             }
         }
+    }
+
+    /// Another server appended first: apply what the failed transaction read back, or read
+    /// the log when that was not all.
+    fn after_lost_race(&mut self, newer: &[LogBatch]) -> Result<(), ControlError> {
+        let applied = newer.iter().all(|b| self.apply_batch(b));
+        if newer.is_empty() || !applied {
+            self.catch_up()?;
+        }
+        Ok(())
     }
 
     /// Writes a batch the cluster log holds into the local journal and shows it to readers.
@@ -780,8 +785,13 @@ impl Writer {
     }
 }
 
-fn ok() -> Outcome {
-    Ok(Committed::default())
+/// Answers every job (the first ones with their staged `outcomes`) without a commit.
+fn fail_all(jobs: &mut Vec<Job>, outcomes: Vec<Outcome>, error: impl Fn() -> ControlError) {
+    let mut outcomes = outcomes.into_iter();
+    let all = jobs
+        .drain(..)
+        .map(|j| (j, outcomes.next().unwrap_or(Ok(Committed::default()))));
+    answer_failed(all, error);
 }
 
 fn answer(jobs: impl Iterator<Item = Job>, outcomes: Vec<Outcome>) {
