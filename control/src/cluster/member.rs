@@ -339,7 +339,9 @@ async fn register(
         match bus.submit(RequestMeta::system("bootstrap"), cmd).await {
             Ok(_) => println!("evstor: bootstrapped a new cluster under {}", cc.prefix),
             // Another server bootstrapped first: join it.
-            Err(ControlError::Domain(DomainError::AlreadyExists(_))) => {}
+            Err(ControlError::Domain(DomainError::AlreadyExists(_))) => {
+                println!("evstor: another server bootstrapped the cluster first; joining it")
+            }
             Err(e) => return Err(e).context("bootstrapping the cluster"),
         }
     }
