@@ -190,11 +190,11 @@ impl Orchestrator {
         if (found.kvs.len() as u64) <= self.tail_batches {
             return Ok(());
         }
-        let Some(oldest_kept_next) = found.kvs.last() else {
+        let Some(newest_trimmed) = found.kvs.last() else {
             return Ok(());
         };
-        let mut end = oldest_kept_next.key.clone();
-        end.push(0); // through the oldest batch past the tail, inclusive
+        let mut end = newest_trimmed.key.clone();
+        end.push(0); // every batch up to and including the newest one past the tail
         let t = self
             .etcd
             .txn(
