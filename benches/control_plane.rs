@@ -43,6 +43,8 @@ fn bootstrap() -> Command {
         nvme_endpoint: "127.0.0.1:2".into(),
         devices: vec![Device::backing_file("d0", "/d0", 1 << 50)],
         root_public_key_pem: "PEM".into(),
+        server_uuid: None,
+        failure_domain: String::new(),
     }))
 }
 

@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use evstor_control::api::admission::RequestCaps;
+use evstor_control::cluster::etcd::parse_endpoints;
+use evstor_control::cluster::ClusterConfig;
 use evstor_control::edge::EdgeConfig;
 use evstor_control::limits;
 use evstor_control::server::{self, ServeConfig};
@@ -27,24 +29,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start (first time: create) a one-server cluster in the data directory.
-    Serve {
-        #[arg(long, env = "EVSTOR_DATA_DIR", default_value = "evstor-data")]
-        data_dir: PathBuf,
-        #[arg(long, env = "EVSTOR_API_ADDR", default_value = "0.0.0.0:8443")]
-        api_addr: SocketAddr,
-        #[arg(long, env = "EVSTOR_NVME_ADDR", default_value = "0.0.0.0:4420")]
-        nvme_addr: SocketAddr,
-        #[arg(long, env = "EVSTOR_DISCOVERY_ADDR", default_value = "0.0.0.0:8009")]
-        discovery_addr: SocketAddr,
-        /// A file or block device for the storage pool (repeat for several; files are
-        /// created sparse if missing). Default: `<data-dir>/devices/dev0.img`. Devices may be
-        /// appended between starts, never removed or reordered.
-        #[arg(long = "device", env = "EVSTOR_DEVICES", value_delimiter = ',')]
-        devices: Vec<PathBuf>,
-        #[command(flatten)]
-        edge: EdgeArgs,
-    },
+    /// Start (first time: create) a one-server cluster in the data directory, or with
+    /// `--etcd` a member of a multi-server cluster.
+    Serve(Box<ServeArgs>),
     /// Inspect the event journal (read-only; safe beside a running server).
     Journal {
         #[command(subcommand)]
@@ -55,6 +42,27 @@ enum Cmd {
         #[command(subcommand)]
         verb: TokenVerb,
     },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long, env = "EVSTOR_DATA_DIR", default_value = "evstor-data")]
+    data_dir: PathBuf,
+    #[arg(long, env = "EVSTOR_API_ADDR", default_value = "0.0.0.0:8443")]
+    api_addr: SocketAddr,
+    #[arg(long, env = "EVSTOR_NVME_ADDR", default_value = "0.0.0.0:4420")]
+    nvme_addr: SocketAddr,
+    #[arg(long, env = "EVSTOR_DISCOVERY_ADDR", default_value = "0.0.0.0:8009")]
+    discovery_addr: SocketAddr,
+    /// A file or block device for the storage pool (repeat for several; files are
+    /// created sparse if missing). Default: `<data-dir>/devices/dev0.img`. Devices may be
+    /// appended between starts, never removed or reordered.
+    #[arg(long = "device", env = "EVSTOR_DEVICES", value_delimiter = ',')]
+    devices: Vec<PathBuf>,
+    #[command(flatten)]
+    edge: EdgeArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 /// Deadlines and caps of the API's connections (defaults from `control/src/limits.rs`).
@@ -107,6 +115,53 @@ impl EdgeArgs {
                 per_subject_max: self.api_requests_per_subject_max,
             },
         }
+    }
+}
+
+/// Cluster mode: join (or, on an empty etcd prefix, bootstrap) a cluster ordered by etcd.
+#[derive(Args)]
+struct ClusterArgs {
+    /// etcd client endpoints, comma-separated (`http://host:2379,…`). Without it, evstor
+    /// runs the embedded single-server cluster.
+    #[arg(long, env = "EVSTOR_ETCD")]
+    etcd: Option<String>,
+    /// This server's name in the cluster (unique; kept in the data directory).
+    #[arg(long, env = "EVSTOR_NAME", requires = "etcd")]
+    name: Option<String>,
+    /// The failure domain replicas are kept apart by (default: the server itself).
+    #[arg(
+        long,
+        env = "EVSTOR_FAILURE_DOMAIN",
+        requires = "etcd",
+        default_value = ""
+    )]
+    failure_domain: String,
+    /// Where in etcd the cluster keeps its keys.
+    #[arg(long, env = "EVSTOR_ETCD_PREFIX", default_value = "/evstor/default/")]
+    etcd_prefix: String,
+    /// Log batches kept in etcd behind the head (older ones are trimmed by the leader; a
+    /// server further behind catches up from a peer's checkpoint).
+    #[arg(long, env = "EVSTOR_ETCD_LOG_TAIL_BATCHES", value_parser = positive::<u64>,
+          default_value_t = limits::LOG_TAIL_BATCHES)]
+    etcd_log_tail_batches: u64,
+}
+
+impl ClusterArgs {
+    fn config(&self) -> anyhow::Result<Option<ClusterConfig>> {
+        let Some(etcd) = &self.etcd else {
+            return Ok(None);
+        };
+        let name = self
+            .name
+            .clone()
+            .context("--etcd needs --name: this server's name in the cluster")?;
+        Ok(Some(ClusterConfig {
+            endpoints: parse_endpoints(etcd)?,
+            prefix: self.etcd_prefix.clone(),
+            name,
+            failure_domain: self.failure_domain.clone(),
+            tail_batches: self.etcd_log_tail_batches,
+        }))
     }
 }
 
@@ -189,14 +244,17 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Cmd::Serve {
-            data_dir,
-            api_addr,
-            nvme_addr,
-            discovery_addr,
-            devices,
-            edge,
-        } => {
+        Cmd::Serve(args) => {
+            let ServeArgs {
+                data_dir,
+                api_addr,
+                nvme_addr,
+                discovery_addr,
+                devices,
+                edge,
+                cluster,
+            } = *args;
+            let cluster = cluster.config()?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(server::serve(
                 ServeConfig {
@@ -206,6 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     nvme_addr,
                     discovery_addr,
                     api: edge.config(),
+                    cluster,
                 },
                 None,
             ))?;
@@ -288,6 +347,10 @@ fn journal(verb: JournalVerb) -> anyhow::Result<ExitCode> {
 fn verify(data_dir: &Path) -> anyhow::Result<ExitCode> {
     let journal = server::open_journal_read_only(data_dir)?;
     let report = journal.verify()?;
+    // Every server of a cluster reaches the same head: compare these lines across servers.
+    let head = journal.head();
+    let hash: String = head.last_hash.iter().map(|b| format!("{b:02x}")).collect();
+    println!("head: seq {} hash {hash}", head.last_seq());
     for p in &report.problems {
         println!("CORRUPT seq {}: {}", p.seq, p.what);
     }

@@ -556,8 +556,10 @@ fn servers_nodes_and_devices_describe_the_one_machine() {
             "/api/v2/servers".to_string(),
             json!({"serverUUID": "x", "serverEndpoints": ["a"]}),
         ),
-        (format!("/api/v2/servers/{server_uuid}/disable"), json!({})),
-        (format!("/api/v2/servers/{server_uuid}/enable"), json!({})),
+        (
+            format!("/api/v2/servers/{server_uuid}/disable"),
+            json!({"evictData": true}),
+        ),
         (
             format!("/api/v2/nodes/{node_uuid}/replace"),
             json!({"TargetNodeUUID": "x"}),
@@ -574,8 +576,26 @@ fn servers_nodes_and_devices_describe_the_one_machine() {
         let (status, err) = admin.post(&path, &body);
         assert_json_error(status, &err, 501, 12);
     }
+    // The last server cannot go; disabling it stops placement until it is enabled again.
     let (status, err) = admin.delete(&format!("/api/v2/servers/{server_uuid}"));
-    assert_json_error(status, &err, 501, 12);
+    assert_json_error(status, &err, 400, 9);
+    let disabled = admin.post(
+        &format!("/api/v2/servers/{server_uuid}/disable"),
+        &json!({}),
+    );
+    assert_eq!(
+        (disabled.0, disabled.1["state"].as_str()),
+        (200, Some("Disabled"))
+    );
+    let vol = json!({"name": "nowhere", "size": "1 GiB", "acl": {"values": ["ALLOW_ANY"]},
+                     "replicaCount": 1});
+    let (status, err) = admin.post("/api/v2/projects/default/volumes", &vol);
+    assert_json_error(status, &err, 400, 3);
+    let enabled = admin.post(&format!("/api/v2/servers/{server_uuid}/enable"), &json!({}));
+    assert_eq!(
+        (enabled.0, enabled.1["state"].as_str()),
+        (200, Some("Enabled"))
+    );
     assert_eq!(
         admin.post("/api/v2/servers/nope/disable", &json!({})).0,
         404

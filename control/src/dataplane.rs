@@ -29,6 +29,8 @@ use crate::reconcile::DataPlane;
 pub struct VolumeStore {
     store: Arc<BlockStore>,
     target: Option<TargetHandle>,
+    /// Cluster mode: this server's node; only volumes whose primary it is are served here.
+    node: Option<Uuid>,
     /// The last table handed to the target; publishing is skipped when nothing changed.
     published: Mutex<Vec<NamespaceSpec>>,
 }
@@ -38,9 +40,15 @@ pub fn blockstore_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("blockstore")
 }
 
-/// The pool's devices in the order they were added (the pool's address order).
-pub fn pool_devices(state: &State) -> Vec<DeviceSpec> {
-    let mut devices: Vec<&Device> = state.inventory.devices.values().collect();
+/// The pool's devices (of `node`, or every device in a one-node cluster) in the order they
+/// were added (the pool's address order).
+pub fn pool_devices(state: &State, node: Option<Uuid>) -> Vec<DeviceSpec> {
+    let mut devices: Vec<&Device> = state
+        .inventory
+        .devices
+        .values()
+        .filter(|d| node.is_none_or(|n| d.node_uuid == n))
+        .collect();
     devices.sort_by_key(|d| (d.etag, d.path.clone()));
     devices
         .into_iter()
@@ -53,11 +61,12 @@ pub fn pool_devices(state: &State) -> Vec<DeviceSpec> {
 
 impl VolumeStore {
     /// Opens the block store on the cluster's devices, without a target (control-plane tests).
-    pub fn open(data_dir: &Path, state: &State) -> anyhow::Result<VolumeStore> {
-        let store = BlockStore::open(&blockstore_dir(data_dir), &pool_devices(state))?;
+    pub fn open(data_dir: &Path, state: &State, node: Option<Uuid>) -> anyhow::Result<VolumeStore> {
+        let store = BlockStore::open(&blockstore_dir(data_dir), &pool_devices(state, node))?;
         Ok(VolumeStore {
             store,
             target: None,
+            node,
             published: Mutex::new(Vec::new()),
         })
     }
@@ -67,8 +76,9 @@ impl VolumeStore {
         data_dir: &Path,
         state: &State,
         target: TargetHandle,
+        node: Option<Uuid>,
     ) -> anyhow::Result<VolumeStore> {
-        let mut s = VolumeStore::open(data_dir, state)?;
+        let mut s = VolumeStore::open(data_dir, state, node)?;
         s.target = Some(target);
         Ok(s)
     }
@@ -185,7 +195,8 @@ impl DataPlane for VolumeStore {
         self.store.set_trim(trim);
         // A volume shrunk with Force loses the blocks past its end (a crash between the
         // shrink and this pass is covered: the check runs on every pass).
-        for v in state.volumes.by_uuid.values() {
+        let mine = |v: &&Volume| self.node.is_none_or(|n| v.node_uuid == n);
+        for v in state.volumes.by_uuid.values().filter(mine) {
             if v.state == VolumeState::Available {
                 if let Err(e) = self.store.truncate(v.uuid, v.size_bytes / BLOCK_BYTES) {
                     tracing::warn!("truncating volume {} failed: {e}", v.uuid);
@@ -199,6 +210,7 @@ impl DataPlane for VolumeStore {
             .volumes
             .by_uuid
             .values()
+            .filter(mine)
             .filter(|v| match v.state {
                 VolumeState::Available => true,
                 VolumeState::Creating => self.store.contains(v.uuid),

@@ -18,4 +18,16 @@ pub enum ControlError {
     Internal(String),
     #[error("request body not received within its deadline")]
     RequestBodyDeadline,
+    /// The cluster log could not order the change (etcd unreachable or without quorum):
+    /// not acknowledged; whether it will still apply is unknown until etcd answers again.
+    #[error(
+        "the cluster cannot order changes now (etcd: {0}); the change was not acknowledged, \
+         retry when etcd has quorum"
+    )]
+    ClusterUnavailable(String),
+    /// An orchestrator append from an epoch that no longer leads.
+    #[error("refused: this server no longer leads the cluster ({0})")]
+    Fenced(String),
+    #[error(transparent)]
+    Etcd(#[from] crate::cluster::etcd::EtcdError),
 }

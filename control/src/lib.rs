@@ -14,6 +14,7 @@
 //! - [`server`]: wiring for `evstor serve`: data directory, bootstrap, TLS, listeners.
 
 pub mod api;
+pub mod cluster;
 pub mod dataplane;
 pub mod domain;
 pub mod edge;

@@ -88,3 +88,52 @@ pub const EVENTS_READ_CHUNK: usize = 1024;
 
 /// 64-block windows one snapshot diff page lists at most.
 pub const DIFF_WINDOWS_MAX: usize = 1024;
+
+// Cluster mode (`evstor serve --etcd …`, `crate::cluster`). etcd's own defaults bound what one
+// request may carry: `--max-request-bytes` 1.5 MiB and `--max-txn-ops` 128.
+
+/// Longest wait for a TCP connection to one etcd member before trying the next.
+pub const ETCD_CONNECT_MS: u64 = 500;
+/// Longest one request to one etcd member may take (socket read/write timeouts). etcd itself
+/// gives up on a proposal that cannot reach quorum after about 7 s; we move on sooner.
+pub const ETCD_REQUEST_MS: u64 = 2_000;
+/// Longest one etcd call may take across every member and retry. A mutation that cannot be
+/// ordered in this time (no quorum) is answered 503.
+pub const ETCD_CALL_DEADLINE_MS: u64 = 4_000;
+/// Largest response body read from etcd (a range of log batches).
+pub const ETCD_RESPONSE_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Largest log batch (one group commit) stored as one etcd value, in stored envelope bytes.
+/// Base64 in JSON grows it by a third on the wire, but etcd's limit applies to the protobuf
+/// request, which carries the raw bytes: 256 KiB stays far below its 1.5 MiB.
+pub const LOG_BATCH_BYTES_MAX: usize = 256 * 1024;
+/// Batches kept in etcd behind the head (the tail); older ones are deleted by the leader and
+/// their revisions compacted. A server further behind catches up from a peer's checkpoint.
+/// Worst case in etcd: this many batches of `LOG_BATCH_BYTES_MAX` (512 MiB, a quarter of
+/// etcd's default 2 GiB quota); a typical batch is a few KiB.
+pub const LOG_TAIL_BATCHES: u64 = 2_048;
+/// Most log batches one catch-up read asks etcd for.
+pub const LOG_FETCH_BATCHES_MAX: i64 = 256;
+/// How often an idle writer asks etcd whether the log moved (a safety net under the watch).
+pub const LOG_POLL_MS: u64 = 1_000;
+/// Longest a writer keeps re-deciding a batch after losing the race for the head to other
+/// servers (each loss applies their batches first) before answering 503. Under heavy
+/// concurrent writes through several servers a loser may lose a dozen times in a row.
+pub const LOG_APPEND_RACE_MS: u64 = 10_000;
+/// TTL of a server's etcd lease: its liveness key and, on the leader, the leader key. A
+/// server that stops renewing is `Failed` (and loses leadership) this long after.
+pub const LEASE_TTL_SECS: i64 = 5;
+/// Pause between lease keep-alives (and leadership campaigns).
+pub const LEASE_KEEPALIVE_MS: u64 = 1_000;
+/// The leader stops acting this long before its lease could expire, counted from when the
+/// last successful keep-alive was sent (covers clock-rate differences and scheduling).
+pub const LEASE_SAFETY_MARGIN_MS: u64 = 1_500;
+/// Pause between passes of the leader's orchestrator (health, leadership record, tail trim).
+pub const ORCHESTRATOR_TICK_MS: u64 = 500;
+/// Pause between the leader's trims of the etcd log tail.
+pub const LOG_TRIM_INTERVAL_MS: u64 = 2_000;
+/// Longest `evstor serve --etcd` waits for etcd at start before giving up.
+pub const ETCD_START_WAIT_MS: u64 = 60_000;
+/// Largest journal checkpoint a joining server accepts from a peer.
+pub const CHECKPOINT_BYTES_MAX: u64 = 64 * 1024 * 1024 * 1024;
+/// Longest a checkpoint transfer may stall (socket timeouts on both ends).
+pub const CHECKPOINT_IO_MS: u64 = 30_000;

@@ -3,7 +3,14 @@
 //! snapshots whose intent is not yet done (`Creating`, `Deleting`, `Rollback`, expired),
 //! drives the data path, and appends the completion. It is level-triggered, so after a crash
 //! it simply finds the unfinished work in the projections and resumes.
+//!
+//! In cluster mode every server runs one as its agent, scoped to its own node: the data-plane
+//! steps of the volumes and snapshots whose primary it is (the completions it appends are
+//! idempotent commands, so a repeat after a crash changes nothing), and placeholder images
+//! for the volumes it holds a replica of (no completion: replicas receive no data until the
+//! replicated write path exists).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -117,9 +124,77 @@ pub fn pending(state: &State, now_unix_ns: u64) -> (Vec<Work>, Option<u64>) {
     (work, next_expiry)
 }
 
-/// Runs until `shutdown` turns true.
-pub async fn run(bus: Bus, data: Arc<dyn DataPlane>, mut shutdown: watch::Receiver<bool>) {
+/// Whether `w` is the work of `node`'s agent: the node is the primary of the volume, or
+/// holds the snapshot (`None`: one server does everything).
+pub fn is_for(state: &State, w: &Work, node: Option<Uuid>) -> bool {
+    let Some(node) = node else {
+        return true;
+    };
+    let volume_on = |u: &Uuid| state.volumes.get(*u).is_some_and(|v| v.node_uuid == node);
+    let snapshot_on = |u: &Uuid| state.snapshots.get(*u).is_some_and(|s| s.node_uuid == node);
+    match w {
+        Work::CreateVolume(v) | Work::CloneVolume(v, _) | Work::Rollback(v, _) => {
+            v.node_uuid == node
+        }
+        Work::DeleteVolume(u) => volume_on(u),
+        Work::TakeSnapshot(s) => s.node_uuid == node,
+        Work::DeleteSnapshot(u) | Work::Expire(u) => snapshot_on(u),
+    }
+}
+
+/// Replica placeholders `node` should hold (create) or give up (release): volumes that name
+/// it as a replica, by state.
+pub fn replica_work(state: &State, node: Uuid) -> (Vec<Volume>, Vec<Uuid>) {
+    let mut hold = Vec::new();
+    let mut release = Vec::new();
+    for v in state.volumes.by_uuid.values() {
+        if !v.replica_nodes.contains(&node) {
+            continue;
+        }
+        match v.state {
+            VolumeState::Deleting | VolumeState::Deleted | VolumeState::Failed => {
+                release.push(v.uuid)
+            }
+            _ => hold.push(v.clone()),
+        }
+    }
+    (hold, release)
+}
+
+/// Creates and releases this node's replica placeholders; `held` remembers what is done.
+async fn replicas(bus: &Bus, data: &Arc<dyn DataPlane>, node: Uuid, held: &mut HashSet<Uuid>) {
+    let (mut hold, release) = replica_work(&bus.state(), node);
+    hold.retain(|v| !held.contains(&v.uuid));
+    // Released on every pass while the volume is being deleted (idempotent), also after a
+    // restart that forgot what it held.
+    for v in hold {
+        let worker = data.clone();
+        let uuid = v.uuid;
+        match tokio::task::spawn_blocking(move || worker.prepare(&v)).await {
+            Ok(Ok(())) => {
+                held.insert(uuid);
+            }
+            Ok(Err(e)) => tracing::warn!("replica placeholder of volume {uuid}: {e}"),
+            Err(e) => tracing::error!("replica placeholder task of volume {uuid}: {e}"),
+        }
+    }
+    for uuid in release {
+        let worker = data.clone();
+        if let Ok(Ok(())) = tokio::task::spawn_blocking(move || worker.release(uuid)).await {
+            held.remove(&uuid);
+        }
+    }
+}
+
+/// Runs until `shutdown` turns true, doing the work of `node` (`None`: all of it).
+pub async fn run(
+    bus: Bus,
+    data: Arc<dyn DataPlane>,
+    mut shutdown: watch::Receiver<bool>,
+    node: Option<Uuid>,
+) {
     let mut seq = bus.last_seq();
+    let mut held = HashSet::new();
     loop {
         let now = crate::store::bus::now_unix_ns();
         let (work, next_expiry, mut failed) = {
@@ -128,9 +203,13 @@ pub async fn run(bus: Bus, data: Arc<dyn DataPlane>, mut shutdown: watch::Receiv
             if let Err(e) = &published {
                 tracing::warn!("namespace publication incomplete, will retry: {e}");
             }
-            let (work, next_expiry) = pending(&state, now);
+            let (mut work, next_expiry) = pending(&state, now);
+            work.retain(|w| is_for(&state, w, node));
             (work, next_expiry, published.is_err())
         };
+        if let Some(n) = node {
+            replicas(&bus, &data, n, &mut held).await;
+        }
         for e in data.take_media_errors() {
             let cmd = Command::Volume(VolumeCommand::RecordDataIntegrityError {
                 uuid: e.image,

@@ -4,7 +4,11 @@
 //!
 //! Data directory layout: `journal/` (RocksDB), `keys/root.pem` (private, 0600),
 //! `admin.jwt`, `tls/{cert,key}.pem`, `devices/dev0.img` (the default sparse pool device) and
-//! `blockstore/` (RocksDB: the extent map of every volume and snapshot).
+//! `blockstore/` (RocksDB: the extent map of every volume and snapshot); in cluster mode also
+//! `server-id` (this server's id and name). With `cluster` set ([`ClusterConfig`]), the
+//! journal follows the etcd-ordered cluster log and [`crate::cluster::member`] joins or
+//! bootstraps the cluster; the rest (target, block store, API, agent) is the same, scoped to
+//! this server's node.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,6 +20,8 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::api::{self, App, ServerInfo};
+use crate::cluster::member::{self, Member};
+use crate::cluster::ClusterConfig;
 use crate::dataplane::VolumeStore;
 use crate::domain::cluster::{Bootstrap, Command as ClusterCommand};
 use crate::domain::inventory::Device;
@@ -40,6 +46,8 @@ pub struct ServeConfig {
     pub discovery_addr: SocketAddr,
     /// Deadlines and caps of the API's connections and requests.
     pub api: EdgeConfig,
+    /// Cluster mode (`--etcd`); `None` runs the embedded single-server cluster.
+    pub cluster: Option<ClusterConfig>,
 }
 
 pub fn journal_dir(data_dir: &Path) -> PathBuf {
@@ -56,7 +64,7 @@ pub fn open_journal_read_only(data_dir: &Path) -> anyhow::Result<RocksJournal> {
         .with_context(|| format!("opening the journal in {}", data_dir.display()))
 }
 
-fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
@@ -76,7 +84,7 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
 }
 
 /// Generates the root RSA key pair; returns (private PKCS#8 PEM, public SPKI PEM).
-fn generate_root_key() -> anyhow::Result<(String, String)> {
+pub(crate) fn generate_root_key() -> anyhow::Result<(String, String)> {
     use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
     let private = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048)?;
     let public = private.to_public_key();
@@ -135,7 +143,7 @@ fn nix_free_bytes(dir: &Path) -> Option<u64> {
 
 /// The device paths this start uses: the configured ones (files are created sparse if
 /// missing), or `devices/dev0.img` in the data directory.
-fn prepare_devices(cfg: &ServeConfig) -> anyhow::Result<Vec<PathBuf>> {
+pub(crate) fn prepare_devices(cfg: &ServeConfig) -> anyhow::Result<Vec<PathBuf>> {
     let paths = if cfg.devices.is_empty() {
         vec![cfg.data_dir.join("devices").join("dev0.img")]
     } else {
@@ -161,7 +169,7 @@ fn prepare_devices(cfg: &ServeConfig) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// What the cluster records about a device: identity from the drive itself when it is NVMe.
-fn device_record(path: &Path) -> anyhow::Result<Device> {
+pub(crate) fn device_record(path: &Path) -> anyhow::Result<Device> {
     use evstor_datapath::device::{probe, DeviceKind};
     let info = probe(path).with_context(|| format!("probing the device {}", path.display()))?;
     let serial = info.serial.clone().unwrap_or_else(|| {
@@ -201,6 +209,8 @@ async fn bootstrap(bus: &Bus, cfg: &ServeConfig) -> anyhow::Result<()> {
         nvme_endpoint: cfg.nvme_addr.to_string(),
         devices,
         root_public_key_pem: public_pem,
+        server_uuid: None,
+        failure_domain: String::new(),
     };
     bus.submit(
         RequestMeta::system("bootstrap"),
@@ -225,17 +235,25 @@ async fn bootstrap(bus: &Bus, cfg: &ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Devices named in the configuration that the pool does not have yet join it (appended).
-async fn add_new_devices(bus: &Bus, cfg: &ServeConfig) -> anyhow::Result<()> {
+/// Devices named in the configuration that the pool (of `node`, or the only node) does not
+/// have yet join it (appended).
+pub(crate) async fn add_new_devices(
+    bus: &Bus,
+    cfg: &ServeConfig,
+    node: Option<Uuid>,
+) -> anyhow::Result<()> {
     for p in prepare_devices(cfg)? {
         let known = bus
             .state()
             .inventory
             .devices
             .values()
-            .any(|d| Path::new(&d.path) == p);
+            .any(|d| Path::new(&d.path) == p && node.is_none_or(|n| d.node_uuid == n));
         if !known {
-            let device = device_record(&p)?;
+            let mut device = device_record(&p)?;
+            if let Some(n) = node {
+                device.node_uuid = n;
+            }
             bus.submit(
                 RequestMeta::system("startup"),
                 Command::Inventory(crate::domain::inventory::Command::AddDevice { device }),
@@ -304,14 +322,9 @@ pub async fn serve(
     let api_connections_max = descriptor_budget(&cfg.api);
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-    let journal = Arc::new(
-        RocksJournal::open(&journal_dir(&cfg.data_dir), OpenMode::ReadWrite)
-            .context("opening the journal (is another evstor using this data directory?)")?,
-    );
-    let bus = Bus::start(journal)?;
-    bootstrap(&bus, &cfg).await?;
-    add_new_devices(&bus, &cfg).await?;
     let (cert, key) = ensure_tls(&cfg.data_dir)?;
+    let (bus, member) = start_control(&cfg, &cert).await?;
+    let node = member.as_ref().map(|m| m.node_uuid);
     let mut target_cfg = evstor_datapath::TargetConfig::new(
         cfg.nvme_addr,
         bus.state().cluster.subsystem_nqn.clone(),
@@ -321,7 +334,7 @@ pub async fn serve(
         .with_context(|| format!("starting the NVMe/TCP target on {}", cfg.nvme_addr))?;
     let (nvme_addr, discovery_addr) = (target.local_addr(), target.discovery_addr());
     let data = Arc::new(
-        VolumeStore::with_target(&cfg.data_dir, &bus.state(), target)
+        VolumeStore::with_target(&cfg.data_dir, &bus.state(), target, node)
             .context("opening the block store")?,
     );
     println!(
@@ -336,11 +349,14 @@ pub async fn serve(
             api_endpoint: cfg.api_addr.to_string(),
             nvme_endpoint: nvme_addr.to_string(),
             discovery_endpoint: discovery_addr.unwrap_or(cfg.discovery_addr).to_string(),
+            node_uuid: node,
+            data_dir: cfg.data_dir.clone(),
         }),
         datapath: data.clone(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let reconciler = tokio::spawn(reconcile::run(bus.clone(), data.clone(), stop_rx.clone()));
+    let agent = reconcile::run(bus.clone(), data.clone(), stop_rx.clone(), node);
+    let reconciler = tokio::spawn(agent);
     let tls = tls_config(&cert, &key).context("loading the TLS certificate")?;
     let listener = tokio::net::TcpListener::bind(cfg.api_addr)
         .await
@@ -367,8 +383,28 @@ pub async fn serve(
     .await;
     let _ = stop_tx.send(true);
     let _ = reconciler.await;
+    if let Some(m) = member {
+        tokio::task::spawn_blocking(move || m.shutdown()).await?;
+    }
     stopper.abort();
     Ok(())
+}
+
+/// The journal, its writer and the cluster it belongs to: the local one-server cluster, or
+/// (cluster mode) the etcd-ordered one this server joins.
+async fn start_control(cfg: &ServeConfig, cert: &Path) -> anyhow::Result<(Bus, Option<Member>)> {
+    if let Some(cc) = &cfg.cluster {
+        let m = member::start(cfg, cc, cert).await?;
+        return Ok((m.bus.clone(), Some(m)));
+    }
+    let journal = Arc::new(
+        RocksJournal::open(&journal_dir(&cfg.data_dir), OpenMode::ReadWrite)
+            .context("opening the journal (is another evstor using this data directory?)")?,
+    );
+    let bus = Bus::start(journal)?;
+    bootstrap(&bus, cfg).await?;
+    add_new_devices(&bus, cfg, None).await?;
+    Ok((bus, None))
 }
 
 /// Resolves when `shutdown` turns true (or its sender is gone), or on SIGINT/SIGTERM if `None`.

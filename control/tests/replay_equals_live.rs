@@ -124,6 +124,8 @@ fn run_case(commands: Vec<Command>, settle_every: usize) {
             nvme_endpoint: "127.0.0.1:2".into(),
             devices: vec![Device::backing_file("d0", "/d0", 1 << 40)],
             root_public_key_pem: "PEM".into(),
+            server_uuid: None,
+            failure_domain: String::new(),
         };
         bus.submit(
             RequestMeta::system("t"),

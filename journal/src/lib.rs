@@ -3,9 +3,11 @@
 //! Layout of this crate:
 //! - [`envelope`]: the stored record (seq, time, actor, project, request id, type, schema
 //!   version, payload) and its on-disk framing (crc32 + bincode), plus the hash chain.
-//! - [`log`]: the [`EventLog`] trait, the seam for "append in order" (single-server RocksDB
-//!   today, an etcd-ordered log later), and [`RocksJournal`], its RocksDB implementation where
-//!   events and projection updates land in one synced write batch.
+//! - [`log`]: the [`EventLog`] trait, the seam for "append in order", and [`RocksJournal`],
+//!   its RocksDB implementation where events and projection updates land in one synced write
+//!   batch. A single server orders appends itself (`append`); in a cluster the order is
+//!   decided elsewhere (etcd, by `evstor-control`) with [`place`], and every server applies
+//!   the placed envelopes with `append_placed`, so every copy holds the same bytes.
 //! - [`verify`]: checksum, gap and hash-chain verification.
 //! - [`follow`]: a blocking follower that tails the log from a seq.
 //!
@@ -20,7 +22,9 @@ pub mod verify;
 
 pub use envelope::{Envelope, Hash, NewEvent, GENESIS_HASH};
 pub use follow::Follower;
-pub use log::{AppendBatch, EventLog, Head, OpenMode, ProjectionOp, RocksJournal};
+pub use log::{
+    continues, place, AppendBatch, EventLog, Head, OpenMode, ProjectionOp, RocksJournal,
+};
 pub use verify::{VerifyProblem, VerifyReport};
 
 /// Everything that can go wrong in the journal. Operating errors are returned, never panicked on.
@@ -36,6 +40,11 @@ pub enum JournalError {
     },
     #[error("event {seq}: cannot decode envelope: {reason}")]
     Decode { seq: u64, reason: String },
+    #[error(
+        "envelope {seq} does not continue this log (expected seq {expected_seq} chained to the \
+         local head): the copies diverged"
+    )]
+    Diverged { seq: u64, expected_seq: u64 },
     #[error("append expected first seq {expected} but the log is at {actual}")]
     SeqConflict { expected: u64, actual: u64 },
     #[error("append batch too large: {events} events (max {max})")]

@@ -36,6 +36,12 @@ impl Head {
         last_hash: GENESIS_HASH,
     };
 
+    /// The same head with another next seq (tests build impossible heads with it).
+    #[cfg(test)]
+    fn clone_with_seq(&self, next_seq: u64) -> Head {
+        Head { next_seq, ..*self }
+    }
+
     /// Seq of the newest event, 0 when the log is empty.
     pub fn last_seq(&self) -> u64 {
         self.next_seq - 1
@@ -69,6 +75,51 @@ pub trait EventLog: Send + Sync {
     fn read(&self, from_seq: u64, max: usize) -> Result<Vec<Envelope>>;
     /// Blocks until the log holds an event past `seq` or `timeout` passes; returns the last seq.
     fn wait_past(&self, seq: u64, timeout: Duration) -> u64;
+    /// Appends envelopes whose seq, time and chain were decided elsewhere (by [`place`] on
+    /// the server that won the cluster's order), with the projection rows this server
+    /// computed for them. They must continue this log exactly: the first seq is the head's
+    /// next, each links to the hash of the one before (the first to the head's), else
+    /// [`JournalError::Diverged`] and nothing is written. Returns the new head.
+    fn append_placed(&self, envelopes: &[Envelope], projections: Vec<ProjectionOp>)
+        -> Result<Head>;
+}
+
+/// Places `events` after `head`: gapless seqs, times that never go backwards, each envelope
+/// linked to the hash of the one before. Pure, so the server that orders a batch and every
+/// server that applies it agree on every byte (and so on every hash).
+pub fn place(head: &Head, events: Vec<NewEvent>) -> (Vec<Envelope>, Head) {
+    let mut next = *head;
+    let mut placed = Vec::with_capacity(events.len());
+    for event in events {
+        let time = event.time_unix_ns.max(next.last_time_unix_ns);
+        let envelope = event.place(next.next_seq, time, next.last_hash);
+        next = Head {
+            next_seq: next.next_seq + 1,
+            last_time_unix_ns: time,
+            last_hash: hash_stored(&envelope.encode()),
+        };
+        placed.push(envelope);
+    }
+    (placed, next)
+}
+
+/// Checks that `envelopes` continue `head` exactly; returns the head after them.
+pub fn continues(head: &Head, envelopes: &[Envelope]) -> Result<Head> {
+    let mut next = *head;
+    for e in envelopes {
+        if e.seq != next.next_seq || e.prev_hash != next.last_hash {
+            return Err(JournalError::Diverged {
+                seq: e.seq,
+                expected_seq: next.next_seq,
+            });
+        }
+        next = Head {
+            next_seq: e.seq + 1,
+            last_time_unix_ns: e.time_unix_ns.max(next.last_time_unix_ns),
+            last_hash: hash_stored(&e.encode()),
+        };
+    }
+    Ok(next)
 }
 
 /// Whether the journal may be written; read-only opens work beside a running server.
@@ -199,6 +250,41 @@ impl RocksJournal {
         Ok(out)
     }
 
+    /// One synced write batch: the envelopes, the rows and the head after them.
+    fn write_placed(
+        &self,
+        envelopes: &[Envelope],
+        projections: Vec<ProjectionOp>,
+        next: &Head,
+    ) -> Result<()> {
+        let mut write = WriteBatch::default();
+        let events_cf = self.cf(CF_EVENTS)?;
+        for envelope in envelopes {
+            write.put_cf(events_cf, envelope.seq.to_be_bytes(), envelope.encode());
+        }
+        let projections_cf = self.cf(CF_PROJECTIONS)?;
+        for op in projections {
+            match op {
+                ProjectionOp::Put { key, value } => write.put_cf(projections_cf, key, value),
+                ProjectionOp::Delete { key } => write.delete_cf(projections_cf, key),
+            }
+        }
+        let head_bytes = bincode::serialize(next).expect("invariant: Head always serializes");
+        write.put_cf(self.cf(CF_META)?, META_HEAD, head_bytes);
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(write, &wo)?;
+        Ok(())
+    }
+
+    /// A consistent copy of the whole journal (events, rows, head) in `dir`, which must not
+    /// exist: hard links to the immutable files where possible. For a server that joins
+    /// behind the cluster log's tail.
+    pub fn checkpoint(&self, dir: &Path) -> Result<()> {
+        rocksdb::checkpoint::Checkpoint::new(&self.db)?.create_checkpoint(dir)?;
+        Ok(())
+    }
+
     fn check_batch(&self, batch: &AppendBatch, head: &Head) -> Result<()> {
         if self.mode == OpenMode::ReadOnly {
             return Err(JournalError::ReadOnly);
@@ -239,38 +325,35 @@ impl EventLog for RocksJournal {
     fn append(&self, batch: AppendBatch) -> Result<Vec<Envelope>> {
         let mut head = self.lock_head();
         self.check_batch(&batch, &head)?;
-        let mut next = *head;
-        let mut write = WriteBatch::default();
-        let events_cf = self.cf(CF_EVENTS)?;
-        let mut placed = Vec::with_capacity(batch.events.len());
-        for event in batch.events {
-            let time = event.time_unix_ns.max(next.last_time_unix_ns);
-            let envelope = event.place(next.next_seq, time, next.last_hash);
-            let stored = envelope.encode();
-            write.put_cf(events_cf, envelope.seq.to_be_bytes(), &stored);
-            next = Head {
-                next_seq: next.next_seq + 1,
-                last_time_unix_ns: time,
-                last_hash: hash_stored(&stored),
-            };
-            placed.push(envelope);
-        }
-        let projections_cf = self.cf(CF_PROJECTIONS)?;
-        for op in batch.projections {
-            match op {
-                ProjectionOp::Put { key, value } => write.put_cf(projections_cf, key, value),
-                ProjectionOp::Delete { key } => write.delete_cf(projections_cf, key),
-            }
-        }
-        let head_bytes = bincode::serialize(&next).expect("invariant: Head always serializes");
-        write.put_cf(self.cf(CF_META)?, META_HEAD, head_bytes);
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.write_opt(write, &wo)?;
+        let (placed, next) = place(&head, batch.events);
+        self.write_placed(&placed, batch.projections, &next)?;
         *head = next;
         drop(head);
         self.appended.notify_all();
         Ok(placed)
+    }
+
+    fn append_placed(
+        &self,
+        envelopes: &[Envelope],
+        projections: Vec<ProjectionOp>,
+    ) -> Result<Head> {
+        let mut head = self.lock_head();
+        if self.mode == OpenMode::ReadOnly {
+            return Err(JournalError::ReadOnly);
+        }
+        if envelopes.len() > APPEND_EVENTS_MAX {
+            return Err(JournalError::BatchTooLarge {
+                events: envelopes.len(),
+                max: APPEND_EVENTS_MAX,
+            });
+        }
+        let next = continues(&head, envelopes)?;
+        self.write_placed(envelopes, projections, &next)?;
+        *head = next;
+        drop(head);
+        self.appended.notify_all();
+        Ok(next)
     }
 
     fn read(&self, from_seq: u64, max: usize) -> Result<Vec<Envelope>> {
@@ -359,6 +442,48 @@ mod tests {
         ));
         assert_eq!(j.head().next_seq, 1);
         assert!(j.read(1, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn placed_envelopes_applied_elsewhere_give_the_same_log() {
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = RocksJournal::open(a_dir.path(), OpenMode::ReadWrite).unwrap();
+        let b = RocksJournal::open(b_dir.path(), OpenMode::ReadWrite).unwrap();
+        for round in 0..3u8 {
+            let (placed, next) = place(&b.head(), vec![event("A", &[round]), event("B", b"")]);
+            let head = a.append_placed(&placed, vec![]).unwrap();
+            assert_eq!(head, next);
+            assert_eq!(b.append_placed(&placed, vec![]).unwrap(), next);
+        }
+        assert_eq!(a.head(), b.head());
+        assert_eq!(a.read_raw(6).unwrap(), b.read_raw(6).unwrap());
+        assert!(a.verify().unwrap().is_ok());
+    }
+
+    #[test]
+    fn placed_envelopes_that_do_not_continue_the_log_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = RocksJournal::open(dir.path(), OpenMode::ReadWrite).unwrap();
+        j.append(AppendBatch {
+            first_seq: 1,
+            events: vec![event("A", b"")],
+            projections: vec![],
+        })
+        .unwrap();
+        // Placed against another history: right seq, wrong predecessor.
+        let (forked, _) = place(&Head::EMPTY.clone_with_seq(2), vec![event("B", b"")]);
+        assert!(matches!(
+            j.append_placed(&forked, vec![]),
+            Err(JournalError::Diverged { seq: 2, .. })
+        ));
+        // A gap.
+        let (ahead, _) = place(&j.head().clone_with_seq(3), vec![event("C", b"")]);
+        assert!(matches!(
+            j.append_placed(&ahead, vec![]),
+            Err(JournalError::Diverged { seq: 3, .. })
+        ));
+        assert_eq!(j.head().next_seq, 2);
+        assert!(j.read(2, 10).unwrap().is_empty());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod cluster;
 pub mod vm;
 
 use std::net::TcpListener;
@@ -35,6 +36,8 @@ pub struct Options {
     pub args: Vec<String>,
     /// The server process's `RLIMIT_NOFILE` as (soft, hard).
     pub open_files: Option<(u64, u64)>,
+    /// Extra environment of the server process (e.g. `EVSTOR_FAILPOINT`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Options {
@@ -42,7 +45,7 @@ impl Options {
     pub fn args(args: &[&str]) -> Options {
         Options {
             args: args.iter().map(|a| a.to_string()).collect(),
-            open_files: None,
+            ..Options::default()
         }
     }
 }
@@ -78,7 +81,7 @@ impl Server {
                 discovery_port: free_port(),
                 options: options.clone(),
                 child: None,
-                env: Vec::new(),
+                env: options.env.clone(),
             };
             match s.try_spawn() {
                 Ok(()) => return s,
@@ -178,6 +181,21 @@ impl Server {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Sends `signal` to the server process (e.g. SIGSTOP, SIGCONT).
+    pub fn signal(&self, signal: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on our own child's pid has no memory effects.
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+    }
+
+    /// Starts the server again (same data directory and ports) after it was killed.
+    pub fn start_again(&mut self) {
+        self.spawn();
     }
 
     /// SIGKILL: no shutdown path runs.

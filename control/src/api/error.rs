@@ -63,6 +63,7 @@ impl From<DomainError> for ApiError {
             DomainError::FailedPrecondition(_) => (StatusCode::BAD_REQUEST, 9),
             DomainError::Unimplemented(_) => (StatusCode::NOT_IMPLEMENTED, 12),
             DomainError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, 14),
+            DomainError::Conflict(_) | DomainError::StaleEpoch(_) => (StatusCode::CONFLICT, 10),
         };
         ApiError::new(status, code, e.to_string())
     }
@@ -72,7 +73,10 @@ impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
         match e {
             ControlError::Domain(d) => d.into(),
-            ControlError::ShuttingDown => {
+            ControlError::ShuttingDown
+            | ControlError::ClusterUnavailable(_)
+            | ControlError::Fenced(_)
+            | ControlError::Etcd(crate::cluster::etcd::EtcdError::Unavailable(_)) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, 14, e.to_string())
             }
             other => {

@@ -185,6 +185,10 @@ fn severity_of(type_name: &str) -> (usize, &'static str) {
         "NodeRegistered" => (INFO, "Active"),
         "DeviceAdded" => (INFO, "Healthy"),
         "VolumeDataIntegrityError" => (HIGH, "Available"),
+        "ServerFailed" => (HIGH, "Failed"),
+        "ServerRecovered" => (INFO, "Enabled"),
+        "ServerDisabled" => (LOW, "Disabled"),
+        "ServerEnabled" => (LOW, "Enabled"),
         t if t.ends_with("Deleted") || t.ends_with("DeletionRequested") => (MEDIUM, ""),
         t if t.ends_with("Updated") || t.ends_with("Enabled") || t.ends_with("Disabled") => {
             (LOW, "")
@@ -231,6 +235,25 @@ fn component(
         }
         Event::Inventory(inventory::Event::ServerRegistered { uuid, name, .. }) => {
             let c = ("ComponentServerInfo", id_name(&uuid.to_string(), name));
+            (SERVER, c, format!("server {name} ({uuid})"))
+        }
+        Event::Inventory(
+            inventory::Event::ServerFailed { uuid, .. }
+            | inventory::Event::ServerRecovered { uuid, .. }
+            | inventory::Event::ServerDisabled { uuid }
+            | inventory::Event::ServerEnabled { uuid }
+            | inventory::Event::ServerDeleted { uuid }
+            | inventory::Event::FailureDomainSet {
+                server_uuid: uuid, ..
+            },
+        ) => {
+            let name = state
+                .inventory
+                .servers
+                .get(uuid)
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            let c = ("ComponentServerInfo", id_name(&uuid.to_string(), &name));
             (SERVER, c, format!("server {name} ({uuid})"))
         }
         Event::Inventory(inventory::Event::NodeRegistered { uuid, name, .. }) => {

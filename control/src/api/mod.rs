@@ -12,6 +12,7 @@ pub mod credentials;
 pub mod error;
 pub mod events;
 pub mod feature_flags;
+pub mod internal;
 pub mod json;
 pub mod nodes;
 pub mod nvme_devices;
@@ -67,6 +68,10 @@ pub struct ServerInfo {
     pub api_endpoint: String,
     pub nvme_endpoint: String,
     pub discovery_endpoint: String,
+    /// This server's node in cluster mode (`None`: the single-server cluster's only node).
+    pub node_uuid: Option<uuid::Uuid>,
+    /// The data directory (scratch space for journal checkpoints served to peers).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// Shared state of every handler.
@@ -263,6 +268,7 @@ pub fn router(app: App, caps: admission::RequestCaps) -> Router {
         .merge(snapshots::routes())
         .merge(snapshot_diff::routes())
         .merge(policies::routes())
+        .merge(internal::routes())
         .fallback(|| async { ApiError::not_found("no such API route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

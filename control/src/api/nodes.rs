@@ -1,6 +1,7 @@
-//! `/api/v2/nodes…`: the data-path instances (one per server here). Any caller with a role may
-//! read them, because clients find the NVMe/TCP endpoint (`nvmeEndpoint`) here; replacing,
-//! starting, stopping and restarting nodes answer 501 (a one-node cluster has no spare).
+//! `/api/v2/nodes…`: the data-path instances (one per server). Any caller with a role may
+//! read them, because clients find the NVMe/TCP endpoint (`nvmeEndpoint`) here; a node of a
+//! `Failed` server is `Inactive` with `ConnectivityProblem`. Replacing, starting, stopping and
+//! restarting nodes answer 501 (no spare nodes and no data movement yet).
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -78,14 +79,38 @@ pub fn node_statistics(app: &App, state: &DomainState, node: Uuid) -> Value {
     stats
 }
 
-/// The failure domain of a node: its server (one failure domain per server, as LightOS does
-/// by default).
+/// Another server's node: its devices and the volumes it is primary of are in the journal;
+/// its pool's usage is only known there (zeros here).
+fn remote_node_statistics(state: &DomainState, node: Uuid) -> Value {
+    let provisioned: u64 = state
+        .volumes
+        .by_uuid
+        .values()
+        .filter(|v| v.node_uuid == node && v.state != VolumeState::Deleted)
+        .map(|v| v.size_bytes)
+        .sum();
+    let capacity: u64 = state
+        .inventory
+        .devices
+        .values()
+        .filter(|d| d.node_uuid == node)
+        .map(|d| d.size_bytes)
+        .sum();
+    let pool = evstor_datapath::blockstore::PoolStats {
+        capacity_bytes: capacity,
+        ..Default::default()
+    };
+    super::cluster::capacity_statistics(&pool, provisioned, false)
+}
+
+/// The failure domain of a node: its server's (`--failure-domain`, or the server itself, as
+/// LightOS does by default).
 fn failure_domains(state: &DomainState, n: &Node) -> Vec<String> {
     state
         .inventory
         .servers
         .get(&n.server_uuid)
-        .map(|s| vec![s.name.clone()])
+        .map(|s| vec![s.domain().to_string()])
         .unwrap_or_default()
 }
 
@@ -103,19 +128,41 @@ pub fn node_json(app: &App, state: &DomainState, n: &Node, headers: &HeaderMap) 
         .get(&n.server_uuid)
         .map(|s| s.name.clone())
         .unwrap_or_default();
-    // The live listener, not the address recorded at bootstrap: flags may have moved it.
-    let endpoint = dialable_endpoint(&app.info.nvme_endpoint, headers);
+    // This server's node: the live listener, not the address recorded at bootstrap (flags
+    // may have moved it). Another server's: what it registered.
+    let local = app.info.node_uuid.is_none_or(|me| me == n.uuid);
+    let recorded = if local {
+        &app.info.nvme_endpoint
+    } else {
+        &n.nvme_endpoint
+    };
+    let endpoint = dialable_endpoint(recorded, headers);
+    let down = state
+        .inventory
+        .servers
+        .get(&n.server_uuid)
+        .is_some_and(|s| s.failed);
+    let (node_state, status) = if down {
+        ("Inactive", "ConnectivityProblem")
+    } else {
+        ("Active", "ConnectivityOK")
+    };
+    let statistics = if local {
+        node_statistics(app, state, n.uuid)
+    } else {
+        remote_node_statistics(state, n.uuid)
+    };
     Obj::new()
         .str("name", &n.name)
         .str("UUID", &n.uuid.to_string())
-        .str("state", "Active")
-        .str("status", "ConnectivityOK")
+        .str("state", node_state)
+        .str("status", status)
         .str("nvmeEndpoint", &endpoint)
         .strs("failureDomains", &failure_domains(state, n))
         .str("hostname", &hostname)
         .num("numManagedDevices", devices)
         .num("maxNvmeDevices", NODE_DEVICES_MAX)
-        .val("statistics", node_statistics(app, state, n.uuid))
+        .val("statistics", statistics)
         .str("serverUUID", &n.server_uuid.to_string())
         .str("ETag", &n.etag.to_string())
         .build()

@@ -1,6 +1,10 @@
-//! `/api/v2/servers…`: the servers of the cluster (one, on a single machine). Listing and
-//! getting are real; creating, deleting, enabling, disabling and upgrading servers need a
-//! multi-server cluster and answer 501 after the usual authorization and existence checks.
+//! `/api/v2/servers…`: the servers of the cluster. Listing and getting show live health (a
+//! server whose liveness lease expired is `Failed`, recorded by the leader). Disabling marks
+//! a server so no new volume is placed on it (its volumes stay and are served: there is no
+//! evacuation yet, so `evictData` is refused); enabling undoes that; deleting removes a
+//! server that is down and holds no volume (`forceDelete`: also otherwise, and its volumes
+//! fail). Creating servers (they join by starting `evstor serve --etcd … --name …`) and
+//! upgrading answer 501 after the usual authorization checks.
 
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
@@ -8,13 +12,15 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use axum::http::HeaderMap;
+
 use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
 use super::json::{Body, Obj};
-use super::{App, Query};
-use crate::domain::inventory::{Server, ServerState};
+use super::{if_match, App, Query};
+use crate::domain::inventory::{Command as InventoryCommand, Server, ServerState};
 use crate::domain::volume::VolumeState;
-use crate::domain::State as DomainState;
+use crate::domain::{Command, State as DomainState};
 
 pub fn routes() -> Router<App> {
     Router::new()
@@ -25,8 +31,11 @@ pub fn routes() -> Router<App> {
         .route("/api/v2/servers/{UUID}/upgrade", post(upgrade))
 }
 
-fn state_name(s: ServerState) -> &'static str {
-    match s {
+fn state_name(server: &Server) -> &'static str {
+    if server.failed {
+        return "Failed";
+    }
+    match server.state {
         ServerState::Unknown => "UnknownState",
         ServerState::Creating => "Creating",
         ServerState::Enabled => "Enabled",
@@ -42,14 +51,15 @@ const RISKS: [&str; 4] = [
     "SourceOfRiskOfServiceLoss",
 ];
 
-/// Every volume has its only replica on this machine's one server: while any volume exists,
-/// taking the server down loses service.
-fn risk(state: &DomainState) -> &'static str {
+/// Replicas hold no data yet, so a server that is the primary of any volume is the only
+/// copy of its data: taking it down loses service.
+fn risk(state: &DomainState, server: &Server) -> &'static str {
+    let node = state.inventory.node_of(server.uuid).map(|n| n.uuid);
     let holds_volumes = state
         .volumes
         .by_uuid
         .values()
-        .any(|v| v.state != VolumeState::Deleted);
+        .any(|v| v.state != VolumeState::Deleted && Some(v.node_uuid) == node);
     if holds_volumes {
         RISKS[3]
     } else {
@@ -70,14 +80,14 @@ pub fn server_json(app: &App, state: &DomainState, s: &Server) -> Value {
     Obj::new()
         .str("UUID", &s.uuid.to_string())
         .str("name", &s.name)
-        .str("RiskOfServiceLossState", risk(state))
+        .str("RiskOfServiceLossState", risk(state, s))
         .strs("NodesUUIDs", &nodes)
-        .str("state", state_name(s.state))
+        .str("state", state_name(s))
         .strs("ServerEndpoints", api)
         .str("ETag", &s.etag.to_string())
         .str("LightOSVersion", &app.info.version)
         .strs("ApiEndpoints", api)
-        .str("health", "OK")
+        .str("health", if s.failed { "Error" } else { "OK" })
         .build()
 }
 
@@ -114,7 +124,7 @@ async fn list(State(app): State<App>, who: Principal, q: Query) -> ApiResult<Jso
         .values()
         .filter(|s| q.get("UUID").is_none_or(|u| s.uuid.to_string() == u))
         .filter(|s| q.get("Name").is_none_or(|n| s.name == n))
-        .filter(|_| wanted_risk.is_none_or(|r| risk(&state) == r))
+        .filter(|s| wanted_risk.is_none_or(|r| risk(&state, s) == r))
         .map(|s| server_json(&app, &state, s))
         .collect();
     Ok(Json(json!({ "servers": servers })))
@@ -130,53 +140,102 @@ async fn get_one(
     Ok(Json(server_json(&app, &state, find(&state, &uuid)?)))
 }
 
-/// The answer to server changes a one-server cluster cannot make.
-fn unimplemented(what: &str) -> ApiError {
-    ApiError::unimplemented(format!(
-        "{what} is not implemented: evstor runs a single-server cluster"
-    ))
+/// The answer to server changes evstor does not make yet.
+fn unimplemented(what: &str, why: &str) -> ApiError {
+    ApiError::unimplemented(format!("{what} is not implemented: {why}"))
 }
 
 async fn create(State(_): State<App>, who: Principal, _b: Body) -> ApiResult<Json<Value>> {
     who.require_cluster_admin()?;
-    Err(unimplemented("adding a server"))
+    Err(unimplemented(
+        "adding a server through the API",
+        "a server joins the cluster when it is started with `evstor serve --etcd <endpoints> \
+         --name <name>`",
+    ))
 }
 
-async fn existing_then_unimplemented(
+/// Submits a change to a server and answers the server as it is then.
+async fn change(
     app: &App,
     who: &Principal,
-    uuid: &str,
-    what: &str,
+    headers: &HeaderMap,
+    command: InventoryCommand,
+    uuid: uuid::Uuid,
 ) -> ApiResult<Json<Value>> {
-    who.require_cluster_admin()?;
-    find(&app.bus.state(), uuid)?;
-    Err(unimplemented(what))
+    app.submit(who, headers, Command::Inventory(command))
+        .await?;
+    let state = app.bus.state();
+    match state.inventory.servers.get(&uuid) {
+        Some(s) => Ok(Json(server_json(app, &state, s))),
+        None => Ok(Json(json!({}))),
+    }
+}
+
+fn flag(body: &serde_json::Map<String, Value>, key: &str) -> ApiResult<bool> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "{key} must be a boolean, not {other}"
+        ))),
+    }
 }
 
 async fn delete(
     State(app): State<App>,
     who: Principal,
+    headers: HeaderMap,
+    q: Query,
     Path(uuid): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    existing_then_unimplemented(&app, &who, &uuid, "deleting a server").await
+    who.require_cluster_admin()?;
+    let server = find(&app.bus.state(), &uuid)?.uuid;
+    let cmd = InventoryCommand::DeleteServer {
+        uuid: server,
+        if_match: if_match(&headers)?,
+        force: q.flag("forceDelete")?,
+    };
+    change(&app, &who, &headers, cmd, server).await
 }
 
 async fn enable(
     State(app): State<App>,
     who: Principal,
+    headers: HeaderMap,
     Path(uuid): Path<String>,
     _b: Body,
 ) -> ApiResult<Json<Value>> {
-    existing_then_unimplemented(&app, &who, &uuid, "enabling a server").await
+    who.require_cluster_admin()?;
+    let server = find(&app.bus.state(), &uuid)?.uuid;
+    let cmd = InventoryCommand::EnableServer {
+        uuid: server,
+        if_match: if_match(&headers)?,
+    };
+    change(&app, &who, &headers, cmd, server).await
 }
 
 async fn disable(
     State(app): State<App>,
     who: Principal,
+    headers: HeaderMap,
     Path(uuid): Path<String>,
-    _b: Body,
+    b: Body,
 ) -> ApiResult<Json<Value>> {
-    existing_then_unimplemented(&app, &who, &uuid, "disabling a server").await
+    who.require_cluster_admin()?;
+    let server = find(&app.bus.state(), &uuid)?.uuid;
+    let body = b.0;
+    if flag(&body, "evictData")? {
+        return Err(unimplemented(
+            "evicting a server's data",
+            "volumes do not move between servers yet; disable without evictData to stop \
+             placing new volumes on it",
+        ));
+    }
+    let cmd = InventoryCommand::DisableServer {
+        uuid: server,
+        if_match: if_match(&headers)?,
+    };
+    change(&app, &who, &headers, cmd, server).await
 }
 
 async fn upgrade(
@@ -185,5 +244,10 @@ async fn upgrade(
     Path(uuid): Path<String>,
     _b: Body,
 ) -> ApiResult<Json<Value>> {
-    existing_then_unimplemented(&app, &who, &uuid, "upgrading a server").await
+    who.require_cluster_admin()?;
+    find(&app.bus.state(), &uuid)?;
+    Err(unimplemented(
+        "upgrading a server",
+        "replace the evstor binary and restart the server",
+    ))
 }

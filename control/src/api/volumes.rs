@@ -69,7 +69,17 @@ fn state_name(s: VolumeState) -> &'static str {
 
 /// The `Volume` message.
 pub fn volume_json(app: &App, state: &DomainState, v: &Volume) -> Value {
-    let protection = format!("{:?}", v.protection);
+    // A volume whose primary's server is down cannot be served (no failover yet).
+    let primary_down = state
+        .inventory
+        .server_of(v.node_uuid)
+        .is_some_and(|s| s.failed);
+    let protection = if primary_down {
+        "NotAvailable".to_string()
+    } else {
+        format!("{:?}", v.protection)
+    };
+    let nodes: Vec<String> = v.nodes().map(|n| n.to_string()).collect();
     let qos_name = v
         .qos_policy
         .and_then(|u| state.policies.get(u))
@@ -80,7 +90,7 @@ pub fn volume_json(app: &App, state: &DomainState, v: &Volume) -> Value {
         .str("state", state_name(v.state))
         .str("protectionState", &protection)
         .num("replicaCount", u64::from(v.replica_count))
-        .strs("nodeList", std::slice::from_ref(&node))
+        .strs("nodeList", &nodes)
         .str("UUID", &v.uuid.to_string())
         .num("nsid", u64::from(v.nsid))
         .list("acl", &v.acl)

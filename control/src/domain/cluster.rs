@@ -1,5 +1,6 @@
-//! The cluster itself: identity, subsystem NQN, and the one-time bootstrap that creates the
-//! first server, node, devices, the `system` and `default` projects and the root credential.
+//! The cluster itself: identity, subsystem NQN, the one-time bootstrap that creates the
+//! first server, node, devices, the `system` and `default` projects and the root credential,
+//! and (cluster mode) which server leads the orchestration, under which epoch.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -16,6 +17,10 @@ pub struct ClusterState {
     pub created_unix_ns: u64,
     /// Seq of the last event that changed the cluster object (its ETag).
     pub etag: u64,
+    /// The server whose orchestrator leads (cluster mode; nil before the first election).
+    pub leader_server: Uuid,
+    /// The leader's epoch: the etcd revision that created its leader key. Only grows.
+    pub leader_epoch: u64,
 }
 
 /// What `evstor serve` found on first start.
@@ -27,11 +32,19 @@ pub struct Bootstrap {
     pub devices: Vec<inventory::Device>,
     /// PEM of the root public key, stored as credential `system:root`.
     pub root_public_key_pem: String,
+    /// The first server's id (cluster mode: chosen by the server); `None` mints one.
+    pub server_uuid: Option<Uuid>,
+    pub failure_domain: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Bootstrap(Bootstrap),
+    /// The orchestrator of `server_uuid` won the election with `epoch`.
+    RecordLeader {
+        server_uuid: Uuid,
+        epoch: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,14 +54,57 @@ pub enum Event {
         name: String,
         subsystem_nqn: String,
     },
+    LeaderElected {
+        server_uuid: Uuid,
+        epoch: u64,
+    },
 }
 
 impl Event {
     pub fn type_name(&self) -> &'static str {
         match self {
             Event::ClusterInitialized { .. } => "ClusterInitialized",
+            Event::LeaderElected { .. } => "LeaderElected",
         }
     }
+}
+
+/// An orchestrator step must come from the recorded leader's epoch: an older epoch is a
+/// deposed leader, a newer one has not recorded its election yet.
+pub fn check_epoch(state: &State, epoch: u64) -> Result<(), DomainError> {
+    if epoch != state.cluster.leader_epoch {
+        return Err(DomainError::StaleEpoch(format!(
+            "stale leader: epoch {epoch} is not the recorded leader's epoch {}",
+            state.cluster.leader_epoch
+        )));
+    }
+    Ok(())
+}
+
+fn record_leader(
+    state: &State,
+    server_uuid: Uuid,
+    epoch: u64,
+) -> Result<Vec<AnyEvent>, DomainError> {
+    if !state.cluster.initialized {
+        return Err(DomainError::Unavailable(
+            "the cluster is not initialized yet".into(),
+        ));
+    }
+    let c = &state.cluster;
+    if epoch == c.leader_epoch && server_uuid == c.leader_server {
+        return Ok(vec![]);
+    }
+    if epoch <= c.leader_epoch {
+        return Err(DomainError::StaleEpoch(format!(
+            "stale leader: epoch {epoch} is not newer than the recorded {}",
+            c.leader_epoch
+        )));
+    }
+    Ok(vec![AnyEvent::Cluster(Event::LeaderElected {
+        server_uuid,
+        epoch,
+    })])
 }
 
 /// The subsystem NQN of a cluster, derived from its UUID.
@@ -57,39 +113,35 @@ pub fn subsystem_nqn(uuid: Uuid) -> String {
 }
 
 pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, DomainError> {
-    let Command::Bootstrap(b) = cmd;
+    let b = match cmd {
+        Command::Bootstrap(b) => b,
+        Command::RecordLeader { server_uuid, epoch } => {
+            return record_leader(state, *server_uuid, *epoch)
+        }
+    };
+    inventory::check_failure_domain(&b.failure_domain)?;
     if state.cluster.initialized {
         return Err(DomainError::AlreadyExists(
             "the cluster is already initialized".into(),
         ));
     }
     let uuid = ctx.new_id(0);
-    let server_uuid = ctx.new_id(1);
+    let server_uuid = b.server_uuid.unwrap_or_else(|| ctx.new_id(1));
     let node_uuid = ctx.new_id(2);
     let mut events = vec![AnyEvent::Cluster(Event::ClusterInitialized {
         uuid,
         name: format!("evstor-{}", &uuid.simple().to_string()[..8]),
         subsystem_nqn: subsystem_nqn(uuid),
     })];
-    events.push(AnyEvent::Inventory(inventory::Event::ServerRegistered {
-        uuid: server_uuid,
-        name: b.hostname.clone(),
-        api_endpoint: b.api_endpoint.clone(),
-    }));
-    events.push(AnyEvent::Inventory(inventory::Event::NodeRegistered {
-        uuid: node_uuid,
+    events.extend(inventory::registration(
         server_uuid,
-        name: format!("{}-0", b.hostname),
-        nvme_endpoint: b.nvme_endpoint.clone(),
-    }));
-    for device in &b.devices {
-        let mut device = device.clone();
-        device.node_uuid = node_uuid;
-        device.server_uuid = server_uuid;
-        events.push(AnyEvent::Inventory(inventory::Event::DeviceAdded {
-            device,
-        }));
-    }
+        node_uuid,
+        &b.hostname,
+        &b.api_endpoint,
+        &b.nvme_endpoint,
+        &b.failure_domain,
+        &b.devices,
+    ));
     for (n, name, description) in [
         (3, "system", "cluster administration project"),
         (4, "default", "default project"),
@@ -124,7 +176,14 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
                 subsystem_nqn: subsystem_nqn.clone(),
                 created_unix_ns: at.time_unix_ns,
                 etag: at.seq,
+                leader_server: Uuid::nil(),
+                leader_epoch: 0,
             };
+        }
+        // Not an ETag change: the cluster object a client sees is the same.
+        Event::LeaderElected { server_uuid, epoch } => {
+            state.cluster.leader_server = *server_uuid;
+            state.cluster.leader_epoch = *epoch;
         }
     }
     vec![RowKey::Cluster]
@@ -142,6 +201,8 @@ pub(crate) mod tests {
             nvme_endpoint: "127.0.0.1:4420".into(),
             devices: vec![inventory::Device::backing_file("dev0", "/d/dev0", 1 << 40)],
             root_public_key_pem: "PEM".into(),
+            server_uuid: None,
+            failure_domain: String::new(),
         }));
         decide_any(&State::default(), &test_ctx(), &cmd).unwrap()
     }
@@ -195,6 +256,8 @@ pub(crate) mod tests {
             nvme_endpoint: String::new(),
             devices: vec![],
             root_public_key_pem: String::new(),
+            server_uuid: None,
+            failure_domain: String::new(),
         }));
         assert!(matches!(
             decide_any(&s, &test_ctx(), &cmd),

@@ -24,6 +24,12 @@ pub enum DomainError {
     Unimplemented(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The request conflicts with what the resource holds or does now (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// An orchestrator step from a leader epoch that is not (or no longer) the recorded one.
+    #[error("{0}")]
+    StaleEpoch(String),
 }
 
 impl DomainError {

@@ -1,11 +1,19 @@
 //! Servers, nodes and NVMe devices: the hardware the cluster runs on. On one machine that is
-//! one server with one node whose devices (files or block devices) make its storage pool.
+//! one server with one node whose devices (files or block devices) make its storage pool; in
+//! cluster mode every `evstor serve --etcd` process is a server with one node, registered by
+//! `JoinServer` when it first joins.
+//!
+//! A server has an administrative state (`Enabled`, `Disabled`) and a health fact recorded by
+//! the cluster's leader from etcd liveness (`ServerFailed`, `ServerRecovered`, each carrying
+//! the leader's epoch; an epoch other than the recorded leader's is refused). Placement of
+//! new volumes ([`place`]) uses only healthy, enabled servers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::names::{check_etag, check_name};
 use super::{Applied, Ctx, DomainError, Event as AnyEvent, RowKey, State};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +32,26 @@ pub struct Server {
     pub state: ServerState,
     pub api_endpoint: String,
     pub etag: u64,
+    /// The leader saw its liveness lease expire (cluster mode); cleared when it is back.
+    pub failed: bool,
+    /// Empty: the server is its own failure domain (its name).
+    pub failure_domain: String,
+}
+
+impl Server {
+    /// The failure domain placement keeps replicas apart by.
+    pub fn domain(&self) -> &str {
+        if self.failure_domain.is_empty() {
+            &self.name
+        } else {
+            &self.failure_domain
+        }
+    }
+
+    /// New volumes may be placed here.
+    pub fn placeable(&self) -> bool {
+        self.state == ServerState::Enabled && !self.failed
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,12 +106,57 @@ impl Inventory {
     pub fn capacity_bytes(&self) -> u64 {
         self.devices.values().map(|d| d.size_bytes).sum()
     }
+
+    /// The server a node runs on.
+    pub fn server_of(&self, node: Uuid) -> Option<&Server> {
+        self.nodes
+            .get(&node)
+            .and_then(|n| self.servers.get(&n.server_uuid))
+    }
+
+    /// The node of a server (one per server).
+    pub fn node_of(&self, server: Uuid) -> Option<&Node> {
+        self.nodes.values().find(|n| n.server_uuid == server)
+    }
+}
+
+/// What a server brings when it joins a cluster (`evstor serve --etcd … --name …`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Join {
+    /// Chosen by the joining server and kept in its data directory.
+    pub server_uuid: Uuid,
+    pub name: String,
+    pub api_endpoint: String,
+    pub nvme_endpoint: String,
+    pub failure_domain: String,
+    pub devices: Vec<Device>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    /// Server start-up: a device named in the configuration joins the node's pool.
+    /// Server start-up: a device named in the configuration joins the node's pool (the
+    /// device's `node_uuid`, or the first node when it is nil).
     AddDevice { device: Device },
+    /// A server joins the cluster with its node and devices (nothing if it already has).
+    JoinServer(Join),
+    /// Leader: a server's liveness changed. `epoch` must be the recorded leader's.
+    RecordServerHealth { uuid: Uuid, alive: bool, epoch: u64 },
+    /// Stop placing new volumes on the server (its volumes stay where they are).
+    DisableServer {
+        uuid: Uuid,
+        if_match: Option<String>,
+    },
+    EnableServer {
+        uuid: Uuid,
+        if_match: Option<String>,
+    },
+    /// Remove a server that is down and holds no volume (`force`: also when it is up or
+    /// holds volumes, which then fail).
+    DeleteServer {
+        uuid: Uuid,
+        if_match: Option<String>,
+        force: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,6 +175,27 @@ pub enum Event {
     DeviceAdded {
         device: Device,
     },
+    FailureDomainSet {
+        server_uuid: Uuid,
+        failure_domain: String,
+    },
+    ServerFailed {
+        uuid: Uuid,
+        epoch: u64,
+    },
+    ServerRecovered {
+        uuid: Uuid,
+        epoch: u64,
+    },
+    ServerDisabled {
+        uuid: Uuid,
+    },
+    ServerEnabled {
+        uuid: Uuid,
+    },
+    ServerDeleted {
+        uuid: Uuid,
+    },
 }
 
 impl Event {
@@ -110,31 +204,286 @@ impl Event {
             Event::ServerRegistered { .. } => "ServerRegistered",
             Event::NodeRegistered { .. } => "NodeRegistered",
             Event::DeviceAdded { .. } => "DeviceAdded",
+            Event::FailureDomainSet { .. } => "FailureDomainSet",
+            Event::ServerFailed { .. } => "ServerFailed",
+            Event::ServerRecovered { .. } => "ServerRecovered",
+            Event::ServerDisabled { .. } => "ServerDisabled",
+            Event::ServerEnabled { .. } => "ServerEnabled",
+            Event::ServerDeleted { .. } => "ServerDeleted",
         }
     }
 }
 
 pub fn decide(state: &State, _: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, DomainError> {
     match cmd {
-        Command::AddDevice { device } => {
-            let inv = &state.inventory;
-            if inv.devices.values().any(|d| d.path == device.path) {
-                return Ok(vec![]); // already in the pool: a restart with the same config
-            }
-            if inv.devices.contains_key(&device.serial) {
-                return Err(DomainError::AlreadyExists(format!(
-                    "an NVMe device with serial {} is already in the pool",
-                    device.serial
-                )));
-            }
-            let mut device = device.clone();
-            if let Some(n) = inv.first_node() {
-                device.node_uuid = n.uuid;
-                device.server_uuid = n.server_uuid;
-            }
-            Ok(vec![AnyEvent::Inventory(Event::DeviceAdded { device })])
+        Command::AddDevice { device } => add_device(state, device),
+        Command::JoinServer(j) => join(state, j),
+        Command::RecordServerHealth { uuid, alive, epoch } => {
+            super::cluster::check_epoch(state, *epoch)?;
+            let s = server(state, *uuid)?;
+            Ok(match (s.failed, *alive) {
+                (false, false) => vec![inv(Event::ServerFailed {
+                    uuid: *uuid,
+                    epoch: *epoch,
+                })],
+                (true, true) => vec![inv(Event::ServerRecovered {
+                    uuid: *uuid,
+                    epoch: *epoch,
+                })],
+                _ => vec![],
+            })
+        }
+        Command::DisableServer { uuid, if_match } => {
+            let s = server(state, *uuid)?;
+            check_etag("server", s.uuid, s.etag, if_match)?;
+            Ok(match s.state {
+                ServerState::Disabled => vec![],
+                _ => vec![inv(Event::ServerDisabled { uuid: *uuid })],
+            })
+        }
+        Command::EnableServer { uuid, if_match } => {
+            let s = server(state, *uuid)?;
+            check_etag("server", s.uuid, s.etag, if_match)?;
+            Ok(match s.state {
+                ServerState::Enabled => vec![],
+                _ => vec![inv(Event::ServerEnabled { uuid: *uuid })],
+            })
+        }
+        Command::DeleteServer {
+            uuid,
+            if_match,
+            force,
+        } => delete_server(state, *uuid, if_match, *force),
+    }
+}
+
+fn inv(e: Event) -> AnyEvent {
+    AnyEvent::Inventory(e)
+}
+
+fn server(state: &State, uuid: Uuid) -> Result<&Server, DomainError> {
+    state
+        .inventory
+        .servers
+        .get(&uuid)
+        .ok_or_else(|| DomainError::not_found("server", uuid))
+}
+
+fn add_device(state: &State, device: &Device) -> Result<Vec<AnyEvent>, DomainError> {
+    let inventory = &state.inventory;
+    let node = if device.node_uuid.is_nil() {
+        inventory.first_node()
+    } else {
+        inventory.nodes.get(&device.node_uuid)
+    };
+    let node = node.ok_or_else(|| DomainError::not_found("node", device.node_uuid))?;
+    if inventory
+        .devices
+        .values()
+        .any(|d| d.node_uuid == node.uuid && d.path == device.path)
+    {
+        return Ok(vec![]); // already in the pool: a restart with the same config
+    }
+    if inventory.devices.contains_key(&device.serial) {
+        return Err(DomainError::AlreadyExists(format!(
+            "an NVMe device with serial {} is already in the pool",
+            device.serial
+        )));
+    }
+    let mut device = device.clone();
+    device.node_uuid = node.uuid;
+    device.server_uuid = node.server_uuid;
+    Ok(vec![inv(Event::DeviceAdded { device })])
+}
+
+/// The events that register a server, its node and its devices (bootstrap and join).
+pub fn registration(
+    server_uuid: Uuid,
+    node_uuid: Uuid,
+    name: &str,
+    api_endpoint: &str,
+    nvme_endpoint: &str,
+    failure_domain: &str,
+    devices: &[Device],
+) -> Vec<AnyEvent> {
+    let mut events = vec![inv(Event::ServerRegistered {
+        uuid: server_uuid,
+        name: name.to_string(),
+        api_endpoint: api_endpoint.to_string(),
+    })];
+    if !failure_domain.is_empty() {
+        events.push(inv(Event::FailureDomainSet {
+            server_uuid,
+            failure_domain: failure_domain.to_string(),
+        }));
+    }
+    events.push(inv(Event::NodeRegistered {
+        uuid: node_uuid,
+        server_uuid,
+        name: format!("{name}-0"),
+        nvme_endpoint: nvme_endpoint.to_string(),
+    }));
+    for device in devices {
+        let mut device = device.clone();
+        device.node_uuid = node_uuid;
+        device.server_uuid = server_uuid;
+        events.push(inv(Event::DeviceAdded { device }));
+    }
+    events
+}
+
+fn join(state: &State, j: &Join) -> Result<Vec<AnyEvent>, DomainError> {
+    if !state.cluster.initialized {
+        return Err(DomainError::Unavailable(
+            "the cluster is not initialized yet".into(),
+        ));
+    }
+    if state.inventory.servers.contains_key(&j.server_uuid) {
+        return Ok(vec![]); // a restart of a member
+    }
+    check_name("server", &j.name)?;
+    check_failure_domain(&j.failure_domain)?;
+    if let Some(other) = state.inventory.servers.values().find(|s| s.name == j.name) {
+        return Err(DomainError::AlreadyExists(format!(
+            "a server named {} is already a member ({}); give this one another --name",
+            j.name, other.uuid
+        )));
+    }
+    if let Some(d) = j
+        .devices
+        .iter()
+        .find(|d| state.inventory.devices.contains_key(&d.serial))
+    {
+        return Err(DomainError::AlreadyExists(format!(
+            "an NVMe device with serial {} is already in the cluster",
+            d.serial
+        )));
+    }
+    // The node id derives from the server id so that a retried join names the same node.
+    let node_uuid = Uuid::from_u128(j.server_uuid.as_u128() ^ NODE_ID_SALT);
+    Ok(registration(
+        j.server_uuid,
+        node_uuid,
+        &j.name,
+        &j.api_endpoint,
+        &j.nvme_endpoint,
+        &j.failure_domain,
+        &j.devices,
+    ))
+}
+
+/// Mixed into a server id to name its node.
+const NODE_ID_SALT: u128 = 0x6e6f_6465_2d6f_662d_7365_7276_6572_2d30;
+
+/// A failure domain is a name like any other, or empty (the server's own).
+pub fn check_failure_domain(fd: &str) -> Result<(), DomainError> {
+    if fd.is_empty() {
+        Ok(())
+    } else {
+        check_name("failure domain", fd)
+    }
+}
+
+/// Volumes (not yet deleted) with a copy on `node`.
+fn volumes_on(state: &State, node: Uuid) -> Vec<Uuid> {
+    state
+        .volumes
+        .by_uuid
+        .values()
+        .filter(|v| v.node_uuid == node || v.replica_nodes.contains(&node))
+        .map(|v| v.uuid)
+        .collect()
+}
+
+fn delete_server(
+    state: &State,
+    uuid: Uuid,
+    if_match: &Option<String>,
+    force: bool,
+) -> Result<Vec<AnyEvent>, DomainError> {
+    let s = server(state, uuid)?;
+    check_etag("server", s.uuid, s.etag, if_match)?;
+    if state.inventory.servers.len() == 1 {
+        return Err(DomainError::FailedPrecondition(
+            "the last server of a cluster cannot be deleted".into(),
+        ));
+    }
+    if !s.failed && !force {
+        return Err(DomainError::Conflict(format!(
+            "server {} is running; stop it first (or set forceDelete)",
+            s.name
+        )));
+    }
+    let held: Vec<Uuid> = state
+        .inventory
+        .node_of(uuid)
+        .map(|n| volumes_on(state, n.uuid))
+        .unwrap_or_default();
+    if !held.is_empty() && !force {
+        let names: Vec<String> = held.iter().take(5).map(Uuid::to_string).collect();
+        return Err(DomainError::Conflict(format!(
+            "server {} holds the only copy of {} volume(s) ({}…); delete or move them first, \
+             or set forceDelete (they then become Failed)",
+            s.name,
+            held.len(),
+            names.join(", ")
+        )));
+    }
+    Ok(vec![inv(Event::ServerDeleted { uuid })])
+}
+
+/// Nodes for a new volume with `count` copies, primary first: on distinct healthy, enabled
+/// servers, in distinct failure domains while there are enough, least loaded first (ties by
+/// id, so the choice is a pure function of the state). `primary` pins the first (a clone
+/// lives where its snapshot's data is).
+pub fn place(state: &State, count: usize, primary: Option<Uuid>) -> Result<Vec<Uuid>, DomainError> {
+    let inv = &state.inventory;
+    let mut load: BTreeMap<Uuid, usize> = BTreeMap::new();
+    for v in state.volumes.by_uuid.values() {
+        for n in std::iter::once(&v.node_uuid).chain(&v.replica_nodes) {
+            *load.entry(*n).or_default() += 1;
         }
     }
+    let mut candidates: Vec<(&Node, &Server)> = inv
+        .nodes
+        .values()
+        .filter_map(|n| inv.servers.get(&n.server_uuid).map(|s| (n, s)))
+        .filter(|(n, s)| s.placeable() && Some(n.uuid) != primary)
+        .collect();
+    candidates.sort_by_key(|(n, _)| (load.get(&n.uuid).copied().unwrap_or(0), n.uuid));
+    let mut chosen: Vec<Uuid> = Vec::with_capacity(count);
+    let mut servers = BTreeSet::new();
+    let mut domains = BTreeSet::new();
+    if let Some(p) = primary {
+        let s = inv
+            .server_of(p)
+            .ok_or_else(|| DomainError::not_found("node", p))?;
+        chosen.push(p);
+        servers.insert(s.uuid);
+        domains.insert(s.domain().to_string());
+    }
+    // First pass: new failure domains only; second: any server not yet used.
+    for distinct_domain in [true, false] {
+        for (n, s) in &candidates {
+            if chosen.len() == count {
+                break;
+            }
+            if servers.contains(&s.uuid) || (distinct_domain && domains.contains(s.domain())) {
+                continue;
+            }
+            chosen.push(n.uuid);
+            servers.insert(s.uuid);
+            domains.insert(s.domain().to_string());
+        }
+    }
+    if chosen.len() < count {
+        return Err(DomainError::InvalidArgument(format!(
+            "replicaCount {count} needs {count} servers that are enabled and healthy; \
+             {} are",
+            inv.servers.values().filter(|s| s.placeable()).count()
+        )));
+    }
+    Ok(chosen)
 }
 
 pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
@@ -153,6 +502,8 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
                     state: ServerState::Enabled,
                     api_endpoint: api_endpoint.clone(),
                     etag: at.seq,
+                    failed: false,
+                    failure_domain: String::new(),
                 },
             );
             vec![RowKey::Server(*uuid)]
@@ -182,5 +533,298 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             inv.devices.insert(device.serial.clone(), device);
             vec![key]
         }
+        Event::FailureDomainSet {
+            server_uuid,
+            failure_domain,
+        } => change_server(inv, *server_uuid, at, |s| {
+            s.failure_domain = failure_domain.clone()
+        }),
+        Event::ServerFailed { uuid, .. } => change_server(inv, *uuid, at, |s| s.failed = true),
+        Event::ServerRecovered { uuid, .. } => change_server(inv, *uuid, at, |s| s.failed = false),
+        Event::ServerDisabled { uuid } => {
+            change_server(inv, *uuid, at, |s| s.state = ServerState::Disabled)
+        }
+        Event::ServerEnabled { uuid } => {
+            change_server(inv, *uuid, at, |s| s.state = ServerState::Enabled)
+        }
+        Event::ServerDeleted { uuid } => remove_server(state, *uuid, at),
+    }
+}
+
+fn change_server(
+    inv: &mut Inventory,
+    uuid: Uuid,
+    at: Applied,
+    change: impl FnOnce(&mut Server),
+) -> Vec<RowKey> {
+    let s = inv
+        .servers
+        .get_mut(&uuid)
+        .expect("invariant: server events name a registered server");
+    change(s);
+    s.etag = at.seq;
+    vec![RowKey::Server(uuid)]
+}
+
+/// A deleted server takes its node and devices along; volumes whose primary was there fail,
+/// and replicas there are dropped from their volumes.
+fn remove_server(state: &mut State, uuid: Uuid, at: Applied) -> Vec<RowKey> {
+    let inv = &mut state.inventory;
+    let mut rows = vec![RowKey::Server(uuid)];
+    inv.servers.remove(&uuid);
+    let nodes: Vec<Uuid> = inv
+        .nodes
+        .values()
+        .filter(|n| n.server_uuid == uuid)
+        .map(|n| n.uuid)
+        .collect();
+    for n in &nodes {
+        inv.nodes.remove(n);
+        rows.push(RowKey::Node(*n));
+    }
+    let serials: Vec<String> = inv
+        .devices
+        .values()
+        .filter(|d| d.server_uuid == uuid)
+        .map(|d| d.serial.clone())
+        .collect();
+    for s in serials {
+        inv.devices.remove(&s);
+        rows.push(RowKey::Device(s));
+    }
+    let touched: Vec<Uuid> = nodes.iter().flat_map(|n| volumes_on(state, *n)).collect();
+    for v in touched {
+        let mut vol = state
+            .volumes
+            .get(v)
+            .cloned()
+            .expect("invariant: volumes_on names existing volumes");
+        if nodes.contains(&vol.node_uuid) {
+            vol.state = super::volume::VolumeState::Failed;
+            vol.protection = super::volume::ProtectionState::NotAvailable;
+        }
+        vol.replica_nodes.retain(|r| !nodes.contains(r));
+        vol.etag = at.seq;
+        state.volumes.insert(vol);
+        rows.push(RowKey::Volume(v));
+    }
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::cluster::tests::bootstrap_events;
+    use crate::domain::cluster::Command as ClusterCommand;
+    use crate::domain::volume::tests::new_volume;
+    use crate::domain::volume::{Command as VolumeCommand, Event as VolumeEvent};
+    use crate::domain::{decide as decide_any, test_ctx, Command as AnyCommand};
+
+    fn apply(state: &mut State, events: &[AnyEvent]) {
+        for e in events {
+            let seq = state.cluster.etag.max(1000) + 1;
+            let at = Applied {
+                seq,
+                time_unix_ns: 1,
+            };
+            state.evolve(at, e);
+            state.cluster.etag = state.cluster.etag.max(seq);
+        }
+    }
+
+    fn run(state: &mut State, cmd: AnyCommand) -> Result<Vec<AnyEvent>, DomainError> {
+        let events = decide_any(state, &test_ctx(), &cmd)?;
+        apply(state, &events);
+        Ok(events)
+    }
+
+    fn join_cmd(n: u128, name: &str, fd: &str) -> AnyCommand {
+        AnyCommand::Inventory(Command::JoinServer(Join {
+            server_uuid: Uuid::from_u128(n),
+            name: name.into(),
+            api_endpoint: format!("127.0.0.1:{n}"),
+            nvme_endpoint: format!("127.0.0.1:{}", n + 1),
+            failure_domain: fd.into(),
+            devices: vec![Device::backing_file(
+                &format!("dev-{name}"),
+                "/d/dev0",
+                1 << 40,
+            )],
+        }))
+    }
+
+    /// Bootstrap plus servers `s2`, `s3`, `s4` in failure domains rack-a, rack-a, rack-b.
+    fn four_servers() -> State {
+        let mut s = State::default();
+        apply(&mut s, &bootstrap_events());
+        for (n, name, fd) in [
+            (2, "s2", "rack-a"),
+            (3, "s3", "rack-a"),
+            (4, "s4", "rack-b"),
+        ] {
+            run(&mut s, join_cmd(n, name, fd)).unwrap();
+        }
+        s
+    }
+
+    fn leader(state: &mut State, epoch: u64) {
+        let cmd = AnyCommand::Cluster(ClusterCommand::RecordLeader {
+            server_uuid: Uuid::from_u128(2),
+            epoch,
+        });
+        run(state, cmd).unwrap();
+    }
+
+    #[test]
+    fn join_registers_server_node_devices_once_and_names_are_unique() {
+        let mut s = four_servers();
+        assert_eq!(s.inventory.servers.len(), 4);
+        assert_eq!(s.inventory.nodes.len(), 4);
+        let s2 = &s.inventory.servers[&Uuid::from_u128(2)];
+        assert_eq!((s2.domain(), s2.state), ("rack-a", ServerState::Enabled));
+        // The same server again (a restart): nothing.
+        assert!(run(&mut s, join_cmd(2, "s2", "rack-a")).unwrap().is_empty());
+        // Another server with a taken name.
+        let err = run(&mut s, join_cmd(9, "s2", "")).unwrap_err();
+        assert!(matches!(err, DomainError::AlreadyExists(_)), "{err:?}");
+        // Before bootstrap nobody can join.
+        let err = decide_any(&State::default(), &test_ctx(), &join_cmd(5, "x", "")).unwrap_err();
+        assert!(matches!(err, DomainError::Unavailable(_)), "{err:?}");
+    }
+
+    #[test]
+    fn replicas_go_to_distinct_servers_and_failure_domains_when_possible() {
+        let mut s = four_servers();
+        let nodes = place(&s, 3, None).unwrap();
+        let domains: BTreeSet<&str> = nodes
+            .iter()
+            .map(|n| s.inventory.server_of(*n).unwrap().domain())
+            .collect();
+        // Bootstrap's server, rack-a, rack-b: three distinct domains.
+        assert_eq!(domains.len(), 3, "{domains:?}");
+        // Only rack-a servers and one other left: a repeat of a domain, never of a server.
+        leader(&mut s, 7);
+        for n in [1u128, 4] {
+            let uuid = if n == 1 {
+                *s.inventory
+                    .servers
+                    .keys()
+                    .find(|u| u.as_u128() > 10)
+                    .unwrap()
+            } else {
+                Uuid::from_u128(n)
+            };
+            let cmd = Command::RecordServerHealth {
+                uuid,
+                alive: false,
+                epoch: 7,
+            };
+            run(&mut s, AnyCommand::Inventory(cmd)).unwrap();
+        }
+        let nodes = place(&s, 2, None).unwrap();
+        let servers: BTreeSet<Uuid> = nodes
+            .iter()
+            .map(|n| s.inventory.server_of(*n).unwrap().uuid)
+            .collect();
+        assert_eq!(servers, [Uuid::from_u128(2), Uuid::from_u128(3)].into());
+        let err = place(&s, 3, None).unwrap_err();
+        assert!(matches!(err, DomainError::InvalidArgument(_)), "{err:?}");
+    }
+
+    #[test]
+    fn health_needs_the_recorded_leaders_epoch() {
+        let mut s = four_servers();
+        let failed = |epoch| {
+            AnyCommand::Inventory(Command::RecordServerHealth {
+                uuid: Uuid::from_u128(3),
+                alive: false,
+                epoch,
+            })
+        };
+        // No leader recorded yet: no epoch is good.
+        assert!(matches!(
+            run(&mut s, failed(5)),
+            Err(DomainError::StaleEpoch(_))
+        ));
+        leader(&mut s, 5);
+        leader(&mut s, 9);
+        // A deposed leader (epoch 5) is refused; the current one is heard.
+        assert!(matches!(
+            run(&mut s, failed(5)),
+            Err(DomainError::StaleEpoch(_))
+        ));
+        assert_eq!(run(&mut s, failed(9)).unwrap().len(), 1);
+        assert!(s.inventory.servers[&Uuid::from_u128(3)].failed);
+        assert!(
+            run(&mut s, failed(9)).unwrap().is_empty(),
+            "no change, no event"
+        );
+        // An older epoch cannot be recorded as leader again.
+        let old = AnyCommand::Cluster(ClusterCommand::RecordLeader {
+            server_uuid: Uuid::from_u128(3),
+            epoch: 6,
+        });
+        assert!(matches!(run(&mut s, old), Err(DomainError::StaleEpoch(_))));
+    }
+
+    #[test]
+    fn disabled_servers_get_no_new_volumes_and_deletion_guards_data() {
+        let mut s = four_servers();
+        let s2 = Uuid::from_u128(2);
+        for id in [1u128, 3, 4] {
+            let uuid = match id {
+                1 => *s
+                    .inventory
+                    .servers
+                    .keys()
+                    .find(|u| u.as_u128() > 10)
+                    .unwrap(),
+                n => Uuid::from_u128(n),
+            };
+            let cmd = Command::DisableServer {
+                uuid,
+                if_match: None,
+            };
+            run(&mut s, AnyCommand::Inventory(cmd)).unwrap();
+        }
+        let created = run(
+            &mut s,
+            AnyCommand::Volume(VolumeCommand::CreateVolume(new_volume("v1"))),
+        )
+        .unwrap();
+        let AnyEvent::Volume(VolumeEvent::VolumeCreationRequested { volume }) = &created[0] else {
+            panic!("{created:?}")
+        };
+        assert_eq!(s.inventory.server_of(volume.node_uuid).unwrap().uuid, s2);
+        let delete = |force| {
+            AnyCommand::Inventory(Command::DeleteServer {
+                uuid: s2,
+                if_match: None,
+                force,
+            })
+        };
+        // Running, and holding a volume.
+        assert!(matches!(
+            run(&mut s, delete(false)),
+            Err(DomainError::Conflict(_))
+        ));
+        leader(&mut s, 3);
+        let down = Command::RecordServerHealth {
+            uuid: s2,
+            alive: false,
+            epoch: 3,
+        };
+        run(&mut s, AnyCommand::Inventory(down)).unwrap();
+        assert!(matches!(
+            run(&mut s, delete(false)),
+            Err(DomainError::Conflict(_))
+        ));
+        run(&mut s, delete(true)).unwrap();
+        assert!(!s.inventory.servers.contains_key(&s2));
+        assert!(s.inventory.node_of(s2).is_none());
+        assert_eq!(
+            s.volumes.get(volume.uuid).unwrap().state,
+            crate::domain::volume::VolumeState::Failed
+        );
     }
 }

@@ -79,10 +79,22 @@ pub struct Volume {
     pub source_snapshot_name: String,
     pub qos_policy: Option<Uuid>,
     pub labels: Vec<Label>,
+    /// The primary: the node whose data path serves the volume.
     pub node_uuid: Uuid,
     pub creation_unix_ns: u64,
     /// Seq of the last event that changed this volume; its ETag.
     pub etag: u64,
+    /// The other `replica_count - 1` nodes, on distinct servers (distinct failure domains
+    /// when there are enough). Until the replicated write path exists their images are
+    /// placeholders that receive no data (so such a volume is `Degraded`).
+    pub replica_nodes: Vec<Uuid>,
+}
+
+impl Volume {
+    /// Every node holding a copy, primary first.
+    pub fn nodes(&self) -> impl Iterator<Item = Uuid> + '_ {
+        std::iter::once(self.node_uuid).chain(self.replica_nodes.iter().copied())
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -400,6 +412,11 @@ fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, Doma
             n.replica_count
         )));
     }
+    if state.inventory.nodes.is_empty() {
+        return Err(DomainError::Unavailable(
+            "the cluster has no node yet".into(),
+        ));
+    }
     let sector_size = match n.sector_size {
         0 | 4096 => 4096,
         // The data path exposes 4 KiB logical blocks only; accepting 512 would hand the host
@@ -425,6 +442,7 @@ fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, Doma
     check_labels(&labels)?;
     let mut size = n.size_bytes;
     let mut source = None;
+    let mut pinned = None;
     if let Some(r) = &n.source_snapshot {
         let snap = state.snapshots.resolve(&n.project, r)?;
         if snap.state != SnapshotState::Available {
@@ -445,22 +463,27 @@ fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, Doma
             labels = snap.labels.clone();
         }
         source = Some((snap.uuid, snap.name.clone()));
+        // A clone shares the snapshot's blocks, so it lives where they are.
+        pinned = Some(snap.node_uuid);
     }
     let size_bytes = check_size(size, sector_size)?;
     let qos_policy = match &n.qos {
         Some(r) => Some(state.policies.resolve_for(&n.project, r)?.uuid),
         None => state.projects.default_qos(&n.project),
     };
-    let node = state
-        .inventory
-        .first_node()
-        .ok_or_else(|| DomainError::Unavailable("the cluster has no node yet".into()))?;
+    let nodes = super::inventory::place(state, n.replica_count as usize, pinned)?;
     let volume = Volume {
         uuid: ctx.new_id(0),
         name: n.name.clone(),
         project: n.project.clone(),
         state: VolumeState::Creating,
-        protection: ProtectionState::FullyProtected,
+        // Replicas hold no data yet (no replicated write path): only a single-copy volume
+        // has all the protection it asked for.
+        protection: if n.replica_count > 1 {
+            ProtectionState::Degraded
+        } else {
+            ProtectionState::FullyProtected
+        },
         replica_count: n.replica_count,
         nsid: state.volumes.free_nsid(),
         acl: n.acl.clone(),
@@ -472,9 +495,10 @@ fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, Doma
         source_snapshot_name: source.map(|s| s.1).unwrap_or_default(),
         qos_policy,
         labels,
-        node_uuid: node.uuid,
+        node_uuid: nodes[0],
         creation_unix_ns: ctx.now_unix_ns,
         etag: 0,
+        replica_nodes: nodes[1..].to_vec(),
     };
     Ok(vec![AnyEvent::Volume(Event::VolumeCreationRequested {
         volume,

@@ -11,20 +11,38 @@
 //! failed in a way that may have left the log ahead of it) ends the process: a supervisor
 //! restarts evstor and replay recovers, instead of a server that refuses every write while
 //! serving a frozen state.
+//!
+//! In cluster mode (`Bus::start_cluster`) the same writer orders its batches through the
+//! etcd cluster log ([`crate::cluster::log`]): it decides a batch against its working copy,
+//! places the envelopes after the local head, and appends them to etcd with one compare-and-
+//! swap on the log's head. If another server appended first, it applies the new batches
+//! (catch-up) and decides the same commands again against the new state; on success it
+//! writes the batch locally exactly as followers do. Batches other servers append reach it
+//! from the follower ([`crate::cluster::follow`]) and through the same apply path, so this
+//! thread stays the only writer of the local journal. A batch is bounded in bytes
+//! ([`LOG_BATCH_BYTES_MAX`]) so one group commit fits in one etcd value. When etcd cannot
+//! order a batch in time (no quorum) its requests are answered 503 and nothing is applied.
 
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use evstor_journal::limits::{APPEND_EVENTS_MAX, FIELD_BYTES_MAX};
-use evstor_journal::{AppendBatch, EventLog, JournalError, NewEvent, ProjectionOp, RocksJournal};
+use evstor_journal::{
+    place, AppendBatch, Envelope, EventLog, Head, JournalError, NewEvent, ProjectionOp,
+    RocksJournal,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{codec, rows};
+use crate::cluster::log::{Appended, ClusterLog, Fetched, LogBatch};
 use crate::domain::{decide, Applied, Command, Ctx, DomainError, Event, RowKey, State};
 use crate::error::ControlError;
-use crate::limits::{COMMAND_QUEUE_MAX, GROUP_COMMIT_COMMANDS_MAX};
+use crate::limits::{
+    COMMAND_QUEUE_MAX, GROUP_COMMIT_COMMANDS_MAX, LOG_APPEND_RACE_MS, LOG_BATCH_BYTES_MAX,
+    LOG_POLL_MS,
+};
 
 /// Who asked, for the envelope.
 #[derive(Debug, Clone)]
@@ -52,20 +70,65 @@ struct Job {
     meta: RequestMeta,
     command: Command,
     reply: oneshot::Sender<Result<Committed, ControlError>>,
+    /// The leader epoch an orchestrator command is fenced by (cluster mode).
+    fence: Option<u64>,
+}
+
+/// What the writer thread is asked to do.
+enum Msg {
+    /// Boxed: a job is large and the other messages are small.
+    Job(Box<Job>),
+    /// Batches other servers appended to the cluster log (from the follower).
+    Remote(Vec<LogBatch>),
+    /// The log may have moved: look (the follower lost its watch).
+    Poke,
+}
+
+/// The follower's way into the writer: new batches of the cluster log.
+#[derive(Clone)]
+pub struct RemoteFeed {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl RemoteFeed {
+    /// Hands batches to the writer (blocking while its queue is full). False once the
+    /// writer is gone.
+    pub fn send(&self, batches: Vec<LogBatch>) -> bool {
+        self.tx.blocking_send(Msg::Remote(batches)).is_ok()
+    }
+
+    /// Asks the writer to look for new batches itself.
+    pub fn poke(&self) -> bool {
+        self.tx.blocking_send(Msg::Poke).is_ok()
+    }
 }
 
 /// Handle to the writer and the readers' state. Cheap to clone.
 #[derive(Clone)]
 pub struct Bus {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Msg>,
     state: Arc<RwLock<State>>,
     journal: Arc<RocksJournal>,
     last_seq: watch::Receiver<u64>,
 }
 
 impl Bus {
-    /// Loads the state from the projections and starts the writer thread.
+    /// Loads the state from the projections and starts the writer thread (one server: the
+    /// local journal orders appends itself).
     pub fn start(journal: Arc<RocksJournal>) -> Result<Bus, ControlError> {
+        Bus::start_with(journal, None)
+    }
+
+    /// As [`Bus::start`], ordering appends through the cluster log. The writer first applies
+    /// what the log holds past the local head.
+    pub fn start_cluster(journal: Arc<RocksJournal>, log: ClusterLog) -> Result<Bus, ControlError> {
+        Bus::start_with(journal, Some(log))
+    }
+
+    fn start_with(
+        journal: Arc<RocksJournal>,
+        cluster: Option<ClusterLog>,
+    ) -> Result<Bus, ControlError> {
         let loaded = rows::load_or_rebuild(&journal)?;
         let state = Arc::new(RwLock::new(loaded.clone()));
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE_MAX);
@@ -77,6 +140,7 @@ impl Bus {
             last_seq: seq_tx,
             failpoint: Failpoint::from_env()?,
             appends: 0,
+            cluster,
         };
         std::thread::Builder::new()
             .name("journal-writer".into())
@@ -103,16 +167,44 @@ impl Bus {
         meta: RequestMeta,
         command: Command,
     ) -> Result<Committed, ControlError> {
+        self.send(meta, command, None).await
+    }
+
+    /// As [`Bus::submit`] for the leader's orchestrator: the append also requires that the
+    /// leader key still carries `epoch` (refused with [`ControlError::Fenced`] otherwise).
+    pub async fn submit_fenced(
+        &self,
+        meta: RequestMeta,
+        command: Command,
+        epoch: u64,
+    ) -> Result<Committed, ControlError> {
+        self.send(meta, command, Some(epoch)).await
+    }
+
+    async fn send(
+        &self,
+        meta: RequestMeta,
+        command: Command,
+        fence: Option<u64>,
+    ) -> Result<Committed, ControlError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job {
+            .send(Msg::Job(Box::new(Job {
                 meta,
                 command,
                 reply,
-            })
+                fence,
+            })))
             .await
             .map_err(|_| ControlError::ShuttingDown)?;
         rx.await.map_err(|_| ControlError::ShuttingDown)?
+    }
+
+    /// The feed the cluster follower hands new log batches through.
+    pub fn remote_feed(&self) -> RemoteFeed {
+        RemoteFeed {
+            tx: self.tx.clone(),
+        }
     }
 
     /// The readers' state: everything acknowledged so far.
@@ -135,7 +227,8 @@ impl Bus {
 /// Fault injection for the crash-only tests, from `EVSTOR_FAILPOINT` (read once at start;
 /// unset in production): `writer-panic-after:<n>` panics the writer right after its `n`th
 /// append landed (durable, not yet answered); `writer-append-error-after:<n>` makes the
-/// append after the `n`th fail as an I/O error with an unknown outcome would.
+/// append after the `n`th fail as an I/O error with an unknown outcome would
+/// (`orchestrator-ignore-lease` belongs to the cluster orchestrator).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Failpoint {
     None,
@@ -153,6 +246,8 @@ impl Failpoint {
             Some(("writer-append-error-after", n)) => {
                 n.parse().ok().map(Failpoint::AppendErrorAfter)
             }
+            // The cluster orchestrator's failpoint (see `cluster::member`); none for the writer.
+            None if text == "orchestrator-ignore-lease" => return Ok(Failpoint::None),
             _ => None,
         };
         let fp = parsed.ok_or_else(|| {
@@ -196,54 +291,111 @@ struct Writer {
     failpoint: Failpoint,
     /// Appends made since start (for the failpoint).
     appends: u64,
+    /// Cluster mode: where the order of appends is decided.
+    cluster: Option<ClusterLog>,
 }
 
 type Outcome = Result<Committed, DomainError>;
 
+/// A batch decided against the working copy, not yet appended.
+#[derive(Default)]
+struct Staged {
+    batch: AppendBatch,
+    touched: BTreeSet<RowKey>,
+    applied: Vec<(Applied, Event)>,
+    outcomes: Vec<Outcome>,
+    /// Bytes of the framed events (cluster mode bounds it).
+    bytes: usize,
+}
+
+/// Whether a staged job made it into the batch.
+enum Staging {
+    Done(Outcome),
+    /// The batch is full: the job goes into the next one.
+    Deferred,
+}
+
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let poll = self
+            .cluster
+            .is_some()
+            .then(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+            })
+            .transpose();
+        let poll = match poll {
+            Ok(p) => p,
+            Err(e) => die(&format!("the journal writer cannot build its timer: {e}")),
+        };
+        if self.cluster.is_some() {
+            self.catch_up_logged();
+        }
         let mut jobs = Vec::with_capacity(GROUP_COMMIT_COMMANDS_MAX);
-        while let Some(first) = rx.blocking_recv() {
-            jobs.push(first);
-            while jobs.len() < GROUP_COMMIT_COMMANDS_MAX {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
+        loop {
+            let msg = match &poll {
+                None => rx.blocking_recv(),
+                Some(rt) => {
+                    let wait = Duration::from_millis(LOG_POLL_MS);
+                    // The timer must be made inside the runtime it runs on.
+                    match rt.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                        Ok(m) => m,
+                        Err(_) => {
+                            self.catch_up_logged();
+                            continue;
+                        }
+                    }
+                }
+            };
+            match msg {
+                None => break,
+                Some(Msg::Remote(batches)) => self.apply_remote(batches),
+                Some(Msg::Poke) => self.catch_up_logged(),
+                Some(Msg::Job(first)) => {
+                    jobs.push(*first);
+                    while jobs.len() < GROUP_COMMIT_COMMANDS_MAX {
+                        match rx.try_recv() {
+                            Ok(Msg::Job(job)) => jobs.push(*job),
+                            // Apply before deciding: the batch then builds on it.
+                            Ok(Msg::Remote(batches)) => self.apply_remote(batches),
+                            Ok(Msg::Poke) => {}
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit(&mut jobs);
                 }
             }
-            self.commit(&mut jobs);
         }
         tracing::info!("journal writer stopped: every request handle is gone");
     }
 
     fn commit(&mut self, jobs: &mut Vec<Job>) {
+        if self.cluster.is_some() {
+            // Jobs fenced by an epoch go alone: a failed fence must not fail anyone else.
+            while !jobs.is_empty() {
+                let fence = jobs[0].fence;
+                let n = jobs.iter().take_while(|j| j.fence == fence).count();
+                let group: Vec<Job> = jobs.drain(..n).collect();
+                self.commit_cluster(group, fence);
+            }
+            return;
+        }
         let head = self.journal.head();
         let now = now_unix_ns().max(head.last_time_unix_ns);
-        let mut batch = AppendBatch {
-            first_seq: head.next_seq,
-            ..AppendBatch::default()
-        };
-        let mut touched = BTreeSet::new();
-        let mut applied = Vec::new();
-        let outcomes: Vec<Outcome> = jobs
-            .iter()
-            .map(|job| self.stage(job, now, &mut batch, &mut touched, &mut applied))
-            .collect();
+        let staged = self.stage_all(jobs, head.next_seq, now, usize::MAX);
+        let Staged {
+            mut batch,
+            touched,
+            applied,
+            outcomes,
+            ..
+        } = staged;
         let result = if batch.events.is_empty() {
             Ok(())
         } else {
-            batch.projections = touched
-                .iter()
-                .map(|k| match rows::value(&self.working, k) {
-                    Some(value) => ProjectionOp::Put {
-                        key: rows::key_bytes(k),
-                        value,
-                    },
-                    None => ProjectionOp::Delete {
-                        key: rows::key_bytes(k),
-                    },
-                })
-                .collect();
+            batch.projections = self.row_ops(&touched);
             self.append(batch)
         };
         match result {
@@ -263,6 +415,49 @@ impl Writer {
         }
     }
 
+    /// Stages jobs in order until one does not fit in `bytes_max` (it and the rest are
+    /// left for the next batch); returns what was staged, one outcome per staged job.
+    fn stage_all(&mut self, jobs: &[Job], first_seq: u64, now: u64, bytes_max: usize) -> Staged {
+        let mut staged = Staged {
+            batch: AppendBatch {
+                first_seq,
+                ..AppendBatch::default()
+            },
+            ..Staged::default()
+        };
+        for job in jobs {
+            match self.stage(job, now, &mut staged, bytes_max) {
+                Staging::Done(outcome) => staged.outcomes.push(outcome),
+                Staging::Deferred => break,
+            }
+        }
+        staged
+    }
+
+    fn row_ops(&self, touched: &BTreeSet<RowKey>) -> Vec<ProjectionOp> {
+        touched
+            .iter()
+            .map(|k| match rows::value(&self.working, k) {
+                Some(value) => ProjectionOp::Put {
+                    key: rows::key_bytes(k),
+                    value,
+                },
+                None => ProjectionOp::Delete {
+                    key: rows::key_bytes(k),
+                },
+            })
+            .collect()
+    }
+
+    /// The working copy goes back to what readers see (a batch that did not land).
+    fn reset_working(&mut self) {
+        self.working = self
+            .readers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+    }
+
     /// The journal refused the append before writing anything: every request that would have
     /// succeeded gets the error, and the working copy returns to the readers' state.
     fn fail_batch(&mut self, jobs: &mut Vec<Job>, outcomes: Vec<Outcome>, e: &JournalError) {
@@ -270,20 +465,10 @@ impl Writer {
             "journal append refused, batch of {} requests failed: {e}",
             jobs.len()
         );
-        self.working = self
-            .readers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        for (job, outcome) in jobs.drain(..).zip(outcomes) {
-            let answer = match outcome {
-                Ok(_) => Err(ControlError::Internal(format!(
-                    "journal append failed: {e}"
-                ))),
-                Err(d) => Err(ControlError::Domain(d)),
-            };
-            let _ = job.reply.send(answer);
-        }
+        self.reset_working();
+        answer_failed(jobs.drain(..).zip(outcomes), || {
+            ControlError::Internal(format!("journal append failed: {e}"))
+        });
     }
 
     fn append(&mut self, batch: AppendBatch) -> Result<(), JournalError> {
@@ -298,28 +483,44 @@ impl Writer {
     }
 
     /// Decides one job against the working state and stages its events.
-    fn stage(
-        &mut self,
-        job: &Job,
-        now: u64,
-        batch: &mut AppendBatch,
-        touched: &mut BTreeSet<RowKey>,
-        applied: &mut Vec<(Applied, Event)>,
-    ) -> Outcome {
-        admit_meta(&job.meta)?;
+    fn stage(&mut self, job: &Job, now: u64, staged: &mut Staged, bytes_max: usize) -> Staging {
+        if let Err(e) = admit_meta(&job.meta) {
+            return Staging::Done(Err(e));
+        }
         let ctx = Ctx {
             now_unix_ns: now,
             actor: job.meta.actor.clone(),
             seed: *uuid::Uuid::new_v4().as_bytes(),
         };
-        let events = decide(&self.working, &ctx, &job.command)?;
+        let events = match decide(&self.working, &ctx, &job.command) {
+            Ok(e) => e,
+            Err(e) => return Staging::Done(Err(e)),
+        };
+        let batch = &mut staged.batch;
         if batch.events.len() + events.len() > APPEND_EVENTS_MAX {
-            return Err(DomainError::Unavailable(format!(
-                "{} events do not fit in this journal append; retry",
-                events.len()
-            )));
+            if batch.events.is_empty() {
+                return Staging::Done(Err(DomainError::InvalidArgument(format!(
+                    "{} events are more than one journal append holds",
+                    events.len()
+                ))));
+            }
+            return Staging::Deferred;
         }
-        let framed = self.frame(job, &events, now)?;
+        let framed = match self.frame(job, &events, now) {
+            Ok(f) => f,
+            Err(e) => return Staging::Done(Err(e)),
+        };
+        let bytes: usize = framed.iter().map(framed_bytes).sum();
+        if staged.bytes + bytes > bytes_max {
+            if batch.events.is_empty() {
+                return Staging::Done(Err(DomainError::InvalidArgument(format!(
+                    "this change takes {bytes} bytes in the journal, more than one cluster log \
+                     batch holds ({bytes_max})"
+                ))));
+            }
+            return Staging::Deferred;
+        }
+        staged.bytes += bytes;
         let mut committed = Committed::default();
         for (event, mut new) in events.into_iter().zip(framed) {
             let at = Applied {
@@ -334,11 +535,11 @@ impl Writer {
                 new.project = project.to_string();
             }
             batch.events.push(new);
-            touched.extend(self.working.evolve(at, &event));
+            staged.touched.extend(self.working.evolve(at, &event));
             committed.events.push((at.seq, event.clone()));
-            applied.push((at, event));
+            staged.applied.push((at, event));
         }
-        Ok(committed)
+        Staging::Done(Ok(committed))
     }
 
     /// Frames every event of one command and checks it against the journal's limits before
@@ -369,6 +570,233 @@ impl Writer {
             }
         }
         self.last_seq.send_replace(last.seq);
+    }
+}
+
+/// About what a framed event takes in the log (its stored envelope).
+fn framed_bytes(e: &NewEvent) -> usize {
+    // seq, time, schema, hash, length prefixes and the checksum: under 100 bytes.
+    100 + e.actor.len()
+        + e.project.len()
+        + e.request_id.len()
+        + e.event_type.len()
+        + e.payload.len()
+}
+
+/// Answers jobs whose batch did not land: a job its command refused keeps that answer, the
+/// others get `error()`.
+fn answer_failed(jobs: impl Iterator<Item = (Job, Outcome)>, error: impl Fn() -> ControlError) {
+    for (job, outcome) in jobs {
+        let answer = match outcome {
+            Ok(_) => Err(error()),
+            Err(d) => Err(ControlError::Domain(d)),
+        };
+        let _ = job.reply.send(answer);
+    }
+}
+
+/// Cluster mode: ordering batches through the etcd log and applying everyone's batches.
+impl Writer {
+    fn log(&mut self) -> &mut ClusterLog {
+        self.cluster
+            .as_mut()
+            .expect("invariant: cluster paths run only with a cluster log")
+    }
+
+    /// Commits `jobs` (all with the same fence) through the cluster log, as many batches as
+    /// they need; every job is answered.
+    fn commit_cluster(&mut self, mut jobs: Vec<Job>, fence: Option<u64>) {
+        let race_deadline = Instant::now() + Duration::from_millis(LOG_APPEND_RACE_MS);
+        while !jobs.is_empty() {
+            let head = self.journal.head();
+            let now = now_unix_ns().max(head.last_time_unix_ns);
+            let staged = self.stage_all(&jobs, head.next_seq, now, LOG_BATCH_BYTES_MAX);
+            let taken = staged.outcomes.len();
+            if staged.batch.events.is_empty() {
+                answer(jobs.drain(..taken), staged.outcomes);
+                continue;
+            }
+            let projections = self.row_ops(&staged.touched);
+            let (placed, after) = place(&head, staged.batch.events);
+            let appended = self.log().append(&placed, &after, fence);
+            match appended {
+                Ok(Appended::Done { .. }) => {
+                    self.land(&placed, projections, &staged.applied);
+                    answer(jobs.drain(..taken), staged.outcomes);
+                }
+                Ok(Appended::Behind(newer)) if Instant::now() < race_deadline => {
+                    self.reset_working();
+                    if let Err(e) = self.after_lost_race(&newer) {
+                        fail_all(&mut jobs, vec![], || {
+                            ControlError::ClusterUnavailable(e.to_string())
+                        });
+                    }
+                }
+                Ok(Appended::Behind(_)) => {
+                    self.reset_working();
+                    fail_all(&mut jobs, vec![], || {
+                        ControlError::ClusterUnavailable(
+                            "other servers kept appending first; retry".into(),
+                        )
+                    });
+                }
+                Ok(Appended::Fenced) => {
+                    self.reset_working();
+                    let epoch = fence.unwrap_or(0);
+                    tracing::warn!(
+                        "orchestrator append refused by etcd: epoch {epoch} no longer holds the \
+                         leader key (fenced)"
+                    );
+                    let fenced: Vec<Job> = jobs.drain(..taken).collect();
+                    answer_failed(fenced.into_iter().zip(staged.outcomes), || {
+                        ControlError::Fenced(format!(
+                            "epoch {epoch} no longer holds the leader key"
+                        ))
+                    });
+                }
+                Err(e) => {
+                    // Not acknowledged; it may still land, and then arrives like anyone's.
+                    self.reset_working();
+                    tracing::warn!("cluster log append failed: {e}");
+                    fail_all(&mut jobs, staged.outcomes, || {
+                        ControlError::ClusterUnavailable(e.to_string())
+                    });
+                }
+            }
+        }
+    }
+
+    /// Another server appended first: apply what the failed transaction read back, or read
+    /// the log when that was not all.
+    fn after_lost_race(&mut self, newer: &[LogBatch]) -> Result<(), ControlError> {
+        let applied = newer.iter().all(|b| self.apply_batch(b));
+        if newer.is_empty() || !applied {
+            self.catch_up()?;
+        }
+        Ok(())
+    }
+
+    /// Writes a batch the cluster log holds into the local journal and shows it to readers.
+    /// The log has it: a local failure leaves this copy behind, and only a restart (which
+    /// catches up) repairs that.
+    fn land(
+        &mut self,
+        placed: &[Envelope],
+        projections: Vec<ProjectionOp>,
+        applied: &[(Applied, Event)],
+    ) {
+        if let Err(e) = self.journal.append_placed(placed, projections) {
+            die(&format!(
+                "the journal cannot take a batch the cluster log holds (seq {}): {e}",
+                placed.first().map_or(0, |e| e.seq)
+            ));
+        }
+        self.publish(applied);
+    }
+
+    /// Applies a batch another server appended (or ours, echoed): events decoded, rows
+    /// computed by `evolve`, the chain checked against the local head. False when it does
+    /// not follow the local head (a gap: fetch).
+    fn apply_batch(&mut self, batch: &LogBatch) -> bool {
+        let head: Head = self.journal.head();
+        if batch.last_seq() < head.next_seq {
+            return true; // already here (our own append, or a repeat)
+        }
+        if batch.first_seq() != head.next_seq {
+            return false;
+        }
+        let mut touched = BTreeSet::new();
+        let mut applied = Vec::with_capacity(batch.envelopes.len());
+        for env in &batch.envelopes {
+            let event = match codec::decode(env) {
+                Ok(e) => e,
+                Err(e) => die(&format!(
+                    "cannot apply cluster log event {}: {e} (is this server older than the \
+                     cluster?)",
+                    env.seq
+                )),
+            };
+            let at = Applied {
+                seq: env.seq,
+                time_unix_ns: env.time_unix_ns,
+            };
+            touched.extend(self.working.evolve(at, &event));
+            applied.push((at, event));
+        }
+        let projections = self.row_ops(&touched);
+        if let Err(e) = self.journal.append_placed(&batch.envelopes, projections) {
+            die(&format!(
+                "corruption: the cluster log's batch at seq {} does not continue this \
+                 server's journal: {e}",
+                batch.first_seq()
+            ));
+        }
+        self.publish(&applied);
+        self.log().note_applied(batch.revision);
+        true
+    }
+
+    /// Applies batches from the follower; a gap is filled by reading the log.
+    fn apply_remote(&mut self, batches: Vec<LogBatch>) {
+        for b in &batches {
+            if !self.apply_batch(b) {
+                self.catch_up_logged();
+                return;
+            }
+        }
+    }
+
+    /// Applies everything the log holds past the local head.
+    fn catch_up(&mut self) -> Result<(), ControlError> {
+        loop {
+            let next = self.journal.head().next_seq;
+            let fetched = self.log().fetch(next)?;
+            let batches = match fetched {
+                Fetched::Batches(b) => b,
+                Fetched::TailPassed {
+                    next_seq,
+                    head_next_seq,
+                } => die(&format!(
+                    "this server fell behind the cluster log's tail (it needs seq {next_seq}, \
+                     etcd keeps from {head_next_seq}); restart it to catch up from a peer"
+                )),
+            };
+            if batches.is_empty() {
+                let local = self.journal.head();
+                self.log().sync(&local)?;
+                return Ok(());
+            }
+            for b in &batches {
+                if !self.apply_batch(b) {
+                    return Err(ControlError::Internal(format!(
+                        "cluster log batch at seq {} does not follow seq {}",
+                        b.first_seq(),
+                        self.journal.head().last_seq()
+                    )));
+                }
+            }
+        }
+    }
+
+    fn catch_up_logged(&mut self) {
+        if let Err(e) = self.catch_up() {
+            tracing::debug!("catching up with the cluster log: {e}");
+        }
+    }
+}
+
+/// Answers every job (the first ones with their staged `outcomes`) without a commit.
+fn fail_all(jobs: &mut Vec<Job>, outcomes: Vec<Outcome>, error: impl Fn() -> ControlError) {
+    let mut outcomes = outcomes.into_iter();
+    let all = jobs
+        .drain(..)
+        .map(|j| (j, outcomes.next().unwrap_or(Ok(Committed::default()))));
+    answer_failed(all, error);
+}
+
+fn answer(jobs: impl Iterator<Item = Job>, outcomes: Vec<Outcome>) {
+    for (job, outcome) in jobs.zip(outcomes) {
+        let _ = job.reply.send(outcome.map_err(ControlError::Domain));
     }
 }
 
@@ -408,6 +836,7 @@ mod tests_support {
             last_seq: seq_tx,
             failpoint: Failpoint::None,
             appends: 0,
+            cluster: None,
         }
     }
 
@@ -435,6 +864,7 @@ mod tests_support {
                 meta,
                 command,
                 reply,
+                fence: None,
             },
             rx,
         )

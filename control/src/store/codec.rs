@@ -3,12 +3,16 @@
 //! change bumps [`SCHEMA_VERSION`] with an upcast from the old shape added in [`decode`].
 
 use evstor_journal::{Envelope, NewEvent};
+use serde::Deserialize;
+use uuid::Uuid;
 
+use crate::domain::volume::{self, Label, ProtectionState, Volume, VolumeState};
 use crate::domain::Event;
 use crate::error::ControlError;
 
-/// Version of the payload schema written today.
-pub const SCHEMA_VERSION: u16 = 1;
+/// Version of the payload schema written today. 2: volumes carry their replica nodes
+/// (`Volume::replica_nodes`), so `VolumeCreationRequested` grew a field.
+pub const SCHEMA_VERSION: u16 = 2;
 
 /// Frames a domain event for the journal.
 pub fn encode(event: &Event, project: &str, actor: &str, request_id: &str, time: u64) -> NewEvent {
@@ -25,12 +29,13 @@ pub fn encode(event: &Event, project: &str, actor: &str, request_id: &str, time:
 
 /// Reads a stored event back, upcasting old schema versions to today's shape.
 pub fn decode(env: &Envelope) -> Result<Event, ControlError> {
+    let bad = |e: bincode::Error| ControlError::Codec {
+        seq: env.seq,
+        reason: e.to_string(),
+    };
     let event: Event = match env.schema_version {
-        1 => bincode::deserialize(&env.payload).map_err(|e| ControlError::Codec {
-            seq: env.seq,
-            reason: e.to_string(),
-        })?,
-        // Upcasts live here: `0 => upcast_v0(&env.payload)?` and so on.
+        2 => bincode::deserialize(&env.payload).map_err(bad)?,
+        1 => upcast_v1(&env.payload).map_err(bad)?,
         v => {
             return Err(ControlError::Codec {
                 seq: env.seq,
@@ -49,4 +54,153 @@ pub fn decode(env: &Envelope) -> Result<Event, ControlError> {
         });
     }
     Ok(event)
+}
+
+/// bincode's variant indexes of `Event::Volume` and `volume::Event::VolumeCreationRequested`.
+const VOLUME_EVENT: u32 = 2;
+const VOLUME_CREATION_REQUESTED: u32 = 0;
+
+/// A volume as schema 1 stored it: no replica nodes.
+#[derive(Deserialize)]
+struct VolumeV1 {
+    uuid: Uuid,
+    name: String,
+    project: String,
+    state: VolumeState,
+    protection: ProtectionState,
+    replica_count: u32,
+    nsid: u32,
+    acl: Vec<String>,
+    ip_acl: Vec<String>,
+    compression: bool,
+    size_bytes: u64,
+    sector_size: u32,
+    source_snapshot: Option<Uuid>,
+    source_snapshot_name: String,
+    qos_policy: Option<Uuid>,
+    labels: Vec<Label>,
+    node_uuid: Uuid,
+    creation_unix_ns: u64,
+    etag: u64,
+}
+
+/// Schema 1 differs from 2 only in `VolumeCreationRequested` (a volume then had one node);
+/// every other payload decodes as it is.
+fn upcast_v1(payload: &[u8]) -> bincode::Result<Event> {
+    let tag = |at: usize| {
+        payload
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    if tag(0) != Some(VOLUME_EVENT) || tag(4) != Some(VOLUME_CREATION_REQUESTED) {
+        return bincode::deserialize(payload);
+    }
+    let (_, _, v): (u32, u32, VolumeV1) = bincode::deserialize(payload)?;
+    let volume = Volume {
+        uuid: v.uuid,
+        name: v.name,
+        project: v.project,
+        state: v.state,
+        protection: v.protection,
+        replica_count: v.replica_count,
+        nsid: v.nsid,
+        acl: v.acl,
+        ip_acl: v.ip_acl,
+        compression: v.compression,
+        size_bytes: v.size_bytes,
+        sector_size: v.sector_size,
+        source_snapshot: v.source_snapshot,
+        source_snapshot_name: v.source_snapshot_name,
+        qos_policy: v.qos_policy,
+        labels: v.labels,
+        node_uuid: v.node_uuid,
+        creation_unix_ns: v.creation_unix_ns,
+        etag: v.etag,
+        replica_nodes: Vec::new(),
+    };
+    Ok(Event::Volume(volume::Event::VolumeCreationRequested {
+        volume,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::volume::tests::with_volume;
+
+    /// Schema 1 bytes of the first volume event of `with_volume`, as version 1 wrote them.
+    fn v1_bytes(v: &Volume) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        struct V1<'a> {
+            uuid: Uuid,
+            name: &'a str,
+            project: &'a str,
+            state: VolumeState,
+            protection: ProtectionState,
+            replica_count: u32,
+            nsid: u32,
+            acl: &'a [String],
+            ip_acl: &'a [String],
+            compression: bool,
+            size_bytes: u64,
+            sector_size: u32,
+            source_snapshot: Option<Uuid>,
+            source_snapshot_name: &'a str,
+            qos_policy: Option<Uuid>,
+            labels: &'a [Label],
+            node_uuid: Uuid,
+            creation_unix_ns: u64,
+            etag: u64,
+        }
+        let old = V1 {
+            uuid: v.uuid,
+            name: &v.name,
+            project: &v.project,
+            state: v.state,
+            protection: v.protection,
+            replica_count: v.replica_count,
+            nsid: v.nsid,
+            acl: &v.acl,
+            ip_acl: &v.ip_acl,
+            compression: v.compression,
+            size_bytes: v.size_bytes,
+            sector_size: v.sector_size,
+            source_snapshot: v.source_snapshot,
+            source_snapshot_name: &v.source_snapshot_name,
+            qos_policy: v.qos_policy,
+            labels: &v.labels,
+            node_uuid: v.node_uuid,
+            creation_unix_ns: v.creation_unix_ns,
+            etag: v.etag,
+        };
+        bincode::serialize(&(VOLUME_EVENT, VOLUME_CREATION_REQUESTED, old)).unwrap()
+    }
+
+    #[test]
+    fn schema_1_volume_creation_is_upcast_and_other_events_decode_as_they_are() {
+        let events = with_volume();
+        let created = events
+            .iter()
+            .find_map(|e| match e {
+                Event::Volume(volume::Event::VolumeCreationRequested { volume }) => {
+                    Some(volume.clone())
+                }
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(
+            upcast_v1(&v1_bytes(&created)).unwrap(),
+            Event::Volume(volume::Event::VolumeCreationRequested {
+                volume: created.clone()
+            })
+        );
+        for e in &events {
+            if !matches!(
+                e,
+                Event::Volume(volume::Event::VolumeCreationRequested { .. })
+            ) {
+                assert_eq!(&upcast_v1(&bincode::serialize(e).unwrap()).unwrap(), e);
+            }
+        }
+    }
 }

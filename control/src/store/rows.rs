@@ -16,8 +16,9 @@ use crate::error::ControlError;
 /// Version of the rows' stored shape (bincode of the read-model structs). Rows are derived
 /// data: when the code's version differs from the stored one, the rows are rebuilt from the
 /// events at start ([`load_or_rebuild`]) rather than decoded. Bump it whenever a struct that
-/// `value` encodes changes shape. 1: until projects recorded their creation time.
-pub const ROWS_VERSION: u32 = 2;
+/// `value` encodes changes shape. 1: until projects recorded their creation time. 2: until
+/// volumes had replica nodes, servers health and failure domains, the cluster its leader.
+pub const ROWS_VERSION: u32 = 3;
 
 /// The row holding the stored [`ROWS_VERSION`]; outside every `<kind>/` prefix.
 const ROWS_VERSION_KEY: &[u8] = b"meta:rows-version";

@@ -1,0 +1,755 @@
+//! An etcd v3 client over etcd's JSON gRPC gateway (`POST /v3/...`), with no gRPC stack.
+//!
+//! Blocking on purpose: every caller (the journal writer, the follower, the lease session,
+//! the orchestrator) is a plain thread that makes one call at a time, and a blocking client
+//! over `std::net::TcpStream` with socket timeouts is a few hundred lines where an async
+//! HTTP client would pull in hyper's client half and a second connection model. Each
+//! component forks its own client ([`EtcdClient::fork`]) and so its own keep-alive
+//! connection; calls on one client are serialized.
+//!
+//! JSON mapping (etcd's `rpc.proto` through grpc-gateway, original field names): keys and
+//! values are base64, 64-bit integers are strings, zero values are omitted (`"succeeded"`
+//! is absent when a transaction's compare failed, a watch event's `"type"` is absent for
+//! PUT). Errors come back as an HTTP status with `{"error","message","code"}` (a gRPC code).
+//!
+//! Every call has a deadline ([`ETCD_CALL_DEADLINE_MS`]); within it a call moves on to the
+//! next endpoint when a member is unreachable, times out, or answers "unavailable" (no
+//! leader, no quorum). Only the caller can tell whether repeating a write is safe; all of
+//! ours are compare-and-swap transactions, puts of the same value or lease operations.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde_json::{json, Value};
+
+use super::http::{self, BodyReader};
+use crate::limits::{
+    ETCD_CALL_DEADLINE_MS, ETCD_CONNECT_MS, ETCD_REQUEST_MS, ETCD_RESPONSE_BYTES_MAX,
+};
+
+/// What can go wrong talking to etcd.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EtcdError {
+    /// No member answered within the deadline, or those that answered have no leader or
+    /// quorum. The outcome of a write that ends this way is unknown.
+    #[error("etcd is unavailable (no member reachable, or no quorum): {0}")]
+    Unavailable(String),
+    /// etcd understood the request and refused it.
+    #[error("etcd refused the request (gRPC code {code}): {message}")]
+    Refused { code: i64, message: String },
+    /// The revision asked for has been compacted away.
+    #[error("etcd revision {0} is compacted")]
+    Compacted(i64),
+    /// An answer we cannot read, or a bad endpoint.
+    #[error("etcd protocol: {0}")]
+    Protocol(String),
+}
+
+pub type EtcdResult<T> = Result<T, EtcdError>;
+
+/// A key as etcd returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Kv {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+}
+
+/// The answer to a range read.
+#[derive(Debug, Clone, Default)]
+pub struct RangeResult {
+    /// The store revision the read saw.
+    pub revision: i64,
+    pub kvs: Vec<Kv>,
+    /// More keys matched than `limit` allowed.
+    pub more: bool,
+}
+
+/// A range read.
+#[derive(Debug, Clone, Default)]
+pub struct Range {
+    pub key: Vec<u8>,
+    /// End of the range (exclusive); empty for the single key.
+    pub range_end: Vec<u8>,
+    /// 0: no limit.
+    pub limit: i64,
+    pub keys_only: bool,
+    /// Newest key first.
+    pub descending: bool,
+    /// Served by the member alone, without a quorum round: possibly stale, never
+    /// uncommitted. Used where a stale answer only delays us.
+    pub serializable: bool,
+}
+
+impl Range {
+    pub fn key(key: &[u8]) -> Range {
+        Range {
+            key: key.to_vec(),
+            ..Range::default()
+        }
+    }
+
+    /// Every key starting with `prefix`.
+    pub fn prefix(prefix: &[u8]) -> Range {
+        Range {
+            key: prefix.to_vec(),
+            range_end: prefix_end(prefix),
+            ..Range::default()
+        }
+    }
+
+    fn json(&self) -> Value {
+        let mut v = json!({ "key": B64.encode(&self.key) });
+        if !self.range_end.is_empty() {
+            v["range_end"] = B64.encode(&self.range_end).into();
+        }
+        if self.limit > 0 {
+            v["limit"] = self.limit.to_string().into();
+        }
+        if self.keys_only {
+            v["keys_only"] = true.into();
+        }
+        if self.descending {
+            v["sort_order"] = "DESCEND".into();
+            v["sort_target"] = "KEY".into();
+        }
+        if self.serializable {
+            v["serializable"] = true.into();
+        }
+        v
+    }
+}
+
+/// The end of the range of keys that start with `prefix` (etcd's convention).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
+}
+
+/// One condition of a transaction (all are equality tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compare {
+    /// The key's last modification revision (0: the key does not exist).
+    ModRevision(Vec<u8>, i64),
+    /// The key's creation revision (0: the key does not exist).
+    CreateRevision(Vec<u8>, i64),
+}
+
+impl Compare {
+    fn json(&self) -> Value {
+        match self {
+            Compare::ModRevision(k, r) => json!({
+                "key": B64.encode(k), "target": "MOD", "result": "EQUAL",
+                "mod_revision": r.to_string(),
+            }),
+            Compare::CreateRevision(k, r) => json!({
+                "key": B64.encode(k), "target": "CREATE", "result": "EQUAL",
+                "create_revision": r.to_string(),
+            }),
+        }
+    }
+}
+
+/// One operation of a transaction.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        /// 0: no lease.
+        lease: i64,
+    },
+    Range(Range),
+    /// Deletes `[key, range_end)`, or the single key when `range_end` is empty.
+    Delete {
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+    },
+}
+
+impl Op {
+    fn json(&self) -> Value {
+        match self {
+            Op::Put { key, value, lease } => {
+                let mut p = json!({ "key": B64.encode(key), "value": B64.encode(value) });
+                if *lease != 0 {
+                    p["lease"] = lease.to_string().into();
+                }
+                json!({ "request_put": p })
+            }
+            Op::Range(r) => json!({ "request_range": r.json() }),
+            Op::Delete { key, range_end } => {
+                let mut d = json!({ "key": B64.encode(key) });
+                if !range_end.is_empty() {
+                    d["range_end"] = B64.encode(range_end).into();
+                }
+                json!({ "request_delete_range": d })
+            }
+        }
+    }
+}
+
+/// What one operation of a transaction returned.
+#[derive(Debug, Clone)]
+pub enum OpResult {
+    Put,
+    Range(RangeResult),
+    Delete { deleted: i64 },
+}
+
+/// The answer to a transaction.
+#[derive(Debug, Clone)]
+pub struct TxnResult {
+    /// Every compare held and the success branch ran.
+    pub succeeded: bool,
+    /// The store revision after the transaction (its own revision when it wrote).
+    pub revision: i64,
+    pub responses: Vec<OpResult>,
+}
+
+/// A member's view of the cluster.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub member_id: String,
+    /// Member id of the raft leader (empty: none).
+    pub leader: String,
+    pub revision: i64,
+}
+
+/// A connection to one member, kept for the next call.
+struct Conn {
+    endpoint: usize,
+    reader: BufReader<TcpStream>,
+}
+
+/// A client of one etcd cluster.
+pub struct EtcdClient {
+    endpoints: Arc<Vec<String>>,
+    /// The member tried first (the last that answered).
+    preferred: Arc<AtomicUsize>,
+    conn: Mutex<Option<Conn>>,
+    deadline: Duration,
+}
+
+/// Parses `--etcd` endpoints: `http://host:port` (or `host:port`), comma-separated.
+pub fn parse_endpoints(list: &str) -> EtcdResult<Vec<String>> {
+    let mut out = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if item.starts_with("https://") {
+            return Err(EtcdError::Protocol(format!(
+                "{item}: TLS to etcd is not supported yet; reach etcd over a private network or \
+                 a local TLS proxy"
+            )));
+        }
+        let hostport = item.strip_prefix("http://").unwrap_or(item);
+        let hostport = hostport.trim_end_matches('/');
+        if hostport.is_empty() || hostport.contains('/') || !hostport.contains(':') {
+            return Err(EtcdError::Protocol(format!(
+                "{item:?} is not an etcd endpoint like http://127.0.0.1:2379"
+            )));
+        }
+        out.push(hostport.to_string());
+    }
+    if out.is_empty() {
+        return Err(EtcdError::Protocol("no etcd endpoint given".into()));
+    }
+    Ok(out)
+}
+
+fn unavailable(endpoint: &str, what: impl std::fmt::Display) -> EtcdError {
+    EtcdError::Unavailable(format!("{endpoint}: {what}"))
+}
+
+impl EtcdClient {
+    pub fn new(endpoints: Vec<String>) -> EtcdClient {
+        EtcdClient {
+            endpoints: Arc::new(endpoints),
+            preferred: Arc::new(AtomicUsize::new(0)),
+            conn: Mutex::new(None),
+            deadline: Duration::from_millis(ETCD_CALL_DEADLINE_MS),
+        }
+    }
+
+    /// Another client of the same cluster with its own connection (one per thread).
+    pub fn fork(&self) -> EtcdClient {
+        EtcdClient {
+            endpoints: self.endpoints.clone(),
+            preferred: self.preferred.clone(),
+            conn: Mutex::new(None),
+            deadline: self.deadline,
+        }
+    }
+
+    /// The same client with another overall deadline per call.
+    pub fn with_deadline(mut self, deadline: Duration) -> EtcdClient {
+        self.deadline = deadline;
+        self
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// Connects to member `i` with the connect timeout, trying each address it resolves to.
+    fn connect(&self, i: usize) -> EtcdResult<TcpStream> {
+        let endpoint = &self.endpoints[i];
+        let addrs: Vec<SocketAddr> = endpoint
+            .to_socket_addrs()
+            .map_err(|e| unavailable(endpoint, format!("cannot resolve: {e}")))?
+            .collect();
+        let mut last = unavailable(endpoint, "resolves to no address");
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(ETCD_CONNECT_MS)) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = unavailable(endpoint, e),
+            }
+        }
+        Err(last)
+    }
+
+    /// A fresh stream to member `i` with the request timeouts set.
+    pub(crate) fn stream_to(&self, i: usize, read_timeout: Duration) -> EtcdResult<TcpStream> {
+        let s = self.connect(i)?;
+        let endpoint = &self.endpoints[i];
+        s.set_read_timeout(Some(read_timeout))
+            .and_then(|()| s.set_write_timeout(Some(Duration::from_millis(ETCD_REQUEST_MS))))
+            .and_then(|()| s.set_nodelay(true))
+            .map_err(|e| unavailable(endpoint, e))?;
+        Ok(s)
+    }
+
+    /// One request to member `i` on the kept connection (reconnecting once if it went
+    /// stale); returns the status and the parsed body.
+    fn request_once(&self, i: usize, path: &str, body: &[u8]) -> EtcdResult<(u16, Value)> {
+        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let endpoint = &self.endpoints[i];
+        for fresh in [false, true] {
+            let reuse = !fresh && slot.as_ref().is_some_and(|c| c.endpoint == i);
+            if !reuse {
+                let s = self.stream_to(i, Duration::from_millis(ETCD_REQUEST_MS))?;
+                *slot = Some(Conn {
+                    endpoint: i,
+                    reader: BufReader::new(s),
+                });
+            }
+            let Some(conn) = slot.as_mut() else {
+                continue;
+            };
+            match exchange(&mut conn.reader, endpoint, path, body) {
+                Ok((status, value, close)) => {
+                    if close {
+                        *slot = None;
+                    }
+                    return Ok((status, value));
+                }
+                // A kept connection the member closed meanwhile: try once on a new one.
+                Err(e) if reuse && is_stale(&e) => *slot = None,
+                Err(e) => {
+                    *slot = None;
+                    return Err(unavailable(endpoint, e));
+                }
+            }
+        }
+        Err(unavailable(endpoint, "no connection"))
+    }
+
+    /// Calls `path` with `body`, moving through the members until one answers or the
+    /// deadline passes.
+    pub fn call(&self, path: &str, body: &Value) -> EtcdResult<Value> {
+        let raw = serde_json::to_vec(body).map_err(|e| EtcdError::Protocol(e.to_string()))?;
+        let deadline = Instant::now() + self.deadline;
+        let n = self.endpoints.len();
+        let mut i = self.preferred.load(Ordering::Relaxed) % n;
+        let mut tried = 0usize;
+        loop {
+            let failed = match self.request_once(i, path, &raw) {
+                Ok((200, value)) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(value);
+                }
+                Ok((status, value)) => match gateway_error(status, &value) {
+                    e @ EtcdError::Unavailable(_) => e,
+                    e => return Err(e),
+                },
+                Err(e) => e,
+            };
+            tried += 1;
+            i = (i + 1) % n;
+            if Instant::now() >= deadline {
+                return Err(failed);
+            }
+            if tried.is_multiple_of(n) {
+                // Every member failed once: do not spin while etcd elects a leader.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    pub fn range(&self, r: &Range) -> EtcdResult<RangeResult> {
+        let v = self.call("/v3/kv/range", &r.json())?;
+        parse_range(&v)
+    }
+
+    /// The single key, if it exists.
+    pub fn get(&self, key: &[u8]) -> EtcdResult<Option<Kv>> {
+        Ok(self.range(&Range::key(key))?.kvs.into_iter().next())
+    }
+
+    pub fn txn(
+        &self,
+        compare: &[Compare],
+        success: &[Op],
+        failure: &[Op],
+    ) -> EtcdResult<TxnResult> {
+        let body = json!({
+            "compare": compare.iter().map(Compare::json).collect::<Vec<_>>(),
+            "success": success.iter().map(Op::json).collect::<Vec<_>>(),
+            "failure": failure.iter().map(Op::json).collect::<Vec<_>>(),
+        });
+        let v = self.call("/v3/kv/txn", &body)?;
+        let responses = v["responses"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(parse_op_result)
+                    .collect::<EtcdResult<Vec<_>>>()
+            })
+            .transpose()?
+            .unwrap_or_default();
+        Ok(TxnResult {
+            succeeded: v["succeeded"].as_bool().unwrap_or(false),
+            revision: header_revision(&v)?,
+            responses,
+        })
+    }
+
+    /// Deletes `[key, range_end)`; returns how many keys went.
+    pub fn delete_range(&self, key: &[u8], range_end: &[u8]) -> EtcdResult<i64> {
+        let mut body = json!({ "key": B64.encode(key) });
+        if !range_end.is_empty() {
+            body["range_end"] = B64.encode(range_end).into();
+        }
+        let v = self.call("/v3/kv/deleterange", &body)?;
+        int(&v["deleted"])
+    }
+
+    /// Drops the history before `revision` (keys' current values stay).
+    pub fn compact(&self, revision: i64) -> EtcdResult<()> {
+        self.call(
+            "/v3/kv/compaction",
+            &json!({ "revision": revision.to_string() }),
+        )
+        .map(|_| ())
+    }
+
+    /// A new lease; returns (id, granted TTL in seconds).
+    pub fn lease_grant(&self, ttl_secs: i64) -> EtcdResult<(i64, i64)> {
+        let v = self.call("/v3/lease/grant", &json!({ "TTL": ttl_secs.to_string() }))?;
+        if let Some(e) = v["error"].as_str().filter(|e| !e.is_empty()) {
+            return Err(EtcdError::Refused {
+                code: 0,
+                message: e.to_string(),
+            });
+        }
+        Ok((int(&v["ID"])?, int(&v["TTL"])?))
+    }
+
+    /// Renews a lease; returns its TTL in seconds, 0 when the lease is gone (expired or
+    /// revoked).
+    pub fn lease_keepalive(&self, id: i64) -> EtcdResult<i64> {
+        // A bidirectional stream in gRPC; through the gateway one request gives one answer.
+        let v = self.call("/v3/lease/keepalive", &json!({ "ID": id.to_string() }))?;
+        int(&v["result"]["TTL"])
+    }
+
+    pub fn lease_revoke(&self, id: i64) -> EtcdResult<()> {
+        self.call("/v3/lease/revoke", &json!({ "ID": id.to_string() }))
+            .map(|_| ())
+    }
+
+    /// The status of the member the call reached.
+    pub fn status(&self) -> EtcdResult<Status> {
+        let v = self.call("/v3/maintenance/status", &json!({}))?;
+        Ok(Status {
+            member_id: v["header"]["member_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            leader: v["leader"].as_str().unwrap_or_default().to_string(),
+            revision: header_revision(&v)?,
+        })
+    }
+
+    /// Opens a watch of `[key, range_end)` from `start_revision` on the preferred member
+    /// (then the others). `idle` bounds how long a read may wait for the next message.
+    pub fn watch(
+        &self,
+        key: &[u8],
+        range_end: &[u8],
+        start_revision: i64,
+        idle: Duration,
+    ) -> EtcdResult<Watch> {
+        let body = json!({ "create_request": {
+            "key": B64.encode(key),
+            "range_end": B64.encode(range_end),
+            "start_revision": start_revision.to_string(),
+        }});
+        let raw = serde_json::to_vec(&body).map_err(|e| EtcdError::Protocol(e.to_string()))?;
+        let n = self.endpoints.len();
+        let first = self.preferred.load(Ordering::Relaxed) % n;
+        let mut last = EtcdError::Unavailable("no attempt made".into());
+        for k in 0..n {
+            let i = (first + k) % n;
+            let endpoint = self.endpoints[i].clone();
+            let attempt = self.stream_to(i, idle).and_then(|s| {
+                let mut w = s.try_clone().map_err(|e| unavailable(&endpoint, e))?;
+                http::write_request(&mut w, "POST", &endpoint, "/v3/watch", &[], &raw)
+                    .map_err(|e| unavailable(&endpoint, e))?;
+                let mut reader = BufReader::new(s);
+                let head = http::read_head(&mut reader).map_err(|e| unavailable(&endpoint, e))?;
+                if head.status != 200 {
+                    let body = BodyReader::new(&mut reader, &head)
+                        .read_all(ETCD_RESPONSE_BYTES_MAX)
+                        .map_err(|e| unavailable(&endpoint, e))?;
+                    let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    return Err(gateway_error(head.status, &v));
+                }
+                Ok(Watch::start(reader, head, endpoint.clone()))
+            });
+            match attempt {
+                Ok(w) => return Ok(w),
+                Err(e @ EtcdError::Unavailable(_)) => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+}
+
+/// A running watch: an endless chunked response of JSON messages, one per line.
+pub struct Watch {
+    lines: BufReader<BodyReader<BufReader<TcpStream>>>,
+    endpoint: String,
+}
+
+/// One message of a watch.
+#[derive(Debug, Clone, Default)]
+pub struct WatchMessage {
+    /// The store revision the message speaks for.
+    pub revision: i64,
+    /// Puts (deletes are left out: nobody we follow deletes what we watch but the trimmer).
+    pub puts: Vec<Kv>,
+    /// The watch ended: etcd canceled it (e.g. the start revision was compacted).
+    pub canceled: Option<String>,
+}
+
+impl Watch {
+    fn start(reader: BufReader<TcpStream>, head: http::ResponseHead, endpoint: String) -> Watch {
+        Watch {
+            lines: BufReader::new(BodyReader::new(reader, &head)),
+            endpoint,
+        }
+    }
+
+    /// The next message; an error ends the watch (reconnect from the last revision seen).
+    pub fn next_message(&mut self) -> EtcdResult<WatchMessage> {
+        let mut line = Vec::new();
+        let n = std::io::Read::take(&mut self.lines, ETCD_RESPONSE_BYTES_MAX)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| unavailable(&self.endpoint, e))?;
+        if n == 0 {
+            return Err(unavailable(&self.endpoint, "watch stream ended"));
+        }
+        let v: Value = serde_json::from_slice(&line)
+            .map_err(|e| EtcdError::Protocol(format!("watch message: {e}")))?;
+        if v.get("error").is_some() {
+            return Err(gateway_error(503, &v["error"]));
+        }
+        let r = &v["result"];
+        let mut msg = WatchMessage {
+            revision: r["header"]["revision"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0),
+            ..WatchMessage::default()
+        };
+        if r["canceled"].as_bool().unwrap_or(false) {
+            let compacted = int(&r["compact_revision"]).unwrap_or(0);
+            let reason = r["cancel_reason"].as_str().unwrap_or_default();
+            msg.canceled = Some(if compacted > 0 {
+                format!("revision compacted (up to {compacted})")
+            } else {
+                format!("canceled: {reason}")
+            });
+            return Ok(msg);
+        }
+        for e in r["events"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            if e["type"].as_str().unwrap_or("PUT") == "PUT" {
+                msg.puts.push(parse_kv(&e["kv"])?);
+            }
+        }
+        Ok(msg)
+    }
+}
+
+/// One request and its response on `reader`'s connection; (status, body, close after).
+fn exchange(
+    reader: &mut BufReader<TcpStream>,
+    host: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, Value, bool)> {
+    http::write_request(reader.get_mut(), "POST", host, path, &[], body)?;
+    let head = http::read_head(reader)?;
+    let raw = BodyReader::new(reader, &head).read_all(ETCD_RESPONSE_BYTES_MAX)?;
+    let value = if raw.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&raw).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not JSON: {e}"))
+        })?
+    };
+    let close = head.close || (!head.chunked && head.content_length.is_none());
+    Ok((head.status, value, close))
+}
+
+/// A kept connection that turned out closed before our request reached anyone.
+fn is_stale(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted
+    )
+}
+
+/// An error answer of the gateway in our terms.
+fn gateway_error(status: u16, v: &Value) -> EtcdError {
+    let code = v["code"].as_i64().unwrap_or(0);
+    let message = v["message"]
+        .as_str()
+        .or(v["error"].as_str())
+        .unwrap_or("(no message)")
+        .to_string();
+    // 14 UNAVAILABLE (no leader), 4 DEADLINE_EXCEEDED (request timed out), 10 ABORTED (leader
+    // changed): another try, or another member, may do.
+    if matches!(code, 4 | 10 | 14) || status == 503 || status == 504 {
+        return EtcdError::Unavailable(message);
+    }
+    if message.contains("compacted") {
+        return EtcdError::Compacted(0);
+    }
+    EtcdError::Refused { code, message }
+}
+
+/// A gateway integer (a string for 64-bit fields; absent means 0).
+fn int(v: &Value) -> EtcdResult<i64> {
+    match v {
+        Value::Null => Ok(0),
+        Value::String(s) => s
+            .parse()
+            .map_err(|_| EtcdError::Protocol(format!("{s:?} is not an integer"))),
+        Value::Number(n) => n
+            .as_i64()
+            .ok_or_else(|| EtcdError::Protocol(format!("{n} is not an integer"))),
+        other => Err(EtcdError::Protocol(format!("{other} is not an integer"))),
+    }
+}
+
+fn bytes(v: &Value) -> EtcdResult<Vec<u8>> {
+    match v.as_str() {
+        None => Ok(Vec::new()),
+        Some(s) => B64
+            .decode(s)
+            .map_err(|e| EtcdError::Protocol(format!("bad base64: {e}"))),
+    }
+}
+
+fn header_revision(v: &Value) -> EtcdResult<i64> {
+    int(&v["header"]["revision"])
+}
+
+fn parse_kv(v: &Value) -> EtcdResult<Kv> {
+    Ok(Kv {
+        key: bytes(&v["key"])?,
+        value: bytes(&v["value"])?,
+        create_revision: int(&v["create_revision"])?,
+        mod_revision: int(&v["mod_revision"])?,
+        version: int(&v["version"])?,
+        lease: int(&v["lease"])?,
+    })
+}
+
+fn parse_range(v: &Value) -> EtcdResult<RangeResult> {
+    let kvs = v["kvs"]
+        .as_array()
+        .map(|a| a.iter().map(parse_kv).collect::<EtcdResult<Vec<_>>>())
+        .transpose()?
+        .unwrap_or_default();
+    Ok(RangeResult {
+        revision: header_revision(v)?,
+        kvs,
+        more: v["more"].as_bool().unwrap_or(false),
+    })
+}
+
+fn parse_op_result(v: &Value) -> EtcdResult<OpResult> {
+    if let Some(r) = v.get("response_range") {
+        return parse_range(r).map(OpResult::Range);
+    }
+    if let Some(d) = v.get("response_delete_range") {
+        return Ok(OpResult::Delete {
+            deleted: int(&d["deleted"])?,
+        });
+    }
+    Ok(OpResult::Put)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_and_prefixes() {
+        assert_eq!(
+            parse_endpoints("http://127.0.0.1:2379, 10.0.0.1:2379/").unwrap(),
+            ["127.0.0.1:2379", "10.0.0.1:2379"]
+        );
+        assert!(parse_endpoints("https://h:2379").is_err());
+        assert!(parse_endpoints("").is_err());
+        assert!(parse_endpoints("http://h").is_err());
+        assert_eq!(prefix_end(b"/a/"), b"/a0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), [0]);
+    }
+
+    #[test]
+    fn gateway_errors_are_typed() {
+        let v = json!({"error": "etcdserver: no leader", "code": 14});
+        assert!(matches!(gateway_error(503, &v), EtcdError::Unavailable(_)));
+        let v = json!({"error": "etcdserver: request timed out", "code": 4});
+        assert!(matches!(gateway_error(504, &v), EtcdError::Unavailable(_)));
+        let v = json!({"error": "illegal base64 data", "code": 3});
+        assert!(matches!(
+            gateway_error(400, &v),
+            EtcdError::Refused { code: 3, .. }
+        ));
+    }
+}

@@ -1,0 +1,367 @@
+//! Starting a cluster member (`evstor serve --etcd … --name …`): bring the local journal up
+//! to the cluster log (from etcd, or from a peer's checkpoint when etcd's tail has moved
+//! past it), start the writer and the follower, take the cluster's root key from etcd (the
+//! first server creates it), bootstrap the cluster if the etcd prefix is empty (a
+//! compare-and-swap: of two servers racing, one bootstraps and the other joins), register
+//! this server if it is new, write `admin.jwt`, and start the session and the orchestrator.
+//!
+//! Trust: the root private key lives in etcd (`<prefix>root-key`) so that every member can
+//! mint the admin token and verify the same tokens. Whoever can read etcd is therefore a
+//! cluster admin; in production, reach etcd only over a private network with etcd's client
+//! TLS and authentication (this client speaks plain HTTP for now, see [`super::etcd`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use evstor_journal::{EventLog, OpenMode, RocksJournal};
+use uuid::Uuid;
+
+use super::etcd::{Compare, EtcdClient, Op, OpResult, Range};
+use super::log::{ClusterLog, Fetched};
+use super::orchestrator::Orchestrator;
+use super::session::{alive_servers, Session};
+use super::{checkpoint, follow, AliveRecord, ClusterConfig, Keys};
+use crate::domain::cluster::{Bootstrap, Command as ClusterCommand};
+use crate::domain::inventory::{Command as InventoryCommand, Join};
+use crate::domain::{Command, DomainError};
+use crate::error::ControlError;
+use crate::limits::ETCD_START_WAIT_MS;
+use crate::server::{self, ServeConfig};
+use crate::store::{replay, Bus, RequestMeta};
+
+/// Times a start tries to bring its journal up to the log before giving up.
+const CATCH_UP_ATTEMPTS: usize = 5;
+/// Lifetime of the token a member shows a peer to fetch a checkpoint.
+const PEER_TOKEN_SECS: u64 = 300;
+
+/// A running member's cluster machinery.
+pub struct Member {
+    pub bus: Bus,
+    pub server_uuid: Uuid,
+    pub node_uuid: Uuid,
+    session: Session,
+    stop: Arc<AtomicBool>,
+    orchestrator: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Member {
+    /// Leaves: the orchestrator stops, and the lease is revoked (the others see this server
+    /// down at once).
+    pub fn shutdown(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.orchestrator.take() {
+            let _ = t.join();
+        }
+        self.session.stop();
+    }
+}
+
+/// This server's id, kept in the data directory with the name it was given.
+fn identity(data_dir: &Path, name: &str) -> anyhow::Result<Uuid> {
+    let path = data_dir.join("server-id");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let (uuid, stored_name) = text
+            .trim()
+            .split_once(' ')
+            .with_context(|| format!("{} is damaged", path.display()))?;
+        anyhow::ensure!(
+            stored_name == name,
+            "this data directory belongs to server {stored_name:?}; it cannot start as {name:?}"
+        );
+        return Ok(uuid.parse()?);
+    }
+    let uuid = Uuid::new_v4();
+    server::write_private(&path, &format!("{uuid} {name}\n"))?;
+    Ok(uuid)
+}
+
+/// Waits (bounded) for etcd to answer.
+fn wait_for_etcd(etcd: &EtcdClient) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(ETCD_START_WAIT_MS);
+    loop {
+        match etcd.status() {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e).context("etcd did not answer at start")
+            }
+            Err(e) => tracing::warn!("waiting for etcd: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The cluster's root private key (PEM) from etcd; the first to ask creates it.
+fn root_key(etcd: &EtcdClient, keys: &Keys) -> anyhow::Result<String> {
+    let key = keys.root_key();
+    if let Some(kv) = etcd.get(&key)? {
+        return Ok(String::from_utf8(kv.value)?);
+    }
+    let (private, _) = server::generate_root_key()?;
+    let t = etcd.txn(
+        &[Compare::CreateRevision(key.clone(), 0)],
+        &[Op::Put {
+            key: key.clone(),
+            value: private.clone().into_bytes(),
+            lease: 0,
+        }],
+        &[Op::Range(Range::key(&key))],
+    )?;
+    if t.succeeded {
+        return Ok(private);
+    }
+    match t.responses.first() {
+        Some(OpResult::Range(r)) if !r.kvs.is_empty() => {
+            Ok(String::from_utf8(r.kvs[0].value.clone())?)
+        }
+        _ => anyhow::bail!("the cluster root key vanished from etcd"),
+    }
+}
+
+fn public_of(private_pem: &str) -> anyhow::Result<String> {
+    use rsa::pkcs8::{DecodePrivateKey, EncodePublicKey, LineEnding};
+    let private = rsa::RsaPrivateKey::from_pkcs8_pem(private_pem)?;
+    Ok(private.to_public_key().to_public_key_pem(LineEnding::LF)?)
+}
+
+fn mint_admin(root_pem: &str, subject: &str, lifetime: u64) -> anyhow::Result<String> {
+    crate::api::auth::mint(
+        root_pem,
+        "system:root",
+        subject,
+        &["system:cluster-admin".to_string()],
+        Default::default(),
+        lifetime,
+    )
+}
+
+/// Opens the journal at or past etcd's tail, fetching a peer's checkpoint when needed.
+fn open_caught_up(
+    data_dir: &Path,
+    etcd: &EtcdClient,
+    keys: &Keys,
+    server_uuid: Uuid,
+    root_pem: &str,
+) -> anyhow::Result<(Arc<RocksJournal>, ClusterLog)> {
+    let dir = server::journal_dir(data_dir);
+    for _ in 0..CATCH_UP_ATTEMPTS {
+        let journal = RocksJournal::open(&dir, OpenMode::ReadWrite)
+            .context("opening the journal (is another evstor using this data directory?)")?;
+        let local = journal.head();
+        let mut log = ClusterLog::new(etcd.fork(), keys.clone());
+        let stored = log.sync(&local)?;
+        if stored.is_none() && local.next_seq > 1 {
+            anyhow::bail!(
+                "this journal holds {} events but etcd has no cluster under {}: wrong \
+                 --etcd-prefix, or etcd lost its data",
+                local.last_seq(),
+                keys.prefix()
+            );
+        }
+        match log.fetch(local.next_seq)? {
+            Fetched::Batches(_) => return Ok((Arc::new(journal), log)),
+            Fetched::TailPassed { head_next_seq, .. } => {
+                drop(journal);
+                println!(
+                    "evstor: the journal (seq {}) is behind etcd's tail (seq {head_next_seq}); \
+                     fetching a checkpoint from a peer",
+                    local.last_seq()
+                );
+                fetch_from_a_peer(data_dir, etcd, keys, server_uuid, root_pem)?;
+            }
+        }
+    }
+    anyhow::bail!("could not bring the journal up to the cluster log's tail")
+}
+
+fn fetch_from_a_peer(
+    data_dir: &Path,
+    etcd: &EtcdClient,
+    keys: &Keys,
+    server_uuid: Uuid,
+    root_pem: &str,
+) -> anyhow::Result<()> {
+    let token = mint_admin(
+        root_pem,
+        &format!("evstor-peer:{server_uuid}"),
+        PEER_TOKEN_SECS,
+    )?;
+    let incoming: PathBuf = data_dir.join("journal.incoming");
+    let mut last = anyhow::anyhow!("no live peer to fetch a checkpoint from");
+    for peer in alive_servers(etcd, keys)? {
+        if peer.server_uuid == server_uuid {
+            continue;
+        }
+        let _ = std::fs::remove_dir_all(&incoming);
+        let fetched = checkpoint::fetch(&peer, &token, &incoming).and_then(|bytes| {
+            check_journal(&incoming)?;
+            Ok(bytes)
+        });
+        match fetched {
+            Ok(bytes) => {
+                checkpoint::install(&incoming, &server::journal_dir(data_dir))?;
+                println!(
+                    "evstor: installed a journal checkpoint of {bytes} bytes from {}",
+                    peer.name
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!("checkpoint from {} failed: {e:#}", peer.name);
+                last = e;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&incoming);
+    Err(last)
+}
+
+/// A fetched journal must be intact and its rows what its events imply.
+fn check_journal(dir: &Path) -> anyhow::Result<()> {
+    let j = RocksJournal::open(dir, OpenMode::ReadOnly)?;
+    let report = j.verify()?;
+    anyhow::ensure!(
+        report.is_ok(),
+        "the checkpoint does not verify: {:?}",
+        report.problems
+    );
+    let diff = replay::compare_projections(&j)?;
+    anyhow::ensure!(
+        diff.differing_keys.is_empty(),
+        "the checkpoint's rows differ from its events: {:?}",
+        diff.differing_keys
+    );
+    Ok(())
+}
+
+/// Joins (or bootstraps) the cluster and starts the member's threads.
+pub async fn start(cfg: &ServeConfig, cc: &ClusterConfig, cert: &Path) -> anyhow::Result<Member> {
+    let keys = Keys::new(&cc.prefix);
+    let etcd = EtcdClient::new(cc.endpoints.clone());
+    let server_uuid = identity(&cfg.data_dir, &cc.name)?;
+    let (journal, log, root_pem) = {
+        let (etcd, keys, data_dir) = (etcd.fork(), keys.clone(), cfg.data_dir.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            wait_for_etcd(&etcd)?;
+            let root_pem = root_key(&etcd, &keys)?;
+            let (journal, log) = open_caught_up(&data_dir, &etcd, &keys, server_uuid, &root_pem)?;
+            Ok((journal, log, root_pem))
+        })
+        .await??
+    };
+    server::write_private(&server::root_key_path(&cfg.data_dir), &root_pem)?;
+    let bus = Bus::start_cluster(journal, log)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    follow::spawn(etcd.fork(), keys.clone(), bus.remote_feed(), stop.clone())?;
+    let record = AliveRecord {
+        server_uuid,
+        name: cc.name.clone(),
+        api_endpoint: cfg.api_addr.to_string(),
+        nvme_endpoint: cfg.nvme_addr.to_string(),
+        cert_sha256: checkpoint::cert_file_fingerprint(cert)?,
+    };
+    let session = Session::spawn(etcd.fork(), keys.clone(), record)?;
+    register(&bus, cfg, cc, server_uuid, &root_pem).await?;
+    let node_uuid = bus
+        .state()
+        .inventory
+        .node_of(server_uuid)
+        .map(|n| n.uuid)
+        .context("this server has no node in the cluster")?;
+    server::add_new_devices(&bus, cfg, Some(node_uuid)).await?;
+    let token_path = cfg.data_dir.join("admin.jwt");
+    if !token_path.exists() {
+        let token = mint_admin(&root_pem, "admin", server::ADMIN_TOKEN_LIFETIME_SECS)?;
+        server::write_private(&token_path, &token)?;
+    }
+    let orchestrator = Orchestrator {
+        etcd: etcd.fork(),
+        keys,
+        bus: bus.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        view: session.view_handle(),
+        server_uuid,
+        tail_batches: cc.tail_batches,
+        stop: stop.clone(),
+        ignore_lease: failpoint_ignore_lease(),
+    }
+    .spawn()?;
+    println!(
+        "evstor: member {} ({server_uuid}) of the cluster at {} (etcd prefix {}); admin token at {}",
+        cc.name,
+        cc.endpoints.join(","),
+        cc.prefix,
+        token_path.display()
+    );
+    Ok(Member {
+        bus,
+        server_uuid,
+        node_uuid,
+        session,
+        stop,
+        orchestrator: Some(orchestrator),
+    })
+}
+
+fn failpoint_ignore_lease() -> bool {
+    let armed = std::env::var("EVSTOR_FAILPOINT").is_ok_and(|f| f == "orchestrator-ignore-lease");
+    if armed {
+        tracing::warn!("failpoint armed: the orchestrator ignores its lease deadline");
+    }
+    armed
+}
+
+/// Bootstraps the cluster if nobody has, then registers this server if it is new.
+async fn register(
+    bus: &Bus,
+    cfg: &ServeConfig,
+    cc: &ClusterConfig,
+    server_uuid: Uuid,
+    root_pem: &str,
+) -> anyhow::Result<()> {
+    let devices = server::prepare_devices(cfg)?
+        .iter()
+        .map(|p| server::device_record(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if !bus.state().cluster.initialized {
+        let b = Bootstrap {
+            hostname: cc.name.clone(),
+            api_endpoint: cfg.api_addr.to_string(),
+            nvme_endpoint: cfg.nvme_addr.to_string(),
+            devices: devices.clone(),
+            root_public_key_pem: public_of(root_pem)?,
+            server_uuid: Some(server_uuid),
+            failure_domain: cc.failure_domain.clone(),
+        };
+        let cmd = Command::Cluster(ClusterCommand::Bootstrap(b));
+        match bus.submit(RequestMeta::system("bootstrap"), cmd).await {
+            Ok(_) => println!("evstor: bootstrapped a new cluster under {}", cc.prefix),
+            // Another server bootstrapped first: join it.
+            Err(ControlError::Domain(DomainError::AlreadyExists(_))) => {
+                println!("evstor: another server bootstrapped the cluster first; joining it")
+            }
+            Err(e) => return Err(e).context("bootstrapping the cluster"),
+        }
+    }
+    if bus.state().inventory.servers.contains_key(&server_uuid) {
+        return Ok(());
+    }
+    let join = Join {
+        server_uuid,
+        name: cc.name.clone(),
+        api_endpoint: cfg.api_addr.to_string(),
+        nvme_endpoint: cfg.nvme_addr.to_string(),
+        failure_domain: cc.failure_domain.clone(),
+        devices,
+    };
+    bus.submit(
+        RequestMeta::system("join"),
+        Command::Inventory(InventoryCommand::JoinServer(join)),
+    )
+    .await
+    .context("joining the cluster")?;
+    println!("evstor: joined the cluster as {}", cc.name);
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! The leader's orchestrator: runs on every server, acts only while this server leads (an
+//! epoch from its session whose lease deadline has not passed). Each pass:
+//!
+//! 1. records the election (`LeaderElected` with its epoch) if the journal names another;
+//! 2. records server health: a registered server without a liveness key is `Failed`, one
+//!    with a key again recovers;
+//! 3. now and then trims the etcd log to its last [`ClusterConfig::tail_batches`] batches
+//!    and compacts etcd's history up to that point.
+//!
+//! Every append here is fenced: the writer's etcd transaction compares the leader key's
+//! create revision with the epoch, and `decide` refuses an epoch other than the recorded
+//! leader's. A refused append means another server leads: this one steps down until its
+//! session wins a new epoch. Data-plane work is not here: each server's agent (the
+//! reconciler) does its own volumes' steps.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::etcd::{Compare, EtcdClient, Op, Range};
+use super::session::{alive_servers, LeaderView};
+use super::Keys;
+use crate::domain::cluster::Command as ClusterCommand;
+use crate::domain::inventory::Command as InventoryCommand;
+use crate::domain::{Command, DomainError};
+use crate::error::ControlError;
+use crate::limits::{LOG_TRIM_INTERVAL_MS, ORCHESTRATOR_TICK_MS};
+use crate::store::{Bus, RequestMeta};
+
+/// What the orchestrator needs.
+pub struct Orchestrator {
+    pub etcd: EtcdClient,
+    pub keys: Keys,
+    pub bus: Bus,
+    pub runtime: tokio::runtime::Handle,
+    pub view: Arc<Mutex<LeaderView>>,
+    pub server_uuid: Uuid,
+    pub tail_batches: u64,
+    pub stop: Arc<AtomicBool>,
+    /// Test failpoint `orchestrator-ignore-lease`: act on an epoch even past its lease
+    /// deadline, as a leader whose clock misled it would (only fencing stops it then).
+    pub ignore_lease: bool,
+}
+
+/// Why a pass ended early.
+enum Stop {
+    /// Another epoch leads: an append was fenced or refused as stale.
+    Deposed(String),
+    /// Anything else (etcd unreachable, …): try again next pass.
+    Retry(String),
+}
+
+impl From<ControlError> for Stop {
+    fn from(e: ControlError) -> Stop {
+        match e {
+            ControlError::Fenced(m) | ControlError::Domain(DomainError::StaleEpoch(m)) => {
+                Stop::Deposed(m)
+            }
+            other => Stop::Retry(other.to_string()),
+        }
+    }
+}
+
+impl Orchestrator {
+    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("orchestrator".into())
+            .spawn(move || self.run())
+    }
+
+    fn run(self) {
+        let mut leading: Option<u64> = None;
+        let mut deposed: Option<u64> = None;
+        let mut last_trim = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(ORCHESTRATOR_TICK_MS));
+            let view = *self.view.lock().unwrap_or_else(|p| p.into_inner());
+            let epoch = if self.ignore_lease {
+                view.epoch.or(leading)
+            } else {
+                view.acting_epoch(Instant::now())
+            };
+            let epoch = epoch.filter(|e| deposed != Some(*e));
+            let Some(epoch) = epoch else {
+                if let Some(old) = leading.take() {
+                    tracing::warn!(
+                        "orchestrator: stepping down (epoch {old}): the lease may have expired"
+                    );
+                }
+                continue;
+            };
+            if leading != Some(epoch) {
+                tracing::warn!("orchestrator: leading the cluster as epoch {epoch}");
+                leading = Some(epoch);
+            }
+            let trim = last_trim.elapsed() >= Duration::from_millis(LOG_TRIM_INTERVAL_MS);
+            match self.pass(epoch, trim) {
+                Ok(()) => {
+                    if trim {
+                        last_trim = Instant::now();
+                    }
+                }
+                Err(Stop::Deposed(why)) => {
+                    tracing::warn!(
+                        "orchestrator: append refused, epoch {epoch} no longer leads ({why}); \
+                         stepping down"
+                    );
+                    deposed = Some(epoch);
+                    leading = None;
+                }
+                Err(Stop::Retry(why)) => tracing::info!("orchestrator: pass incomplete: {why}"),
+            }
+        }
+    }
+
+    fn submit(&self, what: &str, epoch: u64, command: Command) -> Result<(), Stop> {
+        let meta = RequestMeta::system(&format!("orchestrator epoch {epoch}: {what}"));
+        self.runtime
+            .block_on(self.bus.submit_fenced(meta, command, epoch))
+            .map(|_| ())
+            .map_err(Stop::from)
+    }
+
+    fn pass(&self, epoch: u64, trim: bool) -> Result<(), Stop> {
+        let (initialized, recorded) = {
+            let s = self.bus.state();
+            (s.cluster.initialized, s.cluster.leader_epoch)
+        };
+        if !initialized {
+            return Ok(());
+        }
+        if recorded != epoch {
+            let cmd = Command::Cluster(ClusterCommand::RecordLeader {
+                server_uuid: self.server_uuid,
+                epoch,
+            });
+            self.submit("leader elected", epoch, cmd)?;
+        }
+        self.record_health(epoch)?;
+        if trim {
+            self.trim(epoch)?;
+        }
+        Ok(())
+    }
+
+    fn record_health(&self, epoch: u64) -> Result<(), Stop> {
+        let alive: BTreeSet<Uuid> = alive_servers(&self.etcd, &self.keys)
+            .map_err(|e| Stop::Retry(e.to_string()))?
+            .into_iter()
+            .map(|r| r.server_uuid)
+            .collect();
+        let changes: Vec<(Uuid, bool)> = self
+            .bus
+            .state()
+            .inventory
+            .servers
+            .values()
+            .filter(|s| s.failed == alive.contains(&s.uuid))
+            .map(|s| (s.uuid, !s.failed))
+            .collect();
+        for (uuid, was_alive) in changes {
+            let alive = !was_alive;
+            let cmd =
+                Command::Inventory(InventoryCommand::RecordServerHealth { uuid, alive, epoch });
+            let what = if alive {
+                "server recovered"
+            } else {
+                "server failed"
+            };
+            self.submit(what, epoch, cmd)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes log batches older than the tail and compacts etcd's history; fenced like
+    /// appends, so a deposed leader deletes nothing.
+    fn trim(&self, epoch: u64) -> Result<(), Stop> {
+        let prefix = self.keys.log_prefix();
+        let mut r = Range::prefix(&prefix);
+        r.keys_only = true;
+        r.descending = true;
+        r.limit = self.tail_batches as i64 + 1;
+        let found = self
+            .etcd
+            .range(&r)
+            .map_err(|e| Stop::Retry(e.to_string()))?;
+        if (found.kvs.len() as u64) <= self.tail_batches {
+            return Ok(());
+        }
+        let Some(newest_trimmed) = found.kvs.last() else {
+            return Ok(());
+        };
+        let mut end = newest_trimmed.key.clone();
+        end.push(0); // every batch up to and including the newest one past the tail
+        let t = self
+            .etcd
+            .txn(
+                &[Compare::CreateRevision(self.keys.leader(), epoch as i64)],
+                &[Op::Delete {
+                    key: prefix,
+                    range_end: end,
+                }],
+                &[],
+            )
+            .map_err(|e| Stop::Retry(e.to_string()))?;
+        if !t.succeeded {
+            return Err(Stop::Deposed("the leader key has another epoch".into()));
+        }
+        if let Err(e) = self.etcd.compact(t.revision) {
+            tracing::info!("orchestrator: compacting etcd at {}: {e}", t.revision);
+        }
+        Ok(())
+    }
+}

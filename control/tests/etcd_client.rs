@@ -1,0 +1,363 @@
+//! The etcd gateway client and the cluster log against a real etcd (`/usr/bin/etcd`,
+//! Debian's `etcd-server`): compare-and-swap transactions, leases, watches, compaction,
+//! failover between endpoints; appends that race, retry and are fenced by the leader key.
+//! Each test starts its own one-member etcd on free loopback ports.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use evstor_control::cluster::etcd::{Compare, EtcdClient, EtcdError, Op, OpResult, Range};
+use evstor_control::cluster::log::{Appended, ClusterLog, Fetched};
+use evstor_control::cluster::Keys;
+use evstor_journal::{place, Head, NewEvent};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A one-member etcd in a temporary directory, killed on drop.
+struct Etcd {
+    child: Child,
+    client_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let (client_port, peer_port) = (free_port(), free_port());
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let child = Command::new("/usr/bin/etcd")
+            .args(["--name", "e0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("e0={peer}")])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", &format!("t{client_port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (apt-get install etcd-server)");
+        let e = Etcd {
+            child,
+            client_port,
+            _dir: dir,
+        };
+        let c = e.client();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.status().map(|s| s.leader.is_empty()).unwrap_or(true) {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        e
+    }
+
+    fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    fn client(&self) -> EtcdClient {
+        EtcdClient::new(vec![self.endpoint()])
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn compare_and_swap_has_one_winner_and_the_loser_sees_why() {
+    let etcd = Etcd::start();
+    let c = etcd.client();
+    let head = b"/t/head".to_vec();
+    let put = |v: &[u8]| Op::Put {
+        key: head.clone(),
+        value: v.to_vec(),
+        lease: 0,
+    };
+    let failure = [Op::Range(Range::key(&head))];
+    // Two writers both decided against "no head yet" (mod revision 0).
+    let first = c
+        .txn(
+            &[Compare::ModRevision(head.clone(), 0)],
+            &[put(b"a")],
+            &failure,
+        )
+        .unwrap();
+    assert!(first.succeeded);
+    let second = c
+        .txn(
+            &[Compare::ModRevision(head.clone(), 0)],
+            &[put(b"b")],
+            &failure,
+        )
+        .unwrap();
+    assert!(!second.succeeded);
+    let OpResult::Range(r) = &second.responses[0] else {
+        panic!("{:?}", second.responses)
+    };
+    assert_eq!(r.kvs[0].value, b"a");
+    assert_eq!(r.kvs[0].mod_revision, first.revision);
+    // The winner's revision is the compare that works now.
+    let third = c
+        .txn(
+            &[Compare::ModRevision(head.clone(), first.revision)],
+            &[put(b"c")],
+            &[],
+        )
+        .unwrap();
+    assert!(third.succeeded);
+    assert_eq!(c.get(&head).unwrap().unwrap().value, b"c");
+    // Create-revision 0 means "does not exist".
+    let created = c
+        .txn(
+            &[Compare::CreateRevision(head.clone(), 0)],
+            &[put(b"d")],
+            &[],
+        )
+        .unwrap();
+    assert!(!created.succeeded);
+}
+
+#[test]
+fn ranges_by_prefix_in_either_order_with_limits_and_deletes() {
+    let etcd = Etcd::start();
+    let c = etcd.client();
+    for i in 0..5u8 {
+        let key = format!("/t/log/{i:020}").into_bytes();
+        c.txn(
+            &[],
+            &[Op::Put {
+                key,
+                value: vec![i],
+                lease: 0,
+            }],
+            &[],
+        )
+        .unwrap();
+    }
+    let mut r = Range::prefix(b"/t/log/");
+    r.limit = 2;
+    let asc = c.range(&r).unwrap();
+    assert_eq!(
+        asc.kvs.iter().map(|k| k.value[0]).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    assert!(asc.more);
+    r.descending = true;
+    r.keys_only = true;
+    r.serializable = true;
+    let desc = c.range(&r).unwrap();
+    assert_eq!(desc.kvs[0].key, format!("/t/log/{:020}", 4).into_bytes());
+    assert!(desc.kvs[0].value.is_empty(), "keys only");
+    let deleted = c
+        .delete_range(b"/t/log/", format!("/t/log/{:020}", 3).as_bytes())
+        .unwrap();
+    assert_eq!(deleted, 3);
+    assert_eq!(c.range(&Range::prefix(b"/t/log/")).unwrap().kvs.len(), 2);
+}
+
+#[test]
+fn a_lease_keeps_its_keys_until_it_expires_or_is_revoked() {
+    let etcd = Etcd::start();
+    let c = etcd.client();
+    let (id, ttl) = c.lease_grant(2).unwrap();
+    assert!(ttl >= 2);
+    let key = b"/t/alive".to_vec();
+    c.txn(
+        &[],
+        &[Op::Put {
+            key: key.clone(),
+            value: b"x".to_vec(),
+            lease: id,
+        }],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.get(&key).unwrap().unwrap().lease, id);
+    assert!(c.lease_keepalive(id).unwrap() > 0);
+    c.lease_revoke(id).unwrap();
+    assert!(c.get(&key).unwrap().is_none(), "revoking drops the key");
+    assert_eq!(
+        c.lease_keepalive(id).unwrap(),
+        0,
+        "a gone lease renews to 0"
+    );
+    let (short, _) = c.lease_grant(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.lease_keepalive(short).unwrap() > 0 {
+        // Renewed: the test keeps it alive only by calling. Stop calling and wait.
+        std::thread::sleep(Duration::from_millis(3000));
+        assert!(Instant::now() < deadline, "lease never expired");
+    }
+}
+
+#[test]
+fn a_watch_delivers_later_puts_and_ends_when_its_start_is_compacted() {
+    let etcd = Etcd::start();
+    let c = etcd.client();
+    let put = |k: &str, v: &[u8]| {
+        c.txn(
+            &[],
+            &[Op::Put {
+                key: k.as_bytes().to_vec(),
+                value: v.to_vec(),
+                lease: 0,
+            }],
+            &[],
+        )
+        .unwrap()
+        .revision
+    };
+    let start = put("/t/w/a", b"1") + 1;
+    let mut w = c
+        .watch(b"/t/w/", b"/t/w0", start, Duration::from_secs(10))
+        .unwrap();
+    let created = w.next_message().unwrap();
+    assert!(created.puts.is_empty() && created.canceled.is_none());
+    let rev = put("/t/w/b", b"2");
+    put("/t/other", b"3");
+    let msg = w.next_message().unwrap();
+    assert_eq!(msg.puts.len(), 1);
+    assert_eq!(
+        (msg.puts[0].value.as_slice(), msg.puts[0].mod_revision),
+        (&b"2"[..], rev)
+    );
+    // A watch from a compacted revision is canceled, and says so.
+    let now = put("/t/w/c", b"4");
+    c.compact(now).unwrap();
+    let mut old = c
+        .watch(b"/t/w/", b"/t/w0", start, Duration::from_secs(10))
+        .unwrap();
+    let mut seen = old.next_message().unwrap();
+    if seen.canceled.is_none() {
+        seen = old.next_message().unwrap();
+    }
+    assert!(seen.canceled.unwrap().contains("compacted"));
+}
+
+#[test]
+fn calls_fail_over_to_a_live_member_and_report_unavailable_when_none_answers() {
+    let etcd = Etcd::start();
+    let dead = format!("127.0.0.1:{}", free_port());
+    let c = EtcdClient::new(vec![dead.clone(), etcd.endpoint()]);
+    assert!(c.status().is_ok(), "the live member answers");
+    let nobody = EtcdClient::new(vec![dead]).with_deadline(Duration::from_millis(500));
+    let err = nobody.get(b"/x").unwrap_err();
+    assert!(matches!(err, EtcdError::Unavailable(_)), "{err:?}");
+}
+
+fn new_events(tag: &str, n: usize) -> Vec<NewEvent> {
+    (0..n)
+        .map(|i| NewEvent {
+            time_unix_ns: 1,
+            actor: tag.into(),
+            project: String::new(),
+            request_id: format!("{tag}{i}"),
+            event_type: "E".into(),
+            schema_version: 1,
+            payload: vec![i as u8],
+        })
+        .collect()
+}
+
+const EMPTY: Head = Head {
+    next_seq: 1,
+    last_time_unix_ns: 0,
+    last_hash: [0; 32],
+};
+
+#[test]
+fn cluster_log_appends_race_retry_and_are_fenced_by_the_leader_key() {
+    let etcd = Etcd::start();
+    let keys = Keys::new("/c/");
+    let mut a = ClusterLog::new(etcd.client(), keys.clone());
+    let mut b = ClusterLog::new(etcd.client(), keys.clone());
+    a.sync(&EMPTY).unwrap();
+    b.sync(&EMPTY).unwrap();
+    // Both decided against the empty log; one wins, the other reads the winner's batch back.
+    let (xa, after_a) = place(&EMPTY, new_events("a", 2));
+    let (xb, after_b) = place(&EMPTY, new_events("b", 1));
+    assert!(matches!(
+        a.append(&xa, &after_a, None).unwrap(),
+        Appended::Done { .. }
+    ));
+    let Appended::Behind(newer) = b.append(&xb, &after_b, None).unwrap() else {
+        panic!("b must lose")
+    };
+    assert_eq!(newer.len(), 1);
+    assert_eq!(newer[0].envelopes, xa);
+    b.note_applied(newer[0].revision);
+    // The same batch again with the old revision (a retry after a timeout): already there.
+    let mut retry = ClusterLog::new(etcd.client(), keys.clone());
+    retry.sync(&EMPTY).unwrap_or_default();
+    retry.note_applied(0);
+    assert!(matches!(
+        retry.append(&xa, &after_a, None).unwrap(),
+        Appended::Done { .. }
+    ));
+    // A leader's append is fenced by its epoch: the leader key's create revision.
+    let c = etcd.client();
+    let elect = |value: &[u8]| {
+        let t = c
+            .txn(
+                &[Compare::CreateRevision(keys.leader(), 0)],
+                &[Op::Put {
+                    key: keys.leader(),
+                    value: value.to_vec(),
+                    lease: 0,
+                }],
+                &[],
+            )
+            .unwrap();
+        assert!(t.succeeded);
+        t.revision as u64
+    };
+    let old_epoch = elect(b"one");
+    let (xb, after_b) = place(&after_a, new_events("b", 1));
+    assert!(matches!(
+        b.append(&xb, &after_b, Some(old_epoch)).unwrap(),
+        Appended::Done { .. }
+    ));
+    c.delete_range(&keys.leader(), &[]).unwrap();
+    let new_epoch = elect(b"two");
+    assert!(new_epoch > old_epoch);
+    let (xc, after_c) = place(&after_b, new_events("c", 1));
+    assert_eq!(
+        b.append(&xc, &after_c, Some(old_epoch)).unwrap(),
+        Appended::Fenced,
+        "a deposed epoch cannot append"
+    );
+    assert!(matches!(
+        b.append(&xc, &after_c, Some(new_epoch)).unwrap(),
+        Appended::Done { .. }
+    ));
+    // Everything in order, read back from the start.
+    let Fetched::Batches(all) = a.fetch(1).unwrap() else {
+        panic!("nothing trimmed")
+    };
+    let seqs: Vec<(u64, u64)> = all.iter().map(|b| (b.first_seq(), b.last_seq())).collect();
+    assert_eq!(seqs, [(1, 2), (3, 3), (4, 4)]);
+    // With the oldest batch deleted, a reader at seq 1 is behind the tail.
+    c.delete_range(&keys.log(1), &[]).unwrap();
+    assert!(matches!(a.fetch(1).unwrap(), Fetched::TailPassed { .. }));
+}

@@ -1,0 +1,655 @@
+//! Cluster mode end to end: three etcd members and three `evstor serve --etcd` processes on
+//! loopback. Bootstrap by the first and join of the others; one journal ordered by etcd and
+//! applied by every server (same head hash everywhere); volumes placed on distinct servers
+//! and visible from all; the shared root key; NVMe/TCP on the primary; health of a killed
+//! server and its catch-up after a restart.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::cluster::{member, same_head, server_id, Etcd};
+use common::Server;
+use evstor_datapath::initiator::Session;
+use serde_json::{json, Value};
+
+const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:0c0c0c0c-0000-4000-8000-00000000c1c1";
+/// Longest a change on one server may take to show on another, or health to change.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn volume_body(name: &str, replicas: u32) -> Value {
+    json!({"name": name, "size": "64 MiB", "acl": {"values": ["ALLOW_ANY"]},
+           "replicaCount": replicas})
+}
+
+/// Polls GET `path` on `s` until `done`, at most [`CONVERGE`].
+fn eventually(s: &Server, path: &str, done: impl Fn(u16, &Value) -> bool) -> Value {
+    let c = s.admin();
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let (status, body) = c.get(path);
+        if done(status, &body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out on {path}: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Server states by name, as `s` lists them.
+fn states(s: &Server) -> Vec<(String, String)> {
+    let (status, body) = s.admin().get("/api/v2/servers");
+    assert_eq!(status, 200, "{body}");
+    let mut out: Vec<(String, String)> = body["servers"]
+        .as_array()
+        .expect("servers")
+        .iter()
+        .map(|x| {
+            (
+                x["name"].as_str().unwrap_or_default().to_string(),
+                x["state"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn all_enabled(names: &[&str]) -> Vec<(String, String)> {
+    names
+        .iter()
+        .map(|n| (n.to_string(), "Enabled".to_string()))
+        .collect()
+}
+
+/// Three servers in two failure domains, all seen `Enabled` by all.
+fn three(etcd: &Etcd) -> Vec<Server> {
+    let servers = vec![
+        member(etcd, "s1", &["--failure-domain", "rack-a"]),
+        member(etcd, "s2", &["--failure-domain", "rack-a"]),
+        member(etcd, "s3", &["--failure-domain", "rack-b"]),
+    ];
+    for s in &servers {
+        eventually(s, "/api/v2/servers", |_, _| {
+            states(s) == all_enabled(&["s1", "s2", "s3"])
+        });
+    }
+    servers
+}
+
+/// Node uuid → server index, from the nodes API.
+fn node_owner(s: &Server, servers: &[Server]) -> std::collections::BTreeMap<String, usize> {
+    let (_, nodes) = s.admin().get("/api/v2/nodes");
+    let ids: Vec<String> = servers.iter().map(server_id).collect();
+    nodes["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| {
+            let server = n["serverUUID"].as_str().unwrap_or_default();
+            let owner = ids
+                .iter()
+                .position(|i| i == server)
+                .expect("a known server");
+            (n["UUID"].as_str().unwrap_or_default().to_string(), owner)
+        })
+        .collect()
+}
+
+#[test]
+fn three_servers_one_journal_volumes_everywhere() {
+    let etcd = Etcd::start(3);
+    let servers = three(&etcd);
+    // The root key is the cluster's: one member's admin token works on every member.
+    let token = servers[0].admin_token();
+    for s in &servers[1..] {
+        let (status, body) = s.admin().with_token(&token).get("/api/v2/clusterinfo");
+        assert_eq!(status, 200, "{body}");
+    }
+    // Volumes of 1, 2 and 3 copies, each created through another server.
+    let mut uuids = Vec::new();
+    for (i, replicas) in [(0usize, 1u32), (1, 2), (2, 3)] {
+        let (status, v) = servers[i].admin().post(
+            "/api/v2/projects/default/volumes",
+            &volume_body(&format!("v{replicas}"), replicas),
+        );
+        assert_eq!(status, 200, "{v}");
+        uuids.push((v["UUID"].as_str().expect("UUID").to_string(), replicas));
+    }
+    let owners = node_owner(&servers[0], &servers);
+    for (uuid, replicas) in &uuids {
+        let path = format!("/api/v2/projects/default/volumes/{uuid}");
+        let seen: Vec<Value> = servers
+            .iter()
+            .map(|s| eventually(s, &path, |st, v| st == 200 && v["state"] == "Available"))
+            .collect();
+        for v in &seen[1..] {
+            for field in [
+                "UUID",
+                "nsid",
+                "nodeList",
+                "primaryNodeUUID",
+                "ETag",
+                "size",
+            ] {
+                assert_eq!(v[field], seen[0][field], "{field} differs between servers");
+            }
+        }
+        let nodes: Vec<&str> = seen[0]["nodeList"]
+            .as_array()
+            .expect("nodeList")
+            .iter()
+            .map(|n| n.as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(nodes.len(), *replicas as usize, "{}", seen[0]);
+        assert_eq!(nodes[0], seen[0]["primaryNodeUUID"]);
+        let on: BTreeSet<usize> = nodes.iter().map(|n| owners[*n]).collect();
+        assert_eq!(
+            on.len(),
+            nodes.len(),
+            "copies on distinct servers: {nodes:?}"
+        );
+        if *replicas == 2 {
+            // s1 and s2 share rack-a: two copies take both racks.
+            assert!(on.contains(&2), "distinct failure domains: {on:?}");
+        }
+        let protection = if *replicas == 1 {
+            "FullyProtected"
+        } else {
+            "Degraded"
+        };
+        assert_eq!(seen[0]["protectionState"], protection);
+    }
+    // The single-copy volume is served over NVMe/TCP by its primary's target.
+    let (uuid, _) = &uuids[0];
+    let v = servers[0]
+        .admin()
+        .get(&format!("/api/v2/projects/default/volumes/{uuid}"))
+        .1;
+    let primary = &servers[owners[v["primaryNodeUUID"].as_str().expect("primary")]];
+    let nqn = primary.admin().get("/api/v2/clusterinfo").1["subsystemNQN"]
+        .as_str()
+        .expect("NQN")
+        .to_string();
+    let addr = SocketAddr::from(([127, 0, 0, 1], primary.nvme_port));
+    let mut host = Session::connect(addr, &nqn, HOSTNQN).expect("NVMe/TCP connect");
+    let nsid = v["nsid"].as_u64().expect("nsid") as u32;
+    host.write(nsid, 3, &[0xc1; 4096]).expect("write");
+    assert_eq!(host.read(nsid, 3, 1).expect("read"), vec![0xc1; 4096]);
+    // A disabled server takes no new volume (three copies need it); enabled, it does again.
+    let s3 = format!("/api/v2/servers/{}", server_id(&servers[2]));
+    let (status, body) = servers[0]
+        .admin()
+        .post(&format!("{s3}/disable"), &json!({}));
+    assert_eq!(
+        (status, &body["state"]),
+        (200, &json!("Disabled")),
+        "{body}"
+    );
+    eventually(&servers[1], &s3, |_, v| v["state"] == "Disabled");
+    let (status, body) = servers[1]
+        .admin()
+        .post("/api/v2/projects/default/volumes", &volume_body("v3b", 3));
+    assert_eq!((status, &body["code"]), (400, &json!(3)), "{body}");
+    let (status, body) = servers[1].admin().post(&format!("{s3}/enable"), &json!({}));
+    assert_eq!((status, &body["state"]), (200, &json!("Enabled")), "{body}");
+    // A running server holding volumes is not deleted.
+    let (status, body) = servers[0].admin().delete(&s3);
+    assert_eq!((status, &body["code"]), (409, &json!(10)), "{body}");
+    // One journal: every server verifies and stands on the same head.
+    let refs: Vec<&Server> = servers.iter().collect();
+    let (seq, _) = same_head(&refs, CONVERGE);
+    assert!(seq > 10, "bootstrap, joins and volumes are in the journal");
+}
+
+#[test]
+fn a_killed_server_fails_then_catches_up_after_restart() {
+    let etcd = Etcd::start(3);
+    let mut servers = three(&etcd);
+    servers[2].kill9();
+    for s in &servers[..2] {
+        eventually(s, "/api/v2/servers", |_, _| {
+            states(s).contains(&("s3".to_string(), "Failed".to_string()))
+        });
+        let nodes = s.admin().get("/api/v2/nodes").1;
+        let s3_node = nodes["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["serverUUID"] == json!(server_id(&servers[2])))
+            .cloned()
+            .expect("s3's node");
+        assert_eq!(s3_node["state"], "Inactive", "{s3_node}");
+    }
+    // Changes while it is down, through both live servers.
+    std::thread::scope(|scope| {
+        for (w, s) in servers[..2].iter().enumerate() {
+            let c = s.admin();
+            scope.spawn(move || {
+                for i in 0..50 {
+                    let body = json!({"name": format!("p{w}-{i}"), "description": "x"});
+                    let (status, v) = c
+                        .try_post("/api/v2/projects", &body)
+                        .unwrap_or_else(|e| panic!("{e}; the server's log:\n{}", s.log()));
+                    assert_eq!(status, 200, "{v}");
+                }
+            });
+        }
+    });
+    servers[2].start_again();
+    for s in &servers {
+        eventually(s, "/api/v2/servers", |_, _| {
+            states(s) == all_enabled(&["s1", "s2", "s3"])
+        });
+    }
+    let refs: Vec<&Server> = servers.iter().collect();
+    same_head(&refs, CONVERGE);
+    let (_, projects) = servers[2].admin().get("/api/v2/projects?limit=1000");
+    let names = projects.to_string();
+    assert!(
+        names.contains("p0-49") && names.contains("p1-49"),
+        "{projects}"
+    );
+}
+
+/// The volume updates that make `count` events fast: concurrent relabels of one volume,
+/// spread over `servers`; returns how many were acknowledged.
+fn relabel_many(servers: &[&Server], volume: &str, count: usize, writers: usize) -> usize {
+    let path = format!("/api/v2/projects/default/volumes/{volume}");
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for w in 0..writers {
+            let c = servers[w % servers.len()].admin();
+            let (path, done) = (&path, &done);
+            scope.spawn(move || {
+                for i in (w..count).step_by(writers) {
+                    let body = json!({"labels": [{"key": "n", "value": format!("v{i}")}]});
+                    let (status, v) = c.put(path, &body);
+                    assert_eq!(status, 200, "{v}");
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    done.into_inner()
+}
+
+fn create_volume(s: &Server, name: &str, replicas: u32) -> String {
+    let (status, v) = s.admin().post(
+        "/api/v2/projects/default/volumes",
+        &volume_body(name, replicas),
+    );
+    assert_eq!(status, 200, "{v}");
+    let uuid = v["UUID"].as_str().expect("UUID").to_string();
+    eventually(
+        s,
+        &format!("/api/v2/projects/default/volumes/{uuid}"),
+        |_, v| v["state"] == "Available",
+    );
+    uuid
+}
+
+/// 10 000 events while a server is down; it catches up on restart from the etcd log.
+#[test]
+fn a_server_down_while_ten_thousand_events_are_appended_catches_up() {
+    const EVENTS: usize = 10_000;
+    let etcd = Etcd::start(3);
+    let mut servers = three(&etcd);
+    let volume = create_volume(&servers[0], "busy", 1);
+    servers[2].kill9();
+    let before = common::cluster::verified_head(&servers[0]).0;
+    let live: Vec<&Server> = servers[..2].iter().collect();
+    let acknowledged = relabel_many(&live, &volume, EVENTS, 32);
+    assert_eq!(acknowledged, EVENTS);
+    servers[2].start_again();
+    let refs: Vec<&Server> = servers.iter().collect();
+    let (seq, _) = same_head(&refs, Duration::from_secs(120));
+    assert!(seq >= before + EVENTS as u64, "{seq} < {before} + {EVENTS}");
+    let v = servers[2]
+        .admin()
+        .get(&format!("/api/v2/projects/default/volumes/{volume}"))
+        .1;
+    assert_eq!(v["state"], "Available", "{v}");
+}
+
+/// With a tiny etcd tail, a restarted server and a new one are behind it: both catch up
+/// from a peer's checkpoint and reach the same head.
+#[test]
+fn servers_behind_the_etcd_tail_catch_up_from_a_peer_checkpoint() {
+    let etcd = Etcd::start(3);
+    let tail = ["--etcd-log-tail-batches", "3"];
+    let mut servers = vec![
+        member(&etcd, "s1", &tail),
+        member(&etcd, "s2", &tail),
+        member(&etcd, "s3", &tail),
+    ];
+    for s in &servers {
+        eventually(s, "/api/v2/servers", |_, _| {
+            states(s) == all_enabled(&["s1", "s2", "s3"])
+        });
+    }
+    let volume = create_volume(&servers[0], "tail", 1);
+    servers[2].kill9();
+    // One request at a time: every change is a batch of its own.
+    relabel_many(&[&servers[0]], &volume, 40, 1);
+    let deadline = Instant::now() + CONVERGE;
+    while etcd.log_batches() > 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the leader never trimmed the log"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    servers[2].start_again();
+    servers.push(member(&etcd, "s4", &tail));
+    for s in &servers[2..] {
+        assert!(
+            s.log().contains("installed a journal checkpoint"),
+            "{}",
+            s.log()
+        );
+    }
+    relabel_many(&[&servers[0]], &volume, 5, 1);
+    let refs: Vec<&Server> = servers.iter().collect();
+    same_head(&refs, CONVERGE);
+    for s in &servers {
+        eventually(s, "/api/v2/servers", |_, _| {
+            states(s) == all_enabled(&["s1", "s2", "s3", "s4"])
+        });
+    }
+}
+
+/// Two servers started at once on an empty prefix: one bootstraps, the other joins. The
+/// root key is put in etcd beforehand so neither spends a random time generating one, which
+/// makes both decide a bootstrap against the empty log most of the time; attempts go on
+/// until one lost that race (at most `ATTEMPTS`), and every attempt must end in one cluster.
+#[test]
+fn servers_racing_to_bootstrap_make_one_cluster() {
+    const ATTEMPTS: usize = 5;
+    use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+    let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).expect("RSA key");
+    let pem = key.to_pkcs8_pem(LineEnding::LF).expect("PEM").to_string();
+    for attempt in 1..=ATTEMPTS {
+        let etcd = Etcd::start(1);
+        let root = format!("{}root-key", common::cluster::PREFIX);
+        let put = evstor_control::cluster::etcd::Op::Put {
+            key: root.into_bytes(),
+            value: pem.clone().into_bytes(),
+            lease: 0,
+        };
+        etcd.client()
+            .txn(&[], &[put], &[])
+            .expect("seed the root key");
+        let (a, b) = std::thread::scope(|scope| {
+            let a = scope.spawn(|| member(&etcd, "a", &[]));
+            let b = scope.spawn(|| member(&etcd, "b", &[]));
+            (a.join().expect("a"), b.join().expect("b"))
+        });
+        for s in [&a, &b] {
+            eventually(s, "/api/v2/servers", |_, _| {
+                states(s) == all_enabled(&["a", "b"])
+            });
+        }
+        same_head(&[&a, &b], CONVERGE);
+        let inits = common::cluster::events(&a)
+            .iter()
+            .filter(|e| e["type"] == "ClusterInitialized")
+            .count();
+        assert_eq!(inits, 1, "exactly one bootstrap");
+        let raced = [&a, &b]
+            .iter()
+            .any(|s| s.log().contains("bootstrapped the cluster first"));
+        if raced {
+            return;
+        }
+        eprintln!("attempt {attempt}: the two bootstraps did not overlap");
+    }
+}
+
+/// Orchestrator events (leader records and health) in journal order, with their epochs.
+fn orchestrator_epochs(s: &Server) -> Vec<(String, u64)> {
+    common::cluster::events(s)
+        .iter()
+        .filter_map(|e| {
+            let inner = e["event"]
+                .as_object()?
+                .values()
+                .next()?
+                .as_object()?
+                .values()
+                .next()?;
+            let epoch = inner.get("epoch")?.as_u64()?;
+            Some((e["type"].as_str().unwrap_or_default().to_string(), epoch))
+        })
+        .collect()
+}
+
+/// No orchestrator event of an epoch appears after the first event of a newer epoch.
+fn epochs_never_go_back(s: &Server) -> Vec<(String, u64)> {
+    let seen = orchestrator_epochs(s);
+    let mut newest = 0;
+    for (kind, epoch) in &seen {
+        assert!(
+            *epoch >= newest,
+            "{kind} of epoch {epoch} after epoch {newest}: {seen:?}"
+        );
+        newest = newest.max(*epoch);
+    }
+    seen
+}
+
+/// Index of the server holding the leader key, once one does (and it is not `not`).
+fn leader_index(etcd: &Etcd, servers: &[Server], not: Option<usize>) -> usize {
+    let ids: Vec<String> = servers.iter().map(server_id).collect();
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        if let Some(i) =
+            common::cluster::leader_id(etcd).and_then(|l| ids.iter().position(|i| *i == l))
+        {
+            if Some(i) != not {
+                return i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no new leader");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The newest epoch recorded in `s`'s journal, waiting until it is newer than `than`.
+fn recorded_epoch_above(s: &Server, than: u64) -> u64 {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let newest = orchestrator_epochs(s)
+            .iter()
+            .filter(|(k, _)| k == "LeaderElected")
+            .map(|(_, e)| *e)
+            .max()
+            .unwrap_or(0);
+        if newest > than {
+            return newest;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no LeaderElected above epoch {than}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A stopped leader (SIGSTOP past its lease) is replaced; when it resumes it does not act
+/// on its old epoch. `ignore_lease` arms the failpoint that makes it try anyway: then its
+/// appends must be refused by fencing.
+fn stopped_leader_is_fenced(ignore_lease: bool) {
+    let etcd = Etcd::start(3);
+    let env: &[(&str, &str)] = if ignore_lease {
+        &[("EVSTOR_FAILPOINT", "orchestrator-ignore-lease")]
+    } else {
+        &[]
+    };
+    // The first server campaigns first and leads.
+    let servers = vec![
+        common::cluster::member_with_env(&etcd, "s1", &[], env),
+        member(&etcd, "s2", &[]),
+        member(&etcd, "s3", &[]),
+    ];
+    let old = leader_index(&etcd, &servers, None);
+    assert_eq!(old, 0, "the first server leads");
+    let old_epoch = recorded_epoch_above(&servers[1], 0);
+    servers[old].signal(libc::SIGSTOP);
+    let new = leader_index(&etcd, &servers, Some(old));
+    let observer = &servers[3 - old - new];
+    let new_epoch = recorded_epoch_above(observer, old_epoch);
+    servers[old].signal(libc::SIGCONT);
+    // The resumed server catches up and steps down (after a refused append, with the
+    // failpoint); every server stays up.
+    let deadline = Instant::now() + CONVERGE;
+    // Without the failpoint it stops on its lease deadline, before trying anything.
+    let wanted = if ignore_lease {
+        "append refused"
+    } else {
+        "the lease may have expired"
+    };
+    while !servers[old].log().contains(wanted) {
+        assert!(Instant::now() < deadline, "{}", servers[old].log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for s in &servers {
+        eventually(s, "/api/v2/servers", |_, _| {
+            states(s) == all_enabled(&["s1", "s2", "s3"])
+        });
+    }
+    let refs: Vec<&Server> = servers.iter().collect();
+    same_head(&refs, CONVERGE);
+    if !ignore_lease {
+        assert!(
+            !servers[old].log().contains("append refused"),
+            "{}",
+            servers[old].log()
+        );
+    }
+    let seen = epochs_never_go_back(&servers[old]);
+    assert!(
+        seen.iter()
+            .any(|(k, e)| k == "LeaderElected" && *e == new_epoch),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn a_stopped_leader_steps_down_when_it_resumes() {
+    stopped_leader_is_fenced(false);
+}
+
+#[test]
+fn a_stopped_leader_that_ignores_its_lease_is_fenced() {
+    stopped_leader_is_fenced(true);
+}
+
+#[test]
+fn a_killed_leader_is_replaced() {
+    let etcd = Etcd::start(3);
+    let mut servers = three(&etcd);
+    let old = leader_index(&etcd, &servers, None);
+    let observer = (old + 1) % 3;
+    let old_epoch = recorded_epoch_above(&servers[observer], 0);
+    servers[old].kill9();
+    let new = leader_index(&etcd, &servers, Some(old));
+    assert_ne!(new, old);
+    recorded_epoch_above(&servers[observer], old_epoch);
+    // The new leader records the old one's failure.
+    let name = format!("s{}", old + 1);
+    eventually(&servers[observer], "/api/v2/servers", |_, _| {
+        states(&servers[observer]).contains(&(name.clone(), "Failed".to_string()))
+    });
+    epochs_never_go_back(&servers[observer]);
+}
+
+/// etcd loses one member: nothing changes. It loses quorum: mutations get 503 with the
+/// JSON error body, reads and NVMe/TCP I/O go on. Quorum back: mutations work, and every
+/// acknowledged one is on every server.
+#[test]
+fn etcd_quorum_loss_stops_mutations_only() {
+    let mut etcd = Etcd::start(3);
+    let servers = three(&etcd);
+    let volume = create_volume(&servers[0], "io", 1);
+    let path = format!("/api/v2/projects/default/volumes/{volume}");
+    let v = servers[0].admin().get(&path).1;
+    let owners = node_owner(&servers[0], &servers);
+    let primary = &servers[owners[v["primaryNodeUUID"].as_str().expect("primary")]];
+    let nqn = primary.admin().get("/api/v2/clusterinfo").1["subsystemNQN"]
+        .as_str()
+        .expect("NQN")
+        .to_string();
+    let nsid = v["nsid"].as_u64().expect("nsid") as u32;
+    let mut host = Session::connect(
+        SocketAddr::from(([127, 0, 0, 1], primary.nvme_port)),
+        &nqn,
+        HOSTNQN,
+    )
+    .expect("NVMe/TCP connect");
+    let mut acknowledged = Vec::new();
+    let mut project = |s: &Server, name: &str| {
+        let r = s
+            .admin()
+            .try_post("/api/v2/projects", &json!({"name": name}))
+            .expect("an answer");
+        if r.0 == 200 {
+            acknowledged.push(name.to_string());
+        }
+        r
+    };
+    etcd.kill(0);
+    for (i, s) in servers.iter().enumerate() {
+        let (status, body) = project(s, &format!("one-down-{i}"));
+        assert_eq!(status, 200, "{body}");
+    }
+    etcd.kill(1);
+    for (i, s) in servers.iter().enumerate() {
+        let (status, body) = project(s, &format!("no-quorum-{i}"));
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["code"], 14, "{body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| m.contains("etcd")),
+            "{body}"
+        );
+        let (status, body) = s.admin().get(&path);
+        assert_eq!(
+            (status, &body["state"]),
+            (200, &json!("Available")),
+            "{body}"
+        );
+    }
+    host.write(nsid, 7, &[0x7e; 4096])
+        .expect("write without quorum");
+    assert_eq!(host.read(nsid, 7, 1).expect("read"), vec![0x7e; 4096]);
+    etcd.restart(0);
+    etcd.restart(1);
+    etcd.wait_ready();
+    let deadline = Instant::now() + CONVERGE;
+    for (i, s) in servers.iter().enumerate() {
+        loop {
+            let (status, body) = project(s, &format!("back-{i}"));
+            if status == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{status} {body}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let refs: Vec<&Server> = servers.iter().collect();
+    same_head(&refs, CONVERGE);
+    for s in &servers {
+        let listed = s.admin().get("/api/v2/projects?limit=1000").1.to_string();
+        for name in &acknowledged {
+            assert!(
+                listed.contains(&format!("\"{name}\"")),
+                "{name} missing: {listed}"
+            );
+        }
+    }
+}

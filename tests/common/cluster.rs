@@ -1,0 +1,234 @@
+//! Multi-process clusters on loopback: N etcd members (Debian's `/usr/bin/etcd`) in
+//! temporary data directories, and `evstor serve --etcd … --name …` processes joined to
+//! them. Every wait is bounded.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use evstor_control::cluster::etcd::{EtcdClient, Range};
+
+use super::{free_port, Options, Server};
+
+/// Longest an etcd cluster may take to elect a leader.
+const ETCD_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// etcd's binary (package `etcd-server`).
+pub const ETCD_BIN: &str = "/usr/bin/etcd";
+/// The prefix evstor uses by default.
+pub const PREFIX: &str = "/evstor/default/";
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    data: PathBuf,
+    child: Option<Child>,
+}
+
+/// An etcd cluster of loopback members.
+pub struct Etcd {
+    dir: tempfile::TempDir,
+    members: Vec<Member>,
+    initial_cluster: String,
+    token: String,
+}
+
+impl Etcd {
+    /// Starts `n` members and waits until they have a leader.
+    pub fn start(n: usize) -> Etcd {
+        assert!(
+            std::path::Path::new(ETCD_BIN).exists(),
+            "{ETCD_BIN} is missing: apt-get install etcd-server"
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("e{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                data: dir.path().join(format!("e{i}")),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let token = format!("evstor-test-{}", uuid::Uuid::new_v4());
+        let mut etcd = Etcd {
+            dir,
+            members,
+            initial_cluster,
+            token,
+        };
+        for i in 0..n {
+            etcd.spawn(i);
+        }
+        etcd.wait_ready();
+        etcd
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("e{i}.log")))
+            .expect("etcd log");
+        let m = &self.members[i];
+        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let child = Command::new(ETCD_BIN)
+            .args(["--name", &m.name, "--data-dir"])
+            .arg(&m.data)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", &self.token])
+            .stdout(Stdio::from(log.try_clone().expect("log fd")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn etcd");
+        self.members[i].child = Some(child);
+    }
+
+    /// `http://127.0.0.1:p1,…` for `--etcd`.
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A client of the members (for the test's own looks into etcd).
+    pub fn client(&self) -> EtcdClient {
+        EtcdClient::new(
+            self.members
+                .iter()
+                .map(|m| format!("127.0.0.1:{}", m.client_port))
+                .collect(),
+        )
+    }
+
+    /// Waits until some member reports a raft leader.
+    pub fn wait_ready(&self) {
+        let c = self.client();
+        let deadline = Instant::now() + ETCD_READY_TIMEOUT;
+        while c.status().map(|s| s.leader.is_empty()).unwrap_or(true) {
+            assert!(Instant::now() < deadline, "etcd has no leader");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL of member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data directory.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+    }
+
+    /// The value of a key under evstor's prefix.
+    pub fn get(&self, rest: &str) -> Option<Vec<u8>> {
+        self.client()
+            .get(format!("{PREFIX}{rest}").as_bytes())
+            .expect("etcd get")
+            .map(|kv| kv.value)
+    }
+
+    /// How many batches the cluster log holds in etcd now.
+    pub fn log_batches(&self) -> usize {
+        let mut r = Range::prefix(format!("{PREFIX}log/").as_bytes());
+        r.keys_only = true;
+        self.client().range(&r).expect("etcd range").kvs.len()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Starts `evstor serve` as member `name` of the cluster on `etcd`, with more `args`.
+pub fn member(etcd: &Etcd, name: &str, args: &[&str]) -> Server {
+    member_with_env(etcd, name, args, &[])
+}
+
+/// As [`member`], with extra environment.
+pub fn member_with_env(etcd: &Etcd, name: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
+    let endpoints = etcd.endpoints();
+    let mut all = vec!["--etcd", &endpoints, "--name", name];
+    all.extend_from_slice(args);
+    let mut options = Options::args(&all);
+    options.env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Server::start_with(options)
+}
+
+/// Every event of a server's journal as JSON (`evstor journal export`).
+pub fn events(s: &Server) -> Vec<serde_json::Value> {
+    let (ok, out) = s.cli(&["journal", "export"]);
+    assert!(ok, "journal export failed: {out}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("an event as JSON"))
+        .collect()
+}
+
+/// The server (by id) whose leader key etcd holds now.
+pub fn leader_id(etcd: &Etcd) -> Option<String> {
+    etcd.get("leader")
+        .map(|v| String::from_utf8(v).expect("a server id"))
+}
+
+/// The server id a member keeps in its data directory.
+pub fn server_id(s: &Server) -> String {
+    let text = std::fs::read_to_string(s.data_dir().join("server-id")).expect("server-id");
+    text.split_whitespace().next().expect("an id").to_string()
+}
+
+/// `(seq, hash)` from `evstor journal verify`, which must pass.
+pub fn verified_head(s: &Server) -> (u64, String) {
+    let (ok, out) = s.cli(&["journal", "verify"]);
+    assert!(
+        ok,
+        "journal verify failed on {}: {out}",
+        s.data_dir().display()
+    );
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("head: "))
+        .unwrap_or_else(|| panic!("no head line: {out}"));
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    (parts[2].parse().expect("seq"), parts[4].to_string())
+}
+
+/// Waits until every server verifies with the same head; returns it.
+pub fn same_head(servers: &[&Server], within: Duration) -> (u64, String) {
+    let deadline = Instant::now() + within;
+    loop {
+        let heads: Vec<(u64, String)> = servers.iter().map(|s| verified_head(s)).collect();
+        if heads.iter().all(|h| *h == heads[0]) {
+            return heads[0].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the servers did not converge on one head: {heads:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
