@@ -18,7 +18,23 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Starts tried before giving up on finding free ports.
 const START_ATTEMPTS: usize = 5;
 
+/// A loopback port free right now, chosen below the kernel's ephemeral range: a server that
+/// is restarted on its old ports (after a kill) must find them free, and outgoing connections
+/// (etcd clients, peers, initiators) take their local ports from the ephemeral range only.
 pub fn free_port() -> u16 {
+    use rand::Rng;
+    let low_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (10_000u16, low_ephemeral.max(10_001));
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let port = rng.gen_range(from..to);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -96,9 +112,19 @@ impl Server {
         self.dir.path()
     }
 
+    /// Starts the server on its ports, retrying a few times while one is still held (a
+    /// socket of the killed process closing, or another test's probe of the port).
     fn spawn(&mut self) {
-        if let Err(e) = self.try_spawn() {
-            panic!("{e}");
+        let mut attempt = 0;
+        loop {
+            match self.try_spawn() {
+                Ok(()) => return,
+                Err(e) if e.contains("Address already in use") && attempt < START_ATTEMPTS => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => panic!("{e}"),
+            }
         }
     }
 
