@@ -302,7 +302,8 @@ impl BlockStore {
         self.mutate(|t| idempotent(t.snapshot(v, s)))
     }
 
-    /// Returns volume `v`'s content to snapshot `s`'s.
+    /// Returns volume `v`'s content to snapshot `s`'s. Idempotent, as the reconciler needs:
+    /// a repeat after it finished (nothing written since) changes nothing.
     pub fn rollback(&self, v: Uuid, s: Uuid) -> Result<(), StoreError> {
         self.mutate(|t| t.rollback(v, s))?;
         self.compact()

@@ -533,3 +533,64 @@ fn deallocate_is_ignored_when_trim_is_disabled_but_write_zeroes_is_not() {
     assert_eq!(h.io(v, IoKind::Deallocate, 0, 1, false), BLOCK as i32);
     assert_eq!(h.st().usage(v).expect("usage").visible_blocks, 0);
 }
+
+/// Writes `version`'s content to blocks `0..n` of `v`.
+fn write_blocks(h: &mut Harness, v: Uuid, version: u64, n: u64) {
+    for b in 0..n {
+        h.buf
+            .slot_mut(0, BLOCK)
+            .copy_from_slice(&content(version, b));
+        assert_eq!(
+            h.io(v, IoKind::Write { fua: false }, b, 1, false),
+            BLOCK as i32
+        );
+    }
+}
+
+/// Asserts blocks `0..n` of `v` hold `version`'s content.
+fn assert_blocks(h: &mut Harness, v: Uuid, version: u64, n: u64) {
+    for b in 0..n {
+        assert_eq!(h.io(v, IoKind::Read, b, 1, false), BLOCK as i32);
+        assert!(
+            h.buf.slot(0, BLOCK) == &content(version, b)[..],
+            "block {b} is not version {version}"
+        );
+    }
+}
+
+/// The reconciler repeats a rollback it cannot prove finished (a crash before its completion
+/// event): a repeat of a finished rollback, in the same process or after a restart, changes
+/// nothing; a rollback after new writes is a new one and does roll back.
+#[test]
+fn a_repeated_rollback_is_a_no_op_and_a_later_one_rolls_back_again() {
+    let mut h = Harness::new(IoQueue::new_sync());
+    let (v, s) = (Uuid::new_v4(), Uuid::new_v4());
+    h.st().create_volume(v).expect("create");
+    write_blocks(&mut h, v, 1, 4);
+    h.st().snapshot(v, s).expect("snapshot");
+    write_blocks(&mut h, v, 2, 4);
+    h.st().rollback(v, s).expect("rollback");
+    assert_blocks(&mut h, v, 1, 4);
+    let done = h.st().tree().clone();
+
+    h.st().rollback(v, s).expect("repeated rollback");
+    assert!(
+        *h.st().tree() == done,
+        "a repeated rollback changed the tree"
+    );
+    drop(h.store.take());
+    h.store = Some(open(h.dir.path()));
+    h.st().rollback(v, s).expect("rollback after a restart");
+    assert!(
+        h.st().tree().layers == done.layers && h.st().tree().images == done.images,
+        "a rollback repeated after a restart changed the tree"
+    );
+    assert_blocks(&mut h, v, 1, 4);
+
+    write_blocks(&mut h, v, 3, 2);
+    h.st().rollback(v, s).expect("a new rollback");
+    assert_blocks(&mut h, v, 1, 4);
+    h.st().flush().expect("flush");
+    let stored: u64 = h.st().tree().layers.values().map(|l| l.stored_bytes).sum();
+    assert_eq!(h.st().stats().used_bytes, stored, "no space leaked");
+}

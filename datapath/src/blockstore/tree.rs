@@ -335,9 +335,16 @@ impl Tree {
     }
 
     /// Points volume `v` back at snapshot `s`: a new empty layer over the snapshot's.
+    /// Idempotent: when `v` already is an empty layer right over `s` (the rollback ran and
+    /// nothing was written since), there is nothing to do, so a repeat after a crash or a
+    /// retry neither churns layers nor fails.
     pub fn rollback(&mut self, v: Uuid, s: Uuid) -> Result<Delta, TreeError> {
         let old = self.volume_layer(v)?;
         let base = self.snapshot_layer(s)?;
+        let head = &self.layers[&old];
+        if head.parent == Some(base) && head.map.is_empty() {
+            return Ok(Delta::default());
+        }
         let id = self.alloc_layer(Some(base), Owner::Volume(v));
         let mut d = Delta {
             rows: vec![Row::Layer(id)],
