@@ -100,6 +100,9 @@ struct Scratch {
     reads: Vec<PendingRead>,
     read_blocks: usize,
     writes: PendingWrites,
+    /// A panic left the pending work half-done: it is dropped, never replayed (its buffers
+    /// may be gone by the time the queue is dropped).
+    poisoned: bool,
 }
 
 const NO_OP: RawOp = RawOp {
@@ -119,6 +122,7 @@ impl Scratch {
             res: vec![0; PENDING_BLOCKS_MAX],
             reads: Vec::with_capacity(PENDING_CMDS_MAX),
             read_blocks: 0,
+            poisoned: false,
             writes: PendingWrites {
                 blocks: Vec::with_capacity(PENDING_BLOCKS_MAX),
                 cmds: Vec::with_capacity(PENDING_CMDS_MAX),
@@ -139,10 +143,45 @@ thread_local! {
     static SCRATCH: RefCell<Option<Scratch>> = const { RefCell::new(None) };
 }
 
+impl Scratch {
+    /// Drops every queued command without completing it (after a panic mid-pass).
+    fn forget_pending(&mut self) {
+        self.reads.clear();
+        self.read_blocks = 0;
+        let p = &mut self.writes;
+        p.blocks.clear();
+        p.cmds.clear();
+        p.ops.clear();
+        p.op_cmd.clear();
+        p.staged = 0;
+        p.durable = false;
+        p.replaced.0.clear();
+        p.unmapped.0.clear();
+        self.poisoned = false;
+    }
+}
+
+/// Marks the scratch poisoned if a panic unwinds through the store's work.
+struct Poison<'a>(&'a mut Scratch, bool);
+
+impl Drop for Poison<'_> {
+    fn drop(&mut self) {
+        if !self.1 && std::thread::panicking() {
+            self.0.poisoned = true;
+        }
+    }
+}
+
 fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
-        f(s.get_or_insert_with(Scratch::new))
+        let s = s.get_or_insert_with(Scratch::new);
+        if s.poisoned {
+            tracing::error!("block store: dropping I/O left half-done by a panic");
+            s.forget_pending();
+        }
+        let g = Poison(s, std::thread::panicking());
+        f(g.0)
     })
 }
 
