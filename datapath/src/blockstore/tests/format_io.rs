@@ -289,14 +289,21 @@ fn the_reads_and_writes_of_one_pass_are_done_together() {
     h.st().create_volume(v).expect("create");
     let img = h.st().image(v, 256 * BLOCK_BYTES, true);
     let mut bufs = SlotBuf::new(8, MAX_BLOCKS_PER_IO * BLOCK).expect("bufs");
-    // Eight 32-block writes, compressible and not, one with FUA: more compressed data than
-    // the staging area holds, so its transfers run early, still before the one commit.
-    let version = |i: u64| if i.is_multiple_of(3) { 3 } else { 2 };
+    // Eight 32-block writes, incompressible and half compressible (3 KiB stored a block),
+    // one with FUA: more compressed data than the staging area holds, so its transfers run
+    // early, still before the one commit.
+    let data = |i: u64, b: u64| {
+        let mut d = content(3, b);
+        if !i.is_multiple_of(3) {
+            d[BLOCK / 2..].fill(i as u8);
+        }
+        d
+    };
     for i in 0..8u64 {
         let slot = bufs.slot_mut(i as usize, MAX_BLOCKS_PER_IO * BLOCK);
         for k in 0..32u64 {
             let b = i * 32 + k;
-            slot[k as usize * BLOCK..][..BLOCK].copy_from_slice(&content(version(i), b));
+            slot[k as usize * BLOCK..][..BLOCK].copy_from_slice(&data(i, b));
         }
     }
     let writes: Vec<_> = (0..8u64)
@@ -319,7 +326,7 @@ fn the_reads_and_writes_of_one_pass_are_done_together() {
         for k in 0..32u64 {
             let b = i * 32 + k;
             assert!(
-                slot[k as usize * BLOCK..][..BLOCK] == content(version(i), b)[..],
+                slot[k as usize * BLOCK..][..BLOCK] == data(i, b)[..],
                 "block {b}"
             );
         }
