@@ -289,13 +289,13 @@ fn the_reads_and_writes_of_one_pass_are_done_together() {
     h.st().create_volume(v).expect("create");
     let img = h.st().image(v, 256 * BLOCK_BYTES, true);
     let mut bufs = SlotBuf::new(8, MAX_BLOCKS_PER_IO * BLOCK).expect("bufs");
-    // Eight 32-block writes, incompressible and half compressible (3 KiB stored a block),
+    // Eight 32-block writes, incompressible and a quarter compressible (7 sectors stored),
     // one with FUA: more compressed data than the staging area holds, so its transfers run
     // early, still before the one commit.
     let data = |i: u64, b: u64| {
         let mut d = content(3, b);
         if !i.is_multiple_of(3) {
-            d[BLOCK / 2..].fill(i as u8);
+            d[3 * BLOCK / 4..].fill(i as u8);
         }
         d
     };
