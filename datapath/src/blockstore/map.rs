@@ -315,6 +315,11 @@ impl Chunk {
 
     /// Maps block i to `e` (a tombstone when `e.is_zero()`); returns what it held.
     pub fn put(&mut self, i: u32, e: Extent) -> Option<Extent> {
+        if !e.is_zero() && self.data & bit(i) != 0 {
+            if let Some(old) = self.overwrite(i, e) {
+                return Some(old);
+            }
+        }
         let old = self.remove(i);
         if e.is_zero() {
             self.zero |= bit(i);
@@ -343,6 +348,26 @@ impl Chunk {
             self.try_join();
         }
         old
+    }
+
+    /// Replaces data block i's extent in place when the shape allows (the common overwrite:
+    /// no array shift); None when the general path must run.
+    fn overwrite(&mut self, i: u32, e: Extent) -> Option<Extent> {
+        let r = self.rank(i);
+        let old = self.extent_at(i, r);
+        if self.is_run() {
+            if !e.is_raw() || self.base.wrapping_add(BLOCK_SECTORS * i as u64) != e.sector {
+                return None;
+            }
+            self.ents[r] = e.crc;
+            return Some(old);
+        }
+        let loc = pack(&e);
+        self.ents[3 * r..3 * r + 3].copy_from_slice(&[e.crc, loc as u32, (loc >> 32) as u32]);
+        if e.is_raw() && self.joins_neighbours(i, e.sector) {
+            self.try_join();
+        }
+        Some(old)
     }
 
     /// Run → per block.

@@ -433,6 +433,48 @@ impl Meta {
         Ok(())
     }
 
+    /// Writes the rows of a volume whose blocks `0..blocks` were written sequentially onto
+    /// pool pages `0..blocks` (layer `layer`, made-up CRCs), then flushes them to SST files:
+    /// the metadata of a large volume without writing its data, for `benches/blockstore_open.rs`.
+    #[doc(hidden)]
+    pub fn write_sequential_volume(
+        &self,
+        layer: LayerId,
+        volume: Uuid,
+        blocks: u64,
+    ) -> Result<(), MetaError> {
+        let l = Layer::new(None, Owner::Volume(volume));
+        self.db
+            .put_cf(self.cf(CF_LAYERS), layer.to_be_bytes(), encode_layer(&l))?;
+        let mut b = WriteBatch::default();
+        let mut buf = Vec::new();
+        for idx in 0..blocks.div_ceil(CHUNK_BLOCKS) {
+            let mut c = Chunk::default();
+            for i in 0..CHUNK_BLOCKS.min(blocks - idx * CHUNK_BLOCKS) {
+                let block = idx * CHUNK_BLOCKS + i;
+                c.put(
+                    i as u32,
+                    Extent {
+                        sector: block * 8,
+                        len: 4096,
+                        compressed: false,
+                        crc: (block as u32).wrapping_mul(0x9e37_79b9),
+                    },
+                );
+            }
+            buf.clear();
+            c.encode(&mut buf);
+            b.put_cf(self.cf(CF_CHUNKS), pair_key(layer, idx), &buf);
+            if b.len() == LEGACY_CONVERT_CHUNKS {
+                self.db.write_opt(std::mem::take(&mut b), &self.nosync)?;
+            }
+        }
+        self.db.write_opt(b, &self.nosync)?;
+        self.db.flush_cf(self.cf(CF_CHUNKS))?;
+        self.db.flush_cf(self.cf(CF_LAYERS))?;
+        self.mark_format()
+    }
+
     /// Adds a host write's chunk row to `batch` (`buf` is scratch for the encoding).
     pub fn persist(&self, batch: &mut WriteBatch, p: Persist<'_>, buf: &mut Vec<u8>) {
         buf.clear();
