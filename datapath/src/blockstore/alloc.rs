@@ -141,10 +141,20 @@ impl Allocator {
             return !clash;
         }
         let mut clash = false;
-        for p in s.sector / 8..(s.sector + s.sectors) / 8 {
-            let b = self.page_mut(p);
-            clash |= *b != 0;
-            *b = 0xff;
+        let (mut p, end) = (s.sector / 8, (s.sector + s.sectors) / 8);
+        while p < end {
+            let (off, n) = (
+                p % CHUNK_PAGES,
+                (end - p).min(CHUNK_PAGES - p % CHUNK_PAGES),
+            );
+            self.page_mut(p);
+            let c = self.chunks[(p / CHUNK_PAGES) as usize]
+                .as_mut()
+                .expect("chunk made by page_mut");
+            let pages = &mut c[off as usize..(off + n) as usize];
+            clash |= pages.iter().any(|&b| b != 0);
+            pages.fill(0xff);
+            p += n;
         }
         if !clash {
             self.used_sectors += s.sectors;

@@ -286,8 +286,22 @@ impl Chunk {
 
     /// The pool space of its data, whole-page runs joined.
     pub fn spans(&self, out: &mut Spans) {
-        for (_, e) in self.data_extents() {
-            out.push(e.span());
+        if !self.is_run() {
+            for (_, e) in self.data_extents() {
+                out.push(e.span());
+            }
+            return;
+        }
+        // A run: one span per stretch of consecutive data blocks.
+        let mut bits = self.data;
+        while bits != 0 {
+            let start = bits.trailing_zeros();
+            let len = (!(bits >> start)).trailing_zeros().min(64 - start);
+            out.push(Span {
+                sector: self.base.wrapping_add(BLOCK_SECTORS * start as u64),
+                sectors: BLOCK_SECTORS * len as u64,
+            });
+            bits &= !mask(start, start + len);
         }
     }
 

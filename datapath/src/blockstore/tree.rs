@@ -781,11 +781,17 @@ impl Tree {
     /// pages of a run joined.
     pub fn spans(&self, mut f: impl FnMut(Span)) {
         for l in self.layers.values() {
+            let mut s = Spans::default();
             for (_, c) in l.map.chunks() {
-                let mut s = Spans::default();
                 c.spans(&mut s);
-                s.0.into_iter().for_each(&mut f);
+                if s.0.len() > 1024 {
+                    // Keep the last one: the next chunk may continue it.
+                    let last = s.0.pop();
+                    s.0.drain(..).for_each(&mut f);
+                    s.0.extend(last);
+                }
             }
+            s.0.into_iter().for_each(&mut f);
         }
     }
 
