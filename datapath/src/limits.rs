@@ -223,6 +223,14 @@ pub const MAX_PENDING_FREES: usize = 16 * 1024;
 /// deleting a snapshot with millions of blocks never stalls I/O for long.
 pub const MERGE_STEP_ENTRIES: usize = 4096;
 
+/// Delta rows a block-map chunk (64 blocks) may have on disk before a host write rewrites its
+/// full row instead: bounds the rows read per chunk at open, and a small write's metadata
+/// (one short row, plus a full row every this many writes to the chunk).
+pub const CHUNK_DELTA_ROWS_MAX: usize = 32;
+
+/// Chunk rows one step of the legacy (row per block) conversion at open writes.
+pub const LEGACY_CONVERT_CHUNKS: usize = 4096;
+
 /// Media (checksum) errors remembered for the control plane to report.
 pub const MAX_MEDIA_ERRORS_KEPT: usize = 1024;
 

@@ -2,12 +2,16 @@
 //!
 //! An extent never crosses a page, so every page can be read whole (O_DIRECT-aligned) and a
 //! compressed block sliced out of it. Raw blocks take a whole page; compressed ones share
-//! pages, filled by a separate cursor so they pack together. The map is one byte per page
+//! pages, filled by a separate cursor so they pack together. Whole pages are handed out in
+//! ascending order (a cursor, or freed pages in the order they were freed), so a sequential
+//! write gets consecutive pages and its chunks stay runs. The map is one byte per page
 //! (bit i: sector i used), in chunks allocated on first use, so memory follows the used part
 //! of the pool, not its size. Nothing here is persisted: the allocator is rebuilt from the
 //! extent map on open, so a crash can never leak or double-book space.
 
-use crate::blockstore::tree::Extent;
+use std::collections::VecDeque;
+
+use crate::blockstore::map::Span;
 
 /// Pages per chunk of the map (1 GiB of pool per 256 KiB of map).
 const CHUNK_PAGES: u64 = 1 << 18;
@@ -20,9 +24,10 @@ pub struct Allocator {
     used_sectors: u64,
     full_cursor: u64,
     part_cursor: u64,
-    /// Whole pages freed most recently, reused first (LIFO, bounded): an overwrite then lands
-    /// on a page the device (or tmpfs) already holds instead of marching through the pool.
-    recent: Vec<u64>,
+    /// Whole pages freed recently, reused first in the order they were freed (bounded): an
+    /// overwrite then lands on a page the device (or tmpfs) already holds instead of marching
+    /// through the pool, and a sequential overwrite gets its old pages back in order.
+    recent: VecDeque<u64>,
 }
 
 /// Freed whole pages remembered for reuse.
@@ -37,13 +42,19 @@ impl Allocator {
             used_sectors: 0,
             full_cursor: 0,
             part_cursor: 0,
-            recent: Vec::new(),
+            recent: VecDeque::new(),
         }
     }
 
     /// Capacity in sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.pages * 8
+    }
+
+    /// Bytes of memory the page map and the freed-page list take.
+    pub fn mem_bytes(&self) -> usize {
+        let chunks = self.chunks.iter().flatten().count();
+        chunks * CHUNK_PAGES as usize + self.chunks.len() * 16 + self.recent.capacity() * 8
     }
 
     /// Sectors in use.
@@ -81,7 +92,7 @@ impl Allocator {
         }
         let full = n == 8;
         if full {
-            while let Some(p) = self.recent.pop() {
+            while let Some(p) = self.recent.pop_front() {
                 if self.page(p) == 0 {
                     *self.page_mut(p) = 0xff;
                     self.used_sectors += 8;
@@ -111,41 +122,83 @@ impl Allocator {
         None
     }
 
-    /// Marks an extent's sectors used (loading); false if any was already used.
-    pub fn claim(&mut self, e: &Extent) -> bool {
-        let (p, at, n) = Self::split(e);
-        if p >= self.pages {
+    /// Marks a span used (loading); false if any of it was already used or lies beyond the
+    /// pool.
+    pub fn claim(&mut self, s: &Span) -> bool {
+        if s.sectors == 0 {
+            return true;
+        }
+        if s.sector + s.sectors > self.pages * 8 {
             return false;
         }
-        let m = Self::mask(n, at);
-        let b = self.page_mut(p);
-        let clash = *b & m != 0;
-        *b |= m;
+        if let Some((p, m)) = Self::in_page(s) {
+            let b = self.page_mut(p);
+            let clash = *b & m != 0;
+            *b |= m;
+            if !clash {
+                self.used_sectors += s.sectors;
+            }
+            return !clash;
+        }
+        let mut clash = false;
+        let (mut p, end) = (s.sector / 8, (s.sector + s.sectors) / 8);
+        while p < end {
+            let (off, n) = (
+                p % CHUNK_PAGES,
+                (end - p).min(CHUNK_PAGES - p % CHUNK_PAGES),
+            );
+            self.page_mut(p);
+            let c = self.chunks[(p / CHUNK_PAGES) as usize]
+                .as_mut()
+                .expect("chunk made by page_mut");
+            let pages = &mut c[off as usize..(off + n) as usize];
+            clash |= pages.iter().any(|&b| b != 0);
+            pages.fill(0xff);
+            p += n;
+        }
         if !clash {
-            self.used_sectors += n as u64;
+            self.used_sectors += s.sectors;
         }
         !clash
     }
 
-    /// Returns an extent's sectors.
-    pub fn free(&mut self, e: &Extent) {
-        let (p, at, n) = Self::split(e);
-        let m = Self::mask(n, at);
-        let b = self.page_mut(p);
-        debug_assert_eq!(*b & m, m, "freeing sectors that are not in use");
-        *b &= !m;
-        let now_free = *b == 0;
-        self.used_sectors -= n as u64;
-        if now_free && self.recent.len() < RECENT_PAGES_MAX {
-            self.recent.push(p);
+    /// Returns a span's sectors.
+    pub fn free(&mut self, s: &Span) {
+        if let Some((p, m)) = Self::in_page(s) {
+            let b = self.page_mut(p);
+            debug_assert_eq!(*b & m, m, "freeing sectors that are not in use");
+            *b &= !m;
+            let now_free = *b == 0;
+            self.used_sectors -= s.sectors;
+            if now_free && self.recent.len() < RECENT_PAGES_MAX {
+                self.recent.push_back(p);
+            }
+            if s.sectors < 8 && p < self.part_cursor {
+                self.part_cursor = p;
+            }
+            return;
         }
-        if n < 8 && p < self.part_cursor {
-            self.part_cursor = p;
+        debug_assert!(
+            s.sector.is_multiple_of(8) && s.sectors.is_multiple_of(8),
+            "span {s:?}"
+        );
+        for p in s.sector / 8..(s.sector + s.sectors) / 8 {
+            let b = self.page_mut(p);
+            debug_assert_eq!(*b, 0xff, "freeing a page that is not in use");
+            *b = 0;
+            if self.recent.len() < RECENT_PAGES_MAX {
+                self.recent.push_back(p);
+            }
         }
+        self.used_sectors -= s.sectors;
     }
 
-    fn split(e: &Extent) -> (u64, u32, u32) {
-        (e.sector / 8, (e.sector % 8) as u32, e.sectors())
+    /// A span inside one page: (page, sector mask); None for whole pages (more than one, or
+    /// exactly one: then the mask is 0xff either way).
+    fn in_page(s: &Span) -> Option<(u64, u8)> {
+        let (p, at) = (s.sector / 8, (s.sector % 8) as u32);
+        (s.sectors <= 8 && at as u64 + s.sectors <= 8)
+            .then(|| (p, Self::mask(s.sectors as u32, at)))
     }
 }
 
@@ -153,12 +206,10 @@ impl Allocator {
 mod tests {
     use super::*;
 
-    fn ext(sector: u64, len: u16) -> Extent {
-        Extent {
+    fn ext(sector: u64, len: u16) -> Span {
+        Span {
             sector,
-            len,
-            compressed: len < 4096,
-            crc: 0,
+            sectors: (len as u64).div_ceil(512),
         }
     }
 
@@ -189,5 +240,32 @@ mod tests {
         assert_eq!(a.used_sectors(), 8 + 2);
         let next = a.alloc(8).expect("page");
         assert_ne!(next / 8, 100);
+    }
+
+    #[test]
+    fn runs_of_pages_are_claimed_and_freed_whole_and_come_back_in_order() {
+        let mut a = Allocator::new(64);
+        let run = Span {
+            sector: 8 * 4,
+            sectors: 8 * 16,
+        };
+        assert!(a.claim(&run));
+        assert!(
+            !a.claim(&ext(8 * 19, 4096)),
+            "a page inside the run is taken"
+        );
+        assert!(
+            !a.claim(&ext(8 * 19 + 3, 512)),
+            "a sector inside the run is taken"
+        );
+        assert_eq!(a.used_sectors(), 8 * 16);
+        // Fresh pages come from the cursor in order, around the run.
+        let got: Vec<u64> = (0..6).map(|_| a.alloc(8).expect("page") / 8).collect();
+        assert_eq!(got, vec![0, 1, 2, 3, 20, 21]);
+        // Freed pages come back in the order they were freed: a sequential overwrite of the
+        // run gets consecutive pages again.
+        a.free(&run);
+        let got: Vec<u64> = (0..16).map(|_| a.alloc(8).expect("page") / 8).collect();
+        assert_eq!(got, (4..20).collect::<Vec<u64>>());
     }
 }

@@ -1,21 +1,45 @@
-//! The extent map on RocksDB: the block store's own database (not the control plane's
-//! journal), with column families `layers` (id → parent, owner), `extents` ((layer, block)
-//! → extent) and `meta` (the device list the pool was formatted with).
+//! The block maps on RocksDB: the block store's own database (not the control plane's
+//! journal). Column families:
+//!
+//! - `layers`: layer id → parent, owner.
+//! - `chunks`: (layer, chunk) → the chunk's full row ([`Chunk::encode`]: generation, bitmaps,
+//!   and a CRC per data block (a run) or a CRC and location per data block).
+//! - `deltas`: (layer, chunk, slot) → a host write's blocks in that chunk (generation, first
+//!   block, extents), applied at load over the full row of the same generation, in slot
+//!   order; rows of other generations are stale and ignored. A chunk has at most
+//!   [`CHUNK_DELTA_ROWS_MAX`] slots; then a write rewrites the full row (a new generation).
+//!   A write covering a quarter of a chunk or more writes the full row at once, so a
+//!   sequentially written volume is one row per 64 blocks.
+//! - `extents`: format 1 (one row per (layer, block)), read only to convert it at open.
+//! - `meta`: the device list the pool was formatted with, and the format version.
+//!
+//! A chunk that leaves a layer takes its rows with it (its delta slots are deleted too), so a
+//! chunk the tree lacks has no row of any generation on disk, and a new one starts at
+//! generation 0.
 //!
 //! Writes of host data go with the WAL unsynced (an NVMe write without FUA is volatile until
 //! Flush); FUA, Flush and every tree operation (snapshot, clone, rollback, delete) sync it.
 
 use std::path::Path;
 
-use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{ColumnFamilyDescriptor, Options, ReadOptions, WriteBatch, WriteOptions, DB};
 use uuid::Uuid;
 
-use crate::blockstore::tree::{Extent, HashMap, Layer, LayerId, Owner, Row, Tree};
+use crate::blockstore::map::{Chunk, CHUNK_BLOCKS};
+use crate::blockstore::tree::{Extent, HashMap, Layer, LayerId, Owner, Persist, Row, Tree};
+use crate::limits::{CHUNK_DELTA_ROWS_MAX, LEGACY_CONVERT_CHUNKS};
 
 const CF_LAYERS: &str = "layers";
+const CF_CHUNKS: &str = "chunks";
+const CF_DELTAS: &str = "deltas";
 const CF_EXTENTS: &str = "extents";
 const CF_META: &str = "meta";
 const KEY_DEVICES: &[u8] = b"devices";
+const KEY_FORMAT: &[u8] = b"format";
+
+/// The row layout this build writes. 1: a row per (layer, block) in `extents` (no format
+/// key); 2: chunk and delta rows.
+pub const FORMAT: u32 = 2;
 
 /// Why the metadata store failed.
 #[derive(Debug, thiserror::Error)]
@@ -43,14 +67,43 @@ impl std::fmt::Debug for Meta {
     }
 }
 
-fn extent_key(layer: LayerId, block: u64) -> [u8; 16] {
+/// What [`Meta::load`] found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Every layer with its block map.
+    pub layers: HashMap<LayerId, Layer>,
+    /// Format-1 rows read (converted by [`Meta::convert_legacy`]).
+    pub legacy_rows: u64,
+    /// Chunks left empty by stale delta rows only (their rows are deleted at open).
+    pub strays: Vec<(LayerId, u64, u8)>,
+}
+
+/// `(layer, block)` of format 1, and `(layer, chunk)` of format 2.
+fn pair_key(layer: LayerId, n: u64) -> [u8; 16] {
     let mut k = [0u8; 16];
     k[..8].copy_from_slice(&layer.to_be_bytes());
-    k[8..].copy_from_slice(&block.to_be_bytes());
+    k[8..].copy_from_slice(&n.to_be_bytes());
     k
 }
 
-fn encode_extent(e: &Extent) -> [u8; 15] {
+fn delta_key(layer: LayerId, idx: u64, slot: u8) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[..16].copy_from_slice(&pair_key(layer, idx));
+    k[16] = slot;
+    k
+}
+
+fn split_key(k: &[u8], what: &str) -> Result<(u64, u64), MetaError> {
+    if k.len() < 16 {
+        return Err(MetaError::Corrupt(format!("{what} key")));
+    }
+    let a = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
+    let b = u64::from_be_bytes(k[8..16].try_into().expect("8 bytes"));
+    Ok((a, b))
+}
+
+/// One extent in 15 bytes (format 1's value, and each entry of a delta row).
+pub fn encode_extent(e: &Extent) -> [u8; 15] {
     let mut v = [0u8; 15];
     v[..8].copy_from_slice(&e.sector.to_le_bytes());
     v[8..10].copy_from_slice(&e.len.to_le_bytes());
@@ -63,15 +116,41 @@ fn decode_extent(v: &[u8]) -> Option<Extent> {
     if v.len() != 15 {
         return None;
     }
-    Some(Extent {
+    let e = Extent {
         sector: u64::from_le_bytes(v[..8].try_into().ok()?),
         len: u16::from_le_bytes(v[8..10].try_into().ok()?),
         compressed: v[10] != 0,
         crc: u32::from_le_bytes(v[11..].try_into().ok()?),
-    })
+    };
+    (e.len <= 4096).then_some(e)
 }
 
-fn encode_layer(l: &Layer) -> [u8; 25] {
+/// A delta row's value: generation, first block in the chunk, count, extents.
+fn encode_delta(gen: u32, first: u32, exts: &[Extent], out: &mut Vec<u8>) {
+    out.extend_from_slice(&gen.to_le_bytes());
+    out.push(first as u8);
+    out.push(exts.len() as u8);
+    for e in exts {
+        out.extend_from_slice(&encode_extent(e));
+    }
+}
+
+fn decode_delta(v: &[u8]) -> Option<(u32, u32, Vec<Extent>)> {
+    let gen = u32::from_le_bytes(v.get(..4)?.try_into().ok()?);
+    let (first, n) = (*v.get(4)? as u32, *v.get(5)? as usize);
+    let rest = v.get(6..)?;
+    if rest.len() != 15 * n || first as u64 + n as u64 > CHUNK_BLOCKS {
+        return None;
+    }
+    let exts = rest
+        .chunks_exact(15)
+        .map(decode_extent)
+        .collect::<Option<_>>()?;
+    Some((gen, first, exts))
+}
+
+/// The layer row (format 1 and 2 alike): parent, owner kind, image id.
+pub fn encode_layer(l: &Layer) -> [u8; 25] {
     let mut v = [0u8; 25];
     v[..8].copy_from_slice(&l.parent.unwrap_or(0).to_le_bytes());
     let (kind, id) = match l.owner {
@@ -96,50 +175,100 @@ fn decode_layer(v: &[u8]) -> Option<Layer> {
         2 => Owner::Snapshot(id),
         _ => return None,
     };
-    Some(Layer {
-        parent: (parent != 0).then_some(parent),
-        owner,
-        map: Default::default(),
-        children: 0,
-        data_blocks: 0,
-        stored_bytes: 0,
-    })
+    Some(Layer::new((parent != 0).then_some(parent), owner))
+}
+
+fn layer_mut(layers: &mut HashMap<LayerId, Layer>, id: LayerId) -> Result<&mut Layer, MetaError> {
+    layers
+        .get_mut(&id)
+        .ok_or_else(|| MetaError::Corrupt(format!("map row of missing layer {id}")))
+}
+
+fn scan_opts() -> ReadOptions {
+    let mut o = ReadOptions::default();
+    o.fill_cache(false);
+    o.set_readahead_size(4 << 20);
+    o
 }
 
 impl Meta {
-    /// Opens (creating) the database in `dir`.
+    /// Opens (creating) the database in `dir`; refuses a format newer than this build's.
     pub fn open(dir: &Path) -> Result<Meta, MetaError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
         // Every write already happens under the block store's tree lock, and the vector
-        // memtable below needs single-writer inserts.
+        // memtables below need single-writer inserts.
         opts.set_allow_concurrent_memtable_write(false);
-        // Extent rows are written one per host write and only ever read back whole (at open):
-        // an append-only vector memtable makes the insert O(1) instead of a skip-list insert
+        // Map rows are written with host writes and only ever read back whole (at open): an
+        // append-only vector memtable makes the insert O(1) instead of a skip-list insert
         // (measured: half of the write path's CPU went to RocksDB, most of it there).
-        let mut extents = Options::default();
-        extents.set_memtable_factory(rocksdb::MemtableFactory::Vector);
+        let vector = || {
+            let mut o = Options::default();
+            o.set_memtable_factory(rocksdb::MemtableFactory::Vector);
+            o
+        };
+        // Full chunk rows are mostly CRCs: nothing to compress.
+        let mut chunks = vector();
+        chunks.set_compression_type(rocksdb::DBCompressionType::None);
         let cfs = [
             ColumnFamilyDescriptor::new(CF_LAYERS, Options::default()),
-            ColumnFamilyDescriptor::new(CF_EXTENTS, extents),
+            ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
+            ColumnFamilyDescriptor::new(CF_DELTAS, vector()),
+            ColumnFamilyDescriptor::new(CF_EXTENTS, vector()),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
-        Ok(Meta {
+        let m = Meta {
             db,
             sync,
             nosync: WriteOptions::default(),
-        })
+        };
+        if let Some(f) = m.format()? {
+            if f > FORMAT {
+                return Err(MetaError::Corrupt(format!(
+                    "block store format {f} was written by a newer evstor (this one reads up to {FORMAT})"
+                )));
+            }
+        }
+        Ok(m)
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         self.db
             .cf_handle(name)
             .expect("column family created at open")
+    }
+
+    /// The recorded format (None: format 1, or a new store).
+    pub fn format(&self) -> Result<Option<u32>, MetaError> {
+        match self.db.get_cf(self.cf(CF_META), KEY_FORMAT)? {
+            None => Ok(None),
+            Some(v) => {
+                let b: [u8; 4] = v
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| MetaError::Corrupt("format key".into()))?;
+                Ok(Some(u32::from_le_bytes(b)))
+            }
+        }
+    }
+
+    /// Records that every row is in this build's format.
+    pub fn mark_format(&self) -> Result<(), MetaError> {
+        if self.format()? == Some(FORMAT) {
+            return Ok(());
+        }
+        self.db.put_cf_opt(
+            self.cf(CF_META),
+            KEY_FORMAT,
+            FORMAT.to_le_bytes(),
+            &self.sync,
+        )?;
+        Ok(())
     }
 
     /// Checks the pool's device list against the one it was formatted with (recording it the
@@ -169,9 +298,10 @@ impl Meta {
         }
     }
 
-    /// Every layer with its extents.
-    pub fn load(&self) -> Result<HashMap<LayerId, Layer>, MetaError> {
-        let mut layers = HashMap::default();
+    /// Every layer with its block map: full chunk rows, then the delta rows of their
+    /// generation, then format-1 rows.
+    pub fn load(&self) -> Result<Loaded, MetaError> {
+        let mut out = Loaded::default();
         for kv in self
             .db
             .iterator_cf(self.cf(CF_LAYERS), rocksdb::IteratorMode::Start)
@@ -183,35 +313,189 @@ impl Meta {
                     .map_err(|_| MetaError::Corrupt("layer key".into()))?,
             );
             let l = decode_layer(&v).ok_or_else(|| MetaError::Corrupt(format!("layer {id}")))?;
-            layers.insert(id, l);
+            out.layers.insert(id, l);
         }
+        let chunks = self.cf(CF_CHUNKS);
         for kv in self
             .db
-            .iterator_cf(self.cf(CF_EXTENTS), rocksdb::IteratorMode::Start)
+            .iterator_cf_opt(chunks, scan_opts(), rocksdb::IteratorMode::Start)
         {
             let (k, v) = kv?;
-            if k.len() != 16 {
-                return Err(MetaError::Corrupt("extent key".into()));
+            let (layer, idx) = split_key(&k, "chunk")?;
+            let c = Chunk::decode(&v)
+                .ok_or_else(|| MetaError::Corrupt(format!("chunk {layer}/{idx}")))?;
+            layer_mut(&mut out.layers, layer)?.map.insert_chunk(idx, c);
+        }
+        let mut touched = Vec::new();
+        let deltas = self.cf(CF_DELTAS);
+        for kv in self
+            .db
+            .iterator_cf_opt(deltas, scan_opts(), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = kv?;
+            let (layer, idx) = split_key(&k, "delta")?;
+            let slot = *k
+                .get(16)
+                .ok_or_else(|| MetaError::Corrupt("delta key".into()))?;
+            let (gen, first, exts) = decode_delta(&v)
+                .ok_or_else(|| MetaError::Corrupt(format!("delta {layer}/{idx}/{slot}")))?;
+            let c = layer_mut(&mut out.layers, layer)?.map.chunk_or_default(idx);
+            c.slots_used = c.slots_used.max(slot + 1);
+            if gen == c.gen {
+                for (j, e) in exts.iter().enumerate() {
+                    c.put(first + j as u32, *e);
+                }
+                c.deltas = c.deltas.max(slot + 1);
             }
-            let layer = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
-            let block = u64::from_be_bytes(k[8..].try_into().expect("8 bytes"));
+            touched.push((layer, idx));
+        }
+        for (layer, idx) in touched {
+            let map = &mut layer_mut(&mut out.layers, layer)?.map;
+            if let Some(c) = map.chunk(idx).filter(|c| c.is_empty()) {
+                out.strays.push((layer, idx, c.slots_used));
+                map.take_chunk(idx);
+            }
+        }
+        let legacy = self.cf(CF_EXTENTS);
+        for kv in self
+            .db
+            .iterator_cf_opt(legacy, scan_opts(), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = kv?;
+            let (layer, block) = split_key(&k, "extent")?;
             let e = decode_extent(&v)
                 .ok_or_else(|| MetaError::Corrupt(format!("extent {layer}/{block}")))?;
-            let l = layers
-                .get_mut(&layer)
-                .ok_or_else(|| MetaError::Corrupt(format!("extent of missing layer {layer}")))?;
-            l.map.insert(block, e);
+            layer_mut(&mut out.layers, layer)?.map.put(block, e);
+            out.legacy_rows += 1;
         }
-        Ok(layers)
+        Ok(out)
     }
 
-    /// Adds one extent row to `batch`.
-    pub fn put_extent(&self, batch: &mut WriteBatch, layer: LayerId, block: u64, e: &Extent) {
-        batch.put_cf(
-            self.cf(CF_EXTENTS),
-            extent_key(layer, block),
-            encode_extent(e),
-        );
+    /// Rewrites a format-1 map as chunk rows: every chunk's full row, with the format-1 rows
+    /// it replaces deleted in the same batch ([`LEGACY_CONVERT_CHUNKS`] chunks a batch), so
+    /// a crash part way leaves each chunk in one format or the other and the next open
+    /// finishes. Then records the format.
+    pub fn convert_legacy(&self, tree: &Tree) -> Result<(), MetaError> {
+        let (chunks, legacy) = (self.cf(CF_CHUNKS), self.cf(CF_EXTENTS));
+        let mut ids: Vec<LayerId> = tree.layers.keys().copied().collect();
+        ids.sort_unstable();
+        let mut buf = Vec::new();
+        let mut b = WriteBatch::default();
+        let mut in_batch = 0usize;
+        for id in ids {
+            let mut seg: Option<(u64, u64)> = None;
+            let flush_seg = |b: &mut WriteBatch, seg: Option<(u64, u64)>| {
+                if let Some((from, to)) = seg {
+                    b.delete_range_cf(
+                        legacy,
+                        pair_key(id, from * CHUNK_BLOCKS),
+                        pair_key(id, to * CHUNK_BLOCKS),
+                    );
+                }
+            };
+            for (&idx, c) in tree.layers[&id].map.chunks() {
+                buf.clear();
+                c.encode(&mut buf);
+                b.put_cf(chunks, pair_key(id, idx), &buf);
+                seg = Some((seg.map_or(idx, |s| s.0), idx + 1));
+                in_batch += 1;
+                if in_batch == LEGACY_CONVERT_CHUNKS {
+                    flush_seg(&mut b, seg.take());
+                    self.db.write_opt(std::mem::take(&mut b), &self.sync)?;
+                    in_batch = 0;
+                }
+            }
+            flush_seg(&mut b, seg);
+        }
+        // Anything left in format 1 names no loaded chunk (loading refused rows of missing
+        // layers), so the whole family goes.
+        b.delete_range_cf(legacy, [0u8; 16], [0xffu8; 16]);
+        b.put_cf(self.cf(CF_META), KEY_FORMAT, FORMAT.to_le_bytes());
+        self.db.write_opt(b, &self.sync)?;
+        self.db
+            .compact_range_cf(legacy, None::<&[u8]>, None::<&[u8]>);
+        Ok(())
+    }
+
+    /// Deletes the delta rows of chunks that [`Meta::load`] found holding stale rows only (a
+    /// failed write can leave them), so a chunk the tree lacks has no rows.
+    pub fn drop_strays(&self, strays: &[(LayerId, u64, u8)]) -> Result<(), MetaError> {
+        if strays.is_empty() {
+            return Ok(());
+        }
+        let mut b = WriteBatch::default();
+        for &(layer, idx, slots) in strays {
+            for s in 0..slots {
+                b.delete_cf(self.cf(CF_DELTAS), delta_key(layer, idx, s));
+            }
+        }
+        self.db.write_opt(b, &self.sync)?;
+        Ok(())
+    }
+
+    /// Writes the rows of a volume whose blocks `0..blocks` were written sequentially onto
+    /// pool pages `0..blocks` (layer `layer`, made-up CRCs), then flushes them to SST files:
+    /// the metadata of a large volume without writing its data, for `benches/blockstore_open.rs`.
+    #[doc(hidden)]
+    pub fn write_sequential_volume(
+        &self,
+        layer: LayerId,
+        volume: Uuid,
+        blocks: u64,
+    ) -> Result<(), MetaError> {
+        let l = Layer::new(None, Owner::Volume(volume));
+        self.db
+            .put_cf(self.cf(CF_LAYERS), layer.to_be_bytes(), encode_layer(&l))?;
+        let mut b = WriteBatch::default();
+        let mut buf = Vec::new();
+        for idx in 0..blocks.div_ceil(CHUNK_BLOCKS) {
+            let mut c = Chunk::default();
+            for i in 0..CHUNK_BLOCKS.min(blocks - idx * CHUNK_BLOCKS) {
+                let block = idx * CHUNK_BLOCKS + i;
+                c.put(
+                    i as u32,
+                    Extent {
+                        sector: block * 8,
+                        len: 4096,
+                        compressed: false,
+                        crc: (block as u32).wrapping_mul(0x9e37_79b9),
+                    },
+                );
+            }
+            buf.clear();
+            c.encode(&mut buf);
+            b.put_cf(self.cf(CF_CHUNKS), pair_key(layer, idx), &buf);
+            if b.len() == LEGACY_CONVERT_CHUNKS {
+                self.db.write_opt(std::mem::take(&mut b), &self.nosync)?;
+            }
+        }
+        self.db.write_opt(b, &self.nosync)?;
+        self.db.flush_cf(self.cf(CF_CHUNKS))?;
+        self.db.flush_cf(self.cf(CF_LAYERS))?;
+        self.mark_format()
+    }
+
+    /// Adds a host write's chunk row to `batch` (`buf` is scratch for the encoding).
+    pub fn persist(&self, batch: &mut WriteBatch, p: Persist<'_>, buf: &mut Vec<u8>) {
+        buf.clear();
+        match p {
+            Persist::Delta {
+                layer,
+                idx,
+                slot,
+                gen,
+                first,
+                exts,
+            } => {
+                debug_assert!((slot as usize) < CHUNK_DELTA_ROWS_MAX);
+                encode_delta(gen, first, exts, buf);
+                batch.put_cf(self.cf(CF_DELTAS), delta_key(layer, idx, slot), &buf[..]);
+            }
+            Persist::Chunk { layer, idx, chunk } => {
+                chunk.encode(buf);
+                batch.put_cf(self.cf(CF_CHUNKS), pair_key(layer, idx), &buf[..]);
+            }
+        }
     }
 
     /// Writes a batch of host-data rows; `durable` syncs the WAL first.
@@ -230,7 +514,8 @@ impl Meta {
     /// Persists a tree mutation atomically and durably. `tree` is the state after it.
     pub fn apply(&self, rows: &[Row], tree: &Tree) -> Result<(), MetaError> {
         let mut b = WriteBatch::default();
-        let (layers, extents) = (self.cf(CF_LAYERS), self.cf(CF_EXTENTS));
+        let (layers, chunks, deltas) = (self.cf(CF_LAYERS), self.cf(CF_CHUNKS), self.cf(CF_DELTAS));
+        let mut buf = Vec::new();
         for r in rows {
             match *r {
                 Row::Layer(id) => {
@@ -240,14 +525,30 @@ impl Meta {
                 }
                 Row::DropLayer(id) => {
                     b.delete_cf(layers, id.to_be_bytes());
-                    b.delete_range_cf(extents, extent_key(id, 0), extent_key(id + 1, 0));
+                    b.delete_range_cf(chunks, pair_key(id, 0), pair_key(id + 1, 0));
+                    b.delete_range_cf(deltas, delta_key(id, 0, 0), delta_key(id + 1, 0, 0));
                 }
-                Row::Extent(id, block, e) => {
-                    b.put_cf(extents, extent_key(id, block), encode_extent(&e))
+                Row::Chunk(id, idx) => match tree.layers.get(&id).and_then(|l| l.map.chunk(idx)) {
+                    Some(c) => {
+                        buf.clear();
+                        c.encode(&mut buf);
+                        b.put_cf(chunks, pair_key(id, idx), &buf);
+                    }
+                    None => {
+                        debug_assert!(false, "row for chunk {id}/{idx} the tree lacks");
+                        b.delete_cf(chunks, pair_key(id, idx));
+                        b.delete_range_cf(deltas, delta_key(id, idx, 0), delta_key(id, idx + 1, 0));
+                    }
+                },
+                Row::Unchunk(id, idx, slots) => {
+                    b.delete_cf(chunks, pair_key(id, idx));
+                    for s in 0..slots {
+                        b.delete_cf(deltas, delta_key(id, idx, s));
+                    }
                 }
-                Row::Unmap(id, block) => b.delete_cf(extents, extent_key(id, block)),
-                Row::UnmapRange(id, s, e) => {
-                    b.delete_range_cf(extents, extent_key(id, s), extent_key(id, e))
+                Row::DropChunks(id, from, to) => {
+                    b.delete_range_cf(chunks, pair_key(id, from), pair_key(id, to));
+                    b.delete_range_cf(deltas, delta_key(id, from, 0), delta_key(id, to, 0));
                 }
             }
         }

@@ -1,16 +1,27 @@
 //! The devices under the block store: files or block devices concatenated into one space of
 //! 4 KiB pages, read and written through the connection's io_uring (or inline for memory-
 //! backed files, where io_uring would only bounce the copy through a worker thread).
+//!
+//! Devices that take direct I/O at 512-byte granularity (block devices, files on disk file
+//! systems) are opened with O_DIRECT: the page cache would only hold a second copy of what
+//! the host caches, and direct I/O is what a device queue is fed with. Every transfer the
+//! store makes is aligned for it: raw blocks are whole pages from the connection's page-
+//! aligned slot buffers, compressed blocks are whole sectors from (or whole pages into) the
+//! page-aligned scratch area. 512-byte granularity is required because compressed blocks are
+//! packed as sectors inside a page and written without touching their neighbours (a read-
+//! modify-write of the page would race another writer's block in it); a device that refuses
+//! it (4 KiB logical sectors) and tmpfs (no O_DIRECT at all) are used buffered.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use io_uring::{opcode, types};
 
 use crate::backend::IoQueue;
+use crate::buffer::SlotBuf;
 use crate::limits::BLOCK_BYTES;
 
 /// One device of the pool, as configured.
@@ -28,6 +39,7 @@ struct Dev {
     path: PathBuf,
     first_page: u64,
     pages: u64,
+    direct: bool,
 }
 
 /// A raw transfer of whole sectors.
@@ -42,6 +54,10 @@ pub struct RawOp {
     /// Memory to read into or write from.
     pub buf: *mut u8,
 }
+
+/// Operations handed to the ring at once (half its entries: the completion queue, twice as
+/// deep, never overflows).
+const URING_GROUP: usize = crate::limits::RING_ENTRIES as usize / 2;
 
 /// The devices, addressed as one run of pages.
 #[derive(Debug)]
@@ -74,12 +90,18 @@ impl Pool {
                 evstor_ffi::block_device_size(&s.path)?
             };
             let pages = bytes / BLOCK_BYTES;
-            inline &= crate::backend::memory_backed(&file);
+            let memory = crate::backend::memory_backed(&file);
+            inline &= memory;
+            let (file, direct) = match (!memory).then(|| open_direct(&s.path)).flatten() {
+                Some(f) => (f, true),
+                None => (file, false),
+            };
             devs.push(Dev {
                 file,
                 path: s.path.clone(),
                 first_page,
                 pages,
+                direct,
             });
             first_page += pages;
         }
@@ -95,11 +117,22 @@ impl Pool {
         self.pages
     }
 
+    /// Whether every device bypasses the page cache (O_DIRECT).
+    pub fn is_direct(&self) -> bool {
+        self.devs.iter().all(|d| d.direct)
+    }
+
     /// Device paths with their sizes in bytes.
     pub fn devices(&self) -> impl Iterator<Item = (&Path, u64)> {
         self.devs
             .iter()
             .map(|d| (d.path.as_path(), d.pages * BLOCK_BYTES))
+    }
+
+    /// Whether `sector` is the first of a device after the first (a transfer must not run
+    /// into it from the device before).
+    pub fn starts_device(&self, sector: u64) -> bool {
+        sector.is_multiple_of(8) && self.devs[1..].iter().any(|d| d.first_page * 8 == sector)
     }
 
     /// The device holding `sector`.
@@ -117,7 +150,8 @@ impl Pool {
         (d, (sector - d.first_page * 8) * 512)
     }
 
-    /// Runs every op; returns the first failure (as -errno) or 0.
+    /// Runs every op and leaves each one's outcome in `res` (see [`op_result`]); returns the
+    /// first failure (as -errno) or 0.
     ///
     /// # Safety
     /// Every op's `buf` must be valid for `len` bytes (writable for reads) and not touched
@@ -129,27 +163,28 @@ impl Pool {
                 *r = unsafe { self.run_one(op) };
             }
         } else {
-            let entries = ops.iter().map(|op| {
-                let (d, off) = self.locate(op.sector);
-                let fd = types::Fd(d.file.as_raw_fd());
-                if op.write {
-                    opcode::Write::new(fd, op.buf, op.len).offset(off).build()
-                } else {
-                    opcode::Read::new(fd, op.buf, op.len).offset(off).build()
+            // In groups the completion queue holds whole.
+            for (ops, res) in ops.chunks(URING_GROUP).zip(res.chunks_mut(URING_GROUP)) {
+                let entries = ops.iter().map(|op| {
+                    let (d, off) = self.locate(op.sector);
+                    let fd = types::Fd(d.file.as_raw_fd());
+                    if op.write {
+                        opcode::Write::new(fd, op.buf, op.len).offset(off).build()
+                    } else {
+                        opcode::Read::new(fd, op.buf, op.len).offset(off).build()
+                    }
+                });
+                // SAFETY: the buffers stay valid until run_batch has reaped every
+                // completion; the files live as long as self.
+                if let Err(e) = unsafe { q.run_batch(entries, &mut res[..ops.len()]) } {
+                    res[..ops.len()].fill(-e.raw_os_error().unwrap_or(libc::EIO));
                 }
-            });
-            // SAFETY: the buffers stay valid until run_batch has reaped every completion;
-            // the files live as long as self.
-            if let Err(e) = unsafe { q.run_batch(entries, &mut res[..ops.len()]) } {
-                return -e.raw_os_error().unwrap_or(libc::EIO);
             }
         }
         for (op, &r) in ops.iter().zip(res.iter()) {
+            let r = op_result(op, r);
             if r < 0 {
                 return r;
-            }
-            if r as u32 != op.len {
-                return -libc::EIO;
             }
         }
         0
@@ -159,6 +194,10 @@ impl Pool {
     /// As [`Pool::run`].
     unsafe fn run_one(&self, op: &RawOp) -> i32 {
         let (d, off) = self.locate(op.sector);
+        debug_assert!(
+            !d.direct || (op.buf as usize).is_multiple_of(512),
+            "unaligned buffer for O_DIRECT"
+        );
         let len = op.len as usize;
         let r = if op.write {
             // SAFETY: caller guarantees buf is valid for len bytes.
@@ -184,9 +223,121 @@ impl Pool {
     }
 }
 
+/// An op's outcome from its transfer result: 0, or -errno (a short transfer is -EIO).
+pub fn op_result(op: &RawOp, r: i32) -> i32 {
+    if r < 0 {
+        r
+    } else if r as u32 != op.len {
+        -libc::EIO
+    } else {
+        0
+    }
+}
+
+/// Opens with O_DIRECT and proves a 512-byte aligned read works; None if the device or file
+/// system refuses either.
+fn open_direct(path: &Path) -> Option<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()?;
+    let mut probe = SlotBuf::new(1, 4096)?;
+    match f.read_at(&mut probe.slot_mut(0, 4096)[..512], 0) {
+        Ok(512) => Some(f),
+        _ => None,
+    }
+}
+
 fn is_block_device(path: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::metadata(path)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn o_direct(f: &File) -> bool {
+        // SAFETY: F_GETFL on a descriptor we own; no memory is passed.
+        let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+        flags & libc::O_DIRECT != 0
+    }
+
+    /// Writes a raw page and three packed sectors mid-page through `run`, reads both back.
+    fn round_trip(p: &Pool) {
+        let mut buf = SlotBuf::new(2, 4096).expect("buf");
+        buf.slot_mut(0, 4096).fill(0x5a);
+        buf.slot_mut(1, 4096)[..1536].fill(0xa5);
+        let ops = [
+            RawOp {
+                write: true,
+                sector: 8,
+                len: 4096,
+                buf: buf.slot_ptr(0),
+            },
+            RawOp {
+                write: true,
+                sector: 16 + 3,
+                len: 1536,
+                buf: buf.slot_ptr(1),
+            },
+        ];
+        let mut res = [0; 2];
+        let mut q = IoQueue::new_sync();
+        // SAFETY: both buffers outlive the calls.
+        assert_eq!(unsafe { p.run(&mut q, &ops, &mut res) }, 0);
+        let mut back = SlotBuf::new(2, 4096).expect("buf");
+        let reads = [
+            RawOp {
+                write: false,
+                sector: 8,
+                len: 4096,
+                buf: back.slot_ptr(0),
+            },
+            RawOp {
+                write: false,
+                sector: 16,
+                len: 4096,
+                buf: back.slot_ptr(1),
+            },
+        ];
+        // SAFETY: as above.
+        assert_eq!(unsafe { p.run(&mut q, &reads, &mut res) }, 0);
+        assert!(back.slot(0, 4096).iter().all(|&b| b == 0x5a));
+        let page = back.slot(1, 4096);
+        assert!(page[..1536].iter().all(|&b| b == 0));
+        assert!(page[1536..3072].iter().all(|&b| b == 0xa5));
+        assert!(page[3072..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn files_on_disk_are_opened_o_direct_and_tmpfs_files_buffered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = DeviceSpec {
+            path: dir.path().join("d"),
+            size_bytes: 1 << 20,
+        };
+        let p = Pool::open(std::slice::from_ref(&spec)).expect("pool");
+        assert!(
+            !crate::backend::memory_backed(&p.devs[0].file),
+            "TMPDIR is memory-backed: O_DIRECT cannot be tested here"
+        );
+        assert!(p.is_direct() && o_direct(&p.devs[0].file));
+        round_trip(&p);
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            let dir = tempfile::tempdir_in(shm).expect("tempdir in /dev/shm");
+            let spec = DeviceSpec {
+                path: dir.path().join("d"),
+                size_bytes: 1 << 20,
+            };
+            let p = Pool::open(&[spec]).expect("pool on tmpfs");
+            assert!(!p.is_direct() && !o_direct(&p.devs[0].file) && p.inline);
+            round_trip(&p);
+        }
+    }
 }

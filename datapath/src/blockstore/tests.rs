@@ -1,6 +1,8 @@
 //! The block store against a model: every image is a vector of block versions, and after
 //! every operation every block of every image must read back as the model says, through the
-//! same `Backend` path the target uses, across reopen (crash-free restart) too.
+//! same `Backend` path the target uses, across reopen (crash-free restart) too. The model runs
+//! twice: short writes over one chunk of the map, and long writes over several chunks (runs
+//! that grow, split in the middle and join again).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,8 +10,16 @@ use std::path::Path;
 use proptest::prelude::*;
 
 use super::*;
+use crate::backend::{Backend, IoKind, IoQueue, IoRequest};
+use crate::buffer::SlotBuf;
+use crate::limits::MAX_BLOCKS_PER_IO;
+
+mod format_io;
 
 const BLOCKS: u64 = 48;
+
+/// The long-run model's volume: several 64-block chunks.
+const LONG_BLOCKS: u64 = 200;
 
 /// Block content for a version: compressible for even versions, noisy for odd ones.
 fn content(version: u64, block: u64) -> Vec<u8> {
@@ -46,7 +56,12 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let range = (0..BLOCKS, 1..9u64).prop_map(|(b, n)| (b, n.min(BLOCKS - b)));
+    op_sized(BLOCKS, 8)
+}
+
+/// Ops on volumes of `blocks` blocks, writes and trims of up to `run` blocks.
+fn op_sized(blocks: u64, run: u64) -> impl Strategy<Value = Op> {
+    let range = (0..blocks, 1..=run).prop_map(move |(b, n)| (b, n.min(blocks - b)));
     prop_oneof![
         6 => (0..4usize, range.clone()).prop_map(|(vol, (block, n))| Op::Write { vol, block, n }),
         1 => (0..4usize, range.clone()).prop_map(|(vol, (block, n))| Op::Zero { vol, block, n }),
@@ -85,6 +100,8 @@ struct Harness {
     store: Option<Arc<BlockStore>>,
     q: IoQueue,
     buf: SlotBuf,
+    /// Blocks per image.
+    blocks: u64,
 }
 
 fn open(dir: &Path) -> Arc<BlockStore> {
@@ -107,6 +124,7 @@ impl Harness {
             store: Some(store),
             q,
             buf: SlotBuf::new(1, MAX_BLOCKS_PER_IO * BLOCK).expect("buf"),
+            blocks: BLOCKS,
         }
     }
 
@@ -115,7 +133,12 @@ impl Harness {
     }
 
     fn io(&mut self, image: Uuid, kind: IoKind, block: u64, n: u64, compress: bool) -> i32 {
-        let img = self.st().image(image, BLOCKS * BLOCK_BYTES, compress);
+        let img = self.st().image(image, self.blocks * BLOCK_BYTES, compress);
+        self.io_on(&img, kind, block, n)
+    }
+
+    /// `io` through a given image handle.
+    fn io_on(&mut self, img: &Image, kind: IoKind, block: u64, n: u64) -> i32 {
         let req = IoRequest {
             kind,
             offset: block * BLOCK_BYTES,
@@ -140,8 +163,8 @@ impl Harness {
     fn check(&mut self, m: &Model) -> Result<(), TestCaseError> {
         for (&id, (_, blocks)) in &m.images {
             let mut first = 0;
-            while first < BLOCKS {
-                let n = (BLOCKS - first).min(MAX_BLOCKS_PER_IO as u64);
+            while first < self.blocks {
+                let n = (self.blocks - first).min(MAX_BLOCKS_PER_IO as u64);
                 let r = self.io(id, IoKind::Read, first, n, false);
                 prop_assert_eq!(r, (n * BLOCK_BYTES) as i32, "read of {}", id);
                 for b in first..first + n {
@@ -167,13 +190,18 @@ impl Harness {
 }
 
 fn run(ops: Vec<Op>, q: IoQueue) -> Result<(), TestCaseError> {
+    run_sized(ops, q, BLOCKS)
+}
+
+fn run_sized(ops: Vec<Op>, q: IoQueue, size: u64) -> Result<(), TestCaseError> {
     let mut h = Harness::new(q);
+    h.blocks = size;
     let mut m = Model::default();
     let mut wrote_data = false;
     for _ in 0..2 {
         let v = Uuid::new_v4();
         h.st().create_volume(v).expect("create");
-        m.images.insert(v, (true, vec![0; BLOCKS as usize]));
+        m.images.insert(v, (true, vec![0; size as usize]));
     }
     for op in ops {
         match op {
@@ -270,13 +298,13 @@ fn run(ops: Vec<Op>, q: IoQueue) -> Result<(), TestCaseError> {
     }
     // The full map of every image, paged three blocks at a time, lists exactly its data.
     for (&id, (_, blocks)) in &m.images {
-        let want: Vec<u64> = (0..BLOCKS).filter(|&b| blocks[b as usize] != 0).collect();
+        let want: Vec<u64> = (0..h.blocks).filter(|&b| blocks[b as usize] != 0).collect();
         let mut got: Vec<u64> = Vec::new();
         let mut from = 0;
         loop {
             let page = h
                 .st()
-                .changed_blocks(id, None, from, BLOCKS, 3)
+                .changed_blocks(id, None, from, h.blocks, 3)
                 .expect("map");
             got.extend(&page);
             match page.last() {
@@ -312,6 +340,22 @@ proptest! {
     #[test]
     fn extent_map_matches_the_model_on_the_sync_path(ops in proptest::collection::vec(op(), 1..40)) {
         run(ops, IoQueue::new_sync())?;
+    }
+
+    #[test]
+    fn long_runs_match_the_model_through_io_uring(
+        ops in proptest::collection::vec(op_sized(LONG_BLOCKS, MAX_BLOCKS_PER_IO as u64), 1..60)
+    ) {
+        let q = IoQueue::new();
+        prop_assert!(q.is_uring(), "io_uring is unavailable: this would test the fallback");
+        run_sized(ops, q, LONG_BLOCKS)?;
+    }
+
+    #[test]
+    fn long_runs_match_the_model_on_the_sync_path(
+        ops in proptest::collection::vec(op_sized(LONG_BLOCKS, MAX_BLOCKS_PER_IO as u64), 1..60)
+    ) {
+        run_sized(ops, IoQueue::new_sync(), LONG_BLOCKS)?;
     }
 }
 

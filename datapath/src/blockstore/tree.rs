@@ -1,24 +1,33 @@
 //! The extent map as a tree of layers, in memory and free of I/O.
 //!
 //! Every volume and every snapshot is an *image*; an image names one *layer*. A layer maps
-//! logical blocks to physical extents and may have a parent: a block missing from a layer is
-//! looked up in its parent, then the parent's parent. A layer is an epoch of writes: taking a
-//! snapshot freezes the volume's current layer (the snapshot now names it) and gives the
-//! volume a fresh empty layer on top; a clone is a new layer over a snapshot's layer;
-//! rollback puts a fresh empty layer over the snapshot's.
+//! logical blocks to physical extents ([`BlockMap`]: chunks of 64 blocks) and may have a
+//! parent: a block missing from a layer is looked up in its parent, then the parent's parent.
+//! A layer is an epoch of writes: taking a snapshot freezes the volume's current layer (the
+//! snapshot now names it) and gives the volume a fresh empty layer on top; a clone is a new
+//! layer over a snapshot's layer; rollback puts a fresh empty layer over the snapshot's.
 //!
 //! Each physical extent belongs to exactly one (layer, block) entry, so freeing needs no
 //! reference counts: a layer no image names is either freed (no children), merged into its
 //! only child, or kept as a shared ancestor (two or more children).
 //!
-//! Every mutation returns a [`Delta`]: the metadata rows to write and the extents that became
-//! free. The caller persists the rows in one atomic batch and frees the extents only after
-//! that batch is durable and no reader can still hold them.
+//! Every mutation returns a [`Delta`]: the metadata rows to write and the space that became
+//! free. The caller persists the rows in one atomic batch and frees the space only after
+//! that batch is durable and no reader can still hold it. Host writes go through
+//! [`Tree::write`] instead, which hands each chunk's row to the caller's batch as it goes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use uuid::Uuid;
+
+use crate::blockstore::map::{mask, BlockMap, Chunk, CHUNK_BLOCKS};
+pub use crate::blockstore::map::{Extent, Span, Spans};
+use crate::limits::CHUNK_DELTA_ROWS_MAX;
+
+/// Delta rows a chunk may have; tiny under test, so the model test starts new generations
+/// often (and reopens across them).
+pub const DELTA_ROWS: usize = if cfg!(test) { 4 } else { CHUNK_DELTA_ROWS_MAX };
 
 /// A layer's id (never reused).
 pub type LayerId = u64;
@@ -50,40 +59,6 @@ impl Hasher for FastHasher {
 /// A hash map keyed by layer id or image UUID.
 pub type HashMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<FastHasher>>;
 
-/// Where one logical block lives. `len == 0` is a tombstone: the block reads as zeroes even
-/// if an ancestor maps it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    /// First 512-byte sector on the pool.
-    pub sector: u64,
-    /// Stored bytes (4096 raw, fewer when compressed, 0 for a tombstone).
-    pub len: u16,
-    /// Whether the stored bytes are lz4-compressed.
-    pub compressed: bool,
-    /// CRC32C of the stored bytes.
-    pub crc: u32,
-}
-
-impl Extent {
-    /// A block that reads as zeroes.
-    pub const ZERO: Extent = Extent {
-        sector: 0,
-        len: 0,
-        compressed: false,
-        crc: 0,
-    };
-
-    /// Whether this entry hides ancestors with zeroes.
-    pub fn is_zero(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Sectors it occupies on the pool.
-    pub fn sectors(&self) -> u32 {
-        (self.len as u32).div_ceil(512)
-    }
-}
-
 /// What a layer is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Owner {
@@ -103,7 +78,7 @@ pub struct Layer {
     /// Who names it.
     pub owner: Owner,
     /// Block → extent.
-    pub map: BTreeMap<u64, Extent>,
+    pub map: BlockMap,
     /// Layers whose parent this is (derived).
     pub children: u32,
     /// Data (non-tombstone) entries (derived).
@@ -113,11 +88,12 @@ pub struct Layer {
 }
 
 impl Layer {
-    fn new(parent: Option<LayerId>, owner: Owner) -> Layer {
+    /// An empty layer.
+    pub fn new(parent: Option<LayerId>, owner: Owner) -> Layer {
         Layer {
             parent,
             owner,
-            map: BTreeMap::new(),
+            map: BlockMap::default(),
             children: 0,
             data_blocks: 0,
             stored_bytes: 0,
@@ -133,21 +109,13 @@ impl Layer {
         }
     }
 
-    fn put(&mut self, block: u64, e: Extent) -> Option<Extent> {
-        self.account(&e, 1);
-        let old = self.map.insert(block, e);
-        if let Some(o) = &old {
-            self.account(o, -1);
-        }
-        old
-    }
-
-    fn remove(&mut self, block: u64) -> Option<Extent> {
-        let old = self.map.remove(&block);
-        if let Some(o) = &old {
-            self.account(o, -1);
-        }
-        old
+    fn account_chunk(&mut self, c: &Chunk, sign: i64) {
+        self.data_blocks = self
+            .data_blocks
+            .wrapping_add_signed(sign * c.data_count() as i64);
+        self.stored_bytes = self
+            .stored_bytes
+            .wrapping_add_signed(sign * 512 * c.stored_sectors() as i64);
     }
 }
 
@@ -156,31 +124,68 @@ impl Layer {
 pub enum Row {
     /// Write the layer record (parent, owner).
     Layer(LayerId),
-    /// Delete the layer record and every extent row of that layer.
+    /// Delete the layer record and every chunk and delta row of that layer.
     DropLayer(LayerId),
-    /// Write one extent row.
-    Extent(LayerId, u64, Extent),
-    /// Delete one extent row.
-    Unmap(LayerId, u64),
-    /// Delete extent rows of the layer in `[start, end)`.
-    UnmapRange(LayerId, u64, u64),
+    /// Write chunk `.1`'s full row from the tree (whose generation was just bumped, so its
+    /// delta rows on disk are stale).
+    Chunk(LayerId, u64),
+    /// Delete chunk `.1`'s row and its delta rows in slots `0...2` (it left the layer).
+    Unchunk(LayerId, u64, u8),
+    /// Delete the rows of chunks `[.1, .2)`, delta rows included.
+    DropChunks(LayerId, u64, u64),
 }
 
-/// The outcome of a mutation: rows to persist atomically, and extents now free.
+/// The outcome of a mutation: rows to persist atomically, and space now free.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Delta {
     /// In order.
     pub rows: Vec<Row>,
     /// Free once `rows` are durable and no reader can hold them.
-    pub freed: Vec<Extent>,
+    pub freed: Spans,
+    /// Images whose layer changed (their [`crate::blockstore::Image`] handles follow).
+    pub images: Vec<Uuid>,
 }
 
 impl Delta {
-    fn free(&mut self, e: Extent) {
+    fn free(&mut self, e: &Extent) {
         if !e.is_zero() {
-            self.freed.push(e);
+            self.freed.push(e.span());
         }
     }
+
+    fn free_chunk(&mut self, c: &Chunk) {
+        c.spans(&mut self.freed);
+    }
+}
+
+/// A chunk's row for a host write's batch, from [`Tree::write`].
+#[derive(Debug)]
+pub enum Persist<'a> {
+    /// A delta row: blocks `[first, first + exts.len())` of chunk `idx` (block numbers inside
+    /// the chunk), applied at load over the full row of generation `gen`, in slot order.
+    Delta {
+        /// Layer.
+        layer: LayerId,
+        /// Chunk number.
+        idx: u64,
+        /// Row slot (`0..CHUNK_DELTA_ROWS_MAX`).
+        slot: u8,
+        /// Generation of the full row it applies to.
+        gen: u32,
+        /// First block inside the chunk.
+        first: u32,
+        /// The blocks' new extents.
+        exts: &'a [Extent],
+    },
+    /// The chunk's full row (a new generation).
+    Chunk {
+        /// Layer.
+        layer: LayerId,
+        /// Chunk number.
+        idx: u64,
+        /// Its state now.
+        chunk: &'a Chunk,
+    },
 }
 
 /// Why a tree operation was refused.
@@ -216,6 +221,23 @@ pub struct Tree {
     pub next_layer: LayerId,
 }
 
+/// Starts a new generation of a chunk's full row: delta rows written so far become stale.
+fn consolidate(c: &mut Chunk) {
+    c.gen = c.gen.wrapping_add(1);
+    c.deltas = 0;
+}
+
+/// Bits set in `m`, lowest first.
+fn bits(mut m: u64) -> impl Iterator<Item = u32> {
+    std::iter::from_fn(move || {
+        (m != 0).then(|| {
+            let i = m.trailing_zeros();
+            m &= m - 1;
+            i
+        })
+    })
+}
+
 impl Tree {
     /// Rebuilds derived fields (children, counters, images, next id) after loading rows.
     pub fn from_parts(layers: HashMap<LayerId, Layer>) -> Tree {
@@ -227,12 +249,13 @@ impl Tree {
         let parents: Vec<LayerId> = t.layers.values().filter_map(|l| l.parent).collect();
         for l in t.layers.values_mut() {
             l.children = 0;
-            l.data_blocks = 0;
-            l.stored_bytes = 0;
-            let entries: Vec<Extent> = l.map.values().copied().collect();
-            for e in &entries {
-                l.account(e, 1);
+            let (mut blocks, mut sectors) = (0u64, 0u64);
+            for (_, c) in l.map.chunks() {
+                blocks += c.data_count() as u64;
+                sectors += c.stored_sectors();
             }
+            l.data_blocks = blocks;
+            l.stored_bytes = sectors * 512;
         }
         for p in parents {
             if let Some(l) = t.layers.get_mut(&p) {
@@ -302,7 +325,8 @@ impl Tree {
         let id = self.alloc_layer(None, Owner::Volume(v));
         Ok(Delta {
             rows: vec![Row::Layer(id)],
-            freed: Vec::new(),
+            images: vec![v],
+            ..Delta::default()
         })
     }
 
@@ -315,7 +339,8 @@ impl Tree {
         let id = self.alloc_layer(Some(base), Owner::Volume(v));
         Ok(Delta {
             rows: vec![Row::Layer(id)],
-            freed: Vec::new(),
+            images: vec![v],
+            ..Delta::default()
         })
     }
 
@@ -330,7 +355,8 @@ impl Tree {
         let id = self.alloc_layer(Some(head), Owner::Volume(v));
         Ok(Delta {
             rows: vec![Row::Layer(head), Row::Layer(id)],
-            freed: Vec::new(),
+            images: vec![v, s],
+            ..Delta::default()
         })
     }
 
@@ -348,7 +374,8 @@ impl Tree {
         let id = self.alloc_layer(Some(base), Owner::Volume(v));
         let mut d = Delta {
             rows: vec![Row::Layer(id)],
-            freed: Vec::new(),
+            images: vec![v],
+            ..Delta::default()
         };
         self.layers.get_mut(&old).expect("old head").owner = Owner::Shared;
         self.collect(old, &mut d);
@@ -360,7 +387,10 @@ impl Tree {
         let id = self.layer_of(image)?;
         self.images.remove(&image);
         self.layers.get_mut(&id).expect("layer").owner = Owner::Shared;
-        let mut d = Delta::default();
+        let mut d = Delta {
+            images: vec![image],
+            ..Delta::default()
+        };
         self.collect(id, &mut d);
         Ok(d)
     }
@@ -369,35 +399,23 @@ impl Tree {
     fn collect(&mut self, mut id: LayerId, d: &mut Delta) {
         loop {
             let l = &self.layers[&id];
-            if l.owner != Owner::Shared {
+            if l.owner != Owner::Shared || l.children > 0 {
+                // Named, or still read through: with one child, `merge_step` folds it into
+                // that child in bounded batches; with two or more it stays shared.
                 d.rows.push(Row::Layer(id));
                 return;
             }
-            match l.children {
-                0 => {
-                    let l = self.layers.remove(&id).expect("layer");
-                    for e in l.map.values() {
-                        d.free(*e);
-                    }
-                    d.rows.push(Row::DropLayer(id));
-                    match l.parent {
-                        Some(p) => {
-                            self.layers.get_mut(&p).expect("parent").children -= 1;
-                            id = p;
-                        }
-                        None => return,
-                    }
+            let l = self.layers.remove(&id).expect("layer");
+            for (_, c) in l.map.chunks() {
+                d.free_chunk(c);
+            }
+            d.rows.push(Row::DropLayer(id));
+            match l.parent {
+                Some(p) => {
+                    self.layers.get_mut(&p).expect("parent").children -= 1;
+                    id = p;
                 }
-                // Still correct as it stands (reads look through it); `merge_step` folds it
-                // into its child in bounded batches.
-                1 => {
-                    d.rows.push(Row::Layer(id));
-                    return;
-                }
-                _ => {
-                    d.rows.push(Row::Layer(id));
-                    return;
-                }
+                None => return,
             }
         }
     }
@@ -410,9 +428,10 @@ impl Tree {
             .map(|(&id, _)| id)
     }
 
-    /// Moves up to `max` entries of shared layer `id` into its only child (freeing those the
-    /// child overrides); once it is empty the child takes its parent and it goes. Every step
-    /// leaves a correct tree, so a crash or a write between steps changes nothing visible.
+    /// Moves whole chunks of shared layer `id` (at least one, about `max` entries) into its
+    /// only child (freeing the blocks the child overrides); once it is empty the child takes
+    /// its parent and it goes. Every step leaves a correct tree, so a crash or a write
+    /// between steps changes nothing visible.
     pub fn merge_step(&mut self, id: LayerId, max: usize) -> Delta {
         let mut d = Delta::default();
         let Some(child) = self
@@ -426,16 +445,40 @@ impl Tree {
         };
         let mut l = self.layers.remove(&id).expect("layer");
         let c = self.layers.get_mut(&child).expect("child");
-        let keys: Vec<u64> = l.map.keys().take(max).copied().collect();
-        for b in keys {
-            let e = l.remove(b).expect("key just listed");
-            d.rows.push(Row::Unmap(id, b));
-            if c.map.contains_key(&b) {
-                d.free(e);
-            } else {
-                c.put(b, e);
-                d.rows.push(Row::Extent(child, b, e));
+        let mut moved = 0usize;
+        while moved < max.max(1) {
+            let Some(ci) = l.map.first_chunk() else { break };
+            let mut pc = l.map.take_chunk(ci).expect("first chunk");
+            l.account_chunk(&pc, -1);
+            moved += pc.len() as usize;
+            d.rows.push(Row::Unchunk(id, ci, pc.slots_used));
+            match c.map.chunk_mut(ci) {
+                None => {
+                    // The child has no rows for this chunk: it starts fresh there.
+                    (pc.gen, pc.deltas, pc.slots_used) = (0, 0, 0);
+                    consolidate(&mut pc);
+                    c.account_chunk(&pc, 1);
+                    c.map.insert_chunk(ci, pc);
+                }
+                Some(cc) => {
+                    let (mut blocks, mut sectors) = (0u64, 0u64);
+                    for (i, e) in pc.entries() {
+                        if cc.get(i).is_some() {
+                            d.free(&e);
+                        } else {
+                            cc.put(i, e);
+                            if !e.is_zero() {
+                                blocks += 1;
+                                sectors += e.sectors() as u64;
+                            }
+                        }
+                    }
+                    consolidate(cc);
+                    c.data_blocks += blocks;
+                    c.stored_bytes += sectors * 512;
+                }
             }
+            d.rows.push(Row::Chunk(child, ci));
         }
         if l.map.is_empty() {
             c.parent = l.parent;
@@ -451,46 +494,192 @@ impl Tree {
     pub fn resolve(&self, mut id: LayerId, b: u64) -> Option<Extent> {
         loop {
             let l = &self.layers[&id];
-            if let Some(e) = l.map.get(&b) {
-                return (!e.is_zero()).then_some(*e);
+            if let Some(e) = l.map.get(b) {
+                return (!e.is_zero()).then_some(e);
             }
             id = l.parent?;
         }
     }
 
-    /// Maps block `b` of volume layer `head` to `e`; returns the extent it replaced in that
-    /// same layer (now free), if any. Blocks of ancestors stay with their snapshots.
-    pub fn write(&mut self, head: LayerId, b: u64, e: Extent) -> Option<Extent> {
-        let l = self.layers.get_mut(&head).expect("head layer");
-        l.put(b, e).filter(|o| !o.is_zero())
+    /// [`Tree::resolve`] for blocks `first..first + out.len()`: one chunk lookup per layer
+    /// per chunk the range touches, not per block. `None` if the layer is gone.
+    pub fn resolve_range(&self, head: LayerId, first: u64, out: &mut [Option<Extent>]) -> bool {
+        if !self.layers.contains_key(&head) {
+            return false;
+        }
+        let end = first + out.len() as u64;
+        let mut b = first;
+        while b < end {
+            let idx = b / CHUNK_BLOCKS;
+            let seg_end = end.min((idx + 1) * CHUNK_BLOCKS);
+            let base = idx * CHUNK_BLOCKS;
+            let mut todo = mask((b - base) as u32, (seg_end - base) as u32);
+            let mut at = Some(head);
+            while let (true, Some(id)) = (todo != 0, at) {
+                let l = &self.layers[&id];
+                if let Some(c) = l.map.chunk(idx) {
+                    let hits = (c.data_bits() | c.zero_bits()) & todo;
+                    for i in bits(hits) {
+                        out[(base + i as u64 - first) as usize] = c.get(i).filter(|e| !e.is_zero());
+                    }
+                    todo &= !hits;
+                }
+                at = l.parent;
+            }
+            for i in bits(todo) {
+                out[(base + i as u64 - first) as usize] = None;
+            }
+            b = seg_end;
+        }
+        true
+    }
+
+    /// Maps blocks `first..` of volume layer `head` to `exts` (a host write). Extents they
+    /// replace in that layer go to `freed`; each chunk touched hands `persist` its row: a
+    /// delta row with just these blocks, or the chunk's full row when the write covers a
+    /// quarter of it or the chunk has used up its delta slots. Ancestors keep their blocks.
+    pub fn write(
+        &mut self,
+        head: LayerId,
+        first: u64,
+        exts: &[Extent],
+        freed: &mut Spans,
+        mut persist: impl FnMut(Persist<'_>),
+    ) {
+        let Layer {
+            map,
+            data_blocks,
+            stored_bytes,
+            ..
+        } = self.layers.get_mut(&head).expect("head layer");
+        let mut k = 0usize;
+        while k < exts.len() {
+            let b = first + k as u64;
+            let (idx, i) = (b / CHUNK_BLOCKS, (b % CHUNK_BLOCKS) as u32);
+            let n = (exts.len() - k).min((CHUNK_BLOCKS - i as u64) as usize);
+            let seg = &exts[k..k + n];
+            let c = map.chunk_or_default(idx);
+            for (j, e) in seg.iter().enumerate() {
+                if let Some(old) = c.put(i + j as u32, *e).filter(|o| !o.is_zero()) {
+                    freed.push(old.span());
+                    *data_blocks -= 1;
+                    *stored_bytes -= 512 * old.sectors() as u64;
+                }
+                if !e.is_zero() {
+                    *data_blocks += 1;
+                    *stored_bytes += 512 * e.sectors() as u64;
+                }
+            }
+            if n as u64 * 4 >= CHUNK_BLOCKS || c.deltas as usize >= DELTA_ROWS {
+                consolidate(c);
+                persist(Persist::Chunk {
+                    layer: head,
+                    idx,
+                    chunk: c,
+                });
+            } else {
+                let slot = c.deltas;
+                c.deltas += 1;
+                c.slots_used = c.slots_used.max(c.deltas);
+                persist(Persist::Delta {
+                    layer: head,
+                    idx,
+                    slot,
+                    gen: c.gen,
+                    first: i,
+                    exts: seg,
+                });
+            }
+            k += n;
+        }
+    }
+
+    /// The ancestors of layer `id`, nearest first.
+    fn ancestors(&self, id: LayerId) -> Vec<LayerId> {
+        let mut out = Vec::new();
+        let mut at = self.layers[&id].parent;
+        while let Some(p) = at {
+            out.push(p);
+            at = self.layers[&p].parent;
+        }
+        out
+    }
+
+    /// The lowest chunk number at or after `from` that any of `ids` maps.
+    fn next_chunk_in(&self, ids: &[LayerId], from: u64) -> Option<u64> {
+        ids.iter()
+            .filter_map(|id| self.layers[id].map.next_chunk(from))
+            .min()
+    }
+
+    /// Blocks of chunk `idx` that read as data through `ids` (top first).
+    fn visible_data(&self, ids: &[LayerId], idx: u64) -> u64 {
+        let (mut data, mut decided) = (0u64, 0u64);
+        for id in ids {
+            if let Some(c) = self.layers[id].map.chunk(idx) {
+                data |= c.data_bits() & !decided;
+                decided |= c.data_bits() | c.zero_bits();
+            }
+        }
+        data
     }
 
     /// Makes blocks `[start, end)` of volume `v` read as zeroes, releasing their space.
+    /// Whole chunks go with one range delete; blocks an ancestor would show through get
+    /// tombstones.
     pub fn trim(&mut self, v: Uuid, start: u64, end: u64) -> Result<Delta, TreeError> {
         let head = self.volume_layer(v)?;
         let mut d = Delta::default();
-        // Blocks an ancestor would show through need a tombstone; the rest just go.
-        let mut shadowed = BTreeSet::new();
-        let mut up = self.layers[&head].parent;
-        while let Some(id) = up {
-            let l = &self.layers[&id];
-            shadowed.extend(l.map.range(start..end).map(|(&b, _)| b));
-            up = l.parent;
+        if start >= end {
+            return Ok(d);
         }
-        if let Some(p) = self.layers[&head].parent {
-            shadowed.retain(|&b| self.resolve(p, b).is_some());
+        let up = self.ancestors(head);
+        let mut all = vec![head];
+        all.extend_from_slice(&up);
+        let (full_from, full_to) = (start.div_ceil(CHUNK_BLOCKS), end / CHUNK_BLOCKS);
+        if full_from < full_to {
+            d.rows.push(Row::DropChunks(head, full_from, full_to));
         }
-        let l = self.layers.get_mut(&head).expect("head");
-        let owned: Vec<u64> = l.map.range(start..end).map(|(&b, _)| b).collect();
-        for b in owned {
-            if let Some(e) = l.remove(b) {
-                d.free(e);
+        let last = (end - 1) / CHUNK_BLOCKS;
+        let mut cursor = start / CHUNK_BLOCKS;
+        while let Some(idx) = self.next_chunk_in(&all, cursor).filter(|&i| i <= last) {
+            cursor = idx + 1;
+            let base = idx * CHUNK_BLOCKS;
+            let m = mask(
+                start.saturating_sub(base).min(CHUNK_BLOCKS) as u32,
+                (end - base).min(CHUNK_BLOCKS) as u32,
+            );
+            let full = (full_from..full_to).contains(&idx);
+            let shadow = self.visible_data(&up, idx) & m;
+            let l = self.layers.get_mut(&head).expect("head");
+            let slots = l.map.chunk(idx).map(|c| c.slots_used);
+            if let Some(mut c) = l.map.take_chunk(idx) {
+                for i in bits(m & (c.data_bits() | c.zero_bits())) {
+                    if let Some(e) = c.remove(i) {
+                        l.account(&e, -1);
+                        d.free(&e);
+                    }
+                }
+                if full {
+                    // Its rows went with the range delete: it starts afresh.
+                    (c.gen, c.deltas, c.slots_used) = (0, 0, 0);
+                }
+                l.map.insert_chunk(idx, c);
             }
-        }
-        d.rows.push(Row::UnmapRange(head, start, end));
-        for b in shadowed {
-            l.put(b, Extent::ZERO);
-            d.rows.push(Row::Extent(head, b, Extent::ZERO));
+            for i in bits(shadow) {
+                l.map.put(base + i as u64, Extent::ZERO);
+            }
+            l.map.prune(idx);
+            match l.map.chunk_mut(idx) {
+                Some(c) => {
+                    consolidate(c);
+                    d.rows.push(Row::Chunk(head, idx));
+                }
+                None => match slots {
+                    Some(slots) if !full => d.rows.push(Row::Unchunk(head, idx, slots)),
+                    _ => {}
+                },
+            }
         }
         Ok(d)
     }
@@ -500,16 +689,16 @@ impl Tree {
         let Some(&head) = self.images.get(&v) else {
             return false;
         };
-        let mut at = Some(head);
-        while let Some(id) = at {
-            let l = &self.layers[&id];
-            if l.map
-                .range(end..)
-                .any(|(&b, _)| self.resolve(head, b).is_some())
-            {
+        let mut all = vec![head];
+        all.extend(self.ancestors(head));
+        let mut cursor = end / CHUNK_BLOCKS;
+        while let Some(idx) = self.next_chunk_in(&all, cursor) {
+            let base = idx * CHUNK_BLOCKS;
+            let m = mask(end.saturating_sub(base).min(CHUNK_BLOCKS) as u32, 64);
+            if self.visible_data(&all, idx) & m != 0 {
                 return true;
             }
-            at = l.parent;
+            cursor = idx + 1;
         }
         false
     }
@@ -551,7 +740,7 @@ impl Tree {
                     break;
                 }
                 let l = &self.layers[&id];
-                for (n, (&b, _)) in l.map.range(cursor..to).enumerate() {
+                for (n, (b, _)) in l.map.range(cursor, to).enumerate() {
                     set.insert(b);
                     if n + 1 == max {
                         complete_to = complete_to.min(b);
@@ -588,12 +777,27 @@ impl Tree {
         false
     }
 
-    /// Every extent the tree references (to rebuild the allocator).
-    pub fn extents(&self) -> impl Iterator<Item = &Extent> {
-        self.layers
-            .values()
-            .flat_map(|l| l.map.values())
-            .filter(|e| !e.is_zero())
+    /// The pool space of every extent the tree references (to rebuild the allocator), whole
+    /// pages of a run joined.
+    pub fn spans(&self, mut f: impl FnMut(Span)) {
+        for l in self.layers.values() {
+            let mut s = Spans::default();
+            for (_, c) in l.map.chunks() {
+                c.spans(&mut s);
+                if s.0.len() > 1024 {
+                    // Keep the last one: the next chunk may continue it.
+                    let last = s.0.pop();
+                    s.0.drain(..).for_each(&mut f);
+                    s.0.extend(last);
+                }
+            }
+            s.0.into_iter().for_each(&mut f);
+        }
+    }
+
+    /// Memory the block maps take (see [`BlockMap::mem_bytes`]).
+    pub fn map_bytes(&self) -> usize {
+        self.layers.values().map(|l| l.map.mem_bytes()).sum()
     }
 
     /// Usage of one image's view: (data blocks visible, stored bytes it owns, stored bytes
@@ -612,18 +816,18 @@ impl Tree {
             u.referenced_logical_bytes = u.owned_logical_bytes;
             return Ok(u);
         }
-        let mut seen: BTreeMap<u64, bool> = BTreeMap::new();
-        let mut at = Some(top);
-        while let Some(id) = at {
-            let l = &self.layers[&id];
+        let mut all = vec![top];
+        all.extend(self.ancestors(top));
+        for id in &all {
+            let l = &self.layers[id];
             u.referenced_bytes += l.stored_bytes;
             u.referenced_logical_bytes += l.data_blocks * 4096;
-            for (&b, e) in &l.map {
-                seen.entry(b).or_insert(!e.is_zero());
-            }
-            at = l.parent;
         }
-        u.visible_blocks = seen.values().filter(|&&d| d).count() as u64;
+        let mut cursor = 0;
+        while let Some(idx) = self.next_chunk_in(&all, cursor) {
+            u.visible_blocks += self.visible_data(&all, idx).count_ones() as u64;
+            cursor = idx + 1;
+        }
         Ok(u)
     }
 }
