@@ -137,3 +137,6 @@ pub const ETCD_START_WAIT_MS: u64 = 60_000;
 pub const CHECKPOINT_BYTES_MAX: u64 = 64 * 1024 * 1024 * 1024;
 /// Longest a checkpoint transfer may stall (socket timeouts on both ends).
 pub const CHECKPOINT_IO_MS: u64 = 30_000;
+/// Volumes that get their own series in `/metrics` (space per volume); the rest are counted
+/// in `evstor_metrics_volumes_omitted`. Bounds the scrape's size and Prometheus' cardinality.
+pub const METRICS_VOLUMES_MAX: usize = 1_000;

@@ -197,6 +197,8 @@ pub async fn run(
     let mut held = HashSet::new();
     loop {
         let now = crate::store::bus::now_unix_ns();
+        // The state read below holds at least this seq (`/metrics`: reconciler lag).
+        let seen = *seq.borrow_and_update();
         let (work, next_expiry, mut failed) = {
             let state = bus.state();
             let published = data.publish(&state);
@@ -222,6 +224,7 @@ pub async fn run(
         for w in work {
             failed |= !step(&bus, &data, w).await;
         }
+        bus.metrics().reconciled(seen);
         let idle = match next_expiry {
             Some(t) => Duration::from_nanos(t.saturating_sub(now)).min(IDLE_WAKE_MAX),
             None => IDLE_WAKE_MAX,

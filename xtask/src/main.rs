@@ -2,8 +2,8 @@
 //!
 //! - `cargo xtask serve [ARGS]`: installs what the build needs (libclang for bindgen, a C++
 //!   compiler for RocksDB, the kernel UAPI headers), then runs `cargo run --release -- serve ARGS`.
-//! - `cargo xtask test [ARGS]`: installs what the build and the tests need (plus etcd, losetup
-//!   and the host VM of `shared/tools/nvme-host-vm`), then runs `cargo fmt --check`,
+//! - `cargo xtask test [ARGS]`: installs what the build and the tests need (plus etcd, losetup,
+//!   promtool and the host VM of `shared/tools/nvme-host-vm`), then runs `cargo fmt --check`,
 //!   `.ci/clippy` and `cargo test --workspace ARGS` with nothing allowed to skip. `.ci/run` runs
 //!   exactly this.
 //! - `cargo xtask deps [serve|test]`: only the installation step.
@@ -51,6 +51,10 @@ const TEST: &[Package] = &[
     Package {
         name: "etcd-server",
         why: "the etcd the cluster-mode tests start",
+    },
+    Package {
+        name: "prometheus",
+        why: "promtool, which checks the /metrics exposition",
     },
 ];
 

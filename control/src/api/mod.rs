@@ -14,6 +14,7 @@ pub mod events;
 pub mod feature_flags;
 pub mod internal;
 pub mod json;
+pub mod metrics;
 pub mod nodes;
 pub mod nvme_devices;
 pub mod policies;
@@ -269,6 +270,8 @@ pub fn router(app: App, caps: admission::RequestCaps) -> Router {
         .merge(snapshot_diff::routes())
         .merge(policies::routes())
         .merge(internal::routes())
+        .merge(metrics::routes())
+        .route_layer(axum::middleware::from_fn(metrics::mark_route))
         .fallback(|| async { ApiError::not_found("no such API route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -281,5 +284,9 @@ pub fn router(app: App, caps: admission::RequestCaps) -> Router {
             crate::limits::REQUEST_BODY_BYTES_MAX,
         ))
         .layer(axum::middleware::from_fn_with_state(gate, admission::admit))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            metrics::observe,
+        ))
         .with_state(app)
 }

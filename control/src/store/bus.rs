@@ -43,6 +43,7 @@ use crate::limits::{
     COMMAND_QUEUE_MAX, GROUP_COMMIT_COMMANDS_MAX, LOG_APPEND_RACE_MS, LOG_BATCH_BYTES_MAX,
     LOG_POLL_MS,
 };
+use crate::metrics::Metrics;
 
 /// Who asked, for the envelope.
 #[derive(Debug, Clone)]
@@ -110,6 +111,7 @@ pub struct Bus {
     state: Arc<RwLock<State>>,
     journal: Arc<RocksJournal>,
     last_seq: watch::Receiver<u64>,
+    metrics: Arc<Metrics>,
 }
 
 impl Bus {
@@ -133,7 +135,9 @@ impl Bus {
         let state = Arc::new(RwLock::new(loaded.clone()));
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE_MAX);
         let (seq_tx, seq_rx) = watch::channel(journal.head().last_seq());
+        let metrics = Arc::new(Metrics::default());
         let writer = Writer {
+            metrics: metrics.clone(),
             journal: journal.clone(),
             working: loaded,
             readers: state.clone(),
@@ -157,6 +161,7 @@ impl Bus {
             state,
             journal,
             last_seq: seq_rx,
+            metrics,
         })
     }
 
@@ -216,6 +221,11 @@ impl Bus {
 
     pub fn journal(&self) -> &Arc<RocksJournal> {
         &self.journal
+    }
+
+    /// The server's event metrics (`/metrics`).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Watch of the last committed seq, for followers (reconcilers, event streams).
@@ -284,6 +294,8 @@ fn refused_before_write(e: &JournalError) -> bool {
 
 struct Writer {
     journal: Arc<RocksJournal>,
+    /// Append latency and group sizes.
+    metrics: Arc<Metrics>,
     /// The state with the current batch's events applied, ahead of the readers.
     working: State,
     readers: Arc<RwLock<State>>,
@@ -479,7 +491,15 @@ impl Writer {
                 self.appends - 1
             )));
         }
-        self.journal.append(batch).map(|_| ())
+        let (events, started) = (batch.events.len(), Instant::now());
+        let appended = self.journal.append(batch).map(|_| ());
+        match &appended {
+            Ok(()) => self
+                .metrics
+                .journal_appended(events, started.elapsed().as_secs_f64()),
+            Err(_) => self.metrics.journal_append_failed(),
+        }
+        appended
     }
 
     /// Decides one job against the working state and stages its events.
@@ -618,7 +638,16 @@ impl Writer {
             }
             let projections = self.row_ops(&staged.touched);
             let (placed, after) = place(&head, staged.batch.events);
+            let started = Instant::now();
             let appended = self.log().append(&placed, &after, fence);
+            match &appended {
+                Ok(Appended::Done { .. }) => self
+                    .metrics
+                    .journal_appended(placed.len(), started.elapsed().as_secs_f64()),
+                Ok(Appended::Fenced) | Err(_) => self.metrics.journal_append_failed(),
+                // Lost a race: decided again and retried, nobody was failed.
+                Ok(Appended::Behind(_)) => {}
+            }
             match appended {
                 Ok(Appended::Done { .. }) => {
                     self.land(&placed, projections, &staged.applied);
@@ -830,6 +859,7 @@ mod tests_support {
     pub fn writer_on(journal: &Arc<RocksJournal>) -> Writer {
         let (seq_tx, _seq_rx) = watch::channel(0);
         Writer {
+            metrics: Arc::default(),
             journal: journal.clone(),
             working: State::default(),
             readers: Arc::default(),
