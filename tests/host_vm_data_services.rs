@@ -32,6 +32,7 @@ const EXPECTED: &[&str] = &[
     "grow-visible-to-host",
     "compressed-write-verify",
     "compression-ratio",
+    "metrics-move-during-fio",
     "qos-measured",
 ];
 
@@ -176,6 +177,25 @@ fn serve_request(s: &mut Server, name: &str, share: &Path, x: &mut Ctx) {
             }
             reply(format!("{ratio:.2}"));
         }
+        "metrics-during-fio" => {
+            let mut reads = |admin: &Client| -> f64 {
+                let (status, body) = admin.get("/metrics");
+                let text = body.as_str().unwrap_or_default().to_string();
+                let series = r#"evstor_volume_reads_total{project="default",volume="u"} "#;
+                let value = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix(series)?.parse::<f64>().ok());
+                value.unwrap_or_else(|| {
+                    x.problems
+                        .push(format!("/metrics {status} has no {series}"));
+                    0.0
+                })
+            };
+            let before = reads(&admin);
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            let moved = reads(&admin) - before;
+            reply(format!("{moved:.0}"));
+        }
         other => x.problems.push(format!("unknown guest request {other}")),
     }
 }
@@ -243,11 +263,21 @@ fn linux_host_sees_snapshots_clones_rollback_compression_and_qos() {
     // Exceeding the limit is a QoS failure at any load. Falling short is also what a guest
     // starved of CPU on a busy host does (the emulated guest is slow), so the floor is loose
     // here; `datapath/tests/qos.rs` holds the limits to 1 % over loopback, with retries.
+    // The floor is judged only when the guest had CPU to spare: its unlimited job alone ran
+    // at four times the limit or more (on an idle machine it runs at ~2000).
     let limit = QOS_IOPS as f64;
     assert!(
-        (0.8 * limit..=1.05 * limit).contains(&limited),
-        "limited volume ran {limited:.1} IOPS, not {QOS_IOPS} (at most +5%, at least -20%)"
+        limited <= 1.05 * limit,
+        "limited volume ran {limited:.1} IOPS, over its {QOS_IOPS} limit (+5% allowed)"
     );
+    if alone >= 4.0 * limit {
+        assert!(
+            limited >= 0.8 * limit,
+            "limited volume ran {limited:.1} IOPS, not {QOS_IOPS} (at least -20%)"
+        );
+    } else {
+        eprintln!("qos: the guest was starved of CPU (alone {alone:.0} IOPS); floor not judged");
+    }
     // Under software emulation the guest's CPU bounds the unlimited volume, and the limited
     // job beside it takes some of that CPU, as do other processes on a busy host: how much
     // the unlimited job keeps varies with the machine. What must not happen is the target

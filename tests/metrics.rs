@@ -1,7 +1,7 @@
 //! `GET /metrics`: Prometheus' own checker accepts the exposition, it needs a system role,
 //! and its figures follow what happens: API answers counted by route template (and the ones
-//! admission refuses before routing), journal group commits, volumes by state, space written
-//! through NVMe/TCP, connected hosts, and the reconciler catching up.
+//! admission refuses before routing), journal group commits, volumes by state, commands and
+//! space written through NVMe/TCP, connected hosts, and the reconciler catching up.
 
 mod common;
 

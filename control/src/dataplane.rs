@@ -264,6 +264,10 @@ impl DataPathView for VolumeStore {
         self.store.usage(image).ok()
     }
 
+    fn io_totals(&self, image: Uuid) -> Option<evstor_datapath::blockstore::IoTotals> {
+        self.store.io_totals(image)
+    }
+
     fn integrity_errors(&self, image: Uuid) -> u32 {
         self.store.media_errors_of(image)
     }

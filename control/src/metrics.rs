@@ -161,6 +161,8 @@ pub struct Snapshot<'a> {
     pub pool: evstor_datapath::blockstore::PoolStats,
     /// Space of a volume's image (`None`: not in the block store).
     pub usage: &'a dyn Fn(uuid::Uuid) -> Option<evstor_datapath::blockstore::Usage>,
+    /// Commands a volume received (`None`: not published).
+    pub io: &'a dyn Fn(uuid::Uuid) -> Option<evstor_datapath::blockstore::IoTotals>,
     pub hosts: Vec<evstor_datapath::ConnectedHost>,
 }
 
@@ -274,41 +276,101 @@ fn register_pool(r: &mut Registry, pool: &evstor_datapath::blockstore::PoolStats
     );
 }
 
+/// Per-volume series, one family per figure.
+#[derive(Default)]
+struct VolumeSeries {
+    logical: Family<VolumeLabels, Gauge<u64, AtomicU64>>,
+    physical: Family<VolumeLabels, Gauge<u64, AtomicU64>>,
+    reads: Family<VolumeLabels, Counter>,
+    read_bytes: Family<VolumeLabels, Counter>,
+    writes: Family<VolumeLabels, Counter>,
+    write_bytes: Family<VolumeLabels, Counter>,
+}
+
+impl VolumeSeries {
+    fn add(&self, now: &Snapshot<'_>, v: &crate::domain::volume::Volume) {
+        let labels = VolumeLabels {
+            project: v.project.clone(),
+            volume: v.name.clone(),
+        };
+        if let Some(u) = (now.usage)(v.uuid) {
+            self.logical
+                .get_or_create(&labels)
+                .set(u.owned_logical_bytes);
+            self.physical.get_or_create(&labels).set(u.owned_bytes);
+        }
+        if let Some(io) = (now.io)(v.uuid) {
+            self.reads.get_or_create(&labels).inc_by(io.reads);
+            self.read_bytes.get_or_create(&labels).inc_by(io.read_bytes);
+            self.writes.get_or_create(&labels).inc_by(io.writes);
+            self.write_bytes
+                .get_or_create(&labels)
+                .inc_by(io.write_bytes);
+        }
+    }
+
+    fn register(self, r: &mut Registry) {
+        let counters = [
+            (
+                "evstor_volume_reads",
+                "Read commands the volume received since it was published",
+                self.reads,
+            ),
+            (
+                "evstor_volume_writes",
+                "Write commands the volume received since it was published",
+                self.writes,
+            ),
+        ];
+        for (name, help, family) in counters {
+            r.register(name, help, family);
+        }
+        let bytes = [
+            (
+                "evstor_volume_read",
+                "Bytes read from the volume since it was published",
+                self.read_bytes,
+            ),
+            (
+                "evstor_volume_written",
+                "Bytes written to the volume since it was published",
+                self.write_bytes,
+            ),
+        ];
+        for (name, help, family) in bytes {
+            r.register_with_unit(name, help, Unit::Bytes, family);
+        }
+        r.register_with_unit(
+            "evstor_volume_logical",
+            "Logical bytes written to the volume's own layer",
+            Unit::Bytes,
+            self.logical,
+        );
+        r.register_with_unit(
+            "evstor_volume_physical",
+            "Pool bytes the volume's own layer holds (after compression)",
+            Unit::Bytes,
+            self.physical,
+        );
+    }
+}
+
 fn register_volumes(r: &mut Registry, now: &Snapshot<'_>) {
     let by_state = Family::<StateLabels, Gauge<u64, AtomicU64>>::default();
-    let logical = Family::<VolumeLabels, Gauge<u64, AtomicU64>>::default();
-    let physical = Family::<VolumeLabels, Gauge<u64, AtomicU64>>::default();
+    let series = VolumeSeries::default();
     let mut omitted = 0u64;
     for (i, v) in now.state.volumes.by_uuid.values().enumerate() {
         let mut state = String::new();
         let _ = write!(state, "{:?}", v.state);
         by_state.get_or_create(&StateLabels { state }).inc();
-        if i >= METRICS_VOLUMES_MAX {
+        if i < METRICS_VOLUMES_MAX {
+            series.add(now, v);
+        } else {
             omitted += 1;
-            continue;
-        }
-        if let Some(u) = (now.usage)(v.uuid) {
-            let labels = VolumeLabels {
-                project: v.project.clone(),
-                volume: v.name.clone(),
-            };
-            logical.get_or_create(&labels).set(u.owned_logical_bytes);
-            physical.get_or_create(&labels).set(u.owned_bytes);
         }
     }
     r.register("evstor_volumes", "Volumes by state", by_state);
-    r.register_with_unit(
-        "evstor_volume_logical",
-        "Logical bytes written to the volume's own layer",
-        Unit::Bytes,
-        logical,
-    );
-    r.register_with_unit(
-        "evstor_volume_physical",
-        "Pool bytes the volume's own layer holds (after compression)",
-        Unit::Bytes,
-        physical,
-    );
+    series.register(r);
     r.register(
         "evstor_metrics_volumes_omitted",
         "Volumes past the per-volume series cap, left out of the per-volume metrics",
@@ -336,6 +398,7 @@ mod tests {
 
     fn scrape(m: &Metrics, state: &crate::domain::State) -> String {
         let usage = |_| None;
+        let io = |_| None;
         let snap = Snapshot {
             head_seq: 10,
             state,
@@ -346,6 +409,7 @@ mod tests {
                 media_errors: 0,
             },
             usage: &usage,
+            io: &io,
             hosts: Vec::new(),
         };
         render(m, &snap).expect("encodes")

@@ -81,7 +81,14 @@ ok "compression-ratio $(cat "$SH/VAL-compression-ratio")"
 # QoS: Q is limited to QOS_IOPS reads per second, U is not. U alone, then both at once.
 Q=$(blockdev "$NS_Q"); U=$(blockdev "$NS_U")
 RR="--ioengine=libaio --direct=1 --rw=randread --bs=4k --iodepth=8 --time_based --runtime=10 --ramp_time=2 --size=32m"
-fio --name=u --filename="$U" $RR --output-format=json >"$SH/qos-alone.json" 2>/tmp/qa.err || fail "fio U alone"
+# While U runs alone, the host scrapes /metrics twice and sees U's read counter move.
+fio --name=u --filename="$U" $RR --output-format=json >"$SH/qos-alone.json" 2>/tmp/qa.err &
+alone=$!
+sleep 4
+ask_host "metrics-during-fio"
+wait $alone || fail "fio U alone"
+[ "$(cat "$SH/VAL-metrics-during-fio")" -gt 0 ] || fail "U's reads did not move in /metrics during fio"
+ok "metrics-move-during-fio $(cat "$SH/VAL-metrics-during-fio") reads in 2 s"
 fio --name=q --filename="$Q" $RR --iodepth=32 --name=u --filename="$U" $RR --output-format=json \
     >"$SH/qos-both.json" 2>/tmp/qb.err || fail "fio Q and U"
 ok "qos-measured"

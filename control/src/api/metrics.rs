@@ -90,6 +90,7 @@ async fn scrape(
     let pool = app.datapath.pool();
     let hosts = app.datapath.connected_hosts();
     let usage = |image| app.datapath.usage(image);
+    let io = |image| app.datapath.io_totals(image);
     let body = {
         let state = app.bus.state();
         let now = Snapshot {
@@ -97,6 +98,7 @@ async fn scrape(
             state: &state,
             pool,
             usage: &usage,
+            io: &io,
             hosts,
         };
         render(app.bus.metrics(), &now)

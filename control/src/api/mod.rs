@@ -44,6 +44,8 @@ pub trait DataPathView: Send + Sync {
     /// Space accounting of a volume or snapshot; None if the block store has no such image
     /// (not created yet, or already gone).
     fn usage(&self, image: uuid::Uuid) -> Option<evstor_datapath::blockstore::Usage>;
+    /// Read and write commands the volume received since it was published.
+    fn io_totals(&self, image: uuid::Uuid) -> Option<evstor_datapath::blockstore::IoTotals>;
     /// Checksum mismatches seen reading the image since the server started.
     fn integrity_errors(&self, image: uuid::Uuid) -> u32;
     /// Checksum mismatches seen on a pool device (by path) since the server started.

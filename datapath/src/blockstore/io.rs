@@ -679,6 +679,11 @@ impl Backend for Image {
     }
 
     unsafe fn submit(&self, q: &mut IoQueue, req: &IoRequest) -> std::io::Result<()> {
+        match req.kind {
+            IoKind::Read => self.head.io.count(true, req.len),
+            IoKind::Write { .. } => self.head.io.count(false, req.len),
+            IoKind::Flush | IoKind::Deallocate | IoKind::WriteZeroes => {}
+        }
         if let Some(r) = self.run(q, req) {
             q.complete_now(req.tag, if r < 0 { r } else { req.len as i32 });
         }

@@ -116,6 +116,53 @@ pub fn ratio(logical: u64, physical: u64) -> f64 {
 pub struct Head {
     uuid: Uuid,
     layer: AtomicU64,
+    /// I/O the image received while any handle of it existed.
+    io: IoCounters,
+}
+
+/// Commands an image received, by kind (relaxed atomics: one add per command, no lock).
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    reads: AtomicU64,
+    read_bytes: AtomicU64,
+    writes: AtomicU64,
+    write_bytes: AtomicU64,
+}
+
+/// A snapshot of [`IoCounters`]. The counts start when the image is first opened for I/O
+/// (its namespace published) and restart if every handle of it is dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoTotals {
+    /// Read commands.
+    pub reads: u64,
+    /// Bytes they asked for.
+    pub read_bytes: u64,
+    /// Write commands (Write Zeroes and Deallocate excluded).
+    pub writes: u64,
+    /// Bytes they carried.
+    pub write_bytes: u64,
+}
+
+impl IoCounters {
+    /// Counts one command of `len` bytes.
+    fn count(&self, read: bool, len: u32) {
+        let (ops, bytes) = if read {
+            (&self.reads, &self.read_bytes)
+        } else {
+            (&self.writes, &self.write_bytes)
+        };
+        ops.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+    }
+
+    fn totals(&self) -> IoTotals {
+        IoTotals {
+            reads: self.reads.load(Ordering::Relaxed),
+            read_bytes: self.read_bytes.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+            write_bytes: self.write_bytes.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Head {
@@ -298,6 +345,7 @@ impl BlockStore {
         let h = Arc::new(Head {
             uuid,
             layer: AtomicU64::new(t.images.get(&uuid).copied().unwrap_or(0)),
+            io: IoCounters::default(),
         });
         heads.insert(uuid, Arc::downgrade(&h));
         h
@@ -397,6 +445,14 @@ impl BlockStore {
     }
 
     /// Space accounting of an image.
+    /// I/O an image received through its open handles; `None` when none is open (not
+    /// published, or not created).
+    pub fn io_totals(&self, image: Uuid) -> Option<IoTotals> {
+        let heads = lock(&self.heads);
+        let head = heads.get(&image).and_then(Weak::upgrade)?;
+        Some(head.io.totals())
+    }
+
     pub fn usage(&self, image: Uuid) -> Result<Usage, StoreError> {
         Ok(self.tree().usage(image)?)
     }
