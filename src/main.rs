@@ -25,6 +25,15 @@ use evstor_journal::EventLog;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// Log line format.
+    #[arg(
+        long,
+        global = true,
+        env = "EVSTOR_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -226,20 +235,67 @@ enum TokenVerb {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EVSTOR_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli) {
+        eprintln!("evstor: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("evstor: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Log lines as text or one JSON object per line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs go to standard error; `serve` also writes them to `<data-dir>/logs/evstor.log`
+/// (rotated by size, collected by `GET /api/v2/logs`). `EVSTOR_LOG` filters (default `info`).
+fn init_logging(cli: &Cli) -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("EVSTOR_LOG").unwrap_or_else(|_| "info".into());
+    let file = match &cli.command {
+        Cmd::Serve(args) => {
+            let dir = evstor_control::logs::log_dir(&args.data_dir);
+            let log = evstor_control::logs::RotatingLog::open(&dir)
+                .with_context(|| format!("opening the log in {}", dir.display()))?;
+            Some(log)
+        }
+        _ => None,
+    };
+    let json = cli.log_format == LogFormat::Json;
+    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let stderr = if json {
+        stderr.json().boxed()
+    } else {
+        stderr.boxed()
+    };
+    let file = file.map(|log| {
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(move || log.clone());
+        if json {
+            layer.json().boxed()
+        } else {
+            layer.boxed()
+        }
+    });
+    tracing_subscriber::registry()
+        .with(stderr.and_then(file).with_filter(filter))
+        .try_init()
+        .context("installing the logger")?;
+    Ok(())
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {

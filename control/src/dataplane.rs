@@ -264,6 +264,25 @@ impl DataPathView for VolumeStore {
         self.store.usage(image).ok()
     }
 
+    fn store_report(&self) -> String {
+        let pool = self.store.stats();
+        let mem = self.store.map_memory();
+        format!(
+            "pool: capacity {} bytes, used {} bytes, logical {} bytes, compression ratio {:.2}, \
+             media errors {}\nmaps: {} bytes for {} data blocks, allocator {} bytes\n\n\
+             RocksDB (block store metadata):\n{}",
+            pool.capacity_bytes,
+            pool.used_bytes,
+            pool.logical_bytes,
+            pool.compression_ratio(),
+            pool.media_errors,
+            mem.map_bytes,
+            mem.data_blocks,
+            mem.alloc_bytes,
+            self.store.rocksdb_stats()
+        )
+    }
+
     fn io_totals(&self, image: Uuid) -> Option<evstor_datapath::blockstore::IoTotals> {
         self.store.io_totals(image)
     }

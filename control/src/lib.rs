@@ -20,6 +20,7 @@ pub mod domain;
 pub mod edge;
 pub mod error;
 pub mod limits;
+pub mod logs;
 pub mod metrics;
 pub mod reconcile;
 pub mod server;

@@ -140,3 +140,14 @@ pub const CHECKPOINT_IO_MS: u64 = 30_000;
 /// Volumes that get their own series in `/metrics` (space per volume); the rest are counted
 /// in `evstor_metrics_volumes_omitted`. Bounds the scrape's size and Prometheus' cardinality.
 pub const METRICS_VOLUMES_MAX: usize = 1_000;
+/// Size at which the server's log file is rotated.
+pub const LOG_FILE_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// Log files kept (the current one and its rotated predecessors): at most
+/// `LOG_FILE_BYTES_MAX * LOG_FILES_MAX` bytes of logs in the data directory.
+pub const LOG_FILES_MAX: usize = 8;
+/// Most days of logs a support bundle collects (`NumOfDaysToCollectLogs`).
+pub const BUNDLE_LOG_DAYS_MAX: u32 = 365;
+/// Chunks of a support bundle in flight between its builder and the HTTP response.
+pub const BUNDLE_CHUNKS_IN_FLIGHT: usize = 8;
+/// Bytes per such chunk.
+pub const BUNDLE_CHUNK_BYTES: usize = 64 * 1024;

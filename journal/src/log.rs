@@ -138,6 +138,16 @@ pub struct RocksJournal {
 }
 
 impl RocksJournal {
+    /// RocksDB's own statistics text (`rocksdb.stats`: compaction, write stalls, levels),
+    /// for support bundles.
+    pub fn rocksdb_stats(&self) -> String {
+        self.db
+            .property_value("rocksdb.stats")
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
     /// Opens (creating when read-write and absent) the journal in `path`.
     pub fn open(path: &Path, mode: OpenMode) -> Result<RocksJournal> {
         let mut opts = Options::default();

@@ -522,6 +522,48 @@ impl Client {
         }
     }
 
+    /// A POST with extra headers; returns the status, the body and the response headers.
+    pub fn post_with_headers(
+        &self,
+        path: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value, Vec<(String, String)>) {
+        let mut req = self.agent.post(format!("{}{path}", self.base));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let mut resp = req
+            .content_type("application/json")
+            .send(body.to_string())
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let heads = header_pairs(resp.headers());
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (resp.status().as_u16(), json, heads)
+    }
+
+    /// A GET whose body is bytes (archives); returns the status, the response headers and
+    /// the body.
+    pub fn get_bytes(&self, path: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
+        let mut req = self.agent.get(format!("{}{path}", self.base));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        let mut resp = req.call().unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let heads = header_pairs(resp.headers());
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .unwrap_or_else(|e| panic!("GET {path} body: {e}"));
+        (resp.status().as_u16(), heads, body)
+    }
+
     fn send(&self, method: &str, path: &str, body: &Value, etag: Option<&str>) -> (u16, Value) {
         let url = format!("{}{path}", self.base);
         let mut req = match method {
@@ -537,4 +579,16 @@ impl Client {
         Self::finish(req.content_type("application/json").send(body.to_string()))
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
+}
+
+/// Response headers as lowercase (name, value) pairs.
+fn header_pairs(h: &ureq::http::HeaderMap) -> Vec<(String, String)> {
+    h.iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                v.to_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
 }

@@ -1,5 +1,5 @@
-//! `GET /metrics` (Prometheus, OpenMetrics text) and the middleware that counts every API
-//! answer by route template, method and status.
+//! `GET /metrics` (Prometheus, OpenMetrics text) and the middleware that gives every API
+//! request its id and log span and counts every answer by route template, method and status.
 //!
 //! The route is known only inside the router, after admission; [`mark_route`] (a route
 //! layer) copies the matched template into the response so that [`observe`], the outermost
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, Method};
+use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -42,19 +42,45 @@ pub async fn mark_route(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Outermost layer: counts the answer and its latency (to the response headers).
-pub async fn observe(State(app): State<App>, req: Request, next: Next) -> Response {
+/// Outermost layer: gives the request its id (the client's `x-request-id`, else a fresh
+/// one put into the request, so the journal records the same id), runs it in a `request`
+/// span carrying that id (every log line it causes names it), answers the id in
+/// `x-request-id`, and counts the answer and its latency (to the response headers).
+pub async fn observe(State(app): State<App>, mut req: Request, next: Next) -> Response {
+    use tracing::Instrument as _;
     let started = Instant::now();
     let method = method_label(req.method());
-    let resp = next.run(req).await;
-    let route = resp.extensions().get::<RouteTemplate>();
-    app.bus.metrics().api_request(
-        route.map_or("unrouted", |r| &r.0),
-        method,
-        resp.status().as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
+    let id = request_id(&mut req);
+    let span = tracing::info_span!("request", id = %String::from_utf8_lossy(id.as_bytes()), method);
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    let route = resp.extensions().get::<RouteTemplate>().cloned();
+    let route = route.as_ref().map_or("unrouted", |r| &r.0);
+    let status = resp.status().as_u16();
+    let seconds = started.elapsed().as_secs_f64();
+    span.in_scope(|| tracing::debug!(route, status, seconds, "answered"));
+    app.bus
+        .metrics()
+        .api_request(route, method, status, seconds);
+    resp.headers_mut().insert(REQUEST_ID, id);
     resp
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request's id: the client's header when it has one, else a fresh UUID inserted into
+/// the request. (An over-long header is kept and refused with 400 where it is recorded.)
+fn request_id(req: &mut Request) -> HeaderValue {
+    let given = req
+        .headers()
+        .get(&REQUEST_ID)
+        .filter(|v| !v.to_str().unwrap_or_default().trim().is_empty());
+    if let Some(v) = given {
+        return v.clone();
+    }
+    let fresh = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("-"));
+    req.headers_mut().insert(REQUEST_ID, fresh.clone());
+    fresh
 }
 
 /// Methods by name; any other (clients may send arbitrary tokens) is `other`, so a caller

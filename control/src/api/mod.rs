@@ -14,6 +14,7 @@ pub mod events;
 pub mod feature_flags;
 pub mod internal;
 pub mod json;
+pub mod logs;
 pub mod metrics;
 pub mod nodes;
 pub mod nvme_devices;
@@ -44,6 +45,8 @@ pub trait DataPathView: Send + Sync {
     /// Space accounting of a volume or snapshot; None if the block store has no such image
     /// (not created yet, or already gone).
     fn usage(&self, image: uuid::Uuid) -> Option<evstor_datapath::blockstore::Usage>;
+    /// The block store's state for a support bundle: pool, map memory, RocksDB statistics.
+    fn store_report(&self) -> String;
     /// Read and write commands the volume received since it was published.
     fn io_totals(&self, image: uuid::Uuid) -> Option<evstor_datapath::blockstore::IoTotals>;
     /// Checksum mismatches seen reading the image since the server started.
@@ -273,6 +276,7 @@ pub fn router(app: App, caps: admission::RequestCaps) -> Router {
         .merge(policies::routes())
         .merge(internal::routes())
         .merge(metrics::routes())
+        .merge(logs::routes())
         .route_layer(axum::middleware::from_fn(metrics::mark_route))
         .fallback(|| async { ApiError::not_found("no such API route") })
         .method_not_allowed_fallback(|| async {

@@ -59,6 +59,17 @@ pub struct Meta {
     nosync: WriteOptions,
 }
 
+impl Meta {
+    /// RocksDB's own statistics text (`rocksdb.stats`), for support bundles.
+    pub fn rocksdb_stats(&self) -> String {
+        self.db
+            .property_value("rocksdb.stats")
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+}
+
 impl std::fmt::Debug for Meta {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Meta")

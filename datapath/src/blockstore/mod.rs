@@ -351,6 +351,11 @@ impl BlockStore {
         h
     }
 
+    /// The metadata database's RocksDB statistics text, for support bundles.
+    pub fn rocksdb_stats(&self) -> String {
+        self.meta.rocksdb_stats()
+    }
+
     /// Memory of the block maps and the allocator.
     pub fn map_memory(&self) -> MapMemory {
         let t = self.tree();
