@@ -664,3 +664,415 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
     }
     vec![RowKey::ResourcePolicy(uuid)]
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::domain::snapshot::SnapshotState;
+    use crate::domain::volume::tests::with_volume;
+    use crate::domain::volume::Command as VolumeCommand;
+    use crate::domain::{given_when, test_ctx, Command as AnyCommand};
+
+    const S: u64 = 1_000_000_000;
+    const H: u64 = 3_600 * S;
+    const D: u64 = 24 * H;
+    /// 2024-01-01T00:00:00Z, a Monday.
+    pub(crate) const MONDAY: u64 = 1_704_067_200 * S;
+    /// Ten weeks earlier: before `test_ctx()` time.
+    const EARLY: u64 = MONDAY - 70 * D;
+
+    pub(crate) fn hourly(start: u64, hours: u32, retention_secs: u64) -> Schedule {
+        Schedule {
+            cadence: Cadence::Hourly {
+                start_unix_ns: start,
+                hours,
+            },
+            retention_secs,
+        }
+    }
+
+    pub(crate) fn new_policy(name: &str, schedule: Schedule) -> NewResourcePolicy {
+        NewResourcePolicy {
+            project: "default".into(),
+            name: name.into(),
+            volume: VolumeRef::Name("v1".into()),
+            description: String::new(),
+            schedule,
+        }
+    }
+
+    fn create(n: NewResourcePolicy) -> AnyCommand {
+        AnyCommand::Schedule(Command::CreateResourcePolicy(n))
+    }
+
+    fn policy_at(schedule: Schedule, fired_through: u64) -> ResourcePolicy {
+        ResourcePolicy {
+            uuid: Uuid::nil(),
+            name: "p".into(),
+            project: "default".into(),
+            description: String::new(),
+            volume: Uuid::nil(),
+            schedule,
+            fired_through_unix_ns: fired_through,
+            fires: 0,
+            created_unix_ns: fired_through,
+            etag: 0,
+        }
+    }
+
+    fn err(given: &[AnyEvent], cmd: AnyCommand) -> DomainError {
+        given_when(given, cmd).unwrap_err()
+    }
+
+    #[test]
+    fn hourly_and_daily_slots_count_from_the_start_time() {
+        let p = policy_at(hourly(MONDAY, 2, 3600), MONDAY - 1);
+        assert_eq!(due_slot(&p, MONDAY - 1, 1), None, "before the start");
+        assert_eq!(due_slot(&p, MONDAY, 1), Some(MONDAY));
+        assert_eq!(due_slot(&p, MONDAY + 3 * H, 1), Some(MONDAY + 2 * H));
+        assert_eq!(next_slot(&p, MONDAY + 3 * H, 1), Some(MONDAY + 4 * H));
+        let fired = policy_at(hourly(MONDAY, 2, 3600), MONDAY + 2 * H);
+        assert_eq!(due_slot(&fired, MONDAY + 3 * H, 1), None, "already fired");
+        let daily = Schedule {
+            cadence: Cadence::Daily {
+                start_unix_ns: MONDAY + 2 * H,
+                days: 2,
+            },
+            retention_secs: 86_400,
+        };
+        let p = policy_at(daily, MONDAY);
+        assert_eq!(due_slot(&p, MONDAY + D + 3 * H, 1), Some(MONDAY + 2 * H));
+        assert_eq!(
+            next_slot(&p, MONDAY + 3 * H, 1),
+            Some(MONDAY + 2 * D + 2 * H)
+        );
+    }
+
+    #[test]
+    fn weekly_slots_fall_on_their_weekdays_and_times_of_day() {
+        // Monday (2) at 04:30, Friday (6) at 02:30; the date part of a start time is ignored.
+        let weekly = Schedule {
+            cadence: Cadence::Weekly {
+                entries: vec![
+                    WeeklyEntry {
+                        day: 2,
+                        start_unix_ns: 4 * H + 1_800 * S,
+                    },
+                    WeeklyEntry {
+                        day: 6,
+                        start_unix_ns: MONDAY + 10 * D + 2 * H + 1_800 * S,
+                    },
+                ],
+            },
+            retention_secs: 86_400,
+        };
+        let p = policy_at(weekly, MONDAY - 7 * D);
+        let mon = MONDAY + 4 * H + 1_800 * S;
+        let fri = MONDAY + 4 * D + 2 * H + 1_800 * S;
+        assert_eq!(due_slot(&p, mon, 1), Some(mon));
+        assert_eq!(
+            due_slot(&p, mon - 1, 1),
+            Some(fri - 7 * D),
+            "last week's Friday"
+        );
+        assert_eq!(due_slot(&p, fri + H, 1), Some(fri));
+        assert_eq!(next_slot(&p, mon, 1), Some(fri));
+        assert_eq!(next_slot(&p, fri, 1), Some(mon + 7 * D));
+        assert_eq!(snapshot_name("p", fri), "p-20240105T023000Z");
+    }
+
+    #[test]
+    fn after_downtime_only_the_latest_missed_slot_is_due() {
+        let p = policy_at(hourly(MONDAY, 1, 3600), MONDAY + H);
+        assert_eq!(due_slot(&p, MONDAY + 10 * H + 5, 1), Some(MONDAY + 10 * H));
+        let caught_up = policy_at(hourly(MONDAY, 1, 3600), MONDAY + 10 * H);
+        assert_eq!(due_slot(&caught_up, MONDAY + 10 * H + 5, 1), None);
+    }
+
+    #[test]
+    fn the_clock_scale_shrinks_periods_from_the_real_start() {
+        let p = policy_at(hourly(MONDAY, 1, 3600), MONDAY);
+        assert_eq!(due_slot(&p, MONDAY + 2 * S + 5, 3600), Some(MONDAY + 2 * S));
+        assert_eq!(next_slot(&p, MONDAY + 2 * S, 3600), Some(MONDAY + 3 * S));
+    }
+
+    #[test]
+    fn invalid_schedules_are_400_with_the_reason() {
+        let bad = |s: Schedule, says: &str| {
+            let e = check_schedule(&s).unwrap_err();
+            assert!(
+                matches!(&e, DomainError::InvalidArgument(m) if m.contains(says)),
+                "{e:?}"
+            );
+        };
+        bad(hourly(MONDAY, 0, 3600), "hoursInCycle must be 1-8784");
+        bad(
+            hourly(MONDAY, SCHEDULE_CYCLE_HOURS_MAX + 1, 3600),
+            "hoursInCycle",
+        );
+        bad(hourly(MONDAY, 1, 0), "retentionTime is required");
+        bad(hourly(MONDAY, 1, API_DURATION_SECS_MAX + 1), "longer than");
+        bad(hourly(MONDAY, 1, 3600 * 1025), "at most 1024");
+        let daily = |days| Schedule {
+            cadence: Cadence::Daily {
+                start_unix_ns: MONDAY,
+                days,
+            },
+            retention_secs: 3600,
+        };
+        bad(daily(0), "daysInCycle");
+        bad(daily(SCHEDULE_CYCLE_DAYS_MAX + 1), "daysInCycle");
+        let weekly = |entries: Vec<(u8, u64)>| Schedule {
+            cadence: Cadence::Weekly {
+                entries: entries
+                    .into_iter()
+                    .map(|(day, start_unix_ns)| WeeklyEntry { day, start_unix_ns })
+                    .collect(),
+            },
+            retention_secs: 3600,
+        };
+        bad(weekly(vec![]), "1-28 daysOfWeek");
+        bad(weekly(vec![(0, 0)]), "Sunday (1)");
+        bad(weekly(vec![(8, 0)]), "Sunday (1)");
+        bad(weekly(vec![(2, H), (2, D + H)]), "same day and time twice");
+        bad(weekly(vec![(2, 0); 29]), "1-28");
+        assert!(check_schedule(&weekly(vec![(2, H), (3, H)])).is_ok());
+        assert!(check_schedule(&hourly(MONDAY, 1, 3600 * 1024)).is_ok());
+    }
+
+    #[test]
+    fn create_checks_project_volume_name_and_limits() {
+        let given = with_volume();
+        let ok = new_policy("p1", hourly(MONDAY, 1, 3600));
+        let events = given_when(&given, create(ok.clone())).unwrap();
+        let [AnyEvent::Schedule(Event::ResourcePolicyCreated { policy })] = &events[..] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(policy.volume, test_ctx().new_id(0));
+        assert_eq!(policy.fired_through_unix_ns, test_ctx().now_unix_ns);
+        let mut n = ok.clone();
+        n.project = "nope".into();
+        assert!(matches!(err(&given, create(n)), DomainError::NotFound(_)));
+        let mut n = ok.clone();
+        n.volume = VolumeRef::Name("nope".into());
+        assert!(matches!(err(&given, create(n)), DomainError::NotFound(_)));
+        let mut n = ok.clone();
+        n.name = "x".repeat(POLICY_NAME_BYTES_MAX + 1);
+        assert!(matches!(
+            err(&given, create(n)),
+            DomainError::InvalidArgument(_)
+        ));
+        let mut n = ok.clone();
+        n.description = "d".repeat(257);
+        assert!(matches!(
+            err(&given, create(n)),
+            DomainError::InvalidArgument(_)
+        ));
+        let mut with_p1 = given.clone();
+        with_p1.extend(events);
+        assert!(matches!(
+            err(&with_p1, create(ok.clone())),
+            DomainError::AlreadyExists(_)
+        ));
+        // At most RESOURCE_POLICIES_PER_VOLUME_MAX on one volume.
+        let mut full = given.clone();
+        for i in 0..RESOURCE_POLICIES_PER_VOLUME_MAX {
+            let mut ev = given_when(
+                &full,
+                create(new_policy(&format!("p{i}"), hourly(MONDAY, 1, 3600))),
+            )
+            .unwrap();
+            if let AnyEvent::Schedule(Event::ResourcePolicyCreated { policy }) = &mut ev[0] {
+                policy.uuid = Uuid::from_u128(i as u128 + 1);
+            }
+            full.extend(ev);
+        }
+        let e = err(
+            &full,
+            create(new_policy("one-more", hourly(MONDAY, 1, 3600))),
+        );
+        assert!(matches!(e, DomainError::ResourceExhausted(_)), "{e:?}");
+    }
+
+    /// [`with_volume`] plus policy `p1` (hourly from [`EARLY`], kept `retention_secs`),
+    /// created at `test_ctx()` time.
+    fn with_policy(retention_secs: u64) -> (Vec<AnyEvent>, Uuid) {
+        let mut given = with_volume();
+        let events = given_when(
+            &given,
+            create(new_policy("p1", hourly(EARLY, 1, retention_secs))),
+        )
+        .unwrap();
+        given.extend(events);
+        (given, test_ctx().new_id(0))
+    }
+
+    fn state_of(given: &[AnyEvent]) -> State {
+        let mut state = State::default();
+        for (i, e) in given.iter().enumerate() {
+            let at = Applied {
+                seq: i as u64 + 1,
+                time_unix_ns: 1,
+            };
+            state.evolve(at, e);
+        }
+        state
+    }
+
+    #[test]
+    fn a_fire_requests_one_named_snapshot_with_the_retention_and_only_once() {
+        let (mut given, uuid) = with_policy(7200);
+        let now = test_ctx().now_unix_ns;
+        let mut ctx = test_ctx();
+        ctx.now_unix_ns = now + H;
+        ctx.seed = [9; 16];
+        let state = state_of(&given);
+        assert!(
+            decide(
+                &state,
+                &test_ctx(),
+                &Command::FireResourcePolicy {
+                    uuid,
+                    clock_scale: 1
+                }
+            )
+            .unwrap()
+            .is_empty(),
+            "nothing due at creation"
+        );
+        let events = decide(
+            &state,
+            &ctx,
+            &Command::FireResourcePolicy {
+                uuid,
+                clock_scale: 1,
+            },
+        )
+        .unwrap();
+        let [AnyEvent::Schedule(Event::ResourcePolicyFired {
+            slot_unix_ns,
+            snapshot: Some(s),
+            skipped,
+            ..
+        }), AnyEvent::Snapshot(SnapshotEvent::SnapshotCreationRequested { snapshot })] =
+            &events[..]
+        else {
+            panic!("{events:?}")
+        };
+        assert!(skipped.is_empty());
+        assert_eq!(*s, snapshot.uuid);
+        assert_eq!(*slot_unix_ns, (now + H - EARLY) / H * H + EARLY);
+        assert_eq!(snapshot.name, snapshot_name("p1", *slot_unix_ns));
+        assert_eq!(snapshot.retention_secs, 7200);
+        assert_eq!(snapshot.source_volume, test_ctx().new_id(0));
+        assert_eq!(snapshot.state, SnapshotState::Creating);
+        given.extend(events);
+        let state = state_of(&given);
+        assert!(
+            decide(
+                &state,
+                &ctx,
+                &Command::FireResourcePolicy {
+                    uuid,
+                    clock_scale: 1
+                }
+            )
+            .unwrap()
+            .is_empty(),
+            "the same slot again"
+        );
+        assert_eq!(state.resource_policies.get(uuid).unwrap().fires, 1);
+    }
+
+    #[test]
+    fn a_fire_waits_for_an_available_volume_and_records_a_name_clash() {
+        let (given, uuid) = with_policy(7200);
+        let mut ctx = test_ctx();
+        ctx.now_unix_ns += H;
+        let mut state = state_of(&given);
+        let vol = test_ctx().new_id(0);
+        state.volumes.by_uuid.get_mut(&vol).unwrap().state = VolumeState::Rollback;
+        let fire = Command::FireResourcePolicy {
+            uuid,
+            clock_scale: 1,
+        };
+        assert!(decide(&state, &ctx, &fire).unwrap().is_empty());
+        assert!(due_fires(&state, ctx.now_unix_ns, 1).0.is_empty());
+        state.volumes.by_uuid.get_mut(&vol).unwrap().state = VolumeState::Available;
+        assert_eq!(due_fires(&state, ctx.now_unix_ns, 1).0, [uuid]);
+        let events = decide(&state, &ctx, &fire).unwrap();
+        let AnyEvent::Snapshot(SnapshotEvent::SnapshotCreationRequested { snapshot }) = &events[1]
+        else {
+            panic!("{events:?}")
+        };
+        // The same name already taken (say, a policy deleted and created again): the slot is
+        // recorded as skipped, so it does not come back.
+        let mut clash = snapshot.as_ref().clone();
+        clash.uuid = Uuid::from_u128(77);
+        state.snapshots.by_uuid.insert(clash.uuid, clash);
+        let events = decide(&state, &ctx, &fire).unwrap();
+        let [AnyEvent::Schedule(Event::ResourcePolicyFired {
+            snapshot: None,
+            skipped,
+            ..
+        })] = &events[..]
+        else {
+            panic!("{events:?}")
+        };
+        assert!(skipped.contains("already exists"), "{skipped}");
+    }
+
+    #[test]
+    fn update_moves_the_schedule_forward_and_checks_the_etag() {
+        let (given, uuid) = with_policy(7200);
+        let update = |if_match: Option<&str>, schedule: Schedule| {
+            AnyCommand::Schedule(Command::UpdateResourcePolicy {
+                project: "default".into(),
+                uuid,
+                schedule,
+                description: Some("new".into()),
+                if_match: if_match.map(str::to_string),
+            })
+        };
+        let e = err(&given, update(Some("1"), hourly(MONDAY, 2, 7200)));
+        assert!(matches!(e, DomainError::EtagMismatch(_)), "{e:?}");
+        let e = err(&given, update(None, hourly(MONDAY, 0, 7200)));
+        assert!(matches!(e, DomainError::InvalidArgument(_)), "{e:?}");
+        let etag = given.len().to_string();
+        let events = given_when(&given, update(Some(&etag), hourly(MONDAY, 2, 7200))).unwrap();
+        let mut after = given.clone();
+        after.extend(events);
+        let p = state_of(&after)
+            .resource_policies
+            .get(uuid)
+            .unwrap()
+            .clone();
+        assert_eq!(p.description, "new");
+        assert_eq!(p.schedule, hourly(MONDAY, 2, 7200));
+        let missing = AnyCommand::Schedule(Command::DeleteResourcePolicy {
+            project: "default".into(),
+            uuid: Uuid::from_u128(5),
+            if_match: None,
+        });
+        assert!(matches!(err(&after, missing), DomainError::NotFound(_)));
+    }
+
+    #[test]
+    fn deleting_the_volume_deletes_its_policies() {
+        let (given, uuid) = with_policy(7200);
+        let events = given_when(
+            &given,
+            AnyCommand::Volume(VolumeCommand::DeleteVolume {
+                project: "default".into(),
+                target: VolumeRef::Name("v1".into()),
+                if_match: None,
+            }),
+        )
+        .unwrap();
+        let names: Vec<&str> = events.iter().map(AnyEvent::type_name).collect();
+        assert_eq!(names, ["VolumeDeletionRequested", "ResourcePolicyDeleted"]);
+        let mut after = given.clone();
+        after.extend(events);
+        assert!(state_of(&after).resource_policies.get(uuid).is_none());
+    }
+}
