@@ -477,3 +477,7 @@ mod tests {
         assert_eq!(kinds(&pending(&state, expiry).0), ["expire"]);
     }
 }
+
+#[cfg(test)]
+#[path = "reconcile_schedule_sim.rs"]
+mod schedule_sim;
