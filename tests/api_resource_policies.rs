@@ -274,7 +274,14 @@ fn bad_requests_are_400_unknown_things_404_duplicates_409_and_viewers_only_read(
     let (status, _) = admin.put(&one, &change);
     assert_eq!(status, 400);
 
-    // Deleting the volume deletes its policies.
+    // Deleting the volume deletes its policies; the journal still shows them before that.
+    let before_deletion = evstor_control::api::json::rfc3339(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    );
+    std::thread::sleep(Duration::from_millis(20));
     // (503 while one of its scheduled snapshots is being taken.)
     wait_until("the volume's deletion", || {
         admin.delete(&format!("{P}/volumes/{vol}")).0 == 200
@@ -291,6 +298,14 @@ fn bad_requests_are_400_unknown_things_404_duplicates_409_and_viewers_only_read(
         deleted, 2,
         "one ResourcePolicyDeleted per policy of the volume"
     );
+    let (ok, then) = s.cli(&["journal", "replay", "--until-time", &before_deletion]);
+    assert!(ok, "{then}");
+    let then: Value = serde_json::from_str(&then).unwrap();
+    let policies = then["state"]["resource_policies"]["by_uuid"]
+        .as_object()
+        .unwrap();
+    assert_eq!(policies.len(), 2, "{policies:?}");
+    assert_eq!(policies[uuid]["description"], "every other day");
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! wakes on every commit (and when a snapshot's retention runs out), looks for volumes and
 //! snapshots whose intent is not yet done (`Creating`, `Deleting`, `Rollback`, expired),
 //! drives the data path, and appends the completion. It is level-triggered, so after a crash
-//! it simply finds the unfinished work in the projections and resumes.
+//! it simply finds the unfinished work in the projections and resumes. Snapshot schedules
+//! are the same kind of work: a policy with a slot due (`schedule::due_fires`) becomes a
+//! `FireResourcePolicy` command, and the reconciler also wakes at the next slot.
 //!
 //! In cluster mode every server runs one as its agent, scoped to its own node: the data-plane
 //! steps of the volumes and snapshots whose primary it is (the completions it appends are
