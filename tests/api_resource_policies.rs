@@ -197,6 +197,29 @@ fn bad_requests_are_400_unknown_things_404_duplicates_409_and_viewers_only_read(
         "1-28 daysOfWeek",
     );
     bad(
+        &|b| {
+            b["schedulePolicy"]["snapshotSchedulePolicy"]["hourlySchedule"]
+                .as_object_mut()
+                .unwrap()
+                .remove("startTime");
+        },
+        400,
+        "hourlySchedule.startTime is required",
+    );
+    bad(
+        &|b| {
+            b["schedulePolicy"]["snapshotSchedulePolicy"]["hourlySchedule"]["hoursInCycle"] =
+                json!("often")
+        },
+        400,
+        "hoursInCycle",
+    );
+    bad(
+        &|b| b["schedulePolicy"]["snapshotSchedulePolicy"] = json!({}),
+        400,
+        "exactly one of",
+    );
+    bad(
         &|b| b["resourceUUID"] = json!("00000000-0000-4000-8000-000000000001"),
         404,
         "not found",

@@ -135,14 +135,16 @@ fn a_simulated_week_fires_and_expires_exactly_as_scheduled_across_restarts() {
         (t0 + 3 * D + H, t0 + 4 * D + 5 * H + 10 * MIN),
     ];
     let created = t0 - 30 * MIN;
-    let mut daily = new_policy("daily", hourly(0, 1, 72 * 3600));
-    daily.schedule = Schedule {
-        cadence: Cadence::Daily {
-            start_unix_ns: t0 + 2 * H,
-            days: 1,
+    let daily = new_policy(
+        "daily",
+        Schedule {
+            cadence: Cadence::Daily {
+                start_unix_ns: t0 + 2 * H,
+                days: 1,
+            },
+            retention_secs: 72 * 3600,
         },
-        retention_secs: 72 * 3600,
-    };
+    );
     let create = |n| Command::Schedule(ScheduleCommand::CreateResourcePolicy(n));
     let hourly_id = sim.submit(
         created,
