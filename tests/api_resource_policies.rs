@@ -293,6 +293,18 @@ fn bad_requests_are_400_unknown_things_404_duplicates_409_and_viewers_only_read(
         got["schedulePolicy"]["snapshotSchedulePolicy"]["dailySchedule"]["daysInCycle"],
         2
     );
+    // The ETag (the seq of the last change, also in the ETag response header) is a working
+    // If-Match; a stale one is refused for deletion too.
+    let etag = journal(&s)
+        .iter()
+        .rev()
+        .find(|e| e["type"] == "ResourcePolicyUpdated")
+        .map(|e| e["seq"].to_string())
+        .unwrap();
+    let (status, v) = admin.put_if_match(&one, &change, &etag);
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = admin.delete_if_match(&one, Some(&etag));
+    assert_eq!(status, 412, "{v}");
     change["schedulePolicy"]["retentionTime"] = json!("0s");
     let (status, _) = admin.put(&one, &change);
     assert_eq!(status, 400);

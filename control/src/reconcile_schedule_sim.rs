@@ -1,13 +1,14 @@
 //! A simulated week of the scheduler, in milliseconds: the reconciler's pure pieces
 //! (`pending`, `schedule::due_fires`, the completion commands) drive `decide`/`evolve` on a
-//! simulated clock ticking every five minutes, with two outages after which the state is
+//! simulated clock ticking every five minutes (hourly, daily and weekly policies), with two
+//! outages after which the state is
 //! rebuilt from the recorded events (a restart).
 
 use uuid::Uuid;
 
 use super::{completion, pending, Work};
 use crate::domain::schedule::tests::{hourly, new_policy, MONDAY};
-use crate::domain::schedule::{self, Cadence, Command as ScheduleCommand, Schedule};
+use crate::domain::schedule::{self, Cadence, Command as ScheduleCommand, Schedule, WeeklyEntry};
 use crate::domain::snapshot::{Command as SnapshotCommand, Event as SnapshotEvent, NewSnapshot};
 use crate::domain::volume::tests::with_volume;
 use crate::domain::volume::VolumeRef;
@@ -145,6 +146,23 @@ fn a_simulated_week_fires_and_expires_exactly_as_scheduled_across_restarts() {
             retention_secs: 72 * 3600,
         },
     );
+    // Tuesday 06:00, Thursday 12:00 (in the second outage), Saturday 18:00; kept 5 days.
+    let weekly_at = [(3u8, 6 * H), (5, 12 * H), (7, 18 * H)];
+    let weekly = new_policy(
+        "weekly",
+        Schedule {
+            cadence: Cadence::Weekly {
+                entries: weekly_at
+                    .iter()
+                    .map(|(day, time)| WeeklyEntry {
+                        day: *day,
+                        start_unix_ns: *time,
+                    })
+                    .collect(),
+            },
+            retention_secs: 5 * 24 * 3600,
+        },
+    );
     let create = |n| Command::Schedule(ScheduleCommand::CreateResourcePolicy(n));
     let hourly_id = sim.submit(
         created,
@@ -156,6 +174,7 @@ fn a_simulated_week_fires_and_expires_exactly_as_scheduled_across_restarts() {
         Event::Schedule(schedule::Event::ResourcePolicyCreated { policy }) => policy.uuid,
         other => panic!("{other:?}"),
     };
+    let weekly_id = id(sim.submit(created, create(weekly))[0].clone());
     let (hourly_id, daily_id) = (id(hourly_id), id(daily_id));
     // A snapshot no policy took, without retention: never expired.
     let manual = sim.submit(
@@ -186,7 +205,7 @@ fn a_simulated_week_fires_and_expires_exactly_as_scheduled_across_restarts() {
                 was_down = false;
             }
             let this_tick = sim.tick(now);
-            for p in [hourly_id, daily_id] {
+            for p in [hourly_id, daily_id, weekly_id] {
                 let n = this_tick.iter().filter(|(u, _)| *u == p).count();
                 assert!(n <= 1, "{n} fires of one policy at {now}: a storm");
             }
@@ -216,6 +235,14 @@ fn a_simulated_week_fires_and_expires_exactly_as_scheduled_across_restarts() {
     assert_eq!(want_daily.len(), 6);
     assert_eq!(of(hourly_id), want_hourly);
     assert_eq!(of(daily_id), want_daily);
+    // Monday is day 2: Tuesday (3) is one day after t0.
+    let weekly_slots: Vec<u64> = weekly_at
+        .iter()
+        .map(|(day, time)| t0 + u64::from(day - 2) * D + time)
+        .collect();
+    let want_weekly = expected(&weekly_slots, &outages);
+    assert_eq!(want_weekly.len(), 3);
+    assert_eq!(of(weekly_id), want_weekly);
 
     // What is left at the end: the hourly snapshots of the last six hours, the daily ones of
     // Friday (the catch-up), Saturday and Sunday, and the manual one.
@@ -240,6 +267,10 @@ fn a_simulated_week_fires_and_expires_exactly_as_scheduled_across_restarts() {
             "daily-20240107T020000Z"
         ]
     );
+    assert_eq!(
+        live("weekly-"),
+        ["weekly-20240104T120000Z", "weekly-20240106T180000Z"]
+    );
     assert!(sim.state.snapshots.get(manual).is_some());
     // Each snapshot a policy took and that is gone was expired exactly once, by an event.
     let expired = sim
@@ -247,6 +278,9 @@ fn a_simulated_week_fires_and_expires_exactly_as_scheduled_across_restarts() {
         .iter()
         .filter(|(_, e)| matches!(e, Event::Snapshot(SnapshotEvent::SnapshotExpired { .. })))
         .count();
-    assert_eq!(expired, want_hourly.len() - 6 + want_daily.len() - 3);
+    assert_eq!(
+        expired,
+        want_hourly.len() - 6 + want_daily.len() - 3 + want_weekly.len() - 2
+    );
     sim.restart();
 }

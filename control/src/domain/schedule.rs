@@ -221,80 +221,68 @@ fn to_real(t: u128, scale: u32) -> u64 {
     u64::try_from(t.div_ceil(u128::from(scale.max(1)))).unwrap_or(u64::MAX)
 }
 
-/// The latest slot at or before `t`, in schedule time.
-fn slot_at_or_before(c: &Cadence, t: u128, scale: u32) -> Option<u128> {
-    let every = |start: u64, period: u128| {
-        let start = to_schedule(start, scale);
-        (t >= start).then(|| start + (t - start) / period * period)
-    };
-    match c {
+/// The first slot and the period of an hourly or daily cadence, in schedule time (`None`
+/// for weekly). A zero period (never validated in) is read as 1 ns rather than divided by.
+fn periodic(c: &Cadence, scale: u32) -> Option<(u128, u128)> {
+    let (start, period) = match c {
         Cadence::Hourly {
             start_unix_ns,
             hours,
-        } => every(*start_unix_ns, u128::from(*hours) * HOUR_NS),
+        } => (*start_unix_ns, u128::from(*hours) * HOUR_NS),
         Cadence::Daily {
             start_unix_ns,
             days,
-        } => every(*start_unix_ns, u128::from(*days) * DAY_NS),
-        Cadence::Weekly { entries } => {
-            let shifted = t + EPOCH_WEEK_OFFSET_NS;
-            let week_start = shifted / WEEK_NS * WEEK_NS;
-            let in_week = shifted - week_start;
-            let best = |limit: u128| {
-                entries
-                    .iter()
-                    .map(|e| e.offset_in_week_ns())
-                    .filter(move |o| *o <= limit)
-                    .max()
-            };
-            let slot = match best(in_week) {
-                Some(o) => week_start + o,
-                None => (week_start.checked_sub(WEEK_NS)?) + best(WEEK_NS)?,
-            };
-            slot.checked_sub(EPOCH_WEEK_OFFSET_NS)
-        }
+        } => (*start_unix_ns, u128::from(*days) * DAY_NS),
+        Cadence::Weekly { .. } => return None,
+    };
+    Some((to_schedule(start, scale), period.max(1)))
+}
+
+/// Offsets of a weekly cadence's entries within a Sunday-based week.
+fn weekly_offsets(c: &Cadence) -> impl Iterator<Item = u128> + '_ {
+    let entries = match c {
+        Cadence::Weekly { entries } => &entries[..],
+        _ => &[],
+    };
+    entries.iter().map(WeeklyEntry::offset_in_week_ns)
+}
+
+/// `t` (schedule time) as (start of its Sunday-based week, offset into it), epoch-shifted.
+fn week_of(t: u128) -> (u128, u128) {
+    let shifted = t + EPOCH_WEEK_OFFSET_NS;
+    let week_start = shifted / WEEK_NS * WEEK_NS;
+    (week_start, shifted - week_start)
+}
+
+/// The latest slot at or before `t`, in schedule time.
+fn slot_at_or_before(c: &Cadence, t: u128, scale: u32) -> Option<u128> {
+    if let Some((start, period)) = periodic(c, scale) {
+        return (t >= start).then(|| start + (t - start) / period * period);
     }
+    let (week_start, in_week) = week_of(t);
+    let best = |limit: u128| weekly_offsets(c).filter(|o| *o <= limit).max();
+    let slot = match best(in_week) {
+        Some(o) => week_start + o,
+        None => week_start.checked_sub(WEEK_NS)? + best(WEEK_NS)?,
+    };
+    slot.checked_sub(EPOCH_WEEK_OFFSET_NS)
 }
 
 /// The first slot after `t`, in schedule time.
 fn slot_after(c: &Cadence, t: u128, scale: u32) -> Option<u128> {
-    match c {
-        Cadence::Hourly {
-            start_unix_ns,
-            hours,
-        } => {
-            let period = u128::from(*hours) * HOUR_NS;
-            let start = to_schedule(*start_unix_ns, scale);
-            Some(if t < start {
-                start
-            } else {
-                start + ((t - start) / period + 1) * period
-            })
-        }
-        Cadence::Daily {
-            start_unix_ns,
-            days,
-        } => {
-            let period = u128::from(*days) * DAY_NS;
-            let start = to_schedule(*start_unix_ns, scale);
-            Some(if t < start {
-                start
-            } else {
-                start + ((t - start) / period + 1) * period
-            })
-        }
-        Cadence::Weekly { entries } => {
-            let shifted = t + EPOCH_WEEK_OFFSET_NS;
-            let week_start = shifted / WEEK_NS * WEEK_NS;
-            let in_week = shifted - week_start;
-            let offsets = || entries.iter().map(WeeklyEntry::offset_in_week_ns);
-            let slot = match offsets().filter(|o| *o > in_week).min() {
-                Some(o) => week_start + o,
-                None => week_start + WEEK_NS + offsets().min()?,
-            };
-            slot.checked_sub(EPOCH_WEEK_OFFSET_NS)
-        }
+    if let Some((start, period)) = periodic(c, scale) {
+        return Some(if t < start {
+            start
+        } else {
+            start + ((t - start) / period + 1) * period
+        });
     }
+    let (week_start, in_week) = week_of(t);
+    let slot = match weekly_offsets(c).filter(|o| *o > in_week).min() {
+        Some(o) => week_start + o,
+        None => week_start + WEEK_NS + weekly_offsets(c).min()?,
+    };
+    slot.checked_sub(EPOCH_WEEK_OFFSET_NS)
 }
 
 /// The slot of `p` due at real time `now` (the latest one not yet accounted for), if any.
