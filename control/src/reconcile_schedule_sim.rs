@@ -1,8 +1,7 @@
 //! A simulated week of the scheduler, in milliseconds: the reconciler's pure pieces
 //! (`pending`, `schedule::due_fires`, the completion commands) drive `decide`/`evolve` on a
 //! simulated clock ticking every five minutes (hourly, daily and weekly policies), with two
-//! outages after which the state is
-//! rebuilt from the recorded events (a restart).
+//! outages after which the state is rebuilt from the recorded events (a restart).
 
 use uuid::Uuid;
 
