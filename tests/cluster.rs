@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::cluster::{member, same_head, server_id, Etcd};
+use common::cluster::{events, member, member_with_env, same_head, server_id, Etcd};
 use common::Server;
 use evstor_datapath::initiator::Session;
 use serde_json::{json, Value};
@@ -651,5 +651,72 @@ fn etcd_quorum_loss_stops_mutations_only() {
                 "{name} missing: {listed}"
             );
         }
+    }
+}
+
+/// A snapshot schedule in a cluster (test clock: an hourly slot every second): each slot
+/// fires once, whichever servers' agents look at it, the snapshots appear on every server,
+/// and every server reaches the same head.
+#[test]
+fn a_snapshot_schedule_fires_each_slot_once_in_a_cluster() {
+    let etcd = Etcd::start(1);
+    let env = [("EVSTOR_SCHEDULE_CLOCK_SCALE", "3600")];
+    let servers: Vec<Server> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|n| member_with_env(&etcd, n, &[], &env))
+        .collect();
+    for s in &servers {
+        eventually(s, "/api/v2/servers", |_, _| {
+            states(s) == all_enabled(&["s1", "s2", "s3"])
+        });
+    }
+    let vol = create_volume(&servers[1], "scheduled", 1);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let body = json!({"name": "every-hour", "resourceUUID": vol,
+        "schedulePolicy": {"snapshotSchedulePolicy": {"hourlySchedule": {
+            "startTime": evstor_control::api::json::rfc3339(secs * 1_000_000_000),
+            "hoursInCycle": 1}}, "retentionTime": "2h"}});
+    let (status, p) = servers[2]
+        .admin()
+        .post("/api/v2/projects/default/resourcePolicies", &body);
+    assert_eq!(status, 200, "{p}");
+    let slots = |s: &Server| -> Vec<u64> {
+        events(s)
+            .iter()
+            .filter_map(|e| e["event"]["Schedule"]["ResourcePolicyFired"]["slot_unix_ns"].as_u64())
+            .collect()
+    };
+    let deadline = Instant::now() + CONVERGE;
+    while slots(&servers[0]).len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the schedule did not fire 5 times"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (status, v) = servers[0].admin().delete(&format!(
+        "/api/v2/projects/default/resourcePolicies/{}",
+        p["UUID"].as_str().expect("UUID")
+    ));
+    assert_eq!(status, 200, "{v}");
+    let refs: Vec<&Server> = servers.iter().collect();
+    same_head(&refs, CONVERGE);
+    let fired = slots(&servers[0]);
+    assert!(
+        fired.windows(2).all(|w| w[1] > w[0]),
+        "a slot fired twice: {fired:?}"
+    );
+    for s in &servers {
+        let (_, list) = s
+            .admin()
+            .get("/api/v2/projects/default/snapshots?showAll=true");
+        let text = list.to_string();
+        assert!(
+            text.contains("every-hour-"),
+            "no scheduled snapshot on a server: {text}"
+        );
     }
 }

@@ -151,3 +151,16 @@ pub const BUNDLE_LOG_DAYS_MAX: u32 = 365;
 pub const BUNDLE_CHUNKS_IN_FLIGHT: usize = 8;
 /// Bytes per such chunk.
 pub const BUNDLE_CHUNK_BYTES: usize = 64 * 1024;
+/// Resource policies (snapshot schedules) on one volume.
+pub const RESOURCE_POLICIES_PER_VOLUME_MAX: usize = 16;
+/// Resource policies in one project.
+pub const RESOURCE_POLICIES_PER_PROJECT_MAX: usize = 1024;
+/// `daysOfWeek` entries of one weekly schedule (four a day).
+pub const SCHEDULE_WEEKLY_ENTRIES_MAX: usize = 28;
+/// Longest `hoursInCycle` (a leap year) and `daysInCycle`.
+pub const SCHEDULE_CYCLE_HOURS_MAX: u32 = 366 * 24;
+pub const SCHEDULE_CYCLE_DAYS_MAX: u32 = 366;
+/// Snapshots one schedule may keep at once (retention ÷ shortest interval).
+pub const SCHEDULED_SNAPSHOTS_KEPT_MAX: usize = 1024;
+/// Largest `EVSTOR_SCHEDULE_CLOCK_SCALE` (test only): an hour of schedule time in a second.
+pub const SCHEDULE_CLOCK_SCALE_MAX: u32 = 3_600;

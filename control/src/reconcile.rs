@@ -2,7 +2,9 @@
 //! wakes on every commit (and when a snapshot's retention runs out), looks for volumes and
 //! snapshots whose intent is not yet done (`Creating`, `Deleting`, `Rollback`, expired),
 //! drives the data path, and appends the completion. It is level-triggered, so after a crash
-//! it simply finds the unfinished work in the projections and resumes.
+//! it simply finds the unfinished work in the projections and resumes. Snapshot schedules
+//! are the same kind of work: a policy with a slot due (`schedule::due_fires`) becomes a
+//! `FireResourcePolicy` command, and the reconciler also wakes at the next slot.
 //!
 //! In cluster mode every server runs one as its agent, scoped to its own node: the data-plane
 //! steps of the volumes and snapshots whose primary it is (the completions it appends are
@@ -17,9 +19,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::domain::schedule::{self, Command as ScheduleCommand};
 use crate::domain::snapshot::{Command as SnapshotCommand, Snapshot, SnapshotState};
 use crate::domain::volume::{Command as VolumeCommand, Volume, VolumeState};
 use crate::domain::{Command, State};
+use crate::limits::SCHEDULE_CLOCK_SCALE_MAX;
 use crate::store::{Bus, RequestMeta};
 
 /// What the control plane asks of the data path. Calls may block (file I/O); the reconciler
@@ -65,6 +69,9 @@ pub enum Work {
     Rollback(Volume, Uuid),
     /// No data work: ask the domain to expire the snapshot.
     Expire(Uuid),
+    /// No data work: ask the domain to fire the resource policy's due slot (with the
+    /// schedule clock scale, 1 outside tests).
+    Fire(Uuid, u32),
 }
 
 /// Everything unfinished in `state` at `now_unix_ns`, in the order it must run (snapshots are
@@ -139,6 +146,12 @@ pub fn is_for(state: &State, w: &Work, node: Option<Uuid>) -> bool {
         Work::DeleteVolume(u) => volume_on(u),
         Work::TakeSnapshot(s) => s.node_uuid == node,
         Work::DeleteSnapshot(u) | Work::Expire(u) => snapshot_on(u),
+        // The primary of the volume takes its snapshots, so its agent fires its schedules
+        // (a fire is idempotent per slot, so even two agents would take one snapshot).
+        Work::Fire(u, _) => state
+            .resource_policies
+            .get(*u)
+            .is_some_and(|p| volume_on(&p.volume)),
     }
 }
 
@@ -195,6 +208,7 @@ pub async fn run(
 ) {
     let mut seq = bus.last_seq();
     let mut held = HashSet::new();
+    let clock_scale = schedule_clock_scale();
     loop {
         let now = crate::store::bus::now_unix_ns();
         // The state read below holds at least this seq (`/metrics`: reconciler lag).
@@ -206,7 +220,10 @@ pub async fn run(
                 tracing::warn!("namespace publication incomplete, will retry: {e}");
             }
             let (mut work, next_expiry) = pending(&state, now);
+            let (fires, next_fire) = schedule::due_fires(&state, now, clock_scale);
+            work.extend(fires.into_iter().map(|u| Work::Fire(u, clock_scale)));
             work.retain(|w| is_for(&state, w, node));
+            let next_expiry = [next_expiry, next_fire].into_iter().flatten().min();
             (work, next_expiry, published.is_err())
         };
         if let Some(n) = node {
@@ -246,6 +263,29 @@ pub async fn run(
     }
 }
 
+/// `EVSTOR_SCHEDULE_CLOCK_SCALE`, read once: TEST ONLY. Makes snapshot schedules run this
+/// many times faster than real time (3600: an hourly schedule fires every second, and its
+/// snapshots' retention shrinks alike). Unset, empty or unreadable: 1, real time.
+fn schedule_clock_scale() -> u32 {
+    let Ok(text) = std::env::var("EVSTOR_SCHEDULE_CLOCK_SCALE") else {
+        return 1;
+    };
+    match text.trim().parse::<u32>() {
+        Ok(n) if (1..=SCHEDULE_CLOCK_SCALE_MAX).contains(&n) => {
+            if n > 1 {
+                tracing::warn!("EVSTOR_SCHEDULE_CLOCK_SCALE={n}: snapshot schedules run {n}x faster than real time (test only)");
+            }
+            n
+        }
+        _ => {
+            tracing::warn!(
+                "EVSTOR_SCHEDULE_CLOCK_SCALE={text:?} ignored: not 1-{SCHEDULE_CLOCK_SCALE_MAX}"
+            );
+            1
+        }
+    }
+}
+
 /// The completion command for `w`, and a name for logs.
 fn completion(w: &Work) -> (Command, String) {
     match w {
@@ -273,6 +313,13 @@ fn completion(w: &Work) -> (Command, String) {
             Command::Snapshot(SnapshotCommand::ExpireSnapshot { uuid: *u }),
             format!("snapshot {u}"),
         ),
+        Work::Fire(u, scale) => (
+            Command::Schedule(ScheduleCommand::FireResourcePolicy {
+                uuid: *u,
+                clock_scale: *scale,
+            }),
+            format!("resource policy {u}"),
+        ),
     }
 }
 
@@ -284,7 +331,7 @@ fn execute(data: &dyn DataPlane, work: Work) -> std::io::Result<()> {
         Work::TakeSnapshot(s) => data.take_snapshot(&s),
         Work::DeleteSnapshot(u) => data.release_snapshot(u),
         Work::Rollback(v, s) => data.rollback(&v, s),
-        Work::Expire(_) => Ok(()),
+        Work::Expire(_) | Work::Fire(..) => Ok(()),
     }
 }
 
@@ -367,6 +414,7 @@ mod tests {
                 Work::DeleteSnapshot(_) => "delete-snapshot",
                 Work::Rollback(..) => "rollback",
                 Work::Expire(_) => "expire",
+                Work::Fire(..) => "fire",
             })
             .collect()
     }
@@ -434,3 +482,7 @@ mod tests {
         assert_eq!(kinds(&pending(&state, expiry).0), ["expire"]);
     }
 }
+
+#[cfg(test)]
+#[path = "reconcile_schedule_sim.rs"]
+mod schedule_sim;

@@ -8,6 +8,10 @@ use evstor_control::domain::cluster::{Bootstrap, Command as ClusterCommand};
 use evstor_control::domain::credential::{Command as CredCommand, CredentialType};
 use evstor_control::domain::inventory::Device;
 use evstor_control::domain::project::Command as ProjectCommand;
+use evstor_control::domain::schedule::{
+    self, Cadence, Command as ScheduleCommand, NewResourcePolicy, Schedule,
+};
+use evstor_control::domain::snapshot::Command as SnapshotCommand;
 use evstor_control::domain::volume::{
     Command as VolumeCommand, NewVolume, VolumeChange, VolumeRef,
 };
@@ -19,33 +23,46 @@ use proptest::prelude::*;
 
 const PROJECTS: [&str; 3] = ["default", "p1", "p2"];
 const NAMES: [&str; 4] = ["a", "b", "c", "bad name"];
+/// Schedule time runs this much faster than real time in the property: an hourly slot every
+/// millisecond.
+const FIRE_CLOCK_SCALE: u32 = 3_600_000;
+
+fn now_unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
 
 fn arb_command() -> impl Strategy<Value = Command> {
     let project = prop::sample::select(&PROJECTS[..]).prop_map(str::to_string);
     let name = prop::sample::select(&NAMES[..]).prop_map(str::to_string);
     prop_oneof![
-        (project.clone()).prop_map(|p| Command::Project(ProjectCommand::CreateProject {
+        1 => (project.clone()).prop_map(|p| Command::Project(ProjectCommand::CreateProject {
             name: p,
             description: String::new(),
             default_policies: vec![],
         })),
-        (project.clone()).prop_map(|p| Command::Project(ProjectCommand::DeleteProject { name: p })),
-        (project.clone(), name.clone(), 0u64..(4 << 30), 0u32..4).prop_map(|(p, n, size, rc)| {
-            Command::Volume(VolumeCommand::CreateVolume(NewVolume {
-                project: p,
-                name: n,
-                size_bytes: size,
-                acl: vec!["ALLOW_ANY".into()],
-                ip_acl: None,
-                compression: size % 2 == 0,
-                replica_count: rc,
-                sector_size: 0,
-                source_snapshot: None,
-                qos: None,
-                labels: vec![],
-            }))
-        }),
-        (
+        1 => (project.clone()).prop_map(|p| Command::Project(ProjectCommand::DeleteProject { name: p })),
+        // Sizes in whole 4 KiB sectors (others are refused), so volumes do get created.
+        3 => (project.clone(), name.clone(), 0u64..(1 << 20), (0u32..6).prop_map(|r| if r > 2 { 1 } else { r })).prop_map(
+            |(p, n, sectors, rc)| {
+                let size = sectors * 4096;
+                Command::Volume(VolumeCommand::CreateVolume(NewVolume {
+                    project: p,
+                    name: n,
+                    size_bytes: size,
+                    acl: vec!["ALLOW_ANY".into()],
+                    ip_acl: None,
+                    compression: size % 2 == 0,
+                    replica_count: rc,
+                    sector_size: 0,
+                    source_snapshot: None,
+                    qos: None,
+                    labels: vec![],
+                }))
+            }
+        ),
+        1 => (
             project.clone(),
             name.clone(),
             1u64..(8 << 30),
@@ -64,14 +81,47 @@ fn arb_command() -> impl Strategy<Value = Command> {
                     },
                 })
             }),
-        (project.clone(), name.clone()).prop_map(|(p, n)| Command::Volume(
+        1 => (project.clone(), name.clone()).prop_map(|(p, n)| Command::Volume(
             VolumeCommand::DeleteVolume {
                 project: p,
                 target: VolumeRef::Name(n),
                 if_match: None,
             }
         )),
-        (project, name).prop_map(
+        // Resource policies on the volumes above (named like their volume, so they meet
+        // often), hourly from 1970; fired with a clock scale beyond the server's (a slot
+        // every millisecond) so fires land during the case, some in the same second (a
+        // snapshot name clash: a skipped fire). Deleting a volume deletes its policies.
+        3 => (project.clone(), name.clone(), 1u32..3)
+            .prop_map(|(p, n, hours)| {
+            Command::Schedule(ScheduleCommand::CreateResourcePolicy(NewResourcePolicy {
+                project: p,
+                name: n.clone(),
+                volume: VolumeRef::Name(n),
+                description: String::new(),
+                schedule: Schedule {
+                    cadence: Cadence::Hourly {
+                        start_unix_ns: 0,
+                        hours,
+                    },
+                    retention_secs: 3600,
+                },
+            }))
+        }),
+        1 => (project.clone(), name.clone()).prop_map(|(p, n)| Command::Schedule(
+            ScheduleCommand::DeleteResourcePolicy {
+                project: p.clone(),
+                uuid: policy_uuid(&p, &n),
+                if_match: None,
+            }
+        )),
+        3 => (project.clone(), name.clone()).prop_map(|(p, n)| Command::Schedule(
+            ScheduleCommand::FireResourcePolicy {
+                uuid: policy_uuid(&p, &n),
+                clock_scale: FIRE_CLOCK_SCALE,
+            }
+        )),
+        1 => (project, name).prop_map(
             |(p, id)| Command::Credential(CredCommand::CreateCredential {
                 project: p,
                 id,
@@ -82,27 +132,82 @@ fn arb_command() -> impl Strategy<Value = Command> {
     ]
 }
 
-async fn settle(bus: &Bus) {
-    // What the reconciler would do: finish every pending create and delete.
-    let pending: Vec<Command> = {
-        let s = bus.state();
-        s.volumes
+/// Placeholder id of policy `name` in `project`, resolved against the live state at submit
+/// time (see [`resolve`]): ids are minted by `decide`, so the generator cannot know them.
+fn policy_uuid(project: &str, name: &str) -> uuid::Uuid {
+    let mut bytes = [0u8; 16];
+    for (i, b) in format!("{project}/{name}").bytes().enumerate() {
+        bytes[i % 16] ^= b;
+    }
+    uuid::Uuid::from_bytes(bytes)
+}
+
+/// Replaces a placeholder policy id with the id of the policy it names, if there is one.
+fn resolve(bus: &Bus, c: Command) -> Command {
+    let state = bus.state();
+    let real = |placeholder: uuid::Uuid| {
+        state
+            .resource_policies
             .by_uuid
             .values()
-            .filter_map(|v| match v.state {
-                evstor_control::domain::volume::VolumeState::Creating => {
-                    Some(Command::Volume(VolumeCommand::MarkVolumeAvailable {
-                        uuid: v.uuid,
-                    }))
-                }
-                evstor_control::domain::volume::VolumeState::Deleting => {
-                    Some(Command::Volume(VolumeCommand::FinishVolumeDeletion {
-                        uuid: v.uuid,
-                    }))
-                }
-                _ => None,
+            .find(|p| policy_uuid(&p.project, &p.name) == placeholder)
+            .map_or(placeholder, |p| p.uuid)
+    };
+    match c {
+        Command::Schedule(ScheduleCommand::DeleteResourcePolicy {
+            project,
+            uuid,
+            if_match,
+        }) => Command::Schedule(ScheduleCommand::DeleteResourcePolicy {
+            project,
+            uuid: real(uuid),
+            if_match,
+        }),
+        Command::Schedule(ScheduleCommand::FireResourcePolicy { uuid, clock_scale }) => {
+            Command::Schedule(ScheduleCommand::FireResourcePolicy {
+                uuid: real(uuid),
+                clock_scale,
             })
-            .collect()
+        }
+        other => other,
+    }
+}
+
+async fn settle(bus: &Bus) {
+    // What the reconciler would do: finish every pending create and delete, take snapshots,
+    // fire due schedules (at the property's clock scale).
+    let pending: Vec<Command> = {
+        let s = bus.state();
+        let snapshots = s
+            .snapshots
+            .by_uuid
+            .values()
+            .filter(|x| x.state == evstor_control::domain::snapshot::SnapshotState::Creating)
+            .map(|x| Command::Snapshot(SnapshotCommand::MarkSnapshotAvailable { uuid: x.uuid }));
+        let fires = schedule::due_fires(&s, now_unix_ns(), FIRE_CLOCK_SCALE)
+            .0
+            .into_iter()
+            .map(|uuid| {
+                Command::Schedule(ScheduleCommand::FireResourcePolicy {
+                    uuid,
+                    clock_scale: FIRE_CLOCK_SCALE,
+                })
+            });
+        let mut all: Vec<Command> = snapshots.chain(fires).collect();
+        all.extend(s.volumes.by_uuid.values().filter_map(|v| match v.state {
+            evstor_control::domain::volume::VolumeState::Creating => {
+                Some(Command::Volume(VolumeCommand::MarkVolumeAvailable {
+                    uuid: v.uuid,
+                }))
+            }
+            evstor_control::domain::volume::VolumeState::Deleting => {
+                Some(Command::Volume(VolumeCommand::FinishVolumeDeletion {
+                    uuid: v.uuid,
+                }))
+            }
+            _ => None,
+        }));
+        all
     };
     for c in pending {
         bus.submit(RequestMeta::system("test"), c).await.unwrap();
@@ -138,6 +243,7 @@ fn run_case(commands: Vec<Command>, settle_every: usize) {
             let tasks: Vec<_> = chunk
                 .iter()
                 .cloned()
+                .map(|c| resolve(&bus, c))
                 .map(|c| {
                     let bus = bus.clone();
                     tokio::spawn(async move { bus.submit(RequestMeta::system("t"), c).await })

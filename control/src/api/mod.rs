@@ -20,6 +20,7 @@ pub mod nodes;
 pub mod nvme_devices;
 pub mod policies;
 pub mod projects;
+pub mod resource_policies;
 pub mod roles;
 pub mod servers;
 pub mod snapshot_diff;
@@ -274,6 +275,7 @@ pub fn router(app: App, caps: admission::RequestCaps) -> Router {
         .merge(snapshots::routes())
         .merge(snapshot_diff::routes())
         .merge(policies::routes())
+        .merge(resource_policies::routes())
         .merge(internal::routes())
         .merge(metrics::routes())
         .merge(logs::routes())

@@ -18,6 +18,7 @@ pub mod inventory;
 pub mod names;
 pub mod policy;
 pub mod project;
+pub mod schedule;
 pub mod snapshot;
 pub mod volume;
 
@@ -73,6 +74,7 @@ pub struct State {
     pub config: config::ClusterConfig,
     pub flags: flag::FeatureFlags,
     pub inventory: inventory::Inventory,
+    pub resource_policies: schedule::ResourcePolicies,
 }
 
 /// A request to change the cluster.
@@ -87,6 +89,7 @@ pub enum Command {
     Config(config::Command),
     Flag(flag::Command),
     Inventory(inventory::Command),
+    Schedule(schedule::Command),
 }
 
 /// A fact that happened. Variant names of the inner enums are the stable event type strings.
@@ -101,6 +104,7 @@ pub enum Event {
     Config(config::Event),
     Flag(flag::Event),
     Inventory(inventory::Event),
+    Schedule(schedule::Event),
 }
 
 /// A projection row that an event changed; the store persists exactly these.
@@ -117,6 +121,7 @@ pub enum RowKey {
     Server(Uuid),
     Node(Uuid),
     Device(String),
+    ResourcePolicy(Uuid),
 }
 
 /// Decides what `command` means given `state`: the events to append, or why not.
@@ -124,13 +129,16 @@ pub fn decide(state: &State, ctx: &Ctx, command: &Command) -> Result<Vec<Event>,
     match command {
         Command::Cluster(c) => cluster::decide(state, ctx, c),
         Command::Project(c) => project::decide(state, ctx, c),
-        Command::Volume(c) => volume::decide(state, ctx, c),
+        // A volume's deletion also deletes its resource policies.
+        Command::Volume(c) => volume::decide(state, ctx, c)
+            .map(|events| schedule::cascade_volume_deletions(state, events)),
         Command::Snapshot(c) => snapshot::decide(state, ctx, c),
         Command::Policy(c) => policy::decide(state, ctx, c),
         Command::Credential(c) => credential::decide(state, ctx, c),
         Command::Config(c) => config::decide(state, ctx, c),
         Command::Flag(c) => flag::decide(state, ctx, c),
         Command::Inventory(c) => inventory::decide(state, ctx, c),
+        Command::Schedule(c) => schedule::decide(state, ctx, c),
     }
 }
 
@@ -147,6 +155,7 @@ impl State {
             Event::Config(e) => config::evolve(self, at, e),
             Event::Flag(e) => flag::evolve(self, at, e),
             Event::Inventory(e) => inventory::evolve(self, at, e),
+            Event::Schedule(e) => schedule::evolve(self, at, e),
         }
     }
 }
@@ -164,6 +173,7 @@ impl Event {
             Event::Config(e) => e.type_name(),
             Event::Flag(e) => e.type_name(),
             Event::Inventory(e) => e.type_name(),
+            Event::Schedule(e) => e.type_name(),
         }
     }
 
@@ -174,6 +184,7 @@ impl Event {
             Event::Volume(e) => e.project(state),
             Event::Snapshot(e) => e.project(state),
             Event::Credential(e) => e.project(),
+            Event::Schedule(e) => e.project(state),
             _ => "",
         }
     }

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::domain::inventory::{Node, Server};
 use crate::domain::policy::Policy;
+use crate::domain::schedule::ResourcePolicy;
 use crate::domain::snapshot::Snapshot;
 use crate::domain::{RowKey, State};
 use crate::error::ControlError;
@@ -37,6 +38,7 @@ pub fn key_bytes(key: &RowKey) -> Vec<u8> {
         RowKey::Server(u) => format!("server/{u}").into_bytes(),
         RowKey::Node(u) => format!("node/{u}").into_bytes(),
         RowKey::Device(s) => format!("device/{s}").into_bytes(),
+        RowKey::ResourcePolicy(u) => format!("schedule/{u}").into_bytes(),
     }
 }
 
@@ -58,6 +60,7 @@ pub fn value(state: &State, key: &RowKey) -> Option<Vec<u8>> {
         RowKey::Server(u) => state.inventory.servers.get(u).map(enc),
         RowKey::Node(u) => state.inventory.nodes.get(u).map(enc),
         RowKey::Device(s) => state.inventory.devices.get(s).map(enc),
+        RowKey::ResourcePolicy(u) => state.resource_policies.get(*u).map(enc),
     }
 }
 
@@ -80,6 +83,13 @@ pub fn all(state: &State) -> BTreeMap<Vec<u8>, Vec<u8>> {
     keys.extend(state.inventory.servers.keys().map(|u| RowKey::Server(*u)));
     keys.extend(state.inventory.nodes.keys().map(|u| RowKey::Node(*u)));
     keys.extend(state.inventory.devices.keys().cloned().map(RowKey::Device));
+    keys.extend(
+        state
+            .resource_policies
+            .by_uuid
+            .keys()
+            .map(|u| RowKey::ResourcePolicy(*u)),
+    );
     keys.iter()
         .filter_map(|k| value(state, k).map(|v| (key_bytes(k), v)))
         .collect()
@@ -185,6 +195,9 @@ pub fn load(journal: &RocksJournal) -> Result<State, ControlError> {
     })?;
     load_kind(journal, "device/", |id, x| {
         s.inventory.devices.insert(id, x);
+    })?;
+    load_kind(journal, "schedule/", |_, x: ResourcePolicy| {
+        s.resource_policies.by_uuid.insert(x.uuid, x);
     })?;
     Ok(s)
 }
