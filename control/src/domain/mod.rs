@@ -12,13 +12,16 @@ pub mod cluster;
 pub mod config;
 pub mod credential;
 pub mod duration;
+pub mod endpoint;
 mod error;
+pub mod federation;
 pub mod flag;
 pub mod inventory;
 pub mod names;
 pub mod policy;
 pub mod project;
 pub mod snapshot;
+pub mod url;
 pub mod volume;
 
 pub use error::DomainError;
@@ -73,6 +76,8 @@ pub struct State {
     pub config: config::ClusterConfig,
     pub flags: flag::FeatureFlags,
     pub inventory: inventory::Inventory,
+    pub federation: federation::Federation,
+    pub endpoints: endpoint::AdminEndpoints,
 }
 
 /// A request to change the cluster.
@@ -87,6 +92,8 @@ pub enum Command {
     Config(config::Command),
     Flag(flag::Command),
     Inventory(inventory::Command),
+    Federation(federation::Command),
+    Endpoint(endpoint::Command),
 }
 
 /// A fact that happened. Variant names of the inner enums are the stable event type strings.
@@ -101,6 +108,8 @@ pub enum Event {
     Config(config::Event),
     Flag(flag::Event),
     Inventory(inventory::Event),
+    Federation(federation::Event),
+    Endpoint(endpoint::Event),
 }
 
 /// A projection row that an event changed; the store persists exactly these.
@@ -117,6 +126,12 @@ pub enum RowKey {
     Server(Uuid),
     Node(Uuid),
     Device(String),
+    /// The federated authentication switch.
+    Federation,
+    Idp(String),
+    IdpClient(String),
+    AuthMap(String),
+    AdminEndpoint(Uuid, u16),
 }
 
 /// Decides what `command` means given `state`: the events to append, or why not.
@@ -131,6 +146,8 @@ pub fn decide(state: &State, ctx: &Ctx, command: &Command) -> Result<Vec<Event>,
         Command::Config(c) => config::decide(state, ctx, c),
         Command::Flag(c) => flag::decide(state, ctx, c),
         Command::Inventory(c) => inventory::decide(state, ctx, c),
+        Command::Federation(c) => federation::decide(state, ctx, c),
+        Command::Endpoint(c) => endpoint::decide(state, ctx, c),
     }
 }
 
@@ -147,6 +164,8 @@ impl State {
             Event::Config(e) => config::evolve(self, at, e),
             Event::Flag(e) => flag::evolve(self, at, e),
             Event::Inventory(e) => inventory::evolve(self, at, e),
+            Event::Federation(e) => federation::evolve(self, at, e),
+            Event::Endpoint(e) => endpoint::evolve(self, at, e),
         }
     }
 }
@@ -164,6 +183,8 @@ impl Event {
             Event::Config(e) => e.type_name(),
             Event::Flag(e) => e.type_name(),
             Event::Inventory(e) => e.type_name(),
+            Event::Federation(e) => e.type_name(),
+            Event::Endpoint(e) => e.type_name(),
         }
     }
 

@@ -7,6 +7,7 @@ use evstor_journal::{EventLog, ProjectionOp, RocksJournal};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::domain::endpoint::AdminEndpoint;
 use crate::domain::inventory::{Node, Server};
 use crate::domain::policy::Policy;
 use crate::domain::snapshot::Snapshot;
@@ -37,6 +38,11 @@ pub fn key_bytes(key: &RowKey) -> Vec<u8> {
         RowKey::Server(u) => format!("server/{u}").into_bytes(),
         RowKey::Node(u) => format!("node/{u}").into_bytes(),
         RowKey::Device(s) => format!("device/{s}").into_bytes(),
+        RowKey::Federation => b"federation/".to_vec(),
+        RowKey::Idp(n) => format!("idp/{n}").into_bytes(),
+        RowKey::IdpClient(n) => format!("idpclient/{n}").into_bytes(),
+        RowKey::AuthMap(n) => format!("authmap/{n}").into_bytes(),
+        RowKey::AdminEndpoint(s, p) => format!("endpoint/{s}/{p}").into_bytes(),
     }
 }
 
@@ -58,6 +64,17 @@ pub fn value(state: &State, key: &RowKey) -> Option<Vec<u8>> {
         RowKey::Server(u) => state.inventory.servers.get(u).map(enc),
         RowKey::Node(u) => state.inventory.nodes.get(u).map(enc),
         RowKey::Device(s) => state.inventory.devices.get(s).map(enc),
+        // Present while enabled (absent reads as disabled).
+        RowKey::Federation => state.federation.enabled.then(|| enc(&true)),
+        RowKey::Idp(n) => state.federation.idps.get(n).map(enc),
+        RowKey::IdpClient(n) => state.federation.clients.get(n).map(enc),
+        RowKey::AuthMap(n) => state.federation.maps.get(n).map(enc),
+        RowKey::AdminEndpoint(s, p) => state
+            .endpoints
+            .by_server
+            .get(s)
+            .and_then(|ports| ports.get(p))
+            .map(enc),
     }
 }
 
@@ -80,6 +97,18 @@ pub fn all(state: &State) -> BTreeMap<Vec<u8>, Vec<u8>> {
     keys.extend(state.inventory.servers.keys().map(|u| RowKey::Server(*u)));
     keys.extend(state.inventory.nodes.keys().map(|u| RowKey::Node(*u)));
     keys.extend(state.inventory.devices.keys().cloned().map(RowKey::Device));
+    let f = &state.federation;
+    if f.enabled {
+        keys.push(RowKey::Federation);
+    }
+    keys.extend(f.idps.keys().cloned().map(RowKey::Idp));
+    keys.extend(f.clients.keys().cloned().map(RowKey::IdpClient));
+    keys.extend(f.maps.keys().cloned().map(RowKey::AuthMap));
+    keys.extend(state.endpoints.by_server.values().flat_map(|ports| {
+        ports
+            .values()
+            .map(|e| RowKey::AdminEndpoint(e.server, e.port))
+    }));
     keys.iter()
         .filter_map(|k| value(state, k).map(|v| (key_bytes(k), v)))
         .collect()
@@ -185,6 +214,23 @@ pub fn load(journal: &RocksJournal) -> Result<State, ControlError> {
     })?;
     load_kind(journal, "device/", |id, x| {
         s.inventory.devices.insert(id, x);
+    })?;
+    load_kind(journal, "federation/", |_, enabled| s.federation.enabled = enabled)?;
+    load_kind(journal, "idp/", |id, x| {
+        s.federation.idps.insert(id, x);
+    })?;
+    load_kind(journal, "idpclient/", |id, x| {
+        s.federation.clients.insert(id, x);
+    })?;
+    load_kind(journal, "authmap/", |id, x| {
+        s.federation.maps.insert(id, x);
+    })?;
+    load_kind(journal, "endpoint/", |_, e: AdminEndpoint| {
+        s.endpoints
+            .by_server
+            .entry(e.server)
+            .or_default()
+            .insert(e.port, e);
     })?;
     Ok(s)
 }

@@ -1,0 +1,217 @@
+//! End-to-end: federated authentication against a real OpenID Connect provider
+//! (`oidc-provider` under node, [`common::oidc`]) and the real binary. IdP configuration,
+//! client configuration and auth maps through the API; the IdP's access tokens accepted by
+//! its JWKS, with issuer, audience and expiry checked and roles from the auth maps only.
+
+mod common;
+
+use common::oidc::Provider;
+use common::{Client, Server};
+use serde_json::{json, Value};
+
+const IDP: &str = "/api/v2/cluster/IdpConfiguration";
+const CLIENTS: &str = "/api/v2/cluster/idpClientConfs";
+const MAPS: &str = "/api/v2/cluster/authMaps";
+/// `TOKEN_CLOCK_SKEW_SECS` in `control/src/limits.rs`: an expired token is refused this much
+/// after its `exp`.
+const CLOCK_SKEW_SECS: u64 = 10;
+
+fn vol(name: &str) -> Value {
+    json!({"name": name, "size": "1 GiB", "acl": {"values": ["ALLOW_ANY"]}, "replicaCount": 1})
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// A claim of a JWT, read without verifying it.
+fn claim(token: &str, name: &str) -> Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("a JWT");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .expect("base64url");
+    serde_json::from_slice::<Value>(&bytes).expect("claims")[name].clone()
+}
+
+/// Configures `idp` (issuer of `provider`), a client configuration accepting audience
+/// `evstor` in App mode, and the map `robot-p`: client `ci-robot` → `p:viewer`.
+fn configure(admin: &Client, provider: &Provider) {
+    let body = json!({"name": "test-idp", "idpIssuerURL": provider.issuer});
+    let (status, created) = admin.post(IDP, &body);
+    assert_eq!(status, 200, "{created}");
+    assert_eq!(created["idpIssuerURL"], provider.issuer.as_str());
+    let body = json!({"name": "evstor-app", "clientId": "evstor",
+                      "idpConfigurationName": "test-idp", "authzMode": "App"});
+    let (status, created) = admin.post(CLIENTS, &body);
+    assert_eq!(status, 200, "{created}");
+    assert_eq!(created["authzMode"], "App");
+    let (status, created) = admin.post(MAPS, &robot_map());
+    assert_eq!(status, 200, "{created}");
+}
+
+fn robot_map() -> Value {
+    json!({"name": "robot-p", "identifier": "ci-robot", "scope": "p", "role": "viewer",
+           "idpConfigurationName": "test-idp"})
+}
+
+fn enable(admin: &Client, on: bool) {
+    let verb = if on { "enable" } else { "disable" };
+    let path = format!("/api/v2/cluster/federatedAuthentication/{verb}");
+    assert_eq!(admin.post(&path, &json!({})), (200, json!({})));
+}
+
+#[test]
+fn an_idp_token_mapped_to_a_project_viewer_reads_that_project_and_nothing_else() {
+    let idp = Provider::start();
+    let stranger = Provider::start();
+    let mut s = Server::start();
+    let admin = s.admin();
+    for p in ["p", "q"] {
+        assert_eq!(admin.post("/api/v2/projects", &json!({"name": p})).0, 200);
+        let (status, v) = admin.post(&format!("/api/v2/projects/{p}/volumes"), &vol("v"));
+        assert_eq!(status, 200, "{v}");
+    }
+    let token = idp.token("ci-robot", "evstor", "RS256", 600);
+    let robot = Client::new(s.api_port, Some(token.clone()));
+    let p_volumes = "/api/v2/projects/p/volumes";
+    assert_eq!(robot.get(p_volumes).0, 401, "no IdP configured yet");
+
+    configure(&admin, &idp);
+    let (status, err) = robot.get(p_volumes);
+    assert_eq!(status, 401, "federation is still disabled: {err}");
+    enable(&admin, true);
+    let (status, list) = robot.get(p_volumes);
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["volumes"].as_array().map(Vec::len), Some(1), "{list}");
+    // Nothing else: another project, a change in p, cluster resources.
+    assert_eq!(robot.get("/api/v2/projects/q/volumes").0, 403);
+    assert_eq!(robot.post(p_volumes, &vol("w")).0, 403);
+    assert_eq!(robot.get("/api/v2/featureFlags").0, 403);
+    assert_eq!(robot.get(MAPS).0, 403);
+    assert_eq!(robot.post(MAPS, &robot_map()).0, 403);
+    // Keys of every kind the JWKS publishes verify (an ES256 token).
+    let es = Client::new(s.api_port, Some(idp.token("ci-robot", "evstor", "ES256", 600)));
+    assert_eq!(es.get(p_volumes).0, 200);
+    // An IdP client without a map is authenticated and has no role.
+    let other = Client::new(s.api_port, Some(idp.token("other-app", "evstor", "RS256", 600)));
+    assert_eq!(other.get(p_volumes).0, 403);
+
+    // Refused: wrong audience, wrong issuer, expired.
+    let wrong_aud = Client::new(s.api_port, Some(idp.token("ci-robot", "not-evstor", "RS256", 600)));
+    let (status, err) = wrong_aud.get(p_volumes);
+    assert_eq!(status, 401, "{err}");
+    let wrong_iss = Client::new(s.api_port, Some(stranger.token("ci-robot", "evstor", "RS256", 600)));
+    let (status, err) = wrong_iss.get(p_volumes);
+    assert_eq!(status, 401, "{err}");
+    let short = idp.token("ci-robot", "evstor", "RS256", 1);
+    let short_client = Client::new(s.api_port, Some(short.clone()));
+    assert_eq!(short_client.get(p_volumes).0, 200, "valid until it expires");
+    let exp = claim(&short, "exp").as_u64().expect("exp");
+    while now_secs() <= exp + CLOCK_SKEW_SECS + 1 {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let (status, err) = short_client.get(p_volumes);
+    assert_eq!(status, 401, "expired: {err}");
+
+    // Deleting the map revokes the role at once; mapping again restores it.
+    assert_eq!(admin.delete(&format!("{MAPS}/robot-p")), (200, json!({})));
+    assert_eq!(robot.get(p_volumes).0, 403);
+    assert_eq!(admin.post(MAPS, &robot_map()).0, 200);
+    assert_eq!(robot.get(p_volumes).0, 200);
+    // Disabling federation refuses every IdP token; the admin's own token still works.
+    enable(&admin, false);
+    assert_eq!(robot.get(p_volumes).0, 401);
+    assert_eq!(es.get(p_volumes).0, 401);
+    assert_eq!(admin.get(p_volumes).0, 200);
+    enable(&admin, true);
+    assert_eq!(robot.get(p_volumes).0, 200);
+
+    // Every change is in the journal; replay reproduces the state, and a restart keeps it.
+    let (ok, exported) = s.cli(&["journal", "export"]);
+    assert!(ok);
+    for event in [
+        "IdpConfigurationCreated",
+        "IdpClientConfCreated",
+        "AuthMapEntryCreated",
+        "AuthMapEntryDeleted",
+        "FederatedAuthenticationEnabled",
+        "FederatedAuthenticationDisabled",
+    ] {
+        assert!(exported.contains(event), "{event} missing from the journal");
+    }
+    s.restart();
+    let (ok, out) = s.cli(&["journal", "verify"]);
+    assert!(ok, "{out}");
+    let robot = Client::new(s.api_port, Some(token));
+    assert_eq!(robot.get(p_volumes).0, 200, "after restart");
+    assert_eq!(robot.get("/api/v2/projects/q/volumes").0, 403);
+    let admin = s.admin();
+    let (_, maps) = admin.get(MAPS);
+    assert_eq!(maps["authMapEntries"][0]["identifier"], "ci-robot", "{maps}");
+    let (_, info) = admin.get("/api/v2/cluster");
+    assert_eq!(
+        info["federatedAuthenticationStatus"]["federatedAuthenticationEnabled"],
+        true,
+        "{info}"
+    );
+}
+
+#[test]
+fn federation_resources_are_validated_and_cluster_admin_only() {
+    let idp = Provider::start();
+    let s = Server::start();
+    let admin = s.admin();
+    assert_eq!(admin.post("/api/v2/projects", &json!({"name": "p"})).0, 200);
+    // Enabling needs an IdP.
+    let (status, err) = admin.post("/api/v2/cluster/federatedAuthentication/enable", &json!({}));
+    assert!(status == 400 || status == 412, "{status} {err}");
+    // Plain http off loopback would let anyone on the path swap the IdP's keys.
+    let bad = json!({"name": "x", "idpIssuerURL": "http://idp.example.com"});
+    assert_eq!(admin.post(IDP, &bad).0, 400);
+    configure(&admin, &idp);
+    assert_eq!(admin.post(IDP, &json!({"name": "test-idp", "idpIssuerURL": idp.issuer})).0, 409);
+    let bad_role = json!({"name": "m", "identifier": "x", "scope": "p", "role": "owner",
+                          "idpConfigurationName": "test-idp"});
+    assert_eq!(admin.post(MAPS, &bad_role).0, 400);
+    let no_idp = json!({"name": "m", "identifier": "x", "scope": "p", "role": "viewer",
+                        "idpConfigurationName": "nope"});
+    assert_eq!(admin.post(MAPS, &no_idp).0, 404);
+    // An IdP in use cannot be deleted.
+    let (status, err) = admin.delete(&format!("{IDP}/test-idp"));
+    assert!(status == 400 || status == 412, "{status} {err}");
+    // Lists and gets.
+    assert_eq!(admin.get(IDP).1["idpConfigurations"].as_array().map(Vec::len), Some(1));
+    assert_eq!(admin.get(&format!("{CLIENTS}/evstor-app")).1["clientId"], "evstor");
+    assert_eq!(admin.get(&format!("{MAPS}/robot-p")).1["scope"], "p");
+    assert_eq!(admin.get(&format!("{MAPS}/nope")).0, 404);
+    // Project admins and viewers see none of it.
+    let p_admin = s.client_with_roles(&["p:admin"]);
+    for path in [IDP, CLIENTS, MAPS] {
+        assert_eq!(p_admin.get(path).0, 403, "{path}");
+    }
+    assert_eq!(p_admin.post("/api/v2/cluster/federatedAuthentication/enable", &json!({})).0, 403);
+    assert_eq!(s.anonymous().get(MAPS).0, 401);
+}
+
+#[test]
+fn an_idp_behind_a_proxy_is_reached_through_it() {
+    let idp = Provider::start();
+    let s = Server::start();
+    let admin = s.admin();
+    assert_eq!(admin.post("/api/v2/projects", &json!({"name": "p"})).0, 200);
+    configure(&admin, &idp);
+    let body = json!({"name": "test-idp", "proxyInfo": {"URL": idp.proxy}});
+    let (status, updated) = admin.put(IDP, &body);
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["proxyInfo"]["URL"], idp.proxy.as_str());
+    enable(&admin, true);
+    let before = idp.stats()["proxied"].as_u64().unwrap_or(0);
+    let robot = Client::new(s.api_port, Some(idp.token("ci-robot", "evstor", "RS256", 600)));
+    assert_eq!(robot.get("/api/v2/projects/p/volumes").0, 200);
+    let after = idp.stats()["proxied"].as_u64().unwrap_or(0);
+    assert!(after > before, "discovery and JWKS went through the proxy: {before} -> {after}");
+}
