@@ -94,17 +94,29 @@ fn an_idp_token_mapped_to_a_project_viewer_reads_that_project_and_nothing_else()
     assert_eq!(robot.get(MAPS).0, 403);
     assert_eq!(robot.post(MAPS, &robot_map()).0, 403);
     // Keys of every kind the JWKS publishes verify (an ES256 token).
-    let es = Client::new(s.api_port, Some(idp.token("ci-robot", "evstor", "ES256", 600)));
+    let es = Client::new(
+        s.api_port,
+        Some(idp.token("ci-robot", "evstor", "ES256", 600)),
+    );
     assert_eq!(es.get(p_volumes).0, 200);
     // An IdP client without a map is authenticated and has no role.
-    let other = Client::new(s.api_port, Some(idp.token("other-app", "evstor", "RS256", 600)));
+    let other = Client::new(
+        s.api_port,
+        Some(idp.token("other-app", "evstor", "RS256", 600)),
+    );
     assert_eq!(other.get(p_volumes).0, 403);
 
     // Refused: wrong audience, wrong issuer, expired.
-    let wrong_aud = Client::new(s.api_port, Some(idp.token("ci-robot", "not-evstor", "RS256", 600)));
+    let wrong_aud = Client::new(
+        s.api_port,
+        Some(idp.token("ci-robot", "not-evstor", "RS256", 600)),
+    );
     let (status, err) = wrong_aud.get(p_volumes);
     assert_eq!(status, 401, "{err}");
-    let wrong_iss = Client::new(s.api_port, Some(stranger.token("ci-robot", "evstor", "RS256", 600)));
+    let wrong_iss = Client::new(
+        s.api_port,
+        Some(stranger.token("ci-robot", "evstor", "RS256", 600)),
+    );
     let (status, err) = wrong_iss.get(p_volumes);
     assert_eq!(status, 401, "{err}");
     let short = idp.token("ci-robot", "evstor", "RS256", 1);
@@ -151,11 +163,13 @@ fn an_idp_token_mapped_to_a_project_viewer_reads_that_project_and_nothing_else()
     assert_eq!(robot.get("/api/v2/projects/q/volumes").0, 403);
     let admin = s.admin();
     let (_, maps) = admin.get(MAPS);
-    assert_eq!(maps["authMapEntries"][0]["identifier"], "ci-robot", "{maps}");
+    assert_eq!(
+        maps["authMapEntries"][0]["identifier"], "ci-robot",
+        "{maps}"
+    );
     let (_, info) = admin.get("/api/v2/cluster");
     assert_eq!(
-        info["federatedAuthenticationStatus"]["federatedAuthenticationEnabled"],
-        true,
+        info["federatedAuthenticationStatus"]["federatedAuthenticationEnabled"], true,
         "{info}"
     );
 }
@@ -173,7 +187,15 @@ fn federation_resources_are_validated_and_cluster_admin_only() {
     let bad = json!({"name": "x", "idpIssuerURL": "http://idp.example.com"});
     assert_eq!(admin.post(IDP, &bad).0, 400);
     configure(&admin, &idp);
-    assert_eq!(admin.post(IDP, &json!({"name": "test-idp", "idpIssuerURL": idp.issuer})).0, 409);
+    assert_eq!(
+        admin
+            .post(
+                IDP,
+                &json!({"name": "test-idp", "idpIssuerURL": idp.issuer})
+            )
+            .0,
+        409
+    );
     let bad_role = json!({"name": "m", "identifier": "x", "scope": "p", "role": "owner",
                           "idpConfigurationName": "test-idp"});
     assert_eq!(admin.post(MAPS, &bad_role).0, 400);
@@ -184,8 +206,16 @@ fn federation_resources_are_validated_and_cluster_admin_only() {
     let (status, err) = admin.delete(&format!("{IDP}/test-idp"));
     assert!(status == 400 || status == 412, "{status} {err}");
     // Lists and gets.
-    assert_eq!(admin.get(IDP).1["idpConfigurations"].as_array().map(Vec::len), Some(1));
-    assert_eq!(admin.get(&format!("{CLIENTS}/evstor-app")).1["clientId"], "evstor");
+    assert_eq!(
+        admin.get(IDP).1["idpConfigurations"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(
+        admin.get(&format!("{CLIENTS}/evstor-app")).1["clientId"],
+        "evstor"
+    );
     assert_eq!(admin.get(&format!("{MAPS}/robot-p")).1["scope"], "p");
     assert_eq!(admin.get(&format!("{MAPS}/nope")).0, 404);
     // Project admins and viewers see none of it.
@@ -193,7 +223,12 @@ fn federation_resources_are_validated_and_cluster_admin_only() {
     for path in [IDP, CLIENTS, MAPS] {
         assert_eq!(p_admin.get(path).0, 403, "{path}");
     }
-    assert_eq!(p_admin.post("/api/v2/cluster/federatedAuthentication/enable", &json!({})).0, 403);
+    assert_eq!(
+        p_admin
+            .post("/api/v2/cluster/federatedAuthentication/enable", &json!({}))
+            .0,
+        403
+    );
     assert_eq!(s.anonymous().get(MAPS).0, 401);
 }
 
@@ -210,8 +245,14 @@ fn an_idp_behind_a_proxy_is_reached_through_it() {
     assert_eq!(updated["proxyInfo"]["URL"], idp.proxy.as_str());
     enable(&admin, true);
     let before = idp.stats()["proxied"].as_u64().unwrap_or(0);
-    let robot = Client::new(s.api_port, Some(idp.token("ci-robot", "evstor", "RS256", 600)));
+    let robot = Client::new(
+        s.api_port,
+        Some(idp.token("ci-robot", "evstor", "RS256", 600)),
+    );
     assert_eq!(robot.get("/api/v2/projects/p/volumes").0, 200);
     let after = idp.stats()["proxied"].as_u64().unwrap_or(0);
-    assert!(after > before, "discovery and JWKS went through the proxy: {before} -> {after}");
+    assert!(
+        after > before,
+        "discovery and JWKS went through the proxy: {before} -> {after}"
+    );
 }

@@ -71,7 +71,12 @@ impl RootKeys {
     }
 
     /// Keys in etcd (a cluster member); `keys/root.pem` is still written locally.
-    pub fn in_etcd(data_dir: &Path, etcd: EtcdClient, keys: Keys, admin_lifetime_secs: u64) -> RootKeys {
+    pub fn in_etcd(
+        data_dir: &Path,
+        etcd: EtcdClient,
+        keys: Keys,
+        admin_lifetime_secs: u64,
+    ) -> RootKeys {
         RootKeys {
             data_dir: data_dir.to_path_buf(),
             backend: Backend::Etcd { etcd, keys },
@@ -121,21 +126,28 @@ impl RootKeys {
         let mut out = Vec::new();
         match &self.backend {
             Backend::Files => {
-                let mut files: Vec<(std::time::SystemTime, PathBuf)> = match std::fs::read_dir(self.dir()) {
-                    Ok(entries) => entries
-                        .filter_map(Result::ok)
-                        .filter(|e| e.path().extension().is_some_and(|x| x == "pem"))
-                        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-                        .collect(),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-                    Err(e) => return Err(e.into()),
-                };
+                let mut files: Vec<(std::time::SystemTime, PathBuf)> =
+                    match std::fs::read_dir(self.dir()) {
+                        Ok(entries) => entries
+                            .filter_map(Result::ok)
+                            .filter(|e| e.path().extension().is_some_and(|x| x == "pem"))
+                            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+                            .collect(),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                        Err(e) => return Err(e.into()),
+                    };
                 files.sort_by(|a, b| b.0.cmp(&a.0));
                 for (_, path) in files {
-                    let fp = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+                    let fp = path
+                        .file_stem()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned();
                     out.push((fp, std::fs::read_to_string(&path)?));
                 }
-                if let Ok(pem) = std::fs::read_to_string(crate::server::root_key_path(&self.data_dir)) {
+                if let Ok(pem) =
+                    std::fs::read_to_string(crate::server::root_key_path(&self.data_dir))
+                {
                     out.push((String::new(), pem));
                 }
             }
@@ -143,7 +155,8 @@ impl RootKeys {
                 let mut kvs = etcd.range(&Range::prefix(&keys.root_keys_prefix()))?.kvs;
                 kvs.sort_by(|a, b| b.create_revision.cmp(&a.create_revision));
                 for kv in kvs {
-                    let fp = String::from_utf8_lossy(&kv.key[keys.root_keys_prefix().len()..]).into_owned();
+                    let fp = String::from_utf8_lossy(&kv.key[keys.root_keys_prefix().len()..])
+                        .into_owned();
                     out.push((fp, String::from_utf8(kv.value)?));
                 }
                 if let Some(kv) = etcd.get(&keys.root_key())? {
@@ -162,7 +175,11 @@ impl RootKeys {
             .map(|(fp, _)| fp)
             .filter(|fp| !fp.is_empty())
             .collect();
-        for fp in stored.iter().skip(ROOT_KEYS_KEPT_MAX).filter(|fp| *fp != keep) {
+        for fp in stored
+            .iter()
+            .skip(ROOT_KEYS_KEPT_MAX)
+            .filter(|fp| *fp != keep)
+        {
             match &self.backend {
                 Backend::Files => std::fs::remove_file(self.dir().join(format!("{fp}.pem")))?,
                 Backend::Etcd { etcd, keys } => {
@@ -177,7 +194,9 @@ impl RootKeys {
     pub fn private_for(&self, public_pem: &str) -> anyhow::Result<Option<String>> {
         let want = fingerprint(public_pem);
         for (fp, pem) in self.candidates()? {
-            if (fp.is_empty() || fp == want) && public_of(&pem).is_ok_and(|p| fingerprint(&p) == want) {
+            if (fp.is_empty() || fp == want)
+                && public_of(&pem).is_ok_and(|p| fingerprint(&p) == want)
+            {
                 return Ok(Some(pem));
             }
         }
@@ -203,8 +222,7 @@ impl RootKeys {
             write_private(&path, private_pem)?;
         }
         let token = self.mint_admin(private_pem)?;
-        write_private(&self.data_dir.join("admin.jwt"), &token)
-            .context("writing admin.jwt")
+        write_private(&self.data_dir.join("admin.jwt"), &token).context("writing admin.jwt")
     }
 }
 
@@ -241,7 +259,9 @@ pub async fn keep_admin_token(bus: Bus, keys: Arc<RootKeys>, mut stop: watch::Re
                     next = tokio::time::Instant::now() + half_life;
                 }
                 Ok(Ok(false)) => {
-                    tracing::warn!("no stored root key matches the journal's; admin.jwt not refreshed");
+                    tracing::warn!(
+                        "no stored root key matches the journal's; admin.jwt not refreshed"
+                    );
                     next = tokio::time::Instant::now() + Duration::from_millis(KEEPER_RETRY_MS);
                 }
                 Ok(Err(e)) => {
@@ -274,7 +294,11 @@ mod tests {
         assert_eq!(keys.private_for(&next_pub).unwrap(), None);
         keys.store(&next).unwrap();
         assert_eq!(keys.private_for(&next_pub).unwrap(), Some(next.clone()));
-        assert_eq!(keys.private_for(&first_pub).unwrap(), Some(first), "bootstrap key stays");
+        assert_eq!(
+            keys.private_for(&first_pub).unwrap(),
+            Some(first),
+            "bootstrap key stays"
+        );
         keys.forget(&next).unwrap();
         assert_eq!(keys.private_for(&next_pub).unwrap(), None);
         assert_eq!(fingerprint(&next_pub).len(), 16);

@@ -368,7 +368,11 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let agent = reconcile::run(bus.clone(), data.clone(), stop_rx.clone(), node);
     let reconciler = tokio::spawn(agent);
-    let keeper = tokio::spawn(keys::keep_admin_token(bus.clone(), root_keys, stop_rx.clone()));
+    let keeper = tokio::spawn(keys::keep_admin_token(
+        bus.clone(),
+        root_keys,
+        stop_rx.clone(),
+    ));
     let tls = tls_config(&cert, &key).context("loading the TLS certificate")?;
     let (api_stop_tx, api_stop_rx) = watch::channel(false);
     let stopper = tokio::spawn(async move {

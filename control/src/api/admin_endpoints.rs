@@ -5,13 +5,15 @@
 //!
 //! A change binds its new sockets before it is submitted and is refused (400, nothing
 //! changed) if one cannot be bound; the edge then serves the new ones and closes the old
-//! ones. The last endpoint cannot be deleted.
+//! ones. A change is refused (400, FailedPrecondition) if no endpoint would be left on the address the request
+//! came to (the caller would be locked out), and so the last endpoint cannot be deleted.
 
 use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::routing::get;
+use axum::Extension;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
@@ -21,6 +23,14 @@ use super::json::{Body, Obj};
 use super::{if_match, App, Query};
 use crate::domain::endpoint::{AdminEndpoint, Command as EndpointCommand};
 use crate::domain::Command;
+use crate::edge::LocalAddr;
+
+/// The address the caller's connection came to (absent only outside the edge).
+type Caller = Option<Extension<LocalAddr>>;
+
+fn caller_ip(c: &Caller) -> Option<IpAddr> {
+    c.as_ref().map(|Extension(LocalAddr(a))| a.ip())
+}
 
 pub fn routes() -> Router<App> {
     Router::new()
@@ -149,6 +159,7 @@ async fn create(
 async fn update(
     State(app): State<App>,
     who: Principal,
+    caller: Caller,
     headers: HeaderMap,
     Path(port): Path<String>,
     b: Body,
@@ -163,6 +174,7 @@ async fn update(
         port,
         ips: ips.clone(),
         if_match: if_match(&headers)?,
+        caller: caller_ip(&caller),
     };
     bind_and_submit(&app, &who, &headers, addrs(port, &ips), cmd).await?;
     Ok(Json(one(&app, port)?))
@@ -171,6 +183,7 @@ async fn update(
 async fn delete(
     State(app): State<App>,
     who: Principal,
+    caller: Caller,
     headers: HeaderMap,
     Path(port): Path<String>,
 ) -> ApiResult<Json<Value>> {
@@ -182,6 +195,7 @@ async fn delete(
         default: app.info.api_default,
         port,
         if_match: if_match(&headers)?,
+        caller: caller_ip(&caller),
     };
     app.submit(&who, &headers, Command::Endpoint(cmd)).await?;
     Ok(Json(json!({})))

@@ -299,7 +299,12 @@ fn with_credential(app: &App, token: &str, header: Header) -> ApiResult<Principa
 }
 
 /// A token of the IdP `idp` (see [`crate::idp`]).
-async fn federated(app: &App, token: &str, header: &Header, idp: IdpConfig) -> ApiResult<Principal> {
+async fn federated(
+    app: &App,
+    token: &str,
+    header: &Header,
+    idp: IdpConfig,
+) -> ApiResult<Principal> {
     if !app.bus.state().federation.enabled {
         return Err(ApiError::unauthenticated(
             "federated authentication is disabled: IdP tokens are not accepted",

@@ -73,9 +73,10 @@ async fn list(State(app): State<App>, who: Principal) -> ApiResult<Json<Value>> 
 
 fn one(app: &App, name: &str) -> ApiResult<Value> {
     let state = app.bus.state();
-    let c = state.federation.clients.get(name).ok_or_else(|| {
-        ApiError::not_found(format!("IdP client configuration {name} not found"))
-    })?;
+    let c =
+        state.federation.clients.get(name).ok_or_else(|| {
+            ApiError::not_found(format!("IdP client configuration {name} not found"))
+        })?;
     Ok(client_json(c))
 }
 

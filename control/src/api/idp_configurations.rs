@@ -91,9 +91,11 @@ async fn list(State(app): State<App>, who: Principal) -> ApiResult<Json<Value>> 
 
 fn one(app: &App, name: &str) -> ApiResult<Value> {
     let state = app.bus.state();
-    let c = state.federation.idps.get(name).ok_or_else(|| {
-        ApiError::not_found(format!("IdP configuration {name} not found"))
-    })?;
+    let c = state
+        .federation
+        .idps
+        .get(name)
+        .ok_or_else(|| ApiError::not_found(format!("IdP configuration {name} not found")))?;
     Ok(idp_json(c))
 }
 

@@ -36,13 +36,19 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("{e:#}")))
 }
 
-async fn rotate(State(app): State<App>, who: Principal, headers: HeaderMap) -> ApiResult<Json<Value>> {
+async fn rotate(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
     who.require_cluster_admin()?;
     let (private, public) = blocking(crate::server::generate_root_key).await?;
     // Stored before the journal names it: a crash after the commit leaves a usable key.
     let (keys, p) = (app.root_keys.clone(), private.clone());
     blocking(move || keys.store(&p)).await?;
-    let cmd = CredentialCommand::RotateRootKey { payload_pem: public };
+    let cmd = CredentialCommand::RotateRootKey {
+        payload_pem: public,
+    };
     if let Err(e) = app.submit(&who, &headers, Command::Credential(cmd)).await {
         let (keys, p) = (app.root_keys.clone(), private.clone());
         if let Err(forget) = blocking(move || keys.forget(&p)).await {

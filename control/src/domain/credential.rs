@@ -314,7 +314,10 @@ mod tests {
                 e,
             );
         }
-        assert_eq!(s.credentials.get("system", "root").unwrap().payload_pem, "NEW");
+        assert_eq!(
+            s.credentials.get("system", "root").unwrap().payload_pem,
+            "NEW"
+        );
         assert!(matches!(
             given_when(&[], rotate("NEW")),
             Err(DomainError::Unavailable(_))

@@ -81,12 +81,15 @@ pub enum Command {
         port: u32,
         ips: Vec<String>,
         if_match: Option<String>,
+        /// The local address the request came to: the change must leave an endpoint on it.
+        caller: Option<IpAddr>,
     },
     DeleteAdminEndpoint {
         server: Uuid,
         default: SocketAddr,
         port: u32,
         if_match: Option<String>,
+        caller: Option<IpAddr>,
     },
 }
 
@@ -121,7 +124,10 @@ impl Event {
         match self {
             Event::AdminEndpointCreated { server, port, ips }
             | Event::AdminEndpointUpdated { server, port, ips } => {
-                format!("admin endpoint {port} ({}) of server {server}", ips.join(", "))
+                format!(
+                    "admin endpoint {port} ({}) of server {server}",
+                    ips.join(", ")
+                )
             }
             Event::AdminEndpointDeleted { server, port } => {
                 format!("admin endpoint {port} of server {server}")
@@ -197,6 +203,15 @@ pub fn decide(state: &State, _ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>,
         .is_some_and(|r| !r.is_empty());
     let current = state.endpoints.effective(server, default);
     let change = change_of(cmd, server, &current, recorded)?;
+    if let Command::UpdateAdminEndpoint {
+        caller: Some(ip), ..
+    }
+    | Command::DeleteAdminEndpoint {
+        caller: Some(ip), ..
+    } = cmd
+    {
+        keeps_caller(&current, &change, *ip)?;
+    }
     let mut events = Vec::new();
     // Nothing recorded: a creation records the default beside the new endpoint (an update
     // of the default records it as it becomes; a deletion never gets here).
@@ -210,6 +225,33 @@ pub fn decide(state: &State, _ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>,
     }
     events.push(AnyEvent::Endpoint(change));
     Ok(events)
+}
+
+/// Refuses a change after which no endpoint listens on `caller` (the address the request
+/// came to), directly or through its family's wildcard: the caller would be locked out.
+fn keeps_caller(
+    current: &[AdminEndpoint],
+    change: &Event,
+    caller: IpAddr,
+) -> Result<(), DomainError> {
+    let covers = |ips: &[String]| {
+        ips.iter()
+            .filter_map(|t| t.parse::<IpAddr>().ok())
+            .any(|ip| ip == caller || (ip.is_unspecified() && ip.is_ipv4() == caller.is_ipv4()))
+    };
+    let (changed_port, new_ips) = match change {
+        Event::AdminEndpointCreated { port, ips, .. }
+        | Event::AdminEndpointUpdated { port, ips, .. } => (*port, Some(ips.as_slice())),
+        Event::AdminEndpointDeleted { port, .. } => (*port, None),
+    };
+    let others = current.iter().filter(|e| e.port != changed_port);
+    if others.map(|e| e.ips.as_slice()).chain(new_ips).any(covers) {
+        return Ok(());
+    }
+    Err(DomainError::FailedPrecondition(format!(
+        "after this change no admin endpoint would listen on {caller}, the address this \
+         request came to: you would be locked out; add an endpoint on it first"
+    )))
 }
 
 /// The event that records `cmd` against the server's `current` endpoints.
@@ -330,7 +372,49 @@ mod tests {
             default: default(),
             port,
             if_match: if_match.map(str::to_string),
+            caller: None,
         })
+    }
+
+    #[test]
+    fn a_change_that_leaves_no_endpoint_on_the_callers_address_is_refused() {
+        let mut g = bootstrap_events();
+        g.extend(given_when(&g, create(9443, &["127.0.0.2"])).unwrap());
+        let caller: IpAddr = "127.0.0.1".parse().unwrap();
+        let delete_as = |port: u32| {
+            AnyCommand::Endpoint(Command::DeleteAdminEndpoint {
+                server: server(),
+                default: default(),
+                port,
+                if_match: None,
+                caller: Some(caller),
+            })
+        };
+        let update_as = |port: u32, ips: &[&str]| {
+            AnyCommand::Endpoint(Command::UpdateAdminEndpoint {
+                server: server(),
+                default: default(),
+                port,
+                ips: ips.iter().map(|s| s.to_string()).collect(),
+                if_match: None,
+                caller: Some(caller),
+            })
+        };
+        // 8443 is the only endpoint on 127.0.0.1.
+        assert!(matches!(
+            given_when(&g, delete_as(8443)),
+            Err(DomainError::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            given_when(&g, update_as(8443, &["127.0.0.3"])),
+            Err(DomainError::FailedPrecondition(_))
+        ));
+        assert!(
+            given_when(&g, update_as(8443, &["0.0.0.0"])).is_ok(),
+            "the wildcard covers it"
+        );
+        assert!(given_when(&g, delete_as(9443)).is_ok());
+        assert!(given_when(&g, update_as(9443, &["127.0.0.1"])).is_ok());
     }
 
     #[test]

@@ -185,11 +185,14 @@ impl Event {
     /// What the event is about, for the events API.
     pub fn subject(&self) -> String {
         match self {
-            Event::IdpConfigurationCreated { config } | Event::IdpConfigurationUpdated { config } => {
+            Event::IdpConfigurationCreated { config }
+            | Event::IdpConfigurationUpdated { config } => {
                 format!("IdP configuration {} ({})", config.name, config.issuer_url)
             }
             Event::IdpConfigurationDeleted { name } => format!("IdP configuration {name}"),
-            Event::IdpClientConfCreated { conf } => format!("IdP client configuration {}", conf.name),
+            Event::IdpClientConfCreated { conf } => {
+                format!("IdP client configuration {}", conf.name)
+            }
             Event::IdpClientConfUpdated { name, .. } | Event::IdpClientConfDeleted { name } => {
                 format!("IdP client configuration {name}")
             }
@@ -387,8 +390,12 @@ fn create_idp(
 
 fn delete_idp(f: &Federation, name: &str) -> Result<Event, DomainError> {
     require_idp(f, name)?;
-    let clients = f.clients_of(name).map(|c| format!("client configuration {}", c.name));
-    let maps = f.maps_of(name).map(|m| format!("auth map entry {}", m.name));
+    let clients = f
+        .clients_of(name)
+        .map(|c| format!("client configuration {}", c.name));
+    let maps = f
+        .maps_of(name)
+        .map(|m| format!("auth map entry {}", m.name));
     let used: Vec<String> = clients.chain(maps).collect();
     if !used.is_empty() {
         return Err(DomainError::FailedPrecondition(format!(
@@ -708,7 +715,10 @@ mod tests {
             given_when(&g, client("c", "x", AuthzMode::Converge, "groups")),
             Err(DomainError::InvalidArgument(_))
         ));
-        then_ok(&mut g, client("c", NOT_APPLICABLE, AuthzMode::Converge, "grp"));
+        then_ok(
+            &mut g,
+            client("c", NOT_APPLICABLE, AuthzMode::Converge, "grp"),
+        );
         assert!(matches!(
             given_when(&g, client("c2", NOT_APPLICABLE, AuthzMode::Converge, "grp")),
             Err(DomainError::AlreadyExists(_))
@@ -740,7 +750,11 @@ mod tests {
     #[test]
     fn auth_maps_grant_existing_roles_and_are_replaced_or_deleted_by_name() {
         let mut g = with_idp();
-        for (scope, role) in [("system", "admin"), ("p1", "cluster-admin"), ("p 1", "viewer")] {
+        for (scope, role) in [
+            ("system", "admin"),
+            ("p1", "cluster-admin"),
+            ("p 1", "viewer"),
+        ] {
             assert!(
                 matches!(
                     given_when(&g, map("m", scope, role, false)),
@@ -762,7 +776,10 @@ mod tests {
         assert_eq!(updated[0].type_name(), "AuthMapEntryUpdated");
         let del = || cmd(Command::DeleteAuthMapEntry { name: "m".into() });
         then_ok(&mut g, del());
-        assert!(matches!(given_when(&g, del()), Err(DomainError::NotFound(_))));
+        assert!(matches!(
+            given_when(&g, del()),
+            Err(DomainError::NotFound(_))
+        ));
     }
 
     #[test]
@@ -783,7 +800,10 @@ mod tests {
             given_when(&g, del()),
             Err(DomainError::FailedPrecondition(_))
         ));
-        then_ok(&mut g, cmd(Command::DeleteAuthMapEntry { name: "m".into() }));
+        then_ok(
+            &mut g,
+            cmd(Command::DeleteAuthMapEntry { name: "m".into() }),
+        );
         then_ok(&mut g, cmd(Command::EnableFederatedAuthentication));
         assert_eq!(
             given_when(&g, cmd(Command::EnableFederatedAuthentication)),

@@ -88,7 +88,9 @@ fn split_scheme(text: &str) -> Result<(bool, &str), String> {
     match scheme.to_ascii_lowercase().as_str() {
         "https" => Ok((true, rest)),
         "http" => Ok((false, rest)),
-        other => Err(format!("has scheme {other:?}; only http and https are fetched")),
+        other => Err(format!(
+            "has scheme {other:?}; only http and https are fetched"
+        )),
     }
 }
 
@@ -99,7 +101,10 @@ fn split_authority(authority: &str) -> Result<(String, Option<u16>), String> {
             .map_err(|_| format!("has an invalid IPv6 host [{host}]"))?;
         let port = match after {
             "" => None,
-            p => Some(p.strip_prefix(':').ok_or("has junk after its [IPv6] host")?),
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or("has junk after its [IPv6] host")?,
+            ),
         };
         (host.to_string(), port)
     } else {

@@ -60,7 +60,10 @@ impl ListenerControl {
 
     /// The addresses the edge serves now.
     pub fn serving(&self) -> BTreeSet<SocketAddr> {
-        self.serving.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.serving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub(super) fn set_serving(&self, addrs: BTreeSet<SocketAddr>) {
@@ -122,7 +125,10 @@ mod tests {
     use super::*;
 
     fn free() -> SocketAddr {
-        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
     }
 
     #[test]
@@ -139,7 +145,10 @@ mod tests {
         let b = free();
         let err = c.stage(&[b, taken]).err().unwrap();
         assert_eq!(err.0, taken);
-        assert!(TcpListener::bind(b).is_ok(), "a failed stage keeps nothing bound");
+        assert!(
+            TcpListener::bind(b).is_ok(),
+            "a failed stage keeps nothing bound"
+        );
 
         let staged = c.stage(&[b]).unwrap();
         staged.commit();
@@ -147,7 +156,10 @@ mod tests {
         let d = free();
         c.stage(&[d]).unwrap().commit();
         c.drop_unwanted(&[]);
-        assert!(TcpListener::bind(d).is_ok(), "unwanted committed sockets are closed");
+        assert!(
+            TcpListener::bind(d).is_ok(),
+            "unwanted committed sockets are closed"
+        );
     }
 
     #[test]

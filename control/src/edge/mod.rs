@@ -24,11 +24,11 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::admission::RequestCaps;
-use listeners::ListenerControl;
 use crate::limits::{
     API_ACCEPT_BACKOFF_MS, API_BODY_READ_MS, API_CONNECTIONS_PER_ADDR_MAX, API_HEADER_READ_MS,
     API_IDLE_MS, API_SHUTDOWN_GRACE_MS, API_TLS_HANDSHAKE_MS,
 };
+use listeners::ListenerControl;
 
 /// The edge's bounds; the defaults are those of `limits.rs`, `evstor serve` flags override.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +126,11 @@ impl Slots {
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
+
+/// The local address a request's connection was accepted on (a request extension): which of
+/// this server's admin endpoints the caller uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalAddr(pub SocketAddr);
 
 /// What the edge listens on: the addresses `wanted` returns, read again whenever `changed`
 /// moves (a commit), with sockets staged through `control` adopted.

@@ -125,10 +125,15 @@ impl JwksCache {
             return Ok(k); // fetched while we waited
         }
         if slot.may_fetch(Instant::now(), self.refresh_min) {
-            let (fetcher, issuer, proxy) = (self.fetcher.clone(), slot.issuer.clone(), slot.proxy.clone());
-            let fetched = tokio::task::spawn_blocking(move || fetch_keys(&fetcher, &issuer, &proxy))
-                .await
-                .unwrap_or_else(|e| Err(format!("fetch task: {e}")));
+            let (fetcher, issuer, proxy) = (
+                self.fetcher.clone(),
+                slot.issuer.clone(),
+                slot.proxy.clone(),
+            );
+            let fetched =
+                tokio::task::spawn_blocking(move || fetch_keys(&fetcher, &issuer, &proxy))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("fetch task: {e}")));
             slot.store(fetched);
         }
         match slot.find(kid, alg, None) {
@@ -162,7 +167,12 @@ impl Slot {
     }
 
     /// A key for the token, from keys at most `max_age` old (`None`: any age).
-    fn find(&self, kid: Option<&str>, alg: Algorithm, max_age: Option<Duration>) -> Option<DecodingKey> {
+    fn find(
+        &self,
+        kid: Option<&str>,
+        alg: Algorithm,
+        max_age: Option<Duration>,
+    ) -> Option<DecodingKey> {
         let s = self.lock();
         let fresh = match (s.fetched_at, max_age) {
             (None, _) => false,
@@ -257,10 +267,15 @@ fn fetch_keys(fetcher: &Fetcher, issuer: &str, proxy: &str) -> Result<Vec<Key>, 
         p => Some(HttpUrl::parse(p).map_err(|e| format!("proxy {p:?} {e}"))?),
     };
     let discovery_url = issuer_url.join(".well-known/openid-configuration");
-    let body = fetcher
-        .get(&discovery_url, proxy.as_ref())
-        .map_err(|e| format!("discovery {}{}: {e}", discovery_url.authority(), discovery_url.path))?;
-    let doc: Value = serde_json::from_slice(&body).map_err(|e| format!("discovery document: {e}"))?;
+    let body = fetcher.get(&discovery_url, proxy.as_ref()).map_err(|e| {
+        format!(
+            "discovery {}{}: {e}",
+            discovery_url.authority(),
+            discovery_url.path
+        )
+    })?;
+    let doc: Value =
+        serde_json::from_slice(&body).map_err(|e| format!("discovery document: {e}"))?;
     let said = doc["issuer"].as_str().unwrap_or_default();
     if said.trim_end_matches('/') != issuer.trim_end_matches('/') {
         return Err(format!(
@@ -292,7 +307,9 @@ pub fn parse_jwks(body: &[u8]) -> Result<Vec<Key>, String> {
         };
         let Some(key) = usable(&jwk) else { continue };
         if keys.len() == JWKS_KEYS_MAX {
-            tracing::warn!("the IdP publishes more than {JWKS_KEYS_MAX} keys; the rest are ignored");
+            tracing::warn!(
+                "the IdP publishes more than {JWKS_KEYS_MAX} keys; the rest are ignored"
+            );
             break;
         }
         keys.push(key);
@@ -311,9 +328,7 @@ fn usable(jwk: &Jwk) -> Option<Key> {
             EllipticCurve::P384 => "EC P-384",
             _ => return None,
         },
-        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
-            "OKP Ed25519"
-        }
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => "OKP Ed25519",
         AlgorithmParameters::OctetKeyPair(_) | AlgorithmParameters::OctetKey(_) => return None,
     };
     let alg = match jwk.common.key_algorithm {
@@ -390,15 +405,33 @@ mod tests {
         let kids: Vec<_> = keys.iter().map(|k| k.kid.clone().unwrap()).collect();
         assert_eq!(kids, ["ec1", "rsa1"]);
         assert!(pick(&keys, Some("ec1"), Algorithm::ES256).is_some());
-        assert!(pick(&keys, Some("ec1"), Algorithm::RS256).is_none(), "wrong family");
-        assert!(pick(&keys, Some("ec1"), Algorithm::ES384).is_none(), "wrong curve");
-        assert!(pick(&keys, Some("rsa1"), Algorithm::PS256).is_some(), "alg not pinned");
-        assert!(pick(&keys, Some("rsa1"), Algorithm::HS256).is_none(), "never HMAC");
+        assert!(
+            pick(&keys, Some("ec1"), Algorithm::RS256).is_none(),
+            "wrong family"
+        );
+        assert!(
+            pick(&keys, Some("ec1"), Algorithm::ES384).is_none(),
+            "wrong curve"
+        );
+        assert!(
+            pick(&keys, Some("rsa1"), Algorithm::PS256).is_some(),
+            "alg not pinned"
+        );
+        assert!(
+            pick(&keys, Some("rsa1"), Algorithm::HS256).is_none(),
+            "never HMAC"
+        );
         assert!(pick(&keys, Some("hmac"), Algorithm::HS256).is_none());
         assert!(pick(&keys, Some("nope"), Algorithm::RS256).is_none());
-        assert!(pick(&keys, None, Algorithm::RS256).is_some(), "the only RSA key");
+        assert!(
+            pick(&keys, None, Algorithm::RS256).is_some(),
+            "the only RSA key"
+        );
         let two_rsa = [keys[1].clone(), keys[1].clone()];
-        assert!(pick(&two_rsa, None, Algorithm::RS256).is_none(), "ambiguous");
+        assert!(
+            pick(&two_rsa, None, Algorithm::RS256).is_none(),
+            "ambiguous"
+        );
         assert!(parse_jwks(b"{}").is_err());
     }
 }

@@ -69,7 +69,11 @@ pub fn applicable<'a>(f: &'a Federation, idp: &'a str, aud: &[String]) -> Vec<&'
 pub fn claim_values(claims: &Claims, name: &str) -> Vec<String> {
     let fits = |s: &&str| !s.is_empty() && s.len() <= CLAIM_BYTES_MAX;
     match claims.get(name) {
-        Some(Value::String(s)) => [s.as_str()].into_iter().filter(fits).map(str::to_string).collect(),
+        Some(Value::String(s)) => [s.as_str()]
+            .into_iter()
+            .filter(fits)
+            .map(str::to_string)
+            .collect(),
         Some(Value::Array(items)) => items
             .iter()
             .take(CLAIM_VALUES_MAX)
@@ -192,15 +196,20 @@ mod tests {
         };
         assert_eq!(names(&["evstor-app"]), ["app", "conv"]);
         assert_eq!(names(&["other", "evstor-ui"]), ["ui", "conv"]);
-        assert!(names(&["other"]).is_empty(), "Converge alone accepts nothing");
+        assert!(
+            names(&["other"]).is_empty(),
+            "Converge alone accepts nothing"
+        );
         assert!(names(&["NOT_APPLICABLE"]).is_empty());
     }
 
     #[test]
     fn identifiers_by_mode_and_roles_from_maps() {
         let f = federation();
-        let c = claims(json!({"sub": "alice", "client_id": "ci-robot", "groups": ["ops", 7],
-                              "department": "storage", "team": ["t1"]}));
+        let c = claims(
+            json!({"sub": "alice", "client_id": "ci-robot", "groups": ["ops", 7],
+                              "department": "storage", "team": ["t1"]}),
+        );
         let app = [&f.clients["app"]];
         assert_eq!(identifiers(&c, &app), ["ci-robot"]);
         let user = [&f.clients["ui"]];
@@ -225,7 +234,9 @@ mod tests {
 
     #[test]
     fn claim_values_are_bounded() {
-        let many: Vec<String> = (0..CLAIM_VALUES_MAX + 10).map(|i| format!("g{i}")).collect();
+        let many: Vec<String> = (0..CLAIM_VALUES_MAX + 10)
+            .map(|i| format!("g{i}"))
+            .collect();
         let c = claims(json!({"groups": many, "long": "x".repeat(CLAIM_BYTES_MAX + 1), "n": 3}));
         assert_eq!(claim_values(&c, "groups").len(), CLAIM_VALUES_MAX);
         assert!(claim_values(&c, "long").is_empty());

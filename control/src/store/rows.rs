@@ -215,7 +215,9 @@ pub fn load(journal: &RocksJournal) -> Result<State, ControlError> {
     load_kind(journal, "device/", |id, x| {
         s.inventory.devices.insert(id, x);
     })?;
-    load_kind(journal, "federation/", |_, enabled| s.federation.enabled = enabled)?;
+    load_kind(journal, "federation/", |_, enabled| {
+        s.federation.enabled = enabled
+    })?;
     load_kind(journal, "idp/", |id, x| {
         s.federation.idps.insert(id, x);
     })?;
