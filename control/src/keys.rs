@@ -136,7 +136,7 @@ impl RootKeys {
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
                         Err(e) => return Err(e.into()),
                     };
-                files.sort_by(|a, b| b.0.cmp(&a.0));
+                files.sort_by_key(|f| std::cmp::Reverse(f.0));
                 for (_, path) in files {
                     let fp = path
                         .file_stem()
@@ -153,7 +153,7 @@ impl RootKeys {
             }
             Backend::Etcd { etcd, keys } => {
                 let mut kvs = etcd.range(&Range::prefix(&keys.root_keys_prefix()))?.kvs;
-                kvs.sort_by(|a, b| b.create_revision.cmp(&a.create_revision));
+                kvs.sort_by_key(|kv| std::cmp::Reverse(kv.create_revision));
                 for kv in kvs {
                     let fp = String::from_utf8_lossy(&kv.key[keys.root_keys_prefix().len()..])
                         .into_owned();
