@@ -256,3 +256,63 @@ fn an_idp_behind_a_proxy_is_reached_through_it() {
         "discovery and JWKS went through the proxy: {before} -> {after}"
     );
 }
+
+#[test]
+fn user_mode_roles_come_from_the_subject_groups_and_the_configured_claim() {
+    let idp = Provider::start();
+    let s = Server::start();
+    let admin = s.admin();
+    for p in ["p", "q", "r"] {
+        assert_eq!(admin.post("/api/v2/projects", &json!({"name": p})).0, 200);
+    }
+    configure(&admin, &idp);
+    // Tokens with audience evstor-ui: identifiers are sub, groups and `department`.
+    let body = json!({"name": "evstor-ui", "clientId": "evstor-ui",
+                      "idpConfigurationName": "test-idp", "authzMode": "User",
+                      "claimName": "department"});
+    assert_eq!(admin.post(CLIENTS, &body).0, 200);
+    for (name, identifier, scope, role) in [
+        ("by-sub", "alice", "p", "viewer"),
+        ("by-group", "ops", "q", "admin"),
+        ("by-claim", "storage", "r", "viewer"),
+    ] {
+        let body = json!({"name": name, "identifier": identifier, "scope": scope,
+                          "role": role, "idpConfigurationName": "test-idp"});
+        assert_eq!(admin.post(MAPS, &body).0, 200, "{name}");
+    }
+    enable(&admin, true);
+    // alice (groups ops, everyone; department storage) in User mode.
+    let alice = Client::new(
+        s.api_port,
+        Some(idp.token("alice", "evstor-ui", "RS256", 600)),
+    );
+    assert_eq!(alice.get("/api/v2/projects/p/volumes").0, 200, "by sub");
+    assert_eq!(
+        alice.post("/api/v2/projects/p/volumes", &vol("a")).0,
+        403,
+        "p: viewer"
+    );
+    assert_eq!(
+        alice.post("/api/v2/projects/q/volumes", &vol("a")).0,
+        200,
+        "by group"
+    );
+    assert_eq!(
+        alice.get("/api/v2/projects/r/volumes").0,
+        200,
+        "by the configured claim"
+    );
+    // Changing the claim name drops the roles it gave.
+    let (status, updated) = admin.put(
+        &format!("{CLIENTS}/evstor-ui"),
+        &json!({"name": "evstor-ui", "claimName": "team"}),
+    );
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(alice.get("/api/v2/projects/r/volumes").0, 403);
+    // Another user of the same IdP, in none of those groups: nothing.
+    let other = Client::new(
+        s.api_port,
+        Some(idp.token("other-app", "evstor-ui", "RS256", 600)),
+    );
+    assert_eq!(other.get("/api/v2/projects/q/volumes").0, 403);
+}
