@@ -275,3 +275,42 @@ proptest! {
         run_case(commands, settle_every);
     }
 }
+
+/// One fixed case that surely creates a row of every new kind (the random cases may not).
+#[test]
+fn federation_endpoint_and_root_key_rows_equal_live() {
+    let commands = vec![
+        Command::Federation(FedCommand::CreateIdpConfiguration {
+            name: "a".into(),
+            issuer_url: "https://a.idp.example".into(),
+            kind: IdpType::Unknown,
+            proxy_url: String::new(),
+        }),
+        Command::Federation(FedCommand::CreateIdpClientConf {
+            name: "c".into(),
+            client_id: "client-c".into(),
+            idp: "a".into(),
+            claim_name: "groups".into(),
+            mode: AuthzMode::User,
+        }),
+        Command::Federation(FedCommand::PutAuthMapEntry {
+            name: "m".into(),
+            identifier: "ops".into(),
+            scope: "default".into(),
+            role: "viewer".into(),
+            idp: "a".into(),
+            update: false,
+        }),
+        Command::Federation(FedCommand::EnableFederatedAuthentication),
+        Command::Endpoint(EndpointCommand::CreateAdminEndpoint {
+            server: SERVER,
+            default: API.parse().expect("addr"),
+            port: 9443,
+            ips: vec!["127.0.0.1".into()],
+        }),
+        Command::Credential(CredCommand::RotateRootKey {
+            payload_pem: "K1".into(),
+        }),
+    ];
+    run_case(commands, 0);
+}
