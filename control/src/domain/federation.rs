@@ -287,20 +287,7 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             issuer_url,
             kind,
             proxy_url,
-        } => {
-            let mut config = require_idp(f, name)?.clone();
-            if let Some(url) = issuer_url {
-                check_issuer(url)?;
-                unique_issuer(f, name, url)?;
-                config.issuer_url = url.clone();
-            }
-            if let Some(p) = proxy_url {
-                check_proxy(p)?;
-                config.proxy_url = p.clone();
-            }
-            config.kind = kind.unwrap_or(config.kind);
-            Event::IdpConfigurationUpdated { config }
-        }
+        } => update_idp(f, name, issuer_url.as_deref(), *kind, proxy_url.as_deref())?,
         Command::DeleteIdpConfiguration { name } => delete_idp(f, name)?,
         Command::CreateIdpClientConf {
             name,
@@ -386,6 +373,27 @@ fn create_idp(
             etag: 0,
         },
     })
+}
+
+fn update_idp(
+    f: &Federation,
+    name: &str,
+    issuer_url: Option<&str>,
+    kind: Option<IdpType>,
+    proxy_url: Option<&str>,
+) -> Result<Event, DomainError> {
+    let mut config = require_idp(f, name)?.clone();
+    if let Some(url) = issuer_url {
+        check_issuer(url)?;
+        unique_issuer(f, name, url)?;
+        config.issuer_url = url.to_string();
+    }
+    if let Some(p) = proxy_url {
+        check_proxy(p)?;
+        config.proxy_url = p.to_string();
+    }
+    config.kind = kind.unwrap_or(config.kind);
+    Ok(Event::IdpConfigurationUpdated { config })
 }
 
 fn delete_idp(f: &Federation, name: &str) -> Result<Event, DomainError> {
