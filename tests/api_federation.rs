@@ -316,3 +316,59 @@ fn user_mode_roles_come_from_the_subject_groups_and_the_configured_claim() {
     );
     assert_eq!(other.get("/api/v2/projects/q/volumes").0, 403);
 }
+
+/// The `kid` of a JWT's header.
+fn kid(token: &str) -> String {
+    use base64::Engine;
+    let header = token.split('.').next().expect("a JWT");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .expect("base64url");
+    serde_json::from_slice::<Value>(&bytes).expect("header")["kid"]
+        .as_str()
+        .expect("kid")
+        .to_string()
+}
+
+#[test]
+fn an_idp_key_rotation_is_picked_up_by_fetching_its_keys_again() {
+    let first = Provider::start();
+    let s = Server::start();
+    let admin = s.admin();
+    assert_eq!(admin.post("/api/v2/projects", &json!({"name": "p"})).0, 200);
+    configure(&admin, &first);
+    enable(&admin, true);
+    let path = "/api/v2/projects/p/volumes";
+    let old_token = first.token("ci-robot", "evstor", "RS256", 600);
+    let old_kid = kid(&old_token);
+    let old = Client::new(s.api_port, Some(old_token));
+    assert_eq!(old.get(path).0, 200);
+    // The IdP restarts with fresh keys under the same issuer.
+    let (issuer, port) = (first.issuer.clone(), first.port());
+    drop(first);
+    let second = Provider::start_on(port);
+    assert_eq!(second.issuer, issuer);
+    let token = second.token("ci-robot", "evstor", "RS256", 600);
+    assert_ne!(kid(&token), old_kid);
+    // An unknown kid makes evstor fetch the keys again (at most every 10 s per IdP).
+    let new = Client::new(s.api_port, Some(token));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        let (status, body) = new.get(path);
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 401, "{body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new key was never fetched: {body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(
+        second.stats()["jwks"].as_u64().unwrap_or(0) >= 1,
+        "fetched from the new IdP"
+    );
+    // The withdrawn key no longer verifies.
+    assert_eq!(old.get(path).0, 401);
+}

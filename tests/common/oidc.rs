@@ -29,6 +29,12 @@ fn oidc_dir() -> PathBuf {
 impl Provider {
     /// Starts a provider on a free port and waits for its ready line.
     pub fn start() -> Provider {
+        Provider::start_on(0)
+    }
+
+    /// Starts a provider on `port` (0: any free one). On the port of an earlier one it is
+    /// the same issuer with fresh signing keys: an IdP key rotation.
+    pub fn start_on(port: u16) -> Provider {
         let dir = oidc_dir();
         assert!(
             dir.join("node_modules/oidc-provider").is_dir(),
@@ -38,6 +44,7 @@ impl Provider {
         );
         let mut child = Command::new("node")
             .arg("provider.mjs")
+            .args(["--port", &port.to_string()])
             .current_dir(&dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -88,6 +95,15 @@ impl Provider {
             .as_str()
             .unwrap_or_else(|| panic!("no access_token in {text}"))
             .to_string()
+    }
+
+    /// The port of its issuer URL.
+    pub fn port(&self) -> u16 {
+        self.issuer
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("issuer port")
     }
 
     /// The provider's request counters (`discovery`, `jwks`, `token`, `proxied`).
