@@ -139,3 +139,41 @@ fn admin_endpoints_are_cluster_admin_only_and_validated() {
     assert_eq!(admin.get(&format!("{ENDPOINTS}/{port}")).0, 404);
     assert_eq!(admin.get(&format!("{ENDPOINTS}/{}", s.api_port)).0, 200);
 }
+
+/// Whether something accepts TCP connections on `ip:port`.
+fn listening_on(ip: &str, port: u16) -> bool {
+    TcpStream::connect((ip, port)).is_ok()
+}
+
+#[test]
+fn changing_the_addresses_of_a_port_binds_the_new_ones_then_releases_the_old() {
+    let s = Server::start();
+    let port = s.api_port;
+    let admin = s.admin();
+    let path = format!("{ENDPOINTS}/{port}");
+    assert!(!listening_on("127.0.0.2", port));
+    let (status, updated) = admin.put(
+        &path,
+        &json!({"port": port, "ips": ["127.0.0.1", "127.0.0.2"]}),
+    );
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["ips"], json!(["127.0.0.1", "127.0.0.2"]));
+    assert!(listening_on("127.0.0.2", port), "bound before the answer");
+    assert_eq!(admin.get("/api/v2/clusterinfo").0, 200);
+    // If-Match is honoured.
+    let (status, _) = admin.put_if_match(&path, &json!({"port": port, "ips": ["127.0.0.1"]}), "1");
+    assert_eq!(status, 412, "a stale ETag");
+    let etag = updated["ETag"].as_str().expect("ETag").to_string();
+    let (status, updated) =
+        admin.put_if_match(&path, &json!({"port": port, "ips": ["127.0.0.1"]}), &etag);
+    assert_eq!(status, 200, "{updated}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while listening_on("127.0.0.2", port) {
+        assert!(
+            Instant::now() < deadline,
+            "127.0.0.2:{port} still accepts connections"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(admin.get("/api/v2/clusterinfo").0, 200);
+}
