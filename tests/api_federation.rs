@@ -372,3 +372,46 @@ fn an_idp_key_rotation_is_picked_up_by_fetching_its_keys_again() {
     // The withdrawn key no longer verifies.
     assert_eq!(old.get(path).0, 401);
 }
+
+#[test]
+fn tokens_naming_unknown_keys_cannot_make_evstor_hammer_the_idp() {
+    use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+    let idp = Provider::start();
+    let s = Server::start();
+    let admin = s.admin();
+    assert_eq!(admin.post("/api/v2/projects", &json!({"name": "p"})).0, 200);
+    configure(&admin, &idp);
+    enable(&admin, true);
+    let path = "/api/v2/projects/p/volumes";
+    let good = Client::new(
+        s.api_port,
+        Some(idp.token("ci-robot", "evstor", "RS256", 600)),
+    );
+    assert_eq!(good.get(path).0, 200);
+    // Forged tokens: the IdP's issuer and our audience, signed by a key of our own under a
+    // fresh key id each time, so every one names a key the cache lacks.
+    let forger = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).expect("rsa key");
+    let pem = forger.to_pkcs8_pem(LineEnding::LF).expect("pem");
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes()).expect("key");
+    let before = idp.stats()["jwks"].as_u64().expect("jwks count");
+    let started = std::time::Instant::now();
+    const FORGED: u64 = 40;
+    for i in 0..FORGED {
+        let now = now_secs();
+        let claims = json!({"iss": idp.issuer, "aud": "evstor", "sub": "x", "client_id": "ci-robot",
+                            "iat": now, "exp": now + 600});
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(format!("forged-{i}"));
+        let token = jsonwebtoken::encode(&header, &claims, &key).expect("sign");
+        let (status, err) = Client::new(s.api_port, Some(token)).get(path);
+        assert_eq!(status, 401, "{err}");
+    }
+    let elapsed = started.elapsed().as_secs();
+    let fetched = idp.stats()["jwks"].as_u64().expect("jwks count") - before;
+    // At most one fetch per JWKS_REFRESH_MIN_INTERVAL_MS (10 s) per IdP, whatever arrives.
+    assert!(
+        fetched <= 1 + elapsed / 10,
+        "{FORGED} unknown key ids in {elapsed} s made {fetched} JWKS fetches"
+    );
+    assert_eq!(good.get(path).0, 200, "the IdP's real tokens still verify");
+}
