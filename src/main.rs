@@ -72,6 +72,14 @@ struct ServeArgs {
     edge: EdgeArgs,
     #[command(flatten)]
     cluster: ClusterArgs,
+    /// Lifetime in seconds of the `admin.jwt` the server writes (rewritten at half-life and
+    /// when the root key rotates). `evstor token create --lifetime` mints longer ones.
+    #[arg(long, env = "EVSTOR_ADMIN_TOKEN_LIFETIME", value_parser = lifetime,
+          default_value_t = limits::ADMIN_TOKEN_LIFETIME_SECS)]
+    admin_token_lifetime: u64,
+    /// CA certificates (PEM) trusted for https IdPs, besides the system's bundle.
+    #[arg(long, env = "EVSTOR_IDP_CA_FILE")]
+    idp_ca_file: Option<PathBuf>,
 }
 
 /// Deadlines and caps of the API's connections (defaults from `control/src/limits.rs`).
@@ -182,6 +190,18 @@ fn positive<T: std::str::FromStr + PartialOrd + From<u8>>(s: &str) -> Result<T, 
     }
 }
 
+/// A token lifetime in seconds: above zero, at most [`limits::TOKEN_LIFETIME_SECS_MAX`].
+fn lifetime(s: &str) -> Result<u64, String> {
+    let n = positive::<u64>(s)?;
+    if n > limits::TOKEN_LIFETIME_SECS_MAX {
+        return Err(format!(
+            "{n} s is longer than the longest token lifetime, {} s",
+            limits::TOKEN_LIFETIME_SECS_MAX
+        ));
+    }
+    Ok(n)
+}
+
 #[derive(Subcommand)]
 enum JournalVerb {
     /// Check every checksum, the hash chain, and that replay reproduces the projections.
@@ -228,8 +248,8 @@ enum TokenVerb {
         role: Vec<String>,
         #[arg(long, default_value = "evstor-cli")]
         subject: String,
-        /// Lifetime in seconds.
-        #[arg(long, default_value_t = 30 * 24 * 3600)]
+        /// Lifetime in seconds (at most a year and a day).
+        #[arg(long, default_value_t = 30 * 24 * 3600, value_parser = lifetime)]
         lifetime: u64,
     },
 }
@@ -309,6 +329,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 devices,
                 edge,
                 cluster,
+                admin_token_lifetime,
+                idp_ca_file,
             } = *args;
             let cluster = cluster.config()?;
             let rt = tokio::runtime::Runtime::new()?;
@@ -321,6 +343,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     discovery_addr,
                     api: edge.config(),
                     cluster,
+                    admin_token_lifetime_secs: admin_token_lifetime,
+                    idp_ca_file,
                 },
                 None,
             ))?;
@@ -342,11 +366,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // Project roles are bound to the projects as they are now (see api::auth).
             let journal = server::open_journal_read_only(&data_dir)?;
             let state = evstor_control::store::rows::load(&journal)?;
+            let root = state
+                .credentials
+                .get("system", "root")
+                .context("the cluster has no root key yet")?;
+            let public = evstor_control::keys::public_of(&pem)?;
+            anyhow::ensure!(
+                evstor_control::keys::fingerprint(&public)
+                    == evstor_control::keys::fingerprint(&root.payload_pem),
+                "{} is not the cluster's current root key (it was rotated; a running server \
+                 rewrites it, see admin.jwt)",
+                key_path.display()
+            );
             let projects = evstor_control::api::auth::project_uuids_for(&state, &role)
                 .map_err(anyhow::Error::msg)?;
             let token = evstor_control::api::auth::mint(
                 &pem,
-                "system:root",
+                evstor_control::api::auth::ROOT_KID,
                 &subject,
                 &role,
                 projects,

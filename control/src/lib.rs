@@ -9,8 +9,12 @@
 //!   a crash.
 //! - [`dataplane`]: volumes and snapshots in the node's block store, and the NVMe/TCP target,
 //!   behind the reconciler.
-//! - [`edge`]: the API's network edge: accept loop, connection caps, TLS and HTTP deadlines,
-//!   the descriptor budget.
+//! - [`edge`]: the API's network edge: the listener set (admin endpoints, changed live),
+//!   accept loops, connection caps, TLS and HTTP deadlines, the descriptor budget.
+//! - [`idp`]: federated authentication: fetching IdP discovery documents and keys (JWKS
+//!   cache), and how a verified IdP token's claims become roles.
+//! - [`keys`]: the root key (where its private half lives, rotation) and the `admin.jwt`
+//!   the server keeps fresh.
 //! - [`server`]: wiring for `evstor serve`: data directory, bootstrap, TLS, listeners.
 
 pub mod api;
@@ -19,6 +23,8 @@ pub mod dataplane;
 pub mod domain;
 pub mod edge;
 pub mod error;
+pub mod idp;
+pub mod keys;
 pub mod limits;
 pub mod logs;
 pub mod metrics;

@@ -164,3 +164,48 @@ pub const SCHEDULE_CYCLE_DAYS_MAX: u32 = 366;
 pub const SCHEDULED_SNAPSHOTS_KEPT_MAX: usize = 1024;
 /// Largest `EVSTOR_SCHEDULE_CLOCK_SCALE` (test only): an hour of schedule time in a second.
 pub const SCHEDULE_CLOCK_SCALE_MAX: u32 = 3_600;
+
+// Tokens and federated authentication (`crate::api::auth`, `crate::idp`).
+
+/// Lifetime of the `admin.jwt` a server writes (and rewrites at half-life, and when the root
+/// key rotates); `evstor serve --admin-token-lifetime` overrides. Short: a leaked file stops
+/// working soon. `evstor token create --lifetime` mints longer-lived tokens on purpose.
+pub const ADMIN_TOKEN_LIFETIME_SECS: u64 = 24 * 3600;
+/// Longest lifetime of a token evstor mints (`evstor token create --lifetime`).
+pub const TOKEN_LIFETIME_SECS_MAX: u64 = 366 * 24 * 3600;
+/// Clock skew allowed on a token's `exp` and `nbf` (ours and an IdP's).
+pub const TOKEN_CLOCK_SKEW_SECS: u64 = 10;
+/// Most IdP configurations; each has one JWKS cache entry.
+pub const IDP_CONFIGURATIONS_MAX: usize = 8;
+/// Most IdP client configurations (audiences) in all.
+pub const IDP_CLIENT_CONFS_MAX: usize = 64;
+/// Most auth map entries; every federated request scans its IdP's.
+pub const AUTH_MAPS_MAX: usize = 1024;
+/// Longest URL evstor fetches or records (issuer, JWKS, proxy).
+pub const URL_BYTES_MAX: usize = 2048;
+/// Longest client id, claim name, identifier, or claim value read from a token.
+pub const CLAIM_BYTES_MAX: usize = 256;
+/// Most values read from one identifier claim of a token (a user in more groups has the rest
+/// ignored).
+pub const CLAIM_VALUES_MAX: usize = 256;
+/// Most signing keys kept from one IdP's JWKS (the rest are ignored, with a warning).
+pub const JWKS_KEYS_MAX: usize = 32;
+/// Largest discovery document or JWKS read from an IdP.
+pub const IDP_RESPONSE_BYTES_MAX: u64 = 256 * 1024;
+/// Longest one connection to an IdP (or its proxy) may take to connect, and each read or
+/// write on it.
+pub const IDP_FETCH_TIMEOUT_MS: u64 = 5_000;
+/// Shortest pause between two fetches of one IdP's discovery document and JWKS. A token
+/// naming a key id the cache lacks triggers a fetch, so this bounds what random key ids (or
+/// an unreachable IdP) cost the IdP and us: one fetch per IdP per this period.
+pub const JWKS_REFRESH_MIN_INTERVAL_MS: u64 = 10_000;
+/// Age after which cached IdP keys are fetched again on use (a key the IdP withdrew stops
+/// verifying within this period); if that fetch fails the cached keys stay in use.
+pub const JWKS_MAX_AGE_SECS: u64 = 3_600;
+
+// Admin endpoints (`crate::edge::listeners`).
+
+/// Most admin endpoints (ports) per server.
+pub const ADMIN_ENDPOINTS_MAX: usize = 8;
+/// Most local addresses per admin endpoint.
+pub const ADMIN_ENDPOINT_IPS_MAX: usize = 8;

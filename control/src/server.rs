@@ -26,14 +26,14 @@ use crate::dataplane::VolumeStore;
 use crate::domain::cluster::{Bootstrap, Command as ClusterCommand};
 use crate::domain::inventory::Device;
 use crate::domain::Command;
+use crate::edge::listeners::ListenerControl;
 use crate::edge::{self, EdgeConfig};
+use crate::keys::{self, RootKeys};
 use crate::reconcile;
 use crate::store::{Bus, RequestMeta};
 
 /// Size of the default sparse backing device created on first start.
 pub const DEFAULT_DEVICE_BYTES: u64 = 1 << 40;
-/// Lifetime of the admin token written on first start.
-pub const ADMIN_TOKEN_LIFETIME_SECS: u64 = 365 * 24 * 3600;
 
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -48,6 +48,10 @@ pub struct ServeConfig {
     pub api: EdgeConfig,
     /// Cluster mode (`--etcd`); `None` runs the embedded single-server cluster.
     pub cluster: Option<ClusterConfig>,
+    /// Lifetime of the `admin.jwt` this server keeps fresh.
+    pub admin_token_lifetime_secs: u64,
+    /// CA certificates (PEM) trusted for https IdPs besides the system's.
+    pub idp_ca_file: Option<PathBuf>,
 }
 
 pub fn journal_dir(data_dir: &Path) -> PathBuf {
@@ -191,7 +195,8 @@ pub(crate) fn device_record(path: &Path) -> anyhow::Result<Device> {
     Ok(d)
 }
 
-/// First start: keys, admin token, device, and the bootstrap command.
+/// First start: the root key, devices, and the bootstrap command (the admin token is the
+/// keeper's, [`crate::keys::keep_admin_token`]).
 async fn bootstrap(bus: &Bus, cfg: &ServeConfig) -> anyhow::Result<()> {
     if bus.state().cluster.initialized {
         return Ok(());
@@ -217,20 +222,10 @@ async fn bootstrap(bus: &Bus, cfg: &ServeConfig) -> anyhow::Result<()> {
         Command::Cluster(ClusterCommand::Bootstrap(b)),
     )
     .await?;
-    let token = api::auth::mint(
-        &private_pem,
-        "system:root",
-        "admin",
-        &["system:cluster-admin".to_string()],
-        Default::default(),
-        ADMIN_TOKEN_LIFETIME_SECS,
-    )?;
-    let token_path = cfg.data_dir.join("admin.jwt");
-    write_private(&token_path, &token)?;
     println!(
         "evstor: initialized a new cluster; root key at {}, admin token (system:cluster-admin) at {}",
         key_path.display(),
-        token_path.display()
+        cfg.data_dir.join("admin.jwt").display()
     );
     Ok(())
 }
@@ -341,6 +336,17 @@ pub async fn serve(
         "evstor: NVMe/TCP target on {nvme_addr}, discovery on {}",
         discovery_addr.map(|a| a.to_string()).unwrap_or_default()
     );
+    let server_uuid = member
+        .as_ref()
+        .map(|m| m.server_uuid)
+        .or_else(|| bus.state().inventory.servers.keys().next().copied());
+    let root_keys = Arc::new(match &member {
+        Some(m) => m.root_keys(&cfg.data_dir, cfg.admin_token_lifetime_secs),
+        None => RootKeys::in_files(&cfg.data_dir, cfg.admin_token_lifetime_secs),
+    });
+    let fetcher = crate::idp::fetch::Fetcher::new(cfg.idp_ca_file.as_deref())
+        .context("loading CA certificates for IdPs")?;
+    let listeners = Arc::new(ListenerControl::default());
     let app = App {
         bus: bus.clone(),
         keys: Default::default(),
@@ -351,43 +357,60 @@ pub async fn serve(
             discovery_endpoint: discovery_addr.unwrap_or(cfg.discovery_addr).to_string(),
             node_uuid: node,
             data_dir: cfg.data_dir.clone(),
+            server_uuid,
+            api_default: cfg.api_addr,
         }),
         datapath: data.clone(),
+        idp: Arc::new(crate::idp::jwks::JwksCache::new(fetcher)),
+        listeners: listeners.clone(),
+        root_keys: root_keys.clone(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let agent = reconcile::run(bus.clone(), data.clone(), stop_rx.clone(), node);
     let reconciler = tokio::spawn(agent);
+    let keeper = tokio::spawn(keys::keep_admin_token(
+        bus.clone(),
+        root_keys,
+        stop_rx.clone(),
+    ));
     let tls = tls_config(&cert, &key).context("loading the TLS certificate")?;
-    let listener = tokio::net::TcpListener::bind(cfg.api_addr)
-        .await
-        .with_context(|| format!("binding the API to {}", cfg.api_addr))?;
-    println!(
-        "evstor: serving the LightOS API v2 on https://{} (data in {})",
-        cfg.api_addr,
-        cfg.data_dir.display()
-    );
     let (api_stop_tx, api_stop_rx) = watch::channel(false);
     let stopper = tokio::spawn(async move {
         stop_requested(shutdown).await;
         let _ = api_stop_tx.send(true);
     });
+    println!("evstor: data in {}", cfg.data_dir.display());
     let router = api::router(app, cfg.api.requests);
-    edge::serve(
-        listener,
-        tls,
-        router,
-        &cfg.api,
-        api_connections_max,
-        api_stop_rx,
-    )
-    .await;
+    let set = listener_set(&bus, listeners, server_uuid, cfg.api_addr);
+    let served = edge::serve(set, tls, router, &cfg.api, api_connections_max, api_stop_rx).await;
     let _ = stop_tx.send(true);
     let _ = reconciler.await;
+    let _ = keeper.await;
     if let Some(m) = member {
         tokio::task::spawn_blocking(move || m.shutdown()).await?;
     }
     stopper.abort();
-    Ok(())
+    served.with_context(|| format!("serving the API (--api-addr {})", cfg.api_addr))
+}
+
+/// The API's listeners: this server's admin endpoints as the journal has them (`--api-addr`
+/// while none is recorded, and as the fallback).
+fn listener_set(
+    bus: &Bus,
+    control: Arc<ListenerControl>,
+    server: Option<Uuid>,
+    default: SocketAddr,
+) -> edge::ListenerSet {
+    let reader = bus.clone();
+    edge::ListenerSet {
+        control,
+        wanted: Box::new(move || match server {
+            Some(s) => reader.state().endpoints.addrs(s, default),
+            None => vec![default],
+        }),
+        changed: bus.last_seq(),
+        fallback: default,
+    }
 }
 
 /// The journal, its writer and the cluster it belongs to: the local one-server cluster, or

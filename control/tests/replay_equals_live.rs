@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use evstor_control::domain::cluster::{Bootstrap, Command as ClusterCommand};
 use evstor_control::domain::credential::{Command as CredCommand, CredentialType};
+use evstor_control::domain::endpoint::Command as EndpointCommand;
+use evstor_control::domain::federation::{AuthzMode, Command as FedCommand, IdpType};
 use evstor_control::domain::inventory::Device;
 use evstor_control::domain::project::Command as ProjectCommand;
 use evstor_control::domain::schedule::{
@@ -33,7 +35,102 @@ fn now_unix_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// The one server's UUID (given at bootstrap so admin endpoint commands can name it).
+const SERVER: uuid::Uuid = uuid::Uuid::from_u128(0x5e);
+const API: &str = "127.0.0.1:8443";
+
+/// Federation commands: IdPs, client configurations, auth maps, the switch.
+fn arb_federation() -> impl Strategy<Value = Command> {
+    let name = prop::sample::select(&NAMES[..]).prop_map(str::to_string);
+    let idp = prop::sample::select(&["a", "b"][..]).prop_map(str::to_string);
+    let scope = prop::sample::select(&PROJECTS[..]).prop_map(str::to_string);
+    let fed = |c: FedCommand| Command::Federation(c);
+    prop_oneof![
+        idp.clone()
+            .prop_map(move |n| fed(FedCommand::CreateIdpConfiguration {
+                issuer_url: format!("https://{n}.idp.example"),
+                name: n,
+                kind: IdpType::Unknown,
+                proxy_url: String::new(),
+            })),
+        idp.clone()
+            .prop_map(move |n| fed(FedCommand::UpdateIdpConfiguration {
+                name: n,
+                issuer_url: None,
+                kind: Some(IdpType::Adfs),
+                proxy_url: Some("http://proxy.example:3128".into()),
+            })),
+        idp.clone()
+            .prop_map(move |n| fed(FedCommand::DeleteIdpConfiguration { name: n })),
+        (name.clone(), idp.clone()).prop_map(move |(n, i)| fed(FedCommand::CreateIdpClientConf {
+            client_id: format!("client-{n}"),
+            name: n,
+            idp: i,
+            claim_name: "groups".into(),
+            mode: AuthzMode::User,
+        })),
+        name.clone()
+            .prop_map(move |n| fed(FedCommand::DeleteIdpClientConf { name: n })),
+        (name.clone(), idp, scope, any::<bool>()).prop_map(move |(n, i, p, update)| fed(
+            FedCommand::PutAuthMapEntry {
+                identifier: format!("id-{n}"),
+                name: n,
+                scope: p,
+                role: "viewer".into(),
+                idp: i,
+                update,
+            }
+        )),
+        name.prop_map(move |n| fed(FedCommand::DeleteAuthMapEntry { name: n })),
+        Just(fed(FedCommand::EnableFederatedAuthentication)),
+        Just(fed(FedCommand::DisableFederatedAuthentication)),
+    ]
+}
+
+/// Admin endpoint changes and root key rotations.
+fn arb_endpoint_or_key() -> impl Strategy<Value = Command> {
+    let port = prop::sample::select(&[8443u32, 9443, 9444][..]);
+    prop_oneof![
+        port.clone().prop_map(
+            |port| Command::Endpoint(EndpointCommand::CreateAdminEndpoint {
+                server: SERVER,
+                default: API.parse().expect("addr"),
+                port,
+                ips: vec!["127.0.0.1".into()],
+            })
+        ),
+        port.clone().prop_map(
+            |port| Command::Endpoint(EndpointCommand::UpdateAdminEndpoint {
+                server: SERVER,
+                default: API.parse().expect("addr"),
+                port,
+                ips: vec!["0.0.0.0".into()],
+                if_match: None,
+                caller: None,
+            })
+        ),
+        port.prop_map(
+            |port| Command::Endpoint(EndpointCommand::DeleteAdminEndpoint {
+                server: SERVER,
+                default: API.parse().expect("addr"),
+                port,
+                if_match: None,
+                caller: None,
+            })
+        ),
+        prop::sample::select(&["K1", "K2"][..]).prop_map(|k| Command::Credential(
+            CredCommand::RotateRootKey {
+                payload_pem: k.into()
+            }
+        )),
+    ]
+}
+
 fn arb_command() -> impl Strategy<Value = Command> {
+    prop_oneof![3 => arb_resource(), 1 => arb_federation(), 1 => arb_endpoint_or_key()]
+}
+
+fn arb_resource() -> impl Strategy<Value = Command> {
     let project = prop::sample::select(&PROJECTS[..]).prop_map(str::to_string);
     let name = prop::sample::select(&NAMES[..]).prop_map(str::to_string);
     prop_oneof![
@@ -225,11 +322,11 @@ fn run_case(commands: Vec<Command>, settle_every: usize) {
         let bus = Bus::start(journal.clone()).unwrap();
         let boot = Bootstrap {
             hostname: "h".into(),
-            api_endpoint: "127.0.0.1:1".into(),
+            api_endpoint: API.into(),
             nvme_endpoint: "127.0.0.1:2".into(),
             devices: vec![Device::backing_file("d0", "/d0", 1 << 40)],
             root_public_key_pem: "PEM".into(),
-            server_uuid: None,
+            server_uuid: Some(SERVER),
             failure_domain: String::new(),
         };
         bus.submit(
@@ -284,4 +381,43 @@ proptest! {
     ) {
         run_case(commands, settle_every);
     }
+}
+
+/// One fixed case that surely creates a row of every new kind (the random cases may not).
+#[test]
+fn federation_endpoint_and_root_key_rows_equal_live() {
+    let commands = vec![
+        Command::Federation(FedCommand::CreateIdpConfiguration {
+            name: "a".into(),
+            issuer_url: "https://a.idp.example".into(),
+            kind: IdpType::Unknown,
+            proxy_url: String::new(),
+        }),
+        Command::Federation(FedCommand::CreateIdpClientConf {
+            name: "c".into(),
+            client_id: "client-c".into(),
+            idp: "a".into(),
+            claim_name: "groups".into(),
+            mode: AuthzMode::User,
+        }),
+        Command::Federation(FedCommand::PutAuthMapEntry {
+            name: "m".into(),
+            identifier: "ops".into(),
+            scope: "default".into(),
+            role: "viewer".into(),
+            idp: "a".into(),
+            update: false,
+        }),
+        Command::Federation(FedCommand::EnableFederatedAuthentication),
+        Command::Endpoint(EndpointCommand::CreateAdminEndpoint {
+            server: SERVER,
+            default: API.parse().expect("addr"),
+            port: 9443,
+            ips: vec!["127.0.0.1".into()],
+        }),
+        Command::Credential(CredCommand::RotateRootKey {
+            payload_pem: "K1".into(),
+        }),
+    ];
+    run_case(commands, 0);
 }

@@ -3,7 +3,8 @@
 //! - `cargo xtask serve [ARGS]`: installs what the build needs (libclang for bindgen, a C++
 //!   compiler for RocksDB, the kernel UAPI headers), then runs `cargo run --release -- serve ARGS`.
 //! - `cargo xtask test [ARGS]`: installs what the build and the tests need (plus etcd, losetup,
-//!   promtool and the host VM of `shared/tools/nvme-host-vm`), then runs `cargo fmt --check`,
+//!   promtool, Node.js with the npm package oidc-provider, and the host VM of
+//!   `shared/tools/nvme-host-vm`), then runs `cargo fmt --check`,
 //!   `.ci/clippy` and `cargo test --workspace ARGS` with nothing allowed to skip. `.ci/run` runs
 //!   exactly this.
 //! - `cargo xtask deps [serve|test]`: only the installation step.
@@ -71,9 +72,9 @@ fn main() -> ExitCode {
         "serve" => serve(rest),
         "test" => test(rest),
         "deps" => match rest.first().map(|a| a.to_string_lossy()).as_deref() {
-            None | Some("test") => {
-                install(&[BUILD, TEST].concat()).and_then(|()| host_vm().map(drop))
-            }
+            None | Some("test") => install(&[BUILD, TEST].concat())
+                .and_then(|()| oidc_provider())
+                .and_then(|()| host_vm().map(drop)),
             Some("serve") => install(BUILD),
             Some(other) => Err(format!("unknown deps target {other:?} (serve or test)")),
         },
@@ -107,6 +108,7 @@ fn serve(args: &[OsString]) -> Result {
 /// caller said so with `EVSTOR_SKIP_HOST_VM`.
 fn test(args: &[OsString]) -> Result {
     install(&[BUILD, TEST].concat())?;
+    oidc_provider()?;
     let skip_vm = env::var_os("EVSTOR_SKIP_HOST_VM").is_some();
     let shared = if skip_vm { None } else { Some(host_vm()?) };
     let root = root();
@@ -199,6 +201,61 @@ fn privileged(program: &str) -> Option<Command> {
     let mut cmd = Command::new("sudo");
     cmd.arg("-E").arg(program);
     Some(cmd)
+}
+
+/// Node.js (20 or later) and the npm package `oidc-provider`, the real OpenID Connect
+/// provider the federation tests start (`tests/oidc`, pinned by its package-lock.json).
+/// Debian 12's own nodejs is 18: a machine without node gets Debian's, and the version check
+/// says what to do if that is too old.
+fn oidc_provider() -> Result {
+    let has = |cmd: &str| {
+        Command::new(cmd)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !has("node") || !has("npm") {
+        install(&[
+            Package {
+                name: "nodejs",
+                why: "runs oidc-provider for the federation tests",
+            },
+            Package {
+                name: "npm",
+                why: "installs oidc-provider",
+            },
+        ])?;
+    }
+    let version = Command::new("node")
+        .args(["-p", "process.versions.node.split('.')[0]"])
+        .output()
+        .map_err(|e| format!("cannot run node: {e}"))?;
+    let major: u32 = String::from_utf8_lossy(&version.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    if major < 20 {
+        return Err(format!(
+            "Node.js {major} is too old for oidc-provider (tests/oidc): install Node.js 20 or \
+             later (e.g. from deb.nodesource.com)"
+        ));
+    }
+    let dir = root().join("tests/oidc");
+    let installed = dir.join("node_modules/.package-lock.json");
+    let fresh = match (
+        std::fs::metadata(dir.join("package-lock.json")).and_then(|m| m.modified()),
+        std::fs::metadata(&installed).and_then(|m| m.modified()),
+    ) {
+        (Ok(lock), Ok(done)) => done >= lock && dir.join("node_modules/oidc-provider").exists(),
+        _ => false,
+    };
+    if fresh {
+        return Ok(());
+    }
+    let mut npm = Command::new("npm");
+    npm.args(["ci", "--no-audit", "--no-fund", "--prefix"])
+        .arg(&dir);
+    step("npm ci (tests/oidc)", &mut npm)
 }
 
 /// Prepares the Linux host VM the real-host tests boot (idempotent: builds its cache once);

@@ -190,37 +190,59 @@ pub async fn admit(State(gate): State<Arc<Admission>>, req: Request, next: Next)
     if need == Need::Nothing {
         return next.run(Request::from_parts(parts, body)).await;
     }
+    let with_body = declares_body(&parts.headers);
+    let refuse = |e: ApiError| refusal(e, with_body);
     if let Err(e) = declared_length_fits(&parts.headers) {
-        return e.into_response();
+        return refuse(e);
     }
     let who = match Principal::from_request_parts(&mut parts, &gate.app).await {
         Ok(who) => who,
-        Err(e) => return e.into_response(),
+        Err(e) => return refuse(e),
     };
     if let Err(e) = check(&who, &need) {
-        return e.into_response();
+        return refuse(e);
     }
     let Some(_slot) = gate.subject_slot(&who.subject) else {
-        return ApiError::new(
+        return refuse(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             8,
             format!(
                 "too many requests in flight for subject {}; retry",
                 who.subject
             ),
-        )
-        .into_response();
+        ));
     };
     let Ok(_permit) = gate.in_flight.try_acquire() else {
-        return ApiError::new(
+        return refuse(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             14,
             "too many requests in flight; retry",
-        )
-        .into_response();
+        ));
     };
     parts.extensions.insert(who);
     next.run(Request::from_parts(parts, body)).await
+}
+
+/// Whether the request says a body follows (a length above zero, or chunks).
+fn declares_body(headers: &axum::http::HeaderMap) -> bool {
+    headers.contains_key(axum::http::header::TRANSFER_ENCODING)
+        || headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
+}
+
+/// A refusal. Its body is never read, so the connection cannot carry another request: say so
+/// (`Connection: close`), or a client may send its next request on a socket about to close.
+fn refusal(e: ApiError, unread_body: bool) -> Response {
+    let mut response = e.into_response();
+    if unread_body {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 /// The answer to a body that could not be read: 413 past the size limit, 408 past the body

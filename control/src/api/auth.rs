@@ -1,11 +1,19 @@
 //! Authentication and authorization: RS256 JWTs whose `kid` names a credential
-//! (`<project>:<credential ID>`), and the cluster-admin / project admin / viewer rules.
+//! (`<project>:<credential ID>`), tokens of federated IdPs ([`crate::idp`]), and the
+//! cluster-admin / project admin / viewer rules.
+//!
+//! Every credential-verified token must name [`AUDIENCE`] in `aud`; one signed by the root key
+//! (`system:root`) must also carry `iss` [`ISSUER`], as every token evstor mints does (the
+//! root key signs nothing else). A token whose `iss` is a configured IdP's issuer is verified
+//! against that IdP instead, and only while federation is enabled.
 //!
 //! A project role is bound to the project's incarnation, so a token minted for project `P`
 //! grants nothing in a `P` deleted and created again. Tokens evstor mints name the UUID of
 //! every project they grant a role in (claim [`PROJECT_UUIDS_CLAIM`]), which must be the
 //! project's current UUID; a token without it (minted elsewhere, with a credential's key)
-//! must have been issued (`iat`) no earlier than the second the project was created.
+//! must have been issued (`iat`) no earlier than the second the project was created. Roles
+//! from auth maps are looked up on every request, so they hold in whatever project of that
+//! name exists now.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -15,10 +23,46 @@ use axum::http::request::Parts;
 use jsonwebtoken::{
     decode, decode_header, Algorithm, DecodingKey, EncodingKey, Header, Validation,
 };
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::error::{ApiError, ApiResult};
 use super::App;
+use crate::domain::federation::IdpConfig;
+use crate::idp::jwks::KeyError;
+use crate::limits::TOKEN_CLOCK_SKEW_SECS;
+
+/// The `iss` of every token evstor mints.
+pub const ISSUER: &str = "evstor";
+/// The `aud` every credential-verified token must name (LightOS tokens carry it too).
+pub const AUDIENCE: &str = "LightOS";
+/// The credential of the root key.
+pub const ROOT_KID: &str = "system:root";
+
+/// `aud` is a string or an array of strings; one audience is written as a string.
+mod audience {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+
+    pub fn serialize<S: Serializer>(aud: &[String], s: S) -> Result<S::Ok, S::Error> {
+        match aud {
+            [one] => s.serialize_str(one),
+            many => many.serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        Ok(match OneOrMany::deserialize(d)? {
+            OneOrMany::One(a) => vec![a],
+            OneOrMany::Many(a) => a,
+        })
+    }
+}
 
 /// The claims evstor reads and writes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -26,8 +70,8 @@ pub struct Claims {
     pub sub: String,
     #[serde(default)]
     pub iss: String,
-    #[serde(default)]
-    pub aud: String,
+    #[serde(default, with = "audience")]
+    pub aud: Vec<String>,
     pub roles: Vec<String>,
     pub iat: u64,
     #[serde(default)]
@@ -175,17 +219,32 @@ fn token_error(e: jsonwebtoken::errors::Error) -> ApiError {
         ErrorKind::ImmatureSignature => "token not valid yet (nbf is in the future)",
         ErrorKind::InvalidSignature => "token signature does not verify",
         ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => {
-            "token is not signed with RS256"
+            "token is not signed with an accepted algorithm"
         }
+        ErrorKind::InvalidAudience => "token is not meant for this API (aud)",
+        ErrorKind::InvalidIssuer => "token has the wrong issuer (iss)",
         ErrorKind::MissingRequiredClaim(_) => "token lacks a required claim",
         _ => "malformed bearer token",
     };
     reject(message, e)
 }
 
-/// Verifies a bearer token against the credentials in the cluster state.
-pub fn authenticate(app: &App, token: &str) -> ApiResult<Principal> {
+/// Verifies a bearer token: against a configured IdP if its `iss` is one's issuer, else
+/// against the credential its `kid` names.
+pub async fn authenticate(app: &App, token: &str) -> ApiResult<Principal> {
     let header = decode_header(token).map_err(|e| reject("malformed bearer token", e))?;
+    let claims = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(token)
+        .map_err(|e| reject("malformed bearer token", e))?
+        .claims;
+    let iss = claims["iss"].as_str().unwrap_or_default();
+    let idp = app.bus.state().federation.idp_by_issuer(iss).cloned();
+    match idp {
+        Some(idp) => federated(app, token, &header, idp).await,
+        None => with_credential(app, token, header),
+    }
+}
+
+fn with_credential(app: &App, token: &str, header: Header) -> ApiResult<Principal> {
     if header.alg != Algorithm::RS256 {
         return Err(reject(
             "token is not signed with RS256",
@@ -205,8 +264,15 @@ pub fn authenticate(app: &App, token: &str) -> ApiResult<Principal> {
     };
     let key = app.keys.key(&kid, &pem)?;
     let mut validation = Validation::new(Algorithm::RS256);
-    validation.validate_aud = false;
+    validation.leeway = TOKEN_CLOCK_SKEW_SECS;
     validation.validate_nbf = true;
+    validation.set_audience(&[AUDIENCE]);
+    let mut required = vec!["exp", "aud"];
+    if kid == ROOT_KID {
+        validation.set_issuer(&[ISSUER]);
+        required.push("iss");
+    }
+    validation.set_required_spec_claims(&required);
     let claims = decode::<Claims>(token, &key, &validation)
         .map_err(token_error)?
         .claims;
@@ -229,6 +295,84 @@ pub fn authenticate(app: &App, token: &str) -> ApiResult<Principal> {
         subject: claims.sub,
         roles,
         stale,
+    })
+}
+
+/// A token of the IdP `idp` (see [`crate::idp`]).
+async fn federated(
+    app: &App,
+    token: &str,
+    header: &Header,
+    idp: IdpConfig,
+) -> ApiResult<Principal> {
+    if !app.bus.state().federation.enabled {
+        return Err(ApiError::unauthenticated(
+            "federated authentication is disabled: IdP tokens are not accepted",
+        ));
+    }
+    if !crate::idp::ALGORITHMS.contains(&header.alg) {
+        return Err(reject(
+            "token is not signed with an accepted algorithm",
+            format!("{:?}", header.alg),
+        ));
+    }
+    let audiences = crate::idp::audiences(&app.bus.state().federation, &idp.name);
+    if audiences.is_empty() {
+        return Err(ApiError::unauthenticated(format!(
+            "no IdP client configuration of {} accepts its tokens",
+            idp.name
+        )));
+    }
+    let key = app
+        .idp
+        .key(&idp, header.kid.as_deref(), header.alg)
+        .await
+        .map_err(|e| match e {
+            KeyError::Unknown(why) => reject("unknown signing key", why),
+            KeyError::Unreachable(why) => {
+                reject("the token's IdP cannot be reached to verify it", why)
+            }
+        })?;
+    let mut validation = Validation::new(header.alg);
+    validation.leeway = TOKEN_CLOCK_SKEW_SECS;
+    validation.validate_nbf = true;
+    validation.set_audience(&audiences);
+    validation.set_required_spec_claims(&["exp", "aud", "iss"]);
+    let claims = decode::<crate::idp::Claims>(token, &key, &validation)
+        .map_err(token_error)?
+        .claims;
+    // Judged against the configuration as it is now (it may have changed while we fetched).
+    federated_principal(&app.bus.state(), &idp.name, &claims)
+}
+
+/// The caller a verified token of `idp` is: roles from the auth maps its identifiers match.
+fn federated_principal(
+    state: &crate::domain::State,
+    idp: &str,
+    claims: &crate::idp::Claims,
+) -> ApiResult<Principal> {
+    let f = &state.federation;
+    if !f.enabled {
+        return Err(ApiError::unauthenticated(
+            "federated authentication is disabled: IdP tokens are not accepted",
+        ));
+    }
+    let aud = crate::idp::claim_values(claims, "aud");
+    let confs = crate::idp::applicable(f, idp, &aud);
+    let ids = crate::idp::identifiers(claims, &confs);
+    let (roles, stale): (Vec<_>, Vec<_>) = crate::idp::granted(f, idp, &ids)
+        .iter()
+        .filter_map(|(scope, role)| parse_role(&format!("{scope}:{role}")))
+        .partition(|(scope, _)| scope == "system" || state.projects.get(scope).is_some());
+    let sub = crate::idp::claim_values(claims, "sub")
+        .into_iter()
+        .next()
+        .or_else(|| ids.first().cloned())
+        .unwrap_or_default();
+    Ok(Principal {
+        subject: format!("{idp}/{sub}"),
+        roles,
+        stale: stale.into_iter().map(|(scope, _)| scope).collect(),
     })
 }
 
@@ -284,7 +428,7 @@ impl FromRequestParts<App> for Principal {
             .strip_prefix("Bearer ")
             .or_else(|| value.strip_prefix("bearer "))
             .ok_or_else(|| ApiError::unauthenticated("Authorization must be a Bearer token"))?;
-        authenticate(app, token.trim())
+        authenticate(app, token.trim()).await
     }
 }
 
@@ -301,8 +445,8 @@ pub fn mint(
     let now = crate::store::bus::now_unix_ns() / 1_000_000_000;
     let claims = Claims {
         sub: subject.to_string(),
-        iss: "evstor".into(),
-        aud: "LightOS".into(),
+        iss: ISSUER.into(),
+        aud: vec![AUDIENCE.into()],
         roles: roles.to_vec(),
         iat: now,
         nbf: now.saturating_sub(60),
@@ -336,7 +480,7 @@ mod tests {
         Claims {
             sub: "s".into(),
             iss: String::new(),
-            aud: String::new(),
+            aud: Vec::new(),
             roles: vec![],
             iat,
             nbf: 0,

@@ -84,6 +84,26 @@ fn health(state: &DomainState) -> Value {
         .build()
 }
 
+/// Where every server serves the API: its admin endpoints, or the address it registered with
+/// (this server: its `--api-addr`) while none is recorded.
+fn api_endpoints(app: &App, state: &DomainState) -> Vec<String> {
+    let this = app.server_uuid(state);
+    let mut out = Vec::new();
+    for (uuid, server) in &state.inventory.servers {
+        match state.endpoints.by_server.get(uuid) {
+            Some(ports) if !ports.is_empty() => out.extend(
+                ports
+                    .values()
+                    .flat_map(|e| e.addrs())
+                    .map(|a| a.to_string()),
+            ),
+            _ if Some(*uuid) == this => out.push(app.info.api_endpoint.clone()),
+            _ => out.push(server.api_endpoint.clone()),
+        }
+    }
+    out
+}
+
 async fn cluster(State(app): State<App>, _who: Principal) -> ApiResult<Json<Value>> {
     let s = app.bus.state();
     let c = &s.cluster;
@@ -98,7 +118,7 @@ async fn cluster(State(app): State<App>, _who: Principal) -> ApiResult<Json<Valu
             .val("health", health(&s))
             .str("MinVersionInCluster", &app.info.version)
             .str("MaxAllowedVersion", &app.info.version)
-            .strs("apiEndpoints", std::slice::from_ref(&app.info.api_endpoint))
+            .strs("apiEndpoints", &api_endpoints(&app, &s))
             .strs(
                 "discoveryEndpoints",
                 std::slice::from_ref(&app.info.discovery_endpoint),
@@ -106,6 +126,10 @@ async fn cluster(State(app): State<App>, _who: Principal) -> ApiResult<Json<Valu
             .str("clusterName", &c.name)
             .str("inBandAuthMode", "Disabled")
             .val("encryptionStatus", json!({"encryptionState": "Disabled"}))
+            .val(
+                "federatedAuthenticationStatus",
+                super::idp_configurations::status_json(&app, &s),
+            )
             .build(),
     ))
 }
@@ -120,7 +144,7 @@ async fn cluster_info(State(app): State<App>, _who: Principal) -> ApiResult<Json
             .num("currentMaxReplicas", max_replicas(&s))
             .num("supportedMaxReplicas", 3)
             .str("ETag", &c.etag.to_string())
-            .strs("apiEndpoints", std::slice::from_ref(&app.info.api_endpoint))
+            .strs("apiEndpoints", &api_endpoints(&app, &s))
             .strs(
                 "discoveryEndpoints",
                 std::slice::from_ref(&app.info.discovery_endpoint),

@@ -279,7 +279,8 @@ fn component(
         Event::Credential(e) => {
             let id = match e {
                 credential::Event::CredentialCreated { id, .. }
-                | credential::Event::CredentialDeleted { id, .. } => id,
+                | credential::Event::CredentialDeleted { id, .. } => id.as_str(),
+                credential::Event::RootKeyRotated { .. } => "root",
             };
             let phrase = format!("credential {}", credential::kid(e.project(), id));
             (CLUSTER, cluster_component(state), phrase)
@@ -299,6 +300,8 @@ fn component(
                 format!("feature flag {name}"),
             )
         }
+        Event::Federation(e) => (CLUSTER, cluster_component(state), e.subject()),
+        Event::Endpoint(e) => (CLUSTER, cluster_component(state), e.subject()),
         _ => {
             let c = cluster_component(state);
             let phrase = format!("cluster {}", state.cluster.name);

@@ -1,10 +1,14 @@
-//! The LightOS REST API v2 over axum. One file per resource; each exposes `routes()`.
+//! The LightOS REST API v2 over axum. One file per resource; each exposes `routes()`. Routes
+//! outside the LightOS API: `/internal/v1/…` (between cluster members) and `/evstor/v1/…`
+//! (root key rotation).
 //! Handlers parse JSON into domain commands, submit them through the [`Bus`], and answer from
 //! the projections. Every route but `version` needs a bearer token ([`auth::Principal`]),
 //! verified by [`admission`] before the request takes any capacity or its body is read.
 
+pub mod admin_endpoints;
 pub mod admission;
 pub mod auth;
+pub mod auth_maps;
 pub mod cluster;
 pub mod cluster_config;
 pub mod connected_hosts;
@@ -12,6 +16,8 @@ pub mod credentials;
 pub mod error;
 pub mod events;
 pub mod feature_flags;
+pub mod idp_client_confs;
+pub mod idp_configurations;
 pub mod internal;
 pub mod json;
 pub mod logs;
@@ -22,6 +28,7 @@ pub mod policies;
 pub mod projects;
 pub mod resource_policies;
 pub mod roles;
+pub mod root_key;
 pub mod servers;
 pub mod snapshot_diff;
 pub mod snapshots;
@@ -79,6 +86,10 @@ pub struct ServerInfo {
     pub node_uuid: Option<uuid::Uuid>,
     /// The data directory (scratch space for journal checkpoints served to peers).
     pub data_dir: std::path::PathBuf,
+    /// This server (cluster mode; `None`: the single-server cluster's only server).
+    pub server_uuid: Option<uuid::Uuid>,
+    /// `--api-addr`: the admin endpoint while none is recorded.
+    pub api_default: std::net::SocketAddr,
 }
 
 /// Shared state of every handler.
@@ -88,9 +99,22 @@ pub struct App {
     pub keys: Arc<KeyCache>,
     pub info: Arc<ServerInfo>,
     pub datapath: Arc<dyn DataPathView>,
+    /// Keys of the federated IdPs.
+    pub idp: Arc<crate::idp::jwks::JwksCache>,
+    /// The API's listening sockets (admin endpoints bind through it before committing).
+    pub listeners: Arc<crate::edge::listeners::ListenerControl>,
+    /// Where the root key's private half lives (rotation).
+    pub root_keys: Arc<crate::keys::RootKeys>,
 }
 
 impl App {
+    /// The server this API runs on.
+    pub fn server_uuid(&self, state: &crate::domain::State) -> Option<uuid::Uuid> {
+        self.info
+            .server_uuid
+            .or_else(|| state.inventory.servers.keys().next().copied())
+    }
+
     /// Submits a command on behalf of `who`, tagging it with the request id.
     pub async fn submit(
         &self,
@@ -277,6 +301,11 @@ pub fn router(app: App, caps: admission::RequestCaps) -> Router {
         .merge(policies::routes())
         .merge(resource_policies::routes())
         .merge(internal::routes())
+        .merge(idp_configurations::routes())
+        .merge(idp_client_confs::routes())
+        .merge(auth_maps::routes())
+        .merge(admin_endpoints::routes())
+        .merge(root_key::routes())
         .merge(metrics::routes())
         .merge(logs::routes())
         .route_layer(axum::middleware::from_fn(metrics::mark_route))

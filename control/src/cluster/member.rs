@@ -3,7 +3,8 @@
 //! past it), start the writer and the follower, take the cluster's root key from etcd (the
 //! first server creates it), bootstrap the cluster if the etcd prefix is empty (a
 //! compare-and-swap: of two servers racing, one bootstraps and the other joins), register
-//! this server if it is new, write `admin.jwt`, and start the session and the orchestrator.
+//! this server if it is new, and start the session and the orchestrator (`admin.jwt` is the
+//! keeper's, [`crate::keys`]).
 //!
 //! Trust: the root private key lives in etcd (`<prefix>root-key`) so that every member can
 //! mint the admin token and verify the same tokens. Whoever can read etcd is therefore a
@@ -28,6 +29,7 @@ use crate::domain::cluster::{Bootstrap, Command as ClusterCommand};
 use crate::domain::inventory::{Command as InventoryCommand, Join};
 use crate::domain::{Command, DomainError};
 use crate::error::ControlError;
+use crate::keys::RootKeys;
 use crate::limits::ETCD_START_WAIT_MS;
 use crate::server::{self, ServeConfig};
 use crate::store::{replay, Bus, RequestMeta};
@@ -45,9 +47,21 @@ pub struct Member {
     session: Session,
     stop: Arc<AtomicBool>,
     orchestrator: Option<std::thread::JoinHandle<()>>,
+    etcd: EtcdClient,
+    keys: Keys,
 }
 
 impl Member {
+    /// The cluster's root keys, kept in etcd.
+    pub fn root_keys(&self, data_dir: &Path, admin_lifetime_secs: u64) -> RootKeys {
+        RootKeys::in_etcd(
+            data_dir,
+            self.etcd.fork(),
+            self.keys.clone(),
+            admin_lifetime_secs,
+        )
+    }
+
     /// Leaves: the orchestrator stops, and the lease is revoked (the others see this server
     /// down at once).
     pub fn shutdown(mut self) {
@@ -120,21 +134,25 @@ fn root_key(etcd: &EtcdClient, keys: &Keys) -> anyhow::Result<String> {
     }
 }
 
-fn public_of(private_pem: &str) -> anyhow::Result<String> {
-    use rsa::pkcs8::{DecodePrivateKey, EncodePublicKey, LineEnding};
-    let private = rsa::RsaPrivateKey::from_pkcs8_pem(private_pem)?;
-    Ok(private.to_public_key().to_public_key_pem(LineEnding::LF)?)
-}
-
 fn mint_admin(root_pem: &str, subject: &str, lifetime: u64) -> anyhow::Result<String> {
     crate::api::auth::mint(
         root_pem,
-        "system:root",
+        crate::api::auth::ROOT_KID,
         subject,
         &["system:cluster-admin".to_string()],
         Default::default(),
         lifetime,
     )
+}
+
+/// The key most likely to be the root key now, before this server's journal can say: the
+/// newest one a rotation stored (a refused rotation removes its key), else the first one.
+fn newest_root_key(etcd: &EtcdClient, keys: &Keys, first: &str) -> anyhow::Result<String> {
+    let stored = etcd.range(&Range::prefix(&keys.root_keys_prefix()))?.kvs;
+    match stored.into_iter().max_by_key(|kv| kv.create_revision) {
+        Some(kv) => Ok(String::from_utf8(kv.value)?),
+        None => Ok(first.to_string()),
+    }
 }
 
 /// Opens the journal at or past etcd's tail, fetching a peer's checkpoint when needed.
@@ -184,7 +202,7 @@ fn fetch_from_a_peer(
     root_pem: &str,
 ) -> anyhow::Result<()> {
     let token = mint_admin(
-        root_pem,
+        &newest_root_key(etcd, keys, root_pem)?,
         &format!("evstor-peer:{server_uuid}"),
         PEER_TOKEN_SECS,
     )?;
@@ -272,10 +290,7 @@ pub async fn start(cfg: &ServeConfig, cc: &ClusterConfig, cert: &Path) -> anyhow
         .context("this server has no node in the cluster")?;
     server::add_new_devices(&bus, cfg, Some(node_uuid)).await?;
     let token_path = cfg.data_dir.join("admin.jwt");
-    if !token_path.exists() {
-        let token = mint_admin(&root_pem, "admin", server::ADMIN_TOKEN_LIFETIME_SECS)?;
-        server::write_private(&token_path, &token)?;
-    }
+    let keys_for_member = keys.clone();
     let orchestrator = Orchestrator {
         etcd: etcd.fork(),
         keys,
@@ -302,6 +317,8 @@ pub async fn start(cfg: &ServeConfig, cc: &ClusterConfig, cert: &Path) -> anyhow
         session,
         stop,
         orchestrator: Some(orchestrator),
+        etcd,
+        keys: keys_for_member,
     })
 }
 
@@ -331,7 +348,7 @@ async fn register(
             api_endpoint: cfg.api_addr.to_string(),
             nvme_endpoint: cfg.nvme_addr.to_string(),
             devices: devices.clone(),
-            root_public_key_pem: public_of(root_pem)?,
+            root_public_key_pem: crate::keys::public_of(root_pem)?,
             server_uuid: Some(server_uuid),
             failure_domain: cc.failure_domain.clone(),
         };

@@ -17,8 +17,9 @@
 //!   the etcd tail.
 //!
 //! etcd key layout under the prefix (default `/evstor/default/`): `head`, `log/<seq:020>`,
-//! `leader`, `alive/<server uuid>`, `root-key` (the cluster's root private key PEM: whoever
-//! can read etcd is cluster admin).
+//! `leader`, `alive/<server uuid>`, `root-key` (the cluster's first root private key PEM) and
+//! `root-keys/<fingerprint>` (root keys stored by rotations, see [`crate::keys`]): whoever
+//! can read etcd is cluster admin.
 
 pub mod checkpoint;
 pub mod etcd;
@@ -87,8 +88,18 @@ impl Keys {
         self.key(&format!("alive/{server}"))
     }
 
+    /// The key the cluster bootstrapped with.
     pub fn root_key(&self) -> Vec<u8> {
         self.key("root-key")
+    }
+
+    /// Root private keys by fingerprint (see [`crate::keys`]).
+    pub fn root_keys_prefix(&self) -> Vec<u8> {
+        self.key("root-keys/")
+    }
+
+    pub fn root_key_of(&self, fingerprint: &str) -> Vec<u8> {
+        self.key(&format!("root-keys/{fingerprint}"))
     }
 }
 

@@ -69,6 +69,11 @@ pub enum Command {
         project: String,
         id: String,
     },
+    /// Replaces the root key (`system:root`) with a new one: tokens the old key signed stop
+    /// verifying. The API has checked that `payload_pem` is an RSA public key.
+    RotateRootKey {
+        payload_pem: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,6 +88,10 @@ pub enum Event {
         project: String,
         id: String,
     },
+    /// `system:root` has a new public key.
+    RootKeyRotated {
+        payload_pem: String,
+    },
 }
 
 impl Event {
@@ -90,6 +99,7 @@ impl Event {
         match self {
             Event::CredentialCreated { .. } => "CredentialCreated",
             Event::CredentialDeleted { .. } => "CredentialDeleted",
+            Event::RootKeyRotated { .. } => "RootKeyRotated",
         }
     }
 
@@ -98,6 +108,7 @@ impl Event {
             Event::CredentialCreated { project, .. } | Event::CredentialDeleted { project, .. } => {
                 project
             }
+            Event::RootKeyRotated { .. } => "system",
         }
     }
 }
@@ -148,8 +159,30 @@ pub fn decide(state: &State, _ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>,
                 id: id.clone(),
             }
         }
+        Command::RotateRootKey { payload_pem } => rotate_root_key(state, payload_pem)?,
     };
     Ok(vec![AnyEvent::Credential(event)])
+}
+
+fn rotate_root_key(state: &State, payload_pem: &str) -> Result<Event, DomainError> {
+    let root = state
+        .credentials
+        .get("system", "root")
+        .ok_or_else(|| DomainError::Unavailable("the cluster is not initialized yet".into()))?;
+    if payload_pem.len() > CREDENTIAL_PEM_BYTES_MAX {
+        return Err(DomainError::InvalidArgument(format!(
+            "root key of {} bytes is larger than {CREDENTIAL_PEM_BYTES_MAX}",
+            payload_pem.len()
+        )));
+    }
+    if root.payload_pem == payload_pem {
+        return Err(DomainError::Conflict(
+            "the new root key is the current one".into(),
+        ));
+    }
+    Ok(Event::RootKeyRotated {
+        payload_pem: payload_pem.to_string(),
+    })
 }
 
 pub fn evolve(state: &mut State, _at: Applied, event: &Event) -> Vec<RowKey> {
@@ -174,6 +207,15 @@ pub fn evolve(state: &mut State, _at: Applied, event: &Event) -> Vec<RowKey> {
         Event::CredentialDeleted { project, id } => {
             state.credentials.by_kid.remove(&kid(project, id));
             vec![RowKey::Credential(project.clone(), id.clone())]
+        }
+        Event::RootKeyRotated { payload_pem } => {
+            let root = state
+                .credentials
+                .by_kid
+                .get_mut(&kid("system", "root"))
+                .expect("invariant: decide rotates an existing root key only");
+            root.payload_pem = payload_pem.clone();
+            vec![RowKey::Credential("system".into(), "root".into())]
         }
     }
 }
@@ -239,6 +281,46 @@ mod tests {
         assert!(matches!(
             given_when(&g, create("default", "bad id")),
             Err(DomainError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn given_cluster_when_root_key_rotated_then_root_credential_has_the_new_key() {
+        let mut g = bootstrap_events();
+        let rotate = |pem: &str| {
+            AnyCommand::Credential(Command::RotateRootKey {
+                payload_pem: pem.into(),
+            })
+        };
+        assert!(matches!(
+            given_when(&g, rotate("PEM")),
+            Err(DomainError::Conflict(_))
+        ));
+        let rotated = given_when(&g, rotate("NEW")).unwrap();
+        assert_eq!(
+            rotated,
+            vec![AnyEvent::Credential(Event::RootKeyRotated {
+                payload_pem: "NEW".into()
+            })]
+        );
+        g.extend(rotated);
+        let mut s = State::default();
+        for (i, e) in g.iter().enumerate() {
+            s.evolve(
+                Applied {
+                    seq: i as u64 + 1,
+                    time_unix_ns: 1,
+                },
+                e,
+            );
+        }
+        assert_eq!(
+            s.credentials.get("system", "root").unwrap().payload_pem,
+            "NEW"
+        );
+        assert!(matches!(
+            given_when(&[], rotate("NEW")),
+            Err(DomainError::Unavailable(_))
         ));
     }
 

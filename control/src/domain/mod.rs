@@ -12,7 +12,9 @@ pub mod cluster;
 pub mod config;
 pub mod credential;
 pub mod duration;
+pub mod endpoint;
 mod error;
+pub mod federation;
 pub mod flag;
 pub mod inventory;
 pub mod names;
@@ -20,6 +22,7 @@ pub mod policy;
 pub mod project;
 pub mod schedule;
 pub mod snapshot;
+pub mod url;
 pub mod volume;
 
 pub use error::DomainError;
@@ -75,6 +78,8 @@ pub struct State {
     pub flags: flag::FeatureFlags,
     pub inventory: inventory::Inventory,
     pub resource_policies: schedule::ResourcePolicies,
+    pub federation: federation::Federation,
+    pub endpoints: endpoint::AdminEndpoints,
 }
 
 /// A request to change the cluster.
@@ -90,6 +95,8 @@ pub enum Command {
     Flag(flag::Command),
     Inventory(inventory::Command),
     Schedule(schedule::Command),
+    Federation(federation::Command),
+    Endpoint(endpoint::Command),
 }
 
 /// A fact that happened. Variant names of the inner enums are the stable event type strings.
@@ -105,6 +112,8 @@ pub enum Event {
     Flag(flag::Event),
     Inventory(inventory::Event),
     Schedule(schedule::Event),
+    Federation(federation::Event),
+    Endpoint(endpoint::Event),
 }
 
 /// A projection row that an event changed; the store persists exactly these.
@@ -122,6 +131,12 @@ pub enum RowKey {
     Node(Uuid),
     Device(String),
     ResourcePolicy(Uuid),
+    /// The federated authentication switch.
+    Federation,
+    Idp(String),
+    IdpClient(String),
+    AuthMap(String),
+    AdminEndpoint(Uuid, u16),
 }
 
 /// Decides what `command` means given `state`: the events to append, or why not.
@@ -139,6 +154,8 @@ pub fn decide(state: &State, ctx: &Ctx, command: &Command) -> Result<Vec<Event>,
         Command::Flag(c) => flag::decide(state, ctx, c),
         Command::Inventory(c) => inventory::decide(state, ctx, c),
         Command::Schedule(c) => schedule::decide(state, ctx, c),
+        Command::Federation(c) => federation::decide(state, ctx, c),
+        Command::Endpoint(c) => endpoint::decide(state, ctx, c),
     }
 }
 
@@ -156,6 +173,8 @@ impl State {
             Event::Flag(e) => flag::evolve(self, at, e),
             Event::Inventory(e) => inventory::evolve(self, at, e),
             Event::Schedule(e) => schedule::evolve(self, at, e),
+            Event::Federation(e) => federation::evolve(self, at, e),
+            Event::Endpoint(e) => endpoint::evolve(self, at, e),
         }
     }
 }
@@ -174,6 +193,8 @@ impl Event {
             Event::Flag(e) => e.type_name(),
             Event::Inventory(e) => e.type_name(),
             Event::Schedule(e) => e.type_name(),
+            Event::Federation(e) => e.type_name(),
+            Event::Endpoint(e) => e.type_name(),
         }
     }
 

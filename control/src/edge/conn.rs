@@ -235,6 +235,7 @@ pub(super) async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr().ok().map(super::LocalAddr);
     let handshake = tokio::time::timeout(d.handshake, acceptor.accept(tcp));
     let tls = tokio::select! {
         done = handshake => match done {
@@ -253,7 +254,10 @@ pub(super) async fn run(
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let busy = service_clock.request_started();
         let deadline = Instant::now() + d.body;
-        let req = req.map(|b| Body::new(DeadlineBody::new(b, deadline)));
+        let mut req = req.map(|b| Body::new(DeadlineBody::new(b, deadline)));
+        if let Some(l) = local {
+            req.extensions_mut().insert(l);
+        }
         let mut router = router.clone();
         async move {
             let response = router.call(req).await?;

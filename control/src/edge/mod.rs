@@ -1,7 +1,9 @@
-//! The API's network edge: the accept loop, admission of connections (a cap per client address
-//! and one in total, sized from the descriptor budget in [`fds`]), and graceful shutdown. Each
-//! admitted connection runs in [`conn`]: the TLS handshake under a deadline, then HTTP/1.1 with
-//! header, body and idle deadlines, serving the axum router.
+//! The API's network edge: the listener set ([`listeners`]: the admin endpoints, changed
+//! live), one accept loop per listening socket, admission of connections (a cap per client
+//! address and one in total across every listener, sized from the descriptor budget in
+//! [`fds`]), and graceful shutdown. Each admitted connection runs in [`conn`]: the TLS
+//! handshake under a deadline, then HTTP/1.1 with header, body and idle deadlines, serving
+//! the axum router.
 //!
 //! Invariant: every open API socket holds one [`Slot`], so the API never holds more
 //! descriptors than its cap (plus the one accepted connection being refused), whatever clients
@@ -9,9 +11,10 @@
 
 mod conn;
 pub mod fds;
+pub mod listeners;
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +28,7 @@ use crate::limits::{
     API_ACCEPT_BACKOFF_MS, API_BODY_READ_MS, API_CONNECTIONS_PER_ADDR_MAX, API_HEADER_READ_MS,
     API_IDLE_MS, API_SHUTDOWN_GRACE_MS, API_TLS_HANDSHAKE_MS,
 };
+use listeners::ListenerControl;
 
 /// The edge's bounds; the defaults are those of `limits.rs`, `evstor serve` flags override.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,19 +127,148 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Serves `router` on `listener` until `stop`, with at most `connections_max` connections;
-/// then lets open requests finish (at most [`API_SHUTDOWN_GRACE_MS`]).
+/// The local address a request's connection was accepted on (a request extension): which of
+/// this server's admin endpoints the caller uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalAddr(pub SocketAddr);
+
+/// What the edge listens on: the addresses `wanted` returns, read again whenever `changed`
+/// moves (a commit), with sockets staged through `control` adopted.
+pub struct ListenerSet {
+    pub control: Arc<ListenerControl>,
+    pub wanted: Box<dyn Fn() -> Vec<SocketAddr> + Send + Sync>,
+    pub changed: watch::Receiver<u64>,
+    /// Served when none of the wanted addresses can be bound, so that a start never locks
+    /// the operator out (`--api-addr`).
+    pub fallback: SocketAddr,
+}
+
+/// What every accept loop shares.
+struct Shared {
+    slots: Arc<Slots>,
+    acceptor: TlsAcceptor,
+    router: Router,
+    deadlines: conn::Deadlines,
+}
+
+/// One listening socket's accept loop; `stop` ends it and winds down its connections.
+struct Running {
+    stop: watch::Sender<bool>,
+}
+
+/// Serves `router` on the listener set until `stop`, with at most `connections_max`
+/// connections in total; then lets open requests finish (at most [`API_SHUTDOWN_GRACE_MS`]).
+/// Fails at start if nothing, not even the fallback, can be bound.
 pub async fn serve(
-    listener: TcpListener,
+    set: ListenerSet,
     tls: Arc<rustls::ServerConfig>,
     router: Router,
     cfg: &EdgeConfig,
     connections_max: usize,
     mut stop: watch::Receiver<bool>,
-) {
-    let slots = Arc::new(Slots::new(connections_max, cfg.connections_per_addr_max));
-    let acceptor = TlsAcceptor::from(tls);
-    let deadlines = conn::Deadlines::of(cfg);
+) -> std::io::Result<()> {
+    let shared = Arc::new(Shared {
+        slots: Arc::new(Slots::new(connections_max, cfg.connections_per_addr_max)),
+        acceptor: TlsAcceptor::from(tls),
+        router,
+        deadlines: conn::Deadlines::of(cfg),
+    });
+    let mut running: HashMap<SocketAddr, Running> = HashMap::new();
+    reconcile(&set, &shared, &mut running)?;
+    let mut changed = set.changed.clone();
+    loop {
+        tokio::select! {
+            moved = changed.changed() => {
+                if moved.is_err() {
+                    stopped(&mut stop).await;
+                    break;
+                }
+                if let Err(e) = reconcile(&set, &shared, &mut running) {
+                    tracing::error!("API listeners: {e}");
+                }
+            }
+            _ = stopped(&mut stop) => break,
+        }
+    }
+    for r in running.values() {
+        let _ = r.stop.send(true);
+    }
+    set.control.set_serving(Default::default());
+    shared
+        .slots
+        .drain(Duration::from_millis(API_SHUTDOWN_GRACE_MS))
+        .await;
+    Ok(())
+}
+
+/// Binds the wanted addresses not served yet, then stops serving the unwanted ones; if that
+/// leaves nothing served, serves the fallback.
+fn reconcile(
+    set: &ListenerSet,
+    shared: &Arc<Shared>,
+    running: &mut HashMap<SocketAddr, Running>,
+) -> std::io::Result<()> {
+    let wanted = (set.wanted)();
+    set.control.drop_unwanted(&wanted);
+    let missing: Vec<SocketAddr> = wanted
+        .iter()
+        .filter(|a| !running.contains_key(a))
+        .copied()
+        .collect();
+    for addr in &missing {
+        match start_listener(set, shared, *addr) {
+            Ok(r) => {
+                running.insert(*addr, r);
+            }
+            Err(e) => tracing::error!("API: cannot listen on {addr}: {e}"),
+        }
+    }
+    let unwanted: Vec<SocketAddr> = running
+        .keys()
+        .filter(|a| !wanted.contains(a))
+        .copied()
+        .collect();
+    let has_wanted = running.keys().any(|a| wanted.contains(a));
+    for addr in unwanted {
+        if !has_wanted && addr == set.fallback {
+            continue; // still the only way in
+        }
+        if let Some(r) = running.remove(&addr) {
+            let _ = r.stop.send(true);
+            println!("evstor: stopped serving the API on {addr}");
+        }
+    }
+    if running.is_empty() {
+        tracing::error!(
+            "none of this server's admin endpoints can be bound; serving --api-addr {} instead",
+            set.fallback
+        );
+        let r = start_listener(set, shared, set.fallback)?;
+        running.insert(set.fallback, r);
+    }
+    set.control.set_serving(running.keys().copied().collect());
+    Ok(())
+}
+
+fn start_listener(
+    set: &ListenerSet,
+    shared: &Arc<Shared>,
+    addr: SocketAddr,
+) -> std::io::Result<Running> {
+    let std_listener = match set.control.take(addr) {
+        Some(l) => l,
+        None => listeners::bind(addr)?,
+    };
+    let listener = TcpListener::from_std(std_listener)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
+    println!("evstor: serving the LightOS API v2 on https://{addr}");
+    Ok(Running { stop: stop_tx })
+}
+
+/// Accepts connections on one listener until `stop`; each connection winds down (finishes
+/// its request, then closes) when `stop` fires too.
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut failing = false;
     loop {
         let accepted = tokio::select! {
@@ -150,24 +283,20 @@ pub async fn serve(
             }
         };
         failing = false;
-        let Some(slot) = slots.admit(peer.ip()) else {
+        let Some(slot) = shared.slots.admit(peer.ip()) else {
             tracing::debug!(%peer, "API connection refused: connection cap reached");
             continue; // dropping `tcp` closes it
         };
         let conn = conn::run(
             tcp,
             slot,
-            acceptor.clone(),
-            router.clone(),
-            deadlines,
+            shared.acceptor.clone(),
+            shared.router.clone(),
+            shared.deadlines,
             stop.clone(),
         );
         tokio::spawn(conn);
     }
-    drop(listener);
-    slots
-        .drain(Duration::from_millis(API_SHUTDOWN_GRACE_MS))
-        .await;
 }
 
 /// After a failed accept(2): a short pause when the process is out of descriptors or memory

@@ -7,6 +7,7 @@ use evstor_journal::{EventLog, ProjectionOp, RocksJournal};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::domain::endpoint::AdminEndpoint;
 use crate::domain::inventory::{Node, Server};
 use crate::domain::policy::Policy;
 use crate::domain::schedule::ResourcePolicy;
@@ -39,6 +40,11 @@ pub fn key_bytes(key: &RowKey) -> Vec<u8> {
         RowKey::Node(u) => format!("node/{u}").into_bytes(),
         RowKey::Device(s) => format!("device/{s}").into_bytes(),
         RowKey::ResourcePolicy(u) => format!("schedule/{u}").into_bytes(),
+        RowKey::Federation => b"federation/".to_vec(),
+        RowKey::Idp(n) => format!("idp/{n}").into_bytes(),
+        RowKey::IdpClient(n) => format!("idpclient/{n}").into_bytes(),
+        RowKey::AuthMap(n) => format!("authmap/{n}").into_bytes(),
+        RowKey::AdminEndpoint(s, p) => format!("endpoint/{s}/{p}").into_bytes(),
     }
 }
 
@@ -61,6 +67,17 @@ pub fn value(state: &State, key: &RowKey) -> Option<Vec<u8>> {
         RowKey::Node(u) => state.inventory.nodes.get(u).map(enc),
         RowKey::Device(s) => state.inventory.devices.get(s).map(enc),
         RowKey::ResourcePolicy(u) => state.resource_policies.get(*u).map(enc),
+        // Present while enabled (absent reads as disabled).
+        RowKey::Federation => state.federation.enabled.then(|| enc(&true)),
+        RowKey::Idp(n) => state.federation.idps.get(n).map(enc),
+        RowKey::IdpClient(n) => state.federation.clients.get(n).map(enc),
+        RowKey::AuthMap(n) => state.federation.maps.get(n).map(enc),
+        RowKey::AdminEndpoint(s, p) => state
+            .endpoints
+            .by_server
+            .get(s)
+            .and_then(|ports| ports.get(p))
+            .map(enc),
     }
 }
 
@@ -90,6 +107,18 @@ pub fn all(state: &State) -> BTreeMap<Vec<u8>, Vec<u8>> {
             .keys()
             .map(|u| RowKey::ResourcePolicy(*u)),
     );
+    let f = &state.federation;
+    if f.enabled {
+        keys.push(RowKey::Federation);
+    }
+    keys.extend(f.idps.keys().cloned().map(RowKey::Idp));
+    keys.extend(f.clients.keys().cloned().map(RowKey::IdpClient));
+    keys.extend(f.maps.keys().cloned().map(RowKey::AuthMap));
+    keys.extend(state.endpoints.by_server.values().flat_map(|ports| {
+        ports
+            .values()
+            .map(|e| RowKey::AdminEndpoint(e.server, e.port))
+    }));
     keys.iter()
         .filter_map(|k| value(state, k).map(|v| (key_bytes(k), v)))
         .collect()
@@ -198,6 +227,25 @@ pub fn load(journal: &RocksJournal) -> Result<State, ControlError> {
     })?;
     load_kind(journal, "schedule/", |_, x: ResourcePolicy| {
         s.resource_policies.by_uuid.insert(x.uuid, x);
+    })?;
+    load_kind(journal, "federation/", |_, enabled| {
+        s.federation.enabled = enabled
+    })?;
+    load_kind(journal, "idp/", |id, x| {
+        s.federation.idps.insert(id, x);
+    })?;
+    load_kind(journal, "idpclient/", |id, x| {
+        s.federation.clients.insert(id, x);
+    })?;
+    load_kind(journal, "authmap/", |id, x| {
+        s.federation.maps.insert(id, x);
+    })?;
+    load_kind(journal, "endpoint/", |_, e: AdminEndpoint| {
+        s.endpoints
+            .by_server
+            .entry(e.server)
+            .or_default()
+            .insert(e.port, e);
     })?;
     Ok(s)
 }
