@@ -42,6 +42,11 @@ enum Cmd {
         /// appended between starts, never removed or reordered.
         #[arg(long = "device", env = "EVSTOR_DEVICES", value_delimiter = ',')]
         devices: Vec<PathBuf>,
+        /// Reactor threads serving NVMe/TCP (each owns many connections and one io_uring,
+        /// pinned to one of the CPUs the process may use). Default: half of those CPUs, at
+        /// least one (one on a 2-CPU machine).
+        #[arg(long, env = "EVSTOR_DATAPATH_CORES", value_parser = datapath_cores)]
+        datapath_cores: Option<usize>,
         #[command(flatten)]
         edge: EdgeArgs,
     },
@@ -107,6 +112,15 @@ impl EdgeArgs {
                 per_subject_max: self.api_requests_per_subject_max,
             },
         }
+    }
+}
+
+/// A reactor count: 1 to the data path's ceiling.
+fn datapath_cores(s: &str) -> Result<usize, String> {
+    let max = evstor_datapath::limits::MAX_REACTORS;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a number of cores from 1 to {max}")),
     }
 }
 
@@ -195,6 +209,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             nvme_addr,
             discovery_addr,
             devices,
+            datapath_cores,
             edge,
         } => {
             let rt = tokio::runtime::Runtime::new()?;
@@ -206,6 +221,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     nvme_addr,
                     discovery_addr,
                     api: edge.config(),
+                    datapath_cores: datapath_cores.unwrap_or(0),
                 },
                 None,
             ))?;

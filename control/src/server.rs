@@ -40,6 +40,8 @@ pub struct ServeConfig {
     pub discovery_addr: SocketAddr,
     /// Deadlines and caps of the API's connections and requests.
     pub api: EdgeConfig,
+    /// Reactor threads of the NVMe/TCP data path (0: half the usable CPUs, at least one).
+    pub datapath_cores: usize,
 }
 
 pub fn journal_dir(data_dir: &Path) -> PathBuf {
@@ -317,6 +319,7 @@ pub async fn serve(
         bus.state().cluster.subsystem_nqn.clone(),
     );
     target_cfg.discovery_addr = Some(cfg.discovery_addr);
+    target_cfg.reactors = cfg.datapath_cores;
     let target = evstor_datapath::start(target_cfg, Vec::new())
         .with_context(|| format!("starting the NVMe/TCP target on {}", cfg.nvme_addr))?;
     let (nvme_addr, discovery_addr) = (target.local_addr(), target.discovery_addr());

@@ -1,13 +1,12 @@
 //! Admin commands: Identify, Get Log Page, Get/Set Features, AER, Keep Alive, Abort.
 //!
-//! All admin commands complete synchronously on the admin queue's thread; the
+//! All admin commands complete synchronously on the admin queue's reactor; the
 //! data they return is built into the command's slot buffer by `pages`.
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use crate::conn::{Outcome, Queue};
 use crate::ctrl::{MASK_ANA, MASK_NS};
 use crate::limits::{
     MAX_DATA_BYTES, MAX_DISCOVERY_ENTRIES, MAX_IO_QUEUES_PER_CTRL, MAX_NAMESPACES,
@@ -15,6 +14,7 @@ use crate::limits::{
 };
 use crate::nvme::{admin, aen, feat, log, Status, DISCOVERY_NQN, FABRICS};
 use crate::pages::{self, CtrlIdentity, DiscoveryEntry, SmartCounters, IDENTIFY_BYTES};
+use crate::queue::{Outcome, Queue};
 
 /// NSID meaning "all namespaces".
 const NSID_ALL: u32 = 0xffff_ffff;

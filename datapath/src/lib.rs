@@ -130,10 +130,14 @@ mod fabrics;
 mod io;
 mod notify;
 mod ns;
+mod queue;
+mod reactor;
+mod rx;
 mod target;
+mod tx;
 
 pub use backend::{Backend, FileBackend, IoKind, IoQueue, IoRequest};
-pub use config::{Acl, Backing, ConnectedHost, NamespaceSpec, TargetConfig};
+pub use config::{default_reactors, Acl, Backing, ConnectedHost, NamespaceSpec, TargetConfig};
 pub use device::{probe, DeviceInfo, DeviceKind};
 pub use error::DatapathError;
 pub use qos::QosLimits;
