@@ -42,9 +42,10 @@ enum Cmd {
         /// appended between starts, never removed or reordered.
         #[arg(long = "device", env = "EVSTOR_DEVICES", value_delimiter = ',')]
         devices: Vec<PathBuf>,
-        /// Reactor threads serving NVMe/TCP (each owns many connections and one io_uring,
-        /// pinned to one of the CPUs the process may use). Default: half of those CPUs, at
-        /// least one (one on a 2-CPU machine).
+        /// CPU cores given to the NVMe/TCP data path: one reactor thread per core (each
+        /// owns many connections and one io_uring), pinned to the first cores the process
+        /// may use. Default: half of those CPUs, at least one (one on a 2-CPU machine),
+        /// unpinned.
         #[arg(long, env = "EVSTOR_DATAPATH_CORES", value_parser = datapath_cores)]
         datapath_cores: Option<usize>,
         #[command(flatten)]

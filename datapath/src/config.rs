@@ -56,7 +56,8 @@ pub struct TargetConfig {
     /// Total bytes of the shared data buffer pool.
     pub buffer_pool_bytes: usize,
     /// Reactor threads serving connections (0 = automatic: [`default_reactors`] of the
-    /// CPUs the process may run on). Each owns many connections and one io_uring.
+    /// CPUs the process may run on, unpinned). Each owns many connections and one io_uring.
+    /// A count given here pins reactor `i` to the `i`-th CPU the process may use.
     pub reactors: usize,
 }
 

@@ -234,7 +234,7 @@ impl Conn {
     /// Ends the connection after an error: a protocol error sends a terminate request
     /// (after whatever is staged) first.
     fn fail(&mut self, f: Fail) {
-        match &f.err {
+        match f.err() {
             DatapathError::Pdu(e) => {
                 tracing::debug!(peer = %self.id.peer, "protocol error: {e}");
                 let term = pdu::encode_term(e, f.offending());

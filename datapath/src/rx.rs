@@ -36,10 +36,14 @@ pub trait Sink {
 }
 
 /// Why the stream ended, and the offending header bytes to echo in a terminate request.
+/// Boxed: a failure ends the connection, so its one allocation is not per I/O, and the
+/// `Result`s of the receive path stay small.
 #[derive(Debug)]
-pub struct Fail {
-    /// The error.
-    pub err: DatapathError,
+pub struct Fail(Box<FailInner>);
+
+#[derive(Debug)]
+struct FailInner {
+    err: DatapathError,
     hdr: [u8; MAX_TERM_DATA_BYTES],
     hdr_len: usize,
 }
@@ -50,16 +54,21 @@ impl Fail {
         let mut hdr = [0u8; MAX_TERM_DATA_BYTES];
         let n = offending.len().min(MAX_TERM_DATA_BYTES);
         hdr[..n].copy_from_slice(&offending[..n]);
-        Fail {
+        Fail(Box::new(FailInner {
             err,
             hdr,
             hdr_len: n,
-        }
+        }))
+    }
+
+    /// The error.
+    pub fn err(&self) -> &DatapathError {
+        &self.0.err
     }
 
     /// The offending PDU's first bytes.
     pub fn offending(&self) -> &[u8] {
-        &self.hdr[..self.hdr_len]
+        &self.0.hdr[..self.0.hdr_len]
     }
 }
 

@@ -164,8 +164,12 @@ pub fn start(
         mailboxes,
     )?);
     let mut reactors = Vec::with_capacity(n);
+    // Pinned only when the operator gave the data path its cores: an automatic count
+    // shares the CPUs with everything else, and a pinned reactor could not move off a
+    // CPU that other work (or another target in the same process) keeps busy.
+    let pin = shared.cfg.reactors != 0 && !cpus.is_empty();
     for i in 0..n {
-        let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
+        let cpu = pin.then(|| cpus[i % cpus.len()]);
         match reactor::spawn(i, shared.clone(), cpu) {
             Ok(h) => reactors.push(h),
             Err(e) => {

@@ -116,7 +116,7 @@ fn build(kind: u8, len: usize, digests: bool, corrupt: bool, n: u16) -> (Vec<u8>
                 offset: 4096,
                 length: len as u32,
             };
-            let last = n % 2 == 0;
+            let last = n.is_multiple_of(2);
             let flags = if last { FLAG_LAST_PDU } else { 0 };
             let mut b = pdu::encode(
                 &tx,
@@ -163,7 +163,7 @@ proptest! {
         let (mut at, mut k) = (0, 0);
         while at < stream.len() {
             let n = cuts[k % cuts.len()].min(stream.len() - at);
-            rx.feed(&stream[at..at + n], &mut sink).map_err(|f| TestCaseError::fail(format!("{}", f.err)))?;
+            rx.feed(&stream[at..at + n], &mut sink).map_err(|f| TestCaseError::fail(format!("{}", f.err())))?;
             at += n;
             k += 1;
         }
@@ -215,7 +215,7 @@ fn a_host_that_floods_a_stalled_queue_is_cut_off() {
         rx.feed(&a, &mut sink).expect("within the bound");
     }
     let f = rx.feed(&a, &mut sink).expect_err("past the bound");
-    assert!(matches!(f.err, DatapathError::Closed(_)));
+    assert!(matches!(f.err(), DatapathError::Closed(_)));
 }
 
 #[test]
@@ -232,9 +232,9 @@ fn a_capsule_longer_than_the_in_capsule_limit_is_refused_even_when_split() {
         .feed(&b[CH_LEN - 2..100], &mut sink)
         .expect_err("too long to assemble");
     assert!(
-        matches!(f.err, DatapathError::Pdu(PduError::DataLength { .. })),
+        matches!(f.err(), DatapathError::Pdu(PduError::DataLength { .. })),
         "{}",
-        f.err
+        f.err()
     );
     assert_eq!(
         &f.offending()[..CH_LEN],
