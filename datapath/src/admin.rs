@@ -5,7 +5,6 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use crate::ctrl::{MASK_ANA, MASK_NS};
 use crate::limits::{
@@ -57,7 +56,7 @@ impl Queue {
             admin::SET_FEATURES => self.set_features(i),
             admin::ASYNC_EVENT => self.async_event(i),
             admin::KEEP_ALIVE => {
-                self.ctrl.state().last_keepalive = Instant::now();
+                self.ctrl.state().last_keepalive = self.now;
                 Outcome::status(Status::SUCCESS)
             }
             // Commands complete too fast to abort: report "not aborted" (DW0 bit 0).
@@ -316,7 +315,7 @@ impl Queue {
                     return Outcome::status(Status::INVALID_FIELD);
                 }
                 st.kato_ms = v;
-                st.last_keepalive = Instant::now();
+                st.last_keepalive = self.now;
                 Outcome::status(Status::SUCCESS)
             }
             feat::VOLATILE_WC | feat::TEMP_THRESH | feat::ARBITRATION | feat::POWER_MGMT => {

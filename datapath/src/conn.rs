@@ -180,24 +180,24 @@ impl Conn {
     }
 
     /// Bytes received from the socket.
-    pub fn on_bytes(&mut self, shared: &Arc<Shared>, chunk: &[u8]) {
+    pub fn on_bytes(&mut self, shared: &Arc<Shared>, now: Instant, chunk: &[u8]) {
         if self.closing != Closing::No {
             return; // what a closing connection receives is dropped
         }
         let r = {
-            let (rx, mut sink) = self.sink(shared);
+            let (rx, mut sink) = self.sink(shared, now);
             rx.feed(chunk, &mut sink)
         };
         self.after_rx(r);
     }
 
     /// Offers a stalled PDU again (the queue may have a buffer now).
-    pub fn resume_rx(&mut self, shared: &Arc<Shared>) {
+    pub fn resume_rx(&mut self, shared: &Arc<Shared>, now: Instant) {
         if self.closing != Closing::No || !self.rx.stalled() {
             return;
         }
         let r = {
-            let (rx, mut sink) = self.sink(shared);
+            let (rx, mut sink) = self.sink(shared, now);
             rx.resume(&mut sink)
         };
         self.after_rx(r);
@@ -208,9 +208,10 @@ impl Conn {
         self.rx.stalled()
     }
 
-    fn sink<'a>(&'a mut self, shared: &'a Arc<Shared>) -> (&'a mut Rx, ConnSink<'a>) {
+    fn sink<'a>(&'a mut self, shared: &'a Arc<Shared>, now: Instant) -> (&'a mut Rx, ConnSink<'a>) {
         let sink = ConnSink {
             shared,
+            now,
             id: &self.id,
             phase: &mut self.phase,
             rxc: &mut self.rxc,
@@ -321,6 +322,8 @@ impl Conn {
 /// The connection's side of its receive stream.
 struct ConnSink<'a> {
     shared: &'a Arc<Shared>,
+    /// The reactor's clock for this pass.
+    now: Instant,
     id: &'a Ident,
     phase: &'a mut Phase,
     rxc: &'a mut RxContext,
@@ -340,7 +343,7 @@ impl Sink for ConnSink<'_> {
             return Ok(Flow::Taken); // a refused Connect: nothing more is read
         }
         if let Phase::Live(q) = &mut *self.phase {
-            return q.on_pdu(bytes);
+            return q.on_pdu(self.now, bytes);
         }
         if matches!(*self.phase, Phase::IcReq) {
             self.ic_req(bytes)?;
@@ -449,6 +452,7 @@ impl ConnSink<'_> {
                     peer: self.id.peer,
                     rxc: *self.rxc,
                     txc: *self.txc,
+                    now: self.now,
                 };
                 let mut q = match Queue::new(init) {
                     Ok(q) => q,

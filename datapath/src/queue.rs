@@ -292,6 +292,8 @@ pub struct QueueInit {
     pub rxc: RxContext,
     /// What the target sends.
     pub txc: TxContext,
+    /// The driver's clock at Connect.
+    pub now: Instant,
 }
 
 /// Everything a connected queue owns.
@@ -342,6 +344,9 @@ pub struct Queue {
     pub aers: Vec<u16>,
     in_capsule_max: usize,
     qos: QosFifo,
+    /// The driver's clock at the input being handled (keep-alive times); the state
+    /// machine reads no clock of its own.
+    pub(crate) now: Instant,
 }
 
 /// Header bytes one command's PDUs may need in a send batch: an R2T, or C2H data
@@ -363,6 +368,7 @@ impl Queue {
             peer,
             rxc,
             txc,
+            now,
         } = init;
         let Accepted {
             ctrl,
@@ -394,7 +400,6 @@ impl Queue {
             n,
         );
         let table = shared.table();
-        let now = Instant::now();
         let mut q = Queue {
             shared,
             ctrl,
@@ -430,6 +435,7 @@ impl Queue {
                 crate::limits::IN_CAPSULE_DATA_BYTES
             },
             qos: QosFifo::new(n, now),
+            now,
         };
         q.refresh_visible();
         Ok(q)
@@ -454,7 +460,8 @@ impl Queue {
     // Inputs
 
     /// A whole PDU from the host. `Ok(Flow::Stalled)` asks for the same bytes again later.
-    pub fn on_pdu(&mut self, bytes: &[u8]) -> Result<Flow, DatapathError> {
+    pub fn on_pdu(&mut self, now: Instant, bytes: &[u8]) -> Result<Flow, DatapathError> {
+        self.now = now;
         let parsed = match pdu::parse(bytes, &self.rxc) {
             Err(PduError::DataDigest) => {
                 pdu::parse_with(bytes, &self.rxc, false).map(|p| (p, false))
@@ -543,6 +550,7 @@ impl Queue {
 
     /// Time passed: keep-alive expiry (admin queue), QoS retries, events, teardown.
     pub fn on_tick(&mut self, now: Instant) -> Result<(), DatapathError> {
+        self.now = now;
         if self.ctrl.is_dead() {
             return Err(DatapathError::Closed("controller torn down"));
         }

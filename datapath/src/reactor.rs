@@ -359,7 +359,7 @@ impl Reactor {
     fn run(mut self) {
         loop {
             let now = Instant::now();
-            let mut worked = self.take_mail(now);
+            let mut worked = self.take_mail();
             worked |= self.reap(now);
             self.service(now);
             self.arm_wake();
@@ -392,14 +392,14 @@ impl Reactor {
     // ---------------------------------------------------------------------------------
     // Mail
 
-    fn take_mail(&mut self, now: Instant) -> bool {
+    fn take_mail(&mut self) -> bool {
         if !self.mailbox.has_mail() {
             return false;
         }
         let mut mail = std::mem::take(&mut self.mail);
         self.mailbox.take(&mut mail);
         while let Some(a) = mail.adopt.pop_front() {
-            self.adopt(a, now);
+            self.adopt(a);
         }
         for &t in &mail.wake {
             self.wake(t);
@@ -413,7 +413,7 @@ impl Reactor {
         true
     }
 
-    fn adopt(&mut self, a: Adopt, now: Instant) {
+    fn adopt(&mut self, a: Adopt) {
         if self.stopping.is_some() || self.shared.shutdown.load(Ordering::Acquire) {
             self.mailbox.conns.fetch_sub(1, Ordering::Relaxed);
             return; // dropping `a` closes the socket and leaves the ledger
@@ -442,7 +442,6 @@ impl Reactor {
         let fd = OwnedFd::from(a.sock);
         let mut c = Box::new(Conn::new(id, gen, fd, notify, a.ledger));
         c.rearm = true;
-        let _ = now;
         Self::mark(&mut self.dirty, &mut c, idx);
         self.conns[idx] = Some(c);
         self.live += 1;
@@ -499,17 +498,16 @@ impl Reactor {
     fn on_cqe(&mut self, now: Instant, t: u64, res: i32, flags: u32) {
         let (kind, idx, gen, slot) = tag::split(t);
         match kind {
-            tag::RECV => self.on_recv(idx, gen, res, flags),
+            tag::RECV => self.on_recv(now, idx, gen, res, flags),
             tag::SEND => self.on_send(idx, gen, res),
             tag::IO => self.on_io(idx, gen, slot, res),
             tag::WAKE => self.wake_armed = false,
             tag::CANCEL => {}
             _ => tracing::warn!(t, "completion with an unknown tag"),
         }
-        let _ = now;
     }
 
-    fn on_recv(&mut self, idx: usize, gen: u32, res: i32, flags: u32) {
+    fn on_recv(&mut self, now: Instant, idx: usize, gen: u32, res: i32, flags: u32) {
         let bid = cqueue::buffer_select(flags);
         let more = cqueue::more(flags);
         let Reactor {
@@ -534,7 +532,7 @@ impl Reactor {
         }
         if res > 0 {
             if let Some(b) = bid {
-                c.on_bytes(shared, bufs.chunk(b, res as usize));
+                c.on_bytes(shared, now, bufs.chunk(b, res as usize));
                 bufs.give_back(b);
             }
             c.rearm |= !more;
@@ -618,7 +616,7 @@ impl Reactor {
         };
         c.dirty = false;
         if c.rx_stalled() && c.queue().is_some_and(|q| q.rx_may_resume()) {
-            c.resume_rx(shared);
+            c.resume_rx(shared, now);
         }
         issue_storage(c, idx, ioq);
         if c.closing != Closing::Now {
@@ -696,7 +694,7 @@ impl Reactor {
                     c.fail_queue(e);
                 }
             }
-            c.resume_rx(shared);
+            c.resume_rx(shared, now);
             Self::mark(dirty, c, idx);
             let keep = c.rx_stalled() || c.queue().is_some_and(|q| q.wants_fast_tick());
             c.fast = keep;

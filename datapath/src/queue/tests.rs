@@ -94,6 +94,7 @@ fn queue_with(
             max_data: crate::limits::MAX_H2C_DATA_BYTES,
         },
         txc: TxContext::plain(),
+        now: Instant::now(),
     };
     let mut q = Queue::new(init).expect("queue");
     q.accept_connect(0).expect("connect response");
@@ -226,8 +227,14 @@ fn submits(q: &mut Queue) -> Vec<IoRequest> {
     v
 }
 
+/// Feeds a PDU that must be taken, at the current time.
 fn ok(q: &mut Queue, pdu: &[u8]) {
-    assert_eq!(q.on_pdu(pdu).expect("PDU taken"), Flow::Taken);
+    ok_at(q, Instant::now(), pdu);
+}
+
+/// Feeds a PDU that must be taken, at `now`.
+fn ok_at(q: &mut Queue, now: Instant, pdu: &[u8]) {
+    assert_eq!(q.on_pdu(now, pdu).expect("PDU taken"), Flow::Taken);
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -291,7 +298,7 @@ fn h2c_data_for_a_transfer_nobody_asked_for_is_a_protocol_error() {
     let ctrl = controller(&sh, 0);
     let mut q = queue(&sh, &ctrl, 1, 4);
     let e = q
-        .on_pdu(&h2c(1, 0, 0, &[0; 16], true))
+        .on_pdu(Instant::now(), &h2c(1, 0, 0, &[0; 16], true))
         .expect_err("refused");
     assert!(
         matches!(e, DatapathError::Pdu(PduError::BadTransferTag { .. })),
@@ -308,7 +315,7 @@ fn exceeding_the_queue_depth_is_a_protocol_error() {
     ok(&mut q, &rw(io::READ, 1, 0, 1, &[]));
     ok(&mut q, &rw(io::READ, 2, 1, 1, &[]));
     let e = q
-        .on_pdu(&rw(io::READ, 3, 2, 1, &[]))
+        .on_pdu(Instant::now(), &rw(io::READ, 3, 2, 1, &[]))
         .expect_err("a third command on a queue of two");
     assert!(
         matches!(e, DatapathError::Pdu(PduError::Unexpected(_))),
@@ -474,7 +481,10 @@ fn in_capsule_data_without_any_buffer_stalls_until_the_reserve_is_back() {
     ok(&mut q, &rw(io::WRITE, 1, 0, 1, &pattern(K4, 1))); // takes the reserve
     let first = submits(&mut q);
     let second = rw(io::WRITE, 2, 1, 1, &pattern(K4, 2));
-    assert_eq!(q.on_pdu(&second).expect("no error"), Flow::Stalled);
+    assert_eq!(
+        q.on_pdu(Instant::now(), &second).expect("no error"),
+        Flow::Stalled
+    );
     assert!(q.rx_stalled() && !q.rx_may_resume());
     q.on_io_done(first[0].tag as u16, K4 as i32)
         .expect("first done");
@@ -533,11 +543,12 @@ fn keep_alive_expiry_ends_the_admin_queue_and_keep_alives_defer_it() {
     let sh = shared(dir.path(), 1 << 20, QosLimits::default());
     let ctrl = controller(&sh, 1000);
     let mut q = queue(&sh, &ctrl, 0, 8);
+    // Virtual time from here on: the queue reads no clock, it takes the driver's.
     let t0 = Instant::now();
     let grace = Duration::from_millis(KATO_GRACE_MS);
-    q.on_tick(t0 + Duration::from_millis(900))
-        .expect("within KATO");
-    ok(&mut q, &capsule(&sqe(admin::KEEP_ALIVE, 1, 0), &[]));
+    let ka_at = t0 + Duration::from_millis(900);
+    q.on_tick(ka_at).expect("within KATO");
+    ok_at(&mut q, ka_at, &capsule(&sqe(admin::KEEP_ALIVE, 1, 0), &[]));
     assert_eq!(
         sent(&mut q),
         vec![Out::Resp {
@@ -546,11 +557,10 @@ fn keep_alive_expiry_ends_the_admin_queue_and_keep_alives_defer_it() {
             dw0: 0
         }]
     );
-    let after = Instant::now();
-    q.on_tick(after + Duration::from_millis(1000) + grace / 2)
+    q.on_tick(ka_at + Duration::from_millis(1000) + grace / 2)
         .expect("the keep-alive moved the deadline");
     let e = q
-        .on_tick(after + Duration::from_millis(1000) + 2 * grace)
+        .on_tick(ka_at + Duration::from_millis(1000) + 2 * grace)
         .expect_err("past KATO and its grace");
     assert!(
         matches!(e, DatapathError::Closed("keep alive timeout")),
