@@ -514,6 +514,15 @@ impl TargetHandle {
         self.shared.reactors.len()
     }
 
+    /// Connections each reactor holds (counted from the moment they are handed over).
+    pub fn connections_per_reactor(&self) -> Vec<usize> {
+        self.shared
+            .reactors
+            .iter()
+            .map(|r| r.conns.load(Ordering::Relaxed))
+            .collect()
+    }
+
     fn stop(&mut self) {
         if self.shared.shutdown.swap(true, Ordering::AcqRel) {
             return;
