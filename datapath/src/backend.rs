@@ -368,7 +368,7 @@ impl Default for IoQueue {
 /// Whether the file lives in memory (tmpfs, ramfs). Such files have no non-blocking
 /// read/write path (RWF_NOWAIT is EOPNOTSUPP), so io_uring hands every operation to a
 /// worker thread: two context switches and a wake-up per I/O for what is a memcpy.
-/// Running them inline on the connection thread is several times cheaper, and never
+/// Running them inline on the reactor thread is several times cheaper, and never
 /// waits on a device (only, rarely, on memory reclaim).
 pub(crate) fn memory_backed(file: &File) -> bool {
     const TMPFS_MAGIC: i64 = 0x0102_1994;

@@ -105,7 +105,7 @@ pub fn ratio(logical: u64, physical: u64) -> f64 {
     }
 }
 
-/// Per-thread scratch space, allocated once per connection thread: I/O never allocates.
+/// Per-thread scratch space, allocated once per reactor thread: I/O never allocates.
 struct Scratch {
     /// Compressed data to write, or whole pool pages read to decompress from.
     pages: SlotBuf,
