@@ -9,17 +9,16 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::admission::{ConnKey, Decision};
-
-use crate::admission::PortClass;
+use crate::admission::{ConnKey, Decision, PortClass};
 use crate::ctrl::{Controller, ControllerInit};
-use crate::limits::{MAX_KATO_MS, MAX_QUEUE_DEPTH, MIN_QUEUE_DEPTH, NQN_BYTES};
+use crate::limits::{
+    CONNECT_CAPSULE_DATA_BYTES, MAX_KATO_MS, MAX_QUEUE_DEPTH, MIN_QUEUE_DEPTH, NQN_BYTES,
+};
 use crate::notify::Notifier;
 use crate::nvme::{fctype, prop, Sqe, Status, DISCOVERY_NQN, FABRICS, VERSION};
 use crate::queue::{Outcome, Queue};
 use crate::target::Shared;
 
-use crate::limits::CONNECT_CAPSULE_DATA_BYTES as CONNECT_DATA_BYTES;
 /// Dynamic controller model: the target picks the controller ID.
 const CNTLID_DYNAMIC: u16 = 0xffff;
 /// Connect attribute: host disables SQ flow control.
@@ -106,7 +105,7 @@ fn parse<'a>(
     if sqe.opcode() != FABRICS || sqe.fctype() != fctype::CONNECT {
         return Err((Status::CMD_SEQ_ERROR, 0));
     }
-    if data.len() < CONNECT_DATA_BYTES {
+    if data.len() < CONNECT_CAPSULE_DATA_BYTES {
         return Err((Status::SGL_LENGTH_INVALID, 0));
     }
     if sqe.connect_recfmt() != 0 {
