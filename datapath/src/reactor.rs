@@ -685,6 +685,11 @@ impl Reactor {
             shared,
             ..
         } = self;
+        // Round robin: the queue ticked first takes the tokens a shared namespace earned
+        // this period, so the first place rotates; a fixed order starved the others.
+        if fast.len() > 1 {
+            fast.rotate_left(1);
+        }
         fast.retain(|&idx| {
             let Some(c) = conns.get_mut(idx).and_then(|c| c.as_deref_mut()) else {
                 return false;
