@@ -1160,7 +1160,7 @@ struct InProcess {
 
 impl InProcess {
     /// Starts the target from a thread on `cpu` (when given): the target's listener and
-    /// connection threads, and RocksDB's, inherit that thread's affinity.
+    /// reactor threads, and RocksDB's, inherit that thread's affinity.
     fn start(kind: Kind, cpu: Option<usize>) -> anyhow::Result<InProcess> {
         let dir = bench_dir()?;
         std::thread::spawn(move || {
@@ -1255,7 +1255,7 @@ impl Target {
         }
     }
 
-    /// Pins the server's threads to CPU 0 again: its connection threads are new and inherit
+    /// Pins the server's threads to CPU 0 again: its reactor threads inherit
     /// CPU 0, but be sure. An in-process target's threads all inherit it.
     fn repin(&self) -> anyhow::Result<()> {
         match self {

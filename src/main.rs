@@ -68,6 +68,11 @@ struct ServeArgs {
     /// appended between starts, never removed or reordered.
     #[arg(long = "device", env = "EVSTOR_DEVICES", value_delimiter = ',')]
     devices: Vec<PathBuf>,
+    /// CPU cores given to the NVMe/TCP data path: one reactor thread per core (each owns
+    /// many connections and one io_uring), pinned to the first cores the process may use.
+    /// Default: half of those CPUs, at least one (one on a 2-CPU machine), unpinned.
+    #[arg(long, env = "EVSTOR_DATAPATH_CORES", value_parser = datapath_cores)]
+    datapath_cores: Option<usize>,
     #[command(flatten)]
     edge: EdgeArgs,
     #[command(flatten)]
@@ -179,6 +184,15 @@ impl ClusterArgs {
             failure_domain: self.failure_domain.clone(),
             tail_batches: self.etcd_log_tail_batches,
         }))
+    }
+}
+
+/// A reactor count: 1 to the data path's ceiling.
+fn datapath_cores(s: &str) -> Result<usize, String> {
+    let max = evstor_datapath::limits::MAX_REACTORS;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a number of cores from 1 to {max}")),
     }
 }
 
@@ -331,6 +345,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cluster,
                 admin_token_lifetime,
                 idp_ca_file,
+                datapath_cores,
             } = *args;
             let cluster = cluster.config()?;
             let rt = tokio::runtime::Runtime::new()?;
@@ -345,6 +360,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     cluster,
                     admin_token_lifetime_secs: admin_token_lifetime,
                     idp_ca_file,
+                    datapath_cores: datapath_cores.unwrap_or(0),
                 },
                 None,
             ))?;

@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub admin_token_lifetime_secs: u64,
     /// CA certificates (PEM) trusted for https IdPs besides the system's.
     pub idp_ca_file: Option<PathBuf>,
+    /// Reactor threads of the NVMe/TCP data path (0: half the usable CPUs, at least one).
+    pub datapath_cores: usize,
 }
 
 pub fn journal_dir(data_dir: &Path) -> PathBuf {
@@ -325,6 +327,7 @@ pub async fn serve(
         bus.state().cluster.subsystem_nqn.clone(),
     );
     target_cfg.discovery_addr = Some(cfg.discovery_addr);
+    target_cfg.reactors = cfg.datapath_cores;
     let target = evstor_datapath::start(target_cfg, Vec::new())
         .with_context(|| format!("starting the NVMe/TCP target on {}", cfg.nvme_addr))?;
     let (nvme_addr, discovery_addr) = (target.local_addr(), target.discovery_addr());

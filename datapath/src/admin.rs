@@ -1,13 +1,11 @@
 //! Admin commands: Identify, Get Log Page, Get/Set Features, AER, Keep Alive, Abort.
 //!
-//! All admin commands complete synchronously on the admin queue's thread; the
+//! All admin commands complete synchronously on the admin queue's reactor; the
 //! data they return is built into the command's slot buffer by `pages`.
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
-use crate::conn::{Outcome, Queue};
 use crate::ctrl::{MASK_ANA, MASK_NS};
 use crate::limits::{
     MAX_DATA_BYTES, MAX_DISCOVERY_ENTRIES, MAX_IO_QUEUES_PER_CTRL, MAX_NAMESPACES,
@@ -15,6 +13,7 @@ use crate::limits::{
 };
 use crate::nvme::{admin, aen, feat, log, Status, DISCOVERY_NQN, FABRICS};
 use crate::pages::{self, CtrlIdentity, DiscoveryEntry, SmartCounters, IDENTIFY_BYTES};
+use crate::queue::{Outcome, Queue};
 
 /// NSID meaning "all namespaces".
 const NSID_ALL: u32 = 0xffff_ffff;
@@ -57,7 +56,7 @@ impl Queue {
             admin::SET_FEATURES => self.set_features(i),
             admin::ASYNC_EVENT => self.async_event(i),
             admin::KEEP_ALIVE => {
-                self.ctrl.state().last_keepalive = Instant::now();
+                self.ctrl.state().last_keepalive = self.now;
                 Outcome::status(Status::SUCCESS)
             }
             // Commands complete too fast to abort: report "not aborted" (DW0 bit 0).
@@ -316,7 +315,7 @@ impl Queue {
                     return Outcome::status(Status::INVALID_FIELD);
                 }
                 st.kato_ms = v;
-                st.last_keepalive = Instant::now();
+                st.last_keepalive = self.now;
                 Outcome::status(Status::SUCCESS)
             }
             feat::VOLATILE_WC | feat::TEMP_THRESH | feat::ARBITRATION | feat::POWER_MGMT => {

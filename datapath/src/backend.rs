@@ -1,9 +1,13 @@
 //! Storage behind a namespace: the [`Backend`] trait and its file implementation.
 //!
-//! A connection owns one [`IoQueue`] (an io_uring, or a synchronous stand-in
-//! where io_uring is unavailable) and asks a namespace's backend to queue
-//! operations on it; completions come back tagged. A later extent-mapped block
-//! store implements the same trait by queueing its own operations on the ring.
+//! A reactor owns one [`IoQueue`] (its io_uring, shared by the sockets and the storage of
+//! all its connections; tests and tools may use a synchronous stand-in) and asks a
+//! namespace's backend to queue operations on it; completions come back tagged. The
+//! extent-mapped block store implements the same trait by queueing its own operations.
+//!
+//! A backend must never block the calling thread on something slow unless the operation
+//! itself is (a reactor serves many connections): queue ring operations, or complete
+//! inline what is as cheap as a memory copy (memory-backed files).
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -71,11 +75,12 @@ pub trait Deferred: Send + Sync {
     fn run_deferred(&self, q: &mut IoQueue);
 }
 
-/// A connection's submission context.
+/// A reactor's submission context (or a standalone one, for tests and tools).
 pub struct IoQueue {
     kind: QueueKind,
-    /// Completions of operations a backend ran inline (sync queues, memory-backed files).
-    done: VecDeque<(u64, i32)>,
+    /// Completions of operations a backend ran inline (sync queues, memory-backed files),
+    /// and ring completions a batch run set aside, with their CQE flags.
+    done: VecDeque<(u64, i32, u32)>,
     /// Postponed work, run by the next [`IoQueue::submit`].
     deferred: Option<Arc<dyn Deferred>>,
     /// Operations that went through the ring (tests check io_uring really was used).
@@ -116,6 +121,39 @@ impl IoQueue {
         })
     }
 
+    /// A reactor's ring: `sq` submission and `cq` completion entries, used only by the
+    /// calling thread (single issuer, task work deferred to when the thread asks for
+    /// completions, so the kernel never interrupts it). Falls back to a plain ring on a
+    /// kernel that refuses those flags.
+    pub fn reactor(sq: u32, cq: u32) -> io::Result<IoQueue> {
+        let tuned = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .setup_cqsize(cq)
+            .build(sq);
+        let ring = match tuned {
+            Ok(r) => r,
+            Err(_) => IoUring::builder().setup_cqsize(cq).build(sq)?,
+        };
+        Ok(IoQueue {
+            kind: QueueKind::Uring {
+                ring: Box::new(ring),
+            },
+            done: VecDeque::with_capacity(cq as usize),
+            deferred: None,
+            ring_ops: 0,
+        })
+    }
+
+    /// The ring (to register provided buffers), if this queue is one.
+    pub fn ring(&mut self) -> Option<&mut IoUring> {
+        match &mut self.kind {
+            QueueKind::Uring { ring } => Some(ring),
+            QueueKind::Sync => None,
+        }
+    }
+
     /// Whether this queue is an io_uring.
     pub fn is_uring(&self) -> bool {
         matches!(self.kind, QueueKind::Uring { .. })
@@ -148,16 +186,27 @@ impl IoQueue {
         }
     }
 
-    /// Pushes a prepared SQE, flushing the ring if its submission queue is full.
+    /// Pushes a prepared SQE for storage, flushing the ring if its submission queue is
+    /// full (counted in [`IoQueue::ring_ops`]).
     ///
     /// # Safety
     /// Every buffer and file descriptor the entry references must stay valid until its
     /// completion is reaped. Sync queues reject entries with `Unsupported`.
     pub unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        // SAFETY: forwarded caller contract.
+        unsafe { self.push_op(entry) }?;
+        self.ring_ops += 1;
+        Ok(())
+    }
+
+    /// As [`IoQueue::push`], not counted (the reactor's socket operations).
+    ///
+    /// # Safety
+    /// As [`IoQueue::push`].
+    pub unsafe fn push_op(&mut self, entry: &squeue::Entry) -> io::Result<()> {
         let QueueKind::Uring { ring, .. } = &mut self.kind else {
             return Err(io::Error::from(io::ErrorKind::Unsupported));
         };
-        self.ring_ops += 1;
         // SAFETY: the caller guarantees the entry's resources outlive its completion.
         if unsafe { ring.submission().push(entry) }.is_ok() {
             return Ok(());
@@ -170,7 +219,7 @@ impl IoQueue {
 
     /// Records a completion produced synchronously; [`IoQueue::reap`] reports it.
     pub fn complete_now(&mut self, tag: u64, result: i32) {
-        self.done.push_back((tag, result));
+        self.done.push_back((tag, result, 0));
     }
 
     /// Runs `entries` to completion on the ring and stores each one's result (bytes or
@@ -206,7 +255,7 @@ impl IoQueue {
                     results[(tag & !BATCH_TAG) as usize] = cqe.result();
                     waiting -= 1;
                 } else {
-                    self.done.push_back((tag, cqe.result()));
+                    self.done.push_back((tag, cqe.result(), cqe.flags()));
                 }
             }
         }
@@ -245,13 +294,60 @@ impl IoQueue {
 
     /// Calls `f(tag, result)` for every finished operation (result: bytes or -errno).
     pub fn reap(&mut self, mut f: impl FnMut(u64, i32)) {
-        while let Some((tag, res)) = self.done.pop_front() {
-            f(tag, res);
+        self.reap_flags(|tag, res, _| f(tag, res));
+    }
+
+    /// As [`IoQueue::reap`], with each completion's CQE flags (0 for inline ones).
+    pub fn reap_flags(&mut self, mut f: impl FnMut(u64, i32, u32)) {
+        while let Some((tag, res, flags)) = self.done.pop_front() {
+            f(tag, res, flags);
         }
         if let QueueKind::Uring { ring } = &mut self.kind {
             for cqe in ring.completion() {
-                f(cqe.user_data(), cqe.result());
+                f(cqe.user_data(), cqe.result(), cqe.flags());
             }
+        }
+    }
+
+    /// Without waiting: lets the kernel post what is ready (a deferred-task-work ring only
+    /// posts completions when asked, and says so in its flags) and reports whether
+    /// completions wait. Costs a system call only when the kernel has work for us.
+    pub fn poll_ready(&mut self) -> io::Result<bool> {
+        if !self.done.is_empty() {
+            return Ok(true);
+        }
+        let QueueKind::Uring { ring } = &mut self.kind else {
+            return Ok(false);
+        };
+        let (taskrun, overflow, queued) = {
+            let sq = ring.submission();
+            (sq.taskrun(), sq.cq_overflow(), !sq.is_empty())
+        };
+        if taskrun || overflow || queued {
+            ring.submitter().submit_and_wait(0)?;
+        }
+        Ok(!ring.completion().is_empty())
+    }
+
+    /// Submits what is queued and sleeps until a completion arrives or `timeout` passes.
+    pub fn wait(&mut self, timeout: std::time::Duration) -> io::Result<()> {
+        let QueueKind::Uring { ring } = &mut self.kind else {
+            std::thread::sleep(timeout);
+            return Ok(());
+        };
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
 }
@@ -272,7 +368,7 @@ impl Default for IoQueue {
 /// Whether the file lives in memory (tmpfs, ramfs). Such files have no non-blocking
 /// read/write path (RWF_NOWAIT is EOPNOTSUPP), so io_uring hands every operation to a
 /// worker thread: two context switches and a wake-up per I/O for what is a memcpy.
-/// Running them inline on the connection thread is several times cheaper, and never
+/// Running them inline on the reactor thread is several times cheaper, and never
 /// waits on a device (only, rarely, on memory reclaim).
 pub(crate) fn memory_backed(file: &File) -> bool {
     const TMPFS_MAGIC: i64 = 0x0102_1994;

@@ -15,8 +15,8 @@ use crate::limits::{
     DEFAULT_BUFFER_POOL_BYTES, DEFAULT_FD_RESERVE, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_ADDR, DEFAULT_MAX_CONNECTIONS_PER_HOST,
     DEFAULT_MAX_CONTROLLERS_PER_ADDR, DEFAULT_MAX_CONTROLLERS_PER_HOST,
-    DEFAULT_MAX_DISCOVERY_CONNECTIONS, FDS_PER_CONNECTION, HANDSHAKE_TIMEOUT_MS,
-    NO_NAMESPACE_KATO_MS,
+    DEFAULT_MAX_DISCOVERY_CONNECTIONS, FDS_PER_CONNECTION, FDS_PER_REACTOR, HANDSHAKE_TIMEOUT_MS,
+    MAX_REACTORS, NO_NAMESPACE_KATO_MS,
 };
 use crate::qos::QosLimits;
 
@@ -55,6 +55,19 @@ pub struct TargetConfig {
     pub fd_reserve: usize,
     /// Total bytes of the shared data buffer pool.
     pub buffer_pool_bytes: usize,
+    /// Reactor threads serving connections (0 = automatic: [`default_reactors`] of the
+    /// CPUs the process may run on, unpinned). Each owns many connections and one io_uring.
+    /// A count given here pins reactor `i` to the `i`-th CPU the process may use.
+    pub reactors: usize,
+}
+
+/// Reactors for `cpus` usable CPUs when none are configured: half of them, at least one.
+/// The data path shares the machine with the kernel's network stack (whose receive
+/// processing runs on the sending side's CPU for loopback, and in softirq otherwise), the
+/// control plane and RocksDB's background threads; a reactor that busy-polls a CPU of its
+/// own serves more than two that share one. A 2-CPU machine gets one reactor.
+pub fn default_reactors(cpus: usize) -> usize {
+    (cpus / 2).clamp(1, MAX_REACTORS)
 }
 
 impl TargetConfig {
@@ -74,6 +87,16 @@ impl TargetConfig {
             no_namespace_kato_ms: NO_NAMESPACE_KATO_MS,
             fd_reserve: DEFAULT_FD_RESERVE,
             buffer_pool_bytes: DEFAULT_BUFFER_POOL_BYTES,
+            reactors: 0,
+        }
+    }
+
+    /// The reactors this configuration asks for, given `cpus` usable CPUs.
+    pub fn reactor_count(&self, cpus: usize) -> usize {
+        if self.reactors == 0 {
+            default_reactors(cpus)
+        } else {
+            self.reactors
         }
     }
 
@@ -82,6 +105,7 @@ impl TargetConfig {
     /// API server of `evstor serve`) can size its own limits from what RLIMIT_NOFILE leaves.
     pub fn fd_budget(&self) -> usize {
         (self.max_connections + self.max_discovery_connections) * FDS_PER_CONNECTION
+            + self.reactor_count(crate::reactor::allowed_cpus().len()) * FDS_PER_REACTOR
             + self.fd_reserve
     }
 

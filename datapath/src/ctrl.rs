@@ -169,7 +169,7 @@ impl Controller {
         }
     }
 
-    /// Locks the state. A poisoned lock means a connection thread panicked while
+    /// Locks the state. A poisoned lock means a reactor panicked while
     /// holding it; the state is plain data, so continuing with it is sound.
     pub fn state(&self) -> MutexGuard<'_, CtrlState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())

@@ -6,20 +6,19 @@
 //! Busy without DNR, so hosts retry; a malformed Connect is Connect Invalid Parameters
 //! pointing at the offending field (byte offset, SQE or data).
 
-use std::net::TcpStream;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::admission::{ConnKey, Decision};
-use crate::conn::{Outcome, PortClass, Queue};
+use crate::admission::{ConnKey, Decision, PortClass};
 use crate::ctrl::{Controller, ControllerInit};
-use crate::error::DatapathError;
-use crate::limits::{MAX_KATO_MS, MAX_QUEUE_DEPTH, MIN_QUEUE_DEPTH, NQN_BYTES};
+use crate::limits::{
+    CONNECT_CAPSULE_DATA_BYTES, MAX_KATO_MS, MAX_QUEUE_DEPTH, MIN_QUEUE_DEPTH, NQN_BYTES,
+};
 use crate::notify::Notifier;
 use crate::nvme::{fctype, prop, Sqe, Status, DISCOVERY_NQN, FABRICS, VERSION};
+use crate::queue::{Outcome, Queue};
 use crate::target::Shared;
 
-/// Size of the Connect command's data.
-const CONNECT_DATA_BYTES: usize = 1024;
 /// Dynamic controller model: the target picks the controller ID.
 const CNTLID_DYNAMIC: u16 = 0xffff;
 /// Connect attribute: host disables SQ flow control.
@@ -106,7 +105,7 @@ fn parse<'a>(
     if sqe.opcode() != FABRICS || sqe.fctype() != fctype::CONNECT {
         return Err((Status::CMD_SEQ_ERROR, 0));
     }
-    if data.len() < CONNECT_DATA_BYTES {
+    if data.len() < CONNECT_CAPSULE_DATA_BYTES {
         return Err((Status::SGL_LENGTH_INVALID, 0));
     }
     if sqe.connect_recfmt() != 0 {
@@ -139,58 +138,65 @@ fn parse<'a>(
     })
 }
 
-/// Handles the first capsule of connection `conn`, which must be a Connect.
+/// The connection a Connect arrived on.
+pub struct ConnectFrom<'a> {
+    /// Its port.
+    pub port: PortClass,
+    /// Its entry in the admission ledger.
+    pub conn: ConnKey,
+    /// The host's address.
+    pub remote: SocketAddr,
+    /// Wakes the queue the Connect creates.
+    pub notify: &'a Arc<Notifier>,
+}
+
+/// Handles the first capsule of a connection, which must be a Connect.
 pub fn connect(
     shared: &Arc<Shared>,
-    stream: &TcpStream,
-    port: PortClass,
-    conn: ConnKey,
+    from: &ConnectFrom<'_>,
     sqe: &Sqe<'_>,
     data: &[u8],
-) -> Result<ConnectOutcome, DatapathError> {
-    let req = match parse(shared, port, sqe, data) {
+) -> ConnectOutcome {
+    let req = match parse(shared, from.port, sqe, data) {
         Ok(r) => r,
-        Err((status, result)) => return Ok(ConnectOutcome::Refused { status, result }),
+        Err((status, result)) => return ConnectOutcome::Refused { status, result },
     };
-    let notify = Arc::new(Notifier::new()?);
     let ctrl = if req.qid == 0 {
-        create_controller(shared, stream, conn, &req, &notify)?
+        create_controller(shared, from, &req)
     } else {
-        join_io_queue(shared, conn, &req, &notify)
+        join_io_queue(shared, from.conn, &req, from.notify)
     };
-    Ok(match ctrl {
+    match ctrl {
         Ok(ctrl) => ConnectOutcome::Accepted(Accepted {
             ctrl,
             qid: req.qid,
             depth: req.depth,
             sqflow_off: req.sqflow_off,
-            notify,
+            notify: from.notify.clone(),
         }),
         Err((status, result)) => ConnectOutcome::Refused { status, result },
-    })
+    }
 }
 
 /// Creates and registers a controller for an admin Connect, within the admission limits.
 fn create_controller(
     shared: &Shared,
-    stream: &TcpStream,
-    conn: ConnKey,
+    from: &ConnectFrom<'_>,
     req: &ConnectReq<'_>,
-    notify: &Arc<Notifier>,
-) -> Result<Result<Arc<Controller>, Refusal>, DatapathError> {
+) -> Result<Arc<Controller>, Refusal> {
     if req.cntlid != CNTLID_DYNAMIC {
-        return Ok(Err(bad_data_field(at::CNTLID)));
+        return Err(bad_data_field(at::CNTLID));
     }
     if req.kato_ms > MAX_KATO_MS {
-        return Ok(Err(bad_sqe_field(at::KATO)));
+        return Err(bad_sqe_field(at::KATO));
     }
-    let remote = stream.peer_addr()?;
+    let (remote, conn) = (from.remote, from.conn);
     // The table is read under the registry lock; see Shared::publish.
     let mut reg = shared.registry();
     let table = shared.table();
     let sees_ns = !req.discovery && table.visible(req.hostnqn, remote.ip()).next().is_some();
     let Some(cntlid) = reg.allocate_id() else {
-        return Ok(Err(BUSY));
+        return Err(BUSY);
     };
     let ledger_key = {
         let mut ledger = shared.ledger();
@@ -198,7 +204,7 @@ fn create_controller(
             Decision::Admit => ledger.add_controller(conn, req.hostnqn, sees_ns),
             d => {
                 tracing::info!(host = %req.hostnqn, %remote, decision = ?d, "controller refused");
-                return Ok(Err(BUSY));
+                return Err(BUSY);
             }
         }
     };
@@ -209,13 +215,13 @@ fn create_controller(
         remote,
         discovery: req.discovery,
         kato_ms: req.kato_ms,
-        admin_notify: notify.clone(),
+        admin_notify: from.notify.clone(),
         ledger_key,
     };
     let c = Arc::new(Controller::new(init, &table));
     reg.insert(c.clone());
     tracing::info!(cntlid = c.cntlid, host = %c.host_nqn, remote = %c.remote, discovery = c.discovery, "controller created");
-    Ok(Ok(c))
+    Ok(c)
 }
 
 /// Attaches an I/O queue to the controller its Connect names.

@@ -1,19 +1,19 @@
 //! NVM I/O commands: Read, Write, Flush, Write Zeroes, Dataset Management.
 //!
-//! Commands are validated here and handed to the namespace's backend; the
-//! connection's reaper calls [`account_completion`] as operations finish. Reads and
-//! writes pass the namespace's QoS buckets first; Flush, Write Zeroes and Dataset
-//! Management are not throttled.
+//! Commands are validated here and turned into storage operations the queue's driver
+//! issues to the namespace's backend ([`Queue::push_submit`]); [`account_completion`]
+//! records each as it finishes. Reads and writes pass the namespace's QoS buckets first;
+//! Flush, Write Zeroes and Dataset Management are not throttled.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::backend::{IoKind, IoRequest};
-use crate::conn::{Outcome, Queue, Slot};
+use crate::backend::IoKind;
 use crate::limits::{LBA_SHIFT, MAX_DATA_BYTES, MAX_DSM_RANGES};
 use crate::ns::Namespace;
 use crate::nvme::{io, Status, FABRICS};
 use crate::qos::QosDir;
+use crate::queue::{Outcome, Queue, Slot};
 
 /// CDW12 bit: Force Unit Access.
 const FUA: u32 = 1 << 30;
@@ -119,15 +119,13 @@ impl Queue {
                 _ => return Outcome::status(Status::LBA_RANGE),
             }
         }
-        self.slots[i].ns = Some(ns.clone());
+        self.slots[i].ns = Some(ns);
         for &(off, len) in ranges[..nr].iter().filter(|r| r.1 > 0) {
             // Ranges can exceed u32 bytes; split into chunks the request type can carry.
             let mut done = 0u64;
             while done < len {
                 let chunk = (len - done).min(1 << 30);
-                if let Err(s) = self.submit(i, &ns, IoKind::Deallocate, off + done, chunk as u32) {
-                    return self.fail_partial(i, s);
-                }
+                self.push_submit(i, IoKind::Deallocate, off + done, chunk as u32);
                 done += chunk;
             }
         }
@@ -142,69 +140,8 @@ impl Queue {
         off: u64,
         len: u32,
     ) -> Outcome {
-        if let Err(s) = self.submit(i, &ns, kind, off, len) {
-            return Outcome::status(s);
-        }
         self.slots[i].ns = Some(ns);
-        self.settle(i)
-    }
-
-    /// Queues one backend operation for slot `i` (its completion is tagged with `i`).
-    fn submit(
-        &mut self,
-        i: usize,
-        ns: &Namespace,
-        kind: IoKind,
-        off: u64,
-        len: u32,
-    ) -> Result<(), Status> {
-        let buf = match kind {
-            IoKind::Read | IoKind::Write { .. } => {
-                self.data_ptr(i, len as usize).ok_or(Status::INTERNAL)?
-            }
-            _ => std::ptr::null_mut(),
-        };
-        let req = IoRequest {
-            kind,
-            offset: off,
-            len,
-            buf,
-            tag: i as u64,
-        };
-        self.slots[i].pending += 1;
-        // SAFETY: slot i's data buffer (len bytes, checked by data_ptr) belongs to this
-        // command until the slot is released, which happens only after its last completion
-        // is reaped (or the buffer is leaked in teardown); the slot holds an Arc to the
-        // namespace so the backend outlives the I/O.
-        match unsafe { ns.backend.submit(&mut self.ioq, &req) } {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                tracing::warn!("backend submit failed: {e}");
-                self.slots[i].pending -= 1;
-                Err(Status::INTERNAL)
-            }
-        }
-    }
-
-    /// After submitting: wait for the reaper, or finish now if everything completed inline.
-    fn settle(&mut self, i: usize) -> Outcome {
-        if self.slots[i].pending > 0 {
-            Outcome::Pending
-        } else {
-            let s = &self.slots[i];
-            Outcome::Done {
-                status: s.status,
-                result: 0,
-                c2h_len: s.c2h_len,
-            }
-        }
-    }
-
-    fn fail_partial(&mut self, i: usize, s: Status) -> Outcome {
-        let slot = &mut self.slots[i];
-        if slot.status.is_success() {
-            slot.status = s;
-        }
+        self.push_submit(i, kind, off, len);
         self.settle(i)
     }
 
@@ -231,7 +168,7 @@ impl Queue {
 
 /// Records one backend completion (`res`: bytes or -errno) against its slot.
 pub fn account_completion(s: &mut Slot, res: i32) {
-    s.pending = s.pending.saturating_sub(1);
+    s.parts = s.parts.saturating_sub(1);
     let op = s.cmd().opcode();
     let rw = matches!(op, io::READ | io::WRITE);
     let failed = res < 0 || (rw && res as u32 != s.xfer);

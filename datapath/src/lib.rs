@@ -14,7 +14,12 @@
 //! | [`pdu`] | NVMe/TCP PDU codec: cheap `check`, full `parse`, header/data digests (CRC32C) |
 //! | [`nvme`] | NVMe vocabulary: opcodes, status codes, SQE accessors, CQE encoding |
 //! | [`pages`] | Identify structures and log pages (pure builders) |
-//! | `conn` | one connection = one queue pair = one thread: handshake, poll loop, R2T, C2HData |
+//! | `reactor` | the threads serving connections: one io_uring each for sockets and storage, busy-poll then sleep |
+//! | `conn` | one connection as its reactor holds it: handshake, receive stream into the queue, what to send, closing |
+//! | `queue` | one connected queue pair as a pure state machine: PDUs, completions, grants, time in; storage requests and PDUs out |
+//! | `rx` | a connection's byte stream (chunks of any size) back into PDUs; H2C data streamed to its command's buffer |
+//! | `tx` | a queue's double-buffered send batches: headers in a small area, C2H data by reference to command buffers |
+//! | `notify` | reactor mailboxes (eventfd) and the queue notifiers the pool and controllers wake |
 //! | `fabrics` | Connect, Property Get/Set, controller attach/detach |
 //! | `admin` / `io` | admin and NVM command handlers |
 //! | `ctrl` | controller state, keep-alive, AEN queueing, registry |
@@ -27,23 +32,31 @@
 //! | `target` | listeners, `start`, [`TargetHandle`] |
 //! | [`initiator`] | a minimal synchronous host for tests, benches and tools; not a production initiator |
 //!
-//! # Threading model (and its limits)
+//! # Threading model
 //!
-//! Each TCP connection is served by its own OS thread with a blocking socket and
-//! its own io_uring (falling back to synchronous `pread`/`pwrite` where io_uring
-//! is unavailable, and running inline for memory-backed files, where io_uring would
-//! only bounce each operation through a worker thread). The thread polls the socket,
-//! the ring itself and a notifier eventfd; storage I/O for all of a queue's commands
-//! is in flight concurrently, so queue depth is honoured per queue. This is simple and isolates connections
-//! (a bad PDU ends only its own thread), at the price of one thread per queue pair:
-//! `max_connections` plus `max_discovery_connections` bound the thread count, and
-//! throughput per queue is bounded by one core. The admission policy ([`admission`])
-//! and the buffer pool ([`pool`]) know nothing of this threading model: a reactor
-//! engine owning many connections per thread would use them unchanged. The PDUs one pass of the loop produces are sent together with one
-//! blocking `writev` (bounded by `SEND_TIMEOUT_MS`) before the thread sleeps.
+//! A target runs `TargetConfig::reactors` reactor threads (`reactor`;
+//! default: half the CPUs the process may use, at least one; `evstor serve
+//! --datapath-cores N` gives N, pinned) plus one acceptor per port. The acceptor admits a
+//! connection and hands it to the reactor holding the fewest; the reactor owns it until it
+//! ends. Each reactor drives the sockets and the storage of all its connections through one
+//! io_uring: multishot receives into a ring of provided buffers, one `sendmsg` per
+//! connection per pass, the backends' reads and writes. A command runs to completion in
+//! the pass that brings its last input (a read on a memory-backed volume is received,
+//! executed and answered without leaving the loop). When a pass finds nothing to do the
+//! reactor busy-polls for an adaptive, bounded window (`limits::BUSY_POLL_US_MAX`) and then
+//! sleeps in the kernel until a completion, a mail or the next deadline: an idle target
+//! costs no CPU. The thread count does not grow with connections; `max_connections` bounds
+//! sockets and memory, not threads. A bad PDU still ends only its own connection.
 //!
-//! Memory per connection is one receive buffer (`RX_BUF_BYTES`), one send batch
-//! (`TX_BATCH_HDR_BYTES`) and a small reserve data buffer, allocated at Connect. Data
+//! Each connection's protocol state is a pure state machine (`queue::Queue`: PDUs,
+//! storage completions, buffer grants and time in; storage requests and PDUs out), unit
+//! tested without sockets; the reactor only moves bytes and completions. A command counts
+//! its outstanding parts and completes when all reported, so a write can also wait for
+//! remote (replica) completions later without a thread per I/O.
+//!
+//! Memory per connection is a socket, its command slots and two send batches sized from
+//! its queue depth at Connect, a small reserve data buffer, and a carry buffer
+//! (`RX_CARRY_BYTES`) only once a PDU straddles two receives. Data
 //! buffers come from one pool per target ([`pool`], `TargetConfig::buffer_pool_bytes`):
 //! a command borrows a page-aligned buffer sized to its transfer while it moves data (a
 //! write from its R2T, a read from the moment it reaches the backend) and gives it back
@@ -54,7 +67,8 @@
 //! maximal buffer, so Identify and log pages always progress. A queue may have only its
 //! share of R2T data outstanding (`limits::R2T_POOL_SHARE_DIVISOR`), so hosts that never
 //! send the data they were asked for cannot drain the pool. H2C data is copied once
-//! from the receive buffer into the data buffer; C2H data is sent straight from it.
+//! from the provided receive buffer into the data buffer; C2H data is sent straight from
+//! it.
 //!
 //! # Admission (and why)
 //!
@@ -130,10 +144,14 @@ mod fabrics;
 mod io;
 mod notify;
 mod ns;
+mod queue;
+mod reactor;
+mod rx;
 mod target;
+mod tx;
 
 pub use backend::{Backend, FileBackend, IoKind, IoQueue, IoRequest};
-pub use config::{Acl, Backing, ConnectedHost, NamespaceSpec, TargetConfig};
+pub use config::{default_reactors, Acl, Backing, ConnectedHost, NamespaceSpec, TargetConfig};
 pub use device::{probe, DeviceInfo, DeviceKind};
 pub use error::DatapathError;
 pub use qos::QosLimits;

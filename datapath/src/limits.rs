@@ -2,14 +2,19 @@
 //!
 //! Every buffer, queue and timeout in the crate derives from a constant here, so
 //! the worst-case memory and thread footprint can be read off this one file:
-//! per connection one thread, one receive buffer of [`RX_BUF_BYTES`], one send batch of
-//! [`TX_BATCH_HDR_BYTES`] plus [`TX_BATCH_SEGS`] descriptors, and a reserve data buffer
-//! ([`IO_QUEUE_RESERVE_BYTES`], or [`ADMIN_QUEUE_RESERVE_BYTES`] for an admin queue);
-//! per target one shared data buffer pool of `TargetConfig::buffer_pool_bytes`
-//! ([`DEFAULT_BUFFER_POOL_BYTES`]) from which commands borrow while they move data.
-//! Reserves and pool are anonymous mappings: they cost resident memory only for the pages
-//! data has passed through, so an idle queue costs next to nothing and all data buffers
-//! together stay below `buffer_pool_bytes + connections * reserve` whatever the hosts do.
+//! per target `TargetConfig::reactors` threads (at most [`MAX_REACTORS`]) plus one acceptor
+//! per port, whatever the number of connections; per reactor one io_uring
+//! ([`REACTOR_SQ_ENTRIES`], [`REACTOR_CQ_ENTRIES`]) and one ring of provided receive
+//! buffers ([`RECV_BUFS`] x [`RECV_BUF_BYTES`]); per connection a socket, a carry buffer
+//! of [`RX_CARRY_BYTES`] (only once a PDU straddles two receives), two send batches sized
+//! from its queue depth (a few dozen bytes of headers per command), its command slots, and
+//! a reserve data buffer ([`IO_QUEUE_RESERVE_BYTES`], or [`ADMIN_QUEUE_RESERVE_BYTES`] for
+//! an admin queue); per target one shared data buffer pool of
+//! `TargetConfig::buffer_pool_bytes` ([`DEFAULT_BUFFER_POOL_BYTES`]) from which commands
+//! borrow while they move data. Reserves, receive buffers and pool are anonymous
+//! mappings: they cost resident memory only for the pages data has passed through, so an
+//! idle queue costs next to nothing and all data buffers together stay below
+//! `buffer_pool_bytes + connections * reserve` whatever the hosts do.
 
 /// Default number of TCP connections (queue pairs) the I/O port serves at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
@@ -18,9 +23,13 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
 /// filling it never refuses an I/O connection, nor the other way round).
 pub const DEFAULT_MAX_DISCOVERY_CONNECTIONS: usize = 32;
 
-/// Hard ceiling on `TargetConfig::max_connections` and `max_discovery_connections`
-/// (each connection is a thread).
-pub const MAX_CONNECTIONS_CEILING: usize = 4096;
+/// Hard ceiling on `TargetConfig::max_connections` and `max_discovery_connections` (each
+/// connection is a socket and its slots, on one of the reactors; connection indices in
+/// ring tags are 16 bits).
+pub const MAX_CONNECTIONS_CEILING: usize = 16_384;
+
+/// Most reactor threads (`TargetConfig::reactors`, `evstor serve --datapath-cores`).
+pub const MAX_REACTORS: usize = 64;
 
 /// Default connections one host NQN may hold: two controllers with every I/O queue
 /// (room for a reconnect while the old controller is still timing out).
@@ -35,9 +44,11 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_ADDR: usize = 64;
 /// Default controllers one source address may hold.
 pub const DEFAULT_MAX_CONTROLLERS_PER_ADDR: usize = 16;
 
-/// Descriptors one connection needs: its socket, the duplicate shutdown uses to wake it,
-/// its notifier eventfd and its io_uring.
-pub const FDS_PER_CONNECTION: usize = 4;
+/// Descriptors one connection needs: its socket (rings and wake-ups belong to reactors).
+pub const FDS_PER_CONNECTION: usize = 1;
+
+/// Descriptors one reactor needs: its io_uring and its wake-up eventfd.
+pub const FDS_PER_REACTOR: usize = 2;
 
 /// Default descriptors kept free for the data path: a connection is admitted only while
 /// the process stays this far below RLIMIT_NOFILE after it, so existing connections can
@@ -117,8 +128,27 @@ pub const MAX_HDR_BYTES: usize = 256;
 /// Largest PDU the target accepts from a host (header area + biggest payload + data digest).
 pub const MAX_RX_PDU_BYTES: usize = MAX_HDR_BYTES + MAX_H2C_DATA_BYTES as usize + 4;
 
-/// Per-connection receive buffer: one maximal PDU plus slack for the next header.
-pub const RX_BUF_BYTES: usize = MAX_RX_PDU_BYTES + 64 * 1024;
+/// Largest PDU assembled in a connection's carry buffer when it straddles two receives: a
+/// capsule with the most in-capsule data either queue accepts. H2C data streams to its
+/// command's buffer instead, and a longer capsule ends the connection (data transfer
+/// limit exceeded), as IOCCSZ forbids it.
+pub const RX_CARRY_BYTES: usize = MAX_HDR_BYTES
+    + if IN_CAPSULE_DATA_BYTES > ADMIN_IN_CAPSULE_DATA_BYTES {
+        IN_CAPSULE_DATA_BYTES
+    } else {
+        ADMIN_IN_CAPSULE_DATA_BYTES
+    }
+    + 4;
+
+/// Bytes of one provided receive buffer: what one receive completion can carry. Large
+/// enough that a burst of 4 KiB in-capsule writes rarely straddles, small enough that the
+/// ring's memory stays a few MiB.
+pub const RECV_BUF_BYTES: usize = 32 * 1024;
+
+/// Provided receive buffers per reactor (a power of two, at most 32768). A buffer is held
+/// only while its completion is handled, then given back; when the ring runs dry, a
+/// connection's multishot receive ends and is re-armed once buffers are back.
+pub const RECV_BUFS: usize = 256;
 
 /// Bytes of the offending PDU header echoed in a terminate request.
 pub const MAX_TERM_DATA_BYTES: usize = 128;
@@ -145,11 +175,31 @@ pub const MAX_DSM_RANGES: usize = 256;
 /// its Connect (one deadline for the whole handshake, not per read).
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
-/// Longest a blocking send to a host may stall before the connection is dropped.
+/// Longest a send to a host may stay in flight before the connection is dropped.
 pub const SEND_TIMEOUT_MS: u64 = 30_000;
 
-/// Upper bound on the connection loop's sleep, so shutdown and KATO are noticed promptly.
+/// Upper bound on the acceptor's sleep, so shutdown is noticed promptly.
 pub const POLL_INTERVAL_MS_MAX: u64 = 500;
+
+/// A reactor checks every connection's deadlines (handshake, keep-alive, send timeout)
+/// this often; it is also the longest it sleeps when nothing is due sooner.
+pub const REACTOR_SWEEP_MS: u64 = 100;
+
+/// Longest a reactor busy-polls its ring for more work before it sleeps in the kernel
+/// (microseconds). The window adapts between 0 and this: it doubles when polling found
+/// work and halves when it did not, so an idle reactor sleeps at once and uses no CPU.
+pub const BUSY_POLL_US_MAX: u64 = 50;
+
+/// Longest a reactor waits at shutdown for its connections' I/O to drain before it gives
+/// up (leaking, never reusing, the buffers the kernel may still write).
+pub const REACTOR_DRAIN_MS: u64 = 30_000;
+
+/// Submission queue entries of a reactor's io_uring (sockets and storage of all its
+/// connections; a full queue is submitted early, never dropped).
+pub const REACTOR_SQ_ENTRIES: u32 = 1024;
+
+/// Completion queue entries of a reactor's io_uring (the kernel also buffers overflow).
+pub const REACTOR_CQ_ENTRIES: u32 = 8192;
 
 /// QoS token buckets refill in steps of this many milliseconds (`rate / 1000` tokens per
 /// millisecond, in fixed point). It is also the longest a connection sleeps while a
@@ -175,18 +225,18 @@ pub const NO_NAMESPACE_KATO_MS: u32 = 120_000;
 /// Extra time beyond KATO before a silent controller is torn down (network jitter allowance).
 pub const KATO_GRACE_MS: u64 = 1_000;
 
-/// Pieces (iovecs) one batched send may carry: a response is at most three (header, slot
-/// data, digest plus response capsule). Kept well under the kernel's IOV_MAX of 1024.
-pub const TX_BATCH_SEGS: usize = 512;
+/// Pieces (iovecs) one `sendmsg` carries at most (IOV_MAX is 1024); a longer batch goes
+/// out in several sends.
+pub const TX_IOV_MAX: usize = 512;
 
-/// Bytes of PDU headers and digests staged for one batched send; a full batch is sent early.
-pub const TX_BATCH_HDR_BYTES: usize = 64 * 1024;
-
-/// Submission ring entries per connection for storage I/O (a power of two).
+/// Submission ring entries of a standalone [`crate::IoQueue`] (tests, tools).
 pub const RING_ENTRIES: u32 = 256;
 
 /// Maximum length of an NQN (including the terminating NUL in the wire field).
 pub const NQN_BYTES: usize = 256;
+
+/// Data of a Fabrics Connect command (host ID, controller ID, NQNs).
+pub const CONNECT_CAPSULE_DATA_BYTES: usize = 1024;
 
 /// Entries listed in the discovery log page (one per I/O listener).
 pub const MAX_DISCOVERY_ENTRIES: usize = 16;
@@ -196,12 +246,14 @@ const _: () = assert!(IN_CAPSULE_DATA_BYTES <= MAX_H2C_DATA_BYTES as usize);
 const _: () = assert!(ADMIN_IN_CAPSULE_DATA_BYTES <= MAX_H2C_DATA_BYTES as usize);
 const _: () = assert!(IN_CAPSULE_DATA_BYTES <= MAX_DATA_BYTES);
 const _: () = assert!(MAX_H2C_DATA_BYTES as usize >= 4096 && MAX_H2C_DATA_BYTES.is_multiple_of(4));
-const _: () = assert!(RX_BUF_BYTES > MAX_RX_PDU_BYTES);
+const _: () = assert!(RX_CARRY_BYTES >= MAX_HLEN + 4 + CONNECT_CAPSULE_DATA_BYTES);
+const _: () = assert!(RECV_BUFS.is_power_of_two() && RECV_BUFS <= 32_768);
+const _: () = assert!(RECV_BUF_BYTES >= MAX_HDR_BYTES && RECV_BUF_BYTES <= u32::MAX as usize);
 const _: () = assert!(MAX_QUEUE_DEPTH as u32 <= RING_ENTRIES);
+const _: () = assert!(MAX_CONNECTIONS_CEILING * 2 <= u16::MAX as usize);
 const _: () = assert!(MAX_DATA_BYTES <= u32::MAX as usize);
-const _: () = assert!(TX_BATCH_SEGS >= 3 && TX_BATCH_SEGS <= 1024);
-const _: () = assert!(TX_BATCH_HDR_BYTES >= 2 * MAX_HDR_BYTES + 4);
-const _: () = assert!(QOS_REFILL_MS <= POLL_INTERVAL_MS_MAX && QOS_BURST_MS >= QOS_REFILL_MS);
+const _: () = assert!(TX_IOV_MAX >= 3 && TX_IOV_MAX <= 1024);
+const _: () = assert!(QOS_REFILL_MS <= REACTOR_SWEEP_MS && QOS_BURST_MS >= QOS_REFILL_MS);
 const _: () = assert!(MIN_BUFFER_POOL_BYTES >= MAX_DATA_BYTES);
 const _: () = assert!(ACCEPT_BACKOFF_MS_MIN <= ACCEPT_BACKOFF_MS_MAX);
 const _: () = assert!(NO_NAMESPACE_KATO_MS <= MAX_KATO_MS);

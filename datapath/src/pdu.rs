@@ -622,6 +622,82 @@ pub fn parse_with<'a>(
     })
 }
 
+/// The header of a data PDU (H2CData or C2HData) that carries data, validated as
+/// [`parse`] validates it, from its header area alone, so that its payload can be moved
+/// to its destination as it arrives instead of being buffered whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHead {
+    /// Data header fields.
+    pub hdr: DataHdr,
+    /// LAST_PDU flag.
+    pub last: bool,
+    /// SUCCESS flag (C2HData only).
+    pub success: bool,
+    /// A data digest follows the payload.
+    pub ddgst: bool,
+}
+
+/// For a PDU whose common header passed [`check`]: the length of its header area (its
+/// PDO) if it is a data PDU carrying data, else None (parse such a PDU whole).
+pub fn data_offset(common: &[u8]) -> Option<usize> {
+    if common.len() < CH_LEN {
+        return None;
+    }
+    let t = PduType::from_u8(common[0])?;
+    if !matches!(t, PduType::H2cData | PduType::C2hData) {
+        return None;
+    }
+    let hd = if common[1] & FLAG_HDGST != 0 {
+        DIGEST_LEN
+    } else {
+        0
+    };
+    let plen = le32(common, 4) as usize;
+    (plen > t.hlen() + hd).then_some(common[3] as usize)
+}
+
+/// Validates a data PDU's header area (`area` is exactly [`data_offset`] bytes): common
+/// header, header digest, and that DATAL matches the payload PLEN leaves. The payload's
+/// data digest, if any, is the receiver's to check as the payload streams by.
+pub fn parse_data_head(area: &[u8], rx: &RxContext) -> Result<DataHead, PduError> {
+    if area.len() < CH_LEN {
+        return Err(PduError::PlenTooSmall {
+            plen: area.len() as u32,
+        });
+    }
+    let ch = check_header(&area[..CH_LEN], rx)?;
+    let pdo = ch.pdo as usize;
+    if data_offset(&area[..CH_LEN]) != Some(pdo) || area.len() != pdo {
+        return Err(PduError::BadPdo { pdo: ch.pdo });
+    }
+    let hlen = ch.hlen as usize;
+    if ch.flags & FLAG_HDGST != 0 && le32(area, hlen) != crc32c(&area[..hlen]) {
+        return Err(PduError::HeaderDigest);
+    }
+    let ddgst = ch.flags & FLAG_DDGST != 0;
+    let dd = if ddgst { DIGEST_LEN } else { 0 };
+    let data_len = ch.plen as usize - pdo - dd;
+    let h = &area[..hlen];
+    let hdr = DataHdr {
+        cccid: le16(h, 8),
+        ttag: le16(h, 10),
+        offset: le32(h, 12),
+        length: le32(h, 16),
+    };
+    if hdr.length as usize != data_len {
+        return Err(PduError::DataLength {
+            len: hdr.length,
+            max: data_len as u32,
+        });
+    }
+    Ok(DataHead {
+        hdr,
+        last: ch.flags & FLAG_LAST_PDU != 0,
+        success: ch.flags & FLAG_SUCCESS != 0,
+        ddgst,
+    })
+}
+
 fn sub_array<const N: usize>(h: &[u8], at: usize) -> &[u8; N] {
     match h[at..at + N].try_into() {
         Ok(a) => a,

@@ -1,19 +1,21 @@
-//! Target lifecycle: listeners, connection threads, namespace publication, shutdown.
+//! Target lifecycle: listeners, reactors, namespace publication, shutdown.
 //!
-//! `start` binds the listeners and returns at once; accept loops and
-//! connections run on their own threads and never call back into the caller,
-//! so the control plane (tokio) is never blocked by the data path and vice versa.
+//! `start` binds the listeners, starts the reactors ([`crate::reactor`]) and returns at
+//! once; accept loops and reactors run on their own threads and never call back into the
+//! caller, so the control plane (tokio) is never blocked by the data path and vice versa.
 //!
 //! Every accepted connection goes through the admission ledger ([`crate::admission`])
 //! first: a refused one is closed at once; a reclaim closes the victim handshake or tears
-//! the victim controller down.
+//! the victim controller down. An admitted connection is handed to the reactor holding
+//! the fewest connections, which owns it until it closes; the thread count does not
+//! depend on the number of connections.
 //! An accept that fails (out of descriptors, say) is retried with exponential backoff
 //! and logged at most once per [`ACCEPT_LOG_INTERVAL_MS`], so the loop neither spins nor
 //! floods the log, and serves again as soon as descriptors are free.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,15 +23,16 @@ use std::time::{Duration, Instant};
 use crate::admission::{Caps, ConnKey, Decision, Fds, Ledger, PortClass, Victim};
 use crate::backoff::{Backoff, LogLimiter};
 use crate::config::{ConnectedHost, NamespaceSpec, TargetConfig};
-use crate::conn;
 use crate::ctrl::Registry;
 use crate::error::DatapathError;
 use crate::limits::{
     ACCEPT_BACKOFF_MS_MAX, ACCEPT_BACKOFF_MS_MIN, ACCEPT_LOG_INTERVAL_MS, MAX_BUFFER_POOL_BYTES,
-    MAX_CONNECTIONS_CEILING, MAX_KATO_MS, MIN_BUFFER_POOL_BYTES, POLL_INTERVAL_MS_MAX,
+    MAX_CONNECTIONS_CEILING, MAX_KATO_MS, MAX_REACTORS, MIN_BUFFER_POOL_BYTES,
+    POLL_INTERVAL_MS_MAX,
 };
 use crate::ns::NsTable;
 use crate::pool::BufPool;
+use crate::reactor::{self, Adopt, Mailbox};
 
 /// State shared by every thread of one target.
 #[derive(Debug)]
@@ -53,9 +56,10 @@ pub struct Shared {
     pub pool: Arc<BufPool>,
     /// Set once by shutdown; every loop checks it.
     pub shutdown: AtomicBool,
-    /// Duplicates of live connection sockets, so shutdown (and a reclaim) can wake
-    /// blocked threads.
-    sockets: Mutex<Vec<(ConnKey, TcpStream)>>,
+    /// The reactors' inboxes (index = reactor).
+    pub reactors: Vec<Arc<Mailbox>>,
+    /// Round-robin start for picking among equally loaded reactors.
+    next_reactor: AtomicUsize,
     /// When the target started (SMART power-on hours).
     pub started: Instant,
     publish: Mutex<()>,
@@ -81,10 +85,10 @@ impl Shared {
     fn reclaim(&self, victim: Victim) {
         match victim {
             Victim::Handshake(key) => {
-                if let Some((_, s)) = self.sockets().iter().find(|(k, _)| *k == key) {
-                    tracing::info!(peer = ?s.peer_addr().ok(),
-                        "reclaiming a connection still in its handshake: its port is full");
-                    let _ = s.shutdown(std::net::Shutdown::Both);
+                tracing::info!("reclaiming a connection still in its handshake: its port is full");
+                // Whichever reactor holds it closes it (a rare event: ask them all).
+                for r in &self.reactors {
+                    r.post(|m| m.close.push(key));
                 }
             }
             Victim::Controller(key) => {
@@ -134,10 +138,10 @@ impl Shared {
 pub struct TargetHandle {
     shared: Arc<Shared>,
     listeners: Vec<JoinHandle<()>>,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    reactors: Vec<JoinHandle<()>>,
 }
 
-/// Binds the listeners, opens the namespaces and starts serving.
+/// Binds the listeners, opens the namespaces, starts the reactors and starts serving.
 pub fn start(
     cfg: TargetConfig,
     namespaces: Vec<NamespaceSpec>,
@@ -146,43 +150,98 @@ pub fn start(
     let table = NsTable::build(namespaces, &NsTable::default(), 1)?;
     let io_l = bind(cfg.nvme_addr)?;
     let disc_l = cfg.discovery_addr.map(bind).transpose()?;
-    let pool = BufPool::new(cfg.buffer_pool_bytes)?;
-    let shared = Arc::new(Shared {
-        io_addr: io_l.local_addr()?,
-        disc_addr: disc_l.as_ref().map(|l| l.local_addr()).transpose()?,
-        caps: cfg.caps(),
+    let cpus = reactor::allowed_cpus();
+    let n = cfg.reactor_count(cpus.len());
+    let tokens = 2 * (cfg.max_connections + cfg.max_discovery_connections);
+    let mailboxes = (0..n)
+        .map(|_| Mailbox::new(tokens).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    let shared = Arc::new(Shared::new(
         cfg,
-        table: RwLock::new(Arc::new(table)),
-        generation: AtomicU64::new(1),
-        registry: Mutex::new(Registry::default()),
-        ledger: Mutex::new(Ledger::default()),
-        pool,
-        shutdown: AtomicBool::new(false),
-        sockets: Mutex::new(Vec::new()),
-        started: Instant::now(),
-        publish: Mutex::new(()),
-    });
-    let conns = Arc::new(Mutex::new(Vec::new()));
-    let mut listeners = vec![spawn_acceptor(
-        io_l,
-        shared.clone(),
-        PortClass::Io,
-        conns.clone(),
-    )?];
-    if let Some(l) = disc_l {
-        listeners.push(spawn_acceptor(
-            l,
-            shared.clone(),
-            PortClass::Discovery,
-            conns.clone(),
-        )?);
+        table,
+        io_l.local_addr()?,
+        disc_l.as_ref().map(|l| l.local_addr()).transpose()?,
+        mailboxes,
+    )?);
+    let mut reactors = Vec::with_capacity(n);
+    // Pinned only when the operator gave the data path its cores: an automatic count
+    // shares the CPUs with everything else, and a pinned reactor could not move off a
+    // CPU that other work (or another target in the same process) keeps busy.
+    let pin = shared.cfg.reactors != 0 && !cpus.is_empty();
+    for i in 0..n {
+        let cpu = pin.then(|| cpus[i % cpus.len()]);
+        match reactor::spawn(i, shared.clone(), cpu) {
+            Ok(h) => reactors.push(h),
+            Err(e) => {
+                stop_reactors(&shared, reactors);
+                return Err(e);
+            }
+        }
     }
-    tracing::info!(io = %shared.io_addr, discovery = ?shared.disc_addr, nqn = %shared.cfg.subsystem_nqn, "NVMe/TCP target started");
+    let mut listeners = vec![spawn_acceptor(io_l, shared.clone(), PortClass::Io)?];
+    if let Some(l) = disc_l {
+        listeners.push(spawn_acceptor(l, shared.clone(), PortClass::Discovery)?);
+    }
+    tracing::info!(io = %shared.io_addr, discovery = ?shared.disc_addr, nqn = %shared.cfg.subsystem_nqn, reactors = n, "NVMe/TCP target started");
     Ok(TargetHandle {
         shared,
         listeners,
-        conns,
+        reactors,
     })
+}
+
+impl Shared {
+    /// The state every thread of a target shares (reactors not started yet).
+    pub fn new(
+        cfg: TargetConfig,
+        table: NsTable,
+        io_addr: SocketAddr,
+        disc_addr: Option<SocketAddr>,
+        reactors: Vec<Arc<Mailbox>>,
+    ) -> Result<Shared, DatapathError> {
+        let pool = BufPool::new(cfg.buffer_pool_bytes)?;
+        Ok(Shared {
+            io_addr,
+            disc_addr,
+            caps: cfg.caps(),
+            cfg,
+            table: RwLock::new(Arc::new(table)),
+            generation: AtomicU64::new(1),
+            registry: Mutex::new(Registry::default()),
+            ledger: Mutex::new(Ledger::default()),
+            pool,
+            shutdown: AtomicBool::new(false),
+            reactors,
+            next_reactor: AtomicUsize::new(0),
+            started: Instant::now(),
+            publish: Mutex::new(()),
+        })
+    }
+
+    /// The reactor to hand a new connection to: the one holding the fewest connections,
+    /// round-robin among equals.
+    fn pick_reactor(&self) -> Option<&Arc<Mailbox>> {
+        let n = self.reactors.len();
+        let start = self.next_reactor.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|k| &self.reactors[(start + k) % n])
+            .min_by_key(|r| r.conns.load(Ordering::Relaxed))
+    }
+}
+
+/// Asks every reactor to stop and waits for them.
+fn stop_reactors(shared: &Shared, reactors: Vec<JoinHandle<()>>) {
+    shared.shutdown.store(true, Ordering::Release);
+    for r in &shared.reactors {
+        r.post(|_| {});
+    }
+    for h in reactors {
+        let _ = h.join();
+    }
+    // Connections handed over after a reactor's last look (they hold the shared state).
+    for r in &shared.reactors {
+        r.clear();
+    }
 }
 
 fn validate(cfg: &TargetConfig) -> Result<(), DatapathError> {
@@ -197,6 +256,9 @@ fn validate(cfg: &TargetConfig) -> Result<(), DatapathError> {
         if v == 0 || v > MAX_CONNECTIONS_CEILING {
             return bad(format!("{name} must be 1..={MAX_CONNECTIONS_CEILING}"));
         }
+    }
+    if cfg.reactors > MAX_REACTORS {
+        return bad(format!("reactors must be 0 (automatic)..={MAX_REACTORS}"));
     }
     for (name, v) in [
         ("max_connections_per_host", cfg.max_connections_per_host),
@@ -232,12 +294,11 @@ fn spawn_acceptor(
     l: TcpListener,
     shared: Arc<Shared>,
     port: PortClass,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
 ) -> Result<JoinHandle<()>, DatapathError> {
     let name = format!("nvmf-accept-{port:?}").to_lowercase();
     Ok(std::thread::Builder::new()
         .name(name)
-        .spawn(move || accept_loop(l, shared, port, conns))?)
+        .spawn(move || accept_loop(l, shared, port))?)
 }
 
 /// Log limiters of one accept loop.
@@ -246,12 +307,7 @@ struct AcceptLogs {
     refused: LogLimiter,
 }
 
-fn accept_loop(
-    l: TcpListener,
-    shared: Arc<Shared>,
-    port: PortClass,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
-) {
+fn accept_loop(l: TcpListener, shared: Arc<Shared>, port: PortClass) {
     let period = Duration::from_millis(ACCEPT_LOG_INTERVAL_MS);
     let mut logs = AcceptLogs {
         failed: LogLimiter::new(period),
@@ -272,7 +328,7 @@ fn accept_loop(
         match l.accept() {
             Ok((s, peer)) => {
                 backoff.succeeded();
-                admit(s, peer, &shared, port, &conns, &mut logs);
+                admit(s, peer, &shared, port, &mut logs);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -318,23 +374,23 @@ fn fd_usage() -> Fds {
     Fds { open, limit }
 }
 
-/// A counted connection: leaves the ledger and forgets its socket on drop.
-struct ConnSlot {
+/// A counted connection: leaves the ledger on drop (the connection owns it, so whatever
+/// ends the connection, on whichever thread, the ledger hears of it once).
+pub struct LedgerGuard {
     shared: Arc<Shared>,
     conn: ConnKey,
 }
 
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        let conn = self.conn;
-        self.shared.sockets().retain(|(k, _)| *k != conn);
-        self.shared.ledger().close_conn(conn);
+impl std::fmt::Debug for LedgerGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the shared state: it refers back to the mailboxes that hold this guard.
+        f.debug_tuple("LedgerGuard").field(&self.conn).finish()
     }
 }
 
-impl Shared {
-    fn sockets(&self) -> MutexGuard<'_, Vec<(ConnKey, TcpStream)>> {
-        self.sockets.lock().unwrap_or_else(|p| p.into_inner())
+impl Drop for LedgerGuard {
+    fn drop(&mut self) {
+        self.shared.ledger().close_conn(self.conn);
     }
 }
 
@@ -361,7 +417,6 @@ fn admit(
     peer: SocketAddr,
     shared: &Arc<Shared>,
     port: PortClass,
-    conns: &Mutex<Vec<JoinHandle<()>>>,
     logs: &mut AcceptLogs,
 ) {
     let accepted = Instant::now();
@@ -374,32 +429,28 @@ fn admit(
             return; // dropping the socket closes it: the peer sees EOF at once
         }
     };
-    let guard = ConnSlot {
+    let ledger = LedgerGuard {
         shared: shared.clone(),
         conn,
     };
-    if s.set_nonblocking(false).is_err() {
+    // Responses are small and latency-bound: never wait for a delayed ACK.
+    if s.set_nodelay(true).is_err() || shared.shutdown.load(Ordering::Acquire) {
         return;
     }
-    if let Ok(dup) = s.try_clone() {
-        shared.sockets().push((conn, dup));
-    }
-    if shared.shutdown.load(Ordering::Acquire) {
-        return; // raced with shutdown's socket sweep
-    }
-    let sh = shared.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("nvmf-conn-{peer}"))
-        .spawn(move || {
-            let _guard = guard;
-            conn::serve(s, sh, port, conn, accepted);
-        });
-    let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
-    list.retain(|h| !h.is_finished());
-    match spawned {
-        Ok(h) => list.push(h),
-        Err(e) => tracing::warn!("cannot spawn connection thread: {e}"),
-    }
+    let Some(r) = shared.pick_reactor() else {
+        return;
+    };
+    // Counted now, not at adoption, so a burst of accepts spreads over the reactors.
+    r.conns.fetch_add(1, Ordering::Relaxed);
+    let a = Adopt {
+        sock: s,
+        port,
+        key: conn,
+        peer,
+        accepted,
+        ledger,
+    };
+    r.post(|m| m.adopt.push_back(a));
 }
 
 impl TargetHandle {
@@ -458,6 +509,20 @@ impl TargetHandle {
         drop(self);
     }
 
+    /// Threads serving connections (the reactors; they do not grow with connections).
+    pub fn reactor_count(&self) -> usize {
+        self.shared.reactors.len()
+    }
+
+    /// Connections each reactor holds (counted from the moment they are handed over).
+    pub fn connections_per_reactor(&self) -> Vec<usize> {
+        self.shared
+            .reactors
+            .iter()
+            .map(|r| r.conns.load(Ordering::Relaxed))
+            .collect()
+    }
+
     fn stop(&mut self) {
         if self.shared.shutdown.swap(true, Ordering::AcqRel) {
             return;
@@ -466,16 +531,10 @@ impl TargetHandle {
         for c in ctrls {
             c.kill();
         }
-        for (_, s) in self.shared.sockets().iter() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
         for h in std::mem::take(&mut self.listeners) {
             let _ = h.join();
         }
-        let list = std::mem::take(&mut *self.conns.lock().unwrap_or_else(|p| p.into_inner()));
-        for h in list {
-            let _ = h.join();
-        }
+        stop_reactors(&self.shared, std::mem::take(&mut self.reactors));
         tracing::info!(io = %self.shared.io_addr, "NVMe/TCP target stopped");
     }
 }

@@ -563,7 +563,7 @@ fn ip_acl_and_removal_change_what_a_host_sees() {
 }
 
 /// Random commands (any opcode, any fields) on admin and I/O queues: every one gets a
-/// completion, no connection thread panics, and the target keeps serving.
+/// completion, no reactor panics, and the target keeps serving.
 #[test]
 fn random_commands_always_complete_and_never_panic() {
     use proptest::prelude::*;

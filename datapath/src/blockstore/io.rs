@@ -88,7 +88,7 @@ struct PendingWrites {
     row: Vec<u8>,
 }
 
-/// Per-thread scratch space, allocated once per connection thread: I/O never allocates.
+/// Per-thread scratch space, allocated once per reactor thread: I/O never allocates.
 struct Scratch {
     /// Compressed data of the pass's writes.
     stage: SlotBuf,
