@@ -516,3 +516,28 @@ fn serve_raises_the_soft_open_files_limit_to_the_hard_one() {
         s.log()
     );
 }
+
+/// An answer given without reading the request's body (a 404 or 405 on a body-carrying
+/// request) says `Connection: close`: the server cannot take another request on that socket,
+/// and a client that reused it would see its next POST fail with "peer disconnected". An
+/// answer after the body was read keeps the connection.
+#[test]
+fn an_answer_that_leaves_the_body_unread_closes_the_connection() {
+    let s = Server::start();
+    let c = s.admin();
+    let connection = |heads: &[(String, String)]| {
+        heads
+            .iter()
+            .find(|(k, _)| k == "connection")
+            .map(|(_, v)| v.clone())
+    };
+    let (status, _, heads) = c.post_with_headers("/api/v2/nope", &json!({"a": 1}), &[]);
+    assert_eq!(status, 404);
+    assert_eq!(connection(&heads).as_deref(), Some("close"), "{heads:?}");
+    let (status, _, heads) = c.post_with_headers("/api/v2/version", &json!({"a": 1}), &[]);
+    assert_eq!(status, 405);
+    assert_eq!(connection(&heads).as_deref(), Some("close"), "{heads:?}");
+    let (status, _, heads) = c.post_with_headers("/api/v2/projects", &json!({"name": "kept"}), &[]);
+    assert_eq!(status, 200);
+    assert_eq!(connection(&heads), None, "{heads:?}");
+}

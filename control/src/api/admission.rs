@@ -224,7 +224,7 @@ pub async fn admit(State(gate): State<Arc<Admission>>, req: Request, next: Next)
 }
 
 /// Whether the request says a body follows (a length above zero, or chunks).
-fn declares_body(headers: &axum::http::HeaderMap) -> bool {
+pub(crate) fn declares_body(headers: &axum::http::HeaderMap) -> bool {
     headers.contains_key(axum::http::header::TRANSFER_ENCODING)
         || headers
             .get(axum::http::header::CONTENT_LENGTH)

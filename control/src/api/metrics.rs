@@ -5,6 +5,7 @@
 //! layer) copies the matched template into the response so that [`observe`], the outermost
 //! layer, also counts the answers admission gives before routing (as `unrouted`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -51,6 +52,15 @@ pub async fn observe(State(app): State<App>, mut req: Request, next: Next) -> Re
     let started = Instant::now();
     let method = method_label(req.method());
     let id = request_id(&mut req);
+    // A body the handler leaves unread (a 404, a 405, an early refusal) ends the connection:
+    // the answer must say so, or the client sends its next request on a closing socket.
+    let body_read = super::admission::declares_body(req.headers()).then(|| {
+        let read = Arc::new(AtomicBool::new(false));
+        let seen = read.clone();
+        req = std::mem::take(&mut req)
+            .map(|inner| axum::body::Body::new(TrackedBody { inner, read: seen }));
+        read
+    });
     let span = tracing::info_span!("request", id = %String::from_utf8_lossy(id.as_bytes()), method);
     let mut resp = next.run(req).instrument(span.clone()).await;
     let route = resp.extensions().get::<RouteTemplate>().cloned();
@@ -62,7 +72,41 @@ pub async fn observe(State(app): State<App>, mut req: Request, next: Next) -> Re
         .metrics()
         .api_request(route, method, status, seconds);
     resp.headers_mut().insert(REQUEST_ID, id);
+    if body_read.is_some_and(|r| !r.load(Ordering::Relaxed)) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     resp
+}
+
+/// A request body that records whether it was read to its end.
+struct TrackedBody {
+    inner: axum::body::Body,
+    read: Arc<AtomicBool>,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.read.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
