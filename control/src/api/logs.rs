@@ -27,7 +27,7 @@ use super::error::{ApiError, ApiResult};
 use super::{App, Query};
 use crate::limits::{BUNDLE_CHUNKS_IN_FLIGHT, BUNDLE_CHUNK_BYTES, BUNDLE_LOG_DAYS_MAX};
 use crate::logs::{log_dir, recent_logs, Bundle};
-use crate::metrics::{render, to_text_format, Snapshot};
+use crate::metrics::to_text_format;
 
 pub fn routes() -> Router<App> {
     Router::new().route("/api/v2/logs", get(bundle))
@@ -213,21 +213,7 @@ fn journal_verify(app: &App) -> String {
 }
 
 fn metrics_text(app: &App) -> String {
-    let usage = |image| app.datapath.usage(image);
-    let io = |image| app.datapath.io_totals(image);
-    let head_seq = app.bus.journal().head().last_seq();
-    let pool = app.datapath.pool();
-    let hosts = app.datapath.connected_hosts();
-    let state = app.bus.state();
-    let now = Snapshot {
-        head_seq,
-        state: &state,
-        pool,
-        usage: &usage,
-        io: &io,
-        hosts,
-    };
-    render(app.bus.metrics(), &now)
+    super::metrics::exposition(app)
         .map(|t| to_text_format(&t))
         .unwrap_or_else(|e| format!("metrics could not be encoded: {e}\n"))
 }

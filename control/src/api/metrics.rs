@@ -127,6 +127,25 @@ fn request_id(req: &mut Request) -> HeaderValue {
     fresh
 }
 
+/// The OpenMetrics exposition of this server now (also put in support bundles).
+pub fn exposition(app: &App) -> Result<String, std::fmt::Error> {
+    let head_seq = app.bus.journal().head().last_seq();
+    let pool = app.datapath.pool();
+    let hosts = app.datapath.connected_hosts();
+    let usage = |image| app.datapath.usage(image);
+    let io = |image| app.datapath.io_totals(image);
+    let state = app.bus.state();
+    let now = Snapshot {
+        head_seq,
+        state: &state,
+        pool,
+        usage: &usage,
+        io: &io,
+        hosts,
+    };
+    render(app.bus.metrics(), &now)
+}
+
 /// Methods by name; any other (clients may send arbitrary tokens) is `other`, so a caller
 /// cannot grow the label set.
 fn method_label(m: &Method) -> &'static str {
@@ -156,24 +175,8 @@ async fn scrape(
             "permission denied: /metrics needs a system role (system:viewer or system:cluster-admin)",
         ));
     }
-    let head_seq = app.bus.journal().head().last_seq();
-    let pool = app.datapath.pool();
-    let hosts = app.datapath.connected_hosts();
-    let usage = |image| app.datapath.usage(image);
-    let io = |image| app.datapath.io_totals(image);
-    let body = {
-        let state = app.bus.state();
-        let now = Snapshot {
-            head_seq,
-            state: &state,
-            pool,
-            usage: &usage,
-            io: &io,
-            hosts,
-        };
-        render(app.bus.metrics(), &now)
-    }
-    .map_err(|e| ApiError::internal(format!("encoding metrics: {e}")))?;
+    let body =
+        exposition(&app).map_err(|e| ApiError::internal(format!("encoding metrics: {e}")))?;
     let openmetrics = headers
         .get_all(header::ACCEPT)
         .iter()
