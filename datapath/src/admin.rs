@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use crate::ctrl::{MASK_ANA, MASK_NS};
 use crate::limits::{
-    MAX_DATA_BYTES, MAX_DISCOVERY_ENTRIES, MAX_IO_QUEUES_PER_CTRL, MAX_NAMESPACES,
+    ADMIN_MAX_DATA_BYTES, MAX_DISCOVERY_ENTRIES, MAX_IO_QUEUES_PER_CTRL, MAX_NAMESPACES,
     MAX_OUTSTANDING_AERS,
 };
 use crate::nvme::{admin, aen, feat, log, Status, DISCOVERY_NQN, FABRICS};
@@ -141,7 +141,10 @@ impl Queue {
         let numd = ((cmd.cdw(11) & 0xffff) << 16 | (cdw10 >> 16)) as usize + 1;
         let offset = cmd.cdw12_13();
         let len = numd * 4;
-        if len > MAX_DATA_BYTES || len > self.slots[i].xfer as usize || !offset.is_multiple_of(4) {
+        if len > ADMIN_MAX_DATA_BYTES
+            || len > self.slots[i].xfer as usize
+            || !offset.is_multiple_of(4)
+        {
             return Outcome::status(Status::INVALID_FIELD);
         }
         let page_len = match self.build_log(i, lid, lsp, rae) {
@@ -155,7 +158,7 @@ impl Queue {
             return Outcome::status(Status::INVALID_FIELD);
         }
         let avail = (page_len - offset).min(len);
-        let b = out!(self, i, MAX_DATA_BYTES);
+        let b = out!(self, i, ADMIN_MAX_DATA_BYTES);
         b.copy_within(offset..offset + avail, 0);
         b[avail..len].fill(0);
         Outcome::data(len as u32)

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::backend::IoKind;
-use crate::limits::{LBA_SHIFT, MAX_DATA_BYTES, MAX_DSM_RANGES};
+use crate::limits::{BACKEND_IO_BYTES_MAX, LBA_SHIFT, MAX_DATA_BYTES, MAX_DSM_RANGES};
 use crate::ns::Namespace;
 use crate::nvme::{io, Status, FABRICS};
 use crate::qos::QosDir;
@@ -86,7 +86,15 @@ impl Queue {
                 fua: self.slots[i].cmd().cdw(12) & FUA != 0,
             }
         };
-        self.submit_one(i, ns, kind, off, len as u32)
+        // Parts of at most BACKEND_IO_BYTES_MAX: the command completes when all have.
+        self.slots[i].ns = Some(ns);
+        let mut done = 0u64;
+        while done < len {
+            let part = (len - done).min(BACKEND_IO_BYTES_MAX as u64);
+            self.push_submit(i, kind, off + done, part as u32, done as u32);
+            done += part;
+        }
+        self.settle(i)
     }
 
     fn write_zeroes(&mut self, i: usize, ns: Arc<Namespace>) -> Outcome {
@@ -125,7 +133,7 @@ impl Queue {
             let mut done = 0u64;
             while done < len {
                 let chunk = (len - done).min(1 << 30);
-                self.push_submit(i, IoKind::Deallocate, off + done, chunk as u32);
+                self.push_submit(i, IoKind::Deallocate, off + done, chunk as u32, 0);
                 done += chunk;
             }
         }
@@ -141,7 +149,7 @@ impl Queue {
         len: u32,
     ) -> Outcome {
         self.slots[i].ns = Some(ns);
-        self.push_submit(i, kind, off, len);
+        self.push_submit(i, kind, off, len, 0);
         self.settle(i)
     }
 
@@ -171,7 +179,12 @@ pub fn account_completion(s: &mut Slot, res: i32) {
     s.parts = s.parts.saturating_sub(1);
     let op = s.cmd().opcode();
     let rw = matches!(op, io::READ | io::WRITE);
-    let failed = res < 0 || (rw && res as u32 != s.xfer);
+    if res > 0 {
+        s.moved = s.moved.saturating_add(res as u32);
+    }
+    // A read or write may be in parts: it failed if one did, or if together they moved less
+    // than the command asked for (a short transfer).
+    let failed = res < 0 || (rw && s.parts == 0 && s.moved != s.xfer);
     if failed && s.status.is_success() {
         tracing::warn!(op, res, "storage operation failed");
         s.status = match op {

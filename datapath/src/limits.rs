@@ -87,7 +87,7 @@ pub const R2T_POOL_SHARE_DIVISOR: usize = 2;
 pub const IO_QUEUE_RESERVE_BYTES: usize = IN_CAPSULE_DATA_BYTES;
 
 /// Private buffer of each admin queue, so Identify and log pages always progress.
-pub const ADMIN_QUEUE_RESERVE_BYTES: usize = MAX_DATA_BYTES;
+pub const ADMIN_QUEUE_RESERVE_BYTES: usize = ADMIN_MAX_DATA_BYTES;
 
 /// I/O queues one controller may create (the answer to Set Features "number of queues").
 pub const MAX_IO_QUEUES_PER_CTRL: u16 = 16;
@@ -104,11 +104,23 @@ pub const LBA_SHIFT: u8 = 12;
 /// Logical block size in bytes.
 pub const LBA_BYTES: u64 = 1 << LBA_SHIFT;
 
-/// Maximum data transfer size exponent (Identify Controller MDTS, units of 4 KiB pages).
-pub const MDTS: u8 = 5;
+/// Maximum data transfer size exponent (Identify Controller MDTS, units of 4 KiB pages):
+/// 8 MiB, so a host's passthrough commands of several MiB fit. A queue pins nothing for it:
+/// data buffers come from the shared pool per command, sized to the command.
+pub const MDTS: u8 = 11;
 
 /// Largest data transfer of one command, in bytes (derived from [`MDTS`]).
 pub const MAX_DATA_BYTES: usize = 4096 << MDTS;
+
+/// Largest data transfer of an admin command (Identify, log pages): what an admin queue's
+/// private reserve holds. The ANA log of a full namespace table must fit: a host reads it
+/// whole (Linux asks for header + groups + 4 bytes per namespace the controller may have).
+pub const ADMIN_MAX_DATA_BYTES: usize = 512 * 1024;
+
+/// Largest storage operation the queue hands a backend: a longer read or write is split
+/// into parts of at most this (the command completes when all have), so the block store's
+/// per-thread scratch does not grow with MDTS.
+pub const BACKEND_IO_BYTES_MAX: usize = 128 * 1024;
 
 /// Largest H2CData PDU payload the target accepts (advertised as MAXH2CDATA in ICResp).
 pub const MAX_H2C_DATA_BYTES: u32 = 128 * 1024;
@@ -255,14 +267,19 @@ const _: () = assert!(MAX_DATA_BYTES <= u32::MAX as usize);
 const _: () = assert!(TX_IOV_MAX >= 3 && TX_IOV_MAX <= 1024);
 const _: () = assert!(QOS_REFILL_MS <= REACTOR_SWEEP_MS && QOS_BURST_MS >= QOS_REFILL_MS);
 const _: () = assert!(MIN_BUFFER_POOL_BYTES >= MAX_DATA_BYTES);
+const _: () = assert!(ADMIN_MAX_DATA_BYTES <= MAX_DATA_BYTES);
+const _: () = assert!(16 + 32 + 4 * MAX_NAMESPACES as usize <= ADMIN_MAX_DATA_BYTES);
+const _: () =
+    assert!(BACKEND_IO_BYTES_MAX <= MAX_DATA_BYTES && BACKEND_IO_BYTES_MAX.is_multiple_of(4096));
 const _: () = assert!(ACCEPT_BACKOFF_MS_MIN <= ACCEPT_BACKOFF_MS_MAX);
 const _: () = assert!(NO_NAMESPACE_KATO_MS <= MAX_KATO_MS);
 
 /// Block store allocation and mapping unit (one logical block).
 pub const BLOCK_BYTES: u64 = LBA_BYTES;
 
-/// Blocks one command can touch (the scratch arrays of the block store are this long).
-pub const MAX_BLOCKS_PER_IO: usize = MAX_DATA_BYTES / BLOCK_BYTES as usize;
+/// Blocks one backend operation can touch (the scratch arrays of the block store are this
+/// long).
+pub const MAX_BLOCKS_PER_IO: usize = BACKEND_IO_BYTES_MAX / BLOCK_BYTES as usize;
 
 /// A compressed block is kept only if it saves at least one 512-byte sector.
 pub const MAX_COMPRESSED_BYTES: usize = BLOCK_BYTES as usize - 512;
@@ -296,7 +313,7 @@ pub const INITIATOR_QUEUE_DEPTH: u16 = 8;
 
 /// Initiator: largest data transfer of one command, whatever the target's MDTS allows; also
 /// the largest C2HData payload it accepts (its receive buffer is sized from this).
-pub const INITIATOR_MAX_DATA_BYTES: u32 = 1 << 20;
+pub const INITIATOR_MAX_DATA_BYTES: u32 = MAX_DATA_BYTES as u32;
 
 /// Initiator: largest number of polls of CSTS while waiting for CSTS.RDY after CC.EN.
 pub const INITIATOR_READY_POLLS_MAX: u32 = 1_000;

@@ -72,8 +72,8 @@ use crate::ctrl::Controller;
 use crate::error::DatapathError;
 use crate::fabrics::{self, Accepted};
 use crate::limits::{
-    ADMIN_QUEUE_RESERVE_BYTES, IO_QUEUE_RESERVE_BYTES, KATO_GRACE_MS, MAX_DATA_BYTES,
-    MAX_HDR_BYTES, MAX_OUTSTANDING_AERS, QOS_REFILL_MS, R2T_POOL_SHARE_DIVISOR,
+    ADMIN_MAX_DATA_BYTES, ADMIN_QUEUE_RESERVE_BYTES, IO_QUEUE_RESERVE_BYTES, KATO_GRACE_MS,
+    MAX_DATA_BYTES, MAX_HDR_BYTES, MAX_OUTSTANDING_AERS, QOS_REFILL_MS, R2T_POOL_SHARE_DIVISOR,
 };
 #[cfg(test)]
 use crate::notify::Notifier;
@@ -118,6 +118,8 @@ pub struct Slot {
     pub got: u32,
     /// Parts outstanding (storage operations and any added by [`Queue::add_parts`]).
     pub parts: u32,
+    /// Bytes the finished storage parts of a read or write moved.
+    pub moved: u32,
     /// Status to report (first error wins).
     pub status: Status,
     /// Bytes to return to the host on success.
@@ -158,6 +160,7 @@ impl Slot {
             xfer: 0,
             got: 0,
             parts: 0,
+            moved: 0,
             status: Status::SUCCESS,
             c2h_len: 0,
             ns: None,
@@ -238,6 +241,8 @@ pub struct Submit {
     pub offset: u64,
     /// Bytes.
     pub len: u32,
+    /// Where in the command's data buffer this part's bytes are.
+    pub buf_off: u32,
 }
 
 /// Commands waiting for QoS tokens, oldest first, and the namespaces they hold back.
@@ -519,7 +524,9 @@ impl Queue {
     }
 
     /// Adds `n` parts to slot `tag`'s executing command (remote writes issued for it by
-    /// the driver); each reports through [`Queue::on_io_done`].
+    /// the driver); each reports through [`Queue::on_io_done`] with 0 (it moved no bytes
+    /// through this server's storage: those are counted against the command's length) or
+    /// -errno.
     #[cfg_attr(
         not(test),
         expect(
@@ -595,7 +602,13 @@ impl Queue {
         for s in subs.drain(..) {
             let i = s.slot as usize;
             let buf = match s.kind {
-                IoKind::Read | IoKind::Write { .. } => self.data_ptr(i, s.len as usize),
+                IoKind::Read | IoKind::Write { .. } => {
+                    let end = s.buf_off as usize + s.len as usize;
+                    // SAFETY: the buffer holds `end` bytes (data_ptr checked), so the part's
+                    // start lies inside it.
+                    self.data_ptr(i, end)
+                        .map(|p| unsafe { p.add(s.buf_off as usize) })
+                }
                 _ => Some(std::ptr::null_mut()),
             };
             let req = buf.map(|buf| IoRequest {
@@ -755,6 +768,7 @@ impl Queue {
         s.sqe = *sqe;
         s.got = 0;
         s.parts = 0;
+        s.moved = 0;
         s.status = Status::SUCCESS;
         s.c2h_len = 0;
         s.tokens_paid = false;
@@ -789,6 +803,15 @@ impl Queue {
         Ok(Flow::Taken)
     }
 
+    /// Largest transfer a command of this queue may carry.
+    fn max_transfer(&self) -> usize {
+        if self.qid == 0 {
+            ADMIN_MAX_DATA_BYTES
+        } else {
+            MAX_DATA_BYTES
+        }
+    }
+
     /// What is wrong with a capsule's transfer, if anything.
     fn capsule_fault(
         &self,
@@ -801,7 +824,7 @@ impl Queue {
         if !digest_ok {
             Some(Status::TRANSIENT_TRANSPORT)
         } else if (!data.is_empty() && dir != Dir::H2c)
-            || sgl.length as usize > MAX_DATA_BYTES
+            || sgl.length as usize > self.max_transfer()
             || dir == Dir::Both
         {
             Some(Status::INVALID_FIELD)
@@ -936,14 +959,14 @@ impl Queue {
     }
 
     /// Gives an admin command that moves data a maximal buffer (its handlers build pages
-    /// of up to MAX_DATA_BYTES in it): a free pool buffer, else the reserve. False if the
+    /// of up to ADMIN_MAX_DATA_BYTES in it): a free pool buffer, else the reserve. False if the
     /// reserve is out (a sent command holds it): the command waits for it.
     fn admin_buffer(&mut self, i: usize) -> bool {
         let dir = nvme::data_dir(&self.slots[i].cmd());
         if dir == Dir::None || !matches!(self.slots[i].data, SlotData::None) {
             return true;
         }
-        if self.take_now(i, MAX_DATA_BYTES) {
+        if self.take_now(i, ADMIN_MAX_DATA_BYTES) {
             return true;
         }
         self.slots[i].state = SlotState::AwaitBuf;
@@ -1076,14 +1099,16 @@ impl Queue {
         !matches!(self.slots[i].data, SlotData::None)
     }
 
-    /// Queues one storage operation for slot `i` (its completion is tagged with `i`).
-    pub fn push_submit(&mut self, i: usize, kind: IoKind, offset: u64, len: u32) {
+    /// Queues one storage operation for slot `i` (its completion is tagged with `i`), on
+    /// the bytes of its data buffer from `buf_off`.
+    pub fn push_submit(&mut self, i: usize, kind: IoKind, offset: u64, len: u32, buf_off: u32) {
         self.slots[i].parts += 1;
         self.subs.push(Submit {
             slot: i as u16,
             kind,
             offset,
             len,
+            buf_off,
         });
     }
 

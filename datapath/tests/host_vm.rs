@@ -32,6 +32,7 @@ const EXPECTED: &[&str] = &[
     "fio-128k-seqwrite-verify",
     "blkdiscard",
     "write-zeroes",
+    "passthrough-large",
     "ns-added-aen",
     "ns-removed-by-acl",
     "data-survives-restart",

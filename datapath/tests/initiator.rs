@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use evstor_datapath::initiator::{InitiatorError, NamespaceInfo, Session};
+use evstor_datapath::limits::MAX_DATA_BYTES;
 use evstor_datapath::nvme::Status;
 use evstor_datapath::{start, Acl, NamespaceSpec, TargetConfig, TargetHandle};
 
@@ -15,7 +16,9 @@ const NQN: &str = "nqn.2024-01.io.evstor:initiator";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:0b1e0b1e-0000-4000-8000-000000000001";
 const BLOCK: usize = 4096;
 /// 16 MiB namespaces.
-const NS_BLOCKS: u64 = 4096;
+const NS_BLOCKS: u64 = 8192;
+/// Blocks of the largest command the target takes (MDTS).
+const MDTS_BLOCKS: usize = MAX_DATA_BYTES / 4096;
 
 /// A target with nsid 1 (visible to HOST) and nsid 2 (visible to nobody).
 fn target(dir: &Path) -> TargetHandle {
@@ -63,7 +66,7 @@ fn session_sees_only_the_namespaces_its_acl_admits() -> anyhow::Result<()> {
     };
     assert_eq!(s.namespace(1)?, info);
     assert_eq!(s.namespace_blocks(1)?, NS_BLOCKS);
-    assert_eq!(s.max_transfer_bytes(), 128 * 1024, "the target's MDTS");
+    assert_eq!(s.max_transfer_bytes(), MAX_DATA_BYTES, "the target's MDTS");
     assert!(t
         .connected_hosts()
         .iter()
@@ -78,10 +81,11 @@ fn writes_read_back_at_sizes_around_the_capsule_and_mdts_limits() -> anyhow::Res
     let t = target(dir.path());
     let mut s = Session::connect(t.local_addr(), NQN, HOST)?;
 
-    // 1 and 2 blocks fit in the capsule (8 KiB), 16 need an R2T, 32 is exactly MDTS,
-    // 64 and 67 are split into several commands.
+    // 1 and 2 blocks fit in the capsule (8 KiB), 16 need an R2T, 32 is one backend part,
+    // 33 and 67 several; MDTS (2048) is the largest command, 2051 is split into two.
+    let sizes = [1usize, 2, 3, 16, 32, 33, 67, MDTS_BLOCKS, MDTS_BLOCKS + 3];
     let mut lba = 3;
-    for (seed, blocks) in [1usize, 2, 3, 16, 32, 64, 67].into_iter().enumerate() {
+    for (seed, blocks) in sizes.into_iter().enumerate() {
         let data = pattern(blocks, seed as u8);
         if seed % 2 == 0 {
             s.write(1, lba, &data)?;
@@ -98,7 +102,7 @@ fn writes_read_back_at_sizes_around_the_capsule_and_mdts_limits() -> anyhow::Res
 
     // Read everything again with differently sized commands: the splits landed in place.
     let mut whole = Vec::new();
-    for (seed, blocks) in [1usize, 2, 3, 16, 32, 64, 67].into_iter().enumerate() {
+    for (seed, blocks) in sizes.into_iter().enumerate() {
         whole.extend(pattern(blocks, seed as u8));
     }
     let back = s.read(1, 3, (lba - 3) as u32)?;

@@ -490,6 +490,39 @@ fn exceeding_the_queue_depth_terminates_the_connection() {
     t.shutdown();
 }
 
+/// The largest transfer MDTS allows is one command each way (an R2T write in many H2CData
+/// PDUs, a read in C2HData), split into backend parts inside the target and reassembled in
+/// place; one block more is refused with Invalid Field and the queue goes on.
+#[test]
+fn a_maximal_transfer_round_trips_and_one_block_more_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = target(dir.path(), 16);
+    let (mut a, cntlid) = Host::admin(t.local_addr(), HOST, false, 0);
+    let (st, idc) = a.identify(1, 0);
+    assert_eq!(st, OK);
+    let mdts_bytes = 4096usize << idc[77];
+    assert_eq!(mdts_bytes, evstor_datapath::limits::MAX_DATA_BYTES);
+    assert!(mdts_bytes >= 2 << 20, "at least 2 MiB");
+    let blocks = (mdts_bytes / 4096) as u32;
+    let mut q = io_queue(t.local_addr(), cntlid, true);
+    let data: Vec<u8> = (0..mdts_bytes)
+        .map(|i| (i / 4096 * 31 + i * 7) as u8)
+        .collect();
+    assert_eq!(
+        q.rw(true, 1, 5, &data, blocks, false).0,
+        OK,
+        "maximal write"
+    );
+    let (st, back) = q.rw(false, 1, 5, &[], blocks, false);
+    assert_eq!(st, OK, "maximal read");
+    assert!(back == data, "the maximal transfer came back in place");
+    let (st, _) = q.rw(false, 1, 0, &[], blocks + 1, false);
+    assert_eq!(st, INVALID_FIELD, "one block over MDTS");
+    let (st, back) = q.rw(false, 1, 5, &[], 1, false);
+    assert_eq!((st, &back[..]), (OK, &data[..4096]), "the queue goes on");
+    t.shutdown();
+}
+
 #[test]
 fn write_zeroes_deallocate_and_flush() {
     let dir = tempfile::tempdir().expect("tempdir");

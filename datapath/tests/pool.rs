@@ -51,6 +51,13 @@ fn expect_resp(h: &mut Host, cid: u16) {
     }
 }
 
+/// Namespace 1, room for several maximal transfers.
+fn big_ns(dir: &std::path::Path, acl: Acl) -> evstor_datapath::NamespaceSpec {
+    let mut spec = ns(dir, 1, acl);
+    spec.size_bytes = 8 * MAX_DATA_BYTES as u64;
+    spec
+}
+
 fn pattern(seed: u8) -> Vec<u8> {
     (0..MAX_DATA_BYTES).map(|i| (i as u8) ^ seed).collect()
 }
@@ -88,7 +95,7 @@ fn an_exhausted_pool_makes_commands_wait_in_arrival_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = TargetConfig::new("127.0.0.1:0".parse().expect("addr"), NQN);
     cfg.buffer_pool_bytes = 2 * MAX_DATA_BYTES;
-    let t = start(cfg, vec![ns(dir.path(), 1, Acl::AllowAny)]).expect("start");
+    let t = start(cfg, vec![big_ns(dir.path(), Acl::AllowAny)]).expect("start");
     let (mut admin, cntlid) = Host::admin(t.local_addr(), HOST, false, 0);
     let mut q1 = queue(&t, HOST, cntlid, 1);
     let mut q2 = queue(&t, HOST, cntlid, 2);
@@ -151,7 +158,7 @@ fn a_queue_holds_only_its_share_of_r2t_data() {
     cfg.buffer_pool_bytes = 8 * MAX_DATA_BYTES;
     cfg.max_connections = 4; // four queues below, none of them reclaimed
     cfg.max_discovery_connections = 1; // share per queue: 1 MiB / (2 * 5) < 128 KiB
-    let t = start(cfg, vec![ns(dir.path(), 1, Acl::List(vec![HOST.into()]))]).expect("start");
+    let t = start(cfg, vec![big_ns(dir.path(), Acl::List(vec![HOST.into()]))]).expect("start");
     let (_admin, cntlid) = Host::admin(t.local_addr(), HOST, false, 0);
     let mut q = queue(&t, HOST, cntlid, 1);
     send_rw(&mut q, true, 1, 0);

@@ -9,6 +9,7 @@ use super::*;
 use crate::admission::PortClass;
 use crate::config::{Acl, Backing, NamespaceSpec, TargetConfig};
 use crate::ctrl::ControllerInit;
+use crate::limits::BACKEND_IO_BYTES_MAX;
 use crate::nvme::{admin, aen, feat, io};
 use crate::pdu::{Check, R2t, TxContext, FLAG_LAST_PDU};
 use crate::qos::QosLimits;
@@ -190,7 +191,7 @@ fn sent(q: &mut Queue) -> Vec<Out> {
         hdgst: false,
         ddgst: false,
         data_align: 4,
-        max_data: 1 << 20,
+        max_data: MAX_DATA_BYTES as u32,
     };
     let mut out = Vec::new();
     let mut at = 0;
@@ -329,10 +330,11 @@ fn a_command_completes_only_when_all_its_parts_did_in_either_order() {
     let sh = shared(dir.path(), 1 << 20, QosLimits::default());
     let ctrl = controller(&sh, 0);
     let mut q = queue(&sh, &ctrl, 1, 4);
-    // Each case: (which part reports first, its result, the other's result, status).
+    // Each case: (which part reports first, its result, the other's result, status). A
+    // remote part moves no local bytes: it reports 0, or -errno.
     let cases = [
-        ("local first", K4 as i32, K4 as i32, Status::SUCCESS),
-        ("remote first", K4 as i32, K4 as i32, Status::SUCCESS),
+        ("local first", K4 as i32, 0, Status::SUCCESS),
+        ("remote first", K4 as i32, 0, Status::SUCCESS),
         ("remote failed", K4 as i32, -libc::EIO, Status::WRITE_FAULT),
     ];
     for (k, (what, local, remote, want)) in cases.into_iter().enumerate() {
@@ -445,14 +447,29 @@ fn a_read_waits_for_a_pool_buffer_holding_nothing_and_resumes_on_a_grant() {
     ok(&mut q, &rw(io::READ, 1, 0, blocks, &[]));
     ok(&mut q, &rw(io::READ, 2, 0, 1, &[]));
     let subs = submits(&mut q);
-    assert_eq!(subs.len(), 1, "the second read waits for the pool");
+    // The maximal read goes to the backend in parts of BACKEND_IO_BYTES_MAX, each on its own
+    // stretch of the one buffer; the second read waits for the pool.
+    assert_eq!(subs.len(), MAX_DATA_BYTES / BACKEND_IO_BYTES_MAX);
+    assert!(subs
+        .iter()
+        .all(|r| r.tag == subs[0].tag && r.len as usize == BACKEND_IO_BYTES_MAX));
     assert_eq!(sh.pool.in_use_bytes(), MAX_DATA_BYTES);
     assert_eq!(sh.pool.waiting(), 1);
-    let r = subs[0];
     let data = pattern(MAX_DATA_BYTES, 3);
-    // SAFETY: the buffer is the read's until its completion; the test is the backend.
-    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), r.buf, data.len()) };
-    q.on_io_done(r.tag as u16, r.len as i32).expect("read done");
+    for r in &subs {
+        // SAFETY: pointer arithmetic inside the read's buffer, compared, not dereferenced.
+        assert_eq!(r.buf, unsafe { subs[0].buf.add(r.offset as usize) });
+        let part = &data[r.offset as usize..][..r.len as usize];
+        // SAFETY: the buffer is the read's until its completion; the test is the backend.
+        unsafe { std::ptr::copy_nonoverlapping(part.as_ptr(), r.buf, part.len()) };
+    }
+    for (n, r) in subs.iter().enumerate() {
+        assert!(
+            sent(&mut q).is_empty(),
+            "nothing is sent before part {n} is done"
+        );
+        q.on_io_done(r.tag as u16, r.len as i32).expect("part done");
+    }
     let woken = notify.count();
     let out = sent(&mut q); // the buffer goes back once its data has been sent
     assert_eq!(out.len(), 2);

@@ -26,6 +26,7 @@ pub const OK: Sc = 0;
 pub const INVALID_OPCODE: Sc = 0x001;
 pub const INVALID_NS: Sc = 0x00b;
 pub const LBA_RANGE: Sc = 0x080;
+pub const INVALID_FIELD: Sc = 0x002;
 pub const CONNECT_INVALID_PARAM: Sc = 0x182;
 pub const CONNECT_CTRL_BUSY: Sc = 0x181;
 
@@ -195,7 +196,7 @@ impl Host {
                 hdgst: false,
                 ddgst: false,
                 data_align: 4,
-                max_data: 1 << 20,
+                max_data: evstor_datapath::limits::MAX_DATA_BYTES as u32,
             },
             tx: TxContext {
                 hdgst: digests,

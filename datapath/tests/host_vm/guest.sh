@@ -51,7 +51,7 @@ ok "connect-2-queues $CTRL $DEV"
 step "nvme list / id-ctrl / id-ns / smart-log / ana-log / error-log / fw-log"
 nvme list
 nvme id-ctrl "$CTRL" -o json >/tmp/idc.json || fail "id-ctrl"
-jq -e --arg n "$NQN" '.subnqn == $n and .nn == 65536 and .mdts == 5' /tmp/idc.json >/dev/null ||
+jq -e --arg n "$NQN" '.subnqn == $n and .nn == 65536 and .mdts == 11' /tmp/idc.json >/dev/null ||
     { cat /tmp/idc.json; fail "id-ctrl fields"; }
 ok id-ctrl
 nvme id-ns "$DEV" -o json >/tmp/idn.json || fail "id-ns"
@@ -86,6 +86,19 @@ zeroes "$DEV" 512 8 && fail "range was already zero before write-zeroes"
 nvme write-zeroes "$DEV" -s 512 -c 7 || fail "write-zeroes"
 zeroes "$DEV" 512 8 || fail "write-zeroes range not zero"
 ok write-zeroes
+
+step "MDTS reaches the host; passthrough commands of 1, 256 and 1025 blocks round-trip"
+hw=$(cat /sys/block/"$(basename "$DEV")"/queue/max_hw_sectors_kb)
+[ "$hw" -ge 4100 ] || fail "max_hw_sectors_kb is $hw: a 1025-block passthrough cannot fit"
+for n in 1 256 1025; do
+    dd if=/dev/urandom of=/tmp/pt.in bs=4096 count="$n" 2>/dev/null
+    nvme write "$DEV" -s 8192 -c $((n - 1)) -z $((n * 4096)) -d /tmp/pt.in >/dev/null ||
+        fail "passthrough write of $n blocks"
+    nvme read "$DEV" -s 8192 -c $((n - 1)) -z $((n * 4096)) -d /tmp/pt.out >/dev/null ||
+        fail "passthrough read of $n blocks"
+    cmp /tmp/pt.in /tmp/pt.out || fail "passthrough of $n blocks did not round-trip"
+done
+ok "passthrough-large max_hw_sectors_kb=$hw"
 
 step "a namespace published after connect appears"
 ask_host add-ns2
