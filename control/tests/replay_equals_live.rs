@@ -356,6 +356,18 @@ fn run_case(commands: Vec<Command>, settle_every: usize) {
         let live = bus.state().clone();
         live
     });
+    // The writer thread lets go of the journal once every bus handle is gone. Wait for it:
+    // a RocksDB still open in a detached thread when the test process exits is closed during
+    // the C++ static destructors, and that crashes the process (seen as SIGSEGV after every
+    // test had passed).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while Arc::strong_count(&journal) > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the journal writer never stopped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     let mut nsids: Vec<u32> = live.volumes.by_uuid.values().map(|v| v.nsid).collect();
     let count = nsids.len();
     nsids.sort_unstable();
