@@ -73,8 +73,11 @@ const STORE_DEVICE_BYTES: u64 = 4 << 30;
 const RX_BUF_BYTES: usize = 4 << 20;
 /// Largest data PDU the initiator accepts.
 const MAX_RX_DATA_BYTES: u32 = 1 << 20;
-/// Largest block size the bench issues (the target's MDTS is 128 KiB).
-const MAX_BS_BYTES: usize = 128 * 1024;
+/// Largest block size the bench issues (the target's MDTS is 8 MiB; the bench's receive
+/// side takes data PDUs of up to 1 MiB).
+const MAX_BS_BYTES: usize = 1 << 20;
+/// Block size of the sequential prefill.
+const PREFILL_BS_BYTES: usize = 128 * 1024;
 /// Deepest queue the bench asks for (the target's MAX_QUEUE_DEPTH is 128, SQSIZE is 0-based).
 const MAX_QD: usize = 127;
 const LBA_BYTES: u64 = 4096;
@@ -202,6 +205,8 @@ fn full_suite(queues: usize) -> Vec<Job> {
         job(4096, 32, 0, true, queues),
         job(128 * 1024, 32, 100, false, queues),
         job(128 * 1024, 32, 0, false, queues),
+        job(1 << 20, 4, 100, false, queues),
+        job(1 << 20, 4, 0, false, queues),
     ]
 }
 
@@ -223,7 +228,7 @@ fn usage() -> ! {
          \x20                [--bs BYTES] [--qd N]\n\
          kinds: file store store-lz4 store-snap (in-process target), plain compressed\n\
          snapshotted (evstor serve); default all. Jobs: 4k randread and randwrite QD32;\n\
-         --full adds QD1 and 128k sequential; any of --rw/--bs/--qd runs one custom job.\n\
+         --full adds QD1, 128k sequential QD32 and 1M sequential QD4; any of --rw/--bs/--qd runs one custom job.\n\
          --rounds N repeats all kinds N times (odd rounds backwards); the summary takes medians.\n\
          NVME_LOAD_SECS sets the default duration."
     );
@@ -1472,9 +1477,9 @@ fn run_job(
 /// Writes the whole namespace once, sequentially in 128 KiB commands, so reads hit
 /// allocated blocks, not holes.
 fn precondition(ctrl: &Controller, target: &Target, digests: bool) -> anyhow::Result<()> {
-    let job = job(MAX_BS_BYTES, 16, 0, false, 1);
+    let job = job(PREFILL_BS_BYTES, 16, 0, false, 1);
     let mut q = IoQueue::connect(queue_spec(ctrl, target, digests, job, 1))?;
-    q.budget = ctrl.blocks / (MAX_BS_BYTES as u64 / LBA_BYTES);
+    q.budget = ctrl.blocks / (PREFILL_BS_BYTES as u64 / LBA_BYTES);
     let far = Instant::now() + Duration::from_secs(3600);
     q.run(&Window {
         start: far,
