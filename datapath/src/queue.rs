@@ -337,6 +337,9 @@ pub struct Queue {
     reserve_wait: VecDeque<u16>,
     /// A capsule with in-capsule data waits for a data buffer (the driver keeps it).
     rx_stalled: bool,
+    /// The stalled PDU is a capsule that found every slot taken while some were only
+    /// waiting for their send to complete (it resumes once one is released).
+    stalled_for_slot: bool,
     /// R2T data this queue may have outstanding, and has (bytes).
     r2t_budget: usize,
     r2t_held: usize,
@@ -428,6 +431,7 @@ impl Queue {
             reserve_free: true,
             reserve_wait: VecDeque::with_capacity(if qid == 0 { n } else { 0 }),
             rx_stalled: false,
+            stalled_for_slot: false,
             r2t_budget,
             r2t_held: 0,
             r2t_wait: VecDeque::with_capacity(n),
@@ -504,7 +508,7 @@ impl Queue {
     /// pool may have been refilled by other queues at any time, so a driver also retries
     /// on its ticks).
     pub fn rx_may_resume(&self) -> bool {
-        self.rx_stalled && self.reserve_free
+        self.rx_stalled && (self.reserve_free || (self.stalled_for_slot && !self.free.is_empty()))
     }
 
     /// One part of slot `tag`'s command finished: `res` is bytes done or -errno.
@@ -760,9 +764,16 @@ impl Queue {
         digest_ok: bool,
     ) -> Result<Flow, DatapathError> {
         let Some(slot) = self.free.pop() else {
-            // The host exceeded the queue depth it connected with.
+            // A host may reuse a command's slot as soon as it has the completion, which can
+            // arrive before this side has seen its own send complete: wait for that send.
+            // With no slot merely sending, the host exceeded the depth it connected with.
+            if self.slots.iter().any(|s| s.state == SlotState::Sending) {
+                self.stalled_for_slot = true;
+                return Ok(Flow::Stalled);
+            }
             return Err(PduError::Unexpected(PduType::CapsuleCmd as u8).into());
         };
+        self.stalled_for_slot = false;
         let i = slot as usize;
         let s = &mut self.slots[i];
         s.sqe = *sqe;

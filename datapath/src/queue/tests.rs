@@ -324,6 +324,40 @@ fn exceeding_the_queue_depth_is_a_protocol_error() {
     );
 }
 
+/// A host reuses a slot as soon as it has the completion, which can arrive before the
+/// target has seen its own send complete: that capsule waits for the send, it does not end
+/// the connection (seen with 128 KiB reads at QD32 over loopback).
+#[test]
+fn a_capsule_for_a_slot_still_sending_waits_for_the_send() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sh = shared(dir.path(), 1 << 20, QosLimits::default());
+    let ctrl = controller(&sh, 0);
+    let mut q = queue(&sh, &ctrl, 1, 2);
+    ok(&mut q, &rw(io::READ, 1, 0, 1, &[]));
+    ok(&mut q, &rw(io::READ, 2, 1, 1, &[]));
+    for r in submits(&mut q) {
+        q.on_io_done(r.tag as u16, r.len as i32).expect("read done");
+    }
+    assert!(q.tx_start(Instant::now()), "both completions are staged");
+    // The host saw them and sends a third command before the target's send completed.
+    let third = rw(io::READ, 3, 2, 1, &[]);
+    assert_eq!(
+        q.on_pdu(Instant::now(), &third).expect("no error"),
+        Flow::Stalled
+    );
+    assert_eq!(
+        q.on_pdu(Instant::now(), &third).expect("no error"),
+        Flow::Stalled,
+        "offered again before the send completed, it still waits"
+    );
+    let mut iov = Vec::with_capacity(8);
+    let n = q.tx_iov(&mut iov);
+    q.on_sent(n).expect("sent");
+    assert!(q.rx_may_resume(), "the send released the slots");
+    ok(&mut q, &third);
+    assert_eq!(submits(&mut q).len(), 1, "the third read runs");
+}
+
 #[test]
 fn a_command_completes_only_when_all_its_parts_did_in_either_order() {
     let dir = tempfile::tempdir().expect("tempdir");
