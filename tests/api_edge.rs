@@ -537,6 +537,12 @@ fn an_answer_that_leaves_the_body_unread_closes_the_connection() {
     let (status, _, heads) = c.post_with_headers("/api/v2/version", &json!({"a": 1}), &[]);
     assert_eq!(status, 405);
     assert_eq!(connection(&heads).as_deref(), Some("close"), "{heads:?}");
+    // Refused by admission, before routing: the body is never read either.
+    let anonymous = s.anonymous();
+    let (status, _, heads) =
+        anonymous.post_with_headers("/api/v2/projects", &json!({"name": "x"}), &[]);
+    assert_eq!(status, 401);
+    assert_eq!(connection(&heads).as_deref(), Some("close"), "{heads:?}");
     let (status, _, heads) = c.post_with_headers("/api/v2/projects", &json!({"name": "kept"}), &[]);
     assert_eq!(status, 200);
     assert_eq!(connection(&heads), None, "{heads:?}");

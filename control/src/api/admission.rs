@@ -190,8 +190,9 @@ pub async fn admit(State(gate): State<Arc<Admission>>, req: Request, next: Next)
     if need == Need::Nothing {
         return next.run(Request::from_parts(parts, body)).await;
     }
-    let with_body = declares_body(&parts.headers);
-    let refuse = |e: ApiError| refusal(e, with_body);
+    // A refusal leaves the body unread; `super::metrics::observe` (the outer layer) then
+    // says `Connection: close`.
+    let refuse = |e: ApiError| e.into_response();
     if let Err(e) = declared_length_fits(&parts.headers) {
         return refuse(e);
     }
@@ -230,19 +231,6 @@ pub(crate) fn declares_body(headers: &axum::http::HeaderMap) -> bool {
             .get(axum::http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim() != "0")
-}
-
-/// A refusal. Its body is never read, so the connection cannot carry another request: say so
-/// (`Connection: close`), or a client may send its next request on a socket about to close.
-fn refusal(e: ApiError, unread_body: bool) -> Response {
-    let mut response = e.into_response();
-    if unread_body {
-        response.headers_mut().insert(
-            axum::http::header::CONNECTION,
-            axum::http::HeaderValue::from_static("close"),
-        );
-    }
-    response
 }
 
 /// The answer to a body that could not be read: 413 past the size limit, 408 past the body
