@@ -1194,6 +1194,7 @@ impl InProcess {
             let backing = Backing::Image {
                 store: store.clone(),
                 compress,
+                replication: None,
             };
             (backing, Some(store))
         };

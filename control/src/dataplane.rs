@@ -110,6 +110,7 @@ impl VolumeStore {
             backing: Backing::Image {
                 store: self.store.clone(),
                 compress: v.compression,
+                replication: None,
             },
             host_acl: acl(&v.acl),
             ip_acl: acl(&v.ip_acl),

@@ -66,6 +66,25 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// For Read and Write, `req.buf` must point to `req.len` bytes that stay valid, and
     /// are neither read nor written by anyone else, until that completion has been reaped.
     unsafe fn submit(&self, q: &mut IoQueue, req: &IoRequest) -> io::Result<()>;
+
+    /// As [`Backend::submit`], for a backend that also sends the operation elsewhere (a
+    /// replicated volume): returns how many completions *beyond* the local one will be
+    /// reported for `req.tag`, through the queue's [`CompletionSink`] (0 for a plain
+    /// backend). Each reports 0 on success or -errno.
+    ///
+    /// # Safety
+    /// As [`Backend::submit`], until every completion of `req.tag` has been reaped.
+    unsafe fn submit_parts(&self, q: &mut IoQueue, req: &IoRequest) -> io::Result<u32> {
+        // SAFETY: forwarded caller contract.
+        unsafe { self.submit(q, req) }.map(|()| 0)
+    }
+}
+
+/// Where completions produced on another thread (a replica's answer) go: the reactor that
+/// issued the operation, which applies them like its ring's.
+pub trait CompletionSink: Send + Sync {
+    /// Reports `result` for the operation tagged `tag`.
+    fn complete(&self, tag: u64, result: i32);
 }
 
 /// Work a backend postponed to the end of the connection's loop pass, such as one metadata
@@ -85,6 +104,8 @@ pub struct IoQueue {
     deferred: Option<Arc<dyn Deferred>>,
     /// Operations that went through the ring (tests check io_uring really was used).
     ring_ops: u64,
+    /// Where other threads report completions of this queue's operations (reactors).
+    remote: Option<Arc<dyn CompletionSink>>,
 }
 
 enum QueueKind {
@@ -108,6 +129,7 @@ impl IoQueue {
             done: VecDeque::with_capacity(2 * RING_ENTRIES as usize),
             deferred: None,
             ring_ops: 0,
+            remote: None,
         }
     }
 
@@ -118,6 +140,7 @@ impl IoQueue {
             done: VecDeque::with_capacity(2 * RING_ENTRIES as usize),
             deferred: None,
             ring_ops: 0,
+            remote: None,
         })
     }
 
@@ -143,7 +166,19 @@ impl IoQueue {
             done: VecDeque::with_capacity(cq as usize),
             deferred: None,
             ring_ops: 0,
+            remote: None,
         })
+    }
+
+    /// Names where completions produced on other threads are reported (a reactor's
+    /// mailbox); a queue without one cannot carry replicated writes.
+    pub fn set_remote(&mut self, sink: Arc<dyn CompletionSink>) {
+        self.remote = Some(sink);
+    }
+
+    /// See [`IoQueue::set_remote`].
+    pub fn remote(&self) -> Option<&Arc<dyn CompletionSink>> {
+        self.remote.as_ref()
     }
 
     /// The ring (to register provided buffers), if this queue is one.

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::blockstore::BlockStore;
+use crate::replica::Member;
 
 use crate::admission::Caps;
 use crate::limits::{
@@ -229,20 +230,51 @@ pub enum Backing {
         store: Arc<BlockStore>,
         /// Whether new writes are lz4-compressed.
         compress: bool,
+        /// Set on the primary of a replicated volume: the replicas every change goes to.
+        replication: Option<Replication>,
     },
 }
+
+/// The in-sync replicas of a volume and the epoch its writes carry.
+#[derive(Debug, Clone)]
+pub struct Replication {
+    /// The volume's epoch (the primary's term); replicas refuse older ones.
+    pub epoch: u64,
+    /// The in-sync replicas (kept by the control plane across publications, so a replica
+    /// that leaves the set can be told: [`Member::drop_replica`]).
+    pub members: Vec<Arc<Member>>,
+}
+
+impl PartialEq for Replication {
+    fn eq(&self, other: &Replication) -> bool {
+        self.epoch == other.epoch
+            && self.members.len() == other.members.len()
+            && self
+                .members
+                .iter()
+                .zip(&other.members)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+}
+
+impl Eq for Replication {}
 
 impl PartialEq for Backing {
     fn eq(&self, other: &Backing) -> bool {
         match (self, other) {
             (Backing::File(a), Backing::File(b)) => a == b,
             (
-                Backing::Image { store, compress },
+                Backing::Image {
+                    store,
+                    compress,
+                    replication,
+                },
                 Backing::Image {
                     store: s2,
                     compress: c2,
+                    replication: r2,
                 },
-            ) => Arc::ptr_eq(store, s2) && compress == c2,
+            ) => Arc::ptr_eq(store, s2) && compress == c2 && replication == r2,
             _ => false,
         }
     }

@@ -189,7 +189,9 @@ pub fn account_completion(s: &mut Slot, res: i32) {
         tracing::warn!(op, res, "storage operation failed");
         s.status = match op {
             _ if res == -libc::ENOSPC => Status::CAPACITY_EXCEEDED,
-            _ if res == -libc::ENXIO => Status::NS_NOT_READY,
+            _ if res == -libc::ENXIO || res == -libc::EAGAIN => Status::NS_NOT_READY,
+            // A replica fenced this server's epoch: it is no longer the volume's primary.
+            _ if res == crate::replica::FENCED => Status::ANA_INACCESSIBLE,
             io::READ => Status::READ_ERROR,
             io::WRITE => Status::WRITE_FAULT,
             _ => Status::INTERNAL,

@@ -136,6 +136,7 @@ pub mod pages;
 pub mod pdu;
 pub mod pool;
 pub mod qos;
+pub mod replica;
 
 mod admin;
 mod conn;
@@ -151,7 +152,9 @@ mod target;
 mod tx;
 
 pub use backend::{Backend, FileBackend, IoKind, IoQueue, IoRequest};
-pub use config::{default_reactors, Acl, Backing, ConnectedHost, NamespaceSpec, TargetConfig};
+pub use config::{
+    default_reactors, Acl, Backing, ConnectedHost, NamespaceSpec, Replication, TargetConfig,
+};
 pub use device::{probe, DeviceInfo, DeviceKind};
 pub use error::DatapathError;
 pub use qos::QosLimits;

@@ -320,3 +320,35 @@ pub const INITIATOR_READY_POLLS_MAX: u32 = 1_000;
 
 const _: () =
     assert!(INITIATOR_QUEUE_DEPTH >= MIN_QUEUE_DEPTH && INITIATOR_QUEUE_DEPTH <= MAX_QUEUE_DEPTH);
+
+/// The replication listener takes the NVMe/TCP port plus this, on the same address, so a
+/// peer finds it from the node's recorded NVMe endpoint alone.
+pub const REPLICATION_PORT_OFFSET: u16 = 1;
+/// Largest data one replication frame carries: one backend part (commands are split into
+/// parts of at most this before they reach a backend).
+pub const REPLICA_FRAME_DATA_MAX: usize = BACKEND_IO_BYTES_MAX;
+/// Replica parts one link to a peer holds (queued, in flight or held for the control
+/// plane); one more completes at once with an error the host retries.
+pub const REPLICA_LINK_PARTS_MAX: usize = 8192;
+/// A replica part unanswered for this long breaks its link (the replica is then reported
+/// for the control plane to record out of sync).
+pub const REPLICA_IO_TIMEOUT_MS: u64 = 2_000;
+/// Connecting to a replica gives up after this.
+pub const REPLICA_CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// Pause between reconnection attempts of a broken link.
+pub const REPLICA_RECONNECT_MS: u64 = 500;
+/// Parts of a failed replica wait at most this for the control plane to record it out of
+/// sync (which lets them complete); then they fail with an error the host retries.
+pub const REPLICA_HOLD_MAX_MS: u64 = 20_000;
+/// A replica that does not hold the image yet (its server is still applying the volume's
+/// creation) is asked again for this long before the part counts as failed.
+pub const REPLICA_NOT_READY_RETRY_MS: u64 = 5_000;
+/// Pause before asking a not-ready replica again.
+pub const REPLICA_NOT_READY_PAUSE_MS: u64 = 20;
+/// Connections the replication listener serves at once (peers × links).
+pub const REPLICA_CONNECTIONS_MAX: usize = 64;
+/// Frames one replica connection applies in one batch (one metadata commit); each holds a
+/// buffer of [`REPLICA_FRAME_DATA_MAX`].
+pub const REPLICA_BATCH_FRAMES: usize = 32;
+/// How often an idle replica connection checks for shutdown.
+pub const REPLICA_POLL_MS: u64 = 200;

@@ -25,6 +25,9 @@ pub struct Mail<A> {
     pub wake: Vec<u64>,
     /// Connections to close (reclaimed handshakes), by ledger key.
     pub close: Vec<ConnKey>,
+    /// Completions of this reactor's operations reported by other threads (replica
+    /// answers): tag and result, applied like ring completions.
+    pub done: Vec<(u64, i32)>,
 }
 
 impl<A> Default for Mail<A> {
@@ -33,13 +36,17 @@ impl<A> Default for Mail<A> {
             adopt: VecDeque::new(),
             wake: Vec::new(),
             close: Vec::new(),
+            done: Vec::new(),
         }
     }
 }
 
 impl<A> Mail<A> {
     fn is_empty(&self) -> bool {
-        self.adopt.is_empty() && self.wake.is_empty() && self.close.is_empty()
+        self.adopt.is_empty()
+            && self.wake.is_empty()
+            && self.close.is_empty()
+            && self.done.is_empty()
     }
 }
 
@@ -72,6 +79,7 @@ impl<A> Mailbox<A> {
                 adopt: VecDeque::new(),
                 wake: Vec::with_capacity(tokens),
                 close: Vec::new(),
+                done: Vec::new(),
             }),
             pending: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
@@ -178,6 +186,12 @@ pub trait Wakeable: Send + Sync {
 impl<A: Send> Wakeable for Mailbox<A> {
     fn wake_token(&self, token: u64) {
         self.post(|m| m.wake.push(token));
+    }
+}
+
+impl<A: Send> crate::backend::CompletionSink for Mailbox<A> {
+    fn complete(&self, tag: u64, result: i32) {
+        self.post(|m| m.done.push((tag, result)));
     }
 }
 

@@ -14,6 +14,7 @@ use crate::error::DatapathError;
 use crate::limits::{LBA_SHIFT, MAX_NAMESPACES};
 use crate::pages::NsIdentity;
 use crate::qos::QosState;
+use crate::replica::Replicated;
 
 /// One live namespace.
 #[derive(Debug)]
@@ -205,7 +206,14 @@ fn open_one(spec: NamespaceSpec, old: &NsTable) -> Result<Namespace, DatapathErr
                 }
             })?)
         }
-        (None, Backing::Image { store, compress }) => {
+        (
+            None,
+            Backing::Image {
+                store,
+                compress,
+                replication,
+            },
+        ) => {
             let uuid = uuid::Uuid::from_bytes(spec.uuid);
             if !store.contains(uuid) {
                 return Err(DatapathError::Config(format!(
@@ -213,7 +221,16 @@ fn open_one(spec: NamespaceSpec, old: &NsTable) -> Result<Namespace, DatapathErr
                     spec.nsid
                 )));
             }
-            Arc::new(store.image(uuid, spec.size_bytes, *compress))
+            let image: Arc<dyn Backend> = Arc::new(store.image(uuid, spec.size_bytes, *compress));
+            match replication {
+                Some(r) => Arc::new(Replicated::new(
+                    image,
+                    spec.uuid,
+                    r.epoch,
+                    r.members.clone(),
+                )),
+                None => image,
+            }
         }
     };
     let qos = QosState::carry_over(old.get(spec.nsid).map(|o| &o.qos), spec.qos);

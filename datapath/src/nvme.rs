@@ -92,6 +92,12 @@ impl Status {
     pub const CAPACITY_EXCEEDED: Status = Status::generic(0x81, true);
     /// Namespace Not Ready.
     pub const NS_NOT_READY: Status = Status::generic(0x82, false);
+    /// Path: Asymmetric Access Inaccessible (a multipath host retries on another path).
+    pub const ANA_INACCESSIBLE: Status = Status {
+        sct: 3,
+        sc: 0x02,
+        dnr: false,
+    };
     /// Invalid Queue Identifier.
     pub const INVALID_QID: Status = Status::specific(0x01);
     /// Invalid Queue Size.

@@ -531,13 +531,6 @@ impl Queue {
     /// the driver); each reports through [`Queue::on_io_done`] with 0 (it moved no bytes
     /// through this server's storage: those are counted against the command's length) or
     /// -errno.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the replicated write path's entry point, not wired yet"
-        )
-    )]
     pub fn add_parts(&mut self, tag: u16, n: u32) {
         if let Some(s) = self
             .slots
@@ -595,11 +588,12 @@ impl Queue {
     // Outputs
 
     /// Calls `f(namespace, request)` for each storage operation to issue, in order; the
-    /// request's tag is the slot. A submission that fails completes its part with
-    /// Internal Error.
+    /// request's tag is the slot, and `f` returns how many parts beyond the local one it
+    /// issued (replica copies, see [`Queue::add_parts`]). A submission that fails completes
+    /// its part with Internal Error.
     pub fn drain_submits(
         &mut self,
-        mut f: impl FnMut(&Namespace, &IoRequest) -> std::io::Result<()>,
+        mut f: impl FnMut(&Namespace, &IoRequest) -> std::io::Result<u32>,
     ) -> Result<(), DatapathError> {
         let mut subs = std::mem::take(&mut self.subs);
         let mut r = Ok(());
@@ -626,10 +620,13 @@ impl Queue {
                 (Some(req), Some(ns)) => f(ns, req),
                 _ => Err(std::io::Error::other("no buffer or namespace")),
             };
-            if let Err(e) = submitted {
-                tracing::warn!("backend submit failed: {e}");
-                if r.is_ok() {
-                    r = self.part_failed(i, Status::INTERNAL);
+            match submitted {
+                Ok(extra) => self.add_parts(i as u16, extra),
+                Err(e) => {
+                    tracing::warn!("backend submit failed: {e}");
+                    if r.is_ok() {
+                        r = self.part_failed(i, Status::INTERNAL);
+                    }
                 }
             }
         }

@@ -331,6 +331,7 @@ impl Reactor {
             .cloned()
             .ok_or(DatapathError::Closed("no mailbox for reactor"))?;
         let mut ioq = IoQueue::reactor(REACTOR_SQ_ENTRIES, REACTOR_CQ_ENTRIES)?;
+        ioq.set_remote(mailbox.clone());
         let bufs = RecvBufs::new(&mut ioq)?;
         let conns_max = shared.cfg.max_connections + shared.cfg.max_discovery_connections;
         let now = Instant::now();
@@ -409,6 +410,13 @@ impl Reactor {
             self.close_key(key);
         }
         mail.close.clear();
+        for &(t, res) in &mail.done {
+            let (kind, idx, gen, slot) = tag::split(t);
+            if kind == tag::IO {
+                self.on_io(idx, gen, slot, res);
+            }
+        }
+        mail.done.clear();
         self.mail = mail;
         true
     }
@@ -812,7 +820,7 @@ fn issue_storage(c: &mut Conn, idx: usize, ioq: &mut IoQueue) {
         // (and never hands to anyone else) until this part's completion is applied, or
         // leaks if the connection is dropped before; the slot holds an Arc to the
         // namespace, so the backend outlives the operation.
-        unsafe { ns.backend.submit(ioq, &req) }
+        unsafe { ns.backend.submit_parts(ioq, &req) }
     });
     if let Err(e) = r {
         c.fail_queue(e);

@@ -222,7 +222,7 @@ fn submits(q: &mut Queue) -> Vec<IoRequest> {
     let mut v = Vec::new();
     q.drain_submits(|_, req| {
         v.push(*req);
-        Ok(())
+        Ok(0)
     })
     .expect("submits");
     v

@@ -1,0 +1,603 @@
+//! The primary's side: one [`Link`] per replica server, shared by every volume replicated
+//! there, and the [`ReplicaHub`] that holds them.
+//!
+//! A link is one TCP connection driven by two threads (not one per I/O): the sender
+//! batches queued parts into one vectored write, the receiver reads answers and hands each
+//! completion to the reactor that issued the part ([`CompletionSink`]). Every part it
+//! accepts completes within bounded time: answered; failed at once when the link is full;
+//! or, when the replica failed, held until the control plane drops the replica from the
+//! volume's in-sync set (then it completes with success: the copy is no longer owed) or
+//! until [`REPLICA_HOLD_MAX_MS`] passes (then with an error the host retries).
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::{decode_answer, Frame, ANSWER_BYTES, FENCED, HDR_BYTES, NOT_HELD};
+use crate::backend::CompletionSink;
+use crate::limits::{
+    REPLICA_CONNECT_TIMEOUT_MS, REPLICA_HOLD_MAX_MS, REPLICA_IO_TIMEOUT_MS, REPLICA_LINK_PARTS_MAX,
+    REPLICA_NOT_READY_PAUSE_MS, REPLICA_NOT_READY_RETRY_MS, REPLICA_POLL_MS, REPLICA_RECONNECT_MS,
+};
+
+/// Parts the sender puts into one vectored write.
+const SEND_BATCH: usize = 32;
+
+/// A data pointer the issuing command keeps valid until the part completes.
+#[derive(Clone, Copy)]
+struct DataPtr(*const u8);
+// SAFETY: the pointee is a command's data buffer that its queue neither frees nor reuses
+// until every part of the command (this one included) has completed; the link only reads it.
+unsafe impl Send for DataPtr {}
+
+/// One replica part: a frame, its data, and whom to tell.
+struct Part {
+    frame: Frame,
+    data: DataPtr,
+    sink: Arc<dyn CompletionSink>,
+    tag: u64,
+    /// Set when the control plane dropped this replica from the volume's in-sync set.
+    dropped: Arc<AtomicBool>,
+    phase: Phase,
+    first_sent: Option<Instant>,
+    /// Connection generation it was sent on, and when.
+    sent: Option<(u64, Instant)>,
+    retry_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Queued,
+    Sending,
+    Sent,
+    Held(Instant),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Conn {
+    /// Not connected yet: parts queue.
+    Connecting,
+    /// Connected (generation): parts are sent.
+    Up(u64),
+    /// Failed: parts are held until reconnected.
+    Down,
+}
+
+struct State {
+    conn: Conn,
+    gen: u64,
+    parts: Vec<Option<Part>>,
+    free: Vec<u32>,
+    outq: VecDeque<u32>,
+    /// Volumes whose parts failed here, not yet taken by the control plane.
+    failures: BTreeSet<[u8; 16]>,
+    stream: Option<TcpStream>,
+}
+
+/// A connection to one replica server, shared by the volumes replicated there.
+pub struct Link {
+    addr: SocketAddr,
+    st: Mutex<State>,
+    cv: Condvar,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("addr", &self.addr).finish()
+    }
+}
+
+impl Link {
+    fn new(addr: SocketAddr, stop: Arc<AtomicBool>) -> Link {
+        Link {
+            addr,
+            st: Mutex::new(State {
+                conn: Conn::Connecting,
+                gen: 0,
+                parts: Vec::new(),
+                free: Vec::new(),
+                outq: VecDeque::new(),
+                failures: BTreeSet::new(),
+                stream: None,
+            }),
+            cv: Condvar::new(),
+            stop,
+        }
+    }
+
+    /// The replica server's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes one part; its completion reaches `sink` with `tag` (0 or -errno).
+    ///
+    /// # Safety
+    /// For a write, `data` must point to `frame.len` bytes that stay valid and unchanged
+    /// until that completion has been delivered.
+    pub unsafe fn submit(
+        &self,
+        frame: Frame,
+        data: *const u8,
+        sink: &Arc<dyn CompletionSink>,
+        tag: u64,
+        dropped: &Arc<AtomicBool>,
+    ) {
+        let mut st = self.lock();
+        let id = match st.free.pop() {
+            Some(id) => id,
+            None if st.parts.len() < REPLICA_LINK_PARTS_MAX => {
+                st.parts.push(None);
+                (st.parts.len() - 1) as u32
+            }
+            None => {
+                drop(st);
+                tracing::warn!(peer = %self.addr, "replica link full; the host will retry");
+                sink.complete(tag, -libc::EAGAIN);
+                return;
+            }
+        };
+        let mut frame = frame;
+        frame.id = id;
+        let now = Instant::now();
+        let phase = match st.conn {
+            Conn::Down => {
+                st.failures.insert(frame.volume);
+                Phase::Held(now)
+            }
+            _ => Phase::Queued,
+        };
+        st.parts[id as usize] = Some(Part {
+            frame,
+            data: DataPtr(data),
+            sink: sink.clone(),
+            tag,
+            dropped: dropped.clone(),
+            phase,
+            first_sent: None,
+            sent: None,
+            retry_at: None,
+        });
+        if phase == Phase::Queued {
+            st.outq.push_back(id);
+            drop(st);
+            self.cv.notify_all();
+        } else {
+            drop(st);
+            self.sweep();
+        }
+    }
+
+    /// Completes held parts whose replica was dropped (success) or that waited too long
+    /// (error).
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let hold_max = Duration::from_millis(REPLICA_HOLD_MAX_MS);
+        let mut done = Vec::new();
+        {
+            let mut st = self.lock();
+            for id in 0..st.parts.len() {
+                let res = match &st.parts[id] {
+                    Some(p) => match p.phase {
+                        Phase::Held(_) if p.dropped.load(Ordering::Acquire) => 0,
+                        Phase::Held(since) if now.duration_since(since) >= hold_max => -libc::EIO,
+                        _ => continue,
+                    },
+                    None => continue,
+                };
+                if let Some(p) = st.parts[id].take() {
+                    st.free.push(id as u32);
+                    done.push((p.sink, p.tag, res));
+                }
+            }
+        }
+        for (sink, tag, res) in done {
+            sink.complete(tag, res);
+        }
+    }
+
+    /// Volumes whose parts failed on this link since the last call.
+    fn take_failures(&self) -> Vec<[u8; 16]> {
+        std::mem::take(&mut self.lock().failures)
+            .into_iter()
+            .collect()
+    }
+
+    /// Ends connection `gen` (if still current): everything queued or in flight is held.
+    fn fail(&self, gen: u64, why: &str) {
+        let mut st = self.lock();
+        if st.conn != Conn::Up(gen) && st.conn != Conn::Connecting {
+            return;
+        }
+        tracing::warn!(peer = %self.addr, "replica link failed: {why}");
+        st.conn = Conn::Down;
+        if let Some(s) = st.stream.take() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        st.outq.clear();
+        let now = Instant::now();
+        let State {
+            parts, failures, ..
+        } = &mut *st;
+        for p in parts.iter_mut().flatten() {
+            if matches!(p.phase, Phase::Queued | Phase::Sending | Phase::Sent) {
+                // A part still being written stays `Sending` (its data is being read) and is
+                // held by the sender when it finishes.
+                if p.phase != Phase::Sending {
+                    p.phase = Phase::Held(now);
+                }
+                failures.insert(p.frame.volume);
+            }
+        }
+        drop(st);
+        self.cv.notify_all();
+        self.sweep();
+    }
+
+    /// The receiver's answer for part `id` on connection `gen`.
+    fn on_answer(&self, gen: u64, id: u32, status: i32) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let ok_part = st
+            .parts
+            .get(id as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|p| p.phase == Phase::Sent && p.sent.is_some_and(|(g, _)| g == gen));
+        if !ok_part {
+            return;
+        }
+        let retry = Duration::from_millis(REPLICA_NOT_READY_RETRY_MS);
+        let requeue = status == NOT_HELD
+            && st.parts[id as usize]
+                .as_ref()
+                .and_then(|p| p.first_sent)
+                .is_some_and(|t| now.duration_since(t) < retry);
+        if requeue {
+            if let Some(p) = st.parts[id as usize].as_mut() {
+                p.phase = Phase::Queued;
+                p.retry_at = Some(now + Duration::from_millis(REPLICA_NOT_READY_PAUSE_MS));
+            }
+            st.outq.push_back(id);
+            drop(st);
+            self.cv.notify_all();
+            return;
+        }
+        if status != 0 && status != FENCED {
+            // The replica could not store it (or never got the volume): its copy is no
+            // longer trustworthy. Hold the part and report the replica.
+            tracing::warn!(peer = %self.addr, status, "replica refused a part");
+            let volume = match st.parts[id as usize].as_mut() {
+                Some(p) => {
+                    p.phase = Phase::Held(now);
+                    p.frame.volume
+                }
+                None => return,
+            };
+            st.failures.insert(volume);
+            drop(st);
+            self.sweep();
+            return;
+        }
+        let Some(p) = st.parts[id as usize].take() else {
+            return;
+        };
+        st.free.push(id);
+        drop(st);
+        p.sink.complete(p.tag, status);
+    }
+
+    /// Oldest send time among parts in flight on connection `gen`.
+    fn oldest_in_flight(&self, gen: u64) -> Option<Instant> {
+        let st = self.lock();
+        st.parts
+            .iter()
+            .flatten()
+            .filter(|p| p.phase == Phase::Sent)
+            .filter_map(|p| p.sent.filter(|(g, _)| *g == gen).map(|(_, t)| t))
+            .min()
+    }
+}
+
+/// The links of this server's primaries, by replica server address.
+pub struct ReplicaHub {
+    links: Mutex<HashMap<SocketAddr, Arc<Link>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for ReplicaHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaHub").finish_non_exhaustive()
+    }
+}
+
+impl Default for ReplicaHub {
+    fn default() -> Self {
+        ReplicaHub {
+            links: Mutex::new(HashMap::new()),
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl ReplicaHub {
+    /// The link to `addr`, started on first use.
+    pub fn link(&self, addr: SocketAddr) -> io::Result<Arc<Link>> {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = links.get(&addr) {
+            return Ok(l.clone());
+        }
+        let link = Arc::new(Link::new(addr, self.stop.clone()));
+        let driver = link.clone();
+        std::thread::Builder::new()
+            .name(format!("evstor-repl-{addr}"))
+            .spawn(move || drive(&driver))?;
+        links.insert(addr, link.clone());
+        Ok(link)
+    }
+
+    /// Replicas that failed since the last call: (volume, replica server address).
+    pub fn take_failures(&self) -> Vec<([u8; 16], SocketAddr)> {
+        let links: Vec<Arc<Link>> = self
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        for l in links {
+            out.extend(l.take_failures().into_iter().map(|v| (v, l.addr)));
+        }
+        out
+    }
+
+    /// Stops every link's threads (parts still held complete with errors first).
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        for l in self
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            l.fail(l.lock().gen, "shutting down");
+            l.cv.notify_all();
+        }
+    }
+}
+
+/// The link's driver thread: connects, sends, reconnects after failures, sweeps holds.
+fn drive(link: &Arc<Link>) {
+    let pause = Duration::from_millis(REPLICA_RECONNECT_MS);
+    while !link.stop.load(Ordering::Acquire) {
+        let timeout = Duration::from_millis(REPLICA_CONNECT_TIMEOUT_MS);
+        match TcpStream::connect_timeout(&link.addr, timeout).and_then(|s| {
+            s.set_nodelay(true)?;
+            s.set_write_timeout(Some(Duration::from_millis(REPLICA_IO_TIMEOUT_MS)))?;
+            s.set_read_timeout(Some(Duration::from_millis(REPLICA_POLL_MS)))?;
+            Ok(s)
+        }) {
+            Ok(s) => {
+                let gen = up(link, &s);
+                let rx = s.try_clone();
+                let recv_link = link.clone();
+                let receiver =
+                    rx.map(|rx| std::thread::spawn(move || receive(&recv_link, rx, gen)));
+                send_loop(link, s, gen);
+                if let Ok(r) = receiver {
+                    let _ = r.join();
+                }
+            }
+            Err(e) => {
+                let gen = link.lock().gen;
+                link.fail(gen, &format!("connecting to {}: {e}", link.addr));
+            }
+        }
+        link.sweep();
+        std::thread::sleep(pause);
+    }
+    link.sweep();
+}
+
+/// Marks the link up on a new connection generation; returns it.
+fn up(link: &Link, s: &TcpStream) -> u64 {
+    let mut st = link.lock();
+    st.gen += 1;
+    st.conn = Conn::Up(st.gen);
+    st.stream = s.try_clone().ok();
+    st.gen
+}
+
+/// Sends queued parts until connection `gen` fails or the hub stops.
+fn send_loop(link: &Link, mut s: TcpStream, gen: u64) {
+    let mut batch: Vec<(u32, [u8; HDR_BYTES], DataPtr, usize)> = Vec::with_capacity(SEND_BATCH);
+    let sweep_every = Duration::from_millis(REPLICA_POLL_MS);
+    loop {
+        batch.clear();
+        {
+            let mut st = link.lock();
+            loop {
+                if st.conn != Conn::Up(gen) || link.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                let now = Instant::now();
+                let ready = st.outq.front().copied().and_then(|id| {
+                    let p = st.parts.get(id as usize)?.as_ref()?;
+                    Some(p.retry_at.is_none_or(|t| t <= now))
+                });
+                match ready {
+                    Some(true) => break,
+                    Some(false) => {
+                        st = link
+                            .cv
+                            .wait_timeout(st, sweep_every)
+                            .map(|r| r.0)
+                            .unwrap_or_else(|p| p.into_inner().0);
+                    }
+                    None => {
+                        let (g, timed_out) = link
+                            .cv
+                            .wait_timeout(st, sweep_every)
+                            .map(|(g, t)| (g, t.timed_out()))
+                            .unwrap_or_else(|p| {
+                                let (g, t) = p.into_inner();
+                                (g, t.timed_out())
+                            });
+                        st = g;
+                        if timed_out {
+                            drop(st);
+                            link.sweep();
+                            st = link.lock();
+                        }
+                    }
+                }
+            }
+            let now = Instant::now();
+            let State { parts, outq, .. } = &mut *st;
+            while batch.len() < SEND_BATCH {
+                let Some(id) = outq.front().copied() else {
+                    break;
+                };
+                let Some(p) = parts.get_mut(id as usize).and_then(Option::as_mut) else {
+                    outq.pop_front();
+                    continue;
+                };
+                if p.retry_at.is_some_and(|t| t > now) {
+                    break;
+                }
+                outq.pop_front();
+                p.phase = Phase::Sending;
+                p.retry_at = None;
+                p.first_sent.get_or_insert(now);
+                let data_len = if p.frame.op.has_data() {
+                    p.frame.len as usize
+                } else {
+                    0
+                };
+                // SAFETY: the part's command keeps `data` valid until it completes, and a
+                // `Sending` part is never completed (sweeps skip it).
+                let data = unsafe { slice(p.data, data_len) };
+                let mut hdr = [0u8; HDR_BYTES];
+                p.frame.encode(data, &mut hdr);
+                batch.push((id, hdr, p.data, data_len));
+            }
+        }
+        let r = write_batch(&mut s, &batch);
+        let now = Instant::now();
+        let mut st = link.lock();
+        let still_up = st.conn == Conn::Up(gen);
+        for (id, ..) in &batch {
+            if let Some(p) = st.parts.get_mut(*id as usize).and_then(Option::as_mut) {
+                p.phase = if r.is_ok() && still_up {
+                    p.sent = Some((gen, now));
+                    Phase::Sent
+                } else {
+                    Phase::Held(now)
+                };
+            }
+        }
+        let volumes: Vec<[u8; 16]> = if r.is_err() || st.conn != Conn::Up(gen) {
+            batch
+                .iter()
+                .filter_map(|(id, ..)| st.parts.get(*id as usize)?.as_ref().map(|p| p.frame.volume))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        st.failures.extend(volumes);
+        drop(st);
+        if let Err(e) = r {
+            link.fail(gen, &format!("sending: {e}"));
+            return;
+        }
+    }
+}
+
+/// A part's data as a slice.
+///
+/// # Safety
+/// `p` must point to `len` readable bytes that nobody writes while the slice lives.
+unsafe fn slice<'a>(p: DataPtr, len: usize) -> &'a [u8] {
+    if len == 0 || p.0.is_null() {
+        return &[];
+    }
+    // SAFETY: forwarded caller contract.
+    unsafe { std::slice::from_raw_parts(p.0, len) }
+}
+
+/// Writes every header and its data with vectored writes.
+fn write_batch(
+    s: &mut TcpStream,
+    batch: &[(u32, [u8; HDR_BYTES], DataPtr, usize)],
+) -> io::Result<()> {
+    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+    for (_, hdr, data, len) in batch {
+        iov.push(IoSlice::new(hdr));
+        // SAFETY: as in `send_loop`: the parts are `Sending`, so their data stays valid.
+        let d = unsafe { slice(*data, *len) };
+        if !d.is_empty() {
+            iov.push(IoSlice::new(d));
+        }
+    }
+    let mut bufs: &mut [IoSlice<'_>] = &mut iov;
+    while !bufs.is_empty() {
+        match s.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads answers on connection `gen` until it fails; breaks it when a part waits too long.
+fn receive(link: &Link, rx: TcpStream, gen: u64) {
+    let mut r = BufReader::with_capacity(64 * ANSWER_BYTES, rx);
+    let timeout = Duration::from_millis(REPLICA_IO_TIMEOUT_MS);
+    let mut a = [0u8; ANSWER_BYTES];
+    let mut have = 0usize;
+    loop {
+        if link.lock().conn != Conn::Up(gen) {
+            return;
+        }
+        match r.read(&mut a[have..]) {
+            Ok(0) => return link.fail(gen, "replica closed the connection"),
+            Ok(n) => {
+                have += n;
+                if have < ANSWER_BYTES {
+                    continue;
+                }
+                have = 0;
+                match decode_answer(&a) {
+                    Ok((id, status)) => link.on_answer(gen, id, status),
+                    Err(e) => return link.fail(gen, &format!("bad answer: {e}")),
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                if link
+                    .oldest_in_flight(gen)
+                    .is_some_and(|t| t.elapsed() >= timeout)
+                {
+                    return link.fail(gen, "a part went unanswered");
+                }
+            }
+            Err(e) => return link.fail(gen, &format!("receiving: {e}")),
+        }
+    }
+}

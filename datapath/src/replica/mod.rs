@@ -1,0 +1,258 @@
+//! Synchronous replication of a volume's writes from its primary to its replicas.
+//!
+//! The primary's namespace is a [`Replicated`] backend: every write, write-zeroes,
+//! deallocate and flush goes to the local image and, as one more part of the same command,
+//! to each in-sync replica through a [`Link`] to the replica's server; the command completes
+//! (the queue state machine counts the parts) only when every copy has it. A replica's
+//! server runs a [`ReplicaServer`] that applies the frames to its own image of the volume.
+//!
+//! The protocol is internal and small on purpose: one request frame per backend part
+//! (header + data, both CRC32C-checked) and one 16-byte answer, pipelined on one TCP
+//! connection per peer, answered in batches that share one metadata commit. Every frame
+//! carries the volume's epoch; a replica refuses frames of an epoch older than the newest
+//! it has seen ([`FENCED`]), so a deposed primary cannot get a write acknowledged.
+//!
+//! A replica that fails (connection lost, no answer in [`REPLICA_IO_TIMEOUT_MS`], an I/O
+//! error) is never silently skipped: its parts are held and the failure reported
+//! ([`ReplicaHub::take_failures`]); only when the control plane has recorded the replica
+//! out of sync and published a table without it do the held parts complete (the copy is no
+//! longer owed), so an acknowledged write is always on every in-sync copy.
+//!
+//! [`REPLICA_IO_TIMEOUT_MS`]: crate::limits::REPLICA_IO_TIMEOUT_MS
+
+mod backend;
+mod link;
+mod server;
+
+pub use backend::{Member, Replicated};
+pub use link::{Link, ReplicaHub};
+pub use server::{ReplicaImage, ReplicaServer};
+
+use crate::limits::REPLICA_FRAME_DATA_MAX;
+
+/// Request frame header bytes.
+pub const HDR_BYTES: usize = 64;
+/// Answer frame bytes.
+pub const ANSWER_BYTES: usize = 16;
+const REQ_MAGIC: [u8; 4] = *b"EVRP";
+const ANS_MAGIC: [u8; 4] = *b"EVRA";
+/// FUA flag bit.
+const FLAG_FUA: u8 = 1;
+
+/// Answer status: the replica has seen a newer epoch of the volume (this primary is stale).
+pub const FENCED: i32 = -libc::ESTALE;
+/// Answer status: the replica does not hold the volume (yet).
+pub const NOT_HELD: i32 = -libc::ENOENT;
+
+/// What a frame asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Write the frame's data.
+    Write {
+        /// Force Unit Access.
+        fua: bool,
+    },
+    /// Make the range read as zeroes.
+    WriteZeroes,
+    /// Discard the range.
+    Deallocate,
+    /// Make completed writes durable.
+    Flush,
+}
+
+impl Op {
+    fn code(self) -> (u8, u8) {
+        match self {
+            Op::Write { fua } => (1, if fua { FLAG_FUA } else { 0 }),
+            Op::WriteZeroes => (2, 0),
+            Op::Deallocate => (3, 0),
+            Op::Flush => (4, 0),
+        }
+    }
+
+    fn from_code(op: u8, flags: u8) -> Option<Op> {
+        Some(match op {
+            1 => Op::Write {
+                fua: flags & FLAG_FUA != 0,
+            },
+            2 => Op::WriteZeroes,
+            3 => Op::Deallocate,
+            4 => Op::Flush,
+            _ => return None,
+        })
+    }
+
+    /// Whether data follows the header.
+    pub fn has_data(self) -> bool {
+        matches!(self, Op::Write { .. })
+    }
+}
+
+/// One request: a backend part of a volume's command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    /// What to do.
+    pub op: Op,
+    /// The volume (its image on the replica).
+    pub volume: [u8; 16],
+    /// The sender's epoch of the volume.
+    pub epoch: u64,
+    /// Byte offset in the volume.
+    pub offset: u64,
+    /// Byte length (of data, for writes; of the range otherwise).
+    pub len: u32,
+    /// The link's request id, echoed in the answer.
+    pub id: u32,
+}
+
+/// Why a header was refused (the connection cannot be trusted after it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Not a frame of this protocol.
+    #[error("bad magic")]
+    Magic,
+    /// The header's checksum does not match.
+    #[error("header checksum mismatch")]
+    HeaderDigest,
+    /// The data's checksum does not match.
+    #[error("data checksum mismatch")]
+    DataDigest,
+    /// Unknown operation.
+    #[error("unknown operation {0}")]
+    Op(u8),
+    /// Longer than a frame may carry.
+    #[error("frame of {0} bytes is longer than {REPLICA_FRAME_DATA_MAX}")]
+    Length(u32),
+}
+
+impl Frame {
+    /// The header, with the data's checksum (`data` is empty unless the op writes data).
+    pub fn encode(&self, data: &[u8], out: &mut [u8; HDR_BYTES]) {
+        out.fill(0);
+        let (op, flags) = self.op.code();
+        out[0..4].copy_from_slice(&REQ_MAGIC);
+        out[4] = op;
+        out[5] = flags;
+        out[8..24].copy_from_slice(&self.volume);
+        out[24..32].copy_from_slice(&self.epoch.to_le_bytes());
+        out[32..40].copy_from_slice(&self.offset.to_le_bytes());
+        out[40..44].copy_from_slice(&self.len.to_le_bytes());
+        out[44..48].copy_from_slice(&self.id.to_le_bytes());
+        out[52..56].copy_from_slice(&crc32c::crc32c(data).to_le_bytes());
+        let hcrc = crc32c::crc32c(&out[..48]);
+        out[48..52].copy_from_slice(&hcrc.to_le_bytes());
+    }
+
+    /// Parses a header; returns the frame and the data checksum to verify.
+    pub fn decode(b: &[u8; HDR_BYTES]) -> Result<(Frame, u32), WireError> {
+        if b[0..4] != REQ_MAGIC {
+            return Err(WireError::Magic);
+        }
+        if crc32c::crc32c(&b[..48]) != le32(&b[48..52]) {
+            return Err(WireError::HeaderDigest);
+        }
+        let op = Op::from_code(b[4], b[5]).ok_or(WireError::Op(b[4]))?;
+        let len = le32(&b[40..44]);
+        if op.has_data() && len as usize > REPLICA_FRAME_DATA_MAX {
+            return Err(WireError::Length(len));
+        }
+        let mut volume = [0u8; 16];
+        volume.copy_from_slice(&b[8..24]);
+        let frame = Frame {
+            op,
+            volume,
+            epoch: le64(&b[24..32]),
+            offset: le64(&b[32..40]),
+            len,
+            id: le32(&b[44..48]),
+        };
+        Ok((frame, le32(&b[52..56])))
+    }
+}
+
+/// Encodes an answer: request id and status (0, or -errno).
+pub fn encode_answer(id: u32, status: i32, out: &mut [u8; ANSWER_BYTES]) {
+    out[0..4].copy_from_slice(&ANS_MAGIC);
+    out[4..8].copy_from_slice(&id.to_le_bytes());
+    out[8..12].copy_from_slice(&status.to_le_bytes());
+    let crc = crc32c::crc32c(&out[..12]);
+    out[12..16].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Parses an answer into (request id, status).
+pub fn decode_answer(b: &[u8; ANSWER_BYTES]) -> Result<(u32, i32), WireError> {
+    if b[0..4] != ANS_MAGIC {
+        return Err(WireError::Magic);
+    }
+    if crc32c::crc32c(&b[..12]) != le32(&b[12..16]) {
+        return Err(WireError::HeaderDigest);
+    }
+    Ok((le32(&b[4..8]), le32(&b[8..12]) as i32))
+}
+
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn le64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(op: Op) -> Frame {
+        Frame {
+            op,
+            volume: [7; 16],
+            epoch: 42,
+            offset: 1 << 33,
+            len: 8192,
+            id: 9,
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_with_their_data_checksum() {
+        let data = vec![0x5a; 8192];
+        for op in [
+            Op::Write { fua: true },
+            Op::Write { fua: false },
+            Op::WriteZeroes,
+            Op::Deallocate,
+            Op::Flush,
+        ] {
+            let mut h = [0u8; HDR_BYTES];
+            frame(op).encode(&data, &mut h);
+            let (f, crc) = Frame::decode(&h).expect("decodes");
+            assert_eq!(f, frame(op));
+            assert_eq!(crc, crc32c::crc32c(&data));
+        }
+    }
+
+    #[test]
+    fn a_flipped_header_bit_or_an_oversized_frame_is_refused() {
+        let mut h = [0u8; HDR_BYTES];
+        frame(Op::Flush).encode(&[], &mut h);
+        h[30] ^= 1;
+        assert_eq!(Frame::decode(&h), Err(WireError::HeaderDigest));
+        let mut big = frame(Op::Write { fua: false });
+        big.len = REPLICA_FRAME_DATA_MAX as u32 + 1;
+        big.encode(&[], &mut h);
+        assert_eq!(Frame::decode(&h), Err(WireError::Length(big.len)));
+        h[0] = b'X';
+        assert_eq!(Frame::decode(&h), Err(WireError::Magic));
+    }
+
+    #[test]
+    fn answers_round_trip_and_are_checked() {
+        let mut a = [0u8; ANSWER_BYTES];
+        encode_answer(77, FENCED, &mut a);
+        assert_eq!(decode_answer(&a), Ok((77, FENCED)));
+        a[9] ^= 0x10;
+        assert_eq!(decode_answer(&a), Err(WireError::HeaderDigest));
+    }
+}

@@ -1,0 +1,364 @@
+//! The replica's side: a listener that applies primaries' frames to this server's images.
+//!
+//! One thread per connection (a connection is a peer's link, not an I/O; at most
+//! [`REPLICA_CONNECTIONS_MAX`]). It reads frames while more are already buffered (up to
+//! [`REPLICA_BATCH_FRAMES`]), queues them all on the image backends, runs them as one pass
+//! (one metadata commit for the batch's writes), and answers them together. A frame is
+//! applied only to an image the control plane published here as a replica, and only if its
+//! epoch is not older than the newest this server has seen for the volume.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use super::{encode_answer, Frame, Op, WireError, ANSWER_BYTES, FENCED, HDR_BYTES, NOT_HELD};
+use crate::backend::{Backend, IoKind, IoQueue, IoRequest};
+use crate::buffer::SlotBuf;
+use crate::limits::{
+    REPLICA_BATCH_FRAMES, REPLICA_CONNECTIONS_MAX, REPLICA_FRAME_DATA_MAX, REPLICA_POLL_MS,
+};
+
+/// One volume this server holds a replica of.
+pub struct ReplicaImage {
+    /// The image in this server's block store.
+    pub backend: Arc<dyn Backend>,
+    /// Newest epoch seen for the volume (published, or carried by an accepted frame).
+    epoch: AtomicU64,
+}
+
+impl ReplicaImage {
+    /// A replica image known to be at `epoch` at least.
+    pub fn new(backend: Arc<dyn Backend>, epoch: u64) -> ReplicaImage {
+        ReplicaImage {
+            backend,
+            epoch: AtomicU64::new(epoch),
+        }
+    }
+
+    /// Newest epoch seen.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+}
+
+type Images = RwLock<HashMap<[u8; 16], Arc<ReplicaImage>>>;
+/// Open peer connections (to cut at shutdown), by a connection number.
+type Peers = Mutex<HashMap<u64, TcpStream>>;
+
+/// The replication listener of this server.
+pub struct ReplicaServer {
+    addr: SocketAddr,
+    images: Arc<Images>,
+    peers: Arc<Peers>,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for ReplicaServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplicaServer {
+    /// Listens on `addr` and serves peers until [`ReplicaServer::shutdown`].
+    pub fn start(addr: SocketAddr) -> io::Result<ReplicaServer> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let images: Arc<Images> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let peers: Arc<Peers> = Arc::default();
+        let (i, p, s) = (images.clone(), peers.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("evstor-repl-accept".into())
+            .spawn(move || accept_loop(&listener, &i, &p, &s))?;
+        Ok(ReplicaServer {
+            addr,
+            images,
+            peers,
+            stop,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Replaces the set of volumes this server is a replica of (volume → image, epoch).
+    /// A volume kept keeps the newest epoch it has seen.
+    pub fn set_images(&self, images: Vec<([u8; 16], Arc<dyn Backend>, u64)>) {
+        let mut cur = self.images.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = HashMap::with_capacity(images.len());
+        for (uuid, backend, epoch) in images {
+            let seen = cur.get(&uuid).map_or(0, |i| i.epoch());
+            next.insert(uuid, Arc::new(ReplicaImage::new(backend, epoch.max(seen))));
+        }
+        *cur = next;
+    }
+
+    /// Newest epoch this server has seen for `volume`, if it holds a replica of it.
+    pub fn epoch_of(&self, volume: [u8; 16]) -> Option<u64> {
+        let images = self.images.read().unwrap_or_else(|p| p.into_inner());
+        images.get(&volume).map(|i| i.epoch())
+    }
+
+    /// Stops accepting and cuts every open connection (their primaries see it at once).
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        for s in peers.values() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for ReplicaServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn accept_loop(
+    listener: &TcpListener,
+    images: &Arc<Images>,
+    peers: &Arc<Peers>,
+    stop: &Arc<AtomicBool>,
+) {
+    let live = Arc::new(AtomicUsize::new(0));
+    let mut next = 0u64;
+    while !stop.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((s, peer)) => {
+                if live.load(Ordering::Acquire) >= REPLICA_CONNECTIONS_MAX {
+                    tracing::warn!(%peer, "replication connection refused: at the limit");
+                    continue;
+                }
+                let Ok(cut) = s.try_clone() else {
+                    continue;
+                };
+                next += 1;
+                let key = next;
+                peers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, cut);
+                live.fetch_add(1, Ordering::AcqRel);
+                let (i, st, l, ps) = (images.clone(), stop.clone(), live.clone(), peers.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("evstor-repl-peer".into())
+                    .spawn(move || {
+                        if let Err(e) = serve(s, &i, &st) {
+                            tracing::info!(%peer, "replication connection ended: {e}");
+                        }
+                        ps.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                        l.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    peers.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                    live.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(REPLICA_POLL_MS / 4));
+            }
+            Err(e) => {
+                tracing::warn!("replication accept: {e}");
+                std::thread::sleep(Duration::from_millis(REPLICA_POLL_MS));
+            }
+        }
+    }
+}
+
+/// One frame of the batch being applied.
+struct Pending {
+    id: u32,
+    /// The answer, once known (refused frames are answered without storage).
+    status: Option<i32>,
+}
+
+/// Serves one peer connection until it ends.
+fn serve(s: TcpStream, images: &Images, stop: &AtomicBool) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_millis(REPLICA_POLL_MS)))?;
+    let mut out = s.try_clone()?;
+    let mut r = BufReader::with_capacity(256 * 1024, s);
+    let mut bufs = SlotBuf::new(REPLICA_BATCH_FRAMES, REPLICA_FRAME_DATA_MAX)
+        .ok_or_else(|| io::Error::other("no memory for replication buffers"))?;
+    let mut q = IoQueue::new();
+    let mut batch: Vec<Pending> = Vec::with_capacity(REPLICA_BATCH_FRAMES);
+    let mut answers = vec![0u8; REPLICA_BATCH_FRAMES * ANSWER_BYTES];
+    let mut hdr = [0u8; HDR_BYTES];
+    loop {
+        // Block (polling for shutdown) for the batch's first frame, then take what is
+        // already buffered.
+        if !read_hdr(&mut r, &mut hdr, stop)? {
+            return Ok(());
+        }
+        loop {
+            let slot = batch.len();
+            let status = take_frame(&mut r, &hdr, &mut bufs, slot, images, &mut q)?;
+            let (frame, _) = Frame::decode(&hdr).map_err(wire)?;
+            batch.push(Pending {
+                id: frame.id,
+                status,
+            });
+            if batch.len() == REPLICA_BATCH_FRAMES || r.buffer().len() < HDR_BYTES {
+                break;
+            }
+            read_exact(&mut r, &mut hdr)?;
+        }
+        apply(&mut q, &mut batch)?;
+        let mut n = 0;
+        for p in &batch {
+            let a: &mut [u8; ANSWER_BYTES] = (&mut answers[n..n + ANSWER_BYTES])
+                .try_into()
+                .map_err(|_| io::Error::other("answer buffer"))?;
+            encode_answer(p.id, p.status.unwrap_or(-libc::EIO), a);
+            n += ANSWER_BYTES;
+        }
+        out.write_all(&answers[..n])?;
+        batch.clear();
+    }
+}
+
+fn wire(e: WireError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Reads a header, waiting for it while polling `stop`; false on shutdown or a clean EOF.
+fn read_hdr(
+    r: &mut BufReader<TcpStream>,
+    hdr: &mut [u8; HDR_BYTES],
+    stop: &AtomicBool,
+) -> io::Result<bool> {
+    let mut have = 0;
+    while have < HDR_BYTES {
+        if stop.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        match r.read(&mut hdr[have..]) {
+            Ok(0) if have == 0 => return Ok(false),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => have += n,
+            Err(e) if is_poll(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Reads exactly `buf`, riding over read-timeout polls (the peer is mid-frame).
+fn read_exact(r: &mut BufReader<TcpStream>, buf: &mut [u8]) -> io::Result<()> {
+    let mut have = 0;
+    let mut polls = 0u32;
+    while have < buf.len() {
+        match r.read(&mut buf[have..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                have += n;
+                polls = 0;
+            }
+            Err(e) if is_poll(&e) => {
+                polls += 1;
+                // A peer stalled mid-frame for ~10 s is gone.
+                if polls > 50 {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn is_poll(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+/// Reads the frame's data into slot `slot`, checks it, and queues it on its image;
+/// returns the answer already known (a refusal), or None when storage will answer.
+fn take_frame(
+    r: &mut BufReader<TcpStream>,
+    hdr: &[u8; HDR_BYTES],
+    bufs: &mut SlotBuf,
+    slot: usize,
+    images: &Images,
+    q: &mut IoQueue,
+) -> io::Result<Option<i32>> {
+    let (frame, data_crc) = Frame::decode(hdr).map_err(wire)?;
+    let data_len = if frame.op.has_data() {
+        frame.len as usize
+    } else {
+        0
+    };
+    let data = bufs.slot_mut(slot, data_len);
+    read_exact(r, data)?;
+    if crc32c::crc32c(data) != data_crc {
+        return Err(wire(WireError::DataDigest));
+    }
+    let image = {
+        let images = images.read().unwrap_or_else(|p| p.into_inner());
+        images.get(&frame.volume).cloned()
+    };
+    let Some(image) = image else {
+        return Ok(Some(NOT_HELD));
+    };
+    if image.epoch.fetch_max(frame.epoch, Ordering::AcqRel) > frame.epoch {
+        return Ok(Some(FENCED));
+    }
+    let kind = match frame.op {
+        Op::Write { fua } => IoKind::Write { fua },
+        Op::WriteZeroes => IoKind::WriteZeroes,
+        Op::Deallocate => IoKind::Deallocate,
+        Op::Flush => IoKind::Flush,
+    };
+    let req = IoRequest {
+        kind,
+        offset: frame.offset,
+        len: frame.len,
+        buf: if data_len > 0 {
+            bufs.slot_ptr(slot)
+        } else {
+            std::ptr::null_mut()
+        },
+        tag: slot as u64,
+    };
+    // SAFETY: the slot's buffer is not touched again until `apply` has reaped this
+    // request's completion (the batch is answered only after every completion).
+    match unsafe { image.backend.submit(q, &req) } {
+        Ok(()) => Ok(None),
+        Err(e) => Ok(Some(-e.raw_os_error().unwrap_or(libc::EIO))),
+    }
+}
+
+/// Runs the queued batch and records each frame's answer.
+fn apply(q: &mut IoQueue, batch: &mut [Pending]) -> io::Result<()> {
+    let mut waiting = batch.iter().filter(|p| p.status.is_none()).count();
+    if waiting == 0 {
+        return Ok(());
+    }
+    q.submit()?;
+    while waiting > 0 {
+        q.reap(|tag, res| {
+            if let Some(p) = batch.get_mut(tag as usize) {
+                if p.status.is_none() {
+                    p.status = Some(if res < 0 { res } else { 0 });
+                    waiting -= 1;
+                }
+            }
+        });
+        if waiting > 0 {
+            q.wait(Duration::from_millis(REPLICA_POLL_MS))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! Synchronous replication over loopback: a target whose namespace is a replicated block
+//! store image, a replica server with its own store, and the crate's initiator as the host.
+//! Writes land on both copies before they are acknowledged; a replica that has seen a newer
+//! epoch fences the primary; a failed replica holds writes until it is dropped from the
+//! in-sync set, and is reported.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use evstor_datapath::blockstore::{BlockStore, DeviceSpec};
+use evstor_datapath::initiator::Session;
+use evstor_datapath::nvme::Status;
+use evstor_datapath::replica::{Member, ReplicaHub, ReplicaServer};
+use evstor_datapath::{
+    start, Acl, Backend, Backing, IoKind, IoQueue, IoRequest, NamespaceSpec, Replication,
+    TargetConfig, TargetHandle,
+};
+use uuid::Uuid;
+
+const NQN: &str = "nqn.2024-01.io.evstor:replication";
+const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:0b1e0b1e-0000-4000-8000-00000000abcd";
+const BLOCK: usize = 4096;
+const NS_BYTES: u64 = 16 << 20;
+
+fn store(dir: &Path, name: &str, volume: Uuid) -> Arc<BlockStore> {
+    let dev = DeviceSpec {
+        path: dir.join(format!("{name}.dev")),
+        size_bytes: 256 << 20,
+    };
+    let s = BlockStore::open(&dir.join(format!("{name}.meta")), &[dev]).expect("open store");
+    s.create_volume(volume).expect("create image");
+    s
+}
+
+fn spec(volume: Uuid, store: &Arc<BlockStore>, replication: Option<Replication>) -> NamespaceSpec {
+    NamespaceSpec {
+        nsid: 1,
+        uuid: *volume.as_bytes(),
+        size_bytes: NS_BYTES,
+        backing: Backing::Image {
+            store: store.clone(),
+            compress: false,
+            replication,
+        },
+        host_acl: Acl::AllowAny,
+        ip_acl: Acl::AllowAny,
+        qos: Default::default(),
+    }
+}
+
+/// Reads `blocks` blocks at `lba` straight from a store's image (no network).
+fn read_image(store: &Arc<BlockStore>, volume: Uuid, lba: u64, blocks: usize) -> Vec<u8> {
+    const PART: usize = 32;
+    let img = store.image(volume, NS_BYTES, false);
+    let mut q = IoQueue::new_sync();
+    let mut buf = evstor_datapath::buffer::SlotBuf::new(1, PART * BLOCK).expect("buffer");
+    let mut out = Vec::with_capacity(blocks * BLOCK);
+    for first in (0..blocks).step_by(PART) {
+        let n = PART.min(blocks - first);
+        let req = IoRequest {
+            kind: IoKind::Read,
+            offset: (lba + first as u64) * BLOCK as u64,
+            len: (n * BLOCK) as u32,
+            buf: buf.slot_ptr(0),
+            tag: 1,
+        };
+        // SAFETY: the buffer outlives the completion, reaped below before it is read.
+        unsafe { img.submit(&mut q, &req) }.expect("submit");
+        q.submit().expect("run");
+        let mut res = None;
+        while res.is_none() {
+            q.reap(|_, r| res = Some(r));
+        }
+        assert_eq!(res, Some((n * BLOCK) as i32), "image read");
+        out.extend_from_slice(buf.slot(0, n * BLOCK));
+    }
+    out
+}
+
+fn pattern(blocks: usize, seed: u8) -> Vec<u8> {
+    (0..blocks * BLOCK)
+        .map(|i| ((i / BLOCK) as u8).wrapping_mul(29) ^ (i as u8) ^ seed)
+        .collect()
+}
+
+struct Pair {
+    _dir: tempfile::TempDir,
+    volume: Uuid,
+    primary: Arc<BlockStore>,
+    replica: Arc<BlockStore>,
+    server: ReplicaServer,
+    hub: ReplicaHub,
+    member: Arc<Member>,
+    target: TargetHandle,
+}
+
+/// A primary target replicating nsid 1 at `epoch` to a replica server.
+fn pair(epoch: u64) -> Pair {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let volume = Uuid::new_v4();
+    let primary = store(dir.path(), "primary", volume);
+    let replica = store(dir.path(), "replica", volume);
+    let server = ReplicaServer::start("127.0.0.1:0".parse().expect("addr")).expect("listen");
+    let image: Arc<dyn Backend> = Arc::new(replica.image(volume, NS_BYTES, false));
+    server.set_images(vec![(*volume.as_bytes(), image, epoch)]);
+    let hub = ReplicaHub::default();
+    let member = Arc::new(Member::new(hub.link(server.local_addr()).expect("link")));
+    let replication = Replication {
+        epoch,
+        members: vec![member.clone()],
+    };
+    let cfg = TargetConfig::new("127.0.0.1:0".parse().expect("addr"), NQN);
+    let target = start(cfg, vec![spec(volume, &primary, Some(replication))]).expect("target");
+    Pair {
+        _dir: dir,
+        volume,
+        primary,
+        replica,
+        server,
+        hub,
+        member,
+        target,
+    }
+}
+
+#[test]
+fn a_write_is_on_the_replica_before_it_is_acknowledged() -> anyhow::Result<()> {
+    let p = pair(3);
+    let mut s = Session::connect(p.target.local_addr(), NQN, HOST)?;
+    // Small (in-capsule), large (R2T, several backend parts) and FUA writes, then a flush.
+    let small = pattern(2, 1);
+    let large = pattern(96, 2);
+    s.write(1, 0, &small)?;
+    s.write(1, 100, &large)?;
+    s.write_fua(1, 1000, &pattern(1, 3))?;
+    s.flush(1)?;
+    s.write_zeroes(1, 110, 4)?;
+    let mut want_large = large.clone();
+    want_large[10 * BLOCK..14 * BLOCK].fill(0);
+    for store in [&p.primary, &p.replica] {
+        assert_eq!(read_image(store, p.volume, 0, 2), small);
+        assert_eq!(read_image(store, p.volume, 100, 96), want_large);
+        assert_eq!(read_image(store, p.volume, 1000, 1), pattern(1, 3));
+    }
+    assert_eq!(s.read(1, 100, 96)?, want_large);
+    assert!(p.hub.take_failures().is_empty(), "no replica failed");
+    p.target.shutdown();
+    Ok(())
+}
+
+#[test]
+fn a_replica_that_saw_a_newer_epoch_fences_the_primary() -> anyhow::Result<()> {
+    let p = pair(1);
+    let mut s = Session::connect(p.target.local_addr(), NQN, HOST)?;
+    s.write(1, 0, &pattern(1, 7))?;
+    // Another primary was promoted (epoch 2) and reached the replica first.
+    let image: Arc<dyn Backend> = Arc::new(p.replica.image(p.volume, NS_BYTES, false));
+    p.server.set_images(vec![(*p.volume.as_bytes(), image, 2)]);
+    let err = s
+        .write(1, 0, &pattern(1, 8))
+        .expect_err("a fenced write fails");
+    assert_eq!(err.status(), Some(Status::ANA_INACCESSIBLE));
+    assert_eq!(
+        read_image(&p.replica, p.volume, 0, 1),
+        pattern(1, 7),
+        "replica unchanged"
+    );
+    assert!(
+        p.hub.take_failures().is_empty(),
+        "fencing is not a replica failure"
+    );
+    p.target.shutdown();
+    Ok(())
+}
+
+#[test]
+fn a_failed_replica_holds_writes_until_it_is_dropped_from_the_in_sync_set() -> anyhow::Result<()> {
+    let p = pair(1);
+    let addr: SocketAddr = p.server.local_addr();
+    let mut s = Session::connect(p.target.local_addr(), NQN, HOST)?;
+    s.write(1, 0, &pattern(1, 1))?;
+    // The replica's server goes away.
+    p.server.shutdown();
+    drop(p.server);
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
+    let writer = std::thread::spawn(move || {
+        let r = s.write(1, 5, &pattern(4, 9));
+        d.store(true, Ordering::SeqCst);
+        (r, s)
+    });
+    // The primary reports the replica; until the control plane drops it, nothing is
+    // acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let failures = loop {
+        let f = p.hub.take_failures();
+        if !f.is_empty() {
+            break f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the failed replica was never reported"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(failures, vec![(*p.volume.as_bytes(), addr)]);
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "acknowledged without its replica"
+    );
+    p.member.drop_replica();
+    let (r, mut s) = writer.join().expect("writer");
+    r?;
+    assert_eq!(read_image(&p.primary, p.volume, 5, 4), pattern(4, 9));
+    // Later writes do not wait for the dropped replica.
+    p.target
+        .set_namespaces(vec![spec(p.volume, &p.primary, None)]);
+    s.write(1, 20, &pattern(1, 4))?;
+    p.target.shutdown();
+    Ok(())
+}
