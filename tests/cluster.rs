@@ -158,12 +158,8 @@ fn three_servers_one_journal_volumes_everywhere() {
             // s1 and s2 share rack-a: two copies take both racks.
             assert!(on.contains(&2), "distinct failure domains: {on:?}");
         }
-        let protection = if *replicas == 1 {
-            "FullyProtected"
-        } else {
-            "Degraded"
-        };
-        assert_eq!(seen[0]["protectionState"], protection);
+        // Every copy receives the primary's writes from the start.
+        assert_eq!(seen[0]["protectionState"], "FullyProtected");
     }
     // The single-copy volume is served over NVMe/TCP by its primary's target.
     let (uuid, _) = &uuids[0];
@@ -719,4 +715,122 @@ fn a_snapshot_schedule_fires_each_slot_once_in_a_cluster() {
             "no scheduled snapshot on a server: {text}"
         );
     }
+}
+
+/// The primary's host session on volume `uuid`: (session, nsid, primary's index).
+fn host_on_primary(servers: &[Server], uuid: &str) -> (Session, u32, usize) {
+    let v = eventually(
+        &servers[0],
+        &format!("/api/v2/projects/default/volumes/{uuid}"),
+        |st, v| st == 200 && v["state"] == "Available",
+    );
+    let owners = node_owner(&servers[0], servers);
+    let p = owners[v["primaryNodeUUID"].as_str().expect("primary")];
+    let nqn = servers[p].admin().get("/api/v2/clusterinfo").1["subsystemNQN"]
+        .as_str()
+        .expect("NQN")
+        .to_string();
+    let addr = SocketAddr::from(([127, 0, 0, 1], servers[p].nvme_port));
+    let host = Session::connect(addr, &nqn, HOSTNQN).expect("NVMe/TCP connect");
+    (host, v["nsid"].as_u64().expect("nsid") as u32, p)
+}
+
+/// Reads `blocks` blocks of image `uuid` from a stopped server's block store.
+fn image_blocks(s: &Server, uuid: &str, blocks: u64) -> Vec<u8> {
+    use evstor_datapath::blockstore::{BlockStore, DeviceSpec};
+    use evstor_datapath::{Backend, IoKind, IoQueue, IoRequest};
+    let dev = s.data_dir().join("devices").join("dev0.img");
+    let size = std::fs::metadata(&dev).expect("pool device").len();
+    let store = BlockStore::open(
+        &s.data_dir().join("blockstore"),
+        &[DeviceSpec {
+            path: dev,
+            size_bytes: size,
+        }],
+    )
+    .expect("open the stopped server's block store");
+    let uuid: uuid::Uuid = uuid.parse().expect("uuid");
+    let img = store.image(uuid, blocks * 4096, false);
+    let mut q = IoQueue::new_sync();
+    let mut buf = evstor_datapath::buffer::SlotBuf::new(1, 4096).expect("buffer");
+    let mut out = Vec::new();
+    for b in 0..blocks {
+        let req = IoRequest {
+            kind: IoKind::Read,
+            offset: b * 4096,
+            len: 4096,
+            buf: buf.slot_ptr(0),
+            tag: 1,
+        };
+        // SAFETY: the buffer outlives the completion, reaped below before it is read.
+        unsafe { img.submit(&mut q, &req) }.expect("submit");
+        q.submit().expect("run");
+        let mut res = None;
+        while res.is_none() {
+            q.reap(|_, r| res = Some(r));
+        }
+        assert_eq!(res, Some(4096), "image read");
+        out.extend_from_slice(buf.slot(0, 4096));
+    }
+    out
+}
+
+fn block(seed: u8) -> Vec<u8> {
+    (0..4096u32)
+        .map(|i| (i as u8).wrapping_mul(7) ^ seed)
+        .collect()
+}
+
+/// Writes to a volume of three copies land on all three servers before they are
+/// acknowledged; a replica killed mid-stream is recorded out of sync (the volume turns
+/// `Degraded`), the primary's writes go on, and everything acknowledged is on the primary
+/// and on the copy still in sync.
+#[test]
+fn writes_reach_every_copy_and_a_dead_replica_is_recorded_out_of_sync() {
+    let etcd = Etcd::start(3);
+    let mut servers = three(&etcd);
+    let uuid = create_volume(&servers[1], "r3", 3);
+    let (mut host, nsid, p) = host_on_primary(&servers, &uuid);
+    for b in 0..16u64 {
+        host.write(nsid, b, &block(b as u8))
+            .expect("replicated write");
+    }
+    host.write_fua(nsid, 16, &block(16)).expect("FUA write");
+    host.flush(nsid).expect("flush");
+    // Kill one replica: the next writes wait until it is recorded out of sync, then go on.
+    let dead = (p + 1) % 3;
+    let live = (p + 2) % 3;
+    servers[dead].kill9();
+    for b in 17..24u64 {
+        host.write(nsid, b, &block(b as u8))
+            .unwrap_or_else(|e| panic!("write after a replica died: {e}\n{}", servers[p].log()));
+    }
+    let path = format!("/api/v2/projects/default/volumes/{uuid}");
+    let v = eventually(&servers[live], &path, |_, v| {
+        v["protectionState"] == "Degraded"
+    });
+    assert_eq!(v["state"], "Available", "{v}");
+    let recorded = events(&servers[p])
+        .into_iter()
+        .filter(|e| e["type"] == "VolumeReplicaOutOfSync")
+        .count();
+    assert_eq!(recorded, 1, "one replica recorded out of sync");
+    drop(host);
+    for s in servers.iter_mut() {
+        s.stop();
+    }
+    let want: Vec<u8> = (0..24u8).flat_map(block).collect();
+    assert_eq!(image_blocks(&servers[p], &uuid, 24), want, "primary");
+    assert_eq!(
+        image_blocks(&servers[live], &uuid, 24),
+        want,
+        "replica in sync"
+    );
+    // The dead replica has what was acknowledged before it died.
+    let first: Vec<u8> = (0..17u8).flat_map(block).collect();
+    assert_eq!(
+        image_blocks(&servers[dead], &uuid, 17),
+        first,
+        "dead replica's prefix"
+    );
 }

@@ -6,6 +6,7 @@
 //! Every call is idempotent, so the reconciler can repeat work a crash interrupted: creating
 //! an image that exists, or deleting one that is gone, succeeds without change.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -13,8 +14,11 @@ use std::sync::{Arc, Mutex};
 use evstor_datapath::blockstore::{
     BlockStore, DeviceSpec, MediaError, PoolStats, StoreError, Usage,
 };
-use evstor_datapath::limits::BLOCK_BYTES;
-use evstor_datapath::{Acl, Backing, ConnectedHost, NamespaceSpec, QosLimits, TargetHandle};
+use evstor_datapath::limits::{BLOCK_BYTES, REPLICATION_PORT_OFFSET};
+use evstor_datapath::replica::{Member, ReplicaHub, ReplicaServer};
+use evstor_datapath::{
+    Acl, Backend, Backing, ConnectedHost, NamespaceSpec, QosLimits, Replication, TargetHandle,
+};
 use uuid::Uuid;
 
 use crate::api::DataPathView;
@@ -33,6 +37,40 @@ pub struct VolumeStore {
     node: Option<Uuid>,
     /// The last table handed to the target; publishing is skipped when nothing changed.
     published: Mutex<Vec<NamespaceSpec>>,
+    /// Cluster mode: replication of the volumes whose primary this node is, and the
+    /// listener for the volumes it is a replica of.
+    repl: Option<Repl>,
+}
+
+/// This server's side of replication.
+struct Repl {
+    hub: ReplicaHub,
+    server: ReplicaServer,
+    /// In-sync replicas of this node's primaries, by (volume, replica node), with the
+    /// replica server's address and the epoch published: kept across publications so a
+    /// replica that leaves the set is told ([`Member::drop_replica`]).
+    members: Mutex<HashMap<(Uuid, Uuid), Published>>,
+    /// The replica images last handed to the listener (volume, epoch, size, compression).
+    replicas: Mutex<Vec<(Uuid, u64, u64, bool)>>,
+}
+
+/// One in-sync replica as published: its server's address, the volume's epoch, the member.
+type Published = (SocketAddr, u64, Arc<Member>);
+
+/// A replica the primary could not write to, to record out of sync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaFailure {
+    pub volume: Uuid,
+    pub node: Uuid,
+    /// The volume's epoch the primary wrote under.
+    pub epoch: u64,
+}
+
+/// Where a node's replication listener is: its NVMe/TCP endpoint's address, next port.
+pub fn replication_addr(nvme_endpoint: &str) -> Option<SocketAddr> {
+    let a: SocketAddr = nvme_endpoint.parse().ok()?;
+    let port = a.port().checked_add(REPLICATION_PORT_OFFSET)?;
+    Some(SocketAddr::new(a.ip(), port))
 }
 
 /// Where the block store keeps its metadata database.
@@ -68,6 +106,7 @@ impl VolumeStore {
             target: None,
             node,
             published: Mutex::new(Vec::new()),
+            repl: None,
         })
     }
 
@@ -81,6 +120,124 @@ impl VolumeStore {
         let mut s = VolumeStore::open(data_dir, state, node)?;
         s.target = Some(target);
         Ok(s)
+    }
+
+    /// Cluster mode: listens for primaries' replicated writes on `listen` and replicates
+    /// this node's primaries.
+    pub fn start_replication(&mut self, listen: SocketAddr) -> std::io::Result<SocketAddr> {
+        let server = ReplicaServer::start(listen)?;
+        let addr = server.local_addr();
+        self.repl = Some(Repl {
+            hub: ReplicaHub::default(),
+            server,
+            members: Mutex::new(HashMap::new()),
+            replicas: Mutex::new(Vec::new()),
+        });
+        Ok(addr)
+    }
+
+    /// The replication of `v` as this primary publishes it: its in-sync replicas.
+    fn replication_of(&self, state: &State, v: &Volume) -> Option<Replication> {
+        let repl = self.repl.as_ref()?;
+        if v.replica_nodes.is_empty() {
+            return None;
+        }
+        let mut members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for node in v.in_sync_replicas() {
+            let addr = state
+                .inventory
+                .nodes
+                .get(&node)
+                .and_then(|n| replication_addr(&n.nvme_endpoint));
+            let Some(addr) = addr else {
+                tracing::error!(
+                    "replica node {node} of volume {} has no usable endpoint",
+                    v.uuid
+                );
+                continue;
+            };
+            let key = (v.uuid, node);
+            let keep = members
+                .get(&key)
+                .filter(|(a, e, _)| *a == addr && *e == v.epoch)
+                .map(|(_, _, m)| m.clone());
+            let member = match keep {
+                Some(m) => m,
+                None => match repl.hub.link(addr) {
+                    Ok(link) => {
+                        let m = Arc::new(Member::new(link));
+                        members.insert(key, (addr, v.epoch, m.clone()));
+                        m
+                    }
+                    Err(e) => {
+                        tracing::error!("starting the replica link to {addr}: {e}");
+                        continue;
+                    }
+                },
+            };
+            out.push(member);
+        }
+        Some(Replication {
+            epoch: v.epoch,
+            members: out,
+        })
+    }
+
+    /// Tells members that left every published volume's in-sync set.
+    fn drop_departed(&self, table: &[NamespaceSpec]) {
+        let Some(repl) = &self.repl else {
+            return;
+        };
+        let live: HashSet<*const Member> = table
+            .iter()
+            .filter_map(|s| match &s.backing {
+                Backing::Image {
+                    replication: Some(r),
+                    ..
+                } => Some(r.members.iter().map(Arc::as_ptr)),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let mut members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
+        members.retain(|_, (_, _, m)| {
+            let kept = live.contains(&Arc::as_ptr(m));
+            if !kept {
+                m.drop_replica();
+            }
+            kept
+        });
+    }
+
+    /// Hands the replication listener the volumes this node holds an in-sync replica of.
+    fn publish_replicas(&self, state: &State) {
+        let (Some(repl), Some(node)) = (&self.repl, self.node) else {
+            return;
+        };
+        let mut want: Vec<(Uuid, u64, u64, bool)> = state
+            .volumes
+            .by_uuid
+            .values()
+            .filter(|v| v.in_sync_replicas().any(|n| n == node))
+            .filter(|v| matches!(v.state, VolumeState::Creating | VolumeState::Available))
+            .filter(|v| self.store.contains(v.uuid))
+            .map(|v| (v.uuid, v.epoch, v.size_bytes, v.compression))
+            .collect();
+        want.sort();
+        let mut last = repl.replicas.lock().unwrap_or_else(|p| p.into_inner());
+        if *last == want {
+            return;
+        }
+        let images = want
+            .iter()
+            .map(|&(uuid, epoch, size, compress)| {
+                let image: Arc<dyn Backend> = Arc::new(self.store.image(uuid, size, compress));
+                (*uuid.as_bytes(), image, epoch)
+            })
+            .collect();
+        repl.server.set_images(images);
+        *last = want;
     }
 
     /// The block store.
@@ -100,6 +257,10 @@ impl VolumeStore {
         if let Some(t) = self.target.take() {
             t.shutdown();
         }
+        if let Some(r) = &self.repl {
+            r.hub.shutdown();
+            r.server.shutdown();
+        }
     }
 
     fn namespace_of(&self, state: &State, v: &Volume) -> NamespaceSpec {
@@ -110,7 +271,7 @@ impl VolumeStore {
             backing: Backing::Image {
                 store: self.store.clone(),
                 compress: v.compression,
-                replication: None,
+                replication: self.replication_of(state, v),
             },
             host_acl: acl(&v.acl),
             ip_acl: acl(&v.ip_acl),
@@ -204,6 +365,7 @@ impl DataPlane for VolumeStore {
                 }
             }
         }
+        self.publish_replicas(state);
         let Some(target) = &self.target else {
             return Ok(());
         };
@@ -225,9 +387,37 @@ impl DataPlane for VolumeStore {
         }
         // Remembered only when the whole table was taken, so a failure is retried next pass.
         published.clear();
-        target.try_set_namespaces(table.clone()).map_err(io_err)?;
+        let set = target.try_set_namespaces(table.clone()).map_err(io_err);
+        self.drop_departed(&table);
+        set?;
         *published = table;
         Ok(())
+    }
+
+    fn take_replica_failures(&self) -> Vec<ReplicaFailure> {
+        let Some(repl) = &self.repl else {
+            return Vec::new();
+        };
+        let failed = repl.hub.take_failures();
+        if failed.is_empty() {
+            return Vec::new();
+        }
+        let members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<ReplicaFailure> = members
+            .iter()
+            .filter(|((volume, _), (addr, _, _))| {
+                failed
+                    .iter()
+                    .any(|(v, a)| v == volume.as_bytes() && a == addr)
+            })
+            .map(|((volume, node), (_, epoch, _))| ReplicaFailure {
+                volume: *volume,
+                node: *node,
+                epoch: *epoch,
+            })
+            .collect();
+        out.sort_by_key(|f| (f.volume, f.node));
+        out
     }
 
     fn serves(&self, v: &Volume) -> bool {

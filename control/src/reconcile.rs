@@ -8,9 +8,9 @@
 //!
 //! In cluster mode every server runs one as its agent, scoped to its own node: the data-plane
 //! steps of the volumes and snapshots whose primary it is (the completions it appends are
-//! idempotent commands, so a repeat after a crash changes nothing), and placeholder images
-//! for the volumes it holds a replica of (no completion: replicas receive no data until the
-//! replicated write path exists).
+//! idempotent commands, so a repeat after a crash changes nothing), the images of the
+//! volumes it holds a replica of (no completion: the primary's writes fill them), and the
+//! recording of replicas its primaries could not write to.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -50,8 +50,15 @@ pub trait DataPlane: Send + Sync + 'static {
     fn serves(&self, volume: &Volume) -> bool;
     /// Checksum mismatches the data path saw since the last call, to record as events.
     fn take_media_errors(&self) -> Vec<evstor_datapath::blockstore::MediaError>;
+    /// Replicas this node's primaries could not write to since the last call, to record
+    /// out of sync (their writes wait for that).
+    fn take_replica_failures(&self) -> Vec<crate::dataplane::ReplicaFailure> {
+        Vec::new()
+    }
 }
 
+/// How often the data path is asked for failed replicas (their writes wait meanwhile).
+const REPLICA_FAILURE_POLL: Duration = Duration::from_millis(50);
 /// Pause before retrying data-path work that failed.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Longest sleep between looks at the state when nothing is due (a bound, not a timer); also
@@ -155,7 +162,7 @@ pub fn is_for(state: &State, w: &Work, node: Option<Uuid>) -> bool {
     }
 }
 
-/// Replica placeholders `node` should hold (create) or give up (release): volumes that name
+/// Replica images `node` should hold (create) or give up (release): volumes that name
 /// it as a replica, by state.
 pub fn replica_work(state: &State, node: Uuid) -> (Vec<Volume>, Vec<Uuid>) {
     let mut hold = Vec::new();
@@ -174,7 +181,7 @@ pub fn replica_work(state: &State, node: Uuid) -> (Vec<Volume>, Vec<Uuid>) {
     (hold, release)
 }
 
-/// Creates and releases this node's replica placeholders; `held` remembers what is done.
+/// Creates and releases this node's replica images; `held` remembers what is done.
 async fn replicas(bus: &Bus, data: &Arc<dyn DataPlane>, node: Uuid, held: &mut HashSet<Uuid>) {
     let (mut hold, release) = replica_work(&bus.state(), node);
     hold.retain(|v| !held.contains(&v.uuid));
@@ -187,14 +194,49 @@ async fn replicas(bus: &Bus, data: &Arc<dyn DataPlane>, node: Uuid, held: &mut H
             Ok(Ok(())) => {
                 held.insert(uuid);
             }
-            Ok(Err(e)) => tracing::warn!("replica placeholder of volume {uuid}: {e}"),
-            Err(e) => tracing::error!("replica placeholder task of volume {uuid}: {e}"),
+            Ok(Err(e)) => tracing::warn!("replica image of volume {uuid}: {e}"),
+            Err(e) => tracing::error!("replica image task of volume {uuid}: {e}"),
         }
     }
     for uuid in release {
         let worker = data.clone();
         if let Ok(Ok(())) = tokio::task::spawn_blocking(move || worker.release(uuid)).await {
             held.remove(&uuid);
+        }
+    }
+}
+
+/// Records replicas this node's primaries could not write to as out of sync, soon after the
+/// data path reports them: their writes are held until the new in-sync set is published.
+/// A command that fails (no etcd quorum, a newer epoch) is not retried here: the held writes
+/// time out, the host retries them, and the still-failed replica is reported again.
+async fn record_replica_failures(
+    bus: Bus,
+    data: Arc<dyn DataPlane>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        for f in data.take_replica_failures() {
+            tracing::warn!(volume = %f.volume, node = %f.node, "replica failed; recording it out of sync");
+            let cmd = Command::Volume(VolumeCommand::MarkReplicaOutOfSync {
+                uuid: f.volume,
+                node: f.node,
+                epoch: f.epoch,
+            });
+            if let Err(e) = bus.submit(RequestMeta::system("datapath"), cmd).await {
+                tracing::warn!(
+                    "recording replica {} of {} out of sync failed: {e}",
+                    f.node,
+                    f.volume
+                );
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(REPLICA_FAILURE_POLL) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
         }
     }
 }
@@ -209,6 +251,13 @@ pub async fn run(
     let mut seq = bus.last_seq();
     let mut held = HashSet::new();
     let clock_scale = schedule_clock_scale();
+    if node.is_some() {
+        tokio::spawn(record_replica_failures(
+            bus.clone(),
+            data.clone(),
+            shutdown.clone(),
+        ));
+    }
     loop {
         let now = crate::store::bus::now_unix_ns();
         // The state read below holds at least this seq (`/metrics`: reconciler lag).

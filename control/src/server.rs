@@ -331,10 +331,17 @@ pub async fn serve(
     let target = evstor_datapath::start(target_cfg, Vec::new())
         .with_context(|| format!("starting the NVMe/TCP target on {}", cfg.nvme_addr))?;
     let (nvme_addr, discovery_addr) = (target.local_addr(), target.discovery_addr());
-    let data = Arc::new(
-        VolumeStore::with_target(&cfg.data_dir, &bus.state(), target, node)
-            .context("opening the block store")?,
-    );
+    let mut store = VolumeStore::with_target(&cfg.data_dir, &bus.state(), target, node)
+        .context("opening the block store")?;
+    if member.is_some() {
+        let listen = crate::dataplane::replication_addr(&nvme_addr.to_string())
+            .context("no replication port next to the NVMe/TCP port")?;
+        let at = store
+            .start_replication(listen)
+            .with_context(|| format!("starting the replication listener on {listen}"))?;
+        println!("evstor: replication listener on {at}");
+    }
+    let data = Arc::new(store);
     println!(
         "evstor: NVMe/TCP target on {nvme_addr}, discovery on {}",
         discovery_addr.map(|a| a.to_string()).unwrap_or_default()

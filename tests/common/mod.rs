@@ -42,6 +42,18 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// A loopback port free right now whose next port is free too (the NVMe/TCP port: a
+/// cluster member's replication listener takes the next one).
+pub fn free_port_pair() -> u16 {
+    for _ in 0..1000 {
+        let p = free_port();
+        if p < u16::MAX && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no two consecutive free loopback ports")
+}
+
 pub fn evstor_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_evstor"))
 }
@@ -94,7 +106,7 @@ impl Server {
             let mut s = Server {
                 dir: tempfile::tempdir().expect("temp dir"),
                 api_port: free_port(),
-                nvme_port: free_port(),
+                nvme_port: free_port_pair(),
                 discovery_port: free_port(),
                 options: options.clone(),
                 child: None,

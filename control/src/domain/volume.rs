@@ -85,12 +85,33 @@ pub struct Volume {
     /// Seq of the last event that changed this volume; its ETag.
     pub etag: u64,
     /// The other `replica_count - 1` nodes, on distinct servers (distinct failure domains
-    /// when there are enough). Until the replicated write path exists their images are
-    /// placeholders that receive no data (so such a volume is `Degraded`).
+    /// when there are enough). The primary writes every change to the ones in sync.
     pub replica_nodes: Vec<Uuid>,
+    /// The primary's term: the seq of the event that made the current primary (its
+    /// creation). Every replicated write carries it; replicas refuse older ones.
+    pub epoch: u64,
+    /// Replica nodes recorded out of sync: they receive no writes until rebuilt.
+    pub out_of_sync: Vec<Uuid>,
 }
 
 impl Volume {
+    /// The replicas that hold every acknowledged write.
+    pub fn in_sync_replicas(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.replica_nodes
+            .iter()
+            .copied()
+            .filter(|n| !self.out_of_sync.contains(n))
+    }
+
+    /// Protection as the copies in sync make it.
+    fn protection_now(&self) -> ProtectionState {
+        if self.out_of_sync.is_empty() {
+            ProtectionState::FullyProtected
+        } else {
+            ProtectionState::Degraded
+        }
+    }
+
     /// Every node holding a copy, primary first.
     pub fn nodes(&self) -> impl Iterator<Item = Uuid> + '_ {
         std::iter::once(self.node_uuid).chain(self.replica_nodes.iter().copied())
@@ -244,19 +265,50 @@ pub enum Command {
         uuid: Uuid,
         block: u64,
     },
+    /// The primary (at `epoch`) could not write to the replica on `node`.
+    MarkReplicaOutOfSync {
+        uuid: Uuid,
+        node: Uuid,
+        epoch: u64,
+    },
 }
 
 /// Append only: bincode stores the variant's position.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
-    VolumeCreationRequested { volume: Volume },
-    VolumeBecameAvailable { uuid: Uuid },
-    VolumeUpdated { uuid: Uuid, change: VolumeDelta },
-    VolumeDeletionRequested { uuid: Uuid },
-    VolumeDeleted { uuid: Uuid },
-    VolumeRollbackRequested { uuid: Uuid, snapshot: Uuid },
-    VolumeRolledBack { uuid: Uuid },
-    VolumeDataIntegrityError { uuid: Uuid, block: u64 },
+    VolumeCreationRequested {
+        volume: Volume,
+    },
+    VolumeBecameAvailable {
+        uuid: Uuid,
+    },
+    VolumeUpdated {
+        uuid: Uuid,
+        change: VolumeDelta,
+    },
+    VolumeDeletionRequested {
+        uuid: Uuid,
+    },
+    VolumeDeleted {
+        uuid: Uuid,
+    },
+    VolumeRollbackRequested {
+        uuid: Uuid,
+        snapshot: Uuid,
+    },
+    VolumeRolledBack {
+        uuid: Uuid,
+    },
+    VolumeDataIntegrityError {
+        uuid: Uuid,
+        block: u64,
+    },
+    /// The primary could not write to this replica; it no longer receives writes.
+    VolumeReplicaOutOfSync {
+        uuid: Uuid,
+        node: Uuid,
+        epoch: u64,
+    },
 }
 
 /// The resolved form of a [`VolumeChange`] as stored in the journal.
@@ -282,6 +334,7 @@ impl Event {
             Event::VolumeRollbackRequested { .. } => "VolumeRollbackRequested",
             Event::VolumeRolledBack { .. } => "VolumeRolledBack",
             Event::VolumeDataIntegrityError { .. } => "VolumeDataIntegrityError",
+            Event::VolumeReplicaOutOfSync { .. } => "VolumeReplicaOutOfSync",
         }
     }
 
@@ -294,7 +347,8 @@ impl Event {
             | Event::VolumeDeleted { uuid }
             | Event::VolumeRollbackRequested { uuid, .. }
             | Event::VolumeRolledBack { uuid }
-            | Event::VolumeDataIntegrityError { uuid, .. } => *uuid,
+            | Event::VolumeDataIntegrityError { uuid, .. }
+            | Event::VolumeReplicaOutOfSync { uuid, .. } => *uuid,
         }
     }
 
@@ -472,14 +526,15 @@ fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, Doma
         None => state.projects.default_qos(&n.project),
     };
     let nodes = super::inventory::place(state, n.replica_count as usize, pinned)?;
+    let is_clone = source.is_some();
     let volume = Volume {
         uuid: ctx.new_id(0),
         name: n.name.clone(),
         project: n.project.clone(),
         state: VolumeState::Creating,
-        // Replicas hold no data yet (no replicated write path): only a single-copy volume
-        // has all the protection it asked for.
-        protection: if n.replica_count > 1 {
+        // A clone's replicas start without the snapshot's data (snapshots live on the
+        // primary): they are out of sync until rebuilt.
+        protection: if n.replica_count > 1 && is_clone {
             ProtectionState::Degraded
         } else {
             ProtectionState::FullyProtected
@@ -499,6 +554,12 @@ fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, Doma
         creation_unix_ns: ctx.now_unix_ns,
         etag: 0,
         replica_nodes: nodes[1..].to_vec(),
+        epoch: 0,
+        out_of_sync: if is_clone {
+            nodes[1..].to_vec()
+        } else {
+            Vec::new()
+        },
     };
     Ok(vec![AnyEvent::Volume(Event::VolumeCreationRequested {
         volume,
@@ -647,6 +708,26 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             // A volume deleted meanwhile: nothing left to report on.
             None => Ok(vec![]),
         },
+        Command::MarkReplicaOutOfSync { uuid, node, epoch } => {
+            let Some(v) = state.volumes.get(*uuid) else {
+                return Ok(vec![]);
+            };
+            if v.epoch != *epoch {
+                // A primary of an older term: it must not shrink the in-sync set.
+                return Err(DomainError::Conflict(format!(
+                    "volume {uuid} is at epoch {}, not {epoch}",
+                    v.epoch
+                )));
+            }
+            if !v.replica_nodes.contains(node) || v.out_of_sync.contains(node) {
+                return Ok(vec![]);
+            }
+            Ok(vec![AnyEvent::Volume(Event::VolumeReplicaOutOfSync {
+                uuid: *uuid,
+                node: *node,
+                epoch: *epoch,
+            })])
+        }
     }
 }
 
@@ -711,6 +792,7 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
     if let Event::VolumeCreationRequested { volume } = event {
         let mut v = volume.clone();
         v.etag = at.seq;
+        v.epoch = at.seq;
         state.volumes.insert(v);
         return vec![RowKey::Volume(uuid)];
     }
@@ -731,6 +813,9 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
         Event::VolumeUpdated { change: d, .. } => apply_delta(&mut v, d),
         Event::VolumeRollbackRequested { snapshot, .. } => {
             v.state = VolumeState::Rollback;
+            // The rollback rewrites the primary's copy only.
+            v.out_of_sync = v.replica_nodes.clone();
+            v.protection = v.protection_now();
             let s = state
                 .snapshots
                 .by_uuid
@@ -749,6 +834,12 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             }
         }
         Event::VolumeDataIntegrityError { .. } => {}
+        Event::VolumeReplicaOutOfSync { node, .. } => {
+            if !v.out_of_sync.contains(node) {
+                v.out_of_sync.push(*node);
+            }
+            v.protection = v.protection_now();
+        }
         Event::VolumeCreationRequested { .. } | Event::VolumeDeleted { .. } => {
             unreachable!("handled above")
         }

@@ -11,8 +11,9 @@ use crate::domain::Event;
 use crate::error::ControlError;
 
 /// Version of the payload schema written today. 2: volumes carry their replica nodes
-/// (`Volume::replica_nodes`), so `VolumeCreationRequested` grew a field.
-pub const SCHEMA_VERSION: u16 = 2;
+/// (`Volume::replica_nodes`), so `VolumeCreationRequested` grew a field. 3: volumes carry
+/// their epoch and out-of-sync replicas (`Volume::epoch`, `Volume::out_of_sync`).
+pub const SCHEMA_VERSION: u16 = 3;
 
 /// Frames a domain event for the journal.
 pub fn encode(event: &Event, project: &str, actor: &str, request_id: &str, time: u64) -> NewEvent {
@@ -34,7 +35,8 @@ pub fn decode(env: &Envelope) -> Result<Event, ControlError> {
         reason: e.to_string(),
     };
     let event: Event = match env.schema_version {
-        2 => bincode::deserialize(&env.payload).map_err(bad)?,
+        3 => bincode::deserialize(&env.payload).map_err(bad)?,
+        2 => upcast_v2(&env.payload).map_err(bad)?,
         1 => upcast_v1(&env.payload).map_err(bad)?,
         v => {
             return Err(ControlError::Codec {
@@ -84,24 +86,53 @@ struct VolumeV1 {
     etag: u64,
 }
 
-/// Schema 1 differs from 2 only in `VolumeCreationRequested` (a volume then had one node);
-/// every other payload decodes as it is.
-fn upcast_v1(payload: &[u8]) -> bincode::Result<Event> {
+/// Schemas 1 and 2 differ from 3 only in `VolumeCreationRequested`; every other payload
+/// decodes as it is.
+fn is_volume_creation(payload: &[u8]) -> bool {
     let tag = |at: usize| {
         payload
             .get(at..at + 4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     };
-    if tag(0) != Some(VOLUME_EVENT) || tag(4) != Some(VOLUME_CREATION_REQUESTED) {
+    tag(0) == Some(VOLUME_EVENT) && tag(4) == Some(VOLUME_CREATION_REQUESTED)
+}
+
+/// Schema 1: a volume then had one node.
+fn upcast_v1(payload: &[u8]) -> bincode::Result<Event> {
+    if !is_volume_creation(payload) {
         return bincode::deserialize(payload);
     }
     let (_, _, v): (u32, u32, VolumeV1) = bincode::deserialize(payload)?;
-    let volume = Volume {
+    Ok(creation(volume_of(v, Vec::new())))
+}
+
+/// Schema 2: replicas were placeholders that received no data, so they start out of sync.
+fn upcast_v2(payload: &[u8]) -> bincode::Result<Event> {
+    if !is_volume_creation(payload) {
+        return bincode::deserialize(payload);
+    }
+    // Schema 2's volume is schema 1's followed by its replica nodes.
+    let (_, _, v, replicas): (u32, u32, VolumeV1, Vec<Uuid>) = bincode::deserialize(payload)?;
+    Ok(creation(volume_of(v, replicas)))
+}
+
+fn creation(volume: Volume) -> Event {
+    Event::Volume(volume::Event::VolumeCreationRequested { volume })
+}
+
+/// Today's volume from an old one: epoch 0 (evolve sets it from the event's seq) and every
+/// replica out of sync.
+fn volume_of(v: VolumeV1, replica_nodes: Vec<Uuid>) -> Volume {
+    Volume {
         uuid: v.uuid,
         name: v.name,
         project: v.project,
         state: v.state,
-        protection: v.protection,
+        protection: if replica_nodes.is_empty() {
+            v.protection
+        } else {
+            ProtectionState::Degraded
+        },
         replica_count: v.replica_count,
         nsid: v.nsid,
         acl: v.acl,
@@ -116,13 +147,11 @@ fn upcast_v1(payload: &[u8]) -> bincode::Result<Event> {
         node_uuid: v.node_uuid,
         creation_unix_ns: v.creation_unix_ns,
         etag: v.etag,
-        replica_nodes: Vec::new(),
-    };
-    Ok(Event::Volume(volume::Event::VolumeCreationRequested {
-        volume,
-    }))
+        out_of_sync: replica_nodes.clone(),
+        replica_nodes,
+        epoch: 0,
+    }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,5 +231,29 @@ mod tests {
                 assert_eq!(&upcast_v1(&bincode::serialize(e).unwrap()).unwrap(), e);
             }
         }
+    }
+
+    #[test]
+    fn schema_2_volume_creation_starts_with_its_replicas_out_of_sync() {
+        let mut created = with_volume()
+            .iter()
+            .find_map(|e| match e {
+                Event::Volume(volume::Event::VolumeCreationRequested { volume }) => {
+                    Some(volume.clone())
+                }
+                _ => None,
+            })
+            .unwrap();
+        let replicas = vec![Uuid::from_u128(7), Uuid::from_u128(8)];
+        // Schema 2 bytes: schema 1's volume followed by its replica nodes.
+        let mut v2 = v1_bytes(&created);
+        v2.extend(bincode::serialize(&replicas).unwrap());
+        created.replica_nodes = replicas.clone();
+        created.out_of_sync = replicas;
+        created.protection = ProtectionState::Degraded;
+        assert_eq!(
+            upcast_v2(&v2).unwrap(),
+            Event::Volume(volume::Event::VolumeCreationRequested { volume: created })
+        );
     }
 }
