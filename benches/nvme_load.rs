@@ -1206,6 +1206,7 @@ impl InProcess {
             host_acl: Acl::AllowAny,
             ip_acl: Acl::AllowAny,
             qos: QosLimits::default(),
+            ana: Default::default(),
         };
         let cfg = TargetConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), IN_PROCESS_NQN);
         Ok(InProcess {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::cluster::{events, member, member_with_env, same_head, server_id, Etcd};
 use common::Server;
 use evstor_datapath::initiator::Session;
+use evstor_datapath::nvme::Status;
 use serde_json::{json, Value};
 
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:0c0c0c0c-0000-4000-8000-00000000c1c1";
@@ -717,14 +718,15 @@ fn a_snapshot_schedule_fires_each_slot_once_in_a_cluster() {
     }
 }
 
-/// The primary's host session on volume `uuid`: (session, nsid, primary's index).
-fn host_on_primary(servers: &[Server], uuid: &str) -> (Session, u32, usize) {
+/// The primary's host session on volume `uuid`, as server `ask` knows it: (session, nsid,
+/// primary's index).
+fn host_on_primary(servers: &[Server], ask: usize, uuid: &str) -> (Session, u32, usize) {
     let v = eventually(
-        &servers[0],
+        &servers[ask],
         &format!("/api/v2/projects/default/volumes/{uuid}"),
         |st, v| st == 200 && v["state"] == "Available",
     );
-    let owners = node_owner(&servers[0], servers);
+    let owners = node_owner(&servers[ask], servers);
     let p = owners[v["primaryNodeUUID"].as_str().expect("primary")];
     let nqn = servers[p].admin().get("/api/v2/clusterinfo").1["subsystemNQN"]
         .as_str()
@@ -790,7 +792,7 @@ fn writes_reach_every_copy_and_a_dead_replica_is_recorded_out_of_sync() {
     let etcd = Etcd::start(3);
     let mut servers = three(&etcd);
     let uuid = create_volume(&servers[1], "r3", 3);
-    let (mut host, nsid, p) = host_on_primary(&servers, &uuid);
+    let (mut host, nsid, p) = host_on_primary(&servers, 0, &uuid);
     for b in 0..16u64 {
         host.write(nsid, b, &block(b as u8))
             .expect("replicated write");
@@ -832,5 +834,195 @@ fn writes_reach_every_copy_and_a_dead_replica_is_recorded_out_of_sync() {
         image_blocks(&servers[dead], &uuid, 17),
         first,
         "dead replica's prefix"
+    );
+}
+
+/// Sessions to every server's portal for `nqn` (a multipath host), in server order.
+fn sessions(servers: &[Server], nqn: &str) -> Vec<Session> {
+    servers
+        .iter()
+        .map(|s| {
+            Session::connect(
+                SocketAddr::from(([127, 0, 0, 1], s.nvme_port)),
+                nqn,
+                HOSTNQN,
+            )
+            .expect("NVMe/TCP connect")
+        })
+        .collect()
+}
+
+fn status_of<T: std::fmt::Debug>(
+    r: Result<T, evstor_datapath::initiator::InitiatorError>,
+) -> Status {
+    match r {
+        Err(e) => e
+            .status()
+            .unwrap_or_else(|| panic!("expected an NVMe status, got {e}")),
+        Ok(v) => panic!("expected an NVMe status, got Ok({v:?})"),
+    }
+}
+
+/// Every server exposes a replicated volume: ANA Optimized on the primary, Inaccessible on
+/// the replicas (I/O refused with a path error), with controller IDs unique across servers.
+/// When the primary is killed, the leader promotes an in-sync replica (a new epoch): the
+/// host's path to it turns optimized, reads what was acknowledged and writes on.
+#[test]
+fn a_killed_primary_fails_over_to_an_in_sync_replica() {
+    let etcd = Etcd::start(3);
+    let mut servers = three(&etcd);
+    let uuid = create_volume(&servers[0], "fo", 3);
+    let (_, nsid, p) = host_on_primary(&servers, 0, &uuid);
+    let nqn = servers[0].admin().get("/api/v2/clusterinfo").1["subsystemNQN"]
+        .as_str()
+        .expect("NQN")
+        .to_string();
+    let path = format!("/api/v2/projects/default/volumes/{uuid}");
+    // Replicas expose the namespace once they hold its image.
+    let deadline = Instant::now() + CONVERGE;
+    let mut hosts = loop {
+        let mut hosts = sessions(&servers, &nqn);
+        if hosts
+            .iter_mut()
+            .all(|h| h.active_namespaces().is_ok_and(|n| n.contains(&nsid)))
+        {
+            break hosts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every server exposes nsid {nsid}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let cntlids: BTreeSet<u16> = hosts.iter().map(Session::cntlid).collect();
+    assert_eq!(
+        cntlids.len(),
+        3,
+        "controller IDs unique across servers: {cntlids:?}"
+    );
+    for b in 0..8u64 {
+        hosts[p]
+            .write(nsid, b, &block(b as u8))
+            .expect("write on the primary");
+    }
+    for (i, h) in hosts.iter_mut().enumerate().filter(|(i, _)| *i != p) {
+        assert_eq!(
+            status_of(h.read(nsid, 0, 1)),
+            Status::ANA_INACCESSIBLE,
+            "server {i} is a replica"
+        );
+    }
+    let epoch_before = servers[(p + 1) % 3].admin().get(&path).1["ETag"].clone();
+    servers[p].kill9();
+    let live: Vec<usize> = (0..3).filter(|i| *i != p).collect();
+    let v = eventually(&servers[live[0]], &path, |_, v| {
+        v["primaryNodeUUID"] != json!(null)
+            && node_owner(&servers[live[0]], &servers)
+                .get(v["primaryNodeUUID"].as_str().unwrap_or_default())
+                .is_some_and(|o| *o != p)
+    });
+    assert_ne!(v["ETag"], epoch_before);
+    assert_eq!(v["protectionState"], "Degraded", "{v}");
+    let owners = node_owner(&servers[live[0]], &servers);
+    let q = owners[v["primaryNodeUUID"].as_str().expect("primary")];
+    // The new primary's path turns optimized: acknowledged data is there, writes go on.
+    let deadline = Instant::now() + CONVERGE;
+    let got = loop {
+        match hosts[q].read(nsid, 0, 8) {
+            Ok(d) => break d,
+            Err(e) if e.status() == Some(Status::ANA_INACCESSIBLE) => {
+                assert!(Instant::now() < deadline, "the new primary never served");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("read on the new primary: {e}"),
+        }
+    };
+    let want: Vec<u8> = (0..8u8).flat_map(block).collect();
+    assert_eq!(got, want, "acknowledged writes survive the failover");
+    hosts[q]
+        .write(nsid, 8, &block(8))
+        .expect("write after failover");
+    let other = live
+        .iter()
+        .copied()
+        .find(|i| *i != q)
+        .expect("a third server");
+    assert_eq!(
+        status_of(hosts[other].read(nsid, 0, 1)),
+        Status::ANA_INACCESSIBLE
+    );
+    drop(hosts);
+    for s in servers.iter_mut() {
+        s.stop();
+    }
+    let want: Vec<u8> = (0..9u8).flat_map(block).collect();
+    assert_eq!(image_blocks(&servers[q], &uuid, 9), want, "new primary");
+    assert_eq!(
+        image_blocks(&servers[other], &uuid, 9),
+        want,
+        "replica in sync"
+    );
+}
+
+/// A primary stopped (SIGSTOP) past its lease is replaced; when it resumes, a write sent to
+/// it is never acknowledged (its replicas fence its epoch, then it learns it is a replica),
+/// and the copies in sync hold exactly what was acknowledged.
+#[test]
+fn a_stopped_primary_that_resumes_acknowledges_nothing() {
+    let etcd = Etcd::start(3);
+    let mut servers = three(&etcd);
+    let uuid = create_volume(&servers[0], "fence", 3);
+    let (mut old, nsid, p) = host_on_primary(&servers, 0, &uuid);
+    for b in 0..4u64 {
+        old.write(nsid, b, &block(b as u8))
+            .expect("write on the primary");
+    }
+    let path = format!("/api/v2/projects/default/volumes/{uuid}");
+    servers[p].signal(libc::SIGSTOP);
+    let live: Vec<usize> = (0..3).filter(|i| *i != p).collect();
+    let owners = node_owner(&servers[live[0]], &servers);
+    let v = eventually(&servers[live[0]], &path, |_, v| {
+        owners
+            .get(v["primaryNodeUUID"].as_str().unwrap_or_default())
+            .is_some_and(|o| *o != p)
+    });
+    let q = owners[v["primaryNodeUUID"].as_str().expect("primary")];
+    let (mut new, _, q2) = host_on_primary(&servers, live[0], &uuid);
+    assert_eq!(q, q2);
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        match new.write(nsid, 4, &block(4)) {
+            Ok(()) => break,
+            Err(e) if e.status() == Some(Status::ANA_INACCESSIBLE) => {
+                assert!(Instant::now() < deadline, "the new primary never served");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("write on the new primary: {e}"),
+        }
+    }
+    servers[p].signal(libc::SIGCONT);
+    // The stale primary's write to block 0 must fail, whichever way it is refused.
+    let stale = old.write(nsid, 0, &block(0xee));
+    assert!(stale.is_err(), "a deposed primary acknowledged a write");
+    let other = live
+        .iter()
+        .copied()
+        .find(|i| *i != q)
+        .expect("a third server");
+    eventually(&servers[p], &path, |_, v| {
+        owners
+            .get(v["primaryNodeUUID"].as_str().unwrap_or_default())
+            .is_some_and(|o| *o == q)
+    });
+    drop((old, new));
+    for s in servers.iter_mut() {
+        s.stop();
+    }
+    let want: Vec<u8> = (0..5u8).flat_map(block).collect();
+    assert_eq!(image_blocks(&servers[q], &uuid, 5), want, "new primary");
+    assert_eq!(
+        image_blocks(&servers[other], &uuid, 5),
+        want,
+        "replica in sync"
     );
 }

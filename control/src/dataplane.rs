@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex};
 use evstor_datapath::blockstore::{
     BlockStore, DeviceSpec, MediaError, PoolStats, StoreError, Usage,
 };
-use evstor_datapath::limits::{BLOCK_BYTES, REPLICATION_PORT_OFFSET};
+use evstor_datapath::limits::{ANA_GROUPS_MAX, BLOCK_BYTES, MAX_CNTLID, REPLICATION_PORT_OFFSET};
 use evstor_datapath::replica::{Member, ReplicaHub, ReplicaServer};
 use evstor_datapath::{
-    Acl, Backend, Backing, ConnectedHost, NamespaceSpec, QosLimits, Replication, TargetHandle,
+    Acl, Ana, Backend, Backing, ConnectedHost, NamespaceSpec, QosLimits, Replication, TargetHandle,
 };
 use uuid::Uuid;
 
@@ -50,9 +50,14 @@ struct Repl {
     /// replica server's address and the epoch published: kept across publications so a
     /// replica that leaves the set is told ([`Member::drop_replica`]).
     members: Mutex<HashMap<(Uuid, Uuid), Published>>,
-    /// The replica images last handed to the listener (volume, epoch, size, compression).
-    replicas: Mutex<Vec<(Uuid, u64, u64, bool)>>,
+    /// What was last handed to the listener: (volume, epoch, size, compression, whether
+    /// this node is an in-sync replica rather than the primary).
+    replicas: Mutex<Vec<ListenerEntry>>,
 }
+
+/// A volume as handed to the replication listener: volume, epoch, size, compression, and
+/// whether this node is an in-sync replica of it (else its primary).
+type ListenerEntry = (Uuid, u64, u64, bool, bool);
 
 /// One in-sync replica as published: its server's address, the volume's epoch, the member.
 type Published = (SocketAddr, u64, Arc<Member>);
@@ -64,6 +69,39 @@ pub struct ReplicaFailure {
     pub node: Uuid,
     /// The volume's epoch the primary wrote under.
     pub epoch: u64,
+}
+
+/// The ANA group of the namespaces `node` serves optimized: its server's slot (group 1
+/// for a server without one, e.g. a single server).
+pub fn ana_group(state: &State, node: Uuid) -> u32 {
+    state
+        .inventory
+        .server_of(node)
+        .map_or(1, |s| s.slot)
+        .clamp(1, ANA_GROUPS_MAX)
+}
+
+/// The controller IDs of the server in `slot`: one disjoint range per slot, so a host
+/// connected to several servers of one subsystem never sees an ID twice.
+pub fn cntlid_range(slot: u32) -> std::ops::RangeInclusive<u16> {
+    let per = (MAX_CNTLID as u32) / ANA_GROUPS_MAX;
+    let slot = slot.clamp(1, ANA_GROUPS_MAX);
+    let lo = (slot - 1) * per + 1;
+    (lo as u16)..=((lo + per - 1) as u16)
+}
+
+/// The NVMe/TCP portals of the other nodes (the discovery log lists them after this one).
+fn peer_portals(state: &State, node: Option<Uuid>) -> Vec<SocketAddr> {
+    let Some(node) = node else {
+        return Vec::new();
+    };
+    state
+        .inventory
+        .nodes
+        .values()
+        .filter(|n| n.uuid != node)
+        .filter_map(|n| n.nvme_endpoint.parse().ok())
+        .collect()
 }
 
 /// Where a node's replication listener is: its NVMe/TCP endpoint's address, next port.
@@ -215,14 +253,18 @@ impl VolumeStore {
         let (Some(repl), Some(node)) = (&self.repl, self.node) else {
             return;
         };
-        let mut want: Vec<(Uuid, u64, u64, bool)> = state
+        // In-sync replicas take writes; primaries are listed too, so an older primary's
+        // frames are refused as fenced.
+        let mut want: Vec<ListenerEntry> = state
             .volumes
             .by_uuid
             .values()
-            .filter(|v| v.in_sync_replicas().any(|n| n == node))
             .filter(|v| matches!(v.state, VolumeState::Creating | VolumeState::Available))
-            .filter(|v| self.store.contains(v.uuid))
-            .map(|v| (v.uuid, v.epoch, v.size_bytes, v.compression))
+            .filter_map(|v| {
+                let replica = v.in_sync_replicas().any(|n| n == node);
+                let take = (replica && self.store.contains(v.uuid)) || v.node_uuid == node;
+                take.then_some((v.uuid, v.epoch, v.size_bytes, v.compression, replica))
+            })
             .collect();
         want.sort();
         let mut last = repl.replicas.lock().unwrap_or_else(|p| p.into_inner());
@@ -231,8 +273,9 @@ impl VolumeStore {
         }
         let images = want
             .iter()
-            .map(|&(uuid, epoch, size, compress)| {
-                let image: Arc<dyn Backend> = Arc::new(self.store.image(uuid, size, compress));
+            .map(|&(uuid, epoch, size, compress, replica)| {
+                let image = replica
+                    .then(|| Arc::new(self.store.image(uuid, size, compress)) as Arc<dyn Backend>);
                 (*uuid.as_bytes(), image, epoch)
             })
             .collect();
@@ -264,6 +307,7 @@ impl VolumeStore {
     }
 
     fn namespace_of(&self, state: &State, v: &Volume) -> NamespaceSpec {
+        let primary = self.node.is_none_or(|n| v.node_uuid == n);
         NamespaceSpec {
             nsid: v.nsid,
             uuid: *v.uuid.as_bytes(),
@@ -271,11 +315,19 @@ impl VolumeStore {
             backing: Backing::Image {
                 store: self.store.clone(),
                 compress: v.compression,
-                replication: self.replication_of(state, v),
+                replication: if primary {
+                    self.replication_of(state, v)
+                } else {
+                    None
+                },
             },
             host_acl: acl(&v.acl),
             ip_acl: acl(&v.ip_acl),
             qos: qos_of(state, v),
+            ana: Ana {
+                group: ana_group(state, v.node_uuid),
+                optimized: primary,
+            },
         }
     }
 }
@@ -369,18 +421,22 @@ impl DataPlane for VolumeStore {
         let Some(target) = &self.target else {
             return Ok(());
         };
+        // Every copy this node holds is a namespace (a path for multipath hosts): ANA
+        // Optimized on the primary, Inaccessible elsewhere.
+        let held = |v: &&Volume| self.node.is_none_or(|n| v.nodes().any(|c| c == n));
         let table: Vec<NamespaceSpec> = state
             .volumes
             .by_uuid
             .values()
-            .filter(mine)
+            .filter(held)
             .filter(|v| match v.state {
-                VolumeState::Available => true,
+                VolumeState::Available => mine(v) || self.store.contains(v.uuid),
                 VolumeState::Creating => self.store.contains(v.uuid),
                 _ => false,
             })
             .map(|v| self.namespace_of(state, v))
             .collect();
+        target.set_peer_portals(peer_portals(state, self.node));
         let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
         if *published == table {
             return Ok(());

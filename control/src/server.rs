@@ -328,6 +328,13 @@ pub async fn serve(
     );
     target_cfg.discovery_addr = Some(cfg.discovery_addr);
     target_cfg.reactors = cfg.datapath_cores;
+    if let Some(m) = &member {
+        // Controller IDs unique across the cluster's servers: a range per server slot.
+        match bus.state().inventory.servers.get(&m.server_uuid) {
+            Some(s) => target_cfg.cntlids = crate::dataplane::cntlid_range(s.slot),
+            None => tracing::warn!("this server has no slot yet: controller IDs may collide"),
+        }
+    }
     let target = evstor_datapath::start(target_cfg, Vec::new())
         .with_context(|| format!("starting the NVMe/TCP target on {}", cfg.nvme_addr))?;
     let (nvme_addr, discovery_addr) = (target.local_addr(), target.discovery_addr());

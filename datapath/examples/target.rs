@@ -73,6 +73,7 @@ fn spec(a: &Args, nsid: u32) -> NamespaceSpec {
         host_acl: a.acl.clone(),
         ip_acl: Acl::AllowAny,
         qos: Default::default(),
+        ana: Default::default(),
     }
 }
 

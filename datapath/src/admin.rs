@@ -3,7 +3,7 @@
 //! All admin commands complete synchronously on the admin queue's reactor; the
 //! data they return is built into the command's slot buffer by `pages`.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 
 use crate::ctrl::{MASK_ANA, MASK_NS};
@@ -204,18 +204,28 @@ impl Queue {
             }
             log::ANA if pages::REPORT_ANA => {
                 let mut st = self.ctrl.state();
-                let ids: Vec<u32> = st.seen.iter().map(|s| s.nsid).collect();
+                let mut entries: Vec<pages::AnaEntry> = st
+                    .seen
+                    .iter()
+                    .map(|s| pages::AnaEntry {
+                        group: s.ana.group,
+                        nsid: s.nsid,
+                        optimized: s.ana.optimized,
+                    })
+                    .collect();
                 let chg = st.ana_chgcnt;
                 if !rae {
                     st.masked &= !MASK_ANA;
                 }
                 drop(st);
-                let need = 48 + 4 * ids.len();
+                entries.sort_unstable();
+                let groups_only = lsp & 1 != 0;
+                let need = pages::ana_log_len(&entries, groups_only);
                 Ok(pages::ana_log(
                     self.data_mut(i, need).ok_or(Status::INTERNAL)?,
                     chg,
-                    &ids,
-                    lsp & 1 != 0,
+                    &entries,
+                    groups_only,
                 ))
             }
             _ => Err(Status::INVALID_LOG_PAGE),
@@ -241,15 +251,25 @@ impl Queue {
         } else {
             io.ip()
         };
-        let entry = DiscoveryEntry {
-            portid: 1,
-            traddr: ip.to_string(),
-            trsvcid: io.port().to_string(),
-            subnqn: &shared.cfg.subsystem_nqn,
-            ipv6: ip.is_ipv6(),
-        };
-        let entries = [entry];
-        let n = entries.len().min(MAX_DISCOVERY_ENTRIES);
+        let own = SocketAddr::new(ip, io.port());
+        let peers = shared
+            .peer_portals
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let entries: Vec<DiscoveryEntry<'_>> = std::iter::once(own)
+            .chain(peers.into_iter().filter(|p| *p != own))
+            .take(MAX_DISCOVERY_ENTRIES)
+            .enumerate()
+            .map(|(k, a)| DiscoveryEntry {
+                portid: k as u16 + 1,
+                traddr: a.ip().to_string(),
+                trsvcid: a.port().to_string(),
+                subnqn: &shared.cfg.subsystem_nqn,
+                ipv6: a.is_ipv6(),
+            })
+            .collect();
+        let n = entries.len();
         let gen = shared.generation.load(Ordering::Acquire);
         let b = self.data_mut(i, 1024 * (1 + n))?;
         Some(pages::discovery_log(b, gen, &entries[..n]))

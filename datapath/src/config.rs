@@ -60,6 +60,9 @@ pub struct TargetConfig {
     /// CPUs the process may run on, unpinned). Each owns many connections and one io_uring.
     /// A count given here pins reactor `i` to the `i`-th CPU the process may use.
     pub reactors: usize,
+    /// Controller IDs this target hands out (a cluster gives each server its own range: a
+    /// Linux host rejects two controllers of one subsystem with the same ID).
+    pub cntlids: std::ops::RangeInclusive<u16>,
 }
 
 /// Reactors for `cpus` usable CPUs when none are configured: half of them, at least one.
@@ -89,6 +92,7 @@ impl TargetConfig {
             fd_reserve: DEFAULT_FD_RESERVE,
             buffer_pool_bytes: DEFAULT_BUFFER_POOL_BYTES,
             reactors: 0,
+            cntlids: 1..=crate::limits::MAX_CNTLID,
         }
     }
 
@@ -210,6 +214,27 @@ pub struct NamespaceSpec {
     /// Absolute I/O limits (`QosLimits::default()` is unlimited). A new value for a live
     /// namespace applies to its connections at once, without reconnecting.
     pub qos: QosLimits,
+    /// Its ANA group and state on this target (a change notifies hosts).
+    pub ana: Ana,
+}
+
+/// A namespace's Asymmetric Namespace Access on this target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ana {
+    /// ANA group ID, 1..=[`ANA_GROUPS_MAX`](crate::limits::ANA_GROUPS_MAX).
+    pub group: u32,
+    /// Optimized (this target serves its I/O) or Inaccessible (I/O is refused with a path
+    /// error, so a multipath host uses another controller).
+    pub optimized: bool,
+}
+
+impl Default for Ana {
+    fn default() -> Ana {
+        Ana {
+            group: 1,
+            optimized: true,
+        }
+    }
 }
 
 impl NamespaceSpec {

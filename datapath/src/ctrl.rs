@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::admission::{self, CtrlKey};
-use crate::limits::{MAX_CHANGED_NS, MAX_IO_QUEUES_PER_CTRL, MAX_PENDING_EVENTS};
+use crate::limits::{MAX_CHANGED_NS, MAX_CNTLID, MAX_IO_QUEUES_PER_CTRL, MAX_PENDING_EVENTS};
 use crate::notify::Notifier;
 use crate::ns::NsTable;
 use crate::nvme::aen;
@@ -44,6 +44,8 @@ pub struct SeenNs {
     pub uuid: [u8; 16],
     /// Size in bytes.
     pub size_bytes: u64,
+    /// ANA group and state.
+    pub ana: crate::config::Ana,
 }
 
 /// Mutable controller state.
@@ -223,8 +225,12 @@ impl Controller {
                 st.changed_ns.push(id);
             }
         }
-        let ana_changed =
-            st.seen.len() != now.len() || st.seen.iter().zip(&now).any(|(a, b)| a.nsid != b.nsid);
+        let ana_changed = st.seen.len() != now.len()
+            || st
+                .seen
+                .iter()
+                .zip(&now)
+                .any(|(a, b)| (a.nsid, a.ana) != (b.nsid, b.ana));
         st.seen = now;
         if ana_changed {
             st.ana_chgcnt += 1;
@@ -257,6 +263,7 @@ fn seen_in(table: &NsTable, host_nqn: &str, remote: SocketAddr) -> Vec<SeenNs> {
             nsid: n.spec.nsid,
             uuid: n.spec.uuid,
             size_bytes: n.spec.size_bytes,
+            ana: n.spec.ana,
         })
         .collect()
 }
@@ -293,24 +300,37 @@ fn diff(old: &[SeenNs], new: &[SeenNs]) -> Vec<u32> {
 }
 
 /// All live controllers, by ID.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     ctrls: BTreeMap<u16, Arc<Controller>>,
     next: u16,
+    /// The IDs this target may hand out.
+    range: std::ops::RangeInclusive<u16>,
 }
 
-/// Highest dynamic controller ID (0xFFF0.. are reserved).
-const MAX_CNTLID: u16 = 0xffef;
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry::new(1..=MAX_CNTLID)
+    }
+}
 
 impl Registry {
+    /// A registry handing out IDs within `range` (clamped to the dynamic IDs).
+    pub fn new(range: std::ops::RangeInclusive<u16>) -> Registry {
+        let lo = (*range.start()).clamp(1, MAX_CNTLID);
+        let hi = (*range.end()).clamp(lo, MAX_CNTLID);
+        Registry {
+            ctrls: BTreeMap::new(),
+            next: hi,
+            range: lo..=hi,
+        }
+    }
+
     /// Picks an unused controller ID.
     pub fn allocate_id(&mut self) -> Option<u16> {
-        for _ in 0..MAX_CNTLID {
-            self.next = if self.next >= MAX_CNTLID {
-                1
-            } else {
-                self.next + 1
-            };
+        let (lo, hi) = (*self.range.start(), *self.range.end());
+        for _ in lo..=hi {
+            self.next = if self.next >= hi { lo } else { self.next + 1 };
             if !self.ctrls.contains_key(&self.next) {
                 return Some(self.next);
             }
@@ -350,6 +370,7 @@ mod tests {
             nsid,
             uuid: [nsid as u8; 16],
             size_bytes: size,
+            ana: Default::default(),
         }
     }
 
@@ -359,6 +380,13 @@ mod tests {
         let new = [s(1, 10), s(3, 20), s(4, 10)];
         assert_eq!(diff(&old, &new), vec![2, 3, 4]);
         assert!(diff(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn registry_allocates_ids_within_its_range_only() {
+        let mut r = Registry::new(1001..=1003);
+        let ids: Vec<u16> = (0..3).filter_map(|_| r.allocate_id()).collect();
+        assert_eq!(ids, vec![1001, 1002, 1003]);
     }
 
     #[test]

@@ -37,6 +37,10 @@ impl Queue {
         let Some(ns) = self.visible_ns(cmd.nsid()).cloned() else {
             return Outcome::status(Status::INVALID_NS);
         };
+        if !ns.spec.ana.optimized {
+            // Another server serves it: a multipath host retries on that path.
+            return Outcome::status(Status::ANA_INACCESSIBLE);
+        }
         match op {
             io::READ | io::WRITE => self.read_write(i, ns, op == io::READ),
             io::FLUSH => self.submit_one(i, ns, IoKind::Flush, 0, 0),

@@ -108,6 +108,7 @@
 //!     host_acl: Acl::List(vec!["nqn.2014-08.org.nvmexpress:uuid:host-a".into()]),
 //!     ip_acl: Acl::AllowAny,
 //!     qos: QosLimits::default(), // unlimited
+//!     ana: Default::default(),   // optimized, group 1
 //! };
 //! let target = start(cfg, vec![volume.clone()])?;
 //! println!("I/O on {}, discovery on {:?}", target.local_addr(), target.discovery_addr());
@@ -153,7 +154,7 @@ mod tx;
 
 pub use backend::{Backend, FileBackend, IoKind, IoQueue, IoRequest};
 pub use config::{
-    default_reactors, Acl, Backing, ConnectedHost, NamespaceSpec, Replication, TargetConfig,
+    default_reactors, Acl, Ana, Backing, ConnectedHost, NamespaceSpec, Replication, TargetConfig,
 };
 pub use device::{probe, DeviceInfo, DeviceKind};
 pub use error::DatapathError;

@@ -352,3 +352,12 @@ pub const REPLICA_CONNECTIONS_MAX: usize = 64;
 pub const REPLICA_BATCH_FRAMES: usize = 32;
 /// How often an idle replica connection checks for shutdown.
 pub const REPLICA_POLL_MS: u64 = 200;
+
+/// ANA groups a subsystem reports (ANAGRPMAX, NANAGRPID): a cluster groups namespaces by
+/// the server that serves them optimized, so this bounds a cluster's servers. The ANA log
+/// of a full table (header, every group, every namespace) stays within
+/// [`ADMIN_MAX_DATA_BYTES`].
+pub const ANA_GROUPS_MAX: u32 = 128;
+
+/// Highest dynamic controller ID (0xFFF0.. are reserved).
+pub const MAX_CNTLID: u16 = 0xffef;

@@ -35,6 +35,7 @@ impl Namespace {
         NsIdentity {
             blocks: self.blocks,
             uuid: self.spec.uuid,
+            ana_group: self.spec.ana.group,
         }
     }
 }
@@ -256,6 +257,7 @@ mod tests {
             host_acl,
             ip_acl,
             qos: QosLimits::default(),
+            ana: Default::default(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! Pure functions of their inputs (no locks, no I/O), so they are unit-tested
 //! byte by byte and the controllers only decide *what* to report.
 
+use crate::limits::ANA_GROUPS_MAX;
 use crate::limits::{
     ADMIN_IN_CAPSULE_DATA_BYTES, IN_CAPSULE_DATA_BYTES, LBA_SHIFT, MAX_NAMESPACES,
     MAX_OUTSTANDING_AERS, MAX_QUEUE_DEPTH, MDTS,
@@ -11,10 +12,10 @@ use crate::nvme::{aen, VERSION};
 
 /// Size of Identify data structures.
 pub const IDENTIFY_BYTES: usize = 4096;
-/// The one ANA group every namespace belongs to.
-pub const ANA_GROUP: u32 = 1;
 /// ANA state: optimized.
 pub const ANA_OPTIMIZED: u8 = 0x01;
+/// ANA state: inaccessible.
+pub const ANA_INACCESSIBLE: u8 = 0x03;
 /// Set CMIC.ANA (bit 3) and report ANA; the Linux host then requires the ANA log to parse.
 pub const REPORT_ANA: bool = true;
 
@@ -108,9 +109,11 @@ pub fn identify_ctrl(out: &mut [u8], id: &CtrlIdentity<'_>) {
 fn fill_nvm_ctrl_fields(b: &mut [u8]) {
     if REPORT_ANA {
         b[342] = 10; // ANATT seconds
-        b[343] = 0x1 | 0x40; // ANACAP: optimized state reported; ANAGRPID does not change
-        put32(b, 344, ANA_GROUP); // ANAGRPMAX
-        put32(b, 348, 1); // NANAGRPID
+                     // ANACAP: optimized and inaccessible states reported; a namespace's group may
+                     // change (it follows the server that serves the namespace optimized).
+        b[343] = 0x1 | 0x4;
+        put32(b, 344, ANA_GROUPS_MAX); // ANAGRPMAX
+        put32(b, 348, ANA_GROUPS_MAX); // NANAGRPID
     }
     put32(b, 516, MAX_NAMESPACES); // NN
     put16(b, 520, (1 << 2) | (1 << 3)); // ONCS: dataset management, write zeroes
@@ -125,6 +128,8 @@ pub struct NsIdentity {
     pub blocks: u64,
     /// Volume UUID (also used as NGUID).
     pub uuid: [u8; 16],
+    /// ANA group ID.
+    pub ana_group: u32,
 }
 
 /// Identify Namespace (CNS 00h); `ns` None yields the all-zero inactive structure.
@@ -141,7 +146,7 @@ pub fn identify_ns(out: &mut [u8], ns: Option<&NsIdentity>) {
     b[30] = 0x1; // NMIC: may be shared
     b[33] = 0x1 | (1 << 3); // DLFEAT: deallocated blocks read 0; write zeroes deallocate supported
     if REPORT_ANA {
-        put32(b, 92, ANA_GROUP); // ANAGRPID
+        put32(b, 92, ns.ana_group); // ANAGRPID
     }
     b[104..120].copy_from_slice(&ns.uuid); // NGUID
                                            // LBA format 0: no metadata, 2^LBA_SHIFT bytes, best performance.
@@ -246,21 +251,59 @@ pub fn changed_ns_log(out: &mut [u8], ids: &[u32], overflow: bool) -> usize {
     4096
 }
 
-/// ANA log (0Ch): one optimized group holding `nsids` (omitted when `groups_only`).
-pub fn ana_log(out: &mut [u8], chgcnt: u64, nsids: &[u32], groups_only: bool) -> usize {
-    let n = if groups_only { 0 } else { nsids.len() };
-    let len = 16 + 32 + 4 * n;
+/// One namespace in the ANA log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AnaEntry {
+    /// ANA group ID.
+    pub group: u32,
+    /// Namespace ID.
+    pub nsid: u32,
+    /// Optimized, else inaccessible.
+    pub optimized: bool,
+}
+
+/// Bytes of the ANA log for `entries` (sorted by group, then nsid).
+pub fn ana_log_len(entries: &[AnaEntry], groups_only: bool) -> usize {
+    let groups = entries
+        .iter()
+        .enumerate()
+        .filter(|(i, e)| *i == 0 || entries[i - 1].group != e.group)
+        .count();
+    16 + 32 * groups + if groups_only { 0 } else { 4 * entries.len() }
+}
+
+/// ANA log (0Ch): one descriptor per group of `entries` (sorted by group, then nsid; a
+/// group's namespaces share its state), listing its namespaces unless `groups_only`.
+pub fn ana_log(out: &mut [u8], chgcnt: u64, entries: &[AnaEntry], groups_only: bool) -> usize {
+    let len = ana_log_len(entries, groups_only);
     let b = &mut out[..len];
     b.fill(0);
     put64(b, 0, chgcnt);
-    put16(b, 8, 1); // one group
-    put32(b, 16, ANA_GROUP);
-    put32(b, 20, n as u32);
-    put64(b, 24, chgcnt);
-    b[32] = ANA_OPTIMIZED;
-    for (i, id) in nsids.iter().take(n).enumerate() {
-        put32(b, 48 + 4 * i, *id);
+    let mut at = 16;
+    let mut ngroups = 0u16;
+    let mut i = 0;
+    while i < entries.len() {
+        let g = entries[i].group;
+        let n = entries[i..].iter().take_while(|e| e.group == g).count();
+        put32(b, at, g);
+        put32(b, at + 4, if groups_only { 0 } else { n as u32 });
+        put64(b, at + 8, chgcnt);
+        b[at + 16] = if entries[i].optimized {
+            ANA_OPTIMIZED
+        } else {
+            ANA_INACCESSIBLE
+        };
+        at += 32;
+        if !groups_only {
+            for e in &entries[i..i + n] {
+                put32(b, at, e.nsid);
+                at += 4;
+            }
+        }
+        ngroups += 1;
+        i += n;
     }
+    put16(b, 8, ngroups);
     len
 }
 
@@ -356,11 +399,21 @@ mod tests {
     }
 
     #[test]
-    fn ana_log_lists_namespaces_unless_groups_only() {
+    fn ana_log_has_a_descriptor_per_group_with_its_state_and_namespaces() {
+        let e = |group, nsid, optimized| AnaEntry {
+            group,
+            nsid,
+            optimized,
+        };
+        let entries = [e(1, 1, true), e(1, 2, true), e(3, 7, false)];
         let mut b = vec![0u8; 4096];
-        assert_eq!(ana_log(&mut b, 2, &[1, 2], false), 56);
-        assert_eq!(b[32], ANA_OPTIMIZED);
-        assert_eq!(b[52], 2);
-        assert_eq!(ana_log(&mut b, 2, &[1, 2], true), 48);
+        assert_eq!(ana_log(&mut b, 2, &entries, false), 16 + 32 + 8 + 32 + 4);
+        assert_eq!(u16::from_le_bytes([b[8], b[9]]), 2, "two groups");
+        assert_eq!((b[16], b[20], b[32]), (1, 2, ANA_OPTIMIZED));
+        assert_eq!((b[48], b[52]), (1, 2), "group 1's namespaces");
+        assert_eq!((b[56], b[60], b[72]), (3, 1, ANA_INACCESSIBLE));
+        assert_eq!(b[88], 7);
+        assert_eq!(ana_log(&mut b, 2, &entries, true), 16 + 64);
+        assert_eq!(b[20], 0, "groups only: no namespace lists");
     }
 }

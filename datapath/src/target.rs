@@ -63,6 +63,9 @@ pub struct Shared {
     /// When the target started (SMART power-on hours).
     pub started: Instant,
     publish: Mutex<()>,
+    /// The I/O portals of the subsystem's other targets (a cluster's other servers), which
+    /// the discovery log lists after this one's.
+    pub peer_portals: RwLock<Vec<SocketAddr>>,
 }
 
 impl Shared {
@@ -200,6 +203,7 @@ impl Shared {
         reactors: Vec<Arc<Mailbox>>,
     ) -> Result<Shared, DatapathError> {
         let pool = BufPool::new(cfg.buffer_pool_bytes)?;
+        let registry = Mutex::new(Registry::new(cfg.cntlids.clone()));
         Ok(Shared {
             io_addr,
             disc_addr,
@@ -207,7 +211,7 @@ impl Shared {
             cfg,
             table: RwLock::new(Arc::new(table)),
             generation: AtomicU64::new(1),
-            registry: Mutex::new(Registry::default()),
+            registry,
             ledger: Mutex::new(Ledger::default()),
             pool,
             shutdown: AtomicBool::new(false),
@@ -215,6 +219,7 @@ impl Shared {
             next_reactor: AtomicUsize::new(0),
             started: Instant::now(),
             publish: Mutex::new(()),
+            peer_portals: RwLock::new(Vec::new()),
         })
     }
 
@@ -475,6 +480,16 @@ impl TargetHandle {
     /// As [`TargetHandle::set_namespaces`], returning the first namespace that failed to open.
     pub fn try_set_namespaces(&self, namespaces: Vec<NamespaceSpec>) -> Result<(), DatapathError> {
         self.shared.publish(namespaces)
+    }
+
+    /// Sets the I/O portals of the subsystem's other targets, listed by discovery (at most
+    /// `MAX_DISCOVERY_ENTRIES` in all).
+    pub fn set_peer_portals(&self, portals: Vec<SocketAddr>) {
+        *self
+            .shared
+            .peer_portals
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = portals;
     }
 
     /// Whether the published table serves namespace `nsid` as the image `uuid`.

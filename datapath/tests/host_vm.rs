@@ -88,6 +88,7 @@ fn ns(dir: &Path, nsid: u32, mib: u64, ip_acl: Acl) -> NamespaceSpec {
         host_acl: Acl::List(vec![HOSTNQN.to_string()]),
         ip_acl,
         qos: Default::default(),
+        ana: Default::default(),
     }
 }
 

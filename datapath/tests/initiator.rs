@@ -30,6 +30,7 @@ fn target(dir: &Path) -> TargetHandle {
         host_acl,
         ip_acl: Acl::AllowAny,
         qos: Default::default(),
+        ana: Default::default(),
     };
     let cfg = TargetConfig::new("127.0.0.1:0".parse().expect("addr"), NQN);
     let specs = vec![ns(1, Acl::List(vec![HOST.into()])), ns(2, Acl::AllowNone)];

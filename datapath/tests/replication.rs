@@ -48,6 +48,7 @@ fn spec(volume: Uuid, store: &Arc<BlockStore>, replication: Option<Replication>)
         host_acl: Acl::AllowAny,
         ip_acl: Acl::AllowAny,
         qos: Default::default(),
+        ana: Default::default(),
     }
 }
 
@@ -105,7 +106,7 @@ fn pair(epoch: u64) -> Pair {
     let replica = store(dir.path(), "replica", volume);
     let server = ReplicaServer::start("127.0.0.1:0".parse().expect("addr")).expect("listen");
     let image: Arc<dyn Backend> = Arc::new(replica.image(volume, NS_BYTES, false));
-    server.set_images(vec![(*volume.as_bytes(), image, epoch)]);
+    server.set_images(vec![(*volume.as_bytes(), Some(image), epoch)]);
     let hub = ReplicaHub::default();
     let member = Arc::new(Member::new(hub.link(server.local_addr()).expect("link")));
     let replication = Replication {
@@ -158,7 +159,8 @@ fn a_replica_that_saw_a_newer_epoch_fences_the_primary() -> anyhow::Result<()> {
     s.write(1, 0, &pattern(1, 7))?;
     // Another primary was promoted (epoch 2) and reached the replica first.
     let image: Arc<dyn Backend> = Arc::new(p.replica.image(p.volume, NS_BYTES, false));
-    p.server.set_images(vec![(*p.volume.as_bytes(), image, 2)]);
+    p.server
+        .set_images(vec![(*p.volume.as_bytes(), Some(image), 2)]);
     let err = s
         .write(1, 0, &pattern(1, 8))
         .expect_err("a fenced write fails");

@@ -4,7 +4,9 @@
 //! 1. records the election (`LeaderElected` with its epoch) if the journal names another;
 //! 2. records server health: a registered server without a liveness key is `Failed`, one
 //!    with a key again recovers;
-//! 3. now and then trims the etcd log to its last [`ClusterConfig::tail_batches`] batches
+//! 3. fails volumes over: a volume whose primary's server failed gets an in-sync replica
+//!    on a live server as its primary (`PromoteReplica`, a new volume epoch);
+//! 4. now and then trims the etcd log to its last [`ClusterConfig::tail_batches`] batches
 //!    and compacts etcd's history up to that point.
 //!
 //! Every append here is fenced: the writer's etcd transaction compares the leader key's
@@ -25,6 +27,7 @@ use super::session::{alive_servers, LeaderView};
 use super::Keys;
 use crate::domain::cluster::Command as ClusterCommand;
 use crate::domain::inventory::Command as InventoryCommand;
+use crate::domain::volume::{failover_target, Command as VolumeCommand};
 use crate::domain::{Command, DomainError};
 use crate::error::ControlError;
 use crate::limits::{LOG_TRIM_INTERVAL_MS, ORCHESTRATOR_TICK_MS};
@@ -140,8 +143,32 @@ impl Orchestrator {
             self.submit("leader elected", epoch, cmd)?;
         }
         self.record_health(epoch)?;
+        self.fail_over(epoch)?;
         if trim {
             self.trim(epoch)?;
+        }
+        Ok(())
+    }
+
+    /// Promotes an in-sync replica of every volume whose primary's server failed.
+    fn fail_over(&self, epoch: u64) -> Result<(), Stop> {
+        let moves: Vec<(Uuid, Uuid)> = {
+            let state = self.bus.state();
+            state
+                .volumes
+                .by_uuid
+                .values()
+                .filter_map(|v| failover_target(&state, v).map(|n| (v.uuid, n)))
+                .collect()
+        };
+        for (uuid, node) in moves {
+            tracing::warn!(volume = %uuid, %node, "primary's server failed: promoting a replica");
+            let cmd = Command::Volume(VolumeCommand::PromoteReplica {
+                uuid,
+                node,
+                leader_epoch: epoch,
+            });
+            self.submit("fail over", epoch, cmd)?;
         }
         Ok(())
     }

@@ -36,6 +36,9 @@ pub struct Server {
     pub failed: bool,
     /// Empty: the server is its own failure domain (its name).
     pub failure_domain: String,
+    /// A small number unique among the cluster's servers, given at registration (the
+    /// smallest free one): its data path's ANA group and controller ID range derive from it.
+    pub slot: u32,
 }
 
 impl Server {
@@ -494,6 +497,9 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             name,
             api_endpoint,
         } => {
+            let used: std::collections::BTreeSet<u32> =
+                inv.servers.values().map(|s| s.slot).collect();
+            let slot = (1..).find(|n| !used.contains(n)).unwrap_or(1);
             inv.servers.insert(
                 *uuid,
                 Server {
@@ -504,6 +510,7 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
                     etag: at.seq,
                     failed: false,
                     failure_domain: String::new(),
+                    slot,
                 },
             );
             vec![RowKey::Server(*uuid)]

@@ -271,6 +271,13 @@ pub enum Command {
         node: Uuid,
         epoch: u64,
     },
+    /// Leader (at `leader_epoch`): the primary's server failed; the in-sync replica on
+    /// `node` takes over.
+    PromoteReplica {
+        uuid: Uuid,
+        node: Uuid,
+        leader_epoch: u64,
+    },
 }
 
 /// Append only: bincode stores the variant's position.
@@ -309,6 +316,13 @@ pub enum Event {
         node: Uuid,
         epoch: u64,
     },
+    /// The in-sync replica on `node` became the primary (a new epoch: this event's seq);
+    /// the old primary is now an out-of-sync replica.
+    VolumePrimaryChanged {
+        uuid: Uuid,
+        node: Uuid,
+        old: Uuid,
+    },
 }
 
 /// The resolved form of a [`VolumeChange`] as stored in the journal.
@@ -335,6 +349,7 @@ impl Event {
             Event::VolumeRolledBack { .. } => "VolumeRolledBack",
             Event::VolumeDataIntegrityError { .. } => "VolumeDataIntegrityError",
             Event::VolumeReplicaOutOfSync { .. } => "VolumeReplicaOutOfSync",
+            Event::VolumePrimaryChanged { .. } => "VolumePrimaryChanged",
         }
     }
 
@@ -348,7 +363,8 @@ impl Event {
             | Event::VolumeRollbackRequested { uuid, .. }
             | Event::VolumeRolledBack { uuid }
             | Event::VolumeDataIntegrityError { uuid, .. }
-            | Event::VolumeReplicaOutOfSync { uuid, .. } => *uuid,
+            | Event::VolumeReplicaOutOfSync { uuid, .. }
+            | Event::VolumePrimaryChanged { uuid, .. } => *uuid,
         }
     }
 
@@ -728,7 +744,50 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
                 epoch: *epoch,
             })])
         }
+        Command::PromoteReplica {
+            uuid,
+            node,
+            leader_epoch,
+        } => promote(state, *uuid, *node, *leader_epoch),
     }
+}
+
+/// A failover ordered by the leader: only while the primary's server is failed, and only
+/// to an in-sync replica on a server that is not.
+fn promote(
+    state: &State,
+    uuid: Uuid,
+    node: Uuid,
+    leader_epoch: u64,
+) -> Result<Vec<AnyEvent>, DomainError> {
+    super::cluster::check_epoch(state, leader_epoch)?;
+    let Some(v) = state.volumes.get(uuid) else {
+        return Ok(vec![]);
+    };
+    let failed = |n: Uuid| state.inventory.server_of(n).is_none_or(|s| s.failed);
+    if !failed(v.node_uuid) {
+        return Ok(vec![]);
+    }
+    if !v.in_sync_replicas().any(|r| r == node) || failed(node) {
+        return Err(DomainError::FailedPrecondition(format!(
+            "node {node} holds no in-sync copy of volume {uuid} on a live server"
+        )));
+    }
+    Ok(vec![AnyEvent::Volume(Event::VolumePrimaryChanged {
+        uuid,
+        node,
+        old: v.node_uuid,
+    })])
+}
+
+/// The in-sync replica the leader promotes when `v`'s primary failed: the first on a live
+/// server (None: the volume has no live copy to fail over to).
+pub fn failover_target(state: &State, v: &Volume) -> Option<Uuid> {
+    let failed = |n: Uuid| state.inventory.server_of(n).is_none_or(|s| s.failed);
+    if !failed(v.node_uuid) || v.state != VolumeState::Available {
+        return None;
+    }
+    v.in_sync_replicas().find(|r| !failed(*r))
 }
 
 /// The snapshot must be an available snapshot of this very volume, and nothing else may be
@@ -838,6 +897,18 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             if !v.out_of_sync.contains(node) {
                 v.out_of_sync.push(*node);
             }
+            v.protection = v.protection_now();
+        }
+        Event::VolumePrimaryChanged { node, old, .. } => {
+            for r in v.replica_nodes.iter_mut().filter(|r| **r == *node) {
+                *r = *old;
+            }
+            v.node_uuid = *node;
+            v.out_of_sync.retain(|n| n != node);
+            if !v.out_of_sync.contains(old) {
+                v.out_of_sync.push(*old);
+            }
+            v.epoch = at.seq;
             v.protection = v.protection_now();
         }
         Event::VolumeCreationRequested { .. } | Event::VolumeDeleted { .. } => {

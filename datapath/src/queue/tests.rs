@@ -31,6 +31,7 @@ fn spec(dir: &Path, nsid: u32, qos: QosLimits) -> NamespaceSpec {
         host_acl: Acl::AllowAny,
         ip_acl: Acl::AllowAny,
         qos,
+        ana: Default::default(),
     }
 }
 

@@ -26,7 +26,7 @@ mod server;
 
 pub use backend::{Member, Replicated};
 pub use link::{Link, ReplicaHub};
-pub use server::{ReplicaImage, ReplicaServer};
+pub use server::{HeldCopy, ReplicaImage, ReplicaServer};
 
 use crate::limits::REPLICA_FRAME_DATA_MAX;
 

@@ -21,17 +21,18 @@ use crate::limits::{
     REPLICA_BATCH_FRAMES, REPLICA_CONNECTIONS_MAX, REPLICA_FRAME_DATA_MAX, REPLICA_POLL_MS,
 };
 
-/// One volume this server holds a replica of.
+/// One volume this server holds a copy of.
 pub struct ReplicaImage {
-    /// The image in this server's block store.
-    pub backend: Arc<dyn Backend>,
+    /// The image in this server's block store; `None` for a volume this server is the
+    /// primary of (known only to fence older primaries' frames).
+    pub backend: Option<Arc<dyn Backend>>,
     /// Newest epoch seen for the volume (published, or carried by an accepted frame).
     epoch: AtomicU64,
 }
 
 impl ReplicaImage {
-    /// A replica image known to be at `epoch` at least.
-    pub fn new(backend: Arc<dyn Backend>, epoch: u64) -> ReplicaImage {
+    /// A copy known to be at `epoch` at least.
+    pub fn new(backend: Option<Arc<dyn Backend>>, epoch: u64) -> ReplicaImage {
         ReplicaImage {
             backend,
             epoch: AtomicU64::new(epoch),
@@ -43,6 +44,9 @@ impl ReplicaImage {
         self.epoch.load(Ordering::Acquire)
     }
 }
+
+/// A copy this server holds, as published: volume, image (`None` on its primary), epoch.
+pub type HeldCopy = ([u8; 16], Option<Arc<dyn Backend>>, u64);
 
 type Images = RwLock<HashMap<[u8; 16], Arc<ReplicaImage>>>;
 /// Open peer connections (to cut at shutdown), by a connection number.
@@ -90,9 +94,11 @@ impl ReplicaServer {
         self.addr
     }
 
-    /// Replaces the set of volumes this server is a replica of (volume → image, epoch).
-    /// A volume kept keeps the newest epoch it has seen.
-    pub fn set_images(&self, images: Vec<([u8; 16], Arc<dyn Backend>, u64)>) {
+    /// Replaces the set of volumes this server holds (volume → image, epoch): an image for
+    /// an in-sync replica, `None` for a volume it is the primary of (frames of an older
+    /// epoch are then answered [`FENCED`], any other [`NOT_HELD`]). A volume kept keeps the
+    /// newest epoch it has seen.
+    pub fn set_images(&self, images: Vec<HeldCopy>) {
         let mut cur = self.images.write().unwrap_or_else(|p| p.into_inner());
         let mut next = HashMap::with_capacity(images.len());
         for (uuid, backend, epoch) in images {
@@ -312,6 +318,12 @@ fn take_frame(
     let Some(image) = image else {
         return Ok(Some(NOT_HELD));
     };
+    if image.epoch() > frame.epoch {
+        return Ok(Some(FENCED));
+    }
+    let Some(backend) = &image.backend else {
+        return Ok(Some(NOT_HELD));
+    };
     if image.epoch.fetch_max(frame.epoch, Ordering::AcqRel) > frame.epoch {
         return Ok(Some(FENCED));
     }
@@ -334,7 +346,7 @@ fn take_frame(
     };
     // SAFETY: the slot's buffer is not touched again until `apply` has reaped this
     // request's completion (the batch is answered only after every completion).
-    match unsafe { image.backend.submit(q, &req) } {
+    match unsafe { backend.submit(q, &req) } {
         Ok(()) => Ok(None),
         Err(e) => Ok(Some(-e.raw_os_error().unwrap_or(libc::EIO))),
     }

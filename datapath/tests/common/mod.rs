@@ -479,6 +479,7 @@ pub fn ns(dir: &Path, nsid: u32, host_acl: Acl) -> NamespaceSpec {
         host_acl,
         ip_acl: Acl::AllowAny,
         qos: Default::default(),
+        ana: Default::default(),
     }
 }
 
