@@ -73,7 +73,23 @@ pub fn run_guest(
     hostnqn: &str,
     env: &[(&str, String)],
     timeout_s: u64,
-    mut on_request: impl FnMut(&mut Server, &str, &Path),
+    on_request: impl FnMut(&mut Server, &str, &Path),
+) -> GuestRun {
+    let mut env = env.to_vec();
+    env.push(("TARGET_PORT", s.nvme_port.to_string()));
+    env.push(("DISC_PORT", s.discovery_port.to_string()));
+    run_guest_with(s, script, hostnqn, &env, timeout_s, on_request)
+}
+
+/// As [`run_guest`], with any context for the callback (several servers) and the ports
+/// the guest needs passed in `env`.
+pub fn run_guest_with<C>(
+    ctx: &mut C,
+    script: &str,
+    hostnqn: &str,
+    env: &[(&str, String)],
+    timeout_s: u64,
+    mut on_request: impl FnMut(&mut C, &str, &Path),
 ) -> GuestRun {
     let vm = vm_dir();
     assert!(
@@ -91,9 +107,7 @@ pub fn run_guest(
     cmd.arg(here.join(script))
         .args(["--timeout", &timeout_s.to_string()])
         .args(["--share", &share.path().display().to_string()])
-        .args(["--hostnqn", hostnqn])
-        .args(["--env", &format!("TARGET_PORT={}", s.nvme_port)])
-        .args(["--env", &format!("DISC_PORT={}", s.discovery_port)]);
+        .args(["--hostnqn", hostnqn]);
     for (k, v) in env {
         cmd.args(["--env", &format!("{k}={v}")]);
     }
@@ -115,7 +129,7 @@ pub fn run_guest(
             })
             .collect();
         for name in requests {
-            on_request(s, &name, share.path());
+            on_request(ctx, &name, share.path());
             std::fs::write(share.path().join(format!("DONE-{name}")), b"").expect("DONE file");
             let _ = std::fs::remove_file(share.path().join(format!("REQ-{name}")));
         }
