@@ -119,10 +119,13 @@ struct Args {
     /// busy with 4k random reads at --scale-qd, against a child target process.
     #[arg(long)]
     scale: bool,
+    /// I/O queues --scale connects (in controllers of 16).
     #[arg(long, default_value_t = 1000)]
     scale_queues: usize,
+    /// Of those, how many --scale keeps busy (spread evenly), one thread each.
     #[arg(long, default_value_t = 100)]
     scale_active: usize,
+    /// Queue depth of each busy --scale queue.
     #[arg(long, default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=INITIATOR_QUEUE_DEPTH_MAX as i64))]
     scale_qd: u16,
@@ -518,6 +521,39 @@ fn run_scale(a: &Args) -> anyhow::Result<()> {
     let (rss0, _) = target::rss_kib(child.pid())?;
     let j = job(4096, a.scale_qd, 100, true, INITIATOR_IO_QUEUES_MAX);
     let t = Instant::now();
+    let (mut sessions, blocks) = connect_many(addr, nqn, a, j)?;
+    let connect_s = t.elapsed().as_secs_f64();
+    let (idle_rss, _) = target::rss_kib(child.pid())?;
+    let mut queues: Vec<&mut Queue> = sessions
+        .iter_mut()
+        .flat_map(|s| s.io_queues().iter_mut())
+        .collect();
+    let connected = queues.len();
+    let (hist, errors, failed) = drive_some(&mut queues, a, j, blocks)?;
+    let (rss, hwm) = target::rss_kib(child.pid())?;
+    report::print_scale(&report::Scale {
+        connected,
+        sessions: sessions.len(),
+        active: a.scale_active,
+        qd: a.scale_qd,
+        secs: a.secs,
+        connect_s,
+        hist: &hist,
+        errors,
+        failed,
+        rss_kib: [rss0, idle_rss, rss, hwm],
+    });
+    Ok(())
+}
+
+/// Sessions of up to 16 I/O queues each until `--scale-queues` are connected; and the
+/// namespace's size in blocks.
+fn connect_many(
+    addr: SocketAddr,
+    nqn: &str,
+    a: &Args,
+    j: Job,
+) -> anyhow::Result<(Vec<Session>, u64)> {
     let mut sessions = Vec::new();
     let mut blocks = 0;
     for first in (0..a.scale_queues).step_by(INITIATOR_IO_QUEUES_MAX as usize) {
@@ -526,15 +562,19 @@ fn run_scale(a: &Args) -> anyhow::Result<()> {
         sessions.push(s);
         blocks = b;
     }
-    let connect_s = t.elapsed().as_secs_f64();
-    let (idle_rss, _) = target::rss_kib(child.pid())?;
-    let mut queues: Vec<&mut Queue> = sessions
-        .iter_mut()
-        .flat_map(|s| s.io_queues().iter_mut())
-        .collect();
-    let total = queues.len();
-    // Busy queues spread evenly over the sessions.
-    let stride = total / a.scale_active.max(1);
+    Ok((sessions, blocks))
+}
+
+/// Runs `--scale-active` of `queues`, spread evenly over them, one thread each, for
+/// `--secs`; the others stay idle. Returns the latencies, the commands that failed with
+/// a status and the queues that failed with a transport error.
+fn drive_some(
+    queues: &mut [&mut Queue],
+    a: &Args,
+    j: Job,
+    blocks: u64,
+) -> anyhow::Result<(Histogram, u64, usize)> {
+    let stride = (queues.len() / a.scale_active.max(1)).max(1);
     let start = Instant::now() + Duration::from_millis(500);
     let w = Window {
         start,
@@ -543,7 +583,7 @@ fn run_scale(a: &Args) -> anyhow::Result<()> {
     let results: Vec<_> = std::thread::scope(|scope| {
         let handles: Vec<_> = queues
             .iter_mut()
-            .step_by(stride.max(1))
+            .step_by(stride)
             .take(a.scale_active)
             .enumerate()
             .map(|(n, q)| {
@@ -553,7 +593,6 @@ fn run_scale(a: &Args) -> anyhow::Result<()> {
             .collect();
         handles.into_iter().map(|h| h.join()).collect()
     });
-    let (rss, hwm) = target::rss_kib(child.pid())?;
     let mut hist = Histogram::new();
     let (mut errors, mut failed) = (0, 0);
     for r in results {
@@ -568,19 +607,7 @@ fn run_scale(a: &Args) -> anyhow::Result<()> {
             }
         }
     }
-    report::print_scale(&report::Scale {
-        connected: total,
-        sessions: sessions.len(),
-        active: a.scale_active,
-        qd: a.scale_qd,
-        secs: a.secs,
-        connect_s,
-        hist: &hist,
-        errors,
-        failed,
-        rss_kib: [rss0, idle_rss, rss, hwm],
-    });
-    Ok(())
+    Ok((hist, errors, failed))
 }
 
 fn main() -> anyhow::Result<()> {

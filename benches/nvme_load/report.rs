@@ -233,7 +233,7 @@ pub fn print_scale(s: &Scale<'_>) {
     let [prefilled, idle, after, hwm] = s.rss_kib;
     println!(
         "  target RSS: {:.1} MiB after prefill, {:.1} MiB with all queues connected \
-         ({:.1} KiB per queue), {:.1} MiB after the run, peak (VmHWM) {:.1} MiB",
+         ({:.1} KiB per I/O queue, admin queues included), {:.1} MiB after the run, peak (VmHWM) {:.1} MiB",
         mib(prefilled),
         mib(idle),
         idle.saturating_sub(prefilled) as f64 / s.connected.max(1) as f64,
