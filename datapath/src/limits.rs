@@ -318,7 +318,8 @@ pub const INITIATOR_QUEUE_DEPTH_MAX: u16 = MAX_QUEUE_DEPTH - 1;
 /// Initiator: most I/O queues of one session (what one controller of this target takes).
 pub const INITIATOR_IO_QUEUES_MAX: u16 = MAX_IO_QUEUES_PER_CTRL;
 
-/// Initiator: commands in flight on the admin queue (setup and Identify, one at a time).
+/// Initiator: commands the admin queue may have in flight (its blocking calls send one at a
+/// time).
 pub const INITIATOR_ADMIN_QUEUE_DEPTH: u16 = 4;
 
 /// Initiator: data buffer of one admin command slot (Connect data, Identify, small log
@@ -329,8 +330,10 @@ pub const INITIATOR_ADMIN_SLOT_BYTES: usize = 64 * 1024;
 /// Connect data).
 pub const INITIATOR_SLOT_BYTES_MIN: usize = 4096;
 
-/// Initiator: largest data transfer of one command, whatever the target's MDTS allows; also
-/// the largest C2HData payload it accepts (its receive buffer is sized from this).
+/// Initiator: largest slot buffer, so the largest data transfer of one command, whatever the
+/// target's MDTS allows. It is also the default slot size (tests move MDTS-sized data through
+/// the blocking calls); a queue's memory is `depth + 2` slots (slots and receive buffer), so
+/// benches holding many queues pick small slots.
 pub const INITIATOR_MAX_DATA_BYTES: u32 = MAX_DATA_BYTES as u32;
 
 /// Initiator: largest number of polls of CSTS while waiting for CSTS.RDY after CC.EN.
