@@ -1,16 +1,19 @@
 //! The initiator's pipelined queues (`evstor_datapath::initiator::Queue`) against an
 //! in-process target: 32 commands in flight whose completions are matched by command ID,
 //! several queues of one session on several threads with digests on, an NVMe error as one
-//! command's result inside a batch, local refusals, and a dead target breaking the queue.
+//! command's result inside a batch, local refusals, a dead target breaking the queue, and a
+//! completion that does not come in time failing the reap instead of hanging it.
 
 use std::collections::HashSet;
+use std::io;
 use std::path::Path;
+use std::time::Duration;
 
 use evstor_datapath::initiator::{
     read_cmd, write_cmd, Data, InitiatorError, Options, Queue, Session,
 };
 use evstor_datapath::nvme::Status;
-use evstor_datapath::{start, Acl, NamespaceSpec, TargetConfig, TargetHandle};
+use evstor_datapath::{start, Acl, NamespaceSpec, QosLimits, TargetConfig, TargetHandle};
 
 const NQN: &str = "nqn.2024-01.io.evstor:pipelined";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:0b1e0b1e-0000-4000-8000-000000000002";
@@ -19,6 +22,10 @@ const BLOCK: usize = 4096;
 const NS_BLOCKS: u64 = 4096;
 
 fn target(dir: &Path) -> TargetHandle {
+    target_with_qos(dir, QosLimits::default())
+}
+
+fn target_with_qos(dir: &Path, qos: QosLimits) -> TargetHandle {
     let ns = NamespaceSpec {
         nsid: 1,
         uuid: [1; 16],
@@ -26,7 +33,7 @@ fn target(dir: &Path) -> TargetHandle {
         backing: evstor_datapath::Backing::File(dir.join("ns1")),
         host_acl: Acl::AllowAny,
         ip_acl: Acl::AllowAny,
-        qos: Default::default(),
+        qos,
     };
     let cfg = TargetConfig::new("127.0.0.1:0".parse().expect("addr"), NQN);
     start(cfg, vec![ns]).expect("start target")
@@ -229,5 +236,44 @@ fn a_target_that_goes_away_breaks_the_queue() -> anyhow::Result<()> {
     assert!(q.is_broken());
     let again = q.submit(read_cmd(1, 0, 1), Data::FromTarget(BLOCK));
     assert!(matches!(again, Err(InitiatorError::Broken)));
+    Ok(())
+}
+
+#[test]
+fn a_completion_that_does_not_come_in_time_fails_the_reap_and_breaks_the_queue(
+) -> anyhow::Result<()> {
+    // One read per second: the first read spends the bucket, the second is parked by the
+    // target for about a second, longer than the session's socket timeout.
+    let dir = tempfile::tempdir()?;
+    let qos = QosLimits {
+        read_iops: 1,
+        ..QosLimits::default()
+    };
+    let t = target_with_qos(dir.path(), qos);
+    let o = Options {
+        timeout: Duration::from_millis(300),
+        ..opts(1, 4, 8192)
+    };
+    let mut s = Session::connect_with(t.local_addr(), NQN, HOST, &o)?;
+    let q = &mut s.io_queues()[0];
+    q.submit(read_cmd(1, 0, 1), Data::FromTarget(BLOCK))?;
+    q.reap()?.result()?;
+
+    q.submit(read_cmd(1, 1, 1), Data::FromTarget(BLOCK))?;
+    match q.reap() {
+        Err(InitiatorError::Io(e)) => assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        ),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(
+        q.is_broken(),
+        "a command may still be answered: the stream is unknown"
+    );
+    t.shutdown();
     Ok(())
 }
