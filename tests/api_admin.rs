@@ -5,6 +5,7 @@ mod common;
 
 use base64::Engine;
 use common::{Client, Server};
+use evstor_datapath::initiator::Session;
 use serde_json::{json, Value};
 
 fn vol(name: &str) -> Value {
@@ -620,103 +621,6 @@ fn servers_nodes_and_devices_describe_the_one_machine() {
     }
 }
 
-/// A minimal NVMe/TCP host: ICReq, Fabrics Connect on the admin queue, CC.EN = 1.
-mod host {
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
-    use std::time::Duration;
-
-    use evstor_datapath::pdu::{self, Check, HdrFields, IcReq, Pdu, PduType, RxContext, TxContext};
-
-    pub struct Host {
-        s: TcpStream,
-        rx: RxContext,
-        buf: Vec<u8>,
-        cid: u16,
-    }
-
-    impl Host {
-        pub fn connect(port: u16, subnqn: &str, hostnqn: &str) -> Host {
-            let s = TcpStream::connect(("127.0.0.1", port)).expect("tcp connect");
-            s.set_read_timeout(Some(Duration::from_secs(10)))
-                .expect("timeout");
-            let req = IcReq {
-                pfv: 0,
-                hpda: 0,
-                digest: 0,
-                maxr2t: 0,
-            };
-            let mut h = Host {
-                s,
-                rx: RxContext {
-                    from_controller: true,
-                    hdgst: false,
-                    ddgst: false,
-                    data_align: 4,
-                    max_data: 1 << 20,
-                },
-                buf: Vec::new(),
-                cid: 1,
-            };
-            let b = pdu::encode(
-                &TxContext::plain(),
-                PduType::IcReq,
-                0,
-                &HdrFields::IcReq(req),
-                &[],
-            );
-            h.s.write_all(&b).expect("icreq");
-            let mut r = [0u8; 128];
-            h.s.read_exact(&mut r).expect("icresp");
-            assert!(matches!(pdu::parse(&r, &h.rx), Ok(Pdu::IcResp(_))));
-            let mut c = [0u8; 64];
-            c[0] = 0x7f;
-            c[4] = 0x01;
-            c[44..46].copy_from_slice(&31u16.to_le_bytes());
-            let mut data = vec![0u8; 1024];
-            data[0..16].copy_from_slice(&[9; 16]);
-            data[16..18].copy_from_slice(&0xffffu16.to_le_bytes());
-            data[256..256 + subnqn.len()].copy_from_slice(subnqn.as_bytes());
-            data[512..512 + hostnqn.len()].copy_from_slice(hostnqn.as_bytes());
-            assert_eq!(h.exec(c, &data), 0, "admin connect");
-            let mut cc = [0u8; 64];
-            cc[0] = 0x7f;
-            cc[44..48].copy_from_slice(&0x14u32.to_le_bytes());
-            cc[48..56].copy_from_slice(&0x460001u64.to_le_bytes());
-            assert_eq!(h.exec(cc, &[]), 0, "enable");
-            h
-        }
-
-        /// Sends a command with in-capsule data; returns the status.
-        fn exec(&mut self, mut cmd: [u8; 64], data: &[u8]) -> u16 {
-            let cid = self.cid;
-            self.cid += 1;
-            cmd[1] = 0x40;
-            cmd[2..4].copy_from_slice(&cid.to_le_bytes());
-            cmd[32..36].copy_from_slice(&(data.len() as u32).to_le_bytes());
-            cmd[39] = if data.is_empty() { 0x5a } else { 0x01 };
-            let tx = TxContext::plain();
-            let b = pdu::encode(&tx, PduType::CapsuleCmd, 0, &HdrFields::Cmd(&cmd), data);
-            self.s.write_all(&b).expect("capsule");
-            loop {
-                if let Ok(Check::Complete(n)) = pdu::check(&self.buf, &self.rx) {
-                    if self.buf.len() >= n {
-                        let bytes: Vec<u8> = self.buf.drain(..n).collect();
-                        if let Ok(Pdu::CapsuleResp { cqe }) = pdu::parse(&bytes, &self.rx) {
-                            return (u16::from_le_bytes([cqe[14], cqe[15]]) >> 1) & 0x7ff;
-                        }
-                        continue;
-                    }
-                }
-                let mut tmp = [0u8; 8192];
-                let n = self.s.read(&mut tmp).expect("read");
-                assert!(n > 0, "target closed the connection");
-                self.buf.extend_from_slice(&tmp[..n]);
-            }
-        }
-    }
-}
-
 #[test]
 fn connected_hosts_come_from_live_nvme_sessions() {
     let s = Server::start();
@@ -744,7 +648,8 @@ fn connected_hosts_come_from_live_nvme_sessions() {
         .as_str()
         .unwrap()
         .to_string();
-    let _session = host::Host::connect(s.nvme_port, &subnqn, nqn);
+    let nvme = std::net::SocketAddr::from(([127, 0, 0, 1], s.nvme_port));
+    let _session = Session::connect(nvme, &subnqn, nqn).expect("NVMe/TCP session");
 
     let want = json!({"hostNQN": nqn, "iPAddress": "127.0.0.1", "volumeUUIDs": [uuid]});
     let list = s.wait_for("/api/v2/connectedHosts", |_, l| {

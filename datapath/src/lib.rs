@@ -30,7 +30,7 @@
 //! | [`blockstore`] | extent-mapped thin volumes: snapshots, clones, rollback, diff, lz4, per-block CRC32C |
 //! | [`filecopy`] | whole-file reflink or sparse copies (snapshots, clones, rollback of file volumes) |
 //! | `target` | listeners, `start`, [`TargetHandle`] |
-//! | [`initiator`] | a minimal synchronous host for tests, benches and tools; not a production initiator |
+//! | [`initiator`] | the crate's own NVMe/TCP host: pipelined queues (several per session, digests) under blocking calls, for tests, benches and tools; not a production initiator |
 //!
 //! # Threading model
 //!

@@ -307,19 +307,42 @@ pub const MAX_MEDIA_ERRORS_KEPT: usize = 1024;
 /// command fails, so a test against a stuck target fails instead of hanging.
 pub const INITIATOR_TIMEOUT_MS: u64 = 30_000;
 
-/// Initiator: submission queue entries asked for at Connect (commands are issued one at a
-/// time; the depth only has to be legal).
+/// Initiator: default commands in flight per I/O queue (`initiator::Options::queue_depth`);
+/// the blocking calls pipeline the parts of a split transfer up to this.
 pub const INITIATOR_QUEUE_DEPTH: u16 = 8;
 
-/// Initiator: largest data transfer of one command, whatever the target's MDTS allows; also
-/// the largest C2HData payload it accepts (its receive buffer is sized from this).
+/// Initiator: deepest I/O queue a session asks for. Connect sends SQSIZE = depth (0-based,
+/// one entry spare), which the target's [`MAX_QUEUE_DEPTH`] entries bound.
+pub const INITIATOR_QUEUE_DEPTH_MAX: u16 = MAX_QUEUE_DEPTH - 1;
+
+/// Initiator: most I/O queues of one session (what one controller of this target takes).
+pub const INITIATOR_IO_QUEUES_MAX: u16 = MAX_IO_QUEUES_PER_CTRL;
+
+/// Initiator: commands the admin queue may have in flight (its blocking calls send one at a
+/// time).
+pub const INITIATOR_ADMIN_QUEUE_DEPTH: u16 = 4;
+
+/// Initiator: data buffer of one admin command slot (Connect data, Identify, small log
+/// pages); `Session::admin_exec` refuses larger transfers.
+pub const INITIATOR_ADMIN_SLOT_BYTES: usize = 64 * 1024;
+
+/// Initiator: smallest I/O slot buffer a session takes (one 4 KiB block, and the 1 KiB of
+/// Connect data).
+pub const INITIATOR_SLOT_BYTES_MIN: usize = 4096;
+
+/// Initiator: largest slot buffer, so the largest data transfer of one command, whatever the
+/// target's MDTS allows. It is also the default slot size (tests move MDTS-sized data through
+/// the blocking calls); a queue's memory is `depth + 2` slots (slots and receive buffer), so
+/// benches holding many queues pick small slots.
 pub const INITIATOR_MAX_DATA_BYTES: u32 = MAX_DATA_BYTES as u32;
 
 /// Initiator: largest number of polls of CSTS while waiting for CSTS.RDY after CC.EN.
 pub const INITIATOR_READY_POLLS_MAX: u32 = 1_000;
 
 const _: () =
-    assert!(INITIATOR_QUEUE_DEPTH >= MIN_QUEUE_DEPTH && INITIATOR_QUEUE_DEPTH <= MAX_QUEUE_DEPTH);
+    assert!(INITIATOR_QUEUE_DEPTH >= 1 && INITIATOR_QUEUE_DEPTH <= INITIATOR_QUEUE_DEPTH_MAX);
+const _: () = assert!(INITIATOR_ADMIN_QUEUE_DEPTH + 1 >= MIN_QUEUE_DEPTH);
+const _: () = assert!(INITIATOR_ADMIN_SLOT_BYTES >= 4096 && INITIATOR_SLOT_BYTES_MIN >= 1024);
 
 /// The replication listener takes the NVMe/TCP port plus this, on the same address, so a
 /// peer finds it from the node's recorded NVMe endpoint alone.

@@ -1,5 +1,5 @@
-//! Per-namespace QoS over loopback: the tiny host of `common` keeps reads and writes in
-//! flight and measures what the target lets through. Rates are asserted within ±5%: the
+//! Per-namespace QoS over loopback: the crate's initiator keeps reads and writes in flight
+//! (its pipelined queues) and measures what the target lets through. Rates are asserted within ±5%: the
 //! limit is the product being tested, so these are the tests' point (the bucket math
 //! itself is tested in simulated time in `qos.rs`).
 //!
@@ -13,11 +13,12 @@
 mod common;
 
 use std::io::Write;
-use std::sync::{Arc, Barrier, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+use evstor_datapath::initiator::{read_cmd, Data, Options, Queue, Session};
 use evstor_datapath::pdu::{self, HdrFields, PduType};
 use evstor_datapath::{start, Acl, NamespaceSpec, QosLimits, TargetConfig, TargetHandle};
 
@@ -71,40 +72,53 @@ struct Rate {
     bytes_per_sec: f64,
 }
 
-/// Sends a read with command ID `cid` without waiting for it.
-fn send_read(q: &mut Host, cid: u16, s: Stream, slot: u16) {
-    let mut c = sqe(0x02, s.nsid);
-    c[1] = 0x40;
-    c[2..4].copy_from_slice(&cid.to_le_bytes());
-    set32(&mut c, 32, s.blocks * 4096);
-    c[39] = 0x5a;
-    set64(&mut c, 40, slot as u64 * s.blocks as u64);
-    set32(&mut c, 48, s.blocks - 1);
-    let b = pdu::encode(&q.tx, PduType::CapsuleCmd, 0, &HdrFields::Cmd(&c), &[]);
-    q.s.write_all(&b).expect("send read");
+/// Most streams one [`drive`] runs on a queue.
+const STREAMS_MAX: u16 = 2;
+
+/// A session of `io_queues` I/O queues deep enough for [`STREAMS_MAX`] streams of [`QD`],
+/// with slots for the 64 KiB reads of the bandwidth phase.
+fn session(t: &TargetHandle, io_queues: u16) -> Session {
+    let opts = Options {
+        io_queues,
+        queue_depth: STREAMS_MAX * QD,
+        slot_bytes: 64 * 1024,
+        ..Options::default()
+    };
+    Session::connect_with(t.local_addr(), NQN, HOST, &opts).expect("session")
+}
+
+/// Submits stream `k`'s read for `slot`; notes which stream the command ID belongs to.
+fn submit(q: &mut Queue, k: usize, s: Stream, slot: u64, streams_of: &mut [usize]) {
+    let cmd = read_cmd(s.nsid, slot * s.blocks as u64, s.blocks);
+    let cid = q
+        .submit(cmd, Data::FromTarget(s.blocks as usize * 4096))
+        .expect("submit read");
+    streams_of[cid as usize] = k;
 }
 
 /// Keeps every stream [`QD`] deep on one I/O queue for [`WARMUP`] + `measure`, then
-/// waits for what is in flight. Command ID = stream index << 8 | slot.
-fn drive(q: &mut Host, streams: &[Stream], measure: Duration) -> Vec<Rate> {
+/// waits for what is in flight.
+fn drive(q: &mut Queue, streams: &[Stream], measure: Duration) -> Vec<Rate> {
+    assert!(streams.len() <= STREAMS_MAX as usize);
+    let mut streams_of = vec![0usize; q.depth()];
     for (k, s) in streams.iter().enumerate() {
-        for slot in 0..QD {
-            send_read(q, (k as u16) << 8 | slot, *s, slot);
+        for slot in 0..QD as u64 {
+            submit(q, k, *s, slot, &mut streams_of);
         }
     }
     let began = Instant::now();
     let mut done = vec![0u64; streams.len()];
     let mut window: Option<(Instant, Vec<u64>)> = None;
-    let mut in_flight = streams.len() * QD as usize;
     let mut result = None;
-    while in_flight > 0 {
-        let (status, cid) = match q.recv().expect("connection closed") {
-            Got::Resp { status, cid, .. } => (status, cid),
-            Got::Data { .. } => continue,
-            other => panic!("unexpected {other:?}"),
-        };
-        assert_eq!(status, OK, "read on cid {cid:#x}");
-        let k = (cid >> 8) as usize;
+    while q.in_flight() > 0 {
+        let c = q.reap().expect("reap");
+        assert_eq!(
+            c.status,
+            evstor_datapath::nvme::Status::SUCCESS,
+            "read on cid {}",
+            c.cid
+        );
+        let k = streams_of[c.cid as usize];
         done[k] += 1;
         let now = Instant::now();
         if window.is_none() && now >= began + WARMUP {
@@ -127,13 +141,25 @@ fn drive(q: &mut Host, streams: &[Stream], measure: Duration) -> Vec<Rate> {
                 .collect::<Vec<_>>();
             result = Some(rates);
         }
-        if result.is_some() {
-            in_flight -= 1;
-        } else {
-            send_read(q, cid, streams[k], cid & 0xff);
+        if result.is_none() {
+            submit(q, k, streams[k], done[k] % QD as u64, &mut streams_of);
         }
     }
     result.expect("measured")
+}
+
+/// Sends a read with command ID `cid` without waiting for it (the raw client, for the
+/// test that drops one queue of a live controller).
+fn send_read(q: &mut Host, cid: u16, s: Stream, slot: u16) {
+    let mut c = sqe(0x02, s.nsid);
+    c[1] = 0x40;
+    c[2..4].copy_from_slice(&cid.to_le_bytes());
+    set32(&mut c, 32, s.blocks * 4096);
+    c[39] = 0x5a;
+    set64(&mut c, 40, slot as u64 * s.blocks as u64);
+    set32(&mut c, 48, s.blocks - 1);
+    let b = pdu::encode(&q.tx, PduType::CapsuleCmd, 0, &HdrFields::Cmd(&c), &[]);
+    q.s.write_all(&b).expect("send read");
 }
 
 /// Runs `phase` until it measures within [`TOLERANCE`] of `want` with its other checks
@@ -163,14 +189,14 @@ fn iops_limit_holds_per_namespace_and_changes_on_a_live_connection() {
     let slow = limited(dir.path(), 1, read_iops(2000));
     let fast = limited(dir.path(), 2, QosLimits::default());
     let t = start_target(vec![slow.clone(), fast.clone()]);
-    let (_a, cntlid) = Host::admin(t.local_addr(), HOST, false, 0);
-    let mut q = io_queue(t.local_addr(), cntlid, false);
+    let mut session = session(&t, 1);
+    let q = &mut session.io_queues()[0];
     let s1 = Stream { nsid: 1, blocks: 1 };
     let s2 = Stream { nsid: 2, blocks: 1 };
 
     // Both namespaces share one queue: the parked reads of nsid 1 do not hold up nsid 2.
     assert_near("nsid 1 read IOPS", 2000.0, || {
-        let r = drive(&mut q, &[s1, s2], MEASURE);
+        let r = drive(q, &[s1, s2], MEASURE);
         let fast = r[1].cmds_per_sec;
         eprintln!("nsid 2 read IOPS (unlimited): {fast:.0}, want at least 4x the limit");
         (r[0].cmds_per_sec, fast >= 4.0 * 2000.0)
@@ -185,7 +211,7 @@ fn iops_limit_holds_per_namespace_and_changes_on_a_live_connection() {
         fast.clone(),
     ]);
     assert_near("nsid 1 read IOPS after the change", 700.0, || {
-        (drive(&mut q, &[s1], MEASURE)[0].cmds_per_sec, true)
+        (drive(q, &[s1], MEASURE)[0].cmds_per_sec, true)
     });
 
     // And so does a bandwidth limit (the IOPS limit lifted at the same time).
@@ -205,7 +231,7 @@ fn iops_limit_holds_per_namespace_and_changes_on_a_live_connection() {
         blocks: 16,
     };
     assert_near("nsid 1 read bytes/s with 64 KiB reads", bps as f64, || {
-        (drive(&mut q, &[big], MEASURE)[0].bytes_per_sec, true)
+        (drive(q, &[big], MEASURE)[0].bytes_per_sec, true)
     });
     t.shutdown();
 }
@@ -215,32 +241,24 @@ fn every_queue_of_a_namespace_shares_its_limit() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let t = start_target(vec![limited(dir.path(), 1, read_iops(1500))]);
-    let (_a, cntlid) = Host::admin(t.local_addr(), HOST, false, 0);
-    let addr = t.local_addr();
     let s = Stream { nsid: 1, blocks: 1 };
-    let mut next_qid = 1;
     assert_near("nsid 1 read IOPS over two queues", 1500.0, || {
-        // Fresh queue IDs each attempt: the previous ones may not be torn down yet. Both
-        // queues connect first and then drive together, so their measured windows overlap:
+        // A fresh controller each attempt: the previous one may not be torn down yet. Both
+        // queues are connected before either drives, so their measured windows overlap:
         // a queue measured while the other was still connecting (or already done) would
         // have the limit to itself, and the sum of the two rates would overstate it.
-        let start = Arc::new(Barrier::new(2));
-        let queues: Vec<_> = (next_qid..next_qid + 2)
-            .map(|qid| {
-                let start = start.clone();
-                thread::spawn(move || {
-                    let mut q = Host::tcp(addr, false);
-                    assert_eq!(q.connect(NQN, HOST, cntlid, qid, 0).0, OK, "io connect");
-                    start.wait();
-                    drive(&mut q, &[s], MEASURE)[0].cmds_per_sec
-                })
-            })
-            .collect();
-        next_qid += 2;
-        let rates: Vec<f64> = queues
-            .into_iter()
-            .map(|h| h.join().expect("driver thread"))
-            .collect();
+        let mut session = session(&t, 2);
+        let rates: Vec<f64> = thread::scope(|scope| {
+            let drivers: Vec<_> = session
+                .io_queues()
+                .iter_mut()
+                .map(|q| scope.spawn(move || drive(q, &[s], MEASURE)[0].cmds_per_sec))
+                .collect();
+            drivers
+                .into_iter()
+                .map(|h| h.join().expect("driver thread"))
+                .collect()
+        });
         // Each queue gets a share: one queue taking every token the namespace earns
         // would starve the other (and its host's I/O would time out).
         eprintln!("per queue: {rates:.0?}");
@@ -259,33 +277,17 @@ fn writes_wait_for_tokens_but_flush_write_zeroes_and_dsm_do_not() {
         ..QosLimits::default()
     };
     let t = start_target(vec![limited(dir.path(), 1, qos)]);
-    let (_a, cntlid) = Host::admin(t.local_addr(), HOST, false, 0);
-    let mut q = io_queue(t.local_addr(), cntlid, false);
+    let mut s = session(&t, 1);
     let data = vec![0x5au8; 32 * 1024];
-    assert_eq!(
-        q.rw(true, 1, 0, &data, 8, false).0,
-        OK,
-        "the one-write burst"
-    );
+    s.write(1, 0, &data).expect("the one-write burst");
     let token_taken = Instant::now(); // at the latest
 
     let began = Instant::now();
     for _ in 0..20 {
-        assert_eq!(q.exec(sqe(0x00, 1), &[], 0, true).0, OK, "flush");
-        let mut wz = sqe(0x08, 1);
-        set64(&mut wz, 40, 100);
-        assert_eq!(q.exec(wz, &[], 0, true).0, OK, "write zeroes");
-        let mut dsm = sqe(0x09, 1);
-        set32(&mut dsm, 44, 1 << 2);
-        let mut range = [0u8; 16];
-        range[4..8].copy_from_slice(&1u32.to_le_bytes());
-        range[8..16].copy_from_slice(&200u64.to_le_bytes());
-        assert_eq!(q.exec(dsm, &range, 0, true).0, OK, "deallocate");
-        assert_eq!(
-            q.rw(false, 1, 0, &[], 1, false).0,
-            OK,
-            "reads are not limited"
-        );
+        s.flush(1).expect("flush");
+        s.write_zeroes(1, 100, 1).expect("write zeroes");
+        s.deallocate(1, 200, 1).expect("deallocate");
+        s.read(1, 0, 1).expect("reads are not limited");
     }
     let unthrottled = began.elapsed();
     // Throttled like writes, these 60 commands would take a minute.
@@ -293,16 +295,17 @@ fn writes_wait_for_tokens_but_flush_write_zeroes_and_dsm_do_not() {
 
     // The bucket was empty: this write (data via R2T) waits for the next token, one
     // second after the first write took the last one.
-    let (st, _) = q.rw(true, 1, 8, &data, 8, false);
-    assert_eq!(st, OK);
+    s.write(1, 8, &data).expect("second write");
     let gap = token_taken.elapsed();
     eprintln!("unthrottled commands: {unthrottled:?}; second write {gap:?} after the first");
     assert!(
         gap >= Duration::from_millis(900),
         "a 1 IOPS write followed the previous one after {gap:?}"
     );
-    let (st, back) = q.rw(false, 1, 8, &[], 8, false);
-    assert_eq!((st, back), (OK, data), "the throttled write landed");
+    assert!(
+        s.read(1, 8, 8).expect("read") == data,
+        "the throttled write landed"
+    );
     t.shutdown();
 }
 

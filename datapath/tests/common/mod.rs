@@ -1,5 +1,11 @@
-//! A tiny NVMe/TCP host built on the crate's own PDU codec, shared by the loopback
-//! test binaries (`loopback.rs`, `qos.rs`).
+//! Shared fixtures of the data path's loopback tests, and [`Host`]: a raw PDU client, not
+//! a host. Ordinary I/O goes through the crate's initiator (`evstor_datapath::initiator`,
+//! see `qos.rs`, `initiator*.rs`); `Host` is for protocol and admission tests that must
+//! send exactly the PDUs they choose, including ones a correct host never sends: Connects
+//! with wrong fields, reused queue IDs, KATO values, in-capsule data where R2T is due,
+//! commands left unanswered or a queue dropped mid-flight, and reading the target's PDUs
+//! one by one (C2HData before the response, R2T, C2HTermReq, a close). It panics on what
+//! it does not expect, as a test should, and has no timeouts beyond the socket's.
 
 // Each test binary uses its own subset of these helpers.
 #![allow(dead_code)]
