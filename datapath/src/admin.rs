@@ -147,10 +147,19 @@ impl Queue {
         {
             return Outcome::status(Status::INVALID_FIELD);
         }
-        let page_len = match self.build_log(i, lid, lsp, rae) {
+        let mut page_len = match self.build_log(i, lid, lsp, rae) {
             Ok(n) => n,
             Err(s) => return Outcome::status(s),
         };
+        if lid == log::ANA {
+            // Hosts size the ANA log by its maximum (every group, every namespace) and may
+            // read it in pieces: past the descriptors it reads as zeroes.
+            let max = pages::ANA_LOG_BYTES_MAX;
+            if let Some(b) = self.data_mut(i, max) {
+                b[page_len..].fill(0);
+                page_len = max;
+            }
+        }
         let Ok(offset) = usize::try_from(offset) else {
             return Outcome::status(Status::INVALID_FIELD);
         };

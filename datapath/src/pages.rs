@@ -262,6 +262,11 @@ pub struct AnaEntry {
     pub optimized: bool,
 }
 
+/// Largest ANA log: every group, every namespace (what hosts size their reads by).
+pub const ANA_LOG_BYTES_MAX: usize =
+    16 + 32 * ANA_GROUPS_MAX as usize + 4 * crate::limits::MAX_NAMESPACES as usize;
+const _: () = assert!(ANA_LOG_BYTES_MAX <= crate::limits::ADMIN_MAX_DATA_BYTES);
+
 /// Bytes of the ANA log for `entries` (sorted by group, then nsid).
 pub fn ana_log_len(entries: &[AnaEntry], groups_only: bool) -> usize {
     let groups = entries
