@@ -75,7 +75,14 @@ fn main() -> anyhow::Result<()> {
                 break 'found killed.elapsed();
             }
         }
-        anyhow::ensure!(Instant::now() < deadline, "no path served within 60 s");
+        if Instant::now() > deadline {
+            for s in servers.iter().filter(|s| s.pid().is_some()) {
+                let log = s.log();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                eprintln!("--- a live server's log (last lines, newest first):\n{}", tail.join("\n"));
+            }
+            anyhow::bail!("no path served within 60 s");
+        }
         std::thread::sleep(Duration::from_millis(20));
     };
     println!(

@@ -365,7 +365,7 @@ pub const REPLICA_RECONNECT_MS: u64 = 500;
 pub const REPLICA_HOLD_MAX_MS: u64 = 20_000;
 /// A replica that does not hold the image yet (its server is still applying the volume's
 /// creation) is asked again for this long before the part counts as failed.
-pub const REPLICA_NOT_READY_RETRY_MS: u64 = 5_000;
+pub const REPLICA_NOT_READY_RETRY_MS: u64 = 30_000;
 /// Pause before asking a not-ready replica again.
 pub const REPLICA_NOT_READY_PAUSE_MS: u64 = 20;
 /// Connections the replication listener serves at once (peers × links).
