@@ -79,7 +79,10 @@ fn main() -> anyhow::Result<()> {
             for s in servers.iter().filter(|s| s.pid().is_some()) {
                 let log = s.log();
                 let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                eprintln!("--- a live server's log (last lines, newest first):\n{}", tail.join("\n"));
+                eprintln!(
+                    "--- a live server's log (last lines, newest first):\n{}",
+                    tail.join("\n")
+                );
             }
             anyhow::bail!("no path served within 60 s");
         }

@@ -785,10 +785,10 @@ fn block(seed: u8) -> Vec<u8> {
 
 /// Writes to a volume of three copies land on all three servers before they are
 /// acknowledged; a replica killed mid-stream is recorded out of sync (the volume turns
-/// `Degraded`), the primary's writes go on, and everything acknowledged is on the primary
-/// and on the copy still in sync.
+/// `Degraded`) and the primary's writes go on; when it returns it is rebuilt from the
+/// chunks it missed (`FullyProtected` again), and all three copies are identical.
 #[test]
-fn writes_reach_every_copy_and_a_dead_replica_is_recorded_out_of_sync() {
+fn writes_reach_every_copy_and_a_dead_replica_is_rebuilt_when_it_returns() {
     let etcd = Etcd::start(3);
     let mut servers = three(&etcd);
     let uuid = create_volume(&servers[1], "r3", 3);
@@ -817,23 +817,44 @@ fn writes_reach_every_copy_and_a_dead_replica_is_recorded_out_of_sync() {
         .filter(|e| e["type"] == "VolumeReplicaOutOfSync")
         .count();
     assert_eq!(recorded, 1, "one replica recorded out of sync");
+    // The dead replica comes back and is rebuilt from what it missed (one 1 MiB chunk of
+    // the 64 MiB volume), while the host writes on.
+    servers[dead].start_again();
+    host.write(nsid, 24, &block(24))
+        .expect("write during the rebuild");
+    let v = eventually(&servers[live], &path, |_, v| {
+        v["protectionState"] == "FullyProtected"
+    });
+    assert_eq!(v["state"], "Available", "{v}");
+    let rebuilt: Vec<Value> = events(&servers[p])
+        .into_iter()
+        .filter(|e| e["type"] == "VolumeReplicaInSync")
+        .collect();
+    assert_eq!(rebuilt.len(), 1, "one rebuild: {rebuilt:?}");
+    let copied = rebuilt[0]["event"]["Volume"]["VolumeReplicaInSync"]["copied_bytes"]
+        .as_u64()
+        .expect("copied_bytes");
+    assert!(
+        copied > 0 && copied <= 2 << 20,
+        "the rebuild copied {copied} bytes, not only what changed"
+    );
+    host.write(nsid, 25, &block(25))
+        .expect("write after the rebuild");
     drop(host);
     for s in servers.iter_mut() {
         s.stop();
     }
-    let want: Vec<u8> = (0..24u8).flat_map(block).collect();
-    assert_eq!(image_blocks(&servers[p], &uuid, 24), want, "primary");
+    let want: Vec<u8> = (0..26u8).flat_map(block).collect();
+    assert_eq!(image_blocks(&servers[p], &uuid, 26), want, "primary");
     assert_eq!(
-        image_blocks(&servers[live], &uuid, 24),
+        image_blocks(&servers[live], &uuid, 26),
         want,
         "replica in sync"
     );
-    // The dead replica has what was acknowledged before it died.
-    let first: Vec<u8> = (0..17u8).flat_map(block).collect();
     assert_eq!(
-        image_blocks(&servers[dead], &uuid, 17),
-        first,
-        "dead replica's prefix"
+        image_blocks(&servers[dead], &uuid, 26),
+        want,
+        "rebuilt replica"
     );
 }
 

@@ -3,7 +3,9 @@
 //! to every server's portal, sees one optimized and two inaccessible paths of a volume with
 //! three copies, and runs fio with verify while the primary's server is killed (kill -9):
 //! the leader promotes a replica, the host's I/O moves to it with no error and verify
-//! passes, and the volume is `Degraded`. The guest side is `tests/host_vm/cluster.sh`.
+//! passes, and the volume is `Degraded`; the killed server returns, is rebuilt, the volume
+//! is `FullyProtected` again and the data still verifies. The guest side is
+//! `tests/host_vm/cluster.sh`.
 //! `EVSTOR_SKIP_HOST_VM=1` skips it (printed).
 
 mod common;
@@ -19,6 +21,7 @@ const EXPECTED: &[&str] = &[
     "multipath-one-optimized-two-inaccessible",
     "fio-verify-across-primary-kill",
     "failover-path-optimized",
+    "verify-after-rebuild",
     "disconnect",
 ];
 
@@ -76,6 +79,24 @@ impl Cluster {
                 if Some(self.primary()) == self.killed {
                     self.problems
                         .push("the killed server is still the primary".into());
+                }
+            }
+            "restart-killed-and-wait-protected" => {
+                if let Some(k) = self.killed.take() {
+                    self.servers[k].start_again();
+                }
+                let deadline = Instant::now() + Duration::from_secs(120);
+                loop {
+                    let v = self.servers[0].admin().get(&self.path()).1;
+                    if v["protectionState"] == "FullyProtected" {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        self.problems
+                            .push(format!("not FullyProtected after the restart: {v}"));
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
                 }
             }
             other => self.problems.push(format!("unknown guest request {other}")),

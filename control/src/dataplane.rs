@@ -14,8 +14,10 @@ use std::sync::{Arc, Mutex};
 use evstor_datapath::blockstore::{
     BlockStore, DeviceSpec, MediaError, PoolStats, StoreError, Usage,
 };
-use evstor_datapath::limits::{ANA_GROUPS_MAX, BLOCK_BYTES, MAX_CNTLID, REPLICATION_PORT_OFFSET};
-use evstor_datapath::replica::{Member, ReplicaHub, ReplicaServer};
+use evstor_datapath::limits::{
+    ANA_GROUPS_MAX, BLOCK_BYTES, MAX_CNTLID, REBUILD_BARRIER_MS, REPLICATION_PORT_OFFSET,
+};
+use evstor_datapath::replica::{Member, Mode, ReplicaHub, ReplicaServer};
 use evstor_datapath::{
     Acl, Ana, Backend, Backing, ConnectedHost, NamespaceSpec, QosLimits, Replication, TargetHandle,
 };
@@ -59,8 +61,8 @@ struct Repl {
 /// whether this node is an in-sync replica of it (else its primary).
 type ListenerEntry = (Uuid, u64, u64, bool, bool);
 
-/// One in-sync replica as published: its server's address, the volume's epoch, the member.
-type Published = (SocketAddr, u64, Arc<Member>);
+/// One replica as published: its server's address, the volume's epoch and size, the member.
+type Published = (SocketAddr, u64, u64, Arc<Member>);
 
 /// A replica the primary could not write to, to record out of sync.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,7 +176,8 @@ impl VolumeStore {
         Ok(addr)
     }
 
-    /// The replication of `v` as this primary publishes it: its in-sync replicas.
+    /// The replication of `v` as this primary publishes it: every replica, the in-sync
+    /// ones taking writes, the others marking what they miss until rebuilt.
     fn replication_of(&self, state: &State, v: &Volume) -> Option<Replication> {
         let repl = self.repl.as_ref()?;
         if v.replica_nodes.is_empty() {
@@ -182,7 +185,8 @@ impl VolumeStore {
         }
         let mut members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
-        for node in v.in_sync_replicas() {
+        for &node in &v.replica_nodes {
+            let in_sync = !v.out_of_sync.contains(&node);
             let addr = state
                 .inventory
                 .nodes
@@ -198,14 +202,21 @@ impl VolumeStore {
             let key = (v.uuid, node);
             let keep = members
                 .get(&key)
-                .filter(|(a, e, _)| *a == addr && *e == v.epoch)
-                .map(|(_, _, m)| m.clone());
+                .filter(|(a, e, s, _)| *a == addr && *e == v.epoch && *s == v.size_bytes)
+                .map(|(_, _, _, m)| m.clone());
             let member = match keep {
-                Some(m) => m,
+                Some(m) => {
+                    // Recorded out of sync: it receives no more writes (those held for it
+                    // complete). A rebuild that finished is recorded in sync again.
+                    if !in_sync && m.state.mode() == Mode::InSync {
+                        m.drop_replica();
+                    }
+                    m
+                }
                 None => match repl.hub.link(addr) {
                     Ok(link) => {
-                        let m = Arc::new(Member::new(link));
-                        members.insert(key, (addr, v.epoch, m.clone()));
+                        let m = Arc::new(Member::new(link, v.size_bytes, in_sync));
+                        members.insert(key, (addr, v.epoch, v.size_bytes, m.clone()));
                         m
                     }
                     Err(e) => {
@@ -239,7 +250,7 @@ impl VolumeStore {
             .flatten()
             .collect();
         let mut members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
-        members.retain(|_, (_, _, m)| {
+        members.retain(|_, (_, _, _, m)| {
             let kept = live.contains(&Arc::as_ptr(m));
             if !kept {
                 m.drop_replica();
@@ -261,7 +272,8 @@ impl VolumeStore {
             .values()
             .filter(|v| matches!(v.state, VolumeState::Creating | VolumeState::Available))
             .filter_map(|v| {
-                let replica = v.in_sync_replicas().any(|n| n == node);
+                // Out-of-sync replicas too: a rebuild writes to them.
+                let replica = v.replica_nodes.contains(&node);
                 let take = (replica && self.store.contains(v.uuid)) || v.node_uuid == node;
                 take.then_some((v.uuid, v.epoch, v.size_bytes, v.compression, replica))
             })
@@ -450,6 +462,36 @@ impl DataPlane for VolumeStore {
         Ok(())
     }
 
+    fn rebuild(&self, v: &Volume, node: Uuid) -> std::io::Result<u64> {
+        let (Some(repl), Some(target)) = (&self.repl, &self.target) else {
+            return Err(std::io::Error::from(std::io::ErrorKind::Unsupported));
+        };
+        let member = {
+            let members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
+            members
+                .get(&(v.uuid, node))
+                .filter(|(_, e, s, _)| *e == v.epoch && *s == v.size_bytes)
+                .map(|(_, _, _, m)| m.clone())
+        };
+        let member = member.ok_or_else(|| {
+            std::io::Error::other("the replica is not published yet; the rebuild waits")
+        })?;
+        let local = self.store.image(v.uuid, v.size_bytes, v.compression);
+        let barrier = || {
+            target
+                .pass_barrier(std::time::Duration::from_millis(REBUILD_BARRIER_MS))
+                .map_err(io_err)
+        };
+        evstor_datapath::replica::rebuild(
+            &member,
+            &local,
+            *v.uuid.as_bytes(),
+            v.epoch,
+            v.size_bytes,
+            barrier,
+        )
+    }
+
     fn take_replica_failures(&self) -> Vec<ReplicaFailure> {
         let Some(repl) = &self.repl else {
             return Vec::new();
@@ -461,12 +503,12 @@ impl DataPlane for VolumeStore {
         let members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<ReplicaFailure> = members
             .iter()
-            .filter(|((volume, _), (addr, _, _))| {
+            .filter(|((volume, _), (addr, _, _, _))| {
                 failed
                     .iter()
                     .any(|(v, a)| v == volume.as_bytes() && a == addr)
             })
-            .map(|((volume, node), (_, epoch, _))| ReplicaFailure {
+            .map(|((volume, node), (_, epoch, _, _))| ReplicaFailure {
                 volume: *volume,
                 node: *node,
                 epoch: *epoch,

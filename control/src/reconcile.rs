@@ -55,8 +55,16 @@ pub trait DataPlane: Send + Sync + 'static {
     fn take_replica_failures(&self) -> Vec<crate::dataplane::ReplicaFailure> {
         Vec::new()
     }
+    /// Copies to the replica on `node` what it misses of `volume` (this node is its
+    /// primary); returns the bytes sent. Blocks for as long as the copy takes.
+    fn rebuild(&self, volume: &Volume, node: Uuid) -> std::io::Result<u64> {
+        let _ = (volume, node);
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
 }
 
+/// How often out-of-sync replicas are looked for (and a failed rebuild tried again).
+const REBUILD_RETRY: Duration = Duration::from_secs(1);
 /// How often the data path is asked for failed replicas (their writes wait meanwhile).
 const REPLICA_FAILURE_POLL: Duration = Duration::from_millis(50);
 /// Pause before retrying data-path work that failed.
@@ -241,6 +249,66 @@ async fn record_replica_failures(
     }
 }
 
+/// The replicas `node`'s primaries should rebuild: out of sync, on a server the leader
+/// does not hold failed, of available volumes.
+pub fn rebuild_work(state: &State, node: Uuid) -> Vec<(Volume, Uuid)> {
+    let live = |n: Uuid| state.inventory.server_of(n).is_some_and(|s| !s.failed);
+    state
+        .volumes
+        .by_uuid
+        .values()
+        .filter(|v| v.node_uuid == node && v.state == VolumeState::Available)
+        .flat_map(|v| {
+            v.out_of_sync
+                .iter()
+                .filter(|r| live(**r))
+                .map(|r| (v.clone(), *r))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Rebuilds this node's primaries' out-of-sync replicas, one at a time, and records each
+/// that finished (`MarkReplicaInSync`). A rebuild that fails is tried again later.
+async fn rebuild_replicas(
+    bus: Bus,
+    data: Arc<dyn DataPlane>,
+    mut shutdown: watch::Receiver<bool>,
+    node: Uuid,
+) {
+    loop {
+        let work = rebuild_work(&bus.state(), node);
+        for (v, replica) in work {
+            let worker = data.clone();
+            let volume = v.clone();
+            let r = tokio::task::spawn_blocking(move || worker.rebuild(&volume, replica)).await;
+            match r {
+                Ok(Ok(copied_bytes)) => {
+                    tracing::info!(volume = %v.uuid, %replica, copied_bytes, "replica rebuilt");
+                    let cmd = Command::Volume(VolumeCommand::MarkReplicaInSync {
+                        uuid: v.uuid,
+                        node: replica,
+                        epoch: v.epoch,
+                        copied_bytes,
+                    });
+                    if let Err(e) = bus.submit(RequestMeta::system("datapath"), cmd).await {
+                        tracing::warn!("recording replica {replica} of {} rebuilt: {e}", v.uuid);
+                    }
+                }
+                Ok(Err(e)) => tracing::info!(volume = %v.uuid, %replica, "rebuild not done: {e}"),
+                Err(e) => tracing::error!("rebuild task of volume {}: {e}", v.uuid),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(REBUILD_RETRY) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
 /// Runs until `shutdown` turns true, doing the work of `node` (`None`: all of it).
 pub async fn run(
     bus: Bus,
@@ -251,11 +319,17 @@ pub async fn run(
     let mut seq = bus.last_seq();
     let mut held = HashSet::new();
     let clock_scale = schedule_clock_scale();
-    if node.is_some() {
+    if let Some(n) = node {
         tokio::spawn(record_replica_failures(
             bus.clone(),
             data.clone(),
             shutdown.clone(),
+        ));
+        tokio::spawn(rebuild_replicas(
+            bus.clone(),
+            data.clone(),
+            shutdown.clone(),
+            n,
         ));
     }
     loop {

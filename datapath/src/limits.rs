@@ -384,3 +384,10 @@ pub const ANA_GROUPS_MAX: u32 = 128;
 
 /// Highest dynamic controller ID (0xFFF0.. are reserved).
 pub const MAX_CNTLID: u16 = 0xffef;
+
+/// A rebuild tracks and copies a replica's missed changes in chunks of this many bytes (one
+/// bit of the primary's memory per chunk).
+pub const REBUILD_CHUNK_BYTES: u64 = 1 << 20;
+/// How long a rebuild waits for the reactors to finish the passes in progress when it
+/// starts (their writes that skipped the replica are then applied locally).
+pub const REBUILD_BARRIER_MS: u64 = 5_000;

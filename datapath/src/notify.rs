@@ -61,6 +61,8 @@ pub struct Mailbox<A> {
     efd: OwnedFd,
     /// Connections the reactor holds (the acceptor balances on it).
     pub conns: AtomicUsize,
+    /// Loop passes: odd while the reactor is in one (see `TargetHandle::pass_barrier`).
+    pub passes: std::sync::atomic::AtomicU64,
 }
 
 impl<A> Mailbox<A> {
@@ -86,6 +88,7 @@ impl<A> Mailbox<A> {
             // SAFETY: fd is a fresh descriptor owned by nobody else.
             efd: unsafe { OwnedFd::from_raw_fd(fd) },
             conns: AtomicUsize::new(0),
+            passes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 

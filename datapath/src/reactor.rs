@@ -359,6 +359,9 @@ impl Reactor {
 
     fn run(mut self) {
         loop {
+            // Odd while in a pass: storage a pass issues is applied by its end (the block
+            // store's deferred work runs in `ioq.submit`), which a rebuild waits for.
+            self.mailbox.passes.fetch_add(1, Ordering::SeqCst);
             let now = Instant::now();
             let mut worked = self.take_mail();
             worked |= self.reap(now);
@@ -367,6 +370,7 @@ impl Reactor {
             if let Err(e) = self.ioq.submit() {
                 tracing::warn!("reactor ring submit failed: {e}");
             }
+            self.mailbox.passes.fetch_add(1, Ordering::SeqCst);
             if self.stop_check(now) {
                 break;
             }

@@ -482,6 +482,25 @@ impl TargetHandle {
         self.shared.publish(namespaces)
     }
 
+    /// Returns once every reactor has finished the loop pass it was in (storage issued in a
+    /// pass is applied by its end on the block store); fails after `timeout`.
+    pub fn pass_barrier(&self, timeout: std::time::Duration) -> Result<(), DatapathError> {
+        let deadline = Instant::now() + timeout;
+        for m in &self.shared.reactors {
+            let at = m.passes.load(Ordering::SeqCst);
+            if at % 2 == 0 {
+                continue;
+            }
+            while m.passes.load(Ordering::SeqCst) == at {
+                if Instant::now() > deadline {
+                    return Err(DatapathError::Closed("a reactor did not finish its pass"));
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
+        Ok(())
+    }
+
     /// Sets the I/O portals of the subsystem's other targets, listed by discovery (at most
     /// `MAX_DISCOVERY_ENTRIES` in all).
     pub fn set_peer_portals(&self, portals: Vec<SocketAddr>) {

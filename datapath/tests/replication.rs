@@ -108,7 +108,8 @@ fn pair(epoch: u64) -> Pair {
     let image: Arc<dyn Backend> = Arc::new(replica.image(volume, NS_BYTES, false));
     server.set_images(vec![(*volume.as_bytes(), Some(image), epoch)]);
     let hub = ReplicaHub::default();
-    let member = Arc::new(Member::new(hub.link(server.local_addr()).expect("link")));
+    let link = hub.link(server.local_addr()).expect("link");
+    let member = Arc::new(Member::new(link, NS_BYTES, true));
     let replication = Replication {
         epoch,
         members: vec![member.clone()],
@@ -221,6 +222,97 @@ fn a_failed_replica_holds_writes_until_it_is_dropped_from_the_in_sync_set() -> a
     p.target
         .set_namespaces(vec![spec(p.volume, &p.primary, None)]);
     s.write(1, 20, &pattern(1, 4))?;
+    p.target.shutdown();
+    Ok(())
+}
+
+/// A replica that missed writes is rebuilt while writes go on: only the chunks it missed
+/// are copied, and afterwards both copies are identical and writes wait for it again.
+#[test]
+fn a_rebuild_copies_only_the_missed_chunks_while_writes_go_on() -> anyhow::Result<()> {
+    use evstor_datapath::limits::REBUILD_CHUNK_BYTES;
+    use evstor_datapath::replica::{rebuild, Mode};
+    let p = pair(1);
+    let addr = p.server.local_addr();
+    let chunk_blocks = REBUILD_CHUNK_BYTES / BLOCK as u64;
+    let mut s = Session::connect(p.target.local_addr(), NQN, HOST)?;
+    s.write(1, 0, &pattern(4, 1))?;
+    // The replica goes away; a write to chunk 3 is held until the replica is dropped, a
+    // write to chunk 5 after that skips it.
+    p.server.shutdown();
+    drop(p.server);
+    let writer = std::thread::spawn(move || {
+        let r = s.write(1, 3 * chunk_blocks + 2, &pattern(2, 2));
+        (r, s)
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.hub.take_failures().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the failed replica was never reported"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p.member.drop_replica();
+    let (r, mut s) = writer.join().expect("writer");
+    r?;
+    s.write(1, 5 * chunk_blocks, &pattern(8, 3))?;
+    assert_eq!(p.member.state.mode(), Mode::Dropped);
+    assert_eq!(
+        p.member.state.dirty_chunks(),
+        2,
+        "chunks 3 and 5 were missed"
+    );
+    // The replica's server is back (same store); the primary rebuilds it while a host
+    // keeps writing to chunk 7 (writes before the rebuild starts mark it too).
+    // (the old listener closes at its accept loop's next poll)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let server = loop {
+        match ReplicaServer::start(addr) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("listen again: {e}"),
+        }
+    };
+    let image: Arc<dyn Backend> = Arc::new(p.replica.image(p.volume, NS_BYTES, false));
+    server.set_images(vec![(*p.volume.as_bytes(), Some(image), 1)]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (st, target_addr) = (stop.clone(), p.target.local_addr());
+    let live = std::thread::spawn(move || -> anyhow::Result<u32> {
+        let mut h = Session::connect(target_addr, NQN, HOST)?;
+        let mut n = 0u32;
+        while !st.load(Ordering::SeqCst) || n < 8 {
+            let lba = 7 * chunk_blocks + u64::from(n % 50) * 5;
+            h.write(1, lba, &pattern(1, n as u8))?;
+            n += 1;
+        }
+        Ok(n)
+    });
+    let local = p.primary.image(p.volume, NS_BYTES, false);
+    let copied = rebuild(&p.member, &local, *p.volume.as_bytes(), 1, NS_BYTES, || {
+        p.target
+            .pass_barrier(Duration::from_secs(5))
+            .map_err(std::io::Error::other)
+    })?;
+    stop.store(true, Ordering::SeqCst);
+    let written = live.join().expect("live writer")?;
+    assert!(written >= 8);
+    assert!(
+        copied == 2 * REBUILD_CHUNK_BYTES || copied == 3 * REBUILD_CHUNK_BYTES,
+        "only the missed chunks (3, 5, maybe 7), not {copied} bytes"
+    );
+    assert_eq!(p.member.state.mode(), Mode::InSync);
+    let blocks = (NS_BYTES / BLOCK as u64) as usize;
+    assert!(
+        read_image(&p.primary, p.volume, 0, blocks) == read_image(&p.replica, p.volume, 0, blocks),
+        "the copies differ after the rebuild"
+    );
+    // Writes wait for it again: a write lands on both.
+    s.write(1, 100, &pattern(1, 9))?;
+    assert_eq!(read_image(&p.replica, p.volume, 100, 1), pattern(1, 9));
     p.target.shutdown();
     Ok(())
 }

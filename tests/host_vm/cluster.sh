@@ -4,7 +4,8 @@
 # portal; the kernel's native multipath makes one block device of the volume's three paths
 # (ANA: one optimized, two inaccessible). fio writes and verifies while the test kills the
 # primary's server: the leader promotes a replica, its path turns optimized, and fio sees
-# no I/O error and its verify passes.
+# no I/O error and its verify passes. The killed server then returns, is rebuilt, and the
+# volume is fully protected again.
 #
 # Environment: NQN, PORTS (the three servers' NVMe/TCP ports), NSID (the volume's).
 set -eu
@@ -62,6 +63,12 @@ AFTER=$(optimized_port 600) || { path_states; fail "no optimized path after fail
 ok "failover-path-optimized $AFTER"
 
 ask_host "check-degraded"
+# The killed server returns as a replica and is rebuilt; the data still verifies.
+ask_host "restart-killed-and-wait-protected"
+fio --name=fo --filename="$DEV" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
+    --iodepth=8 --size=24m --verify=crc32c --verify_only --verify_fatal=1 \
+    --eta=never --output-format=terse >/tmp/fio2.out 2>&1 || { cat /tmp/fio2.out; fail "verify after the rebuild"; }
+ok "verify-after-rebuild"
 nvme disconnect -n "$NQN" >/dev/null || fail "disconnect"
 ok "disconnect"
 echo "ALL-CHECKS-PASSED"

@@ -271,6 +271,13 @@ pub enum Command {
         node: Uuid,
         epoch: u64,
     },
+    /// The primary (at `epoch`) rebuilt the replica on `node`, sending `copied_bytes`.
+    MarkReplicaInSync {
+        uuid: Uuid,
+        node: Uuid,
+        epoch: u64,
+        copied_bytes: u64,
+    },
     /// Leader (at `leader_epoch`): the primary's server failed; the in-sync replica on
     /// `node` takes over.
     PromoteReplica {
@@ -323,6 +330,12 @@ pub enum Event {
         node: Uuid,
         old: Uuid,
     },
+    /// The primary rebuilt this replica (copying `copied_bytes`); it receives writes again.
+    VolumeReplicaInSync {
+        uuid: Uuid,
+        node: Uuid,
+        copied_bytes: u64,
+    },
 }
 
 /// The resolved form of a [`VolumeChange`] as stored in the journal.
@@ -350,6 +363,7 @@ impl Event {
             Event::VolumeDataIntegrityError { .. } => "VolumeDataIntegrityError",
             Event::VolumeReplicaOutOfSync { .. } => "VolumeReplicaOutOfSync",
             Event::VolumePrimaryChanged { .. } => "VolumePrimaryChanged",
+            Event::VolumeReplicaInSync { .. } => "VolumeReplicaInSync",
         }
     }
 
@@ -364,7 +378,8 @@ impl Event {
             | Event::VolumeRolledBack { uuid }
             | Event::VolumeDataIntegrityError { uuid, .. }
             | Event::VolumeReplicaOutOfSync { uuid, .. }
-            | Event::VolumePrimaryChanged { uuid, .. } => *uuid,
+            | Event::VolumePrimaryChanged { uuid, .. }
+            | Event::VolumeReplicaInSync { uuid, .. } => *uuid,
         }
     }
 
@@ -749,6 +764,30 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             node,
             leader_epoch,
         } => promote(state, *uuid, *node, *leader_epoch),
+        Command::MarkReplicaInSync {
+            uuid,
+            node,
+            epoch,
+            copied_bytes,
+        } => {
+            let Some(v) = state.volumes.get(*uuid) else {
+                return Ok(vec![]);
+            };
+            if v.epoch != *epoch {
+                return Err(DomainError::Conflict(format!(
+                    "volume {uuid} is at epoch {}, not {epoch}",
+                    v.epoch
+                )));
+            }
+            if !v.out_of_sync.contains(node) || !v.replica_nodes.contains(node) {
+                return Ok(vec![]);
+            }
+            Ok(vec![AnyEvent::Volume(Event::VolumeReplicaInSync {
+                uuid: *uuid,
+                node: *node,
+                copied_bytes: *copied_bytes,
+            })])
+        }
     }
 }
 
@@ -897,6 +936,10 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             if !v.out_of_sync.contains(node) {
                 v.out_of_sync.push(*node);
             }
+            v.protection = v.protection_now();
+        }
+        Event::VolumeReplicaInSync { node, .. } => {
+            v.out_of_sync.retain(|n| n != node);
             v.protection = v.protection_now();
         }
         Event::VolumePrimaryChanged { node, old, .. } => {

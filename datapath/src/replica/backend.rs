@@ -2,10 +2,9 @@
 //! per in-sync replica for every operation that changes data.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use super::{Frame, Link, Op};
+use super::{Frame, Link, MemberState, Mode, Op};
 use crate::backend::{Backend, IoKind, IoQueue, IoRequest};
 
 /// One replica of a volume as its primary sees it.
@@ -13,23 +12,23 @@ use crate::backend::{Backend, IoKind, IoQueue, IoRequest};
 pub struct Member {
     /// The link to the replica's server.
     pub link: Arc<Link>,
-    /// Set when the replica leaves the volume's in-sync set; its held parts then complete.
-    dropped: Arc<AtomicBool>,
+    /// Its mode and missed chunks (shared with the link's parts).
+    pub state: Arc<MemberState>,
 }
 
 impl Member {
-    /// An in-sync replica reached through `link`.
-    pub fn new(link: Arc<Link>) -> Member {
+    /// A replica reached through `link`: in sync, or dropped with everything to copy.
+    pub fn new(link: Arc<Link>, size_bytes: u64, in_sync: bool) -> Member {
         Member {
             link,
-            dropped: Arc::new(AtomicBool::new(false)),
+            state: Arc::new(MemberState::new(size_bytes, in_sync)),
         }
     }
 
-    /// The control plane recorded this replica out of sync: parts held for it complete,
-    /// and no more are sent.
+    /// The control plane recorded this replica out of sync: no more writes go to it, and
+    /// the parts held for it complete (their chunks marked dirty).
     pub fn drop_replica(&self) {
-        self.dropped.store(true, Ordering::Release);
+        self.state.set_dropped();
         self.link.sweep();
     }
 }
@@ -116,12 +115,13 @@ impl Backend for Replicated {
         };
         let mut n = 0;
         for m in &self.members {
-            if m.dropped.load(Ordering::Acquire) {
+            if m.state.mode() == Mode::Dropped {
+                m.state.mark(req.offset, u64::from(req.len));
                 continue;
             }
             // SAFETY: the caller keeps `req.buf` valid and unchanged until every part of
             // `req.tag` (these included) has completed.
-            unsafe { m.link.submit(frame, req.buf, &sink, req.tag, &m.dropped) };
+            unsafe { m.link.submit(frame, req.buf, &sink, req.tag, &m.state) };
             n += 1;
         }
         Ok(n)

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{decode_answer, Frame, ANSWER_BYTES, FENCED, HDR_BYTES, NOT_HELD};
+use super::{decode_answer, Frame, MemberState, Mode, ANSWER_BYTES, FENCED, HDR_BYTES, NOT_HELD};
 use crate::backend::CompletionSink;
 use crate::limits::{
     REPLICA_CONNECT_TIMEOUT_MS, REPLICA_HOLD_MAX_MS, REPLICA_IO_TIMEOUT_MS, REPLICA_LINK_PARTS_MAX,
@@ -39,8 +39,11 @@ struct Part {
     data: DataPtr,
     sink: Arc<dyn CompletionSink>,
     tag: u64,
-    /// Set when the control plane dropped this replica from the volume's in-sync set.
-    dropped: Arc<AtomicBool>,
+    /// The replica's mode and missed chunks.
+    member: Arc<MemberState>,
+    /// A rebuild's own frame: it must reach the replica (a held one fails, it is never
+    /// completed as "no longer owed").
+    must_deliver: bool,
     phase: Phase,
     first_sent: Option<Instant>,
     /// Connection generation it was sent on, and when.
@@ -114,11 +117,32 @@ impl Link {
         self.addr
     }
 
+    /// Waits up to `timeout` for the connection to be up; whether it is.
+    pub fn wait_up(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        loop {
+            if matches!(st.conn, Conn::Up(_)) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, deadline - now)
+                .map(|r| r.0)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes one part; its completion reaches `sink` with `tag` (0 or -errno).
+    /// Takes one part of a host command; its completion reaches `sink` with `tag` (0 or
+    /// -errno).
     ///
     /// # Safety
     /// For a write, `data` must point to `frame.len` bytes that stay valid and unchanged
@@ -129,7 +153,39 @@ impl Link {
         data: *const u8,
         sink: &Arc<dyn CompletionSink>,
         tag: u64,
-        dropped: &Arc<AtomicBool>,
+        member: &Arc<MemberState>,
+    ) {
+        // SAFETY: forwarded caller contract.
+        unsafe { self.submit_part(frame, data, sink, tag, member, false) }
+    }
+
+    /// As [`Link::submit`], for a rebuild's own frame: a frame the replica did not answer
+    /// completes with -ECANCELED.
+    ///
+    /// # Safety
+    /// As [`Link::submit`].
+    pub unsafe fn submit_owed(
+        &self,
+        frame: Frame,
+        data: *const u8,
+        sink: &Arc<dyn CompletionSink>,
+        tag: u64,
+        member: &Arc<MemberState>,
+    ) {
+        // SAFETY: forwarded caller contract.
+        unsafe { self.submit_part(frame, data, sink, tag, member, true) }
+    }
+
+    /// # Safety
+    /// As [`Link::submit`].
+    unsafe fn submit_part(
+        &self,
+        frame: Frame,
+        data: *const u8,
+        sink: &Arc<dyn CompletionSink>,
+        tag: u64,
+        member: &Arc<MemberState>,
+        must_deliver: bool,
     ) {
         let mut st = self.lock();
         let id = match st.free.pop() {
@@ -150,7 +206,11 @@ impl Link {
         let now = Instant::now();
         let phase = match st.conn {
             Conn::Down => {
-                st.failures.insert(frame.volume);
+                if member.mode() == Mode::InSync {
+                    st.failures.insert(frame.volume);
+                } else {
+                    member.set_dropped();
+                }
                 Phase::Held(now)
             }
             _ => Phase::Queued,
@@ -160,7 +220,8 @@ impl Link {
             data: DataPtr(data),
             sink: sink.clone(),
             tag,
-            dropped: dropped.clone(),
+            member: member.clone(),
+            must_deliver,
             phase,
             first_sent: None,
             sent: None,
@@ -176,8 +237,8 @@ impl Link {
         }
     }
 
-    /// Completes held parts whose replica was dropped (success) or that waited too long
-    /// (error).
+    /// Completes held parts whose replica no longer holds writes up (dropped, or being
+    /// rebuilt: success, their chunks marked dirty) or that waited too long (error).
     pub fn sweep(&self) {
         let now = Instant::now();
         let hold_max = Duration::from_millis(REPLICA_HOLD_MAX_MS);
@@ -187,7 +248,12 @@ impl Link {
             for id in 0..st.parts.len() {
                 let res = match &st.parts[id] {
                     Some(p) => match p.phase {
-                        Phase::Held(_) if p.dropped.load(Ordering::Acquire) => 0,
+                        Phase::Held(_) if p.must_deliver => -libc::ECANCELED,
+                        Phase::Held(_) if p.member.mode() != Mode::InSync => {
+                            p.member.set_dropped();
+                            p.member.mark(p.frame.offset, u64::from(p.frame.len));
+                            0
+                        }
                         Phase::Held(since) if now.duration_since(since) >= hold_max => -libc::EIO,
                         _ => continue,
                     },
@@ -234,7 +300,7 @@ impl Link {
                 if p.phase != Phase::Sending {
                     p.phase = Phase::Held(now);
                 }
-                failures.insert(p.frame.volume);
+                report(failures, p);
             }
         }
         drop(st);
@@ -274,14 +340,13 @@ impl Link {
             // The replica could not store it (or never got the volume): its copy is no
             // longer trustworthy. Hold the part and report the replica.
             tracing::warn!(peer = %self.addr, status, "replica refused a part");
-            let volume = match st.parts[id as usize].as_mut() {
-                Some(p) => {
-                    p.phase = Phase::Held(now);
-                    p.frame.volume
-                }
-                None => return,
-            };
-            st.failures.insert(volume);
+            let State {
+                parts, failures, ..
+            } = &mut *st;
+            if let Some(p) = parts[id as usize].as_mut() {
+                p.phase = Phase::Held(now);
+                report(failures, p);
+            }
             drop(st);
             self.sweep();
             return;
@@ -303,6 +368,16 @@ impl Link {
             .filter(|p| p.phase == Phase::Sent)
             .filter_map(|p| p.sent.filter(|(g, _)| *g == gen).map(|(_, t)| t))
             .min()
+    }
+}
+
+/// A part of `p`'s replica failed: an in-sync replica is reported (its writes wait for the
+/// control plane); one being rebuilt is dropped (writes never wait for it).
+fn report(failures: &mut BTreeSet<[u8; 16]>, p: &Part) {
+    if p.member.mode() == Mode::InSync {
+        failures.insert(p.frame.volume);
+    } else {
+        p.member.set_dropped();
     }
 }
 
@@ -413,7 +488,10 @@ fn up(link: &Link, s: &TcpStream) -> u64 {
     st.gen += 1;
     st.conn = Conn::Up(st.gen);
     st.stream = s.try_clone().ok();
-    st.gen
+    let gen = st.gen;
+    drop(st);
+    link.cv.notify_all();
+    gen
 }
 
 /// Sends queued parts until connection `gen` fails or the hub stops.
@@ -504,15 +582,16 @@ fn send_loop(link: &Link, mut s: TcpStream, gen: u64) {
                 };
             }
         }
-        let volumes: Vec<[u8; 16]> = if r.is_err() || st.conn != Conn::Up(gen) {
-            batch
-                .iter()
-                .filter_map(|(id, ..)| st.parts.get(*id as usize)?.as_ref().map(|p| p.frame.volume))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        st.failures.extend(volumes);
+        if r.is_err() || !still_up {
+            let State {
+                parts, failures, ..
+            } = &mut *st;
+            for (id, ..) in &batch {
+                if let Some(p) = parts.get(*id as usize).and_then(Option::as_ref) {
+                    report(failures, p);
+                }
+            }
+        }
         drop(st);
         if let Err(e) = r {
             link.fail(gen, &format!("sending: {e}"));

@@ -22,10 +22,14 @@
 
 mod backend;
 mod link;
+mod member;
+mod rebuild;
 mod server;
 
 pub use backend::{Member, Replicated};
 pub use link::{Link, ReplicaHub};
+pub use member::{MemberState, Mode};
+pub use rebuild::rebuild;
 pub use server::{HeldCopy, ReplicaImage, ReplicaServer};
 
 use crate::limits::REPLICA_FRAME_DATA_MAX;
@@ -58,6 +62,15 @@ pub enum Op {
     Deallocate,
     /// Make completed writes durable.
     Flush,
+    /// Rebuild: the primary's data of the range, written only to blocks no live write has
+    /// reached since the rebuild started.
+    Copy,
+    /// Rebuild: as [`Op::Copy`], for a range that reads as zeroes (no data follows).
+    CopyZeroes,
+    /// Rebuild begins: from now on the replica remembers which blocks live writes reach.
+    RebuildStart,
+    /// Rebuild ends: the replica forgets them.
+    RebuildEnd,
 }
 
 impl Op {
@@ -67,6 +80,10 @@ impl Op {
             Op::WriteZeroes => (2, 0),
             Op::Deallocate => (3, 0),
             Op::Flush => (4, 0),
+            Op::Copy => (5, 0),
+            Op::CopyZeroes => (6, 0),
+            Op::RebuildStart => (7, 0),
+            Op::RebuildEnd => (8, 0),
         }
     }
 
@@ -78,13 +95,22 @@ impl Op {
             2 => Op::WriteZeroes,
             3 => Op::Deallocate,
             4 => Op::Flush,
+            5 => Op::Copy,
+            6 => Op::CopyZeroes,
+            7 => Op::RebuildStart,
+            8 => Op::RebuildEnd,
             _ => return None,
         })
     }
 
     /// Whether data follows the header.
     pub fn has_data(self) -> bool {
-        matches!(self, Op::Write { .. })
+        matches!(self, Op::Write { .. } | Op::Copy)
+    }
+
+    /// Whether it is a rebuild's copy (applied alone, after everything before it).
+    pub fn is_copy(self) -> bool {
+        matches!(self, Op::Copy | Op::CopyZeroes)
     }
 }
 
@@ -224,6 +250,10 @@ mod tests {
             Op::WriteZeroes,
             Op::Deallocate,
             Op::Flush,
+            Op::Copy,
+            Op::CopyZeroes,
+            Op::RebuildStart,
+            Op::RebuildEnd,
         ] {
             let mut h = [0u8; HDR_BYTES];
             frame(op).encode(&data, &mut h);

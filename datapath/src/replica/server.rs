@@ -18,7 +18,8 @@ use super::{encode_answer, Frame, Op, WireError, ANSWER_BYTES, FENCED, HDR_BYTES
 use crate::backend::{Backend, IoKind, IoQueue, IoRequest};
 use crate::buffer::SlotBuf;
 use crate::limits::{
-    REPLICA_BATCH_FRAMES, REPLICA_CONNECTIONS_MAX, REPLICA_FRAME_DATA_MAX, REPLICA_POLL_MS,
+    LBA_BYTES, REPLICA_BATCH_FRAMES, REPLICA_CONNECTIONS_MAX, REPLICA_FRAME_DATA_MAX,
+    REPLICA_POLL_MS,
 };
 
 /// One volume this server holds a copy of.
@@ -28,6 +29,9 @@ pub struct ReplicaImage {
     pub backend: Option<Arc<dyn Backend>>,
     /// Newest epoch seen for the volume (published, or carried by an accepted frame).
     epoch: AtomicU64,
+    /// While a rebuild runs: one bit per block, set when a live write reached it (a copy
+    /// never overwrites those).
+    rebuild: Mutex<Option<Vec<u64>>>,
 }
 
 impl ReplicaImage {
@@ -36,6 +40,7 @@ impl ReplicaImage {
         ReplicaImage {
             backend,
             epoch: AtomicU64::new(epoch),
+            rebuild: Mutex::new(None),
         }
     }
 
@@ -43,6 +48,45 @@ impl ReplicaImage {
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
     }
+
+    fn rebuild_map(&self) -> std::sync::MutexGuard<'_, Option<Vec<u64>>> {
+        self.rebuild.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A live change reached `[offset, offset + len)`.
+    fn mark_live(&self, offset: u64, len: u32) {
+        if let Some(map) = self.rebuild_map().as_mut() {
+            for b in blocks(offset, len) {
+                if let Some(w) = map.get_mut((b / 64) as usize) {
+                    *w |= 1 << (b % 64);
+                }
+            }
+        }
+    }
+
+    /// The runs (first block, count) of `[offset, offset + len)` no live write reached.
+    fn unmarked_runs(&self, offset: u64, len: u32) -> Vec<(u64, u64)> {
+        let map = self.rebuild_map();
+        let live = |b: u64| {
+            map.as_ref()
+                .and_then(|m| m.get((b / 64) as usize))
+                .is_some_and(|w| w & (1 << (b % 64)) != 0)
+        };
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for b in blocks(offset, len).filter(|b| !live(*b)) {
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == b => *n += 1,
+                _ => runs.push((b, 1)),
+            }
+        }
+        runs
+    }
+}
+
+/// The blocks `[offset, offset + len)` covers.
+fn blocks(offset: u64, len: u32) -> std::ops::Range<u64> {
+    let first = offset / LBA_BYTES;
+    first..(offset + u64::from(len)).div_ceil(LBA_BYTES)
 }
 
 /// A copy this server holds, as published: volume, image (`None` on its primary), epoch.
@@ -101,9 +145,25 @@ impl ReplicaServer {
     pub fn set_images(&self, images: Vec<HeldCopy>) {
         let mut cur = self.images.write().unwrap_or_else(|p| p.into_inner());
         let mut next = HashMap::with_capacity(images.len());
+        let size = |b: &Option<Arc<dyn Backend>>| b.as_ref().map(|b| b.size_bytes());
         for (uuid, backend, epoch) in images {
-            let seen = cur.get(&uuid).map_or(0, |i| i.epoch());
-            next.insert(uuid, Arc::new(ReplicaImage::new(backend, epoch.max(seen))));
+            // An unchanged copy keeps its entry: frames being applied hold it, and so does
+            // a running rebuild's map of live-written blocks.
+            let kept = cur
+                .get(&uuid)
+                .filter(|i| size(&i.backend) == size(&backend))
+                .cloned();
+            let image = match kept {
+                Some(i) => {
+                    i.epoch.fetch_max(epoch, Ordering::AcqRel);
+                    i
+                }
+                None => {
+                    let seen = cur.get(&uuid).map_or(0, |i| i.epoch());
+                    Arc::new(ReplicaImage::new(backend, epoch.max(seen)))
+                }
+            };
+            next.insert(uuid, image);
         }
         *cur = next;
     }
@@ -186,6 +246,8 @@ struct Pending {
     id: u32,
     /// The answer, once known (refused frames are answered without storage).
     status: Option<i32>,
+    /// Storage operations still running for it.
+    parts: u32,
 }
 
 /// Serves one peer connection until it ends.
@@ -208,12 +270,17 @@ fn serve(s: TcpStream, images: &Images, stop: &AtomicBool) -> io::Result<()> {
         }
         loop {
             let slot = batch.len();
-            let status = take_frame(&mut r, &hdr, &mut bufs, slot, images, &mut q)?;
             let (frame, _) = Frame::decode(&hdr).map_err(wire)?;
-            batch.push(Pending {
-                id: frame.id,
-                status,
-            });
+            // A rebuild's copy runs alone, after everything received before it: the
+            // blocks it may not overwrite are then known.
+            if frame.op.is_copy() {
+                apply(&mut q, &mut batch)?;
+            }
+            let p = take_frame(&mut r, &hdr, &mut bufs, slot, images, &mut q)?;
+            batch.push(p);
+            if frame.op.is_copy() {
+                apply(&mut q, &mut batch)?;
+            }
             if batch.len() == REPLICA_BATCH_FRAMES || r.buffer().len() < HDR_BYTES {
                 break;
             }
@@ -290,8 +357,8 @@ fn is_poll(e: &io::Error) -> bool {
     )
 }
 
-/// Reads the frame's data into slot `slot`, checks it, and queues it on its image;
-/// returns the answer already known (a refusal), or None when storage will answer.
+/// Reads the frame's data into slot `slot`, checks it, and queues it on its image: the
+/// frame's answer if already known (a refusal), or the storage operations it started.
 fn take_frame(
     r: &mut BufReader<TcpStream>,
     hdr: &[u8; HDR_BYTES],
@@ -299,7 +366,7 @@ fn take_frame(
     slot: usize,
     images: &Images,
     q: &mut IoQueue,
-) -> io::Result<Option<i32>> {
+) -> io::Result<Pending> {
     let (frame, data_crc) = Frame::decode(hdr).map_err(wire)?;
     let data_len = if frame.op.has_data() {
         frame.len as usize
@@ -311,60 +378,124 @@ fn take_frame(
     if crc32c::crc32c(data) != data_crc {
         return Err(wire(WireError::DataDigest));
     }
+    let answer = |status| Pending {
+        id: frame.id,
+        status: Some(status),
+        parts: 0,
+    };
     let image = {
         let images = images.read().unwrap_or_else(|p| p.into_inner());
         images.get(&frame.volume).cloned()
     };
     let Some(image) = image else {
-        return Ok(Some(NOT_HELD));
+        return Ok(answer(NOT_HELD));
     };
     if image.epoch() > frame.epoch {
-        return Ok(Some(FENCED));
+        return Ok(answer(FENCED));
     }
-    let Some(backend) = &image.backend else {
-        return Ok(Some(NOT_HELD));
+    let Some(backend) = image.backend.clone() else {
+        return Ok(answer(NOT_HELD));
     };
     if image.epoch.fetch_max(frame.epoch, Ordering::AcqRel) > frame.epoch {
-        return Ok(Some(FENCED));
+        return Ok(answer(FENCED));
     }
-    let kind = match frame.op {
-        Op::Write { fua } => IoKind::Write { fua },
-        Op::WriteZeroes => IoKind::WriteZeroes,
-        Op::Deallocate => IoKind::Deallocate,
-        Op::Flush => IoKind::Flush,
+    let base = bufs.slot_ptr(slot);
+    let ops: Vec<(IoKind, u64, u32, usize)> = match frame.op {
+        Op::RebuildStart => {
+            let n = backend.size_bytes().div_ceil(LBA_BYTES).div_ceil(64) as usize;
+            *image.rebuild_map() = Some(vec![0; n]);
+            return Ok(answer(0));
+        }
+        Op::RebuildEnd => {
+            *image.rebuild_map() = None;
+            return Ok(answer(0));
+        }
+        Op::Flush => vec![(IoKind::Flush, 0, 0, 0)],
+        Op::Write { fua } => {
+            image.mark_live(frame.offset, frame.len);
+            vec![(IoKind::Write { fua }, frame.offset, frame.len, 0)]
+        }
+        Op::WriteZeroes | Op::Deallocate => {
+            image.mark_live(frame.offset, frame.len);
+            let kind = if frame.op == Op::WriteZeroes {
+                IoKind::WriteZeroes
+            } else {
+                IoKind::Deallocate
+            };
+            vec![(kind, frame.offset, frame.len, 0)]
+        }
+        Op::Copy | Op::CopyZeroes => image
+            .unmarked_runs(frame.offset, frame.len)
+            .into_iter()
+            .map(|(first, n)| {
+                let off = first * LBA_BYTES;
+                let kind = if frame.op == Op::Copy {
+                    IoKind::Write { fua: false }
+                } else {
+                    IoKind::WriteZeroes
+                };
+                (
+                    kind,
+                    off,
+                    (n * LBA_BYTES) as u32,
+                    (off - frame.offset) as usize,
+                )
+            })
+            .collect(),
     };
-    let req = IoRequest {
-        kind,
-        offset: frame.offset,
-        len: frame.len,
-        buf: if data_len > 0 {
-            bufs.slot_ptr(slot)
+    let mut p = Pending {
+        id: frame.id,
+        status: None,
+        parts: 0,
+    };
+    for (kind, offset, len, at) in ops {
+        let buf = if matches!(kind, IoKind::Write { .. }) {
+            // SAFETY: `at + len` lies within the frame's data, inside the slot.
+            unsafe { base.add(at) }
         } else {
             std::ptr::null_mut()
-        },
-        tag: slot as u64,
-    };
-    // SAFETY: the slot's buffer is not touched again until `apply` has reaped this
-    // request's completion (the batch is answered only after every completion).
-    match unsafe { backend.submit(q, &req) } {
-        Ok(()) => Ok(None),
-        Err(e) => Ok(Some(-e.raw_os_error().unwrap_or(libc::EIO))),
+        };
+        let req = IoRequest {
+            kind,
+            offset,
+            len,
+            buf,
+            tag: slot as u64,
+        };
+        // SAFETY: the slot's buffer is not touched again until `apply` has reaped every
+        // completion of this frame (the batch is answered only after all of them).
+        match unsafe { backend.submit(q, &req) } {
+            Ok(()) => p.parts += 1,
+            Err(e) => {
+                p.status
+                    .get_or_insert(-e.raw_os_error().unwrap_or(libc::EIO));
+            }
+        }
     }
+    if p.parts == 0 {
+        p.status.get_or_insert(0);
+    }
+    Ok(p)
 }
 
-/// Runs the queued batch and records each frame's answer.
+/// Runs what the batch queued and records each frame's answer (idempotent: frames already
+/// answered are left alone).
 fn apply(q: &mut IoQueue, batch: &mut [Pending]) -> io::Result<()> {
-    let mut waiting = batch.iter().filter(|p| p.status.is_none()).count();
+    let mut waiting: u32 = batch.iter().map(|p| p.parts).sum();
     if waiting == 0 {
         return Ok(());
     }
     q.submit()?;
     while waiting > 0 {
         q.reap(|tag, res| {
-            if let Some(p) = batch.get_mut(tag as usize) {
-                if p.status.is_none() {
-                    p.status = Some(if res < 0 { res } else { 0 });
-                    waiting -= 1;
+            if let Some(p) = batch.get_mut(tag as usize).filter(|p| p.parts > 0) {
+                p.parts -= 1;
+                waiting -= 1;
+                if res < 0 {
+                    p.status.get_or_insert(res);
+                }
+                if p.parts == 0 {
+                    p.status.get_or_insert(0);
                 }
             }
         });

@@ -1,0 +1,157 @@
+//! A replica as its primary tracks it: whether it receives writes (in sync, dropped,
+//! rebuilding) and, while it does not, which chunks of the volume it missed.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+
+use crate::limits::REBUILD_CHUNK_BYTES;
+
+/// Receives every write; a failure holds writes until the control plane drops it.
+const IN_SYNC: u8 = 0;
+/// Receives nothing; writes mark the chunks it misses.
+const DROPPED: u8 = 1;
+/// Being rebuilt: receives every write, but a failure drops it (writes never wait for it).
+const REBUILDING: u8 = 2;
+
+/// What a replica's writes do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Writes wait for it.
+    InSync,
+    /// Writes skip it and mark its dirty chunks.
+    Dropped,
+    /// Writes go to it, but do not wait for it if it fails.
+    Rebuilding,
+}
+
+/// A replica's mode and the chunks it missed, shared by every table that names it.
+#[derive(Debug)]
+pub struct MemberState {
+    mode: AtomicU8,
+    /// One bit per [`REBUILD_CHUNK_BYTES`] of the volume.
+    dirty: Vec<AtomicU64>,
+    /// Set when a change fell outside the bitmap (the volume grew): everything is dirty.
+    all_dirty: AtomicBool,
+    /// Bytes a rebuild sent so far.
+    pub copied_bytes: AtomicU64,
+}
+
+impl MemberState {
+    /// A replica of a volume of `size_bytes`: in sync and clean, or dropped with every
+    /// chunk dirty (nothing is known of what it holds: a full copy).
+    pub fn new(size_bytes: u64, in_sync: bool) -> MemberState {
+        let chunks = size_bytes.div_ceil(REBUILD_CHUNK_BYTES);
+        let words = chunks.div_ceil(64) as usize;
+        // Only the volume's chunks are ever dirty (the last word is partly used).
+        let fill = |w: u64| -> u64 {
+            let bits = chunks.saturating_sub(w * 64).min(64);
+            match (in_sync, bits) {
+                (true, _) | (false, 0) => 0,
+                (false, 64) => u64::MAX,
+                (false, b) => (1u64 << b) - 1,
+            }
+        };
+        MemberState {
+            mode: AtomicU8::new(if in_sync { IN_SYNC } else { DROPPED }),
+            dirty: (0..words as u64).map(|w| AtomicU64::new(fill(w))).collect(),
+            all_dirty: AtomicBool::new(false),
+            copied_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        match self.mode.load(Ordering::SeqCst) {
+            IN_SYNC => Mode::InSync,
+            REBUILDING => Mode::Rebuilding,
+            _ => Mode::Dropped,
+        }
+    }
+
+    /// Stops sending it writes (from now on they mark its dirty chunks).
+    pub fn set_dropped(&self) {
+        self.mode.store(DROPPED, Ordering::SeqCst);
+    }
+
+    /// Starts sending it writes again, without waiting for it (a rebuild begins).
+    pub fn set_rebuilding(&self) {
+        self.mode.store(REBUILDING, Ordering::SeqCst);
+    }
+
+    /// A finished rebuild: writes wait for it again. False if it failed meanwhile.
+    pub fn rebuilt(&self) -> bool {
+        self.mode
+            .compare_exchange(REBUILDING, IN_SYNC, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// Records that `[offset, offset + len)` changed without reaching the replica.
+    pub fn mark(&self, offset: u64, len: u64) {
+        let first = offset / REBUILD_CHUNK_BYTES;
+        let last = (offset + len.max(1) - 1) / REBUILD_CHUNK_BYTES;
+        for c in first..=last {
+            match self.dirty.get((c / 64) as usize) {
+                Some(w) => {
+                    w.fetch_or(1 << (c % 64), Ordering::SeqCst);
+                }
+                None => self.all_dirty.store(true, Ordering::SeqCst),
+            }
+        }
+    }
+
+    /// Takes the next dirty chunk at or after `from` (clearing its bit), if any.
+    pub fn take_dirty(&self, from: u64, chunks: u64) -> Option<u64> {
+        if self.all_dirty.swap(false, Ordering::SeqCst) {
+            for w in &self.dirty {
+                w.store(u64::MAX, Ordering::SeqCst);
+            }
+        }
+        (from..chunks).find(|&c| {
+            let Some(w) = self.dirty.get((c / 64) as usize) else {
+                return false;
+            };
+            let bit = 1u64 << (c % 64);
+            w.fetch_and(!bit, Ordering::SeqCst) & bit != 0
+        })
+    }
+
+    /// Chunks marked dirty now.
+    pub fn dirty_chunks(&self) -> u64 {
+        self.dirty
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::SeqCst).count_ones()))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_cover_every_chunk_a_range_touches_and_are_taken_once() {
+        let m = MemberState::new(10 * REBUILD_CHUNK_BYTES, true);
+        assert_eq!(m.dirty_chunks(), 0);
+        m.mark(REBUILD_CHUNK_BYTES - 4096, 8192);
+        m.mark(7 * REBUILD_CHUNK_BYTES, 4096);
+        assert_eq!(m.dirty_chunks(), 3);
+        assert_eq!(m.take_dirty(0, 10), Some(0));
+        assert_eq!(m.take_dirty(0, 10), Some(1));
+        assert_eq!(m.take_dirty(2, 10), Some(7));
+        assert_eq!(m.take_dirty(0, 10), None);
+    }
+
+    #[test]
+    fn a_dropped_member_starts_all_dirty_and_a_rebuild_ends_only_if_it_did_not_fail() {
+        let m = MemberState::new(3 * REBUILD_CHUNK_BYTES, false);
+        assert_eq!((m.mode(), m.dirty_chunks()), (Mode::Dropped, 3));
+        m.set_rebuilding();
+        m.set_dropped();
+        assert!(
+            !m.rebuilt(),
+            "a replica that failed mid-rebuild is not in sync"
+        );
+        m.set_rebuilding();
+        assert!(m.rebuilt());
+        assert_eq!(m.mode(), Mode::InSync);
+    }
+}

@@ -1,0 +1,203 @@
+//! Rebuilding a replica from its primary while host I/O goes on.
+//!
+//! 1. A `RebuildStart` frame: the replica starts remembering which blocks live writes reach.
+//! 2. The member turns `Rebuilding`: every write is sent to it again (in the link's order,
+//!    after `RebuildStart`), but none waits for it if it fails.
+//! 3. A barrier: every reactor finishes the pass it is in. A write that skipped the replica
+//!    (it saw the member `Dropped`) was issued in such a pass, and a block store write is
+//!    applied by the end of its pass, so from now on the local image holds it.
+//! 4. Every dirty chunk is read from the local image and sent as `Copy` frames (all-zero
+//!    parts as `CopyZeroes`); the replica writes a copy only to blocks no live write
+//!    reached, so a copy read before a concurrent write never overwrites that write.
+//! 5. A flush, `RebuildEnd`, and the member is in sync again unless it failed meanwhile.
+//!
+//! Only the chunks marked dirty are copied: what was written while the replica was
+//! dropped, or everything for a member the primary knows nothing about (a new replica, or
+//! after the primary restarted).
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use super::{Frame, Member, Mode, Op};
+use crate::backend::{Backend, CompletionSink, IoKind, IoQueue, IoRequest};
+use crate::buffer::SlotBuf;
+use crate::limits::{
+    REBUILD_CHUNK_BYTES, REPLICA_CONNECT_TIMEOUT_MS, REPLICA_FRAME_DATA_MAX, REPLICA_HOLD_MAX_MS,
+    REPLICA_RECONNECT_MS,
+};
+
+/// Frames of one chunk.
+const PARTS: usize = (REBUILD_CHUNK_BYTES as usize).div_ceil(REPLICA_FRAME_DATA_MAX);
+
+/// Collects the rebuild's own completions.
+#[derive(Default)]
+struct Waiter {
+    done: Mutex<Vec<(u64, i32)>>,
+    cv: Condvar,
+}
+
+impl CompletionSink for Waiter {
+    fn complete(&self, tag: u64, result: i32) {
+        self.done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((tag, result));
+        self.cv.notify_all();
+    }
+}
+
+impl Waiter {
+    /// Waits for `n` completions; the first error, if any.
+    fn wait(&self, n: usize) -> io::Result<()> {
+        let limit = Duration::from_millis(2 * REPLICA_HOLD_MAX_MS);
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        while done.len() < n {
+            let (d, t) = self
+                .cv
+                .wait_timeout(done, limit)
+                .unwrap_or_else(|p| p.into_inner());
+            done = d;
+            if t.timed_out() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "replica silent"));
+            }
+        }
+        let err = done.iter().find(|(_, r)| *r < 0).map(|(_, r)| *r);
+        done.clear();
+        match err {
+            Some(r) => Err(io::Error::from_raw_os_error(-r)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Rebuilds `member` (a replica of `volume` at `epoch`) from `local`, the primary's image of
+/// `size_bytes`; `barrier` returns once every reactor has finished the pass it was in.
+/// Returns the bytes sent. Fails, leaving the member dropped, if the replica fails.
+pub fn rebuild(
+    member: &Member,
+    local: &dyn Backend,
+    volume: [u8; 16],
+    epoch: u64,
+    size_bytes: u64,
+    barrier: impl FnOnce() -> io::Result<()>,
+) -> io::Result<u64> {
+    let r = copy(member, local, volume, epoch, size_bytes, barrier);
+    if r.is_err() {
+        // Writes no longer go to it; what they change is marked for the next attempt.
+        member.state.set_dropped();
+    }
+    r
+}
+
+fn copy(
+    member: &Member,
+    local: &dyn Backend,
+    volume: [u8; 16],
+    epoch: u64,
+    size_bytes: u64,
+    barrier: impl FnOnce() -> io::Result<()>,
+) -> io::Result<u64> {
+    let waiter = Arc::new(Waiter::default());
+    let sink: Arc<dyn CompletionSink> = waiter.clone();
+    let frame = |op, offset, len| Frame {
+        op,
+        volume,
+        epoch,
+        offset,
+        len,
+        id: 0,
+    };
+    let send = |f: Frame, data: *const u8| {
+        // SAFETY: `data` (for copies) points into `buf` below, which is neither changed nor
+        // dropped before `waiter.wait` has seen this part complete.
+        unsafe { member.link.submit_owed(f, data, &sink, 0, &member.state) };
+    };
+    let alive = || match member.state.mode() {
+        Mode::Dropped => Err(io::Error::other("the replica failed during the rebuild")),
+        _ => Ok(()),
+    };
+    let connect = Duration::from_millis(4 * (REPLICA_CONNECT_TIMEOUT_MS + REPLICA_RECONNECT_MS));
+    if !member.link.wait_up(connect) {
+        return Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "the replica's server does not answer",
+        ));
+    }
+    // Writes go to the replica again from here, after RebuildStart in the link's order. If
+    // RebuildStart does not arrive, neither do they: they are held, then marked dirty.
+    send(frame(Op::RebuildStart, 0, 0), std::ptr::null());
+    member.state.set_rebuilding();
+    waiter.wait(1)?;
+    alive()?;
+    barrier()?;
+    let mut buf = SlotBuf::new(PARTS, REPLICA_FRAME_DATA_MAX)
+        .ok_or_else(|| io::Error::other("no memory for the rebuild buffer"))?;
+    let mut q = IoQueue::new_sync();
+    let chunks = size_bytes.div_ceil(REBUILD_CHUNK_BYTES);
+    let mut next = 0;
+    while let Some(c) = member.state.take_dirty(next, chunks) {
+        next = c + 1;
+        let start = c * REBUILD_CHUNK_BYTES;
+        let end = (start + REBUILD_CHUNK_BYTES).min(size_bytes);
+        let mut sent = 0;
+        for (k, off) in (start..end).step_by(REPLICA_FRAME_DATA_MAX).enumerate() {
+            let len = (end - off).min(REPLICA_FRAME_DATA_MAX as u64) as u32;
+            read(local, &mut q, buf.slot_ptr(k), off, len)?;
+            if buf.slot(k, len as usize).iter().all(|b| *b == 0) {
+                send(frame(Op::CopyZeroes, off, len), std::ptr::null());
+            } else {
+                send(frame(Op::Copy, off, len), buf.slot_ptr(k));
+            }
+            sent += 1;
+        }
+        waiter.wait(sent)?;
+        alive()?;
+        member
+            .state
+            .copied_bytes
+            .fetch_add(end - start, Ordering::Relaxed);
+    }
+    send(frame(Op::Flush, 0, 0), std::ptr::null());
+    send(frame(Op::RebuildEnd, 0, 0), std::ptr::null());
+    waiter.wait(2)?;
+    alive()?;
+    if !member.state.rebuilt() {
+        return Err(io::Error::other("the replica failed as the rebuild ended"));
+    }
+    Ok(member.state.copied_bytes.load(Ordering::Relaxed))
+}
+
+/// Reads `len` bytes at `offset` of `local` into `buf`, synchronously.
+fn read(
+    local: &dyn Backend,
+    q: &mut IoQueue,
+    buf: *mut u8,
+    offset: u64,
+    len: u32,
+) -> io::Result<()> {
+    let req = IoRequest {
+        kind: IoKind::Read,
+        offset,
+        len,
+        buf,
+        tag: 1,
+    };
+    // SAFETY: `buf` is a slot of the rebuild's own buffer, at least `len` bytes, untouched
+    // until the completion below is reaped.
+    unsafe { local.submit(q, &req) }?;
+    q.submit()?;
+    let mut res = None;
+    while res.is_none() {
+        q.reap(|_, r| res = Some(r));
+        if res.is_none() {
+            q.wait(Duration::from_millis(10))?;
+        }
+    }
+    match res {
+        Some(r) if r == len as i32 => Ok(()),
+        Some(r) if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+        _ => Err(io::Error::other("short read of the local image")),
+    }
+}
