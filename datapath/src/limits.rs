@@ -354,8 +354,9 @@ pub const REPLICA_FRAME_DATA_MAX: usize = BACKEND_IO_BYTES_MAX;
 /// plane); one more completes at once with an error the host retries.
 pub const REPLICA_LINK_PARTS_MAX: usize = 8192;
 /// A replica part unanswered for this long breaks its link (the replica is then reported
-/// for the control plane to record out of sync).
-pub const REPLICA_IO_TIMEOUT_MS: u64 = 2_000;
+/// for the control plane to record out of sync). Long enough that a replica stalled by a
+/// busy machine is not dropped (a dead one breaks the connection much sooner).
+pub const REPLICA_IO_TIMEOUT_MS: u64 = 5_000;
 /// Connecting to a replica gives up after this.
 pub const REPLICA_CONNECT_TIMEOUT_MS: u64 = 1_000;
 /// Pause between reconnection attempts of a broken link.
