@@ -1047,3 +1047,60 @@ fn a_stopped_primary_that_resumes_acknowledges_nothing() {
         "replica in sync"
     );
 }
+
+/// Disabling the server of a volume's primary hands the volume over to an in-sync replica:
+/// the new primary serves only after the old one confirmed it stopped, the old path answers
+/// with a path error (a multipath host retries elsewhere, no I/O error), and no
+/// acknowledged write is lost.
+#[test]
+fn disabling_the_primarys_server_hands_the_volume_over() {
+    let etcd = Etcd::start(3);
+    let servers = three(&etcd);
+    let uuid = create_volume(&servers[0], "ho", 3);
+    let (mut old, nsid, p) = host_on_primary(&servers, 0, &uuid);
+    for b in 0..4u64 {
+        old.write(nsid, b, &block(b as u8))
+            .expect("write on the primary");
+    }
+    let ask = (p + 1) % 3;
+    let s = format!("/api/v2/servers/{}", server_id(&servers[p]));
+    let (status, body) = servers[ask]
+        .admin()
+        .post(&format!("{s}/disable"), &json!({}));
+    assert_eq!(status, 200, "{body}");
+    let path = format!("/api/v2/projects/default/volumes/{uuid}");
+    let owners = node_owner(&servers[ask], &servers);
+    let v = eventually(&servers[ask], &path, |_, v| {
+        owners
+            .get(v["primaryNodeUUID"].as_str().unwrap_or_default())
+            .is_some_and(|o| *o != p)
+    });
+    let q = owners[v["primaryNodeUUID"].as_str().expect("primary")];
+    let (mut new, _, q2) = host_on_primary(&servers, ask, &uuid);
+    assert_eq!(q, q2);
+    let deadline = Instant::now() + CONVERGE;
+    let got = loop {
+        match new.read(nsid, 0, 4) {
+            Ok(d) => break d,
+            Err(e) if e.status() == Some(Status::ANA_INACCESSIBLE) => {
+                assert!(Instant::now() < deadline, "the new primary never served");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("read on the new primary: {e}"),
+        }
+    };
+    assert_eq!(got, (0..4u8).flat_map(block).collect::<Vec<u8>>());
+    new.write(nsid, 4, &block(4))
+        .expect("write on the new primary");
+    assert_eq!(
+        status_of(old.write(nsid, 5, &block(5))),
+        Status::ANA_INACCESSIBLE,
+        "the old primary's path is a path error, not an I/O error"
+    );
+    let kinds: Vec<String> = events(&servers[q])
+        .into_iter()
+        .filter_map(|e| e["type"].as_str().map(str::to_string))
+        .filter(|t| t.starts_with("VolumePrimary"))
+        .collect();
+    assert_eq!(kinds, ["VolumePrimaryHandedOver", "VolumePrimaryReleased"]);
+}

@@ -320,6 +320,11 @@ impl VolumeStore {
 
     fn namespace_of(&self, state: &State, v: &Volume) -> NamespaceSpec {
         let primary = self.node.is_none_or(|n| v.node_uuid == n);
+        // A planned hand-over: serve only once the old primary stopped (or its server
+        // failed), so no host reads its copy after this one took a write.
+        let released = v
+            .releasing
+            .is_none_or(|old| state.inventory.server_of(old).is_none_or(|s| s.failed));
         NamespaceSpec {
             nsid: v.nsid,
             uuid: *v.uuid.as_bytes(),
@@ -338,7 +343,7 @@ impl VolumeStore {
             qos: qos_of(state, v),
             ana: Ana {
                 group: ana_group(state, v.node_uuid),
-                optimized: primary,
+                optimized: primary && released,
             },
         }
     }

@@ -336,19 +336,38 @@ pub async fn run(
         let now = crate::store::bus::now_unix_ns();
         // The state read below holds at least this seq (`/metrics`: reconciler lag).
         let seen = *seq.borrow_and_update();
-        let (work, next_expiry, mut failed) = {
+        let (work, next_expiry, mut failed, released) = {
             let state = bus.state();
             let published = data.publish(&state);
             if let Err(e) = &published {
                 tracing::warn!("namespace publication incomplete, will retry: {e}");
             }
+            // Volumes this node handed over: the table just published no longer serves
+            // them as primary, so the new primary may start.
+            let released: Vec<Uuid> = match (node, &published) {
+                (Some(n), Ok(())) => state
+                    .volumes
+                    .by_uuid
+                    .values()
+                    .filter(|v| v.releasing == Some(n))
+                    .map(|v| v.uuid)
+                    .collect(),
+                _ => Vec::new(),
+            };
             let (mut work, next_expiry) = pending(&state, now);
             let (fires, next_fire) = schedule::due_fires(&state, now, clock_scale);
             work.extend(fires.into_iter().map(|u| Work::Fire(u, clock_scale)));
             work.retain(|w| is_for(&state, w, node));
             let next_expiry = [next_expiry, next_fire].into_iter().flatten().min();
-            (work, next_expiry, published.is_err())
+            (work, next_expiry, published.is_err(), released)
         };
+        for uuid in released {
+            let Some(n) = node else { break };
+            let cmd = Command::Volume(VolumeCommand::ReleasePrimary { uuid, node: n });
+            if let Err(e) = bus.submit(RequestMeta::system("datapath"), cmd).await {
+                tracing::warn!("releasing volume {uuid} to its new primary failed: {e}");
+            }
+        }
         if let Some(n) = node {
             replicas(&bus, &data, n, &mut held).await;
         }

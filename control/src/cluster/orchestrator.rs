@@ -5,7 +5,9 @@
 //! 2. records server health: a registered server without a liveness key is `Failed`, one
 //!    with a key again recovers;
 //! 3. fails volumes over: a volume whose primary's server failed gets an in-sync replica
-//!    on a live server as its primary (`PromoteReplica`, a new volume epoch);
+//!    on a live server as its primary (`PromoteReplica`, a new volume epoch); one whose
+//!    primary's server was disabled is handed over the same way, planned: the new primary
+//!    serves once the old one confirmed it stopped (`ReleasePrimary`);
 //! 4. now and then trims the etcd log to its last [`ClusterConfig::tail_batches`] batches
 //!    and compacts etcd's history up to that point.
 //!
@@ -152,21 +154,22 @@ impl Orchestrator {
 
     /// Promotes an in-sync replica of every volume whose primary's server failed.
     fn fail_over(&self, epoch: u64) -> Result<(), Stop> {
-        let moves: Vec<(Uuid, Uuid)> = {
+        let moves: Vec<(Uuid, Uuid, bool)> = {
             let state = self.bus.state();
             state
                 .volumes
                 .by_uuid
                 .values()
-                .filter_map(|v| failover_target(&state, v).map(|n| (v.uuid, n)))
+                .filter_map(|v| failover_target(&state, v).map(|(n, p)| (v.uuid, n, p)))
                 .collect()
         };
-        for (uuid, node) in moves {
-            tracing::warn!(volume = %uuid, %node, "primary's server failed: promoting a replica");
+        for (uuid, node, planned) in moves {
+            tracing::warn!(volume = %uuid, %node, planned, "moving the volume's primary");
             let cmd = Command::Volume(VolumeCommand::PromoteReplica {
                 uuid,
                 node,
                 leader_epoch: epoch,
+                planned,
             });
             self.submit("fail over", epoch, cmd)?;
         }

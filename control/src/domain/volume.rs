@@ -13,6 +13,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::inventory::ServerState;
 use super::names::{check_etag, check_name, check_nqn};
 use super::policy::PolicyRef;
 use super::snapshot::{SnapshotRef, SnapshotState};
@@ -92,6 +93,10 @@ pub struct Volume {
     pub epoch: u64,
     /// Replica nodes recorded out of sync: they receive no writes until rebuilt.
     pub out_of_sync: Vec<Uuid>,
+    /// A planned hand-over in progress: the previous primary, which has not yet confirmed
+    /// that it stopped serving (the new primary serves only after that, or once that
+    /// server failed).
+    pub releasing: Option<Uuid>,
 }
 
 impl Volume {
@@ -278,12 +283,18 @@ pub enum Command {
         epoch: u64,
         copied_bytes: u64,
     },
-    /// Leader (at `leader_epoch`): the primary's server failed; the in-sync replica on
-    /// `node` takes over.
+    /// Leader (at `leader_epoch`): the primary's server failed (or, `planned`, was
+    /// disabled); the in-sync replica on `node` takes over.
     PromoteReplica {
         uuid: Uuid,
         node: Uuid,
         leader_epoch: u64,
+        planned: bool,
+    },
+    /// The previous primary (a planned hand-over) stopped serving the volume.
+    ReleasePrimary {
+        uuid: Uuid,
+        node: Uuid,
     },
 }
 
@@ -336,6 +347,17 @@ pub enum Event {
         node: Uuid,
         copied_bytes: u64,
     },
+    /// A planned hand-over (the primary's server was disabled): as `VolumePrimaryChanged`,
+    /// but the new primary serves only once the old one released the volume.
+    VolumePrimaryHandedOver {
+        uuid: Uuid,
+        node: Uuid,
+        old: Uuid,
+    },
+    /// The old primary of a hand-over stopped serving the volume.
+    VolumePrimaryReleased {
+        uuid: Uuid,
+    },
 }
 
 /// The resolved form of a [`VolumeChange`] as stored in the journal.
@@ -364,6 +386,8 @@ impl Event {
             Event::VolumeReplicaOutOfSync { .. } => "VolumeReplicaOutOfSync",
             Event::VolumePrimaryChanged { .. } => "VolumePrimaryChanged",
             Event::VolumeReplicaInSync { .. } => "VolumeReplicaInSync",
+            Event::VolumePrimaryHandedOver { .. } => "VolumePrimaryHandedOver",
+            Event::VolumePrimaryReleased { .. } => "VolumePrimaryReleased",
         }
     }
 
@@ -379,7 +403,9 @@ impl Event {
             | Event::VolumeDataIntegrityError { uuid, .. }
             | Event::VolumeReplicaOutOfSync { uuid, .. }
             | Event::VolumePrimaryChanged { uuid, .. }
-            | Event::VolumeReplicaInSync { uuid, .. } => *uuid,
+            | Event::VolumeReplicaInSync { uuid, .. }
+            | Event::VolumePrimaryHandedOver { uuid, .. }
+            | Event::VolumePrimaryReleased { uuid } => *uuid,
         }
     }
 
@@ -586,6 +612,7 @@ fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, Doma
         etag: 0,
         replica_nodes: nodes[1..].to_vec(),
         epoch: 0,
+        releasing: None,
         out_of_sync: if is_clone {
             nodes[1..].to_vec()
         } else {
@@ -763,7 +790,16 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             uuid,
             node,
             leader_epoch,
-        } => promote(state, *uuid, *node, *leader_epoch),
+            planned,
+        } => promote(state, *uuid, *node, *leader_epoch, *planned),
+        Command::ReleasePrimary { uuid, node } => match state.volumes.get(*uuid) {
+            Some(v) if v.releasing == Some(*node) => {
+                Ok(vec![AnyEvent::Volume(Event::VolumePrimaryReleased {
+                    uuid: *uuid,
+                })])
+            }
+            _ => Ok(vec![]),
+        },
         Command::MarkReplicaInSync {
             uuid,
             node,
@@ -798,35 +834,63 @@ fn promote(
     uuid: Uuid,
     node: Uuid,
     leader_epoch: u64,
+    planned: bool,
 ) -> Result<Vec<AnyEvent>, DomainError> {
     super::cluster::check_epoch(state, leader_epoch)?;
     let Some(v) = state.volumes.get(uuid) else {
         return Ok(vec![]);
     };
     let failed = |n: Uuid| state.inventory.server_of(n).is_none_or(|s| s.failed);
-    if !failed(v.node_uuid) {
+    let disabled = |n: Uuid| {
+        state
+            .inventory
+            .server_of(n)
+            .is_some_and(|s| s.state == ServerState::Disabled)
+    };
+    let due = if planned {
+        disabled(v.node_uuid) && !failed(v.node_uuid) && v.releasing.is_none()
+    } else {
+        failed(v.node_uuid)
+    };
+    if !due {
         return Ok(vec![]);
     }
-    if !v.in_sync_replicas().any(|r| r == node) || failed(node) {
+    if !v.in_sync_replicas().any(|r| r == node) || failed(node) || disabled(node) {
         return Err(DomainError::FailedPrecondition(format!(
-            "node {node} holds no in-sync copy of volume {uuid} on a live server"
+            "node {node} holds no in-sync copy of volume {uuid} on a live, enabled server"
         )));
     }
-    Ok(vec![AnyEvent::Volume(Event::VolumePrimaryChanged {
-        uuid,
-        node,
-        old: v.node_uuid,
+    let old = v.node_uuid;
+    Ok(vec![AnyEvent::Volume(if planned {
+        Event::VolumePrimaryHandedOver { uuid, node, old }
+    } else {
+        Event::VolumePrimaryChanged { uuid, node, old }
     })])
 }
 
-/// The in-sync replica the leader promotes when `v`'s primary failed: the first on a live
-/// server (None: the volume has no live copy to fail over to).
-pub fn failover_target(state: &State, v: &Volume) -> Option<Uuid> {
-    let failed = |n: Uuid| state.inventory.server_of(n).is_none_or(|s| s.failed);
-    if !failed(v.node_uuid) || v.state != VolumeState::Available {
+/// Where the leader moves `v`'s primary, and whether the move is planned: when its
+/// server failed, to the first in-sync replica on a live server; when it was disabled
+/// (and is alive, with no hand-over running), to one on a live, enabled server.
+pub fn failover_target(state: &State, v: &Volume) -> Option<(Uuid, bool)> {
+    let server = |n: Uuid| state.inventory.server_of(n);
+    let failed = |n: Uuid| server(n).is_none_or(|s| s.failed);
+    let enabled = |n: Uuid| server(n).is_some_and(|s| s.state == ServerState::Enabled);
+    if v.state != VolumeState::Available {
         return None;
     }
-    v.in_sync_replicas().find(|r| !failed(*r))
+    if failed(v.node_uuid) {
+        return v
+            .in_sync_replicas()
+            .find(|r| !failed(*r))
+            .map(|n| (n, false));
+    }
+    if !enabled(v.node_uuid) && v.releasing.is_none() {
+        return v
+            .in_sync_replicas()
+            .find(|r| !failed(*r) && enabled(*r))
+            .map(|n| (n, true));
+    }
+    None
 }
 
 /// The snapshot must be an available snapshot of this very volume, and nothing else may be
@@ -942,7 +1006,8 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             v.out_of_sync.retain(|n| n != node);
             v.protection = v.protection_now();
         }
-        Event::VolumePrimaryChanged { node, old, .. } => {
+        Event::VolumePrimaryChanged { node, old, .. }
+        | Event::VolumePrimaryHandedOver { node, old, .. } => {
             for r in v.replica_nodes.iter_mut().filter(|r| **r == *node) {
                 *r = *old;
             }
@@ -953,7 +1018,12 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             }
             v.epoch = at.seq;
             v.protection = v.protection_now();
+            v.releasing = match event {
+                Event::VolumePrimaryHandedOver { .. } => Some(*old),
+                _ => None,
+            };
         }
+        Event::VolumePrimaryReleased { .. } => v.releasing = None,
         Event::VolumeCreationRequested { .. } | Event::VolumeDeleted { .. } => {
             unreachable!("handled above")
         }

@@ -147,6 +147,7 @@ fn volume_of(v: VolumeV1, replica_nodes: Vec<Uuid>) -> Volume {
         node_uuid: v.node_uuid,
         creation_unix_ns: v.creation_unix_ns,
         etag: v.etag,
+        releasing: None,
         out_of_sync: replica_nodes.clone(),
         replica_nodes,
         epoch: 0,
