@@ -4,8 +4,9 @@
 //! three copies, and runs fio with verify while the primary's server is killed (kill -9):
 //! the leader promotes a replica, the host's I/O moves to it with no error and verify
 //! passes, and the volume is `Degraded`; the killed server returns, is rebuilt, the volume
-//! is `FullyProtected` again and the data still verifies. The guest side is
-//! `tests/host_vm/cluster.sh`.
+//! is `FullyProtected` again and the data still verifies. Then the primary's server is
+//! disabled under fio: the volume is handed over with no I/O error, and protection returns.
+//! The guest side is `tests/host_vm/cluster.sh`.
 //! `EVSTOR_SKIP_HOST_VM=1` skips it (printed).
 
 mod common;
@@ -22,6 +23,7 @@ const EXPECTED: &[&str] = &[
     "fio-verify-across-primary-kill",
     "failover-path-optimized",
     "verify-after-rebuild",
+    "fio-verify-across-disable",
     "disconnect",
 ];
 
@@ -81,7 +83,16 @@ impl Cluster {
                         .push("the killed server is still the primary".into());
                 }
             }
-            "restart-killed-and-wait-protected" => {
+            "disable-primary" => {
+                let p = self.primary();
+                let ask = (p + 1) % 3;
+                let path = format!("/api/v2/servers/{}/disable", server_id(&self.servers[p]));
+                let (status, body) = self.servers[ask].admin().post(&path, &json!({}));
+                if status != 200 {
+                    self.problems.push(format!("disable: {status} {body}"));
+                }
+            }
+            "restart-killed-and-wait-protected" | "wait-protected" => {
                 if let Some(k) = self.killed.take() {
                     self.servers[k].start_again();
                 }

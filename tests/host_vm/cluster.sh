@@ -12,14 +12,16 @@ set -eu
 
 . /mnt/host/lib.sh
 
+# --ctrl-loss-tmo -1: a path whose server is down is retried until it returns (a killed
+# server that comes back may become the primary of a planned move later).
 for p in $PORTS; do
     nvme connect -t tcp -n "$NQN" -a $T -s "$p" --nr-io-queues 1 \
-        --reconnect-delay 1 --ctrl-loss-tmo 60 || fail "connect to port $p"
+        --reconnect-delay 1 --ctrl-loss-tmo -1 || fail "connect to port $p"
 done
 wait_ns "$NSID" 300 || fail "volume (nsid $NSID) did not appear"
 DEV=$(blockdev "$NSID")
 
-# path_states: "<port> <ana state>" per path of the volume's multipath device.
+# path_states: "<port> <ana state>" per live path of the volume's multipath device.
 path_states() {
     for p in /sys/block/"$(basename "$DEV")"/device/../nvme*c*n*/ana_state \
              /sys/block/nvme*c*n*/ana_state; do
@@ -27,6 +29,8 @@ path_states() {
         d=$(dirname "$p")
         [ "$(cat "$d/nsid" 2>/dev/null)" = "$NSID" ] || continue
         ctrl=$(basename "$(readlink -f "$d/device")")
+        # Only live controllers: a dead server's path keeps its last ANA state.
+        [ "$(cat "/sys/class/nvme/$ctrl/state" 2>/dev/null)" = live ] || continue
         port=$(sed -n 's/.*trsvcid=\([0-9]*\).*/\1/p' "/sys/class/nvme/$ctrl/address")
         echo "$port $(cat "$p")"
     done | sort -u
@@ -53,6 +57,7 @@ fio --name=fo --filename="$DEV" --ioengine=libaio --direct=1 --rw=randwrite --bs
     --iodepth=8 --size=24m --verify=crc32c --do_verify=1 --verify_fatal=1 \
     --eta=never --output-format=terse >/tmp/fio.out 2>&1 &
 FIO=$!
+( sleep 240; kill $FIO 2>/dev/null ) &
 sleep 2
 ask_host "kill-primary"
 wait $FIO || { cat /tmp/fio.out; path_states; fail "fio across the primary's death"; }
@@ -69,6 +74,22 @@ fio --name=fo --filename="$DEV" --ioengine=libaio --direct=1 --rw=randwrite --bs
     --iodepth=8 --size=24m --verify=crc32c --verify_only --verify_fatal=1 \
     --eta=never --output-format=terse >/tmp/fio2.out 2>&1 || { cat /tmp/fio2.out; fail "verify after the rebuild"; }
 ok "verify-after-rebuild"
+
+# A planned move: the primary's server is disabled while fio writes; the volume is handed
+# over to a replica, fio sees no error, and protection returns (the old primary is rebuilt).
+BEFORE=$(optimized_port 300) || { path_states; fail "no single optimized path"; }
+fio --name=mv --filename="$DEV" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
+    --iodepth=8 --size=24m --offset=32m --verify=crc32c --do_verify=1 --verify_fatal=1 \
+    --eta=never --output-format=terse >/tmp/fio3.out 2>&1 &
+FIO=$!
+( sleep 240; kill $FIO 2>/dev/null ) &
+sleep 2
+ask_host "disable-primary"
+wait $FIO || { cat /tmp/fio3.out; path_states; fail "fio across the planned move"; }
+AFTER=$(optimized_port 600) || { path_states; fail "no optimized path after the move"; }
+[ "$AFTER" != "$BEFORE" ] || fail "the disabled server's path is still the optimized one"
+ok "fio-verify-across-disable $BEFORE->$AFTER"
+ask_host "wait-protected"
 nvme disconnect -n "$NQN" >/dev/null || fail "disconnect"
 ok "disconnect"
 echo "ALL-CHECKS-PASSED"
