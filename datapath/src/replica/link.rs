@@ -6,8 +6,11 @@
 //! completion to the reactor that issued the part ([`CompletionSink`]). Every part it
 //! accepts completes within bounded time: answered; failed at once when the link is full;
 //! or, when the replica failed, held until the control plane drops the replica from the
-//! volume's in-sync set (then it completes with success: the copy is no longer owed) or
-//! until [`REPLICA_HOLD_MAX_MS`] passes (then with an error the host retries).
+//! volume's in-sync set (then it completes with success: the copy is no longer owed, and
+//! its chunks are marked for the rebuild) or until [`REPLICA_HOLD_MAX_MS`] passes (then
+//! with an error the host retries). A part for a replica that is not in sync (being
+//! rebuilt) never waits: it completes as soon as it fails, marked dirty; a rebuild's own
+//! frames fail instead (`submit_owed`).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io::{self, BufReader, IoSlice, Read, Write};
@@ -65,7 +68,8 @@ enum Conn {
     Connecting,
     /// Connected (generation): parts are sent.
     Up(u64),
-    /// Failed: parts are held until reconnected.
+    /// Failed: new parts are held (in-sync replicas) or complete marked dirty (others)
+    /// until a new connection is up.
     Down,
 }
 
