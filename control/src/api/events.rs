@@ -189,6 +189,11 @@ fn severity_of(type_name: &str) -> (usize, &'static str) {
         "ServerRecovered" => (INFO, "Enabled"),
         "ServerDisabled" => (LOW, "Disabled"),
         "ServerEnabled" => (LOW, "Enabled"),
+        "VolumeReplicaOutOfSync" => (HIGH, "Degraded"),
+        "VolumePrimaryChanged" => (HIGH, "Degraded"),
+        "VolumeReplicaInSync" => (INFO, "FullyProtected"),
+        "VolumePrimaryHandedOver" => (LOW, "Available"),
+        "VolumePrimaryReleased" => (INFO, "Available"),
         t if t.ends_with("Deleted") || t.ends_with("DeletionRequested") => (MEDIUM, ""),
         t if t.ends_with("Updated") || t.ends_with("Enabled") || t.ends_with("Disabled") => {
             (LOW, "")
