@@ -767,16 +767,9 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             None => Ok(vec![]),
         },
         Command::MarkReplicaOutOfSync { uuid, node, epoch } => {
-            let Some(v) = state.volumes.get(*uuid) else {
+            let Some(v) = primary_at(state, *uuid, *epoch)? else {
                 return Ok(vec![]);
             };
-            if v.epoch != *epoch {
-                // A primary of an older term: it must not shrink the in-sync set.
-                return Err(DomainError::Conflict(format!(
-                    "volume {uuid} is at epoch {}, not {epoch}",
-                    v.epoch
-                )));
-            }
             if !v.replica_nodes.contains(node) || v.out_of_sync.contains(node) {
                 return Ok(vec![]);
             }
@@ -806,15 +799,9 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             epoch,
             copied_bytes,
         } => {
-            let Some(v) = state.volumes.get(*uuid) else {
+            let Some(v) = primary_at(state, *uuid, *epoch)? else {
                 return Ok(vec![]);
             };
-            if v.epoch != *epoch {
-                return Err(DomainError::Conflict(format!(
-                    "volume {uuid} is at epoch {}, not {epoch}",
-                    v.epoch
-                )));
-            }
             if !v.out_of_sync.contains(node) || !v.replica_nodes.contains(node) {
                 return Ok(vec![]);
             }
@@ -824,6 +811,18 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
                 copied_bytes: *copied_bytes,
             })])
         }
+    }
+}
+
+/// The volume, if it exists, for a command its primary issued at `epoch`: a primary of an
+/// older term may not change the in-sync set (Conflict).
+fn primary_at(state: &State, uuid: Uuid, epoch: u64) -> Result<Option<&Volume>, DomainError> {
+    match state.volumes.get(uuid) {
+        Some(v) if v.epoch != epoch => Err(DomainError::Conflict(format!(
+            "volume {uuid} is at epoch {}, not {epoch}",
+            v.epoch
+        ))),
+        v => Ok(v),
     }
 }
 
