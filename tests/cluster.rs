@@ -985,9 +985,11 @@ fn a_killed_primary_fails_over_to_an_in_sync_replica() {
     );
 }
 
-/// A primary stopped (SIGSTOP) past its lease is replaced; when it resumes, a write sent to
-/// it is never acknowledged (its replicas fence its epoch, then it learns it is a replica),
-/// and the copies in sync hold exactly what was acknowledged.
+/// A primary stopped (SIGSTOP) past its lease is replaced; when it resumes, a read that
+/// waited for it never returns data the new primary overwrote (its read lease ran out, and
+/// the replicas it asks answer that a newer primary exists), a write sent to it is never
+/// acknowledged (its replicas fence its epoch, then it learns it is a replica), and the
+/// copies in sync hold exactly what was acknowledged.
 #[test]
 fn a_stopped_primary_that_resumes_acknowledges_nothing() {
     let etcd = Etcd::start(3);
@@ -1021,7 +1023,22 @@ fn a_stopped_primary_that_resumes_acknowledges_nothing() {
             Err(e) => panic!("write on the new primary: {e}"),
         }
     }
+    new.write(nsid, 1, &block(0x11))
+        .expect("overwrite on the new primary");
+    // A read sent to the stopped primary waits in its socket and is the first thing it
+    // sees when it resumes (before it learns it was deposed): it must not return block 1
+    // as it was before the new primary overwrote it.
+    let reader = std::thread::spawn(move || {
+        let r = old.read(nsid, 1, 1);
+        (old, r)
+    });
+    std::thread::sleep(Duration::from_millis(300));
     servers[p].signal(libc::SIGCONT);
+    let (mut old, stale_read) = reader.join().expect("reader");
+    match stale_read {
+        Ok(d) => assert!(d == block(0x11), "a deposed primary served stale data"),
+        Err(e) => assert_eq!(e.status(), Some(Status::ANA_INACCESSIBLE), "{e}"),
+    }
     // The stale primary's write to block 0 must fail, whichever way it is refused.
     let stale = old.write(nsid, 0, &block(0xee));
     assert!(stale.is_err(), "a deposed primary acknowledged a write");
@@ -1039,7 +1056,7 @@ fn a_stopped_primary_that_resumes_acknowledges_nothing() {
     for s in servers.iter_mut() {
         s.stop();
     }
-    let want: Vec<u8> = (0..5u8).flat_map(block).collect();
+    let want: Vec<u8> = [0, 0x11, 2, 3, 4].into_iter().flat_map(block).collect();
     assert_eq!(image_blocks(&servers[q], &uuid, 5), want, "new primary");
     assert_eq!(
         image_blocks(&servers[other], &uuid, 5),

@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use evstor_datapath::blockstore::{
     BlockStore, DeviceSpec, MediaError, PoolStats, StoreError, Usage,
@@ -42,6 +43,9 @@ pub struct VolumeStore {
     /// Cluster mode: replication of the volumes whose primary this node is, and the
     /// listener for the volumes it is a replica of.
     repl: Option<Repl>,
+    /// When the last table withheld a volume this node was promoted to serve (its former
+    /// primary's read lease still runs): the soonest moment to publish again.
+    publish_again: Mutex<Option<Instant>>,
 }
 
 /// This server's side of replication.
@@ -147,6 +151,7 @@ impl VolumeStore {
             node,
             published: Mutex::new(Vec::new()),
             repl: None,
+            publish_again: Mutex::new(None),
         })
     }
 
@@ -325,6 +330,18 @@ impl VolumeStore {
         let released = v
             .releasing
             .is_none_or(|old| state.inventory.server_of(old).is_none_or(|s| s.failed));
+        // A promoted replica serves once the read lease it gave the former primary ran
+        // out: until then that primary may still read its own copy (see
+        // `evstor_datapath::replica`), which this one's writes would make stale.
+        let owed = match &self.repl {
+            Some(r) if primary => r.server.lease_given_for(*v.uuid.as_bytes()),
+            _ => Duration::ZERO,
+        };
+        if !owed.is_zero() {
+            let at = Instant::now() + owed;
+            let mut again = self.publish_again.lock().unwrap_or_else(|p| p.into_inner());
+            *again = Some(again.map_or(at, |t| t.min(at)));
+        }
         NamespaceSpec {
             nsid: v.nsid,
             uuid: *v.uuid.as_bytes(),
@@ -343,7 +360,7 @@ impl VolumeStore {
             qos: qos_of(state, v),
             ana: Ana {
                 group: ana_group(state, v.node_uuid),
-                optimized: primary && released,
+                optimized: primary && released && owed.is_zero(),
             },
         }
     }
@@ -434,7 +451,10 @@ impl DataPlane for VolumeStore {
                 }
             }
         }
+        // Replicas first: the listener then refuses the former primaries of volumes this
+        // node now leads, so the read leases they hold can only run out.
         self.publish_replicas(state);
+        *self.publish_again.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let Some(target) = &self.target else {
             return Ok(());
         };
@@ -521,6 +541,11 @@ impl DataPlane for VolumeStore {
             .collect();
         out.sort_by_key(|f| (f.volume, f.node));
         out
+    }
+
+    fn publish_again_in(&self) -> Option<Duration> {
+        let at = *self.publish_again.lock().unwrap_or_else(|p| p.into_inner());
+        at.map(|t| t.saturating_duration_since(Instant::now()))
     }
 
     fn serves(&self, v: &Volume) -> bool {

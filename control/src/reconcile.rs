@@ -48,6 +48,12 @@ pub trait DataPlane: Send + Sync + 'static {
     fn publish(&self, state: &State) -> std::io::Result<()>;
     /// Whether hosts can reach the volume now (always true without a target).
     fn serves(&self, volume: &Volume) -> bool;
+    /// When the last table withheld something that becomes servable with time alone (a
+    /// promoted replica waits out the read lease it gave the former primary): publish again
+    /// after this.
+    fn publish_again_in(&self) -> Option<Duration> {
+        None
+    }
     /// Checksum mismatches the data path saw since the last call, to record as events.
     fn take_media_errors(&self) -> Vec<evstor_datapath::blockstore::MediaError>;
     /// Replicas this node's primaries could not write to since the last call, to record
@@ -388,6 +394,7 @@ pub async fn run(
             Some(t) => Duration::from_nanos(t.saturating_sub(now)).min(IDLE_WAKE_MAX),
             None => IDLE_WAKE_MAX,
         };
+        let idle = data.publish_again_in().map_or(idle, |t| t.min(idle));
         let wait = async {
             if failed {
                 tokio::time::sleep(RETRY_DELAY).await;

@@ -374,6 +374,16 @@ pub const REPLICA_CONNECTIONS_MAX: usize = 64;
 /// Frames one replica connection applies in one batch (one metadata commit); each holds a
 /// buffer of [`REPLICA_FRAME_DATA_MAX`].
 pub const REPLICA_BATCH_FRAMES: usize = 32;
+/// A replica that accepts a frame of a primary promises it, for this long from the frame's
+/// arrival, not to serve the volume itself (should it be promoted meanwhile): the primary's
+/// read lease. The primary serves reads from its own copy while every in-sync replica's
+/// promise holds, counted from when it sent the frame and shortened by
+/// [`REPLICA_LEASE_TRUST_PERCENT`]; otherwise a read first asks every replica (one small
+/// frame each) and fails as a path error if one answers that a newer primary exists.
+pub const REPLICA_READ_LEASE_MS: u64 = 1_000;
+/// The part of [`REPLICA_READ_LEASE_MS`] a primary relies on (room for clock-rate drift
+/// between servers).
+pub const REPLICA_LEASE_TRUST_PERCENT: u64 = 80;
 /// How often an idle replica connection checks for shutdown.
 pub const REPLICA_POLL_MS: u64 = 200;
 

@@ -1,8 +1,8 @@
 //! Synchronous replication over loopback: a target whose namespace is a replicated block
 //! store image, a replica server with its own store, and the crate's initiator as the host.
 //! Writes land on both copies before they are acknowledged; a replica that has seen a newer
-//! epoch fences the primary; a failed replica holds writes until it is dropped from the
-//! in-sync set, and is reported.
+//! epoch fences the primary, its writes at once and its reads once its read lease ran out;
+//! a failed replica holds writes until it is dropped from the in-sync set, and is reported.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -171,6 +171,46 @@ fn a_replica_that_saw_a_newer_epoch_fences_the_primary() -> anyhow::Result<()> {
         pattern(1, 7),
         "replica unchanged"
     );
+    assert!(
+        p.hub.take_failures().is_empty(),
+        "fencing is not a replica failure"
+    );
+    p.target.shutdown();
+    Ok(())
+}
+
+/// Reads are served from the primary's copy only while the replica's promise not to serve
+/// the volume holds (renewed by every accepted frame); past it, a read asks the replica
+/// first. A replica promoted meanwhile answers that a newer primary exists, so the deposed
+/// primary fails the read as a path error instead of returning data the new primary may
+/// have overwritten; and the promoted replica knows how long it must wait before serving.
+#[test]
+fn a_deposed_primary_serves_no_read_once_its_lease_ran_out() -> anyhow::Result<()> {
+    use evstor_datapath::limits::{REPLICA_LEASE_TRUST_PERCENT, REPLICA_READ_LEASE_MS};
+    let trusted = Duration::from_millis(REPLICA_READ_LEASE_MS * REPLICA_LEASE_TRUST_PERCENT / 100);
+    let p = pair(1);
+    let mut s = Session::connect(p.target.local_addr(), NQN, HOST)?;
+    s.write(1, 0, &pattern(1, 5))?;
+    // Past the lease, a read asks the replica, which still knows this primary: served.
+    std::thread::sleep(trusted);
+    assert_eq!(s.read(1, 0, 1)?, pattern(1, 5));
+    // The replica is promoted (epoch 2): it now holds the volume as its primary. It still
+    // owes the old primary the lease of the frame just accepted, and says for how long.
+    let before = Instant::now();
+    s.write(1, 1, &pattern(1, 6))?;
+    p.server.set_images(vec![(*p.volume.as_bytes(), None, 2)]);
+    let asked = Instant::now();
+    let owed = p.server.lease_given_for(*p.volume.as_bytes());
+    assert!(owed <= Duration::from_millis(REPLICA_READ_LEASE_MS));
+    assert!(
+        owed + asked.duration_since(before) >= Duration::from_millis(REPLICA_READ_LEASE_MS),
+        "the promotion must wait out the lease given at the last write ({owed:?} owed)"
+    );
+    std::thread::sleep(trusted);
+    match s.read(1, 0, 2) {
+        Ok(_) => panic!("a deposed primary served a read from its own copy"),
+        Err(e) => assert_eq!(e.status(), Some(Status::ANA_INACCESSIBLE), "{e}"),
+    }
     assert!(
         p.hub.take_failures().is_empty(),
         "fencing is not a replica failure"

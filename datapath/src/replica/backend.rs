@@ -1,10 +1,12 @@
 //! The primary's namespace backend of a replicated volume: the local image plus one part
-//! per in-sync replica for every operation that changes data.
+//! per in-sync replica for every operation that changes data, and for a read when a
+//! replica's read lease ran out (a ping that confirms no newer primary exists).
 
 use std::io;
 use std::sync::Arc;
+use std::time::Instant;
 
-use super::{Frame, Link, MemberState, Mode, Op};
+use super::{clock_ns, Frame, Link, MemberState, Mode, Op};
 use crate::backend::{Backend, IoKind, IoQueue, IoRequest};
 
 /// One replica of a volume as its primary sees it.
@@ -67,6 +69,50 @@ impl Replicated {
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
+
+    /// Sends one part of `op` for `req` to every replica that takes writes; a replica that
+    /// does not only marks what it missed. How many parts were sent.
+    ///
+    /// # Safety
+    /// As [`Backend::submit_parts`]: `req.buf` stays valid and unchanged until every part
+    /// of `req.tag` has completed.
+    unsafe fn to_replicas(&self, q: &IoQueue, req: &IoRequest, op: Op) -> io::Result<u32> {
+        let Some(sink) = q.remote() else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a replicated volume needs a queue with a completion sink",
+            ));
+        };
+        let frame = Frame {
+            op,
+            volume: self.volume,
+            epoch: self.epoch,
+            offset: req.offset,
+            len: if op == Op::Ping { 0 } else { req.len },
+            id: 0,
+        };
+        let mut n = 0;
+        for m in &self.members {
+            if m.state.mode() == Mode::Dropped {
+                if op.changes_data() {
+                    m.state.mark(req.offset, u64::from(req.len));
+                }
+                continue;
+            }
+            // SAFETY: forwarded caller contract (a ping carries no data).
+            unsafe { m.link.submit(frame, req.buf, sink, req.tag, &m.state) };
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Whether every replica that takes writes still promises not to serve the volume.
+    fn leased(&self) -> bool {
+        let now = clock_ns(Instant::now());
+        self.members
+            .iter()
+            .all(|m| m.state.mode() == Mode::Dropped || m.state.leased(now))
+    }
 }
 
 impl Backend for Replicated {
@@ -75,55 +121,42 @@ impl Backend for Replicated {
     }
 
     unsafe fn submit(&self, q: &mut IoQueue, req: &IoRequest) -> io::Result<()> {
-        if req.kind == IoKind::Read {
+        if req.kind == IoKind::Read && self.leased() {
             // SAFETY: forwarded caller contract.
             return unsafe { self.local.submit(q, req) };
         }
-        // A change must reach the replicas: only a driver that counts parts may issue it.
+        // A change must reach the replicas, and a read without a lease must ask them
+        // first: only a driver that counts parts may issue either.
         Err(io::Error::new(
             io::ErrorKind::Unsupported,
-            "a replicated volume's writes need a queue that counts replica parts",
+            "a replicated volume's writes (and reads without a lease) need a queue that \
+             counts replica parts",
         ))
     }
 
     unsafe fn submit_parts(&self, q: &mut IoQueue, req: &IoRequest) -> io::Result<u32> {
         let op = match req.kind {
-            IoKind::Read => {
+            // Served locally; while a replica's lease is out, only once every replica
+            // answered that it still knows no newer primary (a fenced answer fails it).
+            IoKind::Read if self.leased() => {
                 // SAFETY: forwarded caller contract.
                 return unsafe { self.local.submit(q, req) }.map(|()| 0);
             }
+            IoKind::Read => Op::Ping,
             IoKind::Write { fua } => Op::Write { fua },
             IoKind::WriteZeroes => Op::WriteZeroes,
             IoKind::Deallocate => Op::Deallocate,
             IoKind::Flush => Op::Flush,
         };
-        let Some(sink) = q.remote().cloned() else {
+        if q.remote().is_none() {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "a replicated volume's writes need a queue with a completion sink",
+                "a replicated volume needs a queue with a completion sink",
             ));
-        };
+        }
         // SAFETY: forwarded caller contract.
         unsafe { self.local.submit(q, req) }?;
-        let frame = Frame {
-            op,
-            volume: self.volume,
-            epoch: self.epoch,
-            offset: req.offset,
-            len: req.len,
-            id: 0,
-        };
-        let mut n = 0;
-        for m in &self.members {
-            if m.state.mode() == Mode::Dropped {
-                m.state.mark(req.offset, u64::from(req.len));
-                continue;
-            }
-            // SAFETY: the caller keeps `req.buf` valid and unchanged until every part of
-            // `req.tag` (these included) has completed.
-            unsafe { m.link.submit(frame, req.buf, &sink, req.tag, &m.state) };
-            n += 1;
-        }
-        Ok(n)
+        // SAFETY: forwarded caller contract.
+        unsafe { self.to_replicas(q, req, op) }
     }
 }

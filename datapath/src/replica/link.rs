@@ -255,7 +255,9 @@ impl Link {
                         Phase::Held(_) if p.must_deliver => -libc::ECANCELED,
                         Phase::Held(_) if p.member.mode() != Mode::InSync => {
                             p.member.set_dropped();
-                            p.member.mark(p.frame.offset, u64::from(p.frame.len));
+                            if p.frame.op.changes_data() {
+                                p.member.mark(p.frame.offset, u64::from(p.frame.len));
+                            }
                             0
                         }
                         Phase::Held(since) if now.duration_since(since) >= hold_max => -libc::EIO,
@@ -360,6 +362,11 @@ impl Link {
         };
         st.free.push(id);
         drop(st);
+        if status == 0 {
+            if let Some((_, sent)) = p.sent {
+                p.member.renew_lease(sent);
+            }
+        }
         p.sink.complete(p.tag, status);
     }
 

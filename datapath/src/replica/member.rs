@@ -1,9 +1,12 @@
 //! A replica as its primary tracks it: whether it receives writes (in sync, dropped,
-//! rebuilding) and, while it does not, which chunks of the volume it missed.
+//! rebuilding), while it does not, which chunks of the volume it missed, and until when
+//! it promised not to serve the volume itself (the primary's read lease).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
 
-use crate::limits::REBUILD_CHUNK_BYTES;
+use super::clock_ns;
+use crate::limits::{REBUILD_CHUNK_BYTES, REPLICA_LEASE_TRUST_PERCENT, REPLICA_READ_LEASE_MS};
 
 /// Receives every write; a failure holds writes until the control plane drops it.
 const IN_SYNC: u8 = 0;
@@ -33,6 +36,9 @@ pub struct MemberState {
     all_dirty: AtomicBool,
     /// Bytes a rebuild sent so far.
     pub copied_bytes: AtomicU64,
+    /// Until when ([`clock_ns`]) the replica's promise not to serve the volume holds, as
+    /// far as this primary may rely on it; 0: no promise.
+    lease_until: AtomicU64,
 }
 
 impl MemberState {
@@ -55,7 +61,22 @@ impl MemberState {
             dirty: (0..words as u64).map(|w| AtomicU64::new(fill(w))).collect(),
             all_dirty: AtomicBool::new(false),
             copied_bytes: AtomicU64::new(0),
+            lease_until: AtomicU64::new(0),
         }
+    }
+
+    /// The replica accepted a frame sent at `sent`: its promise runs from the frame's
+    /// arrival, which was later, so counting from `sent` (and only the trusted part of the
+    /// lease) never overestimates it.
+    pub fn renew_lease(&self, sent: Instant) {
+        let trusted = REPLICA_READ_LEASE_MS * REPLICA_LEASE_TRUST_PERCENT / 100;
+        let until = clock_ns(sent + Duration::from_millis(trusted));
+        self.lease_until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Whether the replica's promise still holds at `now` ([`clock_ns`]).
+    pub fn leased(&self, now: u64) -> bool {
+        now < self.lease_until.load(Ordering::Relaxed)
     }
 
     /// The current mode.
@@ -153,5 +174,22 @@ mod tests {
         m.set_rebuilding();
         assert!(m.rebuilt());
         assert_eq!(m.mode(), Mode::InSync);
+    }
+
+    #[test]
+    fn a_lease_holds_for_the_trusted_part_from_when_the_frame_was_sent() {
+        let m = MemberState::new(REBUILD_CHUNK_BYTES, true);
+        let sent = Instant::now();
+        assert!(!m.leased(clock_ns(sent)), "no frame accepted: no lease");
+        m.renew_lease(sent);
+        let trusted = REPLICA_READ_LEASE_MS * REPLICA_LEASE_TRUST_PERCENT / 100;
+        let ms = |n: u64| clock_ns(sent + Duration::from_millis(n));
+        assert!(m.leased(ms(trusted - 1)));
+        assert!(!m.leased(ms(trusted)));
+        // An older frame's answer arriving late does not shorten it.
+        if let Some(older) = sent.checked_sub(Duration::from_millis(10)) {
+            m.renew_lease(older);
+        }
+        assert!(m.leased(ms(trusted - 1)));
     }
 }

@@ -12,6 +12,16 @@
 //! carries the volume's epoch; a replica refuses frames of an epoch older than the newest
 //! it has seen ([`FENCED`]), so a deposed primary cannot get a write acknowledged.
 //!
+//! Reads are served from the primary's own copy, which is stale once another server was
+//! promoted and took a write. Every frame a replica accepts is also a promise (the read
+//! lease, [`REPLICA_READ_LEASE_MS`]): the replica will not serve the volume itself, if
+//! promoted, until that long after the frame arrived. The primary reads locally while it
+//! holds an unexpired promise from every replica that takes its writes (its writes renew
+//! them); otherwise the read also sends each of them an [`Op::Ping`] and completes only
+//! when all answered: one that knows a newer epoch answers [`FENCED`], and the read fails
+//! as a path error instead of returning stale data. A replica promoted by a failover waits
+//! out the promises it gave before its data path serves ([`ReplicaServer::lease_given_until`]).
+//!
 //! A replica that fails (connection lost, no answer in [`REPLICA_IO_TIMEOUT_MS`], an I/O
 //! error) is never silently skipped: its parts are held and the failure reported
 //! ([`ReplicaHub::take_failures`]); only when the control plane has recorded the replica
@@ -19,6 +29,7 @@
 //! longer owed), so an acknowledged write is always on every in-sync copy.
 //!
 //! [`REPLICA_IO_TIMEOUT_MS`]: crate::limits::REPLICA_IO_TIMEOUT_MS
+//! [`REPLICA_READ_LEASE_MS`]: crate::limits::REPLICA_READ_LEASE_MS
 
 mod backend;
 mod link;
@@ -32,7 +43,19 @@ pub use member::{MemberState, Mode};
 pub use rebuild::rebuild;
 pub use server::{HeldCopy, ReplicaImage, ReplicaServer};
 
+use std::sync::OnceLock;
+use std::time::Instant;
+
 use crate::limits::REPLICA_FRAME_DATA_MAX;
+
+/// Nanoseconds since the first call in this process, on the monotonic clock: read leases
+/// are kept in atomics as instants of this clock.
+pub(crate) fn clock_ns(t: Instant) -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    let base = *BASE.get_or_init(Instant::now);
+    // One nanosecond past the base at least, so 0 can mean "never".
+    (t.saturating_duration_since(base).as_nanos() as u64).saturating_add(1)
+}
 
 /// Request frame header bytes.
 pub const HDR_BYTES: usize = 64;
@@ -71,6 +94,9 @@ pub enum Op {
     RebuildStart,
     /// Rebuild ends: the replica forgets them.
     RebuildEnd,
+    /// Nothing to apply: the answer says whether the sender is still the volume's primary
+    /// here (and renews its read lease).
+    Ping,
 }
 
 impl Op {
@@ -84,6 +110,7 @@ impl Op {
             Op::CopyZeroes => (6, 0),
             Op::RebuildStart => (7, 0),
             Op::RebuildEnd => (8, 0),
+            Op::Ping => (9, 0),
         }
     }
 
@@ -99,6 +126,7 @@ impl Op {
             6 => Op::CopyZeroes,
             7 => Op::RebuildStart,
             8 => Op::RebuildEnd,
+            9 => Op::Ping,
             _ => return None,
         })
     }
@@ -106,6 +134,14 @@ impl Op {
     /// Whether data follows the header.
     pub fn has_data(self) -> bool {
         matches!(self, Op::Write { .. } | Op::Copy)
+    }
+
+    /// Whether it changes the replica's data (a replica that misses it misses data).
+    pub fn changes_data(self) -> bool {
+        matches!(
+            self,
+            Op::Write { .. } | Op::WriteZeroes | Op::Deallocate | Op::Copy | Op::CopyZeroes
+        )
     }
 
     /// Whether it is a rebuild's copy (applied alone, after everything before it).
@@ -254,6 +290,7 @@ mod tests {
             Op::CopyZeroes,
             Op::RebuildStart,
             Op::RebuildEnd,
+            Op::Ping,
         ] {
             let mut h = [0u8; HDR_BYTES];
             frame(op).encode(&data, &mut h);

@@ -5,21 +5,25 @@
 //! [`REPLICA_BATCH_FRAMES`]), queues them all on the image backends, runs them as one pass
 //! (one metadata commit for the batch's writes), and answers them together. A frame is
 //! applied only to an image the control plane published here as a replica, and only if its
-//! epoch is not older than the newest this server has seen for the volume.
+//! epoch is not older than the newest this server has seen for the volume. Accepting one
+//! promises the sender its read lease (see the module above): this server does not serve
+//! the volume itself until [`ReplicaServer::lease_given_for`] has run out.
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{encode_answer, Frame, Op, WireError, ANSWER_BYTES, FENCED, HDR_BYTES, NOT_HELD};
+use super::{
+    clock_ns, encode_answer, Frame, Op, WireError, ANSWER_BYTES, FENCED, HDR_BYTES, NOT_HELD,
+};
 use crate::backend::{Backend, IoKind, IoQueue, IoRequest};
 use crate::buffer::SlotBuf;
 use crate::limits::{
     LBA_BYTES, REPLICA_BATCH_FRAMES, REPLICA_CONNECTIONS_MAX, REPLICA_FRAME_DATA_MAX,
-    REPLICA_POLL_MS,
+    REPLICA_POLL_MS, REPLICA_READ_LEASE_MS,
 };
 
 /// One volume this server holds a copy of.
@@ -28,7 +32,10 @@ pub struct ReplicaImage {
     /// primary of (known only to fence older primaries' frames).
     pub backend: Option<Arc<dyn Backend>>,
     /// Newest epoch seen for the volume (published, or carried by an accepted frame).
+    /// Raised and read with `SeqCst`, like `lease_given`: see [`ReplicaImage::promise`].
     epoch: AtomicU64,
+    /// Until when ([`clock_ns`]) this server promised a primary not to serve the volume.
+    lease_given: AtomicU64,
     /// While a rebuild runs: one bit per block, set when a live write reached it (a copy
     /// never overwrites those).
     rebuild: Mutex<Option<Vec<u64>>>,
@@ -40,13 +47,28 @@ impl ReplicaImage {
         ReplicaImage {
             backend,
             epoch: AtomicU64::new(epoch),
+            lease_given: AtomicU64::new(0),
             rebuild: Mutex::new(None),
         }
     }
 
     /// Newest epoch seen.
     pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Promises the sender of a frame that arrived `now` its read lease. Made before the
+    /// frame's epoch is checked a last time, so a promotion (which raises the epoch first,
+    /// then reads the promise, both `SeqCst`) either sees this promise or makes the check
+    /// refuse the frame.
+    fn promise(&self, now: Instant) {
+        let until = clock_ns(now + Duration::from_millis(REPLICA_READ_LEASE_MS));
+        self.lease_given.fetch_max(until, Ordering::SeqCst);
+    }
+
+    /// Raises the epoch to at least `epoch` (fencing older primaries' frames from now on).
+    fn fence(&self, epoch: u64) {
+        self.epoch.fetch_max(epoch, Ordering::SeqCst);
     }
 
     fn rebuild_map(&self) -> std::sync::MutexGuard<'_, Option<Vec<u64>>> {
@@ -155,12 +177,19 @@ impl ReplicaServer {
                 .cloned();
             let image = match kept {
                 Some(i) => {
-                    i.epoch.fetch_max(epoch, Ordering::AcqRel);
+                    i.fence(epoch);
                     i
                 }
                 None => {
-                    let seen = cur.get(&uuid).map_or(0, |i| i.epoch());
-                    Arc::new(ReplicaImage::new(backend, epoch.max(seen)))
+                    // Frames being applied hold the old entry: fence them there first, then
+                    // carry its epoch and the promises it made over.
+                    let (seen, given) = cur.get(&uuid).map_or((0, 0), |old| {
+                        old.fence(epoch);
+                        (old.epoch(), old.lease_given.load(Ordering::SeqCst))
+                    });
+                    let i = ReplicaImage::new(backend, epoch.max(seen));
+                    i.lease_given.store(given, Ordering::SeqCst);
+                    Arc::new(i)
                 }
             };
             next.insert(uuid, image);
@@ -172,6 +201,18 @@ impl ReplicaServer {
     pub fn epoch_of(&self, volume: [u8; 16]) -> Option<u64> {
         let images = self.images.read().unwrap_or_else(|p| p.into_inner());
         images.get(&volume).map(|i| i.epoch())
+    }
+
+    /// How long from now this server still owes `volume`'s former primary its read lease:
+    /// a newly promoted primary serves the volume only after that (zero when nothing is
+    /// owed). Ask after [`ReplicaServer::set_images`] published the new epoch, so no frame
+    /// of the old primary can be accepted (and promised) afterwards.
+    pub fn lease_given_for(&self, volume: [u8; 16]) -> Duration {
+        let images = self.images.read().unwrap_or_else(|p| p.into_inner());
+        let until = images
+            .get(&volume)
+            .map_or(0, |i| i.lease_given.load(Ordering::SeqCst));
+        Duration::from_nanos(until.saturating_sub(clock_ns(Instant::now())))
     }
 
     /// Stops accepting and cuts every open connection (their primaries see it at once).
@@ -396,7 +437,11 @@ fn take_frame(
     let Some(backend) = image.backend.clone() else {
         return Ok(answer(NOT_HELD));
     };
-    if image.epoch.fetch_max(frame.epoch, Ordering::AcqRel) > frame.epoch {
+    if image.epoch.fetch_max(frame.epoch, Ordering::SeqCst) > frame.epoch {
+        return Ok(answer(FENCED));
+    }
+    image.promise(Instant::now());
+    if image.epoch() > frame.epoch {
         return Ok(answer(FENCED));
     }
     let base = bufs.slot_ptr(slot);
@@ -410,6 +455,7 @@ fn take_frame(
             *image.rebuild_map() = None;
             return Ok(answer(0));
         }
+        Op::Ping => return Ok(answer(0)),
         Op::Flush => vec![(IoKind::Flush, 0, 0, 0)],
         Op::Write { fua } => {
             image.mark_live(frame.offset, frame.len);
