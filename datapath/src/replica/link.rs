@@ -628,16 +628,23 @@ fn write_batch(
     s: &mut TcpStream,
     batch: &[(u32, [u8; HDR_BYTES], DataPtr, usize)],
 ) -> io::Result<()> {
-    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+    if batch.len() > SEND_BATCH {
+        return Err(io::Error::other("a send batch over its bound"));
+    }
+    // On the stack: a header and at most one data piece per part.
+    let mut iov = [IoSlice::new(&[]); 2 * SEND_BATCH];
+    let mut n = 0;
     for (_, hdr, data, len) in batch {
-        iov.push(IoSlice::new(hdr));
+        iov[n] = IoSlice::new(hdr);
+        n += 1;
         // SAFETY: as in `send_loop`: the parts are `Sending`, so their data stays valid.
         let d = unsafe { slice(*data, *len) };
         if !d.is_empty() {
-            iov.push(IoSlice::new(d));
+            iov[n] = IoSlice::new(d);
+            n += 1;
         }
     }
-    let mut bufs: &mut [IoSlice<'_>] = &mut iov;
+    let mut bufs: &mut [IoSlice<'_>] = &mut iov[..n];
     while !bufs.is_empty() {
         match s.write_vectored(bufs) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

@@ -445,56 +445,12 @@ fn take_frame(
         return Ok(answer(FENCED));
     }
     let base = bufs.slot_ptr(slot);
-    let ops: Vec<(IoKind, u64, u32, usize)> = match frame.op {
-        Op::RebuildStart => {
-            let n = backend.size_bytes().div_ceil(LBA_BYTES).div_ceil(64) as usize;
-            *image.rebuild_map() = Some(vec![0; n]);
-            return Ok(answer(0));
-        }
-        Op::RebuildEnd => {
-            *image.rebuild_map() = None;
-            return Ok(answer(0));
-        }
-        Op::Ping => return Ok(answer(0)),
-        Op::Flush => vec![(IoKind::Flush, 0, 0, 0)],
-        Op::Write { fua } => {
-            image.mark_live(frame.offset, frame.len);
-            vec![(IoKind::Write { fua }, frame.offset, frame.len, 0)]
-        }
-        Op::WriteZeroes | Op::Deallocate => {
-            image.mark_live(frame.offset, frame.len);
-            let kind = if frame.op == Op::WriteZeroes {
-                IoKind::WriteZeroes
-            } else {
-                IoKind::Deallocate
-            };
-            vec![(kind, frame.offset, frame.len, 0)]
-        }
-        Op::Copy | Op::CopyZeroes => image
-            .unmarked_runs(frame.offset, frame.len)
-            .into_iter()
-            .map(|(first, n)| {
-                let off = first * LBA_BYTES;
-                let kind = if frame.op == Op::Copy {
-                    IoKind::Write { fua: false }
-                } else {
-                    IoKind::WriteZeroes
-                };
-                (
-                    kind,
-                    off,
-                    (n * LBA_BYTES) as u32,
-                    (off - frame.offset) as usize,
-                )
-            })
-            .collect(),
-    };
     let mut p = Pending {
         id: frame.id,
         status: None,
         parts: 0,
     };
-    for (kind, offset, len, at) in ops {
+    let mut queue = |kind: IoKind, offset: u64, len: u32, at: usize| {
         let buf = if matches!(kind, IoKind::Write { .. }) {
             // SAFETY: `at + len` lies within the frame's data, inside the slot.
             unsafe { base.add(at) }
@@ -515,6 +471,45 @@ fn take_frame(
             Err(e) => {
                 p.status
                     .get_or_insert(-e.raw_os_error().unwrap_or(libc::EIO));
+            }
+        }
+    };
+    match frame.op {
+        Op::RebuildStart => {
+            let n = backend.size_bytes().div_ceil(LBA_BYTES).div_ceil(64) as usize;
+            *image.rebuild_map() = Some(vec![0; n]);
+        }
+        Op::RebuildEnd => *image.rebuild_map() = None,
+        Op::Ping => {}
+        Op::Flush => queue(IoKind::Flush, 0, 0, 0),
+        Op::Write { fua } => {
+            image.mark_live(frame.offset, frame.len);
+            queue(IoKind::Write { fua }, frame.offset, frame.len, 0);
+        }
+        Op::WriteZeroes | Op::Deallocate => {
+            image.mark_live(frame.offset, frame.len);
+            let kind = if frame.op == Op::WriteZeroes {
+                IoKind::WriteZeroes
+            } else {
+                IoKind::Deallocate
+            };
+            queue(kind, frame.offset, frame.len, 0);
+        }
+        // A rebuild's copy (not host I/O): the runs no live write reached.
+        Op::Copy | Op::CopyZeroes => {
+            for (first, n) in image.unmarked_runs(frame.offset, frame.len) {
+                let off = first * LBA_BYTES;
+                let kind = if frame.op == Op::Copy {
+                    IoKind::Write { fua: false }
+                } else {
+                    IoKind::WriteZeroes
+                };
+                queue(
+                    kind,
+                    off,
+                    (n * LBA_BYTES) as u32,
+                    (off - frame.offset) as usize,
+                );
             }
         }
     }
