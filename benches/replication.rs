@@ -2,24 +2,31 @@
 //! `evstor serve --etcd` processes on loopback, the same harness as `tests/cluster.rs`):
 //!
 //! - 4k random writes at QD32 on one queue to volumes of 1, 2 and 3 copies, on the primary
-//!   (IOPS, p50/p99 latency, and the ratio to one copy);
+//!   (IOPS, p50/p99 latency, the ratio to one copy, and the CPU time per write of the
+//!   primary's process and of all three servers together, from `/proc/<pid>/stat`);
 //! - failover time: from kill -9 of a volume's primary to the first write completed on the
-//!   promoted replica's path (the host polls every server's path, as multipath would).
+//!   promoted replica's path (the host polls every server's path, as multipath would);
+//! - rebuild: a replica's server killed while 4k random writes (QD8, over the first 64 MiB
+//!   of a 256 MiB volume) go on, restarted after `REPL_OUTAGE_SECS`; the time from its
+//!   restart to `FullyProtected` (start-up and catch-up included), the bytes the rebuild
+//!   copied (from `VolumeReplicaInSync`) and the rate that makes.
 //!
 //! Prints figures, asserts nothing. Everything shares this machine's CPUs (three servers,
 //! etcd and the initiator), so the ratios say more than the absolute figures.
 //!
 //! ```sh
-//! cargo bench --bench replication            # REPL_SECS (default 5) per volume
+//! cargo bench --bench replication   # REPL_SECS (default 5) per volume, REPL_OUTAGE_SECS (30)
 //! ```
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{member, server_id, Etcd};
+use common::cluster::{events, member, server_id, Etcd};
 use common::Server;
 use evstor_datapath::initiator::{write_cmd, Data, Options, Session};
 use serde_json::{json, Value};
@@ -48,13 +55,26 @@ fn main() -> anyhow::Result<()> {
     for copies in 1..=3u32 {
         let (uuid, nsid) = create(&servers[0], &format!("r{copies}"), copies)?;
         let p = primary(&servers, 0, &uuid);
-        let (iops, p50, p99) = randwrite(&servers[p], &nqn, nsid, secs)?;
-        let ratio = iops / *base.get_or_insert(iops);
+        let before: Vec<f64> = servers.iter().map(cpu_secs).collect();
+        let w = randwrite(portal(&servers[p]), &nqn, nsid, secs)?;
+        let used: Vec<f64> = servers
+            .iter()
+            .zip(&before)
+            .map(|(s, b)| cpu_secs(s) - b)
+            .collect();
+        let per_write = |cpu: f64| cpu * 1e6 / w.writes as f64;
+        let ratio = w.iops / *base.get_or_insert(w.iops);
         println!(
-            "replicaCount {copies}: {iops:>9.0} IOPS  p50 {p50:>6.0} µs  p99 {p99:>6.0} µs  \
-             ({ratio:.2}x one copy)"
+            "replicaCount {copies}: {:>9.0} IOPS  p50 {:>6.0} µs  p99 {:>6.0} µs  \
+             ({ratio:.2}x one copy); CPU per write: primary {:.1} µs, all servers {:.1} µs",
+            w.iops,
+            w.p50,
+            w.p99,
+            per_write(used[p]),
+            per_write(used.iter().sum()),
         );
     }
+    rebuild_after_outage(&mut servers, &nqn)?;
     let (uuid, nsid) = create(&servers[0], "failover", 2)?;
     let p = primary(&servers, 0, &uuid);
     let mut paths: Vec<Option<Session>> = servers
@@ -127,30 +147,155 @@ fn create(s: &Server, name: &str, copies: u32) -> anyhow::Result<(String, u32)> 
 
 /// Index of the volume's primary's server, as server `ask` sees it.
 fn primary(servers: &[Server], ask: usize, uuid: &str) -> usize {
+    holders(servers, ask, uuid).first().copied().unwrap_or(0)
+}
+
+/// Servers holding a copy of the volume (primary first), as server `ask` sees it.
+fn holders(servers: &[Server], ask: usize, uuid: &str) -> Vec<usize> {
     let c = servers[ask].admin();
     let v = c.get(&format!("/api/v2/projects/default/volumes/{uuid}")).1;
     let nodes = c.get("/api/v2/nodes").1;
-    let server: Value = nodes["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|n| n["UUID"] == v["primaryNodeUUID"])
-        .map(|n| n["serverUUID"].clone())
-        .unwrap_or(Value::Null);
-    servers
-        .iter()
-        .position(|s| json!(server_id(s)) == server)
-        .unwrap_or(0)
+    let server_of = |node: &Value| {
+        let server = nodes["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| &n["UUID"] == node)
+            .map(|n| n["serverUUID"].clone())
+            .unwrap_or(Value::Null);
+        servers.iter().position(|s| json!(server_id(s)) == server)
+    };
+    let mut out: Vec<usize> = server_of(&v["primaryNodeUUID"]).into_iter().collect();
+    for n in v["nodeList"].as_array().into_iter().flatten() {
+        if let Some(i) = server_of(n).filter(|i| !out.contains(i)) {
+            out.push(i);
+        }
+    }
+    out
 }
 
-/// 4k random writes at QD32 for `secs`; (IOPS, p50 µs, p99 µs).
-fn randwrite(s: &Server, nqn: &str, nsid: u32, secs: f64) -> anyhow::Result<(f64, f64, f64)> {
+/// A replica's server is killed under write load and restarted after the outage: how long
+/// until the volume is `FullyProtected` again, and what the rebuild copied.
+fn rebuild_after_outage(servers: &mut [Server], nqn: &str) -> anyhow::Result<()> {
+    let outage: f64 = std::env::var("REPL_OUTAGE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30.0);
+    let (uuid, nsid) = create(&servers[0], "rebuild", 2)?;
+    let copies = holders(servers, 0, &uuid);
+    let (p, r) = match copies[..] {
+        [p, r] => (p, r),
+        _ => anyhow::bail!("the volume's copies are on {copies:?}"),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (addr, nqn2, flag) = (portal(&servers[p]), nqn.to_string(), stop.clone());
+    let load = std::thread::spawn(move || load(addr, &nqn2, nsid, &flag));
+    std::thread::sleep(Duration::from_secs(2));
+    servers[r].kill9();
+    std::thread::sleep(Duration::from_secs_f64(outage));
+    servers[r].start_again();
+    let back = Instant::now();
+    let path = format!("/api/v2/projects/default/volumes/{uuid}");
+    let deadline = back + Duration::from_secs(300);
+    while servers[p].admin().get(&path).1["protectionState"] != "FullyProtected" {
+        anyhow::ensure!(Instant::now() < deadline, "not FullyProtected within 300 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = back.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let (writes, errors) = load.join().map_err(|_| anyhow::anyhow!("load thread"))??;
+    let copied = events(&servers[p])
+        .into_iter()
+        .filter_map(|e| {
+            let ev = &e["event"]["Volume"]["VolumeReplicaInSync"];
+            (ev["uuid"] == json!(uuid)).then(|| ev["copied_bytes"].as_u64())
+        })
+        .last()
+        .flatten()
+        .unwrap_or(0);
+    println!(
+        "rebuild: replica down {outage:.0} s under 4k randwrite QD8 over 64 MiB \
+         ({writes} writes, {errors} failed); FullyProtected {took:.2} s after its server \
+         restarted; copied {:.1} MiB of 256 MiB, {:.1} MB/s over that time",
+        copied as f64 / (1 << 20) as f64,
+        copied as f64 / 1e6 / took
+    );
+    Ok(())
+}
+
+/// 4k random writes at QD8 over the first 64 MiB until `stop`; (writes done, failed).
+fn load(addr: SocketAddr, nqn: &str, nsid: u32, stop: &AtomicBool) -> anyhow::Result<(u64, u64)> {
+    const REGION: u64 = (64 << 20) / 4096;
+    let opts = Options {
+        queue_depth: 8,
+        slot_bytes: 4096,
+        ..Options::default()
+    };
+    let mut session = Session::connect_with(addr, nqn, HOSTNQN, &opts)?;
+    let q = &mut session.io_queues()[0];
+    let data = vec![0x3cu8; 4096];
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % REGION
+    };
+    let (mut done, mut failed) = (0u64, 0u64);
+    while q.in_flight() < 8 {
+        q.submit(write_cmd(nsid, next(), 1, false), Data::ToTarget(&data))?;
+    }
+    while q.in_flight() > 0 {
+        let c = q.reap()?;
+        if c.status.is_success() {
+            done += 1;
+        } else {
+            failed += 1;
+        }
+        if !stop.load(Ordering::Relaxed) {
+            q.submit(write_cmd(nsid, next(), 1, false), Data::ToTarget(&data))?;
+        }
+    }
+    Ok((done, failed))
+}
+
+/// CPU seconds (user + system) the server's process has used so far (0 if it is gone).
+fn cpu_secs(s: &Server) -> f64 {
+    let Some(stat) = s
+        .pid()
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+    else {
+        return 0.0;
+    };
+    // After the command name's closing parenthesis: field 3 (state) onwards; utime and
+    // stime are fields 14 and 15.
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|t| t.parse::<f64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks / hz
+}
+
+/// What a write run measured.
+struct Writes {
+    iops: f64,
+    p50: f64,
+    p99: f64,
+    writes: u64,
+}
+
+/// 4k random writes at QD32 for `secs`.
+fn randwrite(addr: SocketAddr, nqn: &str, nsid: u32, secs: f64) -> anyhow::Result<Writes> {
     let opts = Options {
         queue_depth: QD,
         slot_bytes: 4096,
         ..Options::default()
     };
-    let mut session = Session::connect_with(portal(s), nqn, HOSTNQN, &opts)?;
+    let mut session = Session::connect_with(addr, nqn, HOSTNQN, &opts)?;
     let q = &mut session.io_queues()[0];
     let data = vec![0xa5u8; 4096];
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
@@ -183,5 +328,10 @@ fn randwrite(s: &Server, nqn: &str, nsid: u32, secs: f64) -> anyhow::Result<(f64
     let took = start.elapsed().as_secs_f64();
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-    Ok((done as f64 / took, pct(0.5), pct(0.99)))
+    Ok(Writes {
+        iops: done as f64 / took,
+        p50: pct(0.5),
+        p99: pct(0.99),
+        writes: done,
+    })
 }

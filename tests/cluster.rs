@@ -204,15 +204,43 @@ fn three_servers_one_journal_volumes_everywhere() {
     assert!(seq > 10, "bootstrap, joins and volumes are in the journal");
 }
 
+/// A killed server is recorded `Failed` within seconds; volumes show it at once (the one
+/// whose only copy it held is `NotAvailable` and the cluster's health an error; one of
+/// three copies is `Degraded` before anything is written); back, it catches up on what was
+/// appended meanwhile and its volumes are whole again.
 #[test]
 fn a_killed_server_fails_then_catches_up_after_restart() {
     let etcd = Etcd::start(3);
     let mut servers = three(&etcd);
+    // Single-copy volumes spread over the three servers: the one on s3 has no other copy.
+    let owners = node_owner(&servers[0], &servers);
+    let on_s3 = (0..3)
+        .map(|i| create_volume(&servers[0], &format!("one{i}"), 1))
+        .find(|u| {
+            let path = format!("/api/v2/projects/default/volumes/{u}");
+            let v = servers[0].admin().get(&path).1;
+            owners.get(v["primaryNodeUUID"].as_str().unwrap_or_default()) == Some(&2)
+        })
+        .expect("three single-copy volumes, one on each server");
+    let vol_path = format!("/api/v2/projects/default/volumes/{on_s3}");
+    let three_path = format!(
+        "/api/v2/projects/default/volumes/{}",
+        create_volume(&servers[0], "three", 3)
+    );
     servers[2].kill9();
     for s in &servers[..2] {
         eventually(s, "/api/v2/servers", |_, _| {
             states(s).contains(&("s3".to_string(), "Failed".to_string()))
         });
+        // Its only copy is gone with it: not available, and the cluster says so.
+        let v = s.admin().get(&vol_path).1;
+        assert_eq!(v["protectionState"], "NotAvailable", "{v}");
+        // A copy of three is on the failed server: degraded at once, written to or not.
+        let v = s.admin().get(&three_path).1;
+        assert_eq!(v["protectionState"], "Degraded", "{v}");
+        let health = &s.admin().get("/api/v2/cluster").1["health"];
+        assert_eq!(health["state"], "Error", "{health}");
+        assert_eq!(health["numNotAvailableVolumes"], 1, "{health}");
         let nodes = s.admin().get("/api/v2/nodes").1;
         let s3_node = nodes["nodes"]
             .as_array()
@@ -246,6 +274,11 @@ fn a_killed_server_fails_then_catches_up_after_restart() {
     }
     let refs: Vec<&Server> = servers.iter().collect();
     same_head(&refs, CONVERGE);
+    let v = servers[0].admin().get(&vol_path).1;
+    assert_eq!(v["protectionState"], "FullyProtected", "{v}");
+    eventually(&servers[0], &three_path, |_, v| {
+        v["protectionState"] == "FullyProtected"
+    });
     let (_, projects) = servers[2].admin().get("/api/v2/projects?limit=1000");
     let names = projects.to_string();
     assert!(

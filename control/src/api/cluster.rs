@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use super::auth::Principal;
 use super::error::ApiResult;
 use super::json::Obj;
+use super::volumes::live_protection;
 use super::App;
 use crate::domain::volume::{ProtectionState, VolumeState};
 use crate::domain::State as DomainState;
@@ -63,17 +64,26 @@ pub fn cluster_statistics(app: &App, state: &DomainState) -> Value {
     capacity_statistics(&app.datapath.pool(), provisioned, true)
 }
 
+/// Volumes by live protection; the cluster is `Error` while one is not available,
+/// `Warning` while one is degraded or read-only.
 fn health(state: &DomainState) -> Value {
     let count = |p: ProtectionState| {
         state
             .volumes
             .by_uuid
             .values()
-            .filter(|v| v.state == VolumeState::Available && v.protection == p)
+            .filter(|v| v.state == VolumeState::Available && live_protection(state, v) == p)
             .count() as u64
     };
+    let summary = if count(ProtectionState::NotAvailable) > 0 {
+        "Error"
+    } else if count(ProtectionState::Degraded) + count(ProtectionState::ReadOnly) > 0 {
+        "Warning"
+    } else {
+        "OK"
+    };
     Obj::new()
-        .str("state", "OK")
+        .str("state", summary)
         .num("numDegradedVolumes", count(ProtectionState::Degraded))
         .num("numReadOnlyVolumes", count(ProtectionState::ReadOnly))
         .num(

@@ -17,7 +17,8 @@ use super::{if_match, App, Query};
 use crate::domain::policy::PolicyRef;
 use crate::domain::snapshot::SnapshotRef;
 use crate::domain::volume::{
-    Command as VolumeCommand, NewVolume, Volume, VolumeChange, VolumeRef, VolumeState,
+    failover_target, Command as VolumeCommand, NewVolume, ProtectionState, Volume, VolumeChange,
+    VolumeRef, VolumeState,
 };
 use crate::domain::{Command, State as DomainState};
 use crate::limits::LIST_PAGE_MAX;
@@ -67,18 +68,27 @@ fn state_name(s: VolumeState) -> &'static str {
     }
 }
 
+/// Protection as hosts find it now, with the servers' live health: a volume whose
+/// primary's server failed is `NotAvailable` unless an in-sync replica can take over
+/// (`Degraded` until the leader promoted it); one with an in-sync copy on a failed server is
+/// `Degraded` even before its primary recorded that copy out of sync.
+pub fn live_protection(state: &DomainState, v: &Volume) -> ProtectionState {
+    let failed = |n| state.inventory.server_of(n).is_some_and(|s| s.failed);
+    if failed(v.node_uuid) {
+        return match failover_target(state, v) {
+            Some(_) => ProtectionState::Degraded,
+            None => ProtectionState::NotAvailable,
+        };
+    }
+    if v.protection == ProtectionState::FullyProtected && v.in_sync_replicas().any(failed) {
+        return ProtectionState::Degraded;
+    }
+    v.protection
+}
+
 /// The `Volume` message.
 pub fn volume_json(app: &App, state: &DomainState, v: &Volume) -> Value {
-    // A volume whose primary's server is down cannot be served (no failover yet).
-    let primary_down = state
-        .inventory
-        .server_of(v.node_uuid)
-        .is_some_and(|s| s.failed);
-    let protection = if primary_down {
-        "NotAvailable".to_string()
-    } else {
-        format!("{:?}", v.protection)
-    };
+    let protection = format!("{:?}", live_protection(state, v));
     let nodes: Vec<String> = v.nodes().map(|n| n.to_string()).collect();
     let qos_name = v
         .qos_policy
