@@ -204,19 +204,19 @@ fn rebuild_after_outage(servers: &mut [Server], nqn: &str) -> anyhow::Result<()>
     let took = back.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let (writes, errors) = load.join().map_err(|_| anyhow::anyhow!("load thread"))??;
-    let copied = events(&servers[p])
+    let rebuilds: Vec<u64> = events(&servers[p])
         .into_iter()
         .filter_map(|e| {
             let ev = &e["event"]["Volume"]["VolumeReplicaInSync"];
-            (ev["uuid"] == json!(uuid)).then(|| ev["copied_bytes"].as_u64())
+            (ev["uuid"] == json!(uuid)).then(|| ev["copied_bytes"].as_u64().unwrap_or(0))
         })
-        .last()
-        .flatten()
-        .unwrap_or(0);
+        .collect();
+    let copied: u64 = rebuilds.iter().sum();
     println!(
         "rebuild: replica down {outage:.0} s under 4k randwrite QD8 over 64 MiB \
          ({writes} writes, {errors} failed); FullyProtected {took:.2} s after its server \
-         restarted; copied {:.1} MiB of 256 MiB, {:.1} MB/s over that time",
+         restarted; {} rebuild(s) copied {:.1} MiB of 256 MiB, {:.1} MB/s over that time",
+        rebuilds.len(),
         copied as f64 / (1 << 20) as f64,
         copied as f64 / 1e6 / took
     );

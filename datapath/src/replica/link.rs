@@ -49,9 +49,13 @@ struct Part {
     must_deliver: bool,
     phase: Phase,
     first_sent: Option<Instant>,
-    /// Connection generation it was sent on, and when.
+    /// Connection generation it was (or is being) sent on, and when its send began: its
+    /// answer may arrive before the sender has finished the write that carried it.
     sent: Option<(u64, Instant)>,
     retry_at: Option<Instant>,
+    /// Unique on the link: an id is reused once its part completed, and the sender must not
+    /// mistake the new part for the one it wrote.
+    seq: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +86,7 @@ struct State {
     /// Volumes whose parts failed here, not yet taken by the control plane.
     failures: BTreeSet<[u8; 16]>,
     stream: Option<TcpStream>,
+    next_seq: u64,
 }
 
 /// A connection to one replica server, shared by the volumes replicated there.
@@ -110,6 +115,7 @@ impl Link {
                 outq: VecDeque::new(),
                 failures: BTreeSet::new(),
                 stream: None,
+                next_seq: 0,
             }),
             cv: Condvar::new(),
             stop,
@@ -207,6 +213,8 @@ impl Link {
         };
         let mut frame = frame;
         frame.id = id;
+        st.next_seq += 1;
+        let seq = st.next_seq;
         let now = Instant::now();
         let phase = match st.conn {
             Conn::Down => {
@@ -230,6 +238,7 @@ impl Link {
             first_sent: None,
             sent: None,
             retry_at: None,
+            seq,
         });
         if phase == Phase::Queued {
             st.outq.push_back(id);
@@ -318,11 +327,16 @@ impl Link {
     fn on_answer(&self, gen: u64, id: u32, status: i32) {
         let now = Instant::now();
         let mut st = self.lock();
+        // A part still `Sending` counts: the replica read it whole, so the write carrying it
+        // is past its bytes (the sender, finding it gone, leaves its id alone).
         let ok_part = st
             .parts
             .get(id as usize)
             .and_then(Option::as_ref)
-            .is_some_and(|p| p.phase == Phase::Sent && p.sent.is_some_and(|(g, _)| g == gen));
+            .is_some_and(|p| {
+                matches!(p.phase, Phase::Sent | Phase::Sending)
+                    && p.sent.is_some_and(|(g, _)| g == gen)
+            });
         if !ok_part {
             return;
         }
@@ -454,7 +468,9 @@ impl ReplicaHub {
             .unwrap_or_else(|p| p.into_inner())
             .values()
         {
-            l.fail(l.lock().gen, "shutting down");
+            // (Not `l.fail(l.lock().gen, …)`: that guard would live through the call.)
+            let gen = l.lock().gen;
+            l.fail(gen, "shutting down");
             l.cv.notify_all();
         }
     }
@@ -507,7 +523,7 @@ fn up(link: &Link, s: &TcpStream) -> u64 {
 
 /// Sends queued parts until connection `gen` fails or the hub stops.
 fn send_loop(link: &Link, mut s: TcpStream, gen: u64) {
-    let mut batch: Vec<(u32, [u8; HDR_BYTES], DataPtr, usize)> = Vec::with_capacity(SEND_BATCH);
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(SEND_BATCH);
     let sweep_every = Duration::from_millis(REPLICA_POLL_MS);
     loop {
         batch.clear();
@@ -564,6 +580,7 @@ fn send_loop(link: &Link, mut s: TcpStream, gen: u64) {
                 }
                 outq.pop_front();
                 p.phase = Phase::Sending;
+                p.sent = Some((gen, now));
                 p.retry_at = None;
                 p.first_sent.get_or_insert(now);
                 let data_len = if p.frame.op.has_data() {
@@ -576,31 +593,39 @@ fn send_loop(link: &Link, mut s: TcpStream, gen: u64) {
                 let data = unsafe { slice(p.data, data_len) };
                 let mut hdr = [0u8; HDR_BYTES];
                 p.frame.encode(data, &mut hdr);
-                batch.push((id, hdr, p.data, data_len));
+                batch.push(Outgoing {
+                    id,
+                    seq: p.seq,
+                    hdr,
+                    data: p.data,
+                    len: data_len,
+                });
             }
         }
         let r = write_batch(&mut s, &batch);
+        #[cfg(test)]
+        tests::pause_after_send();
         let now = Instant::now();
         let mut st = link.lock();
         let still_up = st.conn == Conn::Up(gen);
-        for (id, ..) in &batch {
-            if let Some(p) = st.parts.get_mut(*id as usize).and_then(Option::as_mut) {
-                p.phase = if r.is_ok() && still_up {
-                    p.sent = Some((gen, now));
-                    Phase::Sent
-                } else {
-                    Phase::Held(now)
-                };
-            }
-        }
-        if r.is_err() || !still_up {
-            let State {
-                parts, failures, ..
-            } = &mut *st;
-            for (id, ..) in &batch {
-                if let Some(p) = parts.get(*id as usize).and_then(Option::as_ref) {
-                    report(failures, p);
-                }
+        let State {
+            parts, failures, ..
+        } = &mut *st;
+        for o in &batch {
+            // Only the part this batch carried, if still unanswered (an answer may have
+            // completed it already, and its id may belong to a new part by now).
+            let Some(p) = parts
+                .get_mut(o.id as usize)
+                .and_then(Option::as_mut)
+                .filter(|p| p.seq == o.seq && p.phase == Phase::Sending)
+            else {
+                continue;
+            };
+            if r.is_ok() && still_up {
+                p.phase = Phase::Sent;
+            } else {
+                p.phase = Phase::Held(now);
+                report(failures, p);
             }
         }
         drop(st);
@@ -623,22 +648,29 @@ unsafe fn slice<'a>(p: DataPtr, len: usize) -> &'a [u8] {
     unsafe { std::slice::from_raw_parts(p.0, len) }
 }
 
+/// One part in a send batch.
+struct Outgoing {
+    id: u32,
+    seq: u64,
+    hdr: [u8; HDR_BYTES],
+    data: DataPtr,
+    len: usize,
+}
+
 /// Writes every header and its data with vectored writes.
-fn write_batch(
-    s: &mut TcpStream,
-    batch: &[(u32, [u8; HDR_BYTES], DataPtr, usize)],
-) -> io::Result<()> {
+fn write_batch(s: &mut TcpStream, batch: &[Outgoing]) -> io::Result<()> {
     if batch.len() > SEND_BATCH {
         return Err(io::Error::other("a send batch over its bound"));
     }
     // On the stack: a header and at most one data piece per part.
     let mut iov = [IoSlice::new(&[]); 2 * SEND_BATCH];
     let mut n = 0;
-    for (_, hdr, data, len) in batch {
-        iov[n] = IoSlice::new(hdr);
+    for o in batch {
+        iov[n] = IoSlice::new(&o.hdr);
         n += 1;
-        // SAFETY: as in `send_loop`: the parts are `Sending`, so their data stays valid.
-        let d = unsafe { slice(*data, *len) };
+        // SAFETY: as in `send_loop`: the parts are `Sending`, so their data stays valid
+        // until the replica has read them whole (then this write is past their bytes).
+        let d = unsafe { slice(o.data, o.len) };
         if !d.is_empty() {
             iov[n] = IoSlice::new(d);
             n += 1;
@@ -696,5 +728,88 @@ fn receive(link: &Link, rx: TcpStream, gen: u64) {
             }
             Err(e) => return link.fail(gen, &format!("receiving: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+    use crate::backend::{Backend, FileBackend};
+    use crate::replica::{Op, ReplicaServer};
+
+    /// Test failpoint: the sender sleeps this long after each write, before it marks the
+    /// parts it wrote as sent (a preempted sender thread).
+    static PAUSE_AFTER_SEND_MS: AtomicU64 = AtomicU64::new(0);
+
+    pub(super) fn pause_after_send() {
+        let ms = PAUSE_AFTER_SEND_MS.load(Ordering::Relaxed);
+        if ms > 0 {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+    }
+
+    #[derive(Default)]
+    struct Waiter {
+        done: Mutex<Vec<(u64, i32)>>,
+        cv: Condvar,
+    }
+
+    impl CompletionSink for Waiter {
+        fn complete(&self, tag: u64, result: i32) {
+            self.done
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((tag, result));
+            self.cv.notify_all();
+        }
+    }
+
+    /// The replica may answer a part before the sender thread has even returned from the
+    /// write that carried it: the answer still completes the part (it was dropped once,
+    /// and the part then went "unanswered" until the link broke and the replica was
+    /// recorded out of sync for nothing).
+    #[test]
+    fn an_answer_that_overtakes_the_end_of_its_send_completes_the_part() {
+        const SIZE: u64 = 1 << 20;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image: Arc<dyn Backend> =
+            Arc::new(FileBackend::open(&dir.path().join("replica.img"), SIZE).expect("image"));
+        let volume = [9u8; 16];
+        let server = ReplicaServer::start("127.0.0.1:0".parse().expect("addr")).expect("listen");
+        server.set_images(vec![(volume, Some(image), 1)]);
+        let hub = ReplicaHub::default();
+        let link = hub.link(server.local_addr()).expect("link");
+        assert!(link.wait_up(Duration::from_secs(10)), "link up");
+        PAUSE_AFTER_SEND_MS.store(300, Ordering::Relaxed);
+        let member = Arc::new(MemberState::new(SIZE, true));
+        let waiter = Arc::new(Waiter::default());
+        let sink: Arc<dyn CompletionSink> = waiter.clone();
+        let data = vec![7u8; 4096];
+        let frame = Frame {
+            op: Op::Write { fua: false },
+            volume,
+            epoch: 1,
+            offset: 0,
+            len: 4096,
+            id: 0,
+        };
+        // SAFETY: `data` outlives the part's completion, awaited below.
+        unsafe { link.submit(frame, data.as_ptr(), &sink, 42, &member) };
+        let limit = Duration::from_millis(2 * REPLICA_HOLD_MAX_MS);
+        let done = waiter.done.lock().unwrap_or_else(|p| p.into_inner());
+        let (done, _) = waiter
+            .cv
+            .wait_timeout_while(done, limit, |d| d.is_empty())
+            .unwrap_or_else(|p| p.into_inner());
+        PAUSE_AFTER_SEND_MS.store(0, Ordering::Relaxed);
+        assert_eq!(done.as_slice(), &[(42, 0)], "the write's replica part");
+        assert!(
+            hub.take_failures().is_empty(),
+            "the replica answered: it did not fail"
+        );
+        drop(done);
+        hub.shutdown();
     }
 }
