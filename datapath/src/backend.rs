@@ -85,6 +85,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 pub trait CompletionSink: Send + Sync {
     /// Reports `result` for the operation tagged `tag`.
     fn complete(&self, tag: u64, result: i32);
+
+    /// Reports several (tag, result) at once; a sink that wakes a thread per report
+    /// overrides it to wake it once.
+    fn complete_many(&self, done: &[(u64, i32)]) {
+        for &(tag, result) in done {
+            self.complete(tag, result);
+        }
+    }
 }
 
 /// Work a backend postponed to the end of the connection's loop pass, such as one metadata

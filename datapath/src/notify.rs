@@ -196,6 +196,12 @@ impl<A: Send> crate::backend::CompletionSink for Mailbox<A> {
     fn complete(&self, tag: u64, result: i32) {
         self.post(|m| m.done.push((tag, result)));
     }
+
+    fn complete_many(&self, done: &[(u64, i32)]) {
+        if !done.is_empty() {
+            self.post(|m| m.done.extend_from_slice(done));
+        }
+    }
 }
 
 impl Notifier {

@@ -13,7 +13,7 @@
 //! frames fail instead (`submit_owed`).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -323,65 +323,88 @@ impl Link {
         self.sweep();
     }
 
-    /// The receiver's answer for part `id` on connection `gen`.
-    fn on_answer(&self, gen: u64, id: u32, status: i32) {
+    /// The receiver's answers (part id, status) on connection `gen`, taken under one lock;
+    /// the parts they complete are handed to `done`'s sinks afterwards, consecutive ones of
+    /// one sink (one reactor) together. `done` and `batch` are the receiver's buffers.
+    fn on_answers(
+        &self,
+        gen: u64,
+        answers: &[(u32, i32)],
+        done: &mut Vec<(Part, i32)>,
+        batch: &mut Vec<(u64, i32)>,
+    ) {
         let now = Instant::now();
-        let mut st = self.lock();
+        let (mut requeued, mut held) = (false, false);
+        {
+            let mut st = self.lock();
+            for &(id, status) in answers {
+                match self.answer(&mut st, gen, id, status, now) {
+                    Verdict::Ignored => {}
+                    Verdict::Requeued => requeued = true,
+                    Verdict::Held => held = true,
+                    Verdict::Done(p) => done.push((p, status)),
+                }
+            }
+        }
+        if requeued {
+            self.cv.notify_all();
+        }
+        if held {
+            self.sweep();
+        }
+        let mut i = 0;
+        while i < done.len() {
+            let sink = done[i].0.sink.clone();
+            batch.clear();
+            while let Some((p, status)) = done.get(i).filter(|(p, _)| Arc::ptr_eq(&p.sink, &sink)) {
+                if *status == 0 {
+                    if let Some((_, sent)) = p.sent {
+                        p.member.renew_lease(sent);
+                    }
+                }
+                batch.push((p.tag, *status));
+                i += 1;
+            }
+            sink.complete_many(batch);
+        }
+        done.clear();
+    }
+
+    /// What one answer does to its part (under the link's lock).
+    fn answer(&self, st: &mut State, gen: u64, id: u32, status: i32, now: Instant) -> Verdict {
         // A part still `Sending` counts: the replica read it whole, so the write carrying it
         // is past its bytes (the sender, finding it gone, leaves its id alone).
-        let ok_part = st
+        let Some(p) = st
             .parts
-            .get(id as usize)
-            .and_then(Option::as_ref)
-            .is_some_and(|p| {
-                matches!(p.phase, Phase::Sent | Phase::Sending)
-                    && p.sent.is_some_and(|(g, _)| g == gen)
-            });
-        if !ok_part {
-            return;
-        }
+            .get_mut(id as usize)
+            .and_then(Option::as_mut)
+            .filter(|p| matches!(p.phase, Phase::Sent | Phase::Sending))
+            .filter(|p| p.sent.is_some_and(|(g, _)| g == gen))
+        else {
+            return Verdict::Ignored;
+        };
         let retry = Duration::from_millis(REPLICA_NOT_READY_RETRY_MS);
-        let requeue = status == NOT_HELD
-            && st.parts[id as usize]
-                .as_ref()
-                .and_then(|p| p.first_sent)
-                .is_some_and(|t| now.duration_since(t) < retry);
-        if requeue {
-            if let Some(p) = st.parts[id as usize].as_mut() {
-                p.phase = Phase::Queued;
-                p.retry_at = Some(now + Duration::from_millis(REPLICA_NOT_READY_PAUSE_MS));
-            }
+        if status == NOT_HELD && p.first_sent.is_some_and(|t| now.duration_since(t) < retry) {
+            p.phase = Phase::Queued;
+            p.retry_at = Some(now + Duration::from_millis(REPLICA_NOT_READY_PAUSE_MS));
             st.outq.push_back(id);
-            drop(st);
-            self.cv.notify_all();
-            return;
+            return Verdict::Requeued;
         }
         if status != 0 && status != FENCED {
             // The replica could not store it (or never got the volume): its copy is no
             // longer trustworthy. Hold the part and report the replica.
             tracing::warn!(peer = %self.addr, status, "replica refused a part");
-            let State {
-                parts, failures, ..
-            } = &mut *st;
-            if let Some(p) = parts[id as usize].as_mut() {
-                p.phase = Phase::Held(now);
-                report(failures, p);
-            }
-            drop(st);
-            self.sweep();
-            return;
+            p.phase = Phase::Held(now);
+            report(&mut st.failures, p);
+            return Verdict::Held;
         }
-        let Some(p) = st.parts[id as usize].take() else {
-            return;
-        };
-        st.free.push(id);
-        drop(st);
-        if status == 0 {
-            if let Some((_, sent)) = p.sent {
-                p.member.renew_lease(sent);
+        match st.parts[id as usize].take() {
+            Some(p) => {
+                st.free.push(id);
+                Verdict::Done(p)
             }
+            None => Verdict::Ignored,
         }
-        p.sink.complete(p.tag, status);
     }
 
     /// Oldest send time among parts in flight on connection `gen`.
@@ -394,6 +417,18 @@ impl Link {
             .filter_map(|p| p.sent.filter(|(g, _)| *g == gen).map(|(_, t)| t))
             .min()
     }
+}
+
+/// What an answer did to its part.
+enum Verdict {
+    /// Not a part in flight on this connection (a late answer): nothing.
+    Ignored,
+    /// The replica does not hold the volume yet: sent again shortly.
+    Requeued,
+    /// The replica failed it: held, the replica reported.
+    Held,
+    /// Answered: complete it with the answer's status.
+    Done(Part),
 }
 
 /// A part of `p`'s replica failed: an in-sync replica is reported (its writes wait for the
@@ -688,28 +723,40 @@ fn write_batch(s: &mut TcpStream, batch: &[Outgoing]) -> io::Result<()> {
     Ok(())
 }
 
+/// Answers the receiver takes from the socket at once.
+const ANSWERS_PER_READ: usize = 64;
+
 /// Reads answers on connection `gen` until it fails; breaks it when a part waits too long.
-fn receive(link: &Link, rx: TcpStream, gen: u64) {
-    let mut r = BufReader::with_capacity(64 * ANSWER_BYTES, rx);
+/// Everything one read returned is handled as one batch (one lock, one wake-up per reactor).
+fn receive(link: &Link, mut rx: TcpStream, gen: u64) {
     let timeout = Duration::from_millis(REPLICA_IO_TIMEOUT_MS);
-    let mut a = [0u8; ANSWER_BYTES];
+    let mut buf = [0u8; ANSWERS_PER_READ * ANSWER_BYTES];
     let mut have = 0usize;
+    let mut answers: Vec<(u32, i32)> = Vec::with_capacity(ANSWERS_PER_READ);
+    let mut done: Vec<(Part, i32)> = Vec::with_capacity(ANSWERS_PER_READ);
+    let mut batch: Vec<(u64, i32)> = Vec::with_capacity(ANSWERS_PER_READ);
     loop {
         if link.lock().conn != Conn::Up(gen) {
             return;
         }
-        match r.read(&mut a[have..]) {
+        match rx.read(&mut buf[have..]) {
             Ok(0) => return link.fail(gen, "replica closed the connection"),
             Ok(n) => {
                 have += n;
-                if have < ANSWER_BYTES {
-                    continue;
+                let whole = have - have % ANSWER_BYTES;
+                for a in buf[..whole].chunks_exact(ANSWER_BYTES) {
+                    let Ok(a) = <&[u8; ANSWER_BYTES]>::try_from(a) else {
+                        continue;
+                    };
+                    match decode_answer(a) {
+                        Ok(answer) => answers.push(answer),
+                        Err(e) => return link.fail(gen, &format!("bad answer: {e}")),
+                    }
                 }
-                have = 0;
-                match decode_answer(&a) {
-                    Ok((id, status)) => link.on_answer(gen, id, status),
-                    Err(e) => return link.fail(gen, &format!("bad answer: {e}")),
-                }
+                buf.copy_within(whole..have, 0);
+                have -= whole;
+                link.on_answers(gen, &answers, &mut done, &mut batch);
+                answers.clear();
             }
             Err(e)
                 if matches!(
