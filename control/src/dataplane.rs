@@ -467,6 +467,10 @@ impl DataPlane for VolumeStore {
         Ok(())
     }
 
+    fn holds(&self, uuid: Uuid) -> bool {
+        self.store.contains(uuid)
+    }
+
     fn rebuild(&self, v: &Volume, node: Uuid) -> std::io::Result<u64> {
         let (Some(repl), Some(target)) = (&self.repl, &self.target) else {
             return Err(std::io::Error::from(std::io::ErrorKind::Unsupported));
