@@ -10,7 +10,8 @@
 //!    serves once the old one confirmed it stopped (`ReleasePrimary`);
 //! 4. evicts the servers disabled with `evictData`: orders the next replica moves off each
 //!    (`MoveReplica`, planned by `domain::eviction::plan`: a new out-of-sync copy elsewhere,
-//!    which the primary's agent rebuilds; the old copy leaves once the new one is in sync)
+//!    which the primary's agent rebuilds; the old copy leaves once the new one is in sync),
+//!    cancels moves whose target's server failed or was disabled (`CancelReplicaMove`),
 //!    and records `CompleteEviction` once a server holds no copy;
 //! 5. now and then trims the etcd log to its last [`ClusterConfig::tail_batches`] batches
 //!    and compacts etcd's history up to that point.
@@ -186,19 +187,28 @@ impl Orchestrator {
     /// evictions of servers that hold no copy any more. A copy with nowhere to go waits
     /// (the server's `LastEviction` says why) and is looked at again next pass.
     fn evict(&self, epoch: u64) -> Result<(), Stop> {
-        let (moves, done) = {
+        let (moves, cancels, done) = {
             let state = self.bus.state();
-            let mut moves = Vec::new();
-            let mut done = Vec::new();
+            let (mut moves, mut cancels, mut done) = (Vec::new(), Vec::new(), Vec::new());
             for s in state.inventory.servers.values().filter(|s| s.evicting()) {
                 let plan = eviction::plan(&state, s.uuid);
                 if plan.remaining == 0 {
                     done.push(s.uuid);
                 }
                 moves.extend(plan.moves);
+                cancels.extend(plan.cancels);
             }
-            (moves, done)
+            (moves, cancels, done)
         };
+        for (uuid, node) in cancels {
+            tracing::warn!(volume = %uuid, %node, "cancelling a replica move: its target left");
+            let cmd = Command::Volume(VolumeCommand::CancelReplicaMove {
+                uuid,
+                node,
+                leader_epoch: epoch,
+            });
+            self.submit("cancel replica move", epoch, cmd)?;
+        }
         for m in moves {
             tracing::warn!(volume = %m.volume, from = %m.from, to = %m.to, "moving a replica (eviction)");
             let cmd = Command::Volume(VolumeCommand::MoveReplica {

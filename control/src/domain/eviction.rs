@@ -25,7 +25,9 @@
 //! (the orchestrator's fail-over), or, when it has none, gets a replacement first and is
 //! handed over to it once that is in sync. A volume that is not `Available` waits; one
 //! whose copy has nowhere to go is reported (the eviction's `errorMessage`) and tried again
-//! on every pass. The eviction completes when the server holds no copy of any volume.
+//! on every pass; a move whose new copy's server failed or was disabled is cancelled (the
+//! new copy leaves) and starts again elsewhere. The eviction completes when the server
+//! holds no copy of any volume.
 //! Snapshots live on the node that was primary when they were taken and do not move.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -200,6 +202,9 @@ pub struct Move {
 pub struct Plan {
     /// Moves to order (at most [`EVICTION_MOVES_MAX`] in flight with the running ones).
     pub moves: Vec<Move>,
+    /// Running moves to cancel, (volume, new node): their new copy's server failed or was
+    /// disabled, so it would never get in sync.
+    pub cancels: Vec<(Uuid, Uuid)>,
     /// Why some copies cannot move now.
     pub stalled: Vec<String>,
     /// Copies still on the server (0: the eviction is complete).
@@ -231,6 +236,14 @@ pub fn plan(state: &State, server: Uuid) -> Plan {
             // Being created, deleted or rolled back: it is looked at again when settled.
             _ => continue,
         }
+        let stuck = v.replacing.iter().filter(|r| {
+            r.replaces == from
+                && !state
+                    .inventory
+                    .server_of(r.node)
+                    .is_some_and(|s| s.placeable())
+        });
+        plan.cancels.extend(stuck.map(|r| (v.uuid, r.node)));
         // A move is running, or the primary is about to be handed over to an in-sync
         // replica on an enabled server (then this node is a replica, moved next).
         let handing_over = v.node_uuid == from && failover_target(state, v).is_some();

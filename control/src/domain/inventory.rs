@@ -1260,6 +1260,52 @@ mod tests {
     }
 
     #[test]
+    fn a_move_whose_target_failed_is_cancelled_and_starts_again_elsewhere() {
+        let mut s = four_servers();
+        leader(&mut s, 7);
+        let v = available_volume(&mut s, "two", 2, 1);
+        let evicted = server_of(&s, v.replica_nodes[0]);
+        run(&mut s, disable(evicted, false, true)).unwrap();
+        let [m] = eviction::plan(&s, evicted).moves[..] else {
+            panic!("no move planned")
+        };
+        run(&mut s, move_cmd(m, 7)).unwrap();
+        assert!(eviction::plan(&s, evicted).cancels.is_empty());
+        let down = Command::RecordServerHealth {
+            uuid: server_of(&s, m.to),
+            alive: false,
+            epoch: 7,
+        };
+        run(&mut s, AnyCommand::Inventory(down)).unwrap();
+        let plan = eviction::plan(&s, evicted);
+        assert_eq!(plan.cancels, [(v.uuid, m.to)]);
+        let cancel = |leader_epoch| {
+            AnyCommand::Volume(VolumeCommand::CancelReplicaMove {
+                uuid: v.uuid,
+                node: m.to,
+                leader_epoch,
+            })
+        };
+        assert!(matches!(
+            run(&mut s, cancel(6)),
+            Err(DomainError::StaleEpoch(_))
+        ));
+        assert_eq!(
+            types(&run(&mut s, cancel(7)).unwrap()),
+            ["VolumeReplicaRemoved"]
+        );
+        assert!(run(&mut s, cancel(7)).unwrap().is_empty(), "a repeat");
+        assert_eq!(
+            s.volumes.get(v.uuid).unwrap().replica_nodes,
+            v.replica_nodes
+        );
+        let [again] = eviction::plan(&s, evicted).moves[..] else {
+            panic!("no new move planned")
+        };
+        assert!(again.to != m.to && again.from == m.from, "{again:?}");
+    }
+
+    #[test]
     fn a_down_server_with_copies_others_hold_in_sync_can_be_deleted() {
         let mut s = four_servers();
         leader(&mut s, 7);

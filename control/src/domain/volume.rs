@@ -332,6 +332,13 @@ pub enum Command {
         to: Uuid,
         leader_epoch: u64,
     },
+    /// Leader (at `leader_epoch`): the move's new copy on `node` cannot complete (its
+    /// server failed or was disabled); it leaves, and the move may start again elsewhere.
+    CancelReplicaMove {
+        uuid: Uuid,
+        node: Uuid,
+        leader_epoch: u64,
+    },
 }
 
 /// Append only: bincode stores the variant's position.
@@ -853,35 +860,67 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             node,
             epoch,
             copied_bytes,
-        } => {
-            let Some(v) = primary_at(state, *uuid, *epoch)? else {
-                return Ok(vec![]);
-            };
-            if !v.out_of_sync.contains(node) || !v.replica_nodes.contains(node) {
-                return Ok(vec![]);
-            }
-            let mut events = vec![AnyEvent::Volume(Event::VolumeReplicaInSync {
-                uuid: *uuid,
-                node: *node,
-                copied_bytes: *copied_bytes,
-            })];
-            // A move completes in the same decision: the copy it replaces leaves only now
-            // (a primary leaves with its hand-over instead).
-            events.extend(
-                v.replacing
-                    .iter()
-                    .filter(|r| r.node == *node && v.replica_nodes.contains(&r.replaces))
-                    .map(|r| removed(*uuid, r.replaces)),
-            );
-            Ok(events)
-        }
+        } => mark_in_sync(state, *uuid, *node, *epoch, *copied_bytes),
         Command::MoveReplica {
             uuid,
             from,
             to,
             leader_epoch,
         } => move_replica(state, *uuid, *from, *to, *leader_epoch),
+        Command::CancelReplicaMove {
+            uuid,
+            node,
+            leader_epoch,
+        } => cancel_move(state, *uuid, *node, *leader_epoch),
     }
+}
+
+/// The primary (at `epoch`) rebuilt the replica on `node`. A move completes in the same
+/// decision: the copy it replaces leaves only now (a primary leaves with its hand-over).
+fn mark_in_sync(
+    state: &State,
+    uuid: Uuid,
+    node: Uuid,
+    epoch: u64,
+    copied_bytes: u64,
+) -> Result<Vec<AnyEvent>, DomainError> {
+    let Some(v) = primary_at(state, uuid, epoch)? else {
+        return Ok(vec![]);
+    };
+    if !v.out_of_sync.contains(&node) || !v.replica_nodes.contains(&node) {
+        return Ok(vec![]);
+    }
+    let mut events = vec![AnyEvent::Volume(Event::VolumeReplicaInSync {
+        uuid,
+        node,
+        copied_bytes,
+    })];
+    events.extend(
+        v.replacing
+            .iter()
+            .filter(|r| r.node == node && v.replica_nodes.contains(&r.replaces))
+            .map(|r| removed(uuid, r.replaces)),
+    );
+    Ok(events)
+}
+
+/// The leader drops a move's new copy on `node` (nothing if no such move runs).
+fn cancel_move(
+    state: &State,
+    uuid: Uuid,
+    node: Uuid,
+    leader_epoch: u64,
+) -> Result<Vec<AnyEvent>, DomainError> {
+    super::cluster::check_epoch(state, leader_epoch)?;
+    let pending = state
+        .volumes
+        .get(uuid)
+        .is_some_and(|v| v.replacing.iter().any(|r| r.node == node));
+    Ok(if pending {
+        vec![removed(uuid, node)]
+    } else {
+        vec![]
+    })
 }
 
 fn removed(uuid: Uuid, node: Uuid) -> AnyEvent {
