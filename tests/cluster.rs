@@ -1282,8 +1282,8 @@ fn evicting_a_server_moves_its_copies_make_before_break() {
         ],
         "{kinds:?}"
     );
-    // A full copy of the 64 MiB volume (more if an attempt failed and was retried: a
-    // retry copies what changed since).
+    // A full copy of the 64 MiB volume (more if an attempt failed: a retry copies it all
+    // again).
     assert!(
         copied.len() == 1 && copied[0] >= 64 << 20,
         "{copied:?}: not a full copy of the 64 MiB volume"

@@ -15,9 +15,10 @@ use evstor_datapath::blockstore::{
     BlockStore, DeviceSpec, MediaError, PoolStats, StoreError, Usage,
 };
 use evstor_datapath::limits::{
-    ANA_GROUPS_MAX, BLOCK_BYTES, MAX_CNTLID, REBUILD_BARRIER_MS, REPLICATION_PORT_OFFSET,
+    ANA_GROUPS_MAX, BLOCK_BYTES, MAX_CNTLID, REBUILD_BARRIER_MS, REBUILD_CHUNK_BYTES,
+    REPLICATION_PORT_OFFSET,
 };
-use evstor_datapath::replica::{Member, Mode, ReplicaHub, ReplicaServer};
+use evstor_datapath::replica::{Member, MemberState, Mode, ReplicaHub, ReplicaServer};
 use evstor_datapath::{
     Acl, Ana, Backend, Backing, ConnectedHost, NamespaceSpec, QosLimits, Replication, TargetHandle,
 };
@@ -111,6 +112,20 @@ pub fn replication_addr(nvme_endpoint: &str) -> Option<SocketAddr> {
     let a: SocketAddr = nvme_endpoint.parse().ok()?;
     let port = a.port().checked_add(REPLICATION_PORT_OFFSET)?;
     Some(SocketAddr::new(a.ip(), port))
+}
+
+/// The chunks `state` has dirty now; the map is left as it was (writes may add to it
+/// meanwhile, never remove).
+fn dirty_chunks(state: &MemberState, size_bytes: u64) -> Vec<u64> {
+    let chunks = size_bytes.div_ceil(REBUILD_CHUNK_BYTES);
+    let mut out = Vec::new();
+    while let Some(c) = state.take_dirty(out.last().map_or(0, |l| l + 1), chunks) {
+        out.push(c);
+    }
+    for c in &out {
+        state.mark(c * REBUILD_CHUNK_BYTES, REBUILD_CHUNK_BYTES);
+    }
+    out
 }
 
 /// Where the block store keeps its metadata database.
@@ -491,14 +506,25 @@ impl DataPlane for VolumeStore {
                 .pass_barrier(std::time::Duration::from_millis(REBUILD_BARRIER_MS))
                 .map_err(io_err)
         };
-        evstor_datapath::replica::rebuild(
+        // A failed attempt may have taken a chunk off the dirty map without copying it:
+        // what was dirty before it is dirty again after it.
+        let dirty = dirty_chunks(&member.state, v.size_bytes);
+        let r = evstor_datapath::replica::rebuild(
             &member,
             &local,
             *v.uuid.as_bytes(),
             v.epoch,
             v.size_bytes,
             barrier,
-        )
+        );
+        if r.is_err() {
+            for c in dirty {
+                member
+                    .state
+                    .mark(c * REBUILD_CHUNK_BYTES, REBUILD_CHUNK_BYTES);
+            }
+        }
+        r
     }
 
     fn take_replica_failures(&self) -> Vec<ReplicaFailure> {
@@ -606,5 +632,22 @@ impl DataPathView for VolumeStore {
         max: usize,
     ) -> Result<Vec<u64>, StoreError> {
         self.store.changed_blocks(target, base, from, to, max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dirty_chunks_are_read_without_clearing_them() {
+        let m = MemberState::new(8 * REBUILD_CHUNK_BYTES, true);
+        m.mark(REBUILD_CHUNK_BYTES, 1);
+        m.mark(5 * REBUILD_CHUNK_BYTES + 7, 2 * REBUILD_CHUNK_BYTES);
+        assert_eq!(dirty_chunks(&m, 8 * REBUILD_CHUNK_BYTES), [1, 5, 6, 7]);
+        assert_eq!(m.dirty_chunks(), 4, "still dirty");
+        let fresh = MemberState::new(3 * REBUILD_CHUNK_BYTES, false);
+        assert_eq!(dirty_chunks(&fresh, 3 * REBUILD_CHUNK_BYTES), [0, 1, 2]);
+        assert_eq!(fresh.dirty_chunks(), 3);
     }
 }
