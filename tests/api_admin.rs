@@ -558,10 +558,6 @@ fn servers_nodes_and_devices_describe_the_one_machine() {
             json!({"serverUUID": "x", "serverEndpoints": ["a"]}),
         ),
         (
-            format!("/api/v2/servers/{server_uuid}/disable"),
-            json!({"evictData": true}),
-        ),
-        (
             format!("/api/v2/nodes/{node_uuid}/replace"),
             json!({"TargetNodeUUID": "x"}),
         ),
@@ -580,9 +576,28 @@ fn servers_nodes_and_devices_describe_the_one_machine() {
     // The last server cannot go; disabling it stops placement until it is enabled again.
     let (status, err) = admin.delete(&format!("/api/v2/servers/{server_uuid}"));
     assert_json_error(status, &err, 400, 9);
+    // It holds the only copy of volume v: disabling it is refused (the reference's "can
+    // lead to risk of service loss" 400) and changes nothing, unless forced; evicting has
+    // nowhere to move the data to.
+    let spath = format!("/api/v2/servers/{server_uuid}");
+    let (status, err) = admin.post(&format!("{spath}/disable"), &json!({}));
+    assert_json_error(status, &err, 400, 9);
+    assert!(
+        err["message"].as_str().unwrap().contains("volume v ("),
+        "{err}"
+    );
+    let (status, err) = admin.post(&format!("{spath}/disable"), &json!({"evictData": true}));
+    assert_json_error(status, &err, 400, 9);
+    let server = admin.get(&spath).1;
+    assert_eq!(server["state"], "Enabled", "{server}");
+    assert_eq!(server["LastEviction"], json!(null), "{server}");
+    assert_eq!(
+        server["RiskOfServiceLossState"],
+        "SourceOfRiskOfServiceLoss"
+    );
     let disabled = admin.post(
         &format!("/api/v2/servers/{server_uuid}/disable"),
-        &json!({}),
+        &json!({"ForceDisable": true}),
     );
     assert_eq!(
         (disabled.0, disabled.1["state"].as_str()),

@@ -179,10 +179,12 @@ fn three_servers_one_journal_volumes_everywhere() {
     host.write(nsid, 3, &[0xc1; 4096]).expect("write");
     assert_eq!(host.read(nsid, 3, 1).expect("read"), vec![0xc1; 4096]);
     // A disabled server takes no new volume (three copies need it); enabled, it does again.
+    // It may hold the only copy of v1 (placement is by load, then id), so the disable is
+    // forced: an unforced one would be refused as a risk of service loss then.
     let s3 = format!("/api/v2/servers/{}", server_id(&servers[2]));
     let (status, body) = servers[0]
         .admin()
-        .post(&format!("{s3}/disable"), &json!({}));
+        .post(&format!("{s3}/disable"), &json!({"ForceDisable": true}));
     assert_eq!(
         (status, &body["state"]),
         (200, &json!("Disabled")),
@@ -770,20 +772,25 @@ fn host_on_primary(servers: &[Server], ask: usize, uuid: &str) -> (Session, u32,
     (host, v["nsid"].as_u64().expect("nsid") as u32, p)
 }
 
-/// Reads `blocks` blocks of image `uuid` from a stopped server's block store.
-fn image_blocks(s: &Server, uuid: &str, blocks: u64) -> Vec<u8> {
+/// A stopped server's block store.
+fn open_store(s: &Server) -> std::sync::Arc<evstor_datapath::blockstore::BlockStore> {
     use evstor_datapath::blockstore::{BlockStore, DeviceSpec};
-    use evstor_datapath::{Backend, IoKind, IoQueue, IoRequest};
     let dev = s.data_dir().join("devices").join("dev0.img");
     let size = std::fs::metadata(&dev).expect("pool device").len();
-    let store = BlockStore::open(
+    BlockStore::open(
         &s.data_dir().join("blockstore"),
         &[DeviceSpec {
             path: dev,
             size_bytes: size,
         }],
     )
-    .expect("open the stopped server's block store");
+    .expect("open the stopped server's block store")
+}
+
+/// Reads `blocks` blocks of image `uuid` from a stopped server's block store.
+fn image_blocks(s: &Server, uuid: &str, blocks: u64) -> Vec<u8> {
+    use evstor_datapath::{Backend, IoKind, IoQueue, IoRequest};
+    let store = open_store(s);
     let uuid: uuid::Uuid = uuid.parse().expect("uuid");
     let img = store.image(uuid, blocks * 4096, false);
     let mut q = IoQueue::new_sync();
@@ -1153,4 +1160,219 @@ fn disabling_the_primarys_server_hands_the_volume_over() {
         .filter(|t| t.starts_with("VolumePrimary"))
         .collect();
     assert_eq!(kinds, ["VolumePrimaryHandedOver", "VolumePrimaryReleased"]);
+}
+
+/// A block whose content names `seed` (distinct for every write of the eviction test).
+fn pattern(seed: u32) -> Vec<u8> {
+    let b = seed.to_le_bytes();
+    (0..4096usize).map(|i| b[i % 4] ^ (i as u8)).collect()
+}
+
+/// POST `/disable` of server `i` with `body`, asked of server `ask`.
+fn disable(servers: &[Server], ask: usize, i: usize, body: Value) -> (u16, Value) {
+    let path = format!("/api/v2/servers/{}/disable", server_id(&servers[i]));
+    servers[ask].admin().post(&path, &body)
+}
+
+/// POST `/enable` of server `i`, asked of server `ask`.
+fn enable(servers: &[Server], ask: usize, i: usize) -> (u16, Value) {
+    let path = format!("/api/v2/servers/{}/enable", server_id(&servers[i]));
+    servers[ask].admin().post(&path, &json!({}))
+}
+
+/// The event types of volume `uuid` in `s`'s journal, in order, and the bytes its
+/// `VolumeReplicaInSync` events copied.
+fn volume_events(s: &Server, uuid: &str) -> (Vec<String>, Vec<u64>) {
+    let mut kinds = Vec::new();
+    let mut copied = Vec::new();
+    for e in events(s) {
+        let kind = e["type"].as_str().unwrap_or_default().to_string();
+        let body = &e["event"]["Volume"][&kind];
+        if body["uuid"] != uuid {
+            continue;
+        }
+        if let Some(c) = body["copied_bytes"].as_u64() {
+            copied.push(c);
+        }
+        kinds.push(kind);
+    }
+    (kinds, copied)
+}
+
+/// Disabling a server with `evictData` moves every copy it holds elsewhere, make before
+/// break, while a host writes on: the replica of a two-copy volume moves to the free
+/// server (a full copy, then the old one leaves in the decision that records the new one
+/// in sync; `FullyProtected` throughout), and a one-copy volume it is the primary of gets
+/// a copy elsewhere and is handed over to it. The eviction completes (`LastEviction`), the
+/// server releases its images, and the new copies hold every acknowledged write. Disabling
+/// it without flags while it holds the only copy of a volume is refused first.
+#[test]
+fn evicting_a_server_moves_its_copies_make_before_break() {
+    let etcd = Etcd::start(3);
+    let mut servers = three(&etcd);
+    let (b, a, c) = (0usize, 1usize, 2usize);
+    // Placement by hand: with only B enabled, `one` goes there; with A and B, `ev` (two
+    // copies) goes to both, the less loaded A first (its primary).
+    for (i, body) in [(a, json!({})), (c, json!({}))] {
+        assert_eq!(disable(&servers, b, i, body).0, 200);
+    }
+    let one = create_volume(&servers[b], "one", 1);
+    assert_eq!(enable(&servers, b, a).0, 200);
+    let ev = create_volume(&servers[b], "ev", 2);
+    assert_eq!(enable(&servers, b, c).0, 200);
+    let owners = node_owner(&servers[b], &servers);
+    let node = |i: usize| {
+        owners
+            .iter()
+            .find(|(_, o)| **o == i)
+            .expect("a node")
+            .0
+            .clone()
+    };
+    let ev_path = format!("/api/v2/projects/default/volumes/{ev}");
+    let one_path = format!("/api/v2/projects/default/volumes/{one}");
+    let v = servers[b].admin().get(&ev_path).1;
+    assert_eq!(v["nodeList"], json!([node(a), node(b)]), "{v}");
+    let (mut host, nsid, p) = host_on_primary(&servers, b, &ev);
+    assert_eq!(p, a);
+    for k in 0..16u32 {
+        host.write(nsid, k.into(), &pattern(k))
+            .expect("write before the eviction");
+    }
+    let (mut one_host, one_nsid, q) = host_on_primary(&servers, b, &one);
+    assert_eq!(q, b);
+    for k in 0..4u32 {
+        one_host
+            .write(one_nsid, k.into(), &pattern(1_000_000 + k))
+            .expect("write to the one-copy volume");
+    }
+    drop(one_host);
+    // B holds the only copy of `one`: a plain disable is refused and changes nothing.
+    let b_path = format!("/api/v2/servers/{}", server_id(&servers[b]));
+    let before = servers[a].admin().get(&b_path).1;
+    assert_eq!(
+        before["RiskOfServiceLossState"],
+        "SourceOfRiskOfServiceLoss"
+    );
+    let (status, err) = disable(&servers, a, b, json!({}));
+    assert_eq!((status, &err["code"]), (400, &json!(9)), "{err}");
+    assert!(
+        err["message"].as_str().unwrap_or_default().contains(&one),
+        "{err}"
+    );
+    assert_eq!(servers[a].admin().get(&b_path).1["state"], "Enabled");
+    let b_node_path = format!("/api/v2/nodes/{}", node(b));
+    let stats = servers[b].admin().get(&b_node_path).1;
+    assert!(
+        !stats["statistics"]["logicalUsedStorage"].is_null(),
+        "{stats}"
+    );
+    let (status, body) = disable(&servers, a, b, json!({"evictData": true}));
+    assert_eq!(
+        (status, &body["state"]),
+        (200, &json!("Disabled")),
+        "{body}"
+    );
+    assert_eq!(body["LastEviction"]["status"], "Evicting", "{body}");
+    // Writes once the move started (the new copy is being rebuilt, or already in sync):
+    // each must reach the new copy, and the volume stays `FullyProtected`.
+    eventually(&servers[a], &ev_path, |_, v| {
+        v["nodeList"]
+            .as_array()
+            .is_some_and(|n| n.contains(&json!(node(c))))
+    });
+    for k in 16..48u32 {
+        host.write(nsid, k.into(), &pattern(k))
+            .expect("write during the eviction");
+        if k % 8 == 0 {
+            let v = servers[a].admin().get(&ev_path).1;
+            assert_eq!(v["protectionState"], "FullyProtected", "{v}");
+        }
+    }
+    let e = eventually(&servers[a], &b_path, |_, s| {
+        s["LastEviction"]["status"] == "Completed"
+    })["LastEviction"]
+        .clone();
+    assert_eq!(e["progress"], 100, "{e}");
+    assert!(
+        e["startTime"].is_string() && e["endTime"].is_string(),
+        "{e}"
+    );
+    host.write(nsid, 48, &pattern(48))
+        .expect("write after the eviction");
+    // B released both images (its pool holds nothing now).
+    eventually(&servers[b], &b_node_path, |_, n| {
+        n["statistics"]["logicalUsedStorage"].is_null()
+    });
+    let v = servers[b].admin().get(&ev_path).1;
+    assert_eq!(v["nodeList"], json!([node(a), node(c)]), "{v}");
+    assert_eq!(v["protectionState"], "FullyProtected", "{v}");
+    let o = eventually(&servers[b], &one_path, |_, o| {
+        o["primaryNodeUUID"] != json!(node(b)) && o["protectionState"] == "FullyProtected"
+    });
+    let x = owners[o["primaryNodeUUID"].as_str().expect("primary")];
+    assert_eq!(o["nodeList"], json!([node(x)]), "{o}");
+    let after = servers[c].admin().get(&b_path).1;
+    assert_eq!(
+        after["RiskOfServiceLossState"], "NoRiskOfServiceLoss",
+        "{after}"
+    );
+    let (kinds, copied) = volume_events(&servers[c], &ev);
+    let moved: Vec<&str> = kinds
+        .iter()
+        .map(String::as_str)
+        .filter(|k| *k != "VolumeBecameAvailable")
+        .collect();
+    assert_eq!(
+        moved,
+        [
+            "VolumeReplicaAdded",
+            "VolumeReplicaInSync",
+            "VolumeReplicaRemoved"
+        ],
+        "{kinds:?}"
+    );
+    // A full copy of the 64 MiB volume (more if an attempt failed: a retry copies it all
+    // again).
+    assert!(
+        copied.len() == 1 && copied[0] >= 64 << 20,
+        "{copied:?}: not a full copy of the 64 MiB volume"
+    );
+    let (kinds, _) = volume_events(&servers[c], &one);
+    let moved: Vec<&str> = kinds
+        .iter()
+        .map(String::as_str)
+        .filter(|k| *k != "VolumeBecameAvailable")
+        .collect();
+    assert_eq!(
+        moved,
+        [
+            "VolumeReplicaAdded",
+            "VolumeReplicaInSync",
+            "VolumePrimaryHandedOver",
+            "VolumeReplicaRemoved",
+            "VolumePrimaryReleased"
+        ],
+        "{kinds:?}"
+    );
+    drop(host);
+    for s in servers.iter_mut() {
+        s.stop();
+    }
+    let want: Vec<u8> = (0..49u32).flat_map(pattern).collect();
+    assert_eq!(image_blocks(&servers[c], &ev, 49), want, "the moved copy");
+    assert_eq!(image_blocks(&servers[a], &ev, 49), want, "the primary");
+    let one_want: Vec<u8> = (0..4u32).flat_map(|k| pattern(1_000_000 + k)).collect();
+    assert_eq!(
+        image_blocks(&servers[x], &one, 4),
+        one_want,
+        "the handed-over copy"
+    );
+    let store = open_store(&servers[b]);
+    for u in [&ev, &one] {
+        assert!(
+            !store.contains(u.parse().expect("uuid")),
+            "B still holds {u}"
+        );
+    }
 }

@@ -487,6 +487,10 @@ impl DataPlane for VolumeStore {
         Ok(())
     }
 
+    fn holds(&self, uuid: Uuid) -> bool {
+        self.store.contains(uuid)
+    }
+
     fn rebuild(&self, v: &Volume, node: Uuid) -> std::io::Result<u64> {
         let (Some(repl), Some(target)) = (&self.repl, &self.target) else {
             return Err(std::io::Error::from(std::io::ErrorKind::Unsupported));
@@ -507,6 +511,7 @@ impl DataPlane for VolumeStore {
                 .pass_barrier(std::time::Duration::from_millis(REBUILD_BARRIER_MS))
                 .map_err(io_err)
         };
+        // A failed attempt leaves every chunk it did not copy dirty (`replica::rebuild`).
         evstor_datapath::replica::rebuild(
             &member,
             &local,

@@ -129,6 +129,12 @@ pub const LEASE_KEEPALIVE_MS: u64 = 1_000;
 pub const LEASE_SAFETY_MARGIN_MS: u64 = 1_500;
 /// Pause between passes of the leader's orchestrator (health, leadership record, tail trim).
 pub const ORCHESTRATOR_TICK_MS: u64 = 500;
+/// Replica moves an eviction keeps in flight per server: each is an extra copy being
+/// rebuilt (space on the target, a full copy over the network); the rest wait their turn.
+pub const EVICTION_MOVES_MAX: usize = 64;
+/// Replica moves in flight per volume: one extra copy at a time, so a volume never holds
+/// more than `replicaCount + 1` copies.
+pub const VOLUME_MOVES_MAX: usize = 1;
 /// Pause between the leader's trims of the etcd log tail.
 pub const LOG_TRIM_INTERVAL_MS: u64 = 2_000;
 /// Longest `evstor serve --etcd` waits for etcd at start before giving up.

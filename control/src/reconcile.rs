@@ -9,8 +9,10 @@
 //! In cluster mode every server runs one as its agent, scoped to its own node: the data-plane
 //! steps of the volumes and snapshots whose primary it is (the completions it appends are
 //! idempotent commands, so a repeat after a crash changes nothing), the images of the
-//! volumes it holds a replica of (no completion: the primary's writes fill them), and the
-//! recording of replicas its primaries could not write to.
+//! volumes it holds a replica of (no completion: the primary's writes fill them), the
+//! release of images of volumes that no longer name it (a copy moved away; found from the
+//! state and the block store, so also after a restart), and the recording of replicas its
+//! primaries could not write to.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -60,6 +62,11 @@ pub trait DataPlane: Send + Sync + 'static {
     /// out of sync (their writes wait for that).
     fn take_replica_failures(&self) -> Vec<crate::dataplane::ReplicaFailure> {
         Vec::new()
+    }
+    /// Whether this node's block store holds the image `uuid` now.
+    fn holds(&self, uuid: Uuid) -> bool {
+        let _ = uuid;
+        false
     }
     /// Copies to the replica on `node` what it misses of `volume` (this node is its
     /// primary); returns the bytes sent. Blocks for as long as the copy takes.
@@ -176,31 +183,59 @@ pub fn is_for(state: &State, w: &Work, node: Option<Uuid>) -> bool {
     }
 }
 
-/// Replica images `node` should hold (create) or give up (release): volumes that name
-/// it as a replica, by state.
-pub fn replica_work(state: &State, node: Uuid) -> (Vec<Volume>, Vec<Uuid>) {
-    let mut hold = Vec::new();
-    let mut release = Vec::new();
+/// What a node's agent does with replica images.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplicaWork {
+    /// Replicas to create (idempotent).
+    pub hold: Vec<Volume>,
+    /// Replicas of volumes being deleted (or failed) to release.
+    pub release: Vec<Uuid>,
+    /// Volumes that no longer name the node (a copy moved away): to release where the
+    /// store still has them.
+    pub departed: Vec<Uuid>,
+}
+
+/// The replica work of `node`, by what `state` says: volumes that name it as a replica,
+/// by state, and volumes that name it no more.
+pub fn replica_work(state: &State, node: Uuid) -> ReplicaWork {
+    let mut w = ReplicaWork::default();
     for v in state.volumes.by_uuid.values() {
+        if !v.nodes().any(|n| n == node) {
+            // A volume only comes back to a node as a new out-of-sync replica, rebuilt with
+            // a full copy, so an image it left behind is never needed again.
+            w.departed.push(v.uuid);
+            continue;
+        }
         if !v.replica_nodes.contains(&node) {
             continue;
         }
         match v.state {
             VolumeState::Deleting | VolumeState::Deleted | VolumeState::Failed => {
-                release.push(v.uuid)
+                w.release.push(v.uuid)
             }
-            _ => hold.push(v.clone()),
+            _ => w.hold.push(v.clone()),
         }
     }
-    (hold, release)
+    w
 }
 
-/// Creates and releases this node's replica images; `held` remembers what is done.
-async fn replicas(bus: &Bus, data: &Arc<dyn DataPlane>, node: Uuid, held: &mut HashSet<Uuid>) {
-    let (mut hold, release) = replica_work(&bus.state(), node);
+/// Creates and releases this node's replica images; `held` remembers what is done. `work`
+/// comes from the state just published, so an image released here is no longer in the
+/// target's table or the replication listener's set.
+async fn replicas(data: &Arc<dyn DataPlane>, work: ReplicaWork, held: &mut HashSet<Uuid>) {
+    let ReplicaWork {
+        mut hold,
+        mut release,
+        departed,
+    } = work;
     hold.retain(|v| !held.contains(&v.uuid));
     // Released on every pass while the volume is being deleted (idempotent), also after a
-    // restart that forgot what it held.
+    // restart that forgot what it held; a departed copy only if the store still has it.
+    release.extend(
+        departed
+            .into_iter()
+            .filter(|u| held.contains(u) || data.holds(*u)),
+    );
     for v in hold {
         let worker = data.clone();
         let uuid = v.uuid;
@@ -256,7 +291,8 @@ async fn record_replica_failures(
 }
 
 /// The replicas `node`'s primaries should rebuild: out of sync, on a server the leader
-/// does not hold failed, of available volumes.
+/// does not hold failed, of available volumes, and not on their way out (a move's new copy
+/// is rebuilt instead of the one it replaces).
 pub fn rebuild_work(state: &State, node: Uuid) -> Vec<(Volume, Uuid)> {
     let live = |n: Uuid| state.inventory.server_of(n).is_some_and(|s| !s.failed);
     state
@@ -267,7 +303,7 @@ pub fn rebuild_work(state: &State, node: Uuid) -> Vec<(Volume, Uuid)> {
         .flat_map(|v| {
             v.out_of_sync
                 .iter()
-                .filter(|r| live(**r))
+                .filter(|r| live(**r) && !v.replacing.iter().any(|m| m.replaces == **r))
                 .map(|r| (v.clone(), *r))
                 .collect::<Vec<_>>()
         })
@@ -342,7 +378,7 @@ pub async fn run(
         let now = crate::store::bus::now_unix_ns();
         // The state read below holds at least this seq (`/metrics`: reconciler lag).
         let seen = *seq.borrow_and_update();
-        let (work, next_expiry, mut failed, released) = {
+        let (work, next_expiry, mut failed, released, replica) = {
             let state = bus.state();
             let published = data.publish(&state);
             if let Err(e) = &published {
@@ -365,7 +401,14 @@ pub async fn run(
             work.extend(fires.into_iter().map(|u| Work::Fire(u, clock_scale)));
             work.retain(|w| is_for(&state, w, node));
             let next_expiry = [next_expiry, next_fire].into_iter().flatten().min();
-            (work, next_expiry, published.is_err(), released)
+            let mut replica = node.map(|n| replica_work(&state, n));
+            if published.is_err() {
+                // The target may still serve what moved away: keep it until it does not.
+                if let Some(r) = &mut replica {
+                    r.departed.clear();
+                }
+            }
+            (work, next_expiry, published.is_err(), released, replica)
         };
         for uuid in released {
             let Some(n) = node else { break };
@@ -374,8 +417,8 @@ pub async fn run(
                 tracing::warn!("releasing volume {uuid} to its new primary failed: {e}");
             }
         }
-        if let Some(n) = node {
-            replicas(&bus, &data, n, &mut held).await;
+        if let Some(r) = replica {
+            replicas(&data, r, &mut held).await;
         }
         for e in data.take_media_errors() {
             let cmd = Command::Volume(VolumeCommand::RecordDataIntegrityError {
@@ -619,6 +662,63 @@ mod tests {
             })
             .collect();
         assert_eq!(taken, [SNAP, Uuid::from_u128(2), Uuid::from_u128(1)]);
+    }
+
+    /// The bootstrapped state with `v1` copied on nodes 1 (primary), 2 and 3, each on a
+    /// server of its own; node 3 is a move's new copy replacing node 2.
+    fn moving() -> (State, Uuid) {
+        use crate::domain::volume::{tests::with_volume, Replacement};
+        let mut state = state_of(&with_volume());
+        let server = state.inventory.servers.values().next().unwrap().clone();
+        let node = state.inventory.nodes.values().next().unwrap().clone();
+        for n in 1..=3u128 {
+            let mut s = server.clone();
+            s.uuid = Uuid::from_u128(100 + n);
+            let mut d = node.clone();
+            (d.uuid, d.server_uuid) = (Uuid::from_u128(n), s.uuid);
+            state.inventory.servers.insert(s.uuid, s);
+            state.inventory.nodes.insert(d.uuid, d);
+        }
+        let uuid = test_ctx().new_id(0);
+        let mut v = state.volumes.get(uuid).unwrap().clone();
+        let node = Uuid::from_u128;
+        v.node_uuid = node(1);
+        v.replica_nodes = vec![node(2), node(3)];
+        v.out_of_sync = vec![node(2), node(3)];
+        v.replacing = vec![Replacement {
+            node: node(3),
+            replaces: node(2),
+        }];
+        state.volumes.insert(v);
+        (state, uuid)
+    }
+
+    #[test]
+    fn the_primary_rebuilds_a_moves_new_copy_not_the_one_it_replaces() {
+        let (state, uuid) = moving();
+        let work: Vec<(Uuid, Uuid)> = rebuild_work(&state, Uuid::from_u128(1))
+            .into_iter()
+            .map(|(v, n)| (v.uuid, n))
+            .collect();
+        assert_eq!(work, [(uuid, Uuid::from_u128(3))]);
+    }
+
+    #[test]
+    fn a_node_a_copy_left_releases_it_and_others_keep_theirs() {
+        let (mut state, uuid) = moving();
+        let of = |state: &State, n: u128| replica_work(state, Uuid::from_u128(n));
+        assert_eq!(of(&state, 2).hold.len(), 1);
+        assert!(of(&state, 2).departed.is_empty());
+        // The move completed: node 2 holds no copy any more.
+        let mut v = state.volumes.get(uuid).unwrap().clone();
+        v.replica_nodes = vec![Uuid::from_u128(3)];
+        v.out_of_sync.clear();
+        v.replacing.clear();
+        state.volumes.insert(v);
+        let w = of(&state, 2);
+        assert_eq!((w.hold.len(), w.release.len()), (0, 0));
+        assert_eq!(w.departed, [uuid]);
+        assert!(of(&state, 3).departed.is_empty() && of(&state, 1).departed.is_empty());
     }
 
     #[test]

@@ -7,15 +7,16 @@ use std::sync::Arc;
 use evstor_control::domain::cluster::{Bootstrap, Command as ClusterCommand};
 use evstor_control::domain::credential::{Command as CredCommand, CredentialType};
 use evstor_control::domain::endpoint::Command as EndpointCommand;
+use evstor_control::domain::eviction;
 use evstor_control::domain::federation::{AuthzMode, Command as FedCommand, IdpType};
-use evstor_control::domain::inventory::Device;
+use evstor_control::domain::inventory::{Command as InvCommand, Device, Join};
 use evstor_control::domain::project::Command as ProjectCommand;
 use evstor_control::domain::schedule::{
     self, Cadence, Command as ScheduleCommand, NewResourcePolicy, Schedule,
 };
 use evstor_control::domain::snapshot::Command as SnapshotCommand;
 use evstor_control::domain::volume::{
-    Command as VolumeCommand, NewVolume, VolumeChange, VolumeRef,
+    failover_target, Command as VolumeCommand, NewVolume, VolumeChange, VolumeRef,
 };
 use evstor_control::domain::Command;
 use evstor_control::store::replay::{replay, Until};
@@ -311,6 +312,24 @@ async fn settle(bus: &Bus) {
     }
 }
 
+async fn bootstrap(bus: &Bus) {
+    let boot = Bootstrap {
+        hostname: "h".into(),
+        api_endpoint: API.into(),
+        nvme_endpoint: "127.0.0.1:2".into(),
+        devices: vec![Device::backing_file("d0", "/d0", 1 << 40)],
+        root_public_key_pem: "PEM".into(),
+        server_uuid: Some(SERVER),
+        failure_domain: String::new(),
+    };
+    bus.submit(
+        RequestMeta::system("t"),
+        Command::Cluster(ClusterCommand::Bootstrap(boot)),
+    )
+    .await
+    .unwrap();
+}
+
 fn run_case(commands: Vec<Command>, settle_every: usize) {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -320,21 +339,7 @@ fn run_case(commands: Vec<Command>, settle_every: usize) {
     let journal = Arc::new(RocksJournal::open(dir.path(), OpenMode::ReadWrite).unwrap());
     let live = rt.block_on(async {
         let bus = Bus::start(journal.clone()).unwrap();
-        let boot = Bootstrap {
-            hostname: "h".into(),
-            api_endpoint: API.into(),
-            nvme_endpoint: "127.0.0.1:2".into(),
-            devices: vec![Device::backing_file("d0", "/d0", 1 << 40)],
-            root_public_key_pem: "PEM".into(),
-            server_uuid: Some(SERVER),
-            failure_domain: String::new(),
-        };
-        bus.submit(
-            RequestMeta::system("t"),
-            Command::Cluster(ClusterCommand::Bootstrap(boot)),
-        )
-        .await
-        .unwrap();
+        bootstrap(&bus).await;
         // Submit concurrently in small groups so group commit batches several commands.
         for (i, chunk) in commands.chunks(4).enumerate() {
             let tasks: Vec<_> = chunk
@@ -356,12 +361,17 @@ fn run_case(commands: Vec<Command>, settle_every: usize) {
         let live = bus.state().clone();
         live
     });
+    check_replay(&journal, &live);
+}
+
+/// Replaying `journal` gives `live`, and its stored rows equal `live`'s.
+fn check_replay(journal: &Arc<RocksJournal>, live: &evstor_control::domain::State) {
     // The writer thread lets go of the journal once every bus handle is gone. Wait for it:
     // a RocksDB still open in a detached thread when the test process exits is closed during
     // the C++ static destructors, and that crashes the process (seen as SIGSEGV after every
     // test had passed).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while Arc::strong_count(&journal) > 1 {
+    while Arc::strong_count(journal) > 1 {
         assert!(
             std::time::Instant::now() < deadline,
             "the journal writer never stopped"
@@ -373,12 +383,12 @@ fn run_case(commands: Vec<Command>, settle_every: usize) {
     nsids.sort_unstable();
     nsids.dedup();
     assert_eq!(nsids.len(), count, "two live volumes share a namespace id");
-    let (replayed, _) = replay(&journal, Until::All).unwrap();
-    assert_eq!(replayed, live, "replay differs from the live state");
-    let loaded = rows::load(&journal).unwrap();
+    let (replayed, _) = replay(journal, Until::All).unwrap();
+    assert_eq!(&replayed, live, "replay differs from the live state");
+    let loaded = rows::load(journal).unwrap();
     assert_eq!(
         rows::all(&loaded),
-        rows::all(&live),
+        rows::all(live),
         "stored projections differ from live"
     );
 }
@@ -432,4 +442,176 @@ fn federation_endpoint_and_root_key_rows_equal_live() {
         }),
     ];
     run_case(commands, 0);
+}
+
+const LEADER_EPOCH: u64 = 7;
+
+/// What the leader and the agents would order next for running evictions: moves, rebuilt
+/// replicas (the agents), hand-overs and their releases, completions.
+fn eviction_steps(s: &evstor_control::domain::State, moves: bool) -> Vec<Command> {
+    let mut out = Vec::new();
+    for server in s.inventory.servers.values().filter(|x| x.evicting()) {
+        let plan = eviction::plan(s, server.uuid);
+        if plan.remaining == 0 {
+            out.push(Command::Inventory(InvCommand::CompleteEviction {
+                uuid: server.uuid,
+                leader_epoch: LEADER_EPOCH,
+            }));
+        }
+        out.extend(plan.moves.into_iter().filter(|_| moves).map(|m| {
+            Command::Volume(VolumeCommand::MoveReplica {
+                uuid: m.volume,
+                from: m.from,
+                to: m.to,
+                leader_epoch: LEADER_EPOCH,
+            })
+        }));
+    }
+    for v in s.volumes.by_uuid.values() {
+        out.extend(v.out_of_sync.iter().map(|n| {
+            Command::Volume(VolumeCommand::MarkReplicaInSync {
+                uuid: v.uuid,
+                node: *n,
+                epoch: v.epoch,
+                copied_bytes: v.size_bytes,
+            })
+        }));
+        if let Some((node, planned)) = failover_target(s, v) {
+            out.push(Command::Volume(VolumeCommand::PromoteReplica {
+                uuid: v.uuid,
+                node,
+                leader_epoch: LEADER_EPOCH,
+                planned,
+            }));
+        }
+        if let Some(node) = v.releasing {
+            out.push(Command::Volume(VolumeCommand::ReleasePrimary {
+                uuid: v.uuid,
+                node,
+            }));
+        }
+    }
+    out
+}
+
+async fn submit_all(bus: &Bus, commands: Vec<Command>) {
+    for c in commands {
+        let _ = bus.submit(RequestMeta::system("t"), c).await; // races are refusals
+    }
+}
+
+/// Runs evictions until nothing is left to order.
+async fn drive(bus: &Bus) {
+    for _ in 0..32 {
+        let steps = eviction_steps(&bus.state(), true);
+        if steps.is_empty() {
+            return;
+        }
+        submit_all(bus, steps).await;
+    }
+    panic!("the evictions never settled");
+}
+
+/// One fixed case with a cluster's eviction events: servers join, a volume of two copies
+/// and one of one are evicted from their servers (replica moves, a primary's move by
+/// hand-over), a completed eviction, and an aborted one; replay and rows equal live.
+#[test]
+fn eviction_and_replica_move_rows_equal_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let journal = Arc::new(RocksJournal::open(dir.path(), OpenMode::ReadWrite).unwrap());
+    let live = rt.block_on(async {
+        let bus = Bus::start(journal.clone()).unwrap();
+        bootstrap(&bus).await;
+        let mut setup = Vec::new();
+        for (n, fd) in [(2u128, "rack-a"), (3, "rack-b"), (4, "rack-b")] {
+            setup.push(Command::Inventory(InvCommand::JoinServer(Join {
+                server_uuid: uuid::Uuid::from_u128(n),
+                name: format!("s{n}"),
+                api_endpoint: format!("127.0.0.1:{n}"),
+                nvme_endpoint: format!("127.0.0.1:{}", n + 100),
+                failure_domain: fd.into(),
+                devices: vec![Device::backing_file(&format!("d{n}"), "/d0", 1 << 40)],
+            })));
+        }
+        setup.push(Command::Cluster(ClusterCommand::RecordLeader {
+            server_uuid: SERVER,
+            epoch: LEADER_EPOCH,
+        }));
+        for (name, copies) in [("two", 2), ("one", 1)] {
+            setup.push(Command::Volume(VolumeCommand::CreateVolume(NewVolume {
+                project: "default".into(),
+                name: name.into(),
+                size_bytes: 1 << 30,
+                acl: vec!["ALLOW_ANY".into()],
+                ip_acl: None,
+                compression: false,
+                replica_count: copies,
+                sector_size: 0,
+                source_snapshot: None,
+                qos: None,
+                labels: vec![],
+            })));
+        }
+        for c in setup {
+            bus.submit(RequestMeta::system("t"), c).await.unwrap();
+        }
+        settle(&bus).await;
+        // Evict the server of "two"'s replica, then the one holding "one" now.
+        let holder = |name: &str, replica: bool| {
+            let s = bus.state();
+            let v = s.volumes.by_name("default", name).unwrap();
+            let node = if replica {
+                v.replica_nodes[0]
+            } else {
+                v.node_uuid
+            };
+            s.inventory.server_of(node).unwrap().uuid
+        };
+        for server in [holder("two", true), holder("one", false)] {
+            let cmd = Command::Inventory(InvCommand::DisableServer {
+                uuid: server,
+                if_match: None,
+                force: false,
+                evict: true,
+            });
+            bus.submit(RequestMeta::system("t"), cmd).await.unwrap();
+            drive(&bus).await;
+            let s = bus.state();
+            let e = s.inventory.servers[&server].eviction.clone().unwrap();
+            assert_eq!(e.status, eviction::EvictionStatus::Completed);
+            assert!(eviction::copies_on(&s, &eviction::nodes_of(&s, server))
+                .next()
+                .is_none());
+        }
+        // Another eviction, aborted with its moves ordered but not rebuilt.
+        let server = holder("two", false);
+        let disable = Command::Inventory(InvCommand::DisableServer {
+            uuid: server,
+            if_match: None,
+            force: true,
+            evict: true,
+        });
+        submit_all(&bus, vec![disable]).await;
+        let moves: Vec<Command> = eviction_steps(&bus.state(), true)
+            .into_iter()
+            .filter(|c| matches!(c, Command::Volume(VolumeCommand::MoveReplica { .. })))
+            .collect();
+        assert!(!moves.is_empty(), "a move to abort");
+        submit_all(&bus, moves).await;
+        let enable = Command::Inventory(InvCommand::EnableServer {
+            uuid: server,
+            if_match: None,
+        });
+        bus.submit(RequestMeta::system("t"), enable).await.unwrap();
+        let s = bus.state();
+        let e = s.inventory.servers[&server].eviction.clone().unwrap();
+        assert_eq!(e.status, eviction::EvictionStatus::Aborted);
+        assert!(s.volumes.by_uuid.values().all(|v| v.replacing.is_empty()));
+        s.clone()
+    });
+    check_replay(&journal, &live);
 }

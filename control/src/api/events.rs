@@ -194,6 +194,11 @@ fn severity_of(type_name: &str) -> (usize, &'static str) {
         "VolumeReplicaInSync" => (INFO, "FullyProtected"),
         "VolumePrimaryHandedOver" => (LOW, "Available"),
         "VolumePrimaryReleased" => (INFO, "Available"),
+        "VolumeReplicaAdded" => (LOW, "Available"),
+        "VolumeReplicaRemoved" => (LOW, "Available"),
+        "ServerEvictionStarted" => (LOW, "Disabled"),
+        "ServerEvictionCompleted" => (INFO, "Disabled"),
+        "ServerEvictionAborted" => (MEDIUM, "Enabled"),
         t if t.ends_with("Deleted") || t.ends_with("DeletionRequested") => (MEDIUM, ""),
         t if t.ends_with("Updated") || t.ends_with("Enabled") || t.ends_with("Disabled") => {
             (LOW, "")
@@ -248,6 +253,9 @@ fn component(
             | inventory::Event::ServerDisabled { uuid }
             | inventory::Event::ServerEnabled { uuid }
             | inventory::Event::ServerDeleted { uuid }
+            | inventory::Event::ServerEvictionStarted { uuid, .. }
+            | inventory::Event::ServerEvictionCompleted { uuid }
+            | inventory::Event::ServerEvictionAborted { uuid }
             | inventory::Event::FailureDomainSet {
                 server_uuid: uuid, ..
             },

@@ -1,10 +1,20 @@
 //! `/api/v2/servers…`: the servers of the cluster. Listing and getting show live health (a
-//! server whose liveness lease expired is `Failed`, recorded by the leader). Disabling marks
-//! a server so no new volume is placed on it (its volumes stay and are served: there is no
-//! evacuation yet, so `evictData` is refused); enabling undoes that; deleting removes a
-//! server that is down and holds no volume (`forceDelete`: also otherwise, and its volumes
-//! fail). Creating servers (they join by starting `evstor serve --etcd … --name …`) and
-//! upgrading answer 501 after the usual authorization checks.
+//! server whose liveness lease expired is `Failed`, recorded by the leader), the risk of
+//! service loss taking the server down carries (`RiskOfServiceLossState`, the rules are in
+//! `domain::eviction`) and its last data eviction (`LastEviction`, with live progress: the
+//! percent of the copies it held at the start that have left, and why copies cannot move
+//! now, if so).
+//!
+//! Disabling marks a server so no new volume is placed on it and hands its primaries over
+//! to in-sync replicas; it answers 400 when the server is the `SourceOfRiskOfServiceLoss`
+//! (the only in-sync copy of a volume, named in the error) unless `ForceDisable` or
+//! `evictData` is set. `evictData` also moves every copy it holds to other servers (make
+//! before break, by the leader) until it holds none (`LastEviction.status` `Completed`);
+//! a one-server cluster holding data cannot evict (400). Enabling undoes the placement rule
+//! and aborts a running eviction. Deleting removes a server that is down, holds no only
+//! in-sync copy (400 otherwise) and is no volume's primary (409) (`forceDelete`: also
+//! otherwise, and its volumes fail). Creating servers (they join by starting `evstor serve
+//! --etcd … --name …`) and upgrading answer 501 after the usual authorization checks.
 
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
@@ -18,8 +28,8 @@ use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
 use super::json::{Body, Obj};
 use super::{if_match, App, Query};
+use crate::domain::eviction::{self, EvictionStatus, Risk};
 use crate::domain::inventory::{Command as InventoryCommand, Server, ServerState};
-use crate::domain::volume::VolumeState;
 use crate::domain::{Command, State as DomainState};
 
 pub fn routes() -> Router<App> {
@@ -51,20 +61,41 @@ const RISKS: [&str; 4] = [
     "SourceOfRiskOfServiceLoss",
 ];
 
-/// Replicas hold no data yet, so a server that is the primary of any volume is the only
-/// copy of its data: taking it down loses service.
+/// The risk of taking the server down, by `domain::eviction::risk`.
 fn risk(state: &DomainState, server: &Server) -> &'static str {
-    let node = state.inventory.node_of(server.uuid).map(|n| n.uuid);
-    let holds_volumes = state
-        .volumes
-        .by_uuid
-        .values()
-        .any(|v| v.state != VolumeState::Deleted && Some(v.node_uuid) == node);
-    if holds_volumes {
-        RISKS[3]
-    } else {
-        RISKS[1]
+    match eviction::risk(state, server.uuid).0 {
+        Risk::No => RISKS[1],
+        Risk::In => RISKS[2],
+        Risk::Source => RISKS[3],
     }
+}
+
+/// `ServerEvictionStatus` of the server's last eviction (absent if it never had one).
+fn eviction_json(state: &DomainState, server: &Server) -> Value {
+    let Some(e) = &server.eviction else {
+        return Value::Null;
+    };
+    let status = match e.status {
+        EvictionStatus::None => "None",
+        EvictionStatus::Failed => "Failed",
+        EvictionStatus::Evicting => "Evicting",
+        EvictionStatus::Aborting => "Aborting",
+        EvictionStatus::Completed => "Completed",
+        EvictionStatus::Aborted => "Aborted",
+    };
+    let plan = eviction::plan(state, server.uuid);
+    let why = if e.running() {
+        plan.stalled.join("; ")
+    } else {
+        String::new()
+    };
+    Obj::new()
+        .str("status", status)
+        .time("startTime", e.start_unix_ns)
+        .time("endTime", e.end_unix_ns)
+        .str("errorMessage", &why)
+        .num("progress", e.progress(plan.remaining).into())
+        .build()
 }
 
 /// The `Server` message.
@@ -87,6 +118,7 @@ pub fn server_json(app: &App, state: &DomainState, s: &Server) -> Value {
         .str("ETag", &s.etag.to_string())
         .str("LightOSVersion", &app.info.version)
         .strs("ApiEndpoints", api)
+        .val("LastEviction", eviction_json(state, s))
         .str("health", if s.failed { "Error" } else { "OK" })
         .build()
 }
@@ -224,16 +256,11 @@ async fn disable(
     who.require_cluster_admin()?;
     let server = find(&app.bus.state(), &uuid)?.uuid;
     let body = b.0;
-    if flag(&body, "evictData")? {
-        return Err(unimplemented(
-            "evicting a server's data",
-            "volumes do not move between servers yet; disable without evictData to stop \
-             placing new volumes on it",
-        ));
-    }
     let cmd = InventoryCommand::DisableServer {
         uuid: server,
         if_match: if_match(&headers)?,
+        force: flag(&body, "ForceDisable")?,
+        evict: flag(&body, "evictData")?,
     };
     change(&app, &who, &headers, cmd, server).await
 }

@@ -70,8 +70,9 @@ fn state_name(s: VolumeState) -> &'static str {
 
 /// Protection as hosts find it now, with the servers' live health: a volume whose
 /// primary's server failed is `NotAvailable` unless an in-sync replica can take over
-/// (`Degraded` until the leader promoted it); one with an in-sync copy on a failed server is
-/// `Degraded` even before its primary recorded that copy out of sync.
+/// (`Degraded` until the leader promoted it); one with fewer in-sync copies on live servers
+/// than its `replicaCount` is `Degraded` even before its primary recorded the lost copy out
+/// of sync.
 pub fn live_protection(state: &DomainState, v: &Volume) -> ProtectionState {
     let failed = |n| state.inventory.server_of(n).is_some_and(|s| s.failed);
     if failed(v.node_uuid) {
@@ -80,7 +81,8 @@ pub fn live_protection(state: &DomainState, v: &Volume) -> ProtectionState {
             None => ProtectionState::NotAvailable,
         };
     }
-    if v.protection == ProtectionState::FullyProtected && v.in_sync_replicas().any(failed) {
+    let live_copies = 1 + v.in_sync_replicas().filter(|n| !failed(*n)).count() as u32;
+    if v.protection == ProtectionState::FullyProtected && live_copies < v.replica_count {
         return ProtectionState::Degraded;
     }
     v.protection

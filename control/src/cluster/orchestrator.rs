@@ -8,7 +8,12 @@
 //!    on a live server as its primary (`PromoteReplica`, a new volume epoch); one whose
 //!    primary's server was disabled is handed over the same way, planned: the new primary
 //!    serves once the old one confirmed it stopped (`ReleasePrimary`);
-//! 4. now and then trims the etcd log to its last [`ClusterConfig::tail_batches`] batches
+//! 4. evicts the servers disabled with `evictData`: orders the next replica moves off each
+//!    (`MoveReplica`, planned by `domain::eviction::plan`: a new out-of-sync copy elsewhere,
+//!    which the primary's agent rebuilds; the old copy leaves once the new one is in sync),
+//!    cancels moves whose target's server failed or was disabled (`CancelReplicaMove`),
+//!    and records `CompleteEviction` once a server holds no copy;
+//! 5. now and then trims the etcd log to its last [`ClusterConfig::tail_batches`] batches
 //!    and compacts etcd's history up to that point.
 //!
 //! Every append here is fenced: the writer's etcd transaction compares the leader key's
@@ -28,6 +33,7 @@ use super::etcd::{Compare, EtcdClient, Op, Range};
 use super::session::{alive_servers, LeaderView};
 use super::Keys;
 use crate::domain::cluster::Command as ClusterCommand;
+use crate::domain::eviction;
 use crate::domain::inventory::Command as InventoryCommand;
 use crate::domain::volume::{failover_target, Command as VolumeCommand};
 use crate::domain::{Command, DomainError};
@@ -146,6 +152,7 @@ impl Orchestrator {
         }
         self.record_health(epoch)?;
         self.fail_over(epoch)?;
+        self.evict(epoch)?;
         if trim {
             self.trim(epoch)?;
         }
@@ -172,6 +179,53 @@ impl Orchestrator {
                 planned,
             });
             self.submit("fail over", epoch, cmd)?;
+        }
+        Ok(())
+    }
+
+    /// Orders the next replica moves off every server being evicted, and completes the
+    /// evictions of servers that hold no copy any more. A copy with nowhere to go waits
+    /// (the server's `LastEviction` says why) and is looked at again next pass.
+    fn evict(&self, epoch: u64) -> Result<(), Stop> {
+        let (moves, cancels, done) = {
+            let state = self.bus.state();
+            let (mut moves, mut cancels, mut done) = (Vec::new(), Vec::new(), Vec::new());
+            for s in state.inventory.servers.values().filter(|s| s.evicting()) {
+                let plan = eviction::plan(&state, s.uuid);
+                if plan.remaining == 0 {
+                    done.push(s.uuid);
+                }
+                moves.extend(plan.moves);
+                cancels.extend(plan.cancels);
+            }
+            (moves, cancels, done)
+        };
+        for (uuid, node) in cancels {
+            tracing::warn!(volume = %uuid, %node, "cancelling a replica move: its target left");
+            let cmd = Command::Volume(VolumeCommand::CancelReplicaMove {
+                uuid,
+                node,
+                leader_epoch: epoch,
+            });
+            self.submit("cancel replica move", epoch, cmd)?;
+        }
+        for m in moves {
+            tracing::warn!(volume = %m.volume, from = %m.from, to = %m.to, "moving a replica (eviction)");
+            let cmd = Command::Volume(VolumeCommand::MoveReplica {
+                uuid: m.volume,
+                from: m.from,
+                to: m.to,
+                leader_epoch: epoch,
+            });
+            self.submit("move replica", epoch, cmd)?;
+        }
+        for uuid in done {
+            tracing::warn!(server = %uuid, "eviction complete");
+            let cmd = Command::Inventory(InventoryCommand::CompleteEviction {
+                uuid,
+                leader_epoch: epoch,
+            });
+            self.submit("eviction complete", epoch, cmd)?;
         }
         Ok(())
     }

@@ -7,13 +7,23 @@
 //! the cluster's leader from etcd liveness (`ServerFailed`, `ServerRecovered`, each carrying
 //! the leader's epoch; an epoch other than the recorded leader's is refused). Placement of
 //! new volumes ([`place`]) uses only healthy, enabled servers.
+//!
+//! Disabling a server that is the `SourceOfRiskOfServiceLoss` (it holds the only in-sync
+//! copy of a volume, see `eviction`) is refused unless forced or evicting. Disabling with
+//! eviction also records `ServerEvictionStarted`; the leader moves the server's copies
+//! away and records `ServerEvictionCompleted` once it holds none (at once for a server
+//! holding nothing); enabling it meanwhile aborts (`ServerEvictionAborted`, and the moves
+//! not completed are dropped). Deleting a server is refused while it holds the only
+//! in-sync copy of a volume or is still a volume's primary, unless forced.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::eviction::{self, Eviction, EvictionStatus, Risk};
 use super::names::{check_etag, check_name};
+use super::volume::VolumeState;
 use super::{Applied, Ctx, DomainError, Event as AnyEvent, RowKey, State};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +49,8 @@ pub struct Server {
     /// A small number unique among the cluster's servers, given at registration (the
     /// smallest free one): its data path's ANA group and controller ID range derive from it.
     pub slot: u32,
+    /// The last (or running) eviction of its data.
+    pub eviction: Option<Eviction>,
 }
 
 impl Server {
@@ -54,6 +66,11 @@ impl Server {
     /// New volumes may be placed here.
     pub fn placeable(&self) -> bool {
         self.state == ServerState::Enabled && !self.failed
+    }
+
+    /// Its data is being moved away.
+    pub fn evicting(&self) -> bool {
+        self.eviction.as_ref().is_some_and(Eviction::running)
     }
 }
 
@@ -144,10 +161,14 @@ pub enum Command {
     JoinServer(Join),
     /// Leader: a server's liveness changed. `epoch` must be the recorded leader's.
     RecordServerHealth { uuid: Uuid, alive: bool, epoch: u64 },
-    /// Stop placing new volumes on the server (its volumes stay where they are).
+    /// Stop placing new volumes on the server; its primaries are handed over (by the
+    /// leader). Refused while it is the source of a risk of service loss unless `force` or
+    /// `evict` (move every copy it holds elsewhere first).
     DisableServer {
         uuid: Uuid,
         if_match: Option<String>,
+        force: bool,
+        evict: bool,
     },
     EnableServer {
         uuid: Uuid,
@@ -160,6 +181,8 @@ pub enum Command {
         if_match: Option<String>,
         force: bool,
     },
+    /// Leader (at `leader_epoch`): the evicted server holds no copy any more.
+    CompleteEviction { uuid: Uuid, leader_epoch: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -199,6 +222,19 @@ pub enum Event {
     ServerDeleted {
         uuid: Uuid,
     },
+    /// Its data starts moving away; it held `copies` copies of volumes then.
+    ServerEvictionStarted {
+        uuid: Uuid,
+        copies: u32,
+    },
+    /// It holds no copy any more.
+    ServerEvictionCompleted {
+        uuid: Uuid,
+    },
+    /// It was enabled again before its eviction completed.
+    ServerEvictionAborted {
+        uuid: Uuid,
+    },
 }
 
 impl Event {
@@ -213,6 +249,9 @@ impl Event {
             Event::ServerDisabled { .. } => "ServerDisabled",
             Event::ServerEnabled { .. } => "ServerEnabled",
             Event::ServerDeleted { .. } => "ServerDeleted",
+            Event::ServerEvictionStarted { .. } => "ServerEvictionStarted",
+            Event::ServerEvictionCompleted { .. } => "ServerEvictionCompleted",
+            Event::ServerEvictionAborted { .. } => "ServerEvictionAborted",
         }
     }
 }
@@ -236,20 +275,22 @@ pub fn decide(state: &State, _: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, Do
                 _ => vec![],
             })
         }
-        Command::DisableServer { uuid, if_match } => {
+        Command::DisableServer {
+            uuid,
+            if_match,
+            force,
+            evict,
+        } => disable(state, *uuid, if_match, *force, *evict),
+        Command::EnableServer { uuid, if_match } => enable(state, *uuid, if_match),
+        Command::CompleteEviction { uuid, leader_epoch } => {
+            super::cluster::check_epoch(state, *leader_epoch)?;
             let s = server(state, *uuid)?;
-            check_etag("server", s.uuid, s.etag, if_match)?;
-            Ok(match s.state {
-                ServerState::Disabled => vec![],
-                _ => vec![inv(Event::ServerDisabled { uuid: *uuid })],
-            })
-        }
-        Command::EnableServer { uuid, if_match } => {
-            let s = server(state, *uuid)?;
-            check_etag("server", s.uuid, s.etag, if_match)?;
-            Ok(match s.state {
-                ServerState::Enabled => vec![],
-                _ => vec![inv(Event::ServerEnabled { uuid: *uuid })],
+            let nodes = eviction::nodes_of(state, *uuid);
+            let empty = eviction::copies_on(state, &nodes).next().is_none();
+            Ok(if s.evicting() && empty {
+                vec![inv(Event::ServerEvictionCompleted { uuid: *uuid })]
+            } else {
+                vec![]
             })
         }
         Command::DeleteServer {
@@ -262,6 +303,72 @@ pub fn decide(state: &State, _: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, Do
 
 fn inv(e: Event) -> AnyEvent {
     AnyEvent::Inventory(e)
+}
+
+fn disable(
+    state: &State,
+    uuid: Uuid,
+    if_match: &Option<String>,
+    force: bool,
+    evict: bool,
+) -> Result<Vec<AnyEvent>, DomainError> {
+    let s = server(state, uuid)?;
+    check_etag("server", s.uuid, s.etag, if_match)?;
+    let mut events = Vec::new();
+    if s.state != ServerState::Disabled {
+        if !force && !evict {
+            if let (Risk::Source, Some(v)) = eviction::risk(state, uuid) {
+                return Err(DomainError::FailedPrecondition(format!(
+                    "disabling server {} can lead to risk of service loss: it holds the only \
+                     in-sync copy of volume {} ({}); set evictData to move its data first, \
+                     or ForceDisable",
+                    s.name, v.name, v.uuid
+                )));
+            }
+        }
+        events.push(inv(Event::ServerDisabled { uuid }));
+    }
+    if evict && !s.evicting() {
+        let nodes = eviction::nodes_of(state, uuid);
+        let copies = eviction::copies_on(state, &nodes).count();
+        if copies > 0 && state.inventory.servers.len() == 1 {
+            return Err(DomainError::FailedPrecondition(format!(
+                "server {} is the only server: its data has nowhere to go",
+                s.name
+            )));
+        }
+        events.push(inv(Event::ServerEvictionStarted {
+            uuid,
+            copies: u32::try_from(copies).unwrap_or(u32::MAX),
+        }));
+        if copies == 0 {
+            events.push(inv(Event::ServerEvictionCompleted { uuid }));
+        }
+    }
+    Ok(events)
+}
+
+/// Enabling a server also aborts its running eviction: the moves away from it that have
+/// not completed are dropped.
+fn enable(
+    state: &State,
+    uuid: Uuid,
+    if_match: &Option<String>,
+) -> Result<Vec<AnyEvent>, DomainError> {
+    let s = server(state, uuid)?;
+    check_etag("server", s.uuid, s.etag, if_match)?;
+    let mut events = Vec::new();
+    if s.state != ServerState::Enabled {
+        events.push(inv(Event::ServerEnabled { uuid }));
+    }
+    if s.evicting() {
+        events.push(inv(Event::ServerEvictionAborted { uuid }));
+        events.extend(super::volume::abort_moves(
+            state,
+            &eviction::nodes_of(state, uuid),
+        ));
+    }
+    Ok(events)
 }
 
 fn server(state: &State, uuid: Uuid) -> Result<&Server, DomainError> {
@@ -417,19 +524,42 @@ fn delete_server(
             s.name
         )));
     }
-    let held: Vec<Uuid> = state
-        .inventory
-        .node_of(uuid)
-        .map(|n| volumes_on(state, n.uuid))
-        .unwrap_or_default();
-    if !held.is_empty() && !force {
-        let names: Vec<String> = held.iter().take(5).map(Uuid::to_string).collect();
-        return Err(DomainError::Conflict(format!(
-            "server {} holds the only copy of {} volume(s) ({}…); delete or move them first, \
-             or set forceDelete (they then become Failed)",
+    if force {
+        return Ok(vec![inv(Event::ServerDeleted { uuid })]);
+    }
+    let nodes = eviction::nodes_of(state, uuid);
+    let list = |vs: &[Uuid]| {
+        let names: Vec<String> = vs.iter().take(5).map(Uuid::to_string).collect();
+        format!("{} volume(s) ({}…)", vs.len(), names.join(", "))
+    };
+    let sole: Vec<Uuid> = state
+        .volumes
+        .by_uuid
+        .values()
+        .filter(|v| !matches!(v.state, VolumeState::Deleting | VolumeState::Deleted))
+        .filter(|v| eviction::sole_holder(state, v, &nodes))
+        .map(|v| v.uuid)
+        .collect();
+    if !sole.is_empty() {
+        return Err(DomainError::FailedPrecondition(format!(
+            "server {} holds the only in-sync copy of {}; move them first (disable it with \
+             evictData) or set forceDelete (they then become Failed)",
             s.name,
-            held.len(),
-            names.join(", ")
+            list(&sole)
+        )));
+    }
+    // Its replicas simply leave their volumes; a volume whose primary is here would fail,
+    // although an in-sync copy lives on: its primary moves first (the leader's fail-over).
+    let primaries: Vec<Uuid> = eviction::copies_on(state, &nodes)
+        .filter(|v| nodes.contains(&v.node_uuid))
+        .map(|v| v.uuid)
+        .collect();
+    if !primaries.is_empty() {
+        return Err(DomainError::Conflict(format!(
+            "server {} is still the primary of {}; retry once they failed over, or set \
+             forceDelete (they then become Failed)",
+            s.name,
+            list(&primaries)
         )));
     }
     Ok(vec![inv(Event::ServerDeleted { uuid })])
@@ -441,12 +571,7 @@ fn delete_server(
 /// lives where its snapshot's data is).
 pub fn place(state: &State, count: usize, primary: Option<Uuid>) -> Result<Vec<Uuid>, DomainError> {
     let inv = &state.inventory;
-    let mut load: BTreeMap<Uuid, usize> = BTreeMap::new();
-    for v in state.volumes.by_uuid.values() {
-        for n in std::iter::once(&v.node_uuid).chain(&v.replica_nodes) {
-            *load.entry(*n).or_default() += 1;
-        }
-    }
+    let load = eviction::node_load(state);
     let mut candidates: Vec<(&Node, &Server)> = inv
         .nodes
         .values()
@@ -511,6 +636,7 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
                     failed: false,
                     failure_domain: String::new(),
                     slot,
+                    eviction: None,
                 },
             );
             vec![RowKey::Server(*uuid)]
@@ -555,7 +681,30 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             change_server(inv, *uuid, at, |s| s.state = ServerState::Enabled)
         }
         Event::ServerDeleted { uuid } => remove_server(state, *uuid, at),
+        Event::ServerEvictionStarted { uuid, copies } => change_server(inv, *uuid, at, |s| {
+            s.eviction = Some(Eviction {
+                status: EvictionStatus::Evicting,
+                start_unix_ns: at.time_unix_ns,
+                end_unix_ns: 0,
+                copies_at_start: *copies,
+            })
+        }),
+        Event::ServerEvictionCompleted { uuid } => change_server(inv, *uuid, at, |s| {
+            end_eviction(s, at, EvictionStatus::Completed)
+        }),
+        Event::ServerEvictionAborted { uuid } => change_server(inv, *uuid, at, |s| {
+            end_eviction(s, at, EvictionStatus::Aborted)
+        }),
     }
+}
+
+fn end_eviction(s: &mut Server, at: Applied, status: EvictionStatus) {
+    let e = s
+        .eviction
+        .as_mut()
+        .expect("invariant: an eviction ends only after it started");
+    e.status = status;
+    e.end_unix_ns = at.time_unix_ns;
 }
 
 fn change_server(
@@ -606,11 +755,16 @@ fn remove_server(state: &mut State, uuid: Uuid, at: Applied) -> Vec<RowKey> {
             .get(v)
             .cloned()
             .expect("invariant: volumes_on names existing volumes");
-        if nodes.contains(&vol.node_uuid) {
-            vol.state = super::volume::VolumeState::Failed;
-            vol.protection = super::volume::ProtectionState::NotAvailable;
-        }
         vol.replica_nodes.retain(|r| !nodes.contains(r));
+        vol.out_of_sync.retain(|r| !nodes.contains(r));
+        vol.replacing
+            .retain(|r| !nodes.contains(&r.node) && !nodes.contains(&r.replaces));
+        if nodes.contains(&vol.node_uuid) {
+            vol.state = VolumeState::Failed;
+            vol.protection = super::volume::ProtectionState::NotAvailable;
+        } else if vol.state != VolumeState::Failed {
+            vol.protection = vol.protection_now();
+        }
         vol.etag = at.seq;
         state.volumes.insert(vol);
         rows.push(RowKey::Volume(v));
@@ -624,7 +778,9 @@ mod tests {
     use crate::domain::cluster::tests::bootstrap_events;
     use crate::domain::cluster::Command as ClusterCommand;
     use crate::domain::volume::tests::new_volume;
-    use crate::domain::volume::{Command as VolumeCommand, Event as VolumeEvent};
+    use crate::domain::volume::{
+        Command as VolumeCommand, Event as VolumeEvent, ProtectionState, Volume,
+    };
     use crate::domain::{decide as decide_any, test_ctx, Command as AnyCommand};
 
     fn apply(state: &mut State, events: &[AnyEvent]) {
@@ -788,11 +944,7 @@ mod tests {
                     .unwrap(),
                 n => Uuid::from_u128(n),
             };
-            let cmd = Command::DisableServer {
-                uuid,
-                if_match: None,
-            };
-            run(&mut s, AnyCommand::Inventory(cmd)).unwrap();
+            run(&mut s, disable(uuid, false, false)).unwrap();
         }
         let created = run(
             &mut s,
@@ -822,10 +974,12 @@ mod tests {
             epoch: 3,
         };
         run(&mut s, AnyCommand::Inventory(down)).unwrap();
-        assert!(matches!(
-            run(&mut s, delete(false)),
-            Err(DomainError::Conflict(_))
-        ));
+        // Down, but the only in-sync copy of v1: a precondition, not a race.
+        let err = run(&mut s, delete(false)).unwrap_err();
+        assert!(
+            matches!(&err, DomainError::FailedPrecondition(m) if m.contains(&volume.uuid.to_string())),
+            "{err:?}"
+        );
         run(&mut s, delete(true)).unwrap();
         assert!(!s.inventory.servers.contains_key(&s2));
         assert!(s.inventory.node_of(s2).is_none());
@@ -833,5 +987,370 @@ mod tests {
             s.volumes.get(volume.uuid).unwrap().state,
             crate::domain::volume::VolumeState::Failed
         );
+    }
+
+    fn disable(uuid: Uuid, force: bool, evict: bool) -> AnyCommand {
+        AnyCommand::Inventory(Command::DisableServer {
+            uuid,
+            if_match: None,
+            force,
+            evict,
+        })
+    }
+
+    fn enable(uuid: Uuid) -> AnyCommand {
+        AnyCommand::Inventory(Command::EnableServer {
+            uuid,
+            if_match: None,
+        })
+    }
+
+    fn complete(uuid: Uuid, leader_epoch: u64) -> AnyCommand {
+        AnyCommand::Inventory(Command::CompleteEviction { uuid, leader_epoch })
+    }
+
+    /// Creates an available volume of `copies` copies (its id from `seed`); returns it.
+    fn available_volume(state: &mut State, name: &str, copies: u32, seed: u8) -> Volume {
+        let mut n = new_volume(name);
+        n.replica_count = copies;
+        let ctx = Ctx {
+            seed: [seed; 16],
+            ..test_ctx()
+        };
+        let cmd = AnyCommand::Volume(VolumeCommand::CreateVolume(n));
+        let events = decide_any(state, &ctx, &cmd).unwrap();
+        apply(state, &events);
+        let AnyEvent::Volume(VolumeEvent::VolumeCreationRequested { volume }) = &events[0] else {
+            panic!("{events:?}")
+        };
+        let uuid = volume.uuid;
+        let done = VolumeCommand::MarkVolumeAvailable { uuid };
+        run(state, AnyCommand::Volume(done)).unwrap();
+        state.volumes.get(uuid).unwrap().clone()
+    }
+
+    fn server_of(state: &State, node: Uuid) -> Uuid {
+        state.inventory.server_of(node).unwrap().uuid
+    }
+
+    fn in_sync(state: &State, uuid: Uuid, node: Uuid) -> AnyCommand {
+        AnyCommand::Volume(VolumeCommand::MarkReplicaInSync {
+            uuid,
+            node,
+            epoch: state.volumes.get(uuid).unwrap().epoch,
+            copied_bytes: 1 << 30,
+        })
+    }
+
+    fn move_cmd(m: eviction::Move, leader_epoch: u64) -> AnyCommand {
+        AnyCommand::Volume(VolumeCommand::MoveReplica {
+            uuid: m.volume,
+            from: m.from,
+            to: m.to,
+            leader_epoch,
+        })
+    }
+
+    fn types(events: &[AnyEvent]) -> Vec<&'static str> {
+        events.iter().map(AnyEvent::type_name).collect()
+    }
+
+    #[test]
+    fn disabling_the_only_holder_of_a_volume_is_refused_unless_forced_or_evicting() {
+        let mut s = four_servers();
+        let v = available_volume(&mut s, "one", 1, 1);
+        let holder = server_of(&s, v.node_uuid);
+        assert_eq!(eviction::risk(&s, holder).0, Risk::Source);
+        let err = run(&mut s, disable(holder, false, false)).unwrap_err();
+        assert!(
+            matches!(&err, DomainError::FailedPrecondition(m) if m.contains("one")),
+            "{err:?}"
+        );
+        assert_eq!(s.inventory.servers[&holder].state, ServerState::Enabled);
+        // Another server holds nothing: no risk, disabled as before.
+        let other = *s.inventory.servers.keys().find(|u| **u != holder).unwrap();
+        assert_eq!(eviction::risk(&s, other).0, Risk::No);
+        assert_eq!(
+            types(&run(&mut s, disable(other, false, false)).unwrap()),
+            ["ServerDisabled"]
+        );
+        assert_eq!(
+            types(&run(&mut s, disable(holder, true, false)).unwrap()),
+            ["ServerDisabled"]
+        );
+        // An empty server's eviction completes at once.
+        let empty = *s
+            .inventory
+            .servers
+            .keys()
+            .find(|u| **u != holder && **u != other)
+            .unwrap();
+        assert_eq!(
+            types(&run(&mut s, disable(empty, false, true)).unwrap()),
+            [
+                "ServerDisabled",
+                "ServerEvictionStarted",
+                "ServerEvictionCompleted"
+            ]
+        );
+        let e = s.inventory.servers[&empty].eviction.clone().unwrap();
+        assert_eq!((e.status, e.progress(0)), (EvictionStatus::Completed, 100));
+    }
+
+    #[test]
+    fn risk_is_in_risk_for_a_copy_of_a_degraded_volume_that_is_not_the_last() {
+        let mut s = four_servers();
+        let v = available_volume(&mut s, "three", 3, 1);
+        let out = v.replica_nodes[0];
+        let cmd = VolumeCommand::MarkReplicaOutOfSync {
+            uuid: v.uuid,
+            node: out,
+            epoch: v.epoch,
+        };
+        run(&mut s, AnyCommand::Volume(cmd)).unwrap();
+        let primary = server_of(&s, v.node_uuid);
+        assert_eq!(eviction::risk(&s, primary).0, Risk::In);
+        assert_eq!(eviction::risk(&s, server_of(&s, out)).0, Risk::No);
+        // Down to one in-sync copy: its holder is the source.
+        let cmd = VolumeCommand::MarkReplicaOutOfSync {
+            uuid: v.uuid,
+            node: v.replica_nodes[1],
+            epoch: v.epoch,
+        };
+        run(&mut s, AnyCommand::Volume(cmd)).unwrap();
+        assert_eq!(eviction::risk(&s, primary).0, Risk::Source);
+    }
+
+    #[test]
+    fn evicting_moves_a_replica_make_before_break_then_completes() {
+        let mut s = four_servers();
+        leader(&mut s, 7);
+        let v = available_volume(&mut s, "two", 2, 1);
+        let (primary, old) = (v.node_uuid, v.replica_nodes[0]);
+        let evicted = server_of(&s, old);
+        let events = run(&mut s, disable(evicted, false, true)).unwrap();
+        assert_eq!(types(&events), ["ServerDisabled", "ServerEvictionStarted"]);
+        let plan = eviction::plan(&s, evicted);
+        assert_eq!(plan.remaining, 1);
+        let [m] = plan.moves[..] else {
+            panic!("{plan:?}")
+        };
+        assert_eq!((m.volume, m.from), (v.uuid, old));
+        assert!(!v.nodes().any(|n| n == m.to));
+        // The new copy is in a failure domain the primary's does not share, when one exists.
+        let used = s.inventory.server_of(primary).unwrap().domain().to_string();
+        assert_ne!(s.inventory.server_of(m.to).unwrap().domain(), used);
+        // Only the recorded leader orders moves.
+        assert!(matches!(
+            run(&mut s, move_cmd(m, 6)),
+            Err(DomainError::StaleEpoch(_))
+        ));
+        let added = run(&mut s, move_cmd(m, 7)).unwrap();
+        assert_eq!(types(&added), ["VolumeReplicaAdded"]);
+        assert!(run(&mut s, move_cmd(m, 7)).unwrap().is_empty(), "a repeat");
+        let during = s.volumes.get(v.uuid).unwrap().clone();
+        assert_eq!(during.replica_nodes, [old, m.to]);
+        assert_eq!(during.out_of_sync, [m.to]);
+        assert_eq!(during.protection, ProtectionState::FullyProtected);
+        assert!(
+            eviction::plan(&s, evicted).moves.is_empty(),
+            "one at a time"
+        );
+        assert!(run(&mut s, complete(evicted, 7)).unwrap().is_empty());
+        // In sync: the replaced copy leaves in the same decision.
+        let cmd = in_sync(&s, v.uuid, m.to);
+        let done = run(&mut s, cmd).unwrap();
+        assert_eq!(
+            types(&done),
+            ["VolumeReplicaInSync", "VolumeReplicaRemoved"]
+        );
+        let after = s.volumes.get(v.uuid).unwrap();
+        assert_eq!(after.nodes().collect::<Vec<_>>(), [primary, m.to]);
+        assert!(after.out_of_sync.is_empty() && after.replacing.is_empty());
+        assert_eq!(after.protection, ProtectionState::FullyProtected);
+        let plan = eviction::plan(&s, evicted);
+        assert_eq!((plan.remaining, plan.moves.len()), (0, 0));
+        assert!(matches!(
+            run(&mut s, complete(evicted, 6)),
+            Err(DomainError::StaleEpoch(_))
+        ));
+        assert_eq!(
+            types(&run(&mut s, complete(evicted, 7)).unwrap()),
+            ["ServerEvictionCompleted"]
+        );
+        let e = s.inventory.servers[&evicted].eviction.clone().unwrap();
+        assert_eq!(e.status, EvictionStatus::Completed);
+        assert_eq!((e.copies_at_start, e.progress(0)), (1, 100));
+    }
+
+    #[test]
+    fn a_primary_without_another_copy_moves_by_a_new_copy_and_a_hand_over() {
+        let mut s = four_servers();
+        leader(&mut s, 7);
+        let v = available_volume(&mut s, "one", 1, 1);
+        let old = v.node_uuid;
+        let evicted = server_of(&s, old);
+        run(&mut s, disable(evicted, false, true)).unwrap();
+        let [m] = eviction::plan(&s, evicted).moves[..] else {
+            panic!("no move planned")
+        };
+        assert_eq!(m.from, old);
+        run(&mut s, move_cmd(m, 7)).unwrap();
+        // In sync, but the primary cannot simply leave: the leader hands it over.
+        let cmd = in_sync(&s, v.uuid, m.to);
+        let synced = run(&mut s, cmd).unwrap();
+        assert_eq!(types(&synced), ["VolumeReplicaInSync"]);
+        let vol = s.volumes.get(v.uuid).unwrap().clone();
+        assert_eq!(
+            crate::domain::volume::failover_target(&s, &vol),
+            Some((m.to, true))
+        );
+        let promote = VolumeCommand::PromoteReplica {
+            uuid: v.uuid,
+            node: m.to,
+            leader_epoch: 7,
+            planned: true,
+        };
+        let handed = run(&mut s, AnyCommand::Volume(promote)).unwrap();
+        assert_eq!(
+            types(&handed),
+            ["VolumePrimaryHandedOver", "VolumeReplicaRemoved"]
+        );
+        let after = s.volumes.get(v.uuid).unwrap();
+        assert_eq!(after.nodes().collect::<Vec<_>>(), [m.to]);
+        assert_eq!(after.releasing, Some(old));
+        assert_eq!(after.protection, ProtectionState::FullyProtected);
+        assert_eq!(
+            types(&run(&mut s, complete(evicted, 7)).unwrap()),
+            ["ServerEvictionCompleted"]
+        );
+    }
+
+    #[test]
+    fn enabling_an_evicting_server_aborts_and_drops_the_new_copies() {
+        let mut s = four_servers();
+        leader(&mut s, 7);
+        let v = available_volume(&mut s, "two", 2, 1);
+        let evicted = server_of(&s, v.replica_nodes[0]);
+        run(&mut s, disable(evicted, false, true)).unwrap();
+        let [m] = eviction::plan(&s, evicted).moves[..] else {
+            panic!("no move planned")
+        };
+        run(&mut s, move_cmd(m, 7)).unwrap();
+        let events = run(&mut s, enable(evicted)).unwrap();
+        assert_eq!(
+            types(&events),
+            [
+                "ServerEnabled",
+                "ServerEvictionAborted",
+                "VolumeReplicaRemoved"
+            ]
+        );
+        let after = s.volumes.get(v.uuid).unwrap();
+        assert_eq!(after.replica_nodes, v.replica_nodes);
+        assert!(after.out_of_sync.is_empty() && after.replacing.is_empty());
+        let server = &s.inventory.servers[&evicted];
+        assert_eq!(server.state, ServerState::Enabled);
+        assert_eq!(
+            server.eviction.as_ref().map(|e| e.status),
+            Some(EvictionStatus::Aborted)
+        );
+        // A late order of the aborted move finds no eviction to serve: nothing completes.
+        assert!(run(&mut s, complete(evicted, 7)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_move_whose_target_failed_is_cancelled_and_starts_again_elsewhere() {
+        let mut s = four_servers();
+        leader(&mut s, 7);
+        let v = available_volume(&mut s, "two", 2, 1);
+        let evicted = server_of(&s, v.replica_nodes[0]);
+        run(&mut s, disable(evicted, false, true)).unwrap();
+        let [m] = eviction::plan(&s, evicted).moves[..] else {
+            panic!("no move planned")
+        };
+        run(&mut s, move_cmd(m, 7)).unwrap();
+        assert!(eviction::plan(&s, evicted).cancels.is_empty());
+        let down = Command::RecordServerHealth {
+            uuid: server_of(&s, m.to),
+            alive: false,
+            epoch: 7,
+        };
+        run(&mut s, AnyCommand::Inventory(down)).unwrap();
+        let plan = eviction::plan(&s, evicted);
+        assert_eq!(plan.cancels, [(v.uuid, m.to)]);
+        let cancel = |leader_epoch| {
+            AnyCommand::Volume(VolumeCommand::CancelReplicaMove {
+                uuid: v.uuid,
+                node: m.to,
+                leader_epoch,
+            })
+        };
+        assert!(matches!(
+            run(&mut s, cancel(6)),
+            Err(DomainError::StaleEpoch(_))
+        ));
+        assert_eq!(
+            types(&run(&mut s, cancel(7)).unwrap()),
+            ["VolumeReplicaRemoved"]
+        );
+        assert!(run(&mut s, cancel(7)).unwrap().is_empty(), "a repeat");
+        assert_eq!(
+            s.volumes.get(v.uuid).unwrap().replica_nodes,
+            v.replica_nodes
+        );
+        let [again] = eviction::plan(&s, evicted).moves[..] else {
+            panic!("no new move planned")
+        };
+        assert!(again.to != m.to && again.from == m.from, "{again:?}");
+    }
+
+    #[test]
+    fn a_down_server_with_copies_others_hold_in_sync_can_be_deleted() {
+        let mut s = four_servers();
+        leader(&mut s, 7);
+        let v = available_volume(&mut s, "two", 2, 1);
+        let replica = server_of(&s, v.replica_nodes[0]);
+        let primary = server_of(&s, v.node_uuid);
+        for uuid in [replica, primary] {
+            let down = Command::RecordServerHealth {
+                uuid,
+                alive: false,
+                epoch: 7,
+            };
+            run(&mut s, AnyCommand::Inventory(down)).unwrap();
+        }
+        let delete = |uuid| {
+            AnyCommand::Inventory(Command::DeleteServer {
+                uuid,
+                if_match: None,
+                force: false,
+            })
+        };
+        // Both down: each is the last in-sync copy on a live server.
+        assert!(matches!(
+            run(&mut s, delete(replica)),
+            Err(DomainError::FailedPrecondition(_))
+        ));
+        let up = Command::RecordServerHealth {
+            uuid: primary,
+            alive: true,
+            epoch: 7,
+        };
+        run(&mut s, AnyCommand::Inventory(up)).unwrap();
+        // The primary still holds it: the replica may go (its volume turns Degraded); the
+        // primary may not (it is the primary, and then the last copy).
+        assert!(matches!(
+            run(&mut s, delete(primary)),
+            Err(DomainError::Conflict(_))
+        ));
+        run(&mut s, delete(replica)).unwrap();
+        let after = s.volumes.get(v.uuid).unwrap();
+        assert!(after.replica_nodes.is_empty() && after.out_of_sync.is_empty());
+        assert_eq!(after.protection, ProtectionState::Degraded);
+        assert!(matches!(
+            run(&mut s, delete(primary)),
+            Err(DomainError::Conflict(_))
+        ));
     }
 }

@@ -14,6 +14,7 @@ pub mod credential;
 pub mod duration;
 pub mod endpoint;
 mod error;
+pub mod eviction;
 pub mod federation;
 pub mod flag;
 pub mod inventory;

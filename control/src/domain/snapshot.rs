@@ -619,10 +619,10 @@ pub(crate) mod tests {
         assert_eq!(volume.source_snapshot_name, "s1");
         assert_eq!(volume.size_bytes, 1 << 30);
         given.push(AnyEvent::Volume(VolumeEvent::VolumeCreationRequested {
-            volume: Volume {
+            volume: Box::new(Volume {
                 uuid: Uuid::from_u128(0xc1),
-                ..volume.clone()
-            },
+                ..Volume::clone(volume)
+            }),
         }));
         let err = err_of(&given, del(SnapshotRef::Uuid(SNAP), None));
         assert!(matches!(err, DomainError::Unavailable(_)), "{err:?}");

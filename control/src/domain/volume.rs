@@ -6,6 +6,18 @@
 //! down and appends `VolumeDeleted`, after which the volume is gone. `RollbackVolume` appends
 //! `VolumeRollbackRequested` (state `Rollback`, the namespace is withdrawn); the reconciler
 //! copies the snapshot's data back and appends `VolumeRolledBack` (state `Available`).
+//!
+//! Copies: the primary (`node_uuid`) and the replicas (`replica_nodes`); a copy is in sync
+//! when it is the primary or a replica not recorded out of sync. `protectionState` is
+//! `FullyProtected` while the in-sync copies are at least `replicaCount`, else `Degraded`.
+//! A replica moves make-before-break (an eviction, ordered by the leader with
+//! `MoveReplica`): `VolumeReplicaAdded` adds the new node out of sync (the primary's agent
+//! rebuilds it with a full copy while the old one keeps receiving writes) and records the
+//! pending replacement (`Volume::replacing`); the decision that records the new copy in
+//! sync also removes the old one (`VolumeReplicaRemoved`), so the volume never has fewer
+//! in-sync copies than before. When the copy leaving is the primary, it leaves with the
+//! planned hand-over of the primary instead (`PromoteReplica`), once the new copy is in
+//! sync. The old node's agent then releases its image.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
@@ -18,7 +30,7 @@ use super::names::{check_etag, check_name, check_nqn};
 use super::policy::PolicyRef;
 use super::snapshot::{SnapshotRef, SnapshotState};
 use super::{Applied, Ctx, DomainError, Event as AnyEvent, RowKey, State};
-use crate::limits::{ACL_ENTRIES_MAX, LABELS_MAX, VOLUMES_MAX, VOLUME_BYTES_MAX};
+use crate::limits::{ACL_ENTRIES_MAX, LABELS_MAX, VOLUMES_MAX, VOLUME_BYTES_MAX, VOLUME_MOVES_MAX};
 
 pub const ALLOW_ANY: &str = "ALLOW_ANY";
 pub const ALLOW_NONE: &str = "ALLOW_NONE";
@@ -51,6 +63,14 @@ pub enum ProtectionState {
 pub struct Label {
     pub key: String,
     pub value: String,
+}
+
+/// A replica move in progress: `node` was added (out of sync) to take over the copy on
+/// `replaces`, which leaves once `node` is in sync (a primary: once it was handed over).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replacement {
+    pub node: Uuid,
+    pub replaces: Uuid,
 }
 
 /// How a command names a volume: by id, or by name within its project.
@@ -97,6 +117,8 @@ pub struct Volume {
     /// that it stopped serving (the new primary serves only after that, or once that
     /// server failed).
     pub releasing: Option<Uuid>,
+    /// Replica moves in progress (at most [`VOLUME_MOVES_MAX`]).
+    pub replacing: Vec<Replacement>,
 }
 
 impl Volume {
@@ -108,9 +130,15 @@ impl Volume {
             .filter(|n| !self.out_of_sync.contains(n))
     }
 
-    /// Protection as the copies in sync make it.
-    fn protection_now(&self) -> ProtectionState {
-        if self.out_of_sync.is_empty() {
+    /// Every copy that holds every acknowledged write: the primary and the in-sync replicas.
+    pub fn in_sync_copies(&self) -> impl Iterator<Item = Uuid> + '_ {
+        std::iter::once(self.node_uuid).chain(self.in_sync_replicas())
+    }
+
+    /// Protection as the copies in sync make it: an extra copy being rebuilt (a replica
+    /// move) leaves a volume with enough in-sync copies `FullyProtected`.
+    pub(super) fn protection_now(&self) -> ProtectionState {
+        if self.in_sync_copies().count() >= self.replica_count as usize {
             ProtectionState::FullyProtected
         } else {
             ProtectionState::Degraded
@@ -296,13 +324,29 @@ pub enum Command {
         uuid: Uuid,
         node: Uuid,
     },
+    /// Leader (at `leader_epoch`), evicting a server: the copy on `from` moves to `to` (a
+    /// node holding no copy, on an enabled, live server), make-before-break.
+    MoveReplica {
+        uuid: Uuid,
+        from: Uuid,
+        to: Uuid,
+        leader_epoch: u64,
+    },
+    /// Leader (at `leader_epoch`): the move's new copy on `node` cannot complete (its
+    /// server failed or was disabled); it leaves, and the move may start again elsewhere.
+    CancelReplicaMove {
+        uuid: Uuid,
+        node: Uuid,
+        leader_epoch: u64,
+    },
 }
 
 /// Append only: bincode stores the variant's position.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
+    /// Boxed: a volume is far larger than any other event (bincode stores it as is).
     VolumeCreationRequested {
-        volume: Volume,
+        volume: Box<Volume>,
     },
     VolumeBecameAvailable {
         uuid: Uuid,
@@ -358,6 +402,19 @@ pub enum Event {
     VolumePrimaryReleased {
         uuid: Uuid,
     },
+    /// A new replica on `node`, out of sync until the primary rebuilt it with a full copy;
+    /// `replacing`: the copy it takes over from, which leaves once it is in sync.
+    VolumeReplicaAdded {
+        uuid: Uuid,
+        node: Uuid,
+        replacing: Option<Uuid>,
+    },
+    /// The replica on `node` left the volume (a move completed, or one aborted); its
+    /// node's agent releases the image.
+    VolumeReplicaRemoved {
+        uuid: Uuid,
+        node: Uuid,
+    },
 }
 
 /// The resolved form of a [`VolumeChange`] as stored in the journal.
@@ -388,6 +445,8 @@ impl Event {
             Event::VolumeReplicaInSync { .. } => "VolumeReplicaInSync",
             Event::VolumePrimaryHandedOver { .. } => "VolumePrimaryHandedOver",
             Event::VolumePrimaryReleased { .. } => "VolumePrimaryReleased",
+            Event::VolumeReplicaAdded { .. } => "VolumeReplicaAdded",
+            Event::VolumeReplicaRemoved { .. } => "VolumeReplicaRemoved",
         }
     }
 
@@ -405,6 +464,8 @@ impl Event {
             | Event::VolumePrimaryChanged { uuid, .. }
             | Event::VolumeReplicaInSync { uuid, .. }
             | Event::VolumePrimaryHandedOver { uuid, .. }
+            | Event::VolumeReplicaAdded { uuid, .. }
+            | Event::VolumeReplicaRemoved { uuid, .. }
             | Event::VolumePrimaryReleased { uuid } => *uuid,
         }
     }
@@ -613,6 +674,7 @@ fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, Doma
         replica_nodes: nodes[1..].to_vec(),
         epoch: 0,
         releasing: None,
+        replacing: Vec::new(),
         out_of_sync: if is_clone {
             nodes[1..].to_vec()
         } else {
@@ -620,7 +682,7 @@ fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, Doma
         },
     };
     Ok(vec![AnyEvent::Volume(Event::VolumeCreationRequested {
-        volume,
+        volume: Box::new(volume),
     })])
 }
 
@@ -798,20 +860,121 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             node,
             epoch,
             copied_bytes,
-        } => {
-            let Some(v) = primary_at(state, *uuid, *epoch)? else {
-                return Ok(vec![]);
-            };
-            if !v.out_of_sync.contains(node) || !v.replica_nodes.contains(node) {
-                return Ok(vec![]);
-            }
-            Ok(vec![AnyEvent::Volume(Event::VolumeReplicaInSync {
-                uuid: *uuid,
-                node: *node,
-                copied_bytes: *copied_bytes,
-            })])
-        }
+        } => mark_in_sync(state, *uuid, *node, *epoch, *copied_bytes),
+        Command::MoveReplica {
+            uuid,
+            from,
+            to,
+            leader_epoch,
+        } => move_replica(state, *uuid, *from, *to, *leader_epoch),
+        Command::CancelReplicaMove {
+            uuid,
+            node,
+            leader_epoch,
+        } => cancel_move(state, *uuid, *node, *leader_epoch),
     }
+}
+
+/// The primary (at `epoch`) rebuilt the replica on `node`. A move completes in the same
+/// decision: the copy it replaces leaves only now (a primary leaves with its hand-over).
+fn mark_in_sync(
+    state: &State,
+    uuid: Uuid,
+    node: Uuid,
+    epoch: u64,
+    copied_bytes: u64,
+) -> Result<Vec<AnyEvent>, DomainError> {
+    let Some(v) = primary_at(state, uuid, epoch)? else {
+        return Ok(vec![]);
+    };
+    if !v.out_of_sync.contains(&node) || !v.replica_nodes.contains(&node) {
+        return Ok(vec![]);
+    }
+    let mut events = vec![AnyEvent::Volume(Event::VolumeReplicaInSync {
+        uuid,
+        node,
+        copied_bytes,
+    })];
+    events.extend(
+        v.replacing
+            .iter()
+            .filter(|r| r.node == node && v.replica_nodes.contains(&r.replaces))
+            .map(|r| removed(uuid, r.replaces)),
+    );
+    Ok(events)
+}
+
+/// The leader drops a move's new copy on `node` (nothing if no such move runs).
+fn cancel_move(
+    state: &State,
+    uuid: Uuid,
+    node: Uuid,
+    leader_epoch: u64,
+) -> Result<Vec<AnyEvent>, DomainError> {
+    super::cluster::check_epoch(state, leader_epoch)?;
+    let pending = state
+        .volumes
+        .get(uuid)
+        .is_some_and(|v| v.replacing.iter().any(|r| r.node == node));
+    Ok(if pending {
+        vec![removed(uuid, node)]
+    } else {
+        vec![]
+    })
+}
+
+fn removed(uuid: Uuid, node: Uuid) -> AnyEvent {
+    AnyEvent::Volume(Event::VolumeReplicaRemoved { uuid, node })
+}
+
+/// A replica move ordered by the leader. A repeat (the copy already left `from`, or a move
+/// of the volume is running) or a volume that is not `Available` is nothing; a target that
+/// cannot take a copy is refused.
+fn move_replica(
+    state: &State,
+    uuid: Uuid,
+    from: Uuid,
+    to: Uuid,
+    leader_epoch: u64,
+) -> Result<Vec<AnyEvent>, DomainError> {
+    super::cluster::check_epoch(state, leader_epoch)?;
+    let Some(v) = state.volumes.get(uuid) else {
+        return Ok(vec![]);
+    };
+    if v.state != VolumeState::Available
+        || !v.nodes().any(|n| n == from)
+        || v.replacing.len() >= VOLUME_MOVES_MAX
+    {
+        return Ok(vec![]);
+    }
+    let placeable = state.inventory.server_of(to).is_some_and(|s| s.placeable());
+    if v.nodes().any(|n| n == to) || !placeable {
+        return Err(DomainError::FailedPrecondition(format!(
+            "node {to} cannot take a copy of volume {uuid}: it holds one already, or its \
+             server is not enabled and live"
+        )));
+    }
+    Ok(vec![AnyEvent::Volume(Event::VolumeReplicaAdded {
+        uuid,
+        node: to,
+        replacing: Some(from),
+    })])
+}
+
+/// Drops the moves away from `nodes` that have not completed (an aborted eviction): each
+/// new copy leaves again, so the volume is as it was.
+pub fn abort_moves(state: &State, nodes: &[Uuid]) -> Vec<AnyEvent> {
+    state
+        .volumes
+        .by_uuid
+        .values()
+        .flat_map(|v| {
+            v.replacing
+                .iter()
+                .filter(|r| nodes.contains(&r.replaces))
+                .map(|r| removed(v.uuid, r.node))
+        })
+        .collect()
 }
 
 /// The volume, if it exists, for a command its primary issued at `epoch`: a primary of an
@@ -860,11 +1023,21 @@ fn promote(
         )));
     }
     let old = v.node_uuid;
-    Ok(vec![AnyEvent::Volume(if planned {
+    let mut events = vec![AnyEvent::Volume(if planned {
         Event::VolumePrimaryHandedOver { uuid, node, old }
     } else {
         Event::VolumePrimaryChanged { uuid, node, old }
-    })])
+    })];
+    // The old primary was being moved and its replacement is in sync (it may be the new
+    // primary): it leaves now, as a replica would when its replacement got in sync.
+    let replaced = v
+        .replacing
+        .iter()
+        .any(|r| r.replaces == old && (r.node == node || !v.out_of_sync.contains(&r.node)));
+    if replaced {
+        events.push(removed(uuid, old));
+    }
+    Ok(events)
 }
 
 /// Where the leader moves `v`'s primary, and whether the move is planned: when its
@@ -951,7 +1124,7 @@ fn rollback(state: &State, v: &Volume, r: &SnapshotRef) -> Result<Vec<AnyEvent>,
 pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
     let uuid = event.uuid();
     if let Event::VolumeCreationRequested { volume } = event {
-        let mut v = volume.clone();
+        let mut v = Volume::clone(volume);
         v.etag = at.seq;
         v.epoch = at.seq;
         state.volumes.insert(v);
@@ -1023,6 +1196,30 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             };
         }
         Event::VolumePrimaryReleased { .. } => v.releasing = None,
+        Event::VolumeReplicaAdded {
+            node, replacing, ..
+        } => {
+            if !v.replica_nodes.contains(node) {
+                v.replica_nodes.push(*node);
+            }
+            if !v.out_of_sync.contains(node) {
+                v.out_of_sync.push(*node);
+            }
+            if let Some(old) = replacing {
+                v.replacing.push(Replacement {
+                    node: *node,
+                    replaces: *old,
+                });
+            }
+            v.protection = v.protection_now();
+        }
+        Event::VolumeReplicaRemoved { node, .. } => {
+            v.replica_nodes.retain(|n| n != node);
+            v.out_of_sync.retain(|n| n != node);
+            v.replacing
+                .retain(|r| r.node != *node && r.replaces != *node);
+            v.protection = v.protection_now();
+        }
         Event::VolumeCreationRequested { .. } | Event::VolumeDeleted { .. } => {
             unreachable!("handled above")
         }
@@ -1383,13 +1580,85 @@ pub(crate) mod tests {
         assert_eq!(nsids, [1, 2, 3]);
     }
 
+    /// State after `events` (seq = position + 1).
+    fn state_after(events: &[AnyEvent]) -> State {
+        let mut state = State::default();
+        for (i, e) in events.iter().enumerate() {
+            let at = Applied {
+                seq: i as u64 + 1,
+                time_unix_ns: 0,
+            };
+            state.evolve(at, e);
+        }
+        state
+    }
+
+    #[test]
+    fn protection_counts_in_sync_copies_so_a_moves_extra_copy_keeps_it_full() {
+        let (x, y) = (Uuid::from_u128(0xa), Uuid::from_u128(0xb));
+        let mut given = with_volume();
+        for e in &mut given {
+            if let AnyEvent::Volume(Event::VolumeCreationRequested { volume }) = e {
+                volume.replica_count = 2;
+                volume.replica_nodes = vec![x];
+            }
+        }
+        let uuid = test_ctx().new_id(0);
+        let protection = |g: &[AnyEvent]| state_after(g).volumes.get(uuid).unwrap().protection;
+        assert_eq!(protection(&given), ProtectionState::FullyProtected);
+        given.push(AnyEvent::Volume(Event::VolumeReplicaAdded {
+            uuid,
+            node: y,
+            replacing: Some(x),
+        }));
+        // Two in-sync copies of two, one more being rebuilt.
+        assert_eq!(protection(&given), ProtectionState::FullyProtected);
+        let epoch = state_after(&given).volumes.get(uuid).unwrap().epoch;
+        given.push(AnyEvent::Volume(Event::VolumeReplicaOutOfSync {
+            uuid,
+            node: x,
+            epoch,
+        }));
+        assert_eq!(protection(&given), ProtectionState::Degraded);
+        let synced = given_when(
+            &given,
+            AnyCommand::Volume(Command::MarkReplicaInSync {
+                uuid,
+                node: y,
+                epoch,
+                copied_bytes: 1 << 30,
+            }),
+        )
+        .unwrap();
+        assert_eq!(
+            synced,
+            [
+                AnyEvent::Volume(Event::VolumeReplicaInSync {
+                    uuid,
+                    node: y,
+                    copied_bytes: 1 << 30
+                }),
+                AnyEvent::Volume(Event::VolumeReplicaRemoved { uuid, node: x }),
+            ]
+        );
+        given.extend(synced);
+        let v = state_after(&given).volumes.get(uuid).unwrap().clone();
+        assert_eq!(
+            (v.replica_nodes, v.protection),
+            (vec![y], ProtectionState::FullyProtected)
+        );
+        assert!(v.out_of_sync.is_empty() && v.replacing.is_empty());
+    }
+
     #[test]
     fn nsids_are_reused_lowest_first() {
         let mut v = Volumes::default();
         for (i, nsid) in [1u32, 2, 4].into_iter().enumerate() {
             let mut vol =
                 match &given_when(&bootstrap_events(), create_cmd(new_volume("x"))).unwrap()[0] {
-                    AnyEvent::Volume(Event::VolumeCreationRequested { volume }) => volume.clone(),
+                    AnyEvent::Volume(Event::VolumeCreationRequested { volume }) => {
+                        Volume::clone(volume)
+                    }
                     _ => unreachable!(),
                 };
             vol.uuid = Uuid::from_u128(i as u128);

@@ -12,8 +12,10 @@ use crate::error::ControlError;
 
 /// Version of the payload schema written today. 2: volumes carry their replica nodes
 /// (`Volume::replica_nodes`), so `VolumeCreationRequested` grew a field. 3: volumes carry
-/// their epoch and out-of-sync replicas (`Volume::epoch`, `Volume::out_of_sync`).
-pub const SCHEMA_VERSION: u16 = 3;
+/// their epoch and out-of-sync replicas (`Volume::epoch`, `Volume::out_of_sync`), and
+/// later (still written as 3) the primary being released (`Volume::releasing`). 4: volumes
+/// carry their replica moves (`Volume::replacing`).
+pub const SCHEMA_VERSION: u16 = 4;
 
 /// Frames a domain event for the journal.
 pub fn encode(event: &Event, project: &str, actor: &str, request_id: &str, time: u64) -> NewEvent {
@@ -35,7 +37,8 @@ pub fn decode(env: &Envelope) -> Result<Event, ControlError> {
         reason: e.to_string(),
     };
     let event: Event = match env.schema_version {
-        3 => bincode::deserialize(&env.payload).map_err(bad)?,
+        4 => bincode::deserialize(&env.payload).map_err(bad)?,
+        3 => upcast_v3(&env.payload).map_err(bad)?,
         2 => upcast_v2(&env.payload).map_err(bad)?,
         1 => upcast_v1(&env.payload).map_err(bad)?,
         v => {
@@ -86,7 +89,7 @@ struct VolumeV1 {
     etag: u64,
 }
 
-/// Schemas 1 and 2 differ from 3 only in `VolumeCreationRequested`; every other payload
+/// Schemas 1 to 3 differ from 4 only in `VolumeCreationRequested`; every other payload
 /// decodes as it is.
 fn is_volume_creation(payload: &[u8]) -> bool {
     let tag = |at: usize| {
@@ -116,8 +119,42 @@ fn upcast_v2(payload: &[u8]) -> bincode::Result<Event> {
     Ok(creation(volume_of(v, replicas)))
 }
 
+/// Schema 3's additions to schema 2's volume.
+#[derive(Deserialize)]
+struct VolumeV3Tail {
+    replica_nodes: Vec<Uuid>,
+    epoch: u64,
+    out_of_sync: Vec<Uuid>,
+}
+
+/// Schema 3: no replica moves. Its volumes were written with and without `releasing`
+/// (added after schema 3 without a bump): the payload's length tells, as nothing follows a
+/// volume in its event.
+fn upcast_v3(payload: &[u8]) -> bincode::Result<Event> {
+    if !is_volume_creation(payload) {
+        return bincode::deserialize(payload);
+    }
+    let mut rest = std::io::Cursor::new(payload);
+    let (_, _, v, tail): (u32, u32, VolumeV1, VolumeV3Tail) = bincode::deserialize_from(&mut rest)?;
+    let releasing: Option<Uuid> = if (rest.position() as usize) < payload.len() {
+        bincode::deserialize_from(&mut rest)?
+    } else {
+        None
+    };
+    // Schema 3's replicas and protection are as stored (not schema 2's placeholders).
+    let protection = v.protection;
+    let mut volume = volume_of(v, tail.replica_nodes);
+    volume.protection = protection;
+    volume.epoch = tail.epoch;
+    volume.out_of_sync = tail.out_of_sync;
+    volume.releasing = releasing;
+    Ok(creation(volume))
+}
+
 fn creation(volume: Volume) -> Event {
-    Event::Volume(volume::Event::VolumeCreationRequested { volume })
+    Event::Volume(volume::Event::VolumeCreationRequested {
+        volume: Box::new(volume),
+    })
 }
 
 /// Today's volume from an old one: epoch 0 (evolve sets it from the event's seq) and every
@@ -148,6 +185,7 @@ fn volume_of(v: VolumeV1, replica_nodes: Vec<Uuid>) -> Volume {
         creation_unix_ns: v.creation_unix_ns,
         etag: v.etag,
         releasing: None,
+        replacing: Vec::new(),
         out_of_sync: replica_nodes.clone(),
         replica_nodes,
         epoch: 0,
@@ -255,6 +293,48 @@ mod tests {
         assert_eq!(
             upcast_v2(&v2).unwrap(),
             Event::Volume(volume::Event::VolumeCreationRequested { volume: created })
+        );
+    }
+
+    #[test]
+    fn schema_3_volume_creation_decodes_with_and_without_releasing() {
+        let mut created = with_volume()
+            .iter()
+            .find_map(|e| match e {
+                Event::Volume(volume::Event::VolumeCreationRequested { volume }) => {
+                    Some(volume.clone())
+                }
+                _ => None,
+            })
+            .unwrap();
+        created.replica_nodes = vec![Uuid::from_u128(7), Uuid::from_u128(8)];
+        created.out_of_sync = vec![Uuid::from_u128(8)];
+        created.epoch = 5;
+        created.protection = ProtectionState::Degraded;
+        // Schema 3 bytes: schema 1's volume, then replica nodes, epoch and out-of-sync ones.
+        let mut v3 = v1_bytes(&created);
+        v3.extend(bincode::serialize(&created.replica_nodes).unwrap());
+        v3.extend(bincode::serialize(&created.epoch).unwrap());
+        v3.extend(bincode::serialize(&created.out_of_sync).unwrap());
+        let want = |v: &Volume| {
+            Event::Volume(volume::Event::VolumeCreationRequested {
+                volume: Box::new(v.clone()),
+            })
+        };
+        assert_eq!(upcast_v3(&v3).unwrap(), want(&created));
+        // As written after `releasing` joined schema 3.
+        created.releasing = Some(Uuid::from_u128(9));
+        v3.extend(bincode::serialize(&created.releasing).unwrap());
+        assert_eq!(upcast_v3(&v3).unwrap(), want(&created));
+        // Other events decode as they are.
+        let other = Event::Volume(volume::Event::VolumeReplicaInSync {
+            uuid: created.uuid,
+            node: Uuid::from_u128(8),
+            copied_bytes: 1,
+        });
+        assert_eq!(
+            upcast_v3(&bincode::serialize(&other).unwrap()).unwrap(),
+            other
         );
     }
 }

@@ -20,8 +20,9 @@ use crate::error::ControlError;
 /// events at start ([`load_or_rebuild`]) rather than decoded. Bump it whenever a struct that
 /// `value` encodes changes shape. 1: until projects recorded their creation time. 2: until
 /// volumes had replica nodes, servers health and failure domains, the cluster its leader.
-/// 3: until volumes had an epoch and out-of-sync replicas.
-pub const ROWS_VERSION: u32 = 4;
+/// 3: until volumes had an epoch and out-of-sync replicas. 4: until volumes had a primary
+/// being released and replica moves, and servers their last eviction.
+pub const ROWS_VERSION: u32 = 5;
 
 /// The row holding the stored [`ROWS_VERSION`]; outside every `<kind>/` prefix.
 const ROWS_VERSION_KEY: &[u8] = b"meta:rows-version";

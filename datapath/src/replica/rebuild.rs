@@ -141,19 +141,19 @@ fn copy(
         next = c + 1;
         let start = c * REBUILD_CHUNK_BYTES;
         let end = (start + REBUILD_CHUNK_BYTES).min(size_bytes);
-        let mut sent = 0;
-        for (k, off) in (start..end).step_by(REPLICA_FRAME_DATA_MAX).enumerate() {
-            let len = (end - off).min(REPLICA_FRAME_DATA_MAX as u64) as u32;
-            read(local, &mut q, buf.slot_ptr(k), off, len)?;
-            if buf.slot(k, len as usize).iter().all(|b| *b == 0) {
-                send(frame(Op::CopyZeroes, off, len), std::ptr::null());
-            } else {
-                send(frame(Op::Copy, off, len), buf.slot_ptr(k));
+        let copied = copy_chunk(local, &mut q, &mut buf, start..end, &waiter, |f, data| {
+            send(frame(f.0, f.1, f.2), data)
+        });
+        if let Err(e) = copied.and_then(|()| alive()) {
+            // The chunk is off the map but maybe not on the replica: the next attempt
+            // copies it again.
+            member.state.mark(start, REBUILD_CHUNK_BYTES);
+            if e.kind() == io::ErrorKind::TimedOut {
+                // Frames may still point into the buffer: it must outlive them.
+                std::mem::forget(buf);
             }
-            sent += 1;
+            return Err(e);
         }
-        waiter.wait(sent)?;
-        alive()?;
         member
             .state
             .copied_bytes
@@ -167,6 +167,39 @@ fn copy(
         return Err(io::Error::other("the replica failed as the rebuild ended"));
     }
     Ok(member.state.copied_bytes.load(Ordering::Relaxed))
+}
+
+/// Sends `range` of `local` (one chunk) as copy frames through `send` (op, offset, length;
+/// data); returns only once every frame it sent has completed (or the wait timed out:
+/// then they may still read `buf`), so `buf` is free again.
+fn copy_chunk(
+    local: &dyn Backend,
+    q: &mut IoQueue,
+    buf: &mut SlotBuf,
+    range: std::ops::Range<u64>,
+    waiter: &Waiter,
+    send: impl Fn((Op, u64, u32), *const u8),
+) -> io::Result<()> {
+    let mut sent = 0;
+    let mut r = Ok(());
+    for (k, off) in range.clone().step_by(REPLICA_FRAME_DATA_MAX).enumerate() {
+        let len = (range.end - off).min(REPLICA_FRAME_DATA_MAX as u64) as u32;
+        if let Err(e) = read(local, q, buf.slot_ptr(k), off, len) {
+            r = Err(e);
+            break;
+        }
+        if buf.slot(k, len as usize).iter().all(|b| *b == 0) {
+            send((Op::CopyZeroes, off, len), std::ptr::null());
+        } else {
+            send((Op::Copy, off, len), buf.slot_ptr(k));
+        }
+        sent += 1;
+    }
+    let waited = waiter.wait(sent);
+    match waited {
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(e),
+        w => r.and(w),
+    }
 }
 
 /// Reads `len` bytes at `offset` of `local` into `buf`, synchronously.
@@ -199,5 +232,56 @@ fn read(
         Some(r) if r == len as i32 => Ok(()),
         Some(r) if r < 0 => Err(io::Error::from_raw_os_error(-r)),
         _ => Err(io::Error::other("short read of the local image")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::FileBackend;
+    use crate::replica::{ReplicaHub, ReplicaServer};
+
+    /// A local image whose second chunk cannot be read (a media error).
+    #[derive(Debug)]
+    struct BadChunk(FileBackend);
+
+    impl Backend for BadChunk {
+        fn size_bytes(&self) -> u64 {
+            self.0.size_bytes()
+        }
+
+        unsafe fn submit(&self, q: &mut IoQueue, req: &IoRequest) -> io::Result<()> {
+            if req.kind == IoKind::Read && req.offset / REBUILD_CHUNK_BYTES == 1 {
+                return Err(io::Error::other("media error"));
+            }
+            // SAFETY: forwarded caller contract.
+            unsafe { self.0.submit(q, req) }
+        }
+    }
+
+    /// A chunk an attempt took off the dirty map but could not copy stays dirty for the
+    /// next attempt (it was lost, and a later attempt recorded the replica in sync
+    /// without it).
+    #[test]
+    fn a_failed_attempt_leaves_the_chunks_it_did_not_copy_dirty() {
+        const SIZE: u64 = 3 * REBUILD_CHUNK_BYTES;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = |name: &str| FileBackend::open(&dir.path().join(name), SIZE).expect("image");
+        let volume = [3u8; 16];
+        let server = ReplicaServer::start("127.0.0.1:0".parse().expect("addr")).expect("listen");
+        let image: Arc<dyn Backend> = Arc::new(open("replica.img"));
+        server.set_images(vec![(volume, Some(image), 1)]);
+        let hub = ReplicaHub::default();
+        let member = Member::new(hub.link(server.local_addr()).expect("link"), SIZE, false);
+        assert_eq!(member.state.dirty_chunks(), 3, "a new member: a full copy");
+        let local = BadChunk(open("local.img"));
+        let r = rebuild(&member, &local, volume, 1, SIZE, || Ok(()));
+        assert!(r.is_err(), "the second chunk cannot be read");
+        assert_eq!(
+            member.state.dirty_chunks(),
+            2,
+            "chunk 0 was copied; 1 (failed) and 2 (not reached) are still to copy"
+        );
+        hub.shutdown();
     }
 }
