@@ -784,6 +784,7 @@ mod tests {
 
     use super::*;
     use crate::backend::{Backend, FileBackend};
+    use crate::replica::rebuild::Waiter;
     use crate::replica::{Op, ReplicaServer};
 
     /// Test failpoint: the sender sleeps this long after each write, before it marks the
@@ -794,22 +795,6 @@ mod tests {
         let ms = PAUSE_AFTER_SEND_MS.load(Ordering::Relaxed);
         if ms > 0 {
             std::thread::sleep(Duration::from_millis(ms));
-        }
-    }
-
-    #[derive(Default)]
-    struct Waiter {
-        done: Mutex<Vec<(u64, i32)>>,
-        cv: Condvar,
-    }
-
-    impl CompletionSink for Waiter {
-        fn complete(&self, tag: u64, result: i32) {
-            self.done
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((tag, result));
-            self.cv.notify_all();
         }
     }
 
@@ -844,19 +829,13 @@ mod tests {
         };
         // SAFETY: `data` outlives the part's completion, awaited below.
         unsafe { link.submit(frame, data.as_ptr(), &sink, 42, &member) };
-        let limit = Duration::from_millis(2 * REPLICA_HOLD_MAX_MS);
-        let done = waiter.done.lock().unwrap_or_else(|p| p.into_inner());
-        let (done, _) = waiter
-            .cv
-            .wait_timeout_while(done, limit, |d| d.is_empty())
-            .unwrap_or_else(|p| p.into_inner());
+        let r = waiter.wait(1);
         PAUSE_AFTER_SEND_MS.store(0, Ordering::Relaxed);
-        assert_eq!(done.as_slice(), &[(42, 0)], "the write's replica part");
+        assert!(r.is_ok(), "the write's replica part: {r:?}");
         assert!(
             hub.take_failures().is_empty(),
             "the replica answered: it did not fail"
         );
-        drop(done);
         hub.shutdown();
     }
 }

@@ -31,9 +31,9 @@ use crate::limits::{
 /// Frames of one chunk.
 const PARTS: usize = (REBUILD_CHUNK_BYTES as usize).div_ceil(REPLICA_FRAME_DATA_MAX);
 
-/// Collects the rebuild's own completions.
+/// Collects the rebuild's own completions (and a test's).
 #[derive(Default)]
-struct Waiter {
+pub(super) struct Waiter {
     done: Mutex<Vec<(u64, i32)>>,
     cv: Condvar,
 }
@@ -50,7 +50,7 @@ impl CompletionSink for Waiter {
 
 impl Waiter {
     /// Waits for `n` completions; the first error, if any.
-    fn wait(&self, n: usize) -> io::Result<()> {
+    pub(super) fn wait(&self, n: usize) -> io::Result<()> {
         let limit = Duration::from_millis(2 * REPLICA_HOLD_MAX_MS);
         let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
         while done.len() < n {
