@@ -212,10 +212,18 @@ fn rebuild_after_outage(servers: &mut [Server], nqn: &str) -> anyhow::Result<()>
         })
         .collect();
     let copied: u64 = rebuilds.iter().sum();
+    let progress: Vec<u64> = events(&servers[p])
+        .into_iter()
+        .filter_map(|e| {
+            let ev = &e["event"]["Volume"]["VolumeRebuildProgressed"];
+            (ev["uuid"] == json!(uuid)).then(|| ev["percent"].as_u64().unwrap_or(0))
+        })
+        .collect();
     println!(
         "rebuild: replica down {outage:.0} s under 4k randwrite QD8 over 64 MiB \
          ({writes} writes, {errors} failed); FullyProtected {took:.2} s after its server \
-         restarted; {} rebuild(s) copied {:.1} MiB of 256 MiB, {:.1} MB/s over that time",
+         restarted; {} rebuild(s) copied {:.1} MiB of 256 MiB, {:.1} MB/s over that time; \
+         progress recorded at {progress:?} %",
         rebuilds.len(),
         copied as f64 / (1 << 20) as f64,
         copied as f64 / 1e6 / took

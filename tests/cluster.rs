@@ -852,6 +852,10 @@ fn writes_reach_every_copy_and_a_dead_replica_is_rebuilt_when_it_returns() {
         v["protectionState"] == "Degraded"
     });
     assert_eq!(v["state"], "Available", "{v}");
+    assert_eq!(
+        v["rebuildProgress"], "0",
+        "its server is down: no rebuild yet"
+    );
     let recorded = events(&servers[p])
         .into_iter()
         .filter(|e| e["type"] == "VolumeReplicaOutOfSync")
@@ -866,6 +870,8 @@ fn writes_reach_every_copy_and_a_dead_replica_is_rebuilt_when_it_returns() {
         v["protectionState"] == "FullyProtected"
     });
     assert_eq!(v["state"], "Available", "{v}");
+    // Empty (so left out, as proto3 JSON leaves defaults out): nothing to rebuild.
+    assert_eq!(v["rebuildProgress"].as_str().unwrap_or_default(), "", "{v}");
     let rebuilt: Vec<Value> = events(&servers[p])
         .into_iter()
         .filter(|e| e["type"] == "VolumeReplicaInSync")
@@ -1188,8 +1194,12 @@ fn volume_events(s: &Server, uuid: &str) -> (Vec<String>, Vec<u64>) {
     for e in events(s) {
         let kind = e["type"].as_str().unwrap_or_default().to_string();
         let body = &e["event"]["Volume"][&kind];
-        // Its life after it became available: the moves.
-        if body["uuid"] != uuid || kind == "VolumeBecameAvailable" {
+        // Its life after it became available: the moves (progress reports come at the
+        // pace of the copy; `rebuild_progress` checks them).
+        if body["uuid"] != uuid
+            || kind == "VolumeBecameAvailable"
+            || kind == "VolumeRebuildProgressed"
+        {
             continue;
         }
         if let Some(c) = body["copied_bytes"].as_u64() {
@@ -1198,6 +1208,24 @@ fn volume_events(s: &Server, uuid: &str) -> (Vec<String>, Vec<u64>) {
         kinds.push(kind);
     }
     (kinds, copied)
+}
+
+/// The rebuild progress of volume `uuid` that `s`'s journal recorded, in order: each a
+/// tenth, rising, below 100.
+fn rebuild_progress(s: &Server, uuid: &str) -> Vec<u64> {
+    let percents: Vec<u64> = events(s)
+        .into_iter()
+        .filter(|e| e["type"] == "VolumeRebuildProgressed")
+        .map(|e| e["event"]["Volume"]["VolumeRebuildProgressed"].clone())
+        .filter(|b| b["uuid"] == uuid)
+        .filter_map(|b| b["percent"].as_u64())
+        .collect();
+    assert!(
+        percents.windows(2).all(|w| w[0] < w[1])
+            && percents.iter().all(|p| p % 10 == 0 && *p > 0 && *p < 100),
+        "rebuild progress {percents:?}"
+    );
+    percents
 }
 
 /// Disabling a server with `evictData` moves every copy it holds elsewhere, make before
@@ -1319,6 +1347,7 @@ fn evicting_a_server_moves_its_copies_make_before_break() {
         "{after}"
     );
     let (moved, copied) = volume_events(&servers[c], &ev);
+    rebuild_progress(&servers[c], &ev);
     assert_eq!(
         moved,
         [

@@ -522,6 +522,14 @@ impl DataPlane for VolumeStore {
         )
     }
 
+    fn rebuild_percent(&self, volume: Uuid, node: Uuid) -> Option<u8> {
+        let members = self.repl.as_ref()?.members.lock();
+        let members = members.unwrap_or_else(|p| p.into_inner());
+        members
+            .get(&(volume, node))
+            .map(|(_, _, _, m)| m.state.rebuild_percent())
+    }
+
     fn take_replica_failures(&self) -> Vec<ReplicaFailure> {
         let Some(repl) = &self.repl else {
             return Vec::new();

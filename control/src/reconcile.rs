@@ -74,10 +74,18 @@ pub trait DataPlane: Send + Sync + 'static {
         let _ = (volume, node);
         Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
     }
+    /// How far the running (or last) rebuild of `volume`'s replica on `node` got, in
+    /// percent.
+    fn rebuild_percent(&self, volume: Uuid, node: Uuid) -> Option<u8> {
+        let _ = (volume, node);
+        None
+    }
 }
 
 /// How often out-of-sync replicas are looked for (and a failed rebuild tried again).
 const REBUILD_RETRY: Duration = Duration::from_secs(1);
+/// How often a running rebuild's progress is looked at (and recorded at each tenth).
+const REBUILD_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// How often the data path is asked for failed replicas (their writes wait meanwhile).
 const REPLICA_FAILURE_POLL: Duration = Duration::from_millis(50);
 /// Pause before retrying data-path work that failed.
@@ -323,8 +331,8 @@ async fn rebuild_replicas(
         for (v, replica) in work {
             let worker = data.clone();
             let volume = v.clone();
-            let r = tokio::task::spawn_blocking(move || worker.rebuild(&volume, replica)).await;
-            match r {
+            let task = tokio::task::spawn_blocking(move || worker.rebuild(&volume, replica));
+            match with_progress(&bus, &data, &v, replica, task).await {
                 Ok(Ok(copied_bytes)) => {
                     tracing::info!(volume = %v.uuid, %replica, copied_bytes, "replica rebuilt");
                     let cmd = Command::Volume(VolumeCommand::MarkReplicaInSync {
@@ -349,6 +357,45 @@ async fn rebuild_replicas(
             return;
         }
     }
+}
+
+/// Waits for a rebuild of the replica on `node`, recording its progress at each tenth
+/// (`RecordRebuildProgress`) while it runs.
+async fn with_progress<T>(
+    bus: &Bus,
+    data: &Arc<dyn DataPlane>,
+    v: &Volume,
+    node: Uuid,
+    mut task: tokio::task::JoinHandle<T>,
+) -> Result<T, tokio::task::JoinError> {
+    let mut reported = 0;
+    loop {
+        tokio::select! {
+            r = &mut task => return r,
+            _ = tokio::time::sleep(REBUILD_PROGRESS_EVERY) => {}
+        }
+        let step = data
+            .rebuild_percent(v.uuid, node)
+            .and_then(|p| progress_step(reported, p));
+        let Some(percent) = step else { continue };
+        reported = percent;
+        let cmd = Command::Volume(VolumeCommand::RecordRebuildProgress {
+            uuid: v.uuid,
+            node,
+            epoch: v.epoch,
+            percent,
+        });
+        if let Err(e) = bus.submit(RequestMeta::system("datapath"), cmd).await {
+            tracing::info!("recording the rebuild progress of {}: {e}", v.uuid);
+        }
+    }
+}
+
+/// The tenth a rebuild at `percent` has reached, if past the one last `reported` (100 is
+/// left to `VolumeReplicaInSync`).
+pub fn progress_step(reported: u8, percent: u8) -> Option<u8> {
+    let tenth = percent.min(99) / 10 * 10;
+    (tenth > reported).then_some(tenth)
 }
 
 /// Runs until `shutdown` turns true, doing the work of `node` (`None`: all of it).
@@ -719,6 +766,16 @@ mod tests {
         assert_eq!((w.hold.len(), w.release.len()), (0, 0));
         assert_eq!(w.departed, [uuid]);
         assert!(of(&state, 3).departed.is_empty() && of(&state, 1).departed.is_empty());
+    }
+
+    #[test]
+    fn rebuild_progress_is_recorded_at_each_tenth_and_never_at_100() {
+        assert_eq!(progress_step(0, 9), None);
+        assert_eq!(progress_step(0, 10), Some(10));
+        assert_eq!(progress_step(10, 19), None);
+        assert_eq!(progress_step(10, 47), Some(40));
+        assert_eq!(progress_step(40, 100), Some(90));
+        assert_eq!(progress_step(90, 100), None);
     }
 
     #[test]

@@ -196,6 +196,7 @@ fn severity_of(type_name: &str) -> (usize, &'static str) {
         "VolumePrimaryReleased" => (INFO, "Available"),
         "VolumeReplicaAdded" => (LOW, "Available"),
         "VolumeReplicaRemoved" => (LOW, "Available"),
+        "VolumeRebuildProgressed" => (INFO, "Degraded"),
         "ServerEvictionStarted" => (LOW, "Disabled"),
         "ServerEvictionCompleted" => (INFO, "Disabled"),
         "ServerEvictionAborted" => (MEDIUM, "Enabled"),

@@ -88,6 +88,16 @@ pub fn live_protection(state: &DomainState, v: &Volume) -> ProtectionState {
     v.protection
 }
 
+/// `rebuildProgress`: empty while every copy is in sync, else the percent of what the
+/// replica being rebuilt missed that its primary reported copied.
+fn rebuild_progress(v: &Volume) -> String {
+    if v.out_of_sync.is_empty() {
+        String::new()
+    } else {
+        v.rebuild_percent.to_string()
+    }
+}
+
 /// The `Volume` message.
 pub fn volume_json(app: &App, state: &DomainState, v: &Volume) -> Value {
     let protection = format!("{:?}", live_protection(state, v));
@@ -109,6 +119,7 @@ pub fn volume_json(app: &App, state: &DomainState, v: &Volume) -> Value {
         .str("compression", if v.compression { "true" } else { "false" })
         .u64s("size", v.size_bytes)
         .str("name", &v.name)
+        .str("rebuildProgress", &rebuild_progress(v))
         .val("statistics", volume_statistics(app, v))
         .list("IPAcl", &v.ip_acl)
         .str("ETag", &v.etag.to_string())

@@ -119,6 +119,10 @@ pub struct Volume {
     pub releasing: Option<Uuid>,
     /// Replica moves in progress (at most [`VOLUME_MOVES_MAX`]).
     pub replacing: Vec<Replacement>,
+    /// How far the rebuild of an out-of-sync replica has got, in percent, as its primary
+    /// last reported (`rebuildProgress`; 0 when a copy falls out of sync or a rebuild
+    /// ends).
+    pub rebuild_percent: u8,
 }
 
 impl Volume {
@@ -339,6 +343,13 @@ pub enum Command {
         node: Uuid,
         leader_epoch: u64,
     },
+    /// The primary (at `epoch`) has rebuilt `percent` of what the replica on `node` missed.
+    RecordRebuildProgress {
+        uuid: Uuid,
+        node: Uuid,
+        epoch: u64,
+        percent: u8,
+    },
 }
 
 /// Append only: bincode stores the variant's position.
@@ -415,6 +426,13 @@ pub enum Event {
         uuid: Uuid,
         node: Uuid,
     },
+    /// The rebuild of the replica on `node` has copied `percent` of what it missed (the
+    /// primary reports every tenth, for rebuilds that take a while).
+    VolumeRebuildProgressed {
+        uuid: Uuid,
+        node: Uuid,
+        percent: u8,
+    },
 }
 
 /// The resolved form of a [`VolumeChange`] as stored in the journal.
@@ -447,6 +465,7 @@ impl Event {
             Event::VolumePrimaryReleased { .. } => "VolumePrimaryReleased",
             Event::VolumeReplicaAdded { .. } => "VolumeReplicaAdded",
             Event::VolumeReplicaRemoved { .. } => "VolumeReplicaRemoved",
+            Event::VolumeRebuildProgressed { .. } => "VolumeRebuildProgressed",
         }
     }
 
@@ -466,6 +485,7 @@ impl Event {
             | Event::VolumePrimaryHandedOver { uuid, .. }
             | Event::VolumeReplicaAdded { uuid, .. }
             | Event::VolumeReplicaRemoved { uuid, .. }
+            | Event::VolumeRebuildProgressed { uuid, .. }
             | Event::VolumePrimaryReleased { uuid } => *uuid,
         }
     }
@@ -675,6 +695,7 @@ fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, Doma
         epoch: 0,
         releasing: None,
         replacing: Vec::new(),
+        rebuild_percent: 0,
         out_of_sync: if is_clone {
             nodes[1..].to_vec()
         } else {
@@ -872,6 +893,26 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             node,
             leader_epoch,
         } => cancel_move(state, *uuid, *node, *leader_epoch),
+        Command::RecordRebuildProgress {
+            uuid,
+            node,
+            epoch,
+            percent,
+        } => {
+            let Some(v) = primary_at(state, *uuid, *epoch)? else {
+                return Ok(vec![]);
+            };
+            // Only forward, only below done (`VolumeReplicaInSync` says that), only for a
+            // copy still out of sync.
+            if !v.out_of_sync.contains(node) || *percent <= v.rebuild_percent || *percent >= 100 {
+                return Ok(vec![]);
+            }
+            Ok(vec![AnyEvent::Volume(Event::VolumeRebuildProgressed {
+                uuid: *uuid,
+                node: *node,
+                percent: *percent,
+            })])
+        }
     }
 }
 
@@ -1150,6 +1191,7 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             // The rollback rewrites the primary's copy only.
             v.out_of_sync = v.replica_nodes.clone();
             v.protection = v.protection_now();
+            v.rebuild_percent = 0;
             let s = state
                 .snapshots
                 .by_uuid
@@ -1173,11 +1215,14 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
                 v.out_of_sync.push(*node);
             }
             v.protection = v.protection_now();
+            v.rebuild_percent = 0;
         }
         Event::VolumeReplicaInSync { node, .. } => {
             v.out_of_sync.retain(|n| n != node);
             v.protection = v.protection_now();
+            v.rebuild_percent = 0;
         }
+        Event::VolumeRebuildProgressed { percent, .. } => v.rebuild_percent = *percent,
         Event::VolumePrimaryChanged { node, old, .. }
         | Event::VolumePrimaryHandedOver { node, old, .. } => {
             for r in v.replica_nodes.iter_mut().filter(|r| **r == *node) {
@@ -1190,6 +1235,7 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             }
             v.epoch = at.seq;
             v.protection = v.protection_now();
+            v.rebuild_percent = 0;
             v.releasing = match event {
                 Event::VolumePrimaryHandedOver { .. } => Some(*old),
                 _ => None,
@@ -1212,6 +1258,7 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
                 });
             }
             v.protection = v.protection_now();
+            v.rebuild_percent = 0;
         }
         Event::VolumeReplicaRemoved { node, .. } => {
             v.replica_nodes.retain(|n| n != node);
@@ -1591,6 +1638,89 @@ pub(crate) mod tests {
             state.evolve(at, e);
         }
         state
+    }
+
+    #[test]
+    fn rebuild_progress_moves_forward_for_an_out_of_sync_copy_of_the_current_primary() {
+        let x = Uuid::from_u128(0xa);
+        let mut given = with_volume();
+        for e in &mut given {
+            if let AnyEvent::Volume(Event::VolumeCreationRequested { volume }) = e {
+                volume.replica_count = 2;
+                volume.replica_nodes = vec![x];
+            }
+        }
+        let uuid = test_ctx().new_id(0);
+        let epoch = state_after(&given).volumes.get(uuid).unwrap().epoch;
+        let report = |percent| {
+            AnyCommand::Volume(Command::RecordRebuildProgress {
+                uuid,
+                node: x,
+                epoch,
+                percent,
+            })
+        };
+        assert_eq!(
+            given_when(&given, report(30)).unwrap(),
+            [],
+            "an in-sync copy has no rebuild"
+        );
+        given.push(AnyEvent::Volume(Event::VolumeReplicaOutOfSync {
+            uuid,
+            node: x,
+            epoch,
+        }));
+        let progressed = given_when(&given, report(30)).unwrap();
+        assert_eq!(
+            progressed,
+            [AnyEvent::Volume(Event::VolumeRebuildProgressed {
+                uuid,
+                node: x,
+                percent: 30
+            })]
+        );
+        given.extend(progressed);
+        assert_eq!(
+            state_after(&given)
+                .volumes
+                .get(uuid)
+                .unwrap()
+                .rebuild_percent,
+            30
+        );
+        assert_eq!(
+            given_when(&given, report(20)).unwrap(),
+            [],
+            "never backwards"
+        );
+        assert_eq!(
+            given_when(&given, report(100)).unwrap(),
+            [],
+            "done is in sync"
+        );
+        let stale = AnyCommand::Volume(Command::RecordRebuildProgress {
+            uuid,
+            node: x,
+            epoch: epoch + 1,
+            percent: 50,
+        });
+        assert!(
+            given_when(&given, stale).is_err(),
+            "another primary's report"
+        );
+        given.push(AnyEvent::Volume(Event::VolumeReplicaInSync {
+            uuid,
+            node: x,
+            copied_bytes: 1 << 20,
+        }));
+        assert_eq!(
+            state_after(&given)
+                .volumes
+                .get(uuid)
+                .unwrap()
+                .rebuild_percent,
+            0
+        );
     }
 
     #[test]

@@ -14,8 +14,9 @@ use crate::error::ControlError;
 /// (`Volume::replica_nodes`), so `VolumeCreationRequested` grew a field. 3: volumes carry
 /// their epoch and out-of-sync replicas (`Volume::epoch`, `Volume::out_of_sync`), and
 /// later (still written as 3) the primary being released (`Volume::releasing`). 4: volumes
-/// carry their replica moves (`Volume::replacing`).
-pub const SCHEMA_VERSION: u16 = 4;
+/// carry their replica moves (`Volume::replacing`). 5: volumes carry their rebuild's
+/// progress (`Volume::rebuild_percent`).
+pub const SCHEMA_VERSION: u16 = 5;
 
 /// Frames a domain event for the journal.
 pub fn encode(event: &Event, project: &str, actor: &str, request_id: &str, time: u64) -> NewEvent {
@@ -37,7 +38,8 @@ pub fn decode(env: &Envelope) -> Result<Event, ControlError> {
         reason: e.to_string(),
     };
     let event: Event = match env.schema_version {
-        4 => bincode::deserialize(&env.payload).map_err(bad)?,
+        5 => bincode::deserialize(&env.payload).map_err(bad)?,
+        4 => upcast_v4(&env.payload).map_err(bad)?,
         3 => upcast_v3(&env.payload).map_err(bad)?,
         2 => upcast_v2(&env.payload).map_err(bad)?,
         1 => upcast_v1(&env.payload).map_err(bad)?,
@@ -151,6 +153,31 @@ fn upcast_v3(payload: &[u8]) -> bincode::Result<Event> {
     Ok(creation(volume))
 }
 
+/// Schema 4: no rebuild progress. Its volume is schema 3's (with `releasing`) followed by
+/// its replica moves.
+fn upcast_v4(payload: &[u8]) -> bincode::Result<Event> {
+    if !is_volume_creation(payload) {
+        return bincode::deserialize(payload);
+    }
+    type V4 = (
+        u32,
+        u32,
+        VolumeV1,
+        VolumeV3Tail,
+        Option<Uuid>,
+        Vec<volume::Replacement>,
+    );
+    let (_, _, v, tail, releasing, replacing): V4 = bincode::deserialize(payload)?;
+    let protection = v.protection;
+    let mut volume = volume_of(v, tail.replica_nodes);
+    volume.protection = protection;
+    volume.epoch = tail.epoch;
+    volume.out_of_sync = tail.out_of_sync;
+    volume.releasing = releasing;
+    volume.replacing = replacing;
+    Ok(creation(volume))
+}
+
 fn creation(volume: Volume) -> Event {
     Event::Volume(volume::Event::VolumeCreationRequested {
         volume: Box::new(volume),
@@ -186,6 +213,7 @@ fn volume_of(v: VolumeV1, replica_nodes: Vec<Uuid>) -> Volume {
         etag: v.etag,
         releasing: None,
         replacing: Vec::new(),
+        rebuild_percent: 0,
         out_of_sync: replica_nodes.clone(),
         replica_nodes,
         epoch: 0,
@@ -297,7 +325,7 @@ mod tests {
     }
 
     #[test]
-    fn schema_3_volume_creation_decodes_with_and_without_releasing() {
+    fn schema_3_and_4_volume_creations_decode_to_todays_volume() {
         let mut created = with_volume()
             .iter()
             .find_map(|e| match e {
@@ -336,5 +364,14 @@ mod tests {
             upcast_v3(&bincode::serialize(&other).unwrap()).unwrap(),
             other
         );
+        // Schema 4: schema 3's volume (with `releasing`), then its replica moves.
+        created.replacing = vec![volume::Replacement {
+            node: Uuid::from_u128(10),
+            replaces: Uuid::from_u128(8),
+        }];
+        let mut v4 = v3.clone();
+        v4.extend(bincode::serialize(&created.replacing).unwrap());
+        assert_eq!(upcast_v4(&v4).unwrap(), want(&created));
+        assert_eq!(created.rebuild_percent, 0);
     }
 }

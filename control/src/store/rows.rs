@@ -21,8 +21,9 @@ use crate::error::ControlError;
 /// `value` encodes changes shape. 1: until projects recorded their creation time. 2: until
 /// volumes had replica nodes, servers health and failure domains, the cluster its leader.
 /// 3: until volumes had an epoch and out-of-sync replicas. 4: until volumes had a primary
-/// being released and replica moves, and servers their last eviction.
-pub const ROWS_VERSION: u32 = 5;
+/// being released and replica moves, and servers their last eviction. 5: until volumes had
+/// their rebuild's progress.
+pub const ROWS_VERSION: u32 = 6;
 
 /// The row holding the stored [`ROWS_VERSION`]; outside every `<kind>/` prefix.
 const ROWS_VERSION_KEY: &[u8] = b"meta:rows-version";

@@ -36,6 +36,9 @@ pub struct MemberState {
     all_dirty: AtomicBool,
     /// Bytes a rebuild sent so far.
     pub copied_bytes: AtomicU64,
+    /// The running rebuild's chunks: to copy when it started, and copied since.
+    rebuild_chunks: AtomicU64,
+    rebuild_copied: AtomicU64,
     /// Until when ([`clock_ns`]) the replica's promise not to serve the volume holds, as
     /// far as this primary may rely on it; 0: no promise.
     lease_until: AtomicU64,
@@ -61,6 +64,8 @@ impl MemberState {
             dirty: (0..words as u64).map(|w| AtomicU64::new(fill(w))).collect(),
             all_dirty: AtomicBool::new(false),
             copied_bytes: AtomicU64::new(0),
+            rebuild_chunks: AtomicU64::new(0),
+            rebuild_copied: AtomicU64::new(0),
             lease_until: AtomicU64::new(0),
         }
     }
@@ -135,6 +140,27 @@ impl MemberState {
         })
     }
 
+    /// A rebuild starts with `chunks` to copy.
+    pub fn rebuild_started(&self, chunks: u64) {
+        self.rebuild_copied.store(0, Ordering::Relaxed);
+        self.rebuild_chunks.store(chunks, Ordering::Relaxed);
+    }
+
+    /// The running rebuild copied one more chunk.
+    pub fn chunk_copied(&self) {
+        self.rebuild_copied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How far the last rebuild got, in percent of what it had to copy (100 for nothing).
+    pub fn rebuild_percent(&self) -> u8 {
+        let total = self.rebuild_chunks.load(Ordering::Relaxed);
+        let done = self.rebuild_copied.load(Ordering::Relaxed).min(total);
+        match total {
+            0 => 100,
+            t => (done * 100 / t) as u8,
+        }
+    }
+
     /// Chunks marked dirty now.
     pub fn dirty_chunks(&self) -> u64 {
         self.dirty
@@ -174,6 +200,21 @@ mod tests {
         m.set_rebuilding();
         assert!(m.rebuilt());
         assert_eq!(m.mode(), Mode::InSync);
+    }
+
+    #[test]
+    fn rebuild_progress_is_the_share_of_the_chunks_it_started_with() {
+        let m = MemberState::new(4 * REBUILD_CHUNK_BYTES, false);
+        m.rebuild_started(m.dirty_chunks());
+        assert_eq!(m.rebuild_percent(), 0);
+        m.chunk_copied();
+        assert_eq!(m.rebuild_percent(), 25);
+        for _ in 0..5 {
+            m.chunk_copied();
+        }
+        assert_eq!(m.rebuild_percent(), 100, "never past 100");
+        m.rebuild_started(0);
+        assert_eq!(m.rebuild_percent(), 100, "nothing to copy");
     }
 
     #[test]

@@ -136,6 +136,7 @@ fn copy(
         .ok_or_else(|| io::Error::other("no memory for the rebuild buffer"))?;
     let mut q = IoQueue::new_sync();
     let chunks = size_bytes.div_ceil(REBUILD_CHUNK_BYTES);
+    member.state.rebuild_started(member.state.dirty_chunks());
     let mut next = 0;
     while let Some(c) = member.state.take_dirty(next, chunks) {
         next = c + 1;
@@ -158,6 +159,7 @@ fn copy(
             .state
             .copied_bytes
             .fetch_add(end - start, Ordering::Relaxed);
+        member.state.chunk_copied();
     }
     send(frame(Op::Flush, 0, 0), std::ptr::null());
     send(frame(Op::RebuildEnd, 0, 0), std::ptr::null());
