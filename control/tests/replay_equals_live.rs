@@ -446,8 +446,8 @@ fn federation_endpoint_and_root_key_rows_equal_live() {
 
 const LEADER_EPOCH: u64 = 7;
 
-/// What the leader and the agents would order next for running evictions: moves, rebuilt
-/// replicas (the agents), hand-overs and their releases, completions.
+/// What the leader and the agents would order next for running evictions: moves, rebuild
+/// progress and rebuilt replicas (the agents), hand-overs and their releases, completions.
 fn eviction_steps(s: &evstor_control::domain::State, moves: bool) -> Vec<Command> {
     let mut out = Vec::new();
     for server in s.inventory.servers.values().filter(|x| x.evicting()) {
@@ -468,6 +468,14 @@ fn eviction_steps(s: &evstor_control::domain::State, moves: bool) -> Vec<Command
         }));
     }
     for v in s.volumes.by_uuid.values() {
+        out.extend(v.out_of_sync.iter().map(|n| {
+            Command::Volume(VolumeCommand::RecordRebuildProgress {
+                uuid: v.uuid,
+                node: *n,
+                epoch: v.epoch,
+                percent: 50,
+            })
+        }));
         out.extend(v.out_of_sync.iter().map(|n| {
             Command::Volume(VolumeCommand::MarkReplicaInSync {
                 uuid: v.uuid,

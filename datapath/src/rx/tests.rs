@@ -94,7 +94,8 @@ fn build(kind: u8, len: usize, digests: bool, corrupt: bool, n: u16) -> (Vec<u8>
         ddgst: digests,
         data_align: 4,
     };
-    let data: Vec<u8> = (0..len).map(|i| (i as u8) ^ (n as u8)).collect();
+    // One byte at least: an H2CData PDU carries some (a zero `len` still sends one).
+    let data: Vec<u8> = (0..len.max(1)).map(|i| (i as u8) ^ (n as u8)).collect();
     match kind % 3 {
         0 => {
             let mut sqe = [0u8; 64];
