@@ -26,10 +26,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{events, member, server_id, Etcd};
+use common::cluster::{events, holders, member, Etcd};
 use common::Server;
 use evstor_datapath::initiator::{write_cmd, Data, Options, Session};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:be7cbe7c-0000-4000-8000-00000000be7c";
 const VOLUME_BLOCKS: u64 = (256 << 20) / 4096;
@@ -148,30 +148,6 @@ fn create(s: &Server, name: &str, copies: u32) -> anyhow::Result<(String, u32)> 
 /// Index of the volume's primary's server, as server `ask` sees it.
 fn primary(servers: &[Server], ask: usize, uuid: &str) -> usize {
     holders(servers, ask, uuid).first().copied().unwrap_or(0)
-}
-
-/// Servers holding a copy of the volume (primary first), as server `ask` sees it.
-fn holders(servers: &[Server], ask: usize, uuid: &str) -> Vec<usize> {
-    let c = servers[ask].admin();
-    let v = c.get(&format!("/api/v2/projects/default/volumes/{uuid}")).1;
-    let nodes = c.get("/api/v2/nodes").1;
-    let server_of = |node: &Value| {
-        let server = nodes["nodes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|n| &n["UUID"] == node)
-            .map(|n| n["serverUUID"].clone())
-            .unwrap_or(Value::Null);
-        servers.iter().position(|s| json!(server_id(s)) == server)
-    };
-    let mut out: Vec<usize> = server_of(&v["primaryNodeUUID"]).into_iter().collect();
-    for n in v["nodeList"].as_array().into_iter().flatten() {
-        if let Some(i) = server_of(n).filter(|i| !out.contains(i)) {
-            out.push(i);
-        }
-    }
-    out
 }
 
 /// A replica's server is killed under write load and restarted after the outage: how long

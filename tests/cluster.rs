@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::cluster::{events, member, member_with_env, same_head, server_id, Etcd};
+use common::cluster::{events, member, member_with_env, node_owner, same_head, server_id, Etcd};
 use common::Server;
 use evstor_datapath::initiator::Session;
 use evstor_datapath::nvme::Status;
@@ -81,25 +81,6 @@ fn three(etcd: &Etcd) -> Vec<Server> {
         });
     }
     servers
-}
-
-/// Node uuid → server index, from the nodes API.
-fn node_owner(s: &Server, servers: &[Server]) -> std::collections::BTreeMap<String, usize> {
-    let (_, nodes) = s.admin().get("/api/v2/nodes");
-    let ids: Vec<String> = servers.iter().map(server_id).collect();
-    nodes["nodes"]
-        .as_array()
-        .expect("nodes")
-        .iter()
-        .map(|n| {
-            let server = n["serverUUID"].as_str().unwrap_or_default();
-            let owner = ids
-                .iter()
-                .position(|i| i == server)
-                .expect("a known server");
-            (n["UUID"].as_str().unwrap_or_default().to_string(), owner)
-        })
-        .collect()
 }
 
 #[test]

@@ -11,9 +11,9 @@
 
 mod common;
 
-use common::cluster::{member, server_id, Etcd};
+use common::cluster::{holders, member, server_id, Etcd};
 use common::{vm, Server};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::{Duration, Instant};
 
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:e7570b00-0000-4000-8000-00000000c105";
@@ -41,19 +41,10 @@ impl Cluster {
 
     /// Index of the volume's primary as a live server sees it.
     fn primary(&self) -> usize {
-        let ask = &self.servers[(0..3).find(|i| Some(*i) != self.killed).unwrap_or(0)];
-        let v = ask.admin().get(&self.path()).1;
-        let (_, nodes) = ask.admin().get("/api/v2/nodes");
-        let server = nodes["nodes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|n| n["UUID"] == v["primaryNodeUUID"])
-            .map(|n| n["serverUUID"].clone())
-            .unwrap_or(Value::Null);
-        self.servers
-            .iter()
-            .position(|s| json!(server_id(s)) == server)
+        let ask = (0..3).find(|i| Some(*i) != self.killed).unwrap_or(0);
+        holders(&self.servers, ask, &self.uuid)
+            .first()
+            .copied()
             .expect("the primary's server")
     }
 

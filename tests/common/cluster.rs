@@ -232,3 +232,38 @@ pub fn same_head(servers: &[&Server], within: Duration) -> (u64, String) {
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+/// Node uuid → index in `servers` of the server it runs on, from `s`'s nodes API.
+pub fn node_owner(s: &Server, servers: &[Server]) -> std::collections::BTreeMap<String, usize> {
+    let (_, nodes) = s.admin().get("/api/v2/nodes");
+    let ids: Vec<String> = servers.iter().map(server_id).collect();
+    nodes["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| {
+            let server = n["serverUUID"].as_str().unwrap_or_default();
+            let owner = ids
+                .iter()
+                .position(|i| i == server)
+                .expect("a known server");
+            (n["UUID"].as_str().unwrap_or_default().to_string(), owner)
+        })
+        .collect()
+}
+
+/// Indexes in `servers` of the servers holding a copy of volume `uuid` (of the default
+/// project), primary first, as `servers[ask]` sees it.
+pub fn holders(servers: &[Server], ask: usize, uuid: &str) -> Vec<usize> {
+    let path = format!("/api/v2/projects/default/volumes/{uuid}");
+    let v = servers[ask].admin().get(&path).1;
+    let owners = node_owner(&servers[ask], servers);
+    let owner = |n: &serde_json::Value| n.as_str().and_then(|n| owners.get(n)).copied();
+    let mut out: Vec<usize> = owner(&v["primaryNodeUUID"]).into_iter().collect();
+    for n in v["nodeList"].as_array().into_iter().flatten() {
+        if let Some(i) = owner(n).filter(|i| !out.contains(i)) {
+            out.push(i);
+        }
+    }
+    out
+}

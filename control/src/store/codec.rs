@@ -143,14 +143,19 @@ fn upcast_v3(payload: &[u8]) -> bincode::Result<Event> {
     } else {
         None
     };
-    // Schema 3's replicas and protection are as stored (not schema 2's placeholders).
+    Ok(creation(volume_v3(v, tail, releasing)))
+}
+
+/// Today's volume from schema 3's parts; its replicas and protection are as stored (not
+/// schema 2's placeholders).
+fn volume_v3(v: VolumeV1, tail: VolumeV3Tail, releasing: Option<Uuid>) -> Volume {
     let protection = v.protection;
     let mut volume = volume_of(v, tail.replica_nodes);
     volume.protection = protection;
     volume.epoch = tail.epoch;
     volume.out_of_sync = tail.out_of_sync;
     volume.releasing = releasing;
-    Ok(creation(volume))
+    volume
 }
 
 /// Schema 4: no rebuild progress. Its volume is schema 3's (with `releasing`) followed by
@@ -168,12 +173,7 @@ fn upcast_v4(payload: &[u8]) -> bincode::Result<Event> {
         Vec<volume::Replacement>,
     );
     let (_, _, v, tail, releasing, replacing): V4 = bincode::deserialize(payload)?;
-    let protection = v.protection;
-    let mut volume = volume_of(v, tail.replica_nodes);
-    volume.protection = protection;
-    volume.epoch = tail.epoch;
-    volume.out_of_sync = tail.out_of_sync;
-    volume.releasing = releasing;
+    let mut volume = volume_v3(v, tail, releasing);
     volume.replacing = replacing;
     Ok(creation(volume))
 }
