@@ -129,12 +129,24 @@ fn serve_requests(
     addrs: (SocketAddr, SocketAddr),
     problems: &mut Vec<String>,
 ) {
-    let req = |n: &str| share.join(format!("REQ-{n}"));
+    // Each request is served once: a request file that shows up again after its answer
+    // (the guest retries a create that 9p reported failed but that did happen) is removed.
+    let asked = |n: &str| {
+        let file = share.join(format!("REQ-{n}"));
+        if !file.exists() {
+            return false;
+        }
+        if share.join(format!("DONE-{n}")).exists() {
+            let _ = std::fs::remove_file(&file);
+            return false;
+        }
+        true
+    };
     let done = |n: &str| {
         std::fs::write(share.join(format!("DONE-{n}")), b"").expect("write DONE file");
         let _ = std::fs::remove_file(share.join(format!("REQ-{n}")));
     };
-    if req("add-ns2").exists() {
+    if asked("add-ns2") {
         if let Some(t) = target.as_ref() {
             let hosts = t.connected_hosts();
             let me = hosts.iter().find(|h| h.host_nqn == HOSTNQN);
@@ -153,13 +165,13 @@ fn serve_requests(
         }
         done("add-ns2");
     }
-    if req("hide-ns2").exists() {
+    if asked("hide-ns2") {
         if let Some(t) = target.as_ref() {
             t.set_namespaces(table(data, Stage::Hidden));
         }
         done("hide-ns2");
     }
-    if req("restart").exists() {
+    if asked("restart") {
         if let Some(t) = target.take() {
             t.shutdown();
         }

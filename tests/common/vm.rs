@@ -129,8 +129,14 @@ pub fn run_guest_with<C>(
             })
             .collect();
         for name in requests {
-            on_request(ctx, &name, share.path());
-            std::fs::write(share.path().join(format!("DONE-{name}")), b"").expect("DONE file");
+            // Each request is served once (names are unique within a script): one that
+            // shows up again after its answer (the guest retried a create that 9p reported
+            // failed but that did happen) is only removed.
+            let done = share.path().join(format!("DONE-{name}"));
+            if !done.exists() {
+                on_request(ctx, &name, share.path());
+                std::fs::write(&done, b"").expect("DONE file");
+            }
             let _ = std::fs::remove_file(share.path().join(format!("REQ-{name}")));
         }
         if let Some(st) = child.try_wait().expect("wait for guest") {
