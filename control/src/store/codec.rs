@@ -300,9 +300,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn schema_2_volume_creation_starts_with_its_replicas_out_of_sync() {
-        let mut created = with_volume()
+    /// The volume `with_volume` creates.
+    fn created_volume() -> Box<Volume> {
+        with_volume()
             .iter()
             .find_map(|e| match e {
                 Event::Volume(volume::Event::VolumeCreationRequested { volume }) => {
@@ -310,7 +310,12 @@ mod tests {
                 }
                 _ => None,
             })
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn schema_2_volume_creation_starts_with_its_replicas_out_of_sync() {
+        let mut created = created_volume();
         let replicas = vec![Uuid::from_u128(7), Uuid::from_u128(8)];
         // Schema 2 bytes: schema 1's volume followed by its replica nodes.
         let mut v2 = v1_bytes(&created);
@@ -326,15 +331,7 @@ mod tests {
 
     #[test]
     fn schema_3_and_4_volume_creations_decode_to_todays_volume() {
-        let mut created = with_volume()
-            .iter()
-            .find_map(|e| match e {
-                Event::Volume(volume::Event::VolumeCreationRequested { volume }) => {
-                    Some(volume.clone())
-                }
-                _ => None,
-            })
-            .unwrap();
+        let mut created = created_volume();
         created.replica_nodes = vec![Uuid::from_u128(7), Uuid::from_u128(8)];
         created.out_of_sync = vec![Uuid::from_u128(8)];
         created.epoch = 5;
