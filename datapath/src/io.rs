@@ -3,7 +3,9 @@
 //! Commands are validated here and turned into storage operations the queue's driver
 //! issues to the namespace's backend ([`Queue::push_submit`]); [`account_completion`]
 //! records each as it finishes. Reads and writes pass the namespace's QoS buckets first;
-//! Flush, Write Zeroes and Dataset Management are not throttled.
+//! Flush, Write Zeroes and Dataset Management are not throttled. Every change (Write,
+//! Write Zeroes, deallocate) also passes the namespace's write gate, which a replicated
+//! snapshot closes for a moment ([`crate::qos::QosState::hold_writes`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -78,6 +80,9 @@ impl Queue {
             }
             self.slots[i].tokens_paid = true;
         }
+        if !read && !self.admit_write(i, &ns) {
+            return Outcome::Throttled;
+        }
         // A read takes its buffer only now, after QoS: a throttled read holds no memory.
         if read && !self.has_data(i) && !self.take_or_wait_buf(i, len as usize) {
             return Outcome::AwaitBuf;
@@ -101,8 +106,19 @@ impl Queue {
         self.settle(i)
     }
 
+    /// Takes slot `i`'s write ticket (once): false while the namespace's write gate is
+    /// closed (a replicated snapshot is being taken), and the command parks until it opens.
+    fn admit_write(&mut self, i: usize, ns: &Namespace) -> bool {
+        let s = &mut self.slots[i];
+        if s.write_ticket.is_none() {
+            s.write_ticket = ns.qos.admit_write();
+        }
+        s.write_ticket.is_some()
+    }
+
     fn write_zeroes(&mut self, i: usize, ns: Arc<Namespace>) -> Outcome {
         match self.lba_range(i, &ns) {
+            Ok(_) if !self.admit_write(i, &ns) => Outcome::Throttled,
             Ok((off, len)) => self.submit_one(i, ns, IoKind::WriteZeroes, off, len as u32),
             Err(s) => Outcome::status(s),
         }
@@ -130,6 +146,9 @@ impl Queue {
                 Some(end) if end <= ns.blocks => *r = (slba << LBA_SHIFT, nlb << LBA_SHIFT),
                 _ => return Outcome::status(Status::LBA_RANGE),
             }
+        }
+        if !self.admit_write(i, &ns) {
+            return Outcome::Throttled;
         }
         self.slots[i].ns = Some(ns);
         for &(off, len) in ranges[..nr].iter().filter(|r| r.1 > 0) {

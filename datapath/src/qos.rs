@@ -8,10 +8,15 @@
 //! of the largest command, so every command can eventually pass.
 //!
 //! Unlimited directions cost one relaxed atomic load per I/O and never take the lock.
+//!
+//! The same state also holds the namespace's write gate: a replicated snapshot closes it
+//! ([`QosState::hold_writes`]), so changes park like throttled commands, and waits until
+//! the changes already admitted ([`WriteTicket`]s) have completed. Every copy then takes
+//! the snapshot at the same point of the write stream.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::limits::{MAX_DATA_BYTES, QOS_BURST_MS, QOS_REFILL_MS};
 
@@ -193,6 +198,46 @@ pub struct QosState {
     limited: [AtomicBool; 2],
     epoch: Instant,
     buckets: Mutex<Buckets>,
+    /// Holds on the write gate: while above zero, no change is admitted.
+    write_holds: AtomicU32,
+    /// Changes admitted and not yet completed (tickets alive).
+    writes_in_flight: AtomicU64,
+}
+
+/// One admitted change (write, write-zeroes, deallocate) of a namespace, alive until the
+/// command completes: a held gate waits for every ticket to go.
+#[derive(Debug)]
+pub struct WriteTicket(Arc<QosState>);
+
+impl Drop for WriteTicket {
+    fn drop(&mut self) {
+        self.0.writes_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A closed write gate; dropping it opens the gate again (parked changes then retry).
+#[derive(Debug)]
+pub struct WriteHold(Arc<QosState>);
+
+impl WriteHold {
+    /// Waits until every change admitted before the gate closed has completed; false if
+    /// some are still running after `timeout`.
+    pub fn drained(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.0.writes_in_flight.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+}
+
+impl Drop for WriteHold {
+    fn drop(&mut self) {
+        self.0.write_holds.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl QosState {
@@ -211,7 +256,25 @@ impl QosState {
                     Pair::new(limits.limits(QosDir::Write)),
                 ],
             }),
+            write_holds: AtomicU32::new(0),
+            writes_in_flight: AtomicU64::new(0),
         }
+    }
+
+    /// Admits one change while the write gate is open; `None` means "park it and retry".
+    /// The count goes up before the gate is looked at, and a holder closes the gate before
+    /// it reads the count (all `SeqCst`), so either the holder waits for this change or
+    /// the change sees the gate closed.
+    pub fn admit_write(self: &Arc<Self>) -> Option<WriteTicket> {
+        self.writes_in_flight.fetch_add(1, Ordering::SeqCst);
+        let ticket = WriteTicket(self.clone());
+        (self.write_holds.load(Ordering::SeqCst) == 0).then_some(ticket)
+    }
+
+    /// Closes the write gate until the hold is dropped (holds nest).
+    pub fn hold_writes(self: &Arc<Self>) -> WriteHold {
+        self.write_holds.fetch_add(1, Ordering::SeqCst);
+        WriteHold(self.clone())
     }
 
     /// The state a rebuilt table gives namespace `nsid`: the previous table's, updated in

@@ -84,7 +84,7 @@ use crate::pdu::{
     FLAG_LAST_PDU, FLAG_SUCCESS, SQE_LEN,
 };
 use crate::pool::{Buf, PoolClient};
-use crate::qos::QosDir;
+use crate::qos::{QosDir, WriteTicket};
 use crate::target::Shared;
 use crate::tx::{Seg, Tx};
 
@@ -132,6 +132,9 @@ pub struct Slot {
     after_grant: AfterGrant,
     /// Its QoS tokens were taken (a read waiting for a buffer is not charged twice).
     pub tokens_paid: bool,
+    /// A change admitted through its namespace's write gate: held until the slot is
+    /// released, so a replicated snapshot waits for it.
+    pub write_ticket: Option<WriteTicket>,
 }
 
 /// Where a slot's data buffer comes from.
@@ -167,6 +170,7 @@ impl Slot {
             data: SlotData::None,
             after_grant: AfterGrant::Execute,
             tokens_paid: false,
+            write_ticket: None,
         }
     }
 
@@ -1208,6 +1212,7 @@ impl Queue {
         let s = &mut self.slots[i];
         s.state = SlotState::Free;
         s.ns = None;
+        s.write_ticket = None;
         match std::mem::replace(&mut s.data, SlotData::None) {
             SlotData::Pool(b) => drop(b),
             SlotData::Reserve => self.reserve_free = true,

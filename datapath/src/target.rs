@@ -501,6 +501,15 @@ impl TargetHandle {
         Ok(())
     }
 
+    /// Closes the write gate of the namespace serving image `uuid`, if one does: changes
+    /// park until the hold is dropped ([`crate::qos::WriteHold::drained`] waits for those
+    /// already admitted).
+    pub fn hold_writes(&self, uuid: [u8; 16]) -> Option<crate::qos::WriteHold> {
+        let table = self.shared.table();
+        let ns = table.list.iter().find(|n| n.spec.uuid == uuid)?;
+        Some(ns.qos.hold_writes())
+    }
+
     /// Sets the I/O portals of the subsystem's other targets, listed by discovery (at most
     /// `MAX_DISCOVERY_ENTRIES` in all).
     pub fn set_peer_portals(&self, portals: Vec<SocketAddr>) {

@@ -2,7 +2,8 @@
 //! store image, a replica server with its own store, and the crate's initiator as the host.
 //! Writes land on both copies before they are acknowledged; a replica that has seen a newer
 //! epoch fences the primary, its writes at once and its reads once its read lease ran out;
-//! a failed replica holds writes until it is dropped from the in-sync set, and is reported.
+//! a failed replica holds writes until it is dropped from the in-sync set, and is reported;
+//! a snapshot taken while hosts write is the same on both copies.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use evstor_datapath::blockstore::{BlockStore, DeviceSpec};
 use evstor_datapath::initiator::Session;
 use evstor_datapath::nvme::Status;
-use evstor_datapath::replica::{Member, ReplicaHub, ReplicaServer};
+use evstor_datapath::replica::{snapshot_members, Member, ReplicaHub, ReplicaServer, SnapshotHook};
 use evstor_datapath::{
     start, Acl, Backend, Backing, IoKind, IoQueue, IoRequest, NamespaceSpec, Replication,
     TargetConfig, TargetHandle,
@@ -104,7 +105,14 @@ fn pair(epoch: u64) -> Pair {
     let volume = Uuid::new_v4();
     let primary = store(dir.path(), "primary", volume);
     let replica = store(dir.path(), "replica", volume);
-    let server = ReplicaServer::start("127.0.0.1:0".parse().expect("addr")).expect("listen");
+    let on_replica = replica.clone();
+    let hook: SnapshotHook = Arc::new(move |v, s| {
+        on_replica
+            .retake_snapshot(Uuid::from_bytes(v), Uuid::from_bytes(s))
+            .map_err(std::io::Error::other)
+    });
+    let server = ReplicaServer::start_with("127.0.0.1:0".parse().expect("addr"), Some(hook))
+        .expect("listen");
     let image: Arc<dyn Backend> = Arc::new(replica.image(volume, NS_BYTES, false));
     server.set_images(vec![(*volume.as_bytes(), Some(image), epoch)]);
     let hub = ReplicaHub::default();
@@ -353,6 +361,89 @@ fn a_rebuild_copies_only_the_missed_chunks_while_writes_go_on() -> anyhow::Resul
     // Writes wait for it again: a write lands on both.
     s.write(1, 100, &pattern(1, 9))?;
     assert_eq!(read_image(&p.replica, p.volume, 100, 1), pattern(1, 9));
+    p.target.shutdown();
+    Ok(())
+}
+
+/// Takes snapshot `snap` the way the control plane does: writes held and drained, the
+/// replica's, then the primary's.
+fn replicated_snapshot(p: &Pair, snap: Uuid) -> bool {
+    let hold = p
+        .target
+        .hold_writes(*p.volume.as_bytes())
+        .expect("the namespace is served");
+    assert!(hold.drained(Duration::from_secs(10)), "writes drain");
+    let took = snapshot_members(
+        std::slice::from_ref(&p.member),
+        *p.volume.as_bytes(),
+        1,
+        *snap.as_bytes(),
+        Duration::from_secs(10),
+    );
+    p.primary
+        .snapshot(p.volume, snap)
+        .expect("primary snapshot");
+    drop(hold);
+    took == [true]
+}
+
+#[test]
+fn a_snapshot_under_writes_is_the_same_on_every_copy_and_writes_wait_for_it() -> anyhow::Result<()>
+{
+    let p = pair(1);
+    let blocks = (NS_BYTES / BLOCK as u64) as usize;
+    // Two hosts write without pause, each block a new pattern, so a write that one copy's
+    // snapshot has and the other's lacks shows.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let (st, addr) = (stop.clone(), p.target.local_addr());
+            std::thread::spawn(move || -> anyhow::Result<u64> {
+                let mut h = Session::connect(addr, NQN, HOST)?;
+                let mut n = 0u64;
+                while !st.load(Ordering::SeqCst) {
+                    let lba = (n * 7919 + w * 131) % (blocks as u64 - 8);
+                    h.write(1, lba, &pattern(8, (n ^ w) as u8))?;
+                    n += 1;
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    let snaps: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+    for s in &snaps {
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(replicated_snapshot(&p, *s), "the replica took snapshot {s}");
+    }
+    // While the gate is closed, a change parks: it completes only once the gate opens.
+    let hold = p.target.hold_writes(*p.volume.as_bytes()).expect("served");
+    let addr = p.target.local_addr();
+    let parked = std::thread::spawn(move || -> anyhow::Result<()> {
+        Session::connect(addr, NQN, HOST)?.write(1, 3, &pattern(1, 0xee))?;
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !parked.is_finished(),
+        "a write completed through a closed gate"
+    );
+    drop(hold);
+    parked.join().expect("parked writer")?;
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        assert!(w.join().expect("writer")? > 0);
+    }
+    for s in &snaps {
+        assert!(
+            read_image(&p.primary, *s, 0, blocks) == read_image(&p.replica, *s, 0, blocks),
+            "snapshot {s} differs between the copies"
+        );
+    }
+    // A retaken snapshot replaces the one an earlier attempt left on the replica.
+    let again = snaps[0];
+    assert!(p.primary.delete(again).is_ok());
+    assert!(replicated_snapshot(&p, again));
+    assert!(read_image(&p.primary, again, 0, blocks) == read_image(&p.replica, again, 0, blocks));
     p.target.shutdown();
     Ok(())
 }

@@ -391,6 +391,15 @@ impl BlockStore {
         self.mutate(|t| idempotent(t.snapshot(v, s)))
     }
 
+    /// As [`BlockStore::snapshot`], replacing a snapshot `s` an earlier attempt left: a
+    /// replicated snapshot is taken again, whole, until every copy has it at one point.
+    pub fn retake_snapshot(&self, v: Uuid, s: Uuid) -> Result<(), StoreError> {
+        if self.contains(s) {
+            self.delete(s)?;
+        }
+        self.snapshot(v, s)
+    }
+
     /// Returns volume `v`'s content to snapshot `s`'s. Idempotent, as the reconciler needs:
     /// a repeat after it finished (nothing written since) changes nothing.
     pub fn rollback(&self, v: Uuid, s: Uuid) -> Result<(), StoreError> {

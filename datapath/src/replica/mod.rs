@@ -22,6 +22,9 @@
 //! as a path error instead of returning stale data. A replica promoted by a failover waits
 //! out the promises it gave before its data path serves ([`ReplicaServer::lease_given_until`]).
 //!
+//! A snapshot of a replicated volume is taken on every in-sync copy at the same point of
+//! the write stream ([`snapshot_members`]).
+//!
 //! A replica that fails (connection lost, no answer in [`REPLICA_IO_TIMEOUT_MS`], an I/O
 //! error) is never silently skipped: its parts are held and the failure reported
 //! ([`ReplicaHub::take_failures`]); only when the control plane has recorded the replica
@@ -36,12 +39,14 @@ mod link;
 mod member;
 mod rebuild;
 mod server;
+mod snapshot;
 
 pub use backend::{Member, Replicated};
 pub use link::{Link, ReplicaHub};
 pub use member::{MemberState, Mode};
 pub use rebuild::rebuild;
-pub use server::{HeldCopy, ReplicaImage, ReplicaServer};
+pub use server::{HeldCopy, ReplicaImage, ReplicaServer, SnapshotHook};
+pub use snapshot::snapshot_members;
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -97,6 +102,9 @@ pub enum Op {
     /// Nothing to apply: the answer says whether the sender is still the volume's primary
     /// here (and renews its read lease).
     Ping,
+    /// Take a snapshot of the copy (the snapshot's 16-byte id is the data), after every
+    /// frame received before it; one left by an earlier attempt is replaced.
+    Snapshot,
 }
 
 impl Op {
@@ -111,6 +119,7 @@ impl Op {
             Op::RebuildStart => (7, 0),
             Op::RebuildEnd => (8, 0),
             Op::Ping => (9, 0),
+            Op::Snapshot => (10, 0),
         }
     }
 
@@ -127,13 +136,14 @@ impl Op {
             7 => Op::RebuildStart,
             8 => Op::RebuildEnd,
             9 => Op::Ping,
+            10 => Op::Snapshot,
             _ => return None,
         })
     }
 
     /// Whether data follows the header.
     pub fn has_data(self) -> bool {
-        matches!(self, Op::Write { .. } | Op::Copy)
+        matches!(self, Op::Write { .. } | Op::Copy | Op::Snapshot)
     }
 
     /// Whether it changes the replica's data (a replica that misses it misses data).
@@ -144,9 +154,16 @@ impl Op {
         )
     }
 
-    /// Whether it is a rebuild's copy (applied alone, after everything before it).
+    /// Whether it is a rebuild's copy.
     pub fn is_copy(self) -> bool {
         matches!(self, Op::Copy | Op::CopyZeroes)
+    }
+
+    /// Whether it is applied alone, after everything received before it: a rebuild's copy
+    /// (the blocks it may not overwrite are then known) or a snapshot (the same point of
+    /// the write stream as the primary's).
+    pub fn runs_alone(self) -> bool {
+        self.is_copy() || self == Op::Snapshot
     }
 }
 
@@ -291,6 +308,7 @@ mod tests {
             Op::RebuildStart,
             Op::RebuildEnd,
             Op::Ping,
+            Op::Snapshot,
         ] {
             let mut h = [0u8; HDR_BYTES];
             frame(op).encode(&data, &mut h);

@@ -111,6 +111,10 @@ fn blocks(offset: u64, len: u32) -> std::ops::Range<u64> {
     first..(offset + u64::from(len)).div_ceil(LBA_BYTES)
 }
 
+/// Takes snapshot (second id) of this server's copy of volume (first id), replacing one an
+/// earlier attempt left: the replica's side of [`Op::Snapshot`].
+pub type SnapshotHook = Arc<dyn Fn([u8; 16], [u8; 16]) -> io::Result<()> + Send + Sync>;
+
 /// A copy this server holds, as published: volume, image (`None` on its primary), epoch.
 pub type HeldCopy = ([u8; 16], Option<Arc<dyn Backend>>, u64);
 
@@ -135,8 +139,17 @@ impl std::fmt::Debug for ReplicaServer {
 }
 
 impl ReplicaServer {
-    /// Listens on `addr` and serves peers until [`ReplicaServer::shutdown`].
+    /// Listens on `addr` and serves peers until [`ReplicaServer::shutdown`]; snapshot
+    /// frames are refused.
     pub fn start(addr: SocketAddr) -> io::Result<ReplicaServer> {
+        Self::start_with(addr, None)
+    }
+
+    /// As [`ReplicaServer::start`], taking snapshots of its copies through `snapshots`.
+    pub fn start_with(
+        addr: SocketAddr,
+        snapshots: Option<SnapshotHook>,
+    ) -> io::Result<ReplicaServer> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
@@ -146,7 +159,7 @@ impl ReplicaServer {
         let (i, p, s) = (images.clone(), peers.clone(), stop.clone());
         std::thread::Builder::new()
             .name("evstor-repl-accept".into())
-            .spawn(move || accept_loop(&listener, &i, &p, &s))?;
+            .spawn(move || accept_loop(&listener, &i, &p, &s, snapshots))?;
         Ok(ReplicaServer {
             addr,
             images,
@@ -236,6 +249,7 @@ fn accept_loop(
     images: &Arc<Images>,
     peers: &Arc<Peers>,
     stop: &Arc<AtomicBool>,
+    snapshots: Option<SnapshotHook>,
 ) {
     let live = Arc::new(AtomicUsize::new(0));
     let mut next = 0u64;
@@ -257,10 +271,11 @@ fn accept_loop(
                     .insert(key, cut);
                 live.fetch_add(1, Ordering::AcqRel);
                 let (i, st, l, ps) = (images.clone(), stop.clone(), live.clone(), peers.clone());
+                let snap = snapshots.clone();
                 let spawned = std::thread::Builder::new()
                     .name("evstor-repl-peer".into())
                     .spawn(move || {
-                        if let Err(e) = serve(s, &i, &st) {
+                        if let Err(e) = serve(s, &i, &st, snap.as_ref()) {
                             tracing::info!(%peer, "replication connection ended: {e}");
                         }
                         ps.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
@@ -292,7 +307,12 @@ struct Pending {
 }
 
 /// Serves one peer connection until it ends.
-fn serve(s: TcpStream, images: &Images, stop: &AtomicBool) -> io::Result<()> {
+fn serve(
+    s: TcpStream,
+    images: &Images,
+    stop: &AtomicBool,
+    snapshots: Option<&SnapshotHook>,
+) -> io::Result<()> {
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_millis(REPLICA_POLL_MS)))?;
     let mut out = s.try_clone()?;
@@ -312,14 +332,14 @@ fn serve(s: TcpStream, images: &Images, stop: &AtomicBool) -> io::Result<()> {
         loop {
             let slot = batch.len();
             let (frame, _) = Frame::decode(&hdr).map_err(wire)?;
-            // A rebuild's copy runs alone, after everything received before it: the
-            // blocks it may not overwrite are then known.
-            if frame.op.is_copy() {
+            // A rebuild's copy or a snapshot runs alone, after everything received before
+            // it (see `Op::runs_alone`).
+            if frame.op.runs_alone() {
                 apply(&mut q, &mut batch)?;
             }
-            let p = take_frame(&mut r, &hdr, &mut bufs, slot, images, &mut q)?;
+            let p = take_frame(&mut r, &hdr, &mut bufs, slot, images, &mut q, snapshots)?;
             batch.push(p);
-            if frame.op.is_copy() {
+            if frame.op.runs_alone() {
                 apply(&mut q, &mut batch)?;
             }
             if batch.len() == REPLICA_BATCH_FRAMES || r.buffer().len() < HDR_BYTES {
@@ -407,6 +427,7 @@ fn take_frame(
     slot: usize,
     images: &Images,
     q: &mut IoQueue,
+    snapshots: Option<&SnapshotHook>,
 ) -> io::Result<Pending> {
     let (frame, data_crc) = Frame::decode(hdr).map_err(wire)?;
     let data_len = if frame.op.has_data() {
@@ -419,6 +440,7 @@ fn take_frame(
     if crc32c::crc32c(data) != data_crc {
         return Err(wire(WireError::DataDigest));
     }
+    let snapshot_id = <[u8; 16]>::try_from(&data[..]).ok();
     let answer = |status| Pending {
         id: frame.id,
         status: Some(status),
@@ -481,6 +503,22 @@ fn take_frame(
         }
         Op::RebuildEnd => *image.rebuild_map() = None,
         Op::Ping => {}
+        // Everything before it is applied (it runs alone), so the copy is at the point of
+        // the write stream where the primary takes its own.
+        Op::Snapshot => {
+            let status = match (snapshots, snapshot_id) {
+                (Some(take), Some(id)) => match take(frame.volume, id) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        tracing::warn!("taking a snapshot of a replica: {e}");
+                        -e.raw_os_error().unwrap_or(libc::EIO)
+                    }
+                },
+                (None, _) => -libc::EOPNOTSUPP,
+                (_, None) => -libc::EINVAL,
+            };
+            p.status = Some(status);
+        }
         Op::Flush => queue(IoKind::Flush, 0, 0, 0),
         Op::Write { fua } => {
             image.mark_live(frame.offset, frame.len);
