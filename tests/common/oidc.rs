@@ -22,6 +22,10 @@ pub struct Provider {
     agent: ureq::Agent,
 }
 
+/// How long a provider may take to print its ready line, and how many starts are tried.
+const READY_WAIT: Duration = Duration::from_secs(20);
+const READY_ATTEMPTS: u32 = 3;
+
 fn oidc_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/oidc")
 }
@@ -42,10 +46,22 @@ impl Provider {
              (.ci/run does)",
             dir.display()
         );
+        // node has been seen to hang before its ready line (waiting on its thread pool):
+        // such a start is killed and made again rather than blocking the suite.
+        for attempt in 1..=READY_ATTEMPTS {
+            if let Some(p) = Provider::try_start(port) {
+                return p;
+            }
+            eprintln!("oidc provider: no ready line in {READY_WAIT:?} (attempt {attempt})");
+        }
+        panic!("the oidc provider never got ready");
+    }
+
+    fn try_start(port: u16) -> Option<Provider> {
         let mut child = Command::new("node")
             .arg("provider.mjs")
             .args(["--port", &port.to_string()])
-            .current_dir(&dir)
+            .current_dir(oidc_dir())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -53,10 +69,20 @@ impl Provider {
             .expect("run node (the federation tests need Node.js 20 or later)");
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("the provider's ready line");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(READY_WAIT) {
+            Ok(line) if !line.is_empty() => line,
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        };
         let ready: Value = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("provider ready line {line:?}: {e}"));
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -64,13 +90,13 @@ impl Provider {
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .into();
-        Provider {
+        Some(Provider {
             child,
             _stdin: stdin,
             issuer: ready["issuer"].as_str().expect("issuer").to_string(),
             proxy: ready["proxy"].as_str().expect("proxy").to_string(),
             agent,
-        }
+        })
     }
 
     /// A JWT access token for `client` (client_credentials grant) with audience `aud`,
