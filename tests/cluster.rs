@@ -70,10 +70,15 @@ fn all_enabled(names: &[&str]) -> Vec<(String, String)> {
 
 /// Three servers in two failure domains, all seen `Enabled` by all.
 fn three(etcd: &Etcd) -> Vec<Server> {
+    three_with_env(etcd, &[])
+}
+
+/// As [`three`], with extra environment.
+fn three_with_env(etcd: &Etcd, env: &[(&str, &str)]) -> Vec<Server> {
     let servers = vec![
-        member(etcd, "s1", &["--failure-domain", "rack-a"]),
-        member(etcd, "s2", &["--failure-domain", "rack-a"]),
-        member(etcd, "s3", &["--failure-domain", "rack-b"]),
+        member_with_env(etcd, "s1", &["--failure-domain", "rack-a"], env),
+        member_with_env(etcd, "s2", &["--failure-domain", "rack-a"], env),
+        member_with_env(etcd, "s3", &["--failure-domain", "rack-b"], env),
     ];
     for s in &servers {
         eventually(s, "/api/v2/servers", |_, _| {
@@ -187,7 +192,8 @@ fn three_servers_one_journal_volumes_everywhere() {
     assert!(seq > 10, "bootstrap, joins and volumes are in the journal");
 }
 
-/// A killed server is recorded `Failed` within seconds; volumes show it at once (the one
+/// A killed server is recorded `Failed` within seconds (a peer that finds its ports closed
+/// ends its etcd lease); volumes show it at once (the one
 /// whose only copy it held is `NotAvailable` and the cluster's health an error; one of
 /// three copies is `Degraded` before anything is written); back, it catches up on what was
 /// appended meanwhile and its volumes are whole again.
@@ -234,6 +240,14 @@ fn a_killed_server_fails_then_catches_up_after_restart() {
             .expect("s3's node");
         assert_eq!(s3_node["state"], "Inactive", "{s3_node}");
     }
+    // Its ports refuse connections, so a peer ended its etcd lease at once rather than
+    // leaving it to expire (which a hung server's does).
+    assert!(
+        servers[..2].iter().any(|s| s
+            .log()
+            .contains("the process is gone; ending its etcd lease")),
+        "no peer saw s3's process gone"
+    );
     // Changes while it is down, through both live servers.
     std::thread::scope(|scope| {
         for (w, s) in servers[..2].iter().enumerate() {
@@ -1375,5 +1389,135 @@ fn evicting_a_server_moves_its_copies_make_before_break() {
             !store.contains(u.parse().expect("uuid")),
             "B still holds {u}"
         );
+    }
+}
+
+/// A snapshot of a volume of three copies, taken while a host writes, is the same on every
+/// copy (`nodeList` names all three). After the primary is killed, a clone of it is made
+/// where a copy survives and reads the snapshot's data. Deleted while a server is down,
+/// every copy is released, that server's when it is back.
+#[test]
+fn a_snapshot_is_taken_on_every_copy_and_outlives_its_primary() {
+    let etcd = Etcd::start(3);
+    // The reconciler logs each copy it releases.
+    let log = [("EVSTOR_LOG", "warn,evstor_control::reconcile=info")];
+    let mut servers = three_with_env(&etcd, &log);
+    let uuid = create_volume(&servers[0], "sv", 3);
+    let (mut host, nsid, p) = host_on_primary(&servers, 0, &uuid);
+    for b in 0..8u64 {
+        host.write(nsid, b, &block(b as u8)).expect("write");
+    }
+    // Another host writes without pause while the snapshot is taken.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (mut busy, _, _) = host_on_primary(&servers, 0, &uuid);
+    let st = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !st.load(std::sync::atomic::Ordering::SeqCst) {
+            busy.write(nsid, 16 + n % 240, &block(n as u8 ^ 0x5c))
+                .expect("write under the snapshot");
+            n += 1;
+        }
+        n
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, snap) = servers[1].admin().post(
+        "/api/v2/projects/default/snapshots",
+        &json!({"name": "s1", "sourceVolumeUUID": uuid}),
+    );
+    assert_eq!(status, 200, "{snap}");
+    let snap_uuid = snap["UUID"].as_str().expect("UUID").to_string();
+    let snap_path = format!("/api/v2/projects/default/snapshots/{snap_uuid}");
+    let snap = eventually(&servers[2], &snap_path, |_, v| v["state"] == "Available");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(writer.join().expect("writer") > 0);
+    let owners = node_owner(&servers[0], &servers);
+    let mut on: Vec<usize> = snap["nodeList"]
+        .as_array()
+        .expect("nodeList")
+        .iter()
+        .map(|n| owners[n.as_str().expect("node")])
+        .collect();
+    on.sort();
+    assert_eq!(on, [0, 1, 2], "every copy holds it: {snap}");
+    assert_eq!(
+        owners[snap["primaryNodeUUID"].as_str().expect("primary")],
+        p
+    );
+    // After the snapshot, block 0 changes: the snapshot keeps the old data.
+    host.write(nsid, 0, &block(0xaa)).expect("write after");
+    drop(host);
+    // The primary dies; a clone is made from a surviving copy of the snapshot.
+    servers[p].kill9();
+    let live: Vec<usize> = (0..3).filter(|i| *i != p).collect();
+    let path = format!("/api/v2/projects/default/volumes/{uuid}");
+    eventually(&servers[live[0]], &path, |_, v| {
+        node_owner(&servers[live[0]], &servers)
+            .get(v["primaryNodeUUID"].as_str().unwrap_or_default())
+            .is_some_and(|o| *o != p)
+    });
+    let mut body = volume_body("clone", 1);
+    body["sourceSnapshotUUID"] = json!(snap_uuid);
+    let c = servers[live[0]].admin();
+    let (status, clone) = c.post("/api/v2/projects/default/volumes", &body);
+    assert_eq!(status, 200, "{clone}");
+    let clone_uuid = clone["UUID"].as_str().expect("UUID").to_string();
+    let (mut h, cnsid, cp) = host_on_primary(&servers, live[0], &clone_uuid);
+    assert_ne!(
+        cp, p,
+        "the clone lives where a copy of the snapshot survived"
+    );
+    let want: Vec<u8> = (0..8u8).flat_map(block).collect();
+    assert_eq!(h.read(cnsid, 0, 8).expect("read the clone"), want);
+    drop(h);
+    let clone_path = format!("/api/v2/projects/default/volumes/{clone_uuid}");
+    assert_eq!(c.delete(&clone_path).0, 200);
+    eventually(&servers[live[0]], &clone_path, |st, _| st == 404);
+    // The old primary returns; its copy of the snapshot is the same as the others'.
+    servers[p].start_again();
+    eventually(&servers[p], &path, |_, v| {
+        v["protectionState"] == "FullyProtected"
+    });
+    for s in servers.iter_mut() {
+        s.stop();
+    }
+    let taken = image_blocks(&servers[p], &snap_uuid, 256);
+    assert_eq!(taken[..8 * 4096], want[..]);
+    for i in live.iter().copied() {
+        assert!(
+            image_blocks(&servers[i], &snap_uuid, 256) == taken,
+            "server {i}'s copy of the snapshot differs from the primary's"
+        );
+    }
+    // Deleted while a server is down: the live ones release their copies at once, the
+    // other when it is back.
+    let down = live[1];
+    for i in (0..3).filter(|i| *i != down) {
+        servers[i].start_again();
+    }
+    let ask = live[0];
+    let c = servers[ask].admin();
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        match c.delete(&snap_path) {
+            (200, _) => break,
+            (st, e) => assert!(Instant::now() < deadline, "delete: {st} {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eventually(&servers[ask], &snap_path, |st, _| st == 404);
+    servers[down].start_again();
+    let released = format!("released this node's copy of snapshot {snap_uuid}");
+    let deadline = Instant::now() + CONVERGE;
+    while !servers[down].log().contains(&released) {
+        assert!(Instant::now() < deadline, "{}", servers[down].log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for s in servers.iter_mut() {
+        s.stop();
+    }
+    let id: uuid::Uuid = snap_uuid.parse().expect("uuid");
+    for (i, s) in servers.iter().enumerate() {
+        assert!(!open_store(s).contains(id), "server {i} still holds it");
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use evstor_datapath::blockstore::{
@@ -17,8 +17,11 @@ use evstor_datapath::blockstore::{
 };
 use evstor_datapath::limits::{
     ANA_GROUPS_MAX, BLOCK_BYTES, MAX_CNTLID, REBUILD_BARRIER_MS, REPLICATION_PORT_OFFSET,
+    SNAPSHOT_DRAIN_MS, SNAPSHOT_REPLICA_WAIT_MS,
 };
-use evstor_datapath::replica::{Member, Mode, ReplicaHub, ReplicaServer};
+use evstor_datapath::replica::{
+    snapshot_members, Member, Mode, ReplicaHub, ReplicaServer, SnapshotHook,
+};
 use evstor_datapath::{
     Acl, Ana, Backend, Backing, ConnectedHost, NamespaceSpec, QosLimits, Replication, TargetHandle,
 };
@@ -27,7 +30,7 @@ use uuid::Uuid;
 use crate::api::DataPathView;
 use crate::domain::inventory::Device;
 use crate::domain::policy::QosLimit;
-use crate::domain::snapshot::Snapshot;
+use crate::domain::snapshot::{Snapshot, SnapshotState};
 use crate::domain::volume::{Volume, VolumeState, ALLOW_ANY, ALLOW_NONE};
 use crate::domain::State;
 use crate::reconcile::DataPlane;
@@ -46,6 +49,9 @@ pub struct VolumeStore {
     /// When the last table withheld a volume this node was promoted to serve (its former
     /// primary's read lease still runs): the soonest moment to publish again.
     publish_again: Mutex<Option<Instant>>,
+    /// The snapshots being taken, as of the last publication: a replica takes only those
+    /// (one it does not know of yet may be one it would release as unknown).
+    creating_snapshots: Arc<RwLock<HashSet<Uuid>>>,
 }
 
 /// This server's side of replication.
@@ -152,6 +158,7 @@ impl VolumeStore {
             published: Mutex::new(Vec::new()),
             repl: None,
             publish_again: Mutex::new(None),
+            creating_snapshots: Arc::default(),
         })
     }
 
@@ -170,7 +177,27 @@ impl VolumeStore {
     /// Cluster mode: listens for primaries' replicated writes on `listen` and replicates
     /// this node's primaries.
     pub fn start_replication(&mut self, listen: SocketAddr) -> std::io::Result<SocketAddr> {
-        let server = ReplicaServer::start(listen)?;
+        let (store, creating) = (self.store.clone(), self.creating_snapshots.clone());
+        let snapshots: SnapshotHook = Arc::new(move |volume, snapshot| {
+            let snapshot = Uuid::from_bytes(snapshot);
+            // The primary asks right after the request was ordered; this node's state may
+            // lag a little behind.
+            let deadline = Instant::now() + Duration::from_millis(SNAPSHOT_REPLICA_WAIT_MS / 2);
+            while !creating
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&snapshot)
+            {
+                if Instant::now() >= deadline {
+                    return Err(std::io::Error::from_raw_os_error(libc::EAGAIN));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            store
+                .retake_snapshot(Uuid::from_bytes(volume), snapshot)
+                .map_err(io_err)
+        });
+        let server = ReplicaServer::start_with(listen, Some(snapshots))?;
         let addr = server.local_addr();
         self.repl = Some(Repl {
             hub: ReplicaHub::default(),
@@ -236,6 +263,25 @@ impl VolumeStore {
             epoch: v.epoch,
             members: out,
         })
+    }
+
+    /// The replicas of `volume` (a primary of this node) that take its writes now, by
+    /// node, with the epoch they were published under.
+    fn in_sync_members(&self, volume: Uuid) -> (u64, Vec<(Uuid, Arc<Member>)>) {
+        let Some(repl) = &self.repl else {
+            return (0, Vec::new());
+        };
+        let members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
+        let mut epoch = 0;
+        let mut out = Vec::new();
+        for ((v, node), (_, e, _, m)) in members.iter() {
+            if *v == volume && m.state.mode() == Mode::InSync {
+                epoch = *e;
+                out.push((*node, m.clone()));
+            }
+        }
+        out.sort_by_key(|(n, _)| *n);
+        (epoch, out)
     }
 
     /// Tells members that left every published volume's in-sync set.
@@ -422,8 +468,45 @@ impl DataPlane for VolumeStore {
         self.store.delete(uuid).map_err(io_err)
     }
 
-    fn take_snapshot(&self, s: &Snapshot) -> std::io::Result<()> {
-        self.store.snapshot(s.source_volume, s.uuid).map_err(io_err)
+    fn take_snapshot(&self, s: &Snapshot) -> std::io::Result<Vec<Uuid>> {
+        let me = self.node.unwrap_or(s.node_uuid);
+        let (epoch, members) = self.in_sync_members(s.source_volume);
+        if members.is_empty() {
+            // The only copy: nothing to agree with (and a repeat finds it taken).
+            self.store
+                .snapshot(s.source_volume, s.uuid)
+                .map_err(io_err)?;
+            return Ok(vec![me]);
+        }
+        let volume = *s.source_volume.as_bytes();
+        // Every change admitted before the gate closed is on every in-sync copy once it
+        // completed; none is admitted until the gate opens again.
+        let hold = self.target.as_ref().and_then(|t| t.hold_writes(volume));
+        if hold
+            .as_ref()
+            .is_some_and(|h| !h.drained(Duration::from_millis(SNAPSHOT_DRAIN_MS)))
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the volume's writes did not drain for its snapshot",
+            ));
+        }
+        let nodes: Vec<Uuid> = members.iter().map(|(n, _)| *n).collect();
+        let members: Vec<Arc<Member>> = members.into_iter().map(|(_, m)| m).collect();
+        let took = snapshot_members(
+            &members,
+            volume,
+            epoch,
+            *s.uuid.as_bytes(),
+            Duration::from_millis(SNAPSHOT_REPLICA_WAIT_MS),
+        );
+        self.store
+            .retake_snapshot(s.source_volume, s.uuid)
+            .map_err(io_err)?;
+        drop(hold);
+        let mut holders = vec![me];
+        holders.extend(nodes.iter().zip(took).filter(|(_, t)| *t).map(|(n, _)| *n));
+        Ok(holders)
     }
 
     fn release_snapshot(&self, uuid: Uuid) -> std::io::Result<()> {
@@ -436,6 +519,16 @@ impl DataPlane for VolumeStore {
     }
 
     fn publish(&self, state: &State) -> std::io::Result<()> {
+        *self
+            .creating_snapshots
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = state
+            .snapshots
+            .by_uuid
+            .values()
+            .filter(|s| s.state == SnapshotState::Creating)
+            .map(|s| s.uuid)
+            .collect();
         let trim = state
             .config
             .value(state, "EnableTrim")
@@ -489,6 +582,10 @@ impl DataPlane for VolumeStore {
 
     fn holds(&self, uuid: Uuid) -> bool {
         self.store.contains(uuid)
+    }
+
+    fn snapshots_held(&self) -> Vec<Uuid> {
+        self.store.snapshots()
     }
 
     fn rebuild(&self, v: &Volume, node: Uuid) -> std::io::Result<u64> {

@@ -122,13 +122,18 @@ pub const LOG_APPEND_RACE_MS: u64 = 10_000;
 /// TTL of a server's etcd lease: its liveness key and, on the leader, the leader key. A
 /// server that stops renewing is `Failed` (and loses leadership) this long after.
 pub const LEASE_TTL_SECS: i64 = 5;
+/// Pause between a member's knocks on each peer's replication listener: a peer whose port
+/// refuses connections after it answered has its lease ended (its process is gone).
+pub const PEER_PROBE_MS: u64 = 250;
+/// A knock that gets no answer this fast concludes nothing (hung or unreachable peer).
+pub const PEER_PROBE_TIMEOUT_MS: u64 = 200;
 /// Pause between lease keep-alives (and leadership campaigns).
 pub const LEASE_KEEPALIVE_MS: u64 = 1_000;
 /// The leader stops acting this long before its lease could expire, counted from when the
 /// last successful keep-alive was sent (covers clock-rate differences and scheduling).
 pub const LEASE_SAFETY_MARGIN_MS: u64 = 1_500;
 /// Pause between passes of the leader's orchestrator (health, leadership record, tail trim).
-pub const ORCHESTRATOR_TICK_MS: u64 = 500;
+pub const ORCHESTRATOR_TICK_MS: u64 = 250;
 /// Replica moves an eviction keeps in flight per server: each is an extra copy being
 /// rebuilt (space on the target, a full copy over the network); the rest wait their turn.
 pub const EVICTION_MOVES_MAX: usize = 64;

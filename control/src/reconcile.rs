@@ -37,8 +37,10 @@ pub trait DataPlane: Send + Sync + 'static {
     fn prepare_clone(&self, volume: &Volume, snapshot: Uuid) -> std::io::Result<()>;
     /// Releases the volume's storage for good.
     fn release(&self, uuid: Uuid) -> std::io::Result<()>;
-    /// Captures the source volume's data as the snapshot's (idempotent once done).
-    fn take_snapshot(&self, snapshot: &Snapshot) -> std::io::Result<()>;
+    /// Captures the source volume's data as the snapshot's, on this node (the volume's
+    /// primary) and every in-sync replica at one point of the write stream; returns the
+    /// nodes that hold it, this one first. A repeat takes it again, whole.
+    fn take_snapshot(&self, snapshot: &Snapshot) -> std::io::Result<Vec<Uuid>>;
     /// Releases the snapshot's storage for good.
     fn release_snapshot(&self, uuid: Uuid) -> std::io::Result<()>;
     /// Replaces the volume's data with the snapshot's.
@@ -61,6 +63,10 @@ pub trait DataPlane: Send + Sync + 'static {
     /// Replicas this node's primaries could not write to since the last call, to record
     /// out of sync (their writes wait for that).
     fn take_replica_failures(&self) -> Vec<crate::dataplane::ReplicaFailure> {
+        Vec::new()
+    }
+    /// The snapshots this node's block store holds a copy of.
+    fn snapshots_held(&self) -> Vec<Uuid> {
         Vec::new()
     }
     /// Whether this node's block store holds the image `uuid` now.
@@ -168,19 +174,31 @@ pub fn pending(state: &State, now_unix_ns: u64) -> (Vec<Work>, Option<u64>) {
 }
 
 /// Whether `w` is the work of `node`'s agent: the node is the primary of the volume, or
-/// holds the snapshot (`None`: one server does everything).
+/// acts for the snapshot ([`Snapshot::agent`]) (`None`: one server does everything).
 pub fn is_for(state: &State, w: &Work, node: Option<Uuid>) -> bool {
     let Some(node) = node else {
         return true;
     };
     let volume_on = |u: &Uuid| state.volumes.get(*u).is_some_and(|v| v.node_uuid == node);
-    let snapshot_on = |u: &Uuid| state.snapshots.get(*u).is_some_and(|s| s.node_uuid == node);
+    let snapshot_on = |u: &Uuid| {
+        state
+            .snapshots
+            .get(*u)
+            .is_some_and(|s| s.agent(state) == node)
+    };
     match w {
         Work::CreateVolume(v) | Work::CloneVolume(v, _) | Work::Rollback(v, _) => {
             v.node_uuid == node
         }
         Work::DeleteVolume(u) => volume_on(u),
-        Work::TakeSnapshot(s) => s.node_uuid == node,
+        // The volume's primary takes its snapshots (on every in-sync copy).
+        Work::TakeSnapshot(s) => {
+            state
+                .volumes
+                .get(s.source_volume)
+                .map_or(s.node_uuid, |v| v.node_uuid)
+                == node
+        }
         Work::DeleteSnapshot(u) | Work::Expire(u) => snapshot_on(u),
         // The primary of the volume takes its snapshots, so its agent fires its schedules
         // (a fire is idempotent per slot, so even two agents would take one snapshot).
@@ -201,12 +219,36 @@ pub struct ReplicaWork {
     /// Volumes that no longer name the node (a copy moved away): to release where the
     /// store still has them.
     pub departed: Vec<Uuid>,
+    /// The snapshots whose copies the node keeps ([`snapshots_kept`]); its store's others
+    /// are released.
+    pub keep_snapshots: HashSet<Uuid>,
+}
+
+/// The snapshots whose copy `node` keeps: the ones being taken (a replica takes its copy
+/// before anyone knows whether it holds one), the ones it holds, and the ones it releases
+/// itself as their agent. A copy of any other (deleted, or taken where it turned out not
+/// to count) is released.
+pub fn snapshots_kept(state: &State, node: Uuid) -> HashSet<Uuid> {
+    state
+        .snapshots
+        .by_uuid
+        .values()
+        .filter(|s| match s.state {
+            SnapshotState::Creating => true,
+            SnapshotState::Deleting => s.agent(state) == node,
+            _ => s.holders.contains(&node),
+        })
+        .map(|s| s.uuid)
+        .collect()
 }
 
 /// The replica work of `node`, by what `state` says: volumes that name it as a replica,
 /// by state, and volumes that name it no more.
 pub fn replica_work(state: &State, node: Uuid) -> ReplicaWork {
-    let mut w = ReplicaWork::default();
+    let mut w = ReplicaWork {
+        keep_snapshots: snapshots_kept(state, node),
+        ..ReplicaWork::default()
+    };
     for v in state.volumes.by_uuid.values() {
         if !v.nodes().any(|n| n == node) {
             // A volume only comes back to a node as a new out-of-sync replica, rebuilt with
@@ -235,6 +277,7 @@ async fn replicas(data: &Arc<dyn DataPlane>, work: ReplicaWork, held: &mut HashS
         mut hold,
         mut release,
         departed,
+        keep_snapshots,
     } = work;
     hold.retain(|v| !held.contains(&v.uuid));
     // Released on every pass while the volume is being deleted (idempotent), also after a
@@ -259,6 +302,17 @@ async fn replicas(data: &Arc<dyn DataPlane>, work: ReplicaWork, held: &mut HashS
         let worker = data.clone();
         if let Ok(Ok(())) = tokio::task::spawn_blocking(move || worker.release(uuid)).await {
             held.remove(&uuid);
+        }
+    }
+    for uuid in data.snapshots_held() {
+        if keep_snapshots.contains(&uuid) {
+            continue;
+        }
+        let worker = data.clone();
+        match tokio::task::spawn_blocking(move || worker.release_snapshot(uuid)).await {
+            Ok(Ok(())) => tracing::info!("released this node's copy of snapshot {uuid}"),
+            Ok(Err(e)) => tracing::warn!("releasing this node's copy of snapshot {uuid}: {e}"),
+            Err(e) => tracing::error!("snapshot release task of {uuid}: {e}"),
         }
     }
 }
@@ -541,7 +595,10 @@ fn completion(w: &Work) -> (Command, String) {
             format!("volume {}", v.uuid),
         ),
         Work::TakeSnapshot(s) => (
-            Command::Snapshot(SnapshotCommand::MarkSnapshotAvailable { uuid: s.uuid }),
+            Command::Snapshot(SnapshotCommand::MarkSnapshotAvailable {
+                uuid: s.uuid,
+                holders: Vec::new(),
+            }),
             format!("snapshot {}", s.uuid),
         ),
         Work::DeleteSnapshot(u) => (
@@ -562,12 +619,21 @@ fn completion(w: &Work) -> (Command, String) {
     }
 }
 
-fn execute(data: &dyn DataPlane, work: Work) -> std::io::Result<()> {
+/// Does the data-path part of `work`; a snapshot's completion learns who holds it.
+fn execute(data: &dyn DataPlane, work: Work, completion: &mut Command) -> std::io::Result<()> {
     match work {
         Work::CreateVolume(v) => data.prepare(&v),
         Work::CloneVolume(v, s) => data.prepare_clone(&v, s),
         Work::DeleteVolume(u) => data.release(u),
-        Work::TakeSnapshot(s) => data.take_snapshot(&s),
+        Work::TakeSnapshot(s) => {
+            let taken = data.take_snapshot(&s)?;
+            if let Command::Snapshot(SnapshotCommand::MarkSnapshotAvailable { holders, .. }) =
+                completion
+            {
+                *holders = taken;
+            }
+            Ok(())
+        }
         Work::DeleteSnapshot(u) => data.release_snapshot(u),
         Work::Rollback(v, s) => data.rollback(&v, s),
         Work::Expire(_) | Work::Fire(..) => Ok(()),
@@ -596,9 +662,13 @@ async fn step(bus: &Bus, data: &Arc<dyn DataPlane>, work: Work) -> bool {
         _ => None,
     };
     let worker = data.clone();
-    let done = tokio::task::spawn_blocking(move || execute(worker.as_ref(), work)).await;
-    match done {
-        Ok(Ok(())) => {}
+    let done = tokio::task::spawn_blocking(move || {
+        let mut command = command;
+        execute(worker.as_ref(), work, &mut command).map(|()| command)
+    })
+    .await;
+    let command = match done {
+        Ok(Ok(command)) => command,
         Ok(Err(e)) => {
             tracing::warn!("data path work for {what} failed, will retry: {e}");
             return false;
@@ -607,7 +677,7 @@ async fn step(bus: &Bus, data: &Arc<dyn DataPlane>, work: Work) -> bool {
             tracing::error!("data path task for {what} panicked: {e}");
             return false;
         }
-    }
+    };
     if let Some(v) = servable {
         if let Err(e) = serve_now(bus, data.as_ref(), &v) {
             tracing::warn!("{what} is ready but not served, will retry: {e}");

@@ -281,7 +281,12 @@ async fn settle(bus: &Bus) {
             .by_uuid
             .values()
             .filter(|x| x.state == evstor_control::domain::snapshot::SnapshotState::Creating)
-            .map(|x| Command::Snapshot(SnapshotCommand::MarkSnapshotAvailable { uuid: x.uuid }));
+            .map(|x| {
+                Command::Snapshot(SnapshotCommand::MarkSnapshotAvailable {
+                    uuid: x.uuid,
+                    holders: vec![x.node_uuid],
+                })
+            });
         let fires = schedule::due_fires(&s, now_unix_ns(), FIRE_CLOCK_SCALE)
             .0
             .into_iter()

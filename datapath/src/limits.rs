@@ -380,7 +380,9 @@ pub const REPLICA_BATCH_FRAMES: usize = 32;
 /// promise holds, counted from when it sent the frame and shortened by
 /// [`REPLICA_LEASE_TRUST_PERCENT`]; otherwise a read first asks every replica (one small
 /// frame each) and fails as a path error if one answers that a newer primary exists.
-pub const REPLICA_READ_LEASE_MS: u64 = 1_000;
+/// A promoted replica waits out what it promised, so this bounds part of a failover;
+/// a read-only workload pays one ping round trip per trusted part of it.
+pub const REPLICA_READ_LEASE_MS: u64 = 500;
 /// The part of [`REPLICA_READ_LEASE_MS`] a primary relies on (room for clock-rate drift
 /// between servers).
 pub const REPLICA_LEASE_TRUST_PERCENT: u64 = 80;
@@ -402,3 +404,11 @@ pub const REBUILD_CHUNK_BYTES: u64 = 1 << 20;
 /// How long a rebuild waits for the reactors to finish the passes in progress when it
 /// starts (their writes that skipped the replica are then applied locally).
 pub const REBUILD_BARRIER_MS: u64 = 5_000;
+
+/// A replicated snapshot holds the volume's writes for at most this long while the ones
+/// already admitted complete (then it gives up and is tried again): host writes park
+/// meanwhile, so it stays well under a host's command timeout.
+pub const SNAPSHOT_DRAIN_MS: u64 = 5_000;
+/// How long a replicated snapshot waits for the replicas' answers (one that does not
+/// answer does not hold the snapshot).
+pub const SNAPSHOT_REPLICA_WAIT_MS: u64 = 5_000;

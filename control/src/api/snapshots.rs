@@ -58,6 +58,7 @@ fn state_name(s: SnapshotState) -> &'static str {
 /// The `Snapshot` message, keys in declaration order.
 pub fn snapshot_json(app: &App, s: &Snapshot) -> Value {
     let node = s.node_uuid.to_string();
+    let holders: Vec<String> = s.holders.iter().map(|n| n.to_string()).collect();
     let retention = if s.retention_secs == 0 {
         String::new()
     } else {
@@ -73,7 +74,7 @@ pub fn snapshot_json(app: &App, s: &Snapshot) -> Value {
         .str("sourceVolumeUUID", &s.source_volume.to_string())
         .str("sourceVolumeName", &s.source_volume_name)
         .num("replicaCount", u64::from(s.replica_count))
-        .strs("nodeList", std::slice::from_ref(&node))
+        .strs("nodeList", &holders)
         .list("acl", &s.acl)
         .bool("compression", s.compression)
         .u64s("size", s.size_bytes)

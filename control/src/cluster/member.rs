@@ -47,6 +47,7 @@ pub struct Member {
     session: Session,
     stop: Arc<AtomicBool>,
     orchestrator: Option<std::thread::JoinHandle<()>>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
     etcd: EtcdClient,
     keys: Keys,
 }
@@ -66,7 +67,10 @@ impl Member {
     /// down at once).
     pub fn shutdown(mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.orchestrator.take() {
+        for t in [self.orchestrator.take(), self.watchdog.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = t.join();
         }
         self.session.stop();
@@ -281,6 +285,7 @@ pub async fn start(cfg: &ServeConfig, cc: &ClusterConfig, cert: &Path) -> anyhow
         cert_sha256: checkpoint::cert_file_fingerprint(cert)?,
     };
     let session = Session::spawn(etcd.fork(), keys.clone(), record)?;
+    let watchdog = super::watchdog::spawn(etcd.fork(), keys.clone(), server_uuid, stop.clone())?;
     register(&bus, cfg, cc, server_uuid, &root_pem).await?;
     let node_uuid = bus
         .state()
@@ -317,6 +322,7 @@ pub async fn start(cfg: &ServeConfig, cc: &ClusterConfig, cert: &Path) -> anyhow
         session,
         stop,
         orchestrator: Some(orchestrator),
+        watchdog: Some(watchdog),
         etcd,
         keys: keys_for_member,
     })

@@ -29,6 +29,7 @@ pub mod log;
 pub mod member;
 pub mod orchestrator;
 pub mod session;
+pub mod watchdog;
 
 use uuid::Uuid;
 

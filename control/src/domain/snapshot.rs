@@ -1,7 +1,9 @@
 //! Snapshots: point-in-time, read-only images of a volume; the source of clones and rollback.
 //!
 //! Lifecycle, like volumes: `CreateSnapshot` appends `SnapshotCreationRequested` (state
-//! `Creating`); the reconciler copies the volume's data and appends `SnapshotBecameAvailable`.
+//! `Creating`); the volume's primary captures the data on every in-sync copy at one point
+//! of the write stream and appends `SnapshotTaken` with the nodes that hold it (journals
+//! from before replicated snapshots have `SnapshotBecameAvailable`: one holder).
 //! `DeleteSnapshot` (or retention expiry, `SnapshotExpired`) moves it to `Deleting`; the
 //! reconciler frees the data and appends `SnapshotDeleted`, after which it is gone.
 //!
@@ -62,6 +64,10 @@ pub struct Snapshot {
     /// on the volume, so the volume's stored shape does not change; it also makes "is this
     /// snapshot in use" a local question.
     pub restoring: Vec<Uuid>,
+    /// The nodes holding a copy of its data (`nodeList`), the primary that took it first;
+    /// empty until taken. Every in-sync copy of the volume takes it at one point of the
+    /// write stream; a copy that was out of sync then, or failed to, does not hold it.
+    pub holders: Vec<Uuid>,
 }
 
 impl Snapshot {
@@ -87,7 +93,20 @@ impl Snapshot {
             creation_unix_ns: now_unix_ns,
             etag: 0,
             restoring: Vec::new(),
+            holders: Vec::new(),
         }
+    }
+
+    /// The node that acts for the snapshot (releases it, expires it, serves clones and
+    /// rollbacks from it): the source volume's primary if it holds the snapshot, else the
+    /// first holder whose server is not failed, else the node that took it.
+    pub fn agent(&self, state: &State) -> Uuid {
+        let primary = state.volumes.get(self.source_volume).map(|v| v.node_uuid);
+        let live = |n: &&Uuid| state.inventory.server_of(**n).is_none_or(|s| !s.failed);
+        primary
+            .filter(|p| self.holders.contains(p))
+            .or_else(|| self.holders.iter().find(live).copied())
+            .unwrap_or(self.node_uuid)
     }
 
     /// When retention runs out, if the snapshot has a retention time.
@@ -168,9 +187,10 @@ pub enum Command {
         target: SnapshotRef,
         if_match: Option<String>,
     },
-    /// Reconciler: the snapshot's data is captured.
+    /// Reconciler: the snapshot's data is captured on `holders` (the primary first).
     MarkSnapshotAvailable {
         uuid: Uuid,
+        holders: Vec<Uuid>,
     },
     /// Reconciler: the snapshot's data is freed.
     FinishSnapshotDeletion {
@@ -202,6 +222,13 @@ pub enum Event {
     SnapshotExpired {
         uuid: Uuid,
     },
+    /// The snapshot's data is captured on these nodes (the primary first); it is
+    /// `Available`. (Journals before replicated snapshots have `SnapshotBecameAvailable`:
+    /// then the node that took it held the only copy.)
+    SnapshotTaken {
+        uuid: Uuid,
+        holders: Vec<Uuid>,
+    },
 }
 
 impl Event {
@@ -212,6 +239,7 @@ impl Event {
             Event::SnapshotDeletionRequested { .. } => "SnapshotDeletionRequested",
             Event::SnapshotDeleted { .. } => "SnapshotDeleted",
             Event::SnapshotExpired { .. } => "SnapshotExpired",
+            Event::SnapshotTaken { .. } => "SnapshotTaken",
         }
     }
 
@@ -221,7 +249,8 @@ impl Event {
             Event::SnapshotBecameAvailable { uuid }
             | Event::SnapshotDeletionRequested { uuid }
             | Event::SnapshotDeleted { uuid }
-            | Event::SnapshotExpired { uuid } => *uuid,
+            | Event::SnapshotExpired { uuid }
+            | Event::SnapshotTaken { uuid, .. } => *uuid,
         }
     }
 
@@ -352,9 +381,12 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             target,
             if_match,
         } => delete(state, state.snapshots.resolve(project, target)?, if_match),
-        Command::MarkSnapshotAvailable { uuid } => Ok(settle(
+        Command::MarkSnapshotAvailable { uuid, holders } => Ok(settle(
             SnapshotState::Creating,
-            Event::SnapshotBecameAvailable { uuid: *uuid },
+            Event::SnapshotTaken {
+                uuid: *uuid,
+                holders: holders.clone(),
+            },
             uuid,
         )),
         Command::FinishSnapshotDeletion { uuid } => Ok(settle(
@@ -375,9 +407,17 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             s.etag = at.seq;
             snapshots.by_uuid.insert(uuid, s);
         }
-        Event::SnapshotBecameAvailable { .. } => {
-            snapshots.update(uuid, at, |s| s.state = SnapshotState::Available)
-        }
+        Event::SnapshotBecameAvailable { .. } => snapshots.update(uuid, at, |s| {
+            s.state = SnapshotState::Available;
+            s.holders = vec![s.node_uuid];
+        }),
+        Event::SnapshotTaken { holders, .. } => snapshots.update(uuid, at, |s| {
+            s.state = SnapshotState::Available;
+            s.holders = holders.clone();
+            if let Some(first) = holders.first() {
+                s.node_uuid = *first;
+            }
+        }),
         Event::SnapshotDeletionRequested { .. } | Event::SnapshotExpired { .. } => {
             snapshots.update(uuid, at, |s| s.state = SnapshotState::Deleting)
         }
@@ -442,10 +482,26 @@ pub(crate) mod tests {
     /// [`with_volume`] plus an available snapshot `s1` (uuid [`SNAP`]) of `v1`.
     pub(crate) fn with_snapshot() -> Vec<AnyEvent> {
         let mut given = with_creating_snapshot();
-        given.push(AnyEvent::Snapshot(Event::SnapshotBecameAvailable {
+        let node = taker(&given);
+        given.push(AnyEvent::Snapshot(Event::SnapshotTaken {
             uuid: SNAP,
+            holders: vec![node],
         }));
         given
+    }
+
+    /// The node the last requested snapshot in `given` names (its volume's primary).
+    fn taker(given: &[AnyEvent]) -> Uuid {
+        given
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                AnyEvent::Snapshot(Event::SnapshotCreationRequested { snapshot }) => {
+                    Some(snapshot.node_uuid)
+                }
+                _ => None,
+            })
+            .expect("a requested snapshot")
     }
 
     fn err_of(given: &[AnyEvent], cmd: AnyCommand) -> DomainError {
@@ -557,9 +613,12 @@ pub(crate) mod tests {
     #[test]
     fn lifecycle_creating_available_deleting_gone() {
         let given = with_creating_snapshot();
-        let mark = AnyCommand::Snapshot(Command::MarkSnapshotAvailable { uuid: SNAP });
+        let mark = AnyCommand::Snapshot(Command::MarkSnapshotAvailable {
+            uuid: SNAP,
+            holders: vec![taker(&given)],
+        });
         let events = given_when(&given, mark.clone()).unwrap();
-        assert_eq!(events[0].type_name(), "SnapshotBecameAvailable");
+        assert_eq!(events[0].type_name(), "SnapshotTaken");
         // A retry after the fact is a no-op.
         assert!(given_when(&with_snapshot(), mark).unwrap().is_empty());
 
@@ -576,6 +635,52 @@ pub(crate) mod tests {
         assert!(given_when(&gone, finish).unwrap().is_empty());
         let err = err_of(&gone, del(SnapshotRef::Uuid(SNAP), None));
         assert!(matches!(err, DomainError::NotFound(_)));
+    }
+
+    #[test]
+    fn the_holders_are_recorded_and_a_live_one_acts_for_the_snapshot() {
+        let given = with_creating_snapshot();
+        let primary = taker(&given);
+        let (a, b) = (Uuid::from_u128(0xa), Uuid::from_u128(0xb));
+        let mut state = State::default();
+        let mut seq = 0;
+        let mut apply = |state: &mut State, e: &AnyEvent| {
+            seq += 1;
+            state.evolve(
+                Applied {
+                    seq,
+                    time_unix_ns: 1,
+                },
+                e,
+            );
+        };
+        for e in &given {
+            apply(&mut state, e);
+        }
+        // A journal from before replicated snapshots: the taker held the only copy.
+        let mut old = state.clone();
+        apply(
+            &mut old,
+            &AnyEvent::Snapshot(Event::SnapshotBecameAvailable { uuid: SNAP }),
+        );
+        assert_eq!(old.snapshots.get(SNAP).unwrap().holders, vec![primary]);
+        // Taken by another primary (a failover came between request and capture).
+        apply(
+            &mut state,
+            &AnyEvent::Snapshot(Event::SnapshotTaken {
+                uuid: SNAP,
+                holders: vec![a, b],
+            }),
+        );
+        let s = state.snapshots.get(SNAP).unwrap();
+        assert_eq!(
+            (s.state, s.holders.clone()),
+            (SnapshotState::Available, vec![a, b])
+        );
+        assert_eq!(s.node_uuid, a, "the primary that took it");
+        // The volume's primary does not hold it (no server record: counted live): the first
+        // live holder acts for it.
+        assert_eq!(s.agent(&state), a);
     }
 
     #[test]

@@ -655,8 +655,8 @@ fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, Doma
             labels = snap.labels.clone();
         }
         source = Some((snap.uuid, snap.name.clone()));
-        // A clone shares the snapshot's blocks, so it lives where they are.
-        pinned = Some(snap.node_uuid);
+        // A clone shares the snapshot's blocks, so its primary is a node that holds them.
+        pinned = Some(snap.agent(state));
     }
     let size_bytes = check_size(size, sector_size)?;
     let qos_policy = match &n.qos {
@@ -1154,6 +1154,18 @@ fn rollback(state: &State, v: &Volume, r: &SnapshotRef) -> Result<Vec<AnyEvent>,
         return Err(DomainError::Unavailable(format!(
             "snapshot {} of volume {} is being taken; retry when it is Available",
             s.uuid, v.uuid
+        )));
+    }
+    // The primary rewrites its copy from its own copy of the snapshot (the replicas are
+    // then rebuilt from it).
+    if !snap.holders.contains(&v.node_uuid) {
+        let held: Vec<String> = snap.holders.iter().map(|n| n.to_string()).collect();
+        return Err(DomainError::InvalidArgument(format!(
+            "snapshot {} has no copy on node {}, volume {}'s primary (its copies are on: {})",
+            snap.uuid,
+            v.node_uuid,
+            v.uuid,
+            held.join(", ")
         )));
     }
     Ok(vec![AnyEvent::Volume(Event::VolumeRollbackRequested {

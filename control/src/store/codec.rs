@@ -15,8 +15,9 @@ use crate::error::ControlError;
 /// their epoch and out-of-sync replicas (`Volume::epoch`, `Volume::out_of_sync`), and
 /// later (still written as 3) the primary being released (`Volume::releasing`). 4: volumes
 /// carry their replica moves (`Volume::replacing`). 5: volumes carry their rebuild's
-/// progress (`Volume::rebuild_percent`).
-pub const SCHEMA_VERSION: u16 = 5;
+/// progress (`Volume::rebuild_percent`). 6: snapshots carry the nodes holding them
+/// (`Snapshot::holders`), so `SnapshotCreationRequested` grew a field.
+pub const SCHEMA_VERSION: u16 = 6;
 
 /// Frames a domain event for the journal.
 pub fn encode(event: &Event, project: &str, actor: &str, request_id: &str, time: u64) -> NewEvent {
@@ -38,6 +39,10 @@ pub fn decode(env: &Envelope) -> Result<Event, ControlError> {
         reason: e.to_string(),
     };
     let event: Event = match env.schema_version {
+        6 => bincode::deserialize(&env.payload).map_err(bad)?,
+        1..=5 if is_snapshot_creation(&env.payload) => {
+            upcast_snapshot_creation(&env.payload).map_err(bad)?
+        }
         5 => bincode::deserialize(&env.payload).map_err(bad)?,
         4 => upcast_v4(&env.payload).map_err(bad)?,
         3 => upcast_v3(&env.payload).map_err(bad)?,
@@ -66,6 +71,32 @@ pub fn decode(env: &Envelope) -> Result<Event, ControlError> {
 /// bincode's variant indexes of `Event::Volume` and `volume::Event::VolumeCreationRequested`.
 const VOLUME_EVENT: u32 = 2;
 const VOLUME_CREATION_REQUESTED: u32 = 0;
+/// bincode's variant indexes of `Event::Snapshot` and `SnapshotCreationRequested`.
+const SNAPSHOT_EVENT: u32 = 3;
+const SNAPSHOT_CREATION_REQUESTED: u32 = 0;
+
+/// Whether a payload starts with the two variant tags `outer`, `inner`.
+fn tagged(payload: &[u8], outer: u32, inner: u32) -> bool {
+    let tag = |at: usize| {
+        payload
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    tag(0) == Some(outer) && tag(4) == Some(inner)
+}
+
+fn is_snapshot_creation(payload: &[u8]) -> bool {
+    tagged(payload, SNAPSHOT_EVENT, SNAPSHOT_CREATION_REQUESTED)
+}
+
+/// Schemas 1 to 5: a snapshot ended with `restoring`, before its holders. The snapshot is
+/// the payload's last field, so today's shape is the old bytes followed by an empty list
+/// (bincode: a `u64` length of 0); it is taken by no one yet.
+fn upcast_snapshot_creation(payload: &[u8]) -> bincode::Result<Event> {
+    let mut today = payload.to_vec();
+    today.extend_from_slice(&0u64.to_le_bytes());
+    bincode::deserialize(&today)
+}
 
 /// A volume as schema 1 stored it: no replica nodes.
 #[derive(Deserialize)]
@@ -94,12 +125,7 @@ struct VolumeV1 {
 /// Schemas 1 to 3 differ from 4 only in `VolumeCreationRequested`; every other payload
 /// decodes as it is.
 fn is_volume_creation(payload: &[u8]) -> bool {
-    let tag = |at: usize| {
-        payload
-            .get(at..at + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    tag(0) == Some(VOLUME_EVENT) && tag(4) == Some(VOLUME_CREATION_REQUESTED)
+    tagged(payload, VOLUME_EVENT, VOLUME_CREATION_REQUESTED)
 }
 
 /// Schema 1: a volume then had one node.
@@ -370,5 +396,50 @@ mod tests {
         v4.extend(bincode::serialize(&created.replacing).unwrap());
         assert_eq!(upcast_v4(&v4).unwrap(), want(&created));
         assert_eq!(created.rebuild_percent, 0);
+    }
+
+    #[test]
+    fn schema_5_snapshot_creation_decodes_with_no_holders() {
+        use crate::domain::snapshot::{self, tests::with_creating_snapshot};
+        let created = with_creating_snapshot()
+            .into_iter()
+            .find(|e| {
+                matches!(
+                    e,
+                    Event::Snapshot(snapshot::Event::SnapshotCreationRequested { .. })
+                )
+            })
+            .unwrap();
+        let Event::Snapshot(snapshot::Event::SnapshotCreationRequested { snapshot: s }) = &created
+        else {
+            unreachable!()
+        };
+        assert!(s.holders.is_empty());
+        // Schema 5 bytes: today's without the (empty) holders list at the end.
+        let today = bincode::serialize(&created).unwrap();
+        let v5 = &today[..today.len() - 8];
+        let env = |version: u16, payload: &[u8]| Envelope {
+            seq: 1,
+            time_unix_ns: 1,
+            actor: String::new(),
+            project: String::new(),
+            request_id: String::new(),
+            event_type: "SnapshotCreationRequested".into(),
+            schema_version: version,
+            payload: payload.to_vec(),
+            prev_hash: Default::default(),
+        };
+        for version in 1..=5 {
+            assert_eq!(
+                decode(&env(version, v5)).unwrap(),
+                created,
+                "schema {version}"
+            );
+        }
+        assert_eq!(decode(&env(6, &today)).unwrap(), created);
+        assert!(
+            decode(&env(6, v5)).is_err(),
+            "today's schema has the holders"
+        );
     }
 }

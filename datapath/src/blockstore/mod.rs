@@ -376,6 +376,11 @@ impl BlockStore {
         self.tree().contains(image)
     }
 
+    /// The snapshots it holds.
+    pub fn snapshots(&self) -> Vec<Uuid> {
+        self.tree().snapshots()
+    }
+
     /// A new empty thin volume (nothing to do if it exists).
     pub fn create_volume(&self, v: Uuid) -> Result<(), StoreError> {
         self.mutate(|t| idempotent(t.create_volume(v)))

@@ -317,6 +317,17 @@ impl Tree {
         self.images.contains_key(&image)
     }
 
+    /// The snapshots it holds.
+    pub fn snapshots(&self) -> Vec<Uuid> {
+        self.layers
+            .values()
+            .filter_map(|l| match l.owner {
+                Owner::Snapshot(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// A new empty volume.
     pub fn create_volume(&mut self, v: Uuid) -> Result<Delta, TreeError> {
         if self.contains(v) {
