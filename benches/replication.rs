@@ -5,7 +5,8 @@
 //!   (IOPS, p50/p99 latency, the ratio to one copy, and the CPU time per write of the
 //!   primary's process and of all three servers together, from `/proc/<pid>/stat`);
 //! - failover time: from kill -9 of a volume's primary to the first write completed on the
-//!   promoted replica's path (the host polls every server's path, as multipath would);
+//!   promoted replica's path (the host polls every server's path, as multipath would),
+//!   `REPL_FAILOVERS` times (default 3; says whether the killed server led the cluster);
 //! - rebuild: a replica's server killed while 4k random writes (QD8, over the first 64 MiB
 //!   of a 256 MiB volume) go on, restarted after `REPL_OUTAGE_SECS`; the time from its
 //!   restart to `FullyProtected` (start-up and catch-up included), the bytes the rebuild
@@ -16,6 +17,7 @@
 //!
 //! ```sh
 //! cargo bench --bench replication   # REPL_SECS (default 5) per volume, REPL_OUTAGE_SECS (30)
+//! REPL_ONLY=failover cargo bench --bench replication   # the failover rounds alone
 //! ```
 
 #[path = "../tests/common/mod.rs"]
@@ -26,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{events, holders, member, Etcd};
+use common::cluster::{events, holders, leader_id, member, server_id, Etcd};
 use common::Server;
 use evstor_datapath::initiator::{write_cmd, Data, Options, Session};
 use serde_json::json;
@@ -50,9 +52,12 @@ fn main() -> anyhow::Result<()> {
         .as_str()
         .unwrap_or_default()
         .to_string();
-    println!("replication: 4k randwrite QD{QD}, one queue, {secs} s per volume");
+    let failover_only = std::env::var("REPL_ONLY").is_ok_and(|v| v == "failover");
+    if !failover_only {
+        println!("replication: 4k randwrite QD{QD}, one queue, {secs} s per volume");
+    }
     let mut base = None;
-    for copies in 1..=3u32 {
+    for copies in (1..=3u32).filter(|_| !failover_only) {
         let (uuid, nsid) = create(&servers[0], &format!("r{copies}"), copies)?;
         let p = primary(&servers, 0, &uuid);
         let before: Vec<f64> = servers.iter().map(cpu_secs).collect();
@@ -74,18 +79,48 @@ fn main() -> anyhow::Result<()> {
             per_write(used.iter().sum()),
         );
     }
-    rebuild_after_outage(&mut servers, &nqn)?;
-    let (uuid, nsid) = create(&servers[0], "failover", 2)?;
-    let p = primary(&servers, 0, &uuid);
+    if !failover_only {
+        rebuild_after_outage(&mut servers, &nqn)?;
+    }
+    let rounds: usize = std::env::var("REPL_FAILOVERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    for round in 0..rounds {
+        failover(&mut servers, &etcd, &nqn, round)?;
+    }
+    Ok(())
+}
+
+/// Kills the primary of a new volume of two copies and times the first write completed on
+/// the promoted replica's path; then brings the server back for the next round.
+fn failover(servers: &mut [Server], etcd: &Etcd, nqn: &str, round: usize) -> anyhow::Result<()> {
+    let (uuid, nsid) = create(&servers[0], &format!("failover{round}"), 2)?;
+    let p = primary(servers, 0, &uuid);
+    let led = leader_id(etcd) == Some(server_id(&servers[p]));
+    eprintln!("failover {round}: volume {uuid}, primary on server {p}");
     let mut paths: Vec<Option<Session>> = servers
         .iter()
-        .map(|s| Session::connect(portal(s), &nqn, HOSTNQN).ok())
+        .map(|s| Session::connect(portal(s), nqn, HOSTNQN).ok())
         .collect();
     let block = vec![0x5au8; 4096];
     if let Some(s) = paths[p].as_mut() {
         s.write(nsid, 0, &block)?;
     }
     paths[p] = None;
+    // Only a volume whose replica has the write can fail over (a replica that was still
+    // creating its image when the write came is rebuilt first).
+    let path = format!("/api/v2/projects/default/volumes/{uuid}");
+    servers[0].wait_for(&path, |_, v| v["protectionState"] == "FullyProtected");
+    let missing: Vec<usize> = (0..paths.len())
+        .filter(|i| *i != p && paths[*i].is_none())
+        .collect();
+    anyhow::ensure!(missing.is_empty(), "no session to servers {missing:?}");
+    // The primary dies busy (4k writes at QD8), so its replicas owe it a fresh read lease.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (addr, nqn2, flag) = (portal(&servers[p]), nqn.to_string(), stop.clone());
+    let busy = std::thread::spawn(move || load(addr, &nqn2, nsid, &flag));
+    std::thread::sleep(Duration::from_millis(500));
     let killed = Instant::now();
     servers[p].kill9();
     let deadline = killed + Duration::from_secs(60);
@@ -96,23 +131,38 @@ fn main() -> anyhow::Result<()> {
             }
         }
         if Instant::now() > deadline {
-            for s in servers.iter().filter(|s| s.pid().is_some()) {
+            for (i, s) in servers.iter().enumerate() {
                 let log = s.log();
-                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                let cluster: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("evstor_control::cluster") || l.starts_with("evstor:"))
+                    .collect();
                 eprintln!(
-                    "--- a live server's log (last lines, newest first):\n{}",
-                    tail.join("\n")
+                    "--- server {i} ({}) log, cluster lines:\n{}",
+                    server_id(s),
+                    cluster.join("\n")
                 );
+            }
+            if let Some(s) = servers.iter().find(|s| s.pid().is_some()) {
+                let c = s.admin();
+                eprintln!("volume: {}", c.get(&path).1);
+                eprintln!("servers: {}", c.get("/api/v2/servers").1);
             }
             anyhow::bail!("no path served within 60 s");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     println!(
-        "failover: kill -9 of the primary to the first write completed on the new path: \
-         {:.2} s (the leader declares a server failed when its etcd lease lapses)",
+        "failover {round}: kill -9 of the primary ({}, under 4k writes at QD8) to the first \
+         write completed on the new path: {:.2} s",
+        if led { "the cluster's leader" } else { "not the leader" },
         took.as_secs_f64()
     );
+    stop.store(true, Ordering::Relaxed);
+    let _ = busy.join();
+    drop(paths);
+    servers[p].start_again();
+    wait_enabled(&servers[(p + 1) % servers.len()]);
     Ok(())
 }
 

@@ -10,7 +10,10 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::cluster::{events, member, member_with_env, node_owner, same_head, server_id, Etcd};
+use common::cluster::{
+    events, image_blocks, member, member_with_env, node_owner, open_store, same_head, server_id,
+    Etcd,
+};
 use common::Server;
 use evstor_datapath::initiator::Session;
 use evstor_datapath::nvme::Status;
@@ -765,51 +768,6 @@ fn host_on_primary(servers: &[Server], ask: usize, uuid: &str) -> (Session, u32,
     let addr = SocketAddr::from(([127, 0, 0, 1], servers[p].nvme_port));
     let host = Session::connect(addr, &nqn, HOSTNQN).expect("NVMe/TCP connect");
     (host, v["nsid"].as_u64().expect("nsid") as u32, p)
-}
-
-/// A stopped server's block store.
-fn open_store(s: &Server) -> std::sync::Arc<evstor_datapath::blockstore::BlockStore> {
-    use evstor_datapath::blockstore::{BlockStore, DeviceSpec};
-    let dev = s.data_dir().join("devices").join("dev0.img");
-    let size = std::fs::metadata(&dev).expect("pool device").len();
-    BlockStore::open(
-        &s.data_dir().join("blockstore"),
-        &[DeviceSpec {
-            path: dev,
-            size_bytes: size,
-        }],
-    )
-    .expect("open the stopped server's block store")
-}
-
-/// Reads `blocks` blocks of image `uuid` from a stopped server's block store.
-fn image_blocks(s: &Server, uuid: &str, blocks: u64) -> Vec<u8> {
-    use evstor_datapath::{Backend, IoKind, IoQueue, IoRequest};
-    let store = open_store(s);
-    let uuid: uuid::Uuid = uuid.parse().expect("uuid");
-    let img = store.image(uuid, blocks * 4096, false);
-    let mut q = IoQueue::new_sync();
-    let mut buf = evstor_datapath::buffer::SlotBuf::new(1, 4096).expect("buffer");
-    let mut out = Vec::new();
-    for b in 0..blocks {
-        let req = IoRequest {
-            kind: IoKind::Read,
-            offset: b * 4096,
-            len: 4096,
-            buf: buf.slot_ptr(0),
-            tag: 1,
-        };
-        // SAFETY: the buffer outlives the completion, reaped below before it is read.
-        unsafe { img.submit(&mut q, &req) }.expect("submit");
-        q.submit().expect("run");
-        let mut res = None;
-        while res.is_none() {
-            q.reap(|_, r| res = Some(r));
-        }
-        assert_eq!(res, Some(4096), "image read");
-        out.extend_from_slice(buf.slot(0, 4096));
-    }
-    out
 }
 
 fn block(seed: u8) -> Vec<u8> {

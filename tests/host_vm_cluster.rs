@@ -5,13 +5,16 @@
 //! the leader promotes a replica, the host's I/O moves to it with no error and verify
 //! passes, and the volume is `Degraded`; the killed server returns, is rebuilt, the volume
 //! is `FullyProtected` again and the data still verifies. Then the primary's server is
+//! stopped (SIGSTOP) under fio until a replica took over, then resumed: fio sees no error
+//! and verifies (the deposed primary acknowledges nothing). Then the primary's server is
 //! disabled under fio: the volume is handed over with no I/O error, and protection returns.
+//! At the end the three servers' copies are identical.
 //! The guest side is `tests/host_vm/cluster.sh`.
 //! `EVSTOR_SKIP_HOST_VM=1` skips it (printed).
 
 mod common;
 
-use common::cluster::{holders, member, server_id, Etcd};
+use common::cluster::{holders, image_blocks, member, server_id, Etcd};
 use common::{vm, Server};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -23,6 +26,7 @@ const EXPECTED: &[&str] = &[
     "fio-verify-across-primary-kill",
     "failover-path-optimized",
     "verify-after-rebuild",
+    "fio-verify-across-primary-stop",
     "fio-verify-across-disable",
     "disconnect",
 ];
@@ -46,6 +50,24 @@ impl Cluster {
             .first()
             .copied()
             .expect("the primary's server")
+    }
+
+    /// SIGSTOP the primary's server until the leader promoted a replica (its lease ran
+    /// out), then SIGCONT: it resumes as a deposed primary.
+    fn stop_primary_until_replaced(&mut self) {
+        let p = self.primary();
+        self.servers[p].signal(libc::SIGSTOP);
+        let ask = (p + 1) % 3;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while holders(&self.servers, ask, &self.uuid).first() == Some(&p) {
+            if Instant::now() > deadline {
+                self.problems
+                    .push("no replica took over from the stopped primary".into());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.servers[p].signal(libc::SIGCONT);
     }
 
     fn on_request(&mut self, name: &str) {
@@ -74,6 +96,7 @@ impl Cluster {
                         .push("the killed server is still the primary".into());
                 }
             }
+            "stop-primary" => self.stop_primary_until_replaced(),
             "disable-primary" => {
                 let p = self.primary();
                 let ask = (p + 1) % 3;
@@ -83,7 +106,7 @@ impl Cluster {
                     self.problems.push(format!("disable: {status} {body}"));
                 }
             }
-            "restart-killed-and-wait-protected" | "wait-protected" => {
+            "restart-killed-and-wait-protected" | "wait-protected-after-stop" | "wait-protected" => {
                 if let Some(k) = self.killed.take() {
                     self.servers[k].start_again();
                 }
@@ -165,4 +188,21 @@ fn a_multipath_host_rides_through_the_death_of_the_primary() {
         "REST-side problems: {:?}",
         cluster.problems
     );
+    // Every copy is in sync at the end: all three images are the same, block for block.
+    for s in cluster.servers.iter_mut() {
+        s.stop();
+    }
+    let blocks = (64 << 20) / 4096;
+    let images: Vec<Vec<u8>> = cluster
+        .servers
+        .iter()
+        .map(|s| image_blocks(s, &cluster.uuid, blocks))
+        .collect();
+    assert!(
+        images.iter().any(|i| i.iter().any(|b| *b != 0)),
+        "fio wrote something"
+    );
+    for (i, img) in images.iter().enumerate().skip(1) {
+        assert!(img == &images[0], "server {i}'s copy differs from server 0's");
+    }
 }

@@ -267,3 +267,48 @@ pub fn holders(servers: &[Server], ask: usize, uuid: &str) -> Vec<usize> {
     }
     out
 }
+
+/// A stopped server's block store.
+pub fn open_store(s: &Server) -> std::sync::Arc<evstor_datapath::blockstore::BlockStore> {
+    use evstor_datapath::blockstore::{BlockStore, DeviceSpec};
+    let dev = s.data_dir().join("devices").join("dev0.img");
+    let size = std::fs::metadata(&dev).expect("pool device").len();
+    BlockStore::open(
+        &s.data_dir().join("blockstore"),
+        &[DeviceSpec {
+            path: dev,
+            size_bytes: size,
+        }],
+    )
+    .expect("open the stopped server's block store")
+}
+
+/// Reads `blocks` blocks of image `uuid` from a stopped server's block store.
+pub fn image_blocks(s: &Server, uuid: &str, blocks: u64) -> Vec<u8> {
+    use evstor_datapath::{Backend, IoKind, IoQueue, IoRequest};
+    let store = open_store(s);
+    let uuid: uuid::Uuid = uuid.parse().expect("uuid");
+    let img = store.image(uuid, blocks * 4096, false);
+    let mut q = IoQueue::new_sync();
+    let mut buf = evstor_datapath::buffer::SlotBuf::new(1, 4096).expect("buffer");
+    let mut out = Vec::new();
+    for b in 0..blocks {
+        let req = IoRequest {
+            kind: IoKind::Read,
+            offset: b * 4096,
+            len: 4096,
+            buf: buf.slot_ptr(0),
+            tag: 1,
+        };
+        // SAFETY: the buffer outlives the completion, reaped below before it is read.
+        unsafe { img.submit(&mut q, &req) }.expect("submit");
+        q.submit().expect("run");
+        let mut res = None;
+        while res.is_none() {
+            q.reap(|_, r| res = Some(r));
+        }
+        assert_eq!(res, Some(4096), "image read");
+        out.extend_from_slice(buf.slot(0, 4096));
+    }
+    out
+}

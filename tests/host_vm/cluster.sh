@@ -5,7 +5,8 @@
 # (ANA: one optimized, two inaccessible). fio writes and verifies while the test kills the
 # primary's server: the leader promotes a replica, its path turns optimized, and fio sees
 # no I/O error and its verify passes. The killed server then returns, is rebuilt, and the
-# volume is fully protected again.
+# volume is fully protected again. The same with a primary stopped (SIGSTOP) past its
+# lease and resumed, then with a planned move (the primary's server disabled).
 #
 # Environment: NQN, PORTS (the three servers' NVMe/TCP ports), NSID (the volume's).
 set -eu
@@ -74,6 +75,24 @@ fio --name=fo --filename="$DEV" --ioengine=libaio --direct=1 --rw=randwrite --bs
     --iodepth=8 --size=24m --verify=crc32c --verify_only --verify_fatal=1 \
     --eta=never --output-format=terse >/tmp/fio2.out 2>&1 || { cat /tmp/fio2.out; fail "verify after the rebuild"; }
 ok "verify-after-rebuild"
+
+# A hung primary: its server is stopped (SIGSTOP) while fio writes, past its lease, until
+# a replica took over; then it resumes. I/O on its path stalls until the kernel gives up on
+# it and retries on the new optimized path; the resumed server acknowledges nothing (its
+# replicas refuse its epoch), so fio sees no error and its verify passes.
+BEFORE=$(optimized_port 300) || { path_states; fail "no single optimized path"; }
+fio --name=st --filename="$DEV" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
+    --iodepth=8 --size=8m --offset=24m --verify=crc32c --do_verify=1 --verify_fatal=1 \
+    --eta=never --output-format=terse >/tmp/fio4.out 2>&1 &
+FIO=$!
+( sleep 300; kill $FIO 2>/dev/null ) &
+sleep 2
+ask_host "stop-primary"
+wait $FIO || { cat /tmp/fio4.out; path_states; fail "fio across the primary's stop"; }
+AFTER=$(optimized_port 600) || { path_states; fail "no optimized path after the takeover"; }
+[ "$AFTER" != "$BEFORE" ] || fail "the stopped primary's path is still the optimized one"
+ok "fio-verify-across-primary-stop $BEFORE->$AFTER"
+ask_host "wait-protected-after-stop"
 
 # A planned move: the primary's server is disabled while fio writes; the volume is handed
 # over to a replica, fio sees no error, and protection returns (the old primary is rebuilt).
