@@ -155,7 +155,11 @@ fn failover(servers: &mut [Server], etcd: &Etcd, nqn: &str, round: usize) -> any
     println!(
         "failover {round}: kill -9 of the primary ({}, under 4k writes at QD8) to the first \
          write completed on the new path: {:.2} s",
-        if led { "the cluster's leader" } else { "not the leader" },
+        if led {
+            "the cluster's leader"
+        } else {
+            "not the leader"
+        },
         took.as_secs_f64()
     );
     stop.store(true, Ordering::Relaxed);

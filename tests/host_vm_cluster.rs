@@ -106,7 +106,9 @@ impl Cluster {
                     self.problems.push(format!("disable: {status} {body}"));
                 }
             }
-            "restart-killed-and-wait-protected" | "wait-protected-after-stop" | "wait-protected" => {
+            "restart-killed-and-wait-protected"
+            | "wait-protected-after-stop"
+            | "wait-protected" => {
                 if let Some(k) = self.killed.take() {
                     self.servers[k].start_again();
                 }
@@ -203,6 +205,9 @@ fn a_multipath_host_rides_through_the_death_of_the_primary() {
         "fio wrote something"
     );
     for (i, img) in images.iter().enumerate().skip(1) {
-        assert!(img == &images[0], "server {i}'s copy differs from server 0's");
+        assert!(
+            img == &images[0],
+            "server {i}'s copy differs from server 0's"
+        );
     }
 }
