@@ -558,10 +558,6 @@ fn servers_nodes_and_devices_describe_the_one_machine() {
             json!({"serverUUID": "x", "serverEndpoints": ["a"]}),
         ),
         (
-            format!("/api/v2/nodes/{node_uuid}/replace"),
-            json!({"TargetNodeUUID": "x"}),
-        ),
-        (
             "/api/v2/nvmeDevices".to_string(),
             json!({"serialNumber": "S", "nodeUUID": node_uuid}),
         ),
@@ -572,6 +568,17 @@ fn servers_nodes_and_devices_describe_the_one_machine() {
     ] {
         let (status, err) = admin.post(&path, &body);
         assert_json_error(status, &err, 501, 12);
+    }
+    // Node replace: one server has no other node to move its copies to.
+    let replace = format!("/api/v2/nodes/{node_uuid}/replace");
+    for (target, want_status, want_code) in [
+        (json!("x"), 400, 3),
+        (json!(node_uuid), 400, 3),
+        (json!(uuid::Uuid::new_v4().to_string()), 404, 5),
+    ] {
+        let body = json!({"TargetNodeUUID": target, "ReplaceWhileActive": true});
+        let (status, err) = admin.post(&replace, &body);
+        assert_json_error(status, &err, want_status, want_code);
     }
     // The last server cannot go; disabling it stops placement until it is enabled again.
     let (status, err) = admin.delete(&format!("/api/v2/servers/{server_uuid}"));

@@ -1377,3 +1377,204 @@ fn evicting_a_server_moves_its_copies_make_before_break() {
         );
     }
 }
+
+/// POST `/nodes/{src}/replace` of node `src` with `body`, asked of server `ask`, with extra
+/// headers.
+fn replace_node(
+    servers: &[Server],
+    ask: usize,
+    src: &str,
+    body: Value,
+    headers: &[(&str, &[u8])],
+) -> (u16, Value) {
+    let path = format!("/api/v2/nodes/{src}/replace");
+    servers[ask]
+        .admin()
+        .send_with_headers("POST", &path, Some(&body), headers)
+}
+
+/// Replacing a node moves every copy it holds to the target node, make before break,
+/// while a host writes on: the replica of a two-copy volume (full copy, then the old one
+/// leaves as the new one is recorded in sync; `FullyProtected` throughout) and a one-copy
+/// volume it is the primary of (a new copy, then a planned hand-over, although its server
+/// stays enabled: `ReplaceWhileActive`). The source node shows the progress, ends
+/// `Unattached` and releases its images; the target holds every acknowledged write. The
+/// refusals come first: unknown nodes 404, the same node or a target holding a copy 400,
+/// an active source without `ReplaceWhileActive` 409, a stale `If-Match` 412.
+#[test]
+fn replacing_a_node_moves_its_copies_to_the_target_make_before_break() {
+    let etcd = Etcd::start(3);
+    let mut servers = three(&etcd);
+    let (b, a, c) = (0usize, 1usize, 2usize);
+    // Placement by hand, as in the eviction test: `one` on B, `rv` on A (primary) and B.
+    for i in [a, c] {
+        assert_eq!(disable(&servers, b, i, json!({})).0, 200);
+    }
+    let one = create_volume(&servers[b], "one", 1);
+    assert_eq!(enable(&servers, b, a).0, 200);
+    let rv = create_volume(&servers[b], "rv", 2);
+    assert_eq!(enable(&servers, b, c).0, 200);
+    let owners = node_owner(&servers[b], &servers);
+    let node = |i: usize| {
+        owners
+            .iter()
+            .find(|(_, o)| **o == i)
+            .expect("a node")
+            .0
+            .clone()
+    };
+    let rv_path = format!("/api/v2/projects/default/volumes/{rv}");
+    let one_path = format!("/api/v2/projects/default/volumes/{one}");
+    assert_eq!(
+        servers[b].admin().get(&rv_path).1["nodeList"],
+        json!([node(a), node(b)])
+    );
+    let (mut host, nsid, p) = host_on_primary(&servers, b, &rv);
+    assert_eq!(p, a);
+    for k in 0..16u32 {
+        host.write(nsid, k.into(), &pattern(k))
+            .expect("write before the replacement");
+    }
+    let (mut one_host, one_nsid, q) = host_on_primary(&servers, b, &one);
+    assert_eq!(q, b);
+    for k in 0..4u32 {
+        one_host
+            .write(one_nsid, k.into(), &pattern(1_000_000 + k))
+            .expect("write to the one-copy volume");
+    }
+    drop(one_host);
+    let to = |n: String| json!({"TargetNodeUUID": n, "ReplaceWhileActive": true});
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let refusals = [
+        (replace_node(&servers, a, &unknown, to(node(c)), &[]), 404),
+        (
+            replace_node(&servers, a, &node(b), to(unknown.clone()), &[]),
+            404,
+        ),
+        (replace_node(&servers, a, &node(b), to(node(b)), &[]), 400),
+        // A holds a copy of `rv`.
+        (replace_node(&servers, a, &node(b), to(node(a)), &[]), 400),
+        (
+            replace_node(
+                &servers,
+                a,
+                &node(b),
+                json!({"TargetNodeUUID": node(c)}),
+                &[],
+            ),
+            409,
+        ),
+        (
+            replace_node(&servers, a, &node(b), to(node(c)), &[("If-Match", b"1")]),
+            412,
+        ),
+    ];
+    for ((status, body), want) in refusals {
+        assert_eq!(status, want, "{body}");
+    }
+    let b_node_path = format!("/api/v2/nodes/{}", node(b));
+    let before = servers[c].admin().get(&b_node_path).1;
+    assert_eq!(before["state"], "Active", "{before}");
+    assert!(before["replacement"].is_null(), "{before}");
+    let etag = before["ETag"].as_str().expect("ETag").to_string();
+    let if_match = [("If-Match", etag.as_bytes())];
+    let (status, body) = replace_node(&servers, c, &node(b), to(node(c)), &if_match);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["replacement"]["targetNodeUUID"],
+        json!(node(c)),
+        "{body}"
+    );
+    // Writes once the move started: each must reach the new copy.
+    eventually(&servers[a], &rv_path, |_, v| {
+        v["nodeList"]
+            .as_array()
+            .is_some_and(|n| n.contains(&json!(node(c))))
+    });
+    for k in 16..48u32 {
+        host.write(nsid, k.into(), &pattern(k))
+            .expect("write during the replacement");
+        if k % 8 == 0 {
+            let v = servers[a].admin().get(&rv_path).1;
+            assert_eq!(v["protectionState"], "FullyProtected", "{v}");
+        }
+    }
+    let done = eventually(&servers[a], &b_node_path, |_, n| {
+        n["replacement"]["status"] == "Completed"
+    });
+    assert_eq!(done["state"], "Unattached", "{done}");
+    let r = &done["replacement"];
+    assert_eq!(r["progress"], 100, "{r}");
+    assert!(
+        r["startTime"].is_string() && r["endTime"].is_string(),
+        "{r}"
+    );
+    assert_ne!(done["ETag"], json!(etag), "{done}");
+    host.write(nsid, 48, &pattern(48))
+        .expect("write after the replacement");
+    // B released both images; its server stays enabled.
+    eventually(&servers[b], &b_node_path, |_, n| {
+        n["statistics"]["logicalUsedStorage"].is_null()
+    });
+    assert_eq!(states(&servers[b]), all_enabled(&["s1", "s2", "s3"]));
+    let v = servers[b].admin().get(&rv_path).1;
+    assert_eq!(v["nodeList"], json!([node(a), node(c)]), "{v}");
+    assert_eq!(v["protectionState"], "FullyProtected", "{v}");
+    let o = eventually(&servers[b], &one_path, |_, o| {
+        o["primaryNodeUUID"] == json!(node(c)) && o["protectionState"] == "FullyProtected"
+    });
+    assert_eq!(o["nodeList"], json!([node(c)]), "{o}");
+    let (moved, copied) = volume_events(&servers[c], &rv);
+    assert_eq!(
+        moved,
+        [
+            "VolumeReplicaAdded",
+            "VolumeReplicaInSync",
+            "VolumeReplicaRemoved"
+        ],
+        "{moved:?}"
+    );
+    assert!(copied.len() == 1 && copied[0] >= 64 << 20, "{copied:?}");
+    let (moved, _) = volume_events(&servers[c], &one);
+    assert_eq!(
+        moved,
+        [
+            "VolumeReplicaAdded",
+            "VolumeReplicaInSync",
+            "VolumePrimaryHandedOver",
+            "VolumeReplicaRemoved",
+            "VolumePrimaryReleased"
+        ],
+        "{moved:?}"
+    );
+    let kinds: Vec<String> = events(&servers[a])
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .filter(|t| t.starts_with("NodeReplacement"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        kinds,
+        ["NodeReplacementStarted", "NodeReplacementCompleted"]
+    );
+    drop(host);
+    for s in servers.iter_mut() {
+        s.stop();
+    }
+    let want: Vec<u8> = (0..49u32).flat_map(pattern).collect();
+    assert_eq!(image_blocks(&servers[c], &rv, 49), want, "the new copy");
+    assert_eq!(image_blocks(&servers[a], &rv, 49), want, "the primary");
+    let one_want: Vec<u8> = (0..4u32).flat_map(|k| pattern(1_000_000 + k)).collect();
+    assert_eq!(
+        image_blocks(&servers[c], &one, 4),
+        one_want,
+        "the handed-over copy"
+    );
+    let store = open_store(&servers[b]);
+    for u in [&rv, &one] {
+        assert!(
+            !store.contains(u.parse().expect("uuid")),
+            "B still holds {u}"
+        );
+    }
+}

@@ -200,6 +200,8 @@ fn severity_of(type_name: &str) -> (usize, &'static str) {
         "ServerEvictionStarted" => (LOW, "Disabled"),
         "ServerEvictionCompleted" => (INFO, "Disabled"),
         "ServerEvictionAborted" => (MEDIUM, "Enabled"),
+        "NodeReplacementStarted" => (LOW, "Detaching"),
+        "NodeReplacementCompleted" => (INFO, "Unattached"),
         t if t.ends_with("Deleted") || t.ends_with("DeletionRequested") => (MEDIUM, ""),
         t if t.ends_with("Updated") || t.ends_with("Enabled") || t.ends_with("Disabled") => {
             (LOW, "")
@@ -272,6 +274,19 @@ fn component(
         }
         Event::Inventory(inventory::Event::NodeRegistered { uuid, name, .. }) => {
             let c = ("ComponentNodeInfo", id_name(&uuid.to_string(), name));
+            (NODE, c, format!("node {name} ({uuid})"))
+        }
+        Event::Inventory(
+            inventory::Event::NodeReplacementStarted { src: uuid, .. }
+            | inventory::Event::NodeReplacementCompleted { src: uuid },
+        ) => {
+            let name = state
+                .inventory
+                .nodes
+                .get(uuid)
+                .map(|n| n.name.clone())
+                .unwrap_or_default();
+            let c = ("ComponentNodeInfo", id_name(&uuid.to_string(), &name));
             (NODE, c, format!("node {name} ({uuid})"))
         }
         Event::Inventory(inventory::Event::DeviceAdded { device }) => {

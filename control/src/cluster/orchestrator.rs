@@ -12,7 +12,9 @@
 //!    (`MoveReplica`, planned by `domain::eviction::plan`: a new out-of-sync copy elsewhere,
 //!    which the primary's agent rebuilds; the old copy leaves once the new one is in sync),
 //!    cancels moves whose target's server failed or was disabled (`CancelReplicaMove`),
-//!    and records `CompleteEviction` once a server holds no copy;
+//!    and records `CompleteEviction` once a server holds no copy; node replacements
+//!    (`ReplaceNode`) run the same way with a fixed target (`domain::replace::plan`) and
+//!    end with `CompleteNodeReplacement`;
 //! 5. now and then trims the etcd log to its last [`ClusterConfig::tail_batches`] batches
 //!    and compacts etcd's history up to that point.
 //!
@@ -35,6 +37,7 @@ use super::Keys;
 use crate::domain::cluster::Command as ClusterCommand;
 use crate::domain::eviction;
 use crate::domain::inventory::Command as InventoryCommand;
+use crate::domain::replace;
 use crate::domain::volume::{failover_target, Command as VolumeCommand};
 use crate::domain::{Command, DomainError};
 use crate::error::ControlError;
@@ -187,7 +190,7 @@ impl Orchestrator {
     /// evictions of servers that hold no copy any more. A copy with nowhere to go waits
     /// (the server's `LastEviction` says why) and is looked at again next pass.
     fn evict(&self, epoch: u64) -> Result<(), Stop> {
-        let (moves, cancels, done) = {
+        let (moves, cancels, done, replaced) = {
             let state = self.bus.state();
             let (mut moves, mut cancels, mut done) = (Vec::new(), Vec::new(), Vec::new());
             for s in state.inventory.servers.values().filter(|s| s.evicting()) {
@@ -198,7 +201,16 @@ impl Orchestrator {
                 moves.extend(plan.moves);
                 cancels.extend(plan.cancels);
             }
-            (moves, cancels, done)
+            let mut replaced = Vec::new();
+            for (src, _) in state.inventory.roles.iter().filter(|(_, r)| r.replacing()) {
+                let plan = replace::plan(&state, *src);
+                if plan.remaining == 0 {
+                    replaced.push(*src);
+                }
+                moves.extend(plan.moves);
+                cancels.extend(plan.cancels);
+            }
+            (moves, cancels, done, replaced)
         };
         for (uuid, node) in cancels {
             tracing::warn!(volume = %uuid, %node, "cancelling a replica move: its target left");
@@ -210,7 +222,7 @@ impl Orchestrator {
             self.submit("cancel replica move", epoch, cmd)?;
         }
         for m in moves {
-            tracing::warn!(volume = %m.volume, from = %m.from, to = %m.to, "moving a replica (eviction)");
+            tracing::warn!(volume = %m.volume, from = %m.from, to = %m.to, "moving a replica");
             let cmd = Command::Volume(VolumeCommand::MoveReplica {
                 uuid: m.volume,
                 from: m.from,
@@ -226,6 +238,14 @@ impl Orchestrator {
                 leader_epoch: epoch,
             });
             self.submit("eviction complete", epoch, cmd)?;
+        }
+        for src in replaced {
+            tracing::warn!(node = %src, "node replacement complete");
+            let cmd = Command::Inventory(InventoryCommand::CompleteNodeReplacement {
+                src,
+                leader_epoch: epoch,
+            });
+            self.submit("node replacement complete", epoch, cmd)?;
         }
         Ok(())
     }

@@ -14,7 +14,9 @@
 //! away and records `ServerEvictionCompleted` once it holds none (at once for a server
 //! holding nothing); enabling it meanwhile aborts (`ServerEvictionAborted`, and the moves
 //! not completed are dropped). Deleting a server is refused while it holds the only
-//! in-sync copy of a volume or is still a volume's primary, unless forced.
+//! in-sync copy of a volume or is still a volume's primary, unless forced. Replacing a node
+//! (`ReplaceNode`: its copies move to another node) is in `replace`; placement skips
+//! unattached nodes and nodes being replaced.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,6 +25,7 @@ use uuid::Uuid;
 
 use super::eviction::{self, Eviction, EvictionStatus, Risk};
 use super::names::{check_etag, check_name};
+use super::replace::{self, NodeRole};
 use super::volume::VolumeState;
 use super::{Applied, Ctx, DomainError, Event as AnyEvent, RowKey, State};
 
@@ -114,6 +117,8 @@ pub struct Inventory {
     pub servers: BTreeMap<Uuid, Server>,
     pub nodes: BTreeMap<Uuid, Node>,
     pub devices: BTreeMap<String, Device>,
+    /// Nodes' roles beyond their registration (unattached, replacements; see `replace`).
+    pub roles: BTreeMap<Uuid, NodeRole>,
 }
 
 impl Inventory {
@@ -183,6 +188,16 @@ pub enum Command {
     },
     /// Leader (at `leader_epoch`): the evicted server holds no copy any more.
     CompleteEviction { uuid: Uuid, leader_epoch: u64 },
+    /// Move every copy on node `src` to node `target` (see `replace`); an active source
+    /// needs `while_active`.
+    ReplaceNode {
+        src: Uuid,
+        target: Uuid,
+        if_match: Option<String>,
+        while_active: bool,
+    },
+    /// Leader (at `leader_epoch`): the replaced node `src` holds no copy any more.
+    CompleteNodeReplacement { src: Uuid, leader_epoch: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -235,6 +250,16 @@ pub enum Event {
     ServerEvictionAborted {
         uuid: Uuid,
     },
+    /// Every copy on node `src` (`copies` of them then) moves to node `target`.
+    NodeReplacementStarted {
+        src: Uuid,
+        target: Uuid,
+        copies: u32,
+    },
+    /// Node `src` holds no copy any more; it is unattached.
+    NodeReplacementCompleted {
+        src: Uuid,
+    },
 }
 
 impl Event {
@@ -252,6 +277,8 @@ impl Event {
             Event::ServerEvictionStarted { .. } => "ServerEvictionStarted",
             Event::ServerEvictionCompleted { .. } => "ServerEvictionCompleted",
             Event::ServerEvictionAborted { .. } => "ServerEvictionAborted",
+            Event::NodeReplacementStarted { .. } => "NodeReplacementStarted",
+            Event::NodeReplacementCompleted { .. } => "NodeReplacementCompleted",
         }
     }
 }
@@ -298,6 +325,15 @@ pub fn decide(state: &State, _: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, Do
             if_match,
             force,
         } => delete_server(state, *uuid, if_match, *force),
+        Command::ReplaceNode {
+            src,
+            target,
+            if_match,
+            while_active,
+        } => replace::start(state, *src, *target, if_match, *while_active),
+        Command::CompleteNodeReplacement { src, leader_epoch } => {
+            replace::complete(state, *src, *leader_epoch)
+        }
     }
 }
 
@@ -576,7 +612,7 @@ pub fn place(state: &State, count: usize, primary: Option<Uuid>) -> Result<Vec<U
         .nodes
         .values()
         .filter_map(|n| inv.servers.get(&n.server_uuid).map(|s| (n, s)))
-        .filter(|(n, s)| s.placeable() && Some(n.uuid) != primary)
+        .filter(|(n, s)| s.placeable() && inv.takes_new_copies(n.uuid) && Some(n.uuid) != primary)
         .collect();
     candidates.sort_by_key(|(n, _)| (load.get(&n.uuid).copied().unwrap_or(0), n.uuid));
     let mut chosen: Vec<Uuid> = Vec::with_capacity(count);
@@ -695,6 +731,9 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
         Event::ServerEvictionAborted { uuid } => change_server(inv, *uuid, at, |s| {
             end_eviction(s, at, EvictionStatus::Aborted)
         }),
+        Event::NodeReplacementStarted { .. } | Event::NodeReplacementCompleted { .. } => {
+            replace::evolve(state, at, event)
+        }
     }
 }
 
@@ -737,6 +776,9 @@ fn remove_server(state: &mut State, uuid: Uuid, at: Applied) -> Vec<RowKey> {
     for n in &nodes {
         inv.nodes.remove(n);
         rows.push(RowKey::Node(*n));
+        if inv.roles.remove(n).is_some() {
+            rows.push(RowKey::NodeRole(*n));
+        }
     }
     let serials: Vec<String> = inv
         .devices
@@ -773,7 +815,7 @@ fn remove_server(state: &mut State, uuid: Uuid, at: Applied) -> Vec<RowKey> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::domain::cluster::tests::bootstrap_events;
     use crate::domain::cluster::Command as ClusterCommand;
@@ -783,7 +825,7 @@ mod tests {
     };
     use crate::domain::{decide as decide_any, test_ctx, Command as AnyCommand};
 
-    fn apply(state: &mut State, events: &[AnyEvent]) {
+    pub(crate) fn apply(state: &mut State, events: &[AnyEvent]) {
         for e in events {
             let seq = state.cluster.etag.max(1000) + 1;
             let at = Applied {
@@ -795,7 +837,7 @@ mod tests {
         }
     }
 
-    fn run(state: &mut State, cmd: AnyCommand) -> Result<Vec<AnyEvent>, DomainError> {
+    pub(crate) fn run(state: &mut State, cmd: AnyCommand) -> Result<Vec<AnyEvent>, DomainError> {
         let events = decide_any(state, &test_ctx(), &cmd)?;
         apply(state, &events);
         Ok(events)
@@ -817,7 +859,7 @@ mod tests {
     }
 
     /// Bootstrap plus servers `s2`, `s3`, `s4` in failure domains rack-a, rack-a, rack-b.
-    fn four_servers() -> State {
+    pub(crate) fn four_servers() -> State {
         let mut s = State::default();
         apply(&mut s, &bootstrap_events());
         for (n, name, fd) in [
@@ -830,7 +872,7 @@ mod tests {
         s
     }
 
-    fn leader(state: &mut State, epoch: u64) {
+    pub(crate) fn leader(state: &mut State, epoch: u64) {
         let cmd = AnyCommand::Cluster(ClusterCommand::RecordLeader {
             server_uuid: Uuid::from_u128(2),
             epoch,
@@ -989,7 +1031,7 @@ mod tests {
         );
     }
 
-    fn disable(uuid: Uuid, force: bool, evict: bool) -> AnyCommand {
+    pub(crate) fn disable(uuid: Uuid, force: bool, evict: bool) -> AnyCommand {
         AnyCommand::Inventory(Command::DisableServer {
             uuid,
             if_match: None,
@@ -998,7 +1040,7 @@ mod tests {
         })
     }
 
-    fn enable(uuid: Uuid) -> AnyCommand {
+    pub(crate) fn enable(uuid: Uuid) -> AnyCommand {
         AnyCommand::Inventory(Command::EnableServer {
             uuid,
             if_match: None,
@@ -1010,7 +1052,7 @@ mod tests {
     }
 
     /// Creates an available volume of `copies` copies (its id from `seed`); returns it.
-    fn available_volume(state: &mut State, name: &str, copies: u32, seed: u8) -> Volume {
+    pub(crate) fn available_volume(state: &mut State, name: &str, copies: u32, seed: u8) -> Volume {
         let mut n = new_volume(name);
         n.replica_count = copies;
         let ctx = Ctx {
@@ -1029,11 +1071,11 @@ mod tests {
         state.volumes.get(uuid).unwrap().clone()
     }
 
-    fn server_of(state: &State, node: Uuid) -> Uuid {
+    pub(crate) fn server_of(state: &State, node: Uuid) -> Uuid {
         state.inventory.server_of(node).unwrap().uuid
     }
 
-    fn in_sync(state: &State, uuid: Uuid, node: Uuid) -> AnyCommand {
+    pub(crate) fn in_sync(state: &State, uuid: Uuid, node: Uuid) -> AnyCommand {
         AnyCommand::Volume(VolumeCommand::MarkReplicaInSync {
             uuid,
             node,
@@ -1042,7 +1084,7 @@ mod tests {
         })
     }
 
-    fn move_cmd(m: eviction::Move, leader_epoch: u64) -> AnyCommand {
+    pub(crate) fn move_cmd(m: eviction::Move, leader_epoch: u64) -> AnyCommand {
         AnyCommand::Volume(VolumeCommand::MoveReplica {
             uuid: m.volume,
             from: m.from,
@@ -1051,7 +1093,7 @@ mod tests {
         })
     }
 
-    fn types(events: &[AnyEvent]) -> Vec<&'static str> {
+    pub(crate) fn types(events: &[AnyEvent]) -> Vec<&'static str> {
         events.iter().map(AnyEvent::type_name).collect()
     }
 

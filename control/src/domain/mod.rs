@@ -21,6 +21,7 @@ pub mod inventory;
 pub mod names;
 pub mod policy;
 pub mod project;
+pub mod replace;
 pub mod schedule;
 pub mod snapshot;
 pub mod url;
@@ -138,6 +139,8 @@ pub enum RowKey {
     IdpClient(String),
     AuthMap(String),
     AdminEndpoint(Uuid, u16),
+    /// A node's role (`inventory::Inventory::roles`).
+    NodeRole(Uuid),
 }
 
 /// Decides what `command` means given `state`: the events to append, or why not.

@@ -48,6 +48,7 @@ pub fn key_bytes(key: &RowKey) -> Vec<u8> {
         RowKey::IdpClient(n) => format!("idpclient/{n}").into_bytes(),
         RowKey::AuthMap(n) => format!("authmap/{n}").into_bytes(),
         RowKey::AdminEndpoint(s, p) => format!("endpoint/{s}/{p}").into_bytes(),
+        RowKey::NodeRole(u) => format!("noderole/{u}").into_bytes(),
     }
 }
 
@@ -81,6 +82,7 @@ pub fn value(state: &State, key: &RowKey) -> Option<Vec<u8>> {
             .get(s)
             .and_then(|ports| ports.get(p))
             .map(enc),
+        RowKey::NodeRole(u) => state.inventory.roles.get(u).map(enc),
     }
 }
 
@@ -103,6 +105,7 @@ pub fn all(state: &State) -> BTreeMap<Vec<u8>, Vec<u8>> {
     keys.extend(state.inventory.servers.keys().map(|u| RowKey::Server(*u)));
     keys.extend(state.inventory.nodes.keys().map(|u| RowKey::Node(*u)));
     keys.extend(state.inventory.devices.keys().cloned().map(RowKey::Device));
+    keys.extend(state.inventory.roles.keys().map(|u| RowKey::NodeRole(*u)));
     keys.extend(
         state
             .resource_policies
@@ -227,6 +230,11 @@ pub fn load(journal: &RocksJournal) -> Result<State, ControlError> {
     })?;
     load_kind(journal, "device/", |id, x| {
         s.inventory.devices.insert(id, x);
+    })?;
+    load_kind(journal, "noderole/", |id, x| {
+        if let Ok(u) = id.parse() {
+            s.inventory.roles.insert(u, x);
+        }
     })?;
     load_kind(journal, "schedule/", |_, x: ResourcePolicy| {
         s.resource_policies.by_uuid.insert(x.uuid, x);
