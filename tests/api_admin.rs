@@ -554,10 +554,6 @@ fn servers_nodes_and_devices_describe_the_one_machine() {
     // Changes a one-server cluster cannot make: 501 with a JSON body, 404 for unknown ids.
     for (path, body) in [
         (
-            "/api/v2/servers".to_string(),
-            json!({"serverUUID": "x", "serverEndpoints": ["a"]}),
-        ),
-        (
             "/api/v2/nvmeDevices".to_string(),
             json!({"serialNumber": "S", "nodeUUID": node_uuid}),
         ),
@@ -569,6 +565,12 @@ fn servers_nodes_and_devices_describe_the_one_machine() {
         let (status, err) = admin.post(&path, &body);
         assert_json_error(status, &err, 501, 12);
     }
+    // Servers join a cluster of `evstor serve --etcd` processes; this one has no etcd.
+    let body = json!({"serverUUID": uuid::Uuid::new_v4().to_string(),
+                      "serverEndpoints": ["127.0.0.1:9443"]});
+    let (status, err) = admin.post("/api/v2/servers", &body);
+    assert_json_error(status, &err, 400, 9);
+    assert!(err["message"].as_str().unwrap().contains("etcd"), "{err}");
     // Node replace: one server has no other node to move its copies to.
     let replace = format!("/api/v2/nodes/{node_uuid}/replace");
     for (target, want_status, want_code) in [

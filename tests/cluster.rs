@@ -10,7 +10,9 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::cluster::{events, member, member_with_env, node_owner, same_head, server_id, Etcd};
+use common::cluster::{
+    events, member, member_with, member_with_env, node_owner, same_head, server_id, Etcd,
+};
 use common::Server;
 use evstor_datapath::initiator::Session;
 use evstor_datapath::nvme::Status;
@@ -1577,4 +1579,126 @@ fn replacing_a_node_moves_its_copies_to_the_target_make_before_break() {
             "B still holds {u}"
         );
     }
+}
+
+/// The node of server `uuid`, as `s` lists it.
+fn node_of_server(s: &Server, uuid: &str) -> Value {
+    let (_, nodes) = s.admin().get("/api/v2/nodes");
+    nodes["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["serverUUID"] == uuid)
+        .cloned()
+        .unwrap_or_else(|| panic!("no node of server {uuid}: {nodes}"))
+}
+
+/// `POST /servers` pre-registers a server by the address its process will publish: it is
+/// listed `Creating` (no health is recorded for it) until `evstor serve` starts with that
+/// `--api-addr`; the process joins under the created UUID and shows `Enabled`. Created
+/// without `extendCluster`, its node is `Unattached`: no volume is placed there, but it can
+/// take over a node by replace. A process started without `CreateServer` joins as before.
+/// Refusals: several, no or bad endpoints and a bad UUID 400; a UUID or an endpoint in use
+/// 409.
+#[test]
+fn a_server_created_through_the_api_joins_when_its_process_starts() {
+    let etcd = Etcd::start(1);
+    let s1 = member(&etcd, "s1", &[]);
+    eventually(&s1, "/api/v2/servers", |_, _| {
+        states(&s1) == all_enabled(&["s1"])
+    });
+    let admin = s1.admin();
+    let port = common::free_port();
+    let created = uuid::Uuid::new_v4().to_string();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let body = |eps: Value, uuid: &str| json!({"serverEndpoints": eps, "serverUUID": uuid});
+    let s1_api = format!("127.0.0.1:{}", s1.api_port);
+    for (b, want) in [
+        (body(json!([endpoint, "127.0.0.1:1"]), &created), 400),
+        (body(json!([]), &created), 400),
+        (body(json!(["127.0.0.1"]), &created), 400),
+        (body(json!([endpoint]), "x"), 400),
+        (body(json!([s1_api]), &created), 409),
+        (body(json!([endpoint]), &server_id(&s1)), 409),
+    ] {
+        let (status, err) = admin.post("/api/v2/servers", &b);
+        assert_eq!(status, want, "{b}: {err}");
+    }
+    let mut b = body(json!([endpoint]), &created);
+    b["extendCluster"] = json!(false);
+    let (status, s) = admin.post("/api/v2/servers", &b);
+    assert_eq!(status, 200, "{s}");
+    assert_eq!(
+        (&s["UUID"], &s["state"]),
+        (&json!(created), &json!("Creating")),
+        "{s}"
+    );
+    assert_eq!(s["ServerEndpoints"], json!([format!("127.0.0.1:{port}")]));
+    let other = uuid::Uuid::new_v4().to_string();
+    let (status, err) = admin.post("/api/v2/servers", &body(json!([endpoint]), &other));
+    assert_eq!(status, 409, "{err}");
+    let path = format!("/api/v2/servers/{created}");
+    // The leader's orchestrator passes (every 500 ms) record no health for it: it has no
+    // process yet, so it is not `Failed`.
+    std::thread::sleep(Duration::from_secs(3));
+    let creating = admin.get(&path).1;
+    assert_eq!(
+        (&creating["state"], &creating["health"]),
+        (&json!("Creating"), &json!("OK")),
+        "{creating}"
+    );
+    // Its process takes the created UUID and is Enabled once joined.
+    let options = common::Options {
+        api_port: Some(port),
+        ..common::Options::default()
+    };
+    let s2 = member_with(&etcd, "s2", options);
+    assert_eq!(server_id(&s2), created);
+    let joined = eventually(&s1, &path, |_, s| s["state"] == "Enabled");
+    assert_eq!(joined["name"], "s2", "{joined}");
+    // Not extending the cluster: its node is Unattached and takes no volume.
+    let n2 = node_of_server(&s1, &created);
+    assert_eq!(n2["state"], "Unattached", "{n2}");
+    let n2 = n2["UUID"].as_str().expect("UUID").to_string();
+    let v = create_volume(&s1, "v", 1);
+    let (status, err) = admin.post("/api/v2/projects/default/volumes", &volume_body("two", 2));
+    assert_eq!(status, 400, "{err}");
+    // It takes over s1's node.
+    let n1 = node_of_server(&s1, &server_id(&s1))["UUID"]
+        .as_str()
+        .expect("UUID")
+        .to_string();
+    let (status, r) = admin.post(
+        &format!("/api/v2/nodes/{n1}/replace"),
+        &json!({"TargetNodeUUID": n2, "ReplaceWhileActive": true}),
+    );
+    assert_eq!(status, 200, "{r}");
+    eventually(&s2, &format!("/api/v2/nodes/{n1}"), |_, n| {
+        n["state"] == "Unattached" && n["replacement"]["status"] == "Completed"
+    });
+    let vol = eventually(
+        &s2,
+        &format!("/api/v2/projects/default/volumes/{v}"),
+        |_, v| v["nodeList"] == json!([n2]) && v["primaryNodeUUID"] == json!(n2),
+    );
+    assert_eq!(vol["protectionState"], "FullyProtected", "{vol}");
+    assert_eq!(node_of_server(&s2, &created)["state"], "Active");
+    // A server started without CreateServer joins under its own id, as before.
+    let s3 = member(&etcd, "s3", &[]);
+    eventually(&s1, "/api/v2/servers", |_, _| {
+        states(&s1) == all_enabled(&["s1", "s2", "s3"])
+    });
+    assert_ne!(server_id(&s3), created);
+    let mut kinds = Vec::new();
+    for e in events(&s1) {
+        let kind = e["type"].as_str().unwrap_or_default().to_string();
+        if e["event"]["Inventory"][&kind]["uuid"] == json!(created) {
+            kinds.push(kind);
+        }
+    }
+    assert_eq!(
+        kinds,
+        ["ServerCreated", "ServerRegistered", "CreatedServerJoined"],
+        "no health was recorded for the server while it was being created"
+    );
 }

@@ -202,6 +202,8 @@ fn severity_of(type_name: &str) -> (usize, &'static str) {
         "ServerEvictionAborted" => (MEDIUM, "Enabled"),
         "NodeReplacementStarted" => (LOW, "Detaching"),
         "NodeReplacementCompleted" => (INFO, "Unattached"),
+        "ServerCreated" => (INFO, "Creating"),
+        "CreatedServerJoined" => (INFO, "Enabled"),
         t if t.ends_with("Deleted") || t.ends_with("DeletionRequested") => (MEDIUM, ""),
         t if t.ends_with("Updated") || t.ends_with("Enabled") || t.ends_with("Disabled") => {
             (LOW, "")
@@ -259,6 +261,8 @@ fn component(
             | inventory::Event::ServerEvictionStarted { uuid, .. }
             | inventory::Event::ServerEvictionCompleted { uuid }
             | inventory::Event::ServerEvictionAborted { uuid }
+            | inventory::Event::ServerCreated { uuid, .. }
+            | inventory::Event::CreatedServerJoined { uuid }
             | inventory::Event::FailureDomainSet {
                 server_uuid: uuid, ..
             },

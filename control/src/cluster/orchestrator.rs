@@ -3,7 +3,8 @@
 //!
 //! 1. records the election (`LeaderElected` with its epoch) if the journal names another;
 //! 2. records server health: a registered server without a liveness key is `Failed`, one
-//!    with a key again recovers;
+//!    with a key again recovers (a server created through the API and not joined yet has
+//!    no health);
 //! 3. fails volumes over: a volume whose primary's server failed gets an in-sync replica
 //!    on a live server as its primary (`PromoteReplica`, a new volume epoch); one whose
 //!    primary's server was disabled is handed over the same way, planned: the new primary
@@ -36,7 +37,7 @@ use super::session::{alive_servers, LeaderView};
 use super::Keys;
 use crate::domain::cluster::Command as ClusterCommand;
 use crate::domain::eviction;
-use crate::domain::inventory::Command as InventoryCommand;
+use crate::domain::inventory::{Command as InventoryCommand, ServerState};
 use crate::domain::replace;
 use crate::domain::volume::{failover_target, Command as VolumeCommand};
 use crate::domain::{Command, DomainError};
@@ -262,6 +263,8 @@ impl Orchestrator {
             .inventory
             .servers
             .values()
+            // A server created through the API has no process (nor liveness) yet.
+            .filter(|s| s.state != ServerState::Creating)
             .filter(|s| s.failed == alive.contains(&s.uuid))
             .map(|s| (s.uuid, !s.failed))
             .collect();

@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::creation::{self, Create, ServerCreation};
 use super::eviction::{self, Eviction, EvictionStatus, Risk};
 use super::names::{check_etag, check_name};
 use super::replace::{self, NodeRole};
@@ -119,6 +120,8 @@ pub struct Inventory {
     pub devices: BTreeMap<String, Device>,
     /// Nodes' roles beyond their registration (unattached, replacements; see `replace`).
     pub roles: BTreeMap<Uuid, NodeRole>,
+    /// Servers created through the API that have not joined yet (see `creation`).
+    pub created: BTreeMap<Uuid, ServerCreation>,
 }
 
 impl Inventory {
@@ -198,6 +201,8 @@ pub enum Command {
     },
     /// Leader (at `leader_epoch`): the replaced node `src` holds no copy any more.
     CompleteNodeReplacement { src: Uuid, leader_epoch: u64 },
+    /// Pre-register a server by its endpoint; its process joins later (see `creation`).
+    CreateServer(Create),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -260,6 +265,16 @@ pub enum Event {
     NodeReplacementCompleted {
         src: Uuid,
     },
+    /// A server is to join with this endpoint (`host:port`); `Creating` until it does.
+    ServerCreated {
+        uuid: Uuid,
+        endpoint: String,
+        extend_cluster: bool,
+    },
+    /// The created server's process joined (its registration precedes this).
+    CreatedServerJoined {
+        uuid: Uuid,
+    },
 }
 
 impl Event {
@@ -279,11 +294,13 @@ impl Event {
             Event::ServerEvictionAborted { .. } => "ServerEvictionAborted",
             Event::NodeReplacementStarted { .. } => "NodeReplacementStarted",
             Event::NodeReplacementCompleted { .. } => "NodeReplacementCompleted",
+            Event::ServerCreated { .. } => "ServerCreated",
+            Event::CreatedServerJoined { .. } => "CreatedServerJoined",
         }
     }
 }
 
-pub fn decide(state: &State, _: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, DomainError> {
+pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, DomainError> {
     match cmd {
         Command::AddDevice { device } => add_device(state, device),
         Command::JoinServer(j) => join(state, j),
@@ -334,6 +351,7 @@ pub fn decide(state: &State, _: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, Do
         Command::CompleteNodeReplacement { src, leader_epoch } => {
             replace::complete(state, *src, *leader_epoch)
         }
+        Command::CreateServer(c) => creation::create(state, ctx, c),
     }
 }
 
@@ -348,7 +366,7 @@ fn disable(
     force: bool,
     evict: bool,
 ) -> Result<Vec<AnyEvent>, DomainError> {
-    let s = server(state, uuid)?;
+    let s = not_creating(state, uuid)?;
     check_etag("server", s.uuid, s.etag, if_match)?;
     let mut events = Vec::new();
     if s.state != ServerState::Disabled {
@@ -391,7 +409,7 @@ fn enable(
     uuid: Uuid,
     if_match: &Option<String>,
 ) -> Result<Vec<AnyEvent>, DomainError> {
-    let s = server(state, uuid)?;
+    let s = not_creating(state, uuid)?;
     check_etag("server", s.uuid, s.etag, if_match)?;
     let mut events = Vec::new();
     if s.state != ServerState::Enabled {
@@ -405,6 +423,18 @@ fn enable(
         ));
     }
     Ok(events)
+}
+
+/// A server that has joined: one created through the API has no process to enable or
+/// disable yet.
+fn not_creating(state: &State, uuid: Uuid) -> Result<&Server, DomainError> {
+    let s = server(state, uuid)?;
+    if s.state == ServerState::Creating {
+        return Err(DomainError::Conflict(format!(
+            "server {uuid} is being created: start its `evstor serve` first"
+        )));
+    }
+    Ok(s)
 }
 
 fn server(state: &State, uuid: Uuid) -> Result<&Server, DomainError> {
@@ -484,7 +514,9 @@ fn join(state: &State, j: &Join) -> Result<Vec<AnyEvent>, DomainError> {
             "the cluster is not initialized yet".into(),
         ));
     }
-    if state.inventory.servers.contains_key(&j.server_uuid) {
+    // A server created through the API joins under its created id.
+    let created = creation::creating(state, j.server_uuid);
+    if state.inventory.servers.contains_key(&j.server_uuid) && !created {
         return Ok(vec![]); // a restart of a member
     }
     check_name("server", &j.name)?;
@@ -507,7 +539,7 @@ fn join(state: &State, j: &Join) -> Result<Vec<AnyEvent>, DomainError> {
     }
     // The node id derives from the server id so that a retried join names the same node.
     let node_uuid = Uuid::from_u128(j.server_uuid.as_u128() ^ NODE_ID_SALT);
-    Ok(registration(
+    let mut events = registration(
         j.server_uuid,
         node_uuid,
         &j.name,
@@ -515,7 +547,13 @@ fn join(state: &State, j: &Join) -> Result<Vec<AnyEvent>, DomainError> {
         &j.nvme_endpoint,
         &j.failure_domain,
         &j.devices,
-    ))
+    );
+    if created {
+        events.push(inv(Event::CreatedServerJoined {
+            uuid: j.server_uuid,
+        }));
+    }
+    Ok(events)
 }
 
 /// Mixed into a server id to name its node.
@@ -549,6 +587,9 @@ fn delete_server(
 ) -> Result<Vec<AnyEvent>, DomainError> {
     let s = server(state, uuid)?;
     check_etag("server", s.uuid, s.etag, if_match)?;
+    if s.state == ServerState::Creating {
+        return Ok(vec![inv(Event::ServerDeleted { uuid })]); // nothing joined yet
+    }
     if state.inventory.servers.len() == 1 {
         return Err(DomainError::FailedPrecondition(
             "the last server of a cluster cannot be deleted".into(),
@@ -658,9 +699,11 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             name,
             api_endpoint,
         } => {
-            let used: std::collections::BTreeSet<u32> =
-                inv.servers.values().map(|s| s.slot).collect();
-            let slot = (1..).find(|n| !used.contains(n)).unwrap_or(1);
+            // A server created through the API keeps the slot it got then.
+            let slot = match inv.servers.get(uuid) {
+                Some(s) => s.slot,
+                None => creation::free_slot(inv),
+            };
             inv.servers.insert(
                 *uuid,
                 Server {
@@ -734,6 +777,9 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
         Event::NodeReplacementStarted { .. } | Event::NodeReplacementCompleted { .. } => {
             replace::evolve(state, at, event)
         }
+        Event::ServerCreated { .. } | Event::CreatedServerJoined { .. } => {
+            creation::evolve(state, at, event)
+        }
     }
 }
 
@@ -767,6 +813,9 @@ fn remove_server(state: &mut State, uuid: Uuid, at: Applied) -> Vec<RowKey> {
     let inv = &mut state.inventory;
     let mut rows = vec![RowKey::Server(uuid)];
     inv.servers.remove(&uuid);
+    if inv.created.remove(&uuid).is_some() {
+        rows.push(RowKey::ServerCreation(uuid));
+    }
     let nodes: Vec<Uuid> = inv
         .nodes
         .values()
@@ -843,7 +892,7 @@ pub(crate) mod tests {
         Ok(events)
     }
 
-    fn join_cmd(n: u128, name: &str, fd: &str) -> AnyCommand {
+    pub(crate) fn join_cmd(n: u128, name: &str, fd: &str) -> AnyCommand {
         AnyCommand::Inventory(Command::JoinServer(Join {
             server_uuid: Uuid::from_u128(n),
             name: name.into(),

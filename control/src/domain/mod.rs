@@ -10,6 +10,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod creation;
 pub mod credential;
 pub mod duration;
 pub mod endpoint;
@@ -141,6 +142,8 @@ pub enum RowKey {
     AdminEndpoint(Uuid, u16),
     /// A node's role (`inventory::Inventory::roles`).
     NodeRole(Uuid),
+    /// A server created through the API, until it joins (`inventory::Inventory::created`).
+    ServerCreation(Uuid),
 }
 
 /// Decides what `command` means given `state`: the events to append, or why not.

@@ -49,6 +49,7 @@ pub fn key_bytes(key: &RowKey) -> Vec<u8> {
         RowKey::AuthMap(n) => format!("authmap/{n}").into_bytes(),
         RowKey::AdminEndpoint(s, p) => format!("endpoint/{s}/{p}").into_bytes(),
         RowKey::NodeRole(u) => format!("noderole/{u}").into_bytes(),
+        RowKey::ServerCreation(u) => format!("servercreate/{u}").into_bytes(),
     }
 }
 
@@ -83,6 +84,7 @@ pub fn value(state: &State, key: &RowKey) -> Option<Vec<u8>> {
             .and_then(|ports| ports.get(p))
             .map(enc),
         RowKey::NodeRole(u) => state.inventory.roles.get(u).map(enc),
+        RowKey::ServerCreation(u) => state.inventory.created.get(u).map(enc),
     }
 }
 
@@ -106,6 +108,13 @@ pub fn all(state: &State) -> BTreeMap<Vec<u8>, Vec<u8>> {
     keys.extend(state.inventory.nodes.keys().map(|u| RowKey::Node(*u)));
     keys.extend(state.inventory.devices.keys().cloned().map(RowKey::Device));
     keys.extend(state.inventory.roles.keys().map(|u| RowKey::NodeRole(*u)));
+    keys.extend(
+        state
+            .inventory
+            .created
+            .keys()
+            .map(|u| RowKey::ServerCreation(*u)),
+    );
     keys.extend(
         state
             .resource_policies
@@ -234,6 +243,11 @@ pub fn load(journal: &RocksJournal) -> Result<State, ControlError> {
     load_kind(journal, "noderole/", |id, x| {
         if let Ok(u) = id.parse() {
             s.inventory.roles.insert(u, x);
+        }
+    })?;
+    load_kind(journal, "servercreate/", |id, x| {
+        if let Ok(u) = id.parse() {
+            s.inventory.created.insert(u, x);
         }
     })?;
     load_kind(journal, "schedule/", |_, x: ResourcePolicy| {
