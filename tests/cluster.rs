@@ -1701,4 +1701,6 @@ fn a_server_created_through_the_api_joins_when_its_process_starts() {
         ["ServerCreated", "ServerRegistered", "CreatedServerJoined"],
         "no health was recorded for the server while it was being created"
     );
+    // Every member's rows (node roles, created servers) are what its events replay to.
+    same_head(&[&s1, &s2, &s3], CONVERGE);
 }

@@ -204,6 +204,7 @@ fn severity_of(type_name: &str) -> (usize, &'static str) {
         "NodeReplacementCompleted" => (INFO, "Unattached"),
         "ServerCreated" => (INFO, "Creating"),
         "CreatedServerJoined" => (INFO, "Enabled"),
+        "DeviceLedPatternSet" => (INFO, "Healthy"),
         t if t.ends_with("Deleted") || t.ends_with("DeletionRequested") => (MEDIUM, ""),
         t if t.ends_with("Updated") || t.ends_with("Enabled") || t.ends_with("Disabled") => {
             (LOW, "")
@@ -292,6 +293,16 @@ fn component(
                 .unwrap_or_default();
             let c = ("ComponentNodeInfo", id_name(&uuid.to_string(), &name));
             (NODE, c, format!("node {name} ({uuid})"))
+        }
+        Event::Inventory(inventory::Event::DeviceLedPatternSet { serial, .. }) => {
+            let path = state
+                .inventory
+                .devices
+                .get(serial)
+                .map(|d| d.path.clone())
+                .unwrap_or_default();
+            let c = ("ComponentNVMeSSDInfo", id_name(serial, &path));
+            (NVME_SSD, c, format!("NVMe device {serial} ({path})"))
         }
         Event::Inventory(inventory::Event::DeviceAdded { device }) => {
             let c = (

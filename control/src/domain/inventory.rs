@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use super::creation::{self, Create, ServerCreation};
 use super::eviction::{self, Eviction, EvictionStatus, Risk};
+use super::led::{self, LedPattern};
 use super::names::{check_etag, check_name};
 use super::replace::{self, NodeRole};
 use super::volume::VolumeState;
@@ -122,6 +123,8 @@ pub struct Inventory {
     pub roles: BTreeMap<Uuid, NodeRole>,
     /// Servers created through the API that have not joined yet (see `creation`).
     pub created: BTreeMap<Uuid, ServerCreation>,
+    /// Devices' LED patterns, by serial (see `led`).
+    pub leds: BTreeMap<String, LedPattern>,
 }
 
 impl Inventory {
@@ -203,6 +206,13 @@ pub enum Command {
     CompleteNodeReplacement { src: Uuid, leader_epoch: u64 },
     /// Pre-register a server by its endpoint; its process joins later (see `creation`).
     CreateServer(Create),
+    /// The device `serial` (on `server`, when named) shows `pattern` (see `led`).
+    SetDeviceLedPattern {
+        serial: String,
+        server: Option<Uuid>,
+        pattern: LedPattern,
+        if_match: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -275,6 +285,11 @@ pub enum Event {
     CreatedServerJoined {
         uuid: Uuid,
     },
+    /// The device's LED pattern was set.
+    DeviceLedPatternSet {
+        serial: String,
+        pattern: LedPattern,
+    },
 }
 
 impl Event {
@@ -296,6 +311,7 @@ impl Event {
             Event::NodeReplacementCompleted { .. } => "NodeReplacementCompleted",
             Event::ServerCreated { .. } => "ServerCreated",
             Event::CreatedServerJoined { .. } => "CreatedServerJoined",
+            Event::DeviceLedPatternSet { .. } => "DeviceLedPatternSet",
         }
     }
 }
@@ -352,6 +368,12 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             replace::complete(state, *src, *leader_epoch)
         }
         Command::CreateServer(c) => creation::create(state, ctx, c),
+        Command::SetDeviceLedPattern {
+            serial,
+            server,
+            pattern,
+            if_match,
+        } => led::set(state, serial, *server, *pattern, if_match),
     }
 }
 
@@ -780,6 +802,7 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
         Event::ServerCreated { .. } | Event::CreatedServerJoined { .. } => {
             creation::evolve(state, at, event)
         }
+        Event::DeviceLedPatternSet { serial, pattern } => led::evolve(state, at, serial, *pattern),
     }
 }
 
@@ -837,6 +860,9 @@ fn remove_server(state: &mut State, uuid: Uuid, at: Applied) -> Vec<RowKey> {
         .collect();
     for s in serials {
         inv.devices.remove(&s);
+        if inv.leds.remove(&s).is_some() {
+            rows.push(RowKey::DeviceLed(s.clone()));
+        }
         rows.push(RowKey::Device(s));
     }
     let touched: Vec<Uuid> = nodes.iter().flat_map(|n| volumes_on(state, *n)).collect();

@@ -19,6 +19,7 @@ pub mod eviction;
 pub mod federation;
 pub mod flag;
 pub mod inventory;
+pub mod led;
 pub mod names;
 pub mod policy;
 pub mod project;
@@ -144,6 +145,8 @@ pub enum RowKey {
     NodeRole(Uuid),
     /// A server created through the API, until it joins (`inventory::Inventory::created`).
     ServerCreation(Uuid),
+    /// A device's LED pattern (`inventory::Inventory::leds`).
+    DeviceLed(String),
 }
 
 /// Decides what `command` means given `state`: the events to append, or why not.

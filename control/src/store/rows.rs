@@ -50,6 +50,7 @@ pub fn key_bytes(key: &RowKey) -> Vec<u8> {
         RowKey::AdminEndpoint(s, p) => format!("endpoint/{s}/{p}").into_bytes(),
         RowKey::NodeRole(u) => format!("noderole/{u}").into_bytes(),
         RowKey::ServerCreation(u) => format!("servercreate/{u}").into_bytes(),
+        RowKey::DeviceLed(s) => format!("deviceled/{s}").into_bytes(),
     }
 }
 
@@ -85,6 +86,7 @@ pub fn value(state: &State, key: &RowKey) -> Option<Vec<u8>> {
             .map(enc),
         RowKey::NodeRole(u) => state.inventory.roles.get(u).map(enc),
         RowKey::ServerCreation(u) => state.inventory.created.get(u).map(enc),
+        RowKey::DeviceLed(s) => state.inventory.leds.get(s).map(enc),
     }
 }
 
@@ -115,6 +117,7 @@ pub fn all(state: &State) -> BTreeMap<Vec<u8>, Vec<u8>> {
             .keys()
             .map(|u| RowKey::ServerCreation(*u)),
     );
+    keys.extend(state.inventory.leds.keys().cloned().map(RowKey::DeviceLed));
     keys.extend(
         state
             .resource_policies
@@ -249,6 +252,9 @@ pub fn load(journal: &RocksJournal) -> Result<State, ControlError> {
         if let Ok(u) = id.parse() {
             s.inventory.created.insert(u, x);
         }
+    })?;
+    load_kind(journal, "deviceled/", |id, x| {
+        s.inventory.leds.insert(id, x);
     })?;
     load_kind(journal, "schedule/", |_, x: ResourcePolicy| {
         s.resource_policies.by_uuid.insert(x.uuid, x);
