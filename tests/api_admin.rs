@@ -551,27 +551,26 @@ fn servers_nodes_and_devices_describe_the_one_machine() {
         .1;
     assert_eq!(of_node["NvmeDevices"].as_array().unwrap().len(), 1);
 
-    // Changes a one-server cluster cannot make: 501 with a JSON body, 404 for unknown ids.
-    for (path, body) in [
-        (
-            "/api/v2/servers".to_string(),
-            json!({"serverUUID": "x", "serverEndpoints": ["a"]}),
-        ),
-        (
-            format!("/api/v2/nodes/{node_uuid}/replace"),
-            json!({"TargetNodeUUID": "x"}),
-        ),
-        (
-            "/api/v2/nvmeDevices".to_string(),
-            json!({"serialNumber": "S", "nodeUUID": node_uuid}),
-        ),
-        (
-            format!("/api/v2/nvmeDevices/{serial}"),
-            json!({"ledPattern": "locate"}),
-        ),
+    // Adding a device through the API: 501 with a JSON body (devices join at start).
+    let body = json!({"serialNumber": "S", "nodeUUID": node_uuid});
+    let (status, err) = admin.post("/api/v2/nvmeDevices", &body);
+    assert_json_error(status, &err, 501, 12);
+    // Servers join a cluster of `evstor serve --etcd` processes; this one has no etcd.
+    let body = json!({"serverUUID": uuid::Uuid::new_v4().to_string(),
+                      "serverEndpoints": ["127.0.0.1:9443"]});
+    let (status, err) = admin.post("/api/v2/servers", &body);
+    assert_json_error(status, &err, 400, 9);
+    assert!(err["message"].as_str().unwrap().contains("etcd"), "{err}");
+    // Node replace: one server has no other node to move its copies to.
+    let replace = format!("/api/v2/nodes/{node_uuid}/replace");
+    for (target, want_status, want_code) in [
+        (json!("x"), 400, 3),
+        (json!(node_uuid), 400, 3),
+        (json!(uuid::Uuid::new_v4().to_string()), 404, 5),
     ] {
-        let (status, err) = admin.post(&path, &body);
-        assert_json_error(status, &err, 501, 12);
+        let body = json!({"TargetNodeUUID": target, "ReplaceWhileActive": true});
+        let (status, err) = admin.post(&replace, &body);
+        assert_json_error(status, &err, want_status, want_code);
     }
     // The last server cannot go; disabling it stops placement until it is enabled again.
     let (status, err) = admin.delete(&format!("/api/v2/servers/{server_uuid}"));
@@ -634,6 +633,71 @@ fn servers_nodes_and_devices_describe_the_one_machine() {
     for path in ["/api/v2/servers", "/api/v2/nodes", "/api/v2/nvmeDevices"] {
         assert_eq!(s.anonymous().get(path).0, 401, "{path}");
     }
+}
+
+/// `UpdateNvmeDevice` records a device's LED pattern (files have no LED, but the contract
+/// holds): the enum is validated, an unknown serial or server is 404, a stale `If-Match`
+/// 412; the pattern shows in GET, moves the ETag and survives a restart.
+#[test]
+fn a_device_led_pattern_is_validated_recorded_and_survives_a_restart() {
+    let mut s = Server::start();
+    let admin = s.admin();
+    let dev = admin.get("/api/v2/nvmeDevices").1["NvmeDevices"][0].clone();
+    let serial = dev["serial"].as_str().unwrap().to_string();
+    let server = dev["serverUUID"].as_str().unwrap().to_string();
+    let etag = dev["ETag"].as_str().unwrap().to_string();
+    assert!(dev.get("ledPattern").is_none(), "{dev}");
+    let path = format!("/api/v2/nvmeDevices/{serial}");
+    let other = uuid::Uuid::new_v4().to_string();
+    for (p, body, tag, want_status, want_code) in [
+        (&path, json!({"ledPattern": "blink"}), None, 400, 3),
+        (&path, json!({}), None, 400, 3),
+        (
+            &path,
+            json!({"ledPattern": "locate", "serialNumber": "X"}),
+            None,
+            400,
+            3,
+        ),
+        (
+            &path,
+            json!({"ledPattern": "locate", "serverUUID": other}),
+            None,
+            404,
+            5,
+        ),
+        (&path, json!({"ledPattern": "locate"}), Some("1"), 412, 9),
+        (
+            &"/api/v2/nvmeDevices/NOPE".to_string(),
+            json!({"ledPattern": "locate"}),
+            None,
+            404,
+            5,
+        ),
+    ] {
+        let headers: Vec<(&str, &[u8])> = tag.iter().map(|t| ("If-Match", t.as_bytes())).collect();
+        let (status, err) = admin.send_with_headers("POST", p, Some(&body), &headers);
+        assert_json_error(status, &err, want_status, want_code);
+    }
+    assert_eq!(admin.get(&path).1, dev, "refusals change nothing");
+    let body = json!({"serverUUID": server, "serialNumber": serial, "ledPattern": "locate"});
+    let (status, set) =
+        admin.send_with_headers("POST", &path, Some(&body), &[("If-Match", etag.as_bytes())]);
+    assert_eq!(status, 200, "{set}");
+    assert_eq!(set["ledPattern"], "locate", "{set}");
+    assert_ne!(set["ETag"], dev["ETag"], "{set}");
+    assert_eq!(admin.get(&path).1, set);
+    let (status, off) = admin.post(&path, &json!({"ledPattern": "locate-off"}));
+    assert_eq!(
+        (status, &off["ledPattern"]),
+        (200, &json!("locate-off")),
+        "{off}"
+    );
+    s.restart();
+    assert_eq!(s.admin().get(&path).1["ledPattern"], "locate-off");
+    // The stored rows are what replaying the events gives.
+    let (ok, out) = s.cli(&["journal", "verify"]);
+    assert!(ok, "{out}");
 }
 
 #[test]

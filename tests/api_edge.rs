@@ -444,7 +444,7 @@ fn a_low_open_files_limit_leaves_room_for_nvme_and_the_admin() {
         .map(String::from)
         .to_vec(),
         open_files: Some((256, 256)),
-        env: Vec::new(),
+        ..Options::default()
     });
     assert!(
         s.log().contains("API connections at most 64"),
@@ -499,7 +499,7 @@ fn serve_raises_the_soft_open_files_limit_to_the_hard_one() {
     let s = Server::start_with(Options {
         args: Vec::new(),
         open_files: Some((256, 1024)),
-        env: Vec::new(),
+        ..Options::default()
     });
     let pid = s.pid().expect("running");
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");

@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    events, image_blocks, member, member_with_env, node_owner, open_store, same_head, server_id,
-    Etcd,
+    events, image_blocks, member, member_with, member_with_env, node_owner, open_store, same_head,
+    server_id, Etcd,
 };
 use common::Server;
 use evstor_datapath::initiator::Session;
@@ -1478,4 +1478,329 @@ fn a_snapshot_is_taken_on_every_copy_and_outlives_its_primary() {
     for (i, s) in servers.iter().enumerate() {
         assert!(!open_store(s).contains(id), "server {i} still holds it");
     }
+}
+
+/// POST `/nodes/{src}/replace` of node `src` with `body`, asked of server `ask`, with extra
+/// headers.
+fn replace_node(
+    servers: &[Server],
+    ask: usize,
+    src: &str,
+    body: Value,
+    headers: &[(&str, &[u8])],
+) -> (u16, Value) {
+    let path = format!("/api/v2/nodes/{src}/replace");
+    servers[ask]
+        .admin()
+        .send_with_headers("POST", &path, Some(&body), headers)
+}
+
+/// Replacing a node moves every copy it holds to the target node, make before break,
+/// while a host writes on: the replica of a two-copy volume (full copy, then the old one
+/// leaves as the new one is recorded in sync; `FullyProtected` throughout) and a one-copy
+/// volume it is the primary of (a new copy, then a planned hand-over, although its server
+/// stays enabled: `ReplaceWhileActive`). The source node shows the progress, ends
+/// `Unattached` and releases its images; the target holds every acknowledged write. The
+/// refusals come first: unknown nodes 404, the same node or a target holding a copy 400,
+/// an active source without `ReplaceWhileActive` 400, a stale `If-Match` 412.
+#[test]
+fn replacing_a_node_moves_its_copies_to_the_target_make_before_break() {
+    let etcd = Etcd::start(3);
+    let mut servers = three(&etcd);
+    let (b, a, c) = (0usize, 1usize, 2usize);
+    // Placement by hand, as in the eviction test: `one` on B, `rv` on A (primary) and B.
+    for i in [a, c] {
+        assert_eq!(disable(&servers, b, i, json!({})).0, 200);
+    }
+    let one = create_volume(&servers[b], "one", 1);
+    assert_eq!(enable(&servers, b, a).0, 200);
+    let rv = create_volume(&servers[b], "rv", 2);
+    assert_eq!(enable(&servers, b, c).0, 200);
+    let owners = node_owner(&servers[b], &servers);
+    let node = |i: usize| {
+        owners
+            .iter()
+            .find(|(_, o)| **o == i)
+            .expect("a node")
+            .0
+            .clone()
+    };
+    let rv_path = format!("/api/v2/projects/default/volumes/{rv}");
+    let one_path = format!("/api/v2/projects/default/volumes/{one}");
+    assert_eq!(
+        servers[b].admin().get(&rv_path).1["nodeList"],
+        json!([node(a), node(b)])
+    );
+    let (mut host, nsid, p) = host_on_primary(&servers, b, &rv);
+    assert_eq!(p, a);
+    for k in 0..16u32 {
+        host.write(nsid, k.into(), &pattern(k))
+            .expect("write before the replacement");
+    }
+    let (mut one_host, one_nsid, q) = host_on_primary(&servers, b, &one);
+    assert_eq!(q, b);
+    for k in 0..4u32 {
+        one_host
+            .write(one_nsid, k.into(), &pattern(1_000_000 + k))
+            .expect("write to the one-copy volume");
+    }
+    drop(one_host);
+    let to = |n: String| json!({"TargetNodeUUID": n, "ReplaceWhileActive": true});
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let refusals = [
+        (replace_node(&servers, a, &unknown, to(node(c)), &[]), 404),
+        (
+            replace_node(&servers, a, &node(b), to(unknown.clone()), &[]),
+            404,
+        ),
+        (replace_node(&servers, a, &node(b), to(node(b)), &[]), 400),
+        // A holds a copy of `rv`.
+        (replace_node(&servers, a, &node(b), to(node(a)), &[]), 400),
+        (
+            replace_node(
+                &servers,
+                a,
+                &node(b),
+                json!({"TargetNodeUUID": node(c)}),
+                &[],
+            ),
+            400,
+        ),
+        (
+            replace_node(&servers, a, &node(b), to(node(c)), &[("If-Match", b"1")]),
+            412,
+        ),
+    ];
+    for ((status, body), want) in refusals {
+        assert_eq!(status, want, "{body}");
+    }
+    let b_node_path = format!("/api/v2/nodes/{}", node(b));
+    let before = servers[c].admin().get(&b_node_path).1;
+    assert_eq!(before["state"], "Active", "{before}");
+    assert!(before["replacement"].is_null(), "{before}");
+    let etag = before["ETag"].as_str().expect("ETag").to_string();
+    let if_match = [("If-Match", etag.as_bytes())];
+    let (status, body) = replace_node(&servers, c, &node(b), to(node(c)), &if_match);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["replacement"]["targetNodeUUID"],
+        json!(node(c)),
+        "{body}"
+    );
+    // Writes once the move started: each must reach the new copy.
+    eventually(&servers[a], &rv_path, |_, v| {
+        v["nodeList"]
+            .as_array()
+            .is_some_and(|n| n.contains(&json!(node(c))))
+    });
+    for k in 16..48u32 {
+        host.write(nsid, k.into(), &pattern(k))
+            .expect("write during the replacement");
+        if k % 8 == 0 {
+            let v = servers[a].admin().get(&rv_path).1;
+            assert_eq!(v["protectionState"], "FullyProtected", "{v}");
+        }
+    }
+    let done = eventually(&servers[a], &b_node_path, |_, n| {
+        n["replacement"]["status"] == "Completed"
+    });
+    assert_eq!(done["state"], "Unattached", "{done}");
+    let r = &done["replacement"];
+    assert_eq!(r["progress"], 100, "{r}");
+    assert!(
+        r["startTime"].is_string() && r["endTime"].is_string(),
+        "{r}"
+    );
+    assert_ne!(done["ETag"], json!(etag), "{done}");
+    host.write(nsid, 48, &pattern(48))
+        .expect("write after the replacement");
+    // B released both images; its server stays enabled.
+    eventually(&servers[b], &b_node_path, |_, n| {
+        n["statistics"]["logicalUsedStorage"].is_null()
+    });
+    assert_eq!(states(&servers[b]), all_enabled(&["s1", "s2", "s3"]));
+    let v = servers[b].admin().get(&rv_path).1;
+    assert_eq!(v["nodeList"], json!([node(a), node(c)]), "{v}");
+    assert_eq!(v["protectionState"], "FullyProtected", "{v}");
+    let o = eventually(&servers[b], &one_path, |_, o| {
+        o["primaryNodeUUID"] == json!(node(c)) && o["protectionState"] == "FullyProtected"
+    });
+    assert_eq!(o["nodeList"], json!([node(c)]), "{o}");
+    let (moved, copied) = volume_events(&servers[c], &rv);
+    assert_eq!(
+        moved,
+        [
+            "VolumeReplicaAdded",
+            "VolumeReplicaInSync",
+            "VolumeReplicaRemoved"
+        ],
+        "{moved:?}"
+    );
+    assert!(copied.len() == 1 && copied[0] >= 64 << 20, "{copied:?}");
+    let (moved, _) = volume_events(&servers[c], &one);
+    assert_eq!(
+        moved,
+        [
+            "VolumeReplicaAdded",
+            "VolumeReplicaInSync",
+            "VolumePrimaryHandedOver",
+            "VolumeReplicaRemoved",
+            "VolumePrimaryReleased"
+        ],
+        "{moved:?}"
+    );
+    let kinds: Vec<String> = events(&servers[a])
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .filter(|t| t.starts_with("NodeReplacement"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        kinds,
+        ["NodeReplacementStarted", "NodeReplacementCompleted"]
+    );
+    drop(host);
+    for s in servers.iter_mut() {
+        s.stop();
+    }
+    let want: Vec<u8> = (0..49u32).flat_map(pattern).collect();
+    assert_eq!(image_blocks(&servers[c], &rv, 49), want, "the new copy");
+    assert_eq!(image_blocks(&servers[a], &rv, 49), want, "the primary");
+    let one_want: Vec<u8> = (0..4u32).flat_map(|k| pattern(1_000_000 + k)).collect();
+    assert_eq!(
+        image_blocks(&servers[c], &one, 4),
+        one_want,
+        "the handed-over copy"
+    );
+    let store = open_store(&servers[b]);
+    for u in [&rv, &one] {
+        assert!(
+            !store.contains(u.parse().expect("uuid")),
+            "B still holds {u}"
+        );
+    }
+}
+
+/// The node of server `uuid`, as `s` lists it.
+fn node_of_server(s: &Server, uuid: &str) -> Value {
+    let (_, nodes) = s.admin().get("/api/v2/nodes");
+    nodes["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["serverUUID"] == uuid)
+        .cloned()
+        .unwrap_or_else(|| panic!("no node of server {uuid}: {nodes}"))
+}
+
+/// `POST /servers` pre-registers a server by the address its process will publish: it is
+/// listed `Creating` (no health is recorded for it) until `evstor serve` starts with that
+/// `--api-addr`; the process joins under the created UUID and shows `Enabled`. Created
+/// without `extendCluster`, its node is `Unattached`: no volume is placed there, but it can
+/// take over a node by replace. A process started without `CreateServer` joins as before.
+/// Refusals: several, no or bad endpoints and a bad UUID 400; a UUID or an endpoint in use
+/// 409.
+#[test]
+fn a_server_created_through_the_api_joins_when_its_process_starts() {
+    let etcd = Etcd::start(1);
+    let s1 = member(&etcd, "s1", &[]);
+    eventually(&s1, "/api/v2/servers", |_, _| {
+        states(&s1) == all_enabled(&["s1"])
+    });
+    let admin = s1.admin();
+    let port = common::free_port();
+    let created = uuid::Uuid::new_v4().to_string();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let body = |eps: Value, uuid: &str| json!({"serverEndpoints": eps, "serverUUID": uuid});
+    let s1_api = format!("127.0.0.1:{}", s1.api_port);
+    for (b, want) in [
+        (body(json!([endpoint, "127.0.0.1:1"]), &created), 400),
+        (body(json!([]), &created), 400),
+        (body(json!(["127.0.0.1"]), &created), 400),
+        (body(json!([endpoint]), "x"), 400),
+        (body(json!([s1_api]), &created), 409),
+        (body(json!([endpoint]), &server_id(&s1)), 409),
+    ] {
+        let (status, err) = admin.post("/api/v2/servers", &b);
+        assert_eq!(status, want, "{b}: {err}");
+    }
+    let mut b = body(json!([endpoint]), &created);
+    b["extendCluster"] = json!(false);
+    let (status, s) = admin.post("/api/v2/servers", &b);
+    assert_eq!(status, 200, "{s}");
+    assert_eq!(
+        (&s["UUID"], &s["state"]),
+        (&json!(created), &json!("Creating")),
+        "{s}"
+    );
+    assert_eq!(s["ServerEndpoints"], json!([format!("127.0.0.1:{port}")]));
+    let other = uuid::Uuid::new_v4().to_string();
+    let (status, err) = admin.post("/api/v2/servers", &body(json!([endpoint]), &other));
+    assert_eq!(status, 409, "{err}");
+    let path = format!("/api/v2/servers/{created}");
+    // The leader's orchestrator passes (every 500 ms) record no health for it: it has no
+    // process yet, so it is not `Failed`.
+    std::thread::sleep(Duration::from_secs(3));
+    let creating = admin.get(&path).1;
+    assert_eq!(
+        (&creating["state"], &creating["health"]),
+        (&json!("Creating"), &json!("OK")),
+        "{creating}"
+    );
+    // Its process takes the created UUID and is Enabled once joined.
+    let options = common::Options {
+        api_port: Some(port),
+        ..common::Options::default()
+    };
+    let s2 = member_with(&etcd, "s2", options);
+    assert_eq!(server_id(&s2), created);
+    let joined = eventually(&s1, &path, |_, s| s["state"] == "Enabled");
+    assert_eq!(joined["name"], "s2", "{joined}");
+    // Not extending the cluster: its node is Unattached and takes no volume.
+    let n2 = node_of_server(&s1, &created);
+    assert_eq!(n2["state"], "Unattached", "{n2}");
+    let n2 = n2["UUID"].as_str().expect("UUID").to_string();
+    let v = create_volume(&s1, "v", 1);
+    let (status, err) = admin.post("/api/v2/projects/default/volumes", &volume_body("two", 2));
+    assert_eq!(status, 400, "{err}");
+    // It takes over s1's node.
+    let n1 = node_of_server(&s1, &server_id(&s1))["UUID"]
+        .as_str()
+        .expect("UUID")
+        .to_string();
+    let (status, r) = admin.post(
+        &format!("/api/v2/nodes/{n1}/replace"),
+        &json!({"TargetNodeUUID": n2, "ReplaceWhileActive": true}),
+    );
+    assert_eq!(status, 200, "{r}");
+    eventually(&s2, &format!("/api/v2/nodes/{n1}"), |_, n| {
+        n["state"] == "Unattached" && n["replacement"]["status"] == "Completed"
+    });
+    let vol = eventually(
+        &s2,
+        &format!("/api/v2/projects/default/volumes/{v}"),
+        |_, v| v["nodeList"] == json!([n2]) && v["primaryNodeUUID"] == json!(n2),
+    );
+    assert_eq!(vol["protectionState"], "FullyProtected", "{vol}");
+    assert_eq!(node_of_server(&s2, &created)["state"], "Active");
+    // A server started without CreateServer joins under its own id, as before.
+    let s3 = member(&etcd, "s3", &[]);
+    eventually(&s1, "/api/v2/servers", |_, _| {
+        states(&s1) == all_enabled(&["s1", "s2", "s3"])
+    });
+    assert_ne!(server_id(&s3), created);
+    let mut kinds = Vec::new();
+    for e in events(&s1) {
+        let kind = e["type"].as_str().unwrap_or_default().to_string();
+        if e["event"]["Inventory"][&kind]["uuid"] == json!(created) {
+            kinds.push(kind);
+        }
+    }
+    assert_eq!(
+        kinds,
+        ["ServerCreated", "ServerRegistered", "CreatedServerJoined"],
+        "no health was recorded for the server while it was being created"
+    );
+    // Every member's rows (node roles, created servers) are what its events replay to.
+    same_head(&[&s1, &s2, &s3], CONVERGE);
 }

@@ -134,6 +134,9 @@ pub const LEASE_KEEPALIVE_MS: u64 = 1_000;
 pub const LEASE_SAFETY_MARGIN_MS: u64 = 1_500;
 /// Pause between passes of the leader's orchestrator (health, leadership record, tail trim).
 pub const ORCHESTRATOR_TICK_MS: u64 = 250;
+/// Most servers of a cluster: each gets a slot, its data path's ANA group
+/// (`evstor_datapath::limits::ANA_GROUPS_MAX` of them).
+pub const SERVERS_MAX: usize = 128;
 /// Replica moves an eviction keeps in flight per server: each is an extra copy being
 /// rebuilt (space on the target, a full copy over the network); the rest wait their turn.
 pub const EVICTION_MOVES_MAX: usize = 64;

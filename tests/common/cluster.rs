@@ -169,14 +169,23 @@ pub fn member(etcd: &Etcd, name: &str, args: &[&str]) -> Server {
 
 /// As [`member`], with extra environment.
 pub fn member_with_env(etcd: &Etcd, name: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
-    let endpoints = etcd.endpoints();
-    let mut all = vec!["--etcd", &endpoints, "--name", name];
-    all.extend_from_slice(args);
-    let mut options = Options::args(&all);
+    let mut options = Options::args(args);
     options.env = env
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
+    member_with(etcd, name, options)
+}
+
+/// As [`member`], with these options (their arguments follow the cluster's).
+pub fn member_with(etcd: &Etcd, name: &str, mut options: Options) -> Server {
+    let endpoints = etcd.endpoints();
+    let mut all: Vec<String> = ["--etcd", &endpoints, "--name", name]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    all.append(&mut options.args);
+    options.args = all;
     Server::start_with(options)
 }
 

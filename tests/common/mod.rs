@@ -67,6 +67,8 @@ pub struct Options {
     pub open_files: Option<(u64, u64)>,
     /// Extra environment of the server process (e.g. `EVSTOR_FAILPOINT`).
     pub env: Vec<(String, String)>,
+    /// The API port, when the test must know it before the start (else a free one).
+    pub api_port: Option<u16>,
 }
 
 impl Options {
@@ -105,7 +107,7 @@ impl Server {
         for _ in 0..START_ATTEMPTS {
             let mut s = Server {
                 dir: tempfile::tempdir().expect("temp dir"),
-                api_port: free_port(),
+                api_port: options.api_port.unwrap_or_else(free_port),
                 nvme_port: free_port_pair(),
                 discovery_port: free_port(),
                 options: options.clone(),

@@ -200,6 +200,11 @@ fn severity_of(type_name: &str) -> (usize, &'static str) {
         "ServerEvictionStarted" => (LOW, "Disabled"),
         "ServerEvictionCompleted" => (INFO, "Disabled"),
         "ServerEvictionAborted" => (MEDIUM, "Enabled"),
+        "NodeReplacementStarted" => (LOW, "Detaching"),
+        "NodeReplacementCompleted" => (INFO, "Unattached"),
+        "ServerCreated" => (INFO, "Creating"),
+        "CreatedServerJoined" => (INFO, "Enabled"),
+        "DeviceLedPatternSet" => (INFO, "Healthy"),
         t if t.ends_with("Deleted") || t.ends_with("DeletionRequested") => (MEDIUM, ""),
         t if t.ends_with("Updated") || t.ends_with("Enabled") || t.ends_with("Disabled") => {
             (LOW, "")
@@ -257,6 +262,8 @@ fn component(
             | inventory::Event::ServerEvictionStarted { uuid, .. }
             | inventory::Event::ServerEvictionCompleted { uuid }
             | inventory::Event::ServerEvictionAborted { uuid }
+            | inventory::Event::ServerCreated { uuid, .. }
+            | inventory::Event::CreatedServerJoined { uuid }
             | inventory::Event::FailureDomainSet {
                 server_uuid: uuid, ..
             },
@@ -273,6 +280,29 @@ fn component(
         Event::Inventory(inventory::Event::NodeRegistered { uuid, name, .. }) => {
             let c = ("ComponentNodeInfo", id_name(&uuid.to_string(), name));
             (NODE, c, format!("node {name} ({uuid})"))
+        }
+        Event::Inventory(
+            inventory::Event::NodeReplacementStarted { src: uuid, .. }
+            | inventory::Event::NodeReplacementCompleted { src: uuid },
+        ) => {
+            let name = state
+                .inventory
+                .nodes
+                .get(uuid)
+                .map(|n| n.name.clone())
+                .unwrap_or_default();
+            let c = ("ComponentNodeInfo", id_name(&uuid.to_string(), &name));
+            (NODE, c, format!("node {name} ({uuid})"))
+        }
+        Event::Inventory(inventory::Event::DeviceLedPatternSet { serial, .. }) => {
+            let path = state
+                .inventory
+                .devices
+                .get(serial)
+                .map(|d| d.path.clone())
+                .unwrap_or_default();
+            let c = ("ComponentNVMeSSDInfo", id_name(serial, &path));
+            (NVME_SSD, c, format!("NVMe device {serial} ({path})"))
         }
         Event::Inventory(inventory::Event::DeviceAdded { device }) => {
             let c = (

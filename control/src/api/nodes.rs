@@ -1,7 +1,20 @@
 //! `/api/v2/nodes…`: the data-path instances (one per server). Any caller with a role may
-//! read them, because clients find the NVMe/TCP endpoint (`nvmeEndpoint`) here; a node of a
-//! `Failed` server is `Inactive` with `ConnectivityProblem`. Replacing, starting, stopping and
-//! restarting nodes answer 501 (no spare nodes and no data movement yet).
+//! read them, because clients find the NVMe/TCP endpoint (`nvmeEndpoint`) here. A node's
+//! `state`: `Inactive` when its server failed (`ConnectivityProblem`) or is disabled,
+//! `Detaching` while it is being replaced, `Attaching` while it takes a replaced node's
+//! copies, `Unattached` once replaced (or when its server was created without
+//! `extendCluster`), `Active` otherwise.
+//!
+//! `POST /nodes/{SrcNodeUUID}/replace` (`TargetNodeUUID`, `ReplaceWhileActive`) moves every
+//! copy the node holds to the target node, make before break (`domain::replace`: the
+//! leader orders the moves, like an eviction's). 404 for an unknown node, 400 for the same
+//! node, a node of the same server, a target that cannot take the copies (its server is
+//! not enabled and live, or holds a copy of one of the volumes), or a source that is
+//! active (its server enabled and live) without `ReplaceWhileActive`; 409 when either
+//! node is already part of a running replacement, 412 when `If-Match` is not the source
+//! node's ETag. Progress shows on the source node as `replacement` (an evstor addition in
+//! the shape of `ServerEvictionStatus`, plus `targetNodeUUID`). Starting, stopping and
+//! restarting node instances answer 501 (a node is its `evstor serve` process).
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -12,11 +25,12 @@ use uuid::Uuid;
 
 use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
-use super::json::{Body, Obj};
-use super::{App, Query};
-use crate::domain::inventory::Node;
+use super::json::{parse_uuid, Body, Obj};
+use super::{if_match, App, Query};
+use crate::domain::eviction::EvictionStatus;
+use crate::domain::inventory::{Command as InventoryCommand, Node, ServerState};
 use crate::domain::volume::VolumeState;
-use crate::domain::State as DomainState;
+use crate::domain::{replace, Command, State as DomainState};
 
 /// Most NVMe devices one node manages (reported as `maxNvmeDevices`).
 pub const NODE_DEVICES_MAX: u64 = 32;
@@ -137,16 +151,7 @@ pub fn node_json(app: &App, state: &DomainState, n: &Node, headers: &HeaderMap) 
         &n.nvme_endpoint
     };
     let endpoint = dialable_endpoint(recorded, headers);
-    let down = state
-        .inventory
-        .servers
-        .get(&n.server_uuid)
-        .is_some_and(|s| s.failed);
-    let (node_state, status) = if down {
-        ("Inactive", "ConnectivityProblem")
-    } else {
-        ("Active", "ConnectivityOK")
-    };
+    let (node_state, status) = state_of(state, n);
     let statistics = if local {
         node_statistics(app, state, n.uuid)
     } else {
@@ -165,6 +170,49 @@ pub fn node_json(app: &App, state: &DomainState, n: &Node, headers: &HeaderMap) 
         .val("statistics", statistics)
         .str("serverUUID", &n.server_uuid.to_string())
         .str("ETag", &n.etag.to_string())
+        .val("replacement", replacement_json(state, n))
+        .build()
+}
+
+/// `DurosNodeInfo.State` and `StatusEnum` of a node (see the module doc).
+fn state_of(state: &DomainState, n: &Node) -> (&'static str, &'static str) {
+    let server = state.inventory.servers.get(&n.server_uuid);
+    if server.is_none_or(|s| s.failed) {
+        return ("Inactive", "ConnectivityProblem");
+    }
+    let role = state.inventory.role(n.uuid);
+    let node_state = if role.replacing() {
+        "Detaching"
+    } else if state.inventory.replaced_by(n.uuid).is_some() {
+        "Attaching"
+    } else if role.unattached {
+        "Unattached"
+    } else if server.is_some_and(|s| s.state != ServerState::Enabled) {
+        "Inactive"
+    } else {
+        "Active"
+    };
+    (node_state, "ConnectivityOK")
+}
+
+/// The node's last (or running) replacement as the source, in the shape of
+/// `ServerEvictionStatus` plus `targetNodeUUID` (absent if it never was replaced).
+fn replacement_json(state: &DomainState, n: &Node) -> Value {
+    let Some(r) = state.inventory.role(n.uuid).replacement else {
+        return Value::Null;
+    };
+    let plan = replace::plan(state, n.uuid);
+    let status = match r.progress.status {
+        EvictionStatus::Completed => "Completed",
+        _ => "Evicting",
+    };
+    Obj::new()
+        .str("status", status)
+        .str("targetNodeUUID", &r.target.to_string())
+        .time("startTime", r.progress.start_unix_ns)
+        .time("endTime", r.progress.end_unix_ns)
+        .str("errorMessage", &plan.stalled.join("; "))
+        .num("progress", r.progress.progress(plan.remaining).into())
         .build()
 }
 
@@ -226,17 +274,39 @@ async fn unimplemented(
     who.require_cluster_admin()?;
     find(&app.bus.state(), uuid)?;
     Err(ApiError::unimplemented(format!(
-        "{what} is not implemented: evstor runs one node per server on a single server"
+        "{what} is not implemented: a node is its server's `evstor serve` process"
     )))
 }
 
+/// `ReplaceNode`: answers the source node as it is then (`ReplaceNodeResponse` is empty;
+/// the node shows the replacement started).
 async fn replace(
     State(app): State<App>,
     who: Principal,
+    headers: HeaderMap,
     Path(uuid): Path<String>,
-    _b: Body,
+    b: Body,
 ) -> ApiResult<Json<Value>> {
-    unimplemented(&app, &who, &uuid, "replacing a node").await
+    who.require_cluster_admin()?;
+    let src = find(&app.bus.state(), &uuid)?.uuid;
+    if let Some(named) = b.str("SrcNodeUUID")?.filter(|s| !s.is_empty()) {
+        if parse_uuid(&named)? != src {
+            return Err(ApiError::bad_request(format!(
+                "SrcNodeUUID {named} is not the node of the path ({src})"
+            )));
+        }
+    }
+    let target = parse_uuid(&b.required_str("TargetNodeUUID")?)?;
+    let cmd = InventoryCommand::ReplaceNode {
+        src,
+        target,
+        if_match: if_match(&headers)?,
+        while_active: b.bool("ReplaceWhileActive")?.unwrap_or(false),
+    };
+    app.submit(&who, &headers, Command::Inventory(cmd)).await?;
+    let state = app.bus.state();
+    let node = find(&state, &uuid)?;
+    Ok(Json(node_json(&app, &state, node, &headers)))
 }
 
 async fn start(

@@ -1,7 +1,17 @@
 //! `/api/v2/nvmeDevices…`: the devices of the node's storage pool (`evstor serve --device`, or
-//! the sparse file made at bootstrap), with the integrity errors seen on each. Adding devices
-//! through the API and setting LED patterns answer 501: devices join the pool at server start,
-//! and neither files nor devices behind the block layer expose LEDs.
+//! the sparse file made at bootstrap), with the integrity errors seen on each.
+//!
+//! `POST /nvmeDevices/{serialNumber}` (`UpdateNvmeDevice`) sets the device's `ledPattern`
+//! ("locate", "rebuild" or "locate-off"; 400 otherwise): it is recorded
+//! (`DeviceLedPatternSet`), changes the device's ETag and shows as `ledPattern` in GET (an
+//! evstor addition: `UserNvmeDevicesResponse` has no such field). Nothing lights up:
+//! pool devices are files or devices behind the kernel's block layer, which expose no
+//! LED. 404 for an unknown serial or `serverUUID`, 400 for a `serverUUID` the device is
+//! not in or a body `serialNumber` other than the path's, 412 for a stale `If-Match`.
+//!
+//! Adding devices through the API (`POST /nvmeDevices`) answers 501: devices join the
+//! pool at server start (`--device`), because the block store maps its devices once, when
+//! it opens (`datapath::blockstore::pool`).
 
 use axum::extract::{Path, State};
 use axum::routing::get;
@@ -10,10 +20,13 @@ use serde_json::{json, Value};
 
 use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
-use super::json::{Body, Obj};
-use super::{App, Query};
-use crate::domain::inventory::Device;
-use crate::domain::State as DomainState;
+use axum::http::HeaderMap;
+
+use super::json::{parse_uuid, Body, Obj};
+use super::{if_match, App, Query};
+use crate::domain::inventory::{Command as InventoryCommand, Device};
+use crate::domain::led::LedPattern;
+use crate::domain::{Command, State as DomainState};
 
 pub fn routes() -> Router<App> {
     Router::new()
@@ -28,7 +41,8 @@ const USAGES: [&str; 5] = ["Unknown", "Data", "Journal", "OS", "UnManaged"];
 const DATA: &str = "Data";
 
 /// The `UserNvmeDevicesResponse` message.
-pub fn device_json(app: &App, d: &Device) -> Value {
+pub fn device_json(app: &App, state: &DomainState, d: &Device) -> Value {
+    let led = state.inventory.leds.get(&d.serial).map_or("", |p| p.name());
     Obj::new()
         .u64s("size", d.size_bytes)
         .str("model", &d.model)
@@ -39,6 +53,7 @@ pub fn device_json(app: &App, d: &Device) -> Value {
         .str("nodeUUID", &d.node_uuid.to_string())
         .str("ETag", &d.etag.to_string())
         .str("deviceUsage", DATA)
+        .str("ledPattern", led)
         .val(
             "statistics",
             Obj::new()
@@ -96,7 +111,7 @@ async fn list(State(app): State<App>, who: Principal, q: Query) -> ApiResult<Jso
                 .is_none_or(|s| d.server_uuid.to_string() == s)
         })
         .filter(|_| wanted.is_empty() || wanted.contains(&DATA))
-        .map(|d| device_json(&app, d))
+        .map(|d| device_json(&app, &state, d))
         .collect();
     Ok(Json(json!({ "NvmeDevices": devices })))
 }
@@ -108,7 +123,7 @@ async fn get_one(
 ) -> ApiResult<Json<Value>> {
     who.require_cluster_admin()?;
     let state = app.bus.state();
-    Ok(Json(device_json(&app, find(&state, &serial)?)))
+    Ok(Json(device_json(&app, &state, find(&state, &serial)?)))
 }
 
 async fn add(State(_): State<App>, who: Principal, b: Body) -> ApiResult<Json<Value>> {
@@ -116,19 +131,46 @@ async fn add(State(_): State<App>, who: Principal, b: Body) -> ApiResult<Json<Va
     let serial = b.required_str("serialNumber")?;
     b.required_str("nodeUUID")?;
     Err(ApiError::unimplemented(format!(
-        "adding NVMe device {serial} is not implemented: devices are set up when the cluster starts"
+        "adding NVMe device {serial} is not implemented: a server's devices join its pool \
+         when it starts (`evstor serve --device <path>`)"
     )))
 }
 
+/// `UpdateNvmeDevice`: answers the device as it is then (`UpdateNvmeDeviceResponse` is
+/// empty).
 async fn update(
     State(app): State<App>,
     who: Principal,
+    headers: HeaderMap,
     Path(serial): Path<String>,
-    _b: Body,
+    b: Body,
 ) -> ApiResult<Json<Value>> {
     who.require_cluster_admin()?;
     find(&app.bus.state(), &serial)?;
-    Err(ApiError::unimplemented(
-        "LED patterns are not implemented for evstor pool devices",
-    ))
+    if let Some(named) = b.str("serialNumber")?.filter(|s| !s.is_empty()) {
+        if named != serial {
+            return Err(ApiError::bad_request(format!(
+                "serialNumber {named} is not the device of the path ({serial})"
+            )));
+        }
+    }
+    let text = b.required_str("ledPattern")?;
+    let pattern = LedPattern::parse(&text).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "unknown ledPattern {text:?}: give \"locate\", \"rebuild\" or \"locate-off\""
+        ))
+    })?;
+    let server = match b.str("serverUUID")?.filter(|s| !s.is_empty()) {
+        Some(text) => Some(parse_uuid(&text)?),
+        None => None,
+    };
+    let cmd = InventoryCommand::SetDeviceLedPattern {
+        serial: serial.clone(),
+        server,
+        pattern,
+        if_match: if_match(&headers)?,
+    };
+    app.submit(&who, &headers, Command::Inventory(cmd)).await?;
+    let state = app.bus.state();
+    Ok(Json(device_json(&app, &state, find(&state, &serial)?)))
 }

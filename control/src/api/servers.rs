@@ -13,8 +13,20 @@
 //! a one-server cluster holding data cannot evict (400). Enabling undoes the placement rule
 //! and aborts a running eviction. Deleting removes a server that is down, holds no only
 //! in-sync copy (400 otherwise) and is no volume's primary (409) (`forceDelete`: also
-//! otherwise, and its volumes fail). Creating servers (they join by starting `evstor serve
-//! --etcd … --name …`) and upgrading answer 501 after the usual authorization checks.
+//! otherwise, and its volumes fail). Upgrading answers 501 after the usual authorization
+//! checks (replace the binary and restart).
+//!
+//! Creating (`POST /servers`: `serverEndpoints`, `serverUUID`, `reuseIP`, `extendCluster`)
+//! pre-registers a server of a cluster (`evstor serve --etcd`; a server without etcd has
+//! nobody to add: 400) by the address its process will publish, its `--api-addr` or
+//! `--nvme-addr` (`host:port` or a URL; LightOS's etcd peer URL has no meaning here since
+//! etcd is external). It is listed `Creating` with that endpoint until a process starting
+//! for the first time with that address joins: it takes the created UUID and shows
+//! `Enabled` once its join is applied (after it caught up). Without `extendCluster` its node
+//! joins `Unattached`: no volume is placed there until it takes over a node by replace.
+//! 400 for no, several or malformed endpoints or a malformed UUID, 409 for a UUID or an
+//! endpoint in use (`reuseIP` allows an endpoint a registered server uses). The rules are
+//! in `domain::creation`; a process started without `CreateServer` joins as before.
 
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
@@ -26,11 +38,14 @@ use axum::http::HeaderMap;
 
 use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
-use super::json::{Body, Obj};
+use super::json::{parse_uuid, Body, Obj};
 use super::{if_match, App, Query};
+use crate::domain::creation::Create;
 use crate::domain::eviction::{self, EvictionStatus, Risk};
-use crate::domain::inventory::{Command as InventoryCommand, Server, ServerState};
-use crate::domain::{Command, State as DomainState};
+use crate::domain::inventory::{
+    Command as InventoryCommand, Event as InventoryEvent, Server, ServerState,
+};
+use crate::domain::{Command, DomainError, Event as DomainEvent, State as DomainState};
 
 pub fn routes() -> Router<App> {
     Router::new()
@@ -177,13 +192,60 @@ fn unimplemented(what: &str, why: &str) -> ApiError {
     ApiError::unimplemented(format!("{what} is not implemented: {why}"))
 }
 
-async fn create(State(_): State<App>, who: Principal, _b: Body) -> ApiResult<Json<Value>> {
+async fn create(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    b: Body,
+) -> ApiResult<Json<Value>> {
     who.require_cluster_admin()?;
-    Err(unimplemented(
-        "adding a server through the API",
-        "a server joins the cluster when it is started with `evstor serve --etcd <endpoints> \
-         --name <name>`",
-    ))
+    // Only cluster members know their node (`ServerInfo::node_uuid`).
+    if app.info.node_uuid.is_none() {
+        return Err(ApiError::from(DomainError::FailedPrecondition(
+            "this server runs without etcd: servers join a cluster of `evstor serve --etcd` \
+             processes"
+                .into(),
+        )));
+    }
+    let uuid = match b.str("serverUUID")?.filter(|u| !u.is_empty()) {
+        Some(text) => Some(parse_uuid(&text)?),
+        None => None,
+    };
+    let c = Create {
+        uuid,
+        endpoints: strings(&b, "serverEndpoints")?,
+        reuse_ip: b.bool("reuseIP")?.unwrap_or(false),
+        extend_cluster: b.bool("extendCluster")?.unwrap_or(false),
+    };
+    let committed = app
+        .submit(
+            &who,
+            &headers,
+            Command::Inventory(InventoryCommand::CreateServer(c)),
+        )
+        .await?;
+    let created = committed.events.iter().find_map(|(_, e)| match e {
+        DomainEvent::Inventory(InventoryEvent::ServerCreated { uuid, .. }) => Some(*uuid),
+        _ => None,
+    });
+    let state = app.bus.state();
+    match created.and_then(|u| state.inventory.servers.get(&u)) {
+        Some(s) => Ok(Json(server_json(&app, &state, s))),
+        None => Ok(Json(json!({}))),
+    }
+}
+
+/// A JSON array of strings (absent: empty).
+fn strings(b: &Body, key: &str) -> ApiResult<Vec<String>> {
+    b.array(key)?
+        .into_iter()
+        .map(|v| match v {
+            Value::String(s) => Ok(s),
+            other => Err(ApiError::bad_request(format!(
+                "{key} must hold strings, not {other}"
+            ))),
+        })
+        .collect()
 }
 
 /// Submits a change to a server and answers the server as it is then.

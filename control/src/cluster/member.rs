@@ -3,8 +3,9 @@
 //! past it), start the writer and the follower, take the cluster's root key from etcd (the
 //! first server creates it), bootstrap the cluster if the etcd prefix is empty (a
 //! compare-and-swap: of two servers racing, one bootstraps and the other joins), register
-//! this server if it is new, and start the session and the orchestrator (`admin.jwt` is the
-//! keeper's, [`crate::keys`]).
+//! this server if it is new (on its first start it takes the id of a server created
+//! through the API for one of its addresses, `domain::creation`), and start the session
+//! and the orchestrator (`admin.jwt` is the keeper's, [`crate::keys`]).
 //!
 //! Trust: the root private key lives in etcd (`<prefix>root-key`) so that every member can
 //! mint the admin token and verify the same tokens. Whoever can read etcd is therefore a
@@ -26,7 +27,8 @@ use super::orchestrator::Orchestrator;
 use super::session::{alive_servers, Session};
 use super::{checkpoint, follow, AliveRecord, ClusterConfig, Keys};
 use crate::domain::cluster::{Bootstrap, Command as ClusterCommand};
-use crate::domain::inventory::{Command as InventoryCommand, Join};
+use crate::domain::creation;
+use crate::domain::inventory::{Command as InventoryCommand, Join, ServerState};
 use crate::domain::{Command, DomainError};
 use crate::error::ControlError;
 use crate::keys::RootKeys;
@@ -77,8 +79,9 @@ impl Member {
     }
 }
 
-/// This server's id, kept in the data directory with the name it was given.
-fn identity(data_dir: &Path, name: &str) -> anyhow::Result<Uuid> {
+/// This server's id, kept in the data directory with the name it was given; `None` on
+/// the first start (the id is chosen once the cluster's state is known: [`adopt_identity`]).
+fn identity(data_dir: &Path, name: &str) -> anyhow::Result<Option<Uuid>> {
     let path = data_dir.join("server-id");
     if let Ok(text) = std::fs::read_to_string(&path) {
         let (uuid, stored_name) = text
@@ -89,10 +92,46 @@ fn identity(data_dir: &Path, name: &str) -> anyhow::Result<Uuid> {
             stored_name == name,
             "this data directory belongs to server {stored_name:?}; it cannot start as {name:?}"
         );
-        return Ok(uuid.parse()?);
+        return Ok(Some(uuid.parse()?));
     }
-    let uuid = Uuid::new_v4();
-    server::write_private(&path, &format!("{uuid} {name}\n"))?;
+    Ok(None)
+}
+
+/// Waits (bounded) until the local state holds everything etcd's log held when asked: a
+/// server created through the API for this one must be known before it picks its id.
+async fn wait_caught_up(bus: &Bus, etcd: &EtcdClient, keys: &Keys) -> anyhow::Result<()> {
+    let log = ClusterLog::new(etcd.fork(), keys.clone());
+    let head = tokio::task::spawn_blocking(move || log.read_head()).await??;
+    let Some(target) = head.map(|h| h.head.last_seq()) else {
+        return Ok(()); // no cluster yet: this server bootstraps it
+    };
+    let mut applied = bus.last_seq();
+    tokio::time::timeout(
+        Duration::from_millis(ETCD_START_WAIT_MS),
+        applied.wait_for(|seq| *seq >= target),
+    )
+    .await
+    .context("catching up with the cluster log took too long")?
+    .context("the journal writer stopped")?;
+    Ok(())
+}
+
+/// The id of a server starting for the first time: that of the server created through
+/// the API (`CreateServer`) with one of its addresses as endpoint, else `fresh`. Kept in
+/// the data directory from now on.
+fn adopt_identity(
+    data_dir: &Path,
+    cfg: &ServeConfig,
+    name: &str,
+    state: &crate::domain::State,
+    fresh: Uuid,
+) -> anyhow::Result<Uuid> {
+    let addresses = [cfg.api_addr.to_string(), cfg.nvme_addr.to_string()];
+    let uuid = creation::created_for(state, &addresses).unwrap_or(fresh);
+    if uuid != fresh {
+        println!("evstor: joining as server {uuid}, created through the API for this address");
+    }
+    server::write_private(&data_dir.join("server-id"), &format!("{uuid} {name}\n"))?;
     Ok(uuid)
 }
 
@@ -262,7 +301,11 @@ fn check_journal(dir: &Path) -> anyhow::Result<()> {
 pub async fn start(cfg: &ServeConfig, cc: &ClusterConfig, cert: &Path) -> anyhow::Result<Member> {
     let keys = Keys::new(&cc.prefix);
     let etcd = EtcdClient::new(cc.endpoints.clone());
-    let server_uuid = identity(&cfg.data_dir, &cc.name)?;
+    let stored_uuid = identity(&cfg.data_dir, &cc.name)?;
+    // Before the id is known, a first start catches up under a provisional one (it only
+    // names this server to the peer it may fetch a checkpoint from).
+    let provisional = stored_uuid.unwrap_or_else(Uuid::new_v4);
+    let server_uuid = provisional;
     let (journal, log, root_pem) = {
         let (etcd, keys, data_dir) = (etcd.fork(), keys.clone(), cfg.data_dir.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -277,6 +320,13 @@ pub async fn start(cfg: &ServeConfig, cc: &ClusterConfig, cert: &Path) -> anyhow
     let bus = Bus::start_cluster(journal, log)?;
     let stop = Arc::new(AtomicBool::new(false));
     follow::spawn(etcd.fork(), keys.clone(), bus.remote_feed(), stop.clone())?;
+    let server_uuid = match stored_uuid {
+        Some(uuid) => uuid,
+        None => {
+            wait_caught_up(&bus, &etcd, &keys).await?;
+            adopt_identity(&cfg.data_dir, cfg, &cc.name, &bus.state(), provisional)?
+        }
+    };
     let record = AliveRecord {
         server_uuid,
         name: cc.name.clone(),
@@ -368,7 +418,13 @@ async fn register(
             Err(e) => return Err(e).context("bootstrapping the cluster"),
         }
     }
-    if bus.state().inventory.servers.contains_key(&server_uuid) {
+    let joined = bus
+        .state()
+        .inventory
+        .servers
+        .get(&server_uuid)
+        .is_some_and(|s| s.state != ServerState::Creating);
+    if joined {
         return Ok(());
     }
     let join = Join {

@@ -3,7 +3,8 @@
 //!
 //! 1. records the election (`LeaderElected` with its epoch) if the journal names another;
 //! 2. records server health: a registered server without a liveness key is `Failed`, one
-//!    with a key again recovers;
+//!    with a key again recovers (a server created through the API and not joined yet has
+//!    no health);
 //! 3. fails volumes over: a volume whose primary's server failed gets an in-sync replica
 //!    on a live server as its primary (`PromoteReplica`, a new volume epoch); one whose
 //!    primary's server was disabled is handed over the same way, planned: the new primary
@@ -12,7 +13,9 @@
 //!    (`MoveReplica`, planned by `domain::eviction::plan`: a new out-of-sync copy elsewhere,
 //!    which the primary's agent rebuilds; the old copy leaves once the new one is in sync),
 //!    cancels moves whose target's server failed or was disabled (`CancelReplicaMove`),
-//!    and records `CompleteEviction` once a server holds no copy;
+//!    and records `CompleteEviction` once a server holds no copy; node replacements
+//!    (`ReplaceNode`) run the same way with a fixed target (`domain::replace::plan`) and
+//!    end with `CompleteNodeReplacement`;
 //! 5. now and then trims the etcd log to its last [`ClusterConfig::tail_batches`] batches
 //!    and compacts etcd's history up to that point.
 //!
@@ -34,7 +37,8 @@ use super::session::{alive_servers, LeaderView};
 use super::Keys;
 use crate::domain::cluster::Command as ClusterCommand;
 use crate::domain::eviction;
-use crate::domain::inventory::Command as InventoryCommand;
+use crate::domain::inventory::{Command as InventoryCommand, ServerState};
+use crate::domain::replace;
 use crate::domain::volume::{failover_target, Command as VolumeCommand};
 use crate::domain::{Command, DomainError};
 use crate::error::ControlError;
@@ -187,7 +191,7 @@ impl Orchestrator {
     /// evictions of servers that hold no copy any more. A copy with nowhere to go waits
     /// (the server's `LastEviction` says why) and is looked at again next pass.
     fn evict(&self, epoch: u64) -> Result<(), Stop> {
-        let (moves, cancels, done) = {
+        let (moves, cancels, done, replaced) = {
             let state = self.bus.state();
             let (mut moves, mut cancels, mut done) = (Vec::new(), Vec::new(), Vec::new());
             for s in state.inventory.servers.values().filter(|s| s.evicting()) {
@@ -198,7 +202,16 @@ impl Orchestrator {
                 moves.extend(plan.moves);
                 cancels.extend(plan.cancels);
             }
-            (moves, cancels, done)
+            let mut replaced = Vec::new();
+            for (src, _) in state.inventory.roles.iter().filter(|(_, r)| r.replacing()) {
+                let plan = replace::plan(&state, *src);
+                if plan.remaining == 0 {
+                    replaced.push(*src);
+                }
+                moves.extend(plan.moves);
+                cancels.extend(plan.cancels);
+            }
+            (moves, cancels, done, replaced)
         };
         for (uuid, node) in cancels {
             tracing::warn!(volume = %uuid, %node, "cancelling a replica move: its target left");
@@ -210,7 +223,7 @@ impl Orchestrator {
             self.submit("cancel replica move", epoch, cmd)?;
         }
         for m in moves {
-            tracing::warn!(volume = %m.volume, from = %m.from, to = %m.to, "moving a replica (eviction)");
+            tracing::warn!(volume = %m.volume, from = %m.from, to = %m.to, "moving a replica");
             let cmd = Command::Volume(VolumeCommand::MoveReplica {
                 uuid: m.volume,
                 from: m.from,
@@ -227,6 +240,14 @@ impl Orchestrator {
             });
             self.submit("eviction complete", epoch, cmd)?;
         }
+        for src in replaced {
+            tracing::warn!(node = %src, "node replacement complete");
+            let cmd = Command::Inventory(InventoryCommand::CompleteNodeReplacement {
+                src,
+                leader_epoch: epoch,
+            });
+            self.submit("node replacement complete", epoch, cmd)?;
+        }
         Ok(())
     }
 
@@ -242,6 +263,8 @@ impl Orchestrator {
             .inventory
             .servers
             .values()
+            // A server created through the API has no process (nor liveness) yet.
+            .filter(|s| s.state != ServerState::Creating)
             .filter(|s| s.failed == alive.contains(&s.uuid))
             .map(|s| (s.uuid, !s.failed))
             .collect();

@@ -27,7 +27,8 @@
 //! whose copy has nowhere to go is reported (the eviction's `errorMessage`) and tried again
 //! on every pass; a move whose new copy's server failed or was disabled is cancelled (the
 //! new copy leaves) and starts again elsewhere. The eviction completes when the server
-//! holds no copy of any volume.
+//! holds no copy of any volume. A node replacement (`replace`) plans the same way with a
+//! fixed target ([`plan_moves`]).
 //! Snapshots live on the node that was primary when they were taken and do not move.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -178,7 +179,9 @@ pub fn replacement_node(
     inv.nodes
         .values()
         .filter_map(|n| inv.servers.get(&n.server_uuid).map(|s| (n, s)))
-        .filter(|(_, s)| s.placeable() && !holders.contains(&s.uuid))
+        .filter(|(n, s)| {
+            s.placeable() && inv.takes_new_copies(n.uuid) && !holders.contains(&s.uuid)
+        })
         .min_by_key(|(n, s)| {
             (
                 used.contains(s.domain()),
@@ -213,13 +216,31 @@ pub struct Plan {
 
 /// The next steps of evicting `server`'s copies (see the module doc).
 pub fn plan(state: &State, server: Uuid) -> Plan {
-    let nodes = nodes_of(state, server);
+    plan_moves(state, &nodes_of(state, server), None)
+}
+
+/// Whether the copy of `v` may go to `to` (a node replacement's fixed target): its server
+/// is enabled and live and holds no copy of `v`.
+fn target_takes(state: &State, v: &Volume, to: Uuid) -> bool {
+    let inv = &state.inventory;
+    let Some(server) = inv.server_of(to) else {
+        return false;
+    };
+    server.placeable()
+        && !v
+            .nodes()
+            .any(|n| inv.server_of(n).is_some_and(|s| s.uuid == server.uuid))
+}
+
+/// The next steps of moving every copy on `nodes` away: to `target` when given (a node
+/// replacement), else where [`replacement_node`] finds room (an eviction).
+pub fn plan_moves(state: &State, nodes: &[Uuid], target: Option<Uuid>) -> Plan {
     let mut load = node_load(state);
     let mut plan = Plan::default();
-    let mut in_flight = copies_on(state, &nodes)
+    let mut in_flight = copies_on(state, nodes)
         .filter(|v| v.replacing.iter().any(|r| nodes.contains(&r.replaces)))
         .count();
-    for v in copies_on(state, &nodes) {
+    for v in copies_on(state, nodes) {
         plan.remaining += 1;
         let Some(from) = v.nodes().find(|n| nodes.contains(n)) else {
             continue;
@@ -250,7 +271,28 @@ pub fn plan(state: &State, server: Uuid) -> Plan {
         if !v.replacing.is_empty() || handing_over || in_flight >= EVICTION_MOVES_MAX {
             continue;
         }
-        match replacement_node(state, v, from, &load) {
+        // Only a live primary can rebuild a new copy; a failed one's copies wait for a
+        // fail-over (or for its server).
+        if !live(state, v.node_uuid) {
+            plan.stalled.push(format!(
+                "volume {} ({}) has no live primary to copy from",
+                v.name, v.uuid
+            ));
+            continue;
+        }
+        let to = match target {
+            Some(t) if target_takes(state, v, t) => Some(t),
+            Some(t) => {
+                plan.stalled.push(format!(
+                    "node {t} cannot take the copy of volume {} ({}) now: its server is not \
+                     enabled and live, or holds a copy already",
+                    v.name, v.uuid
+                ));
+                continue;
+            }
+            None => replacement_node(state, v, from, &load),
+        };
+        match to {
             Some(to) => {
                 *load.entry(to).or_default() += 1;
                 in_flight += 1;

@@ -14,15 +14,20 @@
 //! away and records `ServerEvictionCompleted` once it holds none (at once for a server
 //! holding nothing); enabling it meanwhile aborts (`ServerEvictionAborted`, and the moves
 //! not completed are dropped). Deleting a server is refused while it holds the only
-//! in-sync copy of a volume or is still a volume's primary, unless forced.
+//! in-sync copy of a volume or is still a volume's primary, unless forced. Replacing a node
+//! (`ReplaceNode`: its copies move to another node) is in `replace`; placement skips
+//! unattached nodes and nodes being replaced.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::creation::{self, Create, ServerCreation};
 use super::eviction::{self, Eviction, EvictionStatus, Risk};
+use super::led::{self, LedPattern};
 use super::names::{check_etag, check_name};
+use super::replace::{self, NodeRole};
 use super::volume::VolumeState;
 use super::{Applied, Ctx, DomainError, Event as AnyEvent, RowKey, State};
 
@@ -114,6 +119,12 @@ pub struct Inventory {
     pub servers: BTreeMap<Uuid, Server>,
     pub nodes: BTreeMap<Uuid, Node>,
     pub devices: BTreeMap<String, Device>,
+    /// Nodes' roles beyond their registration (unattached, replacements; see `replace`).
+    pub roles: BTreeMap<Uuid, NodeRole>,
+    /// Servers created through the API that have not joined yet (see `creation`).
+    pub created: BTreeMap<Uuid, ServerCreation>,
+    /// Devices' LED patterns, by serial (see `led`).
+    pub leds: BTreeMap<String, LedPattern>,
 }
 
 impl Inventory {
@@ -183,6 +194,25 @@ pub enum Command {
     },
     /// Leader (at `leader_epoch`): the evicted server holds no copy any more.
     CompleteEviction { uuid: Uuid, leader_epoch: u64 },
+    /// Move every copy on node `src` to node `target` (see `replace`); an active source
+    /// needs `while_active`.
+    ReplaceNode {
+        src: Uuid,
+        target: Uuid,
+        if_match: Option<String>,
+        while_active: bool,
+    },
+    /// Leader (at `leader_epoch`): the replaced node `src` holds no copy any more.
+    CompleteNodeReplacement { src: Uuid, leader_epoch: u64 },
+    /// Pre-register a server by its endpoint; its process joins later (see `creation`).
+    CreateServer(Create),
+    /// The device `serial` (on `server`, when named) shows `pattern` (see `led`).
+    SetDeviceLedPattern {
+        serial: String,
+        server: Option<Uuid>,
+        pattern: LedPattern,
+        if_match: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -235,6 +265,31 @@ pub enum Event {
     ServerEvictionAborted {
         uuid: Uuid,
     },
+    /// Every copy on node `src` (`copies` of them then) moves to node `target`.
+    NodeReplacementStarted {
+        src: Uuid,
+        target: Uuid,
+        copies: u32,
+    },
+    /// Node `src` holds no copy any more; it is unattached.
+    NodeReplacementCompleted {
+        src: Uuid,
+    },
+    /// A server is to join with this endpoint (`host:port`); `Creating` until it does.
+    ServerCreated {
+        uuid: Uuid,
+        endpoint: String,
+        extend_cluster: bool,
+    },
+    /// The created server's process joined (its registration precedes this).
+    CreatedServerJoined {
+        uuid: Uuid,
+    },
+    /// The device's LED pattern was set.
+    DeviceLedPatternSet {
+        serial: String,
+        pattern: LedPattern,
+    },
 }
 
 impl Event {
@@ -252,11 +307,16 @@ impl Event {
             Event::ServerEvictionStarted { .. } => "ServerEvictionStarted",
             Event::ServerEvictionCompleted { .. } => "ServerEvictionCompleted",
             Event::ServerEvictionAborted { .. } => "ServerEvictionAborted",
+            Event::NodeReplacementStarted { .. } => "NodeReplacementStarted",
+            Event::NodeReplacementCompleted { .. } => "NodeReplacementCompleted",
+            Event::ServerCreated { .. } => "ServerCreated",
+            Event::CreatedServerJoined { .. } => "CreatedServerJoined",
+            Event::DeviceLedPatternSet { .. } => "DeviceLedPatternSet",
         }
     }
 }
 
-pub fn decide(state: &State, _: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, DomainError> {
+pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, DomainError> {
     match cmd {
         Command::AddDevice { device } => add_device(state, device),
         Command::JoinServer(j) => join(state, j),
@@ -298,6 +358,22 @@ pub fn decide(state: &State, _: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, Do
             if_match,
             force,
         } => delete_server(state, *uuid, if_match, *force),
+        Command::ReplaceNode {
+            src,
+            target,
+            if_match,
+            while_active,
+        } => replace::start(state, *src, *target, if_match, *while_active),
+        Command::CompleteNodeReplacement { src, leader_epoch } => {
+            replace::complete(state, *src, *leader_epoch)
+        }
+        Command::CreateServer(c) => creation::create(state, ctx, c),
+        Command::SetDeviceLedPattern {
+            serial,
+            server,
+            pattern,
+            if_match,
+        } => led::set(state, serial, *server, *pattern, if_match),
     }
 }
 
@@ -312,7 +388,7 @@ fn disable(
     force: bool,
     evict: bool,
 ) -> Result<Vec<AnyEvent>, DomainError> {
-    let s = server(state, uuid)?;
+    let s = not_creating(state, uuid)?;
     check_etag("server", s.uuid, s.etag, if_match)?;
     let mut events = Vec::new();
     if s.state != ServerState::Disabled {
@@ -355,7 +431,7 @@ fn enable(
     uuid: Uuid,
     if_match: &Option<String>,
 ) -> Result<Vec<AnyEvent>, DomainError> {
-    let s = server(state, uuid)?;
+    let s = not_creating(state, uuid)?;
     check_etag("server", s.uuid, s.etag, if_match)?;
     let mut events = Vec::new();
     if s.state != ServerState::Enabled {
@@ -369,6 +445,18 @@ fn enable(
         ));
     }
     Ok(events)
+}
+
+/// A server that has joined: one created through the API has no process to enable or
+/// disable yet.
+fn not_creating(state: &State, uuid: Uuid) -> Result<&Server, DomainError> {
+    let s = server(state, uuid)?;
+    if s.state == ServerState::Creating {
+        return Err(DomainError::Conflict(format!(
+            "server {uuid} is being created: start its `evstor serve` first"
+        )));
+    }
+    Ok(s)
 }
 
 fn server(state: &State, uuid: Uuid) -> Result<&Server, DomainError> {
@@ -448,7 +536,9 @@ fn join(state: &State, j: &Join) -> Result<Vec<AnyEvent>, DomainError> {
             "the cluster is not initialized yet".into(),
         ));
     }
-    if state.inventory.servers.contains_key(&j.server_uuid) {
+    // A server created through the API joins under its created id.
+    let created = creation::creating(state, j.server_uuid);
+    if state.inventory.servers.contains_key(&j.server_uuid) && !created {
         return Ok(vec![]); // a restart of a member
     }
     check_name("server", &j.name)?;
@@ -471,7 +561,7 @@ fn join(state: &State, j: &Join) -> Result<Vec<AnyEvent>, DomainError> {
     }
     // The node id derives from the server id so that a retried join names the same node.
     let node_uuid = Uuid::from_u128(j.server_uuid.as_u128() ^ NODE_ID_SALT);
-    Ok(registration(
+    let mut events = registration(
         j.server_uuid,
         node_uuid,
         &j.name,
@@ -479,7 +569,13 @@ fn join(state: &State, j: &Join) -> Result<Vec<AnyEvent>, DomainError> {
         &j.nvme_endpoint,
         &j.failure_domain,
         &j.devices,
-    ))
+    );
+    if created {
+        events.push(inv(Event::CreatedServerJoined {
+            uuid: j.server_uuid,
+        }));
+    }
+    Ok(events)
 }
 
 /// Mixed into a server id to name its node.
@@ -513,6 +609,9 @@ fn delete_server(
 ) -> Result<Vec<AnyEvent>, DomainError> {
     let s = server(state, uuid)?;
     check_etag("server", s.uuid, s.etag, if_match)?;
+    if s.state == ServerState::Creating {
+        return Ok(vec![inv(Event::ServerDeleted { uuid })]); // nothing joined yet
+    }
     if state.inventory.servers.len() == 1 {
         return Err(DomainError::FailedPrecondition(
             "the last server of a cluster cannot be deleted".into(),
@@ -576,7 +675,7 @@ pub fn place(state: &State, count: usize, primary: Option<Uuid>) -> Result<Vec<U
         .nodes
         .values()
         .filter_map(|n| inv.servers.get(&n.server_uuid).map(|s| (n, s)))
-        .filter(|(n, s)| s.placeable() && Some(n.uuid) != primary)
+        .filter(|(n, s)| s.placeable() && inv.takes_new_copies(n.uuid) && Some(n.uuid) != primary)
         .collect();
     candidates.sort_by_key(|(n, _)| (load.get(&n.uuid).copied().unwrap_or(0), n.uuid));
     let mut chosen: Vec<Uuid> = Vec::with_capacity(count);
@@ -622,9 +721,11 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             name,
             api_endpoint,
         } => {
-            let used: std::collections::BTreeSet<u32> =
-                inv.servers.values().map(|s| s.slot).collect();
-            let slot = (1..).find(|n| !used.contains(n)).unwrap_or(1);
+            // A server created through the API keeps the slot it got then.
+            let slot = match inv.servers.get(uuid) {
+                Some(s) => s.slot,
+                None => creation::free_slot(inv),
+            };
             inv.servers.insert(
                 *uuid,
                 Server {
@@ -695,6 +796,13 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
         Event::ServerEvictionAborted { uuid } => change_server(inv, *uuid, at, |s| {
             end_eviction(s, at, EvictionStatus::Aborted)
         }),
+        Event::NodeReplacementStarted { .. } | Event::NodeReplacementCompleted { .. } => {
+            replace::evolve(state, at, event)
+        }
+        Event::ServerCreated { .. } | Event::CreatedServerJoined { .. } => {
+            creation::evolve(state, at, event)
+        }
+        Event::DeviceLedPatternSet { serial, pattern } => led::evolve(state, at, serial, *pattern),
     }
 }
 
@@ -728,6 +836,9 @@ fn remove_server(state: &mut State, uuid: Uuid, at: Applied) -> Vec<RowKey> {
     let inv = &mut state.inventory;
     let mut rows = vec![RowKey::Server(uuid)];
     inv.servers.remove(&uuid);
+    if inv.created.remove(&uuid).is_some() {
+        rows.push(RowKey::ServerCreation(uuid));
+    }
     let nodes: Vec<Uuid> = inv
         .nodes
         .values()
@@ -737,6 +848,9 @@ fn remove_server(state: &mut State, uuid: Uuid, at: Applied) -> Vec<RowKey> {
     for n in &nodes {
         inv.nodes.remove(n);
         rows.push(RowKey::Node(*n));
+        if inv.roles.remove(n).is_some() {
+            rows.push(RowKey::NodeRole(*n));
+        }
     }
     let serials: Vec<String> = inv
         .devices
@@ -746,6 +860,9 @@ fn remove_server(state: &mut State, uuid: Uuid, at: Applied) -> Vec<RowKey> {
         .collect();
     for s in serials {
         inv.devices.remove(&s);
+        if inv.leds.remove(&s).is_some() {
+            rows.push(RowKey::DeviceLed(s.clone()));
+        }
         rows.push(RowKey::Device(s));
     }
     let touched: Vec<Uuid> = nodes.iter().flat_map(|n| volumes_on(state, *n)).collect();
@@ -773,7 +890,7 @@ fn remove_server(state: &mut State, uuid: Uuid, at: Applied) -> Vec<RowKey> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::domain::cluster::tests::bootstrap_events;
     use crate::domain::cluster::Command as ClusterCommand;
@@ -783,7 +900,7 @@ mod tests {
     };
     use crate::domain::{decide as decide_any, test_ctx, Command as AnyCommand};
 
-    fn apply(state: &mut State, events: &[AnyEvent]) {
+    pub(crate) fn apply(state: &mut State, events: &[AnyEvent]) {
         for e in events {
             let seq = state.cluster.etag.max(1000) + 1;
             let at = Applied {
@@ -795,13 +912,13 @@ mod tests {
         }
     }
 
-    fn run(state: &mut State, cmd: AnyCommand) -> Result<Vec<AnyEvent>, DomainError> {
+    pub(crate) fn run(state: &mut State, cmd: AnyCommand) -> Result<Vec<AnyEvent>, DomainError> {
         let events = decide_any(state, &test_ctx(), &cmd)?;
         apply(state, &events);
         Ok(events)
     }
 
-    fn join_cmd(n: u128, name: &str, fd: &str) -> AnyCommand {
+    pub(crate) fn join_cmd(n: u128, name: &str, fd: &str) -> AnyCommand {
         AnyCommand::Inventory(Command::JoinServer(Join {
             server_uuid: Uuid::from_u128(n),
             name: name.into(),
@@ -817,7 +934,7 @@ mod tests {
     }
 
     /// Bootstrap plus servers `s2`, `s3`, `s4` in failure domains rack-a, rack-a, rack-b.
-    fn four_servers() -> State {
+    pub(crate) fn four_servers() -> State {
         let mut s = State::default();
         apply(&mut s, &bootstrap_events());
         for (n, name, fd) in [
@@ -830,7 +947,7 @@ mod tests {
         s
     }
 
-    fn leader(state: &mut State, epoch: u64) {
+    pub(crate) fn leader(state: &mut State, epoch: u64) {
         let cmd = AnyCommand::Cluster(ClusterCommand::RecordLeader {
             server_uuid: Uuid::from_u128(2),
             epoch,
@@ -989,7 +1106,7 @@ mod tests {
         );
     }
 
-    fn disable(uuid: Uuid, force: bool, evict: bool) -> AnyCommand {
+    pub(crate) fn disable(uuid: Uuid, force: bool, evict: bool) -> AnyCommand {
         AnyCommand::Inventory(Command::DisableServer {
             uuid,
             if_match: None,
@@ -998,7 +1115,7 @@ mod tests {
         })
     }
 
-    fn enable(uuid: Uuid) -> AnyCommand {
+    pub(crate) fn enable(uuid: Uuid) -> AnyCommand {
         AnyCommand::Inventory(Command::EnableServer {
             uuid,
             if_match: None,
@@ -1010,7 +1127,7 @@ mod tests {
     }
 
     /// Creates an available volume of `copies` copies (its id from `seed`); returns it.
-    fn available_volume(state: &mut State, name: &str, copies: u32, seed: u8) -> Volume {
+    pub(crate) fn available_volume(state: &mut State, name: &str, copies: u32, seed: u8) -> Volume {
         let mut n = new_volume(name);
         n.replica_count = copies;
         let ctx = Ctx {
@@ -1029,11 +1146,11 @@ mod tests {
         state.volumes.get(uuid).unwrap().clone()
     }
 
-    fn server_of(state: &State, node: Uuid) -> Uuid {
+    pub(crate) fn server_of(state: &State, node: Uuid) -> Uuid {
         state.inventory.server_of(node).unwrap().uuid
     }
 
-    fn in_sync(state: &State, uuid: Uuid, node: Uuid) -> AnyCommand {
+    pub(crate) fn in_sync(state: &State, uuid: Uuid, node: Uuid) -> AnyCommand {
         AnyCommand::Volume(VolumeCommand::MarkReplicaInSync {
             uuid,
             node,
@@ -1042,7 +1159,7 @@ mod tests {
         })
     }
 
-    fn move_cmd(m: eviction::Move, leader_epoch: u64) -> AnyCommand {
+    pub(crate) fn move_cmd(m: eviction::Move, leader_epoch: u64) -> AnyCommand {
         AnyCommand::Volume(VolumeCommand::MoveReplica {
             uuid: m.volume,
             from: m.from,
@@ -1051,7 +1168,7 @@ mod tests {
         })
     }
 
-    fn types(events: &[AnyEvent]) -> Vec<&'static str> {
+    pub(crate) fn types(events: &[AnyEvent]) -> Vec<&'static str> {
         events.iter().map(AnyEvent::type_name).collect()
     }
 

@@ -10,6 +10,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod creation;
 pub mod credential;
 pub mod duration;
 pub mod endpoint;
@@ -18,9 +19,11 @@ pub mod eviction;
 pub mod federation;
 pub mod flag;
 pub mod inventory;
+pub mod led;
 pub mod names;
 pub mod policy;
 pub mod project;
+pub mod replace;
 pub mod schedule;
 pub mod snapshot;
 pub mod url;
@@ -138,6 +141,12 @@ pub enum RowKey {
     IdpClient(String),
     AuthMap(String),
     AdminEndpoint(Uuid, u16),
+    /// A node's role (`inventory::Inventory::roles`).
+    NodeRole(Uuid),
+    /// A server created through the API, until it joins (`inventory::Inventory::created`).
+    ServerCreation(Uuid),
+    /// A device's LED pattern (`inventory::Inventory::leds`).
+    DeviceLed(String),
 }
 
 /// Decides what `command` means given `state`: the events to append, or why not.

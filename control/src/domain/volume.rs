@@ -1050,8 +1050,17 @@ fn promote(
             .server_of(n)
             .is_some_and(|s| s.state == ServerState::Disabled)
     };
+    // A primary being moved (its server evicted, its node replaced) is handed over to its
+    // replacement even while its server stays enabled.
+    let replaced_by = |n: Uuid| {
+        v.replacing
+            .iter()
+            .any(|r| r.replaces == v.node_uuid && r.node == n)
+    };
     let due = if planned {
-        disabled(v.node_uuid) && !failed(v.node_uuid) && v.releasing.is_none()
+        (disabled(v.node_uuid) || replaced_by(node))
+            && !failed(v.node_uuid)
+            && v.releasing.is_none()
     } else {
         failed(v.node_uuid)
     };
@@ -1082,8 +1091,10 @@ fn promote(
 }
 
 /// Where the leader moves `v`'s primary, and whether the move is planned: when its
-/// server failed, to the first in-sync replica on a live server; when it was disabled
-/// (and is alive, with no hand-over running), to one on a live, enabled server.
+/// server failed, to the first in-sync replica on a live server; when the primary is
+/// being moved and its new copy is in sync, to that copy (planned, also while its server
+/// is enabled: a node replacement); when it was disabled (and is alive, with no hand-over
+/// running), to an in-sync replica on a live, enabled server.
 pub fn failover_target(state: &State, v: &Volume) -> Option<(Uuid, bool)> {
     let server = |n: Uuid| state.inventory.server_of(n);
     let failed = |n: Uuid| server(n).is_none_or(|s| s.failed);
@@ -1096,6 +1107,15 @@ pub fn failover_target(state: &State, v: &Volume) -> Option<(Uuid, bool)> {
             .in_sync_replicas()
             .find(|r| !failed(*r))
             .map(|n| (n, false));
+    }
+    let replacement = v
+        .replacing
+        .iter()
+        .filter(|r| r.replaces == v.node_uuid)
+        .map(|r| r.node)
+        .find(|n| v.in_sync_replicas().any(|r| r == *n) && !failed(*n) && enabled(*n));
+    if let Some(n) = replacement.filter(|_| v.releasing.is_none()) {
+        return Some((n, true));
     }
     if !enabled(v.node_uuid) && v.releasing.is_none() {
         return v

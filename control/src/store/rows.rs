@@ -48,6 +48,9 @@ pub fn key_bytes(key: &RowKey) -> Vec<u8> {
         RowKey::IdpClient(n) => format!("idpclient/{n}").into_bytes(),
         RowKey::AuthMap(n) => format!("authmap/{n}").into_bytes(),
         RowKey::AdminEndpoint(s, p) => format!("endpoint/{s}/{p}").into_bytes(),
+        RowKey::NodeRole(u) => format!("noderole/{u}").into_bytes(),
+        RowKey::ServerCreation(u) => format!("servercreate/{u}").into_bytes(),
+        RowKey::DeviceLed(s) => format!("deviceled/{s}").into_bytes(),
     }
 }
 
@@ -81,6 +84,9 @@ pub fn value(state: &State, key: &RowKey) -> Option<Vec<u8>> {
             .get(s)
             .and_then(|ports| ports.get(p))
             .map(enc),
+        RowKey::NodeRole(u) => state.inventory.roles.get(u).map(enc),
+        RowKey::ServerCreation(u) => state.inventory.created.get(u).map(enc),
+        RowKey::DeviceLed(s) => state.inventory.leds.get(s).map(enc),
     }
 }
 
@@ -103,6 +109,15 @@ pub fn all(state: &State) -> BTreeMap<Vec<u8>, Vec<u8>> {
     keys.extend(state.inventory.servers.keys().map(|u| RowKey::Server(*u)));
     keys.extend(state.inventory.nodes.keys().map(|u| RowKey::Node(*u)));
     keys.extend(state.inventory.devices.keys().cloned().map(RowKey::Device));
+    keys.extend(state.inventory.roles.keys().map(|u| RowKey::NodeRole(*u)));
+    keys.extend(
+        state
+            .inventory
+            .created
+            .keys()
+            .map(|u| RowKey::ServerCreation(*u)),
+    );
+    keys.extend(state.inventory.leds.keys().cloned().map(RowKey::DeviceLed));
     keys.extend(
         state
             .resource_policies
@@ -227,6 +242,19 @@ pub fn load(journal: &RocksJournal) -> Result<State, ControlError> {
     })?;
     load_kind(journal, "device/", |id, x| {
         s.inventory.devices.insert(id, x);
+    })?;
+    load_kind(journal, "noderole/", |id, x| {
+        if let Ok(u) = id.parse() {
+            s.inventory.roles.insert(u, x);
+        }
+    })?;
+    load_kind(journal, "servercreate/", |id, x| {
+        if let Ok(u) = id.parse() {
+            s.inventory.created.insert(u, x);
+        }
+    })?;
+    load_kind(journal, "deviceled/", |id, x| {
+        s.inventory.leds.insert(id, x);
     })?;
     load_kind(journal, "schedule/", |_, x: ResourcePolicy| {
         s.resource_policies.by_uuid.insert(x.uuid, x);
