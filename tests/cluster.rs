@@ -1121,6 +1121,37 @@ fn disabling_the_primarys_server_hands_the_volume_over() {
     assert_eq!(kinds, ["VolumePrimaryHandedOver", "VolumePrimaryReleased"]);
 }
 
+/// An eviction whose copies have nowhere to go (three copies on three servers) keeps
+/// trying and says why; once it moved nothing for `EvictionNoProgressTimeout` the leader
+/// ends it `Failed` (event `ServerEvictionFailed`), and the server keeps its copies.
+#[test]
+fn an_eviction_without_progress_fails_after_its_timeout() {
+    let etcd = Etcd::start(1);
+    let servers = three(&etcd);
+    let uuid = create_volume(&servers[0], "stuck", 3);
+    let c = servers[1].admin();
+    let (status, body) = c.put(
+        "/api/v2/clusterConfig/EvictionNoProgressTimeout",
+        &json!({"configParam": {"name": "EvictionNoProgressTimeout", "value": "2s"}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = disable(&servers, 1, 0, json!({"evictData": true}));
+    assert_eq!(status, 200, "{body}");
+    let path = format!("/api/v2/servers/{}", server_id(&servers[0]));
+    let s = eventually(&servers[1], &path, |_, s| {
+        s["LastEviction"]["status"] == "Failed"
+    });
+    let e = &s["LastEviction"];
+    assert!(e["endTime"].as_str().is_some_and(|t| !t.is_empty()), "{e}");
+    let failed = events(&servers[1])
+        .into_iter()
+        .filter(|e| e["type"] == "ServerEvictionFailed")
+        .count();
+    assert_eq!(failed, 1, "one failure recorded");
+    let holders = common::cluster::holders(&servers, 1, &uuid);
+    assert_eq!(holders.len(), 3, "the server keeps its copy: {holders:?}");
+}
+
 /// A block whose content names `seed` (distinct for every write of the eviction test).
 fn pattern(seed: u32) -> Vec<u8> {
     let b = seed.to_le_bytes();

@@ -200,6 +200,7 @@ fn severity_of(type_name: &str) -> (usize, &'static str) {
         "ServerEvictionStarted" => (LOW, "Disabled"),
         "ServerEvictionCompleted" => (INFO, "Disabled"),
         "ServerEvictionAborted" => (MEDIUM, "Enabled"),
+        "ServerEvictionFailed" => (HIGH, "Disabled"),
         "NodeReplacementStarted" => (LOW, "Detaching"),
         "NodeReplacementCompleted" => (INFO, "Unattached"),
         "ServerCreated" => (INFO, "Creating"),
@@ -262,6 +263,7 @@ fn component(
             | inventory::Event::ServerEvictionStarted { uuid, .. }
             | inventory::Event::ServerEvictionCompleted { uuid }
             | inventory::Event::ServerEvictionAborted { uuid }
+            | inventory::Event::ServerEvictionFailed { uuid }
             | inventory::Event::ServerCreated { uuid, .. }
             | inventory::Event::CreatedServerJoined { uuid }
             | inventory::Event::FailureDomainSet {

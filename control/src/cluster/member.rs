@@ -356,6 +356,7 @@ pub async fn start(cfg: &ServeConfig, cc: &ClusterConfig, cert: &Path) -> anyhow
         tail_batches: cc.tail_batches,
         stop: stop.clone(),
         ignore_lease: failpoint_ignore_lease(),
+        eviction_progress: Default::default(),
     }
     .spawn()?;
     println!(

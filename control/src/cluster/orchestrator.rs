@@ -13,7 +13,8 @@
 //!    (`MoveReplica`, planned by `domain::eviction::plan`: a new out-of-sync copy elsewhere,
 //!    which the primary's agent rebuilds; the old copy leaves once the new one is in sync),
 //!    cancels moves whose target's server failed or was disabled (`CancelReplicaMove`),
-//!    and records `CompleteEviction` once a server holds no copy; node replacements
+//!    records `CompleteEviction` once a server holds no copy, and `FailEviction` once
+//!    none moved for `EvictionNoProgressTimeout` ([`eviction_clock`]); node replacements
 //!    (`ReplaceNode`) run the same way with a fixed target (`domain::replace::plan`) and
 //!    end with `CompleteNodeReplacement`;
 //! 5. now and then trims the etcd log to its last [`ClusterConfig::tail_batches`] batches
@@ -25,7 +26,7 @@
 //! session wins a new epoch. Data-plane work is not here: each server's agent (the
 //! reconciler) does its own volumes' steps.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,6 +37,7 @@ use super::etcd::{Compare, EtcdClient, Op, Range};
 use super::session::{alive_servers, LeaderView};
 use super::Keys;
 use crate::domain::cluster::Command as ClusterCommand;
+use crate::domain::config::parse_go_duration_secs;
 use crate::domain::eviction;
 use crate::domain::inventory::{Command as InventoryCommand, ServerState};
 use crate::domain::replace;
@@ -58,6 +60,31 @@ pub struct Orchestrator {
     /// Test failpoint `orchestrator-ignore-lease`: act on an epoch even past its lease
     /// deadline, as a leader whose clock misled it would (only fencing stops it then).
     pub ignore_lease: bool,
+    /// Per evicting server: the copies it held when this leader last saw the number change,
+    /// and when. Leader-local: a new leader starts the clock again (an eviction fails
+    /// later, never sooner, than `EvictionNoProgressTimeout`).
+    pub eviction_progress: Mutex<HashMap<Uuid, Progress>>,
+}
+
+/// Copies an evicting server held, and since when.
+pub type Progress = (usize, Instant);
+
+/// An eviction's progress clock after a pass that found `remaining` copies on the server:
+/// the clock restarts when the number changed, and the eviction fails once it stood still
+/// for longer than `timeout` (`None`: it never fails).
+pub fn eviction_clock(
+    last: Option<Progress>,
+    remaining: usize,
+    now: Instant,
+    timeout: Option<Duration>,
+) -> (Progress, bool) {
+    match last {
+        Some((n, since)) if n == remaining => {
+            let stuck = timeout.is_some_and(|t| now.saturating_duration_since(since) > t);
+            ((n, since), stuck)
+        }
+        _ => ((remaining, now), false),
+    }
 }
 
 /// Why a pass ended early.
@@ -191,13 +218,32 @@ impl Orchestrator {
     /// evictions of servers that hold no copy any more. A copy with nowhere to go waits
     /// (the server's `LastEviction` says why) and is looked at again next pass.
     fn evict(&self, epoch: u64) -> Result<(), Stop> {
-        let (moves, cancels, done, replaced) = {
+        let (moves, cancels, done, replaced, failed) = {
             let state = self.bus.state();
             let (mut moves, mut cancels, mut done) = (Vec::new(), Vec::new(), Vec::new());
+            let timeout = state
+                .config
+                .value(&state, "EvictionNoProgressTimeout")
+                .and_then(|t| parse_go_duration_secs(&t))
+                .filter(|s| *s > 0)
+                .map(Duration::from_secs);
+            let mut clocks = self
+                .eviction_progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            clocks.retain(|u, _| state.inventory.servers.get(u).is_some_and(|s| s.evicting()));
+            let mut failed = Vec::new();
             for s in state.inventory.servers.values().filter(|s| s.evicting()) {
                 let plan = eviction::plan(&state, s.uuid);
                 if plan.remaining == 0 {
                     done.push(s.uuid);
+                }
+                let last = clocks.get(&s.uuid).copied();
+                let (clock, stuck) = eviction_clock(last, plan.remaining, Instant::now(), timeout);
+                clocks.insert(s.uuid, clock);
+                if stuck && plan.remaining > 0 {
+                    failed.push((s.uuid, plan.stalled.join("; ")));
+                    continue;
                 }
                 moves.extend(plan.moves);
                 cancels.extend(plan.cancels);
@@ -211,8 +257,16 @@ impl Orchestrator {
                 moves.extend(plan.moves);
                 cancels.extend(plan.cancels);
             }
-            (moves, cancels, done, replaced)
+            (moves, cancels, done, replaced, failed)
         };
+        for (uuid, why) in failed {
+            tracing::warn!(server = %uuid, "eviction failed: no copy moved within EvictionNoProgressTimeout ({why})");
+            let cmd = Command::Inventory(InventoryCommand::FailEviction {
+                uuid,
+                leader_epoch: epoch,
+            });
+            self.submit("eviction failed", epoch, cmd)?;
+        }
         for (uuid, node) in cancels {
             tracing::warn!(volume = %uuid, %node, "cancelling a replica move: its target left");
             let cmd = Command::Volume(VolumeCommand::CancelReplicaMove {
@@ -320,5 +374,30 @@ impl Orchestrator {
             tracing::info!("orchestrator: compacting etcd at {}: {e}", t.revision);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_eviction_fails_only_after_standing_still_past_the_timeout() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let timeout = Some(s(10));
+        // First look: the clock starts.
+        let (c, stuck) = eviction_clock(None, 5, t0, timeout);
+        assert_eq!((c, stuck), ((5, t0), false));
+        // Same count, within the timeout: keeps its start.
+        let (c, stuck) = eviction_clock(Some(c), 5, t0 + s(9), timeout);
+        assert_eq!((c, stuck), ((5, t0), false));
+        // A copy left: the clock starts again.
+        let (c, stuck) = eviction_clock(Some(c), 4, t0 + s(11), timeout);
+        assert_eq!((c, stuck), ((4, t0 + s(11)), false));
+        // Standing still past the timeout: failed.
+        assert!(eviction_clock(Some(c), 4, t0 + s(22), timeout).1);
+        // No timeout configured (0): never.
+        assert!(!eviction_clock(Some(c), 4, t0 + s(10_000), None).1);
     }
 }

@@ -29,7 +29,7 @@
 //! new copy leaves) and starts again elsewhere. The eviction completes when the server
 //! holds no copy of any volume. A node replacement (`replace`) plans the same way with a
 //! fixed target ([`plan_moves`]).
-//! Snapshots live on the node that was primary when they were taken and do not move.
+//! Snapshot copies do not move: a node keeps the ones it holds.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -41,8 +41,10 @@ use super::State;
 use crate::limits::EVICTION_MOVES_MAX;
 
 /// `ServerEvictionStatus.StatusEnum`, in the API's order. evstor records `Evicting`,
-/// `Completed` and `Aborted`: an abort is immediate, and an eviction that cannot progress
-/// keeps trying (it says why in its error message) rather than failing.
+/// `Completed`, `Aborted` (an abort is immediate, so never `Aborting`) and `Failed`: an
+/// eviction that cannot progress keeps trying (it says why in its error message) until no
+/// copy moved for `EvictionNoProgressTimeout` (the leader's clock, see
+/// `cluster::orchestrator::eviction_clock`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EvictionStatus {
     #[default]

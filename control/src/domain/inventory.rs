@@ -194,6 +194,9 @@ pub enum Command {
     },
     /// Leader (at `leader_epoch`): the evicted server holds no copy any more.
     CompleteEviction { uuid: Uuid, leader_epoch: u64 },
+    /// Leader (at `leader_epoch`): the eviction moved no copy for longer than
+    /// `EvictionNoProgressTimeout`; it ends `Failed` (moves in flight are called off).
+    FailEviction { uuid: Uuid, leader_epoch: u64 },
     /// Move every copy on node `src` to node `target` (see `replace`); an active source
     /// needs `while_active`.
     ReplaceNode {
@@ -290,6 +293,10 @@ pub enum Event {
         serial: String,
         pattern: LedPattern,
     },
+    /// Its eviction made no progress for `EvictionNoProgressTimeout`: it ended `Failed`.
+    ServerEvictionFailed {
+        uuid: Uuid,
+    },
 }
 
 impl Event {
@@ -307,6 +314,7 @@ impl Event {
             Event::ServerEvictionStarted { .. } => "ServerEvictionStarted",
             Event::ServerEvictionCompleted { .. } => "ServerEvictionCompleted",
             Event::ServerEvictionAborted { .. } => "ServerEvictionAborted",
+            Event::ServerEvictionFailed { .. } => "ServerEvictionFailed",
             Event::NodeReplacementStarted { .. } => "NodeReplacementStarted",
             Event::NodeReplacementCompleted { .. } => "NodeReplacementCompleted",
             Event::ServerCreated { .. } => "ServerCreated",
@@ -352,6 +360,18 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             } else {
                 vec![]
             })
+        }
+        Command::FailEviction { uuid, leader_epoch } => {
+            super::cluster::check_epoch(state, *leader_epoch)?;
+            if !server(state, *uuid)?.evicting() {
+                return Ok(vec![]);
+            }
+            let mut events = vec![inv(Event::ServerEvictionFailed { uuid: *uuid })];
+            events.extend(super::volume::abort_moves(
+                state,
+                &eviction::nodes_of(state, *uuid),
+            ));
+            Ok(events)
         }
         Command::DeleteServer {
             uuid,
@@ -795,6 +815,9 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
         }),
         Event::ServerEvictionAborted { uuid } => change_server(inv, *uuid, at, |s| {
             end_eviction(s, at, EvictionStatus::Aborted)
+        }),
+        Event::ServerEvictionFailed { uuid } => change_server(inv, *uuid, at, |s| {
+            end_eviction(s, at, EvictionStatus::Failed)
         }),
         Event::NodeReplacementStarted { .. } | Event::NodeReplacementCompleted { .. } => {
             replace::evolve(state, at, event)
