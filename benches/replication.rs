@@ -99,19 +99,23 @@ fn failover(servers: &mut [Server], etcd: &Etcd, nqn: &str, round: usize) -> any
     let p = primary(servers, 0, &uuid);
     let led = leader_id(etcd) == Some(server_id(&servers[p]));
     eprintln!("failover {round}: volume {uuid}, primary on server {p}");
-    let mut paths: Vec<Option<Session>> = servers
-        .iter()
-        .map(|s| Session::connect(portal(s), nqn, HOSTNQN).ok())
-        .collect();
     let block = vec![0x5au8; 4096];
-    if let Some(s) = paths[p].as_mut() {
-        s.write(nsid, 0, &block)?;
-    }
-    paths[p] = None;
+    Session::connect(portal(&servers[p]), nqn, HOSTNQN)?.write(nsid, 0, &block)?;
     // Only a volume whose replica has the write can fail over (a replica that was still
     // creating its image when the write came is rebuilt first).
     let path = format!("/api/v2/projects/default/volumes/{uuid}");
     servers[0].wait_for(&path, |_, v| v["protectionState"] == "FullyProtected");
+    // The host's other paths, connected now (an idle session may have been torn down by
+    // its keep-alive timeout while the volume was being protected).
+    let mut paths: Vec<Option<Session>> = (0..servers.len())
+        .map(|i| {
+            if i == p {
+                None
+            } else {
+                Session::connect(portal(&servers[i]), nqn, HOSTNQN).ok()
+            }
+        })
+        .collect();
     let missing: Vec<usize> = (0..paths.len())
         .filter(|i| *i != p && paths[*i].is_none())
         .collect();
@@ -125,9 +129,17 @@ fn failover(servers: &mut [Server], etcd: &Etcd, nqn: &str, round: usize) -> any
     servers[p].kill9();
     let deadline = killed + Duration::from_secs(60);
     let took = 'found: loop {
-        for s in paths.iter_mut().flatten() {
-            if s.write(nsid, 1, &block).is_ok() {
-                break 'found killed.elapsed();
+        for (i, path) in paths.iter_mut().enumerate().filter(|(i, _)| *i != p) {
+            let Some(s) = path.as_mut() else {
+                *path = Session::connect(portal(&servers[i]), nqn, HOSTNQN).ok();
+                continue;
+            };
+            match s.write(nsid, 1, &block) {
+                Ok(()) => break 'found killed.elapsed(),
+                // A path error (inaccessible, not ready): the path stays, as multipath's would.
+                Err(e) if e.status().is_some() => {}
+                // The session itself broke: connect again, as the kernel would.
+                Err(_) => *path = Session::connect(portal(&servers[i]), nqn, HOSTNQN).ok(),
             }
         }
         if Instant::now() > deadline {
