@@ -65,6 +65,10 @@ pub fn set(
         }
     }
     check_etag("NVMe device", serial, d.etag, if_match)?;
+    // The pattern it shows already: nothing to record (a retried request changes nothing).
+    if state.inventory.leds.get(serial) == Some(&pattern) {
+        return Ok(vec![]);
+    }
     Ok(vec![AnyEvent::Inventory(Event::DeviceLedPatternSet {
         serial: serial.to_string(),
         pattern,
@@ -138,6 +142,8 @@ mod tests {
         assert_eq!(types(&events), ["DeviceLedPatternSet"]);
         assert_eq!(s.inventory.leds.get("dev-s2"), Some(&LedPattern::Locate));
         assert_ne!(s.inventory.devices["dev-s2"].etag, etag);
+        let again = run(&mut s, set_cmd("dev-s2", None, LedPattern::Locate, None)).unwrap();
+        assert!(again.is_empty(), "the same pattern again records nothing");
         run(&mut s, set_cmd("dev-s2", None, LedPattern::LocateOff, None)).unwrap();
         assert_eq!(s.inventory.leds.get("dev-s2"), Some(&LedPattern::LocateOff));
         assert_eq!(LedPattern::parse("locate-off"), Some(LedPattern::LocateOff));
