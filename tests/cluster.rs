@@ -1152,6 +1152,40 @@ fn an_eviction_without_progress_fails_after_its_timeout() {
     assert_eq!(holders.len(), 3, "the server keeps its copy: {holders:?}");
 }
 
+/// The servers of the eviction and node-replacement tests: B, the one data leaves, A and C.
+const B: usize = 0;
+const A: usize = 1;
+const C: usize = 2;
+
+/// Placement by hand for the eviction and node-replacement tests: with only B enabled, a
+/// volume `one` of one copy goes there; with A and B, `name` (two copies) goes to both, the
+/// less loaded A first (its primary); then C is enabled too. Returns both volumes' UUIDs
+/// and every server's node, by index.
+fn one_on_b_two_on_a_and_b(servers: &[Server], name: &str) -> (String, String, Vec<String>) {
+    for i in [A, C] {
+        assert_eq!(disable(servers, B, i, json!({})).0, 200);
+    }
+    let one = create_volume(&servers[B], "one", 1);
+    assert_eq!(enable(servers, B, A).0, 200);
+    let two = create_volume(&servers[B], name, 2);
+    assert_eq!(enable(servers, B, C).0, 200);
+    let owners = node_owner(&servers[B], servers);
+    let nodes: Vec<String> = (0..servers.len())
+        .map(|i| {
+            owners
+                .iter()
+                .find(|(_, o)| **o == i)
+                .expect("a node")
+                .0
+                .clone()
+        })
+        .collect();
+    let path = format!("/api/v2/projects/default/volumes/{two}");
+    let v = servers[B].admin().get(&path).1;
+    assert_eq!(v["nodeList"], json!([nodes[A], nodes[B]]), "{v}");
+    (one, two, nodes)
+}
+
 /// A block whose content names `seed` (distinct for every write of the eviction test).
 fn pattern(seed: u32) -> Vec<u8> {
     let b = seed.to_le_bytes();
@@ -1223,29 +1257,11 @@ fn rebuild_progress(s: &Server, uuid: &str) -> Vec<u64> {
 fn evicting_a_server_moves_its_copies_make_before_break() {
     let etcd = Etcd::start(3);
     let mut servers = three(&etcd);
-    let (b, a, c) = (0usize, 1usize, 2usize);
-    // Placement by hand: with only B enabled, `one` goes there; with A and B, `ev` (two
-    // copies) goes to both, the less loaded A first (its primary).
-    for (i, body) in [(a, json!({})), (c, json!({}))] {
-        assert_eq!(disable(&servers, b, i, body).0, 200);
-    }
-    let one = create_volume(&servers[b], "one", 1);
-    assert_eq!(enable(&servers, b, a).0, 200);
-    let ev = create_volume(&servers[b], "ev", 2);
-    assert_eq!(enable(&servers, b, c).0, 200);
-    let owners = node_owner(&servers[b], &servers);
-    let node = |i: usize| {
-        owners
-            .iter()
-            .find(|(_, o)| **o == i)
-            .expect("a node")
-            .0
-            .clone()
-    };
+    let (b, a, c) = (B, A, C);
+    let (one, ev, nodes) = one_on_b_two_on_a_and_b(&servers, "ev");
+    let node = |i: usize| nodes[i].clone();
     let ev_path = format!("/api/v2/projects/default/volumes/{ev}");
     let one_path = format!("/api/v2/projects/default/volumes/{one}");
-    let v = servers[b].admin().get(&ev_path).1;
-    assert_eq!(v["nodeList"], json!([node(a), node(b)]), "{v}");
     let (mut host, nsid, p) = host_on_primary(&servers, b, &ev);
     assert_eq!(p, a);
     for k in 0..16u32 {
@@ -1323,7 +1339,10 @@ fn evicting_a_server_moves_its_copies_make_before_break() {
     let o = eventually(&servers[b], &one_path, |_, o| {
         o["primaryNodeUUID"] != json!(node(b)) && o["protectionState"] == "FullyProtected"
     });
-    let x = owners[o["primaryNodeUUID"].as_str().expect("primary")];
+    let x = nodes
+        .iter()
+        .position(|n| o["primaryNodeUUID"] == json!(n))
+        .expect("the primary's server");
     assert_eq!(o["nodeList"], json!([node(x)]), "{o}");
     let after = servers[c].admin().get(&b_path).1;
     assert_eq!(
@@ -1360,20 +1379,37 @@ fn evicting_a_server_moves_its_copies_make_before_break() {
         "{moved:?}"
     );
     drop(host);
+    assert_moved_off(&mut servers, b, (&ev, c, a), (&one, x));
+}
+
+/// Stops the servers, then checks a move off server `b`: the two-copy volume `moved` (49
+/// blocks of `pattern`) is whole on its new copy's server `to` and on its primary's, the
+/// one-copy volume `one` (4 blocks) on the server it was handed over to, and `b` holds
+/// neither any more.
+fn assert_moved_off(
+    servers: &mut [Server],
+    b: usize,
+    (moved, to, primary): (&str, usize, usize),
+    (one, one_to): (&str, usize),
+) {
     for s in servers.iter_mut() {
         s.stop();
     }
     let want: Vec<u8> = (0..49u32).flat_map(pattern).collect();
-    assert_eq!(image_blocks(&servers[c], &ev, 49), want, "the moved copy");
-    assert_eq!(image_blocks(&servers[a], &ev, 49), want, "the primary");
+    assert_eq!(image_blocks(&servers[to], moved, 49), want, "the new copy");
+    assert_eq!(
+        image_blocks(&servers[primary], moved, 49),
+        want,
+        "the primary"
+    );
     let one_want: Vec<u8> = (0..4u32).flat_map(|k| pattern(1_000_000 + k)).collect();
     assert_eq!(
-        image_blocks(&servers[x], &one, 4),
+        image_blocks(&servers[one_to], one, 4),
         one_want,
         "the handed-over copy"
     );
     let store = open_store(&servers[b]);
-    for u in [&ev, &one] {
+    for u in [moved, one] {
         assert!(
             !store.contains(u.parse().expect("uuid")),
             "B still holds {u}"
@@ -1538,30 +1574,11 @@ fn replace_node(
 fn replacing_a_node_moves_its_copies_to_the_target_make_before_break() {
     let etcd = Etcd::start(3);
     let mut servers = three(&etcd);
-    let (b, a, c) = (0usize, 1usize, 2usize);
-    // Placement by hand, as in the eviction test: `one` on B, `rv` on A (primary) and B.
-    for i in [a, c] {
-        assert_eq!(disable(&servers, b, i, json!({})).0, 200);
-    }
-    let one = create_volume(&servers[b], "one", 1);
-    assert_eq!(enable(&servers, b, a).0, 200);
-    let rv = create_volume(&servers[b], "rv", 2);
-    assert_eq!(enable(&servers, b, c).0, 200);
-    let owners = node_owner(&servers[b], &servers);
-    let node = |i: usize| {
-        owners
-            .iter()
-            .find(|(_, o)| **o == i)
-            .expect("a node")
-            .0
-            .clone()
-    };
+    let (b, a, c) = (B, A, C);
+    let (one, rv, nodes) = one_on_b_two_on_a_and_b(&servers, "rv");
+    let node = |i: usize| nodes[i].clone();
     let rv_path = format!("/api/v2/projects/default/volumes/{rv}");
     let one_path = format!("/api/v2/projects/default/volumes/{one}");
-    assert_eq!(
-        servers[b].admin().get(&rv_path).1["nodeList"],
-        json!([node(a), node(b)])
-    );
     let (mut host, nsid, p) = host_on_primary(&servers, b, &rv);
     assert_eq!(p, a);
     for k in 0..16u32 {
@@ -1691,25 +1708,7 @@ fn replacing_a_node_moves_its_copies_to_the_target_make_before_break() {
         ["NodeReplacementStarted", "NodeReplacementCompleted"]
     );
     drop(host);
-    for s in servers.iter_mut() {
-        s.stop();
-    }
-    let want: Vec<u8> = (0..49u32).flat_map(pattern).collect();
-    assert_eq!(image_blocks(&servers[c], &rv, 49), want, "the new copy");
-    assert_eq!(image_blocks(&servers[a], &rv, 49), want, "the primary");
-    let one_want: Vec<u8> = (0..4u32).flat_map(|k| pattern(1_000_000 + k)).collect();
-    assert_eq!(
-        image_blocks(&servers[c], &one, 4),
-        one_want,
-        "the handed-over copy"
-    );
-    let store = open_store(&servers[b]);
-    for u in [&rv, &one] {
-        assert!(
-            !store.contains(u.parse().expect("uuid")),
-            "B still holds {u}"
-        );
-    }
+    assert_moved_off(&mut servers, b, (&rv, c, a), (&one, c));
 }
 
 /// The node of server `uuid`, as `s` lists it.

@@ -122,18 +122,6 @@ async fn bind_and_submit(
     Ok(())
 }
 
-fn ips_of(b: &Body) -> ApiResult<Vec<String>> {
-    b.array("ips")?
-        .into_iter()
-        .map(|v| match v {
-            Value::String(s) => Ok(s),
-            other => Err(ApiError::bad_request(format!(
-                "field ips: expected strings, got {other}"
-            ))),
-        })
-        .collect()
-}
-
 async fn create(
     State(app): State<App>,
     who: Principal,
@@ -144,7 +132,7 @@ async fn create(
     let port = b
         .u32("port")?
         .ok_or_else(|| ApiError::bad_request("field port is required"))?;
-    let ips = ips_of(&b)?;
+    let ips = b.strings("ips")?;
     let (server, _) = effective(&app)?;
     let cmd = EndpointCommand::CreateAdminEndpoint {
         server,
@@ -166,7 +154,7 @@ async fn update(
 ) -> ApiResult<Json<Value>> {
     who.require_cluster_admin()?;
     let port = port_of(&port)?;
-    let ips = ips_of(&b)?;
+    let ips = b.strings("ips")?;
     let (server, _) = effective(&app)?;
     let cmd = EndpointCommand::UpdateAdminEndpoint {
         server,

@@ -119,20 +119,23 @@ impl Body {
         }
     }
 
+    /// An array of strings (absent: empty).
+    pub fn strings(&self, key: &str) -> ApiResult<Vec<String>> {
+        self.array(key)?
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                other => Err(type_error(key, "strings", &other)),
+            })
+            .collect()
+    }
+
     /// A `StringList` (`{"values": [...]}`).
     pub fn string_list(&self, key: &str) -> ApiResult<Option<Vec<String>>> {
         let Some(list) = self.object(key)? else {
             return Ok(None);
         };
-        let values = list.array("values")?;
-        values
-            .into_iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s),
-                other => Err(type_error(key, "strings in values", &other)),
-            })
-            .collect::<ApiResult<Vec<_>>>()
-            .map(Some)
+        list.strings("values").map(Some)
     }
 
     /// `labels: [{"key": .., "value": ..}]`; `None` when absent.

@@ -130,16 +130,7 @@ fn parse_visibility(v: Option<&Value>, scoped: bool) -> ApiResult<PolicyVisibili
 
 /// `qoSRateLimitPolicy`: exactly one of the three limit kinds (a oneof).
 fn qos_spec(q: &Body) -> ApiResult<QosSpec> {
-    let projects_scope = q
-        .array("projectsNamesScope")?
-        .into_iter()
-        .map(|v| match v {
-            Value::String(s) => Ok(s),
-            other => Err(ApiError::bad_request(format!(
-                "projectsNamesScope holds project names, not {other}"
-            ))),
-        })
-        .collect::<ApiResult<Vec<_>>>()?;
+    let projects_scope = q.strings("projectsNamesScope")?;
     let visibility = parse_visibility(q.get("policyVisibility"), !projects_scope.is_empty())?;
     let pair = |key: &str, r: &str, w: &str| -> ApiResult<Option<(u32, u32)>> {
         Ok(match q.object(key)? {

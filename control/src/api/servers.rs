@@ -213,7 +213,7 @@ async fn create(
     };
     let c = Create {
         uuid,
-        endpoints: strings(&b, "serverEndpoints")?,
+        endpoints: b.strings("serverEndpoints")?,
         reuse_ip: b.bool("reuseIP")?.unwrap_or(false),
         extend_cluster: b.bool("extendCluster")?.unwrap_or(false),
     };
@@ -233,19 +233,6 @@ async fn create(
         Some(s) => Ok(Json(server_json(&app, &state, s))),
         None => Ok(Json(json!({}))),
     }
-}
-
-/// A JSON array of strings (absent: empty).
-fn strings(b: &Body, key: &str) -> ApiResult<Vec<String>> {
-    b.array(key)?
-        .into_iter()
-        .map(|v| match v {
-            Value::String(s) => Ok(s),
-            other => Err(ApiError::bad_request(format!(
-                "{key} must hold strings, not {other}"
-            ))),
-        })
-        .collect()
 }
 
 /// Submits a change to a server and answers the server as it is then.

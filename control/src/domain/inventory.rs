@@ -1366,8 +1366,9 @@ pub(crate) mod tests {
         );
     }
 
-    #[test]
-    fn enabling_an_evicting_server_aborts_and_drops_the_new_copies() {
+    /// Four servers led at epoch 7, a volume `two` of two copies whose replica's server is
+    /// being evicted, and the one move its eviction plans, ordered.
+    fn evicting_two_with_its_move_ordered() -> (State, Volume, Uuid, eviction::Move) {
         let mut s = four_servers();
         leader(&mut s, 7);
         let v = available_volume(&mut s, "two", 2, 1);
@@ -1377,6 +1378,12 @@ pub(crate) mod tests {
             panic!("no move planned")
         };
         run(&mut s, move_cmd(m, 7)).unwrap();
+        (s, v, evicted, m)
+    }
+
+    #[test]
+    fn enabling_an_evicting_server_aborts_and_drops_the_new_copies() {
+        let (mut s, v, evicted, _) = evicting_two_with_its_move_ordered();
         let events = run(&mut s, enable(evicted)).unwrap();
         assert_eq!(
             types(&events),
@@ -1401,15 +1408,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_move_whose_target_failed_is_cancelled_and_starts_again_elsewhere() {
-        let mut s = four_servers();
-        leader(&mut s, 7);
-        let v = available_volume(&mut s, "two", 2, 1);
-        let evicted = server_of(&s, v.replica_nodes[0]);
-        run(&mut s, disable(evicted, false, true)).unwrap();
-        let [m] = eviction::plan(&s, evicted).moves[..] else {
-            panic!("no move planned")
-        };
-        run(&mut s, move_cmd(m, 7)).unwrap();
+        let (mut s, v, evicted, m) = evicting_two_with_its_move_ordered();
         assert!(eviction::plan(&s, evicted).cancels.is_empty());
         let down = Command::RecordServerHealth {
             uuid: server_of(&s, m.to),
