@@ -886,7 +886,8 @@ fn status_of<T: std::fmt::Debug>(
 /// Every server exposes a replicated volume: ANA Optimized on the primary, Inaccessible on
 /// the replicas (I/O refused with a path error), with controller IDs unique across servers.
 /// When the primary is killed, the leader promotes an in-sync replica (a new epoch): the
-/// host's path to it turns optimized, reads what was acknowledged and writes on.
+/// host's path to it turns optimized, reads what was acknowledged and writes on. The killed
+/// server, restarted, is rebuilt from what changed, not copied whole.
 #[test]
 fn a_killed_primary_fails_over_to_an_in_sync_replica() {
     let etcd = Etcd::start(3);
@@ -971,6 +972,18 @@ fn a_killed_primary_fails_over_to_an_in_sync_replica() {
         status_of(hosts[other].read(nsid, 0, 1)),
         Status::ANA_INACCESSIBLE
     );
+    // The killed server comes back: its copy held every acknowledged write when it was
+    // deposed, so it is rebuilt from what the copies changed around the failover and
+    // since (chunk 0 of the 64 MiB volume), not copied whole.
+    servers[p].start_again();
+    eventually(&servers[q], &path, |_, v| {
+        v["protectionState"] == "FullyProtected"
+    });
+    let (_, copied) = volume_events(&servers[q], &uuid);
+    assert!(
+        copied.len() == 1 && copied[0] > 0 && copied[0] <= 2 << 20,
+        "the deposed primary's rebuild copied {copied:?} bytes, not only what changed"
+    );
     drop(hosts);
     for s in servers.iter_mut() {
         s.stop();
@@ -981,6 +994,11 @@ fn a_killed_primary_fails_over_to_an_in_sync_replica() {
         image_blocks(&servers[other], &uuid, 9),
         want,
         "replica in sync"
+    );
+    assert_eq!(
+        image_blocks(&servers[p], &uuid, 9),
+        want,
+        "deposed primary, rebuilt"
     );
 }
 

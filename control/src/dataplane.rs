@@ -16,8 +16,9 @@ use evstor_datapath::blockstore::{
     BlockStore, DeviceSpec, MediaError, PoolStats, StoreError, Usage,
 };
 use evstor_datapath::limits::{
-    ANA_GROUPS_MAX, BLOCK_BYTES, MAX_CNTLID, REBUILD_BARRIER_MS, REPLICATION_PORT_OFFSET,
-    SNAPSHOT_DRAIN_MS, SNAPSHOT_REPLICA_WAIT_MS,
+    ANA_GROUPS_MAX, BLOCK_BYTES, CHANGE_CHUNK_BYTES, CHANGE_LOG_REFRESH_MS, CHANGE_WINDOW_MS,
+    MAX_CNTLID, REBUILD_BARRIER_MS, REPLICATION_PORT_OFFSET, SNAPSHOT_DRAIN_MS,
+    SNAPSHOT_REPLICA_WAIT_MS,
 };
 use evstor_datapath::replica::{
     snapshot_members, Member, Mode, ReplicaHub, ReplicaServer, SnapshotHook,
@@ -65,6 +66,11 @@ struct Repl {
     /// What was last handed to the listener: (volume, epoch, size, compression, whether
     /// this node is an in-sync replica rather than the primary).
     replicas: Mutex<Vec<ListenerEntry>>,
+    /// Volumes this process has seen itself an in-sync replica of, with the newest such
+    /// epoch: when it becomes their primary, it saw the switch happen.
+    copies: Mutex<HashMap<Uuid, u64>>,
+    /// The epoch at which this node last took over each volume as its primary.
+    took_over: Mutex<HashMap<Uuid, u64>>,
 }
 
 /// A volume as handed to the replication listener: volume, epoch, size, compression, and
@@ -204,6 +210,8 @@ impl VolumeStore {
             server,
             members: Mutex::new(HashMap::new()),
             replicas: Mutex::new(Vec::new()),
+            copies: Mutex::new(HashMap::new()),
+            took_over: Mutex::new(HashMap::new()),
         });
         Ok(addr)
     }
@@ -216,6 +224,23 @@ impl VolumeStore {
             return None;
         }
         let mut members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
+        // The first publication of this epoch here, on a node that was an in-sync replica
+        // under an older one in this process: it saw the switch, and knows every write
+        // since (its members are made now, before it serves). Copies that were current
+        // then need only what changed around the switch.
+        let first_of_epoch = !members
+            .iter()
+            .any(|((u, _), (_, e, _, _))| *u == v.uuid && *e == v.epoch);
+        let was_copy = repl
+            .copies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&v.uuid)
+            .is_some_and(|e| *e < v.epoch);
+        // What this copy changed around the switch, when it takes over now.
+        let switch = (first_of_epoch && was_copy)
+            .then(|| self.took_over(repl, v))
+            .flatten();
         let mut out = Vec::new();
         for &node in &v.replica_nodes {
             let in_sync = !v.out_of_sync.contains(&node);
@@ -247,7 +272,19 @@ impl VolumeStore {
                 }
                 None => match repl.hub.link(addr) {
                     Ok(link) => {
-                        let m = Arc::new(Member::new(link, v.size_bytes, in_sync));
+                        let current = in_sync || v.deposed == Some(node);
+                        let m = if let (Some(changed), true) = (&switch, current) {
+                            let m = Member::current(link, v.size_bytes, in_sync);
+                            match changed {
+                                Some(chunks) => chunks
+                                    .iter()
+                                    .for_each(|c| m.state.mark(c * CHANGE_CHUNK_BYTES, 1)),
+                                None => m.state.mark(0, v.size_bytes),
+                            }
+                            Arc::new(m)
+                        } else {
+                            Arc::new(Member::new(link, v.size_bytes, in_sync))
+                        };
                         members.insert(key, (addr, v.epoch, v.size_bytes, m.clone()));
                         m
                     }
@@ -263,6 +300,23 @@ impl VolumeStore {
             epoch: v.epoch,
             members: out,
         })
+    }
+
+    /// Takes over `v` at `v.epoch`: the chunks this node's copy changed in the
+    /// [`CHANGE_WINDOW_MS`] before its last change as a replica (Some(None) when it cannot
+    /// tell). Worked out once per epoch, before this node serves a write of it; None when
+    /// that was done already (the members made then are the ones that saw the switch).
+    fn took_over(&self, repl: &Repl, v: &Volume) -> Option<Option<Vec<u64>>> {
+        let mut took = repl.took_over.lock().unwrap_or_else(|p| p.into_inner());
+        if took.get(&v.uuid).is_some_and(|e| *e == v.epoch) {
+            return None;
+        }
+        let since = self
+            .store
+            .last_change_ms(v.uuid)
+            .map(|at| at.saturating_sub(CHANGE_WINDOW_MS + CHANGE_LOG_REFRESH_MS));
+        took.insert(v.uuid, v.epoch);
+        Some(since.and_then(|t| self.store.changed_since(v.uuid, t)))
     }
 
     /// The replicas of `volume` (a primary of this node) that take its writes now, by
@@ -330,6 +384,18 @@ impl VolumeStore {
             })
             .collect();
         want.sort();
+        {
+            let mut copies = repl.copies.lock().unwrap_or_else(|p| p.into_inner());
+            for v in state.volumes.by_uuid.values() {
+                if v.in_sync_replicas().any(|n| n == node) {
+                    let e = copies.entry(v.uuid).or_insert(v.epoch);
+                    *e = (*e).max(v.epoch);
+                }
+            }
+            copies.retain(|u, _| state.volumes.by_uuid.contains_key(u));
+            let mut took = repl.took_over.lock().unwrap_or_else(|p| p.into_inner());
+            took.retain(|u, e| state.volumes.get(*u).is_some_and(|v| v.epoch == *e));
+        }
         let mut last = repl.replicas.lock().unwrap_or_else(|p| p.into_inner());
         if *last == want {
             return;
@@ -617,6 +683,44 @@ impl DataPlane for VolumeStore {
             v.size_bytes,
             barrier,
         )
+    }
+
+    fn repair(&self, v: &Volume) -> std::io::Result<u64> {
+        let (Some(repl), Some(target)) = (&self.repl, &self.target) else {
+            return Ok(0);
+        };
+        let pending: Vec<Arc<Member>> = {
+            let members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
+            members
+                .iter()
+                .filter(|((u, _), (_, e, size, m))| {
+                    *u == v.uuid
+                        && *e == v.epoch
+                        && *size == v.size_bytes
+                        && m.state.mode() == Mode::InSync
+                        && m.state.must_ask_recent()
+                })
+                .map(|(_, (_, _, _, m))| m.clone())
+                .collect()
+        };
+        let local = self.store.image(v.uuid, v.size_bytes, v.compression);
+        let mut copied = 0;
+        for m in pending {
+            let barrier = || {
+                target
+                    .pass_barrier(std::time::Duration::from_millis(REBUILD_BARRIER_MS))
+                    .map_err(io_err)
+            };
+            copied += evstor_datapath::replica::repair(
+                &m,
+                &local,
+                *v.uuid.as_bytes(),
+                v.epoch,
+                v.size_bytes,
+                barrier,
+            )?;
+        }
+        Ok(copied)
     }
 
     fn rebuild_percent(&self, volume: Uuid, node: Uuid) -> Option<u8> {

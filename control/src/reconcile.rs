@@ -80,6 +80,13 @@ pub trait DataPlane: Send + Sync + 'static {
         let _ = (volume, node);
         Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
     }
+    /// Brings `volume`'s in-sync replicas (this node took over as its primary) level with
+    /// this copy where a failover may have left them apart; returns the bytes sent (0 when
+    /// nothing was to do).
+    fn repair(&self, volume: &Volume) -> std::io::Result<u64> {
+        let _ = volume;
+        Ok(0)
+    }
     /// How far the running (or last) rebuild of `volume`'s replica on `node` got, in
     /// percent.
     fn rebuild_percent(&self, volume: Uuid, node: Uuid) -> Option<u8> {
@@ -381,6 +388,27 @@ async fn rebuild_replicas(
     node: Uuid,
 ) {
     loop {
+        let primaries: Vec<Volume> = bus
+            .state()
+            .volumes
+            .by_uuid
+            .values()
+            .filter(|v| v.node_uuid == node && v.state == VolumeState::Available)
+            .filter(|v| v.in_sync_replicas().next().is_some())
+            .cloned()
+            .collect();
+        for v in primaries {
+            let worker = data.clone();
+            let volume = v.clone();
+            match tokio::task::spawn_blocking(move || worker.repair(&volume)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(copied_bytes)) => {
+                    tracing::info!(volume = %v.uuid, copied_bytes, "replicas repaired after a failover");
+                }
+                Ok(Err(e)) => tracing::info!(volume = %v.uuid, "repair not done: {e}"),
+                Err(e) => tracing::error!("repair task of volume {}: {e}", v.uuid),
+            }
+        }
         let work = rebuild_work(&bus.state(), node);
         for (v, replica) in work {
             let worker = data.clone();

@@ -78,6 +78,20 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         // SAFETY: forwarded caller contract.
         unsafe { self.submit(q, req) }.map(|()| 0)
     }
+
+    /// When the backend's data last changed (Unix ms; 0 if never), if it keeps a change
+    /// log (see [`Backend::changed_since`]); None if it keeps none.
+    fn last_change_ms(&self) -> Option<u64> {
+        None
+    }
+
+    /// The chunks of [`CHANGE_CHUNK_BYTES`](crate::limits::CHANGE_CHUNK_BYTES) its change
+    /// log shows changed at or after `since_ms` (Unix ms; a chunk's time may be up to
+    /// [`CHANGE_LOG_REFRESH_MS`](crate::limits::CHANGE_LOG_REFRESH_MS) early), in order;
+    /// None if it keeps no log (then anything may have changed).
+    fn changed_since(&self, _since_ms: u64) -> Option<Vec<u64>> {
+        None
+    }
 }
 
 /// Where completions produced on another thread (a replica's answer) go: the reactor that

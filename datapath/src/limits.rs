@@ -401,6 +401,20 @@ pub const MAX_CNTLID: u16 = 0xffef;
 /// A rebuild tracks and copies a replica's missed changes in chunks of this many bytes (one
 /// bit of the primary's memory per chunk).
 pub const REBUILD_CHUNK_BYTES: u64 = 1 << 20;
+/// An image's change log (see `blockstore::changes`) records changes in chunks of this
+/// many bytes: a rebuild's chunks.
+pub const CHANGE_CHUNK_BYTES: u64 = REBUILD_CHUNK_BYTES;
+/// How far back from a copy's last change under the deposed primary a failover looks for
+/// changes that may not have reached every copy: a primary's write is unacknowledged for at
+/// most [`REPLICA_IO_TIMEOUT_MS`] + [`REPLICA_HOLD_MAX_MS`] while the primary runs, plus a
+/// margin for scheduling.
+pub const CHANGE_WINDOW_MS: u64 = REPLICA_IO_TIMEOUT_MS + REPLICA_HOLD_MAX_MS + 5_000;
+/// A chunk's change-log row is rewritten at most this often (its recorded time may be this
+/// much earlier than its last change).
+pub const CHANGE_LOG_REFRESH_MS: u64 = 1_000;
+/// Changes older than this leave an image's change log in memory (and their rows at open):
+/// well past what a failover asks.
+pub const CHANGE_LOG_KEEP_MS: u64 = 4 * CHANGE_WINDOW_MS;
 /// How long a rebuild waits for the reactors to finish the passes in progress when it
 /// starts (their writes that skipped the replica are then applied locally).
 pub const REBUILD_BARRIER_MS: u64 = 5_000;

@@ -447,3 +447,191 @@ fn a_snapshot_under_writes_is_the_same_on_every_copy_and_writes_wait_for_it() ->
     p.target.shutdown();
     Ok(())
 }
+
+/// Collects a raw part's answers (the test playing a primary by hand).
+#[derive(Default)]
+struct Answers(std::sync::Mutex<Vec<i32>>);
+
+impl evstor_datapath::backend::CompletionSink for Answers {
+    fn complete(&self, _tag: u64, result: i32) {
+        self.0.lock().expect("answers").push(result);
+    }
+}
+
+/// Writes `data` at `lba` of a store's image directly (a copy changed locally only).
+fn write_image(store: &Arc<BlockStore>, volume: Uuid, lba: u64, data: &[u8]) {
+    let img = store.image(volume, NS_BYTES, false);
+    let mut q = IoQueue::new_sync();
+    let mut buf = evstor_datapath::buffer::SlotBuf::new(1, data.len()).expect("buffer");
+    buf.slot_mut(0, data.len()).copy_from_slice(data);
+    let req = IoRequest {
+        kind: IoKind::Write { fua: false },
+        offset: lba * BLOCK as u64,
+        len: data.len() as u32,
+        buf: buf.slot_ptr(0),
+        tag: 1,
+    };
+    // SAFETY: the buffer outlives the completion, reaped below.
+    unsafe { img.submit(&mut q, &req) }.expect("submit");
+    q.submit().expect("run");
+    let mut res = None;
+    while res.is_none() {
+        q.reap(|_, r| res = Some(r));
+        if res.is_none() {
+            q.wait(Duration::from_millis(10)).expect("wait");
+        }
+    }
+    assert_eq!(res, Some(data.len() as i32), "image write");
+}
+
+/// A primary (A) replicating to B and C dies with two writes unacknowledged: one reached
+/// only C, one only A's own copy. B takes over at a newer epoch having seen the switch:
+/// it repairs C where the copies may differ (what either changed just before), then
+/// rebuilds A from that and what it wrote since; every copy ends identical, and neither
+/// copy moves the whole volume.
+#[test]
+fn after_a_failover_the_copies_are_made_equal_from_what_changed_around_it() -> anyhow::Result<()> {
+    use evstor_datapath::limits::REBUILD_CHUNK_BYTES;
+    use evstor_datapath::replica::{rebuild, repair, Frame, Mode, Op};
+    let dir = tempfile::tempdir()?;
+    let volume = Uuid::new_v4();
+    let v = *volume.as_bytes();
+    let (a, b, c) = (
+        store(dir.path(), "a", volume),
+        store(dir.path(), "b", volume),
+        store(dir.path(), "c", volume),
+    );
+    let chunk = REBUILD_CHUNK_BYTES / BLOCK as u64;
+    let listen = || ReplicaServer::start("127.0.0.1:0".parse().expect("addr")).expect("listen");
+    let image = |s: &Arc<BlockStore>| -> Option<Arc<dyn Backend>> {
+        Some(Arc::new(s.image(volume, NS_BYTES, false)))
+    };
+    let (sa, sb, sc) = (listen(), listen(), listen());
+    sb.set_images(vec![(v, image(&b), 1)]);
+    sc.set_images(vec![(v, image(&c), 1)]);
+    let hub = ReplicaHub::default();
+    let member = |s: &ReplicaServer, in_sync| {
+        Arc::new(Member::new(
+            hub.link(s.local_addr()).expect("link"),
+            NS_BYTES,
+            in_sync,
+        ))
+    };
+    // Epoch 1: A serves, chunks 0 and 1 are written and acknowledged on every copy.
+    let replication = Replication {
+        epoch: 1,
+        members: vec![member(&sb, true), member(&sc, true)],
+    };
+    let cfg = TargetConfig::new("127.0.0.1:0".parse()?, NQN);
+    let ta = start(cfg, vec![spec(volume, &a, Some(replication))])?;
+    let mut h = Session::connect(ta.local_addr(), NQN, HOST)?;
+    h.write(1, 0, &pattern(8, 1))?;
+    h.write(1, chunk + 3, &pattern(8, 2))?;
+    drop(h);
+    ta.shutdown();
+    // A's last two writes, never acknowledged: chunk 9 reached C only, chunk 12 A only.
+    let to_c = member(&sc, true);
+    let answers = Arc::new(Answers::default());
+    let sink: Arc<dyn evstor_datapath::backend::CompletionSink> = answers.clone();
+    let stray = pattern(4, 7);
+    let frame = Frame {
+        op: Op::Write { fua: false },
+        volume: v,
+        epoch: 1,
+        offset: 9 * REBUILD_CHUNK_BYTES,
+        len: stray.len() as u32,
+        id: 0,
+    };
+    // SAFETY: `stray` outlives the answer, awaited below.
+    unsafe {
+        to_c.link
+            .submit(frame, stray.as_ptr(), &sink, 0, &to_c.state)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while answers.0.lock().expect("answers").is_empty() {
+        assert!(Instant::now() < deadline, "C never answered");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(*answers.0.lock().expect("answers"), vec![0]);
+    write_image(&a, volume, 12 * chunk, &pattern(4, 8));
+    // Epoch 5: B takes over. What its own copy changed just before (chunks 0 and 1) is
+    // marked for both of the others; C is asked what it changed, A once it is back.
+    let changed = b
+        .last_change_ms(volume)
+        .and_then(|at| b.changed_since(volume, at.saturating_sub(60_000)))
+        .expect("B keeps a change log");
+    assert_eq!(changed, vec![0, 1], "B changed chunks 0 and 1");
+    sb.set_images(vec![(v, None, 5)]);
+    let current = |s: &ReplicaServer, in_sync| {
+        let m = Member::current(hub.link(s.local_addr()).expect("link"), NS_BYTES, in_sync);
+        changed
+            .iter()
+            .for_each(|k| m.state.mark(k * REBUILD_CHUNK_BYTES, 1));
+        Arc::new(m)
+    };
+    let (mc, ma) = (current(&sc, true), current(&sa, false));
+    let replication = Replication {
+        epoch: 5,
+        members: vec![mc.clone(), ma.clone()],
+    };
+    let cfg = TargetConfig::new("127.0.0.1:0".parse()?, NQN);
+    let tb = start(cfg, vec![spec(volume, &b, Some(replication))])?;
+    let local = b.image(volume, NS_BYTES, false);
+    let barrier = || {
+        tb.pass_barrier(Duration::from_secs(5))
+            .map_err(std::io::Error::other)
+    };
+    let repaired = repair(&mc, &local, v, 5, NS_BYTES, barrier)?;
+    assert_eq!(
+        repaired,
+        3 * REBUILD_CHUNK_BYTES,
+        "C is repaired in chunks 0, 1 and 9 only"
+    );
+    assert_eq!(mc.state.mode(), Mode::InSync);
+    let blocks = (NS_BYTES / BLOCK as u64) as usize;
+    assert!(
+        read_image(&b, volume, 0, blocks) == read_image(&c, volume, 0, blocks),
+        "C still differs from B after the repair"
+    );
+    assert_eq!(
+        repair(&mc, &local, v, 5, NS_BYTES, barrier)?,
+        0,
+        "repaired once"
+    );
+    // B writes chunk 4 while A is away: C takes it, A's copy misses it.
+    let mut h = Session::connect(tb.local_addr(), NQN, HOST)?;
+    h.write(1, 4 * chunk, &pattern(8, 3))?;
+    assert_eq!(read_image(&c, volume, 4 * chunk, 8), pattern(8, 3));
+    // A is back as a replica (this process never served it as primary).
+    sa.set_images(vec![(v, image(&a), 5)]);
+    let rebuilt = rebuild(&ma, &local, v, 5, NS_BYTES, barrier)?;
+    assert_eq!(
+        rebuilt,
+        4 * REBUILD_CHUNK_BYTES,
+        "A is rebuilt in chunks 0 and 1 (B's recent), 4 (written since) and 12 (its own)"
+    );
+    assert_eq!(ma.state.mode(), Mode::InSync);
+    let want = read_image(&b, volume, 0, blocks);
+    assert!(
+        want == read_image(&a, volume, 0, blocks),
+        "A differs from B"
+    );
+    assert!(
+        want == read_image(&c, volume, 0, blocks),
+        "C differs from B"
+    );
+    tb.shutdown();
+    // A copy whose process served the volume as its primary may have changed it after a
+    // pause no window bounds (stopped, then resumed): it cannot tell, and is copied whole.
+    let resumed = listen();
+    resumed.set_images(vec![(v, None, 5)]);
+    resumed.set_images(vec![(v, image(&a), 6)]);
+    let ma = current(&resumed, false);
+    let rebuilt = rebuild(&ma, &local, v, 6, NS_BYTES, || Ok(()))?;
+    assert_eq!(
+        rebuilt, NS_BYTES,
+        "a copy that served as primary here is copied whole"
+    );
+    hub.shutdown();
+    Ok(())
+}

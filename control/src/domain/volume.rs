@@ -117,6 +117,11 @@ pub struct Volume {
     /// that it stopped serving (the new primary serves only after that, or once that
     /// server failed).
     pub releasing: Option<Uuid>,
+    /// The primary the last failover or hand-over replaced, while its copy is out of sync:
+    /// it held every acknowledged write then, so the new primary rebuilds it from what
+    /// changed around and since the switch (when it saw the switch happen) rather than
+    /// copying everything.
+    pub deposed: Option<Uuid>,
     /// Replica moves in progress (at most [`VOLUME_MOVES_MAX`]).
     pub replacing: Vec<Replacement>,
     /// How far the rebuild of an out-of-sync replica has got, in percent, as its primary
@@ -695,6 +700,7 @@ fn create(state: &State, ctx: &Ctx, n: &NewVolume) -> Result<Vec<AnyEvent>, Doma
         epoch: 0,
         releasing: None,
         replacing: Vec::new(),
+        deposed: None,
         rebuild_percent: 0,
         out_of_sync: if is_clone {
             nodes[1..].to_vec()
@@ -1222,6 +1228,7 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             v.state = VolumeState::Rollback;
             // The rollback rewrites the primary's copy only.
             v.out_of_sync = v.replica_nodes.clone();
+            v.deposed = None;
             v.protection = v.protection_now();
             v.rebuild_percent = 0;
             let s = state
@@ -1251,6 +1258,7 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
         }
         Event::VolumeReplicaInSync { node, .. } => {
             v.out_of_sync.retain(|n| n != node);
+            v.deposed = v.deposed.filter(|d| d != node);
             v.protection = v.protection_now();
             v.rebuild_percent = 0;
         }
@@ -1266,6 +1274,7 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
                 v.out_of_sync.push(*old);
             }
             v.epoch = at.seq;
+            v.deposed = Some(*old);
             v.protection = v.protection_now();
             v.rebuild_percent = 0;
             v.releasing = match event {
@@ -1295,6 +1304,7 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
         Event::VolumeReplicaRemoved { node, .. } => {
             v.replica_nodes.retain(|n| n != node);
             v.out_of_sync.retain(|n| n != node);
+            v.deposed = v.deposed.filter(|d| d != node);
             v.replacing
                 .retain(|r| r.node != *node && r.replaces != *node);
             v.protection = v.protection_now();
@@ -1753,6 +1763,36 @@ pub(crate) mod tests {
                 .rebuild_percent,
             0
         );
+    }
+
+    #[test]
+    fn a_failover_records_the_deposed_primary_until_its_copy_is_in_sync_again() {
+        let x = Uuid::from_u128(0xa);
+        let mut given = with_volume();
+        for e in &mut given {
+            if let AnyEvent::Volume(Event::VolumeCreationRequested { volume }) = e {
+                volume.replica_count = 2;
+                volume.replica_nodes = vec![x];
+            }
+        }
+        let uuid = test_ctx().new_id(0);
+        let old = state_after(&given).volumes.get(uuid).unwrap().node_uuid;
+        let volume = |g: &[AnyEvent]| state_after(g).volumes.get(uuid).unwrap().clone();
+        assert_eq!(volume(&given).deposed, None);
+        given.push(AnyEvent::Volume(Event::VolumePrimaryChanged {
+            uuid,
+            node: x,
+            old,
+        }));
+        let v = volume(&given);
+        assert_eq!((v.node_uuid, v.deposed), (x, Some(old)));
+        assert_eq!(v.out_of_sync, vec![old]);
+        given.push(AnyEvent::Volume(Event::VolumeReplicaInSync {
+            uuid,
+            node: old,
+            copied_bytes: 1 << 20,
+        }));
+        assert_eq!(volume(&given).deposed, None, "rebuilt: no longer deposed");
     }
 
     #[test]

@@ -238,6 +238,7 @@ fn volume_of(v: VolumeV1, replica_nodes: Vec<Uuid>) -> Volume {
         creation_unix_ns: v.creation_unix_ns,
         etag: v.etag,
         releasing: None,
+        deposed: None,
         replacing: Vec::new(),
         rebuild_percent: 0,
         out_of_sync: replica_nodes.clone(),

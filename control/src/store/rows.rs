@@ -22,8 +22,9 @@ use crate::error::ControlError;
 /// volumes had replica nodes, servers health and failure domains, the cluster its leader.
 /// 3: until volumes had an epoch and out-of-sync replicas. 4: until volumes had a primary
 /// being released and replica moves, and servers their last eviction. 5: until volumes had
-/// their rebuild's progress. 6: until snapshots had the nodes holding them.
-pub const ROWS_VERSION: u32 = 7;
+/// their rebuild's progress. 6: until snapshots had the nodes holding them. 7: until volumes
+/// had their deposed primary.
+pub const ROWS_VERSION: u32 = 8;
 
 /// The row holding the stored [`ROWS_VERSION`]; outside every `<kind>/` prefix.
 const ROWS_VERSION_KEY: &[u8] = b"meta:rows-version";

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::backend::{Backend, Deferred, IoKind, IoQueue, IoRequest};
+use crate::blockstore::changes::now_ms;
 use crate::blockstore::map::Spans;
 use crate::blockstore::pool::{op_result, RawOp};
 use crate::blockstore::{BlockStore, Extent, Head, StoreError, TreeError, BLOCK};
@@ -484,6 +485,7 @@ impl BlockStore {
             }
         }
         let mut batch = rocksdb::WriteBatch::default();
+        let now = now_ms();
         let mut t = self.tree_mut();
         for c in p.cmds.iter_mut() {
             let exts = &p.blocks[c.at..c.at + c.n];
@@ -491,6 +493,10 @@ impl BlockStore {
             if c.res == 0 && t.layers.contains_key(&layer) {
                 t.write(layer, c.first, exts, &mut p.replaced, |row| {
                     self.meta.persist(&mut batch, row, &mut p.row)
+                });
+                let image = c.head.uuid;
+                super::lock(&c.head.changes).record(c.first, c.n as u64, now, |chunk, ms| {
+                    self.meta.put_change(&mut batch, image, chunk, ms)
                 });
                 continue;
             }
@@ -655,6 +661,11 @@ impl Image {
             IoKind::Deallocate if !s.trim.load(Ordering::Relaxed) => 0,
             IoKind::Deallocate | IoKind::WriteZeroes => {
                 s.run_deferred(q);
+                // Logged before the trim's own (durable) batch: a trim that survives a
+                // crash has its rows.
+                if let Err(e) = s.log_changes(&self.head, first, blocks as u64) {
+                    return Some(errno(Err(e)));
+                }
                 errno(s.trim(self.head.uuid, first, first + blocks as u64))
             }
         })
@@ -676,6 +687,14 @@ fn errno(r: Result<(), StoreError>) -> i32 {
 impl Backend for Image {
     fn size_bytes(&self) -> u64 {
         self.size_bytes
+    }
+
+    fn last_change_ms(&self) -> Option<u64> {
+        super::lock(&self.head.changes).last_ms()
+    }
+
+    fn changed_since(&self, since_ms: u64) -> Option<Vec<u64>> {
+        super::lock(&self.head.changes).since(since_ms)
     }
 
     unsafe fn submit(&self, q: &mut IoQueue, req: &IoRequest) -> std::io::Result<()> {

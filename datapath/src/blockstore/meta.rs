@@ -27,13 +27,15 @@ use uuid::Uuid;
 
 use crate::blockstore::map::{Chunk, CHUNK_BLOCKS};
 use crate::blockstore::tree::{Extent, HashMap, Layer, LayerId, Owner, Persist, Row, Tree};
-use crate::limits::{CHUNK_DELTA_ROWS_MAX, LEGACY_CONVERT_CHUNKS};
+use crate::limits::{CHANGE_LOG_KEEP_MS, CHUNK_DELTA_ROWS_MAX, LEGACY_CONVERT_CHUNKS};
 
 const CF_LAYERS: &str = "layers";
 const CF_CHUNKS: &str = "chunks";
 const CF_DELTAS: &str = "deltas";
 const CF_EXTENTS: &str = "extents";
 const CF_META: &str = "meta";
+/// Image change logs: (image, chunk) → Unix ms of its last recorded change.
+const CF_CHANGES: &str = "changes";
 const KEY_DEVICES: &[u8] = b"devices";
 const KEY_FORMAT: &[u8] = b"format";
 
@@ -87,6 +89,14 @@ pub struct Loaded {
     pub legacy_rows: u64,
     /// Chunks left empty by stale delta rows only (their rows are deleted at open).
     pub strays: Vec<(LayerId, u64, u8)>,
+}
+
+/// A change-log row's key: image, then chunk (big-endian, so an image's rows are adjacent).
+fn change_key(image: Uuid, chunk: u64) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..16].copy_from_slice(image.as_bytes());
+    k[16..].copy_from_slice(&chunk.to_be_bytes());
+    k
 }
 
 /// `(layer, block)` of format 1, and `(layer, chunk)` of format 2.
@@ -229,6 +239,7 @@ impl Meta {
             ColumnFamilyDescriptor::new(CF_DELTAS, vector()),
             ColumnFamilyDescriptor::new(CF_EXTENTS, vector()),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
+            ColumnFamilyDescriptor::new(CF_CHANGES, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
         let mut sync = WriteOptions::default();
@@ -507,6 +518,56 @@ impl Meta {
                 batch.put_cf(self.cf(CF_CHUNKS), pair_key(layer, idx), &buf[..]);
             }
         }
+    }
+
+    /// Adds to `batch` the change-log row of `image`'s `chunk`, changed at `ms`.
+    pub fn put_change(&self, batch: &mut WriteBatch, image: Uuid, chunk: u64, ms: u64) {
+        batch.put_cf(
+            self.cf(CF_CHANGES),
+            change_key(image, chunk),
+            ms.to_le_bytes(),
+        );
+    }
+
+    /// `image`'s change-log rows (chunk, Unix ms), and the time before which rows were
+    /// dropped: rows older than [`CHANGE_LOG_KEEP_MS`] before its newest are deleted.
+    pub fn load_changes(&self, image: Uuid) -> Result<(Vec<(u64, u64)>, u64), MetaError> {
+        let cf = self.cf(CF_CHANGES);
+        let mut rows = Vec::new();
+        let it = self.db.prefix_iterator_cf(cf, image.as_bytes());
+        for kv in it {
+            let (k, v) = kv?;
+            if !k.starts_with(image.as_bytes()) {
+                break;
+            }
+            let (Ok(chunk), Ok(ms)) = (<[u8; 8]>::try_from(&k[16..]), <[u8; 8]>::try_from(&v[..]))
+            else {
+                return Err(MetaError::Corrupt(format!("change-log row of {image}")));
+            };
+            rows.push((u64::from_be_bytes(chunk), u64::from_le_bytes(ms)));
+        }
+        let newest = rows.iter().map(|r| r.1).max().unwrap_or(0);
+        let keep_from = newest.saturating_sub(CHANGE_LOG_KEEP_MS);
+        let mut b = WriteBatch::default();
+        for (chunk, _) in rows.iter().filter(|r| r.1 < keep_from) {
+            b.delete_cf(cf, change_key(image, *chunk));
+        }
+        if !b.is_empty() {
+            self.db.write_opt(b, &self.nosync)?;
+        }
+        rows.retain(|r| r.1 >= keep_from);
+        Ok((rows, keep_from))
+    }
+
+    /// Deletes `image`'s change log.
+    pub fn delete_changes(&self, image: Uuid) -> Result<(), MetaError> {
+        let cf = self.cf(CF_CHANGES);
+        let mut b = WriteBatch::default();
+        let last = change_key(image, u64::MAX);
+        b.delete_range_cf(cf, change_key(image, 0), last);
+        b.delete_cf(cf, last);
+        self.db.write_opt(b, &self.nosync)?;
+        Ok(())
     }
 
     /// Writes a batch of host-data rows; `durable` syncs the WAL first.

@@ -23,6 +23,7 @@
 //! pool is full, `-ENXIO` for an image that no longer exists.
 
 pub mod alloc;
+pub mod changes;
 mod io;
 pub mod map;
 pub mod meta;
@@ -39,6 +40,7 @@ use uuid::Uuid;
 use crate::limits::{BLOCK_BYTES, MAX_MEDIA_ERRORS_KEPT, MAX_PENDING_FREES, MERGE_STEP_ENTRIES};
 
 use alloc::Allocator;
+use changes::ChangeLog;
 pub use io::Image;
 use meta::{Meta, MetaError};
 pub use pool::DeviceSpec;
@@ -118,6 +120,8 @@ pub struct Head {
     layer: AtomicU64,
     /// I/O the image received while any handle of it existed.
     io: IoCounters,
+    /// When it last changed each chunk (loaded from its rows when the head is made).
+    changes: Mutex<ChangeLog>,
 }
 
 /// Commands an image received, by kind (relaxed atomics: one add per command, no lock).
@@ -342,10 +346,18 @@ impl BlockStore {
         if let Some(h) = heads.get(&uuid).and_then(Weak::upgrade) {
             return h;
         }
+        let changes = match self.meta.load_changes(uuid) {
+            Ok((rows, forgot_before)) => ChangeLog::from_rows(rows, forgot_before),
+            Err(e) => {
+                tracing::error!("block store: reading the change log of {uuid}: {e}");
+                ChangeLog::lost()
+            }
+        };
         let h = Arc::new(Head {
             uuid,
             layer: AtomicU64::new(t.images.get(&uuid).copied().unwrap_or(0)),
             io: IoCounters::default(),
+            changes: Mutex::new(changes),
         });
         heads.insert(uuid, Arc::downgrade(&h));
         h
@@ -418,6 +430,7 @@ impl BlockStore {
             Err(TreeError::NoImage(_)) => Ok(Delta::default()),
             r => r,
         })?;
+        self.meta.delete_changes(image)?;
         self.compact()
     }
 
@@ -447,6 +460,32 @@ impl BlockStore {
             }
         }
         Ok(())
+    }
+
+    /// Records in `head`'s change log (with a metadata write of its own) that blocks
+    /// `[first, first + n)` change now.
+    fn log_changes(&self, head: &Head, first: u64, n: u64) -> Result<(), StoreError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        lock(&head.changes).record(first, n, changes::now_ms(), |chunk, ms| {
+            self.meta.put_change(&mut batch, head.uuid, chunk, ms)
+        });
+        if !batch.is_empty() {
+            self.meta.write(batch, false)?;
+        }
+        Ok(())
+    }
+
+    /// When image `uuid` last changed (Unix ms, 0 if never), from its change log; None
+    /// if the log could not be read.
+    pub fn last_change_ms(&self, uuid: Uuid) -> Option<u64> {
+        lock(&self.head(uuid).changes).last_ms()
+    }
+
+    /// The chunks ([`CHANGE_CHUNK_BYTES`](crate::limits::CHANGE_CHUNK_BYTES)) of image
+    /// `uuid` its change log shows changed at or after `since_ms` (Unix ms), in order; None
+    /// if the log could not be read.
+    pub fn changed_since(&self, uuid: Uuid, since_ms: u64) -> Option<Vec<u64>> {
+        lock(&self.head(uuid).changes).since(since_ms)
     }
 
     /// Makes blocks `[start, end)` of volume `v` read as zeroes and frees their space.

@@ -27,6 +27,17 @@ impl Member {
         }
     }
 
+    /// A replica whose copy was current when this primary took over (a failover or
+    /// hand-over it saw happen): nothing is to copy but what the copies changed around the
+    /// switch (marked by the caller, and asked of the replica: [`super::repair`],
+    /// [`super::rebuild`]) and what the replica misses from now on.
+    pub fn current(link: Arc<Link>, size_bytes: u64, in_sync: bool) -> Member {
+        Member {
+            link,
+            state: Arc::new(MemberState::current(size_bytes, in_sync)),
+        }
+    }
+
     /// The control plane recorded this replica out of sync: no more writes go to it, and
     /// the parts held for it complete (their chunks marked dirty).
     pub fn drop_replica(&self) {

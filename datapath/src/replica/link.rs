@@ -19,7 +19,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{decode_answer, Frame, MemberState, Mode, ANSWER_BYTES, FENCED, HDR_BYTES, NOT_HELD};
+use super::{
+    decode_answer, Frame, MemberState, Mode, Op, ANSWER_BYTES, FENCED, HDR_BYTES, NOT_HELD,
+    RECENT_END, RECENT_UNKNOWN,
+};
 use crate::backend::CompletionSink;
 use crate::limits::{
     REPLICA_CONNECT_TIMEOUT_MS, REPLICA_HOLD_MAX_MS, REPLICA_IO_TIMEOUT_MS, REPLICA_LINK_PARTS_MAX,
@@ -390,7 +393,11 @@ impl Link {
             st.outq.push_back(id);
             return Verdict::Requeued;
         }
-        if status != 0 && status != FENCED {
+        let answered = status == 0
+            || status == FENCED
+            || (p.frame.op == Op::Recent
+                && (status > 0 || status == RECENT_END || status == RECENT_UNKNOWN));
+        if !answered {
             // The replica could not store it (or never got the volume): its copy is no
             // longer trustworthy. Hold the part and report the replica.
             tracing::warn!(peer = %self.addr, status, "replica refused a part");

@@ -42,6 +42,11 @@ pub struct MemberState {
     /// Until when ([`clock_ns`]) the replica's promise not to serve the volume holds, as
     /// far as this primary may rely on it; 0: no promise.
     lease_until: AtomicU64,
+    /// A copy that was current when this primary took over, whose own recent changes
+    /// ([`super::Op::Recent`]) are still to be asked and marked.
+    ask_recent: AtomicBool,
+    /// It was in sync when this primary took over (else: the deposed primary).
+    was_in_sync: bool,
 }
 
 impl MemberState {
@@ -67,7 +72,36 @@ impl MemberState {
             rebuild_chunks: AtomicU64::new(0),
             rebuild_copied: AtomicU64::new(0),
             lease_until: AtomicU64::new(0),
+            ask_recent: AtomicBool::new(false),
+            was_in_sync: in_sync,
         }
+    }
+
+    /// A replica that was current when this primary took over: clean (the caller marks
+    /// what changed around the switch), its own recent changes still to be asked.
+    pub fn current(size_bytes: u64, in_sync: bool) -> MemberState {
+        let mut m = MemberState::new(size_bytes, true);
+        if !in_sync {
+            m.mode = AtomicU8::new(DROPPED);
+        }
+        m.was_in_sync = in_sync;
+        m.ask_recent = AtomicBool::new(true);
+        m
+    }
+
+    /// Whether the replica's own recent changes are still to be asked.
+    pub fn must_ask_recent(&self) -> bool {
+        self.ask_recent.load(Ordering::SeqCst)
+    }
+
+    /// Its recent changes are marked (or everything is).
+    pub fn asked_recent(&self) {
+        self.ask_recent.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether it was in sync when this primary took over.
+    pub fn was_in_sync(&self) -> bool {
+        self.was_in_sync
     }
 
     /// The replica accepted a frame sent at `sent`: its promise runs from the frame's

@@ -44,7 +44,7 @@ mod snapshot;
 pub use backend::{Member, Replicated};
 pub use link::{Link, ReplicaHub};
 pub use member::{MemberState, Mode};
-pub use rebuild::rebuild;
+pub use rebuild::{rebuild, repair};
 pub use server::{HeldCopy, ReplicaImage, ReplicaServer, SnapshotHook};
 pub use snapshot::snapshot_members;
 
@@ -75,6 +75,10 @@ const FLAG_FUA: u8 = 1;
 pub const FENCED: i32 = -libc::ESTALE;
 /// Answer status: the replica does not hold the volume (yet).
 pub const NOT_HELD: i32 = -libc::ENOENT;
+/// [`Op::Recent`]'s answer: no more chunks.
+pub const RECENT_END: i32 = -libc::ENODATA;
+/// [`Op::Recent`]'s answer: the copy keeps no usable record of its recent changes.
+pub const RECENT_UNKNOWN: i32 = -libc::EOPNOTSUPP;
 
 /// What a frame asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +109,13 @@ pub enum Op {
     /// Take a snapshot of the copy (the snapshot's 16-byte id is the data), after every
     /// frame received before it; one left by an earlier attempt is replaced.
     Snapshot,
+    /// After a failover (the frame's epoch is the new primary's): the answer is the first
+    /// chunk at or after `offset` (in [`CHANGE_CHUNK_BYTES`]) this copy changed shortly
+    /// before it learned of that epoch, [`RECENT_END`] when there is none, or
+    /// [`RECENT_UNKNOWN`] when the copy cannot tell (then anything may differ).
+    ///
+    /// [`CHANGE_CHUNK_BYTES`]: crate::limits::CHANGE_CHUNK_BYTES
+    Recent,
 }
 
 impl Op {
@@ -120,6 +131,7 @@ impl Op {
             Op::RebuildEnd => (8, 0),
             Op::Ping => (9, 0),
             Op::Snapshot => (10, 0),
+            Op::Recent => (11, 0),
         }
     }
 
@@ -137,6 +149,7 @@ impl Op {
             8 => Op::RebuildEnd,
             9 => Op::Ping,
             10 => Op::Snapshot,
+            11 => Op::Recent,
             _ => return None,
         })
     }
@@ -309,6 +322,7 @@ mod tests {
             Op::RebuildEnd,
             Op::Ping,
             Op::Snapshot,
+            Op::Recent,
         ] {
             let mut h = [0u8; HDR_BYTES];
             frame(op).encode(&data, &mut h);

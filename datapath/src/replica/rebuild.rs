@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use super::{Frame, Member, Mode, Op};
+use super::{Frame, Member, Mode, Op, FENCED, RECENT_END, RECENT_UNKNOWN};
 use crate::backend::{Backend, CompletionSink, IoKind, IoQueue, IoRequest};
 use crate::buffer::SlotBuf;
 use crate::limits::{
@@ -49,6 +49,23 @@ impl CompletionSink for Waiter {
 }
 
 impl Waiter {
+    /// Waits for one completion; its status.
+    fn status(&self) -> io::Result<i32> {
+        let limit = Duration::from_millis(2 * REPLICA_HOLD_MAX_MS);
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        while done.is_empty() {
+            let (d, t) = self
+                .cv
+                .wait_timeout(done, limit)
+                .unwrap_or_else(|p| p.into_inner());
+            done = d;
+            if t.timed_out() && done.is_empty() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "replica silent"));
+            }
+        }
+        Ok(done.remove(0).1)
+    }
+
     /// Waits for `n` completions; the first error, if any.
     pub(super) fn wait(&self, n: usize) -> io::Result<()> {
         let limit = Duration::from_millis(2 * REPLICA_HOLD_MAX_MS);
@@ -83,7 +100,17 @@ pub fn rebuild(
     size_bytes: u64,
     barrier: impl FnOnce() -> io::Result<()>,
 ) -> io::Result<u64> {
-    let r = copy(member, local, volume, epoch, size_bytes, barrier);
+    if member.state.must_ask_recent() {
+        if member.state.was_in_sync() {
+            // A survivor of the failover that failed before it was asked what it changed
+            // around it: by now its answer may no longer reach back that far.
+            member.state.mark(0, size_bytes);
+        } else {
+            mark_recent(member, volume, epoch, size_bytes)?;
+        }
+        member.state.asked_recent();
+    }
+    let r = copy(member, local, volume, epoch, size_bytes, barrier, false);
     if r.is_err() {
         // Writes no longer go to it; what they change is marked for the next attempt.
         member.state.set_dropped();
@@ -91,6 +118,68 @@ pub fn rebuild(
     r
 }
 
+/// Brings an in-sync `member` that was current when this primary took over (see
+/// [`Member::current`]) level with `local` where the copies may differ: the chunks either
+/// changed shortly before learning of the switch (the deposed primary's last writes, never
+/// acknowledged, may have reached one and not the other), copied as a rebuild copies them
+/// while writes keep waiting for the replica. Returns the bytes sent (0 when there was
+/// nothing to do). A replica that cannot tell what it changed is copied whole.
+pub fn repair(
+    member: &Member,
+    local: &dyn Backend,
+    volume: [u8; 16],
+    epoch: u64,
+    size_bytes: u64,
+    barrier: impl FnOnce() -> io::Result<()>,
+) -> io::Result<u64> {
+    if !member.state.must_ask_recent() {
+        return Ok(0);
+    }
+    mark_recent(member, volume, epoch, size_bytes)?;
+    member.state.asked_recent();
+    copy(member, local, volume, epoch, size_bytes, barrier, true)
+}
+
+/// Marks dirty the chunks `member`'s copy changed around the switch to `epoch`, asked with
+/// [`Op::Recent`]; every chunk if it cannot tell.
+fn mark_recent(member: &Member, volume: [u8; 16], epoch: u64, size_bytes: u64) -> io::Result<()> {
+    let one = Arc::new(Waiter::default());
+    let sink: Arc<dyn CompletionSink> = one.clone();
+    let chunks = size_bytes.div_ceil(REBUILD_CHUNK_BYTES);
+    let mut cursor = 0;
+    while cursor < chunks {
+        let f = Frame {
+            op: Op::Recent,
+            volume,
+            epoch,
+            offset: cursor,
+            len: 0,
+            id: 0,
+        };
+        // SAFETY: no data.
+        unsafe {
+            member
+                .link
+                .submit_owed(f, std::ptr::null(), &sink, 0, &member.state)
+        };
+        match one.status()? {
+            c if c >= 0 => {
+                member.state.mark(c as u64 * REBUILD_CHUNK_BYTES, 1);
+                cursor = c as u64 + 1;
+            }
+            RECENT_END => return Ok(()),
+            RECENT_UNKNOWN => {
+                member.state.mark(0, size_bytes);
+                return Ok(());
+            }
+            FENCED => return Err(io::Error::other("a newer primary exists")),
+            e => return Err(io::Error::from_raw_os_error(-e)),
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 fn copy(
     member: &Member,
     local: &dyn Backend,
@@ -98,6 +187,7 @@ fn copy(
     epoch: u64,
     size_bytes: u64,
     barrier: impl FnOnce() -> io::Result<()>,
+    in_sync: bool,
 ) -> io::Result<u64> {
     let waiter = Arc::new(Waiter::default());
     let sink: Arc<dyn CompletionSink> = waiter.clone();
@@ -128,7 +218,9 @@ fn copy(
     // Writes go to the replica again from here, after RebuildStart in the link's order. If
     // RebuildStart does not arrive, neither do they: they are held, then marked dirty.
     send(frame(Op::RebuildStart, 0, 0), std::ptr::null());
-    member.state.set_rebuilding();
+    if !in_sync {
+        member.state.set_rebuilding();
+    }
     waiter.wait(1)?;
     alive()?;
     barrier()?;
@@ -165,7 +257,7 @@ fn copy(
     send(frame(Op::RebuildEnd, 0, 0), std::ptr::null());
     waiter.wait(2)?;
     alive()?;
-    if !member.state.rebuilt() {
+    if !in_sync && !member.state.rebuilt() {
         return Err(io::Error::other("the replica failed as the rebuild ended"));
     }
     Ok(member.state.copied_bytes.load(Ordering::Relaxed))

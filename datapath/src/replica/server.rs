@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 
 use super::{
     clock_ns, encode_answer, Frame, Op, WireError, ANSWER_BYTES, FENCED, HDR_BYTES, NOT_HELD,
+    RECENT_END, RECENT_UNKNOWN,
 };
 use crate::backend::{Backend, IoKind, IoQueue, IoRequest};
 use crate::buffer::SlotBuf;
 use crate::limits::{
-    LBA_BYTES, REPLICA_BATCH_FRAMES, REPLICA_CONNECTIONS_MAX, REPLICA_FRAME_DATA_MAX,
-    REPLICA_POLL_MS, REPLICA_READ_LEASE_MS,
+    CHANGE_LOG_REFRESH_MS, CHANGE_WINDOW_MS, LBA_BYTES, REPLICA_BATCH_FRAMES,
+    REPLICA_CONNECTIONS_MAX, REPLICA_FRAME_DATA_MAX, REPLICA_POLL_MS, REPLICA_READ_LEASE_MS,
 };
 
 /// One volume this server holds a copy of.
@@ -39,16 +40,31 @@ pub struct ReplicaImage {
     /// While a rebuild runs: one bit per block, set when a live write reached it (a copy
     /// never overwrites those).
     rebuild: Mutex<Option<Vec<u64>>>,
+    /// The newest epoch under which a frame changed this copy, and when the copy had last
+    /// changed before that epoch's first such frame (Unix ms, from its change log): where
+    /// [`Op::Recent`] looks back from.
+    anchor: Mutex<(u64, Option<u64>)>,
+    anchor_epoch: AtomicU64,
+    /// [`Op::Recent`]'s answer for an epoch, worked out at its first question.
+    recent: Mutex<Option<(u64, Option<Vec<u64>>)>>,
+    /// This process published itself the primary of the volume at some point: it may have
+    /// changed its copy after a gap (stopped, then resumed), which no time window bounds,
+    /// so it cannot tell what it changed recently.
+    was_primary: AtomicBool,
 }
 
 impl ReplicaImage {
     /// A copy known to be at `epoch` at least.
     pub fn new(backend: Option<Arc<dyn Backend>>, epoch: u64) -> ReplicaImage {
         ReplicaImage {
+            was_primary: AtomicBool::new(backend.is_none()),
             backend,
             epoch: AtomicU64::new(epoch),
             lease_given: AtomicU64::new(0),
             rebuild: Mutex::new(None),
+            anchor: Mutex::new((0, None)),
+            anchor_epoch: AtomicU64::new(0),
+            recent: Mutex::new(None),
         }
     }
 
@@ -69,6 +85,51 @@ impl ReplicaImage {
     /// Raises the epoch to at least `epoch` (fencing older primaries' frames from now on).
     fn fence(&self, epoch: u64) {
         self.epoch.fetch_max(epoch, Ordering::SeqCst);
+    }
+
+    /// A frame of `epoch` is about to change the copy: the first of a newer epoch fixes
+    /// where [`Op::Recent`] looks back from.
+    fn note_change(&self, epoch: u64, backend: &dyn Backend) {
+        if self.anchor_epoch.load(Ordering::Acquire) >= epoch {
+            return;
+        }
+        let mut a = self.anchor.lock().unwrap_or_else(|p| p.into_inner());
+        if a.0 < epoch {
+            *a = (epoch, backend.last_change_ms());
+            self.anchor_epoch.store(epoch, Ordering::Release);
+        }
+    }
+
+    /// [`Op::Recent`]: the first chunk at or after `cursor` this copy changed in the
+    /// [`CHANGE_WINDOW_MS`] before it last changed under an epoch older than `epoch` (the
+    /// new primary's), or after.
+    fn recent(&self, epoch: u64, cursor: u64, backend: &dyn Backend) -> i32 {
+        if self.was_primary.load(Ordering::SeqCst) {
+            return RECENT_UNKNOWN;
+        }
+        let mut cache = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = matches!(&*cache, Some((e, _)) if *e == epoch) && cursor > 0;
+        if !fresh {
+            let anchor = {
+                let a = self.anchor.lock().unwrap_or_else(|p| p.into_inner());
+                if a.0 >= epoch {
+                    a.1
+                } else {
+                    backend.last_change_ms()
+                }
+            };
+            let since =
+                anchor.map(|at| at.saturating_sub(CHANGE_WINDOW_MS + CHANGE_LOG_REFRESH_MS));
+            *cache = Some((epoch, since.and_then(|t| backend.changed_since(t))));
+        }
+        let Some((_, Some(chunks))) = &*cache else {
+            return RECENT_UNKNOWN;
+        };
+        let at = chunks.partition_point(|c| *c < cursor);
+        match chunks.get(at) {
+            None => RECENT_END,
+            Some(&c) => i32::try_from(c).unwrap_or(RECENT_UNKNOWN),
+        }
     }
 
     fn rebuild_map(&self) -> std::sync::MutexGuard<'_, Option<Vec<u64>>> {
@@ -196,12 +257,17 @@ impl ReplicaServer {
                 None => {
                     // Frames being applied hold the old entry: fence them there first, then
                     // carry its epoch and the promises it made over.
-                    let (seen, given) = cur.get(&uuid).map_or((0, 0), |old| {
+                    let (seen, given, primary) = cur.get(&uuid).map_or((0, 0, false), |old| {
                         old.fence(epoch);
-                        (old.epoch(), old.lease_given.load(Ordering::SeqCst))
+                        (
+                            old.epoch(),
+                            old.lease_given.load(Ordering::SeqCst),
+                            old.was_primary.load(Ordering::SeqCst),
+                        )
                     });
                     let i = ReplicaImage::new(backend, epoch.max(seen));
                     i.lease_given.store(given, Ordering::SeqCst);
+                    i.was_primary.fetch_or(primary, Ordering::SeqCst);
                     Arc::new(i)
                 }
             };
@@ -472,6 +538,9 @@ fn take_frame(
         status: None,
         parts: 0,
     };
+    if frame.op.changes_data() {
+        image.note_change(frame.epoch, &*backend);
+    }
     let mut queue = |kind: IoKind, offset: u64, len: u32, at: usize| {
         let buf = if matches!(kind, IoKind::Write { .. }) {
             // SAFETY: `at + len` lies within the frame's data, inside the slot.
@@ -503,6 +572,7 @@ fn take_frame(
         }
         Op::RebuildEnd => *image.rebuild_map() = None,
         Op::Ping => {}
+        Op::Recent => p.status = Some(image.recent(frame.epoch, frame.offset, &*backend)),
         // Everything before it is applied (it runs alone), so the copy is at the point of
         // the write stream where the primary takes its own.
         Op::Snapshot => {

@@ -6,7 +6,7 @@ use super::*;
 use crate::blockstore::meta::{encode_extent, encode_layer, FORMAT};
 use crate::blockstore::tree::{Layer, Owner};
 
-const CFS: [&str; 5] = ["layers", "chunks", "deltas", "extents", "meta"];
+const CFS: [&str; 6] = ["layers", "chunks", "deltas", "extents", "meta", "changes"];
 
 /// The store's RocksDB opened directly (the store must be closed).
 fn raw_db(meta: &Path) -> rocksdb::DB {
@@ -408,5 +408,56 @@ fn pool_devices_on_disk_are_used_with_o_direct() {
     assert!(
         h.st().is_direct(),
         "the pool device is not opened with O_DIRECT"
+    );
+}
+
+/// Every write and trim records its chunk in the image's change log, in the same or an
+/// earlier metadata write than its mapping: the log reads back whole after a reopen, and
+/// leaves with the image.
+#[test]
+fn the_change_log_records_writes_and_trims_and_survives_a_reopen() {
+    use crate::limits::CHANGE_CHUNK_BYTES;
+    let mut h = Harness::new(IoQueue::new_sync());
+    h.blocks = 1024;
+    let v = Uuid::new_v4();
+    h.st().create_volume(v).expect("volume");
+    let per_chunk = CHANGE_CHUNK_BYTES / BLOCK_BYTES;
+    let before = crate::blockstore::changes::now_ms();
+    assert_eq!(
+        h.st().changed_since(v, 0),
+        Some(vec![]),
+        "nothing written yet"
+    );
+    assert_eq!(
+        h.io(v, IoKind::Write { fua: false }, 1, 1, false),
+        BLOCK as i32
+    );
+    assert_eq!(
+        h.io(v, IoKind::Write { fua: true }, 2 * per_chunk + 7, 2, false),
+        2 * BLOCK as i32
+    );
+    assert_eq!(
+        h.io(v, IoKind::WriteZeroes, per_chunk + 3, 1, false),
+        BLOCK as i32
+    );
+    let last = h.st().last_change_ms(v).expect("a log");
+    assert!(last >= before);
+    assert_eq!(h.st().changed_since(v, before), Some(vec![0, 1, 2]));
+    assert_eq!(h.st().changed_since(v, last + 1), Some(vec![]));
+    h.store = None;
+    h.store = Some(open(h.dir.path()));
+    assert_eq!(
+        h.st().changed_since(v, before),
+        Some(vec![0, 1, 2]),
+        "read back after a reopen"
+    );
+    assert_eq!(h.st().last_change_ms(v), Some(last));
+    h.st().delete(v).expect("delete");
+    h.store = None;
+    h.store = Some(open(h.dir.path()));
+    assert_eq!(
+        h.st().changed_since(v, 0),
+        Some(vec![]),
+        "its rows left with it"
     );
 }
