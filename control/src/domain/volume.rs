@@ -117,17 +117,17 @@ pub struct Volume {
     /// that it stopped serving (the new primary serves only after that, or once that
     /// server failed).
     pub releasing: Option<Uuid>,
-    /// The primary the last failover or hand-over replaced, while its copy is out of sync:
-    /// it held every acknowledged write then, so the new primary rebuilds it from what
-    /// changed around and since the switch (when it saw the switch happen) rather than
-    /// copying everything.
-    pub deposed: Option<Uuid>,
     /// Replica moves in progress (at most [`VOLUME_MOVES_MAX`]).
     pub replacing: Vec<Replacement>,
     /// How far the rebuild of an out-of-sync replica has got, in percent, as its primary
     /// last reported (`rebuildProgress`; 0 when a copy falls out of sync or a rebuild
     /// ends).
     pub rebuild_percent: u8,
+    /// The primary the last failover or hand-over replaced, while its copy is out of sync:
+    /// it held every acknowledged write then, so the new primary rebuilds it from what
+    /// changed around and since the switch (when it saw the switch happen) rather than
+    /// copying everything. (Last: event schema 7 appended it.)
+    pub deposed: Option<Uuid>,
 }
 
 impl Volume {

@@ -16,8 +16,9 @@ use crate::error::ControlError;
 /// later (still written as 3) the primary being released (`Volume::releasing`). 4: volumes
 /// carry their replica moves (`Volume::replacing`). 5: volumes carry their rebuild's
 /// progress (`Volume::rebuild_percent`). 6: snapshots carry the nodes holding them
-/// (`Snapshot::holders`), so `SnapshotCreationRequested` grew a field.
-pub const SCHEMA_VERSION: u16 = 6;
+/// (`Snapshot::holders`), so `SnapshotCreationRequested` grew a field. 7: volumes carry
+/// their deposed primary (`Volume::deposed`, their last field).
+pub const SCHEMA_VERSION: u16 = 7;
 
 /// Frames a domain event for the journal.
 pub fn encode(event: &Event, project: &str, actor: &str, request_id: &str, time: u64) -> NewEvent {
@@ -39,6 +40,10 @@ pub fn decode(env: &Envelope) -> Result<Event, ControlError> {
         reason: e.to_string(),
     };
     let event: Event = match env.schema_version {
+        7 => bincode::deserialize(&env.payload).map_err(bad)?,
+        5 | 6 if is_volume_creation(&env.payload) => {
+            upcast_v6_volume_creation(&env.payload).map_err(bad)?
+        }
         6 => bincode::deserialize(&env.payload).map_err(bad)?,
         1..=5 if is_snapshot_creation(&env.payload) => {
             upcast_snapshot_creation(&env.payload).map_err(bad)?
@@ -87,6 +92,15 @@ fn tagged(payload: &[u8], outer: u32, inner: u32) -> bool {
 
 fn is_snapshot_creation(payload: &[u8]) -> bool {
     tagged(payload, SNAPSHOT_EVENT, SNAPSHOT_CREATION_REQUESTED)
+}
+
+/// Schemas 5 and 6: a volume ended with its rebuild's progress, before its deposed
+/// primary. The volume is the payload's last field, so today's shape is the old bytes
+/// followed by `None` (bincode: one 0 byte).
+fn upcast_v6_volume_creation(payload: &[u8]) -> bincode::Result<Event> {
+    let mut today = payload.to_vec();
+    today.push(0);
+    bincode::deserialize(&today)
 }
 
 /// Schemas 1 to 5: a snapshot ended with `restoring`, before its holders. The snapshot is
@@ -397,6 +411,31 @@ mod tests {
         v4.extend(bincode::serialize(&created.replacing).unwrap());
         assert_eq!(upcast_v4(&v4).unwrap(), want(&created));
         assert_eq!(created.rebuild_percent, 0);
+        // Schemas 5 and 6: schema 4's volume, then its rebuild's progress.
+        let mut v6 = v4.clone();
+        v6.push(created.rebuild_percent);
+        let env = |version: u16, payload: &[u8]| Envelope {
+            seq: 1,
+            time_unix_ns: 1,
+            actor: String::new(),
+            project: String::new(),
+            request_id: String::new(),
+            event_type: "VolumeCreationRequested".into(),
+            schema_version: version,
+            payload: payload.to_vec(),
+            prev_hash: Default::default(),
+        };
+        for version in [5, 6] {
+            assert_eq!(decode(&env(version, &v6)).unwrap(), want(&created));
+        }
+        // Schema 7 appends the deposed primary.
+        created.deposed = Some(Uuid::from_u128(11));
+        let today = bincode::serialize(&want(&created)).unwrap();
+        assert_eq!(decode(&env(7, &today)).unwrap(), want(&created));
+        assert!(
+            decode(&env(7, &v6)).is_err(),
+            "schema 7 has the deposed primary"
+        );
     }
 
     #[test]
