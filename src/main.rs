@@ -68,6 +68,15 @@ struct ServeArgs {
     /// appended between starts, never removed or reordered.
     #[arg(long = "device", env = "EVSTOR_DEVICES", value_delimiter = ',')]
     devices: Vec<PathBuf>,
+    /// A file or block device this server has outside its pool (repeat for several; files
+    /// are created sparse if missing): listed by `GET /api/v2/nvmeDevices` as `UnManaged`
+    /// until `POST /api/v2/nvmeDevices` adds it to the pool, while serving.
+    #[arg(
+        long = "spare-device",
+        env = "EVSTOR_SPARE_DEVICES",
+        value_delimiter = ','
+    )]
+    spare_devices: Vec<PathBuf>,
     /// CPU cores given to the NVMe/TCP data path: one reactor thread per core (each owns
     /// many connections and one io_uring), pinned to the first cores the process may use.
     /// Default: half of those CPUs, at least one (one on a 2-CPU machine), unpinned.
@@ -341,6 +350,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 nvme_addr,
                 discovery_addr,
                 devices,
+                spare_devices,
                 edge,
                 cluster,
                 admin_token_lifetime,
@@ -353,6 +363,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ServeConfig {
                     data_dir,
                     devices,
+                    spare_devices,
                     api_addr,
                     nvme_addr,
                     discovery_addr,

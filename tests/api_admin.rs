@@ -551,10 +551,10 @@ fn servers_nodes_and_devices_describe_the_one_machine() {
         .1;
     assert_eq!(of_node["NvmeDevices"].as_array().unwrap().len(), 1);
 
-    // Adding a device through the API: 501 with a JSON body (devices join at start).
+    // Adding a device through the API: only a spare one (see the test below).
     let body = json!({"serialNumber": "S", "nodeUUID": node_uuid});
     let (status, err) = admin.post("/api/v2/nvmeDevices", &body);
-    assert_json_error(status, &err, 501, 12);
+    assert_json_error(status, &err, 404, 5);
     // Servers join a cluster of `evstor serve --etcd` processes; this one has no etcd.
     let body = json!({"serverUUID": uuid::Uuid::new_v4().to_string(),
                       "serverEndpoints": ["127.0.0.1:9443"]});
@@ -638,6 +638,133 @@ fn servers_nodes_and_devices_describe_the_one_machine() {
 /// `UpdateNvmeDevice` records a device's LED pattern (files have no LED, but the contract
 /// holds): the enum is validated, an unknown serial or server is 404, a stale `If-Match`
 /// 412; the pattern shows in GET, moves the ETag and survives a restart.
+/// A spare device (`--spare-device`) is listed `UnManaged`; `POST /nvmeDevices` adds it to
+/// the pool while the server runs: writes that found the pool full then fit, and the pool
+/// keeps it after a restart.
+#[test]
+fn a_spare_device_added_through_the_api_extends_the_pool_while_serving() {
+    let files = tempfile::tempdir().unwrap();
+    let sized = |name: &str, bytes: u64| {
+        let p = files.path().join(name);
+        std::fs::File::create(&p).unwrap().set_len(bytes).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (dev, spare) = (sized("dev.img", 32 << 20), sized("spare.img", 64 << 20));
+    let mut s = Server::start_with(common::Options::args(&[
+        "--device",
+        &dev,
+        "--spare-device",
+        &spare,
+    ]));
+    let admin = s.admin();
+    let node = admin.get("/api/v2/nodes").1["nodes"][0]["UUID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let listed = |usage: &str| {
+        admin
+            .get(&format!("/api/v2/nvmeDevices?deviceUsages={usage}"))
+            .1["NvmeDevices"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let unmanaged = listed("UnManaged");
+    assert_eq!(unmanaged.len(), 1, "{unmanaged:?}");
+    assert_eq!(unmanaged[0]["name"], spare.as_str());
+    assert_eq!(unmanaged[0]["nodeUUID"], node.as_str());
+    let serial = unmanaged[0]["serial"].as_str().unwrap().to_string();
+    let pooled = listed("Data")[0]["serial"].as_str().unwrap().to_string();
+    assert_eq!(
+        admin.get(&format!("/api/v2/nvmeDevices/{serial}")).1["deviceUsage"],
+        "UnManaged"
+    );
+    let add = |serial: &str, node: &str| {
+        admin.post(
+            "/api/v2/nvmeDevices",
+            &json!({"serialNumber": serial, "nodeUUID": node}),
+        )
+    };
+    let (status, err) = add("", &node);
+    assert_json_error(status, &err, 400, 3);
+    let (status, err) = add(&pooled, &node);
+    assert_json_error(status, &err, 400, 3);
+    let (status, err) = add(&serial, &uuid::Uuid::new_v4().to_string());
+    assert_json_error(status, &err, 404, 5);
+    // A 64 MiB volume on the 32 MiB pool: writes run out of space part way.
+    let (status, v) = admin.post("/api/v2/projects/default/volumes", &{
+        let mut b = vol("big");
+        b["size"] = json!("64 MiB");
+        b
+    });
+    assert_eq!(status, 200, "{v}");
+    let vpath = format!(
+        "/api/v2/projects/default/volumes/{}",
+        v["UUID"].as_str().unwrap()
+    );
+    let v = s.wait_for(&vpath, |_, v| v["state"] == "Available");
+    let nsid = v["nsid"].as_u64().unwrap() as u32;
+    let nqn = admin.get("/api/v2/clusterinfo").1["subsystemNQN"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let host = "nqn.2014-08.org.nvmexpress:uuid:5a5a5a5a-0000-4000-8000-00000000d0d0";
+    let mut h = Session::connect(
+        std::net::SocketAddr::from(([127, 0, 0, 1], s.nvme_port)),
+        &nqn,
+        host,
+    )
+    .expect("NVMe/TCP connect");
+    const PIECE: u64 = 16; // blocks of 4 KiB per write
+    let data = |lba: u64| -> Vec<u8> {
+        (0..PIECE as usize * 4096)
+            .map(|i| (lba as usize * 7 + i / 4096) as u8 | 1)
+            .collect()
+    };
+    let total = (64 << 20) / 4096;
+    let mut full_at = None;
+    for lba in (0..total).step_by(PIECE as usize) {
+        if h.write(nsid, lba, &data(lba)).is_err() {
+            full_at = Some(lba);
+            break;
+        }
+    }
+    let full_at = full_at.expect("a 32 MiB pool cannot hold 64 MiB of data");
+    assert!(
+        full_at >= (24 << 20) / 4096,
+        "full after only {full_at} blocks"
+    );
+    // The spare joins the pool; the rest of the volume fits now.
+    let (status, body) = add(&serial, &node);
+    assert_eq!((status, body), (200, json!({})));
+    assert!(listed("UnManaged").is_empty());
+    assert_eq!(listed("Data").len(), 2);
+    for lba in (full_at..total).step_by(PIECE as usize) {
+        h.write(nsid, lba, &data(lba))
+            .unwrap_or_else(|e| panic!("write at {lba} after the device was added: {e}"));
+    }
+    let last = total - PIECE;
+    drop(h);
+    s.restart();
+    let mut h = Session::connect(
+        std::net::SocketAddr::from(([127, 0, 0, 1], s.nvme_port)),
+        &nqn,
+        host,
+    )
+    .expect("NVMe/TCP connect after the restart");
+    for lba in [0, full_at, last] {
+        assert_eq!(
+            h.read(nsid, lba, PIECE as u32).unwrap(),
+            data(lba),
+            "lba {lba}"
+        );
+    }
+    assert_eq!(
+        s.admin().get(&format!("/api/v2/nvmeDevices/{serial}")).1["deviceUsage"],
+        "Data"
+    );
+}
+
 #[test]
 fn a_device_led_pattern_is_validated_recorded_and_survives_a_restart() {
     let mut s = Server::start();

@@ -412,6 +412,29 @@ impl VolumeStore {
         *last = want;
     }
 
+    /// Appends to the block store the pool devices `state` gives this node beyond those it
+    /// has (added through the API while serving), in the order it opens them with.
+    fn add_new_devices(&self, state: &State) {
+        let want = pool_devices(state, self.node);
+        let have = self.store.devices();
+        if want.len() <= have.len() {
+            return;
+        }
+        if !want.iter().zip(&have).all(|(w, (p, _))| w.path == *p) {
+            tracing::error!(
+                "the pool's devices {have:?} are not the first of those recorded for this node \
+                 ({want:?}); adding none"
+            );
+            return;
+        }
+        for d in &want[have.len()..] {
+            if let Err(e) = self.store.add_device(d) {
+                tracing::error!("adding {} to the pool: {e}", d.path.display());
+                return;
+            }
+        }
+    }
+
     /// The block store.
     pub fn store(&self) -> &Arc<BlockStore> {
         &self.store
@@ -585,6 +608,7 @@ impl DataPlane for VolumeStore {
     }
 
     fn publish(&self, state: &State) -> std::io::Result<()> {
+        self.add_new_devices(state);
         *self
             .creating_snapshots
             .write()

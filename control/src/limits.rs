@@ -223,3 +223,5 @@ pub const JWKS_MAX_AGE_SECS: u64 = 3_600;
 pub const ADMIN_ENDPOINTS_MAX: usize = 8;
 /// Most local addresses per admin endpoint.
 pub const ADMIN_ENDPOINT_IPS_MAX: usize = 8;
+/// Devices one node's pool may manage: what the data path's block store holds.
+pub const DEVICES_PER_NODE_MAX: usize = evstor_datapath::limits::POOL_DEVICES_MAX;

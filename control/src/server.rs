@@ -41,6 +41,9 @@ pub struct ServeConfig {
     /// Files or block devices for the pool (empty: one sparse file in the data directory).
     /// Devices may be appended between starts, never removed or reordered.
     pub devices: Vec<PathBuf>,
+    /// Files or block devices this server has outside its pool, listed as `UnManaged`
+    /// until `POST /nvmeDevices` adds one (files are created sparse if missing).
+    pub spare_devices: Vec<PathBuf>,
     pub api_addr: SocketAddr,
     pub nvme_addr: SocketAddr,
     pub discovery_addr: SocketAddr,
@@ -156,22 +159,27 @@ pub(crate) fn prepare_devices(cfg: &ServeConfig) -> anyhow::Result<Vec<PathBuf>>
         cfg.devices.clone()
     };
     for p in &paths {
-        if p.exists() {
-            continue;
-        }
-        if let Some(dir) = p.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let size = default_device_bytes(p.parent().unwrap_or(Path::new(".")));
-        std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(p)
-            .and_then(|f| f.set_len(size))
-            .with_context(|| format!("creating the device file {}", p.display()))?;
+        ensure_device_file(p)?;
     }
     Ok(paths)
+}
+
+/// Creates a missing device file, sparse, at the default size.
+fn ensure_device_file(p: &Path) -> anyhow::Result<()> {
+    if p.exists() {
+        return Ok(());
+    }
+    if let Some(dir) = p.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let size = default_device_bytes(p.parent().unwrap_or(Path::new(".")));
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(p)
+        .and_then(|f| f.set_len(size))
+        .with_context(|| format!("creating the device file {}", p.display()))
 }
 
 /// What the cluster records about a device: identity from the drive itself when it is NVMe.
@@ -258,6 +266,52 @@ pub(crate) async fn add_new_devices(
             .await?;
         }
     }
+    report_spare_devices(bus, cfg, node).await
+}
+
+/// Records the configured spare devices of `node` (or the only node) that are not in a
+/// pool yet; a spare already known keeps its serial.
+async fn report_spare_devices(
+    bus: &Bus,
+    cfg: &ServeConfig,
+    node: Option<Uuid>,
+) -> anyhow::Result<()> {
+    // A snapshot: the state's read guard must not be held across the submission.
+    let state = bus.state().clone();
+    let Some(node) = node.or_else(|| state.inventory.first_node().map(|n| n.uuid)) else {
+        return Ok(());
+    };
+    let pooled = |p: &Path| {
+        state
+            .inventory
+            .devices
+            .values()
+            .any(|d| d.node_uuid == node && Path::new(&d.path) == p)
+    };
+    let mut spares = Vec::new();
+    for p in cfg.spare_devices.iter().filter(|p| !pooled(p)) {
+        if cfg.devices.contains(p) {
+            anyhow::bail!("{} is named both as a device and as a spare", p.display());
+        }
+        ensure_device_file(p)?;
+        let known = state
+            .inventory
+            .spares
+            .values()
+            .find(|d| d.node_uuid == node && Path::new(&d.path) == p.as_path());
+        spares.push(match known {
+            Some(d) => d.clone(),
+            None => device_record(p)?,
+        });
+    }
+    bus.submit(
+        RequestMeta::system("startup"),
+        Command::Inventory(crate::domain::inventory::Command::ReportSpareDevices {
+            node,
+            devices: spares,
+        }),
+    )
+    .await?;
     Ok(())
 }
 

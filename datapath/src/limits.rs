@@ -401,6 +401,8 @@ pub const MAX_CNTLID: u16 = 0xffef;
 /// A rebuild tracks and copies a replica's missed changes in chunks of this many bytes (one
 /// bit of the primary's memory per chunk).
 pub const REBUILD_CHUNK_BYTES: u64 = 1 << 20;
+/// Devices one node's storage pool holds (at start, or added while serving).
+pub const POOL_DEVICES_MAX: usize = 64;
 /// An image's change log (see `blockstore::changes`) records changes in chunks of this
 /// many bytes: a rebuild's chunks.
 pub const CHANGE_CHUNK_BYTES: u64 = REBUILD_CHUNK_BYTES;

@@ -9,9 +9,11 @@
 //! LED. 404 for an unknown serial or `serverUUID`, 400 for a `serverUUID` the device is
 //! not in or a body `serialNumber` other than the path's, 412 for a stale `If-Match`.
 //!
-//! Adding devices through the API (`POST /nvmeDevices`) answers 501: devices join the
-//! pool at server start (`--device`), because the block store maps its devices once, when
-//! it opens (`datapath::blockstore::pool`).
+//! `POST /nvmeDevices` (`AddNvmeDevice`) adds a spare device (`evstor serve
+//! --spare-device`, listed with `deviceUsage` `UnManaged`) to its node's pool: recorded
+//! (`DeviceAdded`), and appended to the node's block store while it serves. 400 for an
+//! empty serial or node, a device already in a pool, one of another server, a node whose
+//! server failed or is disabled, or a pool that is full; 404 for an unknown serial or node.
 
 use axum::extract::{Path, State};
 use axum::routing::get;
@@ -40,8 +42,16 @@ const USAGES: [&str; 5] = ["Unknown", "Data", "Journal", "OS", "UnManaged"];
 /// Every pool device holds data.
 const DATA: &str = "Data";
 
-/// The `UserNvmeDevicesResponse` message.
+/// The `UserNvmeDevicesResponse` message of a pool device.
 pub fn device_json(app: &App, state: &DomainState, d: &Device) -> Value {
+    usage_json(app, state, d, DATA)
+}
+
+/// Outside the pool until added (`AddNvmeDevice`).
+const UNMANAGED: &str = "UnManaged";
+
+/// The `UserNvmeDevicesResponse` message of a device with `usage`.
+fn usage_json(app: &App, state: &DomainState, d: &Device, usage: &str) -> Value {
     let led = state.inventory.leds.get(&d.serial).map_or("", |p| p.name());
     Obj::new()
         .u64s("size", d.size_bytes)
@@ -52,7 +62,7 @@ pub fn device_json(app: &App, state: &DomainState, d: &Device) -> Value {
         .str("name", &d.path)
         .str("nodeUUID", &d.node_uuid.to_string())
         .str("ETag", &d.etag.to_string())
-        .str("deviceUsage", DATA)
+        .str("deviceUsage", usage)
         .str("ledPattern", led)
         .val(
             "statistics",
@@ -94,24 +104,28 @@ fn find<'a>(state: &'a DomainState, serial: &str) -> ApiResult<&'a Device> {
         .ok_or_else(|| ApiError::not_found(format!("NVMe device {serial} not found")))
 }
 
+/// Every device of the inventory with its usage: the pools', then the spares.
+fn all_devices(state: &DomainState) -> impl Iterator<Item = (&Device, &'static str)> {
+    let inv = &state.inventory;
+    let pool = inv.devices.values().map(|d| (d, DATA));
+    pool.chain(inv.spares.values().map(|d| (d, UNMANAGED)))
+}
+
 async fn list(State(app): State<App>, who: Principal, q: Query) -> ApiResult<Json<Value>> {
     who.require_cluster_admin()?;
     let wanted = usages(&q)?;
     let state = app.bus.state();
-    let devices: Vec<Value> = state
-        .inventory
-        .devices
-        .values()
-        .filter(|d| {
+    let devices: Vec<Value> = all_devices(&state)
+        .filter(|(d, _)| {
             q.get("nodeUUID")
                 .is_none_or(|n| d.node_uuid.to_string() == n)
         })
-        .filter(|d| {
+        .filter(|(d, _)| {
             q.get("serverUUID")
                 .is_none_or(|s| d.server_uuid.to_string() == s)
         })
-        .filter(|_| wanted.is_empty() || wanted.contains(&DATA))
-        .map(|d| device_json(&app, &state, d))
+        .filter(|(_, usage)| wanted.is_empty() || wanted.contains(usage))
+        .map(|(d, usage)| usage_json(&app, &state, d, usage))
         .collect();
     Ok(Json(json!({ "NvmeDevices": devices })))
 }
@@ -123,17 +137,26 @@ async fn get_one(
 ) -> ApiResult<Json<Value>> {
     who.require_cluster_admin()?;
     let state = app.bus.state();
-    Ok(Json(device_json(&app, &state, find(&state, &serial)?)))
+    let (d, usage) = all_devices(&state)
+        .find(|(d, _)| d.serial == serial)
+        .ok_or_else(|| ApiError::not_found(format!("NVMe device {serial} not found")))?;
+    Ok(Json(usage_json(&app, &state, d, usage)))
 }
 
-async fn add(State(_): State<App>, who: Principal, b: Body) -> ApiResult<Json<Value>> {
+/// `AddNvmeDevice`: a spare device joins its node's pool; the node's data path takes its
+/// space at once (the answer is empty, as the reference's).
+async fn add(
+    State(app): State<App>,
+    who: Principal,
+    headers: HeaderMap,
+    b: Body,
+) -> ApiResult<Json<Value>> {
     who.require_cluster_admin()?;
     let serial = b.required_str("serialNumber")?;
-    b.required_str("nodeUUID")?;
-    Err(ApiError::unimplemented(format!(
-        "adding NVMe device {serial} is not implemented: a server's devices join its pool \
-         when it starts (`evstor serve --device <path>`)"
-    )))
+    let node = parse_uuid(&b.required_str("nodeUUID")?)?;
+    let cmd = InventoryCommand::AddNvmeDevice { serial, node };
+    app.submit(&who, &headers, Command::Inventory(cmd)).await?;
+    Ok(Json(json!({})))
 }
 
 /// `UpdateNvmeDevice`: answers the device as it is then (`UpdateNvmeDeviceResponse` is

@@ -30,6 +30,7 @@ use super::names::{check_etag, check_name};
 use super::replace::{self, NodeRole};
 use super::volume::VolumeState;
 use super::{Applied, Ctx, DomainError, Event as AnyEvent, RowKey, State};
+use crate::limits::DEVICES_PER_NODE_MAX;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerState {
@@ -125,6 +126,9 @@ pub struct Inventory {
     pub created: BTreeMap<Uuid, ServerCreation>,
     /// Devices' LED patterns, by serial (see `led`).
     pub leds: BTreeMap<String, LedPattern>,
+    /// Devices servers have but keep out of their pools (`evstor serve --spare-device`),
+    /// by serial, until added through the API (`AddNvmeDevice`).
+    pub spares: BTreeMap<String, Device>,
 }
 
 impl Inventory {
@@ -216,6 +220,10 @@ pub enum Command {
         pattern: LedPattern,
         if_match: Option<String>,
     },
+    /// Server start-up: the devices `node` has outside its pool (the configured spares).
+    ReportSpareDevices { node: Uuid, devices: Vec<Device> },
+    /// The spare device `serial` joins `node`'s pool (`POST /nvmeDevices`).
+    AddNvmeDevice { serial: String, node: Uuid },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -297,6 +305,11 @@ pub enum Event {
     ServerEvictionFailed {
         uuid: Uuid,
     },
+    /// The devices `node` has outside its pool now (replacing what it reported before).
+    SpareDevicesReported {
+        node: Uuid,
+        devices: Vec<Device>,
+    },
 }
 
 impl Event {
@@ -320,6 +333,7 @@ impl Event {
             Event::ServerCreated { .. } => "ServerCreated",
             Event::CreatedServerJoined { .. } => "CreatedServerJoined",
             Event::DeviceLedPatternSet { .. } => "DeviceLedPatternSet",
+            Event::SpareDevicesReported { .. } => "SpareDevicesReported",
         }
     }
 }
@@ -394,7 +408,102 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             pattern,
             if_match,
         } => led::set(state, serial, *server, *pattern, if_match),
+        Command::ReportSpareDevices { node, devices } => report_spares(state, *node, devices),
+        Command::AddNvmeDevice { serial, node } => add_nvme_device(state, serial, *node),
     }
+}
+
+fn report_spares(
+    state: &State,
+    node: Uuid,
+    devices: &[Device],
+) -> Result<Vec<AnyEvent>, DomainError> {
+    let inventory = &state.inventory;
+    let n = inventory
+        .nodes
+        .get(&node)
+        .ok_or_else(|| DomainError::not_found("node", node))?;
+    let mut now: Vec<Device> = devices
+        .iter()
+        .filter(|d| !inventory.devices.contains_key(&d.serial))
+        .map(|d| Device {
+            node_uuid: node,
+            server_uuid: n.server_uuid,
+            etag: 0,
+            ..d.clone()
+        })
+        .collect();
+    now.sort_by(|a, b| a.serial.cmp(&b.serial));
+    let before: Vec<Device> = inventory
+        .spares
+        .values()
+        .filter(|d| d.node_uuid == node)
+        .map(|d| Device {
+            etag: 0,
+            ..d.clone()
+        })
+        .collect();
+    if before == now {
+        return Ok(vec![]);
+    }
+    Ok(vec![inv(Event::SpareDevicesReported {
+        node,
+        devices: now,
+    })])
+}
+
+fn add_nvme_device(state: &State, serial: &str, node: Uuid) -> Result<Vec<AnyEvent>, DomainError> {
+    if serial.is_empty() || node.is_nil() {
+        return Err(DomainError::InvalidArgument(
+            "serialNumber and nodeUUID are required".into(),
+        ));
+    }
+    let inventory = &state.inventory;
+    let n = inventory
+        .nodes
+        .get(&node)
+        .ok_or_else(|| DomainError::not_found("node", node))?;
+    if let Some(d) = inventory.devices.get(serial) {
+        return Err(DomainError::InvalidArgument(format!(
+            "NVMe device {serial} is already attached to node {}",
+            d.node_uuid
+        )));
+    }
+    let spare = inventory
+        .spares
+        .get(serial)
+        .ok_or_else(|| DomainError::not_found("NVMe device", serial))?;
+    if spare.node_uuid != node {
+        return Err(DomainError::InvalidArgument(format!(
+            "NVMe device {serial} belongs to server {}, not to node {node}'s",
+            spare.server_uuid
+        )));
+    }
+    let active = inventory
+        .servers
+        .get(&n.server_uuid)
+        .is_some_and(|s| !s.failed && s.state == ServerState::Enabled);
+    if !active {
+        return Err(DomainError::InvalidArgument(format!(
+            "node {node} is not active (its server failed or is disabled)"
+        )));
+    }
+    let managed = inventory
+        .devices
+        .values()
+        .filter(|d| d.node_uuid == node)
+        .count();
+    if managed >= DEVICES_PER_NODE_MAX {
+        return Err(DomainError::InvalidArgument(format!(
+            "node {node} already manages {managed} devices, the most a pool holds"
+        )));
+    }
+    Ok(vec![inv(Event::DeviceAdded {
+        device: Device {
+            etag: 0,
+            ..spare.clone()
+        },
+    })])
 }
 
 fn inv(e: Event) -> AnyEvent {
@@ -784,8 +893,28 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             let mut device = device.clone();
             device.etag = at.seq;
             let key = RowKey::Device(device.serial.clone());
+            let mut rows = vec![key];
+            if inv.spares.remove(&device.serial).is_some() {
+                rows.push(RowKey::Spare(device.serial.clone()));
+            }
             inv.devices.insert(device.serial.clone(), device);
-            vec![key]
+            rows
+        }
+        Event::SpareDevicesReported { node, devices } => {
+            let mut rows: Vec<RowKey> = inv
+                .spares
+                .values()
+                .filter(|d| d.node_uuid == *node)
+                .map(|d| RowKey::Spare(d.serial.clone()))
+                .collect();
+            inv.spares.retain(|_, d| d.node_uuid != *node);
+            for d in devices {
+                let mut d = d.clone();
+                d.etag = at.seq;
+                rows.push(RowKey::Spare(d.serial.clone()));
+                inv.spares.insert(d.serial.clone(), d);
+            }
+            rows
         }
         Event::FailureDomainSet {
             server_uuid,
@@ -993,6 +1122,63 @@ pub(crate) mod tests {
         // Before bootstrap nobody can join.
         let err = decide_any(&State::default(), &test_ctx(), &join_cmd(5, "x", "")).unwrap_err();
         assert!(matches!(err, DomainError::Unavailable(_)), "{err:?}");
+    }
+
+    #[test]
+    fn spares_are_reported_once_and_join_their_own_nodes_pool_only() {
+        let mut s = four_servers();
+        let node_of = |s: &State, n: u128| s.inventory.node_of(Uuid::from_u128(n)).unwrap().uuid;
+        let (n2, n3) = (node_of(&s, 2), node_of(&s, 3));
+        let report = |node, serials: &[&str]| {
+            AnyCommand::Inventory(Command::ReportSpareDevices {
+                node,
+                devices: serials
+                    .iter()
+                    .map(|x| Device::backing_file(x, &format!("/d/{x}"), 1 << 30))
+                    .collect(),
+            })
+        };
+        assert_eq!(run(&mut s, report(n2, &["sp-a", "sp-b"])).unwrap().len(), 1);
+        assert!(
+            run(&mut s, report(n2, &["sp-b", "sp-a"]))
+                .unwrap()
+                .is_empty(),
+            "the same spares again (a restart): nothing"
+        );
+        assert_eq!(s.inventory.spares["sp-a"].node_uuid, n2);
+        let add = |serial: &str, node| {
+            AnyCommand::Inventory(Command::AddNvmeDevice {
+                serial: serial.into(),
+                node,
+            })
+        };
+        let err = run(&mut s, add("sp-a", n3)).unwrap_err();
+        assert!(matches!(err, DomainError::InvalidArgument(_)), "{err:?}");
+        let err = run(&mut s, add("dev-s3", n3)).unwrap_err();
+        assert!(
+            matches!(err, DomainError::InvalidArgument(_)),
+            "in a pool: {err:?}"
+        );
+        let err = run(&mut s, add("nope", n2)).unwrap_err();
+        assert!(matches!(err, DomainError::NotFound(_)), "{err:?}");
+        run(&mut s, add("sp-a", n2)).unwrap();
+        assert_eq!(s.inventory.devices["sp-a"].node_uuid, n2);
+        assert_eq!(s.inventory.spares.keys().collect::<Vec<_>>(), ["sp-b"]);
+        // Reported again at the next start (sp-a is in the pool now): nothing changes.
+        assert!(run(&mut s, report(n2, &["sp-a", "sp-b"]))
+            .unwrap()
+            .is_empty());
+        // A disabled server's node takes no device.
+        run(&mut s, report(n3, &["sp-c"])).unwrap();
+        let disable = AnyCommand::Inventory(Command::DisableServer {
+            uuid: Uuid::from_u128(3),
+            if_match: None,
+            force: true,
+            evict: false,
+        });
+        run(&mut s, disable).unwrap();
+        let err = run(&mut s, add("sp-c", n3)).unwrap_err();
+        assert!(matches!(err, DomainError::InvalidArgument(_)), "{err:?}");
     }
 
     #[test]

@@ -147,6 +147,8 @@ pub enum RowKey {
     ServerCreation(Uuid),
     /// A device's LED pattern (`inventory::Inventory::leds`).
     DeviceLed(String),
+    /// A spare device (`inventory::Inventory::spares`).
+    Spare(String),
 }
 
 /// Decides what `command` means given `state`: the events to append, or why not.

@@ -52,6 +52,7 @@ pub fn key_bytes(key: &RowKey) -> Vec<u8> {
         RowKey::NodeRole(u) => format!("noderole/{u}").into_bytes(),
         RowKey::ServerCreation(u) => format!("servercreate/{u}").into_bytes(),
         RowKey::DeviceLed(s) => format!("deviceled/{s}").into_bytes(),
+        RowKey::Spare(s) => format!("spare/{s}").into_bytes(),
     }
 }
 
@@ -88,6 +89,7 @@ pub fn value(state: &State, key: &RowKey) -> Option<Vec<u8>> {
         RowKey::NodeRole(u) => state.inventory.roles.get(u).map(enc),
         RowKey::ServerCreation(u) => state.inventory.created.get(u).map(enc),
         RowKey::DeviceLed(s) => state.inventory.leds.get(s).map(enc),
+        RowKey::Spare(s) => state.inventory.spares.get(s).map(enc),
     }
 }
 
@@ -119,6 +121,7 @@ pub fn all(state: &State) -> BTreeMap<Vec<u8>, Vec<u8>> {
             .map(|u| RowKey::ServerCreation(*u)),
     );
     keys.extend(state.inventory.leds.keys().cloned().map(RowKey::DeviceLed));
+    keys.extend(state.inventory.spares.keys().cloned().map(RowKey::Spare));
     keys.extend(
         state
             .resource_policies
@@ -256,6 +259,9 @@ pub fn load(journal: &RocksJournal) -> Result<State, ControlError> {
     })?;
     load_kind(journal, "deviceled/", |id, x| {
         s.inventory.leds.insert(id, x);
+    })?;
+    load_kind(journal, "spare/", |id, x| {
+        s.inventory.spares.insert(id, x);
     })?;
     load_kind(journal, "schedule/", |_, x: ResourcePolicy| {
         s.resource_policies.by_uuid.insert(x.uuid, x);

@@ -46,6 +46,16 @@ impl Allocator {
         }
     }
 
+    /// Grows the space to `pages` (a device was appended to the pool).
+    pub fn grow(&mut self, pages: u64) {
+        if pages <= self.pages {
+            return;
+        }
+        self.pages = pages;
+        self.chunks
+            .resize_with(pages.div_ceil(CHUNK_PAGES) as usize, || None);
+    }
+
     /// Capacity in sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.pages * 8

@@ -309,6 +309,43 @@ impl BlockStore {
             .collect()
     }
 
+    /// Appends `device` to the pool while serving: its space is usable once this returns.
+    /// Nothing happens for a device the pool already has (same path).
+    pub fn add_device(&self, device: &DeviceSpec) -> Result<(), StoreError> {
+        // The tree lock serializes appends (and holds writes' mappings back meanwhile).
+        let _t = self.tree_mut();
+        if self.pool.devices().any(|(p, _)| p == device.path) {
+            return Ok(());
+        }
+        // Recorded first: a crash after it leaves a pool the next open appends the same way
+        // (the list holds each device's size; a file is created at that size).
+        let mut listed: Vec<(String, u64)> = self
+            .pool
+            .devices()
+            .map(|(p, size)| (p.display().to_string(), size))
+            .collect();
+        let size = if pool::is_block_device(&device.path) {
+            evstor_ffi::block_device_size(&device.path)?
+        } else {
+            device
+                .size_bytes
+                .max(std::fs::metadata(&device.path).map_or(0, |m| m.len()))
+        };
+        listed.push((
+            device.path.display().to_string(),
+            size / BLOCK_BYTES * BLOCK_BYTES,
+        ));
+        self.meta.check_devices(&listed)?;
+        self.pool.append(device)?;
+        lock(&self.alloc).grow(self.pool.pages());
+        tracing::info!(
+            device = %device.path.display(),
+            bytes = size,
+            "block store: device added to the pool"
+        );
+        Ok(())
+    }
+
     /// Applies a tree operation and persists it durably (one atomic batch). The heads of the
     /// images it moved follow before the write lock is let go.
     fn mutate(

@@ -17,12 +17,14 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 use io_uring::{opcode, types};
 
 use crate::backend::IoQueue;
 use crate::buffer::SlotBuf;
-use crate::limits::BLOCK_BYTES;
+use crate::limits::{BLOCK_BYTES, POOL_DEVICES_MAX};
 
 /// One device of the pool, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,80 +61,108 @@ pub struct RawOp {
 /// deep, never overflows).
 const URING_GROUP: usize = crate::limits::RING_ENTRIES as usize / 2;
 
-/// The devices, addressed as one run of pages.
+/// The devices, addressed as one run of pages. Devices are only ever appended (at open, or
+/// while serving: [`Pool::append`]), so the I/O path reads the list without a lock.
 #[derive(Debug)]
 pub struct Pool {
-    devs: Vec<Dev>,
-    pages: u64,
-    inline: bool,
+    /// [`POOL_DEVICES_MAX`] slots, the first `count` filled in order.
+    devs: Box<[OnceLock<Dev>]>,
+    count: AtomicUsize,
+    pages: AtomicU64,
+    /// Every device is memory-backed (transfers run inline).
+    inline: AtomicBool,
 }
 
 impl Pool {
     /// Opens (creating sparse files where missing) every device, in order.
     pub fn open(specs: &[DeviceSpec]) -> io::Result<Pool> {
-        let mut devs = Vec::with_capacity(specs.len());
-        let mut first_page = 0;
-        let mut inline = true;
+        let pool = Pool {
+            devs: (0..POOL_DEVICES_MAX).map(|_| OnceLock::new()).collect(),
+            count: AtomicUsize::new(0),
+            pages: AtomicU64::new(0),
+            inline: AtomicBool::new(true),
+        };
         for s in specs {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(!is_block_device(&s.path))
-                .truncate(false)
-                .open(&s.path)?;
-            let md = file.metadata()?;
-            let bytes = if md.is_file() {
-                if md.len() < s.size_bytes {
-                    file.set_len(s.size_bytes)?;
-                }
-                md.len().max(s.size_bytes)
-            } else {
-                evstor_ffi::block_device_size(&s.path)?
-            };
-            let pages = bytes / BLOCK_BYTES;
-            let memory = crate::backend::memory_backed(&file);
-            inline &= memory;
-            let (file, direct) = match (!memory).then(|| open_direct(&s.path)).flatten() {
-                Some(f) => (f, true),
-                None => (file, false),
-            };
-            devs.push(Dev {
-                file,
-                path: s.path.clone(),
-                first_page,
-                pages,
-                direct,
-            });
-            first_page += pages;
+            pool.append(s)?;
         }
-        Ok(Pool {
-            devs,
-            pages: first_page,
-            inline,
-        })
+        Ok(pool)
+    }
+
+    /// Opens `spec` and appends it after the last device; returns its pages. One caller at a
+    /// time (the store appends under its tree lock); I/O may run meanwhile.
+    pub fn append(&self, spec: &DeviceSpec) -> io::Result<u64> {
+        let slot = self.count.load(Ordering::Acquire);
+        let Some(cell) = self.devs.get(slot) else {
+            return Err(io::Error::other(format!(
+                "a pool holds at most {POOL_DEVICES_MAX} devices"
+            )));
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(!is_block_device(&spec.path))
+            .truncate(false)
+            .open(&spec.path)?;
+        let md = file.metadata()?;
+        let bytes = if md.is_file() {
+            if md.len() < spec.size_bytes {
+                file.set_len(spec.size_bytes)?;
+            }
+            md.len().max(spec.size_bytes)
+        } else {
+            evstor_ffi::block_device_size(&spec.path)?
+        };
+        let pages = bytes / BLOCK_BYTES;
+        let memory = crate::backend::memory_backed(&file);
+        let (file, direct) = match (!memory).then(|| open_direct(&spec.path)).flatten() {
+            Some(f) => (f, true),
+            None => (file, false),
+        };
+        let first_page = self.pages.load(Ordering::Acquire);
+        let dev = Dev {
+            file,
+            path: spec.path.clone(),
+            first_page,
+            pages,
+            direct,
+        };
+        if cell.set(dev).is_err() {
+            return Err(io::Error::other("pool devices appended concurrently"));
+        }
+        if !memory {
+            self.inline.store(false, Ordering::Release);
+        }
+        self.count.store(slot + 1, Ordering::Release);
+        self.pages.store(first_page + pages, Ordering::Release);
+        Ok(pages)
+    }
+
+    fn devs(&self) -> impl Iterator<Item = &Dev> {
+        self.devs[..self.count.load(Ordering::Acquire)]
+            .iter()
+            .filter_map(OnceLock::get)
     }
 
     /// Capacity in 4 KiB pages.
     pub fn pages(&self) -> u64 {
-        self.pages
+        self.pages.load(Ordering::Acquire)
     }
 
     /// Whether every device bypasses the page cache (O_DIRECT).
     pub fn is_direct(&self) -> bool {
-        self.devs.iter().all(|d| d.direct)
+        self.devs().all(|d| d.direct)
     }
 
     /// Device paths with their sizes in bytes.
     pub fn devices(&self) -> impl Iterator<Item = (&Path, u64)> {
-        self.devs
-            .iter()
+        self.devs()
             .map(|d| (d.path.as_path(), d.pages * BLOCK_BYTES))
     }
 
     /// Whether `sector` is the first of a device after the first (a transfer must not run
     /// into it from the device before).
     pub fn starts_device(&self, sector: u64) -> bool {
-        sector.is_multiple_of(8) && self.devs[1..].iter().any(|d| d.first_page * 8 == sector)
+        sector.is_multiple_of(8) && self.devs().skip(1).any(|d| d.first_page * 8 == sector)
     }
 
     /// The device holding `sector`.
@@ -142,11 +172,14 @@ impl Pool {
 
     fn locate(&self, sector: u64) -> (&Dev, u64) {
         let page = sector / 8;
-        let i = self
-            .devs
-            .partition_point(|d| d.first_page + d.pages <= page)
-            .min(self.devs.len() - 1);
-        let d = &self.devs[i];
+        let mut found = None;
+        for d in self.devs() {
+            found = Some(d);
+            if d.first_page + d.pages > page {
+                break;
+            }
+        }
+        let d = found.expect("invariant: I/O reaches only pools with a device");
         (d, (sector - d.first_page * 8) * 512)
     }
 
@@ -157,7 +190,7 @@ impl Pool {
     /// Every op's `buf` must be valid for `len` bytes (writable for reads) and not touched
     /// by anyone else until this returns.
     pub unsafe fn run(&self, q: &mut IoQueue, ops: &[RawOp], res: &mut [i32]) -> i32 {
-        if self.inline || !q.is_uring() {
+        if self.inline.load(Ordering::Acquire) || !q.is_uring() {
             for (op, r) in ops.iter().zip(res.iter_mut()) {
                 // SAFETY: forwarded caller contract.
                 *r = unsafe { self.run_one(op) };
@@ -216,7 +249,7 @@ impl Pool {
 
     /// Makes every completed write durable.
     pub fn sync(&self) -> io::Result<()> {
-        for d in &self.devs {
+        for d in self.devs() {
             d.file.sync_data()?;
         }
         Ok(())
@@ -250,7 +283,7 @@ fn open_direct(path: &Path) -> Option<File> {
     }
 }
 
-fn is_block_device(path: &Path) -> bool {
+pub(super) fn is_block_device(path: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::metadata(path)
         .map(|m| m.file_type().is_block_device())
@@ -323,10 +356,10 @@ mod tests {
         };
         let p = Pool::open(std::slice::from_ref(&spec)).expect("pool");
         assert!(
-            !crate::backend::memory_backed(&p.devs[0].file),
+            !crate::backend::memory_backed(&p.devs().next().expect("a device").file),
             "TMPDIR is memory-backed: O_DIRECT cannot be tested here"
         );
-        assert!(p.is_direct() && o_direct(&p.devs[0].file));
+        assert!(p.is_direct() && o_direct(&p.devs().next().expect("a device").file));
         round_trip(&p);
         let shm = Path::new("/dev/shm");
         if shm.is_dir() {
@@ -336,7 +369,11 @@ mod tests {
                 size_bytes: 1 << 20,
             };
             let p = Pool::open(&[spec]).expect("pool on tmpfs");
-            assert!(!p.is_direct() && !o_direct(&p.devs[0].file) && p.inline);
+            assert!(
+                !p.is_direct()
+                    && !o_direct(&p.devs().next().expect("a device").file)
+                    && p.inline.load(Ordering::Relaxed)
+            );
             round_trip(&p);
         }
     }

@@ -461,3 +461,56 @@ fn the_change_log_records_writes_and_trims_and_survives_a_reopen() {
         "its rows left with it"
     );
 }
+
+/// A device appended while serving adds its space at once; the pool opens with it after a
+/// restart, and data on both devices reads back.
+#[test]
+fn a_device_added_while_serving_extends_the_pool_and_stays_after_a_reopen() {
+    let mut h = Harness::new(IoQueue::new_sync());
+    h.blocks = 2048;
+    let v = Uuid::new_v4();
+    h.st().create_volume(v).expect("volume");
+    // The 4 MiB device holds 1024 blocks: fill it (with data: zeroes take no space).
+    h.buf.slot_mut(0, BLOCK).fill(0x5a);
+    let mut b = 0;
+    while h.io(v, IoKind::Write { fua: false }, b, 1, false) == BLOCK as i32 {
+        b += 1;
+        assert!(b < 2048, "a 4 MiB device cannot hold 8 MiB");
+    }
+    assert_eq!(
+        h.io(v, IoKind::Write { fua: false }, b, 1, false),
+        -libc::ENOSPC
+    );
+    let extra = DeviceSpec {
+        path: h.dir.path().join("dev1"),
+        size_bytes: 4 << 20,
+    };
+    h.st().add_device(&extra).expect("add a device");
+    h.st()
+        .add_device(&extra)
+        .expect("adding it again does nothing");
+    assert_eq!(h.st().devices().len(), 2);
+    for n in b..b + 100 {
+        assert_eq!(
+            h.io(v, IoKind::Write { fua: false }, n, 1, false),
+            BLOCK as i32,
+            "block {n}"
+        );
+    }
+    let last = read_block(&mut h, v, b + 99);
+    h.store = None;
+    let devices = [
+        DeviceSpec {
+            path: h.dir.path().join("dev0"),
+            size_bytes: 4 << 20,
+        },
+        extra,
+    ];
+    h.store = Some(BlockStore::open(&h.dir.path().join("meta"), &devices).expect("reopen"));
+    assert_eq!(read_block(&mut h, v, b + 99), last);
+    h.store = None;
+    assert!(
+        BlockStore::open(&h.dir.path().join("meta"), &devices[..1]).is_err(),
+        "the pool was extended: opening it without the added device is refused"
+    );
+}
