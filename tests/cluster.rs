@@ -1565,6 +1565,82 @@ fn a_snapshot_is_taken_on_every_copy_and_outlives_its_primary() {
     }
 }
 
+/// A rollback of a replicated volume is done on every copy holding the snapshot: the
+/// replicas roll back with the primary and are in sync again at once (nothing copied), the
+/// volume stays `FullyProtected`, and every copy holds the snapshot's data.
+#[test]
+fn a_rollback_rolls_back_every_copy_holding_the_snapshot() {
+    let etcd = Etcd::start(3);
+    let mut servers = three(&etcd);
+    let uuid = create_volume(&servers[0], "rb", 3);
+    let (mut host, nsid, p) = host_on_primary(&servers, 0, &uuid);
+    for b in 0..8u64 {
+        host.write(nsid, b, &block(b as u8)).expect("write");
+    }
+    let (status, snap) = servers[1].admin().post(
+        "/api/v2/projects/default/snapshots",
+        &json!({"name": "before", "sourceVolumeUUID": uuid}),
+    );
+    assert_eq!(status, 200, "{snap}");
+    let snap_uuid = snap["UUID"].as_str().expect("UUID").to_string();
+    let snap_path = format!("/api/v2/projects/default/snapshots/{snap_uuid}");
+    let snap = eventually(&servers[2], &snap_path, |_, v| v["state"] == "Available");
+    assert_eq!(snap["nodeList"].as_array().map(Vec::len), Some(3), "{snap}");
+    for b in 0..12u64 {
+        host.write(nsid, b, &block(0xa0 | b as u8))
+            .expect("overwrite");
+    }
+    drop(host);
+    let path = format!("/api/v2/projects/default/volumes/{uuid}");
+    let (status, body) = servers[2].admin().put(
+        &format!("{path}/rollback"),
+        &json!({"srcSnapshotUUID": snap_uuid}),
+    );
+    assert_eq!(status, 200, "{body}");
+    eventually(&servers[0], &path, |_, v| {
+        v["state"] == "Available" && v["protectionState"] == "FullyProtected"
+    });
+    let (kinds, copied) = volume_events(&servers[p], &uuid);
+    let rolled = kinds
+        .iter()
+        .position(|k| k == "VolumeRollbackRequested")
+        .expect("a rollback");
+    assert_eq!(
+        kinds[rolled..],
+        [
+            "VolumeRollbackRequested",
+            "VolumeReplicaInSync",
+            "VolumeReplicaInSync",
+            "VolumeRolledBack"
+        ],
+        "both replicas rolled back with the primary: {kinds:?}"
+    );
+    assert_eq!(copied, [0, 0], "nothing was copied");
+    let (mut host, _, q) = host_on_primary(&servers, 0, &uuid);
+    assert_eq!(q, p);
+    let want: Vec<u8> = (0..8u8)
+        .flat_map(block)
+        .chain(std::iter::repeat_n(0, 4 * 4096))
+        .collect();
+    assert_eq!(
+        host.read(nsid, 0, 12).expect("read after the rollback"),
+        want
+    );
+    // Writes go to every copy again.
+    host.write(nsid, 20, &block(20))
+        .expect("write after the rollback");
+    drop(host);
+    for s in servers.iter_mut() {
+        s.stop();
+    }
+    let mut want = want;
+    want.extend(std::iter::repeat_n(0, 8 * 4096));
+    want.extend(block(20));
+    for (i, s) in servers.iter().enumerate() {
+        assert_eq!(image_blocks(s, &uuid, 21), want, "server {i}'s copy");
+    }
+}
+
 /// POST `/nodes/{src}/replace` of node `src` with `body`, asked of server `ask`, with extra
 /// headers.
 fn replace_node(

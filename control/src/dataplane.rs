@@ -21,7 +21,8 @@ use evstor_datapath::limits::{
     SNAPSHOT_REPLICA_WAIT_MS,
 };
 use evstor_datapath::replica::{
-    snapshot_members, Member, Mode, ReplicaHub, ReplicaServer, SnapshotHook,
+    rollback_members, snapshot_members, Hooks, Member, Mode, ReplicaHub, ReplicaServer,
+    SnapshotHook,
 };
 use evstor_datapath::{
     Acl, Ana, Backend, Backing, ConnectedHost, NamespaceSpec, QosLimits, Replication, TargetHandle,
@@ -203,7 +204,17 @@ impl VolumeStore {
                 .retake_snapshot(Uuid::from_bytes(volume), snapshot)
                 .map_err(io_err)
         });
-        let server = ReplicaServer::start_with(listen, Some(snapshots))?;
+        let store = self.store.clone();
+        let rollback: SnapshotHook = Arc::new(move |volume, snapshot| {
+            store
+                .rollback(Uuid::from_bytes(volume), Uuid::from_bytes(snapshot))
+                .map_err(io_err)
+        });
+        let hooks = Hooks {
+            snapshot: Some(snapshots),
+            rollback: Some(rollback),
+        };
+        let server = ReplicaServer::start_with_hooks(listen, hooks)?;
         let addr = server.local_addr();
         self.repl = Some(Repl {
             hub: ReplicaHub::default(),
@@ -375,7 +386,13 @@ impl VolumeStore {
             .volumes
             .by_uuid
             .values()
-            .filter(|v| matches!(v.state, VolumeState::Creating | VolumeState::Available))
+            // (A rollback also reaches the replicas holding the snapshot.)
+            .filter(|v| {
+                matches!(
+                    v.state,
+                    VolumeState::Creating | VolumeState::Available | VolumeState::Rollback
+                )
+            })
             .filter_map(|v| {
                 // Out-of-sync replicas too: a rebuild writes to them.
                 let replica = v.replica_nodes.contains(&node);
@@ -602,9 +619,42 @@ impl DataPlane for VolumeStore {
         self.store.delete(uuid).map_err(io_err)
     }
 
-    /// The volume is withdrawn from hosts while it is in `Rollback`, so nothing writes to it.
-    fn rollback(&self, v: &Volume, snapshot: Uuid) -> std::io::Result<()> {
-        self.store.rollback(v.uuid, snapshot).map_err(io_err)
+    /// The volume is withdrawn from hosts while it is in `Rollback`, so nothing writes to it:
+    /// the replicas holding the snapshot roll back their own copies (`Op::Rollback`).
+    fn rollback(
+        &self,
+        v: &Volume,
+        snapshot: Uuid,
+        replicas: &[(Uuid, SocketAddr)],
+    ) -> std::io::Result<Vec<Uuid>> {
+        self.store.rollback(v.uuid, snapshot).map_err(io_err)?;
+        let Some(repl) = &self.repl else {
+            return Ok(Vec::new());
+        };
+        let mut nodes = Vec::new();
+        let mut members = Vec::new();
+        for (node, addr) in replicas {
+            match repl.hub.link(*addr) {
+                Ok(link) => {
+                    nodes.push(*node);
+                    members.push(Arc::new(Member::new(link, v.size_bytes, false)));
+                }
+                Err(e) => tracing::warn!("the replication link to {addr}: {e}"),
+            }
+        }
+        let done = rollback_members(
+            &members,
+            *v.uuid.as_bytes(),
+            v.epoch,
+            *snapshot.as_bytes(),
+            Duration::from_millis(SNAPSHOT_REPLICA_WAIT_MS),
+        );
+        Ok(nodes
+            .into_iter()
+            .zip(done)
+            .filter(|(_, d)| *d)
+            .map(|(n, _)| n)
+            .collect())
     }
 
     fn publish(&self, state: &State) -> std::io::Result<()> {

@@ -43,8 +43,15 @@ pub trait DataPlane: Send + Sync + 'static {
     fn take_snapshot(&self, snapshot: &Snapshot) -> std::io::Result<Vec<Uuid>>;
     /// Releases the snapshot's storage for good.
     fn release_snapshot(&self, uuid: Uuid) -> std::io::Result<()>;
-    /// Replaces the volume's data with the snapshot's.
-    fn rollback(&self, volume: &Volume, snapshot: Uuid) -> std::io::Result<()>;
+    /// Replaces the volume's data with the snapshot's, on this node (its primary) and on
+    /// `replicas` (those holding the snapshot, with their replication addresses); returns
+    /// the replicas that did (they hold the primary's data again).
+    fn rollback(
+        &self,
+        volume: &Volume,
+        snapshot: Uuid,
+        replicas: &[(Uuid, std::net::SocketAddr)],
+    ) -> std::io::Result<Vec<Uuid>>;
     /// Hands the data path the namespace table implied by `state` (volumes, sizes, ACLs):
     /// every `Available` volume, and every `Creating` one whose storage is ready. An error
     /// names a namespace the target could not serve; the rest are served, and the next call
@@ -115,7 +122,9 @@ pub enum Work {
     DeleteVolume(Uuid),
     TakeSnapshot(Snapshot),
     DeleteSnapshot(Uuid),
-    Rollback(Volume, Uuid),
+    /// The volume, the snapshot, and the replicas holding it (with their replication
+    /// addresses): they roll back with the primary.
+    Rollback(Volume, Uuid, Vec<(Uuid, std::net::SocketAddr)>),
     /// No data work: ask the domain to expire the snapshot.
     Expire(Uuid),
     /// No data work: ask the domain to fire the resource policy's due slot (with the
@@ -161,7 +170,16 @@ pub fn pending(state: &State, now_unix_ns: u64) -> (Vec<Work>, Option<u64>) {
                     .values()
                     .find(|s| s.restoring.contains(&v.uuid));
                 if let Some(s) = from {
-                    work.push(Work::Rollback(v.clone(), s.uuid));
+                    let replicas = s
+                        .holders
+                        .iter()
+                        .filter(|n| v.replica_nodes.contains(n))
+                        .filter_map(|n| {
+                            let node = state.inventory.nodes.get(n)?;
+                            Some((*n, crate::dataplane::replication_addr(&node.nvme_endpoint)?))
+                        })
+                        .collect();
+                    work.push(Work::Rollback(v.clone(), s.uuid, replicas));
                 }
             }
             _ => {}
@@ -194,7 +212,7 @@ pub fn is_for(state: &State, w: &Work, node: Option<Uuid>) -> bool {
             .is_some_and(|s| s.agent(state) == node)
     };
     match w {
-        Work::CreateVolume(v) | Work::CloneVolume(v, _) | Work::Rollback(v, _) => {
+        Work::CreateVolume(v) | Work::CloneVolume(v, _) | Work::Rollback(v, ..) => {
             v.node_uuid == node
         }
         Work::DeleteVolume(u) => volume_on(u),
@@ -618,8 +636,11 @@ fn completion(w: &Work) -> (Command, String) {
             Command::Volume(VolumeCommand::FinishVolumeDeletion { uuid: *u }),
             format!("volume {u}"),
         ),
-        Work::Rollback(v, _) => (
-            Command::Volume(VolumeCommand::FinishVolumeRollback { uuid: v.uuid }),
+        Work::Rollback(v, ..) => (
+            Command::Volume(VolumeCommand::FinishVolumeRollback {
+                uuid: v.uuid,
+                rolled_back: Vec::new(),
+            }),
             format!("volume {}", v.uuid),
         ),
         Work::TakeSnapshot(s) => (
@@ -663,7 +684,15 @@ fn execute(data: &dyn DataPlane, work: Work, completion: &mut Command) -> std::i
             Ok(())
         }
         Work::DeleteSnapshot(u) => data.release_snapshot(u),
-        Work::Rollback(v, s) => data.rollback(&v, s),
+        Work::Rollback(v, s, replicas) => {
+            let rolled = data.rollback(&v, s, &replicas)?;
+            if let Command::Volume(VolumeCommand::FinishVolumeRollback { rolled_back, .. }) =
+                completion
+            {
+                *rolled_back = rolled;
+            }
+            Ok(())
+        }
         Work::Expire(_) | Work::Fire(..) => Ok(()),
     }
 }
@@ -775,7 +804,7 @@ mod tests {
             snapshot: SNAP,
         }));
         let (work, _) = pending(&state_of(&given), 0);
-        assert!(matches!(&work[..], [Work::Rollback(v, s)] if v.uuid == vol && *s == SNAP));
+        assert!(matches!(&work[..], [Work::Rollback(v, s, _)] if v.uuid == vol && *s == SNAP));
         given.push(Event::Volume(VolumeEvent::VolumeRolledBack { uuid: vol }));
         given.push(Event::Volume(VolumeEvent::VolumeDeletionRequested {
             uuid: vol,

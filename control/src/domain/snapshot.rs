@@ -848,7 +848,10 @@ mod rollback_tests {
         let err = given_when(&given, del.clone()).unwrap_err();
         assert!(matches!(err, DomainError::Unavailable(_)), "{err:?}");
 
-        let finish = AnyCommand::Volume(VolumeCommand::FinishVolumeRollback { uuid: vol });
+        let finish = AnyCommand::Volume(VolumeCommand::FinishVolumeRollback {
+            uuid: vol,
+            rolled_back: Vec::new(),
+        });
         let events = given_when(&given, finish.clone()).unwrap();
         assert_eq!(events[0].type_name(), "VolumeRolledBack");
         given.extend(events);

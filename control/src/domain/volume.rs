@@ -301,6 +301,8 @@ pub enum Command {
     /// Reconciler: the snapshot's data is back in the volume.
     FinishVolumeRollback {
         uuid: Uuid,
+        /// Replicas that rolled back with the primary: in sync again.
+        rolled_back: Vec<Uuid>,
     },
     /// Data path: a block of the volume failed its checksum on read.
     RecordDataIntegrityError {
@@ -839,11 +841,23 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             }
             _ => Ok(vec![]),
         },
-        Command::FinishVolumeRollback { uuid } => match state.volumes.get(*uuid) {
+        Command::FinishVolumeRollback { uuid, rolled_back } => match state.volumes.get(*uuid) {
             Some(v) if v.state == VolumeState::Rollback => {
-                Ok(vec![AnyEvent::Volume(Event::VolumeRolledBack {
-                    uuid: *uuid,
-                })])
+                // Nothing wrote to the volume meanwhile: a replica that rolled back to its
+                // copy of the snapshot holds what the primary holds.
+                let mut events: Vec<AnyEvent> = rolled_back
+                    .iter()
+                    .filter(|n| v.out_of_sync.contains(n) && v.replica_nodes.contains(n))
+                    .map(|n| {
+                        AnyEvent::Volume(Event::VolumeReplicaInSync {
+                            uuid: *uuid,
+                            node: *n,
+                            copied_bytes: 0,
+                        })
+                    })
+                    .collect();
+                events.push(AnyEvent::Volume(Event::VolumeRolledBack { uuid: *uuid }));
+                Ok(events)
             }
             _ => Ok(vec![]),
         },
@@ -934,6 +948,11 @@ fn mark_in_sync(
     let Some(v) = primary_at(state, uuid, epoch)? else {
         return Ok(vec![]);
     };
+    // A rollback rewrites the primary's copy: a rebuild that ended meanwhile copied the
+    // data from before it (the rollback's completion decides which replicas are in sync).
+    if v.state == VolumeState::Rollback {
+        return Ok(vec![]);
+    }
     if !v.out_of_sync.contains(&node) || !v.replica_nodes.contains(&node) {
         return Ok(vec![]);
     }

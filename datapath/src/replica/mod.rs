@@ -45,8 +45,8 @@ pub use backend::{Member, Replicated};
 pub use link::{Link, ReplicaHub};
 pub use member::{MemberState, Mode};
 pub use rebuild::{rebuild, repair};
-pub use server::{HeldCopy, ReplicaImage, ReplicaServer, SnapshotHook};
-pub use snapshot::snapshot_members;
+pub use server::{HeldCopy, Hooks, ReplicaImage, ReplicaServer, SnapshotHook};
+pub use snapshot::{rollback_members, snapshot_members};
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -116,6 +116,9 @@ pub enum Op {
     ///
     /// [`CHANGE_CHUNK_BYTES`]: crate::limits::CHANGE_CHUNK_BYTES
     Recent,
+    /// Replace the copy's data with its copy of a snapshot (the snapshot's 16-byte id is
+    /// the data), after every frame received before it.
+    Rollback,
 }
 
 impl Op {
@@ -132,6 +135,7 @@ impl Op {
             Op::Ping => (9, 0),
             Op::Snapshot => (10, 0),
             Op::Recent => (11, 0),
+            Op::Rollback => (12, 0),
         }
     }
 
@@ -150,13 +154,17 @@ impl Op {
             9 => Op::Ping,
             10 => Op::Snapshot,
             11 => Op::Recent,
+            12 => Op::Rollback,
             _ => return None,
         })
     }
 
     /// Whether data follows the header.
     pub fn has_data(self) -> bool {
-        matches!(self, Op::Write { .. } | Op::Copy | Op::Snapshot)
+        matches!(
+            self,
+            Op::Write { .. } | Op::Copy | Op::Snapshot | Op::Rollback
+        )
     }
 
     /// Whether it changes the replica's data (a replica that misses it misses data).
@@ -173,10 +181,10 @@ impl Op {
     }
 
     /// Whether it is applied alone, after everything received before it: a rebuild's copy
-    /// (the blocks it may not overwrite are then known) or a snapshot (the same point of
-    /// the write stream as the primary's).
+    /// (the blocks it may not overwrite are then known), a snapshot (the same point of the
+    /// write stream as the primary's) or a rollback.
     pub fn runs_alone(self) -> bool {
-        self.is_copy() || self == Op::Snapshot
+        self.is_copy() || matches!(self, Op::Snapshot | Op::Rollback)
     }
 }
 
@@ -323,6 +331,7 @@ mod tests {
             Op::Ping,
             Op::Snapshot,
             Op::Recent,
+            Op::Rollback,
         ] {
             let mut h = [0u8; HDR_BYTES];
             frame(op).encode(&data, &mut h);

@@ -176,6 +176,17 @@ fn blocks(offset: u64, len: u32) -> std::ops::Range<u64> {
 /// earlier attempt left: the replica's side of [`Op::Snapshot`].
 pub type SnapshotHook = Arc<dyn Fn([u8; 16], [u8; 16]) -> io::Result<()> + Send + Sync>;
 
+/// What a replica does for the image operations a primary asks of it: each hook takes the
+/// volume's id and the snapshot's.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// [`Op::Snapshot`]: take the snapshot of this copy (replacing one an earlier attempt
+    /// left).
+    pub snapshot: Option<SnapshotHook>,
+    /// [`Op::Rollback`]: replace this copy's data with its copy of the snapshot.
+    pub rollback: Option<SnapshotHook>,
+}
+
 /// A copy this server holds, as published: volume, image (`None` on its primary), epoch.
 pub type HeldCopy = ([u8; 16], Option<Arc<dyn Backend>>, u64);
 
@@ -211,6 +222,16 @@ impl ReplicaServer {
         addr: SocketAddr,
         snapshots: Option<SnapshotHook>,
     ) -> io::Result<ReplicaServer> {
+        let hooks = Hooks {
+            snapshot: snapshots,
+            rollback: None,
+        };
+        Self::start_with_hooks(addr, hooks)
+    }
+
+    /// As [`ReplicaServer::start`], doing the image operations primaries ask through
+    /// `hooks`.
+    pub fn start_with_hooks(addr: SocketAddr, hooks: Hooks) -> io::Result<ReplicaServer> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
@@ -220,7 +241,7 @@ impl ReplicaServer {
         let (i, p, s) = (images.clone(), peers.clone(), stop.clone());
         std::thread::Builder::new()
             .name("evstor-repl-accept".into())
-            .spawn(move || accept_loop(&listener, &i, &p, &s, snapshots))?;
+            .spawn(move || accept_loop(&listener, &i, &p, &s, hooks))?;
         Ok(ReplicaServer {
             addr,
             images,
@@ -315,7 +336,7 @@ fn accept_loop(
     images: &Arc<Images>,
     peers: &Arc<Peers>,
     stop: &Arc<AtomicBool>,
-    snapshots: Option<SnapshotHook>,
+    hooks: Hooks,
 ) {
     let live = Arc::new(AtomicUsize::new(0));
     let mut next = 0u64;
@@ -337,11 +358,11 @@ fn accept_loop(
                     .insert(key, cut);
                 live.fetch_add(1, Ordering::AcqRel);
                 let (i, st, l, ps) = (images.clone(), stop.clone(), live.clone(), peers.clone());
-                let snap = snapshots.clone();
+                let hooks = hooks.clone();
                 let spawned = std::thread::Builder::new()
                     .name("evstor-repl-peer".into())
                     .spawn(move || {
-                        if let Err(e) = serve(s, &i, &st, snap.as_ref()) {
+                        if let Err(e) = serve(s, &i, &st, &hooks) {
                             tracing::info!(%peer, "replication connection ended: {e}");
                         }
                         ps.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
@@ -373,12 +394,7 @@ struct Pending {
 }
 
 /// Serves one peer connection until it ends.
-fn serve(
-    s: TcpStream,
-    images: &Images,
-    stop: &AtomicBool,
-    snapshots: Option<&SnapshotHook>,
-) -> io::Result<()> {
+fn serve(s: TcpStream, images: &Images, stop: &AtomicBool, hooks: &Hooks) -> io::Result<()> {
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_millis(REPLICA_POLL_MS)))?;
     let mut out = s.try_clone()?;
@@ -403,7 +419,7 @@ fn serve(
             if frame.op.runs_alone() {
                 apply(&mut q, &mut batch)?;
             }
-            let p = take_frame(&mut r, &hdr, &mut bufs, slot, images, &mut q, snapshots)?;
+            let p = take_frame(&mut r, &hdr, &mut bufs, slot, images, &mut q, hooks)?;
             batch.push(p);
             if frame.op.runs_alone() {
                 apply(&mut q, &mut batch)?;
@@ -493,7 +509,7 @@ fn take_frame(
     slot: usize,
     images: &Images,
     q: &mut IoQueue,
-    snapshots: Option<&SnapshotHook>,
+    hooks: &Hooks,
 ) -> io::Result<Pending> {
     let (frame, data_crc) = Frame::decode(hdr).map_err(wire)?;
     let data_len = if frame.op.has_data() {
@@ -575,12 +591,16 @@ fn take_frame(
         Op::Recent => p.status = Some(image.recent(frame.epoch, frame.offset, &*backend)),
         // Everything before it is applied (it runs alone), so the copy is at the point of
         // the write stream where the primary takes its own.
-        Op::Snapshot => {
-            let status = match (snapshots, snapshot_id) {
-                (Some(take), Some(id)) => match take(frame.volume, id) {
+        Op::Snapshot | Op::Rollback => {
+            let (hook, what) = match frame.op {
+                Op::Snapshot => (hooks.snapshot.as_ref(), "taking a snapshot of"),
+                _ => (hooks.rollback.as_ref(), "rolling back"),
+            };
+            let status = match (hook, snapshot_id) {
+                (Some(run), Some(id)) => match run(frame.volume, id) {
                     Ok(()) => 0,
                     Err(e) => {
-                        tracing::warn!("taking a snapshot of a replica: {e}");
+                        tracing::warn!("{what} a replica: {e}");
                         -e.raw_os_error().unwrap_or(libc::EIO)
                     }
                 },

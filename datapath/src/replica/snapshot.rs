@@ -7,6 +7,10 @@
 //! snapshot's id as data; the replica applies it after every frame received before it),
 //! takes its own, and opens the gate. A replica that did not answer, or failed, does not
 //! hold the snapshot; the control plane records which copies do.
+//!
+//! A rollback of a replicated volume (withdrawn from hosts meanwhile) is done the same way
+//! on every replica holding the snapshot ([`Op::Rollback`]); those stay in sync, the
+//! others are rebuilt.
 
 use std::io;
 use std::sync::{Arc, Condvar, Mutex};
@@ -43,6 +47,50 @@ pub fn snapshot_members(
     snapshot: [u8; 16],
     timeout: Duration,
 ) -> Vec<bool> {
+    let in_sync = |m: &Member| m.state.mode() == Mode::InSync;
+    ask(
+        members,
+        Op::Snapshot,
+        volume,
+        epoch,
+        snapshot,
+        timeout,
+        in_sync,
+    )
+}
+
+/// Asks every member (replicas holding `snapshot`, whatever their mode) to replace its copy
+/// of `volume` (at `epoch`) with its copy of `snapshot`, and waits up to `timeout` for the
+/// answers. The volume takes no writes meanwhile. Returns, per member, whether it did.
+pub fn rollback_members(
+    members: &[Arc<Member>],
+    volume: [u8; 16],
+    epoch: u64,
+    snapshot: [u8; 16],
+    timeout: Duration,
+) -> Vec<bool> {
+    ask(
+        members,
+        Op::Rollback,
+        volume,
+        epoch,
+        snapshot,
+        timeout,
+        |_| true,
+    )
+}
+
+/// Sends `op` (the snapshot id as data) to the members `asked` picks; per member, whether
+/// it answered success within `timeout`.
+fn ask(
+    members: &[Arc<Member>],
+    op: Op,
+    volume: [u8; 16],
+    epoch: u64,
+    snapshot: [u8; 16],
+    timeout: Duration,
+    asked: impl Fn(&Member) -> bool,
+) -> Vec<bool> {
     let answers = Arc::new(Answers {
         snapshot,
         done: Mutex::new(vec![None; members.len()]),
@@ -50,19 +98,18 @@ pub fn snapshot_members(
     });
     let sink: Arc<dyn CompletionSink> = answers.clone();
     let frame = Frame {
-        op: Op::Snapshot,
+        op,
         volume,
         epoch,
         offset: 0,
         len: snapshot.len() as u32,
         id: 0,
     };
-    let mut asked = vec![false; members.len()];
+    let asked: Vec<bool> = members.iter().map(|m| asked(m)).collect();
     for (k, m) in members.iter().enumerate() {
-        if m.state.mode() != Mode::InSync {
+        if !asked[k] {
             continue;
         }
-        asked[k] = true;
         // SAFETY: the data is `answers.snapshot`, kept alive by the sink the link holds
         // until this part completes, and never changed. An unanswered part fails rather
         // than completing as "no longer owed" (`submit_owed`).
@@ -89,12 +136,12 @@ pub fn snapshot_members(
         match d {
             Some(r) if *r < 0 => tracing::warn!(
                 replica = %members[k].link.addr(),
-                "snapshot on a replica failed: {}",
+                "{op:?} on a replica failed: {}",
                 io::Error::from_raw_os_error(-r)
             ),
             None if asked[k] => tracing::warn!(
                 replica = %members[k].link.addr(),
-                "snapshot on a replica: no answer in {timeout:?}"
+                "{op:?} on a replica: no answer in {timeout:?}"
             ),
             _ => {}
         }
