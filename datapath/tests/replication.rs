@@ -53,30 +53,47 @@ fn spec(volume: Uuid, store: &Arc<BlockStore>, replication: Option<Replication>)
     }
 }
 
+/// Runs one request of `len` bytes at `offset` on a store's image directly (no network),
+/// with `buf`'s first slot as its data.
+fn on_image(
+    store: &Arc<BlockStore>,
+    volume: Uuid,
+    kind: IoKind,
+    offset: u64,
+    buf: &mut evstor_datapath::buffer::SlotBuf,
+    len: usize,
+) {
+    let img = store.image(volume, NS_BYTES, false);
+    let mut q = IoQueue::new_sync();
+    let req = IoRequest {
+        kind,
+        offset,
+        len: len as u32,
+        buf: buf.slot_ptr(0),
+        tag: 1,
+    };
+    // SAFETY: the buffer outlives the completion, reaped below before it is used again.
+    unsafe { img.submit(&mut q, &req) }.expect("submit");
+    q.submit().expect("run");
+    let mut res = None;
+    while res.is_none() {
+        q.reap(|_, r| res = Some(r));
+        if res.is_none() {
+            q.wait(Duration::from_millis(10)).expect("wait");
+        }
+    }
+    assert_eq!(res, Some(len as i32), "{kind:?} on the image");
+}
+
 /// Reads `blocks` blocks at `lba` straight from a store's image (no network).
 fn read_image(store: &Arc<BlockStore>, volume: Uuid, lba: u64, blocks: usize) -> Vec<u8> {
     const PART: usize = 32;
-    let img = store.image(volume, NS_BYTES, false);
-    let mut q = IoQueue::new_sync();
     let mut buf = evstor_datapath::buffer::SlotBuf::new(1, PART * BLOCK).expect("buffer");
     let mut out = Vec::with_capacity(blocks * BLOCK);
     for first in (0..blocks).step_by(PART) {
         let n = PART.min(blocks - first);
-        let req = IoRequest {
-            kind: IoKind::Read,
-            offset: (lba + first as u64) * BLOCK as u64,
-            len: (n * BLOCK) as u32,
-            buf: buf.slot_ptr(0),
-            tag: 1,
-        };
-        // SAFETY: the buffer outlives the completion, reaped below before it is read.
-        unsafe { img.submit(&mut q, &req) }.expect("submit");
-        q.submit().expect("run");
-        let mut res = None;
-        while res.is_none() {
-            q.reap(|_, r| res = Some(r));
-        }
-        assert_eq!(res, Some((n * BLOCK) as i32), "image read");
+        let offset = (lba + first as u64) * BLOCK as u64;
+        on_image(store, volume, IoKind::Read, offset, &mut buf, n * BLOCK);
         out.extend_from_slice(buf.slot(0, n * BLOCK));
     }
     out
@@ -460,28 +477,17 @@ impl evstor_datapath::backend::CompletionSink for Answers {
 
 /// Writes `data` at `lba` of a store's image directly (a copy changed locally only).
 fn write_image(store: &Arc<BlockStore>, volume: Uuid, lba: u64, data: &[u8]) {
-    let img = store.image(volume, NS_BYTES, false);
-    let mut q = IoQueue::new_sync();
     let mut buf = evstor_datapath::buffer::SlotBuf::new(1, data.len()).expect("buffer");
     buf.slot_mut(0, data.len()).copy_from_slice(data);
-    let req = IoRequest {
-        kind: IoKind::Write { fua: false },
-        offset: lba * BLOCK as u64,
-        len: data.len() as u32,
-        buf: buf.slot_ptr(0),
-        tag: 1,
-    };
-    // SAFETY: the buffer outlives the completion, reaped below.
-    unsafe { img.submit(&mut q, &req) }.expect("submit");
-    q.submit().expect("run");
-    let mut res = None;
-    while res.is_none() {
-        q.reap(|_, r| res = Some(r));
-        if res.is_none() {
-            q.wait(Duration::from_millis(10)).expect("wait");
-        }
-    }
-    assert_eq!(res, Some(data.len() as i32), "image write");
+    let kind = IoKind::Write { fua: false };
+    on_image(
+        store,
+        volume,
+        kind,
+        lba * BLOCK as u64,
+        &mut buf,
+        data.len(),
+    );
 }
 
 /// A primary (A) replicating to B and C dies with two writes unacknowledged: one reached

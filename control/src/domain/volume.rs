@@ -1387,6 +1387,18 @@ pub(crate) mod tests {
     }
 
     /// Bootstrap plus an available volume `v1` (its uuid is `test_ctx().new_id(0)`).
+    /// `with_volume`, with a second copy on node `x`.
+    fn with_replica_on(x: Uuid) -> Vec<AnyEvent> {
+        let mut given = with_volume();
+        for e in &mut given {
+            if let AnyEvent::Volume(Event::VolumeCreationRequested { volume }) = e {
+                volume.replica_count = 2;
+                volume.replica_nodes = vec![x];
+            }
+        }
+        given
+    }
+
     pub(crate) fn with_volume() -> Vec<AnyEvent> {
         let mut given = bootstrap_events();
         given.extend(given_when(&given, create_cmd(new_volume("v1"))).unwrap());
@@ -1704,13 +1716,7 @@ pub(crate) mod tests {
     #[test]
     fn rebuild_progress_moves_forward_for_an_out_of_sync_copy_of_the_current_primary() {
         let x = Uuid::from_u128(0xa);
-        let mut given = with_volume();
-        for e in &mut given {
-            if let AnyEvent::Volume(Event::VolumeCreationRequested { volume }) = e {
-                volume.replica_count = 2;
-                volume.replica_nodes = vec![x];
-            }
-        }
+        let mut given = with_replica_on(x);
         let uuid = test_ctx().new_id(0);
         let epoch = state_after(&given).volumes.get(uuid).unwrap().epoch;
         let report = |percent| {
@@ -1787,13 +1793,7 @@ pub(crate) mod tests {
     #[test]
     fn a_failover_records_the_deposed_primary_until_its_copy_is_in_sync_again() {
         let x = Uuid::from_u128(0xa);
-        let mut given = with_volume();
-        for e in &mut given {
-            if let AnyEvent::Volume(Event::VolumeCreationRequested { volume }) = e {
-                volume.replica_count = 2;
-                volume.replica_nodes = vec![x];
-            }
-        }
+        let mut given = with_replica_on(x);
         let uuid = test_ctx().new_id(0);
         let old = state_after(&given).volumes.get(uuid).unwrap().node_uuid;
         let volume = |g: &[AnyEvent]| state_after(g).volumes.get(uuid).unwrap().clone();
@@ -1817,13 +1817,7 @@ pub(crate) mod tests {
     #[test]
     fn protection_counts_in_sync_copies_so_a_moves_extra_copy_keeps_it_full() {
         let (x, y) = (Uuid::from_u128(0xa), Uuid::from_u128(0xb));
-        let mut given = with_volume();
-        for e in &mut given {
-            if let AnyEvent::Volume(Event::VolumeCreationRequested { volume }) = e {
-                volume.replica_count = 2;
-                volume.replica_nodes = vec![x];
-            }
-        }
+        let mut given = with_replica_on(x);
         let uuid = test_ctx().new_id(0);
         let protection = |g: &[AnyEvent]| state_after(g).volumes.get(uuid).unwrap().protection;
         assert_eq!(protection(&given), ProtectionState::FullyProtected);

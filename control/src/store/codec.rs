@@ -265,6 +265,21 @@ mod tests {
     use super::*;
     use crate::domain::volume::tests::with_volume;
 
+    /// A stored event of `event_type` in schema `version`.
+    fn envelope(event_type: &str, version: u16, payload: &[u8]) -> Envelope {
+        Envelope {
+            seq: 1,
+            time_unix_ns: 1,
+            actor: String::new(),
+            project: String::new(),
+            request_id: String::new(),
+            event_type: event_type.into(),
+            schema_version: version,
+            payload: payload.to_vec(),
+            prev_hash: Default::default(),
+        }
+    }
+
     /// Schema 1 bytes of the first volume event of `with_volume`, as version 1 wrote them.
     fn v1_bytes(v: &Volume) -> Vec<u8> {
         #[derive(serde::Serialize)]
@@ -414,17 +429,7 @@ mod tests {
         // Schemas 5 and 6: schema 4's volume, then its rebuild's progress.
         let mut v6 = v4.clone();
         v6.push(created.rebuild_percent);
-        let env = |version: u16, payload: &[u8]| Envelope {
-            seq: 1,
-            time_unix_ns: 1,
-            actor: String::new(),
-            project: String::new(),
-            request_id: String::new(),
-            event_type: "VolumeCreationRequested".into(),
-            schema_version: version,
-            payload: payload.to_vec(),
-            prev_hash: Default::default(),
-        };
+        let env = |version, payload: &[u8]| envelope("VolumeCreationRequested", version, payload);
         for version in [5, 6] {
             assert_eq!(decode(&env(version, &v6)).unwrap(), want(&created));
         }
@@ -458,17 +463,7 @@ mod tests {
         // Schema 5 bytes: today's without the (empty) holders list at the end.
         let today = bincode::serialize(&created).unwrap();
         let v5 = &today[..today.len() - 8];
-        let env = |version: u16, payload: &[u8]| Envelope {
-            seq: 1,
-            time_unix_ns: 1,
-            actor: String::new(),
-            project: String::new(),
-            request_id: String::new(),
-            event_type: "SnapshotCreationRequested".into(),
-            schema_version: version,
-            payload: payload.to_vec(),
-            prev_hash: Default::default(),
-        };
+        let env = |version, payload: &[u8]| envelope("SnapshotCreationRequested", version, payload);
         for version in 1..=5 {
             assert_eq!(
                 decode(&env(version, v5)).unwrap(),
