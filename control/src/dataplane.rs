@@ -54,6 +54,9 @@ pub struct VolumeStore {
     /// The snapshots being taken, as of the last publication: a replica takes only those
     /// (one it does not know of yet may be one it would release as unknown).
     creating_snapshots: Arc<RwLock<HashSet<Uuid>>>,
+    /// Volumes this process created (their storage, as the primary): no earlier process
+    /// served them, so their first publication here reconciles nothing.
+    created_here: Mutex<HashSet<Uuid>>,
 }
 
 /// This server's side of replication.
@@ -166,6 +169,7 @@ impl VolumeStore {
             repl: None,
             publish_again: Mutex::new(None),
             creating_snapshots: Arc::default(),
+            created_here: Mutex::default(),
         })
     }
 
@@ -235,10 +239,10 @@ impl VolumeStore {
             return None;
         }
         let mut members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
-        // The first publication of this epoch here, on a node that was an in-sync replica
-        // under an older one in this process: it saw the switch, and knows every write
-        // since (its members are made now, before it serves). Copies that were current
-        // then need only what changed around the switch.
+        // The first publication of this epoch here: the members made now, before this node
+        // serves, see every write from now on. Copies that were current then (in sync, or
+        // the deposed primary of a switch this process saw as an in-sync replica) need
+        // only what changed around the switch or restart.
         let first_of_epoch = !members
             .iter()
             .any(|((u, _), (_, e, _, _))| *u == v.uuid && *e == v.epoch);
@@ -248,8 +252,17 @@ impl VolumeStore {
             .unwrap_or_else(|p| p.into_inner())
             .get(&v.uuid)
             .is_some_and(|e| *e < v.epoch);
-        // What this copy changed around the switch, when it takes over now.
-        let switch = (first_of_epoch && was_copy)
+        // What this copy changed around the switch, when it takes over now. The first
+        // publication of an epoch in this process is one too when this process did not see
+        // a switch nor create the volume: it is this node's first as the primary since it
+        // restarted, and its previous process's last writes may have reached some copies
+        // and not others.
+        let created = self
+            .created_here
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&v.uuid);
+        let switch = (first_of_epoch && (was_copy || !created))
             .then(|| self.took_over(repl, v))
             .flatten();
         let mut out = Vec::new();
@@ -283,7 +296,8 @@ impl VolumeStore {
                 }
                 None => match repl.hub.link(addr) {
                     Ok(link) => {
-                        let current = in_sync || v.deposed == Some(node);
+                        // The deposed primary was current only at a switch seen here.
+                        let current = in_sync || (was_copy && v.deposed == Some(node));
                         let m = if let (Some(changed), true) = (&switch, current) {
                             let m = Member::current(link, v.size_bytes, in_sync);
                             match changed {
@@ -311,6 +325,12 @@ impl VolumeStore {
             epoch: v.epoch,
             members: out,
         })
+    }
+
+    /// Records that this process made `volume`'s storage.
+    fn created(&self, volume: Uuid) {
+        let mut c = self.created_here.lock().unwrap_or_else(|p| p.into_inner());
+        c.insert(volume);
     }
 
     /// Takes over `v` at `v.epoch`: the chunks this node's copy changed in the
@@ -410,6 +430,8 @@ impl VolumeStore {
                 }
             }
             copies.retain(|u, _| state.volumes.by_uuid.contains_key(u));
+            let mut created = self.created_here.lock().unwrap_or_else(|p| p.into_inner());
+            created.retain(|u| state.volumes.by_uuid.contains_key(u));
             let mut took = repl.took_over.lock().unwrap_or_else(|p| p.into_inner());
             took.retain(|u, e| state.volumes.get(*u).is_some_and(|v| v.epoch == *e));
         }
@@ -563,10 +585,12 @@ pub fn acl(entries: &[String]) -> Acl {
 
 impl DataPlane for VolumeStore {
     fn prepare(&self, v: &Volume) -> std::io::Result<()> {
+        self.created(v.uuid);
         self.store.create_volume(v.uuid).map_err(io_err)
     }
 
     fn prepare_clone(&self, v: &Volume, snapshot: Uuid) -> std::io::Result<()> {
+        self.created(v.uuid);
         self.store.clone_volume(snapshot, v.uuid).map_err(io_err)
     }
 

@@ -547,6 +547,7 @@ fn after_a_failover_the_copies_are_made_equal_from_what_changed_around_it() -> a
         offset: 9 * REBUILD_CHUNK_BYTES,
         len: stray.len() as u32,
         id: 0,
+        session: 0,
     };
     // SAFETY: `stray` outlives the answer, awaited below.
     unsafe {

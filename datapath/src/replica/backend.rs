@@ -101,6 +101,7 @@ impl Replicated {
             offset: req.offset,
             len: if op == Op::Ping { 0 } else { req.len },
             id: 0,
+            session: 0,
         };
         let mut n = 0;
         for m in &self.members {

@@ -95,6 +95,8 @@ struct State {
 /// A connection to one replica server, shared by the volumes replicated there.
 pub struct Link {
     addr: SocketAddr,
+    /// This process's incarnation, carried by every frame (see [`super::Frame::session`]).
+    session: u64,
     st: Mutex<State>,
     cv: Condvar,
     stop: Arc<AtomicBool>,
@@ -107,9 +109,10 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    fn new(addr: SocketAddr, stop: Arc<AtomicBool>) -> Link {
+    fn new(addr: SocketAddr, stop: Arc<AtomicBool>, session: u64) -> Link {
         Link {
             addr,
+            session,
             st: Mutex::new(State {
                 conn: Conn::Connecting,
                 gen: 0,
@@ -216,6 +219,7 @@ impl Link {
         };
         let mut frame = frame;
         frame.id = id;
+        frame.session = self.session;
         st.next_seq += 1;
         let seq = st.next_seq;
         let now = Instant::now();
@@ -452,6 +456,8 @@ fn report(failures: &mut BTreeSet<[u8; 16]>, p: &Part) {
 pub struct ReplicaHub {
     links: Mutex<HashMap<SocketAddr, Arc<Link>>>,
     stop: Arc<AtomicBool>,
+    /// Drawn at random when the hub is made (one per process).
+    session: u64,
 }
 
 impl std::fmt::Debug for ReplicaHub {
@@ -465,6 +471,7 @@ impl Default for ReplicaHub {
         ReplicaHub {
             links: Mutex::new(HashMap::new()),
             stop: Arc::new(AtomicBool::new(false)),
+            session: uuid::Uuid::new_v4().as_u64_pair().0,
         }
     }
 }
@@ -476,7 +483,7 @@ impl ReplicaHub {
         if let Some(l) = links.get(&addr) {
             return Ok(l.clone());
         }
-        let link = Arc::new(Link::new(addr, self.stop.clone()));
+        let link = Arc::new(Link::new(addr, self.stop.clone(), self.session));
         let driver = link.clone();
         std::thread::Builder::new()
             .name(format!("evstor-repl-{addr}"))
@@ -833,6 +840,7 @@ mod tests {
             offset: 0,
             len: 4096,
             id: 0,
+            session: 0,
         };
         // SAFETY: `data` outlives the part's completion, awaited below.
         unsafe { link.submit(frame, data.as_ptr(), &sink, 42, &member) };

@@ -195,6 +195,11 @@ impl MemberState {
         }
     }
 
+    /// Whether anything is marked dirty.
+    pub fn has_dirty(&self) -> bool {
+        self.all_dirty.load(Ordering::SeqCst) || self.dirty_chunks() > 0
+    }
+
     /// Chunks marked dirty now.
     pub fn dirty_chunks(&self) -> u64 {
         self.dirty

@@ -203,6 +203,9 @@ pub struct Frame {
     pub len: u32,
     /// The link's request id, echoed in the answer.
     pub id: u32,
+    /// The sending process's incarnation (its [`ReplicaHub`]'s, set by the link): a
+    /// primary that restarted at the same epoch is told apart from the one before.
+    pub session: u64,
 }
 
 /// Why a header was refused (the connection cannot be trusted after it).
@@ -239,7 +242,8 @@ impl Frame {
         out[40..44].copy_from_slice(&self.len.to_le_bytes());
         out[44..48].copy_from_slice(&self.id.to_le_bytes());
         out[52..56].copy_from_slice(&crc32c::crc32c(data).to_le_bytes());
-        let hcrc = crc32c::crc32c(&out[..48]);
+        out[56..64].copy_from_slice(&self.session.to_le_bytes());
+        let hcrc = header_crc(out);
         out[48..52].copy_from_slice(&hcrc.to_le_bytes());
     }
 
@@ -248,7 +252,7 @@ impl Frame {
         if b[0..4] != REQ_MAGIC {
             return Err(WireError::Magic);
         }
-        if crc32c::crc32c(&b[..48]) != le32(&b[48..52]) {
+        if header_crc(b) != le32(&b[48..52]) {
             return Err(WireError::HeaderDigest);
         }
         let op = Op::from_code(b[4], b[5]).ok_or(WireError::Op(b[4]))?;
@@ -265,9 +269,15 @@ impl Frame {
             offset: le64(&b[32..40]),
             len,
             id: le32(&b[44..48]),
+            session: le64(&b[56..64]),
         };
         Ok((frame, le32(&b[52..56])))
     }
+}
+
+/// The header's own checksum: every byte but the two checksums (48..56).
+fn header_crc(b: &[u8; HDR_BYTES]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&b[..48]), &b[56..64])
 }
 
 /// Encodes an answer: request id and status (0, or -errno).
@@ -312,6 +322,7 @@ mod tests {
             offset: 1 << 33,
             len: 8192,
             id: 9,
+            session: 0x5e55_1017,
         }
     }
 

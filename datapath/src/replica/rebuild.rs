@@ -137,6 +137,9 @@ pub fn repair(
     }
     mark_recent(member, volume, epoch, size_bytes)?;
     member.state.asked_recent();
+    if !member.state.has_dirty() {
+        return Ok(0);
+    }
     copy(member, local, volume, epoch, size_bytes, barrier, true)
 }
 
@@ -155,6 +158,7 @@ fn mark_recent(member: &Member, volume: [u8; 16], epoch: u64, size_bytes: u64) -
             offset: cursor,
             len: 0,
             id: 0,
+            session: 0,
         };
         // SAFETY: no data.
         unsafe {
@@ -198,6 +202,7 @@ fn copy(
         offset,
         len,
         id: 0,
+        session: 0,
     };
     let send = |f: Frame, data: *const u8| {
         // SAFETY: `data` (for copies) points into `buf` below, which is neither changed nor

@@ -40,13 +40,15 @@ pub struct ReplicaImage {
     /// While a rebuild runs: one bit per block, set when a live write reached it (a copy
     /// never overwrites those).
     rebuild: Mutex<Option<Vec<u64>>>,
-    /// The newest epoch under which a frame changed this copy, and when the copy had last
-    /// changed before that epoch's first such frame (Unix ms, from its change log): where
-    /// [`Op::Recent`] looks back from.
-    anchor: Mutex<(u64, Option<u64>)>,
+    /// The newest primary (epoch, and the session of its process) whose frames changed
+    /// this copy, and when the copy had last changed before its first such frame (Unix ms,
+    /// from its change log): where [`Op::Recent`] looks back from.
+    anchor: Mutex<(u64, u64, Option<u64>)>,
     anchor_epoch: AtomicU64,
-    /// [`Op::Recent`]'s answer for an epoch, worked out at its first question.
-    recent: Mutex<Option<(u64, Option<Vec<u64>>)>>,
+    anchor_session: AtomicU64,
+    /// [`Op::Recent`]'s answer for a primary (epoch, session), worked out at its first
+    /// question.
+    recent: Mutex<Option<(u64, u64, Option<Vec<u64>>)>>,
     /// This process published itself the primary of the volume at some point: it may have
     /// changed its copy after a gap (stopped, then resumed), which no time window bounds,
     /// so it cannot tell what it changed recently.
@@ -62,8 +64,9 @@ impl ReplicaImage {
             epoch: AtomicU64::new(epoch),
             lease_given: AtomicU64::new(0),
             rebuild: Mutex::new(None),
-            anchor: Mutex::new((0, None)),
+            anchor: Mutex::new((0, 0, None)),
             anchor_epoch: AtomicU64::new(0),
+            anchor_session: AtomicU64::new(0),
             recent: Mutex::new(None),
         }
     }
@@ -87,42 +90,45 @@ impl ReplicaImage {
         self.epoch.fetch_max(epoch, Ordering::SeqCst);
     }
 
-    /// A frame of `epoch` is about to change the copy: the first of a newer epoch fixes
-    /// where [`Op::Recent`] looks back from.
-    fn note_change(&self, epoch: u64, backend: &dyn Backend) {
-        if self.anchor_epoch.load(Ordering::Acquire) >= epoch {
+    /// A frame of the primary (`epoch`, `session`) is about to change the copy: the first
+    /// of a new primary, or of a restarted one, fixes where [`Op::Recent`] looks back from.
+    fn note_change(&self, epoch: u64, session: u64, backend: &dyn Backend) {
+        if self.anchor_epoch.load(Ordering::Acquire) == epoch
+            && self.anchor_session.load(Ordering::Acquire) == session
+        {
             return;
         }
         let mut a = self.anchor.lock().unwrap_or_else(|p| p.into_inner());
-        if a.0 < epoch {
-            *a = (epoch, backend.last_change_ms());
+        if epoch >= a.0 && (a.0, a.1) != (epoch, session) {
+            *a = (epoch, session, backend.last_change_ms());
             self.anchor_epoch.store(epoch, Ordering::Release);
+            self.anchor_session.store(session, Ordering::Release);
         }
     }
 
     /// [`Op::Recent`]: the first chunk at or after `cursor` this copy changed in the
-    /// [`CHANGE_WINDOW_MS`] before it last changed under an epoch older than `epoch` (the
-    /// new primary's), or after.
-    fn recent(&self, epoch: u64, cursor: u64, backend: &dyn Backend) -> i32 {
+    /// [`CHANGE_WINDOW_MS`] before the asking primary (`epoch`, `session`: a new one, or a
+    /// restarted one) first changed it, or after.
+    fn recent(&self, epoch: u64, session: u64, cursor: u64, backend: &dyn Backend) -> i32 {
         if self.was_primary.load(Ordering::SeqCst) {
             return RECENT_UNKNOWN;
         }
         let mut cache = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let fresh = matches!(&*cache, Some((e, _)) if *e == epoch) && cursor > 0;
-        if !fresh {
+        let fresh = matches!(&*cache, Some((e, s, _)) if (*e, *s) == (epoch, session));
+        if !fresh || cursor == 0 {
             let anchor = {
                 let a = self.anchor.lock().unwrap_or_else(|p| p.into_inner());
-                if a.0 >= epoch {
-                    a.1
+                if (a.0, a.1) == (epoch, session) {
+                    a.2
                 } else {
                     backend.last_change_ms()
                 }
             };
             let since =
                 anchor.map(|at| at.saturating_sub(CHANGE_WINDOW_MS + CHANGE_LOG_REFRESH_MS));
-            *cache = Some((epoch, since.and_then(|t| backend.changed_since(t))));
+            *cache = Some((epoch, session, since.and_then(|t| backend.changed_since(t))));
         }
-        let Some((_, Some(chunks))) = &*cache else {
+        let Some((_, _, Some(chunks))) = &*cache else {
             return RECENT_UNKNOWN;
         };
         let at = chunks.partition_point(|c| *c < cursor);
@@ -555,7 +561,7 @@ fn take_frame(
         parts: 0,
     };
     if frame.op.changes_data() {
-        image.note_change(frame.epoch, &*backend);
+        image.note_change(frame.epoch, frame.session, &*backend);
     }
     let mut queue = |kind: IoKind, offset: u64, len: u32, at: usize| {
         let buf = if matches!(kind, IoKind::Write { .. }) {
@@ -588,7 +594,10 @@ fn take_frame(
         }
         Op::RebuildEnd => *image.rebuild_map() = None,
         Op::Ping => {}
-        Op::Recent => p.status = Some(image.recent(frame.epoch, frame.offset, &*backend)),
+        Op::Recent => {
+            let status = image.recent(frame.epoch, frame.session, frame.offset, &*backend);
+            p.status = Some(status);
+        }
         // Everything before it is applied (it runs alone), so the copy is at the point of
         // the write stream where the primary takes its own.
         Op::Snapshot | Op::Rollback => {

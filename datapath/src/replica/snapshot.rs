@@ -104,6 +104,7 @@ fn ask(
         offset: 0,
         len: snapshot.len() as u32,
         id: 0,
+        session: 0,
     };
     let asked: Vec<bool> = members.iter().map(|m| asked(m)).collect();
     for (k, m) in members.iter().enumerate() {
