@@ -27,6 +27,10 @@ use crate::limits::{
     REPLICA_CONNECTIONS_MAX, REPLICA_FRAME_DATA_MAX, REPLICA_POLL_MS, REPLICA_READ_LEASE_MS,
 };
 
+/// [`Op::Recent`]'s answer for a primary: its epoch and session, and the chunks (None: the
+/// copy cannot tell).
+type RecentAnswer = (u64, u64, Option<Vec<u64>>);
+
 /// One volume this server holds a copy of.
 pub struct ReplicaImage {
     /// The image in this server's block store; `None` for a volume this server is the
@@ -48,7 +52,7 @@ pub struct ReplicaImage {
     anchor_session: AtomicU64,
     /// [`Op::Recent`]'s answer for a primary (epoch, session), worked out at its first
     /// question.
-    recent: Mutex<Option<(u64, u64, Option<Vec<u64>>)>>,
+    recent: Mutex<Option<RecentAnswer>>,
     /// This process published itself the primary of the volume at some point: it may have
     /// changed its copy after a gap (stopped, then resumed), which no time window bounds,
     /// so it cannot tell what it changed recently.
