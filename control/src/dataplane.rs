@@ -783,6 +783,21 @@ impl DataPlane for VolumeStore {
         )
     }
 
+    fn repairs_pending(&self) -> Vec<Uuid> {
+        let Some(repl) = &self.repl else {
+            return Vec::new();
+        };
+        let members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<Uuid> = members
+            .iter()
+            .filter(|(_, (_, _, _, m))| m.state.mode() == Mode::InSync && m.state.must_ask_recent())
+            .map(|((u, _), _)| *u)
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     fn repair(&self, v: &Volume) -> std::io::Result<u64> {
         let (Some(repl), Some(target)) = (&self.repl, &self.target) else {
             return Ok(0);

@@ -94,6 +94,10 @@ pub trait DataPlane: Send + Sync + 'static {
         let _ = volume;
         Ok(0)
     }
+    /// The volumes whose replicas [`DataPlane::repair`] still has to bring level.
+    fn repairs_pending(&self) -> Vec<Uuid> {
+        Vec::new()
+    }
     /// How far the running (or last) rebuild of `volume`'s replica on `node` got, in
     /// percent.
     fn rebuild_percent(&self, volume: Uuid, node: Uuid) -> Option<u8> {
@@ -406,15 +410,16 @@ async fn rebuild_replicas(
     node: Uuid,
 ) {
     loop {
-        let primaries: Vec<Volume> = bus
-            .state()
-            .volumes
-            .by_uuid
-            .values()
-            .filter(|v| v.node_uuid == node && v.state == VolumeState::Available)
-            .filter(|v| v.in_sync_replicas().next().is_some())
-            .cloned()
-            .collect();
+        let pending = data.repairs_pending();
+        let primaries: Vec<Volume> = {
+            let state = bus.state();
+            pending
+                .iter()
+                .filter_map(|u| state.volumes.get(*u))
+                .filter(|v| v.node_uuid == node && v.state == VolumeState::Available)
+                .cloned()
+                .collect()
+        };
         for v in primaries {
             let worker = data.clone();
             let volume = v.clone();
