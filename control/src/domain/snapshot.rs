@@ -862,6 +862,60 @@ mod rollback_tests {
         assert!(given_when(&given, del).is_ok());
     }
 
+    /// A replica that rolled back with the primary is in sync again when the rollback
+    /// ends; a rebuild ending meanwhile (it copied the data from before) is not recorded.
+    #[test]
+    fn a_rollback_records_the_replicas_that_rolled_back_with_it_in_sync() {
+        let x = Uuid::from_u128(0xa);
+        let mut given = with_snapshot();
+        for e in &mut given {
+            if let AnyEvent::Volume(VolumeEvent::VolumeCreationRequested { volume }) = e {
+                volume.replica_count = 2;
+                volume.replica_nodes = vec![x];
+            }
+        }
+        let vol = test_ctx().new_id(0);
+        given.extend(given_when(&given, rollback("v1", SnapshotRef::Uuid(SNAP))).unwrap());
+        let v = state_of(&given).volumes.get(vol).unwrap().clone();
+        assert_eq!(
+            v.out_of_sync,
+            [x],
+            "the rollback rewrites the primary's copy first"
+        );
+        let rebuilt = AnyCommand::Volume(VolumeCommand::MarkReplicaInSync {
+            uuid: vol,
+            node: x,
+            epoch: v.epoch,
+            copied_bytes: 1 << 20,
+        });
+        assert_eq!(
+            given_when(&given, rebuilt).unwrap(),
+            [],
+            "not during a rollback"
+        );
+        let finish = AnyCommand::Volume(VolumeCommand::FinishVolumeRollback {
+            uuid: vol,
+            rolled_back: vec![x, Uuid::from_u128(0xb)],
+        });
+        let events = given_when(&given, finish).unwrap();
+        assert_eq!(
+            events,
+            [
+                AnyEvent::Volume(VolumeEvent::VolumeReplicaInSync {
+                    uuid: vol,
+                    node: x,
+                    copied_bytes: 0
+                }),
+                AnyEvent::Volume(VolumeEvent::VolumeRolledBack { uuid: vol }),
+            ],
+            "only the volume's own replicas"
+        );
+        given.extend(events);
+        let v = state_of(&given).volumes.get(vol).unwrap().clone();
+        assert!(v.out_of_sync.is_empty());
+        assert_eq!(v.state, VolumeState::Available);
+    }
+
     #[test]
     fn rollback_errors() {
         // Missing volume or snapshot: 404.
