@@ -276,33 +276,40 @@ async fn report_spare_devices(
     cfg: &ServeConfig,
     node: Option<Uuid>,
 ) -> anyhow::Result<()> {
-    // A snapshot: the state's read guard must not be held across the submission.
-    let state = bus.state().clone();
-    let Some(node) = node.or_else(|| state.inventory.first_node().map(|n| n.uuid)) else {
-        return Ok(());
-    };
-    let pooled = |p: &Path| {
-        state
-            .inventory
+    // What is known of this node's devices; the state's read guard must not be held
+    // across the submission.
+    let (node, pooled, known) = {
+        let state = bus.state();
+        let Some(node) = node.or_else(|| state.inventory.first_node().map(|n| n.uuid)) else {
+            return Ok(());
+        };
+        let inv = &state.inventory;
+        let pooled: Vec<PathBuf> = inv
             .devices
             .values()
-            .any(|d| d.node_uuid == node && Path::new(&d.path) == p)
+            .filter(|d| d.node_uuid == node)
+            .map(|d| PathBuf::from(&d.path))
+            .collect();
+        let known: Vec<Device> = inv
+            .spares
+            .values()
+            .filter(|d| d.node_uuid == node)
+            .cloned()
+            .collect();
+        (node, pooled, known)
     };
     let mut spares = Vec::new();
-    for p in cfg.spare_devices.iter().filter(|p| !pooled(p)) {
+    for p in cfg.spare_devices.iter().filter(|p| !pooled.contains(p)) {
         if cfg.devices.contains(p) {
             anyhow::bail!("{} is named both as a device and as a spare", p.display());
         }
         ensure_device_file(p)?;
-        let known = state
-            .inventory
-            .spares
-            .values()
-            .find(|d| d.node_uuid == node && Path::new(&d.path) == p.as_path());
-        spares.push(match known {
-            Some(d) => d.clone(),
-            None => device_record(p)?,
-        });
+        spares.push(
+            match known.iter().find(|d| Path::new(&d.path) == p.as_path()) {
+                Some(d) => d.clone(),
+                None => device_record(p)?,
+            },
+        );
     }
     bus.submit(
         RequestMeta::system("startup"),

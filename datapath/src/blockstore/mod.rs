@@ -317,32 +317,22 @@ impl BlockStore {
         if self.pool.devices().any(|(p, _)| p == device.path) {
             return Ok(());
         }
-        // Recorded first: a crash after it leaves a pool the next open appends the same way
-        // (the list holds each device's size; a file is created at that size).
-        let mut listed: Vec<(String, u64)> = self
+        let pages = self.pool.append(device)?;
+        lock(&self.alloc).grow(self.pool.pages());
+        tracing::info!(
+            device = %device.path.display(),
+            bytes = pages * BLOCK_BYTES,
+            "block store: device added to the pool"
+        );
+        // The device list guards the order at the next open, which appends what the
+        // cluster recorded for this node and extends the list the same way if this write
+        // is lost.
+        let listed: Vec<(String, u64)> = self
             .pool
             .devices()
             .map(|(p, size)| (p.display().to_string(), size))
             .collect();
-        let size = if pool::is_block_device(&device.path) {
-            evstor_ffi::block_device_size(&device.path)?
-        } else {
-            device
-                .size_bytes
-                .max(std::fs::metadata(&device.path).map_or(0, |m| m.len()))
-        };
-        listed.push((
-            device.path.display().to_string(),
-            size / BLOCK_BYTES * BLOCK_BYTES,
-        ));
         self.meta.check_devices(&listed)?;
-        self.pool.append(device)?;
-        lock(&self.alloc).grow(self.pool.pages());
-        tracing::info!(
-            device = %device.path.display(),
-            bytes = size,
-            "block store: device added to the pool"
-        );
         Ok(())
     }
 

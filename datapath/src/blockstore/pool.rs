@@ -283,7 +283,7 @@ fn open_direct(path: &Path) -> Option<File> {
     }
 }
 
-pub(super) fn is_block_device(path: &Path) -> bool {
+fn is_block_device(path: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::metadata(path)
         .map(|m| m.file_type().is_block_device())

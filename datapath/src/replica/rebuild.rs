@@ -17,7 +17,7 @@
 
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::{Frame, Member, Mode, Op, FENCED, RECENT_END, RECENT_UNKNOWN};
@@ -49,25 +49,9 @@ impl CompletionSink for Waiter {
 }
 
 impl Waiter {
-    /// Waits for one completion; its status.
-    fn status(&self) -> io::Result<i32> {
-        let limit = Duration::from_millis(2 * REPLICA_HOLD_MAX_MS);
-        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        while done.is_empty() {
-            let (d, t) = self
-                .cv
-                .wait_timeout(done, limit)
-                .unwrap_or_else(|p| p.into_inner());
-            done = d;
-            if t.timed_out() && done.is_empty() {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "replica silent"));
-            }
-        }
-        Ok(done.remove(0).1)
-    }
-
-    /// Waits for `n` completions; the first error, if any.
-    pub(super) fn wait(&self, n: usize) -> io::Result<()> {
+    /// Waits until at least `n` completions arrived (at most `2 ×` [`REPLICA_HOLD_MAX_MS`]
+    /// without one).
+    fn arrived(&self, n: usize) -> io::Result<MutexGuard<'_, Vec<(u64, i32)>>> {
         let limit = Duration::from_millis(2 * REPLICA_HOLD_MAX_MS);
         let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
         while done.len() < n {
@@ -76,10 +60,21 @@ impl Waiter {
                 .wait_timeout(done, limit)
                 .unwrap_or_else(|p| p.into_inner());
             done = d;
-            if t.timed_out() {
+            if t.timed_out() && done.len() < n {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "replica silent"));
             }
         }
+        Ok(done)
+    }
+
+    /// Waits for one completion; its status.
+    fn status(&self) -> io::Result<i32> {
+        Ok(self.arrived(1)?.remove(0).1)
+    }
+
+    /// Waits for `n` completions; the first error, if any.
+    pub(super) fn wait(&self, n: usize) -> io::Result<()> {
+        let mut done = self.arrived(n)?;
         let err = done.iter().find(|(_, r)| *r < 0).map(|(_, r)| *r);
         done.clear();
         match err {
