@@ -1641,6 +1641,95 @@ fn a_rollback_rolls_back_every_copy_holding_the_snapshot() {
     }
 }
 
+/// A copy made after snapshots were taken receives them before it is in sync: a two-copy
+/// volume with two snapshots moves its copy off a disabled server to the third one, which
+/// is recorded holding both (`SnapshotCopied` before its `VolumeReplicaInSync`, shown in
+/// their `nodeList`), keeps them, and holds the same data for each as the primary.
+#[test]
+fn a_new_copy_receives_the_snapshots_taken_before_it() {
+    let etcd = Etcd::start(3);
+    let mut servers = three(&etcd);
+    assert_eq!(disable(&servers, B, C, json!({})).0, 200);
+    let uuid = create_volume(&servers[B], "sn", 2);
+    assert_eq!(enable(&servers, B, C).0, 200);
+    let (mut host, nsid, p) = host_on_primary(&servers, B, &uuid);
+    let mut snaps = Vec::new();
+    for round in 0..2u8 {
+        for b in 0..8u64 {
+            let lba = b * 40 + u64::from(round);
+            host.write(nsid, lba, &block(round << 4 | b as u8))
+                .expect("write");
+        }
+        let (status, snap) = servers[C].admin().post(
+            "/api/v2/projects/default/snapshots",
+            &json!({"name": format!("s{round}"), "sourceVolumeUUID": uuid}),
+        );
+        assert_eq!(status, 200, "{snap}");
+        let id = snap["UUID"].as_str().expect("UUID").to_string();
+        let path = format!("/api/v2/projects/default/snapshots/{id}");
+        eventually(&servers[C], &path, |_, v| v["state"] == "Available");
+        snaps.push(id);
+    }
+    host.write(nsid, 300, &block(0x77)).expect("write after");
+    drop(host);
+    // The copy that is not the primary leaves its server for C.
+    let away = (0..3).find(|i| *i != p && *i != C).expect("the other copy");
+    let (status, body) = disable(&servers, B, away, json!({"evictData": true}));
+    assert_eq!(status, 200, "{body}");
+    let path = format!("/api/v2/projects/default/volumes/{uuid}");
+    let owners = node_owner(&servers[B], &servers);
+    let c_node = owners
+        .iter()
+        .find(|(_, i)| **i == C)
+        .map(|(n, _)| n.clone())
+        .expect("C's node");
+    eventually(&servers[C], &path, |_, v| {
+        v["protectionState"] == "FullyProtected"
+            && v["nodeList"]
+                .as_array()
+                .is_some_and(|n| n.contains(&json!(c_node)))
+            && v["nodeList"].as_array().map(Vec::len) == Some(2)
+    });
+    for id in &snaps {
+        let snap_path = format!("/api/v2/projects/default/snapshots/{id}");
+        let snap = servers[C].admin().get(&snap_path).1;
+        assert!(
+            snap["nodeList"]
+                .as_array()
+                .is_some_and(|n| n.contains(&json!(c_node))),
+            "C holds snapshot {id}: {snap}"
+        );
+    }
+    let kinds: Vec<String> = events(&servers[C])
+        .into_iter()
+        .map(|e| e["type"].as_str().unwrap_or_default().to_string())
+        .filter(|k| k == "SnapshotCopied" || k == "VolumeReplicaInSync")
+        .collect();
+    assert!(
+        kinds.ends_with(&[
+            "SnapshotCopied".to_string(),
+            "SnapshotCopied".to_string(),
+            "VolumeReplicaInSync".to_string()
+        ]),
+        "{kinds:?}"
+    );
+    // Nothing releases the copies meanwhile (the reconciler runs on every commit).
+    std::thread::sleep(Duration::from_secs(2));
+    for s in servers.iter_mut() {
+        s.stop();
+    }
+    for id in &snaps {
+        assert!(
+            image_blocks(&servers[C], id, 320) == image_blocks(&servers[p], id, 320),
+            "C's copy of snapshot {id} differs from the primary's"
+        );
+    }
+    assert!(
+        image_blocks(&servers[C], &uuid, 320) == image_blocks(&servers[p], &uuid, 320),
+        "C's copy of the volume differs from the primary's"
+    );
+}
+
 /// POST `/nodes/{src}/replace` of node `src` with `body`, asked of server `ask`, with extra
 /// headers.
 fn replace_node(

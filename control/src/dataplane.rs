@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use evstor_datapath::blockstore::{
-    BlockStore, DeviceSpec, MediaError, PoolStats, StoreError, Usage,
+    BlockStore, DeviceSpec, MediaError, PoolStats, StoreError, TreeError, Usage,
 };
 use evstor_datapath::limits::{
     ANA_GROUPS_MAX, BLOCK_BYTES, CHANGE_CHUNK_BYTES, CHANGE_LOG_REFRESH_MS, CHANGE_WINDOW_MS,
@@ -21,8 +21,8 @@ use evstor_datapath::limits::{
     SNAPSHOT_REPLICA_WAIT_MS,
 };
 use evstor_datapath::replica::{
-    rollback_members, snapshot_members, Hooks, Member, Mode, ReplicaHub, ReplicaServer,
-    SnapshotHook,
+    rollback_members, seed_snapshots, snapshot_members, Hooks, Member, Mode, ReplicaHub,
+    ReplicaServer, SnapshotHook, SnapshotSource,
 };
 use evstor_datapath::{
     Acl, Ana, Backend, Backing, ConnectedHost, NamespaceSpec, QosLimits, Replication, TargetHandle,
@@ -35,7 +35,7 @@ use crate::domain::policy::QosLimit;
 use crate::domain::snapshot::{Snapshot, SnapshotState};
 use crate::domain::volume::{Volume, VolumeState, ALLOW_ANY, ALLOW_NONE};
 use crate::domain::State;
-use crate::reconcile::DataPlane;
+use crate::reconcile::{DataPlane, Rebuilt};
 
 /// The block store plus (when serving) the NVMe/TCP target.
 pub struct VolumeStore {
@@ -83,6 +83,49 @@ type ListenerEntry = (Uuid, u64, u64, bool, bool);
 
 /// One replica as published: its server's address, the volume's epoch and size, the member.
 type Published = (SocketAddr, u64, u64, Arc<Member>);
+
+/// This node's block store as the source of a volume's snapshots for a replica that lacks
+/// them.
+struct StoreSnapshots<'a> {
+    store: &'a Arc<BlockStore>,
+    size_bytes: u64,
+}
+
+impl SnapshotSource for StoreSnapshots<'_> {
+    fn snapshot_image(&self, snapshot: [u8; 16]) -> std::io::Result<Arc<dyn Backend>> {
+        let s = Uuid::from_bytes(snapshot);
+        if !self.store.contains(s) {
+            return Err(std::io::Error::other(format!(
+                "snapshot {s} is not held here"
+            )));
+        }
+        Ok(Arc::new(self.store.image(s, self.size_bytes, false)))
+    }
+
+    fn changed_blocks(
+        &self,
+        image: [u8; 16],
+        base: Option<[u8; 16]>,
+        from: u64,
+        max: usize,
+    ) -> std::io::Result<Option<Vec<u64>>> {
+        let to = self.size_bytes.div_ceil(BLOCK_BYTES);
+        let r = self.store.changed_blocks(
+            Uuid::from_bytes(image),
+            base.map(Uuid::from_bytes),
+            from,
+            to,
+            max,
+        );
+        match r {
+            Ok(blocks) => Ok(Some(blocks)),
+            Err(StoreError::Tree(TreeError::NotSameChain { .. })) => Ok(None),
+            // A base this node no longer holds cannot be copied against either.
+            Err(StoreError::Tree(TreeError::NoImage(i))) if base == Some(*i.as_bytes()) => Ok(None),
+            Err(e) => Err(io_err(e)),
+        }
+    }
+}
 
 /// A replica the primary could not write to, to record out of sync.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,9 +257,19 @@ impl VolumeStore {
                 .rollback(Uuid::from_bytes(volume), Uuid::from_bytes(snapshot))
                 .map_err(io_err)
         });
+        let store = self.store.clone();
+        // A snapshot this copy lacked, copied to it by its primary before its rebuild
+        // (`replica::seed_snapshots`); it keeps it while it is an out-of-sync replica of
+        // the volume, until the rebuild's completion records it as a holder.
+        let seed: SnapshotHook = Arc::new(move |volume, snapshot| {
+            store
+                .retake_snapshot(Uuid::from_bytes(volume), Uuid::from_bytes(snapshot))
+                .map_err(io_err)
+        });
         let hooks = Hooks {
             snapshot: Some(snapshots),
             rollback: Some(rollback),
+            seed: Some(seed),
         };
         let server = ReplicaServer::start_with_hooks(listen, hooks)?;
         let addr = server.local_addr();
@@ -752,7 +805,12 @@ impl DataPlane for VolumeStore {
         self.store.snapshots()
     }
 
-    fn rebuild(&self, v: &Volume, node: Uuid) -> std::io::Result<u64> {
+    fn rebuild(
+        &self,
+        v: &Volume,
+        node: Uuid,
+        snapshots: &[(Uuid, bool)],
+    ) -> std::io::Result<Rebuilt> {
         let (Some(repl), Some(target)) = (&self.repl, &self.target) else {
             return Err(std::io::Error::from(std::io::ErrorKind::Unsupported));
         };
@@ -766,21 +824,43 @@ impl DataPlane for VolumeStore {
         let member = member.ok_or_else(|| {
             std::io::Error::other("the replica is not published yet; the rebuild waits")
         })?;
-        let local = self.store.image(v.uuid, v.size_bytes, v.compression);
         let barrier = || {
             target
                 .pass_barrier(std::time::Duration::from_millis(REBUILD_BARRIER_MS))
                 .map_err(io_err)
         };
+        let plan: Vec<([u8; 16], bool)> = snapshots
+            .iter()
+            .map(|(s, held)| (*s.as_bytes(), *held))
+            .collect();
+        let source = StoreSnapshots {
+            store: &self.store,
+            size_bytes: v.size_bytes,
+        };
+        // A failed attempt leaves everything to copy (`replica::seed_snapshots`).
+        let seeded = seed_snapshots(
+            &member,
+            &source,
+            *v.uuid.as_bytes(),
+            v.epoch,
+            v.size_bytes,
+            &plan,
+            barrier,
+        )?;
+        let local = self.store.image(v.uuid, v.size_bytes, v.compression);
         // A failed attempt leaves every chunk it did not copy dirty (`replica::rebuild`).
-        evstor_datapath::replica::rebuild(
+        let copied_bytes = evstor_datapath::replica::rebuild(
             &member,
             &local,
             *v.uuid.as_bytes(),
             v.epoch,
             v.size_bytes,
             barrier,
-        )
+        )?;
+        Ok(Rebuilt {
+            copied_bytes,
+            snapshots: seeded.into_iter().map(Uuid::from_bytes).collect(),
+        })
     }
 
     fn repairs_pending(&self) -> Vec<Uuid> {

@@ -82,9 +82,16 @@ pub trait DataPlane: Send + Sync + 'static {
         false
     }
     /// Copies to the replica on `node` what it misses of `volume` (this node is its
-    /// primary); returns the bytes sent. Blocks for as long as the copy takes.
-    fn rebuild(&self, volume: &Volume, node: Uuid) -> std::io::Result<u64> {
-        let _ = (volume, node);
+    /// primary): first the snapshots of `snapshots` it does not hold (every snapshot of the
+    /// volume this node holds, oldest first, with whether the replica holds it), then the
+    /// volume's data. Blocks for as long as the copy takes.
+    fn rebuild(
+        &self,
+        volume: &Volume,
+        node: Uuid,
+        snapshots: &[(Uuid, bool)],
+    ) -> std::io::Result<Rebuilt> {
+        let _ = (volume, node, snapshots);
         Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
     }
     /// Brings `volume`'s in-sync replicas (this node took over as its primary) level with
@@ -104,6 +111,15 @@ pub trait DataPlane: Send + Sync + 'static {
         let _ = (volume, node);
         None
     }
+}
+
+/// What a rebuild did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// Bytes sent (the snapshots' included).
+    pub copied_bytes: u64,
+    /// The snapshots it copied to the replica (which holds them from now on).
+    pub snapshots: Vec<Uuid>,
 }
 
 /// How often out-of-sync replicas are looked for (and a failed rebuild tried again).
@@ -258,6 +274,12 @@ pub struct ReplicaWork {
 /// itself as their agent. A copy of any other (deleted, or taken where it turned out not
 /// to count) is released.
 pub fn snapshots_kept(state: &State, node: Uuid) -> HashSet<Uuid> {
+    let rebuilding = |volume: Uuid| {
+        state
+            .volumes
+            .get(volume)
+            .is_some_and(|v| v.out_of_sync.contains(&node) && v.replica_nodes.contains(&node))
+    };
     state
         .snapshots
         .by_uuid
@@ -265,6 +287,9 @@ pub fn snapshots_kept(state: &State, node: Uuid) -> HashSet<Uuid> {
         .filter(|s| match s.state {
             SnapshotState::Creating => true,
             SnapshotState::Deleting => s.agent(state) == node,
+            // A copy being rebuilt receives the snapshots it lacks first; the rebuild's
+            // completion makes it a holder.
+            SnapshotState::Available => s.holders.contains(&node) || rebuilding(s.source_volume),
             _ => s.holders.contains(&node),
         })
         .map(|s| s.uuid)
@@ -401,6 +426,25 @@ pub fn rebuild_work(state: &State, node: Uuid) -> Vec<(Volume, Uuid)> {
         .collect()
 }
 
+/// The snapshots of `v` a rebuild of its replica on `replica` starts from: every one this
+/// node (its primary) holds, oldest first, with whether the replica holds it too.
+pub fn seed_plan(state: &State, v: &Volume, node: Uuid, replica: Uuid) -> Vec<(Uuid, bool)> {
+    let mut held: Vec<&Snapshot> = state
+        .snapshots
+        .by_uuid
+        .values()
+        .filter(|s| {
+            s.source_volume == v.uuid
+                && s.state == SnapshotState::Available
+                && s.holders.contains(&node)
+        })
+        .collect();
+    held.sort_by_key(|s| (s.creation_unix_ns, s.uuid));
+    held.iter()
+        .map(|s| (s.uuid, s.holders.contains(&replica)))
+        .collect()
+}
+
 /// Rebuilds this node's primaries' out-of-sync replicas, one at a time, and records each
 /// that finished (`MarkReplicaInSync`). A rebuild that fails is tried again later.
 async fn rebuild_replicas(
@@ -436,15 +480,26 @@ async fn rebuild_replicas(
         for (v, replica) in work {
             let worker = data.clone();
             let volume = v.clone();
-            let task = tokio::task::spawn_blocking(move || worker.rebuild(&volume, replica));
+            let plan = seed_plan(&bus.state(), &v, node, replica);
+            let task = tokio::task::spawn_blocking(move || worker.rebuild(&volume, replica, &plan));
             match with_progress(&bus, &data, &v, replica, task).await {
-                Ok(Ok(copied_bytes)) => {
-                    tracing::info!(volume = %v.uuid, %replica, copied_bytes, "replica rebuilt");
+                Ok(Ok(Rebuilt {
+                    copied_bytes,
+                    snapshots,
+                })) => {
+                    tracing::info!(
+                        volume = %v.uuid,
+                        %replica,
+                        copied_bytes,
+                        snapshots = snapshots.len(),
+                        "replica rebuilt"
+                    );
                     let cmd = Command::Volume(VolumeCommand::MarkReplicaInSync {
                         uuid: v.uuid,
                         node: replica,
                         epoch: v.epoch,
                         copied_bytes,
+                        snapshots,
                     });
                     if let Err(e) = bus.submit(RequestMeta::system("datapath"), cmd).await {
                         tracing::warn!("recording replica {replica} of {} rebuilt: {e}", v.uuid);
@@ -898,6 +953,55 @@ mod tests {
         assert_eq!((w.hold.len(), w.release.len()), (0, 0));
         assert_eq!(w.departed, [uuid]);
         assert!(of(&state, 3).departed.is_empty() && of(&state, 1).departed.is_empty());
+    }
+
+    /// A rebuild starts from every snapshot of the volume its primary holds, oldest first,
+    /// flagged by whether the replica holds it; a copy being rebuilt keeps the snapshots it
+    /// receives until the rebuild's completion makes it a holder, and no longer after it
+    /// left without becoming one.
+    #[test]
+    fn a_rebuild_copies_the_primarys_snapshots_and_the_copy_keeps_them() {
+        let (mut state, uuid) = moving();
+        let template = state_of(&with_snapshot())
+            .snapshots
+            .get(SNAP)
+            .unwrap()
+            .clone();
+        let node = Uuid::from_u128;
+        let snap = |id: u128, at: u64, holders: Vec<Uuid>, st: SnapshotState| {
+            let mut s = template.clone();
+            (s.uuid, s.source_volume, s.creation_unix_ns) = (Uuid::from_u128(id), uuid, at);
+            (s.holders, s.state) = (holders, st);
+            s
+        };
+        for s in [
+            snap(0x12, 20, vec![node(1)], SnapshotState::Available),
+            snap(0x11, 10, vec![node(1), node(2)], SnapshotState::Available),
+            snap(0x13, 5, vec![node(2)], SnapshotState::Available),
+            snap(0x14, 1, vec![node(1)], SnapshotState::Deleting),
+        ] {
+            state.snapshots.by_uuid.insert(s.uuid, s);
+        }
+        let v = state.volumes.get(uuid).unwrap().clone();
+        let (a, b) = (Uuid::from_u128(0x11), Uuid::from_u128(0x12));
+        assert_eq!(
+            seed_plan(&state, &v, node(1), node(3)),
+            [(a, false), (b, false)]
+        );
+        assert_eq!(
+            seed_plan(&state, &v, node(1), node(2)),
+            [(a, true), (b, false)]
+        );
+        let kept = snapshots_kept(&state, node(3));
+        assert!(kept.contains(&a) && kept.contains(&b), "{kept:?}");
+        assert!(!kept.contains(&Uuid::from_u128(0x14)), "being deleted");
+        // The move was given up: node 3 is no copy of the volume any more.
+        let mut v = v;
+        v.replica_nodes = vec![node(2)];
+        v.out_of_sync = vec![node(2)];
+        v.replacing.clear();
+        state.volumes.insert(v);
+        assert!(snapshots_kept(&state, node(3)).is_empty());
     }
 
     #[test]

@@ -487,6 +487,14 @@ fn eviction_steps(s: &evstor_control::domain::State, moves: bool) -> Vec<Command
                 node: *n,
                 epoch: v.epoch,
                 copied_bytes: v.size_bytes,
+                // The volume's snapshots the replica lacks were copied to it first.
+                snapshots: s
+                    .snapshots
+                    .by_uuid
+                    .values()
+                    .filter(|snap| snap.source_volume == v.uuid && !snap.holders.contains(n))
+                    .map(|snap| snap.uuid)
+                    .collect(),
             })
         }));
         if let Some((node, planned)) = failover_target(s, v) {

@@ -642,3 +642,173 @@ fn after_a_failover_the_copies_are_made_equal_from_what_changed_around_it() -> a
     hub.shutdown();
     Ok(())
 }
+
+/// A replica server on its own store for `volume`, doing what the control plane's hooks
+/// do: roll back to a snapshot, take a copied snapshot.
+fn seeding_replica(dir: &Path, name: &str, volume: Uuid) -> (Arc<BlockStore>, ReplicaServer) {
+    use evstor_datapath::replica::Hooks;
+    let store = store(dir, name, volume);
+    let (r, s) = (store.clone(), store.clone());
+    let hooks = Hooks {
+        rollback: Some(Arc::new(move |v, snap| {
+            r.rollback(Uuid::from_bytes(v), Uuid::from_bytes(snap))
+                .map_err(std::io::Error::other)
+        })),
+        seed: Some(Arc::new(move |v, snap| {
+            s.retake_snapshot(Uuid::from_bytes(v), Uuid::from_bytes(snap))
+                .map_err(std::io::Error::other)
+        })),
+        ..Hooks::default()
+    };
+    let server = ReplicaServer::start_with_hooks("127.0.0.1:0".parse().expect("addr"), hooks)
+        .expect("listen");
+    let image: Arc<dyn Backend> = Arc::new(store.image(volume, NS_BYTES, false));
+    server.set_images(vec![(*volume.as_bytes(), Some(image), 1)]);
+    (store, server)
+}
+
+/// The primary's block store as the seeding reads it.
+struct Source<'a>(&'a Arc<BlockStore>);
+
+impl evstor_datapath::replica::SnapshotSource for Source<'_> {
+    fn snapshot_image(&self, snapshot: [u8; 16]) -> std::io::Result<Arc<dyn Backend>> {
+        Ok(Arc::new(self.0.image(
+            Uuid::from_bytes(snapshot),
+            NS_BYTES,
+            false,
+        )))
+    }
+
+    fn changed_blocks(
+        &self,
+        image: [u8; 16],
+        base: Option<[u8; 16]>,
+        from: u64,
+        max: usize,
+    ) -> std::io::Result<Option<Vec<u64>>> {
+        use evstor_datapath::blockstore::{StoreError, TreeError};
+        let to = NS_BYTES / BLOCK as u64;
+        let base = base.map(Uuid::from_bytes);
+        match self
+            .0
+            .changed_blocks(Uuid::from_bytes(image), base, from, to, max)
+        {
+            Ok(b) => Ok(Some(b)),
+            Err(StoreError::Tree(TreeError::NotSameChain { .. })) => Ok(None),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+}
+
+/// A new copy of a volume with three snapshots (the third taken after a rollback to the
+/// first, so the second is not on its chain) receives them oldest first, each as what
+/// differs from one it already has, then only the chunk the volume changed since the last:
+/// every snapshot and the volume read the same on both copies, and the copy uses no more
+/// space than the primary (its snapshots share blocks). A copy that was away holding the
+/// first snapshot, its data since changed, receives only the two it lacks, from the first.
+#[test]
+fn a_new_copy_receives_the_snapshots_it_lacks_sharing_blocks_like_the_primary() -> anyhow::Result<()>
+{
+    use evstor_datapath::limits::REBUILD_CHUNK_BYTES;
+    use evstor_datapath::replica::{rebuild, seed_snapshots, Mode};
+    let dir = tempfile::tempdir()?;
+    let volume = Uuid::new_v4();
+    let primary = store(dir.path(), "primary", volume);
+    let chunk = REBUILD_CHUNK_BYTES / BLOCK as u64;
+    let (s1, s2, s3) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    write_image(&primary, volume, 0, &pattern(32, 1));
+    write_image(&primary, volume, 5 * chunk + 3, &pattern(24, 2));
+    primary.snapshot(volume, s1)?;
+    write_image(&primary, volume, 2 * chunk, &pattern(16, 3));
+    let mut zeroes = evstor_datapath::buffer::SlotBuf::new(1, 8 * BLOCK).expect("buffer");
+    on_image(
+        &primary,
+        volume,
+        IoKind::WriteZeroes,
+        8 * BLOCK as u64,
+        &mut zeroes,
+        8 * BLOCK,
+    );
+    primary.snapshot(volume, s2)?;
+    primary.rollback(volume, s1)?;
+    write_image(&primary, volume, 7 * chunk, &pattern(8, 4));
+    primary.snapshot(volume, s3)?;
+    write_image(&primary, volume, 9 * chunk + 1, &pattern(4, 5));
+    let blocks = (NS_BYTES / BLOCK as u64) as usize;
+    let same = |replica: &Arc<BlockStore>, image: Uuid| {
+        read_image(&primary, image, 0, blocks) == read_image(replica, image, 0, blocks)
+    };
+    let hub = ReplicaHub::default();
+    let no_barrier = || Ok(());
+    let id = |u: Uuid| *u.as_bytes();
+
+    // A new copy: every snapshot is copied, then the chunk written after the last.
+    let (fresh, server) = seeding_replica(dir.path(), "fresh", volume);
+    let member = Arc::new(Member::new(hub.link(server.local_addr())?, NS_BYTES, false));
+    let plan = [(id(s1), false), (id(s2), false), (id(s3), false)];
+    let source = Source(&primary);
+    let seeded = seed_snapshots(&member, &source, id(volume), 1, NS_BYTES, &plan, no_barrier)?;
+    assert_eq!(seeded, [id(s1), id(s2), id(s3)]);
+    assert_eq!(
+        member.state.dirty_chunks(),
+        1,
+        "only chunk 9 differs between the last snapshot and the volume"
+    );
+    let seeded_bytes = member.state.copied_bytes.load(Ordering::Relaxed);
+    let local = primary.image(volume, NS_BYTES, false);
+    let copied = rebuild(&member, &local, id(volume), 1, NS_BYTES, no_barrier)?;
+    assert_eq!(
+        copied - seeded_bytes,
+        REBUILD_CHUNK_BYTES,
+        "one chunk of the volume"
+    );
+    assert_eq!(member.state.mode(), Mode::InSync);
+    for (name, image) in [("S1", s1), ("S2", s2), ("S3", s3), ("the volume", volume)] {
+        assert!(same(&fresh, image), "{name} differs on the new copy");
+    }
+    let (p, f) = (primary.stats().used_bytes, fresh.stats().used_bytes);
+    println!("space used: primary {p} bytes, new copy {f} bytes (seeded {seeded_bytes})");
+    assert!(f <= p, "the copy's snapshots share blocks: {f} > {p} bytes");
+
+    // A copy that holds S1 and was away since (its own image changed meanwhile).
+    let (away, server2) = seeding_replica(dir.path(), "away", volume);
+    let member2 = Arc::new(Member::new(
+        hub.link(server2.local_addr())?,
+        NS_BYTES,
+        false,
+    ));
+    seed_snapshots(
+        &member2,
+        &source,
+        id(volume),
+        1,
+        NS_BYTES,
+        &[(id(s1), false)],
+        no_barrier,
+    )?;
+    write_image(&away, volume, 11 * chunk, &pattern(4, 6));
+    let member2 = Arc::new(Member::new(
+        hub.link(server2.local_addr())?,
+        NS_BYTES,
+        false,
+    ));
+    let plan = [(id(s1), true), (id(s2), false), (id(s3), false)];
+    let seeded = seed_snapshots(
+        &member2,
+        &source,
+        id(volume),
+        1,
+        NS_BYTES,
+        &plan,
+        no_barrier,
+    )?;
+    assert_eq!(seeded, [id(s2), id(s3)], "S1 is held already");
+    rebuild(&member2, &local, id(volume), 1, NS_BYTES, no_barrier)?;
+    for (name, image) in [("S1", s1), ("S2", s2), ("S3", s3), ("the volume", volume)] {
+        assert!(same(&away, image), "{name} differs on the returning copy");
+    }
+    hub.shutdown();
+    server.shutdown();
+    server2.shutdown();
+    Ok(())
+}

@@ -1365,6 +1365,7 @@ pub(crate) mod tests {
             node,
             epoch: state.volumes.get(uuid).unwrap().epoch,
             copied_bytes: 1 << 30,
+            snapshots: vec![],
         })
     }
 

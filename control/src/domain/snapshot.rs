@@ -229,6 +229,12 @@ pub enum Event {
         uuid: Uuid,
         holders: Vec<Uuid>,
     },
+    /// A copy of the volume that lacked the snapshot received it from the primary before
+    /// its rebuild (recorded with the rebuild's completion): it holds it too.
+    SnapshotCopied {
+        uuid: Uuid,
+        node: Uuid,
+    },
 }
 
 impl Event {
@@ -240,6 +246,7 @@ impl Event {
             Event::SnapshotDeleted { .. } => "SnapshotDeleted",
             Event::SnapshotExpired { .. } => "SnapshotExpired",
             Event::SnapshotTaken { .. } => "SnapshotTaken",
+            Event::SnapshotCopied { .. } => "SnapshotCopied",
         }
     }
 
@@ -250,7 +257,8 @@ impl Event {
             | Event::SnapshotDeletionRequested { uuid }
             | Event::SnapshotDeleted { uuid }
             | Event::SnapshotExpired { uuid }
-            | Event::SnapshotTaken { uuid, .. } => *uuid,
+            | Event::SnapshotTaken { uuid, .. }
+            | Event::SnapshotCopied { uuid, .. } => *uuid,
         }
     }
 
@@ -416,6 +424,11 @@ pub fn evolve(state: &mut State, at: Applied, event: &Event) -> Vec<RowKey> {
             s.holders = holders.clone();
             if let Some(first) = holders.first() {
                 s.node_uuid = *first;
+            }
+        }),
+        Event::SnapshotCopied { node, .. } => snapshots.update(uuid, at, |s| {
+            if !s.holders.contains(node) {
+                s.holders.push(*node);
             }
         }),
         Event::SnapshotDeletionRequested { .. } | Event::SnapshotExpired { .. } => {
@@ -862,6 +875,61 @@ mod rollback_tests {
         assert!(given_when(&given, del).is_ok());
     }
 
+    /// A rebuilt replica holds the snapshots copied to it before its rebuild from the
+    /// decision that records it in sync; one deleted meanwhile, or another volume's, is
+    /// not recorded, and the rebuild's completion comes last.
+    #[test]
+    fn a_rebuilt_replica_holds_the_snapshots_copied_to_it() {
+        let x = Uuid::from_u128(0xa);
+        let mut given = with_snapshot();
+        for e in &mut given {
+            if let AnyEvent::Volume(VolumeEvent::VolumeCreationRequested { volume }) = e {
+                volume.replica_count = 2;
+                volume.replica_nodes = vec![x];
+                volume.out_of_sync = vec![x];
+            }
+        }
+        let vol = test_ctx().new_id(0);
+        let v = state_of(&given).volumes.get(vol).unwrap().clone();
+        let other = Uuid::from_u128(0x5b);
+        let rebuilt = |snapshots: Vec<Uuid>| {
+            AnyCommand::Volume(VolumeCommand::MarkReplicaInSync {
+                uuid: vol,
+                node: x,
+                epoch: v.epoch,
+                copied_bytes: 1 << 20,
+                snapshots,
+            })
+        };
+        let events = given_when(&given, rebuilt(vec![SNAP, other])).unwrap();
+        assert_eq!(
+            events,
+            [
+                AnyEvent::Snapshot(Event::SnapshotCopied {
+                    uuid: SNAP,
+                    node: x
+                }),
+                AnyEvent::Volume(VolumeEvent::VolumeReplicaInSync {
+                    uuid: vol,
+                    node: x,
+                    copied_bytes: 1 << 20
+                }),
+            ]
+        );
+        let mut after = given.clone();
+        after.extend(events);
+        let s = state_of(&after);
+        assert_eq!(s.snapshots.get(SNAP).unwrap().holders.last(), Some(&x));
+        assert!(s.volumes.get(vol).unwrap().out_of_sync.is_empty());
+        // Deleted while the rebuild ran: the replica's agent releases its copy instead.
+        given.push(AnyEvent::Snapshot(Event::SnapshotDeletionRequested {
+            uuid: SNAP,
+        }));
+        let events = given_when(&given, rebuilt(vec![SNAP])).unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].type_name(), "VolumeReplicaInSync");
+    }
+
     /// A replica that rolled back with the primary is in sync again when the rollback
     /// ends; a rebuild ending meanwhile (it copied the data from before) is not recorded.
     #[test]
@@ -887,6 +955,7 @@ mod rollback_tests {
             node: x,
             epoch: v.epoch,
             copied_bytes: 1 << 20,
+            snapshots: vec![],
         });
         assert_eq!(
             given_when(&given, rebuilt).unwrap(),

@@ -28,7 +28,7 @@ use uuid::Uuid;
 use super::inventory::ServerState;
 use super::names::{check_etag, check_name, check_nqn};
 use super::policy::PolicyRef;
-use super::snapshot::{SnapshotRef, SnapshotState};
+use super::snapshot::{Event as SnapshotEvent, SnapshotRef, SnapshotState};
 use super::{Applied, Ctx, DomainError, Event as AnyEvent, RowKey, State};
 use crate::limits::{ACL_ENTRIES_MAX, LABELS_MAX, VOLUMES_MAX, VOLUME_BYTES_MAX, VOLUME_MOVES_MAX};
 
@@ -315,12 +315,14 @@ pub enum Command {
         node: Uuid,
         epoch: u64,
     },
-    /// The primary (at `epoch`) rebuilt the replica on `node`, sending `copied_bytes`.
+    /// The primary (at `epoch`) rebuilt the replica on `node`, sending `copied_bytes`,
+    /// after copying it `snapshots` it lacked.
     MarkReplicaInSync {
         uuid: Uuid,
         node: Uuid,
         epoch: u64,
         copied_bytes: u64,
+        snapshots: Vec<Uuid>,
     },
     /// Leader (at `leader_epoch`): the primary's server failed (or, `planned`, was
     /// disabled); the in-sync replica on `node` takes over.
@@ -901,7 +903,8 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
             node,
             epoch,
             copied_bytes,
-        } => mark_in_sync(state, *uuid, *node, *epoch, *copied_bytes),
+            snapshots,
+        } => mark_in_sync(state, *uuid, *node, *epoch, *copied_bytes, snapshots),
         Command::MoveReplica {
             uuid,
             from,
@@ -936,14 +939,16 @@ pub fn decide(state: &State, ctx: &Ctx, cmd: &Command) -> Result<Vec<AnyEvent>, 
     }
 }
 
-/// The primary (at `epoch`) rebuilt the replica on `node`. A move completes in the same
-/// decision: the copy it replaces leaves only now (a primary leaves with its hand-over).
+/// The primary (at `epoch`) rebuilt the replica on `node`, which holds `snapshots` from
+/// now on too (those still there). A move completes in the same decision: the copy it
+/// replaces leaves only now (a primary leaves with its hand-over).
 fn mark_in_sync(
     state: &State,
     uuid: Uuid,
     node: Uuid,
     epoch: u64,
     copied_bytes: u64,
+    snapshots: &[Uuid],
 ) -> Result<Vec<AnyEvent>, DomainError> {
     let Some(v) = primary_at(state, uuid, epoch)? else {
         return Ok(vec![]);
@@ -956,11 +961,23 @@ fn mark_in_sync(
     if !v.out_of_sync.contains(&node) || !v.replica_nodes.contains(&node) {
         return Ok(vec![]);
     }
-    let mut events = vec![AnyEvent::Volume(Event::VolumeReplicaInSync {
+    // A snapshot deleted meanwhile is released by the replica's agent like any other.
+    let mut events: Vec<AnyEvent> = snapshots
+        .iter()
+        .filter(|s| {
+            state.snapshots.get(**s).is_some_and(|s| {
+                s.source_volume == uuid
+                    && s.state == SnapshotState::Available
+                    && !s.holders.contains(&node)
+            })
+        })
+        .map(|s| AnyEvent::Snapshot(SnapshotEvent::SnapshotCopied { uuid: *s, node }))
+        .collect();
+    events.push(AnyEvent::Volume(Event::VolumeReplicaInSync {
         uuid,
         node,
         copied_bytes,
-    })];
+    }));
     events.extend(
         v.replacing
             .iter()
@@ -1842,6 +1859,7 @@ pub(crate) mod tests {
                 node: y,
                 epoch,
                 copied_bytes: 1 << 30,
+                snapshots: vec![],
             }),
         )
         .unwrap();

@@ -158,6 +158,14 @@ impl MemberState {
         }
     }
 
+    /// Forgets every dirty chunk (the caller marks what differs another way).
+    pub fn clear_dirty(&self) {
+        self.all_dirty.store(false, Ordering::SeqCst);
+        for w in &self.dirty {
+            w.store(0, Ordering::SeqCst);
+        }
+    }
+
     /// Takes the next dirty chunk at or after `from` (clearing its bit), if any.
     pub fn take_dirty(&self, from: u64, chunks: u64) -> Option<u64> {
         if self.all_dirty.swap(false, Ordering::SeqCst) {

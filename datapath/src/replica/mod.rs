@@ -23,7 +23,8 @@
 //! out the promises it gave before its data path serves ([`ReplicaServer::lease_given_until`]).
 //!
 //! A snapshot of a replicated volume is taken on every in-sync copy at the same point of
-//! the write stream ([`snapshot_members`]).
+//! the write stream ([`snapshot_members`]). A copy that lacks some of them (a new replica,
+//! or one that was away) receives them before its rebuild ([`seed_snapshots`]).
 //!
 //! A replica that fails (connection lost, no answer in [`REPLICA_IO_TIMEOUT_MS`], an I/O
 //! error) is never silently skipped: its parts are held and the failure reported
@@ -38,6 +39,7 @@ mod backend;
 mod link;
 mod member;
 mod rebuild;
+mod seed;
 mod server;
 mod snapshot;
 
@@ -45,6 +47,7 @@ pub use backend::{Member, Replicated};
 pub use link::{Link, ReplicaHub};
 pub use member::{MemberState, Mode};
 pub use rebuild::{rebuild, repair};
+pub use seed::{seed_snapshots, SnapshotSource};
 pub use server::{HeldCopy, Hooks, ReplicaImage, ReplicaServer, SnapshotHook};
 pub use snapshot::{rollback_members, snapshot_members};
 
@@ -119,6 +122,9 @@ pub enum Op {
     /// Replace the copy's data with its copy of a snapshot (the snapshot's 16-byte id is
     /// the data), after every frame received before it.
     Rollback,
+    /// Take a snapshot the copy did not hold, whose data the primary has just copied into
+    /// it (the snapshot's 16-byte id is the data): see [`seed_snapshots`].
+    SeedSnapshot,
 }
 
 impl Op {
@@ -136,6 +142,7 @@ impl Op {
             Op::Snapshot => (10, 0),
             Op::Recent => (11, 0),
             Op::Rollback => (12, 0),
+            Op::SeedSnapshot => (13, 0),
         }
     }
 
@@ -155,6 +162,7 @@ impl Op {
             10 => Op::Snapshot,
             11 => Op::Recent,
             12 => Op::Rollback,
+            13 => Op::SeedSnapshot,
             _ => return None,
         })
     }
@@ -163,7 +171,7 @@ impl Op {
     pub fn has_data(self) -> bool {
         matches!(
             self,
-            Op::Write { .. } | Op::Copy | Op::Snapshot | Op::Rollback
+            Op::Write { .. } | Op::Copy | Op::Snapshot | Op::Rollback | Op::SeedSnapshot
         )
     }
 
@@ -182,9 +190,9 @@ impl Op {
 
     /// Whether it is applied alone, after everything received before it: a rebuild's copy
     /// (the blocks it may not overwrite are then known), a snapshot (the same point of the
-    /// write stream as the primary's) or a rollback.
+    /// write stream as the primary's), a rollback, or a copied snapshot.
     pub fn runs_alone(self) -> bool {
-        self.is_copy() || matches!(self, Op::Snapshot | Op::Rollback)
+        self.is_copy() || matches!(self, Op::Snapshot | Op::Rollback | Op::SeedSnapshot)
     }
 }
 
@@ -343,6 +351,7 @@ mod tests {
             Op::Snapshot,
             Op::Recent,
             Op::Rollback,
+            Op::SeedSnapshot,
         ] {
             let mut h = [0u8; HDR_BYTES];
             frame(op).encode(&data, &mut h);

@@ -29,7 +29,7 @@ use crate::limits::{
 };
 
 /// Frames of one chunk.
-const PARTS: usize = (REBUILD_CHUNK_BYTES as usize).div_ceil(REPLICA_FRAME_DATA_MAX);
+pub(super) const PARTS: usize = (REBUILD_CHUNK_BYTES as usize).div_ceil(REPLICA_FRAME_DATA_MAX);
 
 /// Collects the rebuild's own completions (and a test's).
 #[derive(Default)]
@@ -274,10 +274,35 @@ fn copy_chunk(
     waiter: &Waiter,
     send: impl Fn((Op, u64, u32), *const u8),
 ) -> io::Result<()> {
+    let parts: Vec<(u64, u32)> = range
+        .clone()
+        .step_by(REPLICA_FRAME_DATA_MAX)
+        .map(|off| {
+            (
+                off,
+                (range.end - off).min(REPLICA_FRAME_DATA_MAX as u64) as u32,
+            )
+        })
+        .collect();
+    copy_parts(local, q, buf, &parts, waiter, send)
+}
+
+/// Sends `parts` of `local` (offset, length: at most [`PARTS`] of them, each at most
+/// [`REPLICA_FRAME_DATA_MAX`]) as copy frames through `send`, all-zero ones without data;
+/// returns once every frame it sent has completed (or the wait timed out: then they may
+/// still read `buf`).
+pub(super) fn copy_parts(
+    local: &dyn Backend,
+    q: &mut IoQueue,
+    buf: &mut SlotBuf,
+    parts: &[(u64, u32)],
+    waiter: &Waiter,
+    send: impl Fn((Op, u64, u32), *const u8),
+) -> io::Result<()> {
+    debug_assert!(parts.len() <= PARTS);
     let mut sent = 0;
     let mut r = Ok(());
-    for (k, off) in range.clone().step_by(REPLICA_FRAME_DATA_MAX).enumerate() {
-        let len = (range.end - off).min(REPLICA_FRAME_DATA_MAX as u64) as u32;
+    for (k, &(off, len)) in parts.iter().enumerate() {
         if let Err(e) = read(local, q, buf.slot_ptr(k), off, len) {
             r = Err(e);
             break;

@@ -195,6 +195,9 @@ pub struct Hooks {
     pub snapshot: Option<SnapshotHook>,
     /// [`Op::Rollback`]: replace this copy's data with its copy of the snapshot.
     pub rollback: Option<SnapshotHook>,
+    /// [`Op::SeedSnapshot`]: take a snapshot the primary copied to this copy (replacing one
+    /// an earlier attempt left).
+    pub seed: Option<SnapshotHook>,
 }
 
 /// A copy this server holds, as published: volume, image (`None` on its primary), epoch.
@@ -234,7 +237,7 @@ impl ReplicaServer {
     ) -> io::Result<ReplicaServer> {
         let hooks = Hooks {
             snapshot: snapshots,
-            rollback: None,
+            ..Hooks::default()
         };
         Self::start_with_hooks(addr, hooks)
     }
@@ -604,9 +607,10 @@ fn take_frame(
         }
         // Everything before it is applied (it runs alone), so the copy is at the point of
         // the write stream where the primary takes its own.
-        Op::Snapshot | Op::Rollback => {
+        Op::Snapshot | Op::Rollback | Op::SeedSnapshot => {
             let (hook, what) = match frame.op {
                 Op::Snapshot => (hooks.snapshot.as_ref(), "taking a snapshot of"),
+                Op::SeedSnapshot => (hooks.seed.as_ref(), "taking a copied snapshot of"),
                 _ => (hooks.rollback.as_ref(), "rolling back"),
             };
             let status = match (hook, snapshot_id) {

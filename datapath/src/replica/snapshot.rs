@@ -82,7 +82,7 @@ pub fn rollback_members(
 
 /// Sends `op` (the snapshot id as data) to the members `asked` picks; per member, whether
 /// it answered success within `timeout`.
-fn ask(
+pub(super) fn ask(
     members: &[Arc<Member>],
     op: Op,
     volume: [u8; 16],
