@@ -117,7 +117,20 @@ fn open(dir: &Path) -> Arc<BlockStore> {
 
 impl Harness {
     fn new(q: IoQueue) -> Harness {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Harness::in_dir(q, tempfile::tempdir().expect("tempdir"))
+    }
+
+    /// On a memory-backed pool (reads copied from its mapping), where the machine has one.
+    fn in_memory(q: IoQueue) -> Option<Harness> {
+        let shm = Path::new("/dev/shm");
+        let dir = shm
+            .is_dir()
+            .then(|| tempfile::tempdir_in(shm).ok())
+            .flatten()?;
+        Some(Harness::in_dir(q, dir))
+    }
+
+    fn in_dir(q: IoQueue, dir: tempfile::TempDir) -> Harness {
         let store = open(dir.path());
         Harness {
             dir,
@@ -194,7 +207,10 @@ fn run(ops: Vec<Op>, q: IoQueue) -> Result<(), TestCaseError> {
 }
 
 fn run_sized(ops: Vec<Op>, q: IoQueue, size: u64) -> Result<(), TestCaseError> {
-    let mut h = Harness::new(q);
+    run_on(Harness::new(q), ops, size)
+}
+
+fn run_on(mut h: Harness, ops: Vec<Op>, size: u64) -> Result<(), TestCaseError> {
     h.blocks = size;
     let mut m = Model::default();
     let mut wrote_data = false;
@@ -319,9 +335,11 @@ fn run_sized(ops: Vec<Op>, q: IoQueue, size: u64) -> Result<(), TestCaseError> {
     let stored: u64 = h.st().tree().layers.values().map(|l| l.stored_bytes).sum();
     prop_assert_eq!(h.st().stats().used_bytes, stored);
     // On an io_uring queue the reads above went through the ring, not the inline path (a
-    // memory-backed TMPDIR would quietly test that instead).
+    // memory-backed TMPDIR would quietly test that instead); a memory-backed pool runs
+    // inline on purpose.
+    let memory = h.dir.path().starts_with("/dev/shm");
     prop_assert!(
-        !(h.q.is_uring() && wrote_data) || h.q.ring_ops() > 0,
+        !(h.q.is_uring() && wrote_data && !memory) || h.q.ring_ops() > 0,
         "data was written but no I/O reached the ring"
     );
     Ok(())
@@ -349,6 +367,16 @@ proptest! {
         let q = IoQueue::new();
         prop_assert!(q.is_uring(), "io_uring is unavailable: this would test the fallback");
         run_sized(ops, q, LONG_BLOCKS)?;
+    }
+
+    #[test]
+    fn extent_map_matches_the_model_on_a_memory_backed_pool(
+        ops in proptest::collection::vec(op_sized(LONG_BLOCKS, MAX_BLOCKS_PER_IO as u64), 1..60)
+    ) {
+        if let Some(h) = Harness::in_memory(IoQueue::new()) {
+            prop_assert!(h.st().stats().capacity_bytes > 0);
+            run_on(h, ops, LONG_BLOCKS)?;
+        }
     }
 
     #[test]
