@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use evstor_control::api::admission::RequestCaps;
-use evstor_control::cluster::etcd::parse_endpoints;
+use evstor_control::cluster::etcd::{parse_endpoints, EtcdTls};
 use evstor_control::cluster::ClusterConfig;
 use evstor_control::edge::EdgeConfig;
 use evstor_control::limits;
@@ -152,10 +152,20 @@ impl EdgeArgs {
 /// Cluster mode: join (or, on an empty etcd prefix, bootstrap) a cluster ordered by etcd.
 #[derive(Args)]
 struct ClusterArgs {
-    /// etcd client endpoints, comma-separated (`http://host:2379,…`). Without it, evstor
-    /// runs the embedded single-server cluster.
+    /// etcd client endpoints, comma-separated (`http://host:2379,…`, or `https://…` for
+    /// TLS). Without it, evstor runs the embedded single-server cluster.
     #[arg(long, env = "EVSTOR_ETCD")]
     etcd: Option<String>,
+    /// For `https://` etcd endpoints: the CA certificates (PEM) to verify them with
+    /// (default: the system's bundle).
+    #[arg(long, env = "EVSTOR_ETCD_CACERT", requires = "etcd")]
+    etcd_cacert: Option<PathBuf>,
+    /// For etcd with `--client-cert-auth`: this server's client certificate (PEM).
+    #[arg(long, env = "EVSTOR_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--etcd-cert`.
+    #[arg(long, env = "EVSTOR_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
     /// This server's name in the cluster (unique; kept in the data directory).
     #[arg(long, env = "EVSTOR_NAME", requires = "etcd")]
     name: Option<String>,
@@ -186,8 +196,21 @@ impl ClusterArgs {
             .name
             .clone()
             .context("--etcd needs --name: this server's name in the cluster")?;
+        let endpoints = parse_endpoints(etcd)?;
+        let tls_flags = self.etcd_cacert.is_some() || self.etcd_cert.is_some();
+        anyhow::ensure!(
+            endpoints.https || !tls_flags,
+            "--etcd-cacert, --etcd-cert and --etcd-key are for https:// etcd endpoints"
+        );
+        let tls = if endpoints.https {
+            let client = self.etcd_cert.as_deref().zip(self.etcd_key.as_deref());
+            Some(EtcdTls::new(self.etcd_cacert.as_deref(), client).context("etcd TLS")?)
+        } else {
+            None
+        };
         Ok(Some(ClusterConfig {
-            endpoints: parse_endpoints(etcd)?,
+            endpoints: endpoints.hosts,
+            tls,
             prefix: self.etcd_prefix.clone(),
             name,
             failure_domain: self.failure_domain.clone(),

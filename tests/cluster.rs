@@ -91,6 +91,48 @@ fn three_with_env(etcd: &Etcd, env: &[(&str, &str)]) -> Vec<Server> {
     servers
 }
 
+/// etcd that takes only TLS clients with a certificate from its CA: servers given the CA,
+/// their certificate and key (`--etcd-cacert`, `--etcd-cert`, `--etcd-key`) make one
+/// cluster through it, ordering the journal there; TLS options beside plain-HTTP
+/// endpoints, or a certificate without its key, are refused at start with a clear error.
+#[test]
+fn servers_make_one_cluster_through_etcd_over_tls() {
+    let etcd = Etcd::start_tls(1);
+    assert!(etcd.endpoints().starts_with("https://"));
+    let servers = vec![member(&etcd, "t1", &[]), member(&etcd, "t2", &[])];
+    for s in &servers {
+        eventually(s, "/api/v2/servers", |_, _| {
+            states(s) == all_enabled(&["t1", "t2"])
+        });
+    }
+    let uuid = create_volume(&servers[0], "over-tls", 2);
+    let path = format!("/api/v2/projects/default/volumes/{uuid}");
+    eventually(&servers[1], &path, |st, v| {
+        st == 200 && v["protectionState"] == "FullyProtected"
+    });
+    assert!(
+        etcd.log_batches() > 0,
+        "the journal's order is kept in etcd"
+    );
+    let serve = |extra: &[&str]| {
+        let dir = tempfile::tempdir().expect("data dir");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_evstor"))
+            .args(["serve", "--data-dir"])
+            .arg(dir.path())
+            .args(["--name", "x"])
+            .args(extra)
+            .output()
+            .expect("run evstor");
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let ca = etcd.tls_args()[1].clone();
+    let err = serve(&["--etcd", "http://127.0.0.1:1", "--etcd-cacert", &ca]);
+    assert!(err.contains("are for https:// etcd endpoints"), "{err}");
+    let err = serve(&["--etcd", &etcd.endpoints(), "--etcd-cert", &ca]);
+    assert!(err.contains("--etcd-key"), "{err}");
+}
+
 #[test]
 fn three_servers_one_journal_volumes_everywhere() {
     let etcd = Etcd::start(3);

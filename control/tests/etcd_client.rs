@@ -7,7 +7,9 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use evstor_control::cluster::etcd::{Compare, EtcdClient, EtcdError, Op, OpResult, Range};
+mod certs;
+
+use evstor_control::cluster::etcd::{Compare, EtcdClient, EtcdError, EtcdTls, Op, OpResult, Range};
 use evstor_control::cluster::log::{Appended, ClusterLog, Fetched};
 use evstor_control::cluster::Keys;
 use evstor_journal::{place, Head, NewEvent};
@@ -23,16 +25,36 @@ fn free_port() -> u16 {
 struct Etcd {
     child: Child,
     client_port: u16,
+    /// Clients must come over TLS with a certificate this PKI's CA signed.
+    pki: Option<certs::TestPki>,
     _dir: tempfile::TempDir,
 }
 
 impl Etcd {
     fn start() -> Etcd {
+        Etcd::start_with(false)
+    }
+
+    /// With `tls`: clients over TLS only, each with a client certificate
+    /// (`--client-cert-auth`).
+    fn start_with(tls: bool) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let (client_port, peer_port) = (free_port(), free_port());
-        let client = format!("http://127.0.0.1:{client_port}");
+        let pki = tls.then(|| certs::write(dir.path(), "etcd"));
+        let scheme = if tls { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
-        let child = Command::new("/usr/bin/etcd")
+        let mut cmd = Command::new("/usr/bin/etcd");
+        if let Some(p) = &pki {
+            cmd.arg("--cert-file")
+                .arg(&p.server_cert)
+                .arg("--key-file")
+                .arg(&p.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&p.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "e0", "--data-dir"])
             .arg(dir.path().join("data"))
             .args([
@@ -57,6 +79,7 @@ impl Etcd {
         let e = Etcd {
             child,
             client_port,
+            pki,
             _dir: dir,
         };
         let c = e.client();
@@ -73,7 +96,15 @@ impl Etcd {
     }
 
     fn client(&self) -> EtcdClient {
-        EtcdClient::new(vec![self.endpoint()])
+        let c = EtcdClient::new(vec![self.endpoint()]);
+        match &self.pki {
+            Some(p) => {
+                let tls = EtcdTls::new(Some(&p.ca), Some((&p.client_cert, &p.client_key)))
+                    .expect("client TLS");
+                c.with_tls(tls)
+            }
+            None => c,
+        }
     }
 }
 
@@ -360,4 +391,73 @@ fn cluster_log_appends_race_retry_and_are_fenced_by_the_leader_key() {
     // With the oldest batch deleted, a reader at seq 1 is behind the tail.
     c.delete_range(&keys.log(1), &[]).unwrap();
     assert!(matches!(a.fetch(1).unwrap(), Fetched::TailPassed { .. }));
+}
+
+/// etcd that takes only TLS clients with a certificate from its CA: such a client works
+/// (a transaction, a watch that sees it); one without a client certificate, one that does
+/// not trust etcd's CA, and a plain-HTTP one are all refused, and the error names TLS.
+#[test]
+fn etcd_over_tls_takes_only_clients_with_a_certificate_it_trusts() {
+    let etcd = Etcd::start_with(true);
+    let pki = etcd.pki.as_ref().expect("TLS");
+    let c = etcd.client();
+    let key = b"/tls/k".to_vec();
+    let mut watch = c
+        .watch(&key, b"/tls/l", 1, Duration::from_secs(10))
+        .expect("a watch over TLS");
+    let put = Op::Put {
+        key: key.clone(),
+        value: b"v".to_vec(),
+        lease: 0,
+    };
+    assert!(
+        c.txn(&[], &[put], &[])
+            .expect("a transaction over TLS")
+            .succeeded
+    );
+    let seen = loop {
+        let m = watch.next_message().expect("watch message");
+        if !m.puts.is_empty() {
+            break m.puts;
+        }
+    };
+    assert_eq!(
+        (seen[0].key.as_slice(), seen[0].value.as_slice()),
+        (&key[..], &b"v"[..])
+    );
+    assert_eq!(
+        c.get(&key).expect("get").map(|kv| kv.value),
+        Some(b"v".to_vec())
+    );
+
+    let quick = |c: EtcdClient| c.with_deadline(Duration::from_millis(800));
+    let refused = |c: EtcdClient, why: &str| {
+        let err = quick(c).get(&key).expect_err(why);
+        assert!(matches!(err, EtcdError::Unavailable(_)), "{why}: {err}");
+        err.to_string()
+    };
+    let no_cert = EtcdTls::new(Some(&pki.ca), None).expect("TLS without a client certificate");
+    let err = refused(
+        EtcdClient::new(vec![etcd.endpoint()]).with_tls(no_cert),
+        "no client certificate",
+    );
+    assert!(err.contains("TLS"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let other = certs::write(dir.path(), "other");
+    let stranger = EtcdTls::new(
+        Some(&other.ca),
+        Some((&other.client_cert, &other.client_key)),
+    )
+    .expect("another CA");
+    let err = refused(
+        EtcdClient::new(vec![etcd.endpoint()]).with_tls(stranger),
+        "etcd's certificate from a CA the client does not trust",
+    );
+    assert!(err.contains("TLS") && err.contains("certificate"), "{err}");
+    refused(
+        EtcdClient::new(vec![etcd.endpoint()]),
+        "plain HTTP to a TLS port",
+    );
+    // A key that does not belong to the certificate is caught before any connection.
+    assert!(EtcdTls::new(Some(&pki.ca), Some((&pki.client_cert, &other.client_key))).is_err());
 }

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use evstor_control::cluster::etcd::{EtcdClient, Range};
+use evstor_control::cluster::etcd::{EtcdClient, EtcdTls, Range};
+
+#[path = "../../control/tests/certs/mod.rs"]
+pub mod certs;
 
 use super::{free_port, Options, Server};
 
@@ -31,11 +34,23 @@ pub struct Etcd {
     members: Vec<Member>,
     initial_cluster: String,
     token: String,
+    /// Clients must come over TLS with a certificate this PKI's CA signed.
+    pki: Option<certs::TestPki>,
 }
 
 impl Etcd {
     /// Starts `n` members and waits until they have a leader.
     pub fn start(n: usize) -> Etcd {
+        Etcd::start_with(n, false)
+    }
+
+    /// As [`Etcd::start`], taking clients over TLS only, each with a client certificate
+    /// from the test CA (`--client-cert-auth`); [`member`] gives servers theirs.
+    pub fn start_tls(n: usize) -> Etcd {
+        Etcd::start_with(n, true)
+    }
+
+    fn start_with(n: usize, tls: bool) -> Etcd {
         assert!(
             std::path::Path::new(ETCD_BIN).exists(),
             "{ETCD_BIN} is missing: apt-get install etcd-server"
@@ -56,11 +71,13 @@ impl Etcd {
             .collect::<Vec<_>>()
             .join(",");
         let token = format!("evstor-test-{}", uuid::Uuid::new_v4());
+        let pki = tls.then(|| certs::write(dir.path(), "etcd"));
         let mut etcd = Etcd {
             dir,
             members,
             initial_cluster,
             token,
+            pki,
         };
         for i in 0..n {
             etcd.spawn(i);
@@ -76,9 +93,19 @@ impl Etcd {
             .open(self.dir.path().join(format!("e{i}.log")))
             .expect("etcd log");
         let m = &self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let client = format!("{}://127.0.0.1:{}", self.scheme(), m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = Command::new(ETCD_BIN)
+        let mut cmd = Command::new(ETCD_BIN);
+        if let Some(p) = &self.pki {
+            cmd.arg("--cert-file")
+                .arg(&p.server_cert)
+                .arg("--key-file")
+                .arg(&p.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&p.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", &m.name, "--data-dir"])
             .arg(&m.data)
             .args(["--listen-client-urls", &client])
@@ -95,23 +122,54 @@ impl Etcd {
         self.members[i].child = Some(child);
     }
 
-    /// `http://127.0.0.1:p1,…` for `--etcd`.
+    fn scheme(&self) -> &'static str {
+        if self.pki.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// `http://127.0.0.1:p1,…` (or `https://`) for `--etcd`.
     pub fn endpoints(&self) -> String {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client_port))
             .collect::<Vec<_>>()
             .join(",")
     }
 
+    /// The arguments a server needs to reach these members over TLS (none without it).
+    pub fn tls_args(&self) -> Vec<String> {
+        let Some(p) = &self.pki else {
+            return Vec::new();
+        };
+        let path = |f: &PathBuf| f.to_string_lossy().into_owned();
+        vec![
+            "--etcd-cacert".into(),
+            path(&p.ca),
+            "--etcd-cert".into(),
+            path(&p.client_cert),
+            "--etcd-key".into(),
+            path(&p.client_key),
+        ]
+    }
+
     /// A client of the members (for the test's own looks into etcd).
     pub fn client(&self) -> EtcdClient {
-        EtcdClient::new(
+        let c = EtcdClient::new(
             self.members
                 .iter()
                 .map(|m| format!("127.0.0.1:{}", m.client_port))
                 .collect(),
-        )
+        );
+        match &self.pki {
+            Some(p) => c.with_tls(
+                EtcdTls::new(Some(&p.ca), Some((&p.client_cert, &p.client_key)))
+                    .expect("etcd client TLS"),
+            ),
+            None => c,
+        }
     }
 
     /// Waits until some member reports a raft leader.
@@ -184,6 +242,7 @@ pub fn member_with(etcd: &Etcd, name: &str, mut options: Options) -> Server {
         .iter()
         .map(|a| a.to_string())
         .collect();
+    all.extend(etcd.tls_args());
     all.append(&mut options.args);
     options.args = all;
     Server::start_with(options)

@@ -12,13 +12,18 @@
 //! is absent when a transaction's compare failed, a watch event's `"type"` is absent for
 //! PUT). Errors come back as an HTTP status with `{"error","message","code"}` (a gRPC code).
 //!
+//! `https://` endpoints are reached over TLS ([`EtcdTls`]: the CAs to trust, and the client
+//! certificate etcd asks for with `--client-cert-auth`); the whole journal's order lives in
+//! etcd, so on any network but a private one it should be.
+//!
 //! Every call has a deadline ([`ETCD_CALL_DEADLINE_MS`]); within it a call moves on to the
 //! next endpoint when a member is unreachable, times out, or answers "unavailable" (no
 //! leader, no quorum). Only the caller can tell whether repeating a write is safe; all of
 //! ours are compare-and-swap transactions, puts of the same value or lease operations.
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -51,6 +56,103 @@ pub enum EtcdError {
 }
 
 pub type EtcdResult<T> = Result<T, EtcdError>;
+
+/// How to reach `https://` etcd endpoints: the CAs to trust and, when etcd checks clients
+/// (`--client-cert-auth`), the certificate to present.
+#[derive(Clone)]
+pub struct EtcdTls(Arc<rustls::ClientConfig>);
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EtcdTls")
+    }
+}
+
+impl EtcdTls {
+    /// Trusts the CAs in `ca` (PEM), or the system's bundle without one, and presents the
+    /// certificate chain `cert` with its private key `key` (PEM) when given.
+    pub fn new(ca: Option<&Path>, client: Option<(&Path, &Path)>) -> anyhow::Result<EtcdTls> {
+        use anyhow::Context;
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let system = crate::idp::fetch::SYSTEM_CA_BUNDLES
+            .iter()
+            .map(Path::new)
+            .find(|p| p.exists());
+        let file = ca.or(system).context(
+            "no CA to verify etcd with: give --etcd-cacert (no system CA bundle was found)",
+        )?;
+        let certs = CertificateDer::pem_file_iter(file)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .with_context(|| format!("reading CA certificates from {}", file.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(certs);
+        anyhow::ensure!(
+            added > 0,
+            "{} holds no usable CA certificate",
+            file.display()
+        );
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
+        let config = match client {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .with_context(|| format!("reading the certificate {}", cert.display()))?;
+                anyhow::ensure!(!chain.is_empty(), "{} holds no certificate", cert.display());
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .with_context(|| format!("reading the private key {}", key.display()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .context("the etcd client certificate and key do not go together")?
+            }
+        };
+        Ok(EtcdTls(Arc::new(config)))
+    }
+}
+
+/// A connection to a member: plain TCP, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+/// A TLS failure named as one (etcd refusing our certificate shows only at the first read
+/// under TLS 1.3, as an alert).
+fn tls_error(e: std::io::Error) -> std::io::Error {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(t) => std::io::Error::new(e.kind(), format!("TLS: {t}")),
+        None => e,
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf).map_err(tls_error),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf).map_err(tls_error),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush().map_err(tls_error),
+        }
+    }
+}
 
 /// A key as etcd returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -233,41 +335,72 @@ pub struct Status {
 /// A connection to one member, kept for the next call.
 struct Conn {
     endpoint: usize,
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Stream>,
 }
 
 /// A client of one etcd cluster.
 pub struct EtcdClient {
     endpoints: Arc<Vec<String>>,
+    /// `https://` endpoints: how to reach them.
+    tls: Option<EtcdTls>,
     /// The member tried first (the last that answered).
     preferred: Arc<AtomicUsize>,
     conn: Mutex<Option<Conn>>,
     deadline: Duration,
 }
 
-/// Parses `--etcd` endpoints: `http://host:port` (or `host:port`), comma-separated.
-pub fn parse_endpoints(list: &str) -> EtcdResult<Vec<String>> {
-    let mut out = Vec::new();
+/// `--etcd` endpoints as parsed: `host:port` each, and whether they are `https://`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    pub hosts: Vec<String>,
+    pub https: bool,
+}
+
+/// Parses `--etcd` endpoints: `http://host:port` (or `host:port`) or `https://host:port`,
+/// comma-separated, all of one scheme.
+pub fn parse_endpoints(list: &str) -> EtcdResult<Endpoints> {
+    let mut hosts = Vec::new();
+    let mut schemes = std::collections::BTreeSet::new();
     for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        if item.starts_with("https://") {
-            return Err(EtcdError::Protocol(format!(
-                "{item}: TLS to etcd is not supported yet; reach etcd over a private network or \
-                 a local TLS proxy"
-            )));
-        }
-        let hostport = item.strip_prefix("http://").unwrap_or(item);
+        let (https, hostport) = match item.strip_prefix("https://") {
+            Some(rest) => (true, rest),
+            None => (false, item.strip_prefix("http://").unwrap_or(item)),
+        };
         let hostport = hostport.trim_end_matches('/');
         if hostport.is_empty() || hostport.contains('/') || !hostport.contains(':') {
             return Err(EtcdError::Protocol(format!(
                 "{item:?} is not an etcd endpoint like http://127.0.0.1:2379"
             )));
         }
-        out.push(hostport.to_string());
+        schemes.insert(https);
+        hosts.push(hostport.to_string());
     }
-    if out.is_empty() {
+    if hosts.is_empty() {
         return Err(EtcdError::Protocol("no etcd endpoint given".into()));
     }
-    Ok(out)
+    if schemes.len() > 1 {
+        return Err(EtcdError::Protocol(format!(
+            "{list}: give every etcd endpoint with the same scheme (all https:// or none)"
+        )));
+    }
+    Ok(Endpoints {
+        hosts,
+        https: schemes.contains(&true),
+    })
+}
+
+/// The name a member's certificate must carry: its host (an IP address or a DNS name).
+fn server_name(hostport: &str) -> EtcdResult<rustls::pki_types::ServerName<'static>> {
+    let host = hostport
+        .rsplit_once(':')
+        .map_or(hostport, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    match host.parse::<IpAddr>() {
+        Ok(ip) => Ok(rustls::pki_types::ServerName::IpAddress(ip.into())),
+        Err(_) => rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| EtcdError::Protocol(format!("{hostport}: {e}"))),
+    }
 }
 
 fn unavailable(endpoint: &str, what: impl std::fmt::Display) -> EtcdError {
@@ -278,6 +411,7 @@ impl EtcdClient {
     pub fn new(endpoints: Vec<String>) -> EtcdClient {
         EtcdClient {
             endpoints: Arc::new(endpoints),
+            tls: None,
             preferred: Arc::new(AtomicUsize::new(0)),
             conn: Mutex::new(None),
             deadline: Duration::from_millis(ETCD_CALL_DEADLINE_MS),
@@ -288,10 +422,17 @@ impl EtcdClient {
     pub fn fork(&self) -> EtcdClient {
         EtcdClient {
             endpoints: self.endpoints.clone(),
+            tls: self.tls.clone(),
             preferred: self.preferred.clone(),
             conn: Mutex::new(None),
             deadline: self.deadline,
         }
+    }
+
+    /// The same client reaching its endpoints over TLS.
+    pub fn with_tls(mut self, tls: EtcdTls) -> EtcdClient {
+        self.tls = Some(tls);
+        self
     }
 
     /// The same client with another overall deadline per call.
@@ -321,15 +462,42 @@ impl EtcdClient {
         Err(last)
     }
 
-    /// A fresh stream to member `i` with the request timeouts set.
-    pub(crate) fn stream_to(&self, i: usize, read_timeout: Duration) -> EtcdResult<TcpStream> {
+    /// A fresh stream to member `i` with the request timeouts set (TLS established, for
+    /// `https://` endpoints).
+    fn stream_to(&self, i: usize, read_timeout: Duration) -> EtcdResult<Stream> {
         let s = self.connect(i)?;
         let endpoint = &self.endpoints[i];
         s.set_read_timeout(Some(read_timeout))
             .and_then(|()| s.set_write_timeout(Some(Duration::from_millis(ETCD_REQUEST_MS))))
             .and_then(|()| s.set_nodelay(true))
             .map_err(|e| unavailable(endpoint, e))?;
-        Ok(s)
+        let Some(tls) = &self.tls else {
+            return Ok(Stream::Plain(s));
+        };
+        let name = server_name(endpoint)?;
+        let conn = rustls::ClientConnection::new(tls.0.clone(), name)
+            .map_err(|e| EtcdError::Protocol(format!("{endpoint}: TLS: {e}")))?;
+        let mut tls = rustls::StreamOwned::new(conn, s);
+        // The handshake now, so a certificate etcd refuses (or we do) is named as such.
+        while tls.conn.is_handshaking() {
+            tls.conn
+                .complete_io(&mut tls.sock)
+                .map_err(|e| unavailable(endpoint, format!("TLS handshake: {}", tls_error(e))))?;
+        }
+        Ok(Stream::Tls(Box::new(tls)))
+    }
+
+    /// `e` from an established connection, with what it likely means over TLS: a member
+    /// that refuses our client certificate closes the connection after the handshake.
+    fn explain(&self, e: std::io::Error) -> String {
+        use std::io::ErrorKind::*;
+        match e.kind() {
+            BrokenPipe | ConnectionReset | UnexpectedEof if self.tls.is_some() => format!(
+                "{e} (the member closed the TLS connection: does it accept this server's \
+                 client certificate, --etcd-cert?)"
+            ),
+            _ => e.to_string(),
+        }
     }
 
     /// One request to member `i` on the kept connection (reconnecting once if it went
@@ -360,7 +528,7 @@ impl EtcdClient {
                 Err(e) if reuse && is_stale(&e) => *slot = None,
                 Err(e) => {
                     *slot = None;
-                    return Err(unavailable(endpoint, e));
+                    return Err(unavailable(endpoint, self.explain(e)));
                 }
             }
         }
@@ -515,16 +683,16 @@ impl EtcdClient {
         for k in 0..n {
             let i = (first + k) % n;
             let endpoint = self.endpoints[i].clone();
-            let attempt = self.stream_to(i, idle).and_then(|s| {
-                let mut w = s.try_clone().map_err(|e| unavailable(&endpoint, e))?;
-                http::write_request(&mut w, "POST", &endpoint, "/v3/watch", &[], &raw)
-                    .map_err(|e| unavailable(&endpoint, e))?;
+            let attempt = self.stream_to(i, idle).and_then(|mut s| {
+                http::write_request(&mut s, "POST", &endpoint, "/v3/watch", &[], &raw)
+                    .map_err(|e| unavailable(&endpoint, self.explain(e)))?;
                 let mut reader = BufReader::new(s);
-                let head = http::read_head(&mut reader).map_err(|e| unavailable(&endpoint, e))?;
+                let head = http::read_head(&mut reader)
+                    .map_err(|e| unavailable(&endpoint, self.explain(e)))?;
                 if head.status != 200 {
                     let body = BodyReader::new(&mut reader, &head)
                         .read_all(ETCD_RESPONSE_BYTES_MAX)
-                        .map_err(|e| unavailable(&endpoint, e))?;
+                        .map_err(|e| unavailable(&endpoint, self.explain(e)))?;
                     let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
                     return Err(gateway_error(head.status, &v));
                 }
@@ -542,7 +710,7 @@ impl EtcdClient {
 
 /// A running watch: an endless chunked response of JSON messages, one per line.
 pub struct Watch {
-    lines: BufReader<BodyReader<BufReader<TcpStream>>>,
+    lines: BufReader<BodyReader<BufReader<Stream>>>,
     endpoint: String,
 }
 
@@ -558,7 +726,7 @@ pub struct WatchMessage {
 }
 
 impl Watch {
-    fn start(reader: BufReader<TcpStream>, head: http::ResponseHead, endpoint: String) -> Watch {
+    fn start(reader: BufReader<Stream>, head: http::ResponseHead, endpoint: String) -> Watch {
         Watch {
             lines: BufReader::new(BodyReader::new(reader, &head)),
             endpoint,
@@ -612,7 +780,7 @@ impl Watch {
 
 /// One request and its response on `reader`'s connection; (status, body, close after).
 fn exchange(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<Stream>,
     host: &str,
     path: &str,
     body: &[u8],
@@ -728,11 +896,23 @@ mod tests {
 
     #[test]
     fn endpoints_and_prefixes() {
-        assert_eq!(
-            parse_endpoints("http://127.0.0.1:2379, 10.0.0.1:2379/").unwrap(),
-            ["127.0.0.1:2379", "10.0.0.1:2379"]
+        let plain = parse_endpoints("http://127.0.0.1:2379, 10.0.0.1:2379/").unwrap();
+        assert_eq!(plain.hosts, ["127.0.0.1:2379", "10.0.0.1:2379"]);
+        assert!(!plain.https);
+        let tls = parse_endpoints("https://etcd-a:2379,https://[::1]:2379").unwrap();
+        assert_eq!((tls.hosts.len(), tls.https), (2, true));
+        assert!(
+            parse_endpoints("https://h:2379,http://g:2379").is_err(),
+            "one scheme"
         );
-        assert!(parse_endpoints("https://h:2379").is_err());
+        assert!(matches!(
+            server_name("[::1]:2379"),
+            Ok(rustls::pki_types::ServerName::IpAddress(_))
+        ));
+        assert!(matches!(
+            server_name("etcd-a:2379"),
+            Ok(rustls::pki_types::ServerName::DnsName(_))
+        ));
         assert!(parse_endpoints("").is_err());
         assert!(parse_endpoints("http://h").is_err());
         assert_eq!(prefix_end(b"/a/"), b"/a0");

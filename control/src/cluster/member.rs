@@ -300,7 +300,10 @@ fn check_journal(dir: &Path) -> anyhow::Result<()> {
 /// Joins (or bootstraps) the cluster and starts the member's threads.
 pub async fn start(cfg: &ServeConfig, cc: &ClusterConfig, cert: &Path) -> anyhow::Result<Member> {
     let keys = Keys::new(&cc.prefix);
-    let etcd = EtcdClient::new(cc.endpoints.clone());
+    let mut etcd = EtcdClient::new(cc.endpoints.clone());
+    if let Some(tls) = &cc.tls {
+        etcd = etcd.with_tls(tls.clone());
+    }
     let stored_uuid = identity(&cfg.data_dir, &cc.name)?;
     // Before the id is known, a first start catches up under a provisional one (it only
     // names this server to the peer it may fetch a checkpoint from).

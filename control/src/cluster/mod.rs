@@ -109,6 +109,8 @@ impl Keys {
 pub struct ClusterConfig {
     /// etcd client endpoints (`host:port`).
     pub endpoints: Vec<String>,
+    /// How to reach them over TLS (`https://` endpoints).
+    pub tls: Option<etcd::EtcdTls>,
     pub prefix: String,
     /// This server's name (unique in the cluster).
     pub name: String,

@@ -19,7 +19,7 @@ use crate::domain::url::HttpUrl;
 use crate::limits::{IDP_FETCH_TIMEOUT_MS, IDP_RESPONSE_BYTES_MAX};
 
 /// Where distributions keep the system's CA bundle; the first that exists is read.
-const SYSTEM_CA_BUNDLES: [&str; 3] = [
+pub(crate) const SYSTEM_CA_BUNDLES: [&str; 3] = [
     "/etc/ssl/certs/ca-certificates.crt",
     "/etc/pki/tls/certs/ca-bundle.crt",
     "/etc/ssl/cert.pem",
