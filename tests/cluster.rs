@@ -1098,8 +1098,10 @@ fn a_stopped_primary_that_resumes_acknowledges_nothing() {
         Ok(d) => assert!(d == block(0x11), "a deposed primary served stale data"),
         Err(e) => assert_eq!(e.status(), Some(Status::ANA_INACCESSIBLE), "{e}"),
     }
-    // The stale primary's write to block 0 must fail, whichever way it is refused.
-    let stale = old.write(nsid, 0, &block(0xee));
+    // The stale primary's write must fail, whichever way it is refused. (It goes to a
+    // chunk nothing else writes: if the stale primary applied it to its own copy, only
+    // that copy's record of its changes can tell its rebuild to undo it.)
+    let stale = old.write(nsid, STALE_LBA, &block(0xee));
     assert!(stale.is_err(), "a deposed primary acknowledged a write");
     let other = live
         .iter()
@@ -1112,6 +1114,16 @@ fn a_stopped_primary_that_resumes_acknowledges_nothing() {
             .is_some_and(|o| *o == q)
     });
     drop((old, new));
+    // The deposed primary is rebuilt from what it changed since its replicas last took
+    // its writes (its stale write to block 0 included), not copied whole.
+    eventually(&servers[q], &path, |_, v| {
+        v["protectionState"] == "FullyProtected"
+    });
+    let (_, copied) = volume_events(&servers[q], &uuid);
+    assert!(
+        copied.last().is_some_and(|c| *c <= 4 << 20),
+        "the resumed primary's rebuild copied {copied:?} bytes of a 64 MiB volume"
+    );
     for s in servers.iter_mut() {
         s.stop();
     }
@@ -1122,7 +1134,16 @@ fn a_stopped_primary_that_resumes_acknowledges_nothing() {
         want,
         "replica in sync"
     );
+    let rebuilt = image_blocks(&servers[p], &uuid, STALE_LBA + 1);
+    assert_eq!(rebuilt[..5 * 4096], want, "the deposed primary, rebuilt");
+    assert!(
+        rebuilt[STALE_LBA as usize * 4096..].iter().all(|b| *b == 0),
+        "the deposed primary kept the write it never got acknowledged"
+    );
 }
+
+/// Where [`a_stopped_primary_that_resumes_acknowledges_nothing`]'s stale write goes: chunk 5.
+const STALE_LBA: u64 = 5 * 256 + 7;
 
 /// Disabling the server of a volume's primary hands the volume over to an in-sync replica:
 /// the new primary serves only after the old one confirmed it stopped, the old path answers

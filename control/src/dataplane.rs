@@ -127,6 +127,35 @@ impl SnapshotSource for StoreSnapshots<'_> {
     }
 }
 
+/// For `volume`, which this node was the primary of until now: the time (Unix ms, by the
+/// change log's clock) from which its copy may hold changes its in-sync replicas lack, or
+/// None if it cannot tell. Each replica accepted every part queued before the newest it
+/// accepted (parts go out in queue order), and a write's local change is recorded after
+/// its part was queued; retried parts can be out of that order for at most the window a
+/// failover reconciles anyway ([`CHANGE_WINDOW_MS`]).
+fn deposed_since(repl: &Repl, volume: Uuid) -> Option<u64> {
+    let members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
+    let ago: Vec<Option<Duration>> = members
+        .iter()
+        .filter(|((u, _), (_, _, _, m))| *u == volume && m.state.mode() == Mode::InSync)
+        .map(|(_, (_, _, _, m))| m.state.last_acked_queued_ago())
+        .collect();
+    // Every in-sync replica must have accepted something (None sorts first).
+    if ago.is_empty() || ago.contains(&None) {
+        return None;
+    }
+    let ago_ms = ago.into_iter().flatten().max()?.as_millis() as u64;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_millis() as u64;
+    Some(
+        now_ms
+            .saturating_sub(ago_ms)
+            .saturating_sub(CHANGE_WINDOW_MS + CHANGE_LOG_REFRESH_MS),
+    )
+}
+
 /// A replica the primary could not write to, to record out of sync.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaFailure {
@@ -492,6 +521,12 @@ impl VolumeStore {
         if *last == want {
             return;
         }
+        // Volumes this process was the primary of and now holds a replica of: deposed.
+        let deposed: Vec<(Uuid, Option<u64>)> = want
+            .iter()
+            .filter(|w| w.4 && last.iter().any(|l| l.0 == w.0 && !l.4))
+            .map(|w| (w.0, deposed_since(repl, w.0)))
+            .collect();
         let images = want
             .iter()
             .map(|&(uuid, epoch, size, compress, replica)| {
@@ -501,6 +536,11 @@ impl VolumeStore {
             })
             .collect();
         repl.server.set_images(images);
+        for (uuid, since) in deposed {
+            tracing::info!(volume = %uuid, since_unix_ms = ?since, "deposed as the primary");
+            repl.server
+                .set_deposed_since(*uuid.as_bytes(), since.unwrap_or(0));
+        }
         *last = want;
     }
 

@@ -51,6 +51,8 @@ struct Part {
     /// completed as "no longer owed").
     must_deliver: bool,
     phase: Phase,
+    /// When it entered the link's queue (in that order its frame is sent, retries aside).
+    queued: Instant,
     first_sent: Option<Instant>,
     /// Connection generation it was (or is being) sent on, and when its send began: its
     /// answer may arrive before the sender has finished the write that carried it.
@@ -242,6 +244,7 @@ impl Link {
             member: member.clone(),
             must_deliver,
             phase,
+            queued: now,
             first_sent: None,
             sent: None,
             retry_at: None,
@@ -368,6 +371,7 @@ impl Link {
                     if let Some((_, sent)) = p.sent {
                         p.member.renew_lease(sent);
                     }
+                    p.member.acked(p.queued);
                 }
                 batch.push((p.tag, *status));
                 i += 1;

@@ -42,6 +42,10 @@ pub struct MemberState {
     /// Until when ([`clock_ns`]) the replica's promise not to serve the volume holds, as
     /// far as this primary may rely on it; 0: no promise.
     lease_until: AtomicU64,
+    /// When ([`clock_ns`]) the newest part the replica accepted entered the link's queue;
+    /// 0: none yet. Parts are sent in queue order, so (retries aside) what this primary
+    /// queued before it reached the replica.
+    acked_queued: AtomicU64,
     /// A copy that was current when this primary took over, whose own recent changes
     /// ([`super::Op::Recent`]) are still to be asked and marked.
     ask_recent: AtomicBool,
@@ -72,6 +76,7 @@ impl MemberState {
             rebuild_chunks: AtomicU64::new(0),
             rebuild_copied: AtomicU64::new(0),
             lease_until: AtomicU64::new(0),
+            acked_queued: AtomicU64::new(0),
             ask_recent: AtomicBool::new(false),
             was_in_sync: in_sync,
         }
@@ -111,6 +116,20 @@ impl MemberState {
         let trusted = REPLICA_READ_LEASE_MS * REPLICA_LEASE_TRUST_PERCENT / 100;
         let until = clock_ns(sent + Duration::from_millis(trusted));
         self.lease_until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// The replica accepted a part queued at `queued`.
+    pub fn acked(&self, queued: Instant) {
+        self.acked_queued
+            .fetch_max(clock_ns(queued), Ordering::Relaxed);
+    }
+
+    /// How long ago the newest part the replica accepted was queued, if it accepted any.
+    pub fn last_acked_queued_ago(&self) -> Option<Duration> {
+        let at = Some(self.acked_queued.load(Ordering::Relaxed)).filter(|t| *t > 0)?;
+        Some(Duration::from_nanos(
+            clock_ns(Instant::now()).saturating_sub(at),
+        ))
     }
 
     /// Whether the replica's promise still holds at `now` ([`clock_ns`]).

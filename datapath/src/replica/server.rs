@@ -57,6 +57,9 @@ pub struct ReplicaImage {
     /// changed its copy after a gap (stopped, then resumed), which no time window bounds,
     /// so it cannot tell what it changed recently.
     was_primary: AtomicBool,
+    /// Once deposed (Unix ms; 0: unknown): whatever this copy may hold that its former
+    /// replicas do not, it changed after this (see [`ReplicaServer::set_deposed_since`]).
+    deposed_since: AtomicU64,
 }
 
 impl ReplicaImage {
@@ -72,6 +75,7 @@ impl ReplicaImage {
             anchor_epoch: AtomicU64::new(0),
             anchor_session: AtomicU64::new(0),
             recent: Mutex::new(None),
+            deposed_since: AtomicU64::new(0),
         }
     }
 
@@ -114,22 +118,29 @@ impl ReplicaImage {
     /// [`CHANGE_WINDOW_MS`] before the asking primary (`epoch`, `session`: a new one, or a
     /// restarted one) first changed it, or after.
     fn recent(&self, epoch: u64, session: u64, cursor: u64, backend: &dyn Backend) -> i32 {
-        if self.was_primary.load(Ordering::SeqCst) {
+        // A copy that served the volume as primary: only what it recorded when it was
+        // deposed bounds what it changed (it may have been stopped, then resumed).
+        let deposed = self.was_primary.load(Ordering::SeqCst);
+        let deposed_since = self.deposed_since.load(Ordering::SeqCst);
+        if deposed && deposed_since == 0 {
             return RECENT_UNKNOWN;
         }
         let mut cache = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         let fresh = matches!(&*cache, Some((e, s, _)) if (*e, *s) == (epoch, session));
         if !fresh || cursor == 0 {
-            let anchor = {
-                let a = self.anchor.lock().unwrap_or_else(|p| p.into_inner());
-                if (a.0, a.1) == (epoch, session) {
-                    a.2
-                } else {
-                    backend.last_change_ms()
-                }
+            let since = if deposed {
+                Some(deposed_since)
+            } else {
+                let anchor = {
+                    let a = self.anchor.lock().unwrap_or_else(|p| p.into_inner());
+                    if (a.0, a.1) == (epoch, session) {
+                        a.2
+                    } else {
+                        backend.last_change_ms()
+                    }
+                };
+                anchor.map(|at| at.saturating_sub(CHANGE_WINDOW_MS + CHANGE_LOG_REFRESH_MS))
             };
-            let since =
-                anchor.map(|at| at.saturating_sub(CHANGE_WINDOW_MS + CHANGE_LOG_REFRESH_MS));
             *cache = Some((epoch, session, since.and_then(|t| backend.changed_since(t))));
         }
         let Some((_, _, Some(chunks))) = &*cache else {
@@ -291,23 +302,37 @@ impl ReplicaServer {
                 None => {
                     // Frames being applied hold the old entry: fence them there first, then
                     // carry its epoch and the promises it made over.
-                    let (seen, given, primary) = cur.get(&uuid).map_or((0, 0, false), |old| {
-                        old.fence(epoch);
-                        (
-                            old.epoch(),
-                            old.lease_given.load(Ordering::SeqCst),
-                            old.was_primary.load(Ordering::SeqCst),
-                        )
-                    });
+                    let (seen, given, primary, since) =
+                        cur.get(&uuid).map_or((0, 0, false, 0), |old| {
+                            old.fence(epoch);
+                            (
+                                old.epoch(),
+                                old.lease_given.load(Ordering::SeqCst),
+                                old.was_primary.load(Ordering::SeqCst),
+                                old.deposed_since.load(Ordering::SeqCst),
+                            )
+                        });
                     let i = ReplicaImage::new(backend, epoch.max(seen));
                     i.lease_given.store(given, Ordering::SeqCst);
                     i.was_primary.fetch_or(primary, Ordering::SeqCst);
+                    i.deposed_since.store(since, Ordering::SeqCst);
                     Arc::new(i)
                 }
             };
             next.insert(uuid, image);
         }
         *cur = next;
+    }
+
+    /// This server was the primary of `volume` and is deposed: every change its copy may
+    /// hold that the copies it replicated to lack happened at or after `since_unix_ms`
+    /// (by its change log's clock). [`Op::Recent`] then answers from there instead of
+    /// "unknown". Call after [`ReplicaServer::set_images`] published it as a replica.
+    pub fn set_deposed_since(&self, volume: [u8; 16], since_unix_ms: u64) {
+        let images = self.images.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = images.get(&volume) {
+            i.deposed_since.store(since_unix_ms, Ordering::SeqCst);
+        }
     }
 
     /// Newest epoch this server has seen for `volume`, if it holds a replica of it.
