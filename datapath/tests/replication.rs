@@ -812,3 +812,84 @@ fn a_new_copy_receives_the_snapshots_it_lacks_sharing_blocks_like_the_primary() 
     server2.shutdown();
     Ok(())
 }
+
+/// A new copy receives the volume's snapshots and is rebuilt while a host writes without
+/// pause all over the volume: writes before the copy's dirty map is reset are in the
+/// difference taken after the barrier, writes after it mark themselves, so once the host
+/// stops, the volume and each snapshot read the same on both copies.
+#[test]
+fn snapshots_are_copied_and_the_copy_rebuilt_while_a_host_writes() -> anyhow::Result<()> {
+    use evstor_datapath::replica::{rebuild, seed_snapshots, Mode};
+    let dir = tempfile::tempdir()?;
+    let volume = Uuid::new_v4();
+    let primary = store(dir.path(), "primary", volume);
+    let (s1, s2) = (Uuid::new_v4(), Uuid::new_v4());
+    let blocks = NS_BYTES / BLOCK as u64;
+    for k in 0..64u64 {
+        write_image(&primary, volume, k * 61 % blocks, &pattern(1, k as u8));
+    }
+    primary.snapshot(volume, s1)?;
+    for k in 0..64u64 {
+        write_image(
+            &primary,
+            volume,
+            k * 97 % blocks,
+            &pattern(2, 0x40 | k as u8),
+        );
+    }
+    primary.snapshot(volume, s2)?;
+    let (replica, server) = seeding_replica(dir.path(), "replica", volume);
+    let hub = ReplicaHub::default();
+    let member = Arc::new(Member::new(hub.link(server.local_addr())?, NS_BYTES, false));
+    let replication = Replication {
+        epoch: 1,
+        members: vec![member.clone()],
+    };
+    let cfg = TargetConfig::new("127.0.0.1:0".parse().expect("addr"), NQN);
+    let target = start(cfg, vec![spec(volume, &primary, Some(replication))])?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (st, addr) = (stop.clone(), target.local_addr());
+    let writer = std::thread::spawn(move || -> anyhow::Result<u64> {
+        let mut h = Session::connect(addr, NQN, HOST)?;
+        let mut n = 0u64;
+        while !st.load(Ordering::SeqCst) || n < 64 {
+            h.write(1, n * 7919 % blocks, &pattern(1, (n % 251) as u8))?;
+            n += 1;
+        }
+        Ok(n)
+    });
+    let barrier = || {
+        target
+            .pass_barrier(Duration::from_secs(5))
+            .map_err(std::io::Error::other)
+    };
+    let id = |u: Uuid| *u.as_bytes();
+    let plan = [(id(s1), false), (id(s2), false)];
+    let seeded = seed_snapshots(
+        &member,
+        &Source(&primary),
+        id(volume),
+        1,
+        NS_BYTES,
+        &plan,
+        barrier,
+    )?;
+    assert_eq!(seeded, [id(s1), id(s2)]);
+    let local = primary.image(volume, NS_BYTES, false);
+    rebuild(&member, &local, id(volume), 1, NS_BYTES, barrier)?;
+    assert_eq!(member.state.mode(), Mode::InSync);
+    stop.store(true, Ordering::SeqCst);
+    let written = writer.join().expect("writer")?;
+    assert!(written >= 64, "{written} writes");
+    let all = blocks as usize;
+    for (name, image) in [("S1", s1), ("S2", s2), ("the volume", volume)] {
+        assert!(
+            read_image(&primary, image, 0, all) == read_image(&replica, image, 0, all),
+            "{name} differs after {written} concurrent writes"
+        );
+    }
+    target.shutdown();
+    hub.shutdown();
+    server.shutdown();
+    Ok(())
+}
