@@ -12,14 +12,16 @@
 //! modify-write of the page would race another writer's block in it); a device that refuses
 //! it (4 KiB logical sectors) and tmpfs (no O_DIRECT at all) are used buffered.
 //!
-//! A memory-backed device (tmpfs, ramfs) is also mapped into the process, and reads from
-//! it are copies from the mapping: a `pread` there is the same copy behind a system call,
-//! a page-cache lookup and an atime update, which cost more than the copy (a profile of 4k
-//! random reads showed the `pread` path at ~38 % of the reactor's time). Writes still go
-//! through the file, so a full tmpfs answers ENOSPC instead of faulting. Reads reach only
-//! pages the store wrote before (it reads no extent it has not written), so they never
-//! fault on a hole; a device file must not be truncated while it is open (as for any
-//! pool device).
+//! A memory-backed device (tmpfs, ramfs) is also mapped into the process, and transfers
+//! are copies to and from the mapping: a `pread`/`pwrite` there is the same copy behind a
+//! system call, a page-cache lookup and an atime update, which cost more than the copy (a
+//! profile of 4k random reads showed the `pread` path at ~38 % of the reactor's time). A
+//! write through the mapping first makes sure the file's pages under it are allocated
+//! (`fallocate`, [`COMMIT_REGION_BYTES`] at a time), so it never faults for want of memory:
+//! when the file system is full the write goes through the file, which answers ENOSPC.
+//! Reads reach only pages the store wrote before (it reads no extent it has not written),
+//! so they never fault on a hole. A device file must not be truncated while it is open (as
+//! for any pool device).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -60,7 +62,13 @@ struct Dev {
 struct Mapping {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
+    /// One bit per [`COMMIT_REGION_BYTES`]: the file's pages there are allocated
+    /// (`fallocate`), so a write through the mapping cannot fault for want of memory.
+    committed: Box<[AtomicU64]>,
 }
+
+/// Pages of a mapped device allocated at a time before writes through the mapping.
+const COMMIT_REGION_BYTES: u64 = 2 << 20;
 
 // SAFETY: the mapping is the file's shared memory. Transfers through it touch the ranges
 // the store hands them, which no one writes meanwhile (the store never reads an extent
@@ -93,10 +101,57 @@ impl Mapping {
             );
             return None;
         }
+        let regions = (len as u64).div_ceil(COMMIT_REGION_BYTES);
         Some(Mapping {
             ptr: std::ptr::NonNull::new(ptr.cast())?,
             len,
+            committed: (0..regions.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         })
+    }
+
+    /// Makes sure the file's pages under `off..off + len` are allocated; false if the file
+    /// system refused (full): the caller writes through the file instead, which reports it.
+    fn commit(&self, file: &File, off: u64, len: usize) -> bool {
+        let first = off / COMMIT_REGION_BYTES;
+        let last = (off + len.max(1) as u64 - 1) / COMMIT_REGION_BYTES;
+        for r in first..=last {
+            let (word, bit) = (&self.committed[(r / 64) as usize], 1u64 << (r % 64));
+            if word.load(Ordering::Acquire) & bit != 0 {
+                continue;
+            }
+            let at = r * COMMIT_REGION_BYTES;
+            let n = COMMIT_REGION_BYTES.min(self.len as u64 - at);
+            // SAFETY: fallocate on a descriptor we own; mode 0 only allocates what is not
+            // allocated yet, within the file's size.
+            let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, at as i64, n as i64) };
+            if rc != 0 {
+                return false;
+            }
+            word.fetch_or(bit, Ordering::AcqRel);
+        }
+        true
+    }
+
+    /// Copies `len` bytes from `buf` to `off`; false if the range is outside the mapping or
+    /// its pages could not be allocated.
+    ///
+    /// # Safety
+    /// `buf` must be valid for reads of `len` bytes and not overlap the mapping.
+    unsafe fn write(&self, file: &File, off: u64, buf: *const u8, len: usize) -> bool {
+        let Some(end) = usize::try_from(off).ok().and_then(|o| o.checked_add(len)) else {
+            return false;
+        };
+        if end > self.len || !self.commit(file, off, len) {
+            return false;
+        }
+        // SAFETY: `off..end` lies inside the mapping, its pages allocated; the caller
+        // vouches for `buf`; nobody reads or writes this range meanwhile (see `Send`).
+        unsafe {
+            std::ptr::copy_nonoverlapping(buf, self.ptr.as_ptr().add(off as usize), len);
+        }
+        true
     }
 
     /// Copies `len` bytes at `off` into `buf`; false if the range is outside the mapping.
@@ -321,12 +376,19 @@ impl Pool {
             "unaligned buffer for O_DIRECT"
         );
         let len = op.len as usize;
-        if let Some(m) = d.map.as_ref().filter(|_| !op.write) {
-            // SAFETY: caller guarantees buf is valid and exclusively ours for len bytes.
-            return match unsafe { m.read(off, op.buf, len) } {
-                true => op.len as i32,
-                false => -libc::EIO,
-            };
+        if let Some(m) = &d.map {
+            if !op.write {
+                // SAFETY: caller guarantees buf is valid and exclusively ours for len bytes.
+                return match unsafe { m.read(off, op.buf, len) } {
+                    true => op.len as i32,
+                    false => -libc::EIO,
+                };
+            }
+            // SAFETY: caller guarantees buf is valid for len bytes. (When the pages cannot
+            // be allocated, the write below through the file reports why.)
+            if unsafe { m.write(&d.file, off, op.buf, len) } {
+                return op.len as i32;
+            }
         }
         let r = if op.write {
             // SAFETY: caller guarantees buf is valid for len bytes.
