@@ -53,7 +53,7 @@ struct Dev {
     first_page: u64,
     pages: u64,
     direct: bool,
-    /// Memory-backed devices: the file mapped, read by copying.
+    /// Memory-backed devices: the file mapped, read and written by copying.
     map: Option<Mapping>,
 }
 
@@ -65,6 +65,8 @@ struct Mapping {
     /// One bit per [`COMMIT_REGION_BYTES`]: the file's pages there are allocated
     /// (`fallocate`), so a write through the mapping cannot fault for want of memory.
     committed: Box<[AtomicU64]>,
+    /// The file system cannot allocate ahead (ramfs): writes go through the file.
+    no_fallocate: AtomicBool,
 }
 
 /// Pages of a mapped device allocated at a time before writes through the mapping.
@@ -108,12 +110,16 @@ impl Mapping {
             committed: (0..regions.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            no_fallocate: AtomicBool::new(false),
         })
     }
 
     /// Makes sure the file's pages under `off..off + len` are allocated; false if the file
     /// system refused (full): the caller writes through the file instead, which reports it.
     fn commit(&self, file: &File, off: u64, len: usize) -> bool {
+        if self.no_fallocate.load(Ordering::Relaxed) {
+            return false;
+        }
         let first = off / COMMIT_REGION_BYTES;
         let last = (off + len.max(1) as u64 - 1) / COMMIT_REGION_BYTES;
         for r in first..=last {
@@ -127,6 +133,9 @@ impl Mapping {
             // allocated yet, within the file's size.
             let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, at as i64, n as i64) };
             if rc != 0 {
+                if io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    self.no_fallocate.store(true, Ordering::Relaxed);
+                }
                 return false;
             }
             word.fetch_or(bit, Ordering::AcqRel);
@@ -532,7 +541,7 @@ mod tests {
                 !p.is_direct() && !o_direct(&d.file) && p.inline.load(Ordering::Relaxed),
                 "tmpfs: buffered, inline"
             );
-            assert!(d.map.is_some(), "tmpfs: mapped for reads");
+            assert!(d.map.is_some(), "tmpfs: mapped");
             round_trip(&p);
             // A read past the device's end is refused, not copied from beyond the mapping.
             let mut buf = SlotBuf::new(1, 4096).expect("buf");
