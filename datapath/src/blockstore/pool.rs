@@ -514,6 +514,74 @@ mod tests {
         assert!(page[3072..].iter().all(|&b| b == 0));
     }
 
+    /// A mapped device on a full tmpfs answers writes with ENOSPC (through the file), never
+    /// a fault, and keeps what it holds. Needs root to mount a 1 MiB tmpfs (as CI runs).
+    #[test]
+    fn a_full_tmpfs_answers_enospc_and_keeps_its_data() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: no tmpfs of our own to fill");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "evstor-test"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(mounted, "mount a 1 MiB tmpfs");
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(self.0).status();
+            }
+        }
+        let _unmount = Unmount(dir.path());
+        let spec = DeviceSpec {
+            path: dir.path().join("d"),
+            size_bytes: 8 << 20,
+        };
+        let p = Pool::open(&[spec]).expect("a sparse 8 MiB device on 1 MiB of tmpfs");
+        assert!(p.devs().next().is_some_and(|d| d.map.is_some()), "mapped");
+        let mut buf = SlotBuf::new(1, 4096).expect("buf");
+        let mut q = IoQueue::new_sync();
+        let mut io = |write: bool, page: u64, fill: u8, buf: &mut SlotBuf| {
+            if write {
+                buf.slot_mut(0, 4096).fill(fill);
+            }
+            let op = RawOp {
+                write,
+                sector: page * 8,
+                len: 4096,
+                buf: buf.slot_ptr(0),
+            };
+            let mut res = [0];
+            // SAFETY: the buffer outlives the call.
+            unsafe { p.run(&mut q, &[op], &mut res) }
+        };
+        // One page per 2 MiB region (each asks the file system for the whole region first):
+        // the first fits, the rest cannot.
+        assert_eq!(io(true, 0, 0x11, &mut buf), 0, "the first page");
+        let mut refused = 0;
+        for region in 1..4u64 {
+            let r = io(true, region * 512, 0x22, &mut buf);
+            assert!(r == 0 || r == -libc::ENOSPC, "region {region}: {r}");
+            refused += usize::from(r == -libc::ENOSPC);
+        }
+        // Fill what is left of the file system through pages in the first region.
+        for page in 1..512u64 {
+            let r = io(true, page, 0x33, &mut buf);
+            if r == -libc::ENOSPC {
+                refused += 1;
+                break;
+            }
+            assert_eq!(r, 0, "page {page}");
+        }
+        assert!(refused > 0, "a 1 MiB tmpfs took 8 MiB of writes");
+        assert_eq!(io(false, 0, 0, &mut buf), 0);
+        assert!(buf.slot(0, 4096).iter().all(|b| *b == 0x11), "page 0 kept");
+    }
+
     #[test]
     fn files_on_disk_are_opened_o_direct_and_tmpfs_files_buffered() {
         let dir = tempfile::tempdir().expect("tempdir");
