@@ -95,21 +95,18 @@ pub fn seed_snapshots(
     // Writes mark what they change from here; what they changed before is in the local
     // image once the barrier returns, so it is in the difference taken after it.
     member.state.clear_dirty();
-    barrier()?;
-    let from = match s.now {
-        Content::Snapshot(b) => Some(b),
-        _ => None,
-    };
-    match from
-        .map(|b| s.changed_chunks(volume, Some(b)))
-        .transpose()?
-    {
-        Some(Some(chunks)) => {
-            for c in chunks {
-                member.state.mark(c * REBUILD_CHUNK_BYTES, 1);
-            }
+    let marked = barrier().and_then(|()| match s.now {
+        Content::Snapshot(b) => s.mark_changed_chunks(volume, b),
+        _ => Ok(false),
+    });
+    match marked {
+        Ok(true) => {}
+        Ok(false) => member.state.mark(0, size_bytes),
+        Err(e) => {
+            // The copy holds a snapshot's data now, whatever the next attempt finds to do.
+            member.state.mark(0, size_bytes);
+            return Err(e);
         }
-        _ => member.state.mark(0, size_bytes),
     }
     // What the copy changed before is gone: nothing to ask of it.
     member.state.asked_recent();
@@ -141,36 +138,33 @@ impl Seeder<'_> {
     /// Copies `snapshot` to the copy against the newest of `bases` it can (dropping those
     /// the copy turns out not to have), and has the copy take it.
     fn seed(&mut self, snapshot: [u8; 16], bases: &mut Vec<[u8; 16]>) -> io::Result<()> {
-        let (base, blocks) = loop {
+        let base = loop {
             let mut found = None;
             for (k, b) in bases.iter().enumerate().rev() {
-                if let Some(blocks) = self.changed_blocks(snapshot, Some(*b))? {
-                    found = Some((k, *b, blocks));
+                if self.on_chain(snapshot, *b)? {
+                    found = Some((k, *b));
                     break;
                 }
             }
-            let Some((k, b, blocks)) = found else {
+            let Some((k, b)) = found else {
                 self.zero()?;
-                break (
-                    None,
-                    self.changed_blocks(snapshot, None)?.unwrap_or_default(),
-                );
+                break None;
             };
             if self.now == Content::Snapshot(b) || self.ask(Op::Rollback, b) {
                 self.now = Content::Snapshot(b);
-                break (Some(b), blocks);
+                break Some(b);
             }
             // The copy does not have it after all: try an older one.
             bases.remove(k);
         };
+        self.now = Content::Unknown;
+        let blocks = self.send_changed(snapshot, base)?;
         tracing::debug!(
             snapshot = %uuid_text(snapshot),
             base = ?base.map(uuid_text),
-            blocks = blocks.len(),
-            "copying a snapshot to a replica"
+            blocks,
+            "copied a snapshot to a replica"
         );
-        self.now = Content::Unknown;
-        self.send_blocks(snapshot, &blocks)?;
         if !self.ask(Op::SeedSnapshot, snapshot) {
             return Err(io::Error::other(
                 "the replica did not take the copied snapshot",
@@ -180,45 +174,31 @@ impl Seeder<'_> {
         Ok(())
     }
 
-    /// Every block of `image` that differs from `base` (see
-    /// [`SnapshotSource::changed_blocks`]).
-    fn changed_blocks(
-        &self,
-        image: [u8; 16],
-        base: Option<[u8; 16]>,
-    ) -> io::Result<Option<Vec<u64>>> {
-        let mut all = Vec::new();
-        let mut from = 0;
-        loop {
-            let Some(page) = self
-                .source
-                .changed_blocks(image, base, from, CHANGED_PAGE)?
-            else {
-                return Ok(None);
-            };
-            let full = page.len() == CHANGED_PAGE;
-            from = page.last().map_or(from, |b| b + 1);
-            all.extend(page);
-            if !full {
-                return Ok(Some(all));
-            }
-        }
+    /// Whether snapshot `base` is an earlier state of `image`.
+    fn on_chain(&self, image: [u8; 16], base: [u8; 16]) -> io::Result<bool> {
+        Ok(self
+            .source
+            .changed_blocks(image, Some(base), 0, 1)?
+            .is_some())
     }
 
-    /// The chunks ([`REBUILD_CHUNK_BYTES`]) of `image` that differ from `base`.
-    fn changed_chunks(
-        &self,
-        image: [u8; 16],
-        base: Option<[u8; 16]>,
-    ) -> io::Result<Option<Vec<u64>>> {
-        Ok(self.changed_blocks(image, base)?.map(|blocks| {
-            let mut chunks: Vec<u64> = blocks
-                .iter()
-                .map(|b| b * LBA_BYTES / REBUILD_CHUNK_BYTES)
-                .collect();
-            chunks.dedup();
-            chunks
-        }))
+    /// Marks dirty each chunk ([`REBUILD_CHUNK_BYTES`]) of `image` that differs from
+    /// snapshot `base`, one lookup per chunk; false if `base` is not an earlier state of
+    /// `image` (nothing marked).
+    fn mark_changed_chunks(&self, image: [u8; 16], base: [u8; 16]) -> io::Result<bool> {
+        let chunk_blocks = REBUILD_CHUNK_BYTES / LBA_BYTES;
+        let mut from = 0;
+        loop {
+            let Some(first) = self.source.changed_blocks(image, Some(base), from, 1)? else {
+                return Ok(false);
+            };
+            let Some(&b) = first.first() else {
+                return Ok(true);
+            };
+            let chunk = b / chunk_blocks;
+            self.member.state.mark(chunk * REBUILD_CHUNK_BYTES, 1);
+            from = (chunk + 1) * chunk_blocks;
+        }
     }
 
     /// Makes the copy's image read as zeroes (unless it does).
@@ -248,8 +228,10 @@ impl Seeder<'_> {
         Ok(())
     }
 
-    /// Copies `blocks` (ascending) of `snapshot` to the copy's image of the volume.
-    fn send_blocks(&self, snapshot: [u8; 16], blocks: &[u64]) -> io::Result<()> {
+    /// Copies the blocks of `snapshot` that differ from `base` (without one: that hold
+    /// data) to the copy's image of the volume, a page of [`CHANGED_PAGE`] blocks at a
+    /// time; returns how many.
+    fn send_changed(&self, snapshot: [u8; 16], base: Option<[u8; 16]>) -> io::Result<u64> {
         let image = self.source.snapshot_image(snapshot)?;
         let mut buf = SlotBuf::new(PARTS, REPLICA_FRAME_DATA_MAX)
             .ok_or_else(|| io::Error::other("no memory for the copy buffer"))?;
@@ -267,31 +249,56 @@ impl Seeder<'_> {
             };
         };
         let mut parts: Vec<(u64, u32)> = Vec::with_capacity(PARTS);
-        let mut r = Ok(());
-        'runs: for (first, n) in runs(blocks) {
-            let start = first * LBA_BYTES;
-            let end = ((first + n) * LBA_BYTES).min(self.size_bytes);
-            for off in (start..end).step_by(REPLICA_FRAME_DATA_MAX) {
-                parts.push((off, (end - off).min(REPLICA_FRAME_DATA_MAX as u64) as u32));
-                if parts.len() == PARTS {
-                    r = self.send_parts(&*image, &mut q, &mut buf, &parts, &send);
-                    parts.clear();
-                    if r.is_err() {
-                        break 'runs;
+        let mut sent = 0u64;
+        let mut from = 0;
+        let r = loop {
+            let page = match self
+                .source
+                .changed_blocks(snapshot, base, from, CHANGED_PAGE)
+            {
+                Ok(Some(page)) => page,
+                Ok(None) => break Err(io::Error::other("the snapshot's chain changed")),
+                Err(e) => break Err(e),
+            };
+            let mut failed = None;
+            for (first, n) in runs(&page) {
+                let start = first * LBA_BYTES;
+                let end = ((first + n) * LBA_BYTES).min(self.size_bytes);
+                for off in (start..end).step_by(REPLICA_FRAME_DATA_MAX) {
+                    parts.push((off, (end - off).min(REPLICA_FRAME_DATA_MAX as u64) as u32));
+                    if parts.len() == PARTS {
+                        let r = self.send_parts(&*image, &mut q, &mut buf, &parts, &send);
+                        parts.clear();
+                        if let Err(e) = r {
+                            failed = Some(e);
+                            break;
+                        }
                     }
                 }
+                if failed.is_some() {
+                    break;
+                }
             }
-        }
-        if r.is_ok() && !parts.is_empty() {
-            r = self.send_parts(&*image, &mut q, &mut buf, &parts, &send);
-        }
+            if let Some(e) = failed {
+                break Err(e);
+            }
+            sent += page.len() as u64;
+            match page.last() {
+                Some(&last) if page.len() == CHANGED_PAGE => from = last + 1,
+                _ => break Ok(()),
+            }
+        };
+        let r = r.and_then(|()| match parts.is_empty() {
+            true => Ok(()),
+            false => self.send_parts(&*image, &mut q, &mut buf, &parts, &send),
+        });
         if let Err(e) = &r {
             if e.kind() == io::ErrorKind::TimedOut {
                 // Frames may still point into the buffer: it must outlive them.
                 std::mem::forget(buf);
             }
         }
-        r
+        r.map(|()| sent)
     }
 
     fn send_parts(
