@@ -140,7 +140,7 @@ fn deposed_since(repl: &Repl, volume: Uuid) -> Option<u64> {
         .filter(|((u, _), (_, _, _, m))| *u == volume && m.state.mode() == Mode::InSync)
         .map(|(_, (_, _, _, m))| m.state.last_acked_queued_ago())
         .collect();
-    // Every in-sync replica must have accepted something (None sorts first).
+    // Every in-sync replica must have accepted something.
     if ago.is_empty() || ago.contains(&None) {
         return None;
     }
