@@ -18,7 +18,12 @@
 //! ```sh
 //! cargo bench --bench replication   # REPL_SECS (default 5) per volume, REPL_OUTAGE_SECS (30)
 //! REPL_ONLY=failover cargo bench --bench replication   # the failover rounds alone
+//! REPL_DEVICES=shm cargo bench --bench replication     # pools on /dev/shm, not the disk
 //! ```
+//!
+//! By default each server's pool is a file in its data directory (on this machine, a disk:
+//! the writes then wait on it); `REPL_DEVICES=shm` puts the pools on `/dev/shm`, which
+//! leaves the CPU (the servers' and the replication's) as what bounds the figures.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -43,10 +48,21 @@ fn main() -> anyhow::Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5.0);
     let etcd = Etcd::start(1);
+    let shm = std::env::var("REPL_DEVICES").is_ok_and(|v| v == "shm");
+    let shm_dir = shm.then(|| tempfile::tempdir_in("/dev/shm")).transpose()?;
     let mut servers: Vec<Server> = ["b1", "b2", "b3"]
         .iter()
-        .map(|n| member(&etcd, n, &[]))
+        .map(|n| match &shm_dir {
+            Some(d) => {
+                let dev = d.path().join(format!("{n}.img"));
+                member(&etcd, n, &["--device", &dev.to_string_lossy()])
+            }
+            None => member(&etcd, n, &[]),
+        })
         .collect();
+    if shm {
+        println!("pools on /dev/shm");
+    }
     wait_enabled(&servers[0]);
     let nqn = servers[0].admin().get("/api/v2/clusterinfo").1["subsystemNQN"]
         .as_str()
