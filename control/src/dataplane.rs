@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use evstor_datapath::blockstore::{
-    BlockStore, DeviceSpec, MediaError, PoolStats, StoreError, TreeError, Usage,
+    BlockStore, DeviceSpec, MediaError, PoolStats, StoreError, Usage,
 };
 use evstor_datapath::limits::{
     ANA_GROUPS_MAX, BLOCK_BYTES, CHANGE_CHUNK_BYTES, CHANGE_LOG_REFRESH_MS, CHANGE_WINDOW_MS,
@@ -22,7 +22,7 @@ use evstor_datapath::limits::{
 };
 use evstor_datapath::replica::{
     rollback_members, seed_snapshots, snapshot_members, Hooks, Member, Mode, ReplicaHub,
-    ReplicaServer, SnapshotHook, SnapshotSource,
+    ReplicaServer, SnapshotHook, StoreSnapshots,
 };
 use evstor_datapath::{
     Acl, Ana, Backend, Backing, ConnectedHost, NamespaceSpec, QosLimits, Replication, TargetHandle,
@@ -83,49 +83,6 @@ type ListenerEntry = (Uuid, u64, u64, bool, bool);
 
 /// One replica as published: its server's address, the volume's epoch and size, the member.
 type Published = (SocketAddr, u64, u64, Arc<Member>);
-
-/// This node's block store as the source of a volume's snapshots for a replica that lacks
-/// them.
-struct StoreSnapshots<'a> {
-    store: &'a Arc<BlockStore>,
-    size_bytes: u64,
-}
-
-impl SnapshotSource for StoreSnapshots<'_> {
-    fn snapshot_image(&self, snapshot: [u8; 16]) -> std::io::Result<Arc<dyn Backend>> {
-        let s = Uuid::from_bytes(snapshot);
-        if !self.store.contains(s) {
-            return Err(std::io::Error::other(format!(
-                "snapshot {s} is not held here"
-            )));
-        }
-        Ok(Arc::new(self.store.image(s, self.size_bytes, false)))
-    }
-
-    fn changed_blocks(
-        &self,
-        image: [u8; 16],
-        base: Option<[u8; 16]>,
-        from: u64,
-        max: usize,
-    ) -> std::io::Result<Option<Vec<u64>>> {
-        let to = self.size_bytes.div_ceil(BLOCK_BYTES);
-        let r = self.store.changed_blocks(
-            Uuid::from_bytes(image),
-            base.map(Uuid::from_bytes),
-            from,
-            to,
-            max,
-        );
-        match r {
-            Ok(blocks) => Ok(Some(blocks)),
-            Err(StoreError::Tree(TreeError::NotSameChain { .. })) => Ok(None),
-            // A base this node no longer holds cannot be copied against either.
-            Err(StoreError::Tree(TreeError::NoImage(i))) if base == Some(*i.as_bytes()) => Ok(None),
-            Err(e) => Err(io_err(e)),
-        }
-    }
-}
 
 /// For `volume`, which this node was the primary of until now: the time (Unix ms, by the
 /// change log's clock) from which its copy may hold changes its in-sync replicas lack, or

@@ -44,17 +44,8 @@ impl Etcd {
         let scheme = if tls { "https" } else { "http" };
         let client = format!("{scheme}://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
-        let mut cmd = Command::new("/usr/bin/etcd");
-        if let Some(p) = &pki {
-            cmd.arg("--cert-file")
-                .arg(&p.server_cert)
-                .arg("--key-file")
-                .arg(&p.server_key)
-                .arg("--trusted-ca-file")
-                .arg(&p.ca)
-                .arg("--client-cert-auth");
-        }
-        let child = cmd
+        let child = Command::new("/usr/bin/etcd")
+            .args(pki.as_ref().map(|p| p.etcd_args()).unwrap_or_default())
             .args(["--name", "e0", "--data-dir"])
             .arg(dir.path().join("data"))
             .args([

@@ -668,35 +668,10 @@ fn seeding_replica(dir: &Path, name: &str, volume: Uuid) -> (Arc<BlockStore>, Re
 }
 
 /// The primary's block store as the seeding reads it.
-struct Source<'a>(&'a Arc<BlockStore>);
-
-impl evstor_datapath::replica::SnapshotSource for Source<'_> {
-    fn snapshot_image(&self, snapshot: [u8; 16]) -> std::io::Result<Arc<dyn Backend>> {
-        Ok(Arc::new(self.0.image(
-            Uuid::from_bytes(snapshot),
-            NS_BYTES,
-            false,
-        )))
-    }
-
-    fn changed_blocks(
-        &self,
-        image: [u8; 16],
-        base: Option<[u8; 16]>,
-        from: u64,
-        max: usize,
-    ) -> std::io::Result<Option<Vec<u64>>> {
-        use evstor_datapath::blockstore::{StoreError, TreeError};
-        let to = NS_BYTES / BLOCK as u64;
-        let base = base.map(Uuid::from_bytes);
-        match self
-            .0
-            .changed_blocks(Uuid::from_bytes(image), base, from, to, max)
-        {
-            Ok(b) => Ok(Some(b)),
-            Err(StoreError::Tree(TreeError::NotSameChain { .. })) => Ok(None),
-            Err(e) => Err(std::io::Error::other(e)),
-        }
+fn source(primary: &Arc<BlockStore>) -> evstor_datapath::replica::StoreSnapshots<'_> {
+    evstor_datapath::replica::StoreSnapshots {
+        store: primary,
+        size_bytes: NS_BYTES,
     }
 }
 
@@ -746,7 +721,7 @@ fn a_new_copy_receives_the_snapshots_it_lacks_sharing_blocks_like_the_primary() 
     let (fresh, server) = seeding_replica(dir.path(), "fresh", volume);
     let member = Arc::new(Member::new(hub.link(server.local_addr())?, NS_BYTES, false));
     let plan = [(id(s1), false), (id(s2), false), (id(s3), false)];
-    let source = Source(&primary);
+    let source = source(&primary);
     let seeded = seed_snapshots(&member, &source, id(volume), 1, NS_BYTES, &plan, no_barrier)?;
     assert_eq!(seeded, [id(s1), id(s2), id(s3)]);
     assert_eq!(
@@ -867,7 +842,7 @@ fn snapshots_are_copied_and_the_copy_rebuilt_while_a_host_writes() -> anyhow::Re
     let plan = [(id(s1), false), (id(s2), false)];
     let seeded = seed_snapshots(
         &member,
-        &Source(&primary),
+        &source(&primary),
         id(volume),
         1,
         NS_BYTES,

@@ -95,17 +95,8 @@ impl Etcd {
         let m = &self.members[i];
         let client = format!("{}://127.0.0.1:{}", self.scheme(), m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let mut cmd = Command::new(ETCD_BIN);
-        if let Some(p) = &self.pki {
-            cmd.arg("--cert-file")
-                .arg(&p.server_cert)
-                .arg("--key-file")
-                .arg(&p.server_key)
-                .arg("--trusted-ca-file")
-                .arg(&p.ca)
-                .arg("--client-cert-auth");
-        }
-        let child = cmd
+        let child = Command::new(ETCD_BIN)
+            .args(self.pki.as_ref().map(|p| p.etcd_args()).unwrap_or_default())
             .args(["--name", &m.name, "--data-dir"])
             .arg(&m.data)
             .args(["--listen-client-urls", &client])

@@ -875,20 +875,28 @@ mod rollback_tests {
         assert!(given_when(&given, del).is_ok());
     }
 
+    /// [`with_snapshot`] with the volume's second copy on node `x` (out of sync, or not).
+    fn with_two_copies(x: Uuid, out_of_sync: bool) -> Vec<AnyEvent> {
+        let mut given = with_snapshot();
+        for e in &mut given {
+            if let AnyEvent::Volume(VolumeEvent::VolumeCreationRequested { volume }) = e {
+                volume.replica_count = 2;
+                volume.replica_nodes = vec![x];
+                if out_of_sync {
+                    volume.out_of_sync = vec![x];
+                }
+            }
+        }
+        given
+    }
+
     /// A rebuilt replica holds the snapshots copied to it before its rebuild from the
     /// decision that records it in sync; one deleted meanwhile, or another volume's, is
     /// not recorded, and the rebuild's completion comes last.
     #[test]
     fn a_rebuilt_replica_holds_the_snapshots_copied_to_it() {
         let x = Uuid::from_u128(0xa);
-        let mut given = with_snapshot();
-        for e in &mut given {
-            if let AnyEvent::Volume(VolumeEvent::VolumeCreationRequested { volume }) = e {
-                volume.replica_count = 2;
-                volume.replica_nodes = vec![x];
-                volume.out_of_sync = vec![x];
-            }
-        }
+        let mut given = with_two_copies(x, true);
         let vol = test_ctx().new_id(0);
         let v = state_of(&given).volumes.get(vol).unwrap().clone();
         let other = Uuid::from_u128(0x5b);
@@ -935,13 +943,7 @@ mod rollback_tests {
     #[test]
     fn a_rollback_records_the_replicas_that_rolled_back_with_it_in_sync() {
         let x = Uuid::from_u128(0xa);
-        let mut given = with_snapshot();
-        for e in &mut given {
-            if let AnyEvent::Volume(VolumeEvent::VolumeCreationRequested { volume }) = e {
-                volume.replica_count = 2;
-                volume.replica_nodes = vec![x];
-            }
-        }
+        let mut given = with_two_copies(x, false);
         let vol = test_ctx().new_id(0);
         given.extend(given_when(&given, rollback("v1", SnapshotRef::Uuid(SNAP))).unwrap());
         let v = state_of(&given).volumes.get(vol).unwrap().clone();

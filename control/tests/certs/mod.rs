@@ -17,6 +17,22 @@ pub struct TestPki {
     pub client_key: PathBuf,
 }
 
+impl TestPki {
+    /// The arguments that make etcd serve clients over TLS with this PKI and take only
+    /// clients with a certificate its CA signed.
+    pub fn etcd_args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--cert-file".into(),
+            self.server_cert.clone().into(),
+            "--key-file".into(),
+            self.server_key.clone().into(),
+            "--trusted-ca-file".into(),
+            self.ca.clone().into(),
+            "--client-cert-auth".into(),
+        ]
+    }
+}
+
 /// Writes a new CA (named `name`), a server certificate for 127.0.0.1/localhost and a
 /// client certificate, both signed by it, into `dir`.
 pub fn write(dir: &Path, name: &str) -> TestPki {

@@ -47,7 +47,7 @@ pub use backend::{Member, Replicated};
 pub use link::{Link, ReplicaHub};
 pub use member::{MemberState, Mode};
 pub use rebuild::{rebuild, repair};
-pub use seed::{seed_snapshots, SnapshotSource};
+pub use seed::{seed_snapshots, SnapshotSource, StoreSnapshots};
 pub use server::{HeldCopy, Hooks, ReplicaImage, ReplicaServer, SnapshotHook};
 pub use snapshot::{rollback_members, snapshot_members};
 

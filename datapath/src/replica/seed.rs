@@ -15,10 +15,13 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use uuid::Uuid;
+
 use super::rebuild::{copy_parts, Waiter, PARTS};
 use super::snapshot::ask;
 use super::{Frame, Member, Op};
 use crate::backend::{Backend, CompletionSink, IoQueue};
+use crate::blockstore::{BlockStore, StoreError, TreeError};
 use crate::buffer::SlotBuf;
 use crate::limits::{
     LBA_BYTES, REBUILD_CHUNK_BYTES, REPLICA_CONNECT_TIMEOUT_MS, REPLICA_FRAME_DATA_MAX,
@@ -45,6 +48,43 @@ pub trait SnapshotSource {
         from: u64,
         max: usize,
     ) -> io::Result<Option<Vec<u64>>>;
+}
+
+/// A block store's snapshots of a volume of `size_bytes`.
+pub struct StoreSnapshots<'a> {
+    pub store: &'a Arc<BlockStore>,
+    pub size_bytes: u64,
+}
+
+impl SnapshotSource for StoreSnapshots<'_> {
+    fn snapshot_image(&self, snapshot: [u8; 16]) -> io::Result<Arc<dyn Backend>> {
+        let s = Uuid::from_bytes(snapshot);
+        if !self.store.contains(s) {
+            return Err(io::Error::other(format!("snapshot {s} is not held here")));
+        }
+        Ok(Arc::new(self.store.image(s, self.size_bytes, false)))
+    }
+
+    fn changed_blocks(
+        &self,
+        image: [u8; 16],
+        base: Option<[u8; 16]>,
+        from: u64,
+        max: usize,
+    ) -> io::Result<Option<Vec<u64>>> {
+        let to = self.size_bytes.div_ceil(LBA_BYTES);
+        let base_id = base.map(Uuid::from_bytes);
+        match self
+            .store
+            .changed_blocks(Uuid::from_bytes(image), base_id, from, to, max)
+        {
+            Ok(blocks) => Ok(Some(blocks)),
+            Err(StoreError::Tree(TreeError::NotSameChain { .. })) => Ok(None),
+            // A base this store no longer holds cannot be copied against either.
+            Err(StoreError::Tree(TreeError::NoImage(i))) if Some(i) == base_id => Ok(None),
+            Err(e) => Err(io::Error::other(e)),
+        }
+    }
 }
 
 /// Copies to `member` (a replica of `volume` at `epoch`, of `size_bytes`, not taking
