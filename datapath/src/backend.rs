@@ -55,6 +55,26 @@ pub struct IoRequest {
     pub tag: u64,
 }
 
+/// Runs one request on `backend` through `q` and waits for it (not for the data path: a
+/// rebuild's or a tool's own I/O); its result, bytes or -errno.
+///
+/// # Safety
+/// As [`Backend::submit`]: `req.buf` stays valid for `req.len` bytes, and untouched, until
+/// this returns.
+pub unsafe fn run_sync(backend: &dyn Backend, q: &mut IoQueue, req: &IoRequest) -> io::Result<i32> {
+    // SAFETY: forwarded caller contract; the completion is reaped before returning.
+    unsafe { backend.submit(q, req) }?;
+    q.submit()?;
+    let mut res = None;
+    loop {
+        q.reap(|_, r| res = Some(r));
+        if let Some(r) = res {
+            return Ok(r);
+        }
+        q.wait(std::time::Duration::from_millis(10))?;
+    }
+}
+
 /// Storage for one namespace, shared by all connections that see it.
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Capacity in bytes.

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use evstor_datapath::backend::run_sync;
 use evstor_datapath::blockstore::{BlockStore, DeviceSpec};
 use evstor_datapath::initiator::Session;
 use evstor_datapath::nvme::Status;
@@ -72,17 +73,9 @@ fn on_image(
         buf: buf.slot_ptr(0),
         tag: 1,
     };
-    // SAFETY: the buffer outlives the completion, reaped below before it is used again.
-    unsafe { img.submit(&mut q, &req) }.expect("submit");
-    q.submit().expect("run");
-    let mut res = None;
-    while res.is_none() {
-        q.reap(|_, r| res = Some(r));
-        if res.is_none() {
-            q.wait(Duration::from_millis(10)).expect("wait");
-        }
-    }
-    assert_eq!(res, Some(len as i32), "{kind:?} on the image");
+    // SAFETY: the buffer outlives the request, which completes before this returns.
+    let res = unsafe { run_sync(&img, &mut q, &req) }.expect("run");
+    assert_eq!(res, len as i32, "{kind:?} on the image");
 }
 
 /// Reads `blocks` blocks at `lba` straight from a store's image (no network).

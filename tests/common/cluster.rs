@@ -344,7 +344,7 @@ pub fn open_store(s: &Server) -> std::sync::Arc<evstor_datapath::blockstore::Blo
 
 /// Reads `blocks` blocks of image `uuid` from a stopped server's block store.
 pub fn image_blocks(s: &Server, uuid: &str, blocks: u64) -> Vec<u8> {
-    use evstor_datapath::{Backend, IoKind, IoQueue, IoRequest};
+    use evstor_datapath::{IoKind, IoQueue, IoRequest};
     let store = open_store(s);
     let uuid: uuid::Uuid = uuid.parse().expect("uuid");
     let img = store.image(uuid, blocks * 4096, false);
@@ -359,14 +359,9 @@ pub fn image_blocks(s: &Server, uuid: &str, blocks: u64) -> Vec<u8> {
             buf: buf.slot_ptr(0),
             tag: 1,
         };
-        // SAFETY: the buffer outlives the completion, reaped below before it is read.
-        unsafe { img.submit(&mut q, &req) }.expect("submit");
-        q.submit().expect("run");
-        let mut res = None;
-        while res.is_none() {
-            q.reap(|_, r| res = Some(r));
-        }
-        assert_eq!(res, Some(4096), "image read");
+        // SAFETY: the buffer outlives the request, which completes before this returns.
+        let res = unsafe { evstor_datapath::backend::run_sync(&img, &mut q, &req) };
+        assert_eq!(res.expect("image read"), 4096, "image read");
         out.extend_from_slice(buf.slot(0, 4096));
     }
     out

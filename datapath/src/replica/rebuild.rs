@@ -21,7 +21,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::{Frame, Member, Mode, Op, FENCED, RECENT_END, RECENT_UNKNOWN};
-use crate::backend::{Backend, CompletionSink, IoKind, IoQueue, IoRequest};
+use crate::backend::{run_sync, Backend, CompletionSink, IoKind, IoQueue, IoRequest};
 use crate::buffer::SlotBuf;
 use crate::limits::{
     REBUILD_CHUNK_BYTES, REPLICA_CONNECT_TIMEOUT_MS, REPLICA_FRAME_DATA_MAX, REPLICA_HOLD_MAX_MS,
@@ -337,19 +337,11 @@ fn read(
         tag: 1,
     };
     // SAFETY: `buf` is a slot of the rebuild's own buffer, at least `len` bytes, untouched
-    // until the completion below is reaped.
-    unsafe { local.submit(q, &req) }?;
-    q.submit()?;
-    let mut res = None;
-    while res.is_none() {
-        q.reap(|_, r| res = Some(r));
-        if res.is_none() {
-            q.wait(Duration::from_millis(10))?;
-        }
-    }
+    // until the request completed.
+    let res = unsafe { run_sync(local, q, &req) }?;
     match res {
-        Some(r) if r == len as i32 => Ok(()),
-        Some(r) if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+        r if r == len as i32 => Ok(()),
+        r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
         _ => Err(io::Error::other("short read of the local image")),
     }
 }
