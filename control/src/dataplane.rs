@@ -259,8 +259,14 @@ impl VolumeStore {
         };
         let server = ReplicaServer::start_with_hooks(listen, hooks)?;
         let addr = server.local_addr();
+        // Links driven by the target's reactor, so a replicated write goes out in the pass
+        // that issued it; without a target (tests of the control plane), on a thread.
+        let hub = match &self.target {
+            Some(t) => ReplicaHub::hosted(t.link_home()),
+            None => ReplicaHub::new()?,
+        };
         self.repl = Some(Repl {
-            hub: ReplicaHub::default(),
+            hub,
             server,
             members: Mutex::new(HashMap::new()),
             replicas: Mutex::new(Vec::new()),

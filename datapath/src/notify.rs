@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::admission::ConnKey;
+use crate::replica::Link;
 
 /// What other threads ask of one reactor.
 #[derive(Debug)]
@@ -28,6 +29,8 @@ pub struct Mail<A> {
     /// Completions of this reactor's operations reported by other threads (replica
     /// answers): tag and result, applied like ring completions.
     pub done: Vec<(u64, i32)>,
+    /// Replication links to drive (this reactor is their home).
+    pub links: Vec<Arc<Link>>,
 }
 
 impl<A> Default for Mail<A> {
@@ -37,6 +40,7 @@ impl<A> Default for Mail<A> {
             wake: Vec::new(),
             close: Vec::new(),
             done: Vec::new(),
+            links: Vec::new(),
         }
     }
 }
@@ -47,6 +51,7 @@ impl<A> Mail<A> {
             && self.wake.is_empty()
             && self.close.is_empty()
             && self.done.is_empty()
+            && self.links.is_empty()
     }
 }
 
@@ -82,6 +87,7 @@ impl<A> Mailbox<A> {
                 wake: Vec::with_capacity(tokens),
                 close: Vec::new(),
                 done: Vec::new(),
+                links: Vec::new(),
             }),
             pending: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
@@ -150,6 +156,7 @@ impl<A> Mailbox<A> {
         m.adopt.clear();
         m.wake.clear();
         m.close.clear();
+        m.links.clear();
         self.pending.store(false, Ordering::SeqCst);
     }
 

@@ -57,6 +57,7 @@ use crate::limits::{
     REACTOR_SWEEP_MS, RECV_BUFS, RECV_BUF_BYTES, SEND_TIMEOUT_MS,
 };
 use crate::notify::{self, Mail, Notifier, Wakeable};
+use crate::replica::LinkEngine;
 use crate::target::{LedgerGuard, Shared};
 
 /// A reactor's inbox.
@@ -80,12 +81,24 @@ pub struct Adopt {
 }
 
 /// Ring tags: what a completion is for. Bit 63 stays clear (batch runs use it).
-mod tag {
+pub(crate) mod tag {
     pub const RECV: u64 = 1;
     pub const SEND: u64 = 2;
     pub const IO: u64 = 3;
     pub const WAKE: u64 = 4;
     pub const CANCEL: u64 = 5;
+    /// Replication links ([`crate::replica::LinkEngine`]): a connect, a send, a receive, a
+    /// cancel of one of them, and (in mail only) a link to look at.
+    pub const LINK_CONNECT: u64 = 8;
+    pub const LINK_SEND: u64 = 9;
+    pub const LINK_RECV: u64 = 10;
+    pub const LINK_CANCEL: u64 = 11;
+    pub const LINK_POKE: u64 = 12;
+
+    /// Whether a completion of this kind is a replication link's.
+    pub fn is_link(kind: u64) -> bool {
+        (LINK_CONNECT..=LINK_CANCEL).contains(&kind)
+    }
     const GEN_MASK: u64 = 0xff_ffff;
 
     /// Kind, connection slot, its generation and (storage) the command slot.
@@ -307,6 +320,8 @@ struct Reactor {
     /// Declared before the receive buffers: the ring goes first.
     ioq: IoQueue,
     bufs: RecvBufs,
+    /// Replication links this reactor is the home of (after the ring: dropped after it).
+    links: LinkEngine,
     conns: Vec<Option<Box<Conn>>>,
     gens: Vec<u32>,
     vacant: Vec<usize>,
@@ -340,6 +355,7 @@ impl Reactor {
             mailbox,
             ioq,
             bufs,
+            links: LinkEngine::default(),
             conns: Vec::new(),
             gens: Vec::new(),
             vacant: Vec::new(),
@@ -366,6 +382,7 @@ impl Reactor {
             let mut worked = self.take_mail();
             worked |= self.reap(now);
             self.service(now);
+            self.links.service(&mut self.ioq, now);
             self.arm_wake();
             if let Err(e) = self.ioq.submit() {
                 tracing::warn!("reactor ring submit failed: {e}");
@@ -406,8 +423,14 @@ impl Reactor {
         while let Some(a) = mail.adopt.pop_front() {
             self.adopt(a);
         }
+        for l in mail.links.drain(..) {
+            self.links.adopt(l);
+        }
         for &t in &mail.wake {
-            self.wake(t);
+            // A link's poke only asks for a pass: every pass looks at the links.
+            if tag::split(t).0 != tag::LINK_POKE {
+                self.wake(t);
+            }
         }
         mail.wake.clear();
         for &key in &mail.close {
@@ -515,6 +538,7 @@ impl Reactor {
             tag::IO => self.on_io(idx, gen, slot, res),
             tag::WAKE => self.wake_armed = false,
             tag::CANCEL => {}
+            k if tag::is_link(k) => self.links.on_cqe(now, k, idx, gen, res),
             _ => tracing::warn!(t, "completion with an unknown tag"),
         }
     }
@@ -685,6 +709,7 @@ impl Reactor {
         if now >= self.next_sweep {
             self.next_sweep = now + Duration::from_millis(REACTOR_SWEEP_MS);
             self.sweep(now);
+            self.links.tick(&mut self.ioq, now);
         }
     }
 

@@ -552,6 +552,12 @@ impl TargetHandle {
         drop(self);
     }
 
+    /// The home for replication links ([`crate::replica::ReplicaHub::hosted`]): the first
+    /// reactor, so writes it serves are replicated in the same loop pass.
+    pub fn link_home(&self) -> Arc<dyn crate::replica::LinkHome> {
+        self.shared.reactors[0].clone()
+    }
+
     /// Threads serving connections (the reactors; they do not grow with connections).
     pub fn reactor_count(&self) -> usize {
         self.shared.reactors.len()

@@ -125,15 +125,17 @@ fn pair(epoch: u64) -> Pair {
         .expect("listen");
     let image: Arc<dyn Backend> = Arc::new(replica.image(volume, NS_BYTES, false));
     server.set_images(vec![(*volume.as_bytes(), Some(image), epoch)]);
-    let hub = ReplicaHub::default();
+    // As `evstor serve` does: the links are driven by the target's reactor.
+    let cfg = TargetConfig::new("127.0.0.1:0".parse().expect("addr"), NQN);
+    let target = start(cfg, Vec::new()).expect("target");
+    let hub = ReplicaHub::hosted(target.link_home());
     let link = hub.link(server.local_addr()).expect("link");
     let member = Arc::new(Member::new(link, NS_BYTES, true));
     let replication = Replication {
         epoch,
         members: vec![member.clone()],
     };
-    let cfg = TargetConfig::new("127.0.0.1:0".parse().expect("addr"), NQN);
-    let target = start(cfg, vec![spec(volume, &primary, Some(replication))]).expect("target");
+    target.set_namespaces(vec![spec(volume, &primary, Some(replication))]);
     Pair {
         _dir: dir,
         volume,
@@ -508,7 +510,7 @@ fn after_a_failover_the_copies_are_made_equal_from_what_changed_around_it() -> a
     let (sa, sb, sc) = (listen(), listen(), listen());
     sb.set_images(vec![(v, image(&b), 1)]);
     sc.set_images(vec![(v, image(&c), 1)]);
-    let hub = ReplicaHub::default();
+    let hub = ReplicaHub::new().expect("hub");
     let member = |s: &ReplicaServer, in_sync| {
         Arc::new(Member::new(
             hub.link(s.local_addr()).expect("link"),
@@ -706,7 +708,7 @@ fn a_new_copy_receives_the_snapshots_it_lacks_sharing_blocks_like_the_primary() 
     let same = |replica: &Arc<BlockStore>, image: Uuid| {
         read_image(&primary, image, 0, blocks) == read_image(replica, image, 0, blocks)
     };
-    let hub = ReplicaHub::default();
+    let hub = ReplicaHub::new().expect("hub");
     let no_barrier = || Ok(());
     let id = |u: Uuid| *u.as_bytes();
 
@@ -807,7 +809,7 @@ fn snapshots_are_copied_and_the_copy_rebuilt_while_a_host_writes() -> anyhow::Re
     }
     primary.snapshot(volume, s2)?;
     let (replica, server) = seeding_replica(dir.path(), "replica", volume);
-    let hub = ReplicaHub::default();
+    let hub = ReplicaHub::new().expect("hub");
     let member = Arc::new(Member::new(hub.link(server.local_addr())?, NS_BYTES, false));
     let replication = Replication {
         epoch: 1,

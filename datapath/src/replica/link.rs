@@ -1,46 +1,55 @@
 //! The primary's side: one [`Link`] per replica server, shared by every volume replicated
 //! there, and the [`ReplicaHub`] that holds them.
 //!
-//! A link is one TCP connection driven by two threads (not one per I/O): the sender
-//! batches queued parts into one vectored write, the receiver reads answers and hands each
-//! completion to the reactor that issued the part ([`CompletionSink`]). Every part it
-//! accepts completes within bounded time: answered; failed at once when the link is full;
-//! or, when the replica failed, held until the control plane drops the replica from the
-//! volume's in-sync set (then it completes with success: the copy is no longer owed, and
-//! its chunks are marked for the rebuild) or until [`REPLICA_HOLD_MAX_MS`] passes (then
-//! with an error the host retries). A part for a replica that is not in sync (being
-//! rebuilt) never waits: it completes as soon as it fails, marked dirty; a rebuild's own
-//! frames fail instead (`submit_owed`).
+//! A link is one TCP connection driven by a [`LinkEngine`] on the link's home: a data-path
+//! reactor (the target's first, for a hub made with [`ReplicaHub::hosted`]) or the hub's
+//! own link reactor. Either way its socket is a ring's operations, not a thread per link
+//! or per I/O: a part queued here is sent in the home's next loop pass, batched with every
+//! part queued meanwhile into one vectored send; the answers are read by the same loop and
+//! handed to the reactors that issued the parts ([`CompletionSink`]). When the home is the
+//! issuing reactor itself (one data-path core), a replicated write wakes no thread on the
+//! primary.
+//!
+//! Every part a link accepts completes within bounded time: answered; failed at once when
+//! the link is full; or, when the replica failed, held until the control plane drops the
+//! replica from the volume's in-sync set (then it completes with success: the copy is no
+//! longer owed, and its chunks are marked for the rebuild) or until [`REPLICA_HOLD_MAX_MS`]
+//! passes (then with an error the host retries). A part for a replica that is not in sync
+//! (being rebuilt) never waits: it completes as soon as it fails, marked dirty; a
+//! rebuild's own frames fail instead (`submit_owed`).
+//!
+//! [`LinkEngine`]: super::LinkEngine
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::io::{self, IoSlice, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::engine::{self, LinkHome};
 use super::{
-    decode_answer, Frame, MemberState, Mode, Op, ANSWER_BYTES, FENCED, HDR_BYTES, NOT_HELD,
-    RECENT_END, RECENT_UNKNOWN,
+    Frame, MemberState, Mode, Op, FENCED, HDR_BYTES, NOT_HELD, RECENT_END, RECENT_UNKNOWN,
 };
 use crate::backend::CompletionSink;
 use crate::limits::{
-    REPLICA_CONNECT_TIMEOUT_MS, REPLICA_HOLD_MAX_MS, REPLICA_IO_TIMEOUT_MS, REPLICA_LINK_PARTS_MAX,
-    REPLICA_NOT_READY_PAUSE_MS, REPLICA_NOT_READY_RETRY_MS, REPLICA_POLL_MS, REPLICA_RECONNECT_MS,
+    REPLICA_HOLD_MAX_MS, REPLICA_LINK_PARTS_MAX, REPLICA_NOT_READY_PAUSE_MS,
+    REPLICA_NOT_READY_RETRY_MS,
 };
 
-/// Parts the sender puts into one vectored write.
-const SEND_BATCH: usize = 32;
+/// Parts one vectored send carries at most.
+pub(super) const SEND_BATCH: usize = 32;
 
 /// A data pointer the issuing command keeps valid until the part completes.
 #[derive(Clone, Copy)]
-struct DataPtr(*const u8);
+pub(super) struct DataPtr(pub(super) *const u8);
 // SAFETY: the pointee is a command's data buffer that its queue neither frees nor reuses
 // until every part of the command (this one included) has completed; the link only reads it.
 unsafe impl Send for DataPtr {}
 
 /// One replica part: a frame, its data, and whom to tell.
-struct Part {
+pub(super) struct Part {
     frame: Frame,
     data: DataPtr,
     sink: Arc<dyn CompletionSink>,
@@ -90,7 +99,6 @@ struct State {
     outq: VecDeque<u32>,
     /// Volumes whose parts failed here, not yet taken by the control plane.
     failures: BTreeSet<[u8; 16]>,
-    stream: Option<TcpStream>,
     next_seq: u64,
 }
 
@@ -102,6 +110,13 @@ pub struct Link {
     st: Mutex<State>,
     cv: Condvar,
     stop: Arc<AtomicBool>,
+    /// Its number on its home (unique in the hub).
+    pub(super) idx: usize,
+    /// Where its connection is driven.
+    home: Arc<dyn LinkHome>,
+    /// Set when the home was asked to look at the link and has not yet: at most one
+    /// request waits per link.
+    poked: AtomicBool,
 }
 
 impl std::fmt::Debug for Link {
@@ -111,7 +126,13 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    fn new(addr: SocketAddr, stop: Arc<AtomicBool>, session: u64) -> Link {
+    fn new(
+        addr: SocketAddr,
+        stop: Arc<AtomicBool>,
+        session: u64,
+        idx: usize,
+        home: Arc<dyn LinkHome>,
+    ) -> Link {
         Link {
             addr,
             session,
@@ -122,12 +143,31 @@ impl Link {
                 free: Vec::new(),
                 outq: VecDeque::new(),
                 failures: BTreeSet::new(),
-                stream: None,
                 next_seq: 0,
             }),
             cv: Condvar::new(),
             stop,
+            idx,
+            home,
+            poked: AtomicBool::new(false),
         }
+    }
+
+    /// Asks the home to look at the link (a part to send).
+    fn poke(&self) {
+        if !self.poked.swap(true, Ordering::AcqRel) {
+            self.home.poke_link(self.idx);
+        }
+    }
+
+    /// The home is about to look at the link: a poke after this asks again.
+    pub(super) fn clear_poke(&self) {
+        self.poked.store(false, Ordering::Release);
+    }
+
+    /// Whether the hub has stopped.
+    pub(super) fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
     }
 
     /// The replica server's address.
@@ -253,7 +293,7 @@ impl Link {
         if phase == Phase::Queued {
             st.outq.push_back(id);
             drop(st);
-            self.cv.notify_all();
+            self.poke();
         } else {
             drop(st);
             self.sweep();
@@ -303,16 +343,13 @@ impl Link {
     }
 
     /// Ends connection `gen` (if still current): everything queued or in flight is held.
-    fn fail(&self, gen: u64, why: &str) {
+    pub(super) fn fail(&self, gen: u64, why: &str) {
         let mut st = self.lock();
         if st.conn != Conn::Up(gen) && st.conn != Conn::Connecting {
             return;
         }
         tracing::warn!(peer = %self.addr, "replica link failed: {why}");
         st.conn = Conn::Down;
-        if let Some(s) = st.stream.take() {
-            let _ = s.shutdown(Shutdown::Both);
-        }
         st.outq.clear();
         let now = Instant::now();
         let State {
@@ -330,13 +367,108 @@ impl Link {
         }
         drop(st);
         self.cv.notify_all();
+        self.poke();
         self.sweep();
     }
 
-    /// The receiver's answers (part id, status) on connection `gen`, taken under one lock;
-    /// the parts they complete are handed to `done`'s sinks afterwards, consecutive ones of
-    /// one sink (one reactor) together. `done` and `batch` are the receiver's buffers.
-    fn on_answers(
+    /// The first connection failed (later attempts fail quietly: the link is down).
+    pub(super) fn connect_failed(&self, why: &str) {
+        let gen = self.lock().gen;
+        self.fail(gen, why);
+    }
+
+    /// Marks the link up on a new connection generation; returns it.
+    pub(super) fn up(&self) -> u64 {
+        let mut st = self.lock();
+        st.gen += 1;
+        st.conn = Conn::Up(st.gen);
+        let gen = st.gen;
+        drop(st);
+        self.cv.notify_all();
+        gen
+    }
+
+    /// Whether connection `gen` is still the link's, and up.
+    pub(super) fn is_up(&self, gen: u64) -> bool {
+        self.lock().conn == Conn::Up(gen)
+    }
+
+    /// Takes the queued parts ready to go (at most [`SEND_BATCH`]) for connection `gen`,
+    /// encoding their headers into `batch`; they are `Sending` until [`Link::sent`].
+    pub(super) fn take_batch(&self, gen: u64, now: Instant, batch: &mut Vec<Outgoing>) {
+        let mut st = self.lock();
+        if st.conn != Conn::Up(gen) {
+            return;
+        }
+        let State { parts, outq, .. } = &mut *st;
+        while batch.len() < SEND_BATCH {
+            let Some(id) = outq.front().copied() else {
+                break;
+            };
+            let Some(p) = parts.get_mut(id as usize).and_then(Option::as_mut) else {
+                outq.pop_front();
+                continue;
+            };
+            if p.retry_at.is_some_and(|t| t > now) {
+                break;
+            }
+            outq.pop_front();
+            p.phase = Phase::Sending;
+            p.sent = Some((gen, now));
+            p.retry_at = None;
+            p.first_sent.get_or_insert(now);
+            let data_len = if p.frame.op.has_data() {
+                p.frame.len as usize
+            } else {
+                0
+            };
+            // SAFETY: the part's command keeps `data` valid until it completes, and a
+            // `Sending` part is never completed (sweeps skip it).
+            let data = unsafe { slice(p.data, data_len) };
+            let mut hdr = [0u8; HDR_BYTES];
+            p.frame.encode(data, &mut hdr);
+            batch.push(Outgoing {
+                id,
+                seq: p.seq,
+                hdr,
+                data: p.data,
+                len: data_len,
+            });
+        }
+    }
+
+    /// The send of `batch` on connection `gen` ended (`ok`: every byte of it was written):
+    /// its parts still unanswered are `Sent`, or held and reported if it failed.
+    pub(super) fn sent(&self, gen: u64, batch: &[Outgoing], ok: bool) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let still_up = st.conn == Conn::Up(gen);
+        let State {
+            parts, failures, ..
+        } = &mut *st;
+        for o in batch {
+            // Only the part this batch carried, if still unanswered (an answer may have
+            // completed it already, and its id may belong to a new part by now).
+            let Some(p) = parts
+                .get_mut(o.id as usize)
+                .and_then(Option::as_mut)
+                .filter(|p| p.seq == o.seq && p.phase == Phase::Sending)
+            else {
+                continue;
+            };
+            if ok && still_up {
+                p.phase = Phase::Sent;
+            } else {
+                p.phase = Phase::Held(now);
+                report(failures, p);
+            }
+        }
+    }
+
+    /// The answers (part id, status) read on connection `gen`, taken under one lock; the
+    /// parts they complete are handed to `done`'s sinks afterwards, consecutive ones of one
+    /// sink (one reactor) together. `done` and `batch` are the reader's buffers.
+    pub(super) fn on_answers(
         &self,
         gen: u64,
         answers: &[(u32, i32)],
@@ -357,7 +489,7 @@ impl Link {
             }
         }
         if requeued {
-            self.cv.notify_all();
+            self.poke();
         }
         if held {
             self.sweep();
@@ -423,7 +555,7 @@ impl Link {
     }
 
     /// Oldest send time among parts in flight on connection `gen`.
-    fn oldest_in_flight(&self, gen: u64) -> Option<Instant> {
+    pub(super) fn oldest_in_flight(&self, gen: u64) -> Option<Instant> {
         let st = self.lock();
         st.parts
             .iter()
@@ -462,6 +594,10 @@ pub struct ReplicaHub {
     stop: Arc<AtomicBool>,
     /// Drawn at random when the hub is made (one per process).
     session: u64,
+    /// Where its links are driven.
+    home: Arc<dyn LinkHome>,
+    /// The hub's own link reactor, when no data-path reactor hosts its links.
+    own: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for ReplicaHub {
@@ -470,28 +606,51 @@ impl std::fmt::Debug for ReplicaHub {
     }
 }
 
-impl Default for ReplicaHub {
-    fn default() -> Self {
+impl ReplicaHub {
+    /// A hub driving its links on a link reactor of its own (a thread with one ring for
+    /// every link): for tools and tests without a target.
+    pub fn new() -> io::Result<ReplicaHub> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (home, thread) = engine::start_own(stop.clone())?;
+        let mut hub = Self::with_home(home, stop);
+        hub.own = Mutex::new(Some(thread));
+        Ok(hub)
+    }
+
+    /// A hub whose links are driven by `home`: a data-path reactor
+    /// (`TargetHandle::link_home`), so replicated writes issued there go out in the same
+    /// loop pass.
+    pub fn hosted(home: Arc<dyn LinkHome>) -> ReplicaHub {
+        Self::with_home(home, Arc::new(AtomicBool::new(false)))
+    }
+
+    fn with_home(home: Arc<dyn LinkHome>, stop: Arc<AtomicBool>) -> ReplicaHub {
         ReplicaHub {
             links: Mutex::new(HashMap::new()),
-            stop: Arc::new(AtomicBool::new(false)),
+            stop,
             session: uuid::Uuid::new_v4().as_u64_pair().0,
+            home,
+            own: Mutex::new(None),
         }
     }
-}
 
-impl ReplicaHub {
     /// The link to `addr`, started on first use.
     pub fn link(&self, addr: SocketAddr) -> io::Result<Arc<Link>> {
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(l) = links.get(&addr) {
             return Ok(l.clone());
         }
-        let link = Arc::new(Link::new(addr, self.stop.clone(), self.session));
-        let driver = link.clone();
-        std::thread::Builder::new()
-            .name(format!("evstor-repl-{addr}"))
-            .spawn(move || drive(&driver))?;
+        if self.stop.load(Ordering::Acquire) {
+            return Err(io::Error::other("replication is shutting down"));
+        }
+        let link = Arc::new(Link::new(
+            addr,
+            self.stop.clone(),
+            self.session,
+            links.len(),
+            self.home.clone(),
+        ));
+        self.home.adopt_link(link.clone());
         links.insert(addr, link.clone());
         Ok(link)
     }
@@ -512,180 +671,33 @@ impl ReplicaHub {
         out
     }
 
-    /// Stops every link's threads (parts still held complete with errors first).
+    /// Stops every link (parts still held complete with errors first) and the hub's own
+    /// link reactor, if it has one.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
-        for l in self
+        let links: Vec<Arc<Link>> = self
             .links
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-        {
+            .cloned()
+            .collect();
+        for l in links {
             // (Not `l.fail(l.lock().gen, …)`: that guard would live through the call.)
             let gen = l.lock().gen;
             l.fail(gen, "shutting down");
-            l.cv.notify_all();
+        }
+        self.home.stop();
+        let own = self.own.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = own {
+            let _ = t.join();
         }
     }
 }
 
-/// The link's driver thread: connects, sends, reconnects after failures, sweeps holds.
-fn drive(link: &Arc<Link>) {
-    let pause = Duration::from_millis(REPLICA_RECONNECT_MS);
-    while !link.stop.load(Ordering::Acquire) {
-        let timeout = Duration::from_millis(REPLICA_CONNECT_TIMEOUT_MS);
-        match TcpStream::connect_timeout(&link.addr, timeout).and_then(|s| {
-            s.set_nodelay(true)?;
-            s.set_write_timeout(Some(Duration::from_millis(REPLICA_IO_TIMEOUT_MS)))?;
-            s.set_read_timeout(Some(Duration::from_millis(REPLICA_POLL_MS)))?;
-            Ok(s)
-        }) {
-            Ok(s) => {
-                let gen = up(link, &s);
-                let rx = s.try_clone();
-                let recv_link = link.clone();
-                let receiver =
-                    rx.map(|rx| std::thread::spawn(move || receive(&recv_link, rx, gen)));
-                send_loop(link, s, gen);
-                if let Ok(r) = receiver {
-                    let _ = r.join();
-                }
-            }
-            Err(e) => {
-                let gen = link.lock().gen;
-                link.fail(gen, &format!("connecting to {}: {e}", link.addr));
-            }
-        }
-        link.sweep();
-        std::thread::sleep(pause);
-    }
-    link.sweep();
-}
-
-/// Marks the link up on a new connection generation; returns it.
-fn up(link: &Link, s: &TcpStream) -> u64 {
-    let mut st = link.lock();
-    st.gen += 1;
-    st.conn = Conn::Up(st.gen);
-    st.stream = s.try_clone().ok();
-    let gen = st.gen;
-    drop(st);
-    link.cv.notify_all();
-    gen
-}
-
-/// Sends queued parts until connection `gen` fails or the hub stops.
-fn send_loop(link: &Link, mut s: TcpStream, gen: u64) {
-    let mut batch: Vec<Outgoing> = Vec::with_capacity(SEND_BATCH);
-    let sweep_every = Duration::from_millis(REPLICA_POLL_MS);
-    loop {
-        batch.clear();
-        {
-            let mut st = link.lock();
-            loop {
-                if st.conn != Conn::Up(gen) || link.stop.load(Ordering::Acquire) {
-                    return;
-                }
-                let now = Instant::now();
-                let ready = st.outq.front().copied().and_then(|id| {
-                    let p = st.parts.get(id as usize)?.as_ref()?;
-                    Some(p.retry_at.is_none_or(|t| t <= now))
-                });
-                match ready {
-                    Some(true) => break,
-                    Some(false) => {
-                        st = link
-                            .cv
-                            .wait_timeout(st, sweep_every)
-                            .map(|r| r.0)
-                            .unwrap_or_else(|p| p.into_inner().0);
-                    }
-                    None => {
-                        let (g, timed_out) = link
-                            .cv
-                            .wait_timeout(st, sweep_every)
-                            .map(|(g, t)| (g, t.timed_out()))
-                            .unwrap_or_else(|p| {
-                                let (g, t) = p.into_inner();
-                                (g, t.timed_out())
-                            });
-                        st = g;
-                        if timed_out {
-                            drop(st);
-                            link.sweep();
-                            st = link.lock();
-                        }
-                    }
-                }
-            }
-            let now = Instant::now();
-            let State { parts, outq, .. } = &mut *st;
-            while batch.len() < SEND_BATCH {
-                let Some(id) = outq.front().copied() else {
-                    break;
-                };
-                let Some(p) = parts.get_mut(id as usize).and_then(Option::as_mut) else {
-                    outq.pop_front();
-                    continue;
-                };
-                if p.retry_at.is_some_and(|t| t > now) {
-                    break;
-                }
-                outq.pop_front();
-                p.phase = Phase::Sending;
-                p.sent = Some((gen, now));
-                p.retry_at = None;
-                p.first_sent.get_or_insert(now);
-                let data_len = if p.frame.op.has_data() {
-                    p.frame.len as usize
-                } else {
-                    0
-                };
-                // SAFETY: the part's command keeps `data` valid until it completes, and a
-                // `Sending` part is never completed (sweeps skip it).
-                let data = unsafe { slice(p.data, data_len) };
-                let mut hdr = [0u8; HDR_BYTES];
-                p.frame.encode(data, &mut hdr);
-                batch.push(Outgoing {
-                    id,
-                    seq: p.seq,
-                    hdr,
-                    data: p.data,
-                    len: data_len,
-                });
-            }
-        }
-        let r = write_batch(&mut s, &batch);
-        #[cfg(test)]
-        tests::pause_after_send();
-        let now = Instant::now();
-        let mut st = link.lock();
-        let still_up = st.conn == Conn::Up(gen);
-        let State {
-            parts, failures, ..
-        } = &mut *st;
-        for o in &batch {
-            // Only the part this batch carried, if still unanswered (an answer may have
-            // completed it already, and its id may belong to a new part by now).
-            let Some(p) = parts
-                .get_mut(o.id as usize)
-                .and_then(Option::as_mut)
-                .filter(|p| p.seq == o.seq && p.phase == Phase::Sending)
-            else {
-                continue;
-            };
-            if r.is_ok() && still_up {
-                p.phase = Phase::Sent;
-            } else {
-                p.phase = Phase::Held(now);
-                report(failures, p);
-            }
-        }
-        drop(st);
-        if let Err(e) = r {
-            link.fail(gen, &format!("sending: {e}"));
-            return;
-        }
+impl Drop for ReplicaHub {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 
@@ -693,7 +705,7 @@ fn send_loop(link: &Link, mut s: TcpStream, gen: u64) {
 ///
 /// # Safety
 /// `p` must point to `len` readable bytes that nobody writes while the slice lives.
-unsafe fn slice<'a>(p: DataPtr, len: usize) -> &'a [u8] {
+pub(super) unsafe fn slice<'a>(p: DataPtr, len: usize) -> &'a [u8] {
     if len == 0 || p.0.is_null() {
         return &[];
     }
@@ -702,122 +714,24 @@ unsafe fn slice<'a>(p: DataPtr, len: usize) -> &'a [u8] {
 }
 
 /// One part in a send batch.
-struct Outgoing {
+pub(super) struct Outgoing {
     id: u32,
     seq: u64,
-    hdr: [u8; HDR_BYTES],
-    data: DataPtr,
-    len: usize,
-}
-
-/// Writes every header and its data with vectored writes.
-fn write_batch(s: &mut TcpStream, batch: &[Outgoing]) -> io::Result<()> {
-    if batch.len() > SEND_BATCH {
-        return Err(io::Error::other("a send batch over its bound"));
-    }
-    // On the stack: a header and at most one data piece per part.
-    let mut iov = [IoSlice::new(&[]); 2 * SEND_BATCH];
-    let mut n = 0;
-    for o in batch {
-        iov[n] = IoSlice::new(&o.hdr);
-        n += 1;
-        // SAFETY: as in `send_loop`: the parts are `Sending`, so their data stays valid
-        // until the replica has read them whole (then this write is past their bytes).
-        let d = unsafe { slice(o.data, o.len) };
-        if !d.is_empty() {
-            iov[n] = IoSlice::new(d);
-            n += 1;
-        }
-    }
-    let mut bufs: &mut [IoSlice<'_>] = &mut iov[..n];
-    while !bufs.is_empty() {
-        match s.write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Answers the receiver takes from the socket at once.
-const ANSWERS_PER_READ: usize = 64;
-
-/// Reads answers on connection `gen` until it fails; breaks it when a part waits too long.
-/// Everything one read returned is handled as one batch (one lock, one wake-up per reactor).
-fn receive(link: &Link, mut rx: TcpStream, gen: u64) {
-    let timeout = Duration::from_millis(REPLICA_IO_TIMEOUT_MS);
-    let mut buf = [0u8; ANSWERS_PER_READ * ANSWER_BYTES];
-    let mut have = 0usize;
-    let mut answers: Vec<(u32, i32)> = Vec::with_capacity(ANSWERS_PER_READ);
-    let mut done: Vec<(Part, i32)> = Vec::with_capacity(ANSWERS_PER_READ);
-    let mut batch: Vec<(u64, i32)> = Vec::with_capacity(ANSWERS_PER_READ);
-    loop {
-        if link.lock().conn != Conn::Up(gen) {
-            return;
-        }
-        match rx.read(&mut buf[have..]) {
-            Ok(0) => return link.fail(gen, "replica closed the connection"),
-            Ok(n) => {
-                have += n;
-                let whole = have - have % ANSWER_BYTES;
-                for a in buf[..whole].chunks_exact(ANSWER_BYTES) {
-                    let Ok(a) = <&[u8; ANSWER_BYTES]>::try_from(a) else {
-                        continue;
-                    };
-                    match decode_answer(a) {
-                        Ok(answer) => answers.push(answer),
-                        Err(e) => return link.fail(gen, &format!("bad answer: {e}")),
-                    }
-                }
-                buf.copy_within(whole..have, 0);
-                have -= whole;
-                link.on_answers(gen, &answers, &mut done, &mut batch);
-                answers.clear();
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                if link
-                    .oldest_in_flight(gen)
-                    .is_some_and(|t| t.elapsed() >= timeout)
-                {
-                    return link.fail(gen, "a part went unanswered");
-                }
-            }
-            Err(e) => return link.fail(gen, &format!("receiving: {e}")),
-        }
-    }
+    pub(super) hdr: [u8; HDR_BYTES],
+    pub(super) data: DataPtr,
+    pub(super) len: usize,
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicU64;
-
     use super::*;
     use crate::backend::{Backend, FileBackend};
+    use crate::replica::engine::PAUSE_AFTER_SEND_MS;
     use crate::replica::rebuild::Waiter;
     use crate::replica::{Op, ReplicaServer};
 
-    /// Test failpoint: the sender sleeps this long after each write, before it marks the
-    /// parts it wrote as sent (a preempted sender thread).
-    static PAUSE_AFTER_SEND_MS: AtomicU64 = AtomicU64::new(0);
-
-    pub(super) fn pause_after_send() {
-        let ms = PAUSE_AFTER_SEND_MS.load(Ordering::Relaxed);
-        if ms > 0 {
-            std::thread::sleep(Duration::from_millis(ms));
-        }
-    }
-
-    /// The replica may answer a part before the sender thread has even returned from the
-    /// write that carried it: the answer still completes the part (it was dropped once,
+    /// The replica may answer a part before its home has seen the send that carried it
+    /// complete: the answer still completes the part (it was dropped once,
     /// and the part then went "unanswered" until the link broke and the replica was
     /// recorded out of sync for nothing).
     #[test]
@@ -829,7 +743,7 @@ mod tests {
         let volume = [9u8; 16];
         let server = ReplicaServer::start("127.0.0.1:0".parse().expect("addr")).expect("listen");
         server.set_images(vec![(volume, Some(image), 1)]);
-        let hub = ReplicaHub::default();
+        let hub = ReplicaHub::new().expect("hub");
         let link = hub.link(server.local_addr()).expect("link");
         assert!(link.wait_up(Duration::from_secs(10)), "link up");
         PAUSE_AFTER_SEND_MS.store(300, Ordering::Relaxed);

@@ -36,6 +36,7 @@
 //! [`REPLICA_READ_LEASE_MS`]: crate::limits::REPLICA_READ_LEASE_MS
 
 mod backend;
+mod engine;
 mod link;
 mod member;
 mod rebuild;
@@ -44,6 +45,7 @@ mod server;
 mod snapshot;
 
 pub use backend::{Member, Replicated};
+pub use engine::{LinkEngine, LinkHome};
 pub use link::{Link, ReplicaHub};
 pub use member::{MemberState, Mode};
 pub use rebuild::{rebuild, repair};

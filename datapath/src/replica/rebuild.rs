@@ -382,7 +382,7 @@ mod tests {
         let server = ReplicaServer::start("127.0.0.1:0".parse().expect("addr")).expect("listen");
         let image: Arc<dyn Backend> = Arc::new(open("replica.img"));
         server.set_images(vec![(volume, Some(image), 1)]);
-        let hub = ReplicaHub::default();
+        let hub = ReplicaHub::new().expect("hub");
         let member = Member::new(hub.link(server.local_addr()).expect("link"), SIZE, false);
         assert_eq!(member.state.dirty_chunks(), 3, "a new member: a full copy");
         let local = BadChunk(open("local.img"));
