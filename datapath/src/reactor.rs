@@ -7,7 +7,9 @@
 //! other threads, reclaims), reap every completion (receives, sends, storage), then look
 //! at each connection an event touched: issue its storage operations, send what its queue
 //! staged (one `sendmsg` per connection per pass, data straight from the command buffers),
-//! re-arm its receive, advance its closing. Then one `io_uring_enter` submits everything.
+//! re-arm its receive, advance its closing; then the replication links this reactor is the
+//! home of ([`crate::replica::LinkEngine`]): the parts its queues (and others) replicated
+//! in this pass go out in one send per link. Then one `io_uring_enter` submits everything.
 //! A command runs to completion inside the pass that brings its last input: a read on a
 //! memory-backed volume is received, executed and answered without leaving the loop.
 //!

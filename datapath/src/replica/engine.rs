@@ -298,7 +298,7 @@ impl LinkEngine {
         self.conns.iter().flatten().any(|c| c.sock.is_some())
     }
 
-    /// Applies a ring completion of kind `kind` (see [`tag::is_link`]).
+    /// Applies a ring completion of one of the link kinds (`tag::is_link`).
     pub fn on_cqe(&mut self, now: Instant, kind: u64, idx: usize, tgen: u32, res: i32) {
         let LinkEngine {
             conns,

@@ -8,7 +8,8 @@
 //!
 //! The protocol is internal and small on purpose: one request frame per backend part
 //! (header + data, both CRC32C-checked) and one 16-byte answer, pipelined on one TCP
-//! connection per peer, answered in batches that share one metadata commit. Every frame
+//! connection per peer (driven by a reactor's ring, see [`LinkEngine`]), answered in
+//! batches that share one metadata commit. Every frame
 //! carries the volume's epoch; a replica refuses frames of an epoch older than the newest
 //! it has seen ([`FENCED`]), so a deposed primary cannot get a write acknowledged.
 //!
@@ -20,7 +21,7 @@
 //! them); otherwise the read also sends each of them an [`Op::Ping`] and completes only
 //! when all answered: one that knows a newer epoch answers [`FENCED`], and the read fails
 //! as a path error instead of returning stale data. A replica promoted by a failover waits
-//! out the promises it gave before its data path serves ([`ReplicaServer::lease_given_until`]).
+//! out the promises it gave before its data path serves ([`ReplicaServer::lease_given_for`]).
 //!
 //! A snapshot of a replicated volume is taken on every in-sync copy at the same point of
 //! the write stream ([`snapshot_members`]). A copy that lacks some of them (a new replica,
