@@ -771,4 +771,109 @@ mod tests {
         );
         hub.shutdown();
     }
+
+    /// Completions as a test sees them.
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<(u64, i32)>>);
+
+    impl CompletionSink for Seen {
+        fn complete(&self, tag: u64, result: i32) {
+            self.0.lock().expect("seen").push((tag, result));
+        }
+    }
+
+    /// A replica server that takes frames and never answers (hung, not dead: its socket
+    /// stays open) is reported once a part has waited [`REPLICA_IO_TIMEOUT_MS`]; the part
+    /// is held until the replica is dropped from the in-sync set, then completes as no
+    /// longer owed (its chunk marked for the rebuild); the link connects again.
+    ///
+    /// [`REPLICA_IO_TIMEOUT_MS`]: crate::limits::REPLICA_IO_TIMEOUT_MS
+    #[test]
+    fn a_replica_that_never_answers_is_reported_its_part_held_and_the_link_reconnects() {
+        use crate::limits::{REPLICA_IO_TIMEOUT_MS, REPLICA_RECONNECT_MS};
+        use std::net::TcpListener;
+
+        const SIZE: u64 = 1 << 20;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let mut accepted = Vec::new();
+        let accept_within = |accepted: &mut Vec<std::net::TcpStream>, limit: Duration| {
+            let deadline = Instant::now() + limit;
+            loop {
+                match listener.accept() {
+                    Ok((s, _)) => return accepted.push(s),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        assert!(Instant::now() < deadline, "no connection within {limit:?}");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => panic!("accept: {e}"),
+                }
+            }
+        };
+        let hub = ReplicaHub::new().expect("hub");
+        let link = hub
+            .link(listener.local_addr().expect("addr"))
+            .expect("link");
+        accept_within(&mut accepted, Duration::from_secs(5));
+        assert!(link.wait_up(Duration::from_secs(5)), "link up");
+
+        let volume = [4u8; 16];
+        let member = Arc::new(MemberState::new(SIZE, true));
+        let seen = Arc::new(Seen::default());
+        let sink: Arc<dyn CompletionSink> = seen.clone();
+        let data = vec![3u8; 4096];
+        let frame = Frame {
+            op: Op::Write { fua: false },
+            volume,
+            epoch: 1,
+            offset: 8192,
+            len: 4096,
+            id: 0,
+            session: 0,
+        };
+        let sent = Instant::now();
+        // SAFETY: `data` outlives the part's completion, awaited below.
+        unsafe { link.submit(frame, data.as_ptr(), &sink, 7, &member) };
+
+        let timeout = Duration::from_millis(REPLICA_IO_TIMEOUT_MS);
+        let failures = loop {
+            let f = hub.take_failures();
+            if !f.is_empty() {
+                break f;
+            }
+            assert!(
+                sent.elapsed() < timeout + Duration::from_secs(3),
+                "the silent replica was never reported"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            sent.elapsed() >= timeout,
+            "reported after {:?}, before the part could time out",
+            sent.elapsed()
+        );
+        assert_eq!(failures, vec![(volume, link.addr())]);
+        assert!(
+            seen.0.lock().expect("seen").is_empty(),
+            "the part is held while the replica is in sync (an acknowledged write must be on it)"
+        );
+
+        // The control plane drops the replica: the held part is no longer owed.
+        member.set_dropped();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while seen.0.lock().expect("seen").is_empty() {
+            assert!(Instant::now() < deadline, "the held part never completed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(*seen.0.lock().expect("seen"), vec![(7, 0)]);
+        assert!(member.has_dirty(), "its chunk is marked for the rebuild");
+
+        // The link gave the hung connection up and connects again.
+        accept_within(
+            &mut accepted,
+            Duration::from_millis(REPLICA_RECONNECT_MS) + Duration::from_secs(3),
+        );
+        assert!(link.wait_up(Duration::from_secs(5)), "link up again");
+        hub.shutdown();
+    }
 }
