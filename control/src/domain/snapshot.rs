@@ -938,6 +938,45 @@ mod rollback_tests {
         assert_eq!(events[0].type_name(), "VolumeReplicaInSync");
     }
 
+    /// A copy rebuilt while a snapshot was taken (only in-sync copies take one) lacks it:
+    /// its rebuild is not recorded, so it is rebuilt again and the snapshot copied first;
+    /// once that snapshot is deleted, nothing is lacking.
+    #[test]
+    fn a_copy_that_lacks_a_snapshot_taken_during_its_rebuild_is_not_recorded_in_sync() {
+        let x = Uuid::from_u128(0xa);
+        let mut given = with_two_copies(x, true);
+        let vol = test_ctx().new_id(0);
+        let v = state_of(&given).volumes.get(vol).unwrap().clone();
+        assert!(
+            state_of(&given)
+                .snapshots
+                .get(SNAP)
+                .unwrap()
+                .holders
+                .contains(&v.node_uuid),
+            "the primary holds the snapshot"
+        );
+        let rebuilt = AnyCommand::Volume(VolumeCommand::MarkReplicaInSync {
+            uuid: vol,
+            node: x,
+            epoch: v.epoch,
+            copied_bytes: 1 << 20,
+            snapshots: vec![],
+        });
+        match given_when(&given, rebuilt.clone()) {
+            Err(DomainError::Unavailable(m)) => {
+                assert!(m.contains(&SNAP.to_string()), "names the snapshot: {m}")
+            }
+            other => panic!("a copy lacking a snapshot recorded in sync: {other:?}"),
+        }
+        given.push(AnyEvent::Snapshot(Event::SnapshotDeletionRequested {
+            uuid: SNAP,
+        }));
+        let events = given_when(&given, rebuilt).unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].type_name(), "VolumeReplicaInSync");
+    }
+
     /// A replica that rolled back with the primary is in sync again when the rollback
     /// ends; a rebuild ending meanwhile (it copied the data from before) is not recorded.
     #[test]

@@ -961,6 +961,29 @@ fn mark_in_sync(
     if !v.out_of_sync.contains(&node) || !v.replica_nodes.contains(&node) {
         return Ok(vec![]);
     }
+    // An in-sync copy holds every snapshot its primary holds. One taken while this copy
+    // was being rebuilt (only in-sync copies take a snapshot) was not copied to it: the
+    // rebuild is not recorded, and the next one copies it first (`reconcile::seed_plan`).
+    let mut lacking: Vec<Uuid> = state
+        .snapshots
+        .by_uuid
+        .values()
+        .filter(|s| {
+            s.source_volume == uuid
+                && s.state == SnapshotState::Available
+                && s.holders.contains(&v.node_uuid)
+                && !s.holders.contains(&node)
+                && !snapshots.contains(&s.uuid)
+        })
+        .map(|s| s.uuid)
+        .collect();
+    lacking.sort();
+    if let Some(s) = lacking.first() {
+        return Err(DomainError::Unavailable(format!(
+            "the copy of volume {uuid} on node {node} lacks snapshot {s}, taken while it was \
+             rebuilt: it is rebuilt again"
+        )));
+    }
     // A snapshot deleted meanwhile is released by the replica's agent like any other.
     let mut events: Vec<AnyEvent> = snapshots
         .iter()

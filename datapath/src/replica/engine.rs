@@ -211,7 +211,10 @@ struct LinkConn {
     gen: Option<u64>,
     /// When the connect in flight began.
     connecting: Option<Instant>,
+    /// The connect in flight took too long (and was cancelled).
     connect_cancelled: bool,
+    /// A cancel of the connect in flight was queued.
+    cancel_queued: bool,
     addr: Box<SockAddr>,
     next_connect: Instant,
     /// Operations of the socket in flight (connect, send, receive).
@@ -281,6 +284,7 @@ impl LinkEngine {
             gen: None,
             connecting: None,
             connect_cancelled: false,
+            cancel_queued: false,
             addr,
             next_connect: Instant::now(),
             ops: 0,
@@ -300,6 +304,7 @@ impl LinkEngine {
 
     /// Applies a ring completion of one of the link kinds (`tag::is_link`).
     pub fn on_cqe(&mut self, now: Instant, kind: u64, idx: usize, tgen: u32, res: i32) {
+        let _ = now; // (the test failpoint's clock)
         let LinkEngine {
             conns,
             answers,
@@ -401,7 +406,6 @@ impl LinkEngine {
             }
             _ => {} // LINK_CANCEL: the cancelled operation reports itself
         }
-        let _ = now;
     }
 
     /// Looks at every link: connects, sends what is queued, keeps a receive armed, drops
@@ -434,16 +438,26 @@ impl LinkEngine {
                 && !c.connect_cancelled
             {
                 c.connect_cancelled = true;
-                let target = tag::make(tag::LINK_CONNECT, c.link.idx, c.tgen, 0);
-                let e = opcode::AsyncCancel::new(target)
-                    .build()
-                    .user_data(tag::make(tag::LINK_CANCEL, c.link.idx, c.tgen, 0));
-                // SAFETY: a cancel references no memory.
-                let _ = unsafe { ioq.push_op(&e) };
                 c.close();
             }
         }
         self.service(ioq, now);
+    }
+}
+
+/// Cancels the connect in flight of a closing connection (a shut-down socket may still be
+/// waiting for its handshake).
+fn cancel_connect(c: &mut LinkConn, idx: usize, ioq: &mut IoQueue) {
+    if c.connecting.is_none() || c.cancel_queued {
+        return;
+    }
+    let target = tag::make(tag::LINK_CONNECT, idx, c.tgen, 0);
+    let e = opcode::AsyncCancel::new(target)
+        .build()
+        .user_data(tag::make(tag::LINK_CANCEL, idx, c.tgen, 0));
+    // SAFETY: a cancel references no memory.
+    if unsafe { ioq.push_op(&e) }.is_ok() {
+        c.cancel_queued = true;
     }
 }
 
@@ -459,6 +473,7 @@ fn service_one(c: &mut LinkConn, idx: usize, ioq: &mut IoQueue, now: Instant) {
         c.close();
     }
     if c.shut {
+        cancel_connect(c, idx, ioq);
         if c.ops == 0 {
             // Nothing of the socket in flight: drop it, connect again later. A batch it
             // wrote only part of is held (as the link already is).
@@ -586,6 +601,7 @@ fn connect(c: &mut LinkConn, idx: usize, ioq: &mut IoQueue, now: Instant) {
             c.shut = false;
             c.connecting = Some(now);
             c.connect_cancelled = false;
+            c.cancel_queued = false;
         }
         Err(err) => {
             c.link
