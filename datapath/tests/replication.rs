@@ -107,6 +107,8 @@ struct Pair {
     hub: ReplicaHub,
     member: Arc<Member>,
     target: TargetHandle,
+    /// While set, the replica's snapshot hook fails.
+    refuse_snapshots: Arc<AtomicBool>,
 }
 
 /// A primary target replicating nsid 1 at `epoch` to a replica server.
@@ -116,7 +118,12 @@ fn pair(epoch: u64) -> Pair {
     let primary = store(dir.path(), "primary", volume);
     let replica = store(dir.path(), "replica", volume);
     let on_replica = replica.clone();
+    let refuse_snapshots = Arc::new(AtomicBool::new(false));
+    let refuse = refuse_snapshots.clone();
     let hook: SnapshotHook = Arc::new(move |v, s| {
+        if refuse.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         on_replica
             .retake_snapshot(Uuid::from_bytes(v), Uuid::from_bytes(s))
             .map_err(std::io::Error::other)
@@ -145,6 +152,7 @@ fn pair(epoch: u64) -> Pair {
         hub,
         member,
         target,
+        refuse_snapshots,
     }
 }
 
@@ -373,6 +381,39 @@ fn a_rebuild_copies_only_the_missed_chunks_while_writes_go_on() -> anyhow::Resul
     // Writes wait for it again: a write lands on both.
     s.write(1, 100, &pattern(1, 9))?;
     assert_eq!(read_image(&p.replica, p.volume, 100, 1), pattern(1, 9));
+    p.target.shutdown();
+    Ok(())
+}
+
+/// A replica that fails to take a snapshot does not hold it, and is reported like a replica
+/// that failed any part: the control plane records it out of sync, and its rebuild copies
+/// the snapshots it lacks first. Its part is held until then.
+#[test]
+fn a_replica_that_fails_to_take_a_snapshot_is_reported() -> anyhow::Result<()> {
+    let p = pair(1);
+    p.refuse_snapshots.store(true, Ordering::SeqCst);
+    let took = snapshot_members(
+        std::slice::from_ref(&p.member),
+        *p.volume.as_bytes(),
+        1,
+        *Uuid::new_v4().as_bytes(),
+        Duration::from_secs(1),
+    );
+    assert_eq!(took, [false], "the replica does not hold the snapshot");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let failures = loop {
+        let f = p.hub.take_failures();
+        if !f.is_empty() {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "the replica was never reported");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        failures,
+        vec![(*p.volume.as_bytes(), p.server.local_addr())]
+    );
+    p.member.drop_replica();
     p.target.shutdown();
     Ok(())
 }
