@@ -1,31 +1,39 @@
 //! The replica's side: a listener that applies primaries' frames to this server's images.
 //!
-//! One thread per connection (a connection is a peer's link, not an I/O; at most
-//! [`REPLICA_CONNECTIONS_MAX`]). It reads frames while more are already buffered (up to
-//! [`REPLICA_BATCH_FRAMES`]), queues them all on the image backends, runs them as one pass
-//! (one metadata commit for the batch's writes), and answers them together. A frame is
-//! applied only to an image the control plane published here as a replica, and only if its
-//! epoch is not older than the newest this server has seen for the volume. Accepting one
-//! promises the sender its read lease (see the module above): this server does not serve
-//! the volume itself until [`ReplicaServer::lease_given_for`] has run out.
+//! One thread serves every peer connection (at most [`REPLICA_CONNECTIONS_MAX`]) through
+//! one io_uring: accepts, receives into each connection's buffer and sends of answers are
+//! ring operations. When a receive completes, the frames it completed (up to
+//! [`REPLICA_BATCH_FRAMES`]) are queued on the image backends straight from the buffer,
+//! run as one pass (one metadata commit for the batch's writes) and answered together. A
+//! frame is applied only to an image the control plane published here as a replica, and
+//! only if its epoch is not older than the newest this server has seen for the volume.
+//! Accepting one promises the sender its read lease (see the module above): this server
+//! does not serve the volume itself until [`ReplicaServer::lease_given_for`] has run out.
+//!
+//! The pass runs on this thread (as the reactors run theirs), and so do the snapshot and
+//! rollback hooks: a peer's frames wait while another's batch is applied.
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, Read, Write};
+use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+
+use io_uring::{opcode, types};
 
 use super::{
     clock_ns, encode_answer, Frame, Op, WireError, ANSWER_BYTES, FENCED, HDR_BYTES, NOT_HELD,
     RECENT_END, RECENT_UNKNOWN,
 };
 use crate::backend::{Backend, IoKind, IoQueue, IoRequest};
-use crate::buffer::SlotBuf;
+use crate::buffer::{Region, SlotBuf};
 use crate::limits::{
     CHANGE_LOG_REFRESH_MS, CHANGE_WINDOW_MS, LBA_BYTES, REPLICA_BATCH_FRAMES,
     REPLICA_CONNECTIONS_MAX, REPLICA_FRAME_DATA_MAX, REPLICA_POLL_MS, REPLICA_READ_LEASE_MS,
 };
+use crate::reactor::tag;
 
 /// [`Op::Recent`]'s answer for a primary: its epoch and session, and the chunks (None: the
 /// copy cannot tell).
@@ -263,9 +271,34 @@ impl ReplicaServer {
         let stop = Arc::new(AtomicBool::new(false));
         let peers: Arc<Peers> = Arc::default();
         let (i, p, s) = (images.clone(), peers.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("evstor-repl-accept".into())
-            .spawn(move || accept_loop(&listener, &i, &p, &s, hooks))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("evstor-repl-serve".into())
+            .spawn(move || {
+                // Made on the thread that uses it: a single-issuer ring refuses others.
+                let slots = SlotBuf::new(REPLICA_BATCH_FRAMES, REPLICA_FRAME_DATA_MAX)
+                    .ok_or_else(|| io::Error::other("no memory for replication buffers"));
+                match IoQueue::reactor(256, 1024).and_then(|ring| Ok((ring, slots?))) {
+                    Ok((ring, slots)) => {
+                        let _ = tx.send(Ok(()));
+                        Serve::new(listener, ring, slots, i, p, s, hooks).run();
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            })?;
+        match rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(io::Error::other("the replication listener died at start"));
+            }
+        }
         Ok(ReplicaServer {
             addr,
             images,
@@ -369,57 +402,384 @@ impl Drop for ReplicaServer {
     }
 }
 
-fn accept_loop(
-    listener: &TcpListener,
-    images: &Arc<Images>,
-    peers: &Arc<Peers>,
-    stop: &Arc<AtomicBool>,
+/// Ring tags of the listener's thread (the reactors' layout: kind, slot, generation).
+const T_ACCEPT: u64 = 1;
+const T_RECV: u64 = 2;
+const T_SEND: u64 = 3;
+
+/// A connection's receive buffer: a whole batch of the largest frames.
+const CONN_BUF_BYTES: usize = REPLICA_BATCH_FRAMES * (HDR_BYTES + REPLICA_FRAME_DATA_MAX);
+/// Answers waiting to be sent past which the connection stops receiving (its peer is not
+/// reading them).
+const ANSWERS_PENDING_MAX: usize = 4 * REPLICA_BATCH_FRAMES * ANSWER_BYTES;
+
+/// One peer connection.
+struct PeerConn {
+    fd: OwnedFd,
+    gen: u32,
+    /// Its key in the registry of sockets to cut at shutdown.
+    key: u64,
+    /// Received bytes: `buf[..have]`, whole frames first.
+    buf: Region,
+    have: usize,
+    recv_armed: bool,
+    /// Answers not yet handed to the kernel, and the ones being sent (from `sent` on).
+    out: Vec<u8>,
+    sending: Vec<u8>,
+    sent: usize,
+    send_in_flight: bool,
+    /// Broken or ending: dropped once no operation is in flight.
+    closing: bool,
+}
+
+/// The listener's thread: every peer connection on one ring.
+struct Serve {
+    listener: TcpListener,
+    ring: IoQueue,
+    /// The images' storage operations (a queue of its own: a pass waits for its own
+    /// completions only).
+    store_q: IoQueue,
+    /// The batch's frame data, aligned for the devices (`O_DIRECT`).
+    slots: SlotBuf,
+    images: Arc<Images>,
+    peers: Arc<Peers>,
+    stop: Arc<AtomicBool>,
     hooks: Hooks,
-) {
-    let live = Arc::new(AtomicUsize::new(0));
-    let mut next = 0u64;
-    while !stop.load(Ordering::Acquire) {
-        match listener.accept() {
-            Ok((s, peer)) => {
-                if live.load(Ordering::Acquire) >= REPLICA_CONNECTIONS_MAX {
-                    tracing::warn!(%peer, "replication connection refused: at the limit");
-                    continue;
-                }
-                let Ok(cut) = s.try_clone() else {
-                    continue;
-                };
-                next += 1;
-                let key = next;
-                peers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key, cut);
-                live.fetch_add(1, Ordering::AcqRel);
-                let (i, st, l, ps) = (images.clone(), stop.clone(), live.clone(), peers.clone());
-                let hooks = hooks.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("evstor-repl-peer".into())
-                    .spawn(move || {
-                        if let Err(e) = serve(s, &i, &st, &hooks) {
-                            tracing::info!(%peer, "replication connection ended: {e}");
-                        }
-                        ps.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-                        l.fetch_sub(1, Ordering::AcqRel);
-                    });
-                if spawned.is_err() {
-                    peers.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-                    live.fetch_sub(1, Ordering::AcqRel);
+    conns: Vec<Option<PeerConn>>,
+    gens: Vec<u32>,
+    live: usize,
+    next_key: u64,
+    accept_armed: bool,
+    batch: Vec<Pending>,
+    cqes: Vec<(u64, i32)>,
+}
+
+impl Serve {
+    fn new(
+        listener: TcpListener,
+        ring: IoQueue,
+        slots: SlotBuf,
+        images: Arc<Images>,
+        peers: Arc<Peers>,
+        stop: Arc<AtomicBool>,
+        hooks: Hooks,
+    ) -> Serve {
+        Serve {
+            listener,
+            ring,
+            store_q: IoQueue::new(),
+            slots,
+            images,
+            peers,
+            stop,
+            hooks,
+            conns: Vec::new(),
+            gens: Vec::new(),
+            live: 0,
+            next_key: 0,
+            accept_armed: false,
+            batch: Vec::with_capacity(REPLICA_BATCH_FRAMES),
+            cqes: Vec::with_capacity(256),
+        }
+    }
+
+    fn run(mut self) {
+        let poll = Duration::from_millis(REPLICA_POLL_MS / 4);
+        let mut stopping: Option<Instant> = None;
+        loop {
+            if stopping.is_none() && self.stop.load(Ordering::Acquire) {
+                stopping = Some(Instant::now() + Duration::from_secs(1));
+                for c in self.conns.iter_mut().flatten() {
+                    close(c);
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            if let Some(deadline) = stopping {
+                if self.live == 0 || Instant::now() > deadline {
+                    break;
+                }
+            } else {
+                self.arm_accept();
+            }
+            let Serve { ring, cqes, .. } = &mut self;
+            ring.reap(|t, r| cqes.push((t, r)));
+            let mut cqes = std::mem::take(&mut self.cqes);
+            for &(t, r) in &cqes {
+                self.on_cqe(t, r);
+            }
+            let worked = !cqes.is_empty();
+            cqes.clear();
+            self.cqes = cqes;
+            for idx in 0..self.conns.len() {
+                self.service(idx);
+            }
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!("replication listener ring submit failed: {e}");
+            }
+            if !worked && !self.ring.has_ready() {
+                if let Err(e) = self.ring.wait(poll) {
+                    tracing::warn!("replication listener wait failed: {e}");
+                    std::thread::sleep(poll);
+                }
+            }
+        }
+        // The ring goes first: nothing of it may write into the connections' buffers after.
+        let Serve { ring, conns, .. } = self;
+        drop(ring);
+        drop(conns);
+    }
+
+    fn arm_accept(&mut self) {
+        if self.accept_armed || self.live >= REPLICA_CONNECTIONS_MAX {
+            return;
+        }
+        let e = opcode::Accept::new(
+            types::Fd(self.listener.as_raw_fd()),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+        .flags(libc::SOCK_CLOEXEC)
+        .build()
+        .user_data(tag::make(T_ACCEPT, 0, 0, 0));
+        // SAFETY: the listener lives as long as the ring (both in `self`, the ring dropped
+        // first); no memory is referenced.
+        if unsafe { self.ring.push_op(&e) }.is_ok() {
+            self.accept_armed = true;
+        }
+    }
+
+    fn on_cqe(&mut self, t: u64, res: i32) {
+        let (kind, idx, gen, _) = tag::split(t);
+        if kind == T_ACCEPT {
+            self.accept_armed = false;
+            if res >= 0 {
+                // SAFETY: the accept returned a fresh descriptor owned by nobody else.
+                let fd = unsafe { OwnedFd::from_raw_fd(res) };
+                self.adopt(fd);
+            } else if res != -libc::ECANCELED {
+                tracing::warn!("replication accept: {}", io::Error::from_raw_os_error(-res));
                 std::thread::sleep(Duration::from_millis(REPLICA_POLL_MS / 4));
             }
-            Err(e) => {
-                tracing::warn!("replication accept: {e}");
-                std::thread::sleep(Duration::from_millis(REPLICA_POLL_MS));
+            return;
+        }
+        let Some(c) = self
+            .conns
+            .get_mut(idx)
+            .and_then(Option::as_mut)
+            .filter(|c| c.gen == gen)
+        else {
+            return;
+        };
+        match kind {
+            T_RECV => {
+                c.recv_armed = false;
+                if res > 0 && !c.closing {
+                    c.have += res as usize;
+                    let Serve {
+                        images,
+                        store_q,
+                        slots,
+                        hooks,
+                        batch,
+                        ..
+                    } = self;
+                    if let Err(e) = take_frames(c, images, store_q, slots, hooks, batch) {
+                        tracing::info!("replication connection ended: {e}");
+                        close(c);
+                    }
+                } else if res <= 0 {
+                    if res < 0 && res != -libc::ECANCELED {
+                        tracing::info!(
+                            "replication connection ended: {}",
+                            io::Error::from_raw_os_error(-res)
+                        );
+                    }
+                    close(c);
+                }
+            }
+            T_SEND => {
+                c.send_in_flight = false;
+                if res < 0 {
+                    close(c);
+                } else {
+                    c.sent += res as usize;
+                    if c.sent >= c.sending.len() {
+                        c.sending.clear();
+                        c.sent = 0;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn adopt(&mut self, fd: OwnedFd) {
+        let stream = TcpStream::from(fd);
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!("replication connection: {e}");
+        }
+        let (Ok(cut), Ok(buf)) = (stream.try_clone(), Region::new(CONN_BUF_BYTES)) else {
+            tracing::warn!("replication connection refused: no memory or descriptor for it");
+            return;
+        };
+        self.next_key += 1;
+        let key = self.next_key;
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, cut);
+        let idx = match self.conns.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.conns.push(None);
+                self.gens.push(0);
+                self.conns.len() - 1
+            }
+        };
+        self.gens[idx] = tag::next_gen(self.gens[idx]);
+        self.conns[idx] = Some(PeerConn {
+            fd: OwnedFd::from(stream),
+            gen: self.gens[idx],
+            key,
+            buf,
+            have: 0,
+            recv_armed: false,
+            out: Vec::with_capacity(REPLICA_BATCH_FRAMES * ANSWER_BYTES),
+            sending: Vec::with_capacity(REPLICA_BATCH_FRAMES * ANSWER_BYTES),
+            sent: 0,
+            send_in_flight: false,
+            closing: false,
+        });
+        self.live += 1;
+    }
+
+    /// Sends the connection's answers, keeps its receive armed, drops it once closed.
+    fn service(&mut self, idx: usize) {
+        let Some(c) = self.conns.get_mut(idx).and_then(Option::as_mut) else {
+            return;
+        };
+        if c.closing {
+            if !c.recv_armed && !c.send_in_flight {
+                let key = c.key;
+                self.conns[idx] = None;
+                self.live -= 1;
+                self.peers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
+            }
+            return;
+        }
+        let fd = types::Fd(c.fd.as_raw_fd());
+        if !c.send_in_flight && (c.sent < c.sending.len() || !c.out.is_empty()) {
+            if c.sending.is_empty() {
+                std::mem::swap(&mut c.out, &mut c.sending);
+            }
+            let rest = &c.sending[c.sent..];
+            let e = opcode::Send::new(fd, rest.as_ptr(), rest.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(tag::make(T_SEND, idx, c.gen, 0));
+            // SAFETY: `sending` is neither changed nor dropped until this send completed
+            // (the connection is dropped only with nothing in flight).
+            match unsafe { self.ring.push_op(&e) } {
+                Ok(()) => c.send_in_flight = true,
+                Err(_) => close(c),
+            }
+        }
+        if !c.recv_armed && !c.closing && c.out.len() < ANSWERS_PENDING_MAX {
+            let room = CONN_BUF_BYTES - c.have;
+            if room == 0 {
+                // Cannot happen: whole frames are always taken out, and one fits.
+                close(c);
+                return;
+            }
+            let e = opcode::Recv::new(
+                fd,
+                // SAFETY: have < CONN_BUF_BYTES, inside the region.
+                unsafe { c.buf.as_ptr().add(c.have) },
+                room as u32,
+            )
+            .build()
+            .user_data(tag::make(T_RECV, idx, c.gen, 0));
+            // SAFETY: the region lives in the connection, dropped only with nothing in
+            // flight; frames are taken out of it only between receives.
+            match unsafe { self.ring.push_op(&e) } {
+                Ok(()) => c.recv_armed = true,
+                Err(_) => close(c),
             }
         }
     }
+}
+
+/// Ends a connection: its socket is shut down, so its operations end.
+fn close(c: &mut PeerConn) {
+    if !c.closing {
+        c.closing = true;
+        // SAFETY: shutdown on a socket we own; an error (already disconnected) is fine.
+        unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+/// Applies the whole frames received on `c`, batch after batch (each frame's data copied
+/// into its batch slot, aligned as the devices need), queues their answers, and moves what
+/// is left of a frame to the front of the buffer.
+fn take_frames(
+    c: &mut PeerConn,
+    images: &Images,
+    q: &mut IoQueue,
+    slots: &mut SlotBuf,
+    hooks: &Hooks,
+    batch: &mut Vec<Pending>,
+) -> io::Result<()> {
+    let base = c.buf.as_ptr();
+    let mut at = 0usize;
+    loop {
+        while batch.len() < REPLICA_BATCH_FRAMES && c.have - at >= HDR_BYTES {
+            // SAFETY: `at + HDR_BYTES <= have`, received bytes inside the region.
+            let hdr: &[u8; HDR_BYTES] = unsafe { &*base.add(at).cast() };
+            let (frame, crc) = Frame::decode(hdr).map_err(wire)?;
+            let data_len = if frame.op.has_data() {
+                frame.len as usize
+            } else {
+                0
+            };
+            if c.have - at - HDR_BYTES < data_len {
+                break;
+            }
+            // SAFETY: the frame's data lies within the received bytes.
+            let src = unsafe { std::slice::from_raw_parts(base.add(at + HDR_BYTES), data_len) };
+            // A rebuild's copy or a snapshot runs alone, after everything received before
+            // it (see `Op::runs_alone`).
+            if frame.op.runs_alone() {
+                apply(q, batch)?;
+            }
+            let slot = batch.len();
+            let data = slots.slot_mut(slot, data_len);
+            data.copy_from_slice(src);
+            let p = take_frame(frame, crc, data, slot, images, q, hooks)?;
+            batch.push(p);
+            if frame.op.runs_alone() {
+                apply(q, batch)?;
+            }
+            at += HDR_BYTES + data_len;
+        }
+        if batch.is_empty() {
+            break;
+        }
+        apply(q, batch)?;
+        for p in batch.iter() {
+            let mut a = [0u8; ANSWER_BYTES];
+            encode_answer(p.id, p.status.unwrap_or(-libc::EIO), &mut a);
+            c.out.extend_from_slice(&a);
+        }
+        batch.clear();
+    }
+    if at > 0 {
+        // SAFETY: both ranges lie within the received bytes of the region.
+        unsafe { std::ptr::copy(base.add(at), base, c.have - at) };
+        c.have -= at;
+    }
+    Ok(())
 }
 
 /// One frame of the batch being applied.
@@ -431,132 +791,21 @@ struct Pending {
     parts: u32,
 }
 
-/// Serves one peer connection until it ends.
-fn serve(s: TcpStream, images: &Images, stop: &AtomicBool, hooks: &Hooks) -> io::Result<()> {
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_millis(REPLICA_POLL_MS)))?;
-    let mut out = s.try_clone()?;
-    let mut r = BufReader::with_capacity(256 * 1024, s);
-    let mut bufs = SlotBuf::new(REPLICA_BATCH_FRAMES, REPLICA_FRAME_DATA_MAX)
-        .ok_or_else(|| io::Error::other("no memory for replication buffers"))?;
-    let mut q = IoQueue::new();
-    let mut batch: Vec<Pending> = Vec::with_capacity(REPLICA_BATCH_FRAMES);
-    let mut answers = vec![0u8; REPLICA_BATCH_FRAMES * ANSWER_BYTES];
-    let mut hdr = [0u8; HDR_BYTES];
-    loop {
-        // Block (polling for shutdown) for the batch's first frame, then take what is
-        // already buffered.
-        if !read_hdr(&mut r, &mut hdr, stop)? {
-            return Ok(());
-        }
-        loop {
-            let slot = batch.len();
-            let (frame, _) = Frame::decode(&hdr).map_err(wire)?;
-            // A rebuild's copy or a snapshot runs alone, after everything received before
-            // it (see `Op::runs_alone`).
-            if frame.op.runs_alone() {
-                apply(&mut q, &mut batch)?;
-            }
-            let p = take_frame(&mut r, &hdr, &mut bufs, slot, images, &mut q, hooks)?;
-            batch.push(p);
-            if frame.op.runs_alone() {
-                apply(&mut q, &mut batch)?;
-            }
-            if batch.len() == REPLICA_BATCH_FRAMES || r.buffer().len() < HDR_BYTES {
-                break;
-            }
-            read_exact(&mut r, &mut hdr)?;
-        }
-        apply(&mut q, &mut batch)?;
-        let mut n = 0;
-        for p in &batch {
-            let a: &mut [u8; ANSWER_BYTES] = (&mut answers[n..n + ANSWER_BYTES])
-                .try_into()
-                .map_err(|_| io::Error::other("answer buffer"))?;
-            encode_answer(p.id, p.status.unwrap_or(-libc::EIO), a);
-            n += ANSWER_BYTES;
-        }
-        out.write_all(&answers[..n])?;
-        batch.clear();
-    }
-}
-
 fn wire(e: WireError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// Reads a header, waiting for it while polling `stop`; false on shutdown or a clean EOF.
-fn read_hdr(
-    r: &mut BufReader<TcpStream>,
-    hdr: &mut [u8; HDR_BYTES],
-    stop: &AtomicBool,
-) -> io::Result<bool> {
-    let mut have = 0;
-    while have < HDR_BYTES {
-        if stop.load(Ordering::Acquire) {
-            return Ok(false);
-        }
-        match r.read(&mut hdr[have..]) {
-            Ok(0) if have == 0 => return Ok(false),
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => have += n,
-            Err(e) if is_poll(&e) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
-}
-
-/// Reads exactly `buf`, riding over read-timeout polls (the peer is mid-frame).
-fn read_exact(r: &mut BufReader<TcpStream>, buf: &mut [u8]) -> io::Result<()> {
-    let mut have = 0;
-    let mut polls = 0u32;
-    while have < buf.len() {
-        match r.read(&mut buf[have..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => {
-                have += n;
-                polls = 0;
-            }
-            Err(e) if is_poll(&e) => {
-                polls += 1;
-                // A peer stalled mid-frame for ~10 s is gone.
-                if polls > 50 {
-                    return Err(io::ErrorKind::TimedOut.into());
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-fn is_poll(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
-    )
-}
-
-/// Reads the frame's data into slot `slot`, checks it, and queues it on its image: the
+/// Checks the frame's data and queues the frame (batch slot `slot`) on its image: the
 /// frame's answer if already known (a refusal), or the storage operations it started.
 fn take_frame(
-    r: &mut BufReader<TcpStream>,
-    hdr: &[u8; HDR_BYTES],
-    bufs: &mut SlotBuf,
+    frame: Frame,
+    data_crc: u32,
+    data: &mut [u8],
     slot: usize,
     images: &Images,
     q: &mut IoQueue,
     hooks: &Hooks,
 ) -> io::Result<Pending> {
-    let (frame, data_crc) = Frame::decode(hdr).map_err(wire)?;
-    let data_len = if frame.op.has_data() {
-        frame.len as usize
-    } else {
-        0
-    };
-    let data = bufs.slot_mut(slot, data_len);
-    read_exact(r, data)?;
     if crc32c::crc32c(data) != data_crc {
         return Err(wire(WireError::DataDigest));
     }
@@ -586,7 +835,7 @@ fn take_frame(
     if image.epoch() > frame.epoch {
         return Ok(answer(FENCED));
     }
-    let base = bufs.slot_ptr(slot);
+    let base = data.as_mut_ptr();
     let mut p = Pending {
         id: frame.id,
         status: None,
@@ -597,7 +846,7 @@ fn take_frame(
     }
     let mut queue = |kind: IoKind, offset: u64, len: u32, at: usize| {
         let buf = if matches!(kind, IoKind::Write { .. }) {
-            // SAFETY: `at + len` lies within the frame's data, inside the slot.
+            // SAFETY: `at + len` lies within the frame's data.
             unsafe { base.add(at) }
         } else {
             std::ptr::null_mut()
@@ -609,8 +858,8 @@ fn take_frame(
             buf,
             tag: slot as u64,
         };
-        // SAFETY: the slot's buffer is not touched again until `apply` has reaped every
-        // completion of this frame (the batch is answered only after all of them).
+        // SAFETY: the frame's batch slot is not touched again until `apply` has reaped
+        // every completion of this frame (the batch is applied before the slot is reused).
         match unsafe { backend.submit(q, &req) } {
             Ok(()) => p.parts += 1,
             Err(e) => {
