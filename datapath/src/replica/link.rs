@@ -751,15 +751,7 @@ mod tests {
         let waiter = Arc::new(Waiter::default());
         let sink: Arc<dyn CompletionSink> = waiter.clone();
         let data = vec![7u8; 4096];
-        let frame = Frame {
-            op: Op::Write { fua: false },
-            volume,
-            epoch: 1,
-            offset: 0,
-            len: 4096,
-            id: 0,
-            session: 0,
-        };
+        let frame = write_frame(volume, 0);
         // SAFETY: `data` outlives the part's completion, awaited below.
         unsafe { link.submit(frame, data.as_ptr(), &sink, 42, &member) };
         let r = waiter.wait(1);
@@ -770,6 +762,19 @@ mod tests {
             "the replica answered: it did not fail"
         );
         hub.shutdown();
+    }
+
+    /// A 4 KiB write at `offset` of `volume`, epoch 1.
+    fn write_frame(volume: [u8; 16], offset: u64) -> Frame {
+        Frame {
+            op: Op::Write { fua: false },
+            volume,
+            epoch: 1,
+            offset,
+            len: 4096,
+            id: 0,
+            session: 0,
+        }
     }
 
     /// Completions as a test sees them.
@@ -822,15 +827,7 @@ mod tests {
         let seen = Arc::new(Seen::default());
         let sink: Arc<dyn CompletionSink> = seen.clone();
         let data = vec![3u8; 4096];
-        let frame = Frame {
-            op: Op::Write { fua: false },
-            volume,
-            epoch: 1,
-            offset: 8192,
-            len: 4096,
-            id: 0,
-            session: 0,
-        };
+        let frame = write_frame(volume, 8192);
         let sent = Instant::now();
         // SAFETY: `data` outlives the part's completion, awaited below.
         unsafe { link.submit(frame, data.as_ptr(), &sink, 7, &member) };
