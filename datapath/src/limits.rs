@@ -388,6 +388,9 @@ pub const REPLICA_READ_LEASE_MS: u64 = 500;
 pub const REPLICA_LEASE_TRUST_PERCENT: u64 = 80;
 /// How often an idle replica connection checks for shutdown.
 pub const REPLICA_POLL_MS: u64 = 200;
+/// A peer that leaves a frame half sent this long is gone: its connection is closed (a
+/// primary's own link gives up on an unanswered part sooner, [`REPLICA_IO_TIMEOUT_MS`]).
+pub const REPLICA_PARTIAL_FRAME_MS: u64 = 10_000;
 
 /// ANA groups a subsystem reports (ANAGRPMAX, NANAGRPID): a cluster groups namespaces by
 /// the server that serves them optimized, so this bounds a cluster's servers. The ANA log

@@ -31,7 +31,8 @@ use crate::backend::{Backend, IoKind, IoQueue, IoRequest};
 use crate::buffer::{Region, SlotBuf};
 use crate::limits::{
     CHANGE_LOG_REFRESH_MS, CHANGE_WINDOW_MS, LBA_BYTES, REPLICA_BATCH_FRAMES,
-    REPLICA_CONNECTIONS_MAX, REPLICA_FRAME_DATA_MAX, REPLICA_POLL_MS, REPLICA_READ_LEASE_MS,
+    REPLICA_CONNECTIONS_MAX, REPLICA_FRAME_DATA_MAX, REPLICA_PARTIAL_FRAME_MS, REPLICA_POLL_MS,
+    REPLICA_READ_LEASE_MS,
 };
 use crate::reactor::tag;
 
@@ -422,6 +423,8 @@ struct PeerConn {
     /// Received bytes: `buf[..have]`, whole frames first.
     buf: Region,
     have: usize,
+    /// Since when the buffer holds part of a frame (see [`REPLICA_PARTIAL_FRAME_MS`]).
+    partial_since: Option<Instant>,
     recv_armed: bool,
     /// Answers not yet handed to the kernel, and the ones being sent (from `sent` on).
     out: Vec<u8>,
@@ -509,6 +512,13 @@ impl Serve {
             let worked = !cqes.is_empty();
             cqes.clear();
             self.cqes = cqes;
+            let stalled = Duration::from_millis(REPLICA_PARTIAL_FRAME_MS);
+            for c in self.conns.iter_mut().flatten() {
+                if c.partial_since.is_some_and(|t| t.elapsed() > stalled) {
+                    tracing::info!("replication connection closed: a frame stalled half sent");
+                    close(c);
+                }
+            }
             for idx in 0..self.conns.len() {
                 self.service(idx);
             }
@@ -642,6 +652,7 @@ impl Serve {
             key,
             buf,
             have: 0,
+            partial_since: None,
             recv_armed: false,
             out: Vec::with_capacity(REPLICA_BATCH_FRAMES * ANSWER_BYTES),
             sending: Vec::with_capacity(REPLICA_BATCH_FRAMES * ANSWER_BYTES),
@@ -779,6 +790,8 @@ fn take_frames(
         unsafe { std::ptr::copy(base.add(at), base, c.have - at) };
         c.have -= at;
     }
+    // Bytes came: a frame still incomplete has made progress.
+    c.partial_since = (c.have > 0).then(Instant::now);
     Ok(())
 }
 
@@ -964,4 +977,47 @@ fn apply(q: &mut IoQueue, batch: &mut [Pending]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// A peer that sends part of a frame and stops holds one of the listener's connections
+    /// only until [`REPLICA_PARTIAL_FRAME_MS`] passes; a well-formed peer idle between
+    /// frames keeps its connection.
+    #[test]
+    fn a_peer_that_stalls_mid_frame_is_cut_and_an_idle_one_is_not() {
+        let server = ReplicaServer::start("127.0.0.1:0".parse().expect("addr")).expect("listen");
+        let mut stalled = TcpStream::connect(server.local_addr()).expect("connect");
+        let idle = TcpStream::connect(server.local_addr()).expect("connect");
+        stalled
+            .write_all(&[0x45; HDR_BYTES / 2])
+            .expect("half a header");
+        stalled
+            .set_read_timeout(Some(Duration::from_millis(
+                REPLICA_PARTIAL_FRAME_MS + 5_000,
+            )))
+            .expect("timeout");
+        let start = Instant::now();
+        let mut b = [0u8; 1];
+        let n = stalled
+            .read(&mut b)
+            .expect("the listener closes the connection");
+        assert_eq!(n, 0, "closed, not answered");
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(REPLICA_PARTIAL_FRAME_MS - 500),
+            "cut after {waited:?}, before the deadline"
+        );
+        idle.set_nonblocking(true).expect("nonblocking");
+        let mut b = [0u8; 1];
+        match (&idle).read(&mut b) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => panic!("the idle connection was closed or answered: {other:?}"),
+        }
+        server.shutdown();
+    }
 }
