@@ -514,6 +514,15 @@ mod tests {
         assert!(page[3072..].iter().all(|&b| b == 0));
     }
 
+    /// Unmounts a test's file system when dropped.
+    struct Unmount<'a>(&'a Path);
+
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+
     /// A mapped device on a full tmpfs answers writes with ENOSPC (through the file), never
     /// a fault, and keeps what it holds. Needs root to mount a 1 MiB tmpfs (as CI runs on
     /// this machine kind).
@@ -533,12 +542,6 @@ mod tests {
         if !mounted {
             eprintln!("cannot mount a tmpfs here (a container without CAP_SYS_ADMIN?)");
             return;
-        }
-        struct Unmount<'a>(&'a Path);
-        impl Drop for Unmount<'_> {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount").arg(self.0).status();
-            }
         }
         let _unmount = Unmount(dir.path());
         let spec = DeviceSpec {
@@ -584,6 +587,78 @@ mod tests {
         assert!(refused > 0, "a 1 MiB tmpfs took 8 MiB of writes");
         assert_eq!(io(false, 0, 0, &mut buf), 0);
         assert!(buf.slot(0, 4096).iter().all(|b| *b == 0x11), "page 0 kept");
+    }
+
+    /// A device on ramfs (memory-backed, but no `fallocate`) is mapped for reads and its
+    /// writes go through the file once `fallocate` said it cannot: what is written reads
+    /// back, in every region. Needs root to mount a ramfs.
+    #[test]
+    fn a_ramfs_device_is_written_through_the_file_and_read_back() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: no ramfs of our own");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "ramfs", "evstor-test"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("cannot mount a ramfs here (a container without CAP_SYS_ADMIN?)");
+            return;
+        }
+        let _unmount = Unmount(dir.path());
+        let spec = DeviceSpec {
+            path: dir.path().join("d"),
+            size_bytes: 8 << 20,
+        };
+        let p = Pool::open(&[spec]).expect("a device on ramfs");
+        let map = |p: &Pool| {
+            p.devs().next().and_then(|d| {
+                d.map
+                    .as_ref()
+                    .map(|m| m.no_fallocate.load(Ordering::Relaxed))
+            })
+        };
+        assert_eq!(map(&p), Some(false), "mapped, fallocate not tried yet");
+        let mut buf = SlotBuf::new(1, 4096).expect("buf");
+        let mut q = IoQueue::new_sync();
+        let mut io = |write: bool, page: u64, fill: u8, buf: &mut SlotBuf| {
+            if write {
+                buf.slot_mut(0, 4096).fill(fill);
+            }
+            let op = RawOp {
+                write,
+                sector: page * 8,
+                len: 4096,
+                buf: buf.slot_ptr(0),
+            };
+            let mut res = [0];
+            // SAFETY: the buffer outlives the call.
+            unsafe { p.run(&mut q, &[op], &mut res) }
+        };
+        let pages = [0u64, 1, 700, 2047];
+        for (i, page) in pages.iter().enumerate() {
+            assert_eq!(
+                io(true, *page, 0x40 + i as u8, &mut buf),
+                0,
+                "write page {page}"
+            );
+        }
+        for (i, page) in pages.iter().enumerate() {
+            assert_eq!(io(false, *page, 0, &mut buf), 0, "read page {page}");
+            assert!(
+                buf.slot(0, 4096).iter().all(|b| *b == 0x40 + i as u8),
+                "page {page} reads back"
+            );
+        }
+        assert_eq!(
+            map(&p),
+            Some(true),
+            "ramfs said it cannot allocate ahead, once"
+        );
     }
 
     #[test]
