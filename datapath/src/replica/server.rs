@@ -265,9 +265,9 @@ impl ReplicaServer {
     /// As [`ReplicaServer::start`], doing the image operations primaries ask through
     /// `hooks`.
     pub fn start_with_hooks(addr: SocketAddr, hooks: Hooks) -> io::Result<ReplicaServer> {
+        // Blocking: the ring's accept waits for a peer (it is never called outside it).
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
-        listener.set_nonblocking(true)?;
         let images: Arc<Images> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let peers: Arc<Peers> = Arc::default();
