@@ -514,13 +514,62 @@ mod tests {
         assert!(page[3072..].iter().all(|&b| b == 0));
     }
 
-    /// Unmounts a test's file system when dropped.
-    struct Unmount<'a>(&'a Path);
+    /// A file system of the test's own, unmounted when dropped.
+    struct Mounted(tempfile::TempDir);
 
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
+    impl Mounted {
+        /// Mounts `fstype` with `opts` on a fresh directory; None (said why) when not root
+        /// or the mount is refused (a container without CAP_SYS_ADMIN?).
+        fn new(fstype: &str, opts: &[&str]) -> Option<Mounted> {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                eprintln!("not root: no {fstype} of our own");
+                return None;
+            }
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mounted = std::process::Command::new("mount")
+                .args(["-t", fstype])
+                .args(opts)
+                .arg("evstor-test")
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !mounted {
+                eprintln!("cannot mount a {fstype} here (a container without CAP_SYS_ADMIN?)");
+                return None;
+            }
+            Some(Mounted(dir))
         }
+
+        fn path(&self) -> &Path {
+            self.0.path()
+        }
+    }
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    /// Writes (filled with `fill`) or reads page `page` of `p` through `buf`'s first slot;
+    /// the result.
+    fn page_io(p: &Pool, write: bool, page: u64, fill: u8, buf: &mut SlotBuf) -> i32 {
+        if write {
+            buf.slot_mut(0, 4096).fill(fill);
+        }
+        let op = RawOp {
+            write,
+            sector: page * 8,
+            len: 4096,
+            buf: buf.slot_ptr(0),
+        };
+        let mut res = [0];
+        let mut q = IoQueue::new_sync();
+        // SAFETY: the buffer outlives the call.
+        unsafe { p.run(&mut q, &[op], &mut res) }
     }
 
     /// A mapped device on a full tmpfs answers writes with ENOSPC (through the file), never
@@ -528,22 +577,9 @@ mod tests {
     /// this machine kind).
     #[test]
     fn a_full_tmpfs_answers_enospc_and_keeps_its_data() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("not root: no tmpfs of our own to fill");
+        let Some(dir) = Mounted::new("tmpfs", &["-o", "size=1m"]) else {
             return;
-        }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=1m", "evstor-test"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
-            eprintln!("cannot mount a tmpfs here (a container without CAP_SYS_ADMIN?)");
-            return;
-        }
-        let _unmount = Unmount(dir.path());
+        };
         let spec = DeviceSpec {
             path: dir.path().join("d"),
             size_bytes: 8 << 20,
@@ -551,20 +587,8 @@ mod tests {
         let p = Pool::open(&[spec]).expect("a sparse 8 MiB device on 1 MiB of tmpfs");
         assert!(p.devs().next().is_some_and(|d| d.map.is_some()), "mapped");
         let mut buf = SlotBuf::new(1, 4096).expect("buf");
-        let mut q = IoQueue::new_sync();
-        let mut io = |write: bool, page: u64, fill: u8, buf: &mut SlotBuf| {
-            if write {
-                buf.slot_mut(0, 4096).fill(fill);
-            }
-            let op = RawOp {
-                write,
-                sector: page * 8,
-                len: 4096,
-                buf: buf.slot_ptr(0),
-            };
-            let mut res = [0];
-            // SAFETY: the buffer outlives the call.
-            unsafe { p.run(&mut q, &[op], &mut res) }
+        let io = |write: bool, page: u64, fill: u8, buf: &mut SlotBuf| {
+            page_io(&p, write, page, fill, buf)
         };
         // One page per 2 MiB region (each asks the file system for the whole region first):
         // the first fits, the rest cannot.
@@ -594,22 +618,9 @@ mod tests {
     /// back, in every region. Needs root to mount a ramfs.
     #[test]
     fn a_ramfs_device_is_written_through_the_file_and_read_back() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("not root: no ramfs of our own");
+        let Some(dir) = Mounted::new("ramfs", &[]) else {
             return;
-        }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "ramfs", "evstor-test"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
-            eprintln!("cannot mount a ramfs here (a container without CAP_SYS_ADMIN?)");
-            return;
-        }
-        let _unmount = Unmount(dir.path());
+        };
         let spec = DeviceSpec {
             path: dir.path().join("d"),
             size_bytes: 8 << 20,
@@ -624,20 +635,8 @@ mod tests {
         };
         assert_eq!(map(&p), Some(false), "mapped, fallocate not tried yet");
         let mut buf = SlotBuf::new(1, 4096).expect("buf");
-        let mut q = IoQueue::new_sync();
-        let mut io = |write: bool, page: u64, fill: u8, buf: &mut SlotBuf| {
-            if write {
-                buf.slot_mut(0, 4096).fill(fill);
-            }
-            let op = RawOp {
-                write,
-                sector: page * 8,
-                len: 4096,
-                buf: buf.slot_ptr(0),
-            };
-            let mut res = [0];
-            // SAFETY: the buffer outlives the call.
-            unsafe { p.run(&mut q, &[op], &mut res) }
+        let io = |write: bool, page: u64, fill: u8, buf: &mut SlotBuf| {
+            page_io(&p, write, page, fill, buf)
         };
         let pages = [0u64, 1, 700, 2047];
         for (i, page) in pages.iter().enumerate() {
