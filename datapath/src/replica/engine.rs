@@ -469,8 +469,23 @@ fn service_one(c: &mut LinkConn, idx: usize, ioq: &mut IoQueue, now: Instant) {
         }
         return;
     };
-    if c.link.stopped() || c.gen.is_some_and(|g| !c.link.is_up(g)) {
+    if c.link.stopped() {
         c.close();
+    }
+    if let Some(gen) = c.gen.filter(|_| !c.shut) {
+        // The link may have been failed outside this socket (by the hub): taking the next
+        // batch tells, under the one lock it takes; while a send is unfinished, ask.
+        let up = if c.send_in_flight || c.send.partial {
+            c.link.is_up(gen)
+        } else {
+            c.send.batch.clear();
+            let up = c.link.take_batch(gen, now, &mut c.send.batch);
+            c.send.fill();
+            up
+        };
+        if !up {
+            c.close();
+        }
     }
     if c.shut {
         cancel_connect(c, idx, ioq);
@@ -503,32 +518,25 @@ fn service_one(c: &mut LinkConn, idx: usize, ioq: &mut IoQueue, now: Instant) {
         c.send.batch.clear();
         c.send_in_flight = false;
     }
-    if !c.send_in_flight {
-        if !c.send.partial {
-            c.send.batch.clear();
-            c.link.take_batch(gen, now, &mut c.send.batch);
-            c.send.fill();
-        }
-        if c.send.n > c.send.at {
-            let e = opcode::SendMsg::new(types::Fd(fd), c.send.header())
-                .flags(libc::MSG_NOSIGNAL as u32)
-                .build()
-                .user_data(tag::make(tag::LINK_SEND, idx, c.tgen, 0));
-            // SAFETY: the header, iovecs and headers live in the boxed send buffer and the
-            // data in the parts' commands, all kept until this send completes (the
-            // connection is dropped only with nothing in flight).
-            match unsafe { ioq.push_op(&e) } {
-                Ok(()) => {
-                    c.send_in_flight = true;
-                    c.ops += 1;
-                }
-                Err(err) => {
-                    c.link.sent(gen, &c.send.batch, false);
-                    c.send.batch.clear();
-                    c.link.fail(gen, &format!("cannot queue a send: {err}"));
-                    c.close();
-                    return;
-                }
+    if !c.send_in_flight && c.send.n > c.send.at {
+        let e = opcode::SendMsg::new(types::Fd(fd), c.send.header())
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(tag::make(tag::LINK_SEND, idx, c.tgen, 0));
+        // SAFETY: the header, iovecs and headers live in the boxed send buffer and the
+        // data in the parts' commands, all kept until this send completes (the
+        // connection is dropped only with nothing in flight).
+        match unsafe { ioq.push_op(&e) } {
+            Ok(()) => {
+                c.send_in_flight = true;
+                c.ops += 1;
+            }
+            Err(err) => {
+                c.link.sent(gen, &c.send.batch, false);
+                c.send.batch.clear();
+                c.link.fail(gen, &format!("cannot queue a send: {err}"));
+                c.close();
+                return;
             }
         }
     }

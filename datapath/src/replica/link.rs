@@ -394,11 +394,12 @@ impl Link {
     }
 
     /// Takes the queued parts ready to go (at most [`SEND_BATCH`]) for connection `gen`,
-    /// encoding their headers into `batch`; they are `Sending` until [`Link::sent`].
-    pub(super) fn take_batch(&self, gen: u64, now: Instant, batch: &mut Vec<Outgoing>) {
+    /// encoding their headers into `batch`; they are `Sending` until [`Link::sent`]. False
+    /// (and nothing taken) when connection `gen` is no longer the link's, or down.
+    pub(super) fn take_batch(&self, gen: u64, now: Instant, batch: &mut Vec<Outgoing>) -> bool {
         let mut st = self.lock();
         if st.conn != Conn::Up(gen) {
-            return;
+            return false;
         }
         let State { parts, outq, .. } = &mut *st;
         while batch.len() < SEND_BATCH {
@@ -435,6 +436,7 @@ impl Link {
                 len: data_len,
             });
         }
+        true
     }
 
     /// The send of `batch` on connection `gen` ended (`ok`: every byte of it was written):
