@@ -27,7 +27,9 @@ use uuid::Uuid;
 
 use crate::blockstore::map::{Chunk, CHUNK_BLOCKS};
 use crate::blockstore::tree::{Extent, HashMap, Layer, LayerId, Owner, Persist, Row, Tree};
-use crate::limits::{CHANGE_LOG_KEEP_MS, CHUNK_DELTA_ROWS_MAX, LEGACY_CONVERT_CHUNKS};
+use crate::limits::{
+    CHANGE_LOG_KEEP_MS, CHUNK_DELTA_ROWS_MAX, LEGACY_CONVERT_CHUNKS, MAP_MEMTABLE_BYTES,
+};
 
 const CF_LAYERS: &str = "layers";
 const CF_CHUNKS: &str = "chunks";
@@ -228,6 +230,8 @@ impl Meta {
         let vector = || {
             let mut o = Options::default();
             o.set_memtable_factory(rocksdb::MemtableFactory::Vector);
+            // A flush sorts the whole vector; small enough to sort in cache (see the limit).
+            o.set_write_buffer_size(MAP_MEMTABLE_BYTES);
             o
         };
         // Full chunk rows are mostly CRCs: nothing to compress.
