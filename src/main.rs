@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use evstor_control::api::admission::RequestCaps;
-use evstor_control::cluster::etcd::{parse_endpoints, EtcdTls};
+use evstor_control::cluster::etcd::{parse_endpoints, EtcdAuth, EtcdTls};
 use evstor_control::cluster::ClusterConfig;
 use evstor_control::edge::EdgeConfig;
 use evstor_control::limits;
@@ -166,6 +166,14 @@ struct ClusterArgs {
     /// The private key (PEM) of `--etcd-cert`.
     #[arg(long, env = "EVSTOR_ETCD_KEY", requires = "etcd_cert")]
     etcd_key: Option<PathBuf>,
+    /// For etcd with authentication on: the etcd user this server signs in as (it needs
+    /// read and write access to `--etcd-prefix`, and to the cluster's leases).
+    #[arg(long, env = "EVSTOR_ETCD_USER", requires_all = ["etcd", "etcd_password_file"])]
+    etcd_user: Option<String>,
+    /// The file whose first line is `--etcd-user`'s password (kept out of the command
+    /// line and the environment, which other local users can read).
+    #[arg(long, env = "EVSTOR_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
     /// This server's name in the cluster (unique; kept in the data directory).
     #[arg(long, env = "EVSTOR_NAME", requires = "etcd")]
     name: Option<String>,
@@ -208,9 +216,14 @@ impl ClusterArgs {
         } else {
             None
         };
+        let auth = match (&self.etcd_user, &self.etcd_password_file) {
+            (Some(user), Some(file)) => Some(EtcdAuth::from_file(user, file)?),
+            _ => None,
+        };
         Ok(Some(ClusterConfig {
             endpoints: endpoints.hosts,
             tls,
+            auth,
             prefix: self.etcd_prefix.clone(),
             name,
             failure_domain: self.failure_domain.clone(),

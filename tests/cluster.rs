@@ -133,6 +133,56 @@ fn servers_make_one_cluster_through_etcd_over_tls() {
     assert!(err.contains("--etcd-key"), "{err}");
 }
 
+/// etcd with authentication on: servers signed in as an etcd user who may only read and
+/// write the cluster's prefix (`--etcd-user`, `--etcd-password-file`) make one cluster
+/// through it; a wrong password stops a server at start with etcd's reason.
+#[test]
+fn servers_make_one_cluster_as_an_etcd_user() {
+    let mut etcd = Etcd::start(1);
+    let password = etcd.enable_auth("evstor", "s3cret");
+    let args = ["--etcd-user", "evstor", "--etcd-password-file", &password];
+    let servers = vec![member(&etcd, "u1", &args), member(&etcd, "u2", &args)];
+    for s in &servers {
+        eventually(s, "/api/v2/servers", |_, _| {
+            states(s) == all_enabled(&["u1", "u2"])
+        });
+    }
+    let uuid = create_volume(&servers[1], "as-a-user", 2);
+    let path = format!("/api/v2/projects/default/volumes/{uuid}");
+    eventually(&servers[0], &path, |st, v| {
+        st == 200 && v["protectionState"] == "FullyProtected"
+    });
+    assert!(
+        etcd.log_batches() > 0,
+        "the journal's order is kept in etcd"
+    );
+
+    let dir = tempfile::tempdir().expect("data dir");
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not-it\n").expect("password file");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_evstor"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args([
+            "--etcd",
+            &etcd.endpoints(),
+            "--name",
+            "x",
+            "--etcd-user",
+            "evstor",
+        ])
+        .arg("--etcd-password-file")
+        .arg(&wrong)
+        .output()
+        .expect("run evstor");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a wrong password was accepted");
+    assert!(
+        err.contains("\"evstor\"") && err.contains("authentication failed"),
+        "{err}"
+    );
+}
+
 #[test]
 fn three_servers_one_journal_volumes_everywhere() {
     let etcd = Etcd::start(3);

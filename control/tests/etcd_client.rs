@@ -9,10 +9,14 @@ use std::time::{Duration, Instant};
 
 mod certs;
 
-use evstor_control::cluster::etcd::{Compare, EtcdClient, EtcdError, EtcdTls, Op, OpResult, Range};
+use base64::Engine;
+use evstor_control::cluster::etcd::{
+    prefix_end, Compare, EtcdAuth, EtcdClient, EtcdError, EtcdTls, Op, OpResult, Range,
+};
 use evstor_control::cluster::log::{Appended, ClusterLog, Fetched};
 use evstor_control::cluster::Keys;
 use evstor_journal::{place, Head, NewEvent};
+use serde_json::json;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -38,6 +42,11 @@ impl Etcd {
     /// With `tls`: clients over TLS only, each with a client certificate
     /// (`--client-cert-auth`).
     fn start_with(tls: bool) -> Etcd {
+        Etcd::start_args(tls, &[])
+    }
+
+    /// As [`Etcd::start_with`], with more of etcd's flags.
+    fn start_args(tls: bool, extra: &[&str]) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let (client_port, peer_port) = (free_port(), free_port());
         let pki = tls.then(|| certs::write(dir.path(), "etcd"));
@@ -63,6 +72,7 @@ impl Etcd {
             .args(["--initial-cluster", &format!("e0={peer}")])
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", &format!("t{client_port}")])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -451,4 +461,113 @@ fn etcd_over_tls_takes_only_clients_with_a_certificate_it_trusts() {
     );
     // A key that does not belong to the certificate is caught before any connection.
     assert!(EtcdTls::new(Some(&pki.ca), Some((&pki.client_cert, &other.client_key))).is_err());
+}
+
+/// etcd with authentication on: a user with read and write access to one prefix signs in,
+/// works (transactions, a watch, a lease), is refused outside its prefix, and signs in again
+/// by itself when its token expires; no credentials or a wrong password are refused with
+/// etcd's reason.
+#[test]
+fn an_etcd_user_signs_in_and_again_when_its_token_expires() {
+    // Simple tokens that expire after a second unused.
+    let etcd = Etcd::start_args(false, &["--auth-token-ttl", "1"]);
+    let admin = etcd.client();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let prefix = b"/evstor/t/".to_vec();
+    for (path, body) in [
+        (
+            "/v3/auth/user/add",
+            json!({"name": "root", "password": "root-pw"}),
+        ),
+        ("/v3/auth/role/add", json!({"name": "root"})),
+        (
+            "/v3/auth/user/grant",
+            json!({"user": "root", "role": "root"}),
+        ),
+        (
+            "/v3/auth/user/add",
+            json!({"name": "evstor", "password": "evstor-pw"}),
+        ),
+        ("/v3/auth/role/add", json!({"name": "evstor-rw"})),
+        (
+            "/v3/auth/role/grant",
+            json!({"name": "evstor-rw", "perm": {
+                "permType": "READWRITE",
+                "key": b64(&prefix),
+                "range_end": b64(&prefix_end(&prefix)),
+            }}),
+        ),
+        (
+            "/v3/auth/user/grant",
+            json!({"user": "evstor", "role": "evstor-rw"}),
+        ),
+        ("/v3/auth/enable", json!({})),
+    ] {
+        admin
+            .call(path, &body)
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+
+    let c = etcd
+        .client()
+        .with_auth(EtcdAuth::new("evstor", "evstor-pw"));
+    let key = [&prefix[..], b"k"].concat();
+    let put = |v: &[u8]| Op::Put {
+        key: key.clone(),
+        value: v.to_vec(),
+        lease: 0,
+    };
+    let mut watch = c
+        .watch(&prefix, &prefix_end(&prefix), 0, Duration::from_secs(10))
+        .expect("a watch as the etcd user");
+    assert!(c.txn(&[], &[put(b"1")], &[]).expect("a put").succeeded);
+    let seen = loop {
+        let m = watch.next_message().expect("watch message");
+        if !m.puts.is_empty() {
+            break m.puts;
+        }
+    };
+    assert_eq!(seen[0].value, b"1");
+    let rev = c.get(&key).unwrap().map(|kv| kv.mod_revision).unwrap();
+    c.compact(rev).expect("the user compacts etcd's history");
+    let (lease, _) = c.lease_grant(5).expect("a lease as the etcd user");
+    c.lease_revoke(lease).expect("the lease revoked");
+    let outside = c
+        .get(b"/elsewhere")
+        .expect_err("a key outside the user's prefix");
+    assert!(
+        matches!(&outside, EtcdError::Refused { message, .. } if message.contains("permission denied")),
+        "{outside}"
+    );
+
+    // The token expires unused; the next call signs in again by itself.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        c.txn(&[], &[put(b"2")], &[])
+            .expect("a put after the token expired")
+            .succeeded
+    );
+    assert_eq!(c.get(&key).unwrap().map(|kv| kv.value), Some(b"2".to_vec()));
+    // A fork shares the token; a new watch works too.
+    std::thread::sleep(Duration::from_secs(3));
+    c.fork()
+        .watch(&prefix, &prefix_end(&prefix), 0, Duration::from_secs(10))
+        .expect("a watch after the token expired")
+        .next_message()
+        .expect("its first message");
+
+    let refused = |c: EtcdClient, why: &str| match c.get(&key) {
+        Err(EtcdError::Refused { message, .. }) => message,
+        other => panic!("{why}: {other:?}"),
+    };
+    let m = refused(etcd.client(), "no credentials");
+    assert!(m.contains("user name is empty"), "{m}");
+    let m = refused(
+        etcd.client().with_auth(EtcdAuth::new("evstor", "wrong")),
+        "a wrong password",
+    );
+    assert!(
+        m.contains("\"evstor\"") && m.contains("authentication failed"),
+        "{m}"
+    );
 }

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use evstor_control::cluster::etcd::{EtcdClient, EtcdTls, Range};
+use std::sync::Arc;
+
+use evstor_control::cluster::etcd::{prefix_end, EtcdAuth, EtcdClient, EtcdTls, Range};
 
 #[path = "../../control/tests/certs/mod.rs"]
 pub mod certs;
@@ -36,6 +38,8 @@ pub struct Etcd {
     token: String,
     /// Clients must come over TLS with a certificate this PKI's CA signed.
     pki: Option<certs::TestPki>,
+    /// Authentication is on: the test's own looks sign in as root.
+    root: Option<Arc<EtcdAuth>>,
 }
 
 impl Etcd {
@@ -78,6 +82,7 @@ impl Etcd {
             initial_cluster,
             token,
             pki,
+            root: None,
         };
         for i in 0..n {
             etcd.spawn(i);
@@ -154,13 +159,63 @@ impl Etcd {
                 .map(|m| format!("127.0.0.1:{}", m.client_port))
                 .collect(),
         );
-        match &self.pki {
+        let c = match &self.pki {
             Some(p) => c.with_tls(
                 EtcdTls::new(Some(&p.ca), Some((&p.client_cert, &p.client_key)))
                     .expect("etcd client TLS"),
             ),
             None => c,
+        };
+        match &self.root {
+            Some(root) => c.with_auth(root.clone()),
+            None => c,
         }
+    }
+
+    /// Turns etcd's authentication on, with a root user and `user`, who may read and write
+    /// evstor's prefix and nothing else; returns the path of a file holding `user`'s
+    /// password (for `--etcd-password-file`).
+    pub fn enable_auth(&mut self, user: &str, password: &str) -> String {
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let c = self.client();
+        let role = format!("{user}-rw");
+        for (path, body) in [
+            (
+                "/v3/auth/user/add",
+                serde_json::json!({"name": "root", "password": "root-pw"}),
+            ),
+            ("/v3/auth/role/add", serde_json::json!({"name": "root"})),
+            (
+                "/v3/auth/user/grant",
+                serde_json::json!({"user": "root", "role": "root"}),
+            ),
+            (
+                "/v3/auth/user/add",
+                serde_json::json!({"name": user, "password": password}),
+            ),
+            ("/v3/auth/role/add", serde_json::json!({"name": role})),
+            (
+                "/v3/auth/role/grant",
+                serde_json::json!({"name": role, "perm": {
+                    "permType": "READWRITE",
+                    "key": b64(PREFIX.as_bytes()),
+                    "range_end": b64(&prefix_end(PREFIX.as_bytes())),
+                }}),
+            ),
+            (
+                "/v3/auth/user/grant",
+                serde_json::json!({"user": user, "role": role}),
+            ),
+            ("/v3/auth/enable", serde_json::json!({})),
+        ] {
+            c.call(path, &body)
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
+        }
+        self.root = Some(EtcdAuth::new("root", "root-pw"));
+        let file = self.dir.path().join(format!("{user}.password"));
+        std::fs::write(&file, format!("{password}\n")).expect("password file");
+        file.to_string_lossy().into_owned()
     }
 
     /// Waits until some member reports a raft leader.

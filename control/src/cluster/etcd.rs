@@ -16,6 +16,12 @@
 //! certificate etcd asks for with `--client-cert-auth`); the whole journal's order lives in
 //! etcd, so on any network but a private one it should be.
 //!
+//! With etcd's authentication on (`etcdctl auth enable`), a client given a user
+//! ([`EtcdAuth`]) signs in (`/v3/auth/authenticate`) for a token and sends it with every
+//! request and watch; when etcd says the token is no longer valid (it expires after
+//! `--auth-token-ttl`, 5 minutes by default, and dies with the member that issued a
+//! simple token) it signs in again and repeats the request once.
+//!
 //! Every call has a deadline ([`ETCD_CALL_DEADLINE_MS`]); within it a call moves on to the
 //! next endpoint when a member is unreachable, times out, or answers "unavailable" (no
 //! leader, no quorum). Only the caller can tell whether repeating a write is safe; all of
@@ -347,6 +353,67 @@ pub struct EtcdClient {
     preferred: Arc<AtomicUsize>,
     conn: Mutex<Option<Conn>>,
     deadline: Duration,
+    /// The etcd user to sign in as, when etcd's authentication is on.
+    auth: Option<Arc<EtcdAuth>>,
+}
+
+/// An etcd user's name and password, and the token signing in gave (shared by the forks
+/// of a client).
+pub struct EtcdAuth {
+    user: String,
+    password: String,
+    token: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for EtcdAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAuth")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdAuth {
+    pub fn new(user: impl Into<String>, password: impl Into<String>) -> Arc<EtcdAuth> {
+        Arc::new(EtcdAuth {
+            user: user.into(),
+            password: password.into(),
+            token: Mutex::new(None),
+        })
+    }
+
+    /// The user (`--etcd-user`), and the password read from `file` (its first line).
+    pub fn from_file(user: &str, file: &Path) -> anyhow::Result<Arc<EtcdAuth>> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading the etcd password from {}", file.display()))?;
+        let password = text.lines().next().unwrap_or_default();
+        anyhow::ensure!(
+            !user.is_empty() && !password.is_empty(),
+            "an etcd user needs a name and a password (the first line of {})",
+            file.display()
+        );
+        Ok(EtcdAuth::new(user, password))
+    }
+
+    fn token(&self) -> Option<String> {
+        self.token.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Forgets `stale` (a token etcd no longer takes), unless another caller already
+    /// replaced it.
+    fn forget(&self, stale: &str) {
+        let mut t = self.token.lock().unwrap_or_else(|p| p.into_inner());
+        if t.as_deref() == Some(stale) {
+            *t = None;
+        }
+    }
+}
+
+/// Whether etcd refused a request for its token (expired, or unknown to this member).
+fn is_stale_token(status: u16, v: &Value) -> bool {
+    let message = v["message"].as_str().or(v["error"].as_str()).unwrap_or("");
+    (status != 200 || !v["error"].is_null()) && message.contains("invalid auth token")
 }
 
 /// `--etcd` endpoints as parsed: `host:port` each, and whether they are `https://`.
@@ -415,6 +482,7 @@ impl EtcdClient {
             preferred: Arc::new(AtomicUsize::new(0)),
             conn: Mutex::new(None),
             deadline: Duration::from_millis(ETCD_CALL_DEADLINE_MS),
+            auth: None,
         }
     }
 
@@ -426,7 +494,14 @@ impl EtcdClient {
             preferred: self.preferred.clone(),
             conn: Mutex::new(None),
             deadline: self.deadline,
+            auth: self.auth.clone(),
         }
+    }
+
+    /// The same client signing in to etcd as `auth`'s user.
+    pub fn with_auth(mut self, auth: Arc<EtcdAuth>) -> EtcdClient {
+        self.auth = Some(auth);
+        self
     }
 
     /// The same client reaching its endpoints over TLS.
@@ -502,7 +577,13 @@ impl EtcdClient {
 
     /// One request to member `i` on the kept connection (reconnecting once if it went
     /// stale); returns the status and the parsed body.
-    fn request_once(&self, i: usize, path: &str, body: &[u8]) -> EtcdResult<(u16, Value)> {
+    fn request_once(
+        &self,
+        i: usize,
+        path: &str,
+        body: &[u8],
+        token: Option<&str>,
+    ) -> EtcdResult<(u16, Value)> {
         let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let endpoint = &self.endpoints[i];
         for fresh in [false, true] {
@@ -517,7 +598,7 @@ impl EtcdClient {
             let Some(conn) = slot.as_mut() else {
                 continue;
             };
-            match exchange(&mut conn.reader, endpoint, path, body) {
+            match exchange(&mut conn.reader, endpoint, path, body, token) {
                 Ok((status, value, close)) => {
                     if close {
                         *slot = None;
@@ -544,7 +625,7 @@ impl EtcdClient {
         let mut i = self.preferred.load(Ordering::Relaxed) % n;
         let mut tried = 0usize;
         loop {
-            let failed = match self.request_once(i, path, &raw) {
+            let failed = match self.request_signed_in(i, path, &raw) {
                 Ok((200, value)) => {
                     self.preferred.store(i, Ordering::Relaxed);
                     return Ok(value);
@@ -565,6 +646,49 @@ impl EtcdClient {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+    }
+
+    /// One request to member `i` with the user's token (signing in first when there is
+    /// none, and again once if etcd says the token went stale).
+    fn request_signed_in(&self, i: usize, path: &str, raw: &[u8]) -> EtcdResult<(u16, Value)> {
+        let Some(auth) = &self.auth else {
+            return self.request_once(i, path, raw, None);
+        };
+        for again in [false, true] {
+            let token = self.signed_in(i, auth)?;
+            let (status, value) = self.request_once(i, path, raw, Some(&token))?;
+            if again || !is_stale_token(status, &value) {
+                return Ok((status, value));
+            }
+            auth.forget(&token);
+        }
+        unreachable!("the second attempt returns")
+    }
+
+    /// The user's token, signing in on member `i` when there is none yet.
+    fn signed_in(&self, i: usize, auth: &EtcdAuth) -> EtcdResult<String> {
+        if let Some(t) = auth.token() {
+            return Ok(t);
+        }
+        let body = json!({ "name": auth.user, "password": auth.password });
+        let raw = serde_json::to_vec(&body).map_err(|e| EtcdError::Protocol(e.to_string()))?;
+        let (status, v) = self.request_once(i, "/v3/auth/authenticate", &raw, None)?;
+        if status != 200 {
+            return Err(match gateway_error(status, &v) {
+                EtcdError::Refused { code, message } => EtcdError::Refused {
+                    code,
+                    message: format!("signing in as etcd user {:?}: {message}", auth.user),
+                },
+                e => e,
+            });
+        }
+        let token = v["token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| EtcdError::Protocol("etcd signed us in without a token".into()))?
+            .to_string();
+        *auth.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(token.clone());
+        Ok(token)
     }
 
     pub fn range(&self, r: &Range) -> EtcdResult<RangeResult> {
@@ -683,8 +807,18 @@ impl EtcdClient {
         for k in 0..n {
             let i = (first + k) % n;
             let endpoint = self.endpoints[i].clone();
-            let attempt = self.stream_to(i, idle).and_then(|mut s| {
-                http::write_request(&mut s, "POST", &endpoint, "/v3/watch", &[], &raw)
+            let token = self
+                .auth
+                .as_ref()
+                .map(|auth| self.signed_in(i, auth))
+                .transpose();
+            let attempt = token.and_then(|token| {
+                let mut s = self.stream_to(i, idle)?;
+                let headers: &[(&str, &str)] = match &token {
+                    Some(t) => &[("Authorization", t.as_str())],
+                    None => &[],
+                };
+                http::write_request(&mut s, "POST", &endpoint, "/v3/watch", headers, &raw)
                     .map_err(|e| unavailable(&endpoint, self.explain(e)))?;
                 let mut reader = BufReader::new(s);
                 let head = http::read_head(&mut reader)
@@ -694,9 +828,15 @@ impl EtcdClient {
                         .read_all(ETCD_RESPONSE_BYTES_MAX)
                         .map_err(|e| unavailable(&endpoint, self.explain(e)))?;
                     let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    if let (Some(auth), Some(t)) = (&self.auth, &token) {
+                        if is_stale_token(head.status, &v) {
+                            auth.forget(t);
+                        }
+                    }
                     return Err(gateway_error(head.status, &v));
                 }
-                Ok(Watch::start(reader, head, endpoint.clone()))
+                let signed_in = self.auth.clone().zip(token);
+                Ok(Watch::start(reader, head, endpoint.clone(), signed_in))
             });
             match attempt {
                 Ok(w) => return Ok(w),
@@ -712,6 +852,8 @@ impl EtcdClient {
 pub struct Watch {
     lines: BufReader<BodyReader<BufReader<Stream>>>,
     endpoint: String,
+    /// The user and the token the watch was opened with.
+    signed_in: Option<(Arc<EtcdAuth>, String)>,
 }
 
 /// One message of a watch.
@@ -726,10 +868,16 @@ pub struct WatchMessage {
 }
 
 impl Watch {
-    fn start(reader: BufReader<Stream>, head: http::ResponseHead, endpoint: String) -> Watch {
+    fn start(
+        reader: BufReader<Stream>,
+        head: http::ResponseHead,
+        endpoint: String,
+        signed_in: Option<(Arc<EtcdAuth>, String)>,
+    ) -> Watch {
         Watch {
             lines: BufReader::new(BodyReader::new(reader, &head)),
             endpoint,
+            signed_in,
         }
     }
 
@@ -745,6 +893,12 @@ impl Watch {
         let v: Value = serde_json::from_slice(&line)
             .map_err(|e| EtcdError::Protocol(format!("watch message: {e}")))?;
         if v.get("error").is_some() {
+            if let Some((auth, token)) = &self.signed_in {
+                if is_stale_token(503, &v["error"]) {
+                    // The next watch signs in again.
+                    auth.forget(token);
+                }
+            }
             return Err(gateway_error(503, &v["error"]));
         }
         let r = &v["result"];
@@ -784,8 +938,13 @@ fn exchange(
     host: &str,
     path: &str,
     body: &[u8],
+    token: Option<&str>,
 ) -> std::io::Result<(u16, Value, bool)> {
-    http::write_request(reader.get_mut(), "POST", host, path, &[], body)?;
+    let headers: &[(&str, &str)] = match token {
+        Some(t) => &[("Authorization", t)],
+        None => &[],
+    };
+    http::write_request(reader.get_mut(), "POST", host, path, headers, body)?;
     let head = http::read_head(reader)?;
     let raw = BodyReader::new(reader, &head).read_all(ETCD_RESPONSE_BYTES_MAX)?;
     let value = if raw.is_empty() {

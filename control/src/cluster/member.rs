@@ -21,7 +21,7 @@ use anyhow::Context;
 use evstor_journal::{EventLog, OpenMode, RocksJournal};
 use uuid::Uuid;
 
-use super::etcd::{Compare, EtcdClient, Op, OpResult, Range};
+use super::etcd::{Compare, EtcdClient, EtcdError, Op, OpResult, Range};
 use super::log::{ClusterLog, Fetched};
 use super::orchestrator::Orchestrator;
 use super::session::{alive_servers, Session};
@@ -141,6 +141,10 @@ fn wait_for_etcd(etcd: &EtcdClient) -> anyhow::Result<()> {
     loop {
         match etcd.status() {
             Ok(_) => return Ok(()),
+            // A wrong password or missing rights: waiting will not change etcd's mind.
+            Err(e @ EtcdError::Refused { .. }) => {
+                return Err(e).context("etcd refused this server")
+            }
             Err(e) if Instant::now() >= deadline => {
                 return Err(e).context("etcd did not answer at start")
             }
@@ -303,6 +307,9 @@ pub async fn start(cfg: &ServeConfig, cc: &ClusterConfig, cert: &Path) -> anyhow
     let mut etcd = EtcdClient::new(cc.endpoints.clone());
     if let Some(tls) = &cc.tls {
         etcd = etcd.with_tls(tls.clone());
+    }
+    if let Some(auth) = &cc.auth {
+        etcd = etcd.with_auth(auth.clone());
     }
     let stored_uuid = identity(&cfg.data_dir, &cc.name)?;
     // Before the id is known, a first start catches up under a provisional one (it only

@@ -111,6 +111,8 @@ pub struct ClusterConfig {
     pub endpoints: Vec<String>,
     /// How to reach them over TLS (`https://` endpoints).
     pub tls: Option<etcd::EtcdTls>,
+    /// The etcd user to sign in as, when etcd's authentication is on.
+    pub auth: Option<std::sync::Arc<etcd::EtcdAuth>>,
     pub prefix: String,
     /// This server's name (unique in the cluster).
     pub name: String,
