@@ -13,7 +13,11 @@
 //!   acknowledged before it is in it, none acknowledged after.
 //! - Space freed by an overwrite, trim or delete is reused only after (1) the metadata that
 //!   freed it is durable, and (2) no read that may have looked it up is still running
-//!   (the read gate): a reused block can never show through an old mapping.
+//!   (the read gate): a reused block can never show through an old mapping. Both waits
+//!   (a sync of RocksDB's WAL, and the gate) happen on the store's reclaim thread, not on
+//!   the reactor whose write crossed [`MAX_PENDING_FREES`]; a writer waits for them only
+//!   when the pool has no free space left, or when frees pile up past
+//!   [`PENDING_FREES_HARD_MAX`] faster than the thread releases them.
 //! - I/O ([`io`]): an [`Image`] holds its image's layer through a [`Head`] the tree's writers
 //!   keep current; reads and writes of one connection loop pass are done together (one lock
 //!   hold, one ring batch, one metadata commit).
@@ -33,11 +37,14 @@ pub mod tree;
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use uuid::Uuid;
 
-use crate::limits::{BLOCK_BYTES, MAX_MEDIA_ERRORS_KEPT, MAX_PENDING_FREES, MERGE_STEP_ENTRIES};
+use crate::limits::{
+    BLOCK_BYTES, MAX_MEDIA_ERRORS_KEPT, MAX_PENDING_FREES, MERGE_STEP_ENTRIES,
+    PENDING_FREES_HARD_MAX,
+};
 
 use alloc::Allocator;
 use changes::ChangeLog;
@@ -196,6 +203,10 @@ pub struct BlockStore {
     /// Held shared by reads from lookup to completion; taken exclusively to reuse space.
     gate: RwLock<()>,
     pending: Mutex<Vec<Span>>,
+    /// Held for the whole of a [`BlockStore::reclaim`]: a writer out of space waits for the
+    /// reclaim in progress (which took the pending frees) instead of finding none.
+    reclaiming: Mutex<()>,
+    reclaimer: Arc<Reclaimer>,
     /// Image → its head, while some [`Image`] holds it.
     heads: Mutex<HashMap<Uuid, Weak<Head>>>,
     trim: AtomicBool,
@@ -206,6 +217,77 @@ pub struct BlockStore {
     /// Tree-lock holds of the read path (tests check one per loop pass).
     #[cfg(test)]
     read_holds: AtomicU64,
+    /// Reclaims run by the reclaim thread.
+    #[cfg(test)]
+    background_reclaims: AtomicU64,
+}
+
+/// The thread that makes freed space reusable (see [`BlockStore::reclaim`]) when a writer
+/// asks, so that the writer's reactor never waits for a metadata sync.
+#[derive(Default)]
+struct Reclaimer {
+    /// (asked, stopping).
+    state: Mutex<(bool, bool)>,
+    wake: Condvar,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The reclaim thread's name.
+const RECLAIM_THREAD: &str = "evstor-reclaim";
+
+impl Reclaimer {
+    /// Starts `store`'s reclaim thread; it holds the store only while it reclaims.
+    fn start(store: &Arc<BlockStore>) -> std::io::Result<()> {
+        let (weak, r) = (Arc::downgrade(store), store.reclaimer.clone());
+        let h = std::thread::Builder::new()
+            .name(RECLAIM_THREAD.into())
+            .spawn(move || loop {
+                {
+                    let mut s = lock(&r.state);
+                    while !s.0 && !s.1 {
+                        s = r.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+                    }
+                    if s.1 {
+                        return;
+                    }
+                    s.0 = false;
+                }
+                let Some(store) = weak.upgrade() else {
+                    return;
+                };
+                if let Err(e) = store.reclaim() {
+                    tracing::warn!("block store: reclaiming freed space failed: {e}");
+                }
+            })?;
+        *lock(&store.reclaimer.thread) = Some(h);
+        Ok(())
+    }
+
+    /// Asks for a reclaim; false if the thread is not running.
+    fn ask(&self) -> bool {
+        let running = lock(&self.thread)
+            .as_ref()
+            .is_some_and(|h| !h.is_finished());
+        if running {
+            lock(&self.state).0 = true;
+            self.wake.notify_one();
+        }
+        running
+    }
+}
+
+impl Drop for BlockStore {
+    fn drop(&mut self) {
+        lock(&self.reclaimer.state).1 = true;
+        self.reclaimer.wake.notify_one();
+        // Joined, so that RocksDB is closed when the store is gone; unless this is the
+        // reclaim thread itself, dropping the last reference after a reclaim.
+        if let Some(h) = lock(&self.reclaimer.thread).take() {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for BlockStore {
@@ -275,6 +357,8 @@ impl BlockStore {
             alloc: Mutex::new(alloc),
             gate: RwLock::new(()),
             pending: Mutex::new(Vec::with_capacity(MAX_PENDING_FREES)),
+            reclaiming: Mutex::new(()),
+            reclaimer: Arc::new(Reclaimer::default()),
             heads: Mutex::new(HashMap::new()),
             trim: AtomicBool::new(true),
             media_errors: AtomicU64::new(0),
@@ -283,8 +367,11 @@ impl BlockStore {
             errors_by_device: Mutex::new(HashMap::new()),
             #[cfg(test)]
             read_holds: AtomicU64::new(0),
+            #[cfg(test)]
+            background_reclaims: AtomicU64::new(0),
         });
         store.compact()?;
+        Reclaimer::start(&store)?;
         Ok(store)
     }
 
@@ -599,12 +686,15 @@ impl BlockStore {
         if freed.is_empty() {
             return;
         }
-        let over = {
+        let pending = {
             let mut p = lock(&self.pending);
             p.extend_from_slice(freed);
-            p.len() >= MAX_PENDING_FREES
+            p.len()
         };
-        if over {
+        if pending >= PENDING_FREES_HARD_MAX
+            || (pending >= MAX_PENDING_FREES && !self.reclaimer.ask())
+        {
+            // The reclaim thread is gone (or far behind): release them here.
             if let Err(e) = self.reclaim() {
                 tracing::warn!("block store: reclaiming freed space failed: {e}");
             }
@@ -614,9 +704,14 @@ impl BlockStore {
     /// Makes all metadata durable, waits out reads that may still use freed extents, then
     /// returns those extents to the allocator.
     fn reclaim(&self) -> Result<(), StoreError> {
+        let _one = lock(&self.reclaiming);
         let freed = std::mem::take(&mut *lock(&self.pending));
         if freed.is_empty() {
             return Ok(());
+        }
+        #[cfg(test)]
+        if std::thread::current().name() == Some(RECLAIM_THREAD) {
+            self.background_reclaims.fetch_add(1, Ordering::Relaxed);
         }
         if let Err(e) = self.meta.sync() {
             lock(&self.pending).extend_from_slice(&freed);

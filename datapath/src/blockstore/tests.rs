@@ -475,6 +475,54 @@ fn a_full_pool_answers_enospc_and_frees_on_delete() {
     assert_eq!(h.st().stats().used_bytes, 0);
 }
 
+/// Overwrites that free more than [`MAX_PENDING_FREES`] extents on a pool smaller than what
+/// they write: the writer only asks, the store's reclaim thread makes the metadata durable
+/// and releases the space, and the writes go on reusing it; every block reads back its last
+/// version.
+#[test]
+fn freed_space_is_released_by_the_reclaim_thread_and_reused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pages = (MAX_PENDING_FREES + MAX_PENDING_FREES / 4) as u64;
+    let store = BlockStore::open(
+        &dir.path().join("meta"),
+        &[DeviceSpec {
+            path: dir.path().join("dev0"),
+            size_bytes: pages * BLOCK_BYTES,
+        }],
+    )
+    .expect("open store");
+    let mut h = Harness {
+        dir,
+        store: Some(store),
+        q: IoQueue::new_sync(),
+        buf: SlotBuf::new(1, MAX_BLOCKS_PER_IO * BLOCK).expect("buf"),
+        blocks: BLOCKS,
+    };
+    let v = Uuid::new_v4();
+    h.st().create_volume(v).expect("create");
+    let writes = 2 * pages;
+    for i in 0..writes {
+        let b = i % BLOCKS;
+        h.buf.slot_mut(0, BLOCK).copy_from_slice(&content(i + 1, b));
+        let r = h.io(v, IoKind::Write { fua: false }, b, 1, false);
+        assert_eq!(r, BLOCK as i32, "write {i} of {writes} on {pages} pages");
+    }
+    assert!(
+        h.st().background_reclaims.load(Ordering::Relaxed) > 0,
+        "no reclaim ran on the reclaim thread"
+    );
+    for b in 0..BLOCKS {
+        let last = (writes - 1 - b) / BLOCKS * BLOCKS + b;
+        assert_eq!(h.io(v, IoKind::Read, b, 1, false), BLOCK as i32);
+        assert!(
+            h.buf.slot(0, BLOCK) == &content(last + 1, b)[..],
+            "block {b} is not its last write"
+        );
+    }
+    h.st().flush().expect("flush");
+    assert_eq!(h.st().stats().used_bytes, BLOCKS * BLOCK_BYTES);
+}
+
 #[test]
 fn diff_lists_blocks_written_between_snapshots() {
     let mut h = Harness::new(IoQueue::new_sync());
