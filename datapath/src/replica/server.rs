@@ -10,8 +10,12 @@
 //! Accepting one promises the sender its read lease (see the module above): this server
 //! does not serve the volume itself until [`ReplicaServer::lease_given_for`] has run out.
 //!
-//! The pass runs on this thread (as the reactors run theirs), and so do the snapshot and
-//! rollback hooks: a peer's frames wait while another's batch is applied.
+//! The pass runs on this thread (as the reactors run theirs), and so do the rollback and
+//! copied-snapshot hooks: a peer's frames wait while another's batch is applied. A
+//! snapshot ([`Op::Snapshot`]), which may wait seconds for this server's control plane to
+//! learn of it, goes to a thread of its own (`evstor-repl-hooks`): until its answer is
+//! back, its connection takes no frame of that volume (whose writes the primary holds
+//! meanwhile anyway) nor anything behind one, and the other volumes and connections go on.
 
 use std::collections::HashMap;
 use std::io;
@@ -34,6 +38,7 @@ use crate::limits::{
     REPLICA_CONNECTIONS_MAX, REPLICA_FRAME_DATA_MAX, REPLICA_PARTIAL_FRAME_MS, REPLICA_POLL_MS,
     REPLICA_READ_LEASE_MS,
 };
+use crate::notify::Mailbox;
 use crate::reactor::tag;
 
 /// [`Op::Recent`]'s answer for a primary: its epoch and session, and the chunks (None: the
@@ -272,6 +277,12 @@ impl ReplicaServer {
         let stop = Arc::new(AtomicBool::new(false));
         let peers: Arc<Peers> = Arc::default();
         let (i, p, s) = (images.clone(), peers.clone(), stop.clone());
+        let mail = Arc::new(Mailbox::<()>::new(0)?);
+        let (jobs_tx, jobs) = std::sync::mpsc::channel();
+        let m = mail.clone();
+        std::thread::Builder::new()
+            .name("evstor-repl-hooks".into())
+            .spawn(move || run_hooks(jobs, m))?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("evstor-repl-serve".into())
@@ -282,7 +293,7 @@ impl ReplicaServer {
                 match IoQueue::reactor(256, 1024).and_then(|ring| Ok((ring, slots?))) {
                     Ok((ring, slots)) => {
                         let _ = tx.send(Ok(()));
-                        Serve::new(listener, ring, slots, i, p, s, hooks).run();
+                        Serve::new(listener, ring, slots, i, p, s, hooks, jobs_tx, mail).run();
                     }
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -407,6 +418,33 @@ impl Drop for ReplicaServer {
 const T_ACCEPT: u64 = 1;
 const T_RECV: u64 = 2;
 const T_SEND: u64 = 3;
+/// The hook thread's mailbox eventfd.
+const T_MAIL: u64 = 4;
+/// A snapshot hook's answer (in the mailbox's `done`, not from the ring).
+const T_HOOK: u64 = 5;
+
+/// A snapshot hook to run off the listener's thread, for connection (`idx`, `gen`).
+struct HookJob {
+    idx: usize,
+    gen: u32,
+    run: SnapshotHook,
+    volume: [u8; 16],
+    snapshot: [u8; 16],
+}
+
+/// The hook thread: runs each job and posts its answer to the listener's mailbox.
+fn run_hooks(jobs: std::sync::mpsc::Receiver<HookJob>, mail: Arc<Mailbox<()>>) {
+    while let Ok(j) = jobs.recv() {
+        let status = match (j.run)(j.volume, j.snapshot) {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::warn!("taking a snapshot of a replica: {e}");
+                -e.raw_os_error().unwrap_or(libc::EIO)
+            }
+        };
+        mail.post(|m| m.done.push((tag::make(T_HOOK, j.idx, j.gen, 0), status)));
+    }
+}
 
 /// A connection's receive buffer: a whole batch of the largest frames.
 const CONN_BUF_BYTES: usize = REPLICA_BATCH_FRAMES * (HDR_BYTES + REPLICA_FRAME_DATA_MAX);
@@ -433,6 +471,10 @@ struct PeerConn {
     send_in_flight: bool,
     /// Broken or ending: dropped once no operation is in flight.
     closing: bool,
+    /// The frame (id, volume) whose snapshot hook runs on the hook thread: until it is
+    /// answered, no frame of that volume (nor another snapshot) is taken, nor anything
+    /// behind it.
+    hook_wait: Option<(u32, [u8; 16])>,
 }
 
 /// The listener's thread: every peer connection on one ring.
@@ -455,9 +497,16 @@ struct Serve {
     accept_armed: bool,
     batch: Vec<Pending>,
     cqes: Vec<(u64, i32)>,
+    /// Snapshot hooks for the hook thread, and where it answers.
+    hook_jobs: std::sync::mpsc::Sender<HookJob>,
+    mail: Arc<Mailbox<()>>,
+    mail_armed: bool,
+    wake_buf: Box<[u8; 8]>,
+    inbox: crate::notify::Mail<()>,
 }
 
 impl Serve {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         listener: TcpListener,
         ring: IoQueue,
@@ -466,6 +515,8 @@ impl Serve {
         peers: Arc<Peers>,
         stop: Arc<AtomicBool>,
         hooks: Hooks,
+        hook_jobs: std::sync::mpsc::Sender<HookJob>,
+        mail: Arc<Mailbox<()>>,
     ) -> Serve {
         Serve {
             listener,
@@ -483,6 +534,11 @@ impl Serve {
             accept_armed: false,
             batch: Vec::with_capacity(REPLICA_BATCH_FRAMES),
             cqes: Vec::with_capacity(256),
+            hook_jobs,
+            mail,
+            mail_armed: false,
+            wake_buf: Box::new([0; 8]),
+            inbox: crate::notify::Mail::default(),
         }
     }
 
@@ -503,6 +559,8 @@ impl Serve {
             } else {
                 self.arm_accept();
             }
+            self.arm_mail();
+            self.take_mail();
             let Serve { ring, cqes, .. } = &mut self;
             ring.reap(|t, r| cqes.push((t, r)));
             let mut cqes = std::mem::take(&mut self.cqes);
@@ -514,7 +572,7 @@ impl Serve {
             self.cqes = cqes;
             let stalled = Duration::from_millis(REPLICA_PARTIAL_FRAME_MS);
             for c in self.conns.iter_mut().flatten() {
-                if c.partial_since.is_some_and(|t| t.elapsed() > stalled) {
+                if c.hook_wait.is_none() && c.partial_since.is_some_and(|t| t.elapsed() > stalled) {
                     tracing::info!("replication connection closed: a frame stalled half sent");
                     close(c);
                 }
@@ -525,11 +583,12 @@ impl Serve {
             if let Err(e) = self.ring.submit() {
                 tracing::warn!("replication listener ring submit failed: {e}");
             }
-            if !worked && !self.ring.has_ready() {
+            if !worked && !self.ring.has_ready() && self.mail.about_to_sleep() {
                 if let Err(e) = self.ring.wait(poll) {
                     tracing::warn!("replication listener wait failed: {e}");
                     std::thread::sleep(poll);
                 }
+                self.mail.awake();
             }
         }
         // The ring goes first: nothing of it may write into the connections' buffers after.
@@ -557,8 +616,97 @@ impl Serve {
         }
     }
 
+    /// Keeps a read pending on the mailbox's eventfd, so a hook's answer wakes the ring.
+    fn arm_mail(&mut self) {
+        if self.mail_armed {
+            return;
+        }
+        let e = opcode::Read::new(types::Fd(self.mail.fd()), self.wake_buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(tag::make(T_MAIL, 0, 0, 0));
+        // SAFETY: the eventfd (in `mail`) and `wake_buf` live as long as the ring (all in
+        // `self`, the ring dropped first).
+        if unsafe { self.ring.push_op(&e) }.is_ok() {
+            self.mail_armed = true;
+        }
+    }
+
+    /// Answers the snapshots whose hooks finished, and takes the frames their connections
+    /// received meanwhile.
+    fn take_mail(&mut self) {
+        if !self.mail.has_mail() {
+            return;
+        }
+        self.mail.take(&mut self.inbox);
+        let mut done = std::mem::take(&mut self.inbox.done);
+        for &(t, status) in &done {
+            let (_, idx, gen, _) = tag::split(t);
+            let Some(c) = self
+                .conns
+                .get_mut(idx)
+                .and_then(Option::as_mut)
+                .filter(|c| c.gen == gen)
+            else {
+                continue;
+            };
+            let Some((id, _)) = c.hook_wait.take() else {
+                continue;
+            };
+            let mut a = [0u8; ANSWER_BYTES];
+            encode_answer(id, status, &mut a);
+            c.out.extend_from_slice(&a);
+            if !c.closing {
+                self.take(idx);
+            }
+        }
+        done.clear();
+        self.inbox.done = done;
+    }
+
+    /// Takes the whole frames connection `idx` holds; a snapshot among them goes to the
+    /// hook thread.
+    fn take(&mut self, idx: usize) {
+        let Serve {
+            conns,
+            images,
+            store_q,
+            slots,
+            hooks,
+            batch,
+            hook_jobs,
+            ..
+        } = self;
+        let Some(c) = conns.get_mut(idx).and_then(Option::as_mut) else {
+            return;
+        };
+        match take_frames(c, images, store_q, slots, hooks, batch) {
+            Ok(None) => {}
+            Ok(Some((run, volume, snapshot))) => {
+                let job = HookJob {
+                    idx,
+                    gen: c.gen,
+                    run,
+                    volume,
+                    snapshot,
+                };
+                if hook_jobs.send(job).is_err() {
+                    tracing::warn!("replication: the hook thread is gone");
+                    close(c);
+                }
+            }
+            Err(e) => {
+                tracing::info!("replication connection ended: {e}");
+                close(c);
+            }
+        }
+    }
+
     fn on_cqe(&mut self, t: u64, res: i32) {
         let (kind, idx, gen, _) = tag::split(t);
+        if kind == T_MAIL {
+            self.mail_armed = false;
+            return;
+        }
         if kind == T_ACCEPT {
             self.accept_armed = false;
             if res >= 0 {
@@ -584,18 +732,7 @@ impl Serve {
                 c.recv_armed = false;
                 if res > 0 && !c.closing {
                     c.have += res as usize;
-                    let Serve {
-                        images,
-                        store_q,
-                        slots,
-                        hooks,
-                        batch,
-                        ..
-                    } = self;
-                    if let Err(e) = take_frames(c, images, store_q, slots, hooks, batch) {
-                        tracing::info!("replication connection ended: {e}");
-                        close(c);
-                    }
+                    self.take(idx);
                 } else if res <= 0 {
                     if res < 0 && res != -libc::ECANCELED {
                         tracing::info!(
@@ -659,6 +796,7 @@ impl Serve {
             sent: 0,
             send_in_flight: false,
             closing: false,
+            hook_wait: None,
         });
         self.live += 1;
     }
@@ -699,6 +837,10 @@ impl Serve {
         }
         if !c.recv_armed && !c.closing && c.out.len() < ANSWERS_PENDING_MAX {
             let room = CONN_BUF_BYTES - c.have;
+            if room == 0 && c.hook_wait.is_some() {
+                // Full of frames that wait for the snapshot's answer.
+                return;
+            }
             if room == 0 {
                 // Cannot happen: whole frames are always taken out, and one fits.
                 close(c);
@@ -731,9 +873,13 @@ fn close(c: &mut PeerConn) {
     }
 }
 
+/// A snapshot to take through its hook: the hook, the volume and the snapshot.
+type Deferred = (SnapshotHook, [u8; 16], [u8; 16]);
+
 /// Applies the whole frames received on `c`, batch after batch (each frame's data copied
 /// into its batch slot, aligned as the devices need), queues their answers, and moves what
-/// is left of a frame to the front of the buffer.
+/// is left of a frame to the front of the buffer. A snapshot frame's hook is returned for
+/// the hook thread, not run (see [`PeerConn::hook_wait`]).
 fn take_frames(
     c: &mut PeerConn,
     images: &Images,
@@ -741,14 +887,22 @@ fn take_frames(
     slots: &mut SlotBuf,
     hooks: &Hooks,
     batch: &mut Vec<Pending>,
-) -> io::Result<()> {
+) -> io::Result<Option<Deferred>> {
     let base = c.buf.as_ptr();
     let mut at = 0usize;
+    let mut deferred = None;
     loop {
         while batch.len() < REPLICA_BATCH_FRAMES && c.have - at >= HDR_BYTES {
             // SAFETY: `at + HDR_BYTES <= have`, received bytes inside the region.
             let hdr: &[u8; HDR_BYTES] = unsafe { &*base.add(at).cast() };
             let (frame, crc) = Frame::decode(hdr).map_err(wire)?;
+            // While a snapshot's hook runs, the frames of its volume (and another snapshot)
+            // wait, with everything behind them.
+            if c.hook_wait
+                .is_some_and(|(_, v)| v == frame.volume || frame.op == Op::Snapshot)
+            {
+                break;
+            }
             let data_len = if frame.op.has_data() {
                 frame.len as usize
             } else {
@@ -767,12 +921,18 @@ fn take_frames(
             let slot = batch.len();
             let data = slots.slot_mut(slot, data_len);
             data.copy_from_slice(src);
-            let p = take_frame(frame, crc, data, slot, images, q, hooks)?;
+            let p = take_frame(frame, crc, data, slot, images, q, hooks, &mut deferred)?;
+            at += HDR_BYTES + data_len;
+            if deferred.is_some() && c.hook_wait.is_none() {
+                // Everything before it is applied (it runs alone); it is answered when
+                // its hook returns.
+                c.hook_wait = Some((p.id, frame.volume));
+                continue;
+            }
             batch.push(p);
             if frame.op.runs_alone() {
                 apply(q, batch)?;
             }
-            at += HDR_BYTES + data_len;
         }
         if batch.is_empty() {
             break;
@@ -792,7 +952,7 @@ fn take_frames(
     }
     // Bytes came: a frame still incomplete has made progress.
     c.partial_since = (c.have > 0).then(Instant::now);
-    Ok(())
+    Ok(deferred)
 }
 
 /// One frame of the batch being applied.
@@ -810,6 +970,7 @@ fn wire(e: WireError) -> io::Error {
 
 /// Checks the frame's data and queues the frame (batch slot `slot`) on its image: the
 /// frame's answer if already known (a refusal), or the storage operations it started.
+#[allow(clippy::too_many_arguments)]
 fn take_frame(
     frame: Frame,
     data_crc: u32,
@@ -818,6 +979,7 @@ fn take_frame(
     images: &Images,
     q: &mut IoQueue,
     hooks: &Hooks,
+    deferred: &mut Option<Deferred>,
 ) -> io::Result<Pending> {
     if crc32c::crc32c(data) != data_crc {
         return Err(wire(WireError::DataDigest));
@@ -857,6 +1019,10 @@ fn take_frame(
     if frame.op.changes_data() {
         image.note_change(frame.epoch, frame.session, &*backend);
     }
+    if let (Op::Snapshot, Some(run), Some(id)) = (frame.op, &hooks.snapshot, snapshot_id) {
+        *deferred = Some((run.clone(), frame.volume, id));
+        return Ok(p);
+    }
     let mut queue = |kind: IoKind, offset: u64, len: u32, at: usize| {
         let buf = if matches!(kind, IoKind::Write { .. }) {
             // SAFETY: `at + len` lies within the frame's data.
@@ -893,7 +1059,8 @@ fn take_frame(
             p.status = Some(status);
         }
         // Everything before it is applied (it runs alone), so the copy is at the point of
-        // the write stream where the primary takes its own.
+        // the write stream where the primary takes its own. (A snapshot with its hook and
+        // id went to the hook thread above.)
         Op::Snapshot | Op::Rollback | Op::SeedSnapshot => {
             let (hook, what) = match frame.op {
                 Op::Snapshot => (hooks.snapshot.as_ref(), "taking a snapshot of"),
@@ -1018,6 +1185,150 @@ mod tests {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             other => panic!("the idle connection was closed or answered: {other:?}"),
         }
+        server.shutdown();
+    }
+
+    /// A snapshot whose hook is slow (this server's control plane has not learned of it
+    /// yet) holds back only its own volume: a write of another volume, on the same
+    /// connection right behind it and on another peer's, is applied and answered
+    /// meanwhile, while a write of the snapshot's volume sent after it waits for the
+    /// snapshot's answer.
+    #[test]
+    fn a_slow_snapshot_hook_holds_back_only_its_volume() {
+        use crate::backend::FileBackend;
+        use crate::replica::{decode_answer, Frame};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        let entered_tx = Mutex::new(entered_tx);
+        let hook: SnapshotHook = Arc::new(move |_, _| {
+            let _ = entered_tx.lock().expect("lock").send(());
+            let _ = released.lock().expect("lock").recv();
+            Ok(())
+        });
+        let server = ReplicaServer::start_with("127.0.0.1:0".parse().expect("addr"), Some(hook))
+            .expect("listen");
+        let (va, vb) = ([0xa; 16], [0xb; 16]);
+        let backend = |name: &str| -> Option<Arc<dyn Backend>> {
+            Some(Arc::new(
+                FileBackend::open(&dir.path().join(name), 1 << 20).expect("file"),
+            ))
+        };
+        server.set_images(vec![(va, backend("a"), 1), (vb, backend("b"), 1)]);
+        let frame = |op, volume, id, data: &[u8]| {
+            let f = Frame {
+                op,
+                volume,
+                epoch: 1,
+                offset: 0,
+                len: data.len() as u32,
+                id,
+                session: 1,
+            };
+            let mut b = [0u8; HDR_BYTES];
+            f.encode(data, &mut b);
+            [&b[..], data].concat()
+        };
+        let block = vec![0x5a; LBA_BYTES as usize];
+        let answer = |s: &mut TcpStream| {
+            let mut b = [0u8; ANSWER_BYTES];
+            s.read_exact(&mut b).expect("an answer");
+            decode_answer(&b).expect("well formed")
+        };
+        let mut a = TcpStream::connect(server.local_addr()).expect("connect");
+        let mut b = TcpStream::connect(server.local_addr()).expect("connect");
+        for s in [&a, &b] {
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+        }
+        let snap = [frame(Op::Snapshot, va, 1, &[7; 16])].concat();
+        a.write_all(&snap).expect("send");
+        entered
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the hook runs");
+        // Behind the snapshot on its connection: a write of its volume, then one of another.
+        let behind = [
+            frame(Op::Write { fua: false }, va, 2, &block),
+            frame(Op::Write { fua: false }, vb, 3, &block),
+        ]
+        .concat();
+        a.write_all(&behind).expect("send");
+        b.write_all(&frame(Op::Write { fua: false }, vb, 4, &block))
+            .expect("send");
+        assert_eq!(
+            answer(&mut b),
+            (4, 0),
+            "another peer's write waits for nobody"
+        );
+        // The write of the other volume behind the held one waits too (frames are taken in
+        // order); nothing is answered on the snapshot's connection yet.
+        a.set_nonblocking(true).expect("nonblocking");
+        std::thread::sleep(Duration::from_millis(300));
+        let mut one = [0u8; 1];
+        match (&a).read(&mut one) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => panic!("answered while the snapshot's hook runs: {other:?}"),
+        }
+        a.set_nonblocking(false).expect("blocking");
+        release.send(()).expect("release");
+        let got: Vec<(u32, i32)> = (0..3).map(|_| answer(&mut a)).collect();
+        assert_eq!(got, vec![(1, 0), (2, 0), (3, 0)]);
+        server.shutdown();
+    }
+
+    /// Frames of another volume ahead of a held one are not held: behind a snapshot, a
+    /// write of another volume is answered before the snapshot is.
+    #[test]
+    fn behind_a_slow_snapshot_another_volumes_write_is_answered() {
+        use crate::backend::FileBackend;
+        use crate::replica::{decode_answer, Frame};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        let hook: SnapshotHook = Arc::new(move |_, _| {
+            let _ = released.lock().expect("lock").recv();
+            Ok(())
+        });
+        let server = ReplicaServer::start_with("127.0.0.1:0".parse().expect("addr"), Some(hook))
+            .expect("listen");
+        let (va, vb) = ([0xa; 16], [0xb; 16]);
+        let backend = |name: &str| -> Option<Arc<dyn Backend>> {
+            Some(Arc::new(
+                FileBackend::open(&dir.path().join(name), 1 << 20).expect("file"),
+            ))
+        };
+        server.set_images(vec![(va, backend("a"), 1), (vb, backend("b"), 1)]);
+        let frame = |op, volume, id, data: &[u8]| {
+            let f = Frame {
+                op,
+                volume,
+                epoch: 1,
+                offset: 0,
+                len: data.len() as u32,
+                id,
+                session: 1,
+            };
+            let mut b = [0u8; HDR_BYTES];
+            f.encode(data, &mut b);
+            [&b[..], data].concat()
+        };
+        let block = vec![0x5a; LBA_BYTES as usize];
+        let mut a = TcpStream::connect(server.local_addr()).expect("connect");
+        a.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let all = [
+            frame(Op::Snapshot, va, 1, &[7; 16]),
+            frame(Op::Write { fua: false }, vb, 2, &block),
+        ]
+        .concat();
+        a.write_all(&all).expect("send");
+        let mut b = [0u8; ANSWER_BYTES];
+        a.read_exact(&mut b).expect("an answer");
+        assert_eq!(decode_answer(&b).expect("well formed"), (2, 0));
+        release.send(()).expect("release");
+        a.read_exact(&mut b).expect("an answer");
+        assert_eq!(decode_answer(&b).expect("well formed"), (1, 0));
         server.shutdown();
     }
 }
