@@ -78,7 +78,8 @@ struct ServeArgs {
     )]
     spare_devices: Vec<PathBuf>,
     /// CPU cores given to the NVMe/TCP data path: one reactor thread per core (each owns
-    /// many connections and one io_uring), pinned to the first cores the process may use.
+    /// many connections and one io_uring), pinned to the first cores the process may use,
+    /// which the process's other threads then leave to them (unless that would leave none).
     /// Default: half of those CPUs, at least one (one on a 2-CPU machine), unpinned.
     #[arg(long, env = "EVSTOR_DATAPATH_CORES", value_parser = datapath_cores)]
     datapath_cores: Option<usize>,

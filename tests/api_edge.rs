@@ -547,3 +547,63 @@ fn an_answer_that_leaves_the_body_unread_closes_the_connection() {
     assert_eq!(status, 200);
     assert_eq!(connection(&heads), None, "{heads:?}");
 }
+
+/// The CPUs a `Cpus_allowed_list` line of `/proc/…/status` names (`0-1,4`).
+fn cpu_list(status: &str) -> Vec<usize> {
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim();
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (a.parse().expect("cpu"), b.parse().expect("cpu"));
+        cpus.extend(a..=b);
+    }
+    cpus
+}
+
+/// `--datapath-cores 1` on a machine of two CPUs or more: the reactor runs on the first CPU
+/// the process may use, and has it to itself: every other thread of the process (the API's,
+/// the control plane's, RocksDB's, started before the reactor or after) runs only on the
+/// others.
+#[test]
+fn the_data_paths_cores_are_left_to_its_reactors() {
+    let mine = cpu_list(&std::fs::read_to_string("/proc/self/status").expect("status"));
+    assert!(
+        mine.len() >= 2,
+        "this test needs two CPUs (CI's machine has them), not {mine:?}"
+    );
+    let s = Server::start_with(Options::args(&["--datapath-cores", "1"]));
+    let pid = s.pid().expect("running");
+    let (mut reactors, mut rocksdb, mut others) = (0, 0, 0);
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(t.path().join("comm")),
+            std::fs::read_to_string(t.path().join("status")),
+        ) else {
+            continue; // ended meanwhile
+        };
+        let (comm, cpus) = (comm.trim().to_string(), cpu_list(&status));
+        if comm.starts_with("nvmf-reactor") {
+            reactors += 1;
+            assert_eq!(cpus, vec![mine[0]], "{comm} is pinned to the first CPU");
+        } else {
+            others += 1;
+            rocksdb += usize::from(comm.starts_with("rocksdb"));
+            assert!(
+                !cpus.is_empty() && !cpus.contains(&mine[0]),
+                "{comm} may run on the reactor's CPU: {cpus:?}"
+            );
+        }
+    }
+    assert_eq!(reactors, 1, "one reactor");
+    assert!(
+        rocksdb > 0 && others > rocksdb,
+        "{others} other threads, {rocksdb} of RocksDB"
+    );
+}

@@ -398,6 +398,11 @@ pub async fn serve(
     }
     let target = evstor_datapath::start(target_cfg, Vec::new())
         .with_context(|| format!("starting the NVMe/TCP target on {}", cfg.nvme_addr))?;
+    if cfg.datapath_cores > 0 {
+        // Given its cores, the data path has them to itself: the API, the control plane,
+        // RocksDB's flushes and compactions run on the others.
+        target.keep_other_threads_off_reactor_cpus();
+    }
     let (nvme_addr, discovery_addr) = (target.local_addr(), target.discovery_addr());
     let mut store = VolumeStore::with_target(&cfg.data_dir, &bus.state(), target, node)
         .context("opening the block store")?;

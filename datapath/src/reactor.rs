@@ -141,6 +141,48 @@ pub fn allowed_cpus() -> Vec<usize> {
         .collect()
 }
 
+/// A CPU set of `cpus`.
+fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is plain data; zeroed is a valid (empty) set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus.iter().filter(|c| **c < libc::CPU_SETSIZE as usize) {
+        // SAFETY: c < CPU_SETSIZE, inside the set.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    set
+}
+
+/// Moves every thread of this process but `keep` onto `cpus` (best effort: a thread that
+/// ends meanwhile is skipped).
+pub fn move_threads(cpus: &[usize], keep: &[libc::pid_t]) {
+    let set = cpu_set(cpus);
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for t in tasks.flatten() {
+        let Some(tid) = t
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        if keep.contains(&tid) {
+            continue;
+        }
+        // SAFETY: reads one cpu_set_t we own; `tid` is a thread of this process.
+        let r =
+            unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        if r != 0 {
+            tracing::debug!(
+                tid,
+                "cannot move a thread off the reactors' CPUs: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 /// Pins the calling thread to `cpu` (best effort).
 fn pin(cpu: usize) {
     // SAFETY: cpu_set_t is plain data; zeroed is a valid (empty) set.
@@ -155,12 +197,12 @@ fn pin(cpu: usize) {
 }
 
 /// Starts reactor `id` (on `cpu` if given) with the mailbox `shared.reactors[id]`; returns
-/// once its ring is set up, or why it could not be.
+/// once its ring is set up (with its thread's kernel id), or why it could not be.
 pub fn spawn(
     id: usize,
     shared: Arc<Shared>,
     cpu: Option<usize>,
-) -> Result<JoinHandle<()>, DatapathError> {
+) -> Result<(JoinHandle<()>, libc::pid_t), DatapathError> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let h = std::thread::Builder::new()
         .name(format!("nvmf-reactor-{id}"))
@@ -168,9 +210,11 @@ pub fn spawn(
             if let Some(c) = cpu {
                 pin(c);
             }
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
             match Reactor::new(id, shared) {
                 Ok(r) => {
-                    let _ = tx.send(Ok(()));
+                    let _ = tx.send(Ok(tid));
                     r.run();
                 }
                 Err(e) => {
@@ -179,7 +223,7 @@ pub fn spawn(
             }
         })?;
     match rx.recv() {
-        Ok(Ok(())) => Ok(h),
+        Ok(Ok(tid)) => Ok((h, tid)),
         Ok(Err(e)) => {
             let _ = h.join();
             Err(e)

@@ -142,6 +142,10 @@ pub struct TargetHandle {
     shared: Arc<Shared>,
     listeners: Vec<JoinHandle<()>>,
     reactors: Vec<JoinHandle<()>>,
+    /// The CPUs the reactors are pinned to (none: unpinned).
+    pinned: Vec<usize>,
+    /// The reactor threads' kernel ids.
+    reactor_tids: Vec<libc::pid_t>,
 }
 
 /// Binds the listeners, opens the namespaces, starts the reactors and starts serving.
@@ -171,10 +175,15 @@ pub fn start(
     // shares the CPUs with everything else, and a pinned reactor could not move off a
     // CPU that other work (or another target in the same process) keeps busy.
     let pin = shared.cfg.reactors != 0 && !cpus.is_empty();
+    let (mut pinned, mut reactor_tids) = (Vec::new(), Vec::new());
     for i in 0..n {
         let cpu = pin.then(|| cpus[i % cpus.len()]);
+        pinned.extend(cpu.filter(|c| !pinned.contains(c)));
         match reactor::spawn(i, shared.clone(), cpu) {
-            Ok(h) => reactors.push(h),
+            Ok((h, tid)) => {
+                reactors.push(h);
+                reactor_tids.push(tid);
+            }
             Err(e) => {
                 stop_reactors(&shared, reactors);
                 return Err(e);
@@ -190,6 +199,8 @@ pub fn start(
         shared,
         listeners,
         reactors,
+        pinned,
+        reactor_tids,
     })
 }
 
@@ -459,6 +470,27 @@ fn admit(
 }
 
 impl TargetHandle {
+    /// Gives the reactors their CPUs to themselves: every other thread of the process
+    /// (and every thread those start later) is moved to the CPUs the reactors are not
+    /// pinned to. Only for a process whose data path was given its cores; does nothing
+    /// when the reactors are unpinned or hold every CPU. Returns the CPUs left to the rest.
+    pub fn keep_other_threads_off_reactor_cpus(&self) -> Vec<usize> {
+        if self.pinned.is_empty() {
+            return Vec::new();
+        }
+        let others: Vec<usize> = reactor::allowed_cpus()
+            .into_iter()
+            .filter(|c| !self.pinned.contains(c))
+            .collect();
+        if others.is_empty() {
+            tracing::info!("the data path holds every CPU: other threads share them");
+            return others;
+        }
+        reactor::move_threads(&others, &self.reactor_tids);
+        tracing::info!(reactors = ?self.pinned, others = ?others, "reactor CPUs kept for the reactors");
+        others
+    }
+
     /// The bound I/O address (the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.io_addr
