@@ -91,6 +91,21 @@ fn three_with_env(etcd: &Etcd, env: &[(&str, &str)]) -> Vec<Server> {
     servers
 }
 
+/// What `evstor serve --name x` with `extra` arguments printed on stderr when it refused to
+/// start (it must).
+fn refused_at_start(extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("data dir");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_evstor"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args(["--name", "x"])
+        .args(extra)
+        .output()
+        .expect("run evstor");
+    assert!(!out.status.success(), "{extra:?} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// etcd that takes only TLS clients with a certificate from its CA: servers given the CA,
 /// their certificate and key (`--etcd-cacert`, `--etcd-cert`, `--etcd-key`) make one
 /// cluster through it, ordering the journal there; TLS options beside plain-HTTP
@@ -114,18 +129,7 @@ fn servers_make_one_cluster_through_etcd_over_tls() {
         etcd.log_batches() > 0,
         "the journal's order is kept in etcd"
     );
-    let serve = |extra: &[&str]| {
-        let dir = tempfile::tempdir().expect("data dir");
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_evstor"))
-            .args(["serve", "--data-dir"])
-            .arg(dir.path())
-            .args(["--name", "x"])
-            .args(extra)
-            .output()
-            .expect("run evstor");
-        assert!(!out.status.success(), "{extra:?} was accepted");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let serve = refused_at_start;
     let ca = etcd.tls_args()[1].clone();
     let err = serve(&["--etcd", "http://127.0.0.1:1", "--etcd-cacert", &ca]);
     assert!(err.contains("are for https:// etcd endpoints"), "{err}");
@@ -157,26 +161,18 @@ fn servers_make_one_cluster_as_an_etcd_user() {
         "the journal's order is kept in etcd"
     );
 
-    let dir = tempfile::tempdir().expect("data dir");
+    let dir = tempfile::tempdir().expect("dir");
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, "not-it\n").expect("password file");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_evstor"))
-        .args(["serve", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args([
-            "--etcd",
-            &etcd.endpoints(),
-            "--name",
-            "x",
-            "--etcd-user",
-            "evstor",
-        ])
-        .arg("--etcd-password-file")
-        .arg(&wrong)
-        .output()
-        .expect("run evstor");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a wrong password was accepted");
+    let wrong = wrong.to_string_lossy();
+    let err = refused_at_start(&[
+        "--etcd",
+        &etcd.endpoints(),
+        "--etcd-user",
+        "evstor",
+        "--etcd-password-file",
+        &wrong,
+    ]);
     assert!(
         err.contains("\"evstor\"") && err.contains("authentication failed"),
         "{err}"

@@ -1188,20 +1188,22 @@ mod tests {
         server.shutdown();
     }
 
-    /// A snapshot whose hook is slow (this server's control plane has not learned of it
-    /// yet) holds back only its own volume: a write of another volume, on the same
-    /// connection right behind it and on another peer's, is applied and answered
-    /// meanwhile, while a write of the snapshot's volume sent after it waits for the
-    /// snapshot's answer.
-    #[test]
-    fn a_slow_snapshot_hook_holds_back_only_its_volume() {
+    /// A listener holding volumes `VA` and `VB` (files in `dir`) whose snapshot hook says
+    /// when it is entered and returns only when released.
+    struct SlowHook {
+        server: ReplicaServer,
+        entered: std::sync::mpsc::Receiver<()>,
+        release: std::sync::mpsc::Sender<()>,
+    }
+
+    const VA: [u8; 16] = [0xa; 16];
+    const VB: [u8; 16] = [0xb; 16];
+
+    fn slow_hook(dir: &std::path::Path) -> SlowHook {
         use crate::backend::FileBackend;
-        use crate::replica::{decode_answer, Frame};
-        let dir = tempfile::tempdir().expect("tempdir");
         let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
         let (release, released) = std::sync::mpsc::channel::<()>();
-        let released = Mutex::new(released);
-        let entered_tx = Mutex::new(entered_tx);
+        let (entered_tx, released) = (Mutex::new(entered_tx), Mutex::new(released));
         let hook: SnapshotHook = Arc::new(move |_, _| {
             let _ = entered_tx.lock().expect("lock").send(());
             let _ = released.lock().expect("lock").recv();
@@ -1209,126 +1211,109 @@ mod tests {
         });
         let server = ReplicaServer::start_with("127.0.0.1:0".parse().expect("addr"), Some(hook))
             .expect("listen");
-        let (va, vb) = ([0xa; 16], [0xb; 16]);
         let backend = |name: &str| -> Option<Arc<dyn Backend>> {
-            Some(Arc::new(
-                FileBackend::open(&dir.path().join(name), 1 << 20).expect("file"),
-            ))
+            let f = FileBackend::open(&dir.join(name), 1 << 20).expect("file");
+            Some(Arc::new(f))
         };
-        server.set_images(vec![(va, backend("a"), 1), (vb, backend("b"), 1)]);
-        let frame = |op, volume, id, data: &[u8]| {
-            let f = Frame {
-                op,
-                volume,
-                epoch: 1,
-                offset: 0,
-                len: data.len() as u32,
-                id,
-                session: 1,
-            };
-            let mut b = [0u8; HDR_BYTES];
-            f.encode(data, &mut b);
-            [&b[..], data].concat()
-        };
-        let block = vec![0x5a; LBA_BYTES as usize];
-        let answer = |s: &mut TcpStream| {
-            let mut b = [0u8; ANSWER_BYTES];
-            s.read_exact(&mut b).expect("an answer");
-            decode_answer(&b).expect("well formed")
-        };
-        let mut a = TcpStream::connect(server.local_addr()).expect("connect");
-        let mut b = TcpStream::connect(server.local_addr()).expect("connect");
-        for s in [&a, &b] {
-            s.set_read_timeout(Some(Duration::from_secs(20)))
-                .expect("timeout");
+        server.set_images(vec![(VA, backend("a"), 1), (VB, backend("b"), 1)]);
+        SlowHook {
+            server,
+            entered,
+            release,
         }
-        let snap = [frame(Op::Snapshot, va, 1, &[7; 16])].concat();
-        a.write_all(&snap).expect("send");
-        entered
+    }
+
+    /// A frame of epoch 1 with its data, as a primary sends it.
+    fn frame_bytes(op: Op, volume: [u8; 16], id: u32, data: &[u8]) -> Vec<u8> {
+        let f = Frame {
+            op,
+            volume,
+            epoch: 1,
+            offset: 0,
+            len: data.len() as u32,
+            id,
+            session: 1,
+        };
+        let mut b = [0u8; HDR_BYTES];
+        f.encode(data, &mut b);
+        [&b[..], data].concat()
+    }
+
+    fn write_frame(volume: [u8; 16], id: u32) -> Vec<u8> {
+        frame_bytes(
+            Op::Write { fua: false },
+            volume,
+            id,
+            &[0x5a; LBA_BYTES as usize],
+        )
+    }
+
+    fn snapshot_frame(volume: [u8; 16], id: u32) -> Vec<u8> {
+        frame_bytes(Op::Snapshot, volume, id, &[7; 16])
+    }
+
+    /// The next answer on `s`: (id, status).
+    fn answer(s: &mut TcpStream) -> (u32, i32) {
+        let mut b = [0u8; ANSWER_BYTES];
+        s.read_exact(&mut b).expect("an answer");
+        super::super::decode_answer(&b).expect("well formed")
+    }
+
+    fn peer(server: &ReplicaServer) -> TcpStream {
+        let s = TcpStream::connect(server.local_addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        s
+    }
+
+    /// A snapshot whose hook is slow (this server's control plane has not learned of it
+    /// yet) holds back only its own volume: another peer's write is applied and answered
+    /// meanwhile, while a write of the snapshot's volume sent after it on its connection
+    /// (and what follows that) waits for the snapshot's answer.
+    #[test]
+    fn a_slow_snapshot_hook_holds_back_only_its_volume() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let h = slow_hook(dir.path());
+        let (mut a, mut b) = (peer(&h.server), peer(&h.server));
+        a.write_all(&snapshot_frame(VA, 1)).expect("send");
+        h.entered
             .recv_timeout(Duration::from_secs(20))
             .expect("the hook runs");
         // Behind the snapshot on its connection: a write of its volume, then one of another.
-        let behind = [
-            frame(Op::Write { fua: false }, va, 2, &block),
-            frame(Op::Write { fua: false }, vb, 3, &block),
-        ]
-        .concat();
-        a.write_all(&behind).expect("send");
-        b.write_all(&frame(Op::Write { fua: false }, vb, 4, &block))
+        a.write_all(&[write_frame(VA, 2), write_frame(VB, 3)].concat())
             .expect("send");
+        b.write_all(&write_frame(VB, 4)).expect("send");
         assert_eq!(
             answer(&mut b),
             (4, 0),
             "another peer's write waits for nobody"
         );
-        // The write of the other volume behind the held one waits too (frames are taken in
-        // order); nothing is answered on the snapshot's connection yet.
+        // Frames are taken in order: nothing more is answered on the snapshot's connection.
         a.set_nonblocking(true).expect("nonblocking");
         std::thread::sleep(Duration::from_millis(300));
-        let mut one = [0u8; 1];
-        match (&a).read(&mut one) {
+        match (&a).read(&mut [0u8; 1]) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             other => panic!("answered while the snapshot's hook runs: {other:?}"),
         }
         a.set_nonblocking(false).expect("blocking");
-        release.send(()).expect("release");
+        h.release.send(()).expect("release");
         let got: Vec<(u32, i32)> = (0..3).map(|_| answer(&mut a)).collect();
         assert_eq!(got, vec![(1, 0), (2, 0), (3, 0)]);
-        server.shutdown();
+        h.server.shutdown();
     }
 
-    /// Frames of another volume ahead of a held one are not held: behind a snapshot, a
-    /// write of another volume is answered before the snapshot is.
+    /// Behind a slow snapshot on the same connection, a write of another volume is applied
+    /// and answered before the snapshot is.
     #[test]
     fn behind_a_slow_snapshot_another_volumes_write_is_answered() {
-        use crate::backend::FileBackend;
-        use crate::replica::{decode_answer, Frame};
         let dir = tempfile::tempdir().expect("tempdir");
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let released = Mutex::new(released);
-        let hook: SnapshotHook = Arc::new(move |_, _| {
-            let _ = released.lock().expect("lock").recv();
-            Ok(())
-        });
-        let server = ReplicaServer::start_with("127.0.0.1:0".parse().expect("addr"), Some(hook))
-            .expect("listen");
-        let (va, vb) = ([0xa; 16], [0xb; 16]);
-        let backend = |name: &str| -> Option<Arc<dyn Backend>> {
-            Some(Arc::new(
-                FileBackend::open(&dir.path().join(name), 1 << 20).expect("file"),
-            ))
-        };
-        server.set_images(vec![(va, backend("a"), 1), (vb, backend("b"), 1)]);
-        let frame = |op, volume, id, data: &[u8]| {
-            let f = Frame {
-                op,
-                volume,
-                epoch: 1,
-                offset: 0,
-                len: data.len() as u32,
-                id,
-                session: 1,
-            };
-            let mut b = [0u8; HDR_BYTES];
-            f.encode(data, &mut b);
-            [&b[..], data].concat()
-        };
-        let block = vec![0x5a; LBA_BYTES as usize];
-        let mut a = TcpStream::connect(server.local_addr()).expect("connect");
-        a.set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("timeout");
-        let all = [
-            frame(Op::Snapshot, va, 1, &[7; 16]),
-            frame(Op::Write { fua: false }, vb, 2, &block),
-        ]
-        .concat();
-        a.write_all(&all).expect("send");
-        let mut b = [0u8; ANSWER_BYTES];
-        a.read_exact(&mut b).expect("an answer");
-        assert_eq!(decode_answer(&b).expect("well formed"), (2, 0));
-        release.send(()).expect("release");
-        a.read_exact(&mut b).expect("an answer");
-        assert_eq!(decode_answer(&b).expect("well formed"), (1, 0));
-        server.shutdown();
+        let h = slow_hook(dir.path());
+        let mut a = peer(&h.server);
+        a.write_all(&[snapshot_frame(VA, 1), write_frame(VB, 2)].concat())
+            .expect("send");
+        assert_eq!(answer(&mut a), (2, 0));
+        h.release.send(()).expect("release");
+        assert_eq!(answer(&mut a), (1, 0));
+        h.server.shutdown();
     }
 }
