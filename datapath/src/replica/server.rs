@@ -641,12 +641,7 @@ impl Serve {
         let mut done = std::mem::take(&mut self.inbox.done);
         for &(t, status) in &done {
             let (_, idx, gen, _) = tag::split(t);
-            let Some(c) = self
-                .conns
-                .get_mut(idx)
-                .and_then(Option::as_mut)
-                .filter(|c| c.gen == gen)
-            else {
+            let Some(c) = conn_mut(&mut self.conns, idx, gen) else {
                 continue;
             };
             let Some((id, _)) = c.hook_wait.take() else {
@@ -719,12 +714,7 @@ impl Serve {
             }
             return;
         }
-        let Some(c) = self
-            .conns
-            .get_mut(idx)
-            .and_then(Option::as_mut)
-            .filter(|c| c.gen == gen)
-        else {
+        let Some(c) = conn_mut(&mut self.conns, idx, gen) else {
             return;
         };
         match kind {
@@ -862,6 +852,14 @@ impl Serve {
             }
         }
     }
+}
+
+/// Connection `idx` if it is still the one of generation `gen`.
+fn conn_mut(conns: &mut [Option<PeerConn>], idx: usize, gen: u32) -> Option<&mut PeerConn> {
+    conns
+        .get_mut(idx)
+        .and_then(Option::as_mut)
+        .filter(|c| c.gen == gen)
 }
 
 /// Ends a connection: its socket is shut down, so its operations end.
