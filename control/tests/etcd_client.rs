@@ -548,13 +548,26 @@ fn an_etcd_user_signs_in_and_again_when_its_token_expires() {
             .succeeded
     );
     assert_eq!(c.get(&key).unwrap().map(|kv| kv.value), Some(b"2".to_vec()));
-    // A fork shares the token; a new watch works too.
+    // A fork shares the token; a watch opened after it expired sees the next put.
+    let from = c.get(&key).unwrap().map(|kv| kv.mod_revision).unwrap() + 1;
     std::thread::sleep(Duration::from_secs(3));
-    c.fork()
-        .watch(&prefix, &prefix_end(&prefix), 0, Duration::from_secs(10))
-        .expect("a watch after the token expired")
-        .next_message()
-        .expect("its first message");
+    let fork = c.fork();
+    let mut watch = fork
+        .watch(&prefix, &prefix_end(&prefix), from, Duration::from_secs(10))
+        .expect("a watch after the token expired");
+    assert!(c.txn(&[], &[put(b"3")], &[]).expect("a put").succeeded);
+    let seen = loop {
+        let m = watch.next_message().expect("watch message");
+        assert!(
+            m.canceled.is_none(),
+            "the watch was canceled: {:?}",
+            m.canceled
+        );
+        if !m.puts.is_empty() {
+            break m.puts;
+        }
+    };
+    assert_eq!(seen[0].value, b"3");
 
     let refused = |c: EtcdClient, why: &str| match c.get(&key) {
         Err(EtcdError::Refused { message, .. }) => message,

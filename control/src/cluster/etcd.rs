@@ -806,37 +806,20 @@ impl EtcdClient {
         let mut last = EtcdError::Unavailable("no attempt made".into());
         for k in 0..n {
             let i = (first + k) % n;
-            let endpoint = self.endpoints[i].clone();
-            let token = self
-                .auth
-                .as_ref()
-                .map(|auth| self.signed_in(i, auth))
-                .transpose();
-            let attempt = token.and_then(|token| {
-                let mut s = self.stream_to(i, idle)?;
-                let headers: &[(&str, &str)] = match &token {
-                    Some(t) => &[("Authorization", t.as_str())],
-                    None => &[],
-                };
-                http::write_request(&mut s, "POST", &endpoint, "/v3/watch", headers, &raw)
-                    .map_err(|e| unavailable(&endpoint, self.explain(e)))?;
-                let mut reader = BufReader::new(s);
-                let head = http::read_head(&mut reader)
-                    .map_err(|e| unavailable(&endpoint, self.explain(e)))?;
-                if head.status != 200 {
-                    let body = BodyReader::new(&mut reader, &head)
-                        .read_all(ETCD_RESPONSE_BYTES_MAX)
-                        .map_err(|e| unavailable(&endpoint, self.explain(e)))?;
-                    let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                    if let (Some(auth), Some(t)) = (&self.auth, &token) {
-                        if is_stale_token(head.status, &v) {
-                            auth.forget(t);
-                        }
-                    }
-                    return Err(gateway_error(head.status, &v));
+            let attempt = self.open_watch(i, &raw, idle).and_then(|mut w| {
+                if self.auth.is_none() {
+                    return Ok(w);
                 }
-                let signed_in = self.auth.clone().zip(token);
-                Ok(Watch::start(reader, head, endpoint.clone(), signed_in))
+                // Under authentication etcd checks the token as it creates the watch, and
+                // cancels it in its first message if the token went stale (which forgets
+                // it): then sign in again, once.
+                match w.peek_first()? {
+                    true => self.open_watch(i, &raw, idle).and_then(|mut w| {
+                        w.peek_first()?;
+                        Ok(w)
+                    }),
+                    false => Ok(w),
+                }
             });
             match attempt {
                 Ok(w) => return Ok(w),
@@ -846,6 +829,40 @@ impl EtcdClient {
         }
         Err(last)
     }
+
+    /// Opens a watch (`raw`: its create request) on member `i`.
+    fn open_watch(&self, i: usize, raw: &[u8], idle: Duration) -> EtcdResult<Watch> {
+        let endpoint = self.endpoints[i].clone();
+        let token = self
+            .auth
+            .as_ref()
+            .map(|auth| self.signed_in(i, auth))
+            .transpose()?;
+        let mut s = self.stream_to(i, idle)?;
+        let headers: &[(&str, &str)] = match &token {
+            Some(t) => &[("Authorization", t.as_str())],
+            None => &[],
+        };
+        http::write_request(&mut s, "POST", &endpoint, "/v3/watch", headers, raw)
+            .map_err(|e| unavailable(&endpoint, self.explain(e)))?;
+        let mut reader = BufReader::new(s);
+        let head =
+            http::read_head(&mut reader).map_err(|e| unavailable(&endpoint, self.explain(e)))?;
+        if head.status != 200 {
+            let body = BodyReader::new(&mut reader, &head)
+                .read_all(ETCD_RESPONSE_BYTES_MAX)
+                .map_err(|e| unavailable(&endpoint, self.explain(e)))?;
+            let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            if let (Some(auth), Some(t)) = (&self.auth, &token) {
+                if is_stale_token(head.status, &v) {
+                    auth.forget(t);
+                }
+            }
+            return Err(gateway_error(head.status, &v));
+        }
+        let signed_in = self.auth.clone().zip(token);
+        Ok(Watch::start(reader, head, endpoint, signed_in))
+    }
 }
 
 /// A running watch: an endless chunked response of JSON messages, one per line.
@@ -854,6 +871,8 @@ pub struct Watch {
     endpoint: String,
     /// The user and the token the watch was opened with.
     signed_in: Option<(Arc<EtcdAuth>, String)>,
+    /// A message read ahead (see [`Watch::peek_first`]), returned next.
+    first: Option<WatchMessage>,
 }
 
 /// One message of a watch.
@@ -878,11 +897,27 @@ impl Watch {
             lines: BufReader::new(BodyReader::new(reader, &head)),
             endpoint,
             signed_in,
+            first: None,
         }
+    }
+
+    /// Reads the watch's first message (etcd's answer to its creation) ahead; true if etcd
+    /// canceled the watch for a stale token.
+    fn peek_first(&mut self) -> EtcdResult<bool> {
+        let m = self.next_message()?;
+        let stale = m
+            .canceled
+            .as_deref()
+            .is_some_and(|r| r.contains("invalid auth token"));
+        self.first = Some(m);
+        Ok(stale)
     }
 
     /// The next message; an error ends the watch (reconnect from the last revision seen).
     pub fn next_message(&mut self) -> EtcdResult<WatchMessage> {
+        if let Some(m) = self.first.take() {
+            return Ok(m);
+        }
         let mut line = Vec::new();
         let n = std::io::Read::take(&mut self.lines, ETCD_RESPONSE_BYTES_MAX)
             .read_until(b'\n', &mut line)
@@ -912,6 +947,11 @@ impl Watch {
         if r["canceled"].as_bool().unwrap_or(false) {
             let compacted = int(&r["compact_revision"]).unwrap_or(0);
             let reason = r["cancel_reason"].as_str().unwrap_or_default();
+            if let Some((auth, token)) = &self.signed_in {
+                if reason.contains("invalid auth token") {
+                    auth.forget(token);
+                }
+            }
             msg.canceled = Some(if compacted > 0 {
                 format!("revision compacted (up to {compacted})")
             } else {
