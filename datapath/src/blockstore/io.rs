@@ -656,6 +656,14 @@ impl Image {
             // the flush also covers them. Trims are ordered after them the same way.
             IoKind::Flush => {
                 s.run_deferred(q);
+                // On a reactor the syncs run on the store's worker thread and the command
+                // completes through the reactor's mailbox: one volume's Flush stalls no
+                // other I/O, and Flushes that come together share one sync.
+                if let Some(sink) = q.remote() {
+                    if s.flush_later(sink.clone(), req.tag) {
+                        return None;
+                    }
+                }
                 errno(s.flush())
             }
             IoKind::Deallocate if !s.trim.load(Ordering::Relaxed) => 0,
@@ -672,7 +680,7 @@ impl Image {
     }
 }
 
-fn errno(r: Result<(), StoreError>) -> i32 {
+pub(super) fn errno(r: Result<(), StoreError>) -> i32 {
     match r {
         Ok(()) => 0,
         Err(StoreError::Io(e)) => -e.raw_os_error().unwrap_or(libc::EIO),

@@ -14,10 +14,11 @@
 //! - Space freed by an overwrite, trim or delete is reused only after (1) the metadata that
 //!   freed it is durable, and (2) no read that may have looked it up is still running
 //!   (the read gate): a reused block can never show through an old mapping. Both waits
-//!   (a sync of RocksDB's WAL, and the gate) happen on the store's reclaim thread, not on
+//!   (a sync of RocksDB's WAL, and the gate) happen on the store's worker thread, not on
 //!   the reactor whose write crossed [`MAX_PENDING_FREES`]; a writer waits for them only
 //!   when the pool has no free space left, or when frees pile up past
-//!   [`PENDING_FREES_HARD_MAX`] faster than the thread releases them.
+//!   [`PENDING_FREES_HARD_MAX`] faster than the thread releases them. The syncs of a Flush
+//!   issued on a reactor run on that thread as well.
 //! - I/O ([`io`]): an [`Image`] holds its image's layer through a [`Head`] the tree's writers
 //!   keep current; reads and writes of one connection loop pass are done together (one lock
 //!   hold, one ring batch, one metadata commit).
@@ -41,6 +42,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLock
 
 use uuid::Uuid;
 
+use crate::backend::CompletionSink;
 use crate::limits::{
     BLOCK_BYTES, MAX_MEDIA_ERRORS_KEPT, MAX_PENDING_FREES, MERGE_STEP_ENTRIES,
     PENDING_FREES_HARD_MAX,
@@ -222,54 +224,104 @@ pub struct BlockStore {
     background_reclaims: AtomicU64,
 }
 
-/// The thread that makes freed space reusable (see [`BlockStore::reclaim`]) when a writer
-/// asks, so that the writer's reactor never waits for a metadata sync.
+/// The store's worker thread: it makes freed space reusable (see [`BlockStore::reclaim`])
+/// when a writer asks, and runs the syncs of Flush commands issued on reactors, so that no
+/// reactor waits for a disk there.
 #[derive(Default)]
 struct Reclaimer {
-    /// (asked, stopping).
-    state: Mutex<(bool, bool)>,
+    state: Mutex<Asks>,
     wake: Condvar,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// The reclaim thread's name.
-const RECLAIM_THREAD: &str = "evstor-reclaim";
+/// What the worker thread is asked to do.
+#[derive(Default)]
+struct Asks {
+    reclaim: bool,
+    stop: bool,
+    /// Flush commands to complete (where, tag) once everything before them is durable.
+    flushes: Vec<(Arc<dyn CompletionSink>, u64)>,
+}
+
+/// Completes `flushes` with `res`, each sink's together.
+fn complete_flushes(flushes: &[(Arc<dyn CompletionSink>, u64)], res: i32) {
+    let mut i = 0;
+    while i < flushes.len() {
+        let sink = &flushes[i].0;
+        let n = flushes[i..]
+            .iter()
+            .take_while(|(s, _)| Arc::ptr_eq(s, sink))
+            .count();
+        let done: Vec<(u64, i32)> = flushes[i..i + n].iter().map(|(_, t)| (*t, res)).collect();
+        sink.complete_many(&done);
+        i += n;
+    }
+}
+
+/// The store worker thread's name.
+const WORKER_THREAD: &str = "evstor-store";
 
 impl Reclaimer {
     /// Starts `store`'s reclaim thread; it holds the store only while it reclaims.
     fn start(store: &Arc<BlockStore>) -> std::io::Result<()> {
         let (weak, r) = (Arc::downgrade(store), store.reclaimer.clone());
         let h = std::thread::Builder::new()
-            .name(RECLAIM_THREAD.into())
+            .name(WORKER_THREAD.into())
             .spawn(move || loop {
-                {
+                let (flushes, reclaim) = {
                     let mut s = lock(&r.state);
-                    while !s.0 && !s.1 {
+                    while !s.reclaim && s.flushes.is_empty() && !s.stop {
                         s = r.wake.wait(s).unwrap_or_else(|p| p.into_inner());
                     }
-                    if s.1 {
+                    if s.stop {
+                        // The store is going: no Flush may wait for ever.
+                        complete_flushes(&std::mem::take(&mut s.flushes), -libc::ENXIO);
                         return;
                     }
-                    s.0 = false;
-                }
+                    (
+                        std::mem::take(&mut s.flushes),
+                        std::mem::take(&mut s.reclaim),
+                    )
+                };
                 let Some(store) = weak.upgrade() else {
+                    complete_flushes(&flushes, -libc::ENXIO);
                     return;
                 };
-                if let Err(e) = store.reclaim() {
-                    tracing::warn!("block store: reclaiming freed space failed: {e}");
+                if !flushes.is_empty() {
+                    // One sync for every Flush that came meanwhile (it reclaims too).
+                    complete_flushes(&flushes, io::errno(store.flush()));
+                } else if reclaim {
+                    if let Err(e) = store.reclaim() {
+                        tracing::warn!("block store: reclaiming freed space failed: {e}");
+                    }
                 }
             })?;
         *lock(&store.reclaimer.thread) = Some(h);
         Ok(())
     }
 
+    fn running(&self) -> bool {
+        lock(&self.thread)
+            .as_ref()
+            .is_some_and(|h| !h.is_finished())
+    }
+
     /// Asks for a reclaim; false if the thread is not running.
     fn ask(&self) -> bool {
-        let running = lock(&self.thread)
-            .as_ref()
-            .is_some_and(|h| !h.is_finished());
+        let running = self.running();
         if running {
-            lock(&self.state).0 = true;
+            lock(&self.state).reclaim = true;
+            self.wake.notify_one();
+        }
+        running
+    }
+
+    /// Asks for a Flush's syncs, to complete `tag` through `sink`; false if the thread is
+    /// not running (the caller then flushes itself).
+    fn flush(&self, sink: Arc<dyn CompletionSink>, tag: u64) -> bool {
+        let running = self.running();
+        if running {
+            lock(&self.state).flushes.push((sink, tag));
             self.wake.notify_one();
         }
         running
@@ -278,7 +330,7 @@ impl Reclaimer {
 
 impl Drop for BlockStore {
     fn drop(&mut self) {
-        lock(&self.reclaimer.state).1 = true;
+        lock(&self.reclaimer.state).stop = true;
         self.reclaimer.wake.notify_one();
         // Joined, so that RocksDB is closed when the store is gone; unless this is the
         // reclaim thread itself, dropping the last reference after a reclaim.
@@ -710,7 +762,7 @@ impl BlockStore {
             return Ok(());
         }
         #[cfg(test)]
-        if std::thread::current().name() == Some(RECLAIM_THREAD) {
+        if std::thread::current().name() == Some(WORKER_THREAD) {
             self.background_reclaims.fetch_add(1, Ordering::Relaxed);
         }
         if let Err(e) = self.meta.sync() {
@@ -723,6 +775,13 @@ impl BlockStore {
             a.free(s);
         }
         Ok(())
+    }
+
+    /// Completes `tag` through `sink` once every write completed before is durable, the
+    /// syncs running on the store's worker thread; false if it is not running (call
+    /// [`BlockStore::flush`] then).
+    pub(crate) fn flush_later(&self, sink: Arc<dyn CompletionSink>, tag: u64) -> bool {
+        self.reclaimer.flush(sink, tag)
     }
 
     /// Makes every acknowledged write durable (NVMe Flush).

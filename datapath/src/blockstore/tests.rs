@@ -523,6 +523,60 @@ fn freed_space_is_released_by_the_reclaim_thread_and_reused() {
     assert_eq!(h.st().stats().used_bytes, BLOCKS * BLOCK_BYTES);
 }
 
+/// On a queue with a remote completion sink (a reactor's), a Flush's syncs run on the
+/// store's worker thread: nothing completes on the queue, and the completion (with the
+/// writes before it durable) arrives through the sink, from that thread.
+#[test]
+fn a_flush_on_a_reactor_completes_from_the_worker_thread() {
+    use crate::backend::CompletionSink;
+    #[derive(Default)]
+    struct Sink(
+        std::sync::Mutex<Vec<(u64, i32, Option<String>)>>,
+        std::sync::Condvar,
+    );
+    impl CompletionSink for Sink {
+        fn complete(&self, tag: u64, result: i32) {
+            let name = std::thread::current().name().map(str::to_string);
+            self.0.lock().expect("lock").push((tag, result, name));
+            self.1.notify_all();
+        }
+    }
+    let mut h = Harness::new(IoQueue::new_sync());
+    let sink = Arc::new(Sink::default());
+    h.q.set_remote(sink.clone());
+    let v = Uuid::new_v4();
+    h.st().create_volume(v).expect("create");
+    h.buf.slot_mut(0, BLOCK).copy_from_slice(&content(1, 3));
+    assert_eq!(
+        h.io(v, IoKind::Write { fua: false }, 3, 1, false),
+        BLOCK as i32
+    );
+    let img = h.st().image(v, BLOCKS * BLOCK_BYTES, false);
+    let req = IoRequest {
+        kind: IoKind::Flush,
+        offset: 0,
+        len: 0,
+        buf: std::ptr::null_mut(),
+        tag: 9,
+    };
+    // SAFETY: a Flush moves no data.
+    unsafe { img.submit(&mut h.q, &req) }.expect("submit");
+    h.q.submit().expect("ring");
+    let mut on_queue = Vec::new();
+    h.q.reap(|t, r| on_queue.push((t, r)));
+    assert!(on_queue.is_empty(), "completed on the queue: {on_queue:?}");
+    let seen = sink.0.lock().expect("lock");
+    let (seen, _) = sink
+        .1
+        .wait_timeout_while(seen, std::time::Duration::from_secs(10), |s| s.is_empty())
+        .expect("lock");
+    assert_eq!(
+        seen.as_slice(),
+        &[(9, 0, Some("evstor-store".to_string()))],
+        "the Flush's completion"
+    );
+}
+
 #[test]
 fn diff_lists_blocks_written_between_snapshots() {
     let mut h = Harness::new(IoQueue::new_sync());
