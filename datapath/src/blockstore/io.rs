@@ -67,8 +67,6 @@ struct WriteCmd {
     /// Its blocks' extents start here in `PendingWrites::blocks`.
     at: usize,
     res: i32,
-    /// Force Unit Access: complete only once durable.
-    fua: bool,
 }
 
 /// The writes of one loop pass of a connection, committed together ([`Deferred`]).
@@ -419,7 +417,6 @@ impl BlockStore {
                 n,
                 at,
                 res: 0,
-                fua,
             });
             p.durable |= fua;
             None
@@ -481,13 +478,6 @@ impl BlockStore {
             return;
         }
         self.run_staged(q, p);
-        // On a reactor, FUA writes are committed like the others and completed by the
-        // store's worker thread once its sync has made them durable (as a Flush is), so
-        // the pass's other commands, and the reactor, do not wait for the disk.
-        let fua_later = q.remote().filter(|_| p.durable).cloned();
-        if fua_later.is_some() {
-            p.durable = false;
-        }
         if p.durable && p.cmds.iter().any(|c| c.res == 0) {
             if let Err(e) = self.pool.sync() {
                 let r = -e.raw_os_error().unwrap_or(libc::EIO);
@@ -535,15 +525,6 @@ impl BlockStore {
         self.defer_free(&p.replaced.0);
         for c in &p.cmds {
             let bytes = (c.n * BLOCK) as i32;
-            if let (Some(sink), true, 0) = (&fua_later, c.fua, c.res) {
-                if self.flush_later(sink.clone(), c.tag, bytes) {
-                    continue;
-                }
-                // No worker thread: make it durable here.
-                let r = errno(self.flush());
-                q.complete_now(c.tag, if r < 0 { r } else { bytes });
-                continue;
-            }
             q.complete_now(c.tag, if c.res < 0 { c.res } else { bytes });
         }
         p.blocks.clear();
@@ -679,7 +660,7 @@ impl Image {
                 // completes through the reactor's mailbox: one volume's Flush stalls no
                 // other I/O, and Flushes that come together share one sync.
                 if let Some(sink) = q.remote() {
-                    if s.flush_later(sink.clone(), req.tag, 0) {
+                    if s.flush_later(sink.clone(), req.tag) {
                         return None;
                     }
                 }

@@ -18,7 +18,7 @@
 //!   the reactor whose write crossed [`MAX_PENDING_FREES`]; a writer waits for them only
 //!   when the pool has no free space left, or when frees pile up past
 //!   [`PENDING_FREES_HARD_MAX`] faster than the thread releases them. The syncs of a Flush
-//!   or a FUA write issued on a reactor run on that thread as well.
+//!   issued on a reactor run on that thread as well.
 //! - I/O ([`io`]): an [`Image`] holds its image's layer through a [`Head`] the tree's writers
 //!   keep current; reads and writes of one connection loop pass are done together (one lock
 //!   hold, one ring batch, one metadata commit).
@@ -239,27 +239,20 @@ struct Reclaimer {
 struct Asks {
     reclaim: bool,
     stop: bool,
-    /// Commands (Flush, FUA writes) to complete once everything before them is durable.
-    flushes: Vec<Durable>,
+    /// Flush commands to complete (where, tag) once everything before them is durable.
+    flushes: Vec<(Arc<dyn CompletionSink>, u64)>,
 }
 
-/// A command that completes once durable: where, its tag, and its result on success.
-type Durable = (Arc<dyn CompletionSink>, u64, i32);
-
-/// Completes `flushes` with their results (or `err`, -errno, if the syncs failed), each
-/// sink's together.
-fn complete_flushes(flushes: &[Durable], err: i32) {
+/// Completes `flushes` with `res`, each sink's together.
+fn complete_flushes(flushes: &[(Arc<dyn CompletionSink>, u64)], res: i32) {
     let mut i = 0;
     while i < flushes.len() {
         let sink = &flushes[i].0;
         let n = flushes[i..]
             .iter()
-            .take_while(|(s, _, _)| Arc::ptr_eq(s, sink))
+            .take_while(|(s, _)| Arc::ptr_eq(s, sink))
             .count();
-        let done: Vec<(u64, i32)> = flushes[i..i + n]
-            .iter()
-            .map(|(_, t, ok)| (*t, if err < 0 { err } else { *ok }))
-            .collect();
+        let done: Vec<(u64, i32)> = flushes[i..i + n].iter().map(|(_, t)| (*t, res)).collect();
         sink.complete_many(&done);
         i += n;
     }
@@ -295,8 +288,7 @@ impl Reclaimer {
                     return;
                 };
                 if !flushes.is_empty() {
-                    // One sync for every Flush (and FUA write) that came meanwhile; it
-                    // reclaims too.
+                    // One sync for every Flush that came meanwhile (it reclaims too).
                     complete_flushes(&flushes, io::errno(store.flush()));
                 } else if reclaim {
                     if let Err(e) = store.reclaim() {
@@ -324,12 +316,12 @@ impl Reclaimer {
         running
     }
 
-    /// Asks for a Flush's syncs, to complete `tag` through `sink` with `ok`; false if the
-    /// thread is not running (the caller then flushes itself).
-    fn flush(&self, sink: Arc<dyn CompletionSink>, tag: u64, ok: i32) -> bool {
+    /// Asks for a Flush's syncs, to complete `tag` through `sink`; false if the thread is
+    /// not running (the caller then flushes itself).
+    fn flush(&self, sink: Arc<dyn CompletionSink>, tag: u64) -> bool {
         let running = self.running();
         if running {
-            lock(&self.state).flushes.push((sink, tag, ok));
+            lock(&self.state).flushes.push((sink, tag));
             self.wake.notify_one();
         }
         running
@@ -785,11 +777,11 @@ impl BlockStore {
         Ok(())
     }
 
-    /// Completes `tag` through `sink` with `ok` once every write committed before is
-    /// durable, the syncs running on the store's worker thread; false if it is not running
-    /// (call [`BlockStore::flush`] then).
-    pub(crate) fn flush_later(&self, sink: Arc<dyn CompletionSink>, tag: u64, ok: i32) -> bool {
-        self.reclaimer.flush(sink, tag, ok)
+    /// Completes `tag` through `sink` once every write completed before is durable, the
+    /// syncs running on the store's worker thread; false if it is not running (call
+    /// [`BlockStore::flush`] then).
+    pub(crate) fn flush_later(&self, sink: Arc<dyn CompletionSink>, tag: u64) -> bool {
+        self.reclaimer.flush(sink, tag)
     }
 
     /// Makes every acknowledged write durable (NVMe Flush).
