@@ -109,6 +109,12 @@ struct Args {
     /// Percentage of reads for randrw/rw.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
     rwmixread: u32,
+    /// The custom job's writes carry Force Unit Access (each is durable when it completes).
+    #[arg(long)]
+    fua: bool,
+    /// In the custom job, every this many commands of a queue is a Flush.
+    #[arg(long, default_value_t = 0)]
+    flush_every: u32,
     /// Block size in bytes of the custom job (a multiple of 4096, at most 1 MiB).
     #[arg(long)]
     bs: Option<usize>,
@@ -150,6 +156,10 @@ struct Job {
     read_pct: u32,
     random: bool,
     queues: u16,
+    /// Writes with Force Unit Access.
+    fua: bool,
+    /// Every this many commands of a queue, a Flush (0: none).
+    flush_every: u32,
 }
 
 impl Job {
@@ -161,7 +171,17 @@ impl Job {
             (0, false) => "seqwrite".to_string(),
             (p, r) => format!("{}rw{p}", if r { "rand" } else { "seq" }),
         };
-        format!("{}k {kind} qd{} x{}q", self.bs / 1024, self.qd, self.queues)
+        let fua = if self.fua { " fua" } else { "" };
+        let flush = match self.flush_every {
+            0 => String::new(),
+            n => format!(" flush/{n}"),
+        };
+        format!(
+            "{}k {kind}{fua}{flush} qd{} x{}q",
+            self.bs / 1024,
+            self.qd,
+            self.queues
+        )
     }
 
     fn options(&self, digests: bool) -> Options {
@@ -186,13 +206,15 @@ fn job(bs: usize, qd: u16, read_pct: u32, random: bool, queues: u16) -> Job {
         read_pct,
         random,
         queues,
+        fua: false,
+        flush_every: 0,
     }
 }
 
 /// The jobs the arguments ask for.
 fn jobs(a: &Args) -> anyhow::Result<Vec<Job>> {
     let q = a.queues;
-    if a.rw.is_some() || a.bs.is_some() || a.qd.is_some() {
+    if a.rw.is_some() || a.bs.is_some() || a.qd.is_some() || a.fua || a.flush_every > 0 {
         let (read_pct, random) = match a.rw.unwrap_or(Pattern::Randread) {
             Pattern::Randread => (100, true),
             Pattern::Randwrite => (0, true),
@@ -206,7 +228,11 @@ fn jobs(a: &Args) -> anyhow::Result<Vec<Job>> {
             (4096..=MAX_BS_BYTES).contains(&bs) && bs.is_multiple_of(4096),
             "--bs must be a multiple of 4096 up to {MAX_BS_BYTES}"
         );
-        return Ok(vec![job(bs, a.qd.unwrap_or(1), read_pct, random, q)]);
+        return Ok(vec![Job {
+            fua: a.fua,
+            flush_every: a.flush_every,
+            ..job(bs, a.qd.unwrap_or(1), read_pct, random, q)
+        }]);
     }
     let mut v = vec![job(4096, 32, 100, true, q), job(4096, 32, 0, true, q)];
     if a.full {

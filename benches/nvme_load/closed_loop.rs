@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use evstor_datapath::initiator::{read_cmd, write_cmd, Data, Queue};
+use evstor_datapath::initiator::{flush_cmd, read_cmd, write_cmd, Data, Queue};
 use evstor_datapath::limits::LBA_BYTES;
 
 use crate::histogram::Histogram;
@@ -114,10 +114,15 @@ pub fn run_queue(
         bytes: 0,
         errors: 0,
     };
-    let issue = |q: &mut Queue, g: &mut Generator, issued: &mut [Instant]| {
+    let mut count = 0u32;
+    let mut issue = |q: &mut Queue, g: &mut Generator, issued: &mut [Instant]| {
+        count = count.wrapping_add(1);
+        let flush = job.flush_every > 0 && count.is_multiple_of(job.flush_every);
         let (write, slba) = g.next();
-        let cid = if write {
-            q.submit(write_cmd(1, slba, blocks, false), Data::ToTarget(&data))
+        let cid = if flush {
+            q.submit(flush_cmd(1), Data::None)
+        } else if write {
+            q.submit(write_cmd(1, slba, blocks, job.fua), Data::ToTarget(&data))
         } else {
             q.submit(read_cmd(1, slba, blocks), Data::FromTarget(job.bs))
         }?;

@@ -398,14 +398,15 @@ pub async fn serve(
     }
     let target = evstor_datapath::start(target_cfg, Vec::new())
         .with_context(|| format!("starting the NVMe/TCP target on {}", cfg.nvme_addr))?;
-    if cfg.datapath_cores > 0 {
-        // Given its cores, the data path has them to itself: the API, the control plane,
-        // RocksDB's flushes and compactions run on the others.
-        target.keep_other_threads_off_reactor_cpus();
-    }
+    // Given its cores, the data path has them to itself: the API, the control plane,
+    // RocksDB's flushes and compactions run on the others (and so can the block store's
+    // syncs, off the reactors).
+    let dedicated =
+        cfg.datapath_cores > 0 && !target.keep_other_threads_off_reactor_cpus().is_empty();
     let (nvme_addr, discovery_addr) = (target.local_addr(), target.discovery_addr());
     let mut store = VolumeStore::with_target(&cfg.data_dir, &bus.state(), target, node)
         .context("opening the block store")?;
+    store.store().set_syncs_off_reactor(dedicated);
     if member.is_some() {
         let listen = crate::dataplane::replication_addr(&nvme_addr.to_string())
             .context("no replication port next to the NVMe/TCP port")?;

@@ -13,12 +13,12 @@
 //!   acknowledged before it is in it, none acknowledged after.
 //! - Space freed by an overwrite, trim or delete is reused only after (1) the metadata that
 //!   freed it is durable, and (2) no read that may have looked it up is still running
-//!   (the read gate): a reused block can never show through an old mapping. Both waits
-//!   (a sync of RocksDB's WAL, and the gate) happen on the store's worker thread, not on
-//!   the reactor whose write crossed [`MAX_PENDING_FREES`]; a writer waits for them only
-//!   when the pool has no free space left, or when frees pile up past
-//!   [`PENDING_FREES_HARD_MAX`] faster than the thread releases them. The syncs of a Flush
-//!   issued on a reactor run on that thread as well.
+//!   (the read gate): a reused block can never show through an old mapping. With syncs
+//!   off the reactor ([`BlockStore::set_syncs_off_reactor`]), both waits (a sync of
+//!   RocksDB's WAL, and the gate) happen on the store's worker thread, not on the reactor
+//!   whose write crossed [`MAX_PENDING_FREES`] (a writer waits for them only when the pool
+//!   has no free space left, or when frees pile up past [`PENDING_FREES_HARD_MAX`]), and so
+//!   do the syncs of a Flush issued on a reactor.
 //! - I/O ([`io`]): an [`Image`] holds its image's layer through a [`Head`] the tree's writers
 //!   keep current; reads and writes of one connection loop pass are done together (one lock
 //!   hold, one ring batch, one metadata commit).
@@ -212,6 +212,10 @@ pub struct BlockStore {
     /// Image → its head, while some [`Image`] holds it.
     heads: Mutex<HashMap<Uuid, Weak<Head>>>,
     trim: AtomicBool,
+    /// Syncs (a Flush's, a reclaim's) go to the worker thread instead of blocking the
+    /// reactor: only worth it when the worker does not wait for the reactor's own CPU
+    /// ([`BlockStore::set_syncs_off_reactor`]).
+    syncs_off_reactor: AtomicBool,
     media_errors: AtomicU64,
     recent_errors: Mutex<VecDeque<MediaError>>,
     errors_by_image: Mutex<HashMap<Uuid, u32>>,
@@ -413,6 +417,7 @@ impl BlockStore {
             reclaimer: Arc::new(Reclaimer::default()),
             heads: Mutex::new(HashMap::new()),
             trim: AtomicBool::new(true),
+            syncs_off_reactor: AtomicBool::new(false),
             media_errors: AtomicU64::new(0),
             recent_errors: Mutex::new(VecDeque::with_capacity(MAX_MEDIA_ERRORS_KEPT)),
             errors_by_image: Mutex::new(HashMap::new()),
@@ -433,6 +438,15 @@ impl BlockStore {
 
     fn tree_mut(&self) -> RwLockWriteGuard<'_, Tree> {
         self.tree.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the syncs of a Flush and of a reclaim run on the store's worker thread
+    /// rather than on the reactor that needs them. Off by default: where the worker shares
+    /// the reactor's CPU it waits for the reactor's busy poll, and measured slower
+    /// (`benches/RESULTS.md`); `evstor serve --datapath-cores` turns it on once the other
+    /// threads have left the reactors' CPUs.
+    pub fn set_syncs_off_reactor(&self, on: bool) {
+        self.syncs_off_reactor.store(on, Ordering::Relaxed);
     }
 
     /// Whether Dataset Management deallocate releases space (the cluster's `EnableTrim`).
@@ -743,10 +757,12 @@ impl BlockStore {
             p.extend_from_slice(freed);
             p.len()
         };
+        let off = self.syncs_off_reactor.load(Ordering::Relaxed);
         if pending >= PENDING_FREES_HARD_MAX
-            || (pending >= MAX_PENDING_FREES && !self.reclaimer.ask())
+            || (pending >= MAX_PENDING_FREES && !(off && self.reclaimer.ask()))
         {
-            // The reclaim thread is gone (or far behind): release them here.
+            // Syncs stay on the reactor, or the worker is gone (or far behind): release
+            // them here.
             if let Err(e) = self.reclaim() {
                 tracing::warn!("block store: reclaiming freed space failed: {e}");
             }
@@ -778,10 +794,11 @@ impl BlockStore {
     }
 
     /// Completes `tag` through `sink` once every write completed before is durable, the
-    /// syncs running on the store's worker thread; false if it is not running (call
+    /// syncs running on the store's worker thread; false if syncs stay on the reactor
+    /// ([`BlockStore::set_syncs_off_reactor`]) or the worker is not running (call
     /// [`BlockStore::flush`] then).
     pub(crate) fn flush_later(&self, sink: Arc<dyn CompletionSink>, tag: u64) -> bool {
-        self.reclaimer.flush(sink, tag)
+        self.syncs_off_reactor.load(Ordering::Relaxed) && self.reclaimer.flush(sink, tag)
     }
 
     /// Makes every acknowledged write durable (NVMe Flush).

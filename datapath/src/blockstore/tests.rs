@@ -475,10 +475,10 @@ fn a_full_pool_answers_enospc_and_frees_on_delete() {
     assert_eq!(h.st().stats().used_bytes, 0);
 }
 
-/// Overwrites that free more than [`MAX_PENDING_FREES`] extents on a pool smaller than what
-/// they write: the writer only asks, the store's reclaim thread makes the metadata durable
-/// and releases the space, and the writes go on reusing it; every block reads back its last
-/// version.
+/// With syncs off the reactor, overwrites that free more than [`MAX_PENDING_FREES`]
+/// extents on a pool smaller than what they write: the writer only asks, the store's worker
+/// thread makes the metadata durable and releases the space, and the writes go on reusing
+/// it; every block reads back its last version.
 #[test]
 fn freed_space_is_released_by_the_reclaim_thread_and_reused() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -491,6 +491,7 @@ fn freed_space_is_released_by_the_reclaim_thread_and_reused() {
         }],
     )
     .expect("open store");
+    store.set_syncs_off_reactor(true);
     let mut h = Harness {
         dir,
         store: Some(store),
@@ -523,9 +524,10 @@ fn freed_space_is_released_by_the_reclaim_thread_and_reused() {
     assert_eq!(h.st().stats().used_bytes, BLOCKS * BLOCK_BYTES);
 }
 
-/// On a queue with a remote completion sink (a reactor's), a Flush's syncs run on the
-/// store's worker thread: nothing completes on the queue, and the completion (with the
-/// writes before it durable) arrives through the sink, from that thread.
+/// With syncs off the reactor, on a queue with a remote completion sink (a reactor's), a
+/// Flush's syncs run on the store's worker thread: nothing completes on the queue, and the
+/// completion (with the writes before it durable) arrives through the sink, from that
+/// thread.
 #[test]
 fn a_flush_on_a_reactor_completes_from_the_worker_thread() {
     use crate::backend::CompletionSink;
@@ -544,6 +546,7 @@ fn a_flush_on_a_reactor_completes_from_the_worker_thread() {
     let mut h = Harness::new(IoQueue::new_sync());
     let sink = Arc::new(Sink::default());
     h.q.set_remote(sink.clone());
+    h.st().set_syncs_off_reactor(true);
     let v = Uuid::new_v4();
     h.st().create_volume(v).expect("create");
     h.buf.slot_mut(0, BLOCK).copy_from_slice(&content(1, 3));

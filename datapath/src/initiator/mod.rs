@@ -629,6 +629,11 @@ pub fn write_cmd(nsid: u32, slba: u64, blocks: u32, fua: bool) -> [u8; SQE_LEN] 
     rw_cmd(nvme::io::WRITE, nsid, slba, blocks as usize, cdw12)
 }
 
+/// A Flush, for [`Queue::submit`] with [`Data::None`].
+pub fn flush_cmd(nsid: u32) -> [u8; SQE_LEN] {
+    command(nvme::io::FLUSH, nsid)
+}
+
 fn rw_cmd(opcode: u8, nsid: u32, slba: u64, blocks: usize, cdw12: u32) -> [u8; SQE_LEN] {
     debug_assert!((1..=WRITE_ZEROES_BLOCKS_MAX as usize).contains(&blocks));
     let mut c = command(opcode, nsid);
