@@ -656,9 +656,10 @@ impl Image {
             // the flush also covers them. Trims are ordered after them the same way.
             IoKind::Flush => {
                 s.run_deferred(q);
-                // On a reactor the syncs run on the store's worker thread and the command
-                // completes through the reactor's mailbox: one volume's Flush stalls no
-                // other I/O, and Flushes that come together share one sync.
+                // On a reactor whose syncs are off it (dedicated cores), they run on the
+                // store's worker thread and the command completes through the reactor's
+                // mailbox: one volume's Flush stalls no other I/O, and Flushes that come
+                // together share one sync.
                 if let Some(sink) = q.remote() {
                     if s.flush_later(sink.clone(), req.tag) {
                         return None;
