@@ -104,9 +104,13 @@ impl Server {
     /// As [`Server::start`], with extra arguments or limits.
     pub fn start_with(options: Options) -> Server {
         let mut last_error = String::new();
+        // One data directory for every attempt: an attempt that joined a cluster before it
+        // failed to bind its ports left its name there, and the retry is that same member
+        // starting again.
+        let mut dir = Some(tempfile::tempdir().expect("temp dir"));
         for _ in 0..START_ATTEMPTS {
             let mut s = Server {
-                dir: tempfile::tempdir().expect("temp dir"),
+                dir: dir.take().expect("the data dir"),
                 api_port: options.api_port.unwrap_or_else(free_port),
                 nvme_port: free_port_pair(),
                 discovery_port: free_port(),
@@ -116,7 +120,12 @@ impl Server {
             };
             match s.try_spawn() {
                 Ok(()) => return s,
-                Err(e) if e.contains("Address already in use") => last_error = e,
+                Err(e) if e.contains("Address already in use") => {
+                    last_error = e;
+                    let _ = std::fs::remove_file(s.dir.path().join("server.log"));
+                    let placeholder = tempfile::tempdir().expect("temp dir");
+                    dir = Some(std::mem::replace(&mut s.dir, placeholder));
+                }
                 Err(e) => panic!("{e}"),
             }
         }

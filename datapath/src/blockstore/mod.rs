@@ -208,7 +208,7 @@ pub struct BlockStore {
     /// Held for the whole of a [`BlockStore::reclaim`]: a writer out of space waits for the
     /// reclaim in progress (which took the pending frees) instead of finding none.
     reclaiming: Mutex<()>,
-    reclaimer: Arc<Reclaimer>,
+    worker: Arc<Worker>,
     /// Image → its head, while some [`Image`] holds it.
     heads: Mutex<HashMap<Uuid, Weak<Head>>>,
     trim: AtomicBool,
@@ -223,7 +223,7 @@ pub struct BlockStore {
     /// Tree-lock holds of the read path (tests check one per loop pass).
     #[cfg(test)]
     read_holds: AtomicU64,
-    /// Reclaims run by the reclaim thread.
+    /// Reclaims run by the worker thread.
     #[cfg(test)]
     background_reclaims: AtomicU64,
 }
@@ -232,7 +232,7 @@ pub struct BlockStore {
 /// when a writer asks, and runs the syncs of Flush commands issued on reactors, so that no
 /// reactor waits for a disk there.
 #[derive(Default)]
-struct Reclaimer {
+struct Worker {
     state: Mutex<Asks>,
     wake: Condvar,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -265,10 +265,10 @@ fn complete_flushes(flushes: &[(Arc<dyn CompletionSink>, u64)], res: i32) {
 /// The store worker thread's name.
 const WORKER_THREAD: &str = "evstor-store";
 
-impl Reclaimer {
-    /// Starts `store`'s reclaim thread; it holds the store only while it reclaims.
+impl Worker {
+    /// Starts `store`'s worker thread; it holds the store only while it works.
     fn start(store: &Arc<BlockStore>) -> std::io::Result<()> {
-        let (weak, r) = (Arc::downgrade(store), store.reclaimer.clone());
+        let (weak, r) = (Arc::downgrade(store), store.worker.clone());
         let h = std::thread::Builder::new()
             .name(WORKER_THREAD.into())
             .spawn(move || loop {
@@ -300,7 +300,7 @@ impl Reclaimer {
                     }
                 }
             })?;
-        *lock(&store.reclaimer.thread) = Some(h);
+        *lock(&store.worker.thread) = Some(h);
         Ok(())
     }
 
@@ -334,11 +334,11 @@ impl Reclaimer {
 
 impl Drop for BlockStore {
     fn drop(&mut self) {
-        lock(&self.reclaimer.state).stop = true;
-        self.reclaimer.wake.notify_one();
+        lock(&self.worker.state).stop = true;
+        self.worker.wake.notify_one();
         // Joined, so that RocksDB is closed when the store is gone; unless this is the
-        // reclaim thread itself, dropping the last reference after a reclaim.
-        if let Some(h) = lock(&self.reclaimer.thread).take() {
+        // worker thread itself, dropping the last reference after its work.
+        if let Some(h) = lock(&self.worker.thread).take() {
             if h.thread().id() != std::thread::current().id() {
                 let _ = h.join();
             }
@@ -414,7 +414,7 @@ impl BlockStore {
             gate: RwLock::new(()),
             pending: Mutex::new(Vec::with_capacity(MAX_PENDING_FREES)),
             reclaiming: Mutex::new(()),
-            reclaimer: Arc::new(Reclaimer::default()),
+            worker: Arc::new(Worker::default()),
             heads: Mutex::new(HashMap::new()),
             trim: AtomicBool::new(true),
             syncs_off_reactor: AtomicBool::new(false),
@@ -428,7 +428,7 @@ impl BlockStore {
             background_reclaims: AtomicU64::new(0),
         });
         store.compact()?;
-        Reclaimer::start(&store)?;
+        Worker::start(&store)?;
         Ok(store)
     }
 
@@ -759,7 +759,7 @@ impl BlockStore {
         };
         let off = self.syncs_off_reactor.load(Ordering::Relaxed);
         if pending >= PENDING_FREES_HARD_MAX
-            || (pending >= MAX_PENDING_FREES && !(off && self.reclaimer.ask()))
+            || (pending >= MAX_PENDING_FREES && !(off && self.worker.ask()))
         {
             // Syncs stay on the reactor, or the worker is gone (or far behind): release
             // them here.
@@ -798,7 +798,7 @@ impl BlockStore {
     /// ([`BlockStore::set_syncs_off_reactor`]) or the worker is not running (call
     /// [`BlockStore::flush`] then).
     pub(crate) fn flush_later(&self, sink: Arc<dyn CompletionSink>, tag: u64) -> bool {
-        self.syncs_off_reactor.load(Ordering::Relaxed) && self.reclaimer.flush(sink, tag)
+        self.syncs_off_reactor.load(Ordering::Relaxed) && self.worker.flush(sink, tag)
     }
 
     /// Makes every acknowledged write durable (NVMe Flush).

@@ -480,7 +480,7 @@ fn a_full_pool_answers_enospc_and_frees_on_delete() {
 /// thread makes the metadata durable and releases the space, and the writes go on reusing
 /// it; every block reads back its last version.
 #[test]
-fn freed_space_is_released_by_the_reclaim_thread_and_reused() {
+fn freed_space_is_released_by_the_worker_thread_and_reused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pages = (MAX_PENDING_FREES + MAX_PENDING_FREES / 4) as u64;
     let store = BlockStore::open(
@@ -510,7 +510,7 @@ fn freed_space_is_released_by_the_reclaim_thread_and_reused() {
     }
     assert!(
         h.st().background_reclaims.load(Ordering::Relaxed) > 0,
-        "no reclaim ran on the reclaim thread"
+        "no reclaim ran on the worker thread"
     );
     for b in 0..BLOCKS {
         let last = (writes - 1 - b) / BLOCKS * BLOCKS + b;
