@@ -285,11 +285,11 @@ pub const MAX_BLOCKS_PER_IO: usize = BACKEND_IO_BYTES_MAX / BLOCK_BYTES as usize
 pub const MAX_COMPRESSED_BYTES: usize = BLOCK_BYTES as usize - 512;
 
 /// Freed extents held back until the metadata that freed them is durable; past this many
-/// the writer that crosses it asks the store's reclaim thread to make it durable and
-/// release them.
+/// the writer that crosses it makes it durable and releases them (with syncs off the
+/// reactor, it asks the store's worker thread to).
 pub const MAX_PENDING_FREES: usize = 16 * 1024;
-/// Past this many pending frees the writer that crosses it releases them itself (waiting
-/// for the metadata sync): the reclaim thread is not keeping up.
+/// With syncs off the reactor, past this many pending frees the writer that crosses it
+/// releases them itself (waiting for the metadata sync): the worker is not keeping up.
 pub const PENDING_FREES_HARD_MAX: usize = 4 * MAX_PENDING_FREES;
 
 /// Extent entries one step of a layer merge moves (one RocksDB batch, one tree-lock hold):
