@@ -14,7 +14,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use io_uring::{opcode, types};
+
 use crate::admission::ConnKey;
+use crate::backend::IoQueue;
 use crate::replica::Link;
 
 /// What other threads ask of one reactor.
@@ -268,5 +271,47 @@ impl std::task::Wake for Notifier {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.notify();
+    }
+}
+
+/// A read kept pending on a mailbox's eventfd in its owner's ring, so that a post wakes
+/// the ring's wait (the reactors', the replication listener's).
+#[derive(Debug)]
+pub struct WakeRead {
+    buf: Box<[u8; 8]>,
+    armed: bool,
+}
+
+impl Default for WakeRead {
+    fn default() -> WakeRead {
+        WakeRead {
+            buf: Box::new([0; 8]),
+            armed: false,
+        }
+    }
+}
+
+impl WakeRead {
+    /// Pushes the read, tagged `user_data`, unless one is pending.
+    ///
+    /// # Safety
+    /// `fd` stays open, and `self` is not dropped, until `ring` is dropped or the read
+    /// has completed.
+    pub unsafe fn arm(&mut self, ring: &mut IoQueue, fd: RawFd, user_data: u64) {
+        if self.armed {
+            return;
+        }
+        let e = opcode::Read::new(types::Fd(fd), self.buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(user_data);
+        // SAFETY: the caller keeps `fd` and this boxed buffer alive as long as the read.
+        if unsafe { ring.push_op(&e) }.is_ok() {
+            self.armed = true;
+        }
+    }
+
+    /// The read completed (its completion was reaped).
+    pub fn completed(&mut self) {
+        self.armed = false;
     }
 }

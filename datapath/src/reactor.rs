@@ -58,7 +58,7 @@ use crate::limits::{
     BUSY_POLL_US_MAX, QOS_REFILL_MS, REACTOR_CQ_ENTRIES, REACTOR_DRAIN_MS, REACTOR_SQ_ENTRIES,
     REACTOR_SWEEP_MS, RECV_BUFS, RECV_BUF_BYTES, SEND_TIMEOUT_MS,
 };
-use crate::notify::{self, Mail, Notifier, Wakeable};
+use crate::notify::{self, Mail, Notifier, WakeRead, Wakeable};
 use crate::replica::LinkEngine;
 use crate::target::{LedgerGuard, Shared};
 
@@ -376,8 +376,7 @@ struct Reactor {
     fast: Vec<usize>,
     cqes: Vec<(u64, i32, u32)>,
     mail: Mail<Adopt>,
-    wake_buf: Box<[u8; 8]>,
-    wake_armed: bool,
+    wake: WakeRead,
     poll: BusyPoll,
     next_sweep: Instant,
     next_fast: Instant,
@@ -410,8 +409,7 @@ impl Reactor {
             fast: Vec::with_capacity(conns_max),
             cqes: Vec::with_capacity(REACTOR_CQ_ENTRIES as usize),
             mail: Mail::default(),
-            wake_buf: Box::new([0; 8]),
-            wake_armed: false,
+            wake: WakeRead::default(),
             poll: BusyPoll { window_ns: 0 },
             next_sweep: now,
             next_fast: now,
@@ -582,7 +580,7 @@ impl Reactor {
             tag::RECV => self.on_recv(now, idx, gen, res, flags),
             tag::SEND => self.on_send(idx, gen, res),
             tag::IO => self.on_io(idx, gen, slot, res),
-            tag::WAKE => self.wake_armed = false,
+            tag::WAKE => self.wake.completed(),
             tag::CANCEL => {}
             k if tag::is_link(k) => self.links.on_cqe(now, k, idx, gen, res),
             _ => tracing::warn!(t, "completion with an unknown tag"),
@@ -732,16 +730,14 @@ impl Reactor {
     }
 
     fn arm_wake(&mut self) {
-        if self.wake_armed {
-            return;
-        }
-        let e = opcode::Read::new(types::Fd(self.mailbox.fd()), self.wake_buf.as_mut_ptr(), 8)
-            .build()
-            .user_data(tag::make(tag::WAKE, 0, 0, 0));
-        // SAFETY: wake_buf is boxed and lives as long as the reactor (and the ring).
-        if unsafe { self.ioq.push_op(&e) }.is_ok() {
-            self.wake_armed = true;
-        }
+        // SAFETY: the mailbox and `wake` live as long as the reactor (and its ring).
+        unsafe {
+            self.wake.arm(
+                &mut self.ioq,
+                self.mailbox.fd(),
+                tag::make(tag::WAKE, 0, 0, 0),
+            )
+        };
     }
 
     // ---------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ use crate::limits::{
     REPLICA_CONNECTIONS_MAX, REPLICA_FRAME_DATA_MAX, REPLICA_PARTIAL_FRAME_MS, REPLICA_POLL_MS,
     REPLICA_READ_LEASE_MS,
 };
-use crate::notify::Mailbox;
+use crate::notify::{Mailbox, WakeRead};
 use crate::reactor::tag;
 
 /// [`Op::Recent`]'s answer for a primary: its epoch and session, and the chunks (None: the
@@ -500,8 +500,7 @@ struct Serve {
     /// Snapshot hooks for the hook thread, and where it answers.
     hook_jobs: std::sync::mpsc::Sender<HookJob>,
     mail: Arc<Mailbox<()>>,
-    mail_armed: bool,
-    wake_buf: Box<[u8; 8]>,
+    wake: WakeRead,
     inbox: crate::notify::Mail<()>,
 }
 
@@ -536,8 +535,7 @@ impl Serve {
             cqes: Vec::with_capacity(256),
             hook_jobs,
             mail,
-            mail_armed: false,
-            wake_buf: Box::new([0; 8]),
+            wake: WakeRead::default(),
             inbox: crate::notify::Mail::default(),
         }
     }
@@ -618,17 +616,12 @@ impl Serve {
 
     /// Keeps a read pending on the mailbox's eventfd, so a hook's answer wakes the ring.
     fn arm_mail(&mut self) {
-        if self.mail_armed {
-            return;
-        }
-        let e = opcode::Read::new(types::Fd(self.mail.fd()), self.wake_buf.as_mut_ptr(), 8)
-            .build()
-            .user_data(tag::make(T_MAIL, 0, 0, 0));
-        // SAFETY: the eventfd (in `mail`) and `wake_buf` live as long as the ring (all in
+        // SAFETY: the eventfd (in `mail`) and `wake` live as long as the ring (all in
         // `self`, the ring dropped first).
-        if unsafe { self.ring.push_op(&e) }.is_ok() {
-            self.mail_armed = true;
-        }
+        unsafe {
+            self.wake
+                .arm(&mut self.ring, self.mail.fd(), tag::make(T_MAIL, 0, 0, 0))
+        };
     }
 
     /// Answers the snapshots whose hooks finished, and takes the frames their connections
@@ -699,7 +692,7 @@ impl Serve {
     fn on_cqe(&mut self, t: u64, res: i32) {
         let (kind, idx, gen, _) = tag::split(t);
         if kind == T_MAIL {
-            self.mail_armed = false;
+            self.wake.completed();
             return;
         }
         if kind == T_ACCEPT {
