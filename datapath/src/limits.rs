@@ -300,6 +300,16 @@ pub const MERGE_STEP_ENTRIES: usize = 4096;
 /// full row instead: bounds the rows read per chunk at open, and a small write's metadata
 /// (one short row, plus a full row every this many writes to the chunk).
 pub const CHUNK_DELTA_ROWS_MAX: usize = 32;
+/// Chunks the block store's map journal may have changed since its last checkpoint before
+/// one is due (the store's worker thread writes their rows into RocksDB): a checkpoint
+/// writes at most about this many rows (under 1 KiB each), and a replay at open re-applies
+/// at most this many chunks' records beyond the file bound below.
+pub const MAP_LOG_DIRTY_CHUNKS: usize = if cfg!(test) { 48 } else { 16 * 1024 };
+/// Bytes of map journal after which a checkpoint is due (and the next file is started):
+/// bounds replay at open (about 40 bytes a 4k write) and the journal's disk use.
+pub const MAP_LOG_FILE_BYTES: u64 = if cfg!(test) { 64 << 10 } else { 64 << 20 };
+/// Largest map journal record replay accepts (one loop pass's mappings take under 100 KiB).
+pub const MAP_LOG_RECORD_BYTES: usize = 4 << 20;
 /// Size of each of the block store's map memtables (RocksDB's `write_buffer_size`; the
 /// vector memtable is sorted whole when flushed). Under 4k random writes RocksDB's default
 /// (64 MiB) spent 35 % of the target's CPU in that sort, cache-cold; 8 MiB halves it and

@@ -6,7 +6,8 @@
 //! once per loop pass before the ring is submitted, then does the pass's work together:
 //!
 //! 1. writes: their data transfers in one ring batch, one device sync if one asked for FUA,
-//!    then one tree-lock hold and one RocksDB write for every mapping, then completions;
+//!    then one tree-lock hold and one map journal record (one `write`, synced if one asked
+//!    for FUA) for every mapping, then completions;
 //! 2. reads: one read-gate and tree-lock hold to resolve every block of every read through
 //!    the image's [`Head`] (no lookup by image id), one ring batch for their transfers, then
 //!    CRC32C checks (the `crc32c` crate uses the SSE 4.2 instruction when the CPU has it) and
@@ -14,7 +15,8 @@
 //!
 //! Flush, Write Zeroes and Dataset Management run the pass's work first, so they cover (and
 //! are ordered after) every write before them. Nothing here allocates per I/O (the scratch
-//! area is allocated once per thread) but the metadata batch RocksDB itself needs.
+//! area is allocated once per thread, the journal's record buffer once per store) but the
+//! RocksDB batch of a pass that refreshes a change-log row (a chunk's, every few seconds).
 
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
@@ -80,13 +82,11 @@ struct PendingWrites {
     res: Vec<i32>,
     /// Bytes of the staging area in use.
     staged: usize,
-    /// Some command asked for FUA: the commit syncs the device and the WAL.
+    /// Some command asked for FUA: the commit syncs the device and the map journal.
     durable: bool,
     /// Space the commit replaced (freed after it) or could not map (freed at once).
     replaced: Spans,
     unmapped: Spans,
-    /// Row encoding scratch.
-    row: Vec<u8>,
 }
 
 /// Per-thread scratch space, allocated once per reactor thread: I/O never allocates.
@@ -134,7 +134,6 @@ impl Scratch {
                 durable: false,
                 replaced: Spans(Vec::with_capacity(PENDING_BLOCKS_MAX)),
                 unmapped: Spans(Vec::with_capacity(PENDING_BLOCKS_MAX)),
-                row: Vec::with_capacity(1024),
             },
         }
     }
@@ -484,19 +483,23 @@ impl BlockStore {
                 p.cmds.iter_mut().for_each(|c| c.res = c.res.min(r));
             }
         }
-        let mut batch = rocksdb::WriteBatch::default();
+        // Change-log rows go to RocksDB as well (rarely: a chunk's row is refreshed at most
+        // every few seconds), so its batch is made only when one does.
+        let mut changes: Option<rocksdb::WriteBatch> = None;
         let now = now_ms();
         let mut t = self.tree_mut();
+        let mut log = super::lock(&self.maplog);
         for c in p.cmds.iter_mut() {
             let exts = &p.blocks[c.at..c.at + c.n];
             let layer = c.head.layer();
             if c.res == 0 && t.layers.contains_key(&layer) {
-                t.write(layer, c.first, exts, &mut p.replaced, |row| {
-                    self.meta.persist(&mut batch, row, &mut p.row)
-                });
+                t.write(layer, c.first, exts, &mut p.replaced);
+                log.add_write(layer, c.first, exts);
                 let image = c.head.uuid;
                 super::lock(&c.head.changes).record(c.first, c.n as u64, now, |chunk, ms| {
-                    self.meta.put_change(&mut batch, image, chunk, ms)
+                    log.add_change(image, chunk, ms);
+                    let b = changes.get_or_insert_with(rocksdb::WriteBatch::default);
+                    self.meta.put_change(b, image, chunk, ms);
                 });
                 continue;
             }
@@ -508,8 +511,17 @@ impl BlockStore {
                 p.unmapped.push(e.span());
             }
         }
-        let r = self.meta.write(batch, p.durable);
+        let appended = log.commit();
+        let (due, overdue) = (log.wants_checkpoint(), log.overdue());
+        drop(log);
+        let r = changes.map_or(Ok(()), |b| self.meta.write(b, false));
         drop(t);
+        let r = match (appended, r) {
+            (Err(e), _) => Err(StoreError::Meta(e)),
+            (Ok(_), Err(e)) => Err(StoreError::Meta(e)),
+            (Ok(Some(file)), Ok(())) if p.durable => file.sync_data().map_err(StoreError::Io),
+            (Ok(_), Ok(())) => Ok(()),
+        };
         if let Err(e) = r {
             // The in-memory map is ahead of the disk now; refuse these writes loudly rather
             // than acknowledge what a restart would lose.
@@ -532,6 +544,7 @@ impl BlockStore {
         p.replaced.0.clear();
         p.unmapped.0.clear();
         p.durable = false;
+        self.checkpoint_if_due(due, overdue);
     }
 }
 

@@ -11,14 +11,18 @@
 //!   A write covering a quarter of a chunk or more writes the full row at once, so a
 //!   sequentially written volume is one row per 64 blocks.
 //! - `extents`: format 1 (one row per (layer, block)), read only to convert it at open.
-//! - `meta`: the device list the pool was formatted with, and the format version.
+//! - `meta`: the device list the pool was formatted with, the format version, and the map
+//!   journal's mark ([`crate::blockstore::maplog`]: where its records not yet in the chunk
+//!   rows start).
 //!
 //! A chunk that leaves a layer takes its rows with it (its delta slots are deleted too), so a
 //! chunk the tree lacks has no row of any generation on disk, and a new one starts at
 //! generation 0.
 //!
-//! Writes of host data go with the WAL unsynced (an NVMe write without FUA is volatile until
-//! Flush); FUA, Flush and every tree operation (snapshot, clone, rollback, delete) sync it.
+//! Host writes' mappings go to the map journal, not here (format 3; format 2 wrote a delta
+//! row per write, which are still read); checkpoints write the chunk rows they changed.
+//! Every tree operation (snapshot, clone, rollback, delete, trim) is one synced batch,
+//! together with the rows of every chunk the journal changed since its mark and the new mark.
 
 use std::path::Path;
 
@@ -26,7 +30,8 @@ use rocksdb::{ColumnFamilyDescriptor, Options, ReadOptions, WriteBatch, WriteOpt
 use uuid::Uuid;
 
 use crate::blockstore::map::{Chunk, CHUNK_BLOCKS};
-use crate::blockstore::tree::{Extent, HashMap, Layer, LayerId, Owner, Persist, Row, Tree};
+use crate::blockstore::maplog::Mark;
+use crate::blockstore::tree::{Extent, HashMap, Layer, LayerId, Owner, Row, Tree};
 use crate::limits::{
     CHANGE_LOG_KEEP_MS, CHUNK_DELTA_ROWS_MAX, LEGACY_CONVERT_CHUNKS, MAP_MEMTABLE_BYTES,
 };
@@ -40,10 +45,12 @@ const CF_META: &str = "meta";
 const CF_CHANGES: &str = "changes";
 const KEY_DEVICES: &[u8] = b"devices";
 const KEY_FORMAT: &[u8] = b"format";
+const KEY_MAPLOG_MARK: &[u8] = b"maplog-mark";
 
 /// The row layout this build writes. 1: a row per (layer, block) in `extents` (no format
-/// key); 2: chunk and delta rows.
-pub const FORMAT: u32 = 2;
+/// key); 2: chunk and delta rows; 3: chunk rows and the map journal (a build that reads
+/// up to 2 would ignore the journal, so it must refuse the store).
+pub const FORMAT: u32 = 3;
 
 /// Why the metadata store failed.
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +142,8 @@ pub fn encode_extent(e: &Extent) -> [u8; 15] {
     v
 }
 
-fn decode_extent(v: &[u8]) -> Option<Extent> {
+/// The extent of [`encode_extent`]; None if it does not decode.
+pub fn decode_extent(v: &[u8]) -> Option<Extent> {
     if v.len() != 15 {
         return None;
     }
@@ -501,27 +509,58 @@ impl Meta {
         self.mark_format()
     }
 
-    /// Adds a host write's chunk row to `batch` (`buf` is scratch for the encoding).
-    pub fn persist(&self, batch: &mut WriteBatch, p: Persist<'_>, buf: &mut Vec<u8>) {
+    /// Adds chunk `idx` of `layer`'s full row to `batch` (`buf` is scratch).
+    pub fn put_chunk(
+        &self,
+        batch: &mut WriteBatch,
+        layer: LayerId,
+        idx: u64,
+        chunk: &Chunk,
+        buf: &mut Vec<u8>,
+    ) {
         buf.clear();
-        match p {
-            Persist::Delta {
-                layer,
-                idx,
-                slot,
-                gen,
-                first,
-                exts,
-            } => {
-                debug_assert!((slot as usize) < CHUNK_DELTA_ROWS_MAX);
-                encode_delta(gen, first, exts, buf);
-                batch.put_cf(self.cf(CF_DELTAS), delta_key(layer, idx, slot), &buf[..]);
-            }
-            Persist::Chunk { layer, idx, chunk } => {
-                chunk.encode(buf);
-                batch.put_cf(self.cf(CF_CHUNKS), pair_key(layer, idx), &buf[..]);
+        chunk.encode(buf);
+        batch.put_cf(self.cf(CF_CHUNKS), pair_key(layer, idx), &buf[..]);
+    }
+
+    /// Writes a format-2 delta row (this build only reads them): for the tests of stores
+    /// written by older builds.
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn put_legacy_delta(
+        &self,
+        layer: LayerId,
+        idx: u64,
+        slot: u8,
+        gen: u32,
+        first: u32,
+        exts: &[Extent],
+    ) -> Result<(), MetaError> {
+        debug_assert!((slot as usize) < CHUNK_DELTA_ROWS_MAX);
+        let mut v = Vec::new();
+        encode_delta(gen, first, exts, &mut v);
+        self.db.put_cf_opt(
+            self.cf(CF_DELTAS),
+            delta_key(layer, idx, slot),
+            v,
+            &self.sync,
+        )?;
+        Ok(())
+    }
+
+    /// The map journal's mark (the start, for a store without one).
+    pub fn map_log_mark(&self) -> Result<Mark, MetaError> {
+        match self.db.get_cf(self.cf(CF_META), KEY_MAPLOG_MARK)? {
+            None => Ok(Mark::default()),
+            Some(v) => {
+                Mark::decode(&v).ok_or_else(|| MetaError::Corrupt("map journal mark".into()))
             }
         }
+    }
+
+    /// Adds the map journal's new mark to `batch`.
+    pub fn put_mark(&self, batch: &mut WriteBatch, mark: Mark) {
+        batch.put_cf(self.cf(CF_META), KEY_MAPLOG_MARK, mark.encode());
     }
 
     /// Adds to `batch` the change-log row of `image`'s `chunk`, changed at `ms`.
@@ -531,6 +570,26 @@ impl Meta {
             change_key(image, chunk),
             ms.to_le_bytes(),
         );
+    }
+
+    /// As [`Meta::put_change`], unless the row already holds a later time (a replayed
+    /// journal record the row may have outlived).
+    pub fn put_change_if_newer(
+        &self,
+        batch: &mut WriteBatch,
+        image: Uuid,
+        chunk: u64,
+        ms: u64,
+    ) -> Result<(), MetaError> {
+        let now = self
+            .db
+            .get_cf(self.cf(CF_CHANGES), change_key(image, chunk))?
+            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+            .map(u64::from_le_bytes);
+        if now.is_none_or(|now| now < ms) {
+            self.put_change(batch, image, chunk, ms);
+        }
+        Ok(())
     }
 
     /// `image`'s change-log rows (chunk, Unix ms), and the time before which rows were
@@ -587,9 +646,9 @@ impl Meta {
         Ok(())
     }
 
-    /// Persists a tree mutation atomically and durably. `tree` is the state after it.
-    pub fn apply(&self, rows: &[Row], tree: &Tree) -> Result<(), MetaError> {
-        let mut b = WriteBatch::default();
+    /// Persists a tree mutation atomically and durably, after what `b` holds already (a
+    /// checkpoint's rows). `tree` is the state after it.
+    pub fn apply(&self, mut b: WriteBatch, rows: &[Row], tree: &Tree) -> Result<(), MetaError> {
         let (layers, chunks, deltas) = (self.cf(CF_LAYERS), self.cf(CF_CHUNKS), self.cf(CF_DELTAS));
         let mut buf = Vec::new();
         for r in rows {

@@ -5,10 +5,11 @@
 //!   [`alloc::Allocator`] hands out, through the connection's io_uring ([`pool`]), with
 //!   O_DIRECT where the device takes it.
 //! - Metadata: the layer tree ([`tree`]) of block maps ([`map`]: 64-block chunks, a CRC32C
-//!   and at most a packed location per block) in memory, persisted in RocksDB ([`meta`]). A
-//!   write is acknowledged after its data is written and its mapping committed, so a crash
-//!   leaves every block either old or new, and the checksum of what a mapping names always
-//!   matches.
+//!   and at most a packed location per block) in memory, persisted in RocksDB ([`meta`]) as
+//!   chunk rows, with host writes' mappings appended to the map journal ([`maplog`]) and
+//!   checkpointed into chunk rows by the store's worker thread. A write is acknowledged
+//!   after its data is written and its mapping committed, so a crash leaves every block
+//!   either old or new, and the checksum of what a mapping names always matches.
 //! - Snapshots freeze the volume's current layer under the tree's write lock: every write
 //!   acknowledged before it is in it, none acknowledged after.
 //! - Space freed by an overwrite, trim or delete is reused only after (1) the metadata that
@@ -31,6 +32,7 @@ pub mod alloc;
 pub mod changes;
 mod io;
 pub mod map;
+pub mod maplog;
 pub mod meta;
 pub mod pool;
 pub mod tree;
@@ -51,16 +53,20 @@ use crate::limits::{
 use alloc::Allocator;
 use changes::ChangeLog;
 pub use io::Image;
+use maplog::{Dirty, Entry, MapLog};
 use meta::{Meta, MetaError};
 pub use pool::DeviceSpec;
 use pool::Pool;
-use tree::{Delta, Span, Tree};
+use tree::{Delta, LayerId, Span, Tree};
 pub use tree::{Extent, TreeError, Usage};
 
 const BLOCK: usize = BLOCK_BYTES as usize;
 
 /// Entries per merge step; tiny under test, so the model test crosses many step boundaries.
 const MERGE_STEP: usize = if cfg!(test) { 3 } else { MERGE_STEP_ENTRIES };
+
+/// Chunk rows a checkpoint encodes per hold of the tree's read lock.
+const CHECKPOINT_BATCH: usize = 256;
 
 /// Why a block store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +215,13 @@ pub struct BlockStore {
     /// reclaim in progress (which took the pending frees) instead of finding none.
     reclaiming: Mutex<()>,
     worker: Arc<Worker>,
+    /// The map journal: host writes' mappings since the last checkpoint. Locked after the
+    /// tree (a pass's records are appended under the tree's write lock, so their order is
+    /// the tree's).
+    maplog: Mutex<MapLog>,
+    /// Held for a whole checkpoint and by tree operations (which checkpoint inside their own
+    /// batch): one at a time, and none while another is half-written.
+    checkpointing: Mutex<()>,
     /// Image → its head, while some [`Image`] holds it.
     heads: Mutex<HashMap<Uuid, Weak<Head>>>,
     trim: AtomicBool,
@@ -226,9 +239,13 @@ pub struct BlockStore {
     /// Reclaims run by the worker thread.
     #[cfg(test)]
     background_reclaims: AtomicU64,
+    /// Checkpoints run by the worker thread.
+    #[cfg(test)]
+    background_checkpoints: AtomicU64,
 }
 
-/// The store's worker thread: it makes freed space reusable (see [`BlockStore::reclaim`])
+/// The store's worker thread: it checkpoints the map journal (see
+/// [`BlockStore::checkpoint`]) and makes freed space reusable (see [`BlockStore::reclaim`])
 /// when a writer asks, and runs the syncs of Flush commands issued on reactors, so that no
 /// reactor waits for a disk there.
 #[derive(Default)]
@@ -242,6 +259,7 @@ struct Worker {
 #[derive(Default)]
 struct Asks {
     reclaim: bool,
+    checkpoint: bool,
     stop: bool,
     /// Flush commands to complete (where, tag) once everything before them is durable.
     flushes: Vec<(Arc<dyn CompletionSink>, u64)>,
@@ -272,9 +290,9 @@ impl Worker {
         let h = std::thread::Builder::new()
             .name(WORKER_THREAD.into())
             .spawn(move || loop {
-                let (flushes, reclaim) = {
+                let (flushes, reclaim, checkpoint) = {
                     let mut s = lock(&r.state);
-                    while !s.reclaim && s.flushes.is_empty() && !s.stop {
+                    while !s.reclaim && !s.checkpoint && s.flushes.is_empty() && !s.stop {
                         s = r.wake.wait(s).unwrap_or_else(|p| p.into_inner());
                     }
                     if s.stop {
@@ -285,12 +303,20 @@ impl Worker {
                     (
                         std::mem::take(&mut s.flushes),
                         std::mem::take(&mut s.reclaim),
+                        std::mem::take(&mut s.checkpoint),
                     )
                 };
                 let Some(store) = weak.upgrade() else {
                     complete_flushes(&flushes, -libc::ENXIO);
                     return;
                 };
+                if checkpoint {
+                    #[cfg(test)]
+                    store.background_checkpoints.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = store.checkpoint() {
+                        tracing::warn!("block store: checkpointing the map journal failed: {e}");
+                    }
+                }
                 if !flushes.is_empty() {
                     // One sync for every Flush that came meanwhile (it reclaims too).
                     complete_flushes(&flushes, io::errno(store.flush()));
@@ -312,9 +338,18 @@ impl Worker {
 
     /// Asks for a reclaim; false if the thread is not running.
     fn ask(&self) -> bool {
+        self.ask_for(|a| a.reclaim = true)
+    }
+
+    /// Asks for a checkpoint; false if the thread is not running.
+    fn ask_checkpoint(&self) -> bool {
+        self.ask_for(|a| a.checkpoint = true)
+    }
+
+    fn ask_for(&self, f: impl FnOnce(&mut Asks)) -> bool {
         let running = self.running();
         if running {
-            lock(&self.state).reclaim = true;
+            f(&mut lock(&self.state));
             self.wake.notify_one();
         }
         running
@@ -376,7 +411,8 @@ impl BlockStore {
             .collect();
         meta.check_devices(&listed)?;
         let loaded = meta.load()?;
-        let tree = Tree::from_parts(loaded.layers);
+        let mut tree = Tree::from_parts(loaded.layers);
+        let (maplog, changes) = replay(meta_dir, &meta, &mut tree)?;
         let mut alloc = Allocator::new(pool.pages());
         let mut clash = None;
         tree.spans(|s| {
@@ -415,6 +451,8 @@ impl BlockStore {
             pending: Mutex::new(Vec::with_capacity(MAX_PENDING_FREES)),
             reclaiming: Mutex::new(()),
             worker: Arc::new(Worker::default()),
+            maplog: Mutex::new(maplog),
+            checkpointing: Mutex::new(()),
             heads: Mutex::new(HashMap::new()),
             trim: AtomicBool::new(true),
             syncs_off_reactor: AtomicBool::new(false),
@@ -426,7 +464,17 @@ impl BlockStore {
             read_holds: AtomicU64::new(0),
             #[cfg(test)]
             background_reclaims: AtomicU64::new(0),
+            #[cfg(test)]
+            background_checkpoints: AtomicU64::new(0),
         });
+        // What the journal replayed goes into chunk rows (with the change-log rows it held),
+        // and the mark moves to the new file.
+        let mut b = rocksdb::WriteBatch::default();
+        for (image, chunk, ms) in changes {
+            store.meta.put_change_if_newer(&mut b, image, chunk, ms)?;
+        }
+        store.meta.write(b, false)?;
+        store.mutate(|_| Ok(Delta::default()))?;
         store.compact()?;
         Worker::start(&store)?;
         Ok(store)
@@ -489,18 +537,119 @@ impl BlockStore {
         Ok(())
     }
 
-    /// Applies a tree operation and persists it durably (one atomic batch). The heads of the
-    /// images it moved follow before the write lock is let go.
+    /// Applies a tree operation and persists it durably, in one atomic batch with the rows
+    /// of every chunk the map journal changed since its mark and the new mark (so no journal
+    /// record from before the operation is replayed over it). The heads of the images it
+    /// moved follow before the write lock is let go.
     fn mutate(
         &self,
         f: impl FnOnce(&mut Tree) -> Result<Delta, TreeError>,
     ) -> Result<(), StoreError> {
+        let _one = lock(&self.checkpointing);
         let mut t = self.tree_mut();
         let d = f(&mut t)?;
         self.follow(&t, &d.images);
-        self.meta.apply(&d.rows, &t)?;
+        let mut log = lock(&self.maplog);
+        let (dirty, mark) = (log.take_dirty(), log.end_mark());
+        let mut b = rocksdb::WriteBatch::default();
+        let mut buf = Vec::new();
+        for &(layer, idx) in &dirty {
+            // A chunk the operation removed has its deletes among the operation's rows.
+            if let Some(c) = t.layers.get_mut(&layer).and_then(|l| l.map.chunk_mut(idx)) {
+                if c.deltas > 0 {
+                    tree::consolidate(c);
+                }
+                self.meta.put_chunk(&mut b, layer, idx, c, &mut buf);
+            }
+        }
+        self.meta.put_mark(&mut b, mark);
+        if let Err(e) = self.meta.apply(b, &d.rows, &t) {
+            log.restore_dirty(dirty);
+            return Err(e.into());
+        }
+        log.forget_before(mark);
+        drop(log);
         drop(t);
         self.defer_free(&d.freed.0);
+        Ok(())
+    }
+
+    /// Writes the rows of every chunk the map journal changed since its mark, then (synced)
+    /// the new mark, and deletes the journal's files wholly before it. Host writes go on
+    /// meanwhile: the tree's read lock is held only while a few rows are encoded, and a
+    /// chunk written again after the mark was noted is simply written with its newer state
+    /// (its records after the mark replay over it to the same result). Runs on the store's
+    /// worker thread when a writer finds one due ([`MapLog::wants_checkpoint`]).
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        let _one = lock(&self.checkpointing);
+        // A full file is followed by a new one, made (and its directory synced) before the
+        // switch, outside every lock the writers take.
+        let full = lock(&self.maplog).file_full();
+        let next = if full {
+            Some(lock(&self.maplog).prepare_next()?)
+        } else {
+            None
+        };
+        let (dirty, mark) = {
+            let mut log = lock(&self.maplog);
+            if let Some(n) = next {
+                log.switch(n);
+            }
+            (log.take_dirty(), log.end_mark())
+        };
+        let mut keys: Vec<(LayerId, u64)> = dirty.iter().copied().collect();
+        keys.sort_unstable();
+        let mut buf = Vec::new();
+        let r = (|| {
+            for part in keys.chunks(CHECKPOINT_BATCH) {
+                let mut b = rocksdb::WriteBatch::default();
+                {
+                    let t = self.tree();
+                    for &(layer, idx) in part {
+                        // Legacy delta rows were consolidated at open; only tree operations
+                        // (excluded meanwhile) remove chunks.
+                        if let Some(c) = t.layers.get(&layer).and_then(|l| l.map.chunk(idx)) {
+                            debug_assert_eq!(c.deltas, 0, "chunk {layer}/{idx} has delta rows");
+                            self.meta.put_chunk(&mut b, layer, idx, c, &mut buf);
+                        }
+                    }
+                }
+                self.meta.write(b, false)?;
+            }
+            let mut b = rocksdb::WriteBatch::default();
+            self.meta.put_mark(&mut b, mark);
+            self.meta.write(b, true)
+        })();
+        if let Err(e) = r {
+            lock(&self.maplog).restore_dirty(dirty);
+            return Err(e.into());
+        }
+        lock(&self.maplog).forget_before(mark);
+        Ok(())
+    }
+
+    /// After a pass's record: asks the worker thread for a checkpoint when one is due, or
+    /// runs it here if the worker is gone or far behind (and no checkpoint is under way).
+    fn checkpoint_if_due(&self, due: bool, overdue: bool) {
+        if !due || (!overdue && self.worker.ask_checkpoint()) {
+            return;
+        }
+        let busy = self.checkpointing.try_lock().is_err();
+        if !busy {
+            if let Err(e) = self.checkpoint() {
+                tracing::warn!("block store: checkpointing the map journal failed: {e}");
+            }
+        }
+    }
+
+    /// Makes every mapping committed so far durable: the map journal's files after the mark,
+    /// and RocksDB's WAL.
+    fn sync_maps(&self) -> Result<(), StoreError> {
+        let files = lock(&self.maplog).live_files();
+        for f in files {
+            f.sync_data()?;
+        }
+        self.meta.sync()?;
         Ok(())
     }
 
@@ -781,9 +930,9 @@ impl BlockStore {
         if std::thread::current().name() == Some(WORKER_THREAD) {
             self.background_reclaims.fetch_add(1, Ordering::Relaxed);
         }
-        if let Err(e) = self.meta.sync() {
+        if let Err(e) = self.sync_maps() {
             lock(&self.pending).extend_from_slice(&freed);
-            return Err(e.into());
+            return Err(e);
         }
         drop(self.gate.write().unwrap_or_else(|p| p.into_inner()));
         let mut a = lock(&self.alloc);
@@ -804,7 +953,7 @@ impl BlockStore {
     /// Makes every acknowledged write durable (NVMe Flush).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.pool.sync()?;
-        self.meta.sync()?;
+        self.sync_maps()?;
         self.reclaim()
     }
 
@@ -825,6 +974,59 @@ impl BlockStore {
         });
         tracing::error!(%image, block, sector, "block checksum mismatch: unrecovered read error");
     }
+}
+
+/// Opens the map journal, replaying its records from the mark over `tree`; returns it with
+/// every replayed chunk (and every chunk with format-2 delta rows) marked for the open's
+/// checkpoint, and the change-log rows it held.
+#[allow(clippy::type_complexity)]
+fn replay(
+    meta_dir: &Path,
+    meta: &Meta,
+    tree: &mut Tree,
+) -> Result<(MapLog, Vec<(Uuid, u64, u64)>), StoreError> {
+    let (mut touched, mut changes, mut strays) = (Vec::new(), Vec::new(), 0u64);
+    let mut freed = tree::Spans::default();
+    let (mut log, r) = MapLog::open(meta_dir, meta.map_log_mark()?, |e| match e {
+        Entry::Write { layer, first, exts } => {
+            if tree.layers.contains_key(&layer) {
+                tree.write(layer, first, exts, &mut freed);
+                freed.0.clear();
+                touched.push((layer, first, exts.len() as u64));
+            } else {
+                strays += 1;
+            }
+        }
+        Entry::Change { image, chunk, ms } => changes.push((image, chunk, ms)),
+    })?;
+    if strays > 0 {
+        // Records after the mark were written after the last tree operation, so their
+        // layers exist: this is damage, but the rest of the map is still worth serving.
+        tracing::error!(
+            entries = strays,
+            "block store: map journal entries name layers the map lacks; ignored"
+        );
+    }
+    for (layer, first, n) in touched {
+        log.touch(layer, first, n);
+    }
+    let mut legacy: Dirty = Dirty::default();
+    for (&id, l) in &tree.layers {
+        for (&idx, c) in l.map.chunks() {
+            if c.deltas > 0 {
+                legacy.insert((id, idx));
+            }
+        }
+    }
+    log.restore_dirty(legacy);
+    if r.records > 0 || r.torn > 0 {
+        tracing::info!(
+            records = r.records,
+            torn_files = r.torn,
+            "block store: replayed the map journal"
+        );
+    }
+    Ok((log, changes))
 }
 
 fn idempotent(r: Result<Delta, TreeError>) -> Result<Delta, TreeError> {

@@ -15,6 +15,7 @@ use crate::buffer::SlotBuf;
 use crate::limits::MAX_BLOCKS_PER_IO;
 
 mod format_io;
+mod journal;
 
 const BLOCKS: u64 = 48;
 

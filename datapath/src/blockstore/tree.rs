@@ -23,11 +23,6 @@ use uuid::Uuid;
 
 use crate::blockstore::map::{mask, BlockMap, Chunk, CHUNK_BLOCKS};
 pub use crate::blockstore::map::{Extent, Span, Spans};
-use crate::limits::CHUNK_DELTA_ROWS_MAX;
-
-/// Delta rows a chunk may have; tiny under test, so the model test starts new generations
-/// often (and reopens across them).
-pub const DELTA_ROWS: usize = if cfg!(test) { 4 } else { CHUNK_DELTA_ROWS_MAX };
 
 /// A layer's id (never reused).
 pub type LayerId = u64;
@@ -158,36 +153,6 @@ impl Delta {
     }
 }
 
-/// A chunk's row for a host write's batch, from [`Tree::write`].
-#[derive(Debug)]
-pub enum Persist<'a> {
-    /// A delta row: blocks `[first, first + exts.len())` of chunk `idx` (block numbers inside
-    /// the chunk), applied at load over the full row of generation `gen`, in slot order.
-    Delta {
-        /// Layer.
-        layer: LayerId,
-        /// Chunk number.
-        idx: u64,
-        /// Row slot (`0..CHUNK_DELTA_ROWS_MAX`).
-        slot: u8,
-        /// Generation of the full row it applies to.
-        gen: u32,
-        /// First block inside the chunk.
-        first: u32,
-        /// The blocks' new extents.
-        exts: &'a [Extent],
-    },
-    /// The chunk's full row (a new generation).
-    Chunk {
-        /// Layer.
-        layer: LayerId,
-        /// Chunk number.
-        idx: u64,
-        /// Its state now.
-        chunk: &'a Chunk,
-    },
-}
-
 /// Why a tree operation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TreeError {
@@ -222,7 +187,7 @@ pub struct Tree {
 }
 
 /// Starts a new generation of a chunk's full row: delta rows written so far become stale.
-fn consolidate(c: &mut Chunk) {
+pub(crate) fn consolidate(c: &mut Chunk) {
     c.gen = c.gen.wrapping_add(1);
     c.deltas = 0;
 }
@@ -545,18 +510,11 @@ impl Tree {
         true
     }
 
-    /// Maps blocks `first..` of volume layer `head` to `exts` (a host write). Extents they
-    /// replace in that layer go to `freed`; each chunk touched hands `persist` its row: a
-    /// delta row with just these blocks, or the chunk's full row when the write covers a
-    /// quarter of it or the chunk has used up its delta slots. Ancestors keep their blocks.
-    pub fn write(
-        &mut self,
-        head: LayerId,
-        first: u64,
-        exts: &[Extent],
-        freed: &mut Spans,
-        mut persist: impl FnMut(Persist<'_>),
-    ) {
+    /// Maps blocks `first..` of volume layer `head` to `exts` (a host write, or its replay
+    /// from the map journal: the same blocks and extents give the same result however often
+    /// it runs). Extents they replace in that layer go to `freed`. Ancestors keep their
+    /// blocks.
+    pub fn write(&mut self, head: LayerId, first: u64, exts: &[Extent], freed: &mut Spans) {
         let Layer {
             map,
             data_blocks,
@@ -580,26 +538,6 @@ impl Tree {
                     *data_blocks += 1;
                     *stored_bytes += 512 * e.sectors() as u64;
                 }
-            }
-            if n as u64 * 4 >= CHUNK_BLOCKS || c.deltas as usize >= DELTA_ROWS {
-                consolidate(c);
-                persist(Persist::Chunk {
-                    layer: head,
-                    idx,
-                    chunk: c,
-                });
-            } else {
-                let slot = c.deltas;
-                c.deltas += 1;
-                c.slots_used = c.slots_used.max(c.deltas);
-                persist(Persist::Delta {
-                    layer: head,
-                    idx,
-                    slot,
-                    gen: c.gen,
-                    first: i,
-                    exts: seg,
-                });
             }
             k += n;
         }

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::blockstore::tree::HashMap;
-use crate::blockstore::tree::{Delta, Layer, LayerId, Owner, Persist, Row, Tree};
+use crate::blockstore::tree::{Delta, Layer, LayerId, Owner, Row, Tree};
 use uuid::Uuid;
 
 /// A raw block at page `page` with a CRC derived from it.
@@ -209,17 +209,11 @@ fn volume_tree() -> (Tree, Uuid, LayerId) {
     (t, v, head)
 }
 
-/// Host writes through `Tree::write`, collecting what it persists.
-fn write(t: &mut Tree, layer: LayerId, first: u64, exts: &[Extent]) -> (Spans, Vec<String>) {
+/// A host write through `Tree::write`, returning what it freed.
+fn write(t: &mut Tree, layer: LayerId, first: u64, exts: &[Extent]) -> Spans {
     let mut freed = Spans::default();
-    let mut rows = Vec::new();
-    t.write(layer, first, exts, &mut freed, |p| {
-        rows.push(match p {
-            Persist::Delta { idx, slot, gen, .. } => format!("delta {idx}/{slot}@{gen}"),
-            Persist::Chunk { idx, chunk, .. } => format!("chunk {idx}@{}", chunk.gen),
-        })
-    });
-    (freed, rows)
+    t.write(layer, first, exts, &mut freed);
+    freed
 }
 
 fn raws(page: u64, n: u64) -> Vec<Extent> {
@@ -227,39 +221,10 @@ fn raws(page: u64, n: u64) -> Vec<Extent> {
 }
 
 #[test]
-fn large_writes_rewrite_the_chunk_row_and_small_ones_add_delta_rows_until_the_slots_run_out() {
-    let (mut t, _, head) = volume_tree();
-    let (_, rows) = write(&mut t, head, 0, &raws(100, 32));
-    assert_eq!(
-        rows,
-        vec!["chunk 0@1"],
-        "a write of half a chunk rewrites its row"
-    );
-    let (_, rows) = write(&mut t, head, 60, &raws(500, 8));
-    assert_eq!(
-        rows,
-        vec!["delta 0/0@1", "delta 1/0@0"],
-        "split at the chunk boundary"
-    );
-    let mut last = Vec::new();
-    for i in 0..crate::blockstore::tree::DELTA_ROWS as u64 {
-        last = write(&mut t, head, 40 + i % 8, &raws(900 + i, 1)).1;
-    }
-    assert_eq!(
-        last,
-        vec!["chunk 0@2"],
-        "the slots ran out: a new generation"
-    );
-    let c = t.layers[&head].map.chunk(0).expect("chunk");
-    let slots = crate::blockstore::tree::DELTA_ROWS as u8;
-    assert_eq!((c.gen, c.deltas, c.slots_used), (2, 0, slots));
-}
-
-#[test]
 fn overwrites_free_exactly_what_they_replace_and_counters_follow() {
     let (mut t, _, head) = volume_tree();
     write(&mut t, head, 0, &raws(100, 64));
-    let (freed, _) = write(&mut t, head, 10, &raws(7000, 4));
+    let freed = write(&mut t, head, 10, &raws(7000, 4));
     assert_eq!(
         freed.0,
         vec![Span {
@@ -268,7 +233,7 @@ fn overwrites_free_exactly_what_they_replace_and_counters_follow() {
         }],
         "one span for four consecutive pages"
     );
-    let (freed, _) = write(&mut t, head, 20, &[Extent::ZERO, packed(8 * 3000 + 1, 600)]);
+    let freed = write(&mut t, head, 20, &[Extent::ZERO, packed(8 * 3000 + 1, 600)]);
     assert_eq!(freed.0.len(), 1, "pages 120 and 121 are consecutive");
     let l = &t.layers[&head];
     assert_eq!(l.data_blocks, 63);
@@ -285,7 +250,7 @@ fn snapshots_layer_over_runs_block_by_block() {
     let frozen = t.layer_of(s).expect("snapshot layer");
     assert_eq!(frozen, head);
     // An overwrite in the middle of the frozen run lands in the new layer only.
-    let (freed, _) = write(&mut t, top, 60, &raws(4000, 8));
+    let freed = write(&mut t, top, 60, &raws(4000, 8));
     assert!(freed.0.is_empty(), "the snapshot keeps the old blocks");
     let mut out = vec![None; 128];
     assert!(t.resolve_range(top, 0, &mut out));
