@@ -179,6 +179,40 @@ fn servers_make_one_cluster_as_an_etcd_user() {
     );
 }
 
+/// A server that cannot listen on its ports refuses to start before it joins: its name
+/// stays free, and the same name joins from another data directory afterwards.
+#[test]
+fn a_server_that_cannot_listen_does_not_join() {
+    let etcd = Etcd::start(1);
+    let first = member(&etcd, "p1", &[]);
+    let taken = format!("127.0.0.1:{}", first.nvme_port);
+    let (api, discovery) = (
+        format!("127.0.0.1:{}", common::free_port()),
+        format!("127.0.0.1:{}", common::free_port()),
+    );
+    let err = refused_at_start(&[
+        "--etcd",
+        &etcd.endpoints(),
+        "--nvme-addr",
+        &taken,
+        "--api-addr",
+        &api,
+        "--discovery-addr",
+        &discovery,
+    ]);
+    assert!(
+        err.contains(&taken) && err.contains("not joining the cluster"),
+        "{err}"
+    );
+    // refused_at_start's name, now from a fresh directory on free ports.
+    let second = member(&etcd, "x", &[]);
+    for s in [&first, &second] {
+        eventually(s, "/api/v2/servers", |_, _| {
+            states(s) == all_enabled(&["p1", "x"])
+        });
+    }
+}
+
 #[test]
 fn three_servers_one_journal_volumes_everywhere() {
     let etcd = Etcd::start(3);

@@ -381,6 +381,9 @@ pub async fn serve(
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let (cert, key) = ensure_tls(&cfg.data_dir)?;
+    if cfg.cluster.is_some() {
+        ports_free(&cfg)?;
+    }
     let (bus, member) = start_control(&cfg, &cert).await?;
     let node = member.as_ref().map(|m| m.node_uuid);
     let mut target_cfg = evstor_datapath::TargetConfig::new(
@@ -475,6 +478,33 @@ pub async fn serve(
     }
     stopper.abort();
     served.with_context(|| format!("serving the API (--api-addr {})", cfg.api_addr))
+}
+
+/// Checks that the ports this server will listen on can be bound, before it joins a
+/// cluster: joining records its name and id there, so a server that then could not serve
+/// would have taken its name with it (a restart from the same data directory is that same
+/// member again, but a fresh one would need another `--name`). The NVMe/TCP, discovery and
+/// replication ports always; `--api-addr` on a first start only (a member that has joined
+/// listens where the journal records its admin endpoints, if it records any). Port 0 picks
+/// a free port, so it is not checked; nor can this stop another process from taking a port
+/// between this check and the bind, which then fails as before.
+fn ports_free(cfg: &ServeConfig) -> anyhow::Result<()> {
+    let mut ports = vec![
+        ("--nvme-addr", cfg.nvme_addr),
+        ("--discovery-addr", cfg.discovery_addr),
+    ];
+    if let Some(r) = crate::dataplane::replication_addr(&cfg.nvme_addr.to_string()) {
+        ports.push(("the replication port (--nvme-addr's port + 1)", r));
+    }
+    if !journal_dir(&cfg.data_dir).exists() {
+        ports.push(("--api-addr", cfg.api_addr));
+    }
+    for (what, addr) in ports.into_iter().filter(|(_, a)| a.port() != 0) {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            anyhow::bail!("cannot listen on {addr} ({what}): {e}; not joining the cluster");
+        }
+    }
+    Ok(())
 }
 
 /// The API's listeners: this server's admin endpoints as the journal has them (`--api-addr`

@@ -633,16 +633,10 @@ impl Meta {
         Ok(())
     }
 
-    /// Writes a batch of host-data rows; `durable` syncs the WAL first.
+    /// Writes a batch (a checkpoint's rows, change-log rows); `durable` syncs the WAL.
     pub fn write(&self, batch: WriteBatch, durable: bool) -> Result<(), MetaError> {
         let o = if durable { &self.sync } else { &self.nosync };
         self.db.write_opt(batch, o)?;
-        Ok(())
-    }
-
-    /// Makes every earlier write durable.
-    pub fn sync(&self) -> Result<(), MetaError> {
-        self.db.flush_wal(true)?;
         Ok(())
     }
 

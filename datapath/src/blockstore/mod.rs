@@ -16,7 +16,7 @@
 //!   freed it is durable, and (2) no read that may have looked it up is still running
 //!   (the read gate): a reused block can never show through an old mapping. With syncs
 //!   off the reactor ([`BlockStore::set_syncs_off_reactor`]), both waits (a sync of
-//!   RocksDB's WAL, and the gate) happen on the store's worker thread, not on the reactor
+//!   the map journal, and the gate) happen on the store's worker thread, not on the reactor
 //!   whose write crossed [`MAX_PENDING_FREES`] (a writer waits for them only when the pool
 //!   has no free space left, or when frees pile up past [`PENDING_FREES_HARD_MAX`]), and so
 //!   do the syncs of a Flush issued on a reactor.
@@ -642,14 +642,15 @@ impl BlockStore {
         }
     }
 
-    /// Makes every mapping committed so far durable: the map journal's files after the mark,
-    /// and RocksDB's WAL.
+    /// Makes every mapping committed so far durable: the map journal's files not yet
+    /// behind the mark. RocksDB needs no sync here: tree operations and a checkpoint's mark
+    /// are written synced, and the change-log rows a pass writes there unsynced are in its
+    /// journal record too (a replay puts them back).
     fn sync_maps(&self) -> Result<(), StoreError> {
         let files = lock(&self.maplog).live_files();
         for f in files {
             f.sync_data()?;
         }
-        self.meta.sync()?;
         Ok(())
     }
 
