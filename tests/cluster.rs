@@ -808,7 +808,8 @@ fn etcd_quorum_loss_stops_mutations_only() {
 
 /// A snapshot schedule in a cluster (test clock: an hourly slot every second): each slot
 /// fires once, whichever servers' agents look at it, the snapshots appear on every server,
-/// and every server reaches the same head.
+/// and every server reaches the same head. (Retention is 48 test hours, 48 s: with 2 the
+/// snapshots could all expire before a slow machine had listed them.)
 #[test]
 fn a_snapshot_schedule_fires_each_slot_once_in_a_cluster() {
     let etcd = Etcd::start(1);
@@ -830,7 +831,7 @@ fn a_snapshot_schedule_fires_each_slot_once_in_a_cluster() {
     let body = json!({"name": "every-hour", "resourceUUID": vol,
         "schedulePolicy": {"snapshotSchedulePolicy": {"hourlySchedule": {
             "startTime": evstor_control::api::json::rfc3339(secs * 1_000_000_000),
-            "hoursInCycle": 1}}, "retentionTime": "2h"}});
+            "hoursInCycle": 1}}, "retentionTime": "48h"}});
     let (status, p) = servers[2]
         .admin()
         .post("/api/v2/projects/default/resourcePolicies", &body);

@@ -141,8 +141,8 @@ fn file_name(gen: u64) -> String {
     format!("{gen:016x}")
 }
 
-fn io_err(what: &str, e: std::io::Error) -> MetaError {
-    MetaError::Corrupt(format!("map journal: {what}: {e}"))
+fn io_err(what: &'static str, e: std::io::Error) -> MetaError {
+    MetaError::Journal(what, e)
 }
 
 /// The journal's files in `dir`, by generation.

@@ -61,6 +61,9 @@ pub enum MetaError {
     /// A row that does not decode.
     #[error("block store metadata is corrupt: {0}")]
     Corrupt(String),
+    /// The map journal's file I/O failed (what was being done, and why).
+    #[error("block store map journal: {0}: {1}")]
+    Journal(&'static str, std::io::Error),
 }
 
 /// The metadata database.
