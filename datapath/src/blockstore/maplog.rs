@@ -314,8 +314,8 @@ impl MapLog {
         }
     }
 
-    /// Marks chunk `idx` of `layer` changed (a replayed write; [`MapLog::add_write`] does it
-    /// itself).
+    /// Marks the chunks of blocks `[first, first + n)` of `layer` changed (a replayed write;
+    /// [`MapLog::add_write`] does it itself).
     pub fn touch(&mut self, layer: LayerId, first: u64, n: u64) {
         if n == 0 {
             return;
@@ -440,15 +440,6 @@ impl MapLog {
                 tracing::warn!("map journal: deleting checkpointed file {gen}: {e}");
             }
         }
-    }
-
-    /// Bytes of the file appended to (tests).
-    #[cfg(test)]
-    pub fn file_len(&self) -> u64 {
-        self.files
-            .last()
-            .and_then(|f| f.1.metadata().ok())
-            .map_or(0, |m| m.len())
     }
 }
 

@@ -712,6 +712,24 @@ fn deallocate_is_ignored_when_trim_is_disabled_but_write_zeroes_is_not() {
     assert_eq!(h.st().usage(v).expect("usage").visible_blocks, 0);
 }
 
+/// Reads block `b` of `image` through a fresh handle.
+fn read_block(h: &mut Harness, image: Uuid, b: u64) -> Vec<u8> {
+    assert_eq!(
+        h.io(image, IoKind::Read, b, 1, false),
+        BLOCK as i32,
+        "read {b}"
+    );
+    h.buf.slot(0, BLOCK).to_vec()
+}
+
+/// Flushes (releasing pending frees), then checks the pool holds exactly the space the
+/// layers' extents take.
+fn assert_no_space_leaked(h: &Harness) {
+    h.st().flush().expect("flush");
+    let stored: u64 = h.st().tree().layers.values().map(|l| l.stored_bytes).sum();
+    assert_eq!(h.st().stats().used_bytes, stored, "no space leaked");
+}
+
 /// Writes `version`'s content to blocks `0..n` of `v`.
 fn write_blocks(h: &mut Harness, v: Uuid, version: u64, n: u64) {
     for b in 0..n {
@@ -768,7 +786,5 @@ fn a_repeated_rollback_is_a_no_op_and_a_later_one_rolls_back_again() {
     write_blocks(&mut h, v, 3, 2);
     h.st().rollback(v, s).expect("a new rollback");
     assert_blocks(&mut h, v, 1, 4);
-    h.st().flush().expect("flush");
-    let stored: u64 = h.st().tree().layers.values().map(|l| l.stored_bytes).sum();
-    assert_eq!(h.st().stats().used_bytes, stored, "no space leaked");
+    assert_no_space_leaked(&h);
 }

@@ -65,7 +65,6 @@ fn a_torn_tail_ends_its_file_but_not_the_replay() {
     let (mut log, _, _) = replay(dir.path(), Mark::default());
     log.add_write(1, 0, &[ext(8)]);
     log.commit().expect("commit");
-    let good = log.file_len();
     log.add_write(1, 1, &[ext(16)]);
     log.commit().expect("commit");
     drop(log);
@@ -84,7 +83,6 @@ fn a_torn_tail_ends_its_file_but_not_the_replay() {
     let (_, r, seen) = replay(dir.path(), Mark::default());
     assert_eq!((r.records, r.torn), (2, 1));
     assert_eq!(seen, vec!["w 1 0 [8]", "w 1 2 [24]"]);
-    assert!(good > 0);
 }
 
 #[test]

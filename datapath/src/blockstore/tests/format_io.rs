@@ -21,16 +21,6 @@ fn rows(db: &rocksdb::DB, cf: &str) -> usize {
     db.iterator_cf(cf, rocksdb::IteratorMode::Start).count()
 }
 
-/// Reads block `b` of `image` through a fresh handle.
-fn read_block(h: &mut Harness, image: Uuid, b: u64) -> Vec<u8> {
-    assert_eq!(
-        h.io(image, IoKind::Read, b, 1, false),
-        BLOCK as i32,
-        "read {b}"
-    );
-    h.buf.slot(0, BLOCK).to_vec()
-}
-
 /// A store written by the previous release: layer rows as today, one `extents` row per
 /// (layer, block), no format key; the data put on the device by hand.
 fn write_format_1(dir: &Path) -> (Uuid, Uuid, Vec<u8>) {

@@ -25,11 +25,6 @@ fn write_range(h: &mut Harness, v: Uuid, version: u64, first: u64, n: u64) {
     }
 }
 
-fn reads(h: &mut Harness, v: Uuid, b: u64) -> Vec<u8> {
-    assert_eq!(h.io(v, IoKind::Read, b, 1, false), BLOCK as i32, "read {b}");
-    h.buf.slot(0, BLOCK).to_vec()
-}
-
 /// Writes after the last checkpoint live only in the journal (RocksDB has no row for
 /// them); a restart replays them.
 #[test]
@@ -48,7 +43,7 @@ fn writes_since_the_last_checkpoint_come_back_from_the_journal() {
     reopen(&mut h);
     assert_blocks(&mut h, v, 2, 3);
     for b in 3..8 {
-        assert!(reads(&mut h, v, b) == content(1, b), "block {b}");
+        assert!(read_block(&mut h, v, b) == content(1, b), "block {b}");
     }
     assert_eq!(
         maplog::files(&meta),
@@ -58,9 +53,7 @@ fn writes_since_the_last_checkpoint_come_back_from_the_journal() {
     // And once more, now from the chunk rows the open wrote.
     reopen(&mut h);
     assert_blocks(&mut h, v, 2, 3);
-    h.st().flush().expect("flush");
-    let stored: u64 = h.st().tree().layers.values().map(|l| l.stored_bytes).sum();
-    assert_eq!(h.st().stats().used_bytes, stored, "no space leaked");
+    assert_no_space_leaked(&h);
 }
 
 /// A trim (a tree operation) after writes: its batch carries the written chunks' rows and
@@ -82,20 +75,21 @@ fn a_trim_after_writes_is_not_undone_by_a_replay() {
     reopen(&mut h);
     let zero = vec![0u8; BLOCK];
     for b in [2, 3, 4, 64, 99, 127] {
-        assert!(reads(&mut h, v, b) == zero, "trimmed block {b} came back");
+        assert!(
+            read_block(&mut h, v, b) == zero,
+            "trimmed block {b} came back"
+        );
     }
     for b in [0, 1, 5, 63, 128, 129] {
-        assert!(reads(&mut h, v, b) == content(1, b), "block {b}");
+        assert!(read_block(&mut h, v, b) == content(1, b), "block {b}");
     }
     for b in [100, 101] {
         assert!(
-            reads(&mut h, v, b) == content(2, b),
+            read_block(&mut h, v, b) == content(2, b),
             "block {b} written after the trim"
         );
     }
-    h.st().flush().expect("flush");
-    let stored: u64 = h.st().tree().layers.values().map(|l| l.stored_bytes).sum();
-    assert_eq!(h.st().stats().used_bytes, stored, "no space leaked");
+    assert_no_space_leaked(&h);
 }
 
 /// Snapshot, write, delete the snapshot: the writes before the snapshot belong to it, and
@@ -114,7 +108,7 @@ fn writes_around_a_snapshot_and_its_delete_replay_into_the_right_layer() {
     assert_blocks(&mut h, v, 2, 3);
     for b in 3..6 {
         assert!(
-            reads(&mut h, v, b) == content(1, b),
+            read_block(&mut h, v, b) == content(1, b),
             "block {b} from the snapshot"
         );
     }
@@ -125,17 +119,15 @@ fn writes_around_a_snapshot_and_its_delete_replay_into_the_right_layer() {
     assert_blocks(&mut h, v, 3, 1);
     assert_blocks_from(&mut h, v, 2, 1, 3);
     for b in 3..6 {
-        assert!(reads(&mut h, v, b) == content(1, b), "block {b}");
+        assert!(read_block(&mut h, v, b) == content(1, b), "block {b}");
     }
-    h.st().flush().expect("flush");
-    let stored: u64 = h.st().tree().layers.values().map(|l| l.stored_bytes).sum();
-    assert_eq!(h.st().stats().used_bytes, stored, "no space leaked");
+    assert_no_space_leaked(&h);
 }
 
 fn assert_blocks_from(h: &mut Harness, v: Uuid, version: u64, first: u64, to: u64) {
     for b in first..to {
         assert!(
-            reads(h, v, b) == content(version, b),
+            read_block(h, v, b) == content(version, b),
             "block {b} is not version {version}"
         );
     }
@@ -176,7 +168,7 @@ fn checkpoints_run_on_the_worker_thread_and_keep_the_journal_small() {
     reopen(&mut h);
     for c in 0..chunks {
         assert!(
-            reads(&mut h, v, c * 64) == content(rounds, c * 64),
+            read_block(&mut h, v, c * 64) == content(rounds, c * 64),
             "chunk {c}"
         );
     }
@@ -210,10 +202,10 @@ fn format_2_delta_rows_load_and_never_overlay_a_later_checkpoint() {
     }
     h.store = Some(open(h.dir.path()));
     assert!(
-        reads(&mut h, v, 3) == vec![0u8; BLOCK],
+        read_block(&mut h, v, 3) == vec![0u8; BLOCK],
         "the delta row applies"
     );
-    assert!(reads(&mut h, v, 4) == content(1, 4));
+    assert!(read_block(&mut h, v, 4) == content(1, 4));
     let c = h.st().tree().layers[&layer]
         .map
         .chunk(0)
