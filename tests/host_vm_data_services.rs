@@ -247,7 +247,7 @@ fn linux_host_sees_snapshots_clones_rollback_compression_and_qos() {
         GUEST_TIMEOUT_S,
         |s, n, sh| serve_request(s, n, sh, &mut x),
     );
-    run.assert_checks(EXPECTED, &s);
+    run.assert_checks(EXPECTED, &[&s]);
     assert!(
         x.problems.is_empty(),
         "REST-side problems: {:?}",

@@ -93,7 +93,7 @@ fn linux_host_uses_volumes_created_through_the_api() {
         GUEST_TIMEOUT_S,
         |s, name, _| serve_request(s, name, &v1, &mut problems),
     );
-    run.assert_checks(EXPECTED, &s);
+    run.assert_checks(EXPECTED, &[&s]);
     assert!(problems.is_empty(), "REST-side problems: {problems:?}");
     // After the disconnect the volume no longer lists the host.
     let v: Value = s.wait_for(&volume_path(&v1), |_, v| v["connectedHosts"].is_null());

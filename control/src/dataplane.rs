@@ -113,6 +113,35 @@ fn deposed_since(repl: &Repl, volume: Uuid) -> Option<u64> {
     )
 }
 
+/// Forgets the `members` that are not in the just published `table`, telling each: a
+/// replica that left a volume this node still leads is dropped (the control plane
+/// recorded it out of sync, or removed it: what is held for it is no longer owed); the
+/// replicas of a volume this node no longer leads are deposed (what is held for them, or
+/// still sent to them through the old table, fails as fenced: the new primary may lack it).
+fn depart(members: &mut HashMap<(Uuid, Uuid), Published>, table: &[NamespaceSpec]) {
+    let mut led: HashSet<[u8; 16]> = HashSet::new();
+    let mut live: HashSet<*const Member> = HashSet::new();
+    for s in table {
+        if let Backing::Image {
+            replication: Some(r),
+            ..
+        } = &s.backing
+        {
+            led.insert(s.uuid);
+            live.extend(r.members.iter().map(Arc::as_ptr));
+        }
+    }
+    members.retain(|(volume, _), (_, _, _, m)| {
+        let kept = live.contains(&Arc::as_ptr(m));
+        if !kept && led.contains(volume.as_bytes()) {
+            m.drop_replica();
+        } else if !kept {
+            m.depose();
+        }
+        kept
+    });
+}
+
 /// A replica the primary could not write to, to record out of sync.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaFailure {
@@ -414,30 +443,14 @@ impl VolumeStore {
         (epoch, out)
     }
 
-    /// Tells members that left every published volume's in-sync set.
+    /// Tells members that left every published volume's in-sync set ([`depart`]).
     fn drop_departed(&self, table: &[NamespaceSpec]) {
-        let Some(repl) = &self.repl else {
-            return;
-        };
-        let live: HashSet<*const Member> = table
-            .iter()
-            .filter_map(|s| match &s.backing {
-                Backing::Image {
-                    replication: Some(r),
-                    ..
-                } => Some(r.members.iter().map(Arc::as_ptr)),
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        let mut members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
-        members.retain(|_, (_, _, _, m)| {
-            let kept = live.contains(&Arc::as_ptr(m));
-            if !kept {
-                m.drop_replica();
-            }
-            kept
-        });
+        if let Some(repl) = &self.repl {
+            depart(
+                &mut repl.members.lock().unwrap_or_else(|p| p.into_inner()),
+                table,
+            );
+        }
     }
 
     /// Hands the replication listener the volumes this node holds an in-sync replica of.
@@ -1037,5 +1050,70 @@ impl DataPathView for VolumeStore {
         max: usize,
     ) -> Result<Vec<u64>, StoreError> {
         self.store.changed_blocks(target, base, from, to, max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replica that leaves a volume this node still leads is dropped (its held writes
+    /// are no longer owed); the replicas of a volume this node stopped leading (a hand-over,
+    /// a failover it learns of late) are deposed, so a write held for them fails instead of
+    /// being acknowledged by a server that is no longer the primary.
+    #[test]
+    fn a_replica_that_left_is_dropped_and_those_of_a_volume_handed_over_are_deposed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dev = DeviceSpec {
+            path: dir.path().join("pool.dev"),
+            size_bytes: 64 << 20,
+        };
+        let store = BlockStore::open(&dir.path().join("meta"), &[dev]).expect("store");
+        let hub = ReplicaHub::new().expect("hub");
+        // Nobody listens there: nothing is sent in this test.
+        let addr: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let member = || Arc::new(Member::new(hub.link(addr).expect("link"), 1 << 20, true));
+        let (led, handed_over) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let (stays, leaves, other) = (member(), member(), member());
+        let mut members: HashMap<(Uuid, Uuid), Published> = HashMap::new();
+        for (key, m) in [
+            ((led, Uuid::from_u128(10)), &stays),
+            ((led, Uuid::from_u128(11)), &leaves),
+            ((handed_over, Uuid::from_u128(10)), &other),
+        ] {
+            members.insert(key, (addr, 1, 1 << 20, m.clone()));
+        }
+        let spec = |uuid: Uuid, replication| NamespaceSpec {
+            nsid: 1,
+            uuid: *uuid.as_bytes(),
+            size_bytes: 1 << 20,
+            backing: Backing::Image {
+                store: store.clone(),
+                compress: false,
+                replication,
+            },
+            host_acl: Acl::AllowAny,
+            ip_acl: Acl::AllowAny,
+            qos: Default::default(),
+            ana: Default::default(),
+        };
+        // This node still leads `led` (with one replica fewer) and serves `handed_over` as
+        // a replica only.
+        let table = vec![
+            spec(
+                led,
+                Some(Replication {
+                    epoch: 1,
+                    members: vec![stays.clone()],
+                }),
+            ),
+            spec(handed_over, None),
+        ];
+        depart(&mut members, &table);
+        assert_eq!(stays.state.mode(), Mode::InSync);
+        assert_eq!(leaves.state.mode(), Mode::Dropped);
+        assert_eq!(other.state.mode(), Mode::Deposed);
+        assert_eq!(members.len(), 1, "only the member still published is kept");
+        hub.shutdown();
     }
 }

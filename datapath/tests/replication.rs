@@ -294,6 +294,51 @@ fn a_failed_replica_holds_writes_until_it_is_dropped_from_the_in_sync_set() -> a
     Ok(())
 }
 
+/// A primary that is deposed (another server took the volume over, e.g. a planned
+/// hand-over) while a write waits for a failed replica does not acknowledge it: nobody
+/// recorded the replica out of sync, so the new primary (or that replica) may lack it. The
+/// write fails as a path error and the host retries on the new primary; so does a write
+/// that still reaches the old table after the hand-over.
+#[test]
+fn a_deposed_primary_acknowledges_no_write_a_replica_missed() -> anyhow::Result<()> {
+    let p = pair(1);
+    let mut s = Session::connect(p.target.local_addr(), NQN, HOST)?;
+    s.write(1, 0, &pattern(1, 1))?;
+    p.server.shutdown();
+    drop(p.server);
+    let writer = std::thread::spawn(move || {
+        let r = s.write(1, 5, &pattern(4, 9));
+        (r, s)
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.hub.take_failures().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the failed replica was never reported"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // This server's table no longer leads the volume: its members are deposed, not dropped.
+    p.member.depose();
+    let (r, mut s) = writer.join().expect("writer");
+    match r {
+        Ok(()) => panic!("a deposed primary acknowledged a write its replica lacks"),
+        Err(e) => assert_eq!(e.status(), Some(Status::ANA_INACCESSIBLE), "{e}"),
+    }
+    // A write through the old table (the namespace is still published with the member).
+    match s.write(1, 20, &pattern(1, 4)) {
+        Ok(()) => panic!("a write after the hand-over was acknowledged by the old primary"),
+        Err(e) => assert_eq!(e.status(), Some(Status::ANA_INACCESSIBLE), "{e}"),
+    }
+    // Nor does it serve a read from its own copy.
+    match s.read(1, 0, 1) {
+        Ok(_) => panic!("a deposed primary served a read"),
+        Err(e) => assert_eq!(e.status(), Some(Status::ANA_INACCESSIBLE), "{e}"),
+    }
+    p.target.shutdown();
+    Ok(())
+}
+
 /// A replica that missed writes is rebuilt while writes go on: only the chunks it missed
 /// are copied, and afterwards both copies are identical and writes wait for it again.
 #[test]

@@ -194,7 +194,11 @@ impl Server {
             .arg("--discovery-addr")
             .arg(format!("127.0.0.1:{}", self.discovery_port))
             .args(&self.options.args)
-            .env("EVSTOR_LOG", "warn")
+            // `EVSTOR_TEST_LOG` (e.g. `info`) makes the servers' logs more detailed.
+            .env(
+                "EVSTOR_LOG",
+                std::env::var("EVSTOR_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().expect("log fd")))
             .stderr(Stdio::from(log))

@@ -17,8 +17,9 @@ pub struct GuestRun {
 }
 
 impl GuestRun {
-    /// Checks the guest reported every `CHECK-OK` name in `expected` and exited 0.
-    pub fn assert_checks(&self, expected: &[&str], server: &Server) {
+    /// Checks the guest reported every `CHECK-OK` name in `expected` and exited 0; a
+    /// failure prints the logs of `servers`.
+    pub fn assert_checks(&self, expected: &[&str], servers: &[&Server]) {
         let missing: Vec<_> = expected
             .iter()
             .filter(|c| {
@@ -28,11 +29,16 @@ impl GuestRun {
                     .any(|l| l.starts_with(&format!("CHECK-OK {c}")))
             })
             .collect();
+        let logs: Vec<String> = servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("----- server {i} log -----\n{}", s.log()))
+            .collect();
         assert!(
             self.status.success(),
-            "guest failed ({}); missing {missing:?}; server log:\n{}",
+            "guest failed ({}); missing {missing:?}; server logs:\n{}",
             self.status,
-            server.log()
+            logs.join("\n")
         );
         assert!(missing.is_empty(), "checks not reported: {missing:?}");
     }

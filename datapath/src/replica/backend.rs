@@ -44,6 +44,15 @@ impl Member {
         self.state.set_dropped();
         self.link.sweep();
     }
+
+    /// This server no longer leads the volume: the parts held for the replica, and any
+    /// sent to it from now on, fail as fenced (the host retries on the new primary). Not
+    /// [`Member::drop_replica`]: nobody recorded the replica out of sync, so a write it
+    /// missed must not be acknowledged here.
+    pub fn depose(&self) {
+        self.state.set_deposed();
+        self.link.sweep();
+    }
 }
 
 /// A volume written to its local image and to every in-sync replica.
@@ -105,6 +114,7 @@ impl Replicated {
         };
         let mut n = 0;
         for m in &self.members {
+            // (A deposed member's part is failed by its link.)
             if m.state.mode() == Mode::Dropped {
                 if op.changes_data() {
                     m.state.mark(req.offset, u64::from(req.len));

@@ -245,6 +245,11 @@ impl Link {
         member: &Arc<MemberState>,
         must_deliver: bool,
     ) {
+        if member.mode() == Mode::Deposed {
+            // This server no longer leads the volume: the part cannot be owed to anyone.
+            sink.complete(tag, FENCED);
+            return;
+        }
         let mut st = self.lock();
         let id = match st.free.pop() {
             Some(id) => id,
@@ -301,7 +306,8 @@ impl Link {
     }
 
     /// Completes held parts whose replica no longer holds writes up (dropped, or being
-    /// rebuilt: success, their chunks marked dirty) or that waited too long (error).
+    /// rebuilt: success, their chunks marked dirty), whose primary was deposed (fenced) or
+    /// that waited too long (error).
     pub fn sweep(&self) {
         let now = Instant::now();
         let hold_max = Duration::from_millis(REPLICA_HOLD_MAX_MS);
@@ -311,6 +317,7 @@ impl Link {
             for id in 0..st.parts.len() {
                 let res = match &st.parts[id] {
                     Some(p) => match p.phase {
+                        Phase::Held(_) if p.member.mode() == Mode::Deposed => FENCED,
                         Phase::Held(_) if p.must_deliver => -libc::ECANCELED,
                         Phase::Held(_) if p.member.mode() != Mode::InSync => {
                             p.member.set_dropped();

@@ -14,6 +14,8 @@ const IN_SYNC: u8 = 0;
 const DROPPED: u8 = 1;
 /// Being rebuilt: receives every write, but a failure drops it (writes never wait for it).
 const REBUILDING: u8 = 2;
+/// This server no longer leads the volume: every part not yet answered fails as fenced.
+const DEPOSED: u8 = 3;
 
 /// What a replica's writes do now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +26,11 @@ pub enum Mode {
     Dropped,
     /// Writes go to it, but do not wait for it if it fails.
     Rebuilding,
+    /// This server is no longer the volume's primary (another one took over, or the
+    /// volume is gone): a part sent to it or held for it fails as fenced
+    /// ([`super::FENCED`]), so the host retries on the new primary instead of being told
+    /// that a write it sent here is on every copy. Final.
+    Deposed,
 }
 
 /// A replica's mode and the chunks it missed, shared by every table that names it.
@@ -132,9 +139,10 @@ impl MemberState {
         ))
     }
 
-    /// Whether the replica's promise still holds at `now` ([`clock_ns`]).
+    /// Whether the replica's promise still holds at `now` ([`clock_ns`]); never once
+    /// deposed (the promise was made to the primary this server no longer is).
     pub fn leased(&self, now: u64) -> bool {
-        now < self.lease_until.load(Ordering::Relaxed)
+        now < self.lease_until.load(Ordering::Relaxed) && self.mode() != Mode::Deposed
     }
 
     /// The current mode.
@@ -142,18 +150,32 @@ impl MemberState {
         match self.mode.load(Ordering::SeqCst) {
             IN_SYNC => Mode::InSync,
             REBUILDING => Mode::Rebuilding,
+            DEPOSED => Mode::Deposed,
             _ => Mode::Dropped,
         }
     }
 
-    /// Stops sending it writes (from now on they mark its dirty chunks).
+    /// Stops sending it writes (from now on they mark its dirty chunks); a deposed member
+    /// stays deposed.
     pub fn set_dropped(&self) {
-        self.mode.store(DROPPED, Ordering::SeqCst);
+        let _ = self
+            .mode
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |m| {
+                (m == IN_SYNC || m == REBUILDING).then_some(DROPPED)
+            });
     }
 
-    /// Starts sending it writes again, without waiting for it (a rebuild begins).
+    /// Starts sending it writes again, without waiting for it (a rebuild begins); only a
+    /// dropped member (a deposed one stays deposed).
     pub fn set_rebuilding(&self) {
-        self.mode.store(REBUILDING, Ordering::SeqCst);
+        let _ = self
+            .mode
+            .compare_exchange(DROPPED, REBUILDING, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// This server no longer leads the volume (see [`Mode::Deposed`]).
+    pub fn set_deposed(&self) {
+        self.mode.store(DEPOSED, Ordering::SeqCst);
     }
 
     /// A finished rebuild: writes wait for it again. False if it failed meanwhile.

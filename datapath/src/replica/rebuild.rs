@@ -206,6 +206,7 @@ fn copy(
     };
     let alive = || match member.state.mode() {
         Mode::Dropped => Err(io::Error::other("the replica failed during the rebuild")),
+        Mode::Deposed => Err(io::Error::other("this server no longer leads the volume")),
         _ => Ok(()),
     };
     let connect = Duration::from_millis(4 * (REPLICA_CONNECT_TIMEOUT_MS + REPLICA_RECONNECT_MS));
