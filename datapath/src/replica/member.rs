@@ -165,12 +165,14 @@ impl MemberState {
             });
     }
 
-    /// Starts sending it writes again, without waiting for it (a rebuild begins); only a
-    /// dropped member (a deposed one stays deposed).
+    /// Starts sending it writes again, without waiting for it (a rebuild begins); a
+    /// deposed member stays deposed.
     pub fn set_rebuilding(&self) {
         let _ = self
             .mode
-            .compare_exchange(DROPPED, REBUILDING, Ordering::SeqCst, Ordering::SeqCst);
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |m| {
+                (m != DEPOSED).then_some(REBUILDING)
+            });
     }
 
     /// This server no longer leads the volume (see [`Mode::Deposed`]).
@@ -288,6 +290,22 @@ mod tests {
         m.set_rebuilding();
         assert!(m.rebuilt());
         assert_eq!(m.mode(), Mode::InSync);
+    }
+
+    #[test]
+    fn a_deposed_member_stays_deposed_and_promises_nothing() {
+        let m = MemberState::new(REBUILD_CHUNK_BYTES, true);
+        m.renew_lease(Instant::now());
+        assert!(m.leased(clock_ns(Instant::now())));
+        m.set_deposed();
+        assert!(
+            !m.leased(clock_ns(Instant::now())),
+            "a lease given to the former primary does not serve reads here"
+        );
+        m.set_dropped();
+        m.set_rebuilding();
+        assert!(!m.rebuilt());
+        assert_eq!(m.mode(), Mode::Deposed);
     }
 
     #[test]
