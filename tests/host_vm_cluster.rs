@@ -228,10 +228,48 @@ fn a_multipath_host_rides_through_the_death_of_the_primary() {
         images.iter().any(|i| i.iter().any(|b| *b != 0)),
         "fio wrote something"
     );
-    for (i, img) in images.iter().enumerate().skip(1) {
-        assert!(
-            img == &images[0],
-            "server {i}'s copy differs from server 0's"
-        );
+    let differ: Vec<String> = (1..images.len())
+        .filter(|i| images[*i] != images[0])
+        .map(|i| format!("server {i}: {}", differences(&images[0], &images[i])))
+        .collect();
+    if !differ.is_empty() {
+        for (i, s) in cluster.servers.iter().enumerate() {
+            eprintln!("----- server {i} log -----\n{}", s.log());
+        }
+        panic!("copies differ from server 0's: {differ:?}");
     }
+}
+
+/// Where image `b` differs from image `a`, block by block: how many blocks, and the first
+/// few with what each copy holds (all zero, or the offset in fio's verify header, which
+/// names the block the data was written for).
+fn differences(a: &[u8], b: &[u8]) -> String {
+    const BLOCK: usize = 4096;
+    let what = |blk: &[u8]| {
+        if blk.iter().all(|x| *x == 0) {
+            "zeroes".to_string()
+        } else {
+            // fio's verify header: magic (2), verify type (2), length (4), rand seed (8),
+            // offset (8), ...
+            let off = u64::from_le_bytes(blk[16..24].try_into().expect("8 bytes"));
+            format!("data for offset {off}")
+        }
+    };
+    let diff: Vec<usize> = (0..a.len() / BLOCK)
+        .filter(|i| a[i * BLOCK..(i + 1) * BLOCK] != b[i * BLOCK..(i + 1) * BLOCK])
+        .collect();
+    let first: Vec<String> = diff
+        .iter()
+        .take(6)
+        .map(|i| {
+            let r = i * BLOCK..(i + 1) * BLOCK;
+            format!(
+                "block at {}: {} vs {}",
+                i * BLOCK,
+                what(&a[r.clone()]),
+                what(&b[r])
+            )
+        })
+        .collect();
+    format!("{} blocks, {first:?}", diff.len())
 }
