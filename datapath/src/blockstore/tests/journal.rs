@@ -224,3 +224,23 @@ fn format_2_delta_rows_load_and_never_overlay_a_later_checkpoint() {
     reopen(&mut h);
     assert_blocks(&mut h, v, 2, 4);
 }
+
+/// Writes after a restart that replayed the journal go to the new file and come back after
+/// the next restart too (a server killed, restarted, then written to and stopped again).
+#[test]
+fn writes_after_a_replaying_open_come_back_after_the_next_one() {
+    let mut h = Harness::new(IoQueue::new_sync());
+    let v = Uuid::new_v4();
+    h.st().create_volume(v).expect("create");
+    write_range(&mut h, v, 1, 0, 8);
+    reopen(&mut h);
+    write_range(&mut h, v, 2, 4, 8);
+    reopen(&mut h);
+    assert_blocks_from(&mut h, v, 1, 0, 4);
+    assert_blocks_from(&mut h, v, 2, 4, 12);
+    write_range(&mut h, v, 3, 10, 8);
+    reopen(&mut h);
+    assert_blocks_from(&mut h, v, 1, 0, 4);
+    assert_blocks_from(&mut h, v, 2, 4, 10);
+    assert_blocks_from(&mut h, v, 3, 10, 18);
+}
