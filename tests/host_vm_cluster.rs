@@ -235,9 +235,66 @@ fn a_multipath_host_rides_through_the_death_of_the_primary() {
     if !differ.is_empty() {
         for (i, s) in cluster.servers.iter().enumerate() {
             eprintln!("----- server {i} log -----\n{}", s.log());
+            eprintln!("server {i}: {}", unmapped_data(s, &images[i], &images));
         }
         panic!("copies differ from server 0's: {differ:?}");
     }
+}
+
+/// For the blocks `own` reads as zeroes where another copy holds data: whether that data
+/// is in the server's pool device all the same (written, then its mapping lost) or nowhere
+/// (never written there). fio's verify header (magic 0xacca, then the block's offset at
+/// byte 16) identifies a block; raw blocks sit at any sector.
+fn unmapped_data(s: &Server, own: &[u8], all: &[Vec<u8>]) -> String {
+    const BLOCK: usize = 4096;
+    let wanted: std::collections::HashSet<u64> = (0..own.len() / BLOCK)
+        .filter(|i| own[i * BLOCK..(i + 1) * BLOCK].iter().all(|x| *x == 0))
+        .filter(|i| {
+            all.iter()
+                .any(|img| img[i * BLOCK..(i + 1) * BLOCK].iter().any(|x| *x != 0))
+        })
+        .map(|i| (i * BLOCK) as u64)
+        .collect();
+    if wanted.is_empty() {
+        return "no block it lacks".into();
+    }
+    // The pool device is sparse and may be large: its first GiBs hold what this test wrote.
+    const SCAN_BYTES: u64 = 4 << 30;
+    let dev = s.data_dir().join("devices").join("dev0.img");
+    let Ok(file) = std::fs::File::open(&dev) else {
+        return format!("cannot read {}", dev.display());
+    };
+    let mut found = std::collections::HashSet::new();
+    let mut r = std::io::Read::take(file, SCAN_BYTES);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let mut got = 0;
+        while got < buf.len() {
+            match std::io::Read::read(&mut r, &mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(_) => break,
+            }
+        }
+        if got == 0 {
+            break;
+        }
+        for c in buf[..got].chunks_exact(512) {
+            if c[0] == 0xca && c[1] == 0xac {
+                let off = u64::from_le_bytes(c[16..24].try_into().expect("8 bytes"));
+                if wanted.contains(&off) {
+                    found.insert(off);
+                }
+            }
+        }
+    }
+    format!(
+        "{} blocks it reads as zeroes hold data elsewhere; {} of them are in its pool device \
+         (unmapped), {} nowhere in it",
+        wanted.len(),
+        found.len(),
+        wanted.len() - found.len()
+    )
 }
 
 /// Where image `b` differs from image `a`, block by block: how many blocks, and the first
