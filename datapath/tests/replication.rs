@@ -156,6 +156,19 @@ fn pair(epoch: u64) -> Pair {
     }
 }
 
+/// The failures the hub reports first, waiting up to `limit` for one.
+fn reported(hub: &ReplicaHub, limit: Duration) -> Vec<([u8; 16], SocketAddr)> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let f = hub.take_failures();
+        if !f.is_empty() {
+            return f;
+        }
+        assert!(Instant::now() < deadline, "the replica was never reported");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_write_is_on_the_replica_before_it_is_acknowledged() -> anyhow::Result<()> {
     let p = pair(3);
@@ -265,18 +278,7 @@ fn a_failed_replica_holds_writes_until_it_is_dropped_from_the_in_sync_set() -> a
     });
     // The primary reports the replica; until the control plane drops it, nothing is
     // acknowledged.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let failures = loop {
-        let f = p.hub.take_failures();
-        if !f.is_empty() {
-            break f;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the failed replica was never reported"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let failures = reported(&p.hub, Duration::from_secs(20));
     assert_eq!(failures, vec![(*p.volume.as_bytes(), addr)]);
     assert!(
         !done.load(Ordering::SeqCst),
@@ -310,14 +312,7 @@ fn a_deposed_primary_acknowledges_no_write_a_replica_missed() -> anyhow::Result<
         let r = s.write(1, 5, &pattern(4, 9));
         (r, s)
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while p.hub.take_failures().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the failed replica was never reported"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    reported(&p.hub, Duration::from_secs(20));
     // This server's table no longer leads the volume: its members are deposed, not dropped.
     p.member.depose();
     let (r, mut s) = writer.join().expect("writer");
@@ -358,14 +353,7 @@ fn a_rebuild_copies_only_the_missed_chunks_while_writes_go_on() -> anyhow::Resul
         let r = s.write(1, 3 * chunk_blocks + 2, &pattern(2, 2));
         (r, s)
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while p.hub.take_failures().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the failed replica was never reported"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    reported(&p.hub, Duration::from_secs(20));
     p.member.drop_replica();
     let (r, mut s) = writer.join().expect("writer");
     r?;
@@ -445,15 +433,7 @@ fn a_replica_that_fails_to_take_a_snapshot_is_reported() -> anyhow::Result<()> {
         Duration::from_secs(1),
     );
     assert_eq!(took, [false], "the replica does not hold the snapshot");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let failures = loop {
-        let f = p.hub.take_failures();
-        if !f.is_empty() {
-            break f;
-        }
-        assert!(Instant::now() < deadline, "the replica was never reported");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let failures = reported(&p.hub, Duration::from_secs(5));
     assert_eq!(
         failures,
         vec![(*p.volume.as_bytes(), p.server.local_addr())]
