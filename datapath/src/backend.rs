@@ -15,6 +15,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
@@ -310,13 +311,19 @@ impl IoQueue {
         entries: impl Iterator<Item = squeue::Entry>,
         results: &mut [i32],
     ) -> io::Result<()> {
+        // Tag: the batch bit, the batch's number (so a completion of an earlier batch that
+        // returned early, still in flight then, is never counted for this one), the index.
         const BATCH_TAG: u64 = 1 << 63;
+        const GEN_SHIFT: u32 = 32;
+        static BATCHES: AtomicU64 = AtomicU64::new(0);
+        let gen = BATCHES.fetch_add(1, Ordering::Relaxed) & ((1 << (63 - GEN_SHIFT)) - 1);
+        let mine = BATCH_TAG | gen << GEN_SHIFT;
         let QueueKind::Uring { ring } = &mut self.kind else {
             return Err(io::Error::from(io::ErrorKind::Unsupported));
         };
         let mut waiting = 0usize;
         for (i, e) in entries.enumerate().take(results.len()) {
-            let e = e.user_data(BATCH_TAG | i as u64);
+            let e = e.user_data(mine | i as u64);
             // SAFETY: the caller guarantees the entry's resources outlive its completion.
             while unsafe { ring.submission().push(&e) }.is_err() {
                 ring.submit()?;
@@ -325,15 +332,26 @@ impl IoQueue {
             self.ring_ops += 1;
         }
         while waiting > 0 {
-            ring.submit_and_wait(1)?;
+            match ring.submit_and_wait(1) {
+                Ok(_) => {}
+                // A signal (a stopped process resumed, a debugger) or a full completion
+                // queue interrupts the wait, not the operations: wait again.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(e) => return Err(e),
+            }
             for cqe in ring.completion() {
                 let tag = cqe.user_data();
-                if tag & BATCH_TAG != 0 {
-                    results[(tag & !BATCH_TAG) as usize] = cqe.result();
-                    waiting -= 1;
-                } else {
+                if tag & BATCH_TAG == 0 {
                     self.done.push_back((tag, cqe.result(), cqe.flags()));
+                } else if tag & !((1 << GEN_SHIFT) - 1) == mine {
+                    results[(tag & ((1 << GEN_SHIFT) - 1)) as usize] = cqe.result();
+                    waiting -= 1;
                 }
+                // (Else: an abandoned batch's, already reported failed.)
             }
         }
         Ok(())
@@ -609,6 +627,55 @@ impl Backend for FileBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A signal that interrupts the wait (a stopped process resumed: SIGSTOP then SIGCONT)
+    /// does not end the batch: its operations are still in flight, and a later batch would
+    /// otherwise take their completions for its own (a reactor died of that).
+    #[test]
+    fn a_batch_outlives_a_signal_that_interrupts_its_wait() {
+        extern "C" fn nothing(_: libc::c_int) {}
+        let Ok(mut q) = IoQueue::new_uring() else {
+            eprintln!("no io_uring here: skipped");
+            return;
+        };
+        // A handler without SA_RESTART, so the wait is interrupted rather than resumed.
+        // SAFETY: plain sigaction on a no-op handler.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
+            assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+        }
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) fills two fds.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() } as usize;
+        let writer = std::thread::spawn(move || {
+            // The first wait also submitted the read, so it reports that instead of the
+            // interruption; the second signal interrupts a wait that submitted nothing.
+            for _ in 0..2 {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                // SAFETY: the test thread is alive (it waits on the batch until the write).
+                unsafe { libc::pthread_kill(me as libc::pthread_t, libc::SIGUSR1) };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            // SAFETY: writes 4 bytes from a live buffer to the pipe.
+            unsafe { libc::write(fds[1], b"late".as_ptr().cast(), 4) };
+        });
+        let mut buf = [0u8; 4];
+        let mut results = [0i32; 1];
+        let read = opcode::Read::new(types::Fd(fds[0]), buf.as_mut_ptr(), 4).build();
+        // SAFETY: `buf` outlives the batch, which returns only once the read completed.
+        let r = unsafe { q.run_batch(std::iter::once(read), &mut results) };
+        writer.join().expect("writer");
+        assert!(r.is_ok(), "the batch ended early: {r:?}");
+        assert_eq!((results[0], &buf), (4, b"late"));
+        // SAFETY: closing the pipe's fds.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+    }
 
     fn roundtrip(q: &mut IoQueue) {
         let dir = tempfile::tempdir().expect("tempdir");
