@@ -15,7 +15,6 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
@@ -149,6 +148,8 @@ pub struct IoQueue {
     ring_ops: u64,
     /// Where other threads report completions of this queue's operations (reactors).
     remote: Option<Arc<dyn CompletionSink>>,
+    /// Batches run so far ([`IoQueue::run_batch`] numbers its tags with it).
+    batches: u64,
 }
 
 enum QueueKind {
@@ -173,6 +174,7 @@ impl IoQueue {
             deferred: None,
             ring_ops: 0,
             remote: None,
+            batches: 0,
         }
     }
 
@@ -184,6 +186,7 @@ impl IoQueue {
             deferred: None,
             ring_ops: 0,
             remote: None,
+            batches: 0,
         })
     }
 
@@ -210,6 +213,7 @@ impl IoQueue {
             deferred: None,
             ring_ops: 0,
             remote: None,
+            batches: 0,
         })
     }
 
@@ -304,6 +308,11 @@ impl IoQueue {
     /// -errno) in `results`, in order. Completions of other operations that arrive meanwhile
     /// are kept for the next [`IoQueue::reap`]. Batches are tagged above every slot tag.
     ///
+    /// It never returns while an entry it queued may still run (the caller's buffers are
+    /// free again once it returns): an error of the ring itself is returned only after
+    /// every queued entry completed, and if the ring stays unusable with entries in flight
+    /// the process aborts rather than let the kernel write into reused memory.
+    ///
     /// # Safety
     /// As [`IoQueue::push`] for every entry, until this returns.
     pub unsafe fn run_batch(
@@ -311,50 +320,74 @@ impl IoQueue {
         entries: impl Iterator<Item = squeue::Entry>,
         results: &mut [i32],
     ) -> io::Result<()> {
-        // Tag: the batch bit, the batch's number (so a completion of an earlier batch that
-        // returned early, still in flight then, is never counted for this one), the index.
+        // Tag: the batch bit, the batch's number (a completion set aside by an earlier
+        // batch is never counted for this one), the index.
         const BATCH_TAG: u64 = 1 << 63;
         const GEN_SHIFT: u32 = 32;
-        static BATCHES: AtomicU64 = AtomicU64::new(0);
-        let gen = BATCHES.fetch_add(1, Ordering::Relaxed) & ((1 << (63 - GEN_SHIFT)) - 1);
+        const INDEX: u64 = (1 << GEN_SHIFT) - 1;
+        let gen = self.batches & ((1 << (63 - GEN_SHIFT)) - 1);
+        self.batches += 1;
         let mine = BATCH_TAG | gen << GEN_SHIFT;
         let QueueKind::Uring { ring } = &mut self.kind else {
             return Err(io::Error::from(io::ErrorKind::Unsupported));
         };
-        let mut waiting = 0usize;
+        let mut queued = 0usize;
+        let mut failure = None;
         for (i, e) in entries.enumerate().take(results.len()) {
             let e = e.user_data(mine | i as u64);
             // SAFETY: the caller guarantees the entry's resources outlive its completion.
             while unsafe { ring.submission().push(&e) }.is_err() {
-                ring.submit()?;
+                if let Err(err) = ring.submit() {
+                    if !interrupted(&err) {
+                        failure = Some(err);
+                        break;
+                    }
+                }
             }
-            waiting += 1;
+            if failure.is_some() {
+                break;
+            }
+            queued += 1;
             self.ring_ops += 1;
         }
+        let mut waiting = queued;
+        let mut refusals = 0u32;
         while waiting > 0 {
             match ring.submit_and_wait(1) {
-                Ok(_) => {}
+                Ok(_) => refusals = 0,
                 // A signal (a stopped process resumed, a debugger) or a full completion
                 // queue interrupts the wait, not the operations: wait again.
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                    ) => {}
-                Err(e) => return Err(e),
+                Err(e) if interrupted(&e) => {}
+                Err(e) => {
+                    // The ring refuses to wait: the entries may still run, so whatever
+                    // it is, keep waiting a while, and stop the process if it lasts.
+                    refusals += 1;
+                    if refusals > RING_REFUSALS_MAX {
+                        tracing::error!(
+                            error = %e,
+                            in_flight = waiting,
+                            "the ring refuses every wait with I/O in flight: aborting"
+                        );
+                        std::process::abort();
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    failure.get_or_insert(e);
+                }
             }
             for cqe in ring.completion() {
                 let tag = cqe.user_data();
                 if tag & BATCH_TAG == 0 {
                     self.done.push_back((tag, cqe.result(), cqe.flags()));
-                } else if tag & !((1 << GEN_SHIFT) - 1) == mine {
-                    results[(tag & ((1 << GEN_SHIFT) - 1)) as usize] = cqe.result();
+                } else if tag & !INDEX == mine {
+                    results[(tag & INDEX) as usize] = cqe.result();
                     waiting -= 1;
                 }
-                // (Else: an abandoned batch's, already reported failed.)
             }
         }
-        Ok(())
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Asks for `d` to run at the next [`IoQueue::submit`] (once, however often it is asked
@@ -434,17 +467,23 @@ impl IoQueue {
         let args = types::SubmitArgs::new().timespec(&ts);
         match ring.submitter().submit_with_args(1, &args) {
             Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) =>
-            {
-                Ok(())
-            }
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) || interrupted(&e) => Ok(()),
             Err(e) => Err(e),
         }
     }
+}
+
+/// Consecutive refused waits [`IoQueue::run_batch`] sits out (10 ms apart) before it
+/// gives up on a ring with its I/O in flight.
+const RING_REFUSALS_MAX: u32 = 500;
+
+/// Whether a ring's enter call failed without harm to what it carries: a signal, or a
+/// completion queue too full to take more for now. Waiting again is right.
+fn interrupted(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+    )
 }
 
 impl Drop for IoQueue {
