@@ -81,8 +81,32 @@ struct Repl {
 /// whether this node is an in-sync replica of it (else its primary).
 type ListenerEntry = (Uuid, u64, u64, bool, bool);
 
-/// One replica as published: its server's address, the volume's epoch and size, the member.
-type Published = (SocketAddr, u64, u64, Arc<Member>);
+/// One replica as published.
+struct Published {
+    /// Its replica server's address.
+    addr: SocketAddr,
+    /// The volume's epoch and size it was made for.
+    epoch: u64,
+    size: u64,
+    member: Arc<Member>,
+    /// Whether the control plane had it in sync at the last publication.
+    recorded_in_sync: bool,
+}
+
+impl Published {
+    /// The control plane now records the replica `in_sync` or not. A replica it moved out
+    /// of sync since the last publication is dropped: it takes no more writes, and those
+    /// held for it complete. One it still records out of sync is left alone whatever its
+    /// mode: a rebuild that just finished has turned it in sync here, and writes wait for
+    /// it from then on, before the control plane records it in sync (dropping it in that
+    /// gap would leave a replica the control plane then counts in sync taking no writes).
+    fn recorded(&mut self, in_sync: bool) {
+        if self.recorded_in_sync && !in_sync {
+            self.member.drop_replica();
+        }
+        self.recorded_in_sync = in_sync;
+    }
+}
 
 /// For `volume`, which this node was the primary of until now: the time (Unix ms, by the
 /// change log's clock) from which its copy may hold changes its in-sync replicas lack, or
@@ -94,8 +118,8 @@ fn deposed_since(repl: &Repl, volume: Uuid) -> Option<u64> {
     let members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
     let ago: Vec<Option<Duration>> = members
         .iter()
-        .filter(|((u, _), (_, _, _, m))| *u == volume && m.state.mode() == Mode::InSync)
-        .map(|(_, (_, _, _, m))| m.state.last_acked_queued_ago())
+        .filter(|((u, _), p)| *u == volume && p.member.state.mode() == Mode::InSync)
+        .map(|(_, p)| p.member.state.last_acked_queued_ago())
         .collect();
     // Every in-sync replica must have accepted something.
     if ago.is_empty() || ago.contains(&None) {
@@ -131,7 +155,8 @@ fn depart(members: &mut HashMap<(Uuid, Uuid), Published>, table: &[NamespaceSpec
             live.extend(r.members.iter().map(Arc::as_ptr));
         }
     }
-    members.retain(|(volume, _), (_, _, _, m)| {
+    members.retain(|(volume, _), p| {
+        let m = &p.member;
         let kept = live.contains(&Arc::as_ptr(m));
         if !kept && led.contains(volume.as_bytes()) {
             m.drop_replica();
@@ -319,7 +344,7 @@ impl VolumeStore {
         // only what changed around the switch or restart.
         let first_of_epoch = !members
             .iter()
-            .any(|((u, _), (_, e, _, _))| *u == v.uuid && *e == v.epoch);
+            .any(|((u, _), p)| *u == v.uuid && p.epoch == v.epoch);
         let was_copy = repl
             .copies
             .lock()
@@ -356,17 +381,12 @@ impl VolumeStore {
             };
             let key = (v.uuid, node);
             let keep = members
-                .get(&key)
-                .filter(|(a, e, s, _)| *a == addr && *e == v.epoch && *s == v.size_bytes)
-                .map(|(_, _, _, m)| m.clone());
+                .get_mut(&key)
+                .filter(|p| p.addr == addr && p.epoch == v.epoch && p.size == v.size_bytes);
             let member = match keep {
-                Some(m) => {
-                    // Recorded out of sync: it receives no more writes (those held for it
-                    // complete). A rebuild that finished is recorded in sync again.
-                    if !in_sync && m.state.mode() == Mode::InSync {
-                        m.drop_replica();
-                    }
-                    m
+                Some(p) => {
+                    p.recorded(in_sync);
+                    p.member.clone()
                 }
                 None => match repl.hub.link(addr) {
                     Ok(link) => {
@@ -384,7 +404,16 @@ impl VolumeStore {
                         } else {
                             Arc::new(Member::new(link, v.size_bytes, in_sync))
                         };
-                        members.insert(key, (addr, v.epoch, v.size_bytes, m.clone()));
+                        members.insert(
+                            key,
+                            Published {
+                                addr,
+                                epoch: v.epoch,
+                                size: v.size_bytes,
+                                member: m.clone(),
+                                recorded_in_sync: in_sync,
+                            },
+                        );
                         m
                     }
                     Err(e) => {
@@ -433,10 +462,10 @@ impl VolumeStore {
         let members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
         let mut epoch = 0;
         let mut out = Vec::new();
-        for ((v, node), (_, e, _, m)) in members.iter() {
-            if *v == volume && m.state.mode() == Mode::InSync {
-                epoch = *e;
-                out.push((*node, m.clone()));
+        for ((v, node), p) in members.iter() {
+            if *v == volume && p.member.state.mode() == Mode::InSync {
+                epoch = p.epoch;
+                out.push((*node, p.member.clone()));
             }
         }
         out.sort_by_key(|(n, _)| *n);
@@ -834,8 +863,8 @@ impl DataPlane for VolumeStore {
             let members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
             members
                 .get(&(v.uuid, node))
-                .filter(|(_, e, s, _)| *e == v.epoch && *s == v.size_bytes)
-                .map(|(_, _, _, m)| m.clone())
+                .filter(|p| p.epoch == v.epoch && p.size == v.size_bytes)
+                .map(|p| p.member.clone())
         };
         let member = member.ok_or_else(|| {
             std::io::Error::other("the replica is not published yet; the rebuild waits")
@@ -886,7 +915,9 @@ impl DataPlane for VolumeStore {
         let members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<Uuid> = members
             .iter()
-            .filter(|(_, (_, _, _, m))| m.state.mode() == Mode::InSync && m.state.must_ask_recent())
+            .filter(|(_, p)| {
+                p.member.state.mode() == Mode::InSync && p.member.state.must_ask_recent()
+            })
             .map(|((u, _), _)| *u)
             .collect();
         out.sort();
@@ -902,14 +933,14 @@ impl DataPlane for VolumeStore {
             let members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
             members
                 .iter()
-                .filter(|((u, _), (_, e, size, m))| {
+                .filter(|((u, _), p)| {
                     *u == v.uuid
-                        && *e == v.epoch
-                        && *size == v.size_bytes
-                        && m.state.mode() == Mode::InSync
-                        && m.state.must_ask_recent()
+                        && p.epoch == v.epoch
+                        && p.size == v.size_bytes
+                        && p.member.state.mode() == Mode::InSync
+                        && p.member.state.must_ask_recent()
                 })
-                .map(|(_, (_, _, _, m))| m.clone())
+                .map(|(_, p)| p.member.clone())
                 .collect()
         };
         let local = self.store.image(v.uuid, v.size_bytes, v.compression);
@@ -937,7 +968,7 @@ impl DataPlane for VolumeStore {
         let members = members.unwrap_or_else(|p| p.into_inner());
         members
             .get(&(volume, node))
-            .map(|(_, _, _, m)| m.state.rebuild_percent())
+            .map(|p| p.member.state.rebuild_percent())
     }
 
     fn take_replica_failures(&self) -> Vec<ReplicaFailure> {
@@ -951,15 +982,15 @@ impl DataPlane for VolumeStore {
         let members = repl.members.lock().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<ReplicaFailure> = members
             .iter()
-            .filter(|((volume, _), (addr, _, _, _))| {
+            .filter(|((volume, _), p)| {
                 failed
                     .iter()
-                    .any(|(v, a)| v == volume.as_bytes() && a == addr)
+                    .any(|(v, a)| v == volume.as_bytes() && *a == p.addr)
             })
-            .map(|((volume, node), (_, epoch, _, _))| ReplicaFailure {
+            .map(|((volume, node), p)| ReplicaFailure {
                 volume: *volume,
                 node: *node,
-                epoch: *epoch,
+                epoch: p.epoch,
             })
             .collect();
         out.sort_by_key(|f| (f.volume, f.node));
@@ -1081,7 +1112,16 @@ mod tests {
             ((led, Uuid::from_u128(11)), &leaves),
             ((handed_over, Uuid::from_u128(10)), &other),
         ] {
-            members.insert(key, (addr, 1, 1 << 20, m.clone()));
+            members.insert(
+                key,
+                Published {
+                    addr,
+                    epoch: 1,
+                    size: 1 << 20,
+                    member: m.clone(),
+                    recorded_in_sync: true,
+                },
+            );
         }
         let spec = |uuid: Uuid, replication| NamespaceSpec {
             nsid: 1,
@@ -1114,6 +1154,47 @@ mod tests {
         assert_eq!(leaves.state.mode(), Mode::Dropped);
         assert_eq!(other.state.mode(), Mode::Deposed);
         assert_eq!(members.len(), 1, "only the member still published is kept");
+        hub.shutdown();
+    }
+
+    /// A rebuilt replica takes writes (and writes wait for it) from the end of its rebuild
+    /// on: a publication before the control plane records it in sync must not drop it, or
+    /// the control plane would count in sync a replica that takes no writes. One the
+    /// control plane moves out of sync is dropped.
+    #[test]
+    fn a_rebuilt_replica_is_kept_until_recorded_in_sync_and_dropped_when_recorded_out() {
+        let hub = ReplicaHub::new().expect("hub");
+        // Nobody listens there: nothing is sent in this test.
+        let addr: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let member = Arc::new(Member::new(hub.link(addr).expect("link"), 1 << 20, false));
+        let mut p = Published {
+            addr,
+            epoch: 1,
+            size: 1 << 20,
+            member: member.clone(),
+            recorded_in_sync: false,
+        };
+        assert_eq!(member.state.mode(), Mode::Dropped, "made out of sync");
+        p.recorded(false);
+        // The rebuild runs and finishes: writes wait for the replica again.
+        member.state.set_rebuilding();
+        assert!(member.state.rebuilt());
+        // Published again (some other change) before the control plane records it in sync.
+        p.recorded(false);
+        assert_eq!(
+            member.state.mode(),
+            Mode::InSync,
+            "the rebuilt replica is kept"
+        );
+        p.recorded(true);
+        assert_eq!(member.state.mode(), Mode::InSync);
+        // It fails, and the control plane records it out of sync.
+        p.recorded(false);
+        assert_eq!(
+            member.state.mode(),
+            Mode::Dropped,
+            "recorded out of sync: dropped"
+        );
         hub.shutdown();
     }
 }
