@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::cluster::{events, holders, image_blocks, member, server_id, Etcd};
+use common::cluster::{events, holders, image_blocks, member, open_store, server_id, Etcd};
 use common::{vm, Server};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -235,7 +235,10 @@ fn a_multipath_host_rides_through_the_death_of_the_primary() {
     if !differ.is_empty() {
         for (i, s) in cluster.servers.iter().enumerate() {
             eprintln!("----- server {i} log -----\n{}", s.log());
-            eprintln!("server {i}: {}", unmapped_data(s, &images[i], &images));
+            eprintln!(
+                "server {i}: {}",
+                unmapped_data(s, &cluster.uuid, &images[i], &images)
+            );
         }
         panic!("copies differ from server 0's: {differ:?}");
     }
@@ -245,7 +248,7 @@ fn a_multipath_host_rides_through_the_death_of_the_primary() {
 /// is in the server's pool device all the same (written, then its mapping lost) or nowhere
 /// (never written there). fio's verify header (magic 0xacca, then the block's offset at
 /// byte 16) identifies a block; raw blocks sit at any sector.
-fn unmapped_data(s: &Server, own: &[u8], all: &[Vec<u8>]) -> String {
+fn unmapped_data(s: &Server, uuid: &str, own: &[u8], all: &[Vec<u8>]) -> String {
     const BLOCK: usize = 4096;
     let wanted: std::collections::HashSet<u64> = (0..own.len() / BLOCK)
         .filter(|i| own[i * BLOCK..(i + 1) * BLOCK].iter().all(|x| *x == 0))
@@ -288,12 +291,15 @@ fn unmapped_data(s: &Server, own: &[u8], all: &[Vec<u8>]) -> String {
             }
         }
     }
+    let store = open_store(s);
+    let usage = uuid.parse().ok().map(|u| store.usage(u));
     format!(
         "{} blocks it reads as zeroes hold data elsewhere; {} of them are in its pool device \
-         (unmapped), {} nowhere in it",
+         (unmapped), {} nowhere in it; the pool: {:?}; the image: {usage:?}",
         wanted.len(),
         found.len(),
-        wanted.len() - found.len()
+        wanted.len() - found.len(),
+        store.stats(),
     )
 }
 

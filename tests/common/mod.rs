@@ -54,8 +54,12 @@ pub fn free_port_pair() -> u16 {
     panic!("no two consecutive free loopback ports")
 }
 
+/// The `evstor` binary the tests run: this build's, or `EVSTOR_TEST_BIN` (a repro loop
+/// that keeps testing one build while the tree is rebuilt).
 pub fn evstor_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_evstor"))
+    std::env::var_os("EVSTOR_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_evstor")))
 }
 
 /// How to start a server, beyond the defaults.

@@ -74,6 +74,13 @@ pub struct ReplicaImage {
     /// Once deposed (Unix ms; 0: unknown): whatever this copy may hold that its former
     /// replicas do not, it changed after this (see [`ReplicaServer::set_deposed_since`]).
     deposed_since: AtomicU64,
+    /// Frames applied through this entry: host writes (with Write Zeroes and
+    /// Deallocate), and a rebuild's copies with the blocks they wrote and skipped (for
+    /// the log, when the entry is replaced or the server stops).
+    writes: AtomicU64,
+    copies: AtomicU64,
+    copied_blocks: AtomicU64,
+    skipped_blocks: AtomicU64,
 }
 
 impl ReplicaImage {
@@ -90,7 +97,26 @@ impl ReplicaImage {
             anchor_session: AtomicU64::new(0),
             recent: Mutex::new(None),
             deposed_since: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            copies: AtomicU64::new(0),
+            copied_blocks: AtomicU64::new(0),
+            skipped_blocks: AtomicU64::new(0),
         }
+    }
+
+    /// Logs what this entry took (`why`: it is being replaced, or the server stops).
+    fn log_taken(&self, volume: &[u8; 16], why: &str) {
+        tracing::info!(
+            volume = %uuid::Uuid::from_bytes(*volume),
+            epoch = self.epoch(),
+            holds_copy = self.backend.is_some(),
+            was_primary = self.was_primary.load(Ordering::Relaxed),
+            writes = self.writes.load(Ordering::Relaxed),
+            copies = self.copies.load(Ordering::Relaxed),
+            copied_blocks = self.copied_blocks.load(Ordering::Relaxed),
+            skipped_blocks = self.skipped_blocks.load(Ordering::Relaxed),
+            "replica entry {why}"
+        );
     }
 
     /// Newest epoch seen.
@@ -357,7 +383,16 @@ impl ReplicaServer {
                                 old.deposed_since.load(Ordering::SeqCst),
                             )
                         });
+                    if let Some(old) = cur.get(&uuid) {
+                        old.log_taken(&uuid, "replaced");
+                    }
                     let i = ReplicaImage::new(backend, epoch.max(seen));
+                    tracing::info!(
+                        volume = %uuid::Uuid::from_bytes(uuid),
+                        epoch = i.epoch(),
+                        holds_copy = i.backend.is_some(),
+                        "replica entry published"
+                    );
                     i.lease_given.store(given, Ordering::SeqCst);
                     i.was_primary.fetch_or(primary, Ordering::SeqCst);
                     i.deposed_since.store(since, Ordering::SeqCst);
@@ -365,6 +400,9 @@ impl ReplicaServer {
                 }
             };
             next.insert(uuid, image);
+        }
+        for (uuid, old) in cur.iter().filter(|(u, _)| !next.contains_key(*u)) {
+            old.log_taken(uuid, "left");
         }
         *cur = next;
     }
@@ -400,7 +438,12 @@ impl ReplicaServer {
 
     /// Stops accepting and cuts every open connection (their primaries see it at once).
     pub fn shutdown(&self) {
-        self.stop.store(true, Ordering::Release);
+        if !self.stop.swap(true, Ordering::AcqRel) {
+            let images = self.images.read().unwrap_or_else(|p| p.into_inner());
+            for (uuid, i) in images.iter() {
+                i.log_taken(uuid, "at shutdown");
+            }
+        }
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         for s in peers.values() {
             let _ = s.shutdown(std::net::Shutdown::Both);
@@ -1073,10 +1116,12 @@ fn take_frame(
         }
         Op::Flush => queue(IoKind::Flush, 0, 0, 0),
         Op::Write { fua } => {
+            image.writes.fetch_add(1, Ordering::Relaxed);
             image.mark_live(frame.offset, frame.len);
             queue(IoKind::Write { fua }, frame.offset, frame.len, 0);
         }
         Op::WriteZeroes | Op::Deallocate => {
+            image.writes.fetch_add(1, Ordering::Relaxed);
             image.mark_live(frame.offset, frame.len);
             let kind = if frame.op == Op::WriteZeroes {
                 IoKind::WriteZeroes
@@ -1087,7 +1132,10 @@ fn take_frame(
         }
         // A rebuild's copy (not host I/O): the runs no live write reached.
         Op::Copy | Op::CopyZeroes => {
+            image.copies.fetch_add(1, Ordering::Relaxed);
+            let mut copied = 0;
             for (first, n) in image.unmarked_runs(frame.offset, frame.len) {
+                copied += n;
                 let off = first * LBA_BYTES;
                 let kind = if frame.op == Op::Copy {
                     IoKind::Write { fua: false }
@@ -1101,6 +1149,11 @@ fn take_frame(
                     (off - frame.offset) as usize,
                 );
             }
+            let all = u64::from(frame.len) / LBA_BYTES;
+            image.copied_blocks.fetch_add(copied, Ordering::Relaxed);
+            image
+                .skipped_blocks
+                .fetch_add(all.saturating_sub(copied), Ordering::Relaxed);
         }
     }
     if p.parts == 0 {
