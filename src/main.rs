@@ -329,6 +329,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Ends a server that has shut down: output flushed, then `_exit`, without the C++ static
+/// destructors of a normal exit. Threads that may still hold the block store (a replica
+/// connection mid-frame, the store's worker) would otherwise find RocksDB's statics gone
+/// under them and abort the process ("pthread lock: Invalid argument"). Cutting them is a
+/// kill -9 at worst, which every structure is built to survive; whatever was acknowledged
+/// is on disk already.
+fn exit_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: _exit(2) ends the process at once; nothing runs after it.
+    unsafe { libc::_exit(code) }
+}
+
 /// Log lines as text or one JSON object per line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
@@ -412,7 +426,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 None,
             ))?;
-            Ok(ExitCode::SUCCESS)
+            drop(rt);
+            exit_now(0)
         }
         Cmd::Journal { verb } => journal(verb),
         Cmd::Token {

@@ -476,6 +476,9 @@ pub async fn serve(
     if let Some(m) = member {
         tokio::task::spawn_blocking(move || m.shutdown()).await?;
     }
+    // Last: what was asked before is committed, and nothing writes the journal while the
+    // process exits.
+    bus.stop().await;
     stopper.abort();
     served.with_context(|| format!("serving the API (--api-addr {})", cfg.api_addr))
 }

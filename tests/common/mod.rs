@@ -271,7 +271,18 @@ impl Server {
             unsafe {
                 libc::kill(c.id() as i32, libc::SIGTERM);
             }
-            let _ = c.wait();
+            // A stop is clean: exit status 0, or the signal itself when it came before the
+            // server installed its handler; never an abort on the way out.
+            if let Ok(status) = c.wait() {
+                use std::os::unix::process::ExitStatusExt;
+                assert!(
+                    std::thread::panicking()
+                        || status.success()
+                        || status.signal() == Some(libc::SIGTERM),
+                    "the server did not stop cleanly: {status}\n{}",
+                    self.log()
+                );
+            }
         }
     }
 

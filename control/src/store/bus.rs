@@ -25,7 +25,7 @@
 
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use evstor_journal::limits::{APPEND_EVENTS_MAX, FIELD_BYTES_MAX};
@@ -83,6 +83,8 @@ enum Msg {
     Remote(Vec<LogBatch>),
     /// The log may have moved: look (the follower lost its watch).
     Poke,
+    /// The server stops: commit what came before, then end ([`Bus::stop`]).
+    Stop,
 }
 
 /// The follower's way into the writer: new batches of the cluster log.
@@ -112,6 +114,8 @@ pub struct Bus {
     journal: Arc<RocksJournal>,
     last_seq: watch::Receiver<u64>,
     metrics: Arc<Metrics>,
+    /// The writer thread, until [`Bus::stop`] joins it.
+    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl Bus {
@@ -146,7 +150,7 @@ impl Bus {
             appends: 0,
             cluster,
         };
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || {
                 // A panic anywhere in the writer (decide, evolve, the journal) leaves a working
@@ -162,7 +166,20 @@ impl Bus {
             journal,
             last_seq: seq_rx,
             metrics,
+            writer: Arc::new(Mutex::new(Some(writer))),
         })
+    }
+
+    /// Stops the writer once the requests queued before this call are committed, and
+    /// waits for it to end: nobody writes the journal any more, so the process can exit
+    /// without its RocksDB being written while it closes. Later requests fail as
+    /// [`ControlError::ShuttingDown`].
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Msg::Stop).await;
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = writer {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
     }
 
     /// Decides and durably commits one command. Returns once the events are on disk and
@@ -362,25 +379,37 @@ impl Writer {
                 }
             };
             match msg {
-                None => break,
+                None => {
+                    tracing::info!("journal writer stopped: every request handle is gone");
+                    return;
+                }
+                Some(Msg::Stop) => break,
                 Some(Msg::Remote(batches)) => self.apply_remote(batches),
                 Some(Msg::Poke) => self.catch_up_logged(),
                 Some(Msg::Job(first)) => {
                     jobs.push(*first);
+                    let mut stop = false;
                     while jobs.len() < GROUP_COMMIT_COMMANDS_MAX {
                         match rx.try_recv() {
                             Ok(Msg::Job(job)) => jobs.push(*job),
                             // Apply before deciding: the batch then builds on it.
                             Ok(Msg::Remote(batches)) => self.apply_remote(batches),
                             Ok(Msg::Poke) => {}
+                            Ok(Msg::Stop) => {
+                                stop = true;
+                                break;
+                            }
                             Err(_) => break,
                         }
                     }
                     self.commit(&mut jobs);
+                    if stop {
+                        break;
+                    }
                 }
             }
         }
-        tracing::info!("journal writer stopped: every request handle is gone");
+        tracing::info!("journal writer stopped: the server stops");
     }
 
     fn commit(&mut self, jobs: &mut Vec<Job>) {
@@ -945,6 +974,51 @@ mod tests {
         assert!(journal.verify().unwrap().is_ok());
         let diff = super::super::replay::compare_projections(&journal).unwrap();
         assert!(diff.differing_keys.is_empty(), "{:?}", diff.differing_keys);
+    }
+
+    /// A stopping server: what was asked before `stop` is committed, the writer is gone
+    /// when it returns (nothing writes the journal while the process exits), and a later
+    /// request fails as shutting down.
+    #[tokio::test]
+    async fn stop_commits_what_came_before_and_ends_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Arc::new(RocksJournal::open(dir.path(), OpenMode::ReadWrite).unwrap());
+        let bus = Bus::start(journal.clone()).unwrap();
+        let command = |name: &str| {
+            Command::Project(crate::domain::project::Command::CreateProject {
+                name: name.into(),
+                description: String::new(),
+                default_policies: vec![],
+            })
+        };
+        let asked: Vec<_> = (0..20)
+            .map(|i| {
+                let (bus, cmd) = (bus.clone(), command(&format!("p{i}")));
+                tokio::spawn(async move { bus.submit(RequestMeta::system("test"), cmd).await })
+            })
+            .collect();
+        // Every request is in the writer's queue before the stop is.
+        while bus.tx.capacity() > COMMAND_QUEUE_MAX - 20 && journal.head().last_seq() < 20 {
+            tokio::task::yield_now().await;
+        }
+        bus.stop().await;
+        for a in asked {
+            a.await.unwrap().expect("asked before the stop: committed");
+        }
+        assert_eq!(journal.head().last_seq(), 20);
+        assert!(
+            bus.writer.lock().unwrap().is_none(),
+            "the writer was joined"
+        );
+        let late = bus
+            .submit(RequestMeta::system("test"), command("late"))
+            .await;
+        assert!(matches!(late, Err(ControlError::ShuttingDown)), "{late:?}");
+        assert_eq!(
+            journal.head().last_seq(),
+            20,
+            "nothing written after the stop"
+        );
     }
 }
 
