@@ -980,6 +980,73 @@ fn writes_reach_every_copy_and_a_dead_replica_is_rebuilt_when_it_returns() {
     );
 }
 
+/// A rebuilt replica takes every write from the end of its rebuild on, also when the
+/// state changes (a publication) before the control plane records it in sync: the primary
+/// must not drop it then, or the replica is counted in sync while it takes no writes. The
+/// failpoint holds the record back 3 s while projects are created, each a publication.
+#[test]
+fn a_replica_rebuilt_while_the_state_changes_takes_the_writes_after() {
+    let etcd = Etcd::start(1);
+    let mut servers = three_with_env(
+        &etcd,
+        &[("EVSTOR_FAILPOINT", "rebuilt-record-delay-ms:3000")],
+    );
+    let uuid = create_volume(&servers[0], "gap", 2);
+    let (mut host, nsid, p) = host_on_primary(&servers, 0, &uuid);
+    let path = format!("/api/v2/projects/default/volumes/{uuid}");
+    let v = eventually(&servers[p], &path, |_, v| {
+        v["protectionState"] == "FullyProtected"
+    });
+    let owners = node_owner(&servers[p], &servers);
+    let r = v["nodeList"]
+        .as_array()
+        .expect("nodeList")
+        .iter()
+        .map(|n| owners[n.as_str().expect("node")])
+        .find(|s| *s != p)
+        .expect("a replica");
+    host.write(nsid, 0, &block(0)).expect("replicated write");
+    servers[r].kill9();
+    host.write(nsid, 1, &block(1))
+        .unwrap_or_else(|e| panic!("write after the replica died: {e}\n{}", servers[p].log()));
+    eventually(&servers[p], &path, |_, v| {
+        v["protectionState"] == "Degraded"
+    });
+    servers[r].start_again();
+    let admin = servers[p].admin();
+    let mut made = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while admin.get(&path).1["protectionState"] != "FullyProtected" {
+        assert!(
+            Instant::now() < deadline,
+            "never rebuilt\n{}",
+            servers[p].log()
+        );
+        let (st, body) = admin.post("/api/v2/projects", &json!({"name": format!("p{made}")}));
+        assert_eq!(st, 200, "{body}");
+        made += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        made >= 8,
+        "the record came {made} publications after the rebuild, not 3 s"
+    );
+    for b in 2..10u64 {
+        host.write(nsid, b, &block(b as u8))
+            .expect("write after the rebuild");
+    }
+    drop(host);
+    for s in servers.iter_mut() {
+        s.stop();
+    }
+    let want: Vec<u8> = (0..10u8).flat_map(block).collect();
+    assert_eq!(image_blocks(&servers[p], &uuid, 10), want, "primary");
+    assert!(
+        image_blocks(&servers[r], &uuid, 10) == want,
+        "the rebuilt replica lacks writes made after its rebuild"
+    );
+}
+
 /// Sessions to every server's portal for `nqn` (a multipath host), in server order.
 fn sessions(servers: &[Server], nqn: &str) -> Vec<Session> {
     servers

@@ -494,6 +494,9 @@ async fn rebuild_replicas(
                         snapshots = snapshots.len(),
                         "replica rebuilt"
                     );
+                    if let Some(gap) = rebuilt_record_delay() {
+                        tokio::time::sleep(gap).await;
+                    }
                     let cmd = Command::Volume(VolumeCommand::MarkReplicaInSync {
                         uuid: v.uuid,
                         node: replica,
@@ -517,6 +520,18 @@ async fn rebuild_replicas(
             return;
         }
     }
+}
+
+/// Test failpoint `EVSTOR_FAILPOINT=rebuilt-record-delay-ms:N`: the agent waits N ms
+/// between a finished rebuild and asking to record it, widening the gap in which the
+/// replica takes writes as in sync while the control plane still has it out of sync.
+fn rebuilt_record_delay() -> Option<Duration> {
+    let text = std::env::var("EVSTOR_FAILPOINT").ok()?;
+    let ms = text
+        .strip_prefix("rebuilt-record-delay-ms:")?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms))
 }
 
 /// Waits for a rebuild of the replica on `node`, recording its progress at each tenth

@@ -273,8 +273,10 @@ impl Failpoint {
             Some(("writer-append-error-after", n)) => {
                 n.parse().ok().map(Failpoint::AppendErrorAfter)
             }
-            // The cluster orchestrator's failpoint (see `cluster::member`); none for the writer.
+            // The cluster orchestrator's failpoint (see `cluster::member`) and the
+            // reconciler's (`reconcile::rebuilt_record_delay`); none for the writer.
             None if text == "orchestrator-ignore-lease" => return Ok(Failpoint::None),
+            Some(("rebuilt-record-delay-ms", _)) => return Ok(Failpoint::None),
             _ => None,
         };
         let fp = parsed.ok_or_else(|| {
