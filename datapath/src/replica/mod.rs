@@ -195,7 +195,13 @@ impl Op {
     /// (the blocks it may not overwrite are then known), a snapshot (the same point of the
     /// write stream as the primary's), a rollback, or a copied snapshot.
     pub fn runs_alone(self) -> bool {
-        self.is_copy() || matches!(self, Op::Snapshot | Op::Rollback | Op::SeedSnapshot)
+        self.is_copy() || self.runs_hook()
+    }
+
+    /// Whether the replica runs it through one of its image hooks (a snapshot, a
+    /// rollback, a copied snapshot), off the listener's thread.
+    pub fn runs_hook(self) -> bool {
+        matches!(self, Op::Snapshot | Op::Rollback | Op::SeedSnapshot)
     }
 }
 

@@ -10,12 +10,12 @@
 //! Accepting one promises the sender its read lease (see the module above): this server
 //! does not serve the volume itself until [`ReplicaServer::lease_given_for`] has run out.
 //!
-//! The pass runs on this thread (as the reactors run theirs), and so do the rollback and
-//! copied-snapshot hooks: a peer's frames wait while another's batch is applied. A
-//! snapshot ([`Op::Snapshot`]), which may wait seconds for this server's control plane to
-//! learn of it, goes to a thread of its own (`evstor-repl-hooks`): until its answer is
-//! back, its connection takes no frame of that volume (whose writes the primary holds
-//! meanwhile anyway) nor anything behind one, and the other volumes and connections go on.
+//! The pass runs on this thread (as the reactors run theirs): a peer's frames wait while
+//! another's batch is applied. The image hooks (a snapshot, which may wait seconds for
+//! this server's control plane to learn of it; a rollback; a copied snapshot) go to a
+//! thread of their own (`evstor-repl-hooks`): until a hook's answer is back, its
+//! connection takes no frame of that volume (whose writes the primary holds meanwhile
+//! anyway) nor anything behind one, and the other volumes and connections go on.
 
 use std::collections::HashMap;
 use std::io;
@@ -463,25 +463,29 @@ const T_RECV: u64 = 2;
 const T_SEND: u64 = 3;
 /// The hook thread's mailbox eventfd.
 const T_MAIL: u64 = 4;
-/// A snapshot hook's answer (in the mailbox's `done`, not from the ring).
+/// A hook's answer (in the mailbox's `done`, not from the ring).
 const T_HOOK: u64 = 5;
 
-/// A snapshot hook to run off the listener's thread, for connection (`idx`, `gen`).
+/// A hook to run off the listener's thread, for connection (`idx`, `gen`).
 struct HookJob {
     idx: usize,
     gen: u32,
-    run: SnapshotHook,
-    volume: [u8; 16],
-    snapshot: [u8; 16],
+    hook: Deferred,
 }
 
 /// The hook thread: runs each job and posts its answer to the listener's mailbox.
 fn run_hooks(jobs: std::sync::mpsc::Receiver<HookJob>, mail: Arc<Mailbox<()>>) {
     while let Ok(j) = jobs.recv() {
-        let status = match (j.run)(j.volume, j.snapshot) {
+        let Deferred {
+            run,
+            volume,
+            snapshot,
+            what,
+        } = j.hook;
+        let status = match run(volume, snapshot) {
             Ok(()) => 0,
             Err(e) => {
-                tracing::warn!("taking a snapshot of a replica: {e}");
+                tracing::warn!("{what} a replica: {e}");
                 -e.raw_os_error().unwrap_or(libc::EIO)
             }
         };
@@ -514,9 +518,9 @@ struct PeerConn {
     send_in_flight: bool,
     /// Broken or ending: dropped once no operation is in flight.
     closing: bool,
-    /// The frame (id, volume) whose snapshot hook runs on the hook thread: until it is
-    /// answered, no frame of that volume (nor another snapshot) is taken, nor anything
-    /// behind it.
+    /// The frame (id, volume) whose hook (snapshot, rollback, copied snapshot) runs on the
+    /// hook thread: until it is answered, no frame of that volume (nor another hook's) is
+    /// taken, nor anything behind it.
     hook_wait: Option<(u32, [u8; 16])>,
 }
 
@@ -694,7 +698,7 @@ impl Serve {
         self.inbox.done = done;
     }
 
-    /// Takes the whole frames connection `idx` holds; a snapshot among them goes to the
+    /// Takes the whole frames connection `idx` holds; an image hook among them goes to the
     /// hook thread.
     fn take(&mut self, idx: usize) {
         let Serve {
@@ -712,13 +716,11 @@ impl Serve {
         };
         match take_frames(c, images, store_q, slots, hooks, batch) {
             Ok(None) => {}
-            Ok(Some((run, volume, snapshot))) => {
+            Ok(Some(hook)) => {
                 let job = HookJob {
                     idx,
                     gen: c.gen,
-                    run,
-                    volume,
-                    snapshot,
+                    hook,
                 };
                 if hook_jobs.send(job).is_err() {
                     tracing::warn!("replication: the hook thread is gone");
@@ -908,12 +910,18 @@ fn close(c: &mut PeerConn) {
 }
 
 /// A snapshot to take through its hook: the hook, the volume and the snapshot.
-type Deferred = (SnapshotHook, [u8; 16], [u8; 16]);
+struct Deferred {
+    run: SnapshotHook,
+    volume: [u8; 16],
+    snapshot: [u8; 16],
+    /// What it does, for the log.
+    what: &'static str,
+}
 
 /// Applies the whole frames received on `c`, batch after batch (each frame's data copied
 /// into its batch slot, aligned as the devices need), queues their answers, and moves what
-/// is left of a frame to the front of the buffer. A snapshot frame's hook is returned for
-/// the hook thread, not run (see [`PeerConn::hook_wait`]).
+/// is left of a frame to the front of the buffer. A frame's image hook is returned for the
+/// hook thread, not run (see [`PeerConn::hook_wait`]).
 fn take_frames(
     c: &mut PeerConn,
     images: &Images,
@@ -930,10 +938,10 @@ fn take_frames(
             // SAFETY: `at + HDR_BYTES <= have`, received bytes inside the region.
             let hdr: &[u8; HDR_BYTES] = unsafe { &*base.add(at).cast() };
             let (frame, crc) = Frame::decode(hdr).map_err(wire)?;
-            // While a snapshot's hook runs, the frames of its volume (and another snapshot)
-            // wait, with everything behind them.
+            // While a hook runs, the frames of its volume (and another hook's) wait, with
+            // everything behind them.
             if c.hook_wait
-                .is_some_and(|(_, v)| v == frame.volume || frame.op == Op::Snapshot)
+                .is_some_and(|(_, v)| v == frame.volume || frame.op.runs_hook())
             {
                 break;
             }
@@ -1053,8 +1061,19 @@ fn take_frame(
     if frame.op.changes_data() {
         image.note_change(frame.epoch, frame.session, &*backend);
     }
-    if let (Op::Snapshot, Some(run), Some(id)) = (frame.op, &hooks.snapshot, snapshot_id) {
-        *deferred = Some((run.clone(), frame.volume, id));
+    let (hook, what) = match frame.op {
+        Op::Snapshot => (hooks.snapshot.as_ref(), "taking a snapshot of"),
+        Op::SeedSnapshot => (hooks.seed.as_ref(), "taking a copied snapshot of"),
+        Op::Rollback => (hooks.rollback.as_ref(), "rolling back"),
+        _ => (None, ""),
+    };
+    if let (Some(run), Some(snapshot)) = (hook, snapshot_id) {
+        *deferred = Some(Deferred {
+            run: run.clone(),
+            volume: frame.volume,
+            snapshot,
+            what,
+        });
         return Ok(p);
     }
     let mut queue = |kind: IoKind, offset: u64, len: u32, at: usize| {
@@ -1092,27 +1111,15 @@ fn take_frame(
             let status = image.recent(frame.epoch, frame.session, frame.offset, &*backend);
             p.status = Some(status);
         }
-        // Everything before it is applied (it runs alone), so the copy is at the point of
-        // the write stream where the primary takes its own. (A snapshot with its hook and
-        // id went to the hook thread above.)
+        // With its hook and snapshot id, it went to the hook thread above (everything
+        // before it applied, as it runs alone: the copy is at the point of the write stream
+        // where the primary takes its own).
         Op::Snapshot | Op::Rollback | Op::SeedSnapshot => {
-            let (hook, what) = match frame.op {
-                Op::Snapshot => (hooks.snapshot.as_ref(), "taking a snapshot of"),
-                Op::SeedSnapshot => (hooks.seed.as_ref(), "taking a copied snapshot of"),
-                _ => (hooks.rollback.as_ref(), "rolling back"),
-            };
-            let status = match (hook, snapshot_id) {
-                (Some(run), Some(id)) => match run(frame.volume, id) {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        tracing::warn!("{what} a replica: {e}");
-                        -e.raw_os_error().unwrap_or(libc::EIO)
-                    }
-                },
-                (None, _) => -libc::EOPNOTSUPP,
-                (_, None) => -libc::EINVAL,
-            };
-            p.status = Some(status);
+            p.status = Some(if hook.is_none() {
+                -libc::EOPNOTSUPP
+            } else {
+                -libc::EINVAL
+            });
         }
         Op::Flush => queue(IoKind::Flush, 0, 0, 0),
         Op::Write { fua } => {
@@ -1243,7 +1250,9 @@ mod tests {
     const VA: [u8; 16] = [0xa; 16];
     const VB: [u8; 16] = [0xb; 16];
 
-    fn slow_hook(dir: &std::path::Path) -> SlowHook {
+    /// A server whose hook for `op` (a snapshot, a rollback or a copied snapshot) waits
+    /// until released.
+    fn slow_hook(dir: &std::path::Path, op: Op) -> SlowHook {
         use crate::backend::FileBackend;
         let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
         let (release, released) = std::sync::mpsc::channel::<()>();
@@ -1253,7 +1262,13 @@ mod tests {
             let _ = released.lock().expect("lock").recv();
             Ok(())
         });
-        let server = ReplicaServer::start_with("127.0.0.1:0".parse().expect("addr"), Some(hook))
+        let mut hooks = Hooks::default();
+        *match op {
+            Op::Snapshot => &mut hooks.snapshot,
+            Op::Rollback => &mut hooks.rollback,
+            _ => &mut hooks.seed,
+        } = Some(hook);
+        let server = ReplicaServer::start_with_hooks("127.0.0.1:0".parse().expect("addr"), hooks)
             .expect("listen");
         let backend = |name: &str| -> Option<Arc<dyn Backend>> {
             let f = FileBackend::open(&dir.join(name), 1 << 20).expect("file");
@@ -1292,9 +1307,12 @@ mod tests {
         )
     }
 
-    fn snapshot_frame(volume: [u8; 16], id: u32) -> Vec<u8> {
-        frame_bytes(Op::Snapshot, volume, id, &[7; 16])
+    /// A frame naming a snapshot: `op` is a snapshot, a rollback or a copied snapshot.
+    fn hook_frame(op: Op, volume: [u8; 16], id: u32) -> Vec<u8> {
+        frame_bytes(op, volume, id, &[7; 16])
     }
+
+    const HOOK_OPS: [Op; 3] = [Op::Snapshot, Op::Rollback, Op::SeedSnapshot];
 
     /// The next answer on `s`: (id, status).
     fn answer(s: &mut TcpStream) -> (u32, i32) {
@@ -1311,18 +1329,24 @@ mod tests {
     }
 
     /// A snapshot whose hook is slow (this server's control plane has not learned of it
-    /// yet) holds back only its own volume: another peer's write is applied and answered
-    /// meanwhile, while a write of the snapshot's volume sent after it on its connection
-    /// (and what follows that) waits for the snapshot's answer.
+    /// yet), or a slow rollback or copied snapshot, holds back only its own volume: another
+    /// peer's write is applied and answered meanwhile, while a write of the hook's volume
+    /// sent after it on its connection (and what follows that) waits for the hook's answer.
     #[test]
-    fn a_slow_snapshot_hook_holds_back_only_its_volume() {
+    fn a_slow_hook_holds_back_only_its_volume() {
+        for op in HOOK_OPS {
+            a_slow_hook_holds_back_only_its_volume_for(op);
+        }
+    }
+
+    fn a_slow_hook_holds_back_only_its_volume_for(op: Op) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let h = slow_hook(dir.path());
+        let h = slow_hook(dir.path(), op);
         let (mut a, mut b) = (peer(&h.server), peer(&h.server));
-        a.write_all(&snapshot_frame(VA, 1)).expect("send");
+        a.write_all(&hook_frame(op, VA, 1)).expect("send");
         h.entered
             .recv_timeout(Duration::from_secs(20))
-            .expect("the hook runs");
+            .unwrap_or_else(|e| panic!("the hook of {op:?} runs: {e}"));
         // Behind the snapshot on its connection: a write of its volume, then one of another.
         a.write_all(&[write_frame(VA, 2), write_frame(VB, 3)].concat())
             .expect("send");
@@ -1330,14 +1354,14 @@ mod tests {
         assert_eq!(
             answer(&mut b),
             (4, 0),
-            "another peer's write waits for nobody"
+            "another peer's write waits for nobody ({op:?})"
         );
         // Frames are taken in order: nothing more is answered on the snapshot's connection.
         a.set_nonblocking(true).expect("nonblocking");
         std::thread::sleep(Duration::from_millis(300));
         match (&a).read(&mut [0u8; 1]) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            other => panic!("answered while the snapshot's hook runs: {other:?}"),
+            other => panic!("answered while the hook of {op:?} runs: {other:?}"),
         }
         a.set_nonblocking(false).expect("blocking");
         h.release.send(()).expect("release");
@@ -1346,18 +1370,20 @@ mod tests {
         h.server.shutdown();
     }
 
-    /// Behind a slow snapshot on the same connection, a write of another volume is applied
-    /// and answered before the snapshot is.
+    /// Behind a slow hook on the same connection, a write of another volume is applied and
+    /// answered before the hook's frame is.
     #[test]
-    fn behind_a_slow_snapshot_another_volumes_write_is_answered() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let h = slow_hook(dir.path());
-        let mut a = peer(&h.server);
-        a.write_all(&[snapshot_frame(VA, 1), write_frame(VB, 2)].concat())
-            .expect("send");
-        assert_eq!(answer(&mut a), (2, 0));
-        h.release.send(()).expect("release");
-        assert_eq!(answer(&mut a), (1, 0));
-        h.server.shutdown();
+    fn behind_a_slow_hook_another_volumes_write_is_answered() {
+        for op in HOOK_OPS {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let h = slow_hook(dir.path(), op);
+            let mut a = peer(&h.server);
+            a.write_all(&[hook_frame(op, VA, 1), write_frame(VB, 2)].concat())
+                .expect("send");
+            assert_eq!(answer(&mut a), (2, 0), "{op:?}");
+            h.release.send(()).expect("release");
+            assert_eq!(answer(&mut a), (1, 0), "{op:?}");
+            h.server.shutdown();
+        }
     }
 }
