@@ -13,9 +13,9 @@
 //! [`CHANGE_LOG_REFRESH_MS`] per chunk: a chunk's recorded time may be that much earlier
 //! than its last change, never later.
 
-use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::blockstore::tree::HashMap;
 use crate::limits::{BLOCK_BYTES, CHANGE_CHUNK_BYTES, CHANGE_LOG_KEEP_MS, CHANGE_LOG_REFRESH_MS};
 
 /// Milliseconds since the Unix epoch (the log outlives the process).
@@ -28,7 +28,8 @@ pub fn now_ms() -> u64 {
 /// One image's log, in memory (its rows hold the same).
 #[derive(Debug, Default)]
 pub struct ChangeLog {
-    /// Chunk → when it was last recorded changed (Unix ms).
+    /// Chunk → when it was last recorded changed (Unix ms). Every host write looks it up:
+    /// the tree's fast hasher, not SipHash.
     chunks: HashMap<u64, u64>,
     /// The newest change (Unix ms; 0: none recorded).
     last_ms: u64,
