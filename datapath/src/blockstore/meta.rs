@@ -430,7 +430,7 @@ impl Meta {
                     );
                 }
             };
-            for (&idx, c) in tree.layers[&id].map.chunks() {
+            for (idx, c) in tree.layers[&id].map.chunks() {
                 buf.clear();
                 c.encode(&mut buf);
                 b.put_cf(chunks, pair_key(id, idx), &buf);

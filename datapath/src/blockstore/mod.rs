@@ -1013,7 +1013,7 @@ fn replay(
     }
     let mut legacy: Dirty = Dirty::default();
     for (&id, l) in &tree.layers {
-        for (&idx, c) in l.map.chunks() {
+        for (idx, c) in l.map.chunks() {
             if c.deltas > 0 {
                 legacy.insert((id, idx));
             }

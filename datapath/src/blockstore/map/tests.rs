@@ -2,6 +2,8 @@
 //! them, trims and tombstones inside runs, snapshots layered over runs, row encodings, and
 //! the memory a block costs.
 
+use std::collections::BTreeSet;
+
 use super::*;
 use crate::blockstore::tree::HashMap;
 use crate::blockstore::tree::{Delta, Layer, LayerId, Owner, Row, Tree};
@@ -34,7 +36,7 @@ fn seq(m: &mut BlockMap, first: u64, n: u64, page: u64) {
 }
 
 fn shapes(m: &BlockMap) -> Vec<(u64, bool)> {
-    m.chunks().map(|(&c, ch)| (c, ch.is_run())).collect()
+    m.chunks().map(|(c, ch)| (c, ch.is_run())).collect()
 }
 
 #[test]
@@ -167,6 +169,86 @@ fn spans_join_whole_pages_of_runs() {
 
 /// The memory bound of the issue: a sequentially written volume costs at most 8 bytes of map
 /// per 4 KiB block (the CRC32C included), counting the B-tree's nodes at their worst fill.
+#[test]
+fn the_map_answers_as_a_plain_ordered_map_of_blocks_across_groups() {
+    // Random puts, tombstones, removals and whole-chunk takes over blocks spanning several
+    // groups of chunks (a group is 4096 blocks), checked against a BTreeMap of blocks.
+    let mut m = BlockMap::default();
+    let mut model: BTreeMap<u64, Extent> = BTreeMap::new();
+    let span = 5 * GROUP_CHUNKS * CHUNK_BLOCKS;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for step in 0..20_000u64 {
+        let r = next();
+        // Clustered: most operations near a few hot spots, so chunks and groups fill and
+        // empty again.
+        let b = (r >> 8) % 6 * (span / 6) + (r >> 24) % 700;
+        match r % 10 {
+            0..=5 => {
+                let e = raw(step + 1);
+                assert_eq!(m.put(b, e), model.insert(b, e), "put {b}");
+            }
+            6 => {
+                assert_eq!(m.put(b, Extent::ZERO), model.insert(b, Extent::ZERO));
+            }
+            7 | 8 => assert_eq!(m.remove(b), model.remove(&b), "remove {b}"),
+            _ => {
+                let c = b / CHUNK_BLOCKS;
+                let taken: Vec<(u64, Extent)> = m
+                    .take_chunk(c)
+                    .map(|ch| {
+                        ch.entries()
+                            .map(|(i, e)| (c * CHUNK_BLOCKS + i as u64, e))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let expect: Vec<(u64, Extent)> = model
+                    .range(c * CHUNK_BLOCKS..(c + 1) * CHUNK_BLOCKS)
+                    .map(|(&k, &e)| (k, e))
+                    .collect();
+                expect.iter().for_each(|(k, _)| {
+                    model.remove(k);
+                });
+                assert_eq!(taken, expect, "take chunk {c}");
+            }
+        }
+        if step % 1000 == 0 || step == 19_999 {
+            assert!(
+                m.iter().eq(model.iter().map(|(&k, &e)| (k, e))),
+                "walk at {step}"
+            );
+            let chunks: BTreeSet<u64> = model.keys().map(|k| k / CHUNK_BLOCKS).collect();
+            assert_eq!(m.chunk_count(), chunks.len());
+            assert_eq!(m.first_chunk(), chunks.first().copied());
+            assert_eq!(m.is_empty(), chunks.is_empty());
+            for probe in [0, 63, 64, 65, 127, 128, 300, 4095, 4096, 9000] {
+                let c = probe % (span / CHUNK_BLOCKS);
+                assert_eq!(
+                    m.next_chunk(c),
+                    chunks.range(c..).next().copied(),
+                    "next {c}"
+                );
+                let to = c + 70;
+                assert!(
+                    m.chunk_keys(c, to).eq(chunks.range(c..to).copied()),
+                    "keys {c}..{to}"
+                );
+                let (from, to) = (c * CHUNK_BLOCKS + 17, c * CHUNK_BLOCKS + 5000);
+                assert!(
+                    m.range(from, to)
+                        .eq(model.range(from..to).map(|(&k, &e)| (k, e))),
+                    "range {from}..{to}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn sequential_volumes_cost_at_most_8_bytes_a_block() {
     let blocks = 1u64 << 20; // 4 GiB
