@@ -24,7 +24,6 @@
 //! over it. At open, records from the mark on are replayed; a record that does not check
 //! (a torn tail) ends its file.
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -34,7 +33,7 @@ use uuid::Uuid;
 
 use crate::blockstore::map::CHUNK_BLOCKS;
 use crate::blockstore::meta::{decode_extent, encode_extent, MetaError};
-use crate::blockstore::tree::{Extent, FastHasher, LayerId};
+use crate::blockstore::tree::{Extent, HashMap, LayerId};
 use crate::limits::{MAP_LOG_DIRTY_CHUNKS, MAP_LOG_FILE_BYTES, MAP_LOG_RECORD_BYTES};
 
 /// The journal's directory inside the metadata directory.
@@ -107,8 +106,68 @@ pub struct Replayed {
     pub torn: u64,
 }
 
-/// A chunk the journal changed since the last mark.
-pub type Dirty = HashSet<(LayerId, u64), std::hash::BuildHasherDefault<FastHasher>>;
+/// The chunks the journal changed since the last mark: a bitmap per layer, indexed by chunk
+/// number. Every host write marks its chunks; a bit of a bitmap a write keeps touching
+/// stays in cache (a 1 GiB volume's is 512 bytes), where a hash set's probe missed it on
+/// nearly every random write (4 % of a write's CPU).
+#[derive(Debug, Default)]
+pub struct Dirty {
+    layers: HashMap<LayerId, Vec<u64>>,
+    count: usize,
+}
+
+impl Dirty {
+    /// Marks chunk `idx` of `layer`; true if it was not marked yet.
+    pub fn insert(&mut self, layer: LayerId, idx: u64) -> bool {
+        let words = self.layers.entry(layer).or_default();
+        let (w, bit) = ((idx / 64) as usize, 1u64 << (idx % 64));
+        if words.len() <= w {
+            words.resize(w + 1, 0);
+        }
+        let fresh = words[w] & bit == 0;
+        words[w] |= bit;
+        self.count += fresh as usize;
+        fresh
+    }
+
+    /// Chunks marked.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether no chunk is marked.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Marks every chunk `other` marks.
+    pub fn extend(&mut self, other: Dirty) {
+        for (layer, idx) in other.iter() {
+            self.insert(layer, idx);
+        }
+    }
+
+    /// The marked chunks as (layer, chunk), in that order.
+    pub fn iter(&self) -> impl Iterator<Item = (LayerId, u64)> + '_ {
+        let mut layers: Vec<LayerId> = self.layers.keys().copied().collect();
+        layers.sort_unstable();
+        layers.into_iter().flat_map(move |layer| {
+            self.layers[&layer]
+                .iter()
+                .enumerate()
+                .flat_map(move |(w, &word)| {
+                    let mut bits = word;
+                    std::iter::from_fn(move || {
+                        (bits != 0).then(|| {
+                            let b = bits.trailing_zeros() as u64;
+                            bits &= bits - 1;
+                            (layer, w as u64 * 64 + b)
+                        })
+                    })
+                })
+        })
+    }
+}
 
 /// The journal, used under the block store's tree write lock (which orders its records
 /// with the tree's changes) and its own mutex.
@@ -321,7 +380,7 @@ impl MapLog {
             return;
         }
         for idx in first / CHUNK_BLOCKS..=(first + n - 1) / CHUNK_BLOCKS {
-            self.dirty.insert((layer, idx));
+            self.dirty.insert(layer, idx);
         }
     }
 

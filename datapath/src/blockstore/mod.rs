@@ -553,7 +553,7 @@ impl BlockStore {
         let (dirty, mark) = (log.take_dirty(), log.end_mark());
         let mut b = rocksdb::WriteBatch::default();
         let mut buf = Vec::new();
-        for &(layer, idx) in &dirty {
+        for (layer, idx) in dirty.iter() {
             // A chunk the operation removed has its deletes among the operation's rows.
             if let Some(c) = t.layers.get_mut(&layer).and_then(|l| l.map.chunk_mut(idx)) {
                 if c.deltas > 0 {
@@ -597,8 +597,7 @@ impl BlockStore {
             }
             (log.take_dirty(), log.end_mark())
         };
-        let mut keys: Vec<(LayerId, u64)> = dirty.iter().copied().collect();
-        keys.sort_unstable();
+        let keys: Vec<(LayerId, u64)> = dirty.iter().collect();
         let mut buf = Vec::new();
         let r = (|| {
             for part in keys.chunks(CHECKPOINT_BATCH) {
@@ -1015,7 +1014,7 @@ fn replay(
     for (&id, l) in &tree.layers {
         for (idx, c) in l.map.chunks() {
             if c.deltas > 0 {
-                legacy.insert((id, idx));
+                legacy.insert(id, idx);
             }
         }
     }

@@ -41,8 +41,7 @@ fn records_replay_in_order_from_the_mark_and_the_next_open_starts_a_new_file() {
         log.commit().expect("empty commit").is_none(),
         "nothing to append"
     );
-    let mut dirty: Vec<_> = log.take_dirty().into_iter().collect();
-    dirty.sort_unstable();
+    let dirty: Vec<_> = log.take_dirty().iter().collect();
     assert_eq!(
         dirty,
         vec![(7, 0), (7, 3)],
@@ -140,4 +139,23 @@ fn files_wholly_before_the_mark_are_deleted() {
     let (_, r, _) = replay(dir.path(), mark);
     assert_eq!(r.records, 0);
     assert_eq!(files(dir.path()), vec![2, 3]);
+}
+
+#[test]
+fn dirty_chunks_are_counted_once_and_listed_in_layer_then_chunk_order() {
+    let mut d = Dirty::default();
+    assert!(d.is_empty());
+    for (layer, idx) in [(9, 200), (2, 5), (9, 3), (2, 5), (2, 64), (9, 200), (2, 63)] {
+        d.insert(layer, idx);
+    }
+    assert_eq!(d.len(), 5, "repeats are not counted");
+    let mut back = Dirty::default();
+    back.insert(2, 5);
+    back.insert(4, 0);
+    back.extend(d);
+    assert_eq!(back.len(), 6);
+    assert_eq!(
+        back.iter().collect::<Vec<_>>(),
+        vec![(2, 5), (2, 63), (2, 64), (4, 0), (9, 3), (9, 200)]
+    );
 }
