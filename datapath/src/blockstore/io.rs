@@ -45,6 +45,10 @@ const STAGE_BYTES: usize = 64 * STAGE_SLOT;
 /// Pool pages a pass's compressed reads read at once (whole pages, sliced afterwards).
 const READ_PAGES: usize = 2 * MAX_BLOCKS_PER_IO;
 
+/// Blocks of a read batch whose first data lines are prefetched from a mapped pool before
+/// the batch's copies start.
+const PREFETCH_BLOCKS: usize = 32;
+
 /// A read waiting for the pass's batch.
 struct PendingRead {
     head: Arc<Head>,
@@ -244,6 +248,14 @@ impl BlockStore {
             let t = self.tree();
             #[cfg(test)]
             self.read_holds.fetch_add(1, Ordering::Relaxed);
+            if s.reads.len() > 1 {
+                // The chunks, then their entries: a batch's cache misses overlap.
+                for stage in 0..2 {
+                    for r in &s.reads {
+                        t.prefetch(r.head.layer(), r.first, stage);
+                    }
+                }
+            }
             let mut at = 0;
             for r in s.reads.iter_mut() {
                 r.at = at;
@@ -252,6 +264,19 @@ impl BlockStore {
                     r.res = -libc::ENXIO;
                 }
                 at += r.n;
+            }
+        }
+        if s.reads.len() > 1 && self.pool.is_mapped() {
+            // The first blocks of the batch: enough to overlap its misses, not so many that
+            // the first are evicted before their copy.
+            let blocks = s
+                .reads
+                .iter()
+                .map(|r| r.n)
+                .sum::<usize>()
+                .min(PREFETCH_BLOCKS);
+            for e in s.ext[..blocks].iter().flatten() {
+                self.pool.prefetch(e.sector);
             }
         }
         let mut i = 0;

@@ -338,6 +338,11 @@ impl Pool {
         self.pages.load(Ordering::Acquire)
     }
 
+    /// Whether some device is memory-backed and mapped.
+    pub fn is_mapped(&self) -> bool {
+        self.devs().any(|d| d.map.is_some())
+    }
+
     /// Whether every device bypasses the page cache (O_DIRECT).
     pub fn is_direct(&self) -> bool {
         self.devs().all(|d| d.direct)
@@ -371,6 +376,21 @@ impl Pool {
         }
         let d = found.expect("invariant: I/O reaches only pools with a device");
         (d, (sector - d.first_page * 8) * 512)
+    }
+
+    /// Asks the CPU to start loading the first lines of `sector` of a mapped device (a read
+    /// of it follows; the rest of its page the hardware prefetcher streams).
+    pub fn prefetch(&self, sector: u64) {
+        let (d, off) = self.locate(sector);
+        if let Some(m) = &d.map {
+            if let Some(end) = usize::try_from(off).ok().filter(|o| o + 128 <= m.len) {
+                // SAFETY: `end..end + 128` lies inside the mapping (checked); only an address
+                // is formed, nothing is dereferenced.
+                let p = unsafe { m.ptr.as_ptr().add(end) };
+                crate::blockstore::map::prefetch(p);
+                crate::blockstore::map::prefetch(p.wrapping_add(64));
+            }
+        }
     }
 
     /// Runs every op and leaves each one's outcome in `res` (see [`op_result`]); returns the

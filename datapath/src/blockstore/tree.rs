@@ -477,6 +477,23 @@ impl Tree {
         }
     }
 
+    /// Starts loading what [`Tree::resolve_range`] will read first for block `b` of layer
+    /// `head`: its chunk (`stage` 0), then the block's entry in it (`stage` 1, once the chunk
+    /// has arrived). Only the head layer: most reads end there.
+    pub fn prefetch(&self, head: LayerId, b: u64, stage: u8) {
+        let Some(c) = self
+            .layers
+            .get(&head)
+            .and_then(|l| l.map.chunk(b / CHUNK_BLOCKS))
+        else {
+            return;
+        };
+        match stage {
+            0 => crate::blockstore::map::prefetch(std::ptr::from_ref(c).cast()),
+            _ => c.prefetch_entry((b % CHUNK_BLOCKS) as u32),
+        }
+    }
+
     /// [`Tree::resolve`] for blocks `first..first + out.len()`: one chunk lookup per layer
     /// per chunk the range touches, not per block. `None` if the layer is gone.
     pub fn resolve_range(&self, head: LayerId, first: u64, out: &mut [Option<Extent>]) -> bool {
