@@ -501,6 +501,15 @@ impl BlockStore {
         if p.cmds.is_empty() {
             return;
         }
+        let batch = p.cmds.len() > 1;
+        if batch {
+            // The chunks the writes will update load while the data is copied, and their
+            // entries together once the map is locked (as for reads).
+            let t = self.tree();
+            for c in &p.cmds {
+                t.prefetch(c.head.layer(), c.first, 0);
+            }
+        }
         self.run_staged(q, p);
         if p.durable && p.cmds.iter().any(|c| c.res == 0) {
             if let Err(e) = self.pool.sync() {
@@ -513,6 +522,11 @@ impl BlockStore {
         let mut changes: Option<rocksdb::WriteBatch> = None;
         let now = now_ms();
         let mut t = self.tree_mut();
+        if batch {
+            for c in &p.cmds {
+                t.prefetch(c.head.layer(), c.first, 1);
+            }
+        }
         let mut log = super::lock(&self.maplog);
         for c in p.cmds.iter_mut() {
             let exts = &p.blocks[c.at..c.at + c.n];
