@@ -79,6 +79,14 @@ impl Allocator {
         }
     }
 
+    fn prefetch_page(&self, p: u64) {
+        if let Some(Some(c)) = self.chunks.get((p / CHUNK_PAGES) as usize) {
+            if let Some(b) = c.get((p % CHUNK_PAGES) as usize) {
+                crate::blockstore::map::prefetch(std::ptr::from_ref(b));
+            }
+        }
+    }
+
     fn page_mut(&mut self, p: u64) -> &mut u8 {
         let c = self.chunks[(p / CHUNK_PAGES) as usize]
             .get_or_insert_with(|| vec![0u8; CHUNK_PAGES as usize].into_boxed_slice());
@@ -103,6 +111,11 @@ impl Allocator {
         let full = n == 8;
         if full {
             while let Some(p) = self.recent.pop_front() {
+                // The next allocation's page: its map byte loads while this one is used
+                // (freed pages are scattered, so each lookup would otherwise miss).
+                if let Some(&next) = self.recent.front() {
+                    self.prefetch_page(next);
+                }
                 if self.page(p) == 0 {
                     *self.page_mut(p) = 0xff;
                     self.used_sectors += 8;
