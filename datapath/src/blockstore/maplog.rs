@@ -109,7 +109,9 @@ pub struct Replayed {
 /// The chunks the journal changed since the last mark: a bitmap per layer, indexed by chunk
 /// number. Every host write marks its chunks; a bit of a bitmap a write keeps touching
 /// stays in cache (a 1 GiB volume's is 512 bytes), where a hash set's probe missed it on
-/// nearly every random write (4 % of a write's CPU).
+/// nearly every random write (4 % of a write's CPU). A layer's bitmap reaches its highest
+/// changed chunk: at most 512 KiB per TiB of address space, and only until the next
+/// checkpoint takes it (a checkpoint is due after [`MAP_LOG_DIRTY_CHUNKS`] chunks).
 #[derive(Debug, Default)]
 pub struct Dirty {
     layers: HashMap<LayerId, Vec<u64>>,
