@@ -82,7 +82,7 @@ impl Allocator {
     fn prefetch_page(&self, p: u64) {
         if let Some(Some(c)) = self.chunks.get((p / CHUNK_PAGES) as usize) {
             if let Some(b) = c.get((p % CHUNK_PAGES) as usize) {
-                crate::blockstore::map::prefetch(std::ptr::from_ref(b));
+                crate::blockstore::prefetch(std::ptr::from_ref(b));
             }
         }
     }

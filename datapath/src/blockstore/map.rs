@@ -255,7 +255,7 @@ impl Chunk {
         if self.data & bit(i) != 0 {
             let k = self.stride() * self.rank(i);
             if let Some(e) = self.ents.get(k) {
-                prefetch(std::ptr::from_ref(e).cast());
+                super::prefetch(std::ptr::from_ref(e).cast());
             }
         }
     }
@@ -494,19 +494,6 @@ impl Chunk {
         let bad = c.data_extents().any(|(_, e)| e.len == 0 || e.len > 4096);
         (!bad).then_some(c)
     }
-}
-
-/// Asks the CPU to start loading the cache line at `p` (no effect on other targets). Reads
-/// resolve their blocks in batches: starting every block's loads first overlaps the cache
-/// misses of a batch instead of taking them one after another.
-pub fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint: it never faults and does not change memory.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch(p.cast(), std::arch::x86_64::_MM_HINT_T0)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
 }
 
 /// Chunks per group of a [`BlockMap`]: the group's bitmap is one `u64` (a group covers

@@ -387,8 +387,8 @@ impl Pool {
                 // SAFETY: `end..end + 128` lies inside the mapping (checked); only an address
                 // is formed, nothing is dereferenced.
                 let p = unsafe { m.ptr.as_ptr().add(end) };
-                crate::blockstore::map::prefetch(p);
-                crate::blockstore::map::prefetch(p.wrapping_add(64));
+                crate::blockstore::prefetch(p);
+                crate::blockstore::prefetch(p.wrapping_add(64));
             }
         }
     }

@@ -489,7 +489,7 @@ impl Tree {
             return;
         };
         match stage {
-            0 => crate::blockstore::map::prefetch(std::ptr::from_ref(c).cast()),
+            0 => crate::blockstore::prefetch(std::ptr::from_ref(c).cast()),
             _ => c.prefetch_entry((b % CHUNK_BLOCKS) as u32),
         }
     }

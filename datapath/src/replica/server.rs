@@ -909,7 +909,8 @@ fn close(c: &mut PeerConn) {
     }
 }
 
-/// A snapshot to take through its hook: the hook, the volume and the snapshot.
+/// An image hook to run off the listener's thread (a snapshot, a rollback or a copied
+/// snapshot): the hook, the volume and the snapshot it names.
 struct Deferred {
     run: SnapshotHook,
     volume: [u8; 16],
